@@ -1,0 +1,83 @@
+"""The `strata` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from strata.config import QUANTIZATIONS, CacheConfig, ModelConfig
+
+log = logging.getLogger("strata")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-path", default=None, help="HF checkpoint folder or GGUF file")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--num-pages", type=int, default=4096)
+    p.add_argument("--log-level", default="warning")
+
+
+def model_config(a: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(a.model_path, a.dtype, a.device, a.quantization)
+
+
+def cache_config(a: argparse.Namespace) -> CacheConfig:
+    return CacheConfig(page_size=a.page_size, num_pages=a.num_pages)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from strata.engine.generate import generate
+    from strata.engine.runner import ModelRunner
+    from strata.tokenizer import IncrementalDetokenizer, chat_prompt_ids
+
+    runner = ModelRunner.from_config(model_config(a), cache_config(a))
+    tok = runner.tokenizer
+    ids = chat_prompt_ids(tok, [{"role": "user", "content": a.prompt}])
+    detok = IncrementalDetokenizer(tok)
+    stop = set(runner.spec.eos_token_ids) | {tok.eos_token_id}
+    start, n = time.perf_counter(), 0
+    for token in generate(runner, ids, a.max_new_tokens, a.temperature, tuple(stop), a.seed):
+        n += 1
+        if token in stop:
+            break
+        sys.stdout.write(detok.push(token))
+        sys.stdout.flush()
+    elapsed = time.perf_counter() - start
+    sys.stdout.write("\n")
+    log.info("%d tokens in %.2fs (%.1f tok/s)", n, elapsed, n / max(elapsed, 1e-9))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="strata", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate a reply to one prompt, streamed")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    add_model_args(g)
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args))
+    except (ValueError, OSError) as exc:  # load and input errors: one clear line, no trace
+        print(f"strata: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

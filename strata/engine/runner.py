@@ -1,0 +1,87 @@
+"""ModelRunner: the model, its KV pages, and one forward call over a batch of chunks."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from strata.attention.backend import ATTENTION_BACKENDS
+from strata.config import CacheConfig, ModelConfig
+from strata.kv.pool import KVCache, PagePool
+from strata.model.batch import ForwardBatch, SequenceChunk
+from strata.model.llama import LlamaForCausalLM
+from strata.model.loader import (
+    fuse_weights,
+    load_tokenizer,
+    read_config,
+    read_tensors,
+    resolve_checkpoint,
+)
+from strata.model.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+class ContextLengthError(ValueError):
+    pass
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        tokenizer: Any,
+        num_pages: int,
+        page_size: int,
+        checkpoint: Path | None = None,
+    ) -> None:
+        spec = model.spec
+        self.model, self.tokenizer, self.spec = model, tokenizer, spec
+        self.checkpoint = checkpoint
+        self.page_size = page_size
+        self.device = model.embed_tokens.device
+        self.kv = KVCache(
+            spec.num_layers, num_pages, page_size, spec.num_kv_heads, spec.head_dim,
+            model.embed_tokens.dtype, self.device,
+        )  # fmt: skip
+        self.pool = PagePool(num_pages)
+
+    @classmethod
+    def from_config(
+        cls, model_cfg: ModelConfig, cache_cfg: CacheConfig, attention: str = "torch"
+    ) -> ModelRunner:
+        start = time.perf_counter()
+        folder = resolve_checkpoint(model_cfg.model_path)
+        spec = ModelSpec.from_hf(read_config(folder))
+        weights = fuse_weights(spec, read_tensors(folder), model_cfg.torch_dtype, model_cfg.device)
+        backend = ATTENTION_BACKENDS[attention](spec.head_dim**-0.5)
+        model = LlamaForCausalLM(spec, weights, backend, model_cfg.quantization)
+        tokenizer = load_tokenizer(folder)
+        log.info("loaded %s in %.1fs", folder, time.perf_counter() - start)
+        return cls(model, tokenizer, cache_cfg.num_pages, cache_cfg.page_size, folder)
+
+    @property
+    def max_context(self) -> int:
+        return self.spec.max_position
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    def check_length(self, prompt_len: int, max_new_tokens: int = 0) -> None:
+        """Raise ContextLengthError when the prompt cannot fit in the model's context."""
+        if prompt_len == 0:
+            raise ContextLengthError("the prompt is empty")
+        if prompt_len + max(max_new_tokens, 1) > self.max_context:
+            raise ContextLengthError(
+                f"prompt of {prompt_len} tokens plus {max(max_new_tokens, 1)} new tokens "
+                f"exceeds the context length of {self.max_context}"
+            )
+
+    def forward(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> torch.Tensor:
+        batch = ForwardBatch.build(chunks, self.page_size, self.device, all_logits)
+        return self.model.forward(batch, self.kv)

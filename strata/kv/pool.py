@@ -1,0 +1,80 @@
+"""The L1 page pool: page ids (allocation with exact accounting) and the KV tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+class OutOfPagesError(RuntimeError):
+    pass
+
+
+class PagePool:
+    """Page ids 0..num_pages-1 of one tier. Knows nothing of requests or tokens."""
+
+    def __init__(self, num_pages: int) -> None:
+        self.num_pages = num_pages
+        # NOTE: a stack, so recently freed (cache-warm) pages are reused first.
+        self._free = list(range(num_pages - 1, -1, -1))
+        self._used = bytearray(num_pages)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_pages - len(self._free)
+
+    def alloc(self, n: int) -> list[int]:
+        """Take n pages; raises OutOfPagesError (taking none) when fewer are free."""
+        if n < 0:
+            raise ValueError("cannot allocate a negative number of pages")
+        if n > len(self._free):
+            raise OutOfPagesError(f"need {n} pages, {len(self._free)} free of {self.num_pages}")
+        pages = self._free[len(self._free) - n :]
+        del self._free[len(self._free) - n :]
+        for p in pages:
+            self._used[p] = 1
+        return pages
+
+    def free(self, pages: Iterable[int]) -> None:
+        """Return pages; freeing a page that is not allocated is a bug and raises."""
+        pages = list(pages)
+        for p in pages:
+            if not 0 <= p < self.num_pages or not self._used[p]:
+                raise ValueError(f"page {p} is not allocated")
+            self._used[p] = 0
+        self._free.extend(pages)
+
+
+class KVCache:
+    """K and V of every layer: [layers, 2, pages, page_size, kv_heads, head_dim]."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_pages: int,
+        page_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.page_size = page_size
+        self.data = torch.zeros(
+            num_layers, 2, num_pages, page_size, num_kv_heads, head_dim, dtype=dtype, device=device
+        )
+        slots = num_pages * page_size
+        # Per layer, K and V as flat slot arrays [pages * page_size, kv_heads, head_dim].
+        self.layers = [
+            (self.data[i, 0].view(slots, num_kv_heads, head_dim),
+             self.data[i, 1].view(slots, num_kv_heads, head_dim))
+            for i in range(num_layers)
+        ]  # fmt: skip
+
+    @property
+    def bytes_per_page(self) -> int:
+        return self.data[:, :, 0].numel() * self.data.element_size()

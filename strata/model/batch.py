@@ -1,0 +1,75 @@
+"""ForwardBatch: what one forward call computes (a mix of prefill chunks and decode tokens)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SequenceChunk:
+    """New tokens of one sequence, to be computed on top of `prefix_len` tokens already in
+    its pages. `pages` must cover prefix_len + len(token_ids) tokens."""
+
+    token_ids: Sequence[int]
+    prefix_len: int
+    pages: Sequence[int]
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] the new tokens of every sequence, concatenated
+    positions: torch.Tensor  # [T] absolute positions
+    slot_mapping: torch.Tensor  # [T] KV slot (page * page_size + offset) of each new token
+    page_table: torch.Tensor  # [B, max_pages] (padded with page 0)
+    q_lens: list[int]
+    prefix_lens: list[int]
+    logits_index: torch.Tensor  # rows of the hidden states that produce logits
+    page_size: int
+
+    @property
+    def kv_lens(self) -> list[int]:
+        return [p + q for p, q in zip(self.prefix_lens, self.q_lens)]
+
+    @classmethod
+    def build(
+        cls,
+        chunks: Sequence[SequenceChunk],
+        page_size: int,
+        device: torch.device | str = "cpu",
+        all_logits: bool = False,
+    ) -> ForwardBatch:
+        """Lay out chunks; logits for the last token of each (or every token if all_logits)."""
+        assert chunks, "a batch needs at least one sequence"
+        q_lens = [len(c.token_ids) for c in chunks]
+        prefix_lens = [c.prefix_len for c in chunks]
+        for c, q in zip(chunks, q_lens):
+            assert q > 0, "every chunk computes at least one token"
+            assert len(c.pages) * page_size >= c.prefix_len + q, "pages do not cover the chunk"
+        max_pages = max(len(c.pages) for c in chunks)
+        table = [list(c.pages) + [0] * (max_pages - len(c.pages)) for c in chunks]
+        positions = [
+            p for c, q in zip(chunks, q_lens) for p in range(c.prefix_len, c.prefix_len + q)
+        ]
+        rows = [i for i, q in enumerate(q_lens) for _ in range(q)]
+        ids = [t for c in chunks for t in c.token_ids]
+        page_table = torch.tensor(table, dtype=torch.int64)
+        pos = torch.tensor(positions, dtype=torch.int64)
+        row = torch.tensor(rows, dtype=torch.int64)
+        slots = page_table[row, pos // page_size] * page_size + pos % page_size
+        if all_logits:
+            logits_index = torch.arange(len(ids))
+        else:
+            logits_index = torch.tensor(q_lens).cumsum(0) - 1
+        return cls(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
+            positions=pos.to(device),
+            slot_mapping=slots.to(device),
+            page_table=page_table.to(device),
+            q_lens=q_lens,
+            prefix_lens=prefix_lens,
+            logits_index=logits_index.to(device),
+            page_size=page_size,
+        )

@@ -1,0 +1,80 @@
+"""Decoder building blocks: attention with fused QKV, gated MLP with fused gate/up, norms."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from strata.attention.backend import AttentionBackend
+from strata.model.linear import Int4Linear, Linear
+from strata.model.rope import RotaryEmbedding
+from strata.model.spec import ModelSpec
+
+AnyLinear = Linear | Int4Linear
+
+
+class RMSNorm:
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        self.weight = weight
+        self.shape = (weight.shape[0],)
+        self.eps = eps
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.shape, self.weight, self.eps)
+
+
+class Attention:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        qkv: AnyLinear,
+        o_proj: AnyLinear,
+        rope: RotaryEmbedding,
+        backend: AttentionBackend,
+    ) -> None:
+        self.qkv, self.o_proj, self.rope, self.backend = qkv, o_proj, rope, backend
+        self.heads, self.kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.q_size, self.kv_size = spec.q_size, spec.kv_size
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_layer: tuple[torch.Tensor, torch.Tensor],
+        meta: Any,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv(x)  # [T, q_size + 2 * kv_size]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.rope.apply(q.view(t, self.heads, self.head_dim), cos, sin)
+        k = self.rope.apply(k.view(t, self.kv_heads, self.head_dim), cos, sin)
+        out = self.backend.forward(q, k, v.view(t, self.kv_heads, self.head_dim), kv_layer, meta)
+        return self.o_proj(out.reshape(t, self.q_size))
+
+
+class MLP:
+    def __init__(self, gate_up: AnyLinear, down: AnyLinear) -> None:
+        self.gate_up, self.down = gate_up, down
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class DecoderLayer:
+    def __init__(self, attn: Attention, mlp: MLP, norm1: RMSNorm, norm2: RMSNorm) -> None:
+        self.attn, self.mlp, self.norm1, self.norm2 = attn, mlp, norm1, norm2
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_layer: tuple[torch.Tensor, torch.Tensor],
+        meta: Any,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, kv_layer, meta)
+        return x + self.mlp(self.norm2(x))

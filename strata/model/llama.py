@@ -1,0 +1,61 @@
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2): wiring of layers over paged KV."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from strata.attention.backend import AttentionBackend
+from strata.kv.pool import KVCache
+from strata.model.batch import ForwardBatch
+from strata.model.layers import MLP, Attention, DecoderLayer, RMSNorm
+from strata.model.linear import make_linear
+from strata.model.rope import RotaryEmbedding
+from strata.model.spec import ModelSpec
+
+
+class LlamaForCausalLM:
+    """Weights come as a dict of fused tensors (see loader.fuse_weights)."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        weights: dict[str, torch.Tensor],
+        backend: AttentionBackend,
+        quantization: str = "none",
+    ) -> None:
+        self.spec = spec
+        self.backend = backend
+        embed = weights["embed_tokens"]
+        self.rope = RotaryEmbedding(
+            spec.head_dim, spec.max_position, spec.rope_theta, spec.rope_scaling,
+            embed.dtype, embed.device,
+        )  # fmt: skip
+        self.embed_tokens = embed
+        self.layers = []
+        for i in range(spec.num_layers):
+            w = lambda name: weights[f"layers.{i}.{name}"]  # noqa: B023
+            qkv = make_linear(w("qkv"), weights.get(f"layers.{i}.qkv_bias"), quantization)
+            attn = Attention(spec, qkv, make_linear(w("o_proj"), None, quantization), self.rope,
+                             backend)  # fmt: skip
+            mlp = MLP(
+                make_linear(w("gate_up"), None, quantization),
+                make_linear(w("down"), None, quantization),
+            )
+            eps = spec.rms_norm_eps
+            self.layers.append(
+                DecoderLayer(attn, mlp, RMSNorm(w("input_norm"), eps), RMSNorm(w("post_norm"), eps))
+            )
+        self.norm = RMSNorm(weights["norm"], spec.rms_norm_eps)
+        self.lm_head = make_linear(weights.get("lm_head", embed), None, quantization)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+        """Logits (float32) for the rows batch.logits_index: [len(logits_index), vocab]."""
+        meta = self.backend.prepare(batch)
+        cos, sin = self.rope.tables(batch.positions)
+        x = F.embedding(batch.input_ids, self.embed_tokens)
+        for layer, kv_layer in zip(self.layers, kv.layers):
+            x = layer(x, cos, sin, kv_layer, meta)
+        x = self.norm(x[batch.logits_index])
+        return self.lm_head(x).float()

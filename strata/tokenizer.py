@@ -1,0 +1,40 @@
+"""Chat templates and incremental detokenization (text streamed in whole characters)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def chat_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of messages under the model's chat template, ready for the assistant turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+    else:
+        text = tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=False
+        )
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas.
+
+    NOTE: a token may end inside a multi-byte character; such a tail decodes to U+FFFD and
+    is held back until the next token completes it, so no delta ever splits a character.
+    """
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.text = ""  # everything emitted so far
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
+        if full.endswith("\ufffd"):
+            return ""
+        delta = full[len(self.text) :] if full.startswith(self.text) else ""
+        self.text = full if full.startswith(self.text) else self.text
+        return delta

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests never touch the user's cache; one cache per test session keeps conversions shared.
+os.environ.setdefault(
+    "STRATA_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".venv" / "strata-cache")
+)
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_hf_model(arch: str, **overrides):
+    """A tiny randomly initialised transformers model of the given family."""
+    import transformers
+
+    common = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    common.update(overrides)
+    cfg_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[arch]
+    torch.manual_seed(0)
+    model = model_cls(cfg_cls(**common)).eval()
+    with torch.no_grad():  # random init leaves biases at zero; make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path):
+    """Factory: save a tiny model as a HF folder; returns (folder, hf_model)."""
+
+    def make(arch: str = "llama", **overrides) -> tuple[Path, object]:
+        model = tiny_hf_model(arch, **overrides)
+        folder = tmp_path / f"{arch}-ckpt"
+        model.save_pretrained(folder)
+        return folder, model
+
+    return make
