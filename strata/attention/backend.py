@@ -37,7 +37,7 @@ class _Extend:
     start: int
     q_len: int
     prefix_len: int
-    kv_index: torch.Tensor  # [prefix_len + q_len] slots
+    page_ids: torch.Tensor  # the pages covering prefix_len + q_len tokens
 
 
 @dataclass
@@ -45,16 +45,17 @@ class TorchMeta:
     slot_mapping: torch.Tensor
     num_tokens: int
     decode_rows: torch.Tensor | None = None  # [Bd] token rows with a single query
-    decode_index: torch.Tensor | None = None  # [Bd, max_kv]
-    decode_mask: torch.Tensor | None = None  # [Bd, max_kv]
+    decode_pages: torch.Tensor | None = None  # [Bd, max_pages]
+    decode_mask: torch.Tensor | None = None  # [Bd, max_pages * page_size]
     extends: list[_Extend] = field(default_factory=list)
 
 
 class TorchAttention(AttentionBackend):
     """The reference backend: gathers each sequence's pages and runs torch SDPA."""
 
-    def __init__(self, scale: float) -> None:
+    def __init__(self, scale: float, page_size: int) -> None:
         self.scale = scale
+        self.page_size = page_size
 
     def prepare(self, batch: ForwardBatch) -> TorchMeta:
         ps, table = batch.page_size, batch.page_table
@@ -65,18 +66,17 @@ class TorchAttention(AttentionBackend):
         kv_lens = batch.kv_lens
         decode = [i for i, q in enumerate(batch.q_lens) if q == 1]
         if decode:
-            max_kv = max(kv_lens[i] for i in decode)
-            j = torch.arange(max_kv, device=table.device)
-            sel = torch.tensor(decode, device=table.device)
-            meta.decode_index = table[sel][:, j // ps] * ps + j % ps
-            lens = torch.tensor([kv_lens[i] for i in decode], device=table.device)
-            meta.decode_mask = j[None, :] < lens[:, None]
-            meta.decode_rows = torch.tensor([starts[i] for i in decode], device=table.device)
+            dev = table.device
+            sel = torch.tensor(decode, device=dev)
+            max_pages = -(-max(kv_lens[i] for i in decode) // ps)
+            meta.decode_pages = table[sel, :max_pages]
+            lens = torch.tensor([kv_lens[i] for i in decode], device=dev)
+            meta.decode_mask = torch.arange(max_pages * ps, device=dev)[None, :] < lens[:, None]
+            meta.decode_rows = torch.tensor([starts[i] for i in decode], device=dev)
         for i, q in enumerate(batch.q_lens):
             if q > 1:
-                j = torch.arange(kv_lens[i], device=table.device)
-                index = table[i, j // ps] * ps + j % ps
-                meta.extends.append(_Extend(starts[i], q, batch.prefix_lens[i], index))
+                pages = table[i, : -(-kv_lens[i] // ps)]
+                meta.extends.append(_Extend(starts[i], q, batch.prefix_lens[i], pages))
         return meta
 
     def forward(
@@ -90,24 +90,25 @@ class TorchAttention(AttentionBackend):
         k_slots, v_slots = kv_layer
         reference.write_kv(k_slots, v_slots, meta.slot_mapping, k, v)
         if meta.decode_rows is not None and not meta.extends:
-            assert meta.decode_index is not None and meta.decode_mask is not None
-            return reference.paged_decode(
-                q, k_slots, v_slots, meta.decode_index, meta.decode_mask, self.scale
-            )
+            return self._decode(q, k_slots, v_slots, meta)
         out = torch.empty_like(q)
         if meta.decode_rows is not None:
-            assert meta.decode_index is not None and meta.decode_mask is not None
-            dec = reference.paged_decode(
-                q[meta.decode_rows], k_slots, v_slots, meta.decode_index, meta.decode_mask,
-                self.scale,
-            )  # fmt: skip
-            out[meta.decode_rows] = dec
+            out[meta.decode_rows] = self._decode(q[meta.decode_rows], k_slots, v_slots, meta)
         for e in meta.extends:
             rows = slice(e.start, e.start + e.q_len)
             out[rows] = reference.paged_prefill(
-                q[rows], k_slots, v_slots, e.kv_index, e.prefix_len, self.scale
-            )
+                q[rows], k[rows], v[rows], k_slots, v_slots, e.page_ids, e.prefix_len,
+                self.page_size, self.scale,
+            )  # fmt: skip
         return out
 
+    def _decode(
+        self, q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, meta: TorchMeta
+    ) -> torch.Tensor:
+        assert meta.decode_pages is not None and meta.decode_mask is not None
+        return reference.paged_decode(
+            q, k_slots, v_slots, meta.decode_pages, meta.decode_mask, self.page_size, self.scale
+        )
 
-ATTENTION_BACKENDS: dict[str, Callable[[float], AttentionBackend]] = {"torch": TorchAttention}
+
+ATTENTION_BACKENDS: dict[str, Callable[[float, int], AttentionBackend]] = {"torch": TorchAttention}

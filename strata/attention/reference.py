@@ -22,24 +22,34 @@ def write_kv(
     v_slots.index_copy_(0, slots, v)
 
 
+def gather_pages(slots: torch.Tensor, page_ids: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Whole pages of one layer: page_ids [n] -> [n * page_size, kv_heads, head_dim].
+
+    NOTE: gathering pages, not slots, moves page_size times fewer (and larger) rows.
+    """
+    pages = slots.view(-1, page_size, *slots.shape[1:])
+    return pages.index_select(0, page_ids).view(-1, *slots.shape[1:])
+
+
 def paged_decode(
     q: torch.Tensor,
     k_slots: torch.Tensor,
     v_slots: torch.Tensor,
-    kv_index: torch.Tensor,
+    page_table: torch.Tensor,
     kv_mask: torch.Tensor,
+    page_size: int,
     scale: float,
 ) -> torch.Tensor:
     """One query token per sequence over its pages.
 
-    q [batch, heads, head_dim]; kv_index [batch, max_kv] slots (padding may be any valid slot);
-    kv_mask [batch, max_kv] bool, True where the key belongs to the sequence.
+    q [batch, heads, head_dim]; page_table [batch, max_pages] (padding may be any valid page);
+    kv_mask [batch, max_pages * page_size] bool, True where the key belongs to the sequence.
     Returns [batch, heads, head_dim].
     """
-    b, max_kv = kv_index.shape
-    flat = kv_index.reshape(-1)
-    k = k_slots.index_select(0, flat).view(b, max_kv, *k_slots.shape[1:]).transpose(1, 2)
-    v = v_slots.index_select(0, flat).view(b, max_kv, *v_slots.shape[1:]).transpose(1, 2)
+    b = page_table.shape[0]
+    flat = page_table.reshape(-1)
+    k = gather_pages(k_slots, flat, page_size).view(b, -1, *k_slots.shape[1:]).transpose(1, 2)
+    v = gather_pages(v_slots, flat, page_size).view(b, -1, *v_slots.shape[1:]).transpose(1, 2)
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), k, v, attn_mask=kv_mask[:, None, None, :], scale=scale, enable_gqa=True
     )
@@ -48,22 +58,29 @@ def paged_decode(
 
 def paged_prefill(
     q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
     k_slots: torch.Tensor,
     v_slots: torch.Tensor,
-    kv_index: torch.Tensor,
+    page_ids: torch.Tensor,
     prefix_len: int,
+    page_size: int,
     scale: float,
 ) -> torch.Tensor:
-    """Causal attention of q [q_len, heads, head_dim] at positions prefix_len.. over the keys
-    at kv_index [prefix_len + q_len] (the cached prefix followed by the new tokens)."""
-    q_len, kv_len = q.shape[0], kv_index.shape[0]
-    k = k_slots.index_select(0, kv_index).transpose(0, 1).unsqueeze(0)
-    v = v_slots.index_select(0, kv_index).transpose(0, 1).unsqueeze(0)
+    """Causal attention of q [q_len, heads, head_dim] at positions prefix_len.. over the
+    sequence's keys: its cached prefix (in pages page_ids) followed by k, v [q_len, ...]."""
+    q_len = q.shape[0]
     qh = q.transpose(0, 1).unsqueeze(0)
-    if prefix_len == 0:
-        out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    else:
-        rows = torch.arange(prefix_len, prefix_len + q_len, device=q.device)
-        mask = torch.arange(kv_len, device=q.device)[None, :] <= rows[:, None]
-        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    if prefix_len == 0:  # nothing cached: attend over the new keys directly
+        kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(
+            qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True
+        )
+        return out.squeeze(0).transpose(0, 1)
+    kv_len = prefix_len + q_len
+    kh = gather_pages(k_slots, page_ids, page_size)[:kv_len].transpose(0, 1).unsqueeze(0)
+    vh = gather_pages(v_slots, page_ids, page_size)[:kv_len].transpose(0, 1).unsqueeze(0)
+    rows = torch.arange(prefix_len, kv_len, device=q.device)
+    mask = torch.arange(kv_len, device=q.device)[None, :] <= rows[:, None]
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.squeeze(0).transpose(0, 1)

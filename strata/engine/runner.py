@@ -59,7 +59,7 @@ class ModelRunner:
         folder = resolve_checkpoint(model_cfg.model_path)
         spec = ModelSpec.from_hf(read_config(folder))
         weights = fuse_weights(spec, read_tensors(folder), model_cfg.torch_dtype, model_cfg.device)
-        backend = ATTENTION_BACKENDS[attention](spec.head_dim**-0.5)
+        backend = ATTENTION_BACKENDS[attention](spec.head_dim**-0.5, cache_cfg.page_size)
         model = LlamaForCausalLM(spec, weights, backend, model_cfg.quantization)
         tokenizer = load_tokenizer(folder)
         log.info("loaded %s in %.1fs", folder, time.perf_counter() - start)
