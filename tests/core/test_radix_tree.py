@@ -1,0 +1,139 @@
+"""RadixTree against a naive reference (one entry per cached page-aligned prefix)."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from strata.radix.tree import RadixTree
+
+PS = 2
+
+
+class Naive:
+    def __init__(self) -> None:
+        self.page: dict[tuple[int, ...], int] = {}  # prefix (whole pages) -> its last page id
+        self.time: dict[tuple[int, ...], int] = {}
+        self.locks: dict[tuple[int, ...], int] = {}
+        self.clock = 0
+
+    def prefixes(self, tokens):
+        return [tuple(tokens[: j * PS]) for j in range(1, len(tokens) // PS + 1)]
+
+    def match(self, tokens):
+        self.clock += 1
+        found = list(itertools.takewhile(lambda p: p in self.page, self.prefixes(tokens)))
+        for p in found:
+            self.time[p] = self.clock
+        return [self.page[p] for p in found], len(found) * PS
+
+    def insert(self, tokens, pages):
+        self.clock += 1
+        existing = 0
+        for p, page in zip(self.prefixes(tokens), pages):
+            if p in self.page:
+                existing += PS
+            else:
+                self.page[p] = page
+                self.locks[p] = 0
+            self.time[p] = self.clock
+        return existing
+
+    def is_leaf(self, p):
+        return not any(q[: len(p)] == p and len(q) > len(p) for q in self.page)
+
+
+token_lists = st.lists(st.integers(0, 2), min_size=0, max_size=10)
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("insert"), token_lists),
+        st.tuples(st.just("match_lock"), token_lists),
+        st.tuples(st.just("unlock"), st.integers(0, 100)),
+        st.tuples(st.just("evict"), st.integers(0, 6)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(ops=ops)
+def test_radix_tree_matches_naive_reference(ops):
+    tree, naive = RadixTree(PS), Naive()
+    next_page = itertools.count()
+    owned: set[int] = set()  # pages the tree holds
+    held: list[tuple[int, list]] = []  # (handle, locked prefixes)
+    for op, arg in ops:
+        if op == "insert":
+            tokens = arg[: len(arg) // PS * PS]
+            pages = [next(next_page) for _ in range(len(tokens) // PS)]
+            existing = tree.insert(tokens, pages)
+            assert existing == naive.insert(tokens, pages)
+            owned |= set(pages[existing // PS :])
+        elif op == "match_lock":
+            pages, length, node = tree.match_prefix(arg)
+            assert (pages, length) == naive.match(arg)
+            tree.lock(node)
+            locked = naive.prefixes(arg[:length])
+            for p in locked:
+                naive.locks[p] += 1
+            held.append((node, locked))
+        elif op == "unlock" and held:
+            node, locked = held.pop(arg % len(held))
+            tree.unlock(node)
+            for p in locked:
+                naive.locks[p] -= 1
+        elif op == "evict":
+            leaves = [p for p in naive.page if naive.locks[p] == 0 and naive.is_leaf(p)]
+            freed = tree.evict(arg)
+            assert len(set(freed)) == len(freed)
+            assert set(freed) <= owned
+            by_page = {v: k for k, v in naive.page.items()}
+            gone = [by_page[f] for f in freed]
+            assert all(naive.locks[p] == 0 for p in gone), "a locked page was evicted"
+            if arg and leaves:
+                assert freed, "evict released nothing although a leaf was evictable"
+            newest_evicted = max((naive.time[p] for p in gone), default=0)
+            for p in gone:
+                del naive.page[p], naive.time[p], naive.locks[p]
+            owned -= set(freed)
+            survivors = [p for p in naive.page if naive.locks[p] == 0 and naive.is_leaf(p)]
+            # LRU: nothing evicted was used more recently than an evictable survivor
+            assert all(naive.time[p] >= newest_evicted for p in survivors)
+        assert tree.cached_pages == len(naive.page) == len(owned)
+        assert set(naive.page.values()) == owned
+    for node, _ in held:
+        tree.unlock(node)
+    assert sorted(tree.flush()) == sorted(owned)
+    assert tree.cached_pages == 0
+
+
+def test_lru_evicts_the_least_recently_used_conversation_first():
+    tree = RadixTree(PS)
+    tree.insert([1, 1, 1, 1], [10, 11])
+    tree.insert([2, 2, 2, 2], [20, 21])
+    tree.insert([3, 3], [30])
+    tree.match_prefix([1, 1, 1, 1])  # now 2 is the oldest, then 3, then 1
+    assert tree.evict(1) == [20, 21]
+    assert tree.evict(1) == [30]
+    assert tree.evict(5) == [10, 11]
+
+
+def test_locked_prefix_survives_eviction_and_shared_branch_stats():
+    tree = RadixTree(PS)
+    tree.insert([7, 7, 1, 1], [0, 1])
+    tree.insert([7, 7, 2, 2], [0, 2])  # shares the first page; page 0 stays the tree's
+    match = tree.match_prefix([7, 7, 1, 1, 5])
+    assert match.pages == [0, 1] and match.length == 4
+    tree.lock(match.node)
+    assert sorted(tree.evict(10)) == [2]
+    assert tree.match_prefix([7, 7, 1, 1]).pages == [0, 1]
+    tree.unlock(match.node)
+    stats = tree.stats()
+    assert stats.total_nodes == 2 and stats.cached_pages == 2
+    tree.insert([7, 7, 3, 3], [0, 3])
+    stats = tree.stats()
+    assert stats.shared_prefix_count == 1 and stats.avg_sharing_depth == 2.0
+    tree.record_lookup(10, 4)
+    assert tree.stats().hit_rate == 0.4
