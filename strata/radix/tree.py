@@ -41,7 +41,7 @@ class _Node:
         self.children: dict[tuple[int, ...], _Node] = {}  # keyed by the child's first page
         self.lock = 0  # number of holders; NOTE: a locked node is never evicted
         self.last_access = 0
-        self.depth = (parent.depth + len(key)) if parent else 0  # tokens from the root
+        self.depth: int = (parent.depth + len(key)) if parent else 0  # tokens from the root
 
 
 class RadixTree:
