@@ -18,23 +18,30 @@ def chat_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[
 
 
 class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas.
+    """Turns a growing list of token ids into text deltas, decoding only a short window.
 
     NOTE: a token may end inside a multi-byte character; such a tail decodes to U+FFFD and
     is held back until the next token completes it, so no delta ever splits a character.
+    The window starts a few tokens back because some tokenizers (SentencePiece) render a
+    token differently at the start of a text.
     """
 
     def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
         self.ids: list[int] = []
-        self.text = ""  # everything emitted so far
+        self.prefix_offset = 0  # window start
+        self.read_offset = 0  # tokens already turned into emitted text
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
-        if full.endswith("\ufffd"):
+        decode = self.tokenizer.decode
+        prefix = decode(
+            self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=self.skip
+        )
+        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=self.skip)
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
             return ""
-        delta = full[len(self.text) :] if full.startswith(self.text) else ""
-        self.text = full if full.startswith(self.text) else self.text
-        return delta
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+        return full[len(prefix) :]

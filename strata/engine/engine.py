@@ -1,0 +1,260 @@
+"""Engine: the step loop (schedule, run, process) on its own thread, fed through an inbox."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from strata.engine.request import Request, RequestOutput
+from strata.engine.runner import ModelRunner
+from strata.engine.scheduler import ScheduledChunk, Scheduler
+from strata.model.batch import SequenceChunk
+from strata.radix.index import CacheIndex, LocalCacheIndex
+from strata.sampling.params import SamplingParams
+from strata.sampling.sampler import SampleInput, sample
+from strata.tokenizer import IncrementalDetokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    pages_total: int
+    pages_free: int
+    cache: Any  # TreeStats | None
+
+
+class Engine:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        enable_cache: bool = True,
+        max_batch_tokens: int = 512,
+        max_running: int = 64,
+        cache: CacheIndex | None = None,
+    ) -> None:
+        self.runner = runner
+        self.tokenizer = runner.tokenizer
+        if enable_cache and cache is None:
+            cache = LocalCacheIndex(runner.page_size)
+        self.cache = cache if enable_cache else None
+        self.scheduler = Scheduler(
+            runner.pool, self.cache, runner.page_size, max_batch_tokens, max_running
+        )
+        eos = set(runner.spec.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_ids = frozenset(eos)
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    # ---- the public, thread-safe surface -------------------------------------------------
+
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raise ValueError for a request that can never run (before it is queued)."""
+        self.runner.check_length(len(prompt_ids))
+        vocab = self.runner.spec.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        if self.runner.pages_for(len(prompt_ids) + 1) > self.runner.pool.num_pages:
+            raise ValueError(
+                f"prompt of {len(prompt_ids)} tokens needs more KV pages than the pool holds "
+                f"({self.runner.pool.num_pages} pages of {self.runner.page_size})"
+            )
+
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        sink: Callable[[RequestOutput], None],
+        rid: str | None = None,
+    ) -> str:
+        self.validate(prompt_ids, params)
+        rid = rid or f"req-{next(self._ids)}"
+        req = Request(rid, list(prompt_ids), params, sink)
+        if self.tokenizer is not None:
+            req.detok = IncrementalDetokenizer(self.tokenizer)
+        self._inbox.put(("add", req))
+        return rid
+
+    def abort(self, rid: str) -> None:
+        self._inbox.put(("abort", rid))
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run fn on the engine thread between steps (safe access to engine state)."""
+        fut: Future = Future()
+        self._inbox.put(("call", (fn, fut)))
+        if self._thread is None:  # not started: run inline
+            self._drain()
+        return fut
+
+    def stats(self) -> EngineStats:
+        pool = self.runner.pool
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            pages_total=pool.num_pages,
+            pages_free=pool.num_free,
+            cache=self.cache.stats() if self.cache is not None else None,
+        )
+
+    def flush_cache(self) -> int:
+        """Drop every unlocked cached page; returns how many were freed."""
+        if self.cache is None:
+            return 0
+        pages = self.cache.flush()
+        self.runner.pool.free(pages)
+        return len(pages)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="strata-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self._inbox.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            if not self.scheduler.has_work:
+                self._handle(*self._inbox.get())
+            self._drain()
+            try:
+                self.step()
+            except Exception as exc:  # a failed step fails its requests, never the server
+                log.exception("engine step failed")
+                for req in list(self.scheduler.running) + list(self.scheduler.waiting):
+                    self._finish(req, "error", error=f"internal error: {exc}")
+        for req in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._finish(req, "abort", error="server shutting down")
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._handle(*self._inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def _handle(self, kind: str, arg: Any) -> None:
+        if kind == "add":
+            self._requests[arg.rid] = arg
+            self.scheduler.add(arg)
+        elif kind == "abort":
+            req = self._requests.get(arg)
+            if req is not None:
+                self._finish(req, "abort")
+        elif kind == "call":
+            fn, fut = arg
+            try:
+                fut.set_result(fn())
+            except Exception as exc:
+                fut.set_exception(exc)
+
+    def step(self) -> bool:
+        """One schedule / forward / process round; False when there was nothing to do."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return False
+        logits = self.runner.forward([self._sequence(c) for c in chunks])
+        for c in chunks:
+            c.req.num_computed += c.length
+        rows = [i for i, c in enumerate(chunks) if c.sample]
+        if rows:
+            reqs = [chunks[i].req for i in rows]
+            out = sample(
+                logits[rows],
+                [SampleInput(r.params, r.prompt_ids, r.output_ids, r.generator) for r in reqs],
+            )
+            for j, req in enumerate(reqs):
+                top = None
+                if out.top_ids is not None and out.top_logprobs is not None:
+                    n = req.params.top_logprobs
+                    top = dict(zip(out.top_ids[j][:n], out.top_logprobs[j][:n]))
+                lp = out.logprobs[j] if out.logprobs is not None else None
+                self._on_token(req, out.tokens[j], lp, top)
+        return True
+
+    def run_until_done(self) -> None:
+        """Drive the loop on the calling thread until no request is left (tests, tools)."""
+        self._drain()
+        while self.scheduler.has_work:
+            self.step()
+            self._drain()
+
+    # ---- per-request output --------------------------------------------------------------
+
+    def _sequence(self, c: ScheduledChunk) -> SequenceChunk:
+        req, n_prompt = c.req, len(c.req.prompt_ids)
+        end = c.start + c.length
+        if c.start >= n_prompt:
+            tokens = req.output_ids[c.start - n_prompt : end - n_prompt]
+        else:
+            tokens = (req.prompt_ids + req.output_ids)[c.start : end]
+        return SequenceChunk(tokens, c.start, req.pages)
+
+    def _on_token(
+        self, req: Request, token: int, logprob: float | None, top: dict[int, float] | None
+    ) -> None:
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
+        req.output_ids.append(token)
+        p = req.params
+        reason = None
+        text = ""
+        if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
+            reason = "stop"
+        else:
+            if req.detok is not None and req.stop is not None:
+                text = req.stop.feed(req.detok.push(token))
+                if req.stop.stopped:
+                    reason = "stop"
+            if reason is None and len(req.output_ids) >= p.max_new_tokens:
+                reason = "length"
+            if reason is None and req.num_fill >= self.runner.max_context:
+                reason = "length"
+        if reason is not None and reason != "stop" and req.stop is not None:
+            text += req.stop.flush()
+        event = RequestOutput(
+            req.rid, [token], text,
+            logprobs=[logprob] if logprob is not None else None,
+            top_logprobs=[top] if top is not None else None,
+        )  # fmt: skip
+        if reason is not None:
+            self._finish(req, reason, event)
+        else:
+            req.sink(event)
+
+    def _finish(
+        self,
+        req: Request,
+        reason: str,
+        event: RequestOutput | None = None,
+        error: str | None = None,
+    ) -> None:
+        if req.finished:
+            return
+        req.finish_reason = reason
+        self.scheduler.finish(req)
+        self._requests.pop(req.rid, None)
+        event = event or RequestOutput(req.rid, [], "")
+        event.finish_reason, event.error, event.usage = reason, error, req.usage()
+        try:
+            req.sink(event)
+        except Exception:  # a broken sink must not break the loop
+            log.exception("request sink failed")

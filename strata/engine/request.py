@@ -1,0 +1,82 @@
+"""Request: one generation's tokens, pages and progress, and what it tells its caller."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from strata.sampling.params import SamplingParams
+from strata.sampling.stop import StopMatcher
+from strata.tokenizer import IncrementalDetokenizer
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass
+class RequestOutput:
+    """One streamed event: new tokens and text since the last event, and the end if any."""
+
+    rid: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None  # "stop", "length", "abort", "error"
+    error: str | None = None
+    usage: Usage | None = None
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+
+
+@dataclass
+class Request:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Callable[[RequestOutput], None]
+    output_ids: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)  # page table: cached pages, then own pages
+    num_shared_pages: int = 0  # leading pages owned by the radix cache (locked by cache_node)
+    cache_node: int | None = None
+    num_cached: int = 0  # prompt tokens served from the cache at (last) admission
+    num_computed: int = 0  # tokens of fill_ids whose KV is in pages
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+    detok: IncrementalDetokenizer | None = None
+    stop: StopMatcher | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+        self.stop = StopMatcher(self.params.stop)
+
+    @property
+    def fill_ids(self) -> list[int]:
+        """Every token whose KV the request needs: the prompt and all but the newest output."""
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_fill(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still to compute before the next token can be sampled."""
+        return self.num_fill - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def usage(self) -> Usage:
+        return Usage(len(self.prompt_ids), len(self.output_ids), self.num_cached)

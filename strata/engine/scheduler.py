@@ -1,0 +1,151 @@
+"""Scheduler: continuous batching with chunked prefill, prefix-aware admission, preemption.
+
+Each step takes every running decode token, then continues partial prefills, then admits
+waiting requests (longest cached prefix first) while the token budget lasts. Pages come from
+the pool; when it runs dry the radix cache is evicted first, then the newest running request
+is preempted (its computed pages go to the cache, so re-admission recomputes little).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from strata.engine.request import Request
+from strata.kv.pool import PagePool
+from strata.radix.index import CacheIndex
+
+
+@dataclass
+class ScheduledChunk:
+    req: Request
+    start: int  # first token of req.fill_ids computed in this step
+    length: int
+    sample: bool  # the chunk ends the fill, so its last logits give the next token
+
+
+class Scheduler:
+    def __init__(
+        self,
+        pool: PagePool,
+        cache: CacheIndex | None,
+        page_size: int,
+        max_batch_tokens: int,
+        max_running: int,
+    ) -> None:
+        self.pool, self.cache, self.page_size = pool, cache, page_size
+        self.max_batch_tokens, self.max_running = max_batch_tokens, max_running
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []  # admitted (holding pages), oldest first
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledChunk]:
+        chunks: list[ScheduledChunk] = []
+        for req in list(self.running):
+            if req.remaining == 1 and req in self.running and self._grow(req, req.num_fill):
+                chunks.append(ScheduledChunk(req, req.num_computed, 1, True))
+        budget = self.max_batch_tokens - len(chunks)
+        for req in self.running:
+            if req.remaining > 1 and budget > 0:
+                budget -= self._take(req, budget, chunks)
+        if budget > 0 and self.waiting:
+            self._order_waiting()
+            while self.waiting and budget > 0 and len(self.running) < self.max_running:
+                req = self.waiting[0]
+                if not self._admit(req):
+                    break
+                self.waiting.pop(0)
+                self.running.append(req)
+                budget -= self._take(req, budget, chunks)
+        return chunks
+
+    def finish(self, req: Request) -> None:
+        """Release a finished (or aborted) request, caching its computed pages."""
+        if req in self.running:
+            self.running.remove(req)
+            self._release(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _take(self, req: Request, budget: int, chunks: list[ScheduledChunk]) -> int:
+        n = min(req.remaining, budget)
+        chunks.append(ScheduledChunk(req, req.num_computed, n, n == req.remaining))
+        return n
+
+    def _order_waiting(self) -> None:
+        """Longest cached prefix first; arrival order among equals (the sort is stable)."""
+        if self.cache is None or len(self.waiting) < 2:
+            return
+        cache = self.cache
+        self.waiting.sort(key=lambda r: -cache.match(r.fill_ids).length)
+
+    def _alloc(self, n: int) -> list[int] | None:
+        short = n - self.pool.num_free
+        if short > 0 and self.cache is not None:
+            self.pool.free(self.cache.evict(short))
+        if n > self.pool.num_free:
+            return None
+        return self.pool.alloc(n)
+
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        """Give req pages for num_tokens, preempting newer requests if needed. False when
+        req itself had to be preempted."""
+        need = -(-num_tokens // self.page_size) - len(req.pages)
+        while need > 0:
+            pages = self._alloc(need)
+            if pages is not None:
+                req.pages.extend(pages)
+                return True
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._release(req)
+        self.waiting.insert(0, req)
+
+    def _admit(self, req: Request) -> bool:
+        fill = req.fill_ids
+        ps, shared, node, usable = self.page_size, [], None, 0
+        if self.cache is not None:
+            match = self.cache.match(fill)
+            # NOTE: at least one token is always computed, so the last token has logits.
+            usable = min(match.length, (len(fill) - 1) // ps * ps)
+            shared, node = match.pages[: usable // ps], match.node
+            self.cache.lock(node)
+        own = self._alloc(-(-len(fill) // ps) - len(shared))
+        if own is None:
+            if node is not None and self.cache is not None:
+                self.cache.unlock(node)
+            return False
+        if "admitted" not in req.extra:  # count the prompt once, not on re-admission
+            req.extra["admitted"] = True
+            req.num_cached = min(usable, len(req.prompt_ids))
+            if self.cache is not None:
+                self.cache.record_lookup(len(req.prompt_ids), req.num_cached)
+        req.pages, req.num_shared_pages, req.cache_node = shared + own, len(shared), node
+        req.num_computed = usable
+        return True
+
+    def _release(self, req: Request) -> None:
+        ps, pages, shared = self.page_size, req.pages, req.num_shared_pages
+        if self.cache is not None:
+            full = req.num_computed // ps
+            existing = self.cache.insert(req.fill_ids[: full * ps], pages[:full]) // ps
+            # pages the tree already held (besides our shared ones) are duplicates
+            self.pool.free(pages[shared:existing] + pages[full:])
+            if req.cache_node is not None:
+                self.cache.unlock(req.cache_node)
+        else:
+            self.pool.free(pages[shared:])
+        req.pages, req.num_shared_pages, req.cache_node, req.num_computed = [], 0, None, 0

@@ -1,0 +1,124 @@
+"""Batched sampling: penalties, temperature, top-k / top-p / min-p, seeds, logprobs.
+
+Every step is one set of tensor ops over the batch; the only per-request Python work is
+drawing seeded noise, so that a seed gives the same tokens whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from strata.sampling.params import SamplingParams
+
+
+@dataclass
+class SampleInput:
+    params: SamplingParams
+    prompt_ids: Sequence[int]
+    output_ids: Sequence[int]
+    generator: torch.Generator | None  # set for seeded requests
+
+
+@dataclass
+class SampleOutput:
+    tokens: list[int]
+    logprobs: list[float] | None  # of the chosen tokens (model distribution)
+    top_ids: list[list[int]] | None
+    top_logprobs: list[list[float]] | None
+
+
+def _ids_tensor(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    """Pad rows of ids with -1 into [B, max_len] (at least one column)."""
+    width = max(1, max(len(r) for r in rows))
+    return torch.tensor([list(r) + [-1] * (width - len(r)) for r in rows], device=device)
+
+
+def apply_penalties(logits: torch.Tensor, reqs: Sequence[SampleInput]) -> torch.Tensor:
+    b, v = logits.shape
+    dev = logits.device
+    out_ids = _ids_tensor([r.output_ids for r in reqs], dev)
+    counts = torch.zeros(b, v + 1, device=dev)
+    counts.scatter_add_(
+        1, out_ids.clamp(min=-1) % (v + 1), torch.ones_like(out_ids, dtype=counts.dtype)
+    )
+    counts = counts[:, :v]  # column v collected the -1 padding
+    freq = torch.tensor([r.params.frequency_penalty for r in reqs], device=dev)[:, None]
+    pres = torch.tensor([r.params.presence_penalty for r in reqs], device=dev)[:, None]
+    logits = logits - freq * counts - pres * (counts > 0)
+    rep = torch.tensor([r.params.repetition_penalty for r in reqs], device=dev)[:, None]
+    if bool((rep != 1).any()):
+        all_ids = _ids_tensor([list(r.prompt_ids) + list(r.output_ids) for r in reqs], dev)
+        seen = torch.zeros(b, v + 1, dtype=torch.bool, device=dev)
+        seen.scatter_(1, all_ids % (v + 1), True)
+        seen = seen[:, :v]
+        penalized = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalized, logits)
+    return logits
+
+
+def _filtered_probs(
+    logits: torch.Tensor, reqs: Sequence[SampleInput]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted probabilities after top-k, top-p and min-p, and the sort order [B, V]."""
+    dev = logits.device
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    v = logits.shape[1]
+    rank = torch.arange(v, device=dev)[None, :]
+    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else v for r in reqs], device=dev)
+    top_p = torch.tensor([r.params.top_p for r in reqs], device=dev)
+    min_p = torch.tensor([r.params.min_p for r in reqs], device=dev)
+    drop = rank >= top_k[:, None]
+    drop |= (probs.cumsum(-1) - probs) > top_p[:, None]  # NOTE: keeps at least the top token
+    drop |= probs < min_p[:, None] * probs[:, :1]
+    probs = probs.masked_fill(drop, 0.0)
+    return probs / probs.sum(-1, keepdim=True), order
+
+
+def _noise(reqs: Sequence[SampleInput], v: int, device: torch.device) -> torch.Tensor:
+    """Exponential(1) noise [B, V]; seeded rows draw from their own generator."""
+    noise = torch.empty(len(reqs), v, device=device).exponential_()
+    for i, r in enumerate(reqs):
+        if r.generator is not None:
+            noise[i] = torch.empty(v).exponential_(generator=r.generator).to(device)
+    return noise
+
+
+def sample(logits: torch.Tensor, reqs: Sequence[SampleInput]) -> SampleOutput:
+    """Choose one token per row of logits [B, V] (float32)."""
+    raw = logits
+    if any(r.params.penalized for r in reqs):
+        logits = apply_penalties(logits, reqs)
+    greedy = torch.tensor([r.params.greedy for r in reqs], device=logits.device)
+    tokens = logits.argmax(-1)
+    if not bool(greedy.all()):
+        temp = torch.tensor([r.params.temperature or 1.0 for r in reqs], device=logits.device)
+        scaled = logits / temp[:, None]
+        if any(r.params.filtered for r in reqs):
+            probs, order = _filtered_probs(scaled, reqs)
+        else:
+            probs, order = scaled.softmax(-1), None
+        # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p.
+        pick = (probs / _noise(reqs, probs.shape[1], probs.device)).argmax(-1)
+        if order is not None:
+            pick = order.gather(1, pick[:, None]).squeeze(1)
+        tokens = torch.where(greedy, tokens, pick)
+    return _with_logprobs(raw, tokens, reqs)
+
+
+def _with_logprobs(
+    raw: torch.Tensor, tokens: torch.Tensor, reqs: Sequence[SampleInput]
+) -> SampleOutput:
+    token_list = tokens.tolist()
+    if not any(r.params.logprobs for r in reqs):
+        return SampleOutput(token_list, None, None, None)
+    logp = raw.log_softmax(-1)
+    chosen = logp.gather(1, tokens[:, None]).squeeze(1).tolist()
+    n = max(r.params.top_logprobs for r in reqs)
+    if n == 0:
+        return SampleOutput(token_list, chosen, None, None)
+    top_vals, top_ids = logp.topk(n, dim=-1)
+    return SampleOutput(token_list, chosen, top_ids.tolist(), top_vals.tolist())
