@@ -20,9 +20,9 @@ run: $(STAMP)
 	$(BIN)/strata generate "Write a haiku about caching."
 
 lint: $(STAMP)
-	$(BIN)/ruff check strata tests bench
-	$(BIN)/ruff format --check strata tests bench
-	$(BIN)/mypy strata
+	$(BIN)/ruff check strata gateway tests bench
+	$(BIN)/ruff format --check strata gateway tests bench
+	$(BIN)/mypy strata gateway
 
 test: lint
 	$(BIN)/python -m pytest -q -x tests

@@ -8,7 +8,13 @@ import sys
 import time
 from collections.abc import Sequence
 
-from strata.config import QUANTIZATIONS, CacheConfig, ModelConfig
+from strata.config import (
+    QUANTIZATIONS,
+    CacheConfig,
+    ModelConfig,
+    SchedulerConfig,
+    ServerConfig,
+)
 
 log = logging.getLogger("strata")
 
@@ -54,6 +60,28 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--disable-radix-cache", action="store_true")
+    p.add_argument("--max-running-requests", type=int, default=64)
+    p.add_argument("--chunked-prefill-size", "--max-batch-tokens", dest="max_batch_tokens",
+                   type=int, default=512)  # fmt: skip
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from strata.serve import serve
+
+    serve(
+        model_config(a),
+        cache_config(a),
+        SchedulerConfig(not a.disable_radix_cache, a.max_running_requests, a.max_batch_tokens),
+        ServerConfig(a.host, a.port, a.served_model_name, a.log_level),
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strata", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     add_model_args(g)
     g.set_defaults(func=cmd_generate)
+    s = sub.add_parser("serve", help="run the colocated server (REST, OpenAI-compatible)")
+    add_model_args(s)
+    add_server_args(s)
+    s.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -75,3 +75,22 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.page_size <= 0 or self.num_pages <= 0:
             raise ValueError("page_size and num_pages must be positive")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    enable_radix_cache: bool = True
+    max_running_requests: int = 64
+    max_batch_tokens: int = 512  # per step: decode tokens plus prefill chunks
+
+    def __post_init__(self) -> None:
+        if self.max_running_requests < 1 or self.max_batch_tokens < 1:
+            raise ValueError("max_running_requests and max_batch_tokens must be positive")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 30000
+    served_model_name: str | None = None
+    log_level: str = "info"

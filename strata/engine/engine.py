@@ -78,7 +78,7 @@ class Engine:
         self,
         prompt_ids: Sequence[int],
         params: SamplingParams,
-        sink: Callable[[RequestOutput], None],
+        sink: Callable[[RequestOutput], object],
         rid: str | None = None,
     ) -> str:
         self.validate(prompt_ids, params)

@@ -40,7 +40,7 @@ class Request:
     rid: str
     prompt_ids: list[int]
     params: SamplingParams
-    sink: Callable[[RequestOutput], None]
+    sink: Callable[[RequestOutput], object]
     output_ids: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)  # page table: cached pages, then own pages
     num_shared_pages: int = 0  # leading pages owned by the radix cache (locked by cache_node)

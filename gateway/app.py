@@ -1,0 +1,323 @@
+"""FastAPI app: OpenAI-compatible and SGLang-style endpoints over a Backend."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
+
+from gateway.backend import Backend
+from gateway.metrics import Metrics
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from strata.engine.request import RequestOutput
+from strata.sampling.params import SamplingParams
+from strata.tokenizer import chat_prompt_ids
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def error_body(message: str, kind: str = "invalid_request_error", code: int = 400) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": None, "code": code}}, code
+    )
+
+
+def usage_json(out: RequestOutput) -> dict[str, Any]:
+    u = out.usage
+    assert u is not None
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    }
+
+
+def validation_message(errors: Sequence[Any]) -> str:
+    parts = []
+    for e in errors:
+        where = ".".join(str(x) for x in e["loc"] if x != "body")
+        parts.append(f"{where}: {e['msg']}" if where else e["msg"])
+    return "; ".join(parts) or "invalid request"
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """Validate a JSON body whatever its Content-Type (plain `curl -d` works)."""
+    try:
+        data = json.loads(await request.body() or b"{}")
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise BadRequest(validation_message(exc.errors())) from exc
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def create_app(backend: Backend) -> FastAPI:
+    app = FastAPI(title="strata", version="0.1.0")
+    metrics = Metrics()
+    app.state.backend, app.state.metrics = backend, metrics
+    tok = backend.tokenizer
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_body(validation_message(exc.errors()))
+
+    @app.exception_handler(ValueError)
+    async def _bad_value(_: Request, exc: ValueError) -> JSONResponse:
+        return error_body(str(exc))
+
+    def token_text(token_id: int) -> str:
+        return tok.decode([token_id])
+
+    async def collect(prompt_ids: list[int], params: SamplingParams, endpoint: str):
+        """Run one generation to the end; returns (text, token ids, last event, logprobs)."""
+        start = time.monotonic()
+        text: list[str] = []
+        ids: list[int] = []
+        logprobs: list[tuple[int, float, dict[int, float]]] = []
+        last: RequestOutput | None = None
+        async for ev in backend.generate(prompt_ids, params):
+            if not ids and ev.token_ids:
+                metrics.ttft.observe(time.monotonic() - start)
+            text.append(ev.text)
+            ids.extend(ev.token_ids)
+            for i, t in enumerate(ev.token_ids):
+                if ev.logprobs is not None:
+                    top = ev.top_logprobs[i] if ev.top_logprobs else {}
+                    logprobs.append((t, ev.logprobs[i], top))
+            last = ev
+        assert last is not None
+        finish(last, endpoint, start)
+        return "".join(text), ids, last, logprobs
+
+    def finish(last: RequestOutput, endpoint: str, start: float) -> None:
+        status = "error" if last.finish_reason == "error" else "ok"
+        metrics.requests.labels(endpoint, status).inc()
+        metrics.latency.labels(endpoint).observe(time.monotonic() - start)
+        if last.usage is not None:
+            metrics.prompt_tokens.inc(last.usage.prompt_tokens)
+            metrics.generation_tokens.inc(last.usage.completion_tokens)
+            metrics.cached_tokens.inc(last.usage.cached_tokens)
+
+    def check_error(last: RequestOutput) -> None:
+        if last.finish_reason == "error":
+            raise RuntimeError(last.error or "generation failed")
+
+    async def stream(
+        prompt_ids: list[int],
+        params: SamplingParams,
+        endpoint: str,
+        render: Callable[[RequestOutput], list[Any]],
+    ) -> AsyncIterator[str]:
+        start, first = time.monotonic(), True
+        async for ev in backend.generate(prompt_ids, params):
+            if first and ev.token_ids:
+                metrics.ttft.observe(time.monotonic() - start)
+                first = False
+            for chunk in render(ev):
+                yield sse(chunk)
+            if ev.finish_reason is not None:
+                finish(ev, endpoint, start)
+        yield "data: [DONE]\n\n"
+
+    def encode(text: str) -> list[int]:
+        return list(tok.encode(text, add_special_tokens=True))
+
+    def completion_logprobs(lps: list) -> dict[str, Any]:
+        return {
+            "tokens": [token_text(t) for t, _, _ in lps],
+            "token_logprobs": [lp for _, lp, _ in lps],
+            "top_logprobs": [{token_text(k): v for k, v in top.items()} for _, _, top in lps],
+        }
+
+    def chat_logprobs(lps: list) -> dict[str, Any]:
+        def entry(t: int, lp: float) -> dict[str, Any]:
+            s = token_text(t)
+            return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+        return {
+            "content": [
+                {**entry(t, lp), "top_logprobs": [entry(k, v) for k, v in top.items()]}
+                for t, lp, top in lps
+            ]
+        }
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": backend.model_name, "object": "model", "created": 0,
+                      "owned_by": "strata"}],
+        }  # fmt: skip
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> Any:
+        body = await parse_body(request, CompletionRequest)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise BadRequest("only one prompt per request is supported")
+            prompt = prompt[0]
+        ids: list[int] = encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        params = body.params()
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": created,
+                "model": backend.model_name}  # fmt: skip
+        if body.stream:
+            backend_validate(ids, params)
+
+            def render(ev: RequestOutput) -> list[Any]:
+                out: list[Any] = []
+                if ev.text or ev.finish_reason:
+                    choice = {"index": 0, "text": ev.text, "finish_reason": ev.finish_reason,
+                              "logprobs": None}  # fmt: skip
+                    out.append({**head, "choices": [choice]})
+                if ev.finish_reason and body.include_usage:
+                    out.append({**head, "choices": [], "usage": usage_json(ev)})
+                return out
+
+            return StreamingResponse(
+                stream(ids, params, "completions", render), media_type="text/event-stream"
+            )
+        text, _, last, lps = await collect(ids, params, "completions")
+        check_error(last)
+        choice = {"index": 0, "text": text, "finish_reason": last.finish_reason,
+                  "logprobs": completion_logprobs(lps) if params.logprobs else None}  # fmt: skip
+        return {**head, "choices": [choice], "usage": usage_json(last)}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> Any:
+        body = await parse_body(request, ChatCompletionRequest)
+        if body.response_format and body.response_format.get("type") not in (None, "text"):
+            raise BadRequest("response_format other than text is not supported yet")
+        ids = chat_prompt_ids(tok, body.chat())
+        params = body.params()
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "created": created, "model": backend.model_name}
+        if body.stream:
+            backend_validate(ids, params)
+            chunk_head = {**head, "object": "chat.completion.chunk"}
+            started: list[bool] = []
+
+            def render(ev: RequestOutput) -> list[Any]:
+                out: list[Any] = []
+                if not started:
+                    started.append(True)
+                    delta0 = {"role": "assistant", "content": ""}
+                    out.append({**chunk_head, "choices": [
+                        {"index": 0, "delta": delta0, "finish_reason": None}]})  # fmt: skip
+                if ev.text or ev.finish_reason:
+                    delta = {"content": ev.text} if ev.text else {}
+                    choice = {"index": 0, "delta": delta, "finish_reason": ev.finish_reason}
+                    out.append({**chunk_head, "choices": [choice]})
+                if ev.finish_reason and body.include_usage:
+                    out.append({**chunk_head, "choices": [], "usage": usage_json(ev)})
+                return out
+
+            return StreamingResponse(
+                stream(ids, params, "chat", render), media_type="text/event-stream"
+            )
+        text, _, last, lps = await collect(ids, params, "chat")
+        check_error(last)
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": last.finish_reason,
+            "logprobs": chat_logprobs(lps) if params.logprobs else None,
+        }
+        return {**head, "object": "chat.completion", "choices": [choice],
+                "usage": usage_json(last)}  # fmt: skip
+
+    @app.post("/generate", response_model=None)
+    async def generate(request: Request) -> Any:
+        body = await parse_body(request, GenerateRequest)
+        if body.input_ids is not None:
+            ids = list(body.input_ids)
+        elif body.text is not None or body.prompt is not None:
+            ids = encode(body.text if body.text is not None else body.prompt or "")
+        else:
+            raise BadRequest("give `text`, `input_ids` or `prompt`")
+        sp = body.sampling_params
+        if sp.regex or sp.json_schema or sp.ebnf:
+            raise BadRequest("constrained decoding (regex, json_schema, ebnf) is not supported yet")
+        params = body.params()
+
+        def meta(ev: RequestOutput, rid: str, start: float) -> dict[str, Any]:
+            u = ev.usage
+            info: dict[str, Any] = {"id": rid, "e2e_latency": time.monotonic() - start}
+            if u is not None:
+                info.update(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                            cached_tokens=u.cached_tokens)  # fmt: skip
+            if ev.finish_reason:
+                info["finish_reason"] = {"type": ev.finish_reason}
+                if ev.error:
+                    info["finish_reason"]["message"] = ev.error
+            return info
+
+        rid, start = body.rid or uuid.uuid4().hex, time.monotonic()
+        if body.stream:
+            backend_validate(ids, params)
+            text: list[str] = []
+            out_ids: list[int] = []
+
+            def render(ev: RequestOutput) -> list[Any]:
+                text.append(ev.text)
+                out_ids.extend(ev.token_ids)
+                return [{"text": "".join(text), "output_ids": list(out_ids),
+                         "meta_info": meta(ev, rid, start)}]  # fmt: skip
+
+            return StreamingResponse(
+                stream(ids, params, "generate", render), media_type="text/event-stream"
+            )
+        full, out, last, lps = await collect(ids, params, "generate")
+        check_error(last)
+        info = meta(last, rid, start)
+        if params.logprobs:
+            info["output_token_logprobs"] = [[lp, t, token_text(t)] for t, lp, _ in lps]
+        return {"text": full, "output_ids": out, "meta_info": info}
+
+    def backend_validate(ids: list[int], params: SamplingParams) -> None:
+        """Streams must fail with a 4xx before the 200 header goes out."""
+        backend.validate(ids, params)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return await backend.health()
+
+    @app.get("/health_generate")
+    async def health_generate() -> dict[str, Any]:
+        _, _, last, _ = await collect(encode("ping"), SamplingParams(max_new_tokens=1), "health")
+        return {"status": "ok" if last.finish_reason != "error" else "error"}
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> PlainTextResponse:
+        metrics.observe_health(await backend.health())
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/flush_cache")
+    async def flush_cache() -> dict[str, Any]:
+        return {"status": "ok", "flushed_pages": await backend.flush_cache()}
+
+    @app.get("/get_model_info")
+    async def model_info() -> dict[str, Any]:
+        return {"model_path": backend.model_name, "is_generation": True}
+
+    return app

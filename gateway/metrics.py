@@ -1,0 +1,41 @@
+"""Prometheus metrics of the REST front (one registry per app)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "strata_requests", "Requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "strata_request_latency_seconds", "End-to-end request latency", ["endpoint"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "strata_time_to_first_token_seconds", "Time to first token",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.prompt_tokens = Counter("strata_prompt_tokens", "Prompt tokens", registry=r)
+        self.generation_tokens = Counter("strata_generation_tokens", "Generated tokens", registry=r)
+        self.cached_tokens = Counter(
+            "strata_cached_prompt_tokens", "Prompt tokens served from the radix cache", registry=r
+        )
+        self.cache_hit_rate = Gauge("strata_cache_hit_rate", "Radix cache hit rate", registry=r)
+        self.pages_used = Gauge("strata_kv_pages_used", "KV pages in use", registry=r)
+        self.pages_total = Gauge("strata_kv_pages_total", "KV pages in the pool", registry=r)
+        self.running = Gauge("strata_running_requests", "Requests running", registry=r)
+        self.waiting = Gauge("strata_waiting_requests", "Requests waiting", registry=r)
+
+    def observe_health(self, health: dict) -> None:
+        self.cache_hit_rate.set(health["radix_cache_stats"].get("hit_rate", 0.0))
+        self.pages_total.set(health["pages_total"])
+        self.pages_used.set(health["pages_total"] - health["pages_free"])
+        self.running.set(health["running_requests"])
+        self.waiting.set(health["waiting_requests"])

@@ -1,0 +1,42 @@
+"""`python -m strata.launch_server`: SGLang's launch_server flags, served by `strata serve`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from strata.cli import main as cli_main
+
+# SGLang flags that have no meaning here; accepted so scripts run unchanged.
+IGNORED_FLAGS = {
+    "--mem-fraction-static": 1, "--trust-remote-code": 0, "--tp-size": 1, "--tp": 1,
+    "--context-length": 1, "--attention-backend": 1, "--disable-cuda-graph": 0,
+    "--enable-torch-compile": 0, "--random-seed": 1, "--tokenizer-path": 1,
+    "--schedule-policy": 1, "--kv-cache-dtype": 1,
+}  # fmt: skip
+
+
+def translate(argv: Sequence[str]) -> list[str]:
+    out: list[str] = ["serve"]
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        flag = args[i].split("=", 1)[0]
+        if flag in IGNORED_FLAGS:
+            takes = IGNORED_FLAGS[flag] if "=" not in args[i] else 0
+            logging.getLogger("strata").warning("ignoring SGLang flag %s", args[i])
+            i += 1 + takes
+            continue
+        out.append(args[i])
+        i += 1
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+
+    return cli_main(translate(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
