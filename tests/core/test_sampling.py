@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from strata.sampling.params import SamplingParams
+from strata.sampling.sampler import SampleInput, sample
+from strata.sampling.stop import StopMatcher
+
+
+def inp(params: SamplingParams, out=(), prompt=(1, 2)) -> SampleInput:
+    gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+    return SampleInput(params, list(prompt), list(out), gen)
+
+
+def test_greedy_and_top_k_1_take_the_argmax():
+    logits = torch.randn(3, 50)
+    reqs = [inp(SamplingParams(temperature=0)), inp(SamplingParams(top_k=1)),
+            inp(SamplingParams(temperature=0.7, top_k=1))]  # fmt: skip
+    assert sample(logits, reqs).tokens == logits.argmax(-1).tolist()
+
+
+def test_same_seed_same_tokens_whatever_the_batch():
+    logits = torch.randn(1, 1000)
+    p = SamplingParams(temperature=1.0, seed=123)
+    alone = [sample(logits, [inp(p)]).tokens[0] for _ in range(1)]
+    batch = torch.cat([torch.randn(5, 1000), logits])
+    others = [inp(SamplingParams(temperature=1.0)) for _ in range(5)]
+    together = sample(batch, [*others, inp(p)]).tokens[-1]
+    assert alone[0] == together
+    assert len({sample(logits, [inp(SamplingParams(temperature=5.0))]).tokens[0]
+                for _ in range(30)}) > 1  # fmt: skip
+
+
+def test_sampling_follows_the_distribution_and_filters():
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draws = [sample(logits, [inp(SamplingParams(temperature=1.0))]).tokens[0] for _ in range(2000)]
+    freq = torch.bincount(torch.tensor(draws), minlength=4).float() / 2000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.04)
+    for params, allowed in [
+        (SamplingParams(top_k=2), {0, 1}),
+        (SamplingParams(top_p=0.7), {0, 1}),
+        (SamplingParams(min_p=0.4), {0, 1}),
+    ]:
+        got = {sample(logits, [inp(params)]).tokens[0] for _ in range(300)}
+        assert got == allowed, (params, got)
+
+
+def test_penalties_push_repeated_tokens_down():
+    logits = torch.tensor([[2.0, 1.9, -1.0]])
+    plain = sample(logits, [inp(SamplingParams(temperature=0), out=[0])]).tokens[0]
+    assert plain == 0
+    for p in [SamplingParams(temperature=0, frequency_penalty=0.5),
+              SamplingParams(temperature=0, presence_penalty=0.5),
+              SamplingParams(temperature=0, repetition_penalty=1.2)]:  # fmt: skip
+        assert sample(logits, [inp(p, out=[0], prompt=[2])]).tokens[0] == 1
+
+
+def test_logprobs_of_chosen_and_top_tokens():
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]]))
+    out = sample(logits, [inp(SamplingParams(temperature=0, logprobs=True, top_logprobs=2))])
+    assert out.logprobs == pytest.approx([torch.log(torch.tensor(0.6)).item()], abs=1e-6)
+    assert out.top_ids == [[0, 1]]
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0),
+                                 dict(top_logprobs=50), dict(stop=("",))])  # fmt: skip
+def test_bad_sampling_params_are_rejected(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
+
+
+def test_stop_strings_are_never_split_across_chunks():
+    m = StopMatcher(["END", "\n\n"])
+    chunks = ["Hello E", "N", "x and E", "ND more"]
+    out = [m.feed(c) for c in chunks]
+    assert out == ["Hello ", "", "ENx and ", ""]
+    assert m.stopped and "".join(out) == "Hello ENx and "
+    m2 = StopMatcher(["stop"])
+    assert m2.feed("ends with st") == "ends with " and m2.flush() == "st"

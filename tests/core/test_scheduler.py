@@ -1,0 +1,116 @@
+"""Engine and scheduler on a tiny random model: batching, pressure, abort, page accounting."""
+
+from __future__ import annotations
+
+import pytest
+
+from strata.config import CacheConfig, ModelConfig
+from strata.engine.engine import Engine
+from strata.engine.generate import generate
+from strata.engine.runner import ModelRunner
+from strata.sampling.params import SamplingParams
+
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture
+def runner_factory(tiny_checkpoint):
+    folder, _ = tiny_checkpoint("llama")
+
+    def make(num_pages: int) -> ModelRunner:
+        return ModelRunner.from_config(
+            ModelConfig(str(folder), dtype="float32"), CacheConfig(page_size=4, num_pages=num_pages)
+        )
+
+    return make
+
+
+def run(engine: Engine, prompts, params=GREEDY) -> list[list[int]]:
+    events: dict[int, list] = {i: [] for i in range(len(prompts))}
+    for i, p in enumerate(prompts):
+        engine.submit(p, params, events[i].append)
+    engine.run_until_done()
+    for evs in events.values():
+        assert evs[-1].finish_reason is not None
+    return [[t for e in events[i] for t in e.token_ids] for i in range(len(prompts))]
+
+
+def prompts(n: int, length: int = 10, shared: int = 8) -> list[list[int]]:
+    base = list(range(50, 50 + shared))
+    return [base + [(i * 7 + j) % 300 for j in range(length - shared)] for i in range(n)]
+
+
+def assert_pool_back_to_cache_only(engine: Engine) -> None:
+    stats = engine.cache.stats() if engine.cache else None
+    cached = stats.cached_pages if stats else 0
+    assert engine.runner.pool.num_free + cached == engine.runner.pool.num_pages
+    if stats:
+        assert stats.locked_pages == 0
+
+
+def reference(runner: ModelRunner, ps: list[list[int]]) -> list[list[int]]:
+    return [list(generate(runner, p, GREEDY.max_new_tokens)) for p in ps]
+
+
+def test_continuous_batching_matches_one_at_a_time(runner_factory):
+    runner = runner_factory(256)
+    ps = prompts(6)
+    expected = reference(runner, ps)
+    engine = Engine(runner, max_batch_tokens=16)  # forces chunked prefill
+    assert run(engine, ps) == expected
+    assert run(engine, ps) == expected  # warm: prefixes now come from the cache
+    assert engine.cache is not None and engine.cache.stats().cached_tokens > 0
+    assert_pool_back_to_cache_only(engine)
+
+
+def test_tiny_pool_queues_evicts_and_preempts_without_crashing(runner_factory):
+    ps = prompts(8, length=14, shared=4)
+    expected = reference(runner_factory(256), ps)
+    # each request needs up to 7 pages; 12 pages cannot hold two at full length
+    engine = Engine(runner_factory(12), max_batch_tokens=64)
+    assert run(engine, ps) == expected
+    assert_pool_back_to_cache_only(engine)
+
+
+def test_cache_disabled_frees_every_page(runner_factory):
+    runner = runner_factory(64)
+    engine = Engine(runner, enable_cache=False)
+    assert run(engine, prompts(4)) == reference(runner, prompts(4))
+    assert runner.pool.num_free == runner.pool.num_pages
+
+
+def test_abort_at_any_time_releases_pages(runner_factory):
+    runner = runner_factory(64)
+    engine = Engine(runner, max_batch_tokens=4)
+    events: list = []
+    for steps_before_abort in range(0, 8):
+        rid = engine.submit(prompts(1, length=12)[0], GREEDY, events.append)
+        engine._drain()
+        for _ in range(steps_before_abort):
+            engine.step()
+        engine.abort(rid)
+        engine.run_until_done()
+        assert events[-1].finish_reason == "abort"
+        assert_pool_back_to_cache_only(engine)
+
+
+def test_generated_tokens_are_cached_for_the_next_turn(runner_factory):
+    runner = runner_factory(64)
+    engine = Engine(runner)
+    first = prompts(1, length=9)[0]
+    (reply,) = run(engine, [first])
+    events: list = []
+    engine.submit(first + reply + [7, 7, 7], GREEDY, events.append)
+    engine.run_until_done()
+    # prompt + all but the last reply token have KV; whole pages of that are reused
+    assert events[-1].usage.cached_tokens == (len(first) + len(reply) - 1) // 4 * 4
+
+
+def test_requests_that_can_never_run_are_rejected_up_front(runner_factory):
+    engine = Engine(runner_factory(4))
+    with pytest.raises(ValueError, match="more KV pages"):
+        engine.submit(list(range(30)), GREEDY, lambda e: None)
+    with pytest.raises(ValueError, match="token ids"):
+        engine.submit([10**6], GREEDY, lambda e: None)
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit([], GREEDY, lambda e: None)

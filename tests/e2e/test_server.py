@@ -1,0 +1,174 @@
+"""`strata serve` as a real process, driven over loopback HTTP by real clients."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.server import running_server
+
+SYSTEM = "You are a concise assistant who answers in one short sentence. " * 6
+QUESTION = "Name three primary colors."
+
+
+@pytest.fixture(scope="module")
+def url():
+    with running_server() as u:
+        yield u
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=120)
+
+
+def chat(client, question: str = QUESTION, **kw):
+    return client.chat.completions.create(
+        model="strata",
+        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+        max_tokens=kw.pop("max_tokens", 20),
+        temperature=0,
+        **kw,
+    )
+
+
+def health(url) -> dict:
+    return httpx.get(f"{url}/health", timeout=10).json()
+
+
+def wait_idle(url, timeout=30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        h = health(url)
+        if h["running_requests"] == 0 and h["waiting_requests"] == 0:
+            return h
+        assert time.monotonic() < deadline, h
+        time.sleep(0.1)
+
+
+def test_openai_client_completion_chat_and_streaming(client):
+    models = client.models.list()
+    assert models.data[0].id
+    comp = client.completions.create(model="strata", prompt="The capital of France is",
+                                     max_tokens=8, temperature=0)  # fmt: skip
+    assert "Paris" in comp.choices[0].text
+    assert comp.usage.completion_tokens == 8 and comp.choices[0].finish_reason == "length"
+    reply = chat(client)
+    text = reply.choices[0].message.content
+    assert text and reply.usage.prompt_tokens > 80
+    stream = client.chat.completions.create(
+        model="strata", messages=[{"role": "system", "content": SYSTEM},
+                                  {"role": "user", "content": QUESTION}],
+        max_tokens=20, temperature=0, stream=True, stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_same_greedy_output_cold_warm_batched_and_without_cache(url, client):
+    httpx.post(f"{url}/flush_cache", timeout=10)
+    question = "Describe the ocean in one sentence."
+    cold = chat(client, question)
+    warm = chat(client, question)
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    assert warm.usage.prompt_tokens_details.cached_tokens > 0
+    others = [f"Give me a fact about the number {i}." for i in range(15)]
+    with ThreadPoolExecutor(16) as pool:
+        batch = list(pool.map(lambda q: chat(client, q), [question, *others]))
+    with running_server("--disable-radix-cache") as plain_url:
+        plain = openai.OpenAI(base_url=f"{plain_url}/v1", api_key="none", timeout=120)
+        uncached = chat(plain, question)
+        assert uncached.usage.prompt_tokens_details.cached_tokens == 0
+        assert health(plain_url)["radix_cache_stats"] == {"enabled": False}
+    texts = {r.choices[0].message.content for r in (cold, warm, batch[0], uncached)}
+    assert len(texts) == 1, texts
+
+
+def test_curl_generate_both_forms_and_health(url):
+    def curl(*args: str) -> dict:
+        out = subprocess.run(["curl", "-s", "--max-time", "60", *args], capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        return json.loads(out.stdout)
+
+    full = curl(f"{url}/generate", "-d", json.dumps(
+        {"text": "The capital of France is",
+         "sampling_params": {"max_new_tokens": 6, "temperature": 0}}))  # fmt: skip
+    short = curl(f"{url}/generate", "-d", json.dumps(
+        {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}))  # fmt: skip
+    assert full["text"] == short["text"] and "Paris" in full["text"]
+    assert full["meta_info"]["completion_tokens"] == 6
+    h = curl(f"{url}/health")
+    stats = h["radix_cache_stats"]
+    for key in ("total_nodes", "shared_prefix_count", "avg_sharing_depth", "hit_rate",
+                "l1_hit_rate", "l2_hit_rate"):  # fmt: skip
+        assert key in stats
+    assert stats["total_nodes"] > 0 and 0 < stats["hit_rate"] <= 1
+
+
+def test_cancelled_stream_frees_its_pages(url):
+    base = wait_idle(url)
+    body = {"messages": [{"role": "user", "content": "Tell me a very long story."}],
+            "max_tokens": 400, "temperature": 0, "stream": True, "ignore_eos": True}  # fmt: skip
+    with httpx.Client(timeout=60) as http:
+        r = http.send(http.build_request("POST", f"{url}/v1/chat/completions", json=body),
+                      stream=True)  # fmt: skip
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        events = [next(lines) for _ in range(12)]
+        assert sum(e.startswith("data:") for e in events) == 6
+        during = health(url)
+        assert during["running_requests"] == 1
+        assert during["radix_cache_stats"]["locked_pages"] > 0 or during["pages_free"] < (
+            during["pages_total"] - during["radix_cache_stats"]["cached_pages"]
+        )
+        r.close()  # the client goes away mid-generation
+    after = wait_idle(url)
+    stats = after["radix_cache_stats"]
+    assert stats["locked_pages"] == 0
+    # every page is free or held by the cache (which may keep the cancelled prefix)
+    assert after["pages_free"] + stats["cached_pages"] == after["pages_total"]
+    assert base["pages_free"] + base["radix_cache_stats"]["cached_pages"] == base["pages_total"]
+
+
+@pytest.mark.parametrize(
+    "path,body,needle",
+    [
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+            "max_tokens",
+        ),  # fmt: skip
+        ("/v1/completions", {"prompt": "hi", "n": 2}, "n"),
+        ("/v1/completions", {"prompt": "hi", "temperature": -1}, "temperature"),
+        ("/v1/completions", {"prompt": [999999999], "max_tokens": 2}, "token ids"),
+        ("/generate", {"text": "hi " * 9000}, "context length"),
+        ("/generate", {"sampling_params": {}}, "text"),
+    ],
+)
+def test_bad_input_gets_a_clear_400_and_leaks_nothing(url, path, body, needle):
+    r = httpx.post(f"{url}{path}", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"]
+    after = wait_idle(url)
+    assert after["radix_cache_stats"]["locked_pages"] == 0
+
+
+def test_metrics_and_flush_cache(url, client):
+    chat(client, "One more question?", max_tokens=4)
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    for name in ("strata_requests_total", "strata_time_to_first_token_seconds_bucket",
+                 "strata_cache_hit_rate", "strata_kv_pages_used", "strata_generation_tokens_total"):  # fmt: skip
+        assert name in text
+    flushed = httpx.post(f"{url}/flush_cache", timeout=10).json()
+    assert flushed["flushed_pages"] > 0
+    h = health(url)
+    assert h["pages_free"] == h["pages_total"]
