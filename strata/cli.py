@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from strata.bench.cli import add_bench_args
 from strata.config import (
     QUANTIZATIONS,
     CacheConfig,
@@ -70,6 +71,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    type=int, default=512)  # fmt: skip
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from strata.bench.cli import cmd_bench as run
+
+    return run(a)
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     from strata.serve import serve
 
@@ -96,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(s)
     add_server_args(s)
     s.set_defaults(func=cmd_serve)
+    b = sub.add_parser("bench", help="benchmark an OpenAI-compatible server with a workload")
+    add_bench_args(b)
+    b.add_argument("--log-level", default="warning")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -174,6 +174,8 @@ class Engine:
         logits = self.runner.forward([self._sequence(c) for c in chunks])
         for c in chunks:
             c.req.num_computed += c.length
+            if c.length > 1:
+                self.scheduler.cache_progress(c.req)
         rows = [i for i, c in enumerate(chunks) if c.sample]
         if rows:
             reqs = [chunks[i].req for i in rows]

@@ -55,14 +55,42 @@ class Scheduler:
                 budget -= self._take(req, budget, chunks)
         if budget > 0 and self.waiting:
             self._order_waiting()
-            while self.waiting and budget > 0 and len(self.running) < self.max_running:
-                req = self.waiting[0]
+            prefilling = [r.fill_ids for r in self.running if r.remaining > 1]
+            for req in list(self.waiting):
+                if budget <= 0 or len(self.running) >= self.max_running:
+                    break
+                fill = req.fill_ids
+                if self._shares_inflight_prefix(fill, req.extra.get("match_len", 0), prefilling):
+                    continue  # wait one step: that prefix will be cached by then
                 if not self._admit(req):
                     break
-                self.waiting.pop(0)
+                self.waiting.remove(req)
                 self.running.append(req)
                 budget -= self._take(req, budget, chunks)
+                prefilling.append(fill)
         return chunks
+
+    def cache_progress(self, req: Request) -> None:
+        """Hand the whole pages a prefill just computed to the radix cache right away, so
+        requests that share the prefix can reuse them before this one finishes."""
+        if self.cache is None or req.finished:
+            return
+        ps = self.page_size
+        full = min(req.num_computed, len(req.prompt_ids)) // ps
+        if full <= req.num_shared_pages:
+            return
+        tokens = req.fill_ids[: full * ps]
+        self.cache.insert(tokens, req.pages[:full])
+        match = self.cache.match(tokens)
+        assert match.length == full * ps
+        # pages the tree already held for these tokens replace ours (same KV)
+        ours = set(req.pages[req.num_shared_pages : full]) - set(match.pages)
+        self.cache.lock(match.node)
+        if req.cache_node is not None:
+            self.cache.unlock(req.cache_node)
+        self.pool.free(sorted(ours))
+        req.pages[:full] = match.pages
+        req.num_shared_pages, req.cache_node = full, match.node
 
     def finish(self, req: Request) -> None:
         """Release a finished (or aborted) request, caching its computed pages."""
@@ -83,8 +111,26 @@ class Scheduler:
         """Longest cached prefix first; arrival order among equals (the sort is stable)."""
         if self.cache is None or len(self.waiting) < 2:
             return
-        cache = self.cache
-        self.waiting.sort(key=lambda r: -cache.match(r.fill_ids).length)
+        for r in self.waiting:
+            r.extra["match_len"] = self.cache.match(r.fill_ids).length
+        self.waiting.sort(key=lambda r: -r.extra["match_len"])
+
+    def _shares_inflight_prefix(
+        self, fill: list[int], cached: int, prefilling: list[list[int]]
+    ) -> bool:
+        """True when a request being prefilled now covers at least two more pages of fill
+        than the cache does (admitting both would compute that prefix twice)."""
+        if self.cache is None:
+            return False
+        for other in prefilling:
+            n = 0
+            for a, b in zip(fill, other):
+                if a != b:
+                    break
+                n += 1
+            if n - cached >= 2 * self.page_size:
+                return True
+        return False
 
     def _alloc(self, n: int) -> list[int] | None:
         short = n - self.pool.num_free

@@ -1,0 +1,79 @@
+"""`strata bench WORKLOAD`: run a workload against an OpenAI-compatible URL (or transformers)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from typing import Any
+
+from strata.bench import workloads
+from strata.bench.client import ChatClient, run_conversations, run_requests
+from strata.bench.report import summarize, table
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("workload", choices=["multiturn", "shared-prefix", "random"])
+    p.add_argument("--url", default="http://127.0.0.1:30000")
+    p.add_argument(
+        "--backend",
+        choices=["server", "transformers"],
+        default="server",
+        help="transformers: run the multiturn conversations through batched generate",
+    )
+    p.add_argument("--name", default=None, help="label of this system in the report")
+    p.add_argument("--model", default="default")
+    p.add_argument("--model-path", default=None, help="tokenizer (and transformers baseline)")
+    p.add_argument("--hf-dtype", default="bfloat16")
+    p.add_argument("--conversations", type=int, default=16)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--system-tokens", type=int, default=400)
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+
+
+def run_bench(a: argparse.Namespace) -> dict[str, Any]:
+    from strata.model.loader import load_tokenizer, resolve_checkpoint
+
+    tokenizer = load_tokenizer(resolve_checkpoint(a.model_path))
+    if a.backend == "transformers":
+        if a.workload != "multiturn":
+            raise ValueError("the transformers baseline runs the multiturn workload only")
+        from strata.bench.hf_baseline import run_hf_conversations
+
+        convs = workloads.multiturn(a.conversations, a.turns, a.system_tokens, a.seed)
+        return run_hf_conversations(a.model_path, convs, a.max_tokens, a.hf_dtype)
+
+    async def go() -> tuple[list, float]:
+        client = ChatClient(a.url, a.model, a.max_tokens)
+        start = time.perf_counter()
+        try:
+            if a.workload == "multiturn":
+                convs = workloads.multiturn(a.conversations, a.turns, a.system_tokens, a.seed)
+                records = await run_conversations(client, convs, a.concurrency)
+            elif a.workload == "shared-prefix":
+                reqs = workloads.shared_prefix(a.requests, a.system_tokens, a.seed)
+                records = await run_requests(client, reqs, a.concurrency)
+            else:
+                reqs = workloads.random_prompts(a.requests, a.system_tokens, a.seed)
+                records = await run_requests(client, reqs, a.concurrency)
+        finally:
+            await client.close()
+        return records, time.perf_counter() - start
+
+    records, wall = asyncio.run(go())
+    return summarize(a.name or a.url, records, wall, tokenizer)
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    result = run_bench(a)
+    print(table([result]))
+    print(json.dumps(result, indent=2))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0 if not result.get("errors") else 1
