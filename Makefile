@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/strata generate "Write a haiku about caching."
+	$(BIN)/strata serve --host 127.0.0.1 --port 30000
 
 lint: $(STAMP)
 	$(BIN)/ruff check strata gateway tests bench
@@ -29,6 +29,7 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/decode_speed.py
+	$(BIN)/python bench/multiturn_compare.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -48,14 +48,24 @@ class TorchMeta:
     decode_pages: torch.Tensor | None = None  # [Bd, max_pages]
     decode_mask: torch.Tensor | None = None  # [Bd, max_pages * page_size]
     extends: list[_Extend] = field(default_factory=list)
+    # cascade decode: pages every decode sequence starts with, then each one's own pages
+    shared_pages: torch.Tensor | None = None  # [P]
+    suffix_table: torch.Tensor | None = None  # [Bd, S]
+    suffix_mask: torch.Tensor | None = None  # [Bd, S * page_size] bool
+    suffix_bias: torch.Tensor | None = None  # additive form, made once by the first layer
+
+
+def q_device_is_cuda(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda"  # the cascade path uses the CPU flash kernel
 
 
 class TorchAttention(AttentionBackend):
     """The reference backend: gathers each sequence's pages and runs torch SDPA."""
 
-    def __init__(self, scale: float, page_size: int) -> None:
+    def __init__(self, scale: float, page_size: int, cascade_min_pages: int = 2) -> None:
         self.scale = scale
         self.page_size = page_size
+        self.cascade_min_pages = cascade_min_pages
 
     def prepare(self, batch: ForwardBatch) -> TorchMeta:
         ps, table = batch.page_size, batch.page_table
@@ -73,6 +83,7 @@ class TorchAttention(AttentionBackend):
             lens = torch.tensor([kv_lens[i] for i in decode], device=dev)
             meta.decode_mask = torch.arange(max_pages * ps, device=dev)[None, :] < lens[:, None]
             meta.decode_rows = torch.tensor([starts[i] for i in decode], device=dev)
+            self._plan_cascade(meta, lens, ps)
         for i, q in enumerate(batch.q_lens):
             if q > 1:
                 pages = table[i, : -(-kv_lens[i] // ps)]
@@ -102,9 +113,35 @@ class TorchAttention(AttentionBackend):
             )  # fmt: skip
         return out
 
+    def _plan_cascade(self, meta: TorchMeta, lens: torch.Tensor, ps: int) -> None:
+        """Use cascade decode when every decode sequence starts with the same pages (the
+        radix cache makes shared prompts share page ids) covering at least min_pages."""
+        table = meta.decode_pages
+        assert table is not None
+        if q_device_is_cuda(table) or table.shape[0] < 2:
+            return
+        same = (table == table[:1]).all(0).long().cumprod(0).sum().item()
+        # NOTE: every sequence keeps a non-empty suffix (its newest token is in its own page).
+        shared = min(int(same), (int(lens.min().item()) - 1) // ps)
+        if shared < self.cascade_min_pages:
+            return
+        meta.shared_pages = table[0, :shared]
+        meta.suffix_table = table[:, shared:]
+        pos = torch.arange(meta.suffix_table.shape[1] * ps, device=table.device) + shared * ps
+        meta.suffix_mask = pos[None, :] < lens[:, None]
+
     def _decode(
         self, q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, meta: TorchMeta
     ) -> torch.Tensor:
+        if meta.shared_pages is not None:
+            assert meta.suffix_table is not None and meta.suffix_mask is not None
+            if meta.suffix_bias is None:
+                bias = torch.zeros(meta.suffix_mask.shape, dtype=q.dtype, device=q.device)
+                meta.suffix_bias = bias.masked_fill(~meta.suffix_mask, float("-inf"))[:, None, None]
+            return reference.paged_decode_cascade(
+                q, k_slots, v_slots, meta.shared_pages, meta.suffix_table, meta.suffix_bias,
+                self.page_size, self.scale,
+            )  # fmt: skip
         assert meta.decode_pages is not None and meta.decode_mask is not None
         return reference.paged_decode(
             q, k_slots, v_slots, meta.decode_pages, meta.decode_mask, self.page_size, self.scale

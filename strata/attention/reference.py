@@ -84,3 +84,43 @@ def paged_prefill(
     mask = torch.arange(kv_len, device=q.device)[None, :] <= rows[:, None]
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.squeeze(0).transpose(0, 1)
+
+
+def paged_decode_cascade(
+    q: torch.Tensor,
+    k_slots: torch.Tensor,
+    v_slots: torch.Tensor,
+    shared_pages: torch.Tensor,
+    suffix_table: torch.Tensor,
+    suffix_bias: torch.Tensor,
+    page_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """Decode for a batch whose sequences all start with the same pages (a shared prompt).
+
+    The shared pages are read once and attended by every query as one matrix product; each
+    sequence's own pages are attended separately; the two parts are merged by their
+    log-sum-exp. q [batch, heads, head_dim]; shared_pages [P]; suffix_table [batch, S];
+    suffix_bias [batch, 1, 1, S * page_size] additive (0 or -inf), in q's dtype.
+    """
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    b, heads, d = q.shape
+    kv_heads = k_slots.shape[1]
+    g = heads // kv_heads
+    q4 = q.reshape(b, kv_heads, g, d)  # query head h reads kv head h // g
+    kp = gather_pages(k_slots, shared_pages, page_size).transpose(0, 1).unsqueeze(0)
+    vp = gather_pages(v_slots, shared_pages, page_size).transpose(0, 1).unsqueeze(0)
+    qp = q4.permute(1, 0, 2, 3).reshape(1, kv_heads, b * g, d)
+    out_p, lse_p = flash(qp, kp, vp, scale=scale)
+    out_p = out_p.reshape(kv_heads, b, g, d).permute(1, 0, 2, 3)
+    lse_p = lse_p.reshape(kv_heads, b, g).permute(1, 0, 2)
+    flat = suffix_table.reshape(-1)
+    ks = gather_pages(k_slots, flat, page_size).view(b, -1, kv_heads, d).transpose(1, 2)
+    vs = gather_pages(v_slots, flat, page_size).view(b, -1, kv_heads, d).transpose(1, 2)
+    out_s, lse_s = flash(q4, ks, vs, attn_mask=suffix_bias, scale=scale)
+    lse = torch.logaddexp(lse_p, lse_s)
+    out = (
+        out_p.float() * (lse_p - lse).exp()[..., None]
+        + out_s.float() * (lse_s - lse).exp()[..., None]
+    )
+    return out.to(q.dtype).reshape(b, heads, d)

@@ -109,3 +109,25 @@ def test_decode_and_prefill_mixed_in_one_forward(pair):
     logits = runner.forward([SequenceChunk([42], len(a), pa), SequenceChunk(b, 0, pb)])
     assert (logits[0] - hf_logits(hf, a + [42])[-1]).abs().max().item() <= TOL
     assert (logits[1] - hf_logits(hf, b)[-1]).abs().max().item() <= TOL
+
+
+def test_decode_over_shared_prefix_pages_matches_transformers(pair):
+    """Sequences that share physical prefix pages (as the radix cache makes them) take the
+    cascade decode path; logits still match transformers."""
+    runner, hf = pair
+    (prefix,) = prompts([12], runner.spec.vocab_size, seed=11)
+    shared = runner.pool.alloc(3)  # 12 tokens = 3 whole pages of 4
+    runner.forward([SequenceChunk(prefix, 0, shared)])
+    tails = prompts([2, 5, 3], runner.spec.vocab_size, seed=12)
+    nexts = prompts([6, 6, 6], runner.spec.vocab_size, seed=13)
+    tables = [shared + runner.pool.alloc(4) for _ in tails]
+    runner.forward([SequenceChunk(t, len(prefix), tb) for t, tb in zip(tails, tables)])
+    for step in range(6):
+        chunks = [
+            SequenceChunk([nexts[i][step]], len(prefix) + len(tails[i]) + step, tables[i])
+            for i in range(3)
+        ]
+        logits = runner.forward(chunks)
+        for i in range(3):
+            seq = prefix + tails[i] + nexts[i][: step + 1]
+            assert (logits[i] - hf_logits(hf, seq)[-1]).abs().max().item() <= TOL

@@ -1,0 +1,52 @@
+"""One run, one machine: `strata bench multiturn` against strata serve with and without the
+radix cache, and the transformers baseline on the same conversations.
+
+Usage: python bench/multiturn_compare.py [--conversations 16 --turns 4 --max-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from strata.bench.cli import add_bench_args, run_bench  # noqa: E402
+from strata.bench.report import table  # noqa: E402
+from tests.e2e.server import running_server  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    add_bench_args(ap)
+    ap.add_argument("--serve-args", default="", help="extra flags for strata serve")
+    args = ap.parse_args(["multiturn", *sys.argv[1:]])
+    results = []
+    systems = [
+        ("strata serve (radix cache)", []),
+        ("strata serve --disable-radix-cache", ["--disable-radix-cache"]),
+    ]
+    for name, flags in systems:
+        extra = ["--dtype", "auto", *flags, *args.serve_args.split()]
+        with running_server(*extra) as url:
+            args.url, args.name, args.backend = url, name, "server"
+            results.append(run_bench(args))
+        print(table(results[-1:]), flush=True)
+    args.backend = "transformers"
+    results.append(run_bench(args))
+    print()
+    print(f"multiturn: {args.conversations} conversations x {args.turns} turns, system prompt "
+          f"~{args.system_tokens} tokens, max_tokens {args.max_tokens}")  # fmt: skip
+    print(table(results))
+    base = {r["system"]: r["output_tokens_per_s"] for r in results}
+    cached = results[0]["output_tokens_per_s"]
+    print(f"\nradix cache vs no cache: {cached / results[1]['output_tokens_per_s']:.2f}x; "
+          f"vs transformers: {cached / results[2]['output_tokens_per_s']:.2f}x")  # fmt: skip
+    if args.out:
+        Path(args.out).write_text(json.dumps({"results": results, "tok_s": base}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
