@@ -13,9 +13,9 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class _OpenAISampling(_Body):
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+class _SamplingFields(_Body):
+    """The sampling knobs both API styles share (same names, same meaning)."""
+
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = -1
@@ -26,16 +26,12 @@ class _OpenAISampling(_Body):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     seed: int | None = None
-    n: int = Field(default=1, ge=1, le=1)
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
     ignore_eos: bool = False
-    user: str | None = None
 
-    def sampling(self, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> SamplingParams:
+    def to_params(self, max_new_tokens: int, logprobs: bool, top_logprobs: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
-            max_new_tokens=max_tokens or self.max_tokens or 16,
+            max_new_tokens=max_new_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
@@ -50,6 +46,18 @@ class _OpenAISampling(_Body):
             logprobs=logprobs,
             top_logprobs=top_logprobs,
         )
+
+
+class _OpenAISampling(_SamplingFields):
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    n: int = Field(default=1, ge=1, le=1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    user: str | None = None
+
+    def sampling(self, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> SamplingParams:
+        return self.to_params(max_tokens or self.max_tokens or 16, logprobs, top_logprobs)
 
     @property
     def include_usage(self) -> bool:
@@ -90,41 +98,15 @@ class ChatCompletionRequest(_OpenAISampling):
         return [{"role": m.role, "content": m.text()} for m in self.messages]
 
 
-class GenerateSampling(_Body):
-    max_new_tokens: int = Field(default=128, ge=1)
+class GenerateSampling(_SamplingFields):
     temperature: float = Field(default=1.0, ge=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = -1
-    min_p: float = Field(default=0.0, ge=0, le=1)
-    repetition_penalty: float = Field(default=1.0, gt=0)
-    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
-    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    seed: int | None = None
+    max_new_tokens: int = Field(default=128, ge=1)
     regex: str | None = None
     json_schema: str | None = None
     ebnf: str | None = None
 
     def params(self, logprobs: bool, top_logprobs: int) -> SamplingParams:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-            frequency_penalty=self.frequency_penalty,
-            presence_penalty=self.presence_penalty,
-            seed=self.seed,
-            stop=tuple(stop),
-            stop_token_ids=tuple(self.stop_token_ids or ()),
-            ignore_eos=self.ignore_eos,
-            logprobs=logprobs,
-            top_logprobs=top_logprobs,
-        )
+        return self.to_params(self.max_new_tokens, logprobs, top_logprobs)
 
 
 class GenerateRequest(_Body):

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from strata.bench.client import RequestRecord
+from strata.radix.tree import common_prefix_len
 from strata.tokenizer import chat_prompt_ids
 
 
@@ -23,14 +24,7 @@ def perfect_reusable_tokens(records: Sequence[RequestRecord], tokenizer: Any) ->
     total = 0
     for rec in records:
         prompt = chat_prompt_ids(tokenizer, rec.messages)
-        best = 0
-        for prev in seen:
-            n = 0
-            for a, b in zip(prompt, prev):
-                if a != b:
-                    break
-                n += 1
-            best = max(best, n)
+        best = max((common_prefix_len(prompt, prev) for prev in seen), default=0)
         total += min(best, len(prompt) - 1)  # the last prompt token is always computed
         seen.append(prompt + list(tokenizer.encode(rec.reply, add_special_tokens=False)))
     return total

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from strata.engine.request import Request
 from strata.kv.pool import PagePool
 from strata.radix.index import CacheIndex
+from strata.radix.tree import common_prefix_len
 
 
 @dataclass
@@ -122,15 +123,9 @@ class Scheduler:
         than the cache does (admitting both would compute that prefix twice)."""
         if self.cache is None:
             return False
-        for other in prefilling:
-            n = 0
-            for a, b in zip(fill, other):
-                if a != b:
-                    break
-                n += 1
-            if n - cached >= 2 * self.page_size:
-                return True
-        return False
+        return any(
+            common_prefix_len(fill, other) - cached >= 2 * self.page_size for other in prefilling
+        )
 
     def _alloc(self, n: int) -> list[int] | None:
         short = n - self.pool.num_free

@@ -12,6 +12,16 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Number of leading tokens a and b share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class MatchResult(NamedTuple):
     pages: list[int]  # one page id per page_size matched tokens
     length: int  # matched tokens (a multiple of page_size)
