@@ -126,7 +126,9 @@ def create_app(backend: Backend) -> FastAPI:
         params: SamplingParams,
         endpoint: str,
         render: Callable[[RequestOutput], list[Any]],
+        usage_head: dict[str, Any] | None = None,
     ) -> AsyncIterator[str]:
+        """SSE events; with usage_head, an OpenAI usage chunk follows the last event."""
         start, first = time.monotonic(), True
         async for ev in backend.generate(prompt_ids, params):
             if first and ev.token_ids:
@@ -136,6 +138,8 @@ def create_app(backend: Backend) -> FastAPI:
                 yield sse(chunk)
             if ev.finish_reason is not None:
                 finish(ev, endpoint, start)
+                if usage_head is not None:
+                    yield sse({**usage_head, "choices": [], "usage": usage_json(ev)})
         yield "data: [DONE]\n\n"
 
     def encode(text: str) -> list[int]:
@@ -182,7 +186,7 @@ def create_app(backend: Backend) -> FastAPI:
         head = {"id": rid, "object": "text_completion", "created": created,
                 "model": backend.model_name}  # fmt: skip
         if body.stream:
-            backend_validate(ids, params)
+            backend.validate(ids, params)  # a stream must fail before its 200 goes out
 
             def render(ev: RequestOutput) -> list[Any]:
                 out: list[Any] = []
@@ -190,12 +194,11 @@ def create_app(backend: Backend) -> FastAPI:
                     choice = {"index": 0, "text": ev.text, "finish_reason": ev.finish_reason,
                               "logprobs": None}  # fmt: skip
                     out.append({**head, "choices": [choice]})
-                if ev.finish_reason and body.include_usage:
-                    out.append({**head, "choices": [], "usage": usage_json(ev)})
                 return out
 
+            usage = head if body.include_usage else None
             return StreamingResponse(
-                stream(ids, params, "completions", render), media_type="text/event-stream"
+                stream(ids, params, "completions", render, usage), media_type="text/event-stream"
             )
         text, _, last, lps = await collect(ids, params, "completions")
         check_error(last)
@@ -213,7 +216,7 @@ def create_app(backend: Backend) -> FastAPI:
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": backend.model_name}
         if body.stream:
-            backend_validate(ids, params)
+            backend.validate(ids, params)  # a stream must fail before its 200 goes out
             chunk_head = {**head, "object": "chat.completion.chunk"}
             started: list[bool] = []
 
@@ -228,12 +231,11 @@ def create_app(backend: Backend) -> FastAPI:
                     delta = {"content": ev.text} if ev.text else {}
                     choice = {"index": 0, "delta": delta, "finish_reason": ev.finish_reason}
                     out.append({**chunk_head, "choices": [choice]})
-                if ev.finish_reason and body.include_usage:
-                    out.append({**chunk_head, "choices": [], "usage": usage_json(ev)})
                 return out
 
+            usage = chunk_head if body.include_usage else None
             return StreamingResponse(
-                stream(ids, params, "chat", render), media_type="text/event-stream"
+                stream(ids, params, "chat", render, usage), media_type="text/event-stream"
             )
         text, _, last, lps = await collect(ids, params, "chat")
         check_error(last)
@@ -274,7 +276,7 @@ def create_app(backend: Backend) -> FastAPI:
 
         rid, start = body.rid or uuid.uuid4().hex, time.monotonic()
         if body.stream:
-            backend_validate(ids, params)
+            backend.validate(ids, params)  # a stream must fail before its 200 goes out
             text: list[str] = []
             out_ids: list[int] = []
 
@@ -293,10 +295,6 @@ def create_app(backend: Backend) -> FastAPI:
         if params.logprobs:
             info["output_token_logprobs"] = [[lp, t, token_text(t)] for t, lp, _ in lps]
         return {"text": full, "output_ids": out, "meta_info": info}
-
-    def backend_validate(ids: list[int], params: SamplingParams) -> None:
-        """Streams must fail with a 4xx before the 200 header goes out."""
-        backend.validate(ids, params)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

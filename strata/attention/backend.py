@@ -55,10 +55,6 @@ class TorchMeta:
     suffix_bias: torch.Tensor | None = None  # additive form, made once by the first layer
 
 
-def q_device_is_cuda(t: torch.Tensor) -> bool:
-    return t.device.type == "cuda"  # the cascade path uses the CPU flash kernel
-
-
 class TorchAttention(AttentionBackend):
     """The reference backend: gathers each sequence's pages and runs torch SDPA."""
 
@@ -118,7 +114,8 @@ class TorchAttention(AttentionBackend):
         radix cache makes shared prompts share page ids) covering at least min_pages."""
         table = meta.decode_pages
         assert table is not None
-        if q_device_is_cuda(table) or table.shape[0] < 2:
+        # NOTE: the cascade op uses the CPU flash kernel (it returns the log-sum-exp).
+        if table.device.type != "cpu" or table.shape[0] < 2:
             return
         same = (table == table[:1]).all(0).long().cumprod(0).sum().item()
         # NOTE: every sequence keeps a non-empty suffix (its newest token is in its own page).

@@ -8,13 +8,8 @@ import torch
 
 from strata.engine.runner import ModelRunner
 from strata.model.batch import SequenceChunk
-
-
-def _next_token(logits: torch.Tensor, temperature: float, gen: torch.Generator | None) -> int:
-    if temperature <= 0:
-        return int(logits.argmax(-1))
-    probs = torch.softmax(logits / temperature, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=gen))
+from strata.sampling.params import SamplingParams
+from strata.sampling.sampler import SampleInput, sample
 
 
 def generate(
@@ -27,13 +22,17 @@ def generate(
 ) -> Iterator[int]:
     """Yield new token ids one at a time; the pages are freed however the loop ends."""
     runner.check_length(len(prompt_ids), max_new_tokens)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    outputs: list[int] = []
     pages = runner.pool.alloc(runner.pages_for(len(prompt_ids) + 1))
     try:
         chunk = SequenceChunk(list(prompt_ids), 0, pages)
         length = len(prompt_ids)
         for _ in range(max_new_tokens):
-            token = _next_token(runner.forward([chunk])[0], temperature, gen)
+            logits = runner.forward([chunk])
+            token = sample(logits, [SampleInput(params, prompt_ids, outputs, gen)]).tokens[0]
+            outputs.append(token)
             yield token
             if token in stop_ids:
                 return

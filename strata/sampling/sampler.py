@@ -41,9 +41,7 @@ def apply_penalties(logits: torch.Tensor, reqs: Sequence[SampleInput]) -> torch.
     dev = logits.device
     out_ids = _ids_tensor([r.output_ids for r in reqs], dev)
     counts = torch.zeros(b, v + 1, device=dev)
-    counts.scatter_add_(
-        1, out_ids.clamp(min=-1) % (v + 1), torch.ones_like(out_ids, dtype=counts.dtype)
-    )
+    counts.scatter_add_(1, out_ids % (v + 1), torch.ones_like(out_ids, dtype=counts.dtype))
     counts = counts[:, :v]  # column v collected the -1 padding
     freq = torch.tensor([r.params.frequency_penalty for r in reqs], device=dev)[:, None]
     pres = torch.tensor([r.params.presence_penalty for r in reqs], device=dev)[:, None]
