@@ -14,13 +14,19 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from gateway.backend import Backend
 from gateway.metrics import Metrics
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    TokenizeRequest,
+)
 from strata.engine.request import RequestOutput
 from strata.sampling.params import SamplingParams
-from strata.tokenizer import chat_prompt_ids
+from strata.tokenizer import chat_prompt_ids, chat_roles
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -87,6 +93,10 @@ def create_app(backend: Backend) -> FastAPI:
     def token_text(token_id: int) -> str:
         return tok.decode([token_id])
 
+    async def prepare(prompt_ids: list[int], params: SamplingParams) -> None:
+        """Validate (and compile any grammar) off the event loop, before a 200 goes out."""
+        await run_in_threadpool(backend.validate, prompt_ids, params)
+
     async def collect(prompt_ids: list[int], params: SamplingParams, endpoint: str):
         """Run one generation to the end; returns (text, token ids, last event, logprobs)."""
         start = time.monotonic()
@@ -94,9 +104,11 @@ def create_app(backend: Backend) -> FastAPI:
         ids: list[int] = []
         logprobs: list[tuple[int, float, dict[int, float]]] = []
         last: RequestOutput | None = None
+        input_lps: list[float | None] = []
         async for ev in backend.generate(prompt_ids, params):
             if not ids and ev.token_ids:
                 metrics.ttft.observe(time.monotonic() - start)
+            input_lps.extend(ev.input_logprobs or [])
             text.append(ev.text)
             ids.extend(ev.token_ids)
             for i, t in enumerate(ev.token_ids):
@@ -106,6 +118,7 @@ def create_app(backend: Backend) -> FastAPI:
             last = ev
         assert last is not None
         finish(last, endpoint, start)
+        last.input_logprobs = input_lps
         return "".join(text), ids, last, logprobs
 
     def finish(last: RequestOutput, endpoint: str, start: float) -> None:
@@ -182,11 +195,11 @@ def create_app(backend: Backend) -> FastAPI:
             prompt = prompt[0]
         ids: list[int] = encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         params = body.params()
+        await prepare(ids, params)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created,
                 "model": backend.model_name}  # fmt: skip
         if body.stream:
-            backend.validate(ids, params)  # a stream must fail before its 200 goes out
 
             def render(ev: RequestOutput) -> list[Any]:
                 out: list[Any] = []
@@ -209,14 +222,12 @@ def create_app(backend: Backend) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Any:
         body = await parse_body(request, ChatCompletionRequest)
-        if body.response_format and body.response_format.get("type") not in (None, "text"):
-            raise BadRequest("response_format other than text is not supported yet")
         ids = chat_prompt_ids(tok, body.chat())
         params = body.params()
+        await prepare(ids, params)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": backend.model_name}
         if body.stream:
-            backend.validate(ids, params)  # a stream must fail before its 200 goes out
             chunk_head = {**head, "object": "chat.completion.chunk"}
             started: list[bool] = []
 
@@ -257,10 +268,8 @@ def create_app(backend: Backend) -> FastAPI:
             ids = encode(body.text if body.text is not None else body.prompt or "")
         else:
             raise BadRequest("give `text`, `input_ids` or `prompt`")
-        sp = body.sampling_params
-        if sp.regex or sp.json_schema or sp.ebnf:
-            raise BadRequest("constrained decoding (regex, json_schema, ebnf) is not supported yet")
         params = body.params()
+        await prepare(ids, params)
 
         def meta(ev: RequestOutput, rid: str, start: float) -> dict[str, Any]:
             u = ev.usage
@@ -276,7 +285,6 @@ def create_app(backend: Backend) -> FastAPI:
 
         rid, start = body.rid or uuid.uuid4().hex, time.monotonic()
         if body.stream:
-            backend.validate(ids, params)  # a stream must fail before its 200 goes out
             text: list[str] = []
             out_ids: list[int] = []
 
@@ -294,6 +302,11 @@ def create_app(backend: Backend) -> FastAPI:
         info = meta(last, rid, start)
         if params.logprobs:
             info["output_token_logprobs"] = [[lp, t, token_text(t)] for t, lp, _ in lps]
+        if params.logprob_start_len >= 0:
+            prompt = ids[params.logprob_start_len :]
+            info["input_token_logprobs"] = [
+                [lp, t, token_text(t)] for lp, t in zip(last.input_logprobs or [], prompt)
+            ]
         return {"text": full, "output_ids": out, "meta_info": info}
 
     @app.get("/health")
@@ -316,6 +329,13 @@ def create_app(backend: Backend) -> FastAPI:
 
     @app.get("/get_model_info")
     async def model_info() -> dict[str, Any]:
-        return {"model_path": backend.model_name, "is_generation": True}
+        return {"model_path": backend.model_name, "is_generation": True,
+                "chat_roles": chat_roles(tok)}  # fmt: skip
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        body = await parse_body(request, TokenizeRequest)
+        tokens = list(tok.encode(body.text, add_special_tokens=body.add_special_tokens))
+        return {"tokens": tokens, "count": len(tokens)}
 
     return app

@@ -6,6 +6,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from strata.grammar.constraint import (
+    Constraint,
+    constraint_from_fields,
+    constraint_from_response_format,
+)
 from strata.sampling.params import SamplingParams
 
 
@@ -27,8 +32,21 @@ class _SamplingFields(_Body):
     stop_token_ids: list[int] | None = None
     seed: int | None = None
     ignore_eos: bool = False
+    regex: str | None = None
+    json_schema: str | dict[str, Any] | None = None
+    ebnf: str | None = None
 
-    def to_params(self, max_new_tokens: int, logprobs: bool, top_logprobs: int) -> SamplingParams:
+    def constraint(self) -> Constraint | None:
+        return constraint_from_fields(self.regex, self.json_schema, self.ebnf)
+
+    def to_params(
+        self,
+        max_new_tokens: int,
+        logprobs: bool,
+        top_logprobs: int,
+        constraint: Constraint | None = None,
+        logprob_start_len: int = -1,
+    ) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_new_tokens=max_new_tokens,
@@ -45,6 +63,8 @@ class _SamplingFields(_Body):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             top_logprobs=top_logprobs,
+            logprob_start_len=logprob_start_len,
+            constraint=constraint or self.constraint(),
         )
 
 
@@ -55,9 +75,13 @@ class _OpenAISampling(_SamplingFields):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
+    response_format: dict[str, Any] | None = None
 
     def sampling(self, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> SamplingParams:
-        return self.to_params(max_tokens or self.max_tokens or 16, logprobs, top_logprobs)
+        fmt = constraint_from_response_format(self.response_format)
+        if fmt is not None and self.constraint() is not None:
+            raise ValueError("give either response_format or regex/json_schema/ebnf, not both")
+        return self.to_params(max_tokens or self.max_tokens or 16, logprobs, top_logprobs, fmt)
 
     @property
     def include_usage(self) -> bool:
@@ -89,7 +113,6 @@ class ChatCompletionRequest(_OpenAISampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
 
     def params(self) -> SamplingParams:
         return self.sampling(self.max_completion_tokens, self.logprobs, self.top_logprobs or 0)
@@ -101,12 +124,6 @@ class ChatCompletionRequest(_OpenAISampling):
 class GenerateSampling(_SamplingFields):
     temperature: float = Field(default=1.0, ge=0)
     max_new_tokens: int = Field(default=128, ge=1)
-    regex: str | None = None
-    json_schema: str | None = None
-    ebnf: str | None = None
-
-    def params(self, logprobs: bool, top_logprobs: int) -> SamplingParams:
-        return self.to_params(self.max_new_tokens, logprobs, top_logprobs)
 
 
 class GenerateRequest(_Body):
@@ -122,6 +139,7 @@ class GenerateRequest(_Body):
     stream: bool = False
     return_logprob: bool = False
     top_logprobs_num: int = Field(default=0, ge=0, le=20)
+    logprob_start_len: int = Field(default=-1, ge=-1)
     rid: str | None = None
 
     def params(self) -> SamplingParams:
@@ -133,4 +151,13 @@ class GenerateRequest(_Body):
             updates["temperature"] = self.temperature
         if updates:
             sp = sp.model_copy(update=updates)
-        return sp.params(self.return_logprob, self.top_logprobs_num)
+        start = self.logprob_start_len if self.return_logprob else -1
+        return sp.to_params(
+            sp.max_new_tokens, self.return_logprob, self.top_logprobs_num,
+            logprob_start_len=start,
+        )  # fmt: skip
+
+
+class TokenizeRequest(_Body):
+    text: str
+    add_special_tokens: bool = True

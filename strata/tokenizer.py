@@ -17,6 +17,35 @@ def chat_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+_SENTINEL = "\x00strata-content\x00"
+ROLES = ("system", "user", "assistant")
+
+
+def chat_roles(tokenizer: Any) -> dict[str, list[str]]:
+    """Each role's [begin, end] text under the chat template, for clients (the DSL) that
+    build chat prompts as text. Derived by rendering sentinel messages: a role's block is
+    what appending its message adds to a rendered system message (so templates that insert
+    a default system prompt do not leak it into every role)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return {r: [f"{r}: ", "\n"] for r in ROLES}
+
+    def render(messages: list[dict[str, str]]) -> str:
+        return str(tokenizer.apply_chat_template(messages, tokenize=False))
+
+    roles = {}
+    base = [{"role": "system", "content": "x"}]
+    head = render(base)
+    for role in ROLES:
+        msg = {"role": role, "content": _SENTINEL}
+        full = render([msg] if role == "system" else [*base, msg])
+        block = full if role == "system" else full[len(head) :]
+        if (role != "system" and not full.startswith(head)) or _SENTINEL not in block:
+            return {r: [f"{r}: ", "\n"] for r in ROLES}
+        begin, end = block.split(_SENTINEL, 1)
+        roles[role] = [begin, end]
+    return roles
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas, decoding only a short window.
 

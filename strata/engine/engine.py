@@ -12,9 +12,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from strata.engine.request import Request, RequestOutput
 from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import ScheduledChunk, Scheduler
+from strata.grammar.compiler import GrammarCompiler
 from strata.model.batch import SequenceChunk
 from strata.radix.index import CacheIndex, LocalCacheIndex
 from strata.sampling.params import SamplingParams
@@ -31,6 +34,7 @@ class EngineStats:
     pages_total: int
     pages_free: int
     cache: Any  # TreeStats | None
+    jump_forward_tokens: int  # tokens appended by jump-forward decoding (no step sampled)
 
 
 class Engine:
@@ -41,6 +45,8 @@ class Engine:
         max_batch_tokens: int = 512,
         max_running: int = 64,
         cache: CacheIndex | None = None,
+        jump_forward: bool = True,
+        grammar_timeout: float = 10.0,
     ) -> None:
         self.runner = runner
         self.tokenizer = runner.tokenizer
@@ -59,8 +65,26 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._grammar: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
+        self.grammar_timeout = grammar_timeout
+        self.jump_forward = jump_forward
+        self.jump_forward_tokens = 0
 
     # ---- the public, thread-safe surface -------------------------------------------------
+
+    @property
+    def grammar(self) -> GrammarCompiler:
+        """The xgrammar compiler for constrained requests (built on first use)."""
+        with self._grammar_lock:
+            if self._grammar is None:
+                if self.tokenizer is None:
+                    raise ValueError("constrained decoding needs the model's tokenizer")
+                self._grammar = GrammarCompiler(
+                    self.tokenizer, self.runner.spec.vocab_size, sorted(self.eos_ids),
+                    timeout=self.grammar_timeout,
+                )  # fmt: skip
+            return self._grammar
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         """Raise ValueError for a request that can never run (before it is queued)."""
@@ -73,6 +97,13 @@ class Engine:
                 f"prompt of {len(prompt_ids)} tokens needs more KV pages than the pool holds "
                 f"({self.runner.pool.num_pages} pages of {self.runner.page_size})"
             )
+        if params.logprob_start_len >= len(prompt_ids):
+            raise ValueError(
+                f"logprob_start_len ({params.logprob_start_len}) must be less than the "
+                f"prompt length ({len(prompt_ids)})"
+            )
+        if params.constraint is not None:
+            self.grammar.compile(params.constraint)  # GrammarError names the problem
 
     def submit(
         self,
@@ -86,6 +117,8 @@ class Engine:
         req = Request(rid, list(prompt_ids), params, sink)
         if self.tokenizer is not None:
             req.detok = IncrementalDetokenizer(self.tokenizer)
+        if params.constraint is not None:
+            req.matcher = self.grammar.matcher(params.constraint)
         self._inbox.put(("add", req))
         return rid
 
@@ -108,6 +141,7 @@ class Engine:
             pages_total=pool.num_pages,
             pages_free=pool.num_free,
             cache=self.cache.stats() if self.cache is not None else None,
+            jump_forward_tokens=self.jump_forward_tokens,
         )
 
     def flush_cache(self) -> int:
@@ -171,7 +205,10 @@ class Engine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return False
-        logits = self.runner.forward([self._sequence(c) for c in chunks])
+        prompt_logprobs = [c for c in chunks if self._wants_input_logprobs(c)]
+        logits = self.runner.forward([self._sequence(c) for c in chunks], bool(prompt_logprobs))
+        if prompt_logprobs:
+            logits = self._collect_input_logprobs(chunks, logits)
         for c in chunks:
             c.req.num_computed += c.length
             if c.length > 1:
@@ -179,8 +216,11 @@ class Engine:
         rows = [i for i, c in enumerate(chunks) if c.sample]
         if rows:
             reqs = [chunks[i].req for i in rows]
+            picked = logits[rows]
+            if any(r.matcher is not None for r in reqs):
+                self.grammar.mask_logits(picked, [r.matcher for r in reqs])
             out = sample(
-                logits[rows],
+                picked,
                 [SampleInput(r.params, r.prompt_ids, r.output_ids, r.generator) for r in reqs],
             )
             for j, req in enumerate(reqs):
@@ -210,33 +250,110 @@ class Engine:
             tokens = (req.prompt_ids + req.output_ids)[c.start : end]
         return SequenceChunk(tokens, c.start, req.pages)
 
+    def _wants_input_logprobs(self, c: ScheduledChunk) -> bool:
+        start = c.req.params.logprob_start_len
+        return start >= 0 and c.start < len(c.req.prompt_ids)
+
+    def _collect_input_logprobs(
+        self, chunks: Sequence[ScheduledChunk], logits: torch.Tensor
+    ) -> torch.Tensor:
+        """Record prompt-token logprobs from all-position logits; return each chunk's last
+        row (what sampling needs). Position p's logits give the logprob of token p + 1."""
+        ends = torch.tensor([c.length for c in chunks]).cumsum(0)
+        for c, end in zip(chunks, ends.tolist()):
+            if not self._wants_input_logprobs(c):
+                continue
+            req = c.req
+            first = max(req.params.logprob_start_len, 1)  # first position to score
+            lo = max(first - 1, c.start)  # first chunk position whose logits we need
+            hi = min(c.start + c.length, len(req.prompt_ids) - 1)  # exclusive
+            if lo >= hi:
+                continue
+            rows = logits[end - c.length + (lo - c.start) : end - c.length + (hi - c.start)]
+            targets = torch.tensor(req.prompt_ids[lo + 1 : hi + 1])
+            lp = rows.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+            for pos, value in zip(range(lo + 1, hi + 1), lp.tolist()):
+                req.input_logprobs[pos] = value
+        return logits[ends - 1]
+
+    def _advance_grammar(self, req: Request, token: int) -> list[int] | None:
+        """Feed the sampled token to the request's grammar; with jump-forward, replace it by
+        the tokens of the only continuation the grammar allows. None: grammar broken."""
+        m = req.matcher
+        if not m.accept_token(token):
+            return None
+        if not self.jump_forward or m.is_terminated() or req.params.logprobs:
+            return [token]
+        jump = m.find_jump_forward_string()
+        if not jump:
+            return [token]
+        # NOTE: retokenize the sampled token together with the forced text, so the model sees
+        # the tokens it would have produced; the sampled token's KV is not computed yet, so
+        # replacing it costs nothing. The last token is left to the model: the text after it
+        # may merge with it into a longer token.
+        text = self.tokenizer.decode([token]) + jump
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False))[:-1]
+        room = min(
+            req.params.max_new_tokens - len(req.output_ids),
+            self.runner.max_context - req.num_fill,
+        )
+        ids = ids[:room]
+        if len(ids) < 2 or not text.startswith(self.tokenizer.decode(ids)):
+            return [token]
+        m.rollback(1)
+        accepted = 0
+        for t in ids:
+            if not m.accept_token(t):
+                break
+            accepted += 1
+        if accepted < len(ids):  # the retokenized text strays from the grammar: keep token
+            m.rollback(accepted)
+            m.accept_token(token)
+            return [token]
+        self.jump_forward_tokens += len(ids) - 1
+        return ids
+
     def _on_token(
         self, req: Request, token: int, logprob: float | None, top: dict[int, float] | None
     ) -> None:
-        if req.first_token_at is None:
+        first = req.first_token_at is None
+        if first:
             req.first_token_at = time.monotonic()
-        req.output_ids.append(token)
+        tokens = [token]
+        if req.matcher is not None:
+            advanced = self._advance_grammar(req, token)
+            if advanced is None:
+                self._finish(req, "error", error="internal error: the grammar rejected a token")
+                return
+            tokens = advanced
         p = req.params
         reason = None
         text = ""
-        if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
-            reason = "stop"
-        else:
+        before = len(req.output_ids)
+        for t in tokens:
+            req.output_ids.append(t)
+            if t in p.stop_token_ids or (t in self.eos_ids and not p.ignore_eos):
+                reason = "stop"
+                break
             if req.detok is not None and req.stop is not None:
-                text = req.stop.feed(req.detok.push(token))
+                text += req.stop.feed(req.detok.push(t))
                 if req.stop.stopped:
                     reason = "stop"
-            if reason is None and len(req.output_ids) >= p.max_new_tokens:
+                    break
+            if len(req.output_ids) >= p.max_new_tokens or req.num_fill >= self.runner.max_context:
                 reason = "length"
-            if reason is None and req.num_fill >= self.runner.max_context:
-                reason = "length"
+                break
         if reason is not None and reason != "stop" and req.stop is not None:
             text += req.stop.flush()
         event = RequestOutput(
-            req.rid, [token], text,
+            req.rid, req.output_ids[before:], text,
             logprobs=[logprob] if logprob is not None else None,
             top_logprobs=[top] if top is not None else None,
         )  # fmt: skip
+        if first and p.logprob_start_len >= 0:
+            event.input_logprobs = [
+                req.input_logprobs.get(i) for i in range(p.logprob_start_len, len(req.prompt_ids))
+            ]
         if reason is not None:
             self._finish(req, reason, event)
         else:

@@ -33,6 +33,9 @@ class RequestOutput:
     usage: Usage | None = None
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
+    # with params.logprob_start_len >= 0, on the first event: the logprob of each prompt
+    # token from that position on (None for position 0, which nothing predicts)
+    input_logprobs: list[float | None] | None = None
 
 
 @dataclass
@@ -53,6 +56,8 @@ class Request:
     stop: StopMatcher | None = None
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    matcher: Any = None  # xgrammar GrammarMatcher of a constrained request
+    input_logprobs: dict[int, float] = field(default_factory=dict)  # prompt position -> logprob
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -73,6 +78,11 @@ class Request:
     def remaining(self) -> int:
         """Tokens still to compute before the next token can be sampled."""
         return self.num_fill - self.num_computed
+
+    @property
+    def decoding(self) -> bool:
+        """The prompt's KV is computed; what remains are generated (or forced) tokens."""
+        return self.num_computed >= len(self.prompt_ids) and self.remaining >= 1
 
     @property
     def finished(self) -> bool:

@@ -47,12 +47,13 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledChunk]:
         chunks: list[ScheduledChunk] = []
+        # Decoding requests: the sampled token, plus any tokens jump-forward decoding forced.
         for req in list(self.running):
-            if req.remaining == 1 and req in self.running and self._grow(req, req.num_fill):
-                chunks.append(ScheduledChunk(req, req.num_computed, 1, True))
-        budget = self.max_batch_tokens - len(chunks)
+            if req.decoding and req in self.running and self._grow(req, req.num_fill):
+                chunks.append(ScheduledChunk(req, req.num_computed, req.remaining, True))
+        budget = self.max_batch_tokens - sum(c.length for c in chunks)
         for req in self.running:
-            if req.remaining > 1 and budget > 0:
+            if not req.decoding and budget > 0:
                 budget -= self._take(req, budget, chunks)
         if budget > 0 and self.waiting:
             self._order_waiting()
@@ -162,6 +163,8 @@ class Scheduler:
             match = self.cache.match(fill)
             # NOTE: at least one token is always computed, so the last token has logits.
             usable = min(match.length, (len(fill) - 1) // ps * ps)
+            if req.params.logprob_start_len >= 0:  # those prompt positions need logits
+                usable = min(usable, max(req.params.logprob_start_len - 1, 0) // ps * ps)
             shared, node = match.pages[: usable // ps], match.node
             self.cache.lock(node)
         own = self._alloc(-(-len(fill) // ps) - len(shared))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from strata.grammar.constraint import Constraint
+
 MAX_TOP_LOGPROBS = 20
 
 
@@ -23,6 +25,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    logprob_start_len: int = -1  # >= 0: also return logprobs of prompt tokens from here on
+    constraint: Constraint | None = None  # regex / JSON schema / EBNF the output must match
 
     def __post_init__(self) -> None:
         checks = [
@@ -37,6 +41,7 @@ class SamplingParams:
              f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
             (len(self.stop) <= 16, "at most 16 stop strings"),
+            (self.logprob_start_len >= -1, "logprob_start_len must be >= -1"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:

@@ -1,0 +1,130 @@
+"""Program state and `@function`: programs run eagerly, one state per run."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from tqdm import tqdm
+
+from strata.lang.backend import RuntimeEndpoint, default_backend
+from strata.lang.ir import Expr, Gen, Role, RoleBegin, RoleEnd, Select
+
+
+class ProgramState:
+    """The text a program has built, its named variables, and its chat messages."""
+
+    def __init__(self, backend: RuntimeEndpoint) -> None:
+        self.backend = backend
+        self._text = ""
+        self.variables: dict[str, Any] = {}
+        self.meta: dict[str, dict[str, Any]] = {}  # per gen variable: the server's meta_info
+        self._messages: list[dict[str, str]] = []
+        self._open: tuple[str, int] | None = None  # role being written, where its text starts
+
+    # ---- what programs use ---------------------------------------------------------------
+
+    def __iadd__(self, expr: Expr) -> ProgramState:
+        self._run(expr)
+        return self
+
+    def __getitem__(self, name: str) -> Any:
+        return self.variables[name]
+
+    def get_var(self, name: str) -> Any:
+        return self.variables[name]
+
+    def text(self) -> str:
+        return self._text
+
+    def messages(self) -> list[dict[str, str]]:
+        return [dict(m) for m in self._messages]
+
+    def fork(self, n: int = 1) -> ForkedStates:
+        """n independent copies of this state (the shared prefix is cached by the server)."""
+        return ForkedStates(self._copy() for _ in range(n))
+
+    # ---- execution -----------------------------------------------------------------------
+
+    def _copy(self) -> ProgramState:
+        clone = copy.copy(self)
+        clone.variables, clone.meta = dict(self.variables), dict(self.meta)
+        clone._messages = [dict(m) for m in self._messages]
+        return clone
+
+    def _run(self, expr: Expr) -> None:
+        if isinstance(expr, str):
+            self._text += expr
+        elif isinstance(expr, Gen):
+            out, meta = self.backend.generate(self._text, expr)
+            self._text += out
+            if expr.name:
+                self.variables[expr.name], self.meta[expr.name] = out, meta
+        elif isinstance(expr, Select):
+            best, scores = self.backend.select(self._text, expr.choices)
+            self._text += expr.choices[best]
+            if expr.name:
+                self.variables[expr.name] = expr.choices[best]
+                self.meta[expr.name] = {"scores": scores}
+        elif isinstance(expr, RoleBegin):
+            if self._open is not None:
+                raise ValueError(f"{expr.role}_begin inside an open {self._open[0]} message")
+            self._text += self.backend.role_markers(expr.role)[0]
+            self._open = (expr.role, len(self._text))
+        elif isinstance(expr, RoleEnd):
+            if self._open is None or self._open[0] != expr.role:
+                raise ValueError(f"{expr.role}_end without a matching {expr.role}_begin")
+            role, start = self._open
+            self._messages.append({"role": role, "content": self._text[start:]})
+            self._text += self.backend.role_markers(role)[1]
+            self._open = None
+        elif isinstance(expr, Role):
+            self._run(RoleBegin(expr.role))
+            for part in expr.content:
+                self._run(part)
+            self._run(RoleEnd(expr.role))
+        else:
+            raise TypeError(f"cannot add {type(expr).__name__} to a program state")
+
+
+class ForkedStates(list[ProgramState]):
+    def join(self) -> None:
+        """Programs run eagerly, so forks are complete when their `+=` returns."""
+
+
+class Program:
+    """A function of (state, *args) made runnable against a backend."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def run(self, *args: Any, backend: RuntimeEndpoint | None = None, **kwargs: Any):
+        state = ProgramState(backend or default_backend())
+        self.fn(state, *args, **kwargs)
+        return state
+
+    def run_batch(
+        self,
+        batch_kwargs: Sequence[dict[str, Any]],
+        backend: RuntimeEndpoint | None = None,
+        num_threads: int = 16,
+        progress_bar: bool = False,
+    ) -> list[ProgramState]:
+        """Run one program per kwargs dict concurrently; results in input order."""
+        backend = backend or default_backend()
+        with ThreadPoolExecutor(max(1, min(num_threads, len(batch_kwargs)))) as pool:
+            futures = [pool.submit(self.run, backend=backend, **kw) for kw in batch_kwargs]
+            done = tqdm(futures, disable=not progress_bar, desc=self.fn.__name__)
+            return [f.result() for f in done]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> ProgramState:
+        return self.run(*args, **kwargs)
+
+
+def function(fn: Callable[..., Any]) -> Program:
+    """Decorator: `@function def prog(s, ...)`; then `prog.run(...)` / `prog.run_batch(...)`."""
+    return Program(fn)
