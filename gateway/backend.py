@@ -84,6 +84,7 @@ class LocalBackend(Backend):
             "waiting_requests": stats.waiting,
             "pages_total": stats.pages_total,
             "pages_free": stats.pages_free,
+            "jump_forward_tokens": stats.jump_forward_tokens,
             "radix_cache_stats": radix_cache_stats(stats.cache),
         }
 

@@ -59,3 +59,66 @@ def test_embedded_greedy_generation_equals_transformers_generate(runner, hf, pro
         )  # fmt: skip
     assert ours == out[0, len(ids) :].tolist()
     assert len(ours) >= 8
+
+
+def test_input_logprobs_match_transformers_with_a_cached_prefix(runner, hf):
+    from strata.engine.engine import Engine
+    from strata.sampling.params import SamplingParams
+
+    engine = Engine(runner)
+    ids = chat_prompt_ids(runner.tokenizer, [{"role": "user", "content": PROMPTS[1] * 3}])
+    start = len(ids) - 9
+    events: list = []
+    for _ in range(2):  # the second run finds the prompt cached, up to logprob_start_len
+        events.clear()
+        params = SamplingParams(max_new_tokens=1, temperature=0, logprob_start_len=start)
+        engine.submit(ids, params, events.append)
+        engine.run_until_done()
+        ours = torch.tensor(events[0].input_logprobs)
+        with torch.no_grad():
+            logp = hf(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        ref = logp[start - 1 : -1].gather(1, torch.tensor(ids[start:])[:, None]).squeeze(1)
+        assert len(ours) == len(ids) - start
+        assert (ours - ref).abs().max().item() <= 1e-4
+    assert events[-1].usage.cached_tokens > 0
+    engine.flush_cache()
+
+
+def test_jump_forward_skips_steps_and_keeps_output_valid(runner):
+    import json
+
+    import jsonschema
+
+    from strata.engine.engine import Engine
+    from strata.grammar.constraint import Constraint
+    from strata.sampling.params import SamplingParams
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "the_full_name_of_the_person": {"type": "string", "maxLength": 20},
+            "the_age_of_the_person_in_years": {"type": "integer", "minimum": 0, "maximum": 99},
+            "the_favourite_colour": {"enum": ["red", "green", "blue"]},
+        },
+        "required": ["the_full_name_of_the_person", "the_age_of_the_person_in_years",
+                     "the_favourite_colour"],
+    }  # fmt: skip
+    ids = chat_prompt_ids(runner.tokenizer, [{"role": "user", "content": "A person as JSON."}])
+    params = SamplingParams(
+        max_new_tokens=128, temperature=0, constraint=Constraint.json_schema(schema)
+    )
+    steps = {}
+    for jump in (False, True):
+        engine = Engine(runner, enable_cache=False, jump_forward=jump)
+        events: list = []
+        engine.submit(ids, params, events.append)
+        n = 0
+        while engine.scheduler.has_work or n == 0:
+            engine._drain()
+            n += engine.step()
+        text = "".join(e.text for e in events)
+        assert events[-1].finish_reason == "stop"
+        jsonschema.validate(json.loads(text), schema)
+        steps[jump] = n
+        assert (engine.jump_forward_tokens > 0) == jump
+    assert steps[True] < steps[False] * 0.7, steps

@@ -1,0 +1,214 @@
+"""Structured generation against a real `strata serve`: the corpus through the OpenAI API,
+/generate and the strata.lang DSL; bad constraints; the examples end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+import strata.lang as sl
+from tests.e2e.grammar_corpus import REGEXES, SCHEMAS
+from tests.e2e.server import running_server
+from tests.e2e.test_server import health, wait_idle
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
+MAX_TOKENS = 160
+
+
+@pytest.fixture(scope="module")
+def url():
+    with running_server() as u:
+        yield u
+
+
+def no_pages_leaked(url: str) -> None:
+    h = wait_idle(url)
+    assert h["pages_free"] + h["radix_cache_stats"]["cached_pages"] == h["pages_total"], h
+    assert h["radix_cache_stats"]["locked_pages"] == 0, h
+
+
+def check_json(schema: dict, text: str, finish: str) -> None:
+    assert finish == "stop", f"{finish}: {text!r}"
+    jsonschema.validate(json.loads(text), schema)
+
+
+def check_regex(pattern: str, text: str, finish: str) -> None:
+    assert finish == "stop", f"{finish}: {text!r}"
+    assert re.fullmatch(pattern, text), f"{text!r} does not match {pattern!r}"
+
+
+def test_corpus_through_openai_and_generate(url):
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=300)
+
+    def schema_case(case):
+        what, schema = case
+        out = client.chat.completions.create(
+            model="strata", temperature=0, max_tokens=MAX_TOKENS,
+            messages=[{"role": "user", "content": f"Give me {what} as JSON."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        )  # fmt: skip
+        check_json(schema, out.choices[0].message.content, out.choices[0].finish_reason)
+
+    def regex_case(case):
+        what, pattern = case
+        body = {"text": f"Write {what}: ", "sampling_params": {
+            "regex": pattern, "max_new_tokens": MAX_TOKENS, "temperature": 0}}  # fmt: skip
+        out = httpx.post(f"{url}/generate", json=body, timeout=300).json()
+        check_regex(pattern, out["text"], out["meta_info"]["finish_reason"]["type"])
+
+    with ThreadPoolExecutor(16) as pool:
+        jobs = [pool.submit(schema_case, c) for c in SCHEMAS]
+        jobs += [pool.submit(regex_case, c) for c in REGEXES]
+        for job in jobs:
+            job.result()
+    no_pages_leaked(url)
+
+
+def test_corpus_through_the_dsl(url):
+    backend = sl.RuntimeEndpoint(url)
+
+    @sl.function
+    def constrained(s, what, schema=None, regex=None):
+        s += sl.user(f"Give me {what}.")
+        s += sl.assistant(sl.gen("out", max_tokens=MAX_TOKENS, temperature=0.7, regex=regex,
+                                 json_schema=schema))  # fmt: skip
+
+    cases = [{"what": w, "schema": sc} for w, sc in SCHEMAS]
+    cases += [{"what": w, "regex": rx} for w, rx in REGEXES]
+    states = constrained.run_batch(cases, backend=backend, num_threads=16)
+    for case, state in zip(cases, states, strict=True):
+        finish = state.meta["out"]["finish_reason"]["type"]
+        if "schema" in case:
+            check_json(case["schema"], state["out"], finish)
+        else:
+            check_regex(case["regex"], state["out"], finish)
+    no_pages_leaked(url)
+
+
+BAD = [
+    ({"regex": "[a-z"}, "invalid regex"),
+    ({"regex": "(a|b"}, "invalid regex"),
+    ({"json_schema": "{not json"}, "invalid JSON schema"),
+    ({"json_schema": json.dumps({"type": "frobnicate"})}, "invalid JSON schema"),
+    ({"ebnf": 'root ::= "a" | '}, "invalid EBNF grammar"),
+    ({"ebnf": "root ::= undefined_rule"}, "invalid EBNF grammar"),
+    ({"regex": "a", "ebnf": 'root ::= "a"'}, "at most one of"),
+    ({"regex": "a" * 70_000}, "too large"),
+]
+
+
+@pytest.mark.parametrize("params,needle", BAD)
+def test_bad_constraints_are_rejected_and_harm_nothing(url, params, needle):
+    body = {"text": "hello", "sampling_params": {**params, "max_new_tokens": 8}}
+    resp = httpx.post(f"{url}/generate", json=body, timeout=60)
+    assert resp.status_code == 400
+    assert needle in resp.json()["error"]["message"]
+    # the server still serves constrained requests afterwards, and nothing leaked
+    body = {"text": "Answer: ", "sampling_params": {"regex": "(yes|no)", "temperature": 0}}
+    ok = httpx.post(f"{url}/generate", timeout=60, json=body)
+    assert ok.json()["text"] in ("yes", "no")
+    no_pages_leaked(url)
+
+
+def test_bad_response_format_and_stream_rejected_before_200(url):
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=60)
+    msgs = [{"role": "user", "content": "hi"}]
+    for fmt in ({"type": "json_schema"}, {"type": "xml"},
+                {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}):  # fmt: skip
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="strata", messages=msgs, response_format=fmt,
+                                           stream=True)  # fmt: skip
+    no_pages_leaked(url)
+
+
+def test_constrained_request_hitting_the_budget_reports_length(url):
+    schema = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}
+    body = {"text": "Tell a long story as JSON: ", "sampling_params": {
+        "json_schema": json.dumps(schema), "max_new_tokens": 6, "temperature": 0}}  # fmt: skip
+    out = httpx.post(f"{url}/generate", json=body, timeout=60).json()
+    assert out["meta_info"]["finish_reason"]["type"] == "length"
+    assert out["meta_info"]["completion_tokens"] == 6
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(out["text"])
+
+
+def test_json_object_and_streaming_constrained_chat(url):
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=120)
+    stream = client.chat.completions.create(
+        model="strata", temperature=0, max_tokens=MAX_TOKENS, stream=True,
+        messages=[{"role": "user", "content": "Describe a cat as a JSON object."}],
+        response_format={"type": "json_object"},
+    )  # fmt: skip
+    chunks = [c for c in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+    if finish == "stop":
+        assert isinstance(json.loads(text), dict)
+    else:  # the built-in JSON grammar does not bound lengths: it may run out of tokens
+        assert finish == "length" and text.startswith("{")
+
+
+def test_select_scores_choices_by_logprob(url):
+    backend = sl.RuntimeEndpoint(url)
+
+    @sl.function
+    def capital(s):
+        s += sl.user("What is the capital of France?")
+        s += sl.assistant(
+            [
+                "The capital of France is ",
+                sl.select("city", choices=["Paris", "a village on the moon", "Berlin"]),
+            ]
+        )
+
+    state = capital.run(backend=backend)
+    scores = state.meta["city"]["scores"]
+    assert state["city"] == "Paris" and scores[0] == max(scores)
+    assert all(x < 0 for x in scores)
+    msgs = state.messages()
+    assert [m["role"] for m in msgs] == ["user", "assistant"]
+    assert msgs[-1]["content"] == "The capital of France is Paris"
+
+
+def test_fork_gives_independent_branches(url):
+    backend = sl.RuntimeEndpoint(url)
+
+    @sl.function
+    def branches(s):
+        s += sl.user("Name a fruit.")
+        s += sl.assistant_begin()
+        forks = s.fork(2)
+        for f, start in zip(forks, ["Apple", "Banana"]):
+            f += start + " is"
+            f += sl.gen("rest", max_tokens=6, temperature=0)
+        forks.join()
+        s += forks[0]["rest"]
+        s += sl.assistant_end()
+        return forks
+
+    state = branches.run(backend=backend)
+    assert state.messages()[-1]["role"] == "assistant"
+    assert "Apple" not in state.text() and "Banana" not in state.text()
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_examples_run_end_to_end(url, example):
+    run = subprocess.run([sys.executable, str(example), "--url", url], capture_output=True,
+                         text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip()
+    no_pages_leaked(url)
+
+
+def test_health_reports_jump_forward(url):
+    assert health(url)["jump_forward_tokens"] > 0
