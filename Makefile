@@ -30,6 +30,7 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python bench/decode_speed.py
 	$(BIN)/python bench/multiturn_compare.py
+	$(BIN)/python bench/structured_speed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
