@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -26,7 +26,7 @@ class Backend(ABC):
     @abstractmethod
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, rid: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Stream events until one has a finish_reason. Closing the iterator early aborts
         the request and frees its pages. Raises ValueError for a request that cannot run."""
 
@@ -59,7 +59,7 @@ class LocalBackend(Backend):
 
     async def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, rid: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[RequestOutput] = asyncio.Queue()
         rid = self.engine.submit(

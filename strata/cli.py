@@ -65,6 +65,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--served-model-name", default=None)
+    p.add_argument("--grpc-port", type=int, default=0,
+                   help="port of the gRPC strata.v1.Gateway (0: --port + 1; -1: off)")  # fmt: skip
     p.add_argument("--disable-radix-cache", action="store_true")
     p.add_argument("--max-running-requests", type=int, default=64)
     p.add_argument("--chunked-prefill-size", "--max-batch-tokens", dest="max_batch_tokens",
@@ -84,7 +86,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         model_config(a),
         cache_config(a),
         SchedulerConfig(not a.disable_radix_cache, a.max_running_requests, a.max_batch_tokens),
-        ServerConfig(a.host, a.port, a.served_model_name, a.log_level),
+        ServerConfig(a.host, a.port, a.served_model_name, a.log_level, a.grpc_port),
     )
     return 0
 

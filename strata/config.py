@@ -94,3 +94,4 @@ class ServerConfig:
     port: int = 30000
     served_model_name: str | None = None
     log_level: str = "info"
+    grpc_port: int = 0  # the gRPC Gateway: 0 = port + 1, -1 = off

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from strata.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
@@ -26,17 +27,36 @@ def build_engine(model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig)
 def serve(
     model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, server: ServerConfig
 ) -> None:
+    engine = build_engine(model, cache, sched)
+    name = server.served_model_name or (model.model_path or "SmolLM2-135M-Instruct")
+    engine.start()
+    try:
+        asyncio.run(_serve_fronts(engine, name, server))
+    finally:
+        engine.shutdown()
+
+
+async def _serve_fronts(engine: Engine, name: str, server: ServerConfig) -> None:
+    """REST (uvicorn) and gRPC (grpc.aio) on one event loop over one backend."""
     import uvicorn
 
     from gateway.app import create_app
     from gateway.backend import LocalBackend
+    from gateway.grpc_server import start_grpc
 
-    engine = build_engine(model, cache, sched)
-    name = server.served_model_name or (model.model_path or "SmolLM2-135M-Instruct")
-    app = create_app(LocalBackend(engine, name))
-    engine.start()
+    backend = LocalBackend(engine, name)
+    grpc_server = None
+    if server.grpc_port >= 0:
+        grpc_port = server.grpc_port or server.port + 1
+        grpc_server, bound = await start_grpc(backend, server.host, grpc_port)
+        log.info("gRPC strata.v1.Gateway on %s:%d", server.host, bound)
+    config = uvicorn.Config(
+        create_app(backend), host=server.host, port=server.port,
+        log_level=server.log_level.lower(),
+    )  # fmt: skip
     log.info("serving %s on http://%s:%d", name, server.host, server.port)
     try:
-        uvicorn.run(app, host=server.host, port=server.port, log_level=server.log_level.lower())
+        await uvicorn.Server(config).serve()
     finally:
-        engine.shutdown()
+        if grpc_server is not None:
+            await grpc_server.stop(grace=5)

@@ -1,0 +1,150 @@
+"""The gateway's gRPC front: `strata.v1.Gateway` over the same Backend as the REST API.
+
+Translation only: protobuf in, the REST layer's own validation (pydantic) and core calls,
+protobuf out. Bad input is INVALID_ARGUMENT; a cancelled call aborts its request, which
+frees its pages. Every server also has standard health checking and reflection.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from pydantic import ValidationError
+
+from gateway.backend import Backend
+from gateway.protocol import GenerateSampling
+from strata.engine.request import RequestOutput
+from strata.grammar.constraint import Constraint
+from strata.proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from strata.sampling.params import SamplingParams
+from strata.tokenizer import chat_prompt_ids
+
+FINISH = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "abort": common_pb2.FINISH_REASON_ABORT,
+    "error": common_pb2.FINISH_REASON_ERROR,
+}
+
+
+def sampling_params(msg: common_pb2.SamplingParams) -> SamplingParams:
+    """Proto sampling params -> core ones, through the REST API's validation."""
+    fields: dict[str, Any] = MessageToDict(msg, preserving_proto_field_name=True)
+    constraint = fields.pop("constraint", {})
+    fields.pop("logprobs", None), fields.pop("top_logprobs", None)
+    if not fields.get("max_new_tokens"):
+        fields.pop("max_new_tokens", None)
+    json_object = constraint.pop("json_object", False)
+    try:
+        body = GenerateSampling.model_validate({**fields, **constraint})
+    except ValidationError as exc:
+        raise ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                   for e in exc.errors())) from None  # fmt: skip
+    return body.to_params(
+        body.max_new_tokens, msg.logprobs, msg.top_logprobs,
+        constraint=Constraint("json_object") if json_object else None,
+    )  # fmt: skip
+
+
+def usage(ev: RequestOutput) -> common_pb2.Usage | None:
+    u = ev.usage
+    if u is None:
+        return None
+    return common_pb2.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                            cached_tokens=u.cached_tokens)  # fmt: skip
+
+
+class GatewayService(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.tok = backend.tokenizer
+
+    def _prompt(self, req: gateway_pb2.GenerateRequest) -> list[int]:
+        which = req.WhichOneof("input")
+        if which == "text":
+            return list(self.tok.encode(req.text, add_special_tokens=True))
+        if which == "token_ids":
+            return list(req.token_ids.ids)
+        if which == "messages":
+            msgs = [{"role": m.role, "content": m.content} for m in req.messages.messages]
+            if not msgs or any(m["role"] not in ("system", "user", "assistant") for m in msgs):
+                raise ValueError("messages must be non-empty, roles system, user or assistant")
+            return chat_prompt_ids(self.tok, msgs)
+        raise ValueError("give text, token_ids or messages")
+
+    async def _start(
+        self, req: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[list[int], SamplingParams]:
+        try:
+            ids = self._prompt(req)
+            params = sampling_params(req.sampling_params)
+            self.backend.validate(ids, params)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return ids, params
+
+    async def _events(
+        self, req: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[RequestOutput, None]:
+        ids, params = await self._start(req, context)
+        rid = req.request_id or uuid.uuid4().hex
+        # aclosing: a cancelled call closes the stream at once, which aborts the request
+        async with aclosing(self.backend.generate(ids, params, rid)) as events:
+            async for ev in events:
+                yield ev
+
+    async def Generate(self, request, context):  # noqa: N802 (gRPC method names)
+        text, ids, lps = [], [], []
+        last: RequestOutput | None = None
+        async with aclosing(self._events(request, context)) as events:
+            async for ev in events:
+                text.append(ev.text)
+                ids.extend(ev.token_ids)
+                lps.extend(ev.logprobs or [])
+                last = ev
+        assert last is not None and last.finish_reason is not None
+        if last.finish_reason == "error":
+            await context.abort(grpc.StatusCode.INTERNAL, last.error or "generation failed")
+        return gateway_pb2.GenerateResponse(
+            request_id=request.request_id or last.rid, text="".join(text), token_ids=ids,
+            finish_reason=FINISH[last.finish_reason], usage=usage(last), logprobs=lps,
+        )  # fmt: skip
+
+    async def GenerateStream(self, request, context):  # noqa: N802
+        async with aclosing(self._events(request, context)) as events:
+            async for ev in events:
+                chunk = common_pb2.TokenChunk(
+                    token_ids=ev.token_ids, text=ev.text, logprobs=ev.logprobs or [],
+                    finish_reason=FINISH.get(ev.finish_reason or "", 0), error=ev.error or "",
+                    usage=usage(ev),
+                )  # fmt: skip
+                yield gateway_pb2.GenerateStreamResponse(request_id=ev.rid, chunk=chunk)
+
+    async def HealthStats(self, request, context):  # noqa: N802
+        return gateway_pb2.HealthStatsResponse(json=json.dumps(await self.backend.health()))
+
+
+async def start_grpc(backend: Backend, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Start the Gateway service with health and reflection; returns (server, bound port)."""
+    server = grpc.aio.server()
+    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayService(backend), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name,
+             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME]  # fmt: skip
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    for name in ("", names[0]):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound
