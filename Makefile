@@ -20,9 +20,9 @@ run: $(STAMP)
 	$(BIN)/strata serve --host 127.0.0.1 --port 30000
 
 lint: $(STAMP)
-	$(BIN)/ruff check strata gateway tests bench
-	$(BIN)/ruff format --check strata gateway tests bench
-	$(BIN)/mypy strata gateway
+	$(BIN)/ruff check strata gateway services tests bench scripts examples
+	$(BIN)/ruff format --check strata gateway services tests bench scripts examples
+	$(BIN)/mypy strata gateway services
 
 test: lint
 	$(BIN)/python -m pytest -q -x tests

@@ -15,6 +15,7 @@ from strata.config import (
     ModelConfig,
     SchedulerConfig,
     ServerConfig,
+    env,
 )
 
 log = logging.getLogger("strata")
@@ -91,6 +92,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(a: argparse.Namespace) -> int:
+    import asyncio
+
+    from services.cache.server import serve
+
+    asyncio.run(serve(a.host, a.port, a.page_size))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strata", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(s)
     add_server_args(s)
     s.set_defaults(func=cmd_serve)
+    c = sub.add_parser("cache", help="run the cache service (the cluster's radix trees)")
+    c.add_argument("--host", default=env("STRATA_CACHE_HOST") or "127.0.0.1")
+    c.add_argument("--port", type=int, default=int(env("STRATA_CACHE_PORT") or 30010))
+    c.add_argument("--page-size", type=int, default=16)
+    c.add_argument("--log-level", default="info")
+    c.set_defaults(func=cmd_cache)
     b = sub.add_parser("bench", help="benchmark an OpenAI-compatible server with a workload")
     add_bench_args(b)
     b.add_argument("--log-level", default="warning")

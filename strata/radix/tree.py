@@ -127,11 +127,15 @@ class RadixTree:
             node = node.parent
 
     def unlock(self, node_id: int) -> None:
+        path: list[_Node] = []
         node: _Node | None = self._nodes[node_id]
         while node is not None:
-            assert node.lock > 0, "unlock without lock"
-            node.lock -= 1
+            if node.lock <= 0:
+                raise ValueError(f"unlock of node {node_id} without a lock")
+            path.append(node)
             node = node.parent
+        for n in path:
+            n.lock -= 1
 
     def evict(self, num_pages: int) -> list[int]:
         """Drop least-recently-used unlocked leaves until num_pages pages are released (or
