@@ -1,6 +1,6 @@
 """Extract structured data: once with a regex, once with a JSON schema (pydantic).
 
-    python examples/json_extraction.py --url http://127.0.0.1:30000
+python examples/json_extraction.py --url http://127.0.0.1:30000
 """
 
 from __future__ import annotations

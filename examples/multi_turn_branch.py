@@ -1,6 +1,6 @@
 """Multi-turn chat that branches on the model's answer (select), then continues the chat.
 
-    python examples/multi_turn_branch.py --url http://127.0.0.1:30000
+python examples/multi_turn_branch.py --url http://127.0.0.1:30000
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Think first, then answer in a constrained format (the reasoning stays in the prompt).
 
-    python examples/think_then_answer.py --url http://127.0.0.1:30000
+python examples/think_then_answer.py --url http://127.0.0.1:30000
 """
 
 from __future__ import annotations
