@@ -57,23 +57,10 @@ class LocalBackend(Backend):
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         self.engine.validate(prompt_ids, params)
 
-    async def generate(
+    def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, rid: str | None = None
     ) -> AsyncGenerator[RequestOutput, None]:
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        rid = self.engine.submit(
-            prompt_ids, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), rid
-        )
-        finished = False
-        try:
-            while not finished:
-                event = await events.get()
-                finished = event.finish_reason is not None
-                yield event
-        finally:
-            if not finished:  # the client went away: free the request's pages now
-                self.engine.abort(rid)
+        return self.engine.stream(prompt_ids, params, rid)
 
     async def health(self) -> dict[str, Any]:
         stats = await asyncio.wrap_future(self.engine.call(self.engine.stats))

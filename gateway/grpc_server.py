@@ -11,56 +11,16 @@ import json
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from typing import Any
 
 import grpc
-from google.protobuf.json_format import MessageToDict
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
-from pydantic import ValidationError
 
 from gateway.backend import Backend
-from gateway.protocol import GenerateSampling
+from services.convert import FINISH, chunk_from_output, params_from_proto
+from services.grpcio import start_server
 from strata.engine.request import RequestOutput
-from strata.grammar.constraint import Constraint
-from strata.proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from strata.proto.v1 import gateway_pb2, gateway_pb2_grpc
 from strata.sampling.params import SamplingParams
 from strata.tokenizer import chat_prompt_ids
-
-FINISH = {
-    "stop": common_pb2.FINISH_REASON_STOP,
-    "length": common_pb2.FINISH_REASON_LENGTH,
-    "abort": common_pb2.FINISH_REASON_ABORT,
-    "error": common_pb2.FINISH_REASON_ERROR,
-}
-
-
-def sampling_params(msg: common_pb2.SamplingParams) -> SamplingParams:
-    """Proto sampling params -> core ones, through the REST API's validation."""
-    fields: dict[str, Any] = MessageToDict(msg, preserving_proto_field_name=True)
-    constraint = fields.pop("constraint", {})
-    fields.pop("logprobs", None), fields.pop("top_logprobs", None)
-    if not fields.get("max_new_tokens"):
-        fields.pop("max_new_tokens", None)
-    json_object = constraint.pop("json_object", False)
-    try:
-        body = GenerateSampling.model_validate({**fields, **constraint})
-    except ValidationError as exc:
-        raise ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                   for e in exc.errors())) from None  # fmt: skip
-    return body.to_params(
-        body.max_new_tokens, msg.logprobs, msg.top_logprobs,
-        constraint=Constraint("json_object") if json_object else None,
-    )  # fmt: skip
-
-
-def usage(ev: RequestOutput) -> common_pb2.Usage | None:
-    u = ev.usage
-    if u is None:
-        return None
-    return common_pb2.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                            cached_tokens=u.cached_tokens)  # fmt: skip
 
 
 class GatewayService(gateway_pb2_grpc.GatewayServicer):
@@ -86,7 +46,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
     ) -> tuple[list[int], SamplingParams]:
         try:
             ids = self._prompt(req)
-            params = sampling_params(req.sampling_params)
+            params = params_from_proto(req.sampling_params)
             self.backend.validate(ids, params)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -116,17 +76,14 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             await context.abort(grpc.StatusCode.INTERNAL, last.error or "generation failed")
         return gateway_pb2.GenerateResponse(
             request_id=request.request_id or last.rid, text="".join(text), token_ids=ids,
-            finish_reason=FINISH[last.finish_reason], usage=usage(last), logprobs=lps,
+            finish_reason=FINISH[last.finish_reason], usage=chunk_from_output(last).usage,
+            logprobs=lps,
         )  # fmt: skip
 
     async def GenerateStream(self, request, context):  # noqa: N802
         async with aclosing(self._events(request, context)) as events:
             async for ev in events:
-                chunk = common_pb2.TokenChunk(
-                    token_ids=ev.token_ids, text=ev.text, logprobs=ev.logprobs or [],
-                    finish_reason=FINISH.get(ev.finish_reason or "", 0), error=ev.error or "",
-                    usage=usage(ev),
-                )  # fmt: skip
+                chunk = chunk_from_output(ev)
                 yield gateway_pb2.GenerateStreamResponse(request_id=ev.rid, chunk=chunk)
 
     async def HealthStats(self, request, context):  # noqa: N802
@@ -135,16 +92,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
 async def start_grpc(backend: Backend, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """Start the Gateway service with health and reflection; returns (server, bound port)."""
-    server = grpc.aio.server()
-    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayService(backend), server)
-    health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    names = [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name,
-             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME]  # fmt: skip
-    reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    await server.start()
-    for name in ("", names[0]):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, bound
+    name = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+    servicer = GatewayService(backend)
+    return await start_server(host, port, [(gateway_pb2_grpc.add_GatewayServicer_to_server,
+                                            servicer, name)])  # fmt: skip

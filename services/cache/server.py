@@ -7,16 +7,13 @@ tokens of a prompt each worker holds.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from dataclasses import asdict
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
+from services.grpcio import start_server
 from strata.proto.v1 import cache_pb2, cache_pb2_grpc
 from strata.radix.tree import RadixTree
 
@@ -101,21 +98,10 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         return cache_pb2.PageList(pages=pages)
 
 
-async def serve(host: str, port: int, page_size: int, ready: asyncio.Event | None = None) -> None:
-    server = grpc.aio.server()
-    cache_pb2_grpc.add_CacheServicer_to_server(CacheService(page_size), server)
-    health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    names = [
-        cache_pb2.DESCRIPTOR.services_by_name["Cache"].full_name,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
-    ]
-    reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    await server.start()
-    for name in ("", names[0]):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+async def serve(host: str, port: int, page_size: int) -> None:
+    name = cache_pb2.DESCRIPTOR.services_by_name["Cache"].full_name
+    add = cache_pb2_grpc.add_CacheServicer_to_server
+    server, bound = await start_server(host, port, [(add, CacheService(page_size), name)])
     log.info("cache service on %s:%d (page size %d)", host, bound, page_size)
     try:
         await server.wait_for_termination()

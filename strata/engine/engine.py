@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -124,6 +125,26 @@ class Engine:
 
     def abort(self, rid: str) -> None:
         self._inbox.put(("abort", rid))
+
+    async def stream(
+        self, prompt_ids: Sequence[int], params: SamplingParams, rid: str | None = None
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """Submit and yield events on the caller's asyncio loop until one finishes the
+        request. Closing the generator early aborts the request, which frees its pages."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        rid = self.submit(
+            prompt_ids, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), rid
+        )
+        finished = False
+        try:
+            while not finished:
+                event = await events.get()
+                finished = event.finish_reason is not None
+                yield event
+        finally:
+            if not finished:  # the caller went away
+                self.abort(rid)
 
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run fn on the engine thread between steps (safe access to engine state)."""

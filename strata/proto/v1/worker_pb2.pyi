@@ -77,6 +77,16 @@ class LoadResponse(_message.Message):
     pages_free: int
     def __init__(self, worker: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ...) -> None: ...
 
+class FlushRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FlushResponse(_message.Message):
+    __slots__ = ("flushed_pages",)
+    FLUSHED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    flushed_pages: int
+    def __init__(self, flushed_pages: _Optional[int] = ...) -> None: ...
+
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

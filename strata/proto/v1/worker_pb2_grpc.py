@@ -203,6 +203,11 @@ class DecodeStub:
                 request_serializer=strata_dot_v1_dot_worker__pb2.LoadRequest.SerializeToString,
                 response_deserializer=strata_dot_v1_dot_worker__pb2.LoadResponse.FromString,
                 _registered_method=True)
+        self.FlushCache = channel.unary_unary(
+                '/strata.v1.Decode/FlushCache',
+                request_serializer=strata_dot_v1_dot_worker__pb2.FlushRequest.SerializeToString,
+                response_deserializer=strata_dot_v1_dot_worker__pb2.FlushResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/strata.v1.Decode/Abort',
                 request_serializer=strata_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
@@ -220,6 +225,12 @@ class DecodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Load(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FlushCache(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -243,6 +254,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Load,
                     request_deserializer=strata_dot_v1_dot_worker__pb2.LoadRequest.FromString,
                     response_serializer=strata_dot_v1_dot_worker__pb2.LoadResponse.SerializeToString,
+            ),
+            'FlushCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.FlushCache,
+                    request_deserializer=strata_dot_v1_dot_worker__pb2.FlushRequest.FromString,
+                    response_serializer=strata_dot_v1_dot_worker__pb2.FlushResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -304,6 +320,33 @@ class Decode:
             '/strata.v1.Decode/Load',
             strata_dot_v1_dot_worker__pb2.LoadRequest.SerializeToString,
             strata_dot_v1_dot_worker__pb2.LoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FlushCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.Decode/FlushCache',
+            strata_dot_v1_dot_worker__pb2.FlushRequest.SerializeToString,
+            strata_dot_v1_dot_worker__pb2.FlushResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,33 @@
+"""What every strata gRPC server has: standard health checking and reflection."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+
+async def start_server(
+    host: str, port: int, add: Sequence[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]]
+) -> tuple[grpc.aio.Server, int]:
+    """Start an aio server with each (add_XServicer_to_server, servicer, full service name),
+    plus health (every service SERVING) and reflection; returns (server, bound port)."""
+    server = grpc.aio.server()
+    for add_fn, servicer, _ in add:
+        add_fn(servicer, server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = [name for _, _, name in add]
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection([*names, health_name, reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    await server.start()
+    for name in ("", *names):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound
