@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/strata serve --host 127.0.0.1 --port 30000
+	$(BIN)/strata up --host 127.0.0.1 --port 30000
 
 lint: $(STAMP)
 	$(BIN)/ruff check strata gateway services tests bench scripts examples

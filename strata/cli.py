@@ -86,7 +86,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     serve(
         model_config(a),
         cache_config(a),
-        SchedulerConfig(not a.disable_radix_cache, a.max_running_requests, a.max_batch_tokens),
+        sched_config(a),
         ServerConfig(a.host, a.port, a.served_model_name, a.log_level, a.grpc_port),
     )
     return 0
@@ -99,6 +99,44 @@ def cmd_cache(a: argparse.Namespace) -> int:
 
     asyncio.run(serve(a.host, a.port, a.page_size))
     return 0
+
+
+def sched_config(a: argparse.Namespace) -> SchedulerConfig:
+    return SchedulerConfig(not a.disable_radix_cache, a.max_running_requests, a.max_batch_tokens)
+
+
+def cmd_decode(a: argparse.Namespace) -> int:
+    from strata.serve import serve_decode
+
+    serve_decode(model_config(a), cache_config(a), sched_config(a), a.host, a.port, a.cache,
+                 a.worker_id)  # fmt: skip
+    return 0
+
+
+def cmd_gateway(a: argparse.Namespace) -> int:
+    from strata.serve import serve_gateway
+
+    server = ServerConfig(a.host, a.port, a.served_model_name, a.log_level, a.grpc_port)
+    serve_gateway(model_config(a), server, a.cache, [t for t in a.decode.split(",") if t])
+    return 0
+
+
+def cmd_up(a: argparse.Namespace) -> int:
+    from strata.up import up
+
+    if a.prefill:
+        raise ValueError("--prefill: prefill workers are not built yet; decode workers "
+                         "prefill their own prompts")  # fmt: skip
+    model_args = ["--dtype", a.dtype, "--device", a.device, "--quantization", a.quantization,
+                  "--page-size", str(a.page_size)]  # fmt: skip
+    if a.model_path:
+        model_args += ["--model-path", a.model_path]
+    worker_args = ["--num-pages", str(a.num_pages),
+                   "--max-running-requests", str(a.max_running_requests),
+                   "--chunked-prefill-size", str(a.max_batch_tokens)]  # fmt: skip
+    if a.disable_radix_cache:
+        worker_args.append("--disable-radix-cache")
+    return up(a.host, a.port, a.grpc_port, a.decode, model_args, worker_args, a.log_level)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +153,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(s)
     add_server_args(s)
     s.set_defaults(func=cmd_serve)
+    u = sub.add_parser("up", help="run the split cluster locally (cache, decode, gateway)")
+    add_model_args(u)
+    add_server_args(u)
+    u.add_argument("--prefill", type=int, default=0, help="prefill workers (not built yet: 0)")
+    u.add_argument("--decode", type=int, default=1, help="decode workers")
+    u.set_defaults(func=cmd_up)
+    d = sub.add_parser("decode", help="run one decode worker (gRPC strata.v1.Decode)")
+    add_model_args(d)
+    add_server_args(d)
+    d.add_argument("--cache", default=env("STRATA_CACHE_ADDR") or "127.0.0.1:30010")
+    d.add_argument("--worker-id", default=None, help="name at the cache service (host:port)")
+    d.set_defaults(func=cmd_decode, port=int(env("STRATA_DECODE_PORT") or 30020))
+    w = sub.add_parser("gateway", help="run the gateway over decode workers (REST + gRPC)")
+    add_model_args(w)
+    add_server_args(w)
+    w.add_argument("--cache", default=env("STRATA_CACHE_ADDR") or "127.0.0.1:30010")
+    w.add_argument("--decode", default=env("STRATA_DECODE_ADDRS") or "127.0.0.1:30020",
+                   help="comma-separated decode worker addresses")  # fmt: skip
+    w.set_defaults(func=cmd_gateway)
     c = sub.add_parser("cache", help="run the cache service (the cluster's radix trees)")
     c.add_argument("--host", default=env("STRATA_CACHE_HOST") or "127.0.0.1")
     c.add_argument("--port", type=int, default=int(env("STRATA_CACHE_PORT") or 30010))

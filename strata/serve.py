@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from strata.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
 from strata.engine.engine import Engine
 from strata.engine.runner import ModelRunner
+from strata.model.loader import load_tokenizer, read_config, resolve_checkpoint
+from strata.model.spec import ModelSpec
+from strata.radix.index import CacheIndex
+
+if TYPE_CHECKING:
+    from gateway.backend import Backend
 
 log = logging.getLogger(__name__)
 
 
-def build_engine(model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig) -> Engine:
+def build_engine(
+    model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, index: CacheIndex | None = None
+) -> Engine:
     runner = ModelRunner.from_config(model, cache)
     if runner.tokenizer is None:
         raise ValueError(f"no tokenizer in {runner.checkpoint}: the server needs one")
@@ -21,6 +30,7 @@ def build_engine(model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig)
         enable_cache=sched.enable_radix_cache,
         max_batch_tokens=sched.max_batch_tokens,
         max_running=sched.max_running_requests,
+        cache=index,
     )
 
 
@@ -30,21 +40,48 @@ def serve(
     engine = build_engine(model, cache, sched)
     name = server.served_model_name or (model.model_path or "SmolLM2-135M-Instruct")
     engine.start()
+    from gateway.backend import LocalBackend
+
     try:
-        asyncio.run(_serve_fronts(engine, name, server))
+        asyncio.run(_serve_fronts(LocalBackend(engine, name), name, server))
     finally:
         engine.shutdown()
 
 
-async def _serve_fronts(engine: Engine, name: str, server: ServerConfig) -> None:
+def serve_gateway(
+    model: ModelConfig, server: ServerConfig, cache_target: str, decode_targets: list[str]
+) -> None:
+    """The split cluster's gateway: tokenizer and chat template here, generation on the
+    decode workers (routed by the cache service's prefix index)."""
+    from gateway.remote import RemoteBackend
+
+    folder = resolve_checkpoint(model.model_path)
+    spec = ModelSpec.from_hf(read_config(folder))
+    name = server.served_model_name or (model.model_path or "SmolLM2-135M-Instruct")
+    backend = RemoteBackend(load_tokenizer(folder), name, spec, cache_target, decode_targets)
+    asyncio.run(_serve_fronts(backend, name, server))
+
+
+def serve_decode(
+    model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, host: str, port: int,
+    cache_target: str, worker_id: str | None,
+) -> None:  # fmt: skip
+    from services.cache.client import RemoteCacheIndex
+    from services.decode.server import serve
+
+    worker_id = worker_id or f"{host}:{port}"
+    index = RemoteCacheIndex(cache_target, worker_id) if sched.enable_radix_cache else None
+    engine = build_engine(model, cache, sched, index)
+    asyncio.run(serve(engine, worker_id, host, port))
+
+
+async def _serve_fronts(backend: Backend, name: str, server: ServerConfig) -> None:
     """REST (uvicorn) and gRPC (grpc.aio) on one event loop over one backend."""
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.backend import LocalBackend
     from gateway.grpc_server import start_grpc
 
-    backend = LocalBackend(engine, name)
     grpc_server = None
     if server.grpc_port >= 0:
         grpc_port = server.grpc_port or server.port + 1

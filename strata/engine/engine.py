@@ -19,6 +19,7 @@ from strata.engine.request import Request, RequestOutput
 from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import ScheduledChunk, Scheduler
 from strata.grammar.compiler import GrammarCompiler
+from strata.grammar.constraint import Constraint
 from strata.model.batch import SequenceChunk
 from strata.radix.index import CacheIndex, LocalCacheIndex
 from strata.sampling.params import SamplingParams
@@ -36,6 +37,25 @@ class EngineStats:
     pages_free: int
     cache: Any  # TreeStats | None
     jump_forward_tokens: int  # tokens appended by jump-forward decoding (no step sampled)
+
+
+def check_request(
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    vocab_size: int,
+    compile_grammar: Callable[[Constraint], object],
+) -> None:
+    """The checks any front can make without the engine's memory: token ids, logprob range,
+    and that the constraint compiles (GrammarError names the problem)."""
+    if any(not 0 <= t < vocab_size for t in prompt_ids):
+        raise ValueError(f"token ids must be in [0, {vocab_size})")
+    if params.logprob_start_len >= len(prompt_ids):
+        raise ValueError(
+            f"logprob_start_len ({params.logprob_start_len}) must be less than the "
+            f"prompt length ({len(prompt_ids)})"
+        )
+    if params.constraint is not None:
+        compile_grammar(params.constraint)
 
 
 class Engine:
@@ -90,21 +110,13 @@ class Engine:
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         """Raise ValueError for a request that can never run (before it is queued)."""
         self.runner.check_length(len(prompt_ids))
-        vocab = self.runner.spec.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise ValueError(f"token ids must be in [0, {vocab})")
+        check_request(prompt_ids, params, self.runner.spec.vocab_size,
+                      lambda c: self.grammar.compile(c))  # fmt: skip
         if self.runner.pages_for(len(prompt_ids) + 1) > self.runner.pool.num_pages:
             raise ValueError(
                 f"prompt of {len(prompt_ids)} tokens needs more KV pages than the pool holds "
                 f"({self.runner.pool.num_pages} pages of {self.runner.page_size})"
             )
-        if params.logprob_start_len >= len(prompt_ids):
-            raise ValueError(
-                f"logprob_start_len ({params.logprob_start_len}) must be less than the "
-                f"prompt length ({len(prompt_ids)})"
-            )
-        if params.constraint is not None:
-            self.grammar.compile(params.constraint)  # GrammarError names the problem
 
     def submit(
         self,

@@ -31,6 +31,17 @@ class ContextLengthError(ValueError):
     pass
 
 
+def check_length(prompt_len: int, max_context: int, max_new_tokens: int = 0) -> None:
+    """Raise ContextLengthError when the prompt cannot fit in the model's context."""
+    if prompt_len == 0:
+        raise ContextLengthError("the prompt is empty")
+    if prompt_len + max(max_new_tokens, 1) > max_context:
+        raise ContextLengthError(
+            f"prompt of {prompt_len} tokens plus {max(max_new_tokens, 1)} new tokens "
+            f"exceeds the context length of {max_context}"
+        )
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -73,14 +84,7 @@ class ModelRunner:
         return -(-num_tokens // self.page_size)
 
     def check_length(self, prompt_len: int, max_new_tokens: int = 0) -> None:
-        """Raise ContextLengthError when the prompt cannot fit in the model's context."""
-        if prompt_len == 0:
-            raise ContextLengthError("the prompt is empty")
-        if prompt_len + max(max_new_tokens, 1) > self.max_context:
-            raise ContextLengthError(
-                f"prompt of {prompt_len} tokens plus {max(max_new_tokens, 1)} new tokens "
-                f"exceeds the context length of {self.max_context}"
-            )
+        check_length(prompt_len, self.max_context, max_new_tokens)
 
     def forward(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> torch.Tensor:
         batch = ForwardBatch.build(chunks, self.page_size, self.device, all_logits)
