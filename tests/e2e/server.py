@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +19,43 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).json().get("status") == "ok":
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            log.seek(0)
+            out = log.read().decode(errors="replace")
+            raise RuntimeError(f"{proc.args!r} did not become healthy:\n{out}")
+        time.sleep(0.3)
+
+
+@contextmanager
+def running_cluster(*extra: str, timeout: float = 300.0) -> Iterator[tuple[str, str]]:
+    """`strata up` (cache, decode workers, gateway); yields (REST url, gRPC target). Stops it
+    with Ctrl-C (SIGINT), as a user would."""
+    port, grpc_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "strata.cli", "up", "--port", str(port),
+           "--grpc-port", str(grpc_port), *extra]  # fmt: skip
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_healthy(url, proc, log, timeout)
+            yield url, f"127.0.0.1:{grpc_port}"
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
 
 
 @contextmanager

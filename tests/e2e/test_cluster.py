@@ -4,10 +4,8 @@ processes over real gRPC and HTTP on loopback."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,41 +14,17 @@ import httpx
 import pytest
 
 from strata.proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from tests.e2e.server import free_port, running_server
+from tests.e2e.server import running_cluster, running_server
 
 PROMPTS = ["The capital of France is", "List three colors:", "def fibonacci(n):"]
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    port, grpc_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "strata.cli", "up", "--decode", "2", "--port", str(port),
-           "--grpc-port", str(grpc_port), "--dtype", "float32", "--num-pages", "512"]  # fmt: skip
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 300
-            while True:
-                try:
-                    if httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok":
-                        break
-                except (httpx.HTTPError, ValueError, KeyError):
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise RuntimeError("strata up failed:\n" + log.read().decode(errors="replace"))
-                time.sleep(0.5)
-            yield url, f"127.0.0.1:{grpc_port}"
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                raise
+    with running_cluster("--decode", "2", "--dtype", "float32", "--num-pages", "512") as c:
+        yield c
     with pytest.raises(httpx.HTTPError):  # everything is down after Ctrl-C
-        httpx.get(f"{url}/health", timeout=2)
+        httpx.get(f"{c[0]}/health", timeout=2)
 
 
 def generate(url: str, text: str, n: int = 16) -> dict:
