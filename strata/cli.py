@@ -122,7 +122,7 @@ def cmd_gateway(a: argparse.Namespace) -> int:
 
 
 def cmd_up(a: argparse.Namespace) -> int:
-    from strata.up import up
+    from services.up import up
 
     if a.prefill:
         raise ValueError("--prefill: prefill workers are not built yet; decode workers "

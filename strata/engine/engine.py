@@ -20,6 +20,7 @@ from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import ScheduledChunk, Scheduler
 from strata.grammar.compiler import GrammarCompiler
 from strata.grammar.constraint import Constraint
+from strata.grammar.jump import jump_forward
 from strata.model.batch import SequenceChunk
 from strata.radix.index import CacheIndex, LocalCacheIndex
 from strata.sampling.params import SamplingParams
@@ -317,32 +318,11 @@ class Engine:
             return None
         if not self.jump_forward or m.is_terminated() or req.params.logprobs:
             return [token]
-        jump = m.find_jump_forward_string()
-        if not jump:
-            return [token]
-        # NOTE: retokenize the sampled token together with the forced text, so the model sees
-        # the tokens it would have produced; the sampled token's KV is not computed yet, so
-        # replacing it costs nothing. The last token is left to the model: the text after it
-        # may merge with it into a longer token.
-        text = self.tokenizer.decode([token]) + jump
-        ids = list(self.tokenizer.encode(text, add_special_tokens=False))[:-1]
         room = min(
             req.params.max_new_tokens - len(req.output_ids),
             self.runner.max_context - req.num_fill,
         )
-        ids = ids[:room]
-        if len(ids) < 2 or not text.startswith(self.tokenizer.decode(ids)):
-            return [token]
-        m.rollback(1)
-        accepted = 0
-        for t in ids:
-            if not m.accept_token(t):
-                break
-            accepted += 1
-        if accepted < len(ids):  # the retokenized text strays from the grammar: keep token
-            m.rollback(accepted)
-            m.accept_token(token)
-            return [token]
+        ids = jump_forward(m, self.tokenizer, token, room)
         self.jump_forward_tokens += len(ids) - 1
         return ids
 
