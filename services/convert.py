@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from strata.engine.request import RequestOutput, Usage
 from strata.grammar.constraint import Constraint
 from strata.proto.v1 import common_pb2
@@ -45,6 +47,7 @@ def params_from_proto(m: common_pb2.SamplingParams) -> SamplingParams:
         logprobs=m.logprobs,
         top_logprobs=m.top_logprobs,
         constraint=constraint,
+        logprob_start_len=opt("logprob_start_len"),
     )
 
 
@@ -63,7 +66,7 @@ def params_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
         frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
         seed=p.seed, stop=list(p.stop), stop_token_ids=list(p.stop_token_ids),
         ignore_eos=p.ignore_eos, logprobs=p.logprobs, top_logprobs=p.top_logprobs,
-        constraint=constraint,
+        constraint=constraint, logprob_start_len=p.logprob_start_len,
     )  # fmt: skip
 
 
@@ -78,6 +81,7 @@ def chunk_from_output(ev: RequestOutput) -> common_pb2.TokenChunk:
         token_ids=ev.token_ids, text=ev.text, logprobs=ev.logprobs or [],
         finish_reason=FINISH.get(ev.finish_reason or "", common_pb2.FINISH_REASON_UNSPECIFIED),
         error=ev.error or "", usage=usage,
+        input_logprobs=[math.nan if v is None else v for v in ev.input_logprobs or []],
     )  # fmt: skip
 
 
@@ -88,4 +92,5 @@ def output_from_chunk(rid: str, c: common_pb2.TokenChunk) -> RequestOutput:
     return RequestOutput(
         rid, list(c.token_ids), c.text, finish_reason=FINISH_NAME.get(c.finish_reason),
         error=c.error or None, usage=usage, logprobs=list(c.logprobs) or None,
+        input_logprobs=[None if math.isnan(v) else v for v in c.input_logprobs] or None,
     )  # fmt: skip

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import httpx
@@ -16,6 +17,7 @@ import pytest
 from strata.proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.e2e.server import running_cluster, running_server
 
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["The capital of France is", "List three colors:", "def fibonacci(n):"]
 
 
@@ -116,3 +118,32 @@ def test_up_refuses_prefill_workers_clearly():
     run = subprocess.run([sys.executable, "-m", "strata.cli", "up", "--prefill", "1"],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert run.returncode == 2 and "prefill workers are not built yet" in run.stderr
+
+
+def test_dsl_select_and_constraints_through_the_cluster(cluster):
+    import strata.lang as sl
+
+    @sl.function
+    def capital(s):
+        s += sl.user("What is the capital of France? Then give it as JSON.")
+        s += sl.assistant(
+            [
+                "The capital of France is ",
+                sl.select("city", choices=["Paris", "a village on the moon", "Berlin"]),
+            ]
+        )
+        s += sl.assistant(sl.gen("json", max_tokens=48, temperature=0, json_schema={
+            "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+            "required": ["city"]}))  # fmt: skip
+
+    state = capital.run(backend=sl.RuntimeEndpoint(cluster[0]))
+    assert state["city"] == "Paris"
+    assert all(-100 < x < 0 for x in state.meta["city"]["scores"])
+    assert isinstance(json.loads(state["json"])["city"], str)
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.py")), ids=lambda p: p.stem)
+def test_examples_run_on_the_cluster(cluster, example):
+    run = subprocess.run([sys.executable, str(example), "--url", cluster[0]], capture_output=True,
+                         text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
