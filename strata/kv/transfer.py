@@ -1,0 +1,143 @@
+"""KV page transfer between a prefill worker and a decode worker.
+
+One channel per (prefill, decode) pair: a torch.distributed process group of two ranks
+(rank 0 sends, rank 1 receives), gloo for CPU tensors and NCCL for CUDA tensors, rendezvous
+through a TCPStore at the address both sides were given in the gRPC handshake. Pages go
+layer by layer as contiguous blocks [2, n, page_size, kv_heads, head_dim] of raw bytes
+(staged in a buffer the channel keeps), so gathering overlaps sending, and the receiver's
+page ids need not match the sender's. Every operation has a timeout; a failed or timed-out
+channel raises TransferError and must be closed and rebuilt, never reused.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from strata.kv.pool import KVCache
+
+
+class TransferError(RuntimeError):
+    """The peer did not connect, or a send/receive failed or timed out."""
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    bytes: int
+    seconds: float
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / max(self.seconds, 1e-9) / 1e9
+
+
+class KVChannel:
+    def __init__(
+        self,
+        kv: KVCache,
+        host: str,
+        port: int,
+        rank: int,
+        timeout: float = 30.0,
+        messages: int = 2,
+    ) -> None:
+        if rank not in (0, 1):
+            raise ValueError("rank must be 0 (prefill, sends) or 1 (decode, receives)")
+        self.kv, self.rank, self.timeout = kv, rank, timedelta(seconds=timeout)
+        self.messages = max(1, messages)
+        try:
+            store = dist.TCPStore(host, port, 2, rank == 0, timeout=self.timeout)
+            self.group: Any
+            if kv.data.is_cuda:  # NOTE: not yet run on a GPU (none lent so far)
+                options = dist.ProcessGroupNCCL.Options()
+                self.group = dist.ProcessGroupNCCL(store, rank, 2, options)
+            else:
+                self.group = dist.ProcessGroupGloo(store, rank, 2, self.timeout)
+        except Exception as exc:  # the store raises on a peer that never comes
+            raise TransferError(f"KV channel {host}:{port} rank {rank}: {exc}") from None
+        self._tag = 0
+        self._staging = torch.empty(0, dtype=torch.uint8, device=kv.data.device)
+
+    def _stage(self, n: int) -> list[torch.Tensor]:
+        """Per-layer contiguous blocks [2, n, page_size, kv_heads, head_dim] in one reused
+        buffer (fresh memory would cost page faults on every transfer)."""
+        data = self.kv.data
+        shape = (2, n, *data.shape[3:])
+        per_layer = 2 * n * data[0, 0, 0].numel() * data.element_size()
+        need = per_layer * data.shape[0]
+        if self._staging.numel() < need:
+            self._staging = torch.empty(need, dtype=torch.uint8, device=data.device)
+        return [self._staging[i * per_layer : (i + 1) * per_layer].view(data.dtype).view(shape)
+                for i in range(data.shape[0])]  # fmt: skip
+
+    def send(self, pages: list[int]) -> TransferStats:
+        """Send these pages' K and V to the peer (which receives the same number of pages).
+        Layer by layer, so gathering layer i + 1 overlaps sending layer i."""
+        start, tag, works = time.perf_counter(), self._next_tag(), []
+        index = torch.tensor(pages, device=self.kv.data.device)
+        blocks = self._stage(len(pages))
+        try:
+            for i, (lo, hi) in enumerate(self._chunks()):
+                for layer in range(lo, hi):
+                    torch.index_select(self.kv.data[layer], 1, index, out=blocks[layer])
+                works.append(self.group.send([self._span(blocks, lo, hi)], 1, tag + i))
+            self._wait(works)
+        except TransferError:
+            raise
+        except Exception as exc:
+            raise TransferError(f"KV transfer failed: {exc}") from None
+        nbytes = sum(b.numel() * b.element_size() for b in blocks)
+        return TransferStats(nbytes, time.perf_counter() - start)
+
+    def recv(self, pages: list[int]) -> TransferStats:
+        """Receive len(pages) pages from the peer into these (reserved) page ids. Every
+        layer's receive is posted at once; each is scattered as soon as it lands."""
+        start, tag = time.perf_counter(), self._next_tag()
+        data = self.kv.data
+        index = torch.tensor(pages, device=data.device)
+        blocks = self._stage(len(pages))
+        try:
+            chunks = self._chunks()
+            works = [self.group.recv([self._span(blocks, lo, hi)], 0, tag + i)
+                     for i, (lo, hi) in enumerate(chunks)]  # fmt: skip
+            for work, (lo, hi) in zip(works, chunks):
+                self._wait([work])
+                for layer in range(lo, hi):
+                    data[layer].index_copy_(1, index, blocks[layer])
+        except TransferError:
+            raise
+        except Exception as exc:
+            raise TransferError(f"KV transfer failed: {exc}") from None
+        nbytes = sum(b.numel() * b.element_size() for b in blocks)
+        return TransferStats(nbytes, time.perf_counter() - start)
+
+    def _chunks(self) -> list[tuple[int, int]]:
+        """Layer ranges sent as one message each: a few, so copies overlap the wire without
+        paying gloo's per-message cost for every layer."""
+        layers = self.kv.data.shape[0]
+        step = -(-layers // self.messages)
+        return [(lo, min(lo + step, layers)) for lo in range(0, layers, step)]
+
+    def _span(self, blocks: list[torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+        """The staging bytes of layers [lo, hi) (contiguous: the blocks are adjacent)."""
+        per_layer = blocks[0].numel() * blocks[0].element_size()
+        return self._staging[lo * per_layer : hi * per_layer]
+
+    def _next_tag(self) -> int:
+        self._tag += 1  # both sides count transfers, so tags pair up in order
+        return self._tag * 1024  # one tag per layer below the next transfer's
+
+    def _wait(self, works: list[Any]) -> None:
+        for work in works:
+            if not work.wait(self.timeout):
+                raise TransferError(
+                    f"KV transfer failed: no completion within {self.timeout.total_seconds():g}s"
+                )
+
+    def close(self) -> None:
+        self.group = None

@@ -1,0 +1,82 @@
+"""KV page transfer over gloo between two real processes: exact bytes, into different page
+ids; a peer that never comes or never sends is a TransferError within the timeout."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+import pytest
+import torch
+
+from strata.kv.pool import KVCache
+from strata.kv.transfer import KVChannel, TransferError
+from tests.e2e.server import free_port
+
+SHAPE = dict(num_layers=3, num_pages=12, page_size=4, num_kv_heads=2, head_dim=8)
+SRC, DST = [3, 1, 7, 10], [0, 5, 2, 11]
+
+
+def filled(dtype: torch.dtype) -> KVCache:
+    kv = KVCache(**SHAPE, dtype=dtype, device="cpu")
+    torch.manual_seed(0)
+    kv.data.copy_(torch.randn(kv.data.shape))
+    return kv
+
+
+def sender(port: int, dtype: torch.dtype, rounds: int, out: mp.Queue) -> None:
+    try:
+        channel = KVChannel(filled(dtype), "127.0.0.1", port, rank=0, timeout=20)
+        for _ in range(rounds):
+            channel.send(SRC)
+        out.put("ok")
+    except Exception as exc:  # reported to the test, which fails with it
+        out.put(repr(exc))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pages_arrive_exactly_in_the_reserved_page_ids(dtype):
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    out: mp.Queue = ctx.Queue()
+    proc = ctx.Process(target=sender, args=(port, dtype, 2, out))
+    proc.start()
+    try:
+        kv = KVCache(**SHAPE, dtype=dtype, device="cpu")
+        channel = KVChannel(kv, "127.0.0.1", port, rank=1, timeout=20)
+        expected = filled(dtype).data[:, :, SRC]
+        for _ in range(2):
+            kv.data.zero_()
+            stats = channel.recv(DST)
+            assert torch.equal(kv.data[:, :, DST], expected)
+            others = [p for p in range(SHAPE["num_pages"]) if p not in DST]
+            assert not kv.data[:, :, others].any()  # nothing outside the reservation
+            assert stats.bytes == len(DST) * kv.bytes_per_page
+        assert out.get(timeout=30) == "ok"
+    finally:
+        proc.join(30)
+
+
+def test_a_peer_that_never_sends_times_out():
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    out: mp.Queue = ctx.Queue()
+    proc = ctx.Process(target=sender, args=(port, torch.float32, 0, out))  # connects, no send
+    proc.start()
+    try:
+        channel = KVChannel(KVCache(**SHAPE, dtype=torch.float32, device="cpu"), "127.0.0.1",
+                            port, rank=1, timeout=2)  # fmt: skip
+        start = time.monotonic()
+        with pytest.raises(TransferError, match="KV transfer failed"):
+            channel.recv(DST)
+        assert time.monotonic() - start < 10
+    finally:
+        proc.join(30)
+
+
+def test_a_peer_that_never_connects_is_an_error():
+    kv = KVCache(**SHAPE, dtype=torch.float32, device="cpu")
+    start = time.monotonic()
+    with pytest.raises(TransferError, match="KV channel"):
+        KVChannel(kv, "127.0.0.1", free_port(), rank=1, timeout=2)
+    assert time.monotonic() - start < 10
