@@ -35,6 +35,7 @@ def go(channel: KVChannel, rank: int) -> None:
 
 
 def run(rank: int, port: int, pages: int, rounds: int, messages: int, out) -> None:
+    torch.set_num_threads(1)  # two processes share the machine
     kv = KVCache(num_pages=2 * pages + 8, device="cpu", **SHAPE)
     kv.data.normal_()
     channel = KVChannel(kv, "127.0.0.1", port, rank, timeout=60, messages=messages)
