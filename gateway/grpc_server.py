@@ -1,12 +1,13 @@
 """The gateway's gRPC front: `strata.v1.Gateway` over the same Backend as the REST API.
 
-Translation only: protobuf in, the REST layer's own validation (pydantic) and core calls,
-protobuf out. Bad input is INVALID_ARGUMENT; a cancelled call aborts its request, which
+Translation only: protobuf in (services/convert.py), the backend's validation and core
+calls, protobuf out. Bad input is INVALID_ARGUMENT; a cancelled call aborts its request, which
 frees its pages. Every server also has standard health checking and reflection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncGenerator
@@ -47,7 +48,8 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         try:
             ids = self._prompt(req)
             params = params_from_proto(req.sampling_params)
-            self.backend.validate(ids, params)
+            # off the event loop: validation may compile a grammar
+            await asyncio.to_thread(self.backend.validate, ids, params)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return ids, params

@@ -6,7 +6,6 @@ streams its tokens back, and aggregates every worker's health."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import uuid
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
@@ -14,11 +13,11 @@ from typing import Any
 import grpc
 
 from gateway.backend import Backend, radix_cache_stats
-from services.convert import output_from_chunk, params_to_proto
+from services.convert import output_from_chunk, params_to_proto, tree_stats_from_proto
 from strata.engine.engine import check_request
 from strata.engine.request import RequestOutput
 from strata.engine.runner import check_length
-from strata.grammar.compiler import GrammarCompiler
+from strata.grammar.compiler import LazyGrammarCompiler
 from strata.model.spec import ModelSpec
 from strata.proto.v1 import cache_pb2, cache_pb2_grpc, worker_pb2, worker_pb2_grpc
 from strata.radix.tree import TreeStats
@@ -45,8 +44,8 @@ class RemoteBackend(Backend):
         self.inflight = dict.fromkeys(self.decode_targets, 0)
         self._turn = 0
         self._stubs: tuple[cache_pb2_grpc.CacheStub, dict[str, Any]] | None = None
-        self._grammar: GrammarCompiler | None = None
-        self._grammar_lock = threading.Lock()
+        eos = [tokenizer.eos_token_id, *spec.eos_token_ids]
+        self.grammar = LazyGrammarCompiler(tokenizer, spec.vocab_size, eos)
 
     # aio channels belong to the event loop that first uses them: made on first use
     def stubs(self) -> tuple[cache_pb2_grpc.CacheStub, dict[str, worker_pb2_grpc.DecodeStub]]:
@@ -57,16 +56,11 @@ class RemoteBackend(Backend):
             self._stubs = (cache, decode)
         return self._stubs
 
-    def grammar(self) -> GrammarCompiler:
-        with self._grammar_lock:
-            if self._grammar is None:
-                eos = [self.tokenizer.eos_token_id, *self.spec.eos_token_ids]
-                self._grammar = GrammarCompiler(self.tokenizer, self.spec.vocab_size, eos)
-            return self._grammar
-
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         check_length(len(prompt_ids), self.spec.max_position)
-        check_request(prompt_ids, params, self.spec.vocab_size, self.grammar().compile)
+        check_request(
+            prompt_ids, params, self.spec.vocab_size, lambda c: self.grammar.get().compile(c)
+        )
 
     async def route(self, prompt_ids: Sequence[int]) -> str:
         cache, _ = self.stubs()
@@ -116,24 +110,23 @@ class RemoteBackend(Backend):
     async def health(self) -> dict[str, Any]:
         cache, decode = self.stubs()
 
-        async def worker(target: str) -> dict[str, Any]:
+        async def worker(target: str) -> tuple[dict[str, Any], TreeStats | None]:
             try:
                 load = await decode[target].Load(worker_pb2.LoadRequest(), timeout=RPC_TIMEOUT)
-                s = await cache.Stats(cache_pb2.WorkerRequest(worker=target),
-                                      timeout=RPC_TIMEOUT)  # fmt: skip
+                reply = await cache.Stats(cache_pb2.WorkerRequest(worker=target),
+                                          timeout=RPC_TIMEOUT)  # fmt: skip
             except grpc.aio.AioRpcError as exc:
-                return {"worker": target, "status": "unreachable", "error": exc.details()}
-            stats = TreeStats(s.total_nodes, s.cached_pages, s.locked_pages,
-                              s.shared_prefix_count, s.avg_sharing_depth, s.hit_rate,
-                              s.prompt_tokens, s.cached_tokens)  # fmt: skip
+                return {"worker": target, "status": "unreachable", "error": exc.details()}, None
+            stats = tree_stats_from_proto(reply)
             return {"worker": target, "status": "ok", "role": "decode",
                     "running_requests": load.running, "waiting_requests": load.waiting,
                     "pages_total": load.pages_total, "pages_free": load.pages_free,
-                    "radix_cache_stats": radix_cache_stats(stats), "_stats": stats}  # fmt: skip
+                    "radix_cache_stats": radix_cache_stats(stats)}, stats  # fmt: skip
 
-        workers = await asyncio.gather(*(worker(t) for t in self.decode_targets))
-        ok = [w for w in workers if w["status"] == "ok"]
-        total = sum_stats([w.pop("_stats") for w in ok])
+        replies = await asyncio.gather(*(worker(t) for t in self.decode_targets))
+        workers = [info for info, _ in replies]
+        ok = [info for info, stats in replies if stats is not None]
+        total = sum_stats([stats for _, stats in replies if stats is not None])
         return {
             "status": "ok" if len(ok) == len(workers) else "degraded",
             "model": self.model_name,

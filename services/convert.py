@@ -6,7 +6,8 @@ import math
 
 from strata.engine.request import RequestOutput, Usage
 from strata.grammar.constraint import Constraint
-from strata.proto.v1 import common_pb2
+from strata.proto.v1 import cache_pb2, common_pb2
+from strata.radix.tree import TreeStats
 from strata.sampling.params import SamplingParams
 
 FINISH = {
@@ -94,3 +95,8 @@ def output_from_chunk(rid: str, c: common_pb2.TokenChunk) -> RequestOutput:
         error=c.error or None, usage=usage, logprobs=list(c.logprobs) or None,
         input_logprobs=[None if math.isnan(v) else v for v in c.input_logprobs] or None,
     )  # fmt: skip
+
+
+def tree_stats_from_proto(r: cache_pb2.StatsResponse) -> TreeStats:
+    return TreeStats(r.total_nodes, r.cached_pages, r.locked_pages, r.shared_prefix_count,
+                     r.avg_sharing_depth, r.hit_rate, r.prompt_tokens, r.cached_tokens)  # fmt: skip

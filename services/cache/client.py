@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import grpc
 
+from services.convert import tree_stats_from_proto
 from strata.proto.v1 import cache_pb2, cache_pb2_grpc
 from strata.radix.index import CacheIndex
 from strata.radix.tree import MatchResult, TreeStats
@@ -52,19 +53,8 @@ class RemoteCacheIndex(CacheIndex):
         self.stub.RecordLookup(req, timeout=self.timeout)
 
     def stats(self) -> TreeStats:
-        r = self.stub.Stats(
-            cache_pb2.WorkerRequest(worker=self.worker, tier=self.tier), timeout=self.timeout
-        )
-        return TreeStats(
-            r.total_nodes,
-            r.cached_pages,
-            r.locked_pages,
-            r.shared_prefix_count,
-            r.avg_sharing_depth,
-            r.hit_rate,
-            r.prompt_tokens,
-            r.cached_tokens,
-        )
+        req = cache_pb2.WorkerRequest(worker=self.worker, tier=self.tier)
+        return tree_stats_from_proto(self.stub.Stats(req, timeout=self.timeout))
 
     def flush(self) -> list[int]:
         req = cache_pb2.WorkerRequest(worker=self.worker, tier=self.tier)

@@ -29,7 +29,7 @@ class DecodeService(worker_pb2_grpc.DecodeServicer):
         ids = list(request.prompt_ids)
         try:
             params = params_from_proto(request.sampling_params)
-            self.engine.validate(ids, params)
+            await asyncio.to_thread(self.engine.validate, ids, params)  # may compile a grammar
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         # a cancelled call closes the stream, which aborts the request and frees its pages

@@ -18,7 +18,7 @@ import torch
 from strata.engine.request import Request, RequestOutput
 from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import ScheduledChunk, Scheduler
-from strata.grammar.compiler import GrammarCompiler
+from strata.grammar.compiler import GrammarCompiler, LazyGrammarCompiler
 from strata.grammar.constraint import Constraint
 from strata.grammar.jump import jump_forward
 from strata.model.batch import SequenceChunk
@@ -87,9 +87,9 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._grammar: GrammarCompiler | None = None
-        self._grammar_lock = threading.Lock()
-        self.grammar_timeout = grammar_timeout
+        self._grammar = LazyGrammarCompiler(
+            self.tokenizer, runner.spec.vocab_size, sorted(self.eos_ids), grammar_timeout
+        )
         self.jump_forward = jump_forward
         self.jump_forward_tokens = 0
 
@@ -98,15 +98,7 @@ class Engine:
     @property
     def grammar(self) -> GrammarCompiler:
         """The xgrammar compiler for constrained requests (built on first use)."""
-        with self._grammar_lock:
-            if self._grammar is None:
-                if self.tokenizer is None:
-                    raise ValueError("constrained decoding needs the model's tokenizer")
-                self._grammar = GrammarCompiler(
-                    self.tokenizer, self.runner.spec.vocab_size, sorted(self.eos_ids),
-                    timeout=self.grammar_timeout,
-                )  # fmt: skip
-            return self._grammar
+        return self._grammar.get()
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         """Raise ValueError for a request that can never run (before it is queued)."""

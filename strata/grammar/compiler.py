@@ -105,3 +105,23 @@ class GrammarCompiler:
         live = [m for m in matchers if m is not None]
         self._batch.batch_fill_next_token_bitmask(live, bitmask, indices=rows)
         xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+
+
+class LazyGrammarCompiler:
+    """A GrammarCompiler built on first use (thread-safe): most servers never see a
+    constraint, and building the vocabulary table takes time and memory."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int] = (),
+                 timeout: float = 10.0) -> None:  # fmt: skip
+        self._args = (tokenizer, vocab_size, list(stop_token_ids), timeout)
+        self._compiler: GrammarCompiler | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> GrammarCompiler:
+        with self._lock:
+            if self._compiler is None:
+                tokenizer, vocab_size, stop_ids, timeout = self._args
+                if tokenizer is None:
+                    raise ValueError("constrained decoding needs the model's tokenizer")
+                self._compiler = GrammarCompiler(tokenizer, vocab_size, stop_ids, timeout)
+            return self._compiler

@@ -12,6 +12,8 @@ channel raises TransferError and must be closed and rebuilt, never reused.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -34,6 +36,16 @@ class TransferStats:
     @property
     def gb_per_s(self) -> float:
         return self.bytes / max(self.seconds, 1e-9) / 1e9
+
+
+@contextmanager
+def _as_transfer_error() -> Iterator[None]:
+    try:
+        yield
+    except TransferError:
+        raise
+    except Exception as exc:  # gloo/NCCL raise RuntimeError and friends
+        raise TransferError(f"KV transfer failed: {exc}") from None
 
 
 class KVChannel:
@@ -77,31 +89,27 @@ class KVChannel:
 
     def send(self, pages: list[int]) -> TransferStats:
         """Send these pages' K and V to the peer (which receives the same number of pages).
-        Layer by layer, so gathering layer i + 1 overlaps sending layer i."""
+        Group by group of layers, so gathering the next group overlaps sending this one."""
         start, tag, works = time.perf_counter(), self._next_tag(), []
         index = torch.tensor(pages, device=self.kv.data.device)
         blocks = self._stage(len(pages))
-        try:
+        with _as_transfer_error():
             for i, (lo, hi) in enumerate(self._chunks()):
                 for layer in range(lo, hi):
                     torch.index_select(self.kv.data[layer], 1, index, out=blocks[layer])
                 works.append(self.group.send([self._span(blocks, lo, hi)], 1, tag + i))
             self._wait(works)
-        except TransferError:
-            raise
-        except Exception as exc:
-            raise TransferError(f"KV transfer failed: {exc}") from None
         nbytes = sum(b.numel() * b.element_size() for b in blocks)
         return TransferStats(nbytes, time.perf_counter() - start)
 
     def recv(self, pages: list[int]) -> TransferStats:
         """Receive len(pages) pages from the peer into these (reserved) page ids. Every
-        layer's receive is posted at once; each is scattered as soon as it lands."""
+        group's receive is posted at once; each is scattered as soon as it lands."""
         start, tag = time.perf_counter(), self._next_tag()
         data = self.kv.data
         index = torch.tensor(pages, device=data.device)
         blocks = self._stage(len(pages))
-        try:
+        with _as_transfer_error():
             chunks = self._chunks()
             works = [self.group.recv([self._span(blocks, lo, hi)], 0, tag + i)
                      for i, (lo, hi) in enumerate(chunks)]  # fmt: skip
@@ -109,10 +117,6 @@ class KVChannel:
                 self._wait([work])
                 for layer in range(lo, hi):
                     data[layer].index_copy_(1, index, blocks[layer])
-        except TransferError:
-            raise
-        except Exception as exc:
-            raise TransferError(f"KV transfer failed: {exc}") from None
         nbytes = sum(b.numel() * b.element_size() for b in blocks)
         return TransferStats(nbytes, time.perf_counter() - start)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 
 from strata.proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.e2e.server import running_cluster, running_server
+from tests.e2e.test_server import wait_idle
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["The capital of France is", "List three colors:", "def fibonacci(n):"]
@@ -34,16 +34,6 @@ def generate(url: str, text: str, n: int = 16) -> dict:
     resp = httpx.post(f"{url}/generate", json=body, timeout=120)
     assert resp.status_code == 200, resp.text
     return resp.json()
-
-
-def wait_idle(url: str) -> dict:
-    deadline = time.monotonic() + 60
-    while True:
-        h = httpx.get(f"{url}/health", timeout=10).json()
-        if h["running_requests"] == 0 and h["waiting_requests"] == 0:
-            return h
-        assert time.monotonic() < deadline, h
-        time.sleep(0.2)
 
 
 def test_greedy_output_equals_colocated_server(cluster):
