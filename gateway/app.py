@@ -106,6 +106,7 @@ def create_app(backend: Backend) -> FastAPI:
         last: RequestOutput | None = None
         input_lps: list[float | None] = []
         async for ev in backend.generate(prompt_ids, params):
+            metrics.observe_event(ev)
             if not ids and ev.token_ids:
                 metrics.ttft.observe(time.monotonic() - start)
             input_lps.extend(ev.input_logprobs or [])
@@ -144,6 +145,7 @@ def create_app(backend: Backend) -> FastAPI:
         """SSE events; with usage_head, an OpenAI usage chunk follows the last event."""
         start, first = time.monotonic(), True
         async for ev in backend.generate(prompt_ids, params):
+            metrics.observe_event(ev)
             if first and ev.token_ids:
                 metrics.ttft.observe(time.monotonic() - start)
                 first = False

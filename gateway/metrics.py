@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from strata.engine.request import RequestOutput
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -27,11 +29,24 @@ class Metrics:
         self.cached_tokens = Counter(
             "strata_cached_prompt_tokens", "Prompt tokens served from the radix cache", registry=r
         )
+        self.transfer_bytes = Counter(
+            "strata_kv_transfer_bytes", "KV bytes sent from prefill to decode workers", registry=r
+        )
+        self.transfer_seconds = Histogram(
+            "strata_kv_transfer_seconds", "Time of one request's KV transfer",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r,
+        )  # fmt: skip
         self.cache_hit_rate = Gauge("strata_cache_hit_rate", "Radix cache hit rate", registry=r)
         self.pages_used = Gauge("strata_kv_pages_used", "KV pages in use", registry=r)
         self.pages_total = Gauge("strata_kv_pages_total", "KV pages in the pool", registry=r)
         self.running = Gauge("strata_running_requests", "Requests running", registry=r)
         self.waiting = Gauge("strata_waiting_requests", "Requests waiting", registry=r)
+
+    def observe_event(self, ev: RequestOutput) -> None:
+        """Per streamed event: a prefill worker's KV transfer, on a request's first event."""
+        if ev.transfer_bytes:
+            self.transfer_bytes.inc(ev.transfer_bytes)
+            self.transfer_seconds.observe(ev.transfer_seconds)
 
     def observe_health(self, health: dict) -> None:
         self.cache_hit_rate.set(health["radix_cache_stats"].get("hit_rate", 0.0))

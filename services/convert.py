@@ -83,6 +83,7 @@ def chunk_from_output(ev: RequestOutput) -> common_pb2.TokenChunk:
         finish_reason=FINISH.get(ev.finish_reason or "", common_pb2.FINISH_REASON_UNSPECIFIED),
         error=ev.error or "", usage=usage,
         input_logprobs=[math.nan if v is None else v for v in ev.input_logprobs or []],
+        transfer_bytes=ev.transfer_bytes, transfer_seconds=ev.transfer_seconds,
     )  # fmt: skip
 
 
@@ -94,6 +95,7 @@ def output_from_chunk(rid: str, c: common_pb2.TokenChunk) -> RequestOutput:
         rid, list(c.token_ids), c.text, finish_reason=FINISH_NAME.get(c.finish_reason),
         error=c.error or None, usage=usage, logprobs=list(c.logprobs) or None,
         input_logprobs=[None if math.isnan(v) else v for v in c.input_logprobs] or None,
+        transfer_bytes=c.transfer_bytes, transfer_seconds=c.transfer_seconds,
     )  # fmt: skip
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -9,6 +12,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
 
 
 async def start_server(
@@ -31,3 +36,23 @@ async def start_server(
     for name in ("", *names):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, bound
+
+
+async def run_until_signal(server: grpc.aio.Server, grace: float) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully: refuse new calls, give the
+    calls in flight `grace` seconds to finish, then cancel them (which aborts them cleanly)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waits = [asyncio.ensure_future(server.wait_for_termination()),
+             asyncio.ensure_future(stop.wait())]  # fmt: skip
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        log.info("shutting down: %.0fs for the calls in flight", grace)
+        await server.stop(grace)
+        for task in waits:
+            task.cancel()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

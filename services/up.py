@@ -1,5 +1,6 @@
-"""`strata up`: the split cluster as local processes on loopback (cache, decode workers,
-gateway), started in dependency order, each waited on until healthy; Ctrl-C stops all."""
+"""`strata up`: the split cluster as local processes on loopback (cache, prefill and decode
+workers, gateway), started in dependency order, each waited on until healthy; Ctrl-C stops
+all, gateway first (each finishes its calls in flight)."""
 
 from __future__ import annotations
 
@@ -58,9 +59,11 @@ def up(
     host: str,
     port: int,
     grpc_port: int,
+    num_prefill: int,
     num_decode: int,
     model_args: Sequence[str],
     worker_args: Sequence[str],
+    gateway_args: Sequence[str],
     log_level: str,
     timeout: float = 300.0,
 ) -> int:
@@ -72,74 +75,36 @@ def up(
         nonlocal stopping
         stopping = True
 
+    def start(*args: str) -> subprocess.Popen:
+        procs.append(subprocess.Popen([*cli, *args, "--log-level", log_level]))
+        return procs[-1]
+
     signal.signal(signal.SIGTERM, stop)
     try:
         cache = f"{host}:{free_port(host)}"
-        procs.append(
-            subprocess.Popen(
-                [
-                    *cli,
-                    "cache",
-                    "--host",
-                    host,
-                    "--port",
-                    cache.rsplit(":", 1)[1],
-                    "--log-level",
-                    log_level,
-                ]
-            )
-        )
-        wait_grpc(cache, procs[-1], timeout)
-        decode = []
-        for _ in range(num_decode):
-            p = free_port(host)
-            decode.append(f"{host}:{p}")
-            procs.append(
-                subprocess.Popen(
-                    [
-                        *cli,
-                        "decode",
-                        "--host",
-                        host,
-                        "--port",
-                        str(p),
-                        "--cache",
-                        cache,
-                        *model_args,
-                        *worker_args,
-                        "--log-level",
-                        log_level,
-                    ]
-                )
-            )
-        for target, proc in zip(decode, procs[1:]):
+        wait_grpc(cache, start("cache", "--host", host, "--port", cache.rsplit(":", 1)[1]), timeout)
+        workers: dict[str, list[str]] = {"prefill": [], "decode": []}
+        started = []
+        for role, n in (("prefill", num_prefill), ("decode", num_decode)):
+            for _ in range(n):
+                p = free_port(host)
+                workers[role].append(f"{host}:{p}")
+                proc = start(role, "--host", host, "--port", str(p), "--cache", cache,
+                             *model_args, *worker_args)  # fmt: skip
+                started.append((workers[role][-1], proc))
+        for target, proc in started:  # they load the model side by side
             wait_grpc(target, proc, timeout)
-        procs.append(
-            subprocess.Popen(
-                [
-                    *cli,
-                    "gateway",
-                    "--host",
-                    host,
-                    "--port",
-                    str(port),
-                    "--grpc-port",
-                    str(grpc_port),
-                    "--cache",
-                    cache,
-                    "--decode",
-                    ",".join(decode),
-                    *model_args,
-                    "--log-level",
-                    log_level,
-                ]
-            )
-        )
+        gateway = start(
+            "gateway", "--host", host, "--port", str(port), "--grpc-port", str(grpc_port),
+            "--cache", cache, "--decode", ",".join(workers["decode"]),
+            "--prefill", ",".join(workers["prefill"]), *model_args, *gateway_args,
+        )  # fmt: skip
         url = f"http://{host}:{port}"
-        wait_http(url, procs[-1], timeout)
+        wait_http(url, gateway, timeout)
         print(
-            f"strata up: gateway {url} (gRPC {host}:{grpc_port or port + 1}), "
-            f"cache {cache}, decode {', '.join(decode)}",
+            f"strata up: gateway {url} (gRPC {host}:{grpc_port or port + 1}), cache {cache}, "
+            f"prefill {', '.join(workers['prefill']) or '-'}, "
+            f"decode {', '.join(workers['decode'])}",
             flush=True,
         )
         while not stopping:
@@ -153,9 +118,9 @@ def up(
     finally:
         for p in reversed(procs):  # gateway first, cache last
             if p.poll() is None:
-                p.send_signal(signal.SIGINT)
+                p.send_signal(signal.SIGTERM)
         for p in reversed(procs):
             try:
-                p.wait(20)
+                p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()

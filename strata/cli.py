@@ -63,8 +63,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--host", default=env("HOST") or "127.0.0.1")
+    p.add_argument("--port", type=int, default=int(env("PORT") or 30000))
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--grpc-port", type=int, default=0,
                    help="port of the gRPC strata.v1.Gateway (0: --port + 1; -1: off)")  # fmt: skip
@@ -72,6 +72,13 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-running-requests", type=int, default=64)
     p.add_argument("--chunked-prefill-size", "--max-batch-tokens", dest="max_batch_tokens",
                    type=int, default=512)  # fmt: skip
+
+
+def add_routing_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--local-prefill-tokens", type=int, default=256,
+                   help="conditional disaggregation: a prompt whose part not cached on its "
+                   "decode worker is at most this many tokens is prefilled there, with no "
+                   "KV transfer (-1: always use a prefill worker)")  # fmt: skip
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
@@ -105,11 +112,11 @@ def sched_config(a: argparse.Namespace) -> SchedulerConfig:
     return SchedulerConfig(not a.disable_radix_cache, a.max_running_requests, a.max_batch_tokens)
 
 
-def cmd_decode(a: argparse.Namespace) -> int:
-    from strata.serve import serve_decode
+def cmd_worker(a: argparse.Namespace) -> int:
+    from strata.serve import serve_worker
 
-    serve_decode(model_config(a), cache_config(a), sched_config(a), a.host, a.port, a.cache,
-                 a.worker_id)  # fmt: skip
+    serve_worker(a.command, model_config(a), cache_config(a), sched_config(a), a.host, a.port,
+                 a.cache, a.worker_id, a.shutdown_grace)  # fmt: skip
     return 0
 
 
@@ -117,16 +124,20 @@ def cmd_gateway(a: argparse.Namespace) -> int:
     from strata.serve import serve_gateway
 
     server = ServerConfig(a.host, a.port, a.served_model_name, a.log_level, a.grpc_port)
-    serve_gateway(model_config(a), server, a.cache, [t for t in a.decode.split(",") if t])
+    serve_gateway(model_config(a), server, a.cache, addresses(a.decode), addresses(a.prefill),
+                  a.local_prefill_tokens)  # fmt: skip
     return 0
+
+
+def addresses(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def cmd_up(a: argparse.Namespace) -> int:
     from services.up import up
 
-    if a.prefill:
-        raise ValueError("--prefill: prefill workers are not built yet; decode workers "
-                         "prefill their own prompts")  # fmt: skip
+    if a.prefill < 0 or a.decode < 1:
+        raise ValueError("--prefill must be >= 0 and --decode >= 1")
     model_args = ["--dtype", a.dtype, "--device", a.device, "--quantization", a.quantization,
                   "--page-size", str(a.page_size)]  # fmt: skip
     if a.model_path:
@@ -136,7 +147,9 @@ def cmd_up(a: argparse.Namespace) -> int:
                    "--chunked-prefill-size", str(a.max_batch_tokens)]  # fmt: skip
     if a.disable_radix_cache:
         worker_args.append("--disable-radix-cache")
-    return up(a.host, a.port, a.grpc_port, a.decode, model_args, worker_args, a.log_level)
+    gateway_args = ["--local-prefill-tokens", str(a.local_prefill_tokens)]
+    return up(a.host, a.port, a.grpc_port, a.prefill, a.decode, model_args, worker_args,
+              gateway_args, a.log_level)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,28 +166,38 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(s)
     add_server_args(s)
     s.set_defaults(func=cmd_serve)
-    u = sub.add_parser("up", help="run the split cluster locally (cache, decode, gateway)")
+    u = sub.add_parser("up", help="run the split cluster locally (cache, workers, gateway)")
     add_model_args(u)
     add_server_args(u)
-    u.add_argument("--prefill", type=int, default=0, help="prefill workers (not built yet: 0)")
+    add_routing_args(u)
+    u.add_argument("--prefill", type=int, default=1, help="prefill workers (0: decode "
+                   "workers prefill their own prompts)")  # fmt: skip
     u.add_argument("--decode", type=int, default=1, help="decode workers")
     u.set_defaults(func=cmd_up)
-    d = sub.add_parser("decode", help="run one decode worker (gRPC strata.v1.Decode)")
-    add_model_args(d)
-    add_server_args(d)
-    d.add_argument("--cache", default=env("STRATA_CACHE_ADDR") or "127.0.0.1:30010")
-    d.add_argument("--worker-id", default=None, help="name at the cache service (host:port)")
-    d.set_defaults(func=cmd_decode, port=int(env("STRATA_DECODE_PORT") or 30020))
-    w = sub.add_parser("gateway", help="run the gateway over decode workers (REST + gRPC)")
+    for role, port in (("prefill", 30030), ("decode", 30020)):
+        d = sub.add_parser(role, help=f"run one {role} worker (gRPC strata.v1.{role.title()})")
+        add_model_args(d)
+        add_server_args(d)
+        d.add_argument("--cache", default=env("CACHE_ADDR") or "127.0.0.1:30010")
+        d.add_argument("--worker-id", default=None, help="name at the cache service "
+                       "(default host:port: the address the gateway dials)")  # fmt: skip
+        d.add_argument("--shutdown-grace", type=float, default=10.0,
+                       help="seconds in-flight calls get to finish on SIGTERM")  # fmt: skip
+        d.set_defaults(func=cmd_worker, port=int(env(f"{role.upper()}_PORT") or port))
+    w = sub.add_parser("gateway", help="run the gateway over the workers (REST + gRPC)")
     add_model_args(w)
     add_server_args(w)
-    w.add_argument("--cache", default=env("STRATA_CACHE_ADDR") or "127.0.0.1:30010")
-    w.add_argument("--decode", default=env("STRATA_DECODE_ADDRS") or "127.0.0.1:30020",
+    add_routing_args(w)
+    w.add_argument("--cache", default=env("CACHE_ADDR") or "127.0.0.1:30010")
+    w.add_argument("--decode", default=env("DECODE_ADDRS") or "127.0.0.1:30020",
                    help="comma-separated decode worker addresses")  # fmt: skip
+    w.add_argument("--prefill", default=env("PREFILL_ADDRS") or "",
+                   help="comma-separated prefill worker addresses (none: decode workers "
+                   "prefill)")  # fmt: skip
     w.set_defaults(func=cmd_gateway)
     c = sub.add_parser("cache", help="run the cache service (the cluster's radix trees)")
-    c.add_argument("--host", default=env("STRATA_CACHE_HOST") or "127.0.0.1")
-    c.add_argument("--port", type=int, default=int(env("STRATA_CACHE_PORT") or 30010))
+    c.add_argument("--host", default=env("CACHE_HOST") or "127.0.0.1")
+    c.add_argument("--port", type=int, default=int(env("CACHE_PORT") or 30010))
     c.add_argument("--page-size", type=int, default=16)
     c.add_argument("--log-level", default="info")
     c.set_defaults(func=cmd_cache)

@@ -49,30 +49,40 @@ def serve(
 
 
 def serve_gateway(
-    model: ModelConfig, server: ServerConfig, cache_target: str, decode_targets: list[str]
-) -> None:
-    """The split cluster's gateway: tokenizer and chat template here, generation on the
-    decode workers (routed by the cache service's prefix index)."""
+    model: ModelConfig, server: ServerConfig, cache_target: str, decode_targets: list[str],
+    prefill_targets: list[str], local_prefill_tokens: int,
+) -> None:  # fmt: skip
+    """The split cluster's gateway: tokenizer and chat template here, prefill on the
+    prefill workers and generation on the decode workers (routed by the cache service's
+    prefix index)."""
     from gateway.remote import RemoteBackend
 
     folder = resolve_checkpoint(model.model_path)
     spec = ModelSpec.from_hf(read_config(folder))
     name = server.served_model_name or (model.model_path or "SmolLM2-135M-Instruct")
-    backend = RemoteBackend(load_tokenizer(folder), name, spec, cache_target, decode_targets)
+    backend = RemoteBackend(load_tokenizer(folder), name, spec, cache_target, decode_targets,
+                            prefill_targets, local_prefill_tokens)  # fmt: skip
     asyncio.run(_serve_fronts(backend, name, server))
 
 
-def serve_decode(
-    model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, host: str, port: int,
-    cache_target: str, worker_id: str | None,
+def serve_worker(
+    role: str, model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, host: str,
+    port: int, cache_target: str, worker_id: str | None, grace: float = 10.0,
 ) -> None:  # fmt: skip
+    """A split-mode worker ("prefill" or "decode"): the engine, its radix tree at the cache
+    service under worker_id (default host:port, the address the gateway routes to)."""
     from services.cache.client import RemoteCacheIndex
-    from services.decode.server import serve
+    from services.decode.server import serve as serve_decode
+    from services.prefill.server import serve as serve_prefill
 
     worker_id = worker_id or f"{host}:{port}"
     index = RemoteCacheIndex(cache_target, worker_id) if sched.enable_radix_cache else None
     engine = build_engine(model, cache, sched, index)
-    asyncio.run(serve(engine, worker_id, host, port))
+    if role == "prefill":
+        engine.jump_forward = False  # it samples one token; the decode worker jumps
+        asyncio.run(serve_prefill(engine, worker_id, host, port, grace))
+    else:
+        asyncio.run(serve_decode(engine, worker_id, host, port, grace))
 
 
 async def _serve_fronts(backend: Backend, name: str, server: ServerConfig) -> None:
@@ -89,7 +99,7 @@ async def _serve_fronts(backend: Backend, name: str, server: ServerConfig) -> No
         log.info("gRPC strata.v1.Gateway on %s:%d", server.host, bound)
     config = uvicorn.Config(
         create_app(backend), host=server.host, port=server.port,
-        log_level=server.log_level.lower(),
+        log_level=server.log_level.lower(), timeout_graceful_shutdown=10,
     )  # fmt: skip
     log.info("serving %s on http://%s:%d", name, server.host, server.port)
     try:

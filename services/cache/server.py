@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import grpc
 
-from services.grpcio import start_server
+from services.grpcio import run_until_signal, start_server
 from strata.proto.v1 import cache_pb2, cache_pb2_grpc
 from strata.radix.tree import RadixTree
 
@@ -103,7 +103,4 @@ async def serve(host: str, port: int, page_size: int) -> None:
     add = cache_pb2_grpc.add_CacheServicer_to_server
     server, bound = await start_server(host, port, [(add, CacheService(page_size), name)])
     log.info("cache service on %s:%d (page size %d)", host, bound, page_size)
-    try:
-        await server.wait_for_termination()
-    finally:
-        await server.stop(grace=5)
+    await run_until_signal(server, grace=5)

@@ -1,66 +1,176 @@
 """The decode worker: the engine behind `strata.v1.Decode`, its radix tree at the cache
 service (RemoteCacheIndex), so the gateway can route each prompt to the worker that holds
-its prefix. It prefills prompts itself: prefill workers and KV transfer are not built yet.
+its prefix. A request naming a prefill worker has its pages reserved here first; then the
+prefill worker computes the prompt and its pages arrive over the pair's KV channel
+(`PrefillPeers`). Without one, this worker prefills the prompt itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import aclosing
+import threading
+from contextlib import aclosing, suppress
 
 import grpc
 
-from services.convert import chunk_from_output, params_from_proto
-from services.grpcio import start_server
+from services.convert import chunk_from_output, params_from_proto, params_to_proto
+from services.grpcio import run_until_signal, start_server
+from services.worker import EngineWorker, TransferCounter
 from strata.engine.engine import Engine
+from strata.engine.request import RemoteFill
+from strata.kv.pool import KVCache
+from strata.kv.transfer import KVChannel, TransferError, kv_layout
 from strata.proto.v1 import worker_pb2, worker_pb2_grpc
+from strata.sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
 
 
-class DecodeService(worker_pb2_grpc.DecodeServicer):
-    def __init__(self, engine: Engine, worker_id: str) -> None:
-        self.engine, self.worker_id = engine, worker_id
+class PrefillAborted(RuntimeError):
+    """The request was aborted while its prefill ran remotely."""
+
+
+class PrefillPeers:
+    """The decode side of split mode: one gRPC stub and one KV channel per prefill worker.
+    `fetch` runs on an engine fetch thread (it blocks); a failed transfer drops the channel,
+    and the next request to that worker connects again."""
+
+    def __init__(
+        self, kv: KVCache, worker_id: str, counter: TransferCounter, timeout: float = 30.0,
+        prefill_timeout: float = 600.0,
+    ) -> None:  # fmt: skip
+        self.kv, self.worker_id, self.timeout, self.counter = kv, worker_id, timeout, counter
+        self.prefill_timeout = prefill_timeout  # the prefill itself may queue behind others
+        self._stubs: dict[str, worker_pb2_grpc.PrefillStub] = {}
+        self._channels: dict[str, tuple[KVChannel, str]] = {}
+        self._lock = threading.Lock()  # guards the two dicts and serializes handshakes
+
+    def stub(self, target: str) -> worker_pb2_grpc.PrefillStub:
+        with self._lock:
+            if target not in self._stubs:
+                self._stubs[target] = worker_pb2_grpc.PrefillStub(grpc.insecure_channel(target))
+            return self._stubs[target]
+
+    def channel(self, target: str) -> tuple[KVChannel, str]:
+        """The pair's channel and its id, made by a Connect handshake on first use."""
+        with self._lock:
+            if target in self._channels:
+                return self._channels[target]
+            stub = self._stubs[target]
+            try:
+                reply = stub.Connect(
+                    worker_pb2.ConnectRequest(decode_worker=self.worker_id,
+                                              kv_layout=kv_layout(self.kv),
+                                              timeout_s=self.timeout),
+                    timeout=self.timeout,
+                )  # fmt: skip
+            except grpc.RpcError as exc:
+                raise TransferError(f"KV channel to {target}: {exc.details()}") from None
+            host = target.rsplit(":", 1)[0]
+            channel = KVChannel(self.kv, host, reply.port, rank=1, timeout=self.timeout)
+            self._channels[target] = (channel, reply.channel_id)
+            return self._channels[target]
+
+    def drop(self, target: str) -> None:
+        with self._lock:
+            self._channels.pop(target, None)
+
+    def fetch(
+        self, target: str, rid: str, prompt_ids: list[int], params: SamplingParams,
+        pages: list[int], cancel: threading.Event,
+    ) -> RemoteFill:  # fmt: skip
+        stub = self.stub(target)
+        call = stub.Prefill.future(
+            worker_pb2.PrefillRequest(request_id=rid, prompt_ids=prompt_ids,
+                                      sampling_params=params_to_proto(params),
+                                      num_pages=len(pages)),
+            timeout=self.prefill_timeout,
+        )  # fmt: skip
+        while not call.done():  # poll, so an abort here cancels the remote prefill at once
+            if cancel.wait(0.02):
+                call.cancel()
+                raise PrefillAborted(rid)
+        try:
+            reply = call.result()
+        except grpc.RpcError as exc:
+            raise TransferError(f"prefill worker {target}: {exc.details()}") from None
+        try:
+            if cancel.is_set():
+                raise PrefillAborted(rid)
+            channel, cid = self.channel(target)
+            stats = self._pull(stub, target, channel, cid, rid, pages)
+        except BaseException:
+            self._release_remote(stub, rid)  # best effort: its TTL frees it otherwise
+            raise
+        self.counter.add(stats.transfer_bytes, stats.transfer_seconds)
+        return RemoteFill(
+            reply.first_token, reply.cached_tokens,
+            logprob=reply.logprob if reply.HasField("logprob") else None,
+            top_logprobs=dict(reply.top_logprobs) or None,
+            transfer_bytes=stats.transfer_bytes, transfer_seconds=stats.transfer_seconds,
+        )  # fmt: skip
+
+    def _pull(
+        self, stub: worker_pb2_grpc.PrefillStub, target: str, channel: KVChannel, cid: str,
+        rid: str, pages: list[int],
+    ) -> worker_pb2.PullResponse:  # fmt: skip
+        with channel.lock:  # one transfer at a time per channel, in the same order both sides
+            replies = stub.Pull(worker_pb2.PullRequest(request_id=rid, channel_id=cid),
+                                timeout=self.timeout)  # fmt: skip
+            try:
+                next(replies)  # ready: the sender is about to send
+            except grpc.RpcError as exc:  # refused before any byte moved: channel intact
+                if exc.code() == grpc.StatusCode.NOT_FOUND and "channel" in (exc.details() or ""):
+                    self.drop(target)
+                raise TransferError(f"prefill worker {target}: {exc.details()}") from None
+            try:
+                channel.recv(pages)
+                return next(replies)
+            except (TransferError, grpc.RpcError, StopIteration) as exc:
+                self.drop(target)  # out of step: the next request connects again
+                replies.cancel()
+                detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
+                raise TransferError(f"KV transfer from {target} failed: {detail}") from None
+
+    def _release_remote(self, stub: worker_pb2_grpc.PrefillStub, rid: str) -> None:
+        with suppress(grpc.RpcError):
+            stub.Abort(worker_pb2.AbortRequest(request_id=rid), timeout=5)
+
+
+class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
+    def __init__(self, engine: Engine, worker_id: str, transfer_timeout: float = 30.0) -> None:
+        super().__init__(engine, worker_id)
+        self.peers = PrefillPeers(engine.runner.kv, worker_id, self.transferred, transfer_timeout)
 
     async def Generate(self, request, context):  # noqa: N802 (gRPC method names)
-        if request.prefill_worker:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "prefill workers are not built yet")
         ids = list(request.prompt_ids)
         try:
             params = params_from_proto(request.sampling_params)
             await asyncio.to_thread(self.engine.validate, ids, params)  # may compile a grammar
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        rid = request.request_id or None
+        source = None
+        if request.prefill_worker and rid is not None:
+            target = request.prefill_worker
+
+            def source(pages: list[int], cancel: threading.Event) -> RemoteFill:
+                return self.peers.fetch(target, rid, ids, params, pages, cancel)
+
         # a cancelled call closes the stream, which aborts the request and frees its pages
-        async with aclosing(self.engine.stream(ids, params, request.request_id or None)) as evs:
+        async with aclosing(self.engine.stream(ids, params, rid, kv_source=source)) as evs:
             async for ev in evs:
                 yield chunk_from_output(ev)
 
-    async def Load(self, request, context):  # noqa: N802
-        s = await asyncio.wrap_future(self.engine.call(self.engine.stats))
-        return worker_pb2.LoadResponse(worker=self.worker_id, running=s.running,
-                                       waiting=s.waiting, pages_total=s.pages_total,
-                                       pages_free=s.pages_free)  # fmt: skip
 
-    async def FlushCache(self, request, context):  # noqa: N802
-        n = await asyncio.wrap_future(self.engine.call(self.engine.flush_cache))
-        return worker_pb2.FlushResponse(flushed_pages=n)
-
-    async def Abort(self, request, context):  # noqa: N802
-        found = request.request_id in self.engine._requests
-        self.engine.abort(request.request_id)
-        return worker_pb2.AbortResponse(found=found)
-
-
-async def serve(engine: Engine, worker_id: str, host: str, port: int) -> None:
+async def serve(engine: Engine, worker_id: str, host: str, port: int, grace: float) -> None:
     name = worker_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
     add = worker_pb2_grpc.add_DecodeServicer_to_server
     engine.start()
     server, bound = await start_server(host, port, [(add, DecodeService(engine, worker_id), name)])
     log.info("decode worker %s on %s:%d", worker_id, host, bound)
     try:
-        await server.wait_for_termination()
+        await run_until_signal(server, grace)  # streams in flight get `grace` s to finish
     finally:
-        await server.stop(grace=10)  # in-flight streams get 10 s to finish
         engine.shutdown()

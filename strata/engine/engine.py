@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from strata.engine.request import Request, RequestOutput
+from strata.engine.request import KVSource, RemoteFill, Request, RequestOutput
 from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import ScheduledChunk, Scheduler
 from strata.grammar.compiler import GrammarCompiler, LazyGrammarCompiler
@@ -24,7 +25,7 @@ from strata.grammar.jump import jump_forward
 from strata.model.batch import SequenceChunk
 from strata.radix.index import CacheIndex, LocalCacheIndex
 from strata.sampling.params import SamplingParams
-from strata.sampling.sampler import SampleInput, sample
+from strata.sampling.sampler import SampleInput, sample, skip_noise
 from strata.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class EngineStats:
     pages_free: int
     cache: Any  # TreeStats | None
     jump_forward_tokens: int  # tokens appended by jump-forward decoding (no step sampled)
+    held: int = 0  # prefill role: finished prompts whose pages wait to be pulled
 
 
 def check_request(
@@ -69,6 +71,7 @@ class Engine:
         cache: CacheIndex | None = None,
         jump_forward: bool = True,
         grammar_timeout: float = 10.0,
+        hold_timeout: float = 60.0,
     ) -> None:
         self.runner = runner
         self.tokenizer = runner.tokenizer
@@ -92,6 +95,10 @@ class Engine:
         )
         self.jump_forward = jump_forward
         self.jump_forward_tokens = 0
+        self._fetchers: ThreadPoolExecutor | None = None  # run kv_source calls (split mode)
+        self._held: dict[str, tuple[Request, float]] = {}  # rid -> (request, expiry)
+        self.hold_timeout = hold_timeout
+        self._next_expiry_check = 0.0
 
     # ---- the public, thread-safe surface -------------------------------------------------
 
@@ -117,10 +124,15 @@ class Engine:
         params: SamplingParams,
         sink: Callable[[RequestOutput], object],
         rid: str | None = None,
+        kv_source: KVSource | None = None,
+        hold: bool = False,
     ) -> str:
+        """Queue a request. kv_source (split mode, decode role): the prompt's KV and first
+        token come from a prefill worker once pages are reserved. hold (prefill role): keep
+        the pages after the first token until `release_held`."""
         self.validate(prompt_ids, params)
         rid = rid or f"req-{next(self._ids)}"
-        req = Request(rid, list(prompt_ids), params, sink)
+        req = Request(rid, list(prompt_ids), params, sink, kv_source=kv_source, hold=hold)
         if self.tokenizer is not None:
             req.detok = IncrementalDetokenizer(self.tokenizer)
         if params.constraint is not None:
@@ -131,16 +143,30 @@ class Engine:
     def abort(self, rid: str) -> None:
         self._inbox.put(("abort", rid))
 
+    def abort_now(self, rid: str) -> bool:
+        """On the engine thread (through `call`): abort a request or release a held one;
+        False when neither exists."""
+        req = self._requests.get(rid)
+        if req is not None:
+            self._finish(req, "abort")
+        return self.release_held(rid) or req is not None
+
     async def stream(
-        self, prompt_ids: Sequence[int], params: SamplingParams, rid: str | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        rid: str | None = None,
+        kv_source: KVSource | None = None,
+        hold: bool = False,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Submit and yield events on the caller's asyncio loop until one finishes the
         request. Closing the generator early aborts the request, which frees its pages."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[RequestOutput] = asyncio.Queue()
         rid = self.submit(
-            prompt_ids, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), rid
-        )
+            prompt_ids, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), rid,
+            kv_source, hold,
+        )  # fmt: skip
         finished = False
         try:
             while not finished:
@@ -168,7 +194,20 @@ class Engine:
             pages_free=pool.num_free,
             cache=self.cache.stats() if self.cache is not None else None,
             jump_forward_tokens=self.jump_forward_tokens,
+            held=len(self._held),
         )
+
+    def held_pages(self, rid: str) -> list[int]:
+        """The prompt pages of a held request (prefill role); KeyError if none is held."""
+        req, _ = self._held[rid]
+        return req.pages[: self.runner.pages_for(len(req.prompt_ids))]
+
+    def release_held(self, rid: str) -> bool:
+        """Give a held request's pages back (to the cache, when it is on)."""
+        held = self._held.pop(rid, None)
+        if held is not None:
+            self.scheduler.release(held[0])
+        return held is not None
 
     def flush_cache(self) -> int:
         """Drop every unlocked cached page; returns how many were freed."""
@@ -187,22 +226,38 @@ class Engine:
         self._inbox.put(("wake", None))
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._fetchers is not None:
+            self._fetchers.shutdown(wait=False, cancel_futures=True)
 
     # ---- the loop ------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
-            if not self.scheduler.has_work:
-                self._handle(*self._inbox.get())
             self._drain()
+            self._expire_held()
             try:
-                self.step()
+                busy = self.step()
             except Exception as exc:  # a failed step fails its requests, never the server
                 log.exception("engine step failed")
                 for req in list(self.scheduler.running) + list(self.scheduler.waiting):
                     self._finish(req, "error", error=f"internal error: {exc}")
+                busy = True
+            if not busy:  # nothing runnable: sleep until something arrives
+                with contextlib.suppress(queue.Empty):
+                    self._handle(*self._inbox.get(timeout=1.0))
         for req in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._finish(req, "abort", error="server shutting down")
+
+    def _expire_held(self) -> None:
+        """Release held pages nobody pulled in time (the decode worker went away)."""
+        now = time.monotonic()
+        if now < self._next_expiry_check or not self._held:
+            return
+        self._next_expiry_check = now + 1.0
+        for rid in [rid for rid, (_, expiry) in self._held.items() if expiry < now]:
+            log.warning("request %s: pages held %.0fs with no pull; released", rid,
+                        self.hold_timeout)  # fmt: skip
+            self.release_held(rid)
 
     def _drain(self) -> None:
         while True:
@@ -219,6 +274,8 @@ class Engine:
             req = self._requests.get(arg)
             if req is not None:
                 self._finish(req, "abort")
+        elif kind == "fetched":
+            self._on_fetched(*arg)
         elif kind == "call":
             fn, fut = arg
             try:
@@ -229,6 +286,9 @@ class Engine:
     def step(self) -> bool:
         """One schedule / forward / process round; False when there was nothing to do."""
         chunks = self.scheduler.schedule()
+        for req in self.scheduler.fetching:
+            self._start_fetch(req)
+        self.scheduler.fetching.clear()
         if not chunks:
             return False
         prompt_logprobs = [c for c in chunks if self._wants_input_logprobs(c)]
@@ -262,8 +322,36 @@ class Engine:
         """Drive the loop on the calling thread until no request is left (tests, tools)."""
         self._drain()
         while self.scheduler.has_work:
-            self.step()
+            if not self.step():
+                self._handle(*self._inbox.get())  # e.g. a transfer landing
             self._drain()
+
+    # ---- split mode: prompt KV from a prefill worker -------------------------------------
+
+    def _start_fetch(self, req: Request) -> None:
+        if self._fetchers is None:
+            self._fetchers = ThreadPoolExecutor(16, thread_name_prefix="strata-kv")
+        assert req.kv_source is not None
+        cancel = req.extra["cancel"] = threading.Event()
+        fut = self._fetchers.submit(req.kv_source, list(req.pages), cancel)
+        fut.add_done_callback(lambda f: self._inbox.put(("fetched", (req, f))))
+
+    def _on_fetched(self, req: Request, fut: Future) -> None:
+        req.awaiting_kv, req.kv_source = False, None
+        if req.finished:  # aborted while the transfer ran: its pages are free to go now
+            self.scheduler.release(req)
+            return
+        try:
+            fill: RemoteFill = fut.result()
+        except Exception as exc:
+            self._finish(req, "error", error=str(exc) or repr(exc))
+            return
+        req.num_computed, req.num_cached = len(req.prompt_ids), fill.cached_tokens
+        self.scheduler.cache_progress(req)
+        if req.generator is not None and not req.params.greedy:
+            skip_noise(req.generator, self.runner.spec.vocab_size)  # drawn by the prefill worker
+        req.extra["transfer"] = (fill.transfer_bytes, fill.transfer_seconds)
+        self._on_token(req, fill.token, fill.logprob, fill.top_logprobs)
 
     # ---- per-request output --------------------------------------------------------------
 
@@ -355,6 +443,8 @@ class Engine:
             logprobs=[logprob] if logprob is not None else None,
             top_logprobs=[top] if top is not None else None,
         )  # fmt: skip
+        if first and "transfer" in req.extra:
+            event.transfer_bytes, event.transfer_seconds = req.extra.pop("transfer")
         if first and p.logprob_start_len >= 0:
             event.input_logprobs = [
                 req.input_logprobs.get(i) for i in range(p.logprob_start_len, len(req.prompt_ids))
@@ -374,7 +464,12 @@ class Engine:
         if req.finished:
             return
         req.finish_reason = reason
-        self.scheduler.finish(req)
+        hold = req.hold and reason in ("stop", "length")
+        if req.awaiting_kv:  # the transfer may still write its pages: released when it ends
+            req.extra.get("cancel", threading.Event()).set()
+        self.scheduler.finish(req, release=not (req.awaiting_kv or hold))
+        if hold and req.pages:
+            self._held[req.rid] = (req, time.monotonic() + self.hold_timeout)
         self._requests.pop(req.rid, None)
         event = event or RequestOutput(req.rid, [], "")
         event.finish_reason, event.error, event.usage = reason, error, req.usage()

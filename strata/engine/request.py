@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,26 @@ class RequestOutput:
     # with params.logprob_start_len >= 0, on the first event: the logprob of each prompt
     # token from that position on (None for position 0, which nothing predicts)
     input_logprobs: list[float | None] | None = None
+    # split mode, on the first event of a request whose prompt KV came from a prefill worker
+    transfer_bytes: int = 0
+    transfer_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class RemoteFill:
+    """What a prefill worker hands back (split mode): its first sampled token; the prompt's
+    KV has landed in the pages the decode worker reserved."""
+
+    token: int
+    cached_tokens: int  # prompt tokens the prefill worker found in its cache
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+    transfer_bytes: int = 0
+    transfer_seconds: float = 0.0
+
+
+# (reserved pages, cancelled) -> RemoteFill; runs off the engine thread and may block
+KVSource = Callable[[list[int], threading.Event], RemoteFill]
 
 
 @dataclass
@@ -59,6 +80,9 @@ class Request:
     matcher: Any = None  # xgrammar GrammarMatcher of a constrained request
     input_logprobs: dict[int, float] = field(default_factory=dict)  # prompt position -> logprob
     extra: dict[str, Any] = field(default_factory=dict)
+    kv_source: KVSource | None = None  # split mode: the prompt's KV comes from a prefill worker
+    awaiting_kv: bool = False  # admitted, pages reserved, kv_source running
+    hold: bool = False  # prefill role: keep the pages after the first token, until released
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:

@@ -4,6 +4,10 @@ Each step takes every running decode token, then continues partial prefills, the
 waiting requests (longest cached prefix first) while the token budget lasts. Pages come from
 the pool; when it runs dry the radix cache is evicted first, then the newest running request
 is preempted (its computed pages go to the cache, so re-admission recomputes little).
+
+A request whose prompt KV comes from a prefill worker (split mode) is admitted by reserving
+pages for its whole prompt; it computes nothing until the engine reports the KV landed, and
+it is never preempted while the transfer may still write into its pages.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class Scheduler:
         self.max_batch_tokens, self.max_running = max_batch_tokens, max_running
         self.waiting: list[Request] = []
         self.running: list[Request] = []  # admitted (holding pages), oldest first
+        self.fetching: list[Request] = []  # admitted remote requests the engine must start
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -53,14 +58,22 @@ class Scheduler:
                 chunks.append(ScheduledChunk(req, req.num_computed, req.remaining, True))
         budget = self.max_batch_tokens - sum(c.length for c in chunks)
         for req in self.running:
-            if not req.decoding and budget > 0:
+            if not req.decoding and not req.awaiting_kv and budget > 0:
                 budget -= self._take(req, budget, chunks)
         if budget > 0 and self.waiting:
             self._order_waiting()
-            prefilling = [r.fill_ids for r in self.running if r.remaining > 1]
+            prefilling = [r.fill_ids for r in self.running if r.remaining > 1 and not r.awaiting_kv]
             for req in list(self.waiting):
                 if budget <= 0 or len(self.running) >= self.max_running:
                     break
+                if req.kv_source is not None:
+                    if not self._reserve(req):
+                        break
+                    self.waiting.remove(req)
+                    self.running.append(req)
+                    req.awaiting_kv = True
+                    self.fetching.append(req)
+                    continue
                 fill = req.fill_ids
                 if self._shares_inflight_prefix(fill, req.extra.get("match_len", 0), prefilling):
                     continue  # wait one step: that prefix will be cached by then
@@ -94,11 +107,14 @@ class Scheduler:
         req.pages[:full] = match.pages
         req.num_shared_pages, req.cache_node = full, match.node
 
-    def finish(self, req: Request) -> None:
-        """Release a finished (or aborted) request, caching its computed pages."""
+    def finish(self, req: Request, release: bool = True) -> None:
+        """Release a finished (or aborted) request, caching its computed pages. With
+        release=False its pages stay reserved until `release` (a transfer may still be
+        writing them, or a prefill worker holds them for a pull)."""
         if req in self.running:
             self.running.remove(req)
-            self._release(req)
+            if release:
+                self.release(req)
         elif req in self.waiting:
             self.waiting.remove(req)
 
@@ -145,7 +161,7 @@ class Scheduler:
             if pages is not None:
                 req.pages.extend(pages)
                 return True
-            victim = self.running[-1]
+            victim = next(r for r in reversed(self.running) if not r.awaiting_kv)
             self._preempt(victim)
             if victim is req:
                 return False
@@ -153,7 +169,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self._release(req)
+        self.release(req)
         self.waiting.insert(0, req)
 
     def _admit(self, req: Request) -> bool:
@@ -181,7 +197,16 @@ class Scheduler:
         req.num_computed = usable
         return True
 
-    def _release(self, req: Request) -> None:
+    def _reserve(self, req: Request) -> bool:
+        """Pages for a remote request's whole prompt (no cache match: every page arrives)."""
+        own = self._alloc(-(-len(req.prompt_ids) // self.page_size))
+        if own is None:
+            return False
+        req.extra["admitted"] = True  # its lookup is recorded by the prefill worker
+        req.pages, req.num_shared_pages, req.cache_node, req.num_computed = own, 0, None, 0
+        return True
+
+    def release(self, req: Request) -> None:
         ps, pages, shared = self.page_size, req.pages, req.num_shared_pages
         if self.cache is not None:
             full = req.num_computed // ps

@@ -2,15 +2,17 @@
 
 One channel per (prefill, decode) pair: a torch.distributed process group of two ranks
 (rank 0 sends, rank 1 receives), gloo for CPU tensors and NCCL for CUDA tensors, rendezvous
-through a TCPStore at the address both sides were given in the gRPC handshake. Pages go
+through a TCPStore the prefill side opens (`listen`) and names in the gRPC handshake. Pages go
 layer by layer as contiguous blocks [2, n, page_size, kv_heads, head_dim] of raw bytes
 (staged in a buffer the channel keeps), so gathering overlaps sending, and the receiver's
 page ids need not match the sender's. Every operation has a timeout; a failed or timed-out
-channel raises TransferError and must be closed and rebuilt, never reused.
+channel raises TransferError and must be closed and rebuilt, never reused. Transfers on
+one channel run one at a time (`lock`): both sides count them to pair up message tags.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,6 +50,18 @@ def _as_transfer_error() -> Iterator[None]:
         raise TransferError(f"KV transfer failed: {exc}") from None
 
 
+def kv_layout(kv: KVCache) -> str:
+    """What both ends of a channel must agree on: layers x page_size x kv_heads x head_dim."""
+    layers, _, _, page_size, heads, dim = kv.data.shape
+    return f"{layers}x{page_size}x{heads}x{dim}:{str(kv.data.dtype).removeprefix('torch.')}"
+
+
+def listen(timeout: float) -> dist.TCPStore:
+    """The sender's side of a handshake: a store on a free port (`.port`) of this host, for
+    the peer to join (pass it to KVChannel as `store`)."""
+    return dist.TCPStore("0.0.0.0", 0, 2, True, timedelta(seconds=timeout), wait_for_workers=False)
+
+
 class KVChannel:
     def __init__(
         self,
@@ -57,13 +71,16 @@ class KVChannel:
         rank: int,
         timeout: float = 30.0,
         messages: int = 2,
+        store: dist.TCPStore | None = None,
     ) -> None:
         if rank not in (0, 1):
             raise ValueError("rank must be 0 (prefill, sends) or 1 (decode, receives)")
         self.kv, self.rank, self.timeout = kv, rank, timedelta(seconds=timeout)
         self.messages = max(1, messages)
+        self.lock = threading.Lock()  # one transfer at a time (tags pair up by count)
         try:
-            store = dist.TCPStore(host, port, 2, rank == 0, timeout=self.timeout)
+            if store is None:
+                store = dist.TCPStore(host, port, 2, rank == 0, timeout=self.timeout)
             self.group: Any
             if kv.data.is_cuda:  # NOTE: not yet run on a GPU (none lent so far)
                 options = dist.ProcessGroupNCCL.Options()

@@ -85,6 +85,12 @@ def _noise(reqs: Sequence[SampleInput], v: int, device: torch.device) -> torch.T
     return noise
 
 
+def skip_noise(generator: torch.Generator, v: int) -> None:
+    """Advance a seeded request's generator past one step's draw (the step ran elsewhere:
+    a prefill worker sampled the first token), so the same seed gives the same output."""
+    torch.empty(v).exponential_(generator=generator)
+
+
 def sample(logits: torch.Tensor, reqs: Sequence[SampleInput]) -> SampleOutput:
     """Choose one token per row of logits [B, V] (float32)."""
     raw = logits

@@ -12,7 +12,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import grpc
 import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 def free_port() -> int:
@@ -34,6 +36,39 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log, timeout: float) -> None
             out = log.read().decode(errors="replace")
             raise RuntimeError(f"{proc.args!r} did not become healthy:\n{out}")
         time.sleep(0.3)
+
+
+@contextmanager
+def grpc_service(*args: str, timeout: float = 120.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`strata <args> --port P` (a cache, prefill or decode service) until its gRPC health
+    check says SERVING; yields (target, process); stops it with SIGTERM."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "strata.cli", *args, "--port", str(port)]
+    target = f"127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+        try:
+            with grpc.insecure_channel(target) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                deadline = time.monotonic() + timeout
+                while True:
+                    try:
+                        stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                        break
+                    except grpc.RpcError:
+                        if proc.poll() is not None or time.monotonic() > deadline:
+                            log.seek(0)
+                            out = log.read().decode(errors="replace")
+                            raise RuntimeError(f"{cmd!r} did not become healthy:\n{out}") from None
+                        time.sleep(0.2)
+            yield target, proc
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
 
 
 @contextmanager

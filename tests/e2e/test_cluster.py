@@ -1,5 +1,7 @@
-"""The split cluster (`strata up`: cache service, two decode workers, gateway) as real
-processes over real gRPC and HTTP on loopback."""
+"""The split cluster (`strata up`: cache service, two prefill and two decode workers,
+gateway) as real processes over real gRPC and HTTP on loopback. Prompts whose part not
+cached on their decode worker exceeds 64 tokens are prefilled on a prefill worker and their
+KV sent over gloo; shorter ones are prefilled on the decode worker."""
 
 from __future__ import annotations
 
@@ -15,31 +17,73 @@ import pytest
 
 from strata.proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.e2e.server import running_cluster, running_server
-from tests.e2e.test_server import wait_idle
+from tests.e2e.test_server import health, wait_idle
 
 ROOT = Path(__file__).resolve().parents[2]
-PROMPTS = ["The capital of France is", "List three colors:", "def fibonacci(n):"]
+PROMPTS = ["The capital of France is", "List three colors:", "def fibonacci(n):",
+           "Here is a long story about a lighthouse keeper who counts the waves every night "
+           "and writes each number in a book that nobody reads. " * 3 + "One evening the count"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    with running_cluster("--decode", "2", "--dtype", "float32", "--num-pages", "512") as c:
+    with running_cluster("--prefill", "2", "--decode", "2", "--dtype", "float32",
+                         "--num-pages", "512", "--local-prefill-tokens", "64") as c:  # fmt: skip
         yield c
     with pytest.raises(httpx.HTTPError):  # everything is down after Ctrl-C
         httpx.get(f"{c[0]}/health", timeout=2)
 
 
-def generate(url: str, text: str, n: int = 16) -> dict:
-    body = {"text": text, "sampling_params": {"max_new_tokens": n, "temperature": 0}}
+def generate(url: str, text, n: int = 16, ids: bool = False) -> dict:
+    body = {"input_ids" if ids else "text": text,
+            "sampling_params": {"max_new_tokens": n, "temperature": 0}}  # fmt: skip
     resp = httpx.post(f"{url}/generate", json=body, timeout=120)
     assert resp.status_code == 200, resp.text
     return resp.json()
 
 
+def transfers(url: str) -> int:
+    return health(url)["kv_transfer"]["transfers"]
+
+
 def test_greedy_output_equals_colocated_server(cluster):
+    before = transfers(cluster[0])
     split = [generate(cluster[0], p)["output_ids"] for p in PROMPTS]
+    assert transfers(cluster[0]) - before == 1  # the long prompt's KV came from a prefill worker
     with running_server("--grpc-port", "-1") as colocated:
         assert [generate(colocated, p)["output_ids"] for p in PROMPTS] == split
+
+
+def test_prefill_workers_take_long_prompts_and_decode_workers_short_suffixes(cluster):
+    url = cluster[0]
+    text = "A fresh prompt no worker has seen: " + "the tide rises and the tide falls. " * 12
+    base = httpx.post(f"{url}/tokenize", json={"text": text}).json()["tokens"]
+    before = transfers(url)
+    first = generate(url, base, 12, ids=True)
+    assert transfers(url) == before + 1
+    # the next turn: the decode worker holds all but a few tokens, so it prefills them
+    follow = base + first["output_ids"] + base[:4]
+    second = generate(url, follow, 12, ids=True)
+    assert transfers(url) == before + 1
+    assert second["meta_info"]["cached_tokens"] >= len(base) // 16 * 16
+    metrics = httpx.get(f"{url}/metrics").text
+    assert "strata_kv_transfer_bytes_total" in metrics
+    sent = [ln for ln in metrics.splitlines() if ln.startswith("strata_kv_transfer_bytes_total")]
+    assert float(sent[0].split()[-1]) > 0
+
+
+def test_requests_sharing_a_prefix_go_to_the_prefill_worker_that_holds_it(cluster):
+    url = cluster[0]
+    for k in range(3):  # by chance alone all three would land right one time in eight
+        shared = f"Shared context number {k}: " + "the quick brown fox jumps over it. " * 8
+        one = generate(url, shared + "First question about the fox?", 4)
+        two = generate(url, shared + "A different and much longer second question, about the "
+                       "dog, the fox, the old wooden bridge and the cold river they both crossed "
+                       "that grey morning before the farmer woke up and saw them? " * 3, 4)  # fmt: skip
+        assert one["meta_info"]["cached_tokens"] < 16
+        # decode workers lack the new 100+ token suffix: a prefill worker computes it, and
+        # the one chosen already holds the shared context
+        assert two["meta_info"]["cached_tokens"] >= 64, two["meta_info"]
 
 
 def test_conversations_stay_on_the_worker_that_holds_them(cluster):
@@ -60,7 +104,7 @@ def test_conversations_stay_on_the_worker_that_holds_them(cluster):
             if turn > 0:
                 assert cached >= 0.8 * prev[i], (turn, i, cached, prev[i])
             prev[i] = resp["usage"]["prompt_tokens"]
-    workers = wait_idle(url)["workers"]
+    workers = [w for w in wait_idle(url)["workers"] if w["role"] == "decode"]
     assert all(w["radix_cache_stats"]["cached_tokens"] > 0 for w in workers), workers
 
 
@@ -71,20 +115,22 @@ def test_mixed_requests_leave_pools_and_locks_at_baseline(cluster):
         if i % 5 == 0:  # bad input: rejected before any worker sees it
             body = {"text": "x", "sampling_params": {"regex": "[a-z", "max_new_tokens": 4}}
             assert httpx.post(f"{url}/generate", json=body, timeout=60).status_code == 400
-        elif i % 5 == 1:  # cancelled mid-stream
-            body = {"text": f"Story {i}:", "stream": True,
+        elif i % 5 == 1:  # cancelled mid-stream (some while a prefill worker has them)
+            body = {"text": f"Story {i}: " + "once upon a time, " * (i % 3 * 8), "stream": True,
                     "sampling_params": {"max_new_tokens": 200, "ignore_eos": True}}  # fmt: skip
             with httpx.stream("POST", f"{url}/generate", json=body, timeout=60) as resp:
                 for line in resp.iter_lines():
                     if line.startswith("data: {"):
                         break
         else:
-            generate(url, f"Request {i % 7}: say something about the number {i}.", 8)
+            generate(url, f"Request {i % 7}: say something about the number {i}." * (1 + i % 3 * 4), 8)
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(one, range(40)))
     h = wait_idle(url)
+    assert h["kv_transfer"]["transfers"] > 0
     for w in h["workers"]:
+        assert w["running_requests"] == 0 and w.get("held_requests", 0) == 0, w
         stats = w["radix_cache_stats"]
         assert w["pages_free"] + stats["cached_pages"] == w["pages_total"], w
         assert stats["locked_pages"] == 0, w
@@ -101,13 +147,8 @@ def test_generated_grpc_client_streams_through_the_cluster(cluster):
         assert "".join(c.chunk.text for c in chunks) in ("Paris.", "Lyon.")
         assert chunks[-1].chunk.finish_reason == common_pb2.FINISH_REASON_STOP
         health = json.loads(stub.HealthStats(gateway_pb2.HealthStatsRequest()).json)
-        assert len(health["workers"]) == 2
-
-
-def test_up_refuses_prefill_workers_clearly():
-    run = subprocess.run([sys.executable, "-m", "strata.cli", "up", "--prefill", "1"],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert run.returncode == 2 and "prefill workers are not built yet" in run.stderr
+        roles = sorted(w["role"] for w in health["workers"])
+        assert roles == ["decode", "decode", "prefill", "prefill"]
 
 
 def test_dsl_select_and_constraints_through_the_cluster(cluster):

@@ -46,7 +46,10 @@ def wait_idle(url, timeout=30.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         h = health(url)
-        if h["running_requests"] == 0 and h["waiting_requests"] == 0:
+        # split mode: every worker idle, no prefill worker holding pages for a pull
+        busy = [w for w in h.get("workers", []) if w.get("running_requests")
+                or w.get("waiting_requests") or w.get("held_requests")]  # fmt: skip
+        if h["running_requests"] == 0 and h["waiting_requests"] == 0 and not busy:
             return h
         assert time.monotonic() < deadline, h
         time.sleep(0.1)

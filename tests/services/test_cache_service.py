@@ -3,15 +3,10 @@ remote index as over the in-process one, Route reports per-worker prefixes, lock
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cache.client import RemoteCacheIndex
 from strata.config import CacheConfig, ModelConfig
@@ -19,31 +14,13 @@ from strata.engine.engine import Engine
 from strata.engine.runner import ModelRunner
 from strata.proto.v1 import cache_pb2, cache_pb2_grpc
 from tests.core.test_scheduler import run
-from tests.e2e.server import free_port
+from tests.e2e.server import grpc_service
 
 
 @pytest.fixture(scope="module")
 def cache_target() -> Iterator[str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "strata.cli", "cache", "--port", str(port), "--page-size", "4"]
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        target = f"127.0.0.1:{port}"
-        try:
-            with grpc.insecure_channel(target) as ch:
-                stub = health_pb2_grpc.HealthStub(ch)
-                deadline = time.monotonic() + 60
-                while True:
-                    try:
-                        stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                        break
-                    except grpc.RpcError:
-                        assert proc.poll() is None and time.monotonic() < deadline
-                        time.sleep(0.2)
-            yield target
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    with grpc_service("cache", "--page-size", "4") as (target, _):
+        yield target
 
 
 def test_engine_over_remote_index_equals_in_process(cache_target, tiny_checkpoint):

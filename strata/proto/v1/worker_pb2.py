@@ -25,35 +25,45 @@ _sym_db = _symbol_database.Default()
 from strata.proto.v1 import common_pb2 as strata_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16strata/v1/worker.proto\x12\tstrata.v1\x1a\x16strata/v1/common.proto\"i\n\x0cTransferPeer\x12\x13\n\x0binit_method\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nworld_size\x18\x04 \x01(\r\x12\x11\n\ttimeout_s\x18\x05 \x01(\x02\"\x8b\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\r\x12\x32\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x19.strata.v1.SamplingParams\x12\x16\n\x0eprefill_worker\x18\x04 \x01(\t\"\xae\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\r\x12\x32\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x19.strata.v1.SamplingParams\x12\x19\n\x11\x64\x65stination_pages\x18\x04 \x03(\r\x12%\n\x04peer\x18\x05 \x01(\x0b\x32\x17.strata.v1.TransferPeer\"o\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x16\n\x0etransfer_bytes\x18\x03 \x01(\x04\x12\x18\n\x10transfer_seconds\x18\x04 \x01(\x01\"\r\n\x0bLoadRequest\"i\n\x0cLoadResponse\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x0f\n\x07waiting\x18\x03 \x01(\r\x12\x13\n\x0bpages_total\x18\x04 \x01(\r\x12\x12\n\npages_free\x18\x05 \x01(\r\"\x0e\n\x0c\x46lushRequest\"&\n\rFlushResponse\x12\x15\n\rflushed_pages\x18\x01 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xc0\x01\n\x07Prefill\x12@\n\x07Prefill\x12\x19.strata.v1.PrefillRequest\x1a\x1a.strata.v1.PrefillResponse\x12\x37\n\x04Load\x12\x16.strata.v1.LoadRequest\x1a\x17.strata.v1.LoadResponse\x12:\n\x05\x41\x62ort\x12\x17.strata.v1.AbortRequest\x1a\x18.strata.v1.AbortResponse2\x85\x02\n\x06\x44\x65\x63ode\x12\x45\n\x08Generate\x12 .strata.v1.WorkerGenerateRequest\x1a\x15.strata.v1.TokenChunk0\x01\x12\x37\n\x04Load\x12\x16.strata.v1.LoadRequest\x1a\x17.strata.v1.LoadResponse\x12?\n\nFlushCache\x12\x17.strata.v1.FlushRequest\x1a\x18.strata.v1.FlushResponse\x12:\n\x05\x41\x62ort\x12\x17.strata.v1.AbortRequest\x1a\x18.strata.v1.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16strata/v1/worker.proto\x12\tstrata.v1\x1a\x16strata/v1/common.proto\"M\n\x0e\x43onnectRequest\x12\x15\n\rdecode_worker\x18\x01 \x01(\t\x12\x11\n\tkv_layout\x18\x02 \x01(\t\x12\x11\n\ttimeout_s\x18\x03 \x01(\x02\"D\n\x0f\x43onnectResponse\x12\x12\n\nchannel_id\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\"\x8b\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\r\x12\x32\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x19.strata.v1.SamplingParams\x12\x16\n\x0eprefill_worker\x18\x04 \x01(\t\"\x7f\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\r\x12\x32\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x19.strata.v1.SamplingParams\x12\x11\n\tnum_pages\x18\x04 \x01(\r\"\xd6\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x41\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32+.strata.v1.PrefillResponse.TopLogprobsEntry\x1a\x32\n\x10TopLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\n\n\x08_logprob\"5\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nchannel_id\x18\x02 \x01(\t\"@\n\x0cPullResponse\x12\x16\n\x0etransfer_bytes\x18\x01 \x01(\x04\x12\x18\n\x10transfer_seconds\x18\x02 \x01(\x01\"\r\n\x0bLoadRequest\"\xc5\x01\n\x0cLoadResponse\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x0f\n\x07waiting\x18\x03 \x01(\r\x12\x13\n\x0bpages_total\x18\x04 \x01(\r\x12\x12\n\npages_free\x18\x05 \x01(\r\x12\x11\n\ttransfers\x18\x06 \x01(\x04\x12\x16\n\x0etransfer_bytes\x18\x07 \x01(\x04\x12\x18\n\x10transfer_seconds\x18\x08 \x01(\x01\x12\x15\n\rheld_requests\x18\t \x01(\r\"\x0e\n\x0c\x46lushRequest\"&\n\rFlushResponse\x12\x15\n\rflushed_pages\x18\x01 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xfe\x02\n\x07Prefill\x12@\n\x07\x43onnect\x12\x19.strata.v1.ConnectRequest\x1a\x1a.strata.v1.ConnectResponse\x12@\n\x07Prefill\x12\x19.strata.v1.PrefillRequest\x1a\x1a.strata.v1.PrefillResponse\x12\x39\n\x04Pull\x12\x16.strata.v1.PullRequest\x1a\x17.strata.v1.PullResponse0\x01\x12\x37\n\x04Load\x12\x16.strata.v1.LoadRequest\x1a\x17.strata.v1.LoadResponse\x12?\n\nFlushCache\x12\x17.strata.v1.FlushRequest\x1a\x18.strata.v1.FlushResponse\x12:\n\x05\x41\x62ort\x12\x17.strata.v1.AbortRequest\x1a\x18.strata.v1.AbortResponse2\x85\x02\n\x06\x44\x65\x63ode\x12\x45\n\x08Generate\x12 .strata.v1.WorkerGenerateRequest\x1a\x15.strata.v1.TokenChunk0\x01\x12\x37\n\x04Load\x12\x16.strata.v1.LoadRequest\x1a\x17.strata.v1.LoadResponse\x12?\n\nFlushCache\x12\x17.strata.v1.FlushRequest\x1a\x18.strata.v1.FlushResponse\x12:\n\x05\x41\x62ort\x12\x17.strata.v1.AbortRequest\x1a\x18.strata.v1.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'strata.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRANSFERPEER']._serialized_start=61
-  _globals['_TRANSFERPEER']._serialized_end=166
-  _globals['_WORKERGENERATEREQUEST']._serialized_start=169
-  _globals['_WORKERGENERATEREQUEST']._serialized_end=308
-  _globals['_PREFILLREQUEST']._serialized_start=311
-  _globals['_PREFILLREQUEST']._serialized_end=485
-  _globals['_PREFILLRESPONSE']._serialized_start=487
-  _globals['_PREFILLRESPONSE']._serialized_end=598
-  _globals['_LOADREQUEST']._serialized_start=600
-  _globals['_LOADREQUEST']._serialized_end=613
-  _globals['_LOADRESPONSE']._serialized_start=615
-  _globals['_LOADRESPONSE']._serialized_end=720
-  _globals['_FLUSHREQUEST']._serialized_start=722
-  _globals['_FLUSHREQUEST']._serialized_end=736
-  _globals['_FLUSHRESPONSE']._serialized_start=738
-  _globals['_FLUSHRESPONSE']._serialized_end=776
-  _globals['_ABORTREQUEST']._serialized_start=778
-  _globals['_ABORTREQUEST']._serialized_end=812
-  _globals['_ABORTRESPONSE']._serialized_start=814
-  _globals['_ABORTRESPONSE']._serialized_end=844
-  _globals['_PREFILL']._serialized_start=847
-  _globals['_PREFILL']._serialized_end=1039
-  _globals['_DECODE']._serialized_start=1042
-  _globals['_DECODE']._serialized_end=1303
+  _globals['_PREFILLRESPONSE_TOPLOGPROBSENTRY']._loaded_options = None
+  _globals['_PREFILLRESPONSE_TOPLOGPROBSENTRY']._serialized_options = b'8\001'
+  _globals['_CONNECTREQUEST']._serialized_start=61
+  _globals['_CONNECTREQUEST']._serialized_end=138
+  _globals['_CONNECTRESPONSE']._serialized_start=140
+  _globals['_CONNECTRESPONSE']._serialized_end=208
+  _globals['_WORKERGENERATEREQUEST']._serialized_start=211
+  _globals['_WORKERGENERATEREQUEST']._serialized_end=350
+  _globals['_PREFILLREQUEST']._serialized_start=352
+  _globals['_PREFILLREQUEST']._serialized_end=479
+  _globals['_PREFILLRESPONSE']._serialized_start=482
+  _globals['_PREFILLRESPONSE']._serialized_end=696
+  _globals['_PREFILLRESPONSE_TOPLOGPROBSENTRY']._serialized_start=634
+  _globals['_PREFILLRESPONSE_TOPLOGPROBSENTRY']._serialized_end=684
+  _globals['_PULLREQUEST']._serialized_start=698
+  _globals['_PULLREQUEST']._serialized_end=751
+  _globals['_PULLRESPONSE']._serialized_start=753
+  _globals['_PULLRESPONSE']._serialized_end=817
+  _globals['_LOADREQUEST']._serialized_start=819
+  _globals['_LOADREQUEST']._serialized_end=832
+  _globals['_LOADRESPONSE']._serialized_start=835
+  _globals['_LOADRESPONSE']._serialized_end=1032
+  _globals['_FLUSHREQUEST']._serialized_start=1034
+  _globals['_FLUSHREQUEST']._serialized_end=1048
+  _globals['_FLUSHRESPONSE']._serialized_start=1050
+  _globals['_FLUSHRESPONSE']._serialized_end=1088
+  _globals['_ABORTREQUEST']._serialized_start=1090
+  _globals['_ABORTREQUEST']._serialized_end=1124
+  _globals['_ABORTRESPONSE']._serialized_start=1126
+  _globals['_ABORTRESPONSE']._serialized_end=1156
+  _globals['_PREFILL']._serialized_start=1159
+  _globals['_PREFILL']._serialized_end=1541
+  _globals['_DECODE']._serialized_start=1544
+  _globals['_DECODE']._serialized_end=1805
 # @@protoc_insertion_point(module_scope)

@@ -7,19 +7,25 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class TransferPeer(_message.Message):
-    __slots__ = ("init_method", "backend", "rank", "world_size", "timeout_s")
-    INIT_METHOD_FIELD_NUMBER: _ClassVar[int]
-    BACKEND_FIELD_NUMBER: _ClassVar[int]
-    RANK_FIELD_NUMBER: _ClassVar[int]
-    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+class ConnectRequest(_message.Message):
+    __slots__ = ("decode_worker", "kv_layout", "timeout_s")
+    DECODE_WORKER_FIELD_NUMBER: _ClassVar[int]
+    KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
-    init_method: str
-    backend: str
-    rank: int
-    world_size: int
+    decode_worker: str
+    kv_layout: str
     timeout_s: float
-    def __init__(self, init_method: _Optional[str] = ..., backend: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, decode_worker: _Optional[str] = ..., kv_layout: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class ConnectResponse(_message.Message):
+    __slots__ = ("channel_id", "port", "backend")
+    CHANNEL_ID_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    channel_id: str
+    port: int
+    backend: str
+    def __init__(self, channel_id: _Optional[str] = ..., port: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class WorkerGenerateRequest(_message.Message):
     __slots__ = ("request_id", "prompt_ids", "sampling_params", "prefill_worker")
@@ -34,48 +40,77 @@ class WorkerGenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prefill_worker: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_ids", "sampling_params", "destination_pages", "peer")
+    __slots__ = ("request_id", "prompt_ids", "sampling_params", "num_pages")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
-    DESTINATION_PAGES_FIELD_NUMBER: _ClassVar[int]
-    PEER_FIELD_NUMBER: _ClassVar[int]
+    NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: _common_pb2.SamplingParams
-    destination_pages: _containers.RepeatedScalarFieldContainer[int]
-    peer: TransferPeer
-    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., destination_pages: _Optional[_Iterable[int]] = ..., peer: _Optional[_Union[TransferPeer, _Mapping]] = ...) -> None: ...
+    num_pages: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., num_pages: _Optional[int] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token", "cached_tokens", "transfer_bytes", "transfer_seconds")
+    __slots__ = ("first_token", "cached_tokens", "logprob", "top_logprobs")
+    class TopLogprobsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
-    TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     first_token: int
     cached_tokens: int
+    logprob: float
+    top_logprobs: _containers.ScalarMap[int, float]
+    def __init__(self, first_token: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Mapping[int, float]] = ...) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("request_id", "channel_id")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    channel_id: str
+    def __init__(self, request_id: _Optional[str] = ..., channel_id: _Optional[str] = ...) -> None: ...
+
+class PullResponse(_message.Message):
+    __slots__ = ("transfer_bytes", "transfer_seconds")
+    TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     transfer_bytes: int
     transfer_seconds: float
-    def __init__(self, first_token: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., transfer_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ...) -> None: ...
+    def __init__(self, transfer_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class LoadResponse(_message.Message):
-    __slots__ = ("worker", "running", "waiting", "pages_total", "pages_free")
+    __slots__ = ("worker", "running", "waiting", "pages_total", "pages_free", "transfers", "transfer_bytes", "transfer_seconds", "held_requests")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     PAGES_FREE_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HELD_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     worker: str
     running: int
     waiting: int
     pages_total: int
     pages_free: int
-    def __init__(self, worker: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ...) -> None: ...
+    transfers: int
+    transfer_bytes: int
+    transfer_seconds: float
+    held_requests: int
+    def __init__(self, worker: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., transfers: _Optional[int] = ..., transfer_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., held_requests: _Optional[int] = ...) -> None: ...
 
 class FlushRequest(_message.Message):
     __slots__ = ()

@@ -35,15 +35,30 @@ class PrefillStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Connect = channel.unary_unary(
+                '/strata.v1.Prefill/Connect',
+                request_serializer=strata_dot_v1_dot_worker__pb2.ConnectRequest.SerializeToString,
+                response_deserializer=strata_dot_v1_dot_worker__pb2.ConnectResponse.FromString,
+                _registered_method=True)
         self.Prefill = channel.unary_unary(
                 '/strata.v1.Prefill/Prefill',
                 request_serializer=strata_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=strata_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.Pull = channel.unary_stream(
+                '/strata.v1.Prefill/Pull',
+                request_serializer=strata_dot_v1_dot_worker__pb2.PullRequest.SerializeToString,
+                response_deserializer=strata_dot_v1_dot_worker__pb2.PullResponse.FromString,
+                _registered_method=True)
         self.Load = channel.unary_unary(
                 '/strata.v1.Prefill/Load',
                 request_serializer=strata_dot_v1_dot_worker__pb2.LoadRequest.SerializeToString,
                 response_deserializer=strata_dot_v1_dot_worker__pb2.LoadResponse.FromString,
+                _registered_method=True)
+        self.FlushCache = channel.unary_unary(
+                '/strata.v1.Prefill/FlushCache',
+                request_serializer=strata_dot_v1_dot_worker__pb2.FlushRequest.SerializeToString,
+                response_deserializer=strata_dot_v1_dot_worker__pb2.FlushResponse.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/strata.v1.Prefill/Abort',
@@ -55,13 +70,32 @@ class PrefillStub:
 class PrefillServicer:
     """Missing associated documentation comment in .proto file."""
 
+    def Connect(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Prefill(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Pull(self, request, context):
+        """ready, then the transfer's figures
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Load(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FlushCache(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -76,15 +110,30 @@ class PrefillServicer:
 
 def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Connect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Connect,
+                    request_deserializer=strata_dot_v1_dot_worker__pb2.ConnectRequest.FromString,
+                    response_serializer=strata_dot_v1_dot_worker__pb2.ConnectResponse.SerializeToString,
+            ),
             'Prefill': grpc.unary_unary_rpc_method_handler(
                     servicer.Prefill,
                     request_deserializer=strata_dot_v1_dot_worker__pb2.PrefillRequest.FromString,
                     response_serializer=strata_dot_v1_dot_worker__pb2.PrefillResponse.SerializeToString,
             ),
+            'Pull': grpc.unary_stream_rpc_method_handler(
+                    servicer.Pull,
+                    request_deserializer=strata_dot_v1_dot_worker__pb2.PullRequest.FromString,
+                    response_serializer=strata_dot_v1_dot_worker__pb2.PullResponse.SerializeToString,
+            ),
             'Load': grpc.unary_unary_rpc_method_handler(
                     servicer.Load,
                     request_deserializer=strata_dot_v1_dot_worker__pb2.LoadRequest.FromString,
                     response_serializer=strata_dot_v1_dot_worker__pb2.LoadResponse.SerializeToString,
+            ),
+            'FlushCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.FlushCache,
+                    request_deserializer=strata_dot_v1_dot_worker__pb2.FlushRequest.FromString,
+                    response_serializer=strata_dot_v1_dot_worker__pb2.FlushResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -101,6 +150,33 @@ def add_PrefillServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Prefill:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Connect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.Prefill/Connect',
+            strata_dot_v1_dot_worker__pb2.ConnectRequest.SerializeToString,
+            strata_dot_v1_dot_worker__pb2.ConnectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Prefill(request,
@@ -130,6 +206,33 @@ class Prefill:
             _registered_method=True)
 
     @staticmethod
+    def Pull(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/strata.v1.Prefill/Pull',
+            strata_dot_v1_dot_worker__pb2.PullRequest.SerializeToString,
+            strata_dot_v1_dot_worker__pb2.PullResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Load(request,
             target,
             options=(),
@@ -146,6 +249,33 @@ class Prefill:
             '/strata.v1.Prefill/Load',
             strata_dot_v1_dot_worker__pb2.LoadRequest.SerializeToString,
             strata_dot_v1_dot_worker__pb2.LoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FlushCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.Prefill/FlushCache',
+            strata_dot_v1_dot_worker__pb2.FlushRequest.SerializeToString,
+            strata_dot_v1_dot_worker__pb2.FlushResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,122 @@
+"""The prefill worker: the engine behind `strata.v1.Prefill`, its radix tree at the cache
+service. Prefill computes a prompt's uncached suffix and samples the first token, then holds
+the prompt's pages; Pull sends them to the decode worker over the pair's KV channel and
+releases them (to the cache). Connect makes that channel: this side opens a store on a
+free port and joins it from a thread, while the decode worker joins from its side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import aclosing
+from dataclasses import replace
+
+import grpc
+
+from services.convert import params_from_proto
+from services.grpcio import run_until_signal, start_server
+from services.worker import EngineWorker
+from strata.engine.engine import Engine
+from strata.kv.transfer import KVChannel, TransferError, TransferStats, kv_layout, listen
+from strata.proto.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class PrefillService(EngineWorker, worker_pb2_grpc.PrefillServicer):
+    def __init__(self, engine: Engine, worker_id: str) -> None:
+        super().__init__(engine, worker_id)
+        self.channels: dict[str, Future[KVChannel]] = {}  # channel id -> joined channel
+        self._joins = ThreadPoolExecutor(8, thread_name_prefix="strata-kv-join")
+
+    async def Connect(self, request, context):  # noqa: N802 (gRPC method names)
+        layout = kv_layout(self.engine.runner.kv)
+        if request.kv_layout != layout:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"KV layout {request.kv_layout!r} does not match this prefill worker's "
+                f"{layout!r} (same model, dtype and page size?)",
+            )
+        timeout = request.timeout_s or 30.0
+        store = await asyncio.to_thread(listen, timeout)
+        cid = uuid.uuid4().hex
+        kv = self.engine.runner.kv
+        self.channels[cid] = self._joins.submit(
+            KVChannel, kv, "", 0, rank=0, timeout=timeout, store=store
+        )
+        log.info("KV channel %s to %s on port %d", cid[:8], request.decode_worker, store.port)
+        backend = "nccl" if kv.data.is_cuda else "gloo"
+        return worker_pb2.ConnectResponse(channel_id=cid, port=store.port, backend=backend)
+
+    async def Prefill(self, request, context):  # noqa: N802
+        ids = list(request.prompt_ids)
+        try:
+            params = params_from_proto(request.sampling_params)
+            await asyncio.to_thread(self.engine.validate, ids, params)  # may compile a grammar
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        expected = self.engine.runner.pages_for(len(ids))
+        if request.num_pages != expected:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{request.num_pages} pages reserved for a prompt of {len(ids)} "
+                                f"tokens; this worker sends {expected}")  # fmt: skip
+        # one token: the decode worker samples the rest; a cancelled call aborts the prefill
+        one = replace(params, max_new_tokens=1)
+        last = None
+        async with aclosing(self.engine.stream(ids, one, request.request_id, hold=True)) as evs:
+            async for ev in evs:
+                last = ev
+        if last is None or last.finish_reason not in ("stop", "length") or not last.token_ids:
+            await context.abort(grpc.StatusCode.ABORTED, last.error or "prefill aborted")
+        reply = worker_pb2.PrefillResponse(
+            first_token=last.token_ids[0],
+            cached_tokens=last.usage.cached_tokens if last.usage else 0,
+            top_logprobs=(last.top_logprobs or [{}])[0],
+        )
+        if last.logprobs:
+            reply.logprob = last.logprobs[0]
+        return reply
+
+    async def Pull(self, request, context):  # noqa: N802
+        """Stream `ready` (the held pages are there), send them, then stream the figures.
+        The decode worker posts its receive only after `ready`, so a refused pull never
+        leaves a receive waiting on the channel."""
+        rid = request.request_id
+        joined = self.channels.get(request.channel_id)
+        if joined is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown KV channel: connect again")
+        try:
+            pages = await asyncio.wrap_future(self.engine.call(lambda: self.engine.held_pages(rid)))
+        except KeyError:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no held pages for request {rid}")
+        try:
+            channel = await asyncio.wrap_future(joined)
+            yield worker_pb2.PullResponse()
+            stats = await asyncio.to_thread(self._send, channel, pages)
+        except TransferError as exc:
+            self.channels.pop(request.channel_id, None)  # out of step: the peer reconnects
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        finally:
+            self.engine.call(lambda: self.engine.release_held(rid))
+        self.transferred.add(stats.bytes, stats.seconds)
+        yield worker_pb2.PullResponse(transfer_bytes=stats.bytes, transfer_seconds=stats.seconds)
+
+    @staticmethod
+    def _send(channel: KVChannel, pages: list[int]) -> TransferStats:
+        with channel.lock:
+            return channel.send(pages)
+
+
+async def serve(engine: Engine, worker_id: str, host: str, port: int, grace: float) -> None:
+    name = worker_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name
+    add = worker_pb2_grpc.add_PrefillServicer_to_server
+    engine.start()
+    server, bound = await start_server(host, port, [(add, PrefillService(engine, worker_id), name)])
+    log.info("prefill worker %s on %s:%d", worker_id, host, bound)
+    try:
+        await run_until_signal(server, grace)
+    finally:
+        engine.shutdown()

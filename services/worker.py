@@ -1,0 +1,49 @@
+"""What the prefill and decode workers share: an engine, a worker id, transfer counters, and
+the Load, FlushCache and Abort calls over them."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from strata.engine.engine import Engine
+from strata.proto.v1 import worker_pb2
+
+
+class TransferCounter:
+    def __init__(self) -> None:
+        self.transfers, self.bytes, self.seconds = 0, 0, 0.0
+        self._lock = threading.Lock()  # transfers finish on several threads
+
+    def add(self, nbytes: int, seconds: float) -> None:
+        with self._lock:
+            self.transfers += 1
+            self.bytes += nbytes
+            self.seconds += seconds
+
+
+class EngineWorker:
+    """Mixed into a generated servicer (PrefillServicer or DecodeServicer)."""
+
+    def __init__(self, engine: Engine, worker_id: str) -> None:
+        self.engine, self.worker_id = engine, worker_id
+        self.transferred = TransferCounter()
+
+    async def Load(self, request, context):  # noqa: N802 (gRPC method names)
+        s = await asyncio.wrap_future(self.engine.call(self.engine.stats))
+        t = self.transferred
+        return worker_pb2.LoadResponse(
+            worker=self.worker_id, running=s.running, waiting=s.waiting,
+            pages_total=s.pages_total, pages_free=s.pages_free, held_requests=s.held,
+            transfers=t.transfers, transfer_bytes=t.bytes, transfer_seconds=t.seconds,
+        )  # fmt: skip
+
+    async def FlushCache(self, request, context):  # noqa: N802
+        n = await asyncio.wrap_future(self.engine.call(self.engine.flush_cache))
+        return worker_pb2.FlushResponse(flushed_pages=n)
+
+    async def Abort(self, request, context):  # noqa: N802
+        """Abort a request that is running, or release one held for a pull (prefill)."""
+        rid = request.request_id
+        found = await asyncio.wrap_future(self.engine.call(lambda: self.engine.abort_now(rid)))
+        return worker_pb2.AbortResponse(found=found)

@@ -1,0 +1,159 @@
+"""Prefill and decode workers as real processes on a tiny model, driven over real gRPC with
+the generated stubs: a prompt prefilled remotely (its KV sent over gloo) generates exactly
+what a local prefill does; failures are clear errors that leave the pools at baseline; a
+SIGTERM lets the streams in flight finish."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+import grpc
+import pytest
+
+from services.convert import params_to_proto
+from strata.model.loader import load_tokenizer, resolve_checkpoint
+from strata.proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from strata.sampling.params import SamplingParams
+from tests.conftest import tiny_hf_model
+from tests.e2e.server import free_port, grpc_service
+
+GREEDY = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
+PROMPTS = [[(7 * i + 3 * j) % 300 + 5 for j in range(9 + 11 * i)] for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[dict[str, str]]:
+    folder = tmp_path_factory.mktemp("ckpt")
+    tiny_hf_model("llama").save_pretrained(folder)
+    load_tokenizer(resolve_checkpoint(None)).save_pretrained(folder)  # servers need one
+    model = ["--model-path", str(folder), "--dtype", "float32", "--page-size", "4",
+             "--num-pages", "128", "--log-level", "info"]  # fmt: skip
+    with ExitStack() as stack:
+        cache, _ = stack.enter_context(grpc_service("cache", "--page-size", "4"))
+        prefill, _ = stack.enter_context(grpc_service("prefill", "--cache", cache, *model))
+        decode, _ = stack.enter_context(grpc_service("decode", "--cache", cache, *model))
+        yield {"cache": cache, "prefill": prefill, "decode": decode, "model": folder}
+
+
+def generate(target: str, prompt: list[int], prefill: str = "", params=GREEDY, rid: str = ""):
+    with grpc.insecure_channel(target) as channel:
+        stub = worker_pb2_grpc.DecodeStub(channel)
+        request = worker_pb2.WorkerGenerateRequest(
+            request_id=rid or f"r{time.monotonic_ns()}", prompt_ids=prompt,
+            sampling_params=params_to_proto(params), prefill_worker=prefill,
+        )  # fmt: skip
+        return list(stub.Generate(request, timeout=60))
+
+
+def tokens(chunks) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
+
+
+def load(target: str, role: str = "Decode") -> worker_pb2.LoadResponse:
+    with grpc.insecure_channel(target) as channel:
+        stub = getattr(worker_pb2_grpc, f"{role}Stub")(channel)
+        return stub.Load(worker_pb2.LoadRequest(), timeout=10)
+
+
+def flush(target: str, role: str = "Decode") -> None:
+    with grpc.insecure_channel(target) as channel:
+        getattr(worker_pb2_grpc, f"{role}Stub")(channel).FlushCache(worker_pb2.FlushRequest())
+
+
+def assert_baseline(cluster) -> None:
+    for target, role in ((cluster["decode"], "Decode"), (cluster["prefill"], "Prefill")):
+        deadline = time.monotonic() + 20
+        while (w := load(target, role)).running or w.held_requests:
+            assert time.monotonic() < deadline, w
+            time.sleep(0.1)
+        flush(target, role)
+        w = load(target, role)
+        assert w.pages_free == w.pages_total, (role, w)
+
+
+def test_remote_prefill_generates_what_a_local_prefill_does(cluster):
+    local = [tokens(generate(cluster["decode"], p)) for p in PROMPTS]
+    flush(cluster["decode"])
+    before = load(cluster["decode"])
+    remote = [generate(cluster["decode"], p, cluster["prefill"]) for p in PROMPTS]
+    assert [tokens(c) for c in remote] == local
+    after = load(cluster["decode"])
+    assert after.transfers - before.transfers == len(PROMPTS)
+    pages = sum(-(-len(p) // 4) for p in PROMPTS)
+    bytes_per_page = 2 * 2 * 4 * 2 * 16 * 4  # layers, K+V, page size, kv heads, head dim, fp32
+    assert after.transfer_bytes - before.transfer_bytes == pages * bytes_per_page
+    assert all(c[0].transfer_bytes > 0 for c in remote)  # reported on the first chunk
+    assert load(cluster["prefill"], "Prefill").transfers == after.transfers
+    # the same prompts again: the prefill worker finds them in its cache
+    again = [generate(cluster["decode"], p, cluster["prefill"]) for p in PROMPTS]
+    assert [tokens(c) for c in again] == local
+    assert all(c[-1].usage.cached_tokens > 0 for c in again[1:])
+    assert_baseline(cluster)
+
+
+def test_seeded_sampling_and_logprobs_cross_the_split(cluster):
+    params = SamplingParams(max_new_tokens=8, temperature=0.8, seed=11, logprobs=True,
+                            ignore_eos=True)  # fmt: skip
+    local = generate(cluster["decode"], PROMPTS[2], params=params)
+    remote = generate(cluster["decode"], PROMPTS[2], cluster["prefill"], params=params)
+    assert tokens(remote) == tokens(local)
+    lp = [x for c in remote for x in c.logprobs]
+    assert lp == pytest.approx([x for c in local for x in c.logprobs], abs=1e-4)
+    assert_baseline(cluster)
+
+
+def test_an_unreachable_prefill_worker_is_a_clear_error(cluster):
+    dead = f"127.0.0.1:{free_port()}"
+    chunks = generate(cluster["decode"], PROMPTS[1], dead)
+    assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_ERROR
+    assert f"prefill worker {dead}" in chunks[-1].error
+    assert_baseline(cluster)
+
+
+def test_a_mismatched_prefill_worker_is_refused_clearly(cluster):
+    model = ["--model-path", str(cluster["model"]), "--dtype", "float32", "--page-size", "8"]
+    with grpc_service("prefill", "--cache", cluster["cache"], *model) as (other, _):
+        chunks = generate(cluster["decode"], PROMPTS[1], other)
+    assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_ERROR
+    assert "pages reserved" in chunks[-1].error or "KV layout" in chunks[-1].error
+    assert_baseline(cluster)
+
+
+def test_bad_input_to_the_prefill_worker_is_invalid_argument(cluster):
+    with grpc.insecure_channel(cluster["prefill"]) as channel:
+        stub = worker_pb2_grpc.PrefillStub(channel)
+        bad = worker_pb2.PrefillRequest(request_id="x", prompt_ids=[10**6], num_pages=1,
+                                        sampling_params=params_to_proto(GREEDY))  # fmt: skip
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Prefill(bad, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Pull(worker_pb2.PullRequest(request_id="x", channel_id="nope"), timeout=10))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        layout = worker_pb2.ConnectRequest(decode_worker="t", kv_layout="1x1x1x1:float32")
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Connect(layout, timeout=10)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "KV layout" in (err.value.details() or "")
+
+
+def test_sigterm_lets_streams_in_flight_finish(cluster):
+    model = ["--model-path", str(cluster["model"]), "--dtype", "float32", "--page-size", "4"]
+    with grpc_service("decode", "--cache", cluster["cache"], *model,
+                      "--worker-id", "draining") as (target, proc):  # fmt: skip
+        long = SamplingParams(max_new_tokens=120, temperature=0, ignore_eos=True)
+        with grpc.insecure_channel(target) as channel:
+            stub = worker_pb2_grpc.DecodeStub(channel)
+            call = stub.Generate(worker_pb2.WorkerGenerateRequest(
+                request_id="long", prompt_ids=PROMPTS[0], sampling_params=params_to_proto(long),
+                prefill_worker=cluster["prefill"]), timeout=60)  # fmt: skip
+            first = next(call)
+            proc.send_signal(signal.SIGTERM)
+            rest = list(call)
+            assert len(first.token_ids) + len(tokens(rest)) == 120
+            assert rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+            assert proc.wait(30) == 0
+    assert_baseline(cluster)
