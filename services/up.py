@@ -4,6 +4,7 @@ all, gateway first (each finishes its calls in flight)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -75,9 +76,13 @@ def up(
         nonlocal stopping
         stopping = True
 
-    def start(*args: str) -> subprocess.Popen:
-        procs.append(subprocess.Popen([*cli, *args, "--log-level", log_level]))
+    def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        procs.append(subprocess.Popen([*cli, *args, "--log-level", log_level], env=env))
         return procs[-1]
+
+    # Prefill workers work in bursts: on a shared CPU their OpenMP threads must sleep, not
+    # spin, between bursts, or they take cores from the decode workers (unless set already).
+    bursty = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
     signal.signal(signal.SIGTERM, stop)
     try:
@@ -90,7 +95,8 @@ def up(
                 p = free_port(host)
                 workers[role].append(f"{host}:{p}")
                 proc = start(role, "--host", host, "--port", str(p), "--cache", cache,
-                             *model_args, *worker_args)  # fmt: skip
+                             *model_args, *worker_args,
+                             env=bursty if role == "prefill" else None)  # fmt: skip
                 started.append((workers[role][-1], proc))
         for target, proc in started:  # they load the model side by side
             wait_grpc(target, proc, timeout)
