@@ -5,9 +5,10 @@ One channel per (prefill, decode) pair: a torch.distributed process group of two
 through a TCPStore the prefill side opens (`listen`) and names in the gRPC handshake. Pages go
 in a few messages of consecutive layers, each a contiguous block [2 * layers, n, page] staged
 in a buffer the channel keeps, so gathering overlaps sending and scattering overlaps
-receiving, and the receiver's page ids need not match the sender's. Every operation has a timeout; a failed or timed-out
-channel raises TransferError and must be closed and rebuilt, never reused. Transfers on
-one channel run one at a time (`lock`): both sides count them to pair up message tags.
+receiving, and the receiver's page ids need not match the sender's. Every operation has a
+timeout; a failed or timed-out channel raises TransferError and must be closed and rebuilt,
+never reused. Transfers on one channel run one at a time (`lock`): both sides count them to
+pair up message tags.
 """
 
 from __future__ import annotations

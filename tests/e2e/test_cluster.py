@@ -20,9 +20,12 @@ from tests.e2e.server import running_cluster, running_server
 from tests.e2e.test_server import health, wait_idle
 
 ROOT = Path(__file__).resolve().parents[2]
+STORY = (
+    "Here is a long story about a lighthouse keeper who counts the waves every night "
+    "and writes each number in a book that nobody reads. "
+)
 PROMPTS = ["The capital of France is", "List three colors:", "def fibonacci(n):",
-           "Here is a long story about a lighthouse keeper who counts the waves every night "
-           "and writes each number in a book that nobody reads. " * 3 + "One evening the count"]  # fmt: skip
+           STORY * 3 + "One evening the count"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +80,10 @@ def test_requests_sharing_a_prefix_go_to_the_prefill_worker_that_holds_it(cluste
     for k in range(3):  # by chance alone all three would land right one time in eight
         shared = f"Shared context number {k}: " + "the quick brown fox jumps over it. " * 8
         one = generate(url, shared + "First question about the fox?", 4)
-        two = generate(url, shared + "A different and much longer second question, about the "
-                       "dog, the fox, the old wooden bridge and the cold river they both crossed "
-                       "that grey morning before the farmer woke up and saw them? " * 3, 4)  # fmt: skip
+        question = ("A different and much longer second question, about the dog, the fox, the "
+                    "old wooden bridge and the cold river they both crossed that grey morning "
+                    "before the farmer woke up and saw them? ")  # fmt: skip
+        two = generate(url, shared + question * 3, 4)
         assert one["meta_info"]["cached_tokens"] < 16
         # decode workers lack the new 100+ token suffix: a prefill worker computes it, and
         # the one chosen already holds the shared context
@@ -123,7 +127,8 @@ def test_mixed_requests_leave_pools_and_locks_at_baseline(cluster):
                     if line.startswith("data: {"):
                         break
         else:
-            generate(url, f"Request {i % 7}: say something about the number {i}." * (1 + i % 3 * 4), 8)
+            text = f"Request {i % 7}: say something about the number {i}."
+            generate(url, text * (1 + i % 3 * 4), 8)
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(one, range(40)))
