@@ -10,22 +10,22 @@ import queue
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from strata.engine.request import KVSource, RemoteFill, Request, RequestOutput
+from strata.engine.logprobs import collect_input_logprobs, wants_input_logprobs
+from strata.engine.request import KVSource, Request, RequestOutput
 from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import ScheduledChunk, Scheduler
+from strata.engine.split import SplitRoles
 from strata.grammar.compiler import GrammarCompiler, LazyGrammarCompiler
 from strata.grammar.constraint import Constraint
 from strata.grammar.jump import jump_forward
 from strata.model.batch import SequenceChunk
 from strata.radix.index import CacheIndex, LocalCacheIndex
 from strata.sampling.params import SamplingParams
-from strata.sampling.sampler import SampleInput, sample, skip_noise
+from strata.sampling.sampler import SampleInput, sample
 from strata.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def check_request(
         compile_grammar(params.constraint)
 
 
-class Engine:
+class Engine(SplitRoles):
     def __init__(
         self,
         runner: ModelRunner,
@@ -95,10 +95,7 @@ class Engine:
         )
         self.jump_forward = jump_forward
         self.jump_forward_tokens = 0
-        self._fetchers: ThreadPoolExecutor | None = None  # run kv_source calls (split mode)
-        self._held: dict[str, tuple[Request, float]] = {}  # rid -> (request, expiry)
-        self.hold_timeout = hold_timeout
-        self._next_expiry_check = 0.0
+        self._init_split_roles(hold_timeout)
 
     # ---- the public, thread-safe surface -------------------------------------------------
 
@@ -142,14 +139,6 @@ class Engine:
 
     def abort(self, rid: str) -> None:
         self._inbox.put(("abort", rid))
-
-    def abort_now(self, rid: str) -> bool:
-        """On the engine thread (through `call`): abort a request or release a held one;
-        False when neither exists."""
-        req = self._requests.get(rid)
-        if req is not None:
-            self._finish(req, "abort")
-        return self.release_held(rid) or req is not None
 
     async def stream(
         self,
@@ -197,18 +186,6 @@ class Engine:
             held=len(self._held),
         )
 
-    def held_pages(self, rid: str) -> list[int]:
-        """The prompt pages of a held request (prefill role); KeyError if none is held."""
-        req, _ = self._held[rid]
-        return req.pages[: self.runner.pages_for(len(req.prompt_ids))]
-
-    def release_held(self, rid: str) -> bool:
-        """Give a held request's pages back (to the cache, when it is on)."""
-        held = self._held.pop(rid, None)
-        if held is not None:
-            self.scheduler.release(held[0])
-        return held is not None
-
     def flush_cache(self) -> int:
         """Drop every unlocked cached page; returns how many were freed."""
         if self.cache is None:
@@ -248,17 +225,6 @@ class Engine:
         for req in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._finish(req, "abort", error="server shutting down")
 
-    def _expire_held(self) -> None:
-        """Release held pages nobody pulled in time (the decode worker went away)."""
-        now = time.monotonic()
-        if now < self._next_expiry_check or not self._held:
-            return
-        self._next_expiry_check = now + 1.0
-        for rid in [rid for rid, (_, expiry) in self._held.items() if expiry < now]:
-            log.warning("request %s: pages held %.0fs with no pull; released", rid,
-                        self.hold_timeout)  # fmt: skip
-            self.release_held(rid)
-
     def _drain(self) -> None:
         while True:
             try:
@@ -291,10 +257,10 @@ class Engine:
         self.scheduler.fetching.clear()
         if not chunks:
             return False
-        prompt_logprobs = [c for c in chunks if self._wants_input_logprobs(c)]
+        prompt_logprobs = [c for c in chunks if wants_input_logprobs(c)]
         logits = self.runner.forward([self._sequence(c) for c in chunks], bool(prompt_logprobs))
         if prompt_logprobs:
-            logits = self._collect_input_logprobs(chunks, logits)
+            logits = collect_input_logprobs(chunks, logits)
         for c in chunks:
             c.req.num_computed += c.length
             if c.length > 1:
@@ -326,33 +292,6 @@ class Engine:
                 self._handle(*self._inbox.get())  # e.g. a transfer landing
             self._drain()
 
-    # ---- split mode: prompt KV from a prefill worker -------------------------------------
-
-    def _start_fetch(self, req: Request) -> None:
-        if self._fetchers is None:
-            self._fetchers = ThreadPoolExecutor(16, thread_name_prefix="strata-kv")
-        assert req.kv_source is not None
-        cancel = req.extra["cancel"] = threading.Event()
-        fut = self._fetchers.submit(req.kv_source, list(req.pages), cancel)
-        fut.add_done_callback(lambda f: self._inbox.put(("fetched", (req, f))))
-
-    def _on_fetched(self, req: Request, fut: Future) -> None:
-        req.awaiting_kv, req.kv_source = False, None
-        if req.finished:  # aborted while the transfer ran: its pages are free to go now
-            self.scheduler.release(req)
-            return
-        try:
-            fill: RemoteFill = fut.result()
-        except Exception as exc:
-            self._finish(req, "error", error=str(exc) or repr(exc))
-            return
-        req.num_computed, req.num_cached = len(req.prompt_ids), fill.cached_tokens
-        self.scheduler.cache_progress(req)
-        if req.generator is not None and not req.params.greedy:
-            skip_noise(req.generator, self.runner.spec.vocab_size)  # drawn by the prefill worker
-        req.extra["transfer"] = (fill.transfer_bytes, fill.transfer_seconds)
-        self._on_token(req, fill.token, fill.logprob, fill.top_logprobs)
-
     # ---- per-request output --------------------------------------------------------------
 
     def _sequence(self, c: ScheduledChunk) -> SequenceChunk:
@@ -363,32 +302,6 @@ class Engine:
         else:
             tokens = (req.prompt_ids + req.output_ids)[c.start : end]
         return SequenceChunk(tokens, c.start, req.pages)
-
-    def _wants_input_logprobs(self, c: ScheduledChunk) -> bool:
-        start = c.req.params.logprob_start_len
-        return start >= 0 and c.start < len(c.req.prompt_ids)
-
-    def _collect_input_logprobs(
-        self, chunks: Sequence[ScheduledChunk], logits: torch.Tensor
-    ) -> torch.Tensor:
-        """Record prompt-token logprobs from all-position logits; return each chunk's last
-        row (what sampling needs). Position p's logits give the logprob of token p + 1."""
-        ends = torch.tensor([c.length for c in chunks]).cumsum(0)
-        for c, end in zip(chunks, ends.tolist()):
-            if not self._wants_input_logprobs(c):
-                continue
-            req = c.req
-            first = max(req.params.logprob_start_len, 1)  # first position to score
-            lo = max(first - 1, c.start)  # first chunk position whose logits we need
-            hi = min(c.start + c.length, len(req.prompt_ids) - 1)  # exclusive
-            if lo >= hi:
-                continue
-            rows = logits[end - c.length + (lo - c.start) : end - c.length + (hi - c.start)]
-            targets = torch.tensor(req.prompt_ids[lo + 1 : hi + 1])
-            lp = rows.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
-            for pos, value in zip(range(lo + 1, hi + 1), lp.tolist()):
-                req.input_logprobs[pos] = value
-        return logits[ends - 1]
 
     def _advance_grammar(self, req: Request, token: int) -> list[int] | None:
         """Feed the sampled token to the request's grammar; with jump-forward, replace it by

@@ -1,0 +1,99 @@
+"""The engine's two split-mode roles, mixed into Engine.
+
+Prefill role: a request submitted with `hold` keeps its pages after its first token, until
+`release_held` (the pages were sent to a decode worker) or a timeout (nobody pulled them).
+
+Decode role: a request submitted with a `kv_source` is admitted by reserving pages for its
+whole prompt; the source runs on a side thread (it asks a prefill worker to compute the
+prompt and receives the KV into those pages), and when it returns the request continues
+with the first token like any other. An abort while it runs keeps the pages reserved until
+it ends, so a transfer never writes into pages given to someone else.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from strata.engine.request import RemoteFill, Request
+from strata.engine.runner import ModelRunner
+from strata.engine.scheduler import Scheduler
+from strata.sampling.sampler import skip_noise
+
+log = logging.getLogger(__name__)
+
+
+class SplitRoles:
+    runner: ModelRunner
+    scheduler: Scheduler
+    _requests: dict[str, Request]
+    _inbox: queue.SimpleQueue[tuple[str, Any]]
+    _finish: Callable[..., None]
+    _on_token: Callable[..., None]
+
+    def _init_split_roles(self, hold_timeout: float) -> None:
+        self._fetchers: ThreadPoolExecutor | None = None  # run kv_source calls
+        self._held: dict[str, tuple[Request, float]] = {}  # rid -> (request, expiry)
+        self.hold_timeout = hold_timeout
+        self._next_expiry_check = 0.0
+
+    def abort_now(self, rid: str) -> bool:
+        """On the engine thread (through `call`): abort a request or release a held one;
+        False when neither exists."""
+        req = self._requests.get(rid)
+        if req is not None:
+            self._finish(req, "abort")
+        return self.release_held(rid) or req is not None
+
+    def held_pages(self, rid: str) -> list[int]:
+        """The prompt pages of a held request (prefill role); KeyError if none is held."""
+        req, _ = self._held[rid]
+        return req.pages[: self.runner.pages_for(len(req.prompt_ids))]
+
+    def release_held(self, rid: str) -> bool:
+        """Give a held request's pages back (to the cache, when it is on)."""
+        held = self._held.pop(rid, None)
+        if held is not None:
+            self.scheduler.release(held[0])
+        return held is not None
+
+    def _expire_held(self) -> None:
+        """Release held pages nobody pulled in time (the decode worker went away)."""
+        now = time.monotonic()
+        if now < self._next_expiry_check or not self._held:
+            return
+        self._next_expiry_check = now + 1.0
+        for rid in [rid for rid, (_, expiry) in self._held.items() if expiry < now]:
+            log.warning("request %s: pages held %.0fs with no pull; released", rid,
+                        self.hold_timeout)  # fmt: skip
+            self.release_held(rid)
+
+    def _start_fetch(self, req: Request) -> None:
+        if self._fetchers is None:
+            self._fetchers = ThreadPoolExecutor(16, thread_name_prefix="strata-kv")
+        assert req.kv_source is not None
+        cancel = req.extra["cancel"] = threading.Event()
+        fut = self._fetchers.submit(req.kv_source, list(req.pages), cancel)
+        fut.add_done_callback(lambda f: self._inbox.put(("fetched", (req, f))))
+
+    def _on_fetched(self, req: Request, fut: Future) -> None:
+        req.awaiting_kv, req.kv_source = False, None
+        if req.finished:  # aborted while the transfer ran: its pages are free to go now
+            self.scheduler.release(req)
+            return
+        try:
+            fill: RemoteFill = fut.result()
+        except Exception as exc:
+            self._finish(req, "error", error=str(exc) or repr(exc))
+            return
+        req.num_computed, req.num_cached = len(req.prompt_ids), fill.cached_tokens
+        self.scheduler.cache_progress(req)
+        if req.generator is not None and not req.params.greedy:
+            skip_noise(req.generator, self.runner.spec.vocab_size)  # drawn by the prefill worker
+        req.extra["transfer"] = (fill.transfer_bytes, fill.transfer_seconds)
+        self._on_token(req, fill.token, fill.logprob, fill.top_logprobs)
