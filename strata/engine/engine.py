@@ -237,9 +237,7 @@ class Engine(SplitRoles):
             self._requests[arg.rid] = arg
             self.scheduler.add(arg)
         elif kind == "abort":
-            req = self._requests.get(arg)
-            if req is not None:
-                self._finish(req, "abort")
+            self.abort_now(arg)
         elif kind == "fetched":
             self._on_fetched(*arg)
         elif kind == "call":

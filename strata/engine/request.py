@@ -81,7 +81,6 @@ class Request:
     input_logprobs: dict[int, float] = field(default_factory=dict)  # prompt position -> logprob
     extra: dict[str, Any] = field(default_factory=dict)
     kv_source: KVSource | None = None  # split mode: the prompt's KV comes from a prefill worker
-    awaiting_kv: bool = False  # admitted, pages reserved, kv_source running
     hold: bool = False  # prefill role: keep the pages after the first token, until released
 
     def __post_init__(self) -> None:
@@ -107,6 +106,11 @@ class Request:
     def decoding(self) -> bool:
         """The prompt's KV is computed; what remains are generated (or forced) tokens."""
         return self.num_computed >= len(self.prompt_ids) and self.remaining >= 1
+
+    @property
+    def awaiting_kv(self) -> bool:
+        """Admitted with pages reserved while its kv_source runs (cleared when it ends)."""
+        return self.kv_source is not None and bool(self.pages)
 
     @property
     def finished(self) -> bool:

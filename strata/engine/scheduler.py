@@ -71,7 +71,6 @@ class Scheduler:
                         break
                     self.waiting.remove(req)
                     self.running.append(req)
-                    req.awaiting_kv = True
                     self.fetching.append(req)
                     continue
                 fill = req.fill_ids

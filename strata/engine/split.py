@@ -64,8 +64,10 @@ class SplitRoles:
 
     def _expire_held(self) -> None:
         """Release held pages nobody pulled in time (the decode worker went away)."""
+        if not self._held:  # the common case (every decode step): no clock read
+            return
         now = time.monotonic()
-        if now < self._next_expiry_check or not self._held:
+        if now < self._next_expiry_check:
             return
         self._next_expiry_check = now + 1.0
         for rid in [rid for rid, (_, expiry) in self._held.items() if expiry < now]:
@@ -82,7 +84,7 @@ class SplitRoles:
         fut.add_done_callback(lambda f: self._inbox.put(("fetched", (req, f))))
 
     def _on_fetched(self, req: Request, fut: Future) -> None:
-        req.awaiting_kv, req.kv_source = False, None
+        req.kv_source = None  # no longer awaiting its KV
         if req.finished:  # aborted while the transfer ran: its pages are free to go now
             self.scheduler.release(req)
             return
