@@ -52,7 +52,6 @@ class TorchMeta:
     shared_pages: torch.Tensor | None = None  # [P]
     suffix_table: torch.Tensor | None = None  # [Bd, S]
     suffix_mask: torch.Tensor | None = None  # [Bd, S * page_size] bool
-    suffix_bias: torch.Tensor | None = None  # additive form, made once by the first layer
 
 
 class TorchAttention(AttentionBackend):
@@ -114,8 +113,7 @@ class TorchAttention(AttentionBackend):
         radix cache makes shared prompts share page ids) covering at least min_pages."""
         table = meta.decode_pages
         assert table is not None
-        # NOTE: the cascade op uses the CPU flash kernel (it returns the log-sum-exp).
-        if table.device.type != "cpu" or table.shape[0] < 2:
+        if table.shape[0] < 2:
             return
         same = (table == table[:1]).all(0).long().cumprod(0).sum().item()
         # NOTE: every sequence keeps a non-empty suffix (its newest token is in its own page).
@@ -132,11 +130,8 @@ class TorchAttention(AttentionBackend):
     ) -> torch.Tensor:
         if meta.shared_pages is not None:
             assert meta.suffix_table is not None and meta.suffix_mask is not None
-            if meta.suffix_bias is None:
-                bias = torch.zeros(meta.suffix_mask.shape, dtype=q.dtype, device=q.device)
-                meta.suffix_bias = bias.masked_fill(~meta.suffix_mask, float("-inf"))[:, None, None]
             return reference.paged_decode_cascade(
-                q, k_slots, v_slots, meta.shared_pages, meta.suffix_table, meta.suffix_bias,
+                q, k_slots, v_slots, meta.shared_pages, meta.suffix_table, meta.suffix_mask,
                 self.page_size, self.scale,
             )  # fmt: skip
         assert meta.decode_pages is not None and meta.decode_mask is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -17,15 +18,21 @@ def dense(q, k, v, scale):
     return F.scaled_dot_product_attention(q[:, None], kk, vv, scale=scale).squeeze(1)
 
 
-def test_cascade_decode_equals_dense_attention_per_sequence():
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_decode_ops_equal_dense_attention_per_sequence(dtype, tol):
+    """Plain and cascade decode against dense float64 attention, per sequence; in bfloat16
+    the scores are rounded to bfloat16 (as in transformers' eager attention)."""
     torch.manual_seed(0)
     slots = 64 * PS
-    k_slots, v_slots = torch.randn(slots, KVH, D), torch.randn(slots, KVH, D)
+    k_slots, v_slots = (
+        torch.randn(slots, KVH, D, dtype=dtype),
+        torch.randn(slots, KVH, D, dtype=dtype),
+    )
     shared = [3, 9, 4]  # three pages every sequence starts with
     own = [[10, 11], [12], [20, 21, 22]]
     lens = [len(shared) * PS + n for n in (6, 1, 9)]
     b = len(own)
-    q = torch.randn(b, KVH * G, D)
+    q = torch.randn(b, KVH * G, D, dtype=dtype)
     tables = [shared + o for o in own]
     width = max(len(t) for t in tables)
     table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
@@ -33,14 +40,14 @@ def test_cascade_decode_equals_dense_attention_per_sequence():
     suffix = table[:, len(shared) :]
     pos = torch.arange(suffix.shape[1] * PS) + len(shared) * PS
     mask = pos[None, :] < torch.tensor(lens)[:, None]
-    bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))[:, None, None]
     out = ref.paged_decode_cascade(
-        q, k_slots, v_slots, torch.tensor(shared), suffix, bias, PS, scale
+        q, k_slots, v_slots, torch.tensor(shared), suffix, mask, PS, scale
     )
     full_mask = torch.arange(width * PS)[None, :] < torch.tensor(lens)[:, None]
     plain = ref.paged_decode(q, k_slots, v_slots, table, full_mask, PS, scale)
     for i, t in enumerate(tables):
         idx = torch.tensor([p * PS + o for p in t for o in range(PS)])[: lens[i]]
-        expect = dense(q[i], k_slots[idx], v_slots[idx], scale)
-        assert (out[i] - expect).abs().max() <= 1e-5
-        assert (plain[i] - expect).abs().max() <= 1e-5
+        expect = dense(q[i].double(), k_slots[idx].double(), v_slots[idx].double(), scale)
+        assert out.dtype == plain.dtype == dtype
+        assert (out[i].double() - expect).abs().max() <= tol
+        assert (plain[i].double() - expect).abs().max() <= tol
