@@ -1,17 +1,44 @@
-"""Linear layers: dense, and weight-only group-wise int4 for memory-bound decode on CPU."""
+"""Linear layers: dense (weights prepacked for oneDNN on CPU), and weight-only group-wise
+int4 for memory-bound decode on CPU."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+# NOTE: the batch size oneDNN picks its weight layout for; measured on 2 cores, a layout
+# packed for 32 rows is as fast as or faster than F.linear from 1 to 300 rows.
+PACK_ROWS = 32
+
+
+def can_prepack(weight: torch.Tensor) -> bool:
+    """bfloat16 on CPU, where F.linear runs oneDNN anyway: packing changes no bit of the
+    result. float32 stays on MKL's sgemm, as transformers does: oneDNN's float32 kernels
+    sum in another order, which moved the embedded model's logits by 1.1e-4 (the oracle
+    test allows 1e-4), although they were 2.4x faster."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
+        and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    )
+
 
 class Linear:
+    """y = x W^T + b. A bfloat16 weight on CPU is reordered once into oneDNN's blocked
+    layout, so no call repacks it: 1.3-1.8x faster linear layers in decode (2 cores)."""
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        self.weight = weight  # [out, in]
         self.bias = bias
+        self.packed = can_prepack(weight)
+        # [out, in]; an opaque MKLDNN tensor when packed
+        self.weight = (
+            torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS) if self.packed else weight
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [None], "")
         return F.linear(x, self.weight, self.bias)
 
 
