@@ -46,12 +46,13 @@ class Attention:
         kv_layer: tuple[torch.Tensor, torch.Tensor],
         meta: Any,
     ) -> torch.Tensor:
-        t = x.shape[0]
+        t, qk_size = x.shape[0], self.q_size + self.kv_size
         qkv = self.qkv(x)  # [T, q_size + 2 * kv_size]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.rope.apply(q.view(t, self.heads, self.head_dim), cos, sin)
-        k = self.rope.apply(k.view(t, self.kv_heads, self.head_dim), cos, sin)
-        out = self.backend.forward(q, k, v.view(t, self.kv_heads, self.head_dim), kv_layer, meta)
+        # NOTE: q and k heads are rotated in one call: half the small ops of a decode step.
+        qk = self.rope.apply(qkv[:, :qk_size].view(t, -1, self.head_dim), cos, sin)
+        q, k = qk[:, : self.heads], qk[:, self.heads :]
+        v = qkv[:, qk_size:].view(t, self.kv_heads, self.head_dim)
+        out = self.backend.forward(q, k, v, kv_layer, meta)
         return self.o_proj(out.reshape(t, self.q_size))
 
 
