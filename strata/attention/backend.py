@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from strata.attention import reference
+from strata.attention import cpu_kernels, reference
 from strata.model.batch import ForwardBatch
 
 
@@ -47,6 +47,7 @@ class TorchMeta:
     decode_rows: torch.Tensor | None = None  # [Bd] token rows with a single query
     decode_pages: torch.Tensor | None = None  # [Bd, max_pages]
     decode_mask: torch.Tensor | None = None  # [Bd, max_pages * page_size]
+    decode_lens: torch.Tensor | None = None  # [Bd]
     extends: list[_Extend] = field(default_factory=list)
     # cascade decode: pages every decode sequence starts with, then each one's own pages
     shared_pages: torch.Tensor | None = None  # [P]
@@ -78,7 +79,11 @@ class TorchAttention(AttentionBackend):
             lens = torch.tensor([kv_lens[i] for i in decode], device=dev)
             meta.decode_mask = torch.arange(max_pages * ps, device=dev)[None, :] < lens[:, None]
             meta.decode_rows = torch.tensor([starts[i] for i in decode], device=dev)
-            self._plan_cascade(meta, lens, ps)
+            meta.decode_lens = lens
+            # NOTE: the CPU kernel reads every sequence's pages in place, so a shared prompt's
+            # pages are read from cache, not gathered: cascade decode only pays without it.
+            if not cpu_kernels.available(dev):
+                self._plan_cascade(meta, lens, ps)
         for i, q in enumerate(batch.q_lens):
             if q > 1:
                 pages = table[i, : -(-kv_lens[i] // ps)]
@@ -135,6 +140,12 @@ class TorchAttention(AttentionBackend):
                 self.page_size, self.scale,
             )  # fmt: skip
         assert meta.decode_pages is not None and meta.decode_mask is not None
+        assert meta.decode_lens is not None
+        out = cpu_kernels.paged_decode(
+            q, k_slots, v_slots, meta.decode_pages, meta.decode_lens, self.page_size, self.scale
+        )
+        if out is not None:
+            return out
         return reference.paged_decode(
             q, k_slots, v_slots, meta.decode_pages, meta.decode_mask, self.page_size, self.scale
         )

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from strata.attention import cpu_kernels
 from strata.attention import reference as ref
 
 PS, KVH, G, D = 4, 2, 3, 16
@@ -51,3 +52,47 @@ def test_decode_ops_equal_dense_attention_per_sequence(dtype, tol):
         assert out.dtype == plain.dtype == dtype
         assert (out[i].double() - expect).abs().max() <= tol
         assert (plain[i].double() - expect).abs().max() <= tol
+
+
+def test_cpu_kernel_builds():
+    """The C compiler is part of the set-up (as on CI): without it every test below would
+    quietly compare the reference with itself."""
+    assert cpu_kernels.library() is not None
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize(
+    "heads,kv_heads,dim,page,lens",
+    [
+        (4, 2, 16, 4, [1, 5, 13]),  # generic head_dim, a 1-token sequence
+        (9, 3, 64, 16, [300]),  # one long sequence: split over the threads
+        (8, 8, 128, 16, [17, 64, 3, 250]),  # no grouping, head_dim 128
+        (6, 2, 64, 8, [40] * 9),
+    ],
+)
+def test_cpu_decode_kernel_equals_dense_attention(heads, kv_heads, dim, page, lens, dtype, tol):
+    torch.manual_seed(len(lens) + dim)
+    pages = 200
+    k_slots = torch.randn(pages * page, kv_heads, dim).to(dtype)
+    v_slots = torch.randn(pages * page, kv_heads, dim).to(dtype)
+    width = max(-(-n // page) for n in lens) + 1  # one unused column of padding
+    perm = torch.randperm(pages)
+    table = perm[: len(lens) * width].view(len(lens), width)
+    q = torch.randn(len(lens), heads, dim).to(dtype)
+    scale = dim**-0.5
+    out = cpu_kernels.paged_decode(q, k_slots, v_slots, table, torch.tensor(lens), page, scale)
+    assert out is not None and out.dtype == dtype and out.shape == q.shape
+    g = heads // kv_heads
+    for i, n in enumerate(lens):
+        idx = torch.tensor([int(p) * page + o for p in table[i] for o in range(page)])[:n]
+        kk = k_slots[idx].double().repeat_interleave(g, 1).transpose(0, 1)
+        vv = v_slots[idx].double().repeat_interleave(g, 1).transpose(0, 1)
+        expect = F.scaled_dot_product_attention(q[i].double()[:, None], kk, vv, scale=scale)
+        assert (out[i].double() - expect.squeeze(1)).abs().max() <= tol
+
+
+def test_cpu_decode_kernel_declines_what_it_does_not_take():
+    q = torch.randn(2, 4, 8, dtype=torch.float16)
+    slots = torch.randn(16, 2, 8, dtype=torch.float16)
+    table, lens = torch.zeros(2, 1, dtype=torch.int64), torch.tensor([3, 4])
+    assert cpu_kernels.paged_decode(q, slots, slots, table, lens, 8, 1.0) is None

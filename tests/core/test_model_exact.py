@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from strata.attention import cpu_kernels
 from strata.config import CacheConfig, ModelConfig
 from strata.engine.runner import ModelRunner
 from strata.model.batch import SequenceChunk
@@ -111,9 +112,14 @@ def test_decode_and_prefill_mixed_in_one_forward(pair):
     assert (logits[1] - hf_logits(hf, b)[-1]).abs().max().item() <= TOL
 
 
-def test_decode_over_shared_prefix_pages_matches_transformers(pair):
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "torch-cascade"])
+def test_decode_over_shared_prefix_pages_matches_transformers(pair, kernel, monkeypatch):
     """Sequences that share physical prefix pages (as the radix cache makes them) take the
-    cascade decode path; logits still match transformers."""
+    CPU decode kernel, or without it the cascade decode path; logits match transformers."""
+    if kernel:
+        assert cpu_kernels.library() is not None
+    else:
+        monkeypatch.setattr(cpu_kernels, "library", lambda: None)
     runner, hf = pair
     (prefix,) = prompts([12], runner.spec.vocab_size, seed=11)
     shared = runner.pool.alloc(3)  # 12 tokens = 3 whole pages of 4
