@@ -75,7 +75,7 @@ class TorchAttention(AttentionBackend):
             dev = table.device
             sel = torch.tensor(decode, device=dev)
             max_pages = -(-max(kv_lens[i] for i in decode) // ps)
-            meta.decode_pages = table[sel, :max_pages]
+            meta.decode_pages = table[sel, :max_pages].to(torch.int64).contiguous()
             lens = torch.tensor([kv_lens[i] for i in decode], device=dev)
             meta.decode_mask = torch.arange(max_pages * ps, device=dev)[None, :] < lens[:, None]
             meta.decode_rows = torch.tensor([starts[i] for i in decode], device=dev)
