@@ -4,10 +4,16 @@ the Load, FlushCache and Abort calls over them."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+from collections.abc import Callable
+from typing import Any
 
+from services.grpcio import run_until_signal, start_server
 from strata.engine.engine import Engine
 from strata.proto.v1 import worker_pb2
+
+log = logging.getLogger(__name__)
 
 
 class TransferCounter:
@@ -47,3 +53,23 @@ class EngineWorker:
         rid = request.request_id
         found = await asyncio.wrap_future(self.engine.call(lambda: self.engine.abort_now(rid)))
         return worker_pb2.AbortResponse(found=found)
+
+
+async def serve_worker(
+    role: str,
+    servicer: EngineWorker,
+    add: Callable[[Any, Any], None],
+    host: str,
+    port: int,
+    grace: float,
+) -> None:
+    """Run a worker's engine and gRPC service (strata.v1.<role>) until SIGTERM or SIGINT;
+    streams in flight get `grace` seconds to finish."""
+    name = worker_pb2.DESCRIPTOR.services_by_name[role].full_name
+    servicer.engine.start()
+    server, bound = await start_server(host, port, [(add, servicer, name)])
+    log.info("%s worker %s on %s:%d", role.lower(), servicer.worker_id, host, bound)
+    try:
+        await run_until_signal(server, grace)
+    finally:
+        servicer.engine.shutdown()

@@ -8,23 +8,19 @@ prefill worker computes the prompt and its pages arrive over the pair's KV chann
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 from contextlib import aclosing, suppress
 
 import grpc
 
 from services.convert import chunk_from_output, params_from_proto, params_to_proto
-from services.grpcio import run_until_signal, start_server
-from services.worker import EngineWorker, TransferCounter
+from services.worker import EngineWorker, TransferCounter, serve_worker
 from strata.engine.engine import Engine
 from strata.engine.request import RemoteFill
 from strata.kv.pool import KVCache
 from strata.kv.transfer import KVChannel, TransferError, kv_layout
 from strata.proto.v1 import worker_pb2, worker_pb2_grpc
 from strata.sampling.params import SamplingParams
-
-log = logging.getLogger(__name__)
 
 
 class PrefillAborted(RuntimeError):
@@ -165,12 +161,5 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
 
 
 async def serve(engine: Engine, worker_id: str, host: str, port: int, grace: float) -> None:
-    name = worker_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
     add = worker_pb2_grpc.add_DecodeServicer_to_server
-    engine.start()
-    server, bound = await start_server(host, port, [(add, DecodeService(engine, worker_id), name)])
-    log.info("decode worker %s on %s:%d", worker_id, host, bound)
-    try:
-        await run_until_signal(server, grace)  # streams in flight get `grace` s to finish
-    finally:
-        engine.shutdown()
+    await serve_worker("Decode", DecodeService(engine, worker_id), add, host, port, grace)

@@ -17,8 +17,7 @@ from dataclasses import replace
 import grpc
 
 from services.convert import params_from_proto
-from services.grpcio import run_until_signal, start_server
-from services.worker import EngineWorker
+from services.worker import EngineWorker, serve_worker
 from strata.engine.engine import Engine
 from strata.kv.transfer import KVChannel, TransferError, TransferStats, kv_layout, listen
 from strata.proto.v1 import worker_pb2, worker_pb2_grpc
@@ -111,12 +110,5 @@ class PrefillService(EngineWorker, worker_pb2_grpc.PrefillServicer):
 
 
 async def serve(engine: Engine, worker_id: str, host: str, port: int, grace: float) -> None:
-    name = worker_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name
     add = worker_pb2_grpc.add_PrefillServicer_to_server
-    engine.start()
-    server, bound = await start_server(host, port, [(add, PrefillService(engine, worker_id), name)])
-    log.info("prefill worker %s on %s:%d", worker_id, host, bound)
-    try:
-        await run_until_signal(server, grace)
-    finally:
-        engine.shutdown()
+    await serve_worker("Prefill", PrefillService(engine, worker_id), add, host, port, grace)
