@@ -1,5 +1,6 @@
-"""KV transfer throughput: KVChannel (gather pages, send, receive, scatter into reserved
-pages) vs raw gloo send/recv of the same number of bytes, between two processes on loopback.
+"""KV transfer throughput: KVChannel (scattered pages sent from the pool, received into other
+scattered reserved pages) vs raw gloo send/recv of the same number of bytes in one message
+from one contiguous buffer, between two processes on loopback.
 
 Usage: python bench/kv_transfer.py [--pages 64] [--rounds 7]
 The page shape is the embedded model's (30 layers, 3 KV heads, head dim 64, page size 16, bf16).
@@ -34,11 +35,11 @@ def go(channel: KVChannel, rank: int) -> None:
     work.wait()
 
 
-def run(rank: int, port: int, pages: int, rounds: int, messages: int, out) -> None:
+def run(rank: int, port: int, pages: int, rounds: int, out) -> None:
     torch.set_num_threads(1)  # two processes share the machine
     kv = KVCache(num_pages=2 * pages + 8, device="cpu", **SHAPE)
     kv.data.normal_()
-    channel = KVChannel(kv, "127.0.0.1", port, rank, timeout=60, messages=messages)
+    channel = KVChannel(kv, "127.0.0.1", port, rank, timeout=60)
     src = list(range(0, 2 * pages, 2))  # scattered pages, as in a real pool
     nbytes = pages * kv.bytes_per_page
     raw = torch.empty(nbytes, dtype=torch.uint8)
@@ -62,26 +63,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pages", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--messages", type=int, default=2, help="layer groups sent per transfer")
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
-    procs = [
-        ctx.Process(target=run, args=(r, port, args.pages, args.rounds, args.messages, out))
-        for r in (0, 1)
-    ]
+    procs = [ctx.Process(target=run, args=(r, port, args.pages, args.rounds, out)) for r in (0, 1)]
     for p in procs:
         p.start()
     nbytes, times = out.get(timeout=600)
     for p in procs:
         p.join(60)
     kv_s, raw_s = statistics.median(times["kv"]), statistics.median(times["raw"])
-    print(f"{args.pages} pages = {nbytes / 1e6:.1f} MB in {args.messages} messages, "
-          f"median of {args.rounds} rounds")  # fmt: skip
+    print(f"{args.pages} pages = {nbytes / 1e6:.1f} MB, median of {args.rounds} rounds")
     print("| transfer | GB/s | vs raw gloo |\n|---|---:|---:|")
     print(f"| raw gloo send/recv | {nbytes / raw_s / 1e9:.2f} | 1.00x |")
-    print(f"| KVChannel (gather + send + recv + scatter) | {nbytes / kv_s / 1e9:.2f} | "
+    print(f"| KVChannel (pages from and into the pool) | {nbytes / kv_s / 1e9:.2f} | "
           f"{raw_s / kv_s:.2f}x |")  # fmt: skip
 
 

@@ -42,7 +42,7 @@ class _Extend:
 
 @dataclass
 class TorchMeta:
-    slot_mapping: torch.Tensor
+    write_at: tuple[torch.Tensor, torch.Tensor]  # (page ids, offsets) of the new tokens
     num_tokens: int
     decode_rows: torch.Tensor | None = None  # [Bd] token rows with a single query
     decode_pages: torch.Tensor | None = None  # [Bd, max_pages]
@@ -65,7 +65,8 @@ class TorchAttention(AttentionBackend):
 
     def prepare(self, batch: ForwardBatch) -> TorchMeta:
         ps, table = batch.page_size, batch.page_table
-        meta = TorchMeta(slot_mapping=batch.slot_mapping, num_tokens=batch.input_ids.shape[0])
+        write_at = reference.split_slots(batch.slot_mapping, ps)
+        meta = TorchMeta(write_at=write_at, num_tokens=batch.input_ids.shape[0])
         starts = [0]
         for q in batch.q_lens:
             starts.append(starts[-1] + q)
@@ -98,18 +99,18 @@ class TorchAttention(AttentionBackend):
         kv_layer: tuple[torch.Tensor, torch.Tensor],
         meta: TorchMeta,
     ) -> torch.Tensor:
-        k_slots, v_slots = kv_layer
-        reference.write_kv(k_slots, v_slots, meta.slot_mapping, k, v)
+        k_pages, v_pages = kv_layer
+        reference.write_kv(k_pages, v_pages, meta.write_at, k, v)
         if meta.decode_rows is not None and not meta.extends:
-            return self._decode(q, k_slots, v_slots, meta)
+            return self._decode(q, k_pages, v_pages, meta)
         out = torch.empty_like(q)
         if meta.decode_rows is not None:
-            out[meta.decode_rows] = self._decode(q[meta.decode_rows], k_slots, v_slots, meta)
+            out[meta.decode_rows] = self._decode(q[meta.decode_rows], k_pages, v_pages, meta)
         for e in meta.extends:
             rows = slice(e.start, e.start + e.q_len)
             out[rows] = reference.paged_prefill(
-                q[rows], k[rows], v[rows], k_slots, v_slots, e.page_ids, e.prefix_len,
-                self.page_size, self.scale,
+                q[rows], k[rows], v[rows], k_pages, v_pages, e.page_ids, e.prefix_len,
+                self.scale,
             )  # fmt: skip
         return out
 
@@ -131,23 +132,23 @@ class TorchAttention(AttentionBackend):
         meta.suffix_mask = pos[None, :] < lens[:, None]
 
     def _decode(
-        self, q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, meta: TorchMeta
+        self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, meta: TorchMeta
     ) -> torch.Tensor:
         if meta.shared_pages is not None:
             assert meta.suffix_table is not None and meta.suffix_mask is not None
             return reference.paged_decode_cascade(
-                q, k_slots, v_slots, meta.shared_pages, meta.suffix_table, meta.suffix_mask,
-                self.page_size, self.scale,
+                q, k_pages, v_pages, meta.shared_pages, meta.suffix_table, meta.suffix_mask,
+                self.scale,
             )  # fmt: skip
         assert meta.decode_pages is not None and meta.decode_mask is not None
         assert meta.decode_lens is not None
         out = cpu_kernels.paged_decode(
-            q, k_slots, v_slots, meta.decode_pages, meta.decode_lens, self.page_size, self.scale
+            q, k_pages, v_pages, meta.decode_pages, meta.decode_lens, self.scale
         )
         if out is not None:
             return out
         return reference.paged_decode(
-            q, k_slots, v_slots, meta.decode_pages, meta.decode_mask, self.page_size, self.scale
+            q, k_pages, v_pages, meta.decode_pages, meta.decode_mask, self.scale
         )
 
 

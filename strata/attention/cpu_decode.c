@@ -1,8 +1,9 @@
 /* Paged decode attention for CPU: one query token per sequence, read straight from the
  * pool's pages (no gather), online softmax in float32, grouped-query heads.
  *
- * Layouts (one layer of the pool): k, v [slots, kv_heads, head_dim] with
- * slot = page * page_size + offset; q, out [batch, heads, head_dim];
+ * Layouts (one layer of the pool): k, v [pages, page_size, kv_heads, head_dim], each page
+ * one dense block, page_stride elements from one page to the next (the pool is page-major:
+ * a page holds every layer); q, out [batch, heads, head_dim];
  * page_table [batch, table_width] int64; seq_lens [batch] int64.
  * Work items are (sequence, split): a split is a range of pages, so a short batch with a
  * long context still keeps every thread busy; splits are merged by log-sum-exp.
@@ -57,8 +58,8 @@ static inline float exp_neg(float x) {
  * DIM is a compile-time head_dim for the common sizes (full unrolling), else `d`. */
 #define DEFINE_PARTIAL(NAME, T, LOAD, DIM)                                                    \
     static void NAME(const float *qf, const T *k, const T *v, const int64_t *pages,           \
-                     int64_t p0, int64_t p1, int64_t len, int ps, int kvh, int d, int g,      \
-                     float *acc, float *m, float *l) {                                        \
+                     int64_t p0, int64_t p1, int64_t len, int64_t pstride, int ps, int kvh,   \
+                     int d, int g, float *acc, float *m, float *l) {                          \
         const int heads = kvh * g;                                                            \
         const int64_t page_elems = (int64_t)ps * kvh * DIM;                                   \
         float kf[MAX_DIM], vf[MAX_DIM], s[MAX_HEADS][MAX_PAGE];                               \
@@ -66,10 +67,10 @@ static inline float exp_neg(float x) {
         memset(acc, 0, sizeof(float) * heads * DIM);                                          \
         for (int64_t p = p0; p < p1; p++) {                                                   \
             const int n = (int)((len - p * ps) < ps ? (len - p * ps) : ps);                   \
-            const T *kp = k + pages[p] * page_elems, *vp = v + pages[p] * page_elems;         \
+            const T *kp = k + pages[p] * pstride, *vp = v + pages[p] * pstride;               \
             if (p + 1 < p1) {                                                                 \
-                const char *nk = (const char *)(k + pages[p + 1] * page_elems);               \
-                const char *nv = (const char *)(v + pages[p + 1] * page_elems);               \
+                const char *nk = (const char *)(k + pages[p + 1] * pstride);                  \
+                const char *nv = (const char *)(v + pages[p + 1] * pstride);                  \
                 for (int64_t o = 0; o < page_elems * (int64_t)sizeof(T); o += 64) {           \
                     __builtin_prefetch(nk + o);                                               \
                     __builtin_prefetch(nv + o);                                               \
@@ -126,7 +127,8 @@ DEFINE_PARTIAL(partial_f32_128, float, LOAD_F32, 128)
 DEFINE_PARTIAL(partial_bf16_128, uint16_t, LOAD_BF16, 128)
 
 typedef void (*partial_fn)(const float *, const void *, const void *, const int64_t *, int64_t,
-                           int64_t, int64_t, int, int, int, int, float *, float *, float *);
+                           int64_t, int64_t, int64_t, int, int, int, int, float *, float *,
+                           float *);
 
 static partial_fn pick(int dtype, int d) {
     if (d == 64) return (partial_fn)(dtype ? (void *)partial_bf16_64 : (void *)partial_f32_64);
@@ -138,7 +140,8 @@ static partial_fn pick(int dtype, int d) {
  * kernel does not take (the caller then uses the torch reference). */
 int paged_decode(int dtype, const void *q, const void *k, const void *v, void *out,
                  const int64_t *page_table, const int64_t *seq_lens, int batch, int table_width,
-                 int heads, int kv_heads, int head_dim, int page_size, float scale, int splits) {
+                 int heads, int kv_heads, int head_dim, int page_size, int64_t page_stride,
+                 float scale, int splits) {
     const int g = heads / kv_heads, d = head_dim;
     if (heads > MAX_HEADS || d > MAX_DIM || page_size > MAX_PAGE || heads % kv_heads) return -1;
     if (splits < 1) splits = 1;
@@ -164,8 +167,8 @@ int paged_decode(int dtype, const void *q, const void *k, const void *v, void *o
             for (int i = 0; i < heads; i++) { m[i] = -INFINITY; l[i] = 0.f; }
             memset(acc, 0, sizeof(float) * heads * d);
         } else {
-            partial(qf, k, v, page_table + (int64_t)b * table_width, p0, p1, len, page_size,
-                    kv_heads, d, g, acc, m, l);
+            partial(qf, k, v, page_table + (int64_t)b * table_width, p0, p1, len, page_stride,
+                    page_size, kv_heads, d, g, acc, m, l);
         }
         free(qf);
     }

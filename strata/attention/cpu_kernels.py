@@ -73,7 +73,9 @@ def library() -> ctypes.CDLL | None:
         log.warning("CPU kernels unavailable, using the torch reference ops: %s", e)
         return None
     p, i64p, i = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_int
-    lib.paged_decode.argtypes = [i, p, p, p, p, i64p, i64p, i, i, i, i, i, i, ctypes.c_float, i]
+    lib.paged_decode.argtypes = [
+        i, p, p, p, p, i64p, i64p, i, i, i, i, i, i, ctypes.c_int64, ctypes.c_float, i
+    ]  # fmt: skip
     lib.paged_decode.restype = i
     return lib
 
@@ -86,26 +88,31 @@ def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
+def _page_contiguous(pages: torch.Tensor) -> bool:
+    """Each page of [pages, page_size, kv_heads, D] one dense block (pages may be strided)."""
+    _, ps, h, d = pages.shape
+    return pages.stride()[1:] == (h * d, d, 1)
+
+
 def paged_decode(
     q: torch.Tensor,
-    k_slots: torch.Tensor,
-    v_slots: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
     page_table: torch.Tensor,
     seq_lens: torch.Tensor,
-    page_size: int,
     scale: float,
 ) -> torch.Tensor | None:
     """reference.paged_decode's contract, with lengths instead of a mask: q [batch, heads, D];
-    k_slots, v_slots [slots, kv_heads, D]; page_table [batch, width]; seq_lens [batch].
-    None where the kernel does not apply (no library, dtype, device or shape)."""
+    k_pages, v_pages [pages, page_size, kv_heads, D]; page_table [batch, width]; seq_lens
+    [batch]. None where the kernel does not apply (no library, dtype, device or shape)."""
     lib = library()
     dtype = DTYPES.get(q.dtype)
-    if lib is None or dtype is None or q.device.type != "cpu":
+    if lib is None or dtype is None or q.device.type != "cpu" or k_pages.dtype != q.dtype:
         return None
-    if k_slots.dtype != q.dtype or not (k_slots.is_contiguous() and v_slots.is_contiguous()):
+    if k_pages.stride() != v_pages.stride() or not _page_contiguous(k_pages):
         return None
     b, heads, d = q.shape
-    kv_heads = k_slots.shape[1]
+    _, page_size, kv_heads, _ = k_pages.shape
     q = q.contiguous()
     # NOTE: no-ops for the backend, which prepares both once per forward, not per layer
     table = page_table.to(torch.int64).contiguous()
@@ -115,8 +122,8 @@ def paged_decode(
     out = torch.empty_like(q)
     i64p = ctypes.POINTER(ctypes.c_int64)
     rc = lib.paged_decode(
-        dtype, _ptr(q), _ptr(k_slots), _ptr(v_slots), _ptr(out),
+        dtype, _ptr(q), _ptr(k_pages), _ptr(v_pages), _ptr(out),
         ctypes.cast(table.data_ptr(), i64p), ctypes.cast(lens.data_ptr(), i64p),
-        b, table.shape[1], heads, kv_heads, d, page_size, scale, splits,
+        b, table.shape[1], heads, kv_heads, d, page_size, k_pages.stride(0), scale, splits,
     )  # fmt: skip
     return out if rc == 0 else None

@@ -1,7 +1,8 @@
 """Torch reference ops for paged attention: the CPU path and the oracle for kernels.
 
-Shapes: q [tokens, heads, head_dim]; k_slots / v_slots [pages * page_size, kv_heads,
-head_dim] (one layer of the pool); a slot is page_id * page_size + offset.
+Shapes: q [tokens, heads, head_dim]; k_pages / v_pages [pages, page_size, kv_heads, head_dim]
+(one layer of the pool: a strided view whose pages are each contiguous); a token's slot is
+page_id * page_size + offset.
 """
 
 from __future__ import annotations
@@ -10,26 +11,30 @@ import torch
 import torch.nn.functional as F
 
 
+def split_slots(slots: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots [tokens] -> (page ids, offsets in the page), the index write_kv takes."""
+    return torch.div(slots, page_size, rounding_mode="floor"), slots % page_size
+
+
 def write_kv(
-    k_slots: torch.Tensor,
-    v_slots: torch.Tensor,
-    slots: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    where: tuple[torch.Tensor, torch.Tensor],
     k: torch.Tensor,
     v: torch.Tensor,
 ) -> None:
-    """Store k, v [tokens, kv_heads, head_dim] at slots [tokens]."""
-    k_slots.index_copy_(0, slots, k)
-    v_slots.index_copy_(0, slots, v)
+    """Store k, v [tokens, kv_heads, head_dim] at (page ids, offsets) (see split_slots)."""
+    k_pages.index_put_(where, k)
+    v_pages.index_put_(where, v)
 
 
-def gather_pages(slots: torch.Tensor, page_ids: torch.Tensor, page_size: int) -> torch.Tensor:
+def gather_pages(pages: torch.Tensor, page_ids: torch.Tensor) -> torch.Tensor:
     """Whole pages of one layer: page_ids [n] -> [n * page_size, kv_heads, head_dim].
 
     NOTE: gathering pages, not slots, moves page_size times fewer (and larger) rows; on a
     2-D view index_select copies each row with one memcpy (5x faster than on the 4-D view).
     """
-    pages = slots.view(-1, page_size * slots[0].numel())
-    return pages.index_select(0, page_ids).view(-1, *slots.shape[1:])
+    return pages.flatten(1).index_select(0, page_ids).view(-1, *pages.shape[2:])
 
 
 def decode_scores(
@@ -71,11 +76,10 @@ def _kv_heads_of(heads: int, kv_heads: int, device: torch.device) -> torch.Tenso
 
 def paged_decode(
     q: torch.Tensor,
-    k_slots: torch.Tensor,
-    v_slots: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
     page_table: torch.Tensor,
     kv_mask: torch.Tensor,
-    page_size: int,
     scale: float,
 ) -> torch.Tensor:
     """One query token per sequence over its pages.
@@ -86,9 +90,9 @@ def paged_decode(
     """
     b = page_table.shape[0]
     flat = page_table.reshape(-1)
-    k = gather_pages(k_slots, flat, page_size).view(b, -1, *k_slots.shape[1:])
-    v = gather_pages(v_slots, flat, page_size).view(b, -1, *v_slots.shape[1:])
-    kv_head = _kv_heads_of(q.shape[1], k_slots.shape[1], q.device)
+    k = gather_pages(k_pages, flat).view(b, -1, *k_pages.shape[2:])
+    v = gather_pages(v_pages, flat).view(b, -1, *v_pages.shape[2:])
+    kv_head = _kv_heads_of(q.shape[1], k_pages.shape[2], q.device)
     p = torch.softmax(decode_scores(q, k, kv_head, kv_mask, scale), -1)
     return decode_values(p, v, kv_head)
 
@@ -97,11 +101,10 @@ def paged_prefill(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    k_slots: torch.Tensor,
-    v_slots: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
     page_ids: torch.Tensor,
     prefix_len: int,
-    page_size: int,
     scale: float,
 ) -> torch.Tensor:
     """Causal attention of q [q_len, heads, head_dim] at positions prefix_len.. over the
@@ -115,8 +118,8 @@ def paged_prefill(
         )
         return out.squeeze(0).transpose(0, 1)
     kv_len = prefix_len + q_len
-    kh = gather_pages(k_slots, page_ids, page_size)[:kv_len].transpose(0, 1).unsqueeze(0)
-    vh = gather_pages(v_slots, page_ids, page_size)[:kv_len].transpose(0, 1).unsqueeze(0)
+    kh = gather_pages(k_pages, page_ids)[:kv_len].transpose(0, 1).unsqueeze(0)
+    vh = gather_pages(v_pages, page_ids)[:kv_len].transpose(0, 1).unsqueeze(0)
     rows = torch.arange(prefix_len, kv_len, device=q.device)
     mask = torch.arange(kv_len, device=q.device)[None, :] <= rows[:, None]
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
@@ -125,12 +128,11 @@ def paged_prefill(
 
 def paged_decode_cascade(
     q: torch.Tensor,
-    k_slots: torch.Tensor,
-    v_slots: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
     shared_pages: torch.Tensor,
     suffix_table: torch.Tensor,
     suffix_mask: torch.Tensor,
-    page_size: int,
     scale: float,
 ) -> torch.Tensor:
     """Decode for a batch whose sequences all start with the same pages (a shared prompt).
@@ -141,13 +143,13 @@ def paged_decode_cascade(
     suffix_mask [batch, S * page_size] bool, True where the key belongs to the sequence.
     """
     b, heads, d = q.shape
-    kv_heads = k_slots.shape[1]
+    kv_heads = k_pages.shape[2]
     kv_head = _kv_heads_of(heads, kv_heads, q.device)
-    kp = gather_pages(k_slots, shared_pages, page_size).unsqueeze(0)
-    vp = gather_pages(v_slots, shared_pages, page_size).unsqueeze(0)
+    kp = gather_pages(k_pages, shared_pages).unsqueeze(0)
+    vp = gather_pages(v_pages, shared_pages).unsqueeze(0)
     flat = suffix_table.reshape(-1)
-    ks = gather_pages(k_slots, flat, page_size).view(b, -1, kv_heads, d)
-    vs = gather_pages(v_slots, flat, page_size).view(b, -1, kv_heads, d)
+    ks = gather_pages(k_pages, flat).view(b, -1, kv_heads, d)
+    vs = gather_pages(v_pages, flat).view(b, -1, kv_heads, d)
     s_p = decode_scores(q.reshape(1, b * heads, d), kp, kv_head.repeat(b), None, scale)
     s_s = decode_scores(q, ks, kv_head, suffix_mask, scale)
     lse_p, lse_s = torch.logsumexp(s_p, -1), torch.logsumexp(s_s, -1)

@@ -51,7 +51,12 @@ class PagePool:
 
 
 class KVCache:
-    """K and V of every layer: [layers, 2, pages, page_size, kv_heads, head_dim]."""
+    """K and V of every layer, page-major: [pages, layers, 2, page_size, kv_heads, head_dim].
+
+    NOTE: a page's K and V of every layer are one contiguous block (`page(p)`), so a page
+    moves between workers or tiers as one buffer, with no gather; one layer's K (or V) is a
+    strided view [pages, page_size, kv_heads, head_dim] whose pages are each contiguous.
+    """
 
     def __init__(
         self,
@@ -64,17 +69,17 @@ class KVCache:
         device: torch.device | str,
     ) -> None:
         self.page_size = page_size
+        self.num_layers = num_layers
         self.data = torch.zeros(
-            num_layers, 2, num_pages, page_size, num_kv_heads, head_dim, dtype=dtype, device=device
+            num_pages, num_layers, 2, page_size, num_kv_heads, head_dim, dtype=dtype, device=device
         )
-        slots = num_pages * page_size
-        # Per layer, K and V as flat slot arrays [pages * page_size, kv_heads, head_dim].
-        self.layers = [
-            (self.data[i, 0].view(slots, num_kv_heads, head_dim),
-             self.data[i, 1].view(slots, num_kv_heads, head_dim))
-            for i in range(num_layers)
-        ]  # fmt: skip
+        # Per layer, K and V as page views [pages, page_size, kv_heads, head_dim].
+        self.layers = [(self.data[:, i, 0], self.data[:, i, 1]) for i in range(num_layers)]
+
+    def page(self, page: int) -> torch.Tensor:
+        """Every layer's K and V of one page: a contiguous [layers, 2, page_size, heads, dim]."""
+        return self.data[page]
 
     @property
     def bytes_per_page(self) -> int:
-        return self.data[:, :, 0].numel() * self.data.element_size()
+        return self.data[0].numel() * self.data.element_size()

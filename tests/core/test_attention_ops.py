@@ -8,8 +8,21 @@ import torch.nn.functional as F
 
 from strata.attention import cpu_kernels
 from strata.attention import reference as ref
+from strata.kv.pool import KVCache
 
 PS, KVH, G, D = 4, 2, 3, 16
+
+
+def pool_layer(pages, page_size, kv_heads, dim, dtype):
+    """One layer's (K, V) page views of a random three-layer pool: strided, as the engine's."""
+    kv = KVCache(3, pages, page_size, kv_heads, dim, dtype, "cpu")
+    kv.data.copy_(torch.randn(kv.data.shape))
+    return kv.layers[1]
+
+
+def tokens(pages, table_row, n):
+    """The first n tokens' rows [n, kv_heads, dim] of the sequence whose pages are table_row."""
+    return pages[torch.as_tensor(table_row)].flatten(0, 1)[:n]
 
 
 def dense(q, k, v, scale):
@@ -24,11 +37,7 @@ def test_decode_ops_equal_dense_attention_per_sequence(dtype, tol):
     """Plain and cascade decode against dense float64 attention, per sequence; in bfloat16
     the scores are rounded to bfloat16 (as in transformers' eager attention)."""
     torch.manual_seed(0)
-    slots = 64 * PS
-    k_slots, v_slots = (
-        torch.randn(slots, KVH, D, dtype=dtype),
-        torch.randn(slots, KVH, D, dtype=dtype),
-    )
+    k_pages, v_pages = pool_layer(64, PS, KVH, D, dtype)
     shared = [3, 9, 4]  # three pages every sequence starts with
     own = [[10, 11], [12], [20, 21, 22]]
     lens = [len(shared) * PS + n for n in (6, 1, 9)]
@@ -41,14 +50,12 @@ def test_decode_ops_equal_dense_attention_per_sequence(dtype, tol):
     suffix = table[:, len(shared) :]
     pos = torch.arange(suffix.shape[1] * PS) + len(shared) * PS
     mask = pos[None, :] < torch.tensor(lens)[:, None]
-    out = ref.paged_decode_cascade(
-        q, k_slots, v_slots, torch.tensor(shared), suffix, mask, PS, scale
-    )
+    out = ref.paged_decode_cascade(q, k_pages, v_pages, torch.tensor(shared), suffix, mask, scale)
     full_mask = torch.arange(width * PS)[None, :] < torch.tensor(lens)[:, None]
-    plain = ref.paged_decode(q, k_slots, v_slots, table, full_mask, PS, scale)
+    plain = ref.paged_decode(q, k_pages, v_pages, table, full_mask, scale)
     for i, t in enumerate(tables):
-        idx = torch.tensor([p * PS + o for p in t for o in range(PS)])[: lens[i]]
-        expect = dense(q[i].double(), k_slots[idx].double(), v_slots[idx].double(), scale)
+        k, v = tokens(k_pages, t, lens[i]).double(), tokens(v_pages, t, lens[i]).double()
+        expect = dense(q[i].double(), k, v, scale)
         assert out.dtype == plain.dtype == dtype
         assert (out[i].double() - expect).abs().max() <= tol
         assert (plain[i].double() - expect).abs().max() <= tol
@@ -73,26 +80,26 @@ def test_cpu_kernel_builds():
 def test_cpu_decode_kernel_equals_dense_attention(heads, kv_heads, dim, page, lens, dtype, tol):
     torch.manual_seed(len(lens) + dim)
     pages = 200
-    k_slots = torch.randn(pages * page, kv_heads, dim).to(dtype)
-    v_slots = torch.randn(pages * page, kv_heads, dim).to(dtype)
+    k_pages, v_pages = pool_layer(pages, page, kv_heads, dim, dtype)
     width = max(-(-n // page) for n in lens) + 1  # one unused column of padding
     perm = torch.randperm(pages)
     table = perm[: len(lens) * width].view(len(lens), width)
     q = torch.randn(len(lens), heads, dim).to(dtype)
     scale = dim**-0.5
-    out = cpu_kernels.paged_decode(q, k_slots, v_slots, table, torch.tensor(lens), page, scale)
+    out = cpu_kernels.paged_decode(q, k_pages, v_pages, table, torch.tensor(lens), scale)
     assert out is not None and out.dtype == dtype and out.shape == q.shape
     g = heads // kv_heads
     for i, n in enumerate(lens):
-        idx = torch.tensor([int(p) * page + o for p in table[i] for o in range(page)])[:n]
-        kk = k_slots[idx].double().repeat_interleave(g, 1).transpose(0, 1)
-        vv = v_slots[idx].double().repeat_interleave(g, 1).transpose(0, 1)
+        kk = tokens(k_pages, table[i], n).double().repeat_interleave(g, 1).transpose(0, 1)
+        vv = tokens(v_pages, table[i], n).double().repeat_interleave(g, 1).transpose(0, 1)
         expect = F.scaled_dot_product_attention(q[i].double()[:, None], kk, vv, scale=scale)
         assert (out[i].double() - expect.squeeze(1)).abs().max() <= tol
 
 
 def test_cpu_decode_kernel_declines_what_it_does_not_take():
     q = torch.randn(2, 4, 8, dtype=torch.float16)
-    slots = torch.randn(16, 2, 8, dtype=torch.float16)
+    pages = torch.randn(2, 8, 2, 8, dtype=torch.float16)
     table, lens = torch.zeros(2, 1, dtype=torch.int64), torch.tensor([3, 4])
-    assert cpu_kernels.paged_decode(q, slots, slots, table, lens, 8, 1.0) is None
+    assert cpu_kernels.paged_decode(q, pages, pages, table, lens, 1.0) is None
+    k, v = pool_layer(4, 8, 2, 8, torch.float32)  # pages that are not dense blocks
+    assert cpu_kernels.paged_decode(q.float(), k.mT, v.mT, table, lens, 1.0) is None

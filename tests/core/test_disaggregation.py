@@ -47,7 +47,7 @@ def remote_prefill(prefill: Engine, decode: Engine, gate: threading.Event | None
                 raise TransferError(f"prefill failed: {last.error}")
             src = prefill.call(lambda: prefill.held_pages(rid)).result(10)
             assert len(src) == len(pages)
-            decode.runner.kv.data[:, :, pages] = prefill.runner.kv.data[:, :, src]
+            decode.runner.kv.data[pages] = prefill.runner.kv.data[src]
             assert prefill.call(lambda: prefill.release_held(rid)).result(10)
             lp = last.logprobs[0] if last.logprobs else None
             return RemoteFill(last.token_ids[0], last.usage.cached_tokens, lp)

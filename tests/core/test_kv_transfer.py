@@ -24,9 +24,10 @@ def filled(dtype: torch.dtype) -> KVCache:
     return kv
 
 
-def sender(port: int, dtype: torch.dtype, rounds: int, out: mp.Queue) -> None:
+def sender(port: int, dtype: torch.dtype, rounds: int, out: mp.Queue, delay: float = 0) -> None:
     try:
         channel = KVChannel(filled(dtype), "127.0.0.1", port, rank=0, timeout=20)
+        time.sleep(delay)
         for _ in range(rounds):
             channel.send(SRC)
         out.put("ok")
@@ -44,13 +45,13 @@ def test_pages_arrive_exactly_in_the_reserved_page_ids(dtype):
     try:
         kv = KVCache(**SHAPE, dtype=dtype, device="cpu")
         channel = KVChannel(kv, "127.0.0.1", port, rank=1, timeout=20)
-        expected = filled(dtype).data[:, :, SRC]
+        expected = filled(dtype).data[SRC]
         for _ in range(2):
             kv.data.zero_()
             stats = channel.recv(DST)
-            assert torch.equal(kv.data[:, :, DST], expected)
+            assert torch.equal(kv.data[DST], expected)
             others = [p for p in range(SHAPE["num_pages"]) if p not in DST]
-            assert not kv.data[:, :, others].any()  # nothing outside the reservation
+            assert not kv.data[others].any()  # nothing outside the reservation
             assert stats.bytes == len(DST) * kv.bytes_per_page
         assert out.get(timeout=30) == "ok"
     finally:
@@ -70,6 +71,27 @@ def test_a_peer_that_never_sends_times_out():
         with pytest.raises(TransferError, match="KV transfer failed"):
             channel.recv(DST)
         assert time.monotonic() - start < 10
+    finally:
+        proc.join(30)
+
+
+def test_a_late_send_after_a_timeout_lands_nowhere():
+    """Pages are received in place, so a timed-out receive must close the channel: the
+    sender's late pages fail on its side and never reach pages the receiver freed."""
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    out: mp.Queue = ctx.Queue()
+    proc = ctx.Process(target=sender, args=(port, torch.float32, 1, out, 4.0))
+    proc.start()
+    try:
+        kv = KVCache(**SHAPE, dtype=torch.float32, device="cpu")
+        channel = KVChannel(kv, "127.0.0.1", port, rank=1, timeout=1.5)
+        with pytest.raises(TransferError, match="no completion|Timed out"):
+            channel.recv(DST)
+        assert "TransferError" in out.get(timeout=30)  # the sender tried, and failed
+        assert not kv.data.any()
+        with pytest.raises(TransferError, match="closed"):
+            channel.recv(DST)  # a failed channel is not reused
     finally:
         proc.join(30)
 
