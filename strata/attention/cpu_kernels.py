@@ -90,7 +90,7 @@ def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
 
 def _page_contiguous(pages: torch.Tensor) -> bool:
     """Each page of [pages, page_size, kv_heads, D] one dense block (pages may be strided)."""
-    _, ps, h, d = pages.shape
+    _, _, h, d = pages.shape
     return pages.stride()[1:] == (h * d, d, 1)
 
 

@@ -69,7 +69,6 @@ class KVCache:
         device: torch.device | str,
     ) -> None:
         self.page_size = page_size
-        self.num_layers = num_layers
         self.data = torch.zeros(
             num_pages, num_layers, 2, page_size, num_kv_heads, head_dim, dtype=dtype, device=device
         )

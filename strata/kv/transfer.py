@@ -135,7 +135,7 @@ class KVChannel:
     def _stage(self, n: int) -> torch.Tensor:
         """A reused [n, *page] buffer (fresh device memory on every transfer would cost)."""
         page = self.kv.data.shape[1:]
-        if self._staging.shape[:1] < (n,):
+        if self._staging.shape[0] < n:
             self._staging = torch.empty(n, *page, dtype=self.kv.data.dtype,
                                         device=self.kv.data.device)  # fmt: skip
         return self._staging[:n]
