@@ -39,12 +39,34 @@ class Backend(ABC):
         """Drop every unlocked cached page; returns how many."""
 
 
-def radix_cache_stats(tree_stats: Any) -> dict[str, Any]:
+def radix_cache_stats(
+    tree_stats: Any, tiers: dict[str, Any] | None = None, l3_store: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The /health view of a prefix cache: the tree's figures, the fraction of prompt tokens
+    served from each tier (null for a tier that is off), and pages, bytes and traffic per
+    tier. l3_store: the L3 store's own figures where known (pages, bytes)."""
     if tree_stats is None:
         return {"enabled": False}
     stats = asdict(tree_stats)
-    # Only the device tier exists so far: every hit is an L1 hit.
-    stats.update(enabled=True, l1_hit_rate=stats["hit_rate"], l2_hit_rate=0.0)
+    prompt = stats["prompt_tokens"]
+
+    def rate(tokens: int) -> float:
+        return tokens / prompt if prompt else 0.0
+
+    l1_tokens = stats["cached_tokens"] - stats["l2_tokens"] - stats["l3_tokens"]
+    has_l3 = tiers is not None and tiers["l3"] is not None
+    stats.update(
+        enabled=True,
+        l1_hit_rate=rate(l1_tokens),
+        l2_hit_rate=rate(stats["l2_tokens"]) if tiers is not None else None,
+        l3_hit_rate=rate(stats["l3_tokens"]) if has_l3 else None,
+    )
+    if tiers is not None:
+        l3 = dict(tiers["l3"] or {}) if has_l3 else None
+        if l3 is not None and l3_store is not None:
+            l3.update(l3_store)
+        stats["tiers"] = {"l2": tiers["l2"], "l3": l3, "bytes_moved": tiers["bytes_moved"],
+                          "write_policy": tiers["write_policy"]}  # fmt: skip
     return stats
 
 
@@ -72,7 +94,7 @@ class LocalBackend(Backend):
             "pages_total": stats.pages_total,
             "pages_free": stats.pages_free,
             "jump_forward_tokens": stats.jump_forward_tokens,
-            "radix_cache_stats": radix_cache_stats(stats.cache),
+            "radix_cache_stats": radix_cache_stats(stats.cache, stats.tiers),
         }
 
     async def flush_cache(self) -> int:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from strata.engine.request import RequestOutput
 
@@ -41,6 +46,8 @@ class Metrics:
         self.pages_total = Gauge("strata_kv_pages_total", "KV pages in the pool", registry=r)
         self.running = Gauge("strata_running_requests", "Requests running", registry=r)
         self.waiting = Gauge("strata_waiting_requests", "Requests waiting", registry=r)
+        self.tiers = TierCollector()
+        r.register(self.tiers)
 
     def observe_event(self, ev: RequestOutput) -> None:
         """Per streamed event: a prefill worker's KV transfer, on a request's first event."""
@@ -49,8 +56,45 @@ class Metrics:
             self.transfer_seconds.observe(ev.transfer_seconds)
 
     def observe_health(self, health: dict) -> None:
+        self.tiers.health = health
         self.cache_hit_rate.set(health["radix_cache_stats"].get("hit_rate", 0.0))
         self.pages_total.set(health["pages_total"])
         self.pages_used.set(health["pages_total"] - health["pages_free"])
         self.running.set(health["running_requests"])
         self.waiting.set(health["waiting_requests"])
+
+
+class TierCollector(Collector):
+    """Per KV tier, from the latest /health figures (the workers count, this reports):
+    prompt tokens served from each tier, bytes moved between tiers, pages held."""
+
+    def __init__(self) -> None:
+        self.health: dict[str, Any] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.health.get("radix_cache_stats") or {}
+        if not stats.get("enabled"):
+            return
+        served = CounterMetricFamily(
+            "strata_cache_served_tokens", "Prompt tokens served from each KV tier", labels=["tier"]
+        )
+        l1 = stats["cached_tokens"] - stats["l2_tokens"] - stats["l3_tokens"]
+        for tier, tokens in (("l1", l1), ("l2", stats["l2_tokens"]), ("l3", stats["l3_tokens"])):
+            if stats.get(f"{tier}_hit_rate") is not None:
+                served.add_metric([tier], tokens)
+        yield served
+        tiers = stats.get("tiers")
+        if not tiers:
+            return
+        moved = CounterMetricFamily(
+            "strata_kv_tier_moved_bytes", "KV bytes moved between tiers", labels=["direction"]
+        )
+        for direction, nbytes in tiers["bytes_moved"].items():
+            moved.add_metric([direction], nbytes)
+        yield moved
+        pages = GaugeMetricFamily("strata_kv_tier_pages", "KV pages held per tier", labels=["tier"])
+        pages.add_metric(["l1"], stats["cached_pages"])
+        pages.add_metric(["l2"], stats["host_pages"])
+        if tiers["l3"] is not None and tiers["l3"].get("pages") is not None:
+            pages.add_metric(["l3"], tiers["l3"]["pages"])
+        yield pages

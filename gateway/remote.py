@@ -1,21 +1,29 @@
-"""RemoteBackend: the gateway in split mode. Routes each request to the decode worker that
-holds the longest prefix of its prompt (ties: fewest requests in flight from this gateway,
-then in turn). When the part of the prompt that decode worker lacks is longer than
-`local_prefill_tokens`, a prefill worker chosen the same way computes it and sends the KV
-(conditional disaggregation); otherwise the decode worker prefills it. Streams the tokens
-back and aggregates every worker's health."""
+"""RemoteBackend: the gateway in split mode. Routes each request to the decode worker where
+serving it costs least (route_cost: tokens to compute, plus tokens to load from its L2 or
+the shared L3 weighted by their measured cost; from the cache service's index), then the
+fewest requests in flight from this gateway, then in turn. When that worker would compute
+more than `local_prefill_tokens`, a prefill worker chosen the same way computes the prompt
+and sends the KV (conditional disaggregation); otherwise the decode worker prefills it.
+Without the cache service it routes by load alone. Streams the tokens back and aggregates
+every worker's health."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 from collections.abc import AsyncGenerator, Sequence
+from dataclasses import fields
 from typing import Any
 
 import grpc
 
 from gateway.backend import Backend, radix_cache_stats
-from services.convert import output_from_chunk, params_to_proto, tree_stats_from_proto
+from services.convert import (
+    output_from_chunk,
+    params_to_proto,
+    tier_stats_from_proto,
+    tree_stats_from_proto,
+)
 from strata.engine.engine import check_request
 from strata.engine.request import RequestOutput
 from strata.engine.runner import check_length
@@ -26,6 +34,9 @@ from strata.radix.tree import TreeStats
 from strata.sampling.params import SamplingParams
 
 RPC_TIMEOUT = 10.0
+ROUTE_TIMEOUT = 1.0  # a slow cache service must not hold up requests: route by load instead
+# loading a token vs computing it, until the workers have measured both
+DEFAULT_LOAD_WEIGHTS = {"l2": 0.05, "l3": 0.2}
 
 
 class RemoteBackend(Backend):
@@ -77,23 +88,23 @@ class RemoteBackend(Backend):
         """(decode worker, prefill worker or "" to prefill on the decode worker)."""
         cache = self.stubs()[0]
         try:
-            route = await cache.Route(
-                cache_pb2.RouteRequest(token_ids=list(prompt_ids)), timeout=RPC_TIMEOUT
+            reply = await cache.Route(
+                cache_pb2.RouteRequest(token_ids=list(prompt_ids)), timeout=ROUTE_TIMEOUT
             )
-            cached = dict(route.cached_tokens)
+            held, l3 = dict(reply.workers), reply.l3_tokens
         except grpc.aio.AioRpcError:  # no routing hints: still serve, by load alone
-            cached = {}
-        decode = self._pick(self.decode_targets, cached)
-        missing = len(prompt_ids) - cached.get(decode, 0)
+            held, l3 = {}, 0
+        cost = {t: route_cost(len(prompt_ids), held.get(t), l3) for t in self.inflight}
+        decode = self._pick(self.decode_targets, cost)
         # prompt logprobs are computed where the prompt is prefilled: on the decode worker
-        if (not self.prefill_targets or missing <= self.local_prefill_tokens
+        if (not self.prefill_targets or cost[decode] <= self.local_prefill_tokens
                 or params.logprob_start_len >= 0):  # fmt: skip
             return decode, ""
-        return decode, self._pick(self.prefill_targets, cached)
+        return decode, self._pick(self.prefill_targets, cost)
 
-    def _pick(self, targets: list[str], cached: dict[str, int]) -> str:
-        score = {t: (cached.get(t, 0), -self.inflight[t]) for t in targets}
-        best = max(score.values())
+    def _pick(self, targets: list[str], cost: dict[str, float]) -> str:
+        score = {t: (cost[t], self.inflight[t]) for t in targets}
+        best = min(score.values())
         ties = [t for t in targets if score[t] == best]
         self._turn += 1  # equals take turns, so new conversations spread over the workers
         return ties[self._turn % len(ties)]
@@ -142,21 +153,20 @@ class RemoteBackend(Backend):
         async def worker(target: str, role: str, stub: Any) -> tuple[dict[str, Any], Any]:
             try:
                 load = await stub.Load(worker_pb2.LoadRequest(), timeout=RPC_TIMEOUT)
-                reply = await cache.Stats(cache_pb2.WorkerRequest(worker=target),
-                                          timeout=RPC_TIMEOUT)  # fmt: skip
             except grpc.aio.AioRpcError as exc:
                 return {"worker": target, "role": role, "status": "unreachable",
                         "error": exc.details()}, None  # fmt: skip
-            stats = tree_stats_from_proto(reply)
+            stats = tree_stats_from_proto(load.cache) if load.HasField("cache") else None
+            tiers = tier_stats_from_proto(load.tiers) if load.HasField("tiers") else None
             info = {"worker": target, "status": "ok", "role": role,
                     "running_requests": load.running, "waiting_requests": load.waiting,
                     "pages_total": load.pages_total, "pages_free": load.pages_free,
-                    "radix_cache_stats": radix_cache_stats(stats),
+                    "radix_cache_stats": radix_cache_stats(stats, tiers),
                     "kv_transfer": transfer_json(load.transfers, load.transfer_bytes,
                                                  load.transfer_seconds)}  # fmt: skip
             if role == "prefill":
                 info["held_requests"] = load.held_requests
-            return info, (stats, load)
+            return info, (stats, tiers, load)
 
         replies = await asyncio.gather(
             *(worker(t, "decode", decode[t]) for t in self.decode_targets),
@@ -164,7 +174,19 @@ class RemoteBackend(Backend):
         )
         workers = [info for info, _ in replies]
         ok = [(info, got) for info, got in replies if got is not None]
-        received = [load for info, (_, load) in ok if info["role"] == "decode"]
+        received = [load for info, (_, _, load) in ok if info["role"] == "decode"]
+        trees = [stats for _, (stats, _, _) in ok if stats is not None]
+        tiers = [t for _, (_, t, _) in ok if t is not None]
+        try:  # the cluster's L3 store, as the cache service indexes it
+            store = await cache.Stats(cache_pb2.StatsRequest(), timeout=RPC_TIMEOUT)
+            l3_store = {
+                "pages": store.l3_pages,
+                "bytes": store.l3_bytes,
+                "budget_bytes": store.l3_budget_bytes,
+                "evicted": store.l3_evicted,
+            }
+        except grpc.aio.AioRpcError:
+            l3_store = None  # fmt: skip
         return {
             "status": "ok" if len(ok) == len(workers) else "degraded",
             "model": self.model_name,
@@ -172,12 +194,17 @@ class RemoteBackend(Backend):
             "waiting_requests": sum(i["waiting_requests"] for i, _ in ok if i["role"] == "decode"),
             "pages_total": sum(i["pages_total"] for i, _ in ok),
             "pages_free": sum(i["pages_free"] for i, _ in ok),
-            "radix_cache_stats": radix_cache_stats(sum_stats([stats for _, (stats, _) in ok])),
+            "radix_cache_stats": radix_cache_stats(
+                sum_stats(trees) if trees else None,
+                sum_tiers(tiers) if tiers else None,
+                l3_store,
+            ),  # fmt: skip
             "kv_transfer": transfer_json(
                 sum(r.transfers for r in received),
                 sum(r.transfer_bytes for r in received),
                 sum(r.transfer_seconds for r in received),
             ),  # fmt: skip
+            "cache_service": "ok" if l3_store is not None else "unreachable",
             "workers": workers,
         }
 
@@ -195,19 +222,41 @@ def transfer_json(transfers: int, nbytes: int, seconds: float) -> dict[str, Any]
             "gb_per_s": round(nbytes / seconds / 1e9, 3) if seconds else 0.0}  # fmt: skip
 
 
+def route_cost(prompt_len: int, held: Any, l3_tokens: int) -> float:
+    """What serving a prompt on a worker costs, in prefill tokens: the tokens it must compute,
+    plus the tokens it must load from L2 and from L3, each weighted by its measured cost
+    of loading a token relative to computing one (defaults until measured)."""
+    l1 = held.l1_tokens if held is not None else 0
+    l2 = held.l2_tokens if held is not None else 0
+    reach = max(l2, l3_tokens)
+    weights = dict(DEFAULT_LOAD_WEIGHTS)
+    if held is not None and held.costs.compute_token > 0 and held.page_size:
+        per_token = held.costs.compute_token * held.page_size
+        for tier in ("l2", "l3"):
+            measured = getattr(held.costs, f"{tier}_page")
+            if measured > 0:
+                weights[tier] = measured / per_token
+    return (prompt_len - reach) + (l2 - l1) * weights["l2"] + max(0, l3_tokens - l2) * weights["l3"]
+
+
 def sum_stats(stats: list[TreeStats]) -> TreeStats:
     """The cluster's view: counts add up; rates are recomputed from the sums."""
-    prompt = sum(s.prompt_tokens for s in stats)
-    cached = sum(s.cached_tokens for s in stats)
-    shared = sum(s.shared_prefix_count for s in stats)
+    total = {f.name: sum(getattr(s, f.name) for s in stats) for f in fields(TreeStats)}
+    shared = total["shared_prefix_count"]
     depth = sum(s.avg_sharing_depth * s.shared_prefix_count for s in stats)
-    return TreeStats(
-        total_nodes=sum(s.total_nodes for s in stats),
-        cached_pages=sum(s.cached_pages for s in stats),
-        locked_pages=sum(s.locked_pages for s in stats),
-        shared_prefix_count=shared,
-        avg_sharing_depth=depth / shared if shared else 0.0,
-        hit_rate=cached / prompt if prompt else 0.0,
-        prompt_tokens=prompt,
-        cached_tokens=cached,
-    )
+    total["avg_sharing_depth"] = depth / shared if shared else 0.0
+    prompt = total["prompt_tokens"]
+    total["hit_rate"] = total["cached_tokens"] / prompt if prompt else 0.0
+    return TreeStats(**total)
+
+
+def sum_tiers(tiers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The workers' tier figures added up (L3 is shared: its own figures come separately)."""
+    l3 = [t["l3"] for t in tiers if t["l3"] is not None]
+    return {
+        "l2": {k: sum(t["l2"][k] for t in tiers) for k in tiers[0]["l2"]},
+        "l3": {k: sum(x[k] for x in l3) for k in l3[0]} if l3 else None,
+        "bytes_moved": {k: sum(t["bytes_moved"].get(k, 0) for t in tiers)
+                        for k in tiers[0]["bytes_moved"]},
+        "write_policy": tiers[0]["write_policy"],
+    }  # fmt: skip

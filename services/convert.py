@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import asdict, fields
+from typing import Any
 
 from strata.engine.request import RequestOutput, Usage
 from strata.grammar.constraint import Constraint
-from strata.proto.v1 import cache_pb2, common_pb2
-from strata.radix.tree import TreeStats
+from strata.proto.v1 import cache_pb2, common_pb2, worker_pb2
+from strata.radix.mirror import Batch
+from strata.radix.tree import KVEvent, TreeStats
 from strata.sampling.params import SamplingParams
 
 FINISH = {
@@ -99,6 +103,55 @@ def output_from_chunk(rid: str, c: common_pb2.TokenChunk) -> RequestOutput:
     )  # fmt: skip
 
 
-def tree_stats_from_proto(r: cache_pb2.StatsResponse) -> TreeStats:
-    return TreeStats(r.total_nodes, r.cached_pages, r.locked_pages, r.shared_prefix_count,
-                     r.avg_sharing_depth, r.hit_rate, r.prompt_tokens, r.cached_tokens)  # fmt: skip
+def tree_stats_to_proto(t: TreeStats) -> worker_pb2.CacheStats:
+    return worker_pb2.CacheStats(**asdict(t))
+
+
+def tree_stats_from_proto(r: worker_pb2.CacheStats) -> TreeStats:
+    return TreeStats(**{f.name: getattr(r, f.name) for f in fields(TreeStats)})
+
+
+def tier_stats_to_proto(t: dict[str, Any]) -> worker_pb2.TierStats:
+    return worker_pb2.TierStats(
+        l2_pages=t["l2"]["pages"], l2_used_pages=t["l2"]["used_pages"], l2_bytes=t["l2"]["bytes"],
+        l3=t["l3"] is not None, l3_bad_files=(t["l3"] or {}).get("bad_files", 0),
+        l3_skipped_writes=(t["l3"] or {}).get("skipped_writes", 0),
+        bytes_moved=t["bytes_moved"], write_policy=t["write_policy"], page_bytes=t["page_bytes"],
+    )  # fmt: skip
+
+
+def tier_stats_from_proto(r: worker_pb2.TierStats) -> dict[str, Any]:
+    l3 = {"bad_files": r.l3_bad_files, "skipped_writes": r.l3_skipped_writes} if r.l3 else None
+    return {
+        "l2": {"pages": r.l2_pages, "used_pages": r.l2_used_pages, "bytes": r.l2_bytes},
+        "l3": l3, "bytes_moved": dict(r.bytes_moved), "write_policy": r.write_policy,
+        "page_bytes": r.page_bytes,
+    }  # fmt: skip
+
+
+COSTS = ("compute_token", "l2_page", "l3_page")
+
+
+def costs_to_proto(costs: Mapping[str, float | None]) -> cache_pb2.LoadCosts:
+    return cache_pb2.LoadCosts(**{k: costs.get(k) or 0.0 for k in COSTS})
+
+
+def costs_from_proto(c: cache_pb2.LoadCosts) -> dict[str, float]:
+    """Only the measured ones (0 on the wire means not measured yet)."""
+    return {k: getattr(c, k) for k in COSTS if getattr(c, k) > 0}
+
+
+def batch_to_proto(b: Batch) -> cache_pb2.EventBatch:
+    return cache_pb2.EventBatch(
+        worker=b.worker, seed=b.seed, page_size=b.page_size, first_seq=b.first_seq,
+        snapshot=b.snapshot, costs=costs_to_proto(b.costs), page_file_bytes=b.page_file_bytes,
+        events=[cache_pb2.KVEvent(kind=e.kind, tier=e.tier, keys=e.keys) for e in b.events],
+    )  # fmt: skip
+
+
+def batch_from_proto(m: cache_pb2.EventBatch) -> Batch:
+    return Batch(
+        m.worker, m.seed, m.page_size, m.first_seq, m.snapshot,
+        [KVEvent(e.kind, e.tier, list(e.keys)) for e in m.events], costs_from_proto(m.costs),
+        m.page_file_bytes,
+    )  # fmt: skip

@@ -65,6 +65,7 @@ def up(
     model_args: Sequence[str],
     worker_args: Sequence[str],
     gateway_args: Sequence[str],
+    cache_args: Sequence[str],
     log_level: str,
     timeout: float = 300.0,
 ) -> int:
@@ -87,7 +88,8 @@ def up(
     signal.signal(signal.SIGTERM, stop)
     try:
         cache = f"{host}:{free_port(host)}"
-        wait_grpc(cache, start("cache", "--host", host, "--port", cache.rsplit(":", 1)[1]), timeout)
+        port_arg = cache.rsplit(":", 1)[1]
+        wait_grpc(cache, start("cache", "--host", host, "--port", port_arg, *cache_args), timeout)
         workers: dict[str, list[str]] = {"prefill": [], "decode": []}
         started = []
         for role, n in (("prefill", num_prefill), ("decode", num_decode)):

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from services.convert import tier_stats_to_proto, tree_stats_to_proto
 from services.grpcio import run_until_signal, start_server
 from strata.engine.engine import Engine
 from strata.proto.v1 import worker_pb2
@@ -38,11 +39,16 @@ class EngineWorker:
     async def Load(self, request, context):  # noqa: N802 (gRPC method names)
         s = await asyncio.wrap_future(self.engine.call(self.engine.stats))
         t = self.transferred
-        return worker_pb2.LoadResponse(
+        reply = worker_pb2.LoadResponse(
             worker=self.worker_id, running=s.running, waiting=s.waiting,
             pages_total=s.pages_total, pages_free=s.pages_free, held_requests=s.held,
             transfers=t.transfers, transfer_bytes=t.bytes, transfer_seconds=t.seconds,
         )  # fmt: skip
+        if s.cache is not None:
+            reply.cache.CopyFrom(tree_stats_to_proto(s.cache))
+        if s.tiers is not None:
+            reply.tiers.CopyFrom(tier_stats_to_proto(s.tiers))
+        return reply
 
     async def FlushCache(self, request, context):  # noqa: N802
         n = await asyncio.wrap_future(self.engine.call(self.engine.flush_cache))

@@ -10,11 +10,15 @@ from collections.abc import Sequence
 
 from strata.bench.cli import add_bench_args
 from strata.config import (
+    PREFETCH_POLICIES,
     QUANTIZATIONS,
+    WRITE_POLICIES,
     CacheConfig,
+    HiCacheConfig,
     ModelConfig,
     SchedulerConfig,
     ServerConfig,
+    cache_dir,
     env,
 )
 
@@ -29,6 +33,53 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--num-pages", type=int, default=4096)
     p.add_argument("--log-level", default="warning")
+
+
+def add_hicache_args(p: argparse.ArgumentParser) -> None:
+    """The KV tiers below L1 (SGLang's flag names)."""
+    d = HiCacheConfig()
+    p.add_argument("--enable-hierarchical-cache", action="store_true",
+                   help="keep pages evicted from L1 in host memory (L2), and in --hicache-"
+                   "storage-dir (L3) with --hicache-storage-backend file")  # fmt: skip
+    p.add_argument("--hicache-ratio", type=float, default=d.ratio,
+                   help="L2 pages per L1 page")  # fmt: skip
+    p.add_argument("--hicache-size", type=float, default=d.size_gb,
+                   help="L2 size in GB (overrides --hicache-ratio)")  # fmt: skip
+    p.add_argument("--hicache-write-policy", default=d.write_policy, choices=WRITE_POLICIES)
+    p.add_argument("--hicache-storage-backend", default=d.storage_backend or None,
+                   choices=["file"])  # fmt: skip
+    p.add_argument("--hicache-storage-dir", default=env("HICACHE_STORAGE_DIR"))
+    p.add_argument(
+        "--hicache-storage-size",
+        type=float,
+        default=d.storage_size_gb,
+        help="L3 budget in GB (least recently used page files are deleted past it)",
+    )
+    p.add_argument("--hicache-storage-prefetch-policy", default=d.prefetch_policy,
+                   choices=PREFETCH_POLICIES)  # fmt: skip
+
+
+def hicache_config(a: argparse.Namespace) -> HiCacheConfig:
+    return HiCacheConfig(
+        enabled=a.enable_hierarchical_cache, ratio=a.hicache_ratio, size_gb=a.hicache_size,
+        write_policy=a.hicache_write_policy, storage_backend=a.hicache_storage_backend or "",
+        storage_dir=a.hicache_storage_dir, storage_size_gb=a.hicache_storage_size,
+        prefetch_policy=a.hicache_storage_prefetch_policy,
+    )  # fmt: skip
+
+
+def hicache_argv(a: argparse.Namespace) -> list[str]:
+    """The same flags again, for a child process."""
+    if not a.enable_hierarchical_cache:
+        return []
+    out = ["--enable-hierarchical-cache", "--hicache-ratio", str(a.hicache_ratio),
+           "--hicache-size", str(a.hicache_size), "--hicache-write-policy",
+           a.hicache_write_policy, "--hicache-storage-size", str(a.hicache_storage_size),
+           "--hicache-storage-prefetch-policy", a.hicache_storage_prefetch_policy]  # fmt: skip
+    if a.hicache_storage_backend:
+        out += ["--hicache-storage-backend", a.hicache_storage_backend,
+                "--hicache-storage-dir", a.hicache_storage_dir]  # fmt: skip
+    return out
 
 
 def model_config(a: argparse.Namespace) -> ModelConfig:
@@ -95,6 +146,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         cache_config(a),
         sched_config(a),
         ServerConfig(a.host, a.port, a.served_model_name, a.log_level, a.grpc_port),
+        hicache_config(a),
     )
     return 0
 
@@ -104,7 +156,7 @@ def cmd_cache(a: argparse.Namespace) -> int:
 
     from services.cache.server import serve
 
-    asyncio.run(serve(a.host, a.port, a.page_size))
+    asyncio.run(serve(a.host, a.port, a.hicache_storage_dir, a.hicache_storage_size))
     return 0
 
 
@@ -115,8 +167,8 @@ def sched_config(a: argparse.Namespace) -> SchedulerConfig:
 def cmd_worker(a: argparse.Namespace) -> int:
     from strata.serve import serve_worker
 
-    serve_worker(a.command, model_config(a), cache_config(a), sched_config(a), a.host, a.port,
-                 a.cache, a.worker_id, a.shutdown_grace)  # fmt: skip
+    serve_worker(a.command, model_config(a), cache_config(a), sched_config(a), hicache_config(a),
+                 a.host, a.port, a.cache, a.worker_id, a.shutdown_grace)  # fmt: skip
     return 0
 
 
@@ -147,9 +199,18 @@ def cmd_up(a: argparse.Namespace) -> int:
                    "--chunked-prefill-size", str(a.max_batch_tokens)]  # fmt: skip
     if a.disable_radix_cache:
         worker_args.append("--disable-radix-cache")
+    cache_args = []
+    if a.disable_hierarchical_cache:
+        a.enable_hierarchical_cache = False
+    elif a.enable_hierarchical_cache and a.hicache_storage_backend == "file":
+        a.hicache_storage_dir = a.hicache_storage_dir or str(cache_dir() / "kv-store")
+        cache_args = ["--hicache-storage-dir", a.hicache_storage_dir,
+                      "--hicache-storage-size", str(a.hicache_storage_size)]  # fmt: skip
+    hicache_config(a)  # refuse bad flags here, before any process starts
+    worker_args += hicache_argv(a)
     gateway_args = ["--local-prefill-tokens", str(a.local_prefill_tokens)]
     return up(a.host, a.port, a.grpc_port, a.prefill, a.decode, model_args, worker_args,
-              gateway_args, a.log_level)  # fmt: skip
+              gateway_args, cache_args, a.log_level)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the colocated server (REST, OpenAI-compatible)")
     add_model_args(s)
     add_server_args(s)
+    add_hicache_args(s)
     s.set_defaults(func=cmd_serve)
     u = sub.add_parser("up", help="run the split cluster locally (cache, workers, gateway)")
     add_model_args(u)
@@ -173,11 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--prefill", type=int, default=1, help="prefill workers (0: decode "
                    "workers prefill their own prompts)")  # fmt: skip
     u.add_argument("--decode", type=int, default=1, help="decode workers")
-    u.set_defaults(func=cmd_up)
+    add_hicache_args(u)
+    u.add_argument("--disable-hierarchical-cache", action="store_true",
+                   help="workers keep L1 only (the cluster default is L1 + L2 + a shared L3 "
+                   "store in ~/.cache/strata/kv-store)")  # fmt: skip
+    u.set_defaults(func=cmd_up, enable_hierarchical_cache=True, hicache_storage_backend="file")
     for role, port in (("prefill", 30030), ("decode", 30020)):
         d = sub.add_parser(role, help=f"run one {role} worker (gRPC strata.v1.{role.title()})")
         add_model_args(d)
         add_server_args(d)
+        add_hicache_args(d)
         d.add_argument("--cache", default=env("CACHE_ADDR") or "127.0.0.1:30010")
         d.add_argument("--worker-id", default=None, help="name at the cache service "
                        "(default host:port: the address the gateway dials)")  # fmt: skip
@@ -198,7 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cache", help="run the cache service (the cluster's radix trees)")
     c.add_argument("--host", default=env("CACHE_HOST") or "127.0.0.1")
     c.add_argument("--port", type=int, default=int(env("CACHE_PORT") or 30010))
-    c.add_argument("--page-size", type=int, default=16)
+    c.add_argument(
+        "--hicache-storage-dir",
+        default=env("HICACHE_STORAGE_DIR"),
+        help="the workers' shared L3 directory: indexed here, evicted LRU",
+    )
+    c.add_argument("--hicache-storage-size", type=float, default=HiCacheConfig().storage_size_gb,
+                   help="L3 budget in GB")  # fmt: skip
     c.add_argument("--log-level", default="info")
     c.set_defaults(func=cmd_cache)
     b = sub.add_parser("bench", help="benchmark an OpenAI-compatible server with a workload")

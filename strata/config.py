@@ -77,6 +77,57 @@ class CacheConfig:
             raise ValueError("page_size and num_pages must be positive")
 
 
+WRITE_POLICIES = ("write_through", "write_through_selective", "write_back")
+PREFETCH_POLICIES = ("best_effort", "wait_complete", "timeout")
+
+
+@dataclass(frozen=True)
+class HiCacheConfig:
+    """The KV tiers below L1 (SGLang's flags): L2 host memory and the L3 page store."""
+
+    enabled: bool = False
+    ratio: float = 2.0  # L2 pages per L1 page
+    size_gb: float = 0.0  # L2 size; overrides ratio when > 0
+    write_policy: str = "write_through"
+    storage_backend: str = ""  # "" (no L3) or "file"
+    storage_dir: str | None = None
+    storage_size_gb: float = 16.0  # L3 budget: least recently used files are deleted past it
+    prefetch_policy: str = "timeout"
+    # timeout policy: wait for L3 pages at most base + per_k_tokens * prompt_k_tokens, capped
+    prefetch_timeout_base: float = 2.0
+    prefetch_timeout_per_k_tokens: float = 0.1
+    prefetch_timeout_max: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.write_policy not in WRITE_POLICIES:
+            raise ValueError(f"--hicache-write-policy must be one of {WRITE_POLICIES}")
+        if self.prefetch_policy not in PREFETCH_POLICIES:
+            raise ValueError(f"--hicache-storage-prefetch-policy must be one of "
+                             f"{PREFETCH_POLICIES}")  # fmt: skip
+        if self.storage_backend not in ("", "file"):
+            raise ValueError("--hicache-storage-backend must be 'file' (or unset)")
+        if self.storage_backend and not self.enabled:
+            raise ValueError("--hicache-storage-backend needs --enable-hierarchical-cache")
+        if self.storage_backend and not self.storage_dir:
+            raise ValueError("--hicache-storage-backend file needs --hicache-storage-dir")
+        if self.ratio <= 0 or self.size_gb < 0 or self.storage_size_gb <= 0:
+            raise ValueError("--hicache-ratio and --hicache-storage-size must be positive")
+
+    def host_pages(self, l1_pages: int, bytes_per_page: int) -> int:
+        if self.size_gb > 0:
+            return max(1, int(self.size_gb * 1e9 // bytes_per_page))
+        return max(1, int(l1_pages * self.ratio))
+
+    def prefetch_timeout(self, prompt_tokens: int) -> float:
+        """Seconds a request waits for its L3 pages (0: do not wait; inf: until done)."""
+        if self.prefetch_policy == "best_effort":
+            return 0.0
+        if self.prefetch_policy == "wait_complete":
+            return float("inf")
+        t = self.prefetch_timeout_base + self.prefetch_timeout_per_k_tokens * prompt_tokens / 1000
+        return min(t, self.prefetch_timeout_max)
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     enable_radix_cache: bool = True

@@ -6,12 +6,11 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from strata.config import CacheConfig, ModelConfig, SchedulerConfig, ServerConfig
+from strata.config import CacheConfig, HiCacheConfig, ModelConfig, SchedulerConfig, ServerConfig
 from strata.engine.engine import Engine
 from strata.engine.runner import ModelRunner
 from strata.model.loader import load_tokenizer, read_config, resolve_checkpoint
 from strata.model.spec import ModelSpec
-from strata.radix.index import CacheIndex
 
 if TYPE_CHECKING:
     from gateway.backend import Backend
@@ -20,8 +19,9 @@ log = logging.getLogger(__name__)
 
 
 def build_engine(
-    model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, index: CacheIndex | None = None
-) -> Engine:
+    model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, tiers: HiCacheConfig,
+    cluster_worker: bool = False,
+) -> Engine:  # fmt: skip
     runner = ModelRunner.from_config(model, cache)
     if runner.tokenizer is None:
         raise ValueError(f"no tokenizer in {runner.checkpoint}: the server needs one")
@@ -30,14 +30,16 @@ def build_engine(
         enable_cache=sched.enable_radix_cache,
         max_batch_tokens=sched.max_batch_tokens,
         max_running=sched.max_running_requests,
-        cache=index,
+        tiers=tiers,
+        cluster_worker=cluster_worker,
     )
 
 
 def serve(
-    model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, server: ServerConfig
-) -> None:
-    engine = build_engine(model, cache, sched)
+    model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, server: ServerConfig,
+    tiers: HiCacheConfig,
+) -> None:  # fmt: skip
+    engine = build_engine(model, cache, sched, tiers)
     name = server.served_model_name or (model.model_path or "SmolLM2-135M-Instruct")
     engine.start()
     from gateway.backend import LocalBackend
@@ -66,23 +68,33 @@ def serve_gateway(
 
 
 def serve_worker(
-    role: str, model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, host: str,
-    port: int, cache_target: str, worker_id: str | None, grace: float = 10.0,
+    role: str, model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig,
+    tiers: HiCacheConfig, host: str, port: int, cache_target: str, worker_id: str | None,
+    grace: float = 10.0,
 ) -> None:  # fmt: skip
-    """A split-mode worker ("prefill" or "decode"): the engine, its radix tree at the cache
-    service under worker_id (default host:port, the address the gateway routes to)."""
-    from services.cache.client import RemoteCacheIndex
+    """A split-mode worker ("prefill" or "decode"): the engine with its own radix tree,
+    whose KV events go to the cache service under worker_id (default host:port, the address
+    the gateway routes to)."""
+    from services.cache.publisher import KVEventPublisher
     from services.decode.server import serve as serve_decode
     from services.prefill.server import serve as serve_prefill
 
     worker_id = worker_id or f"{host}:{port}"
-    index = RemoteCacheIndex(cache_target, worker_id) if sched.enable_radix_cache else None
-    engine = build_engine(model, cache, sched, index)
-    if role == "prefill":
-        engine.jump_forward = False  # it samples one token; the decode worker jumps
-        asyncio.run(serve_prefill(engine, worker_id, host, port, grace))
-    else:
-        asyncio.run(serve_decode(engine, worker_id, host, port, grace))
+    engine = build_engine(model, cache, sched, tiers, cluster_worker=True)
+    publisher = None
+    if engine.cache is not None:
+        publisher = KVEventPublisher(cache_target, worker_id, engine)
+        engine.event_sink = publisher
+        publisher.start()
+    try:
+        if role == "prefill":
+            engine.jump_forward = False  # it samples one token; the decode worker jumps
+            asyncio.run(serve_prefill(engine, worker_id, host, port, grace))
+        else:
+            asyncio.run(serve_decode(engine, worker_id, host, port, grace))
+    finally:
+        if publisher is not None:
+            publisher.stop()
 
 
 async def _serve_fronts(backend: Backend, name: str, server: ServerConfig) -> None:

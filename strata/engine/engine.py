@@ -14,6 +14,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from strata.config import HiCacheConfig
 from strata.engine.logprobs import collect_input_logprobs, wants_input_logprobs
 from strata.engine.request import KVSource, Request, RequestOutput
 from strata.engine.runner import ModelRunner
@@ -22,13 +23,17 @@ from strata.engine.split import SplitRoles
 from strata.grammar.compiler import GrammarCompiler, LazyGrammarCompiler
 from strata.grammar.constraint import Constraint
 from strata.grammar.jump import jump_forward
+from strata.kv.hierarchy import build_cache
 from strata.model.batch import SequenceChunk
-from strata.radix.index import CacheIndex, LocalCacheIndex
+from strata.radix.index import CacheIndex
+from strata.radix.tree import KVEvent
 from strata.sampling.params import SamplingParams
 from strata.sampling.sampler import SampleInput, sample
 from strata.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
+# a forward with at least this many prefill tokens measures the cost of computing a token
+OBSERVE_PREFILL_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class EngineStats:
     cache: Any  # TreeStats | None
     jump_forward_tokens: int  # tokens appended by jump-forward decoding (no step sampled)
     held: int = 0  # prefill role: finished prompts whose pages wait to be pulled
+    tiers: dict[str, Any] | None = None  # pages, bytes and traffic per KV tier (with tiers)
 
 
 def check_request(
@@ -68,24 +74,34 @@ class Engine(SplitRoles):
         enable_cache: bool = True,
         max_batch_tokens: int = 512,
         max_running: int = 64,
-        cache: CacheIndex | None = None,
+        tiers: HiCacheConfig | None = None,
+        cluster_worker: bool = False,
         jump_forward: bool = True,
         grammar_timeout: float = 10.0,
         hold_timeout: float = 60.0,
     ) -> None:
+        """tiers: the KV tiers below L1 (None: L1 only). cluster_worker: the cache records KV
+        events for the cluster's index (`event_sink`), which also owns the L3 budget."""
         self.runner = runner
         self.tokenizer = runner.tokenizer
-        if enable_cache and cache is None:
-            cache = LocalCacheIndex(runner.page_size)
-        self.cache = cache if enable_cache else None
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self.cache: CacheIndex | None = None
+        if enable_cache:
+            self.cache = build_cache(
+                runner.kv, runner.pool, runner.identity, tiers, record_events=cluster_worker,
+                own_store_index=not cluster_worker,
+                on_loaded=lambda plan: self._inbox.put(("loaded", plan)),
+            )  # fmt: skip
+        timeout = tiers.prefetch_timeout if tiers is not None else lambda n: float("inf")
         self.scheduler = Scheduler(
-            runner.pool, self.cache, runner.page_size, max_batch_tokens, max_running
+            runner.pool, self.cache, runner.page_size, max_batch_tokens, max_running, timeout
         )
+        # cluster workers: called on the engine thread with each step's KV events
+        self.event_sink: Callable[[list[KVEvent]], None] | None = None
         eos = set(runner.spec.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos)
-        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
@@ -184,6 +200,7 @@ class Engine(SplitRoles):
             cache=self.cache.stats() if self.cache is not None else None,
             jump_forward_tokens=self.jump_forward_tokens,
             held=len(self._held),
+            tiers=self.cache.tier_stats() if self.cache is not None else None,
         )
 
     def flush_cache(self) -> int:
@@ -205,6 +222,8 @@ class Engine(SplitRoles):
             self._thread.join(timeout)
         if self._fetchers is not None:
             self._fetchers.shutdown(wait=False, cancel_futures=True)
+        if self.cache is not None:
+            self.cache.close()
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -240,6 +259,8 @@ class Engine(SplitRoles):
             self.abort_now(arg)
         elif kind == "fetched":
             self._on_fetched(*arg)
+        elif kind == "loaded":
+            self.scheduler.on_loaded(arg)
         elif kind == "call":
             fn, fut = arg
             try:
@@ -254,9 +275,14 @@ class Engine(SplitRoles):
             self._start_fetch(req)
         self.scheduler.fetching.clear()
         if not chunks:
+            self._publish_events()
             return False
         prompt_logprobs = [c for c in chunks if wants_input_logprobs(c)]
+        start = time.perf_counter()
         logits = self.runner.forward([self._sequence(c) for c in chunks], bool(prompt_logprobs))
+        filled = sum(c.length for c in chunks if c.length > 1)
+        if self.cache is not None and filled >= OBSERVE_PREFILL_TOKENS:
+            self.cache.observe_compute(filled, time.perf_counter() - start)
         if prompt_logprobs:
             logits = collect_input_logprobs(chunks, logits)
         for c in chunks:
@@ -280,7 +306,14 @@ class Engine(SplitRoles):
                     top = dict(zip(out.top_ids[j][:n], out.top_logprobs[j][:n]))
                 lp = out.logprobs[j] if out.logprobs is not None else None
                 self._on_token(req, out.tokens[j], lp, top)
+        self._publish_events()
         return True
+
+    def _publish_events(self) -> None:
+        if self.event_sink is not None and self.cache is not None:
+            events = self.cache.take_events()
+            if events:
+                self.event_sink(events)
 
     def run_until_done(self) -> None:
         """Drive the loop on the calling thread until no request is left (tests, tools)."""
@@ -354,8 +387,8 @@ class Engine(SplitRoles):
             logprobs=[logprob] if logprob is not None else None,
             top_logprobs=[top] if top is not None else None,
         )  # fmt: skip
-        if first and "transfer" in req.extra:
-            event.transfer_bytes, event.transfer_seconds = req.extra.pop("transfer")
+        if first and req.transfer is not None:
+            event.transfer_bytes, event.transfer_seconds = req.transfer
         if first and p.logprob_start_len >= 0:
             event.input_logprobs = [
                 req.input_logprobs.get(i) for i in range(p.logprob_start_len, len(req.prompt_ids))
@@ -376,8 +409,8 @@ class Engine(SplitRoles):
             return
         req.finish_reason = reason
         hold = req.hold and reason in ("stop", "length")
-        if req.awaiting_kv:  # the transfer may still write its pages: released when it ends
-            req.extra.get("cancel", threading.Event()).set()
+        if req.awaiting_kv and req.cancel is not None:  # released when the transfer ends
+            req.cancel.set()
         self.scheduler.finish(req, release=not (req.awaiting_kv or hold))
         if hold and req.pages:
             self._held[req.rid] = (req, time.monotonic() + self.hold_timeout)

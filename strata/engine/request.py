@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from strata.kv.mover import LoadPlan
 from strata.sampling.params import SamplingParams
 from strata.sampling.stop import StopMatcher
 from strata.tokenizer import IncrementalDetokenizer
@@ -79,9 +80,18 @@ class Request:
     first_token_at: float | None = None
     matcher: Any = None  # xgrammar GrammarMatcher of a constrained request
     input_logprobs: dict[int, float] = field(default_factory=dict)  # prompt position -> logprob
-    extra: dict[str, Any] = field(default_factory=dict)
     kv_source: KVSource | None = None  # split mode: the prompt's KV comes from a prefill worker
     hold: bool = False  # prefill role: keep the pages after the first token, until released
+    # scheduler bookkeeping
+    admitted: bool = False  # admitted once (its prompt lookup is counted then)
+    match_len: int = 0  # cached prefix length when the waiting queue was last ordered
+    loads_planned: bool = False  # lower tiers asked for its prefix since it last waited
+    loads: list[LoadPlan] = field(default_factory=list)  # loads it may still wait for
+    load_deadline: float = 0.0  # when it stops waiting for L3 loads
+    loaded_spans: list[tuple[str, int, int]] = field(default_factory=list)  # (tier, start, end)
+    # split mode, decode role
+    cancel: threading.Event | None = None  # set to stop its kv_source
+    transfer: tuple[int, float] | None = None  # (bytes, seconds) of its KV transfer
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -42,6 +43,14 @@ def check_length(prompt_len: int, max_context: int, max_new_tokens: int = 0) -> 
         )
 
 
+def model_identity(model: LlamaForCausalLM, name: str) -> str:
+    """Names the weights (not the path): the same checkpoint anywhere has the same identity,
+    another one (or another quantization) a different one."""
+    h = hashlib.sha256(repr(model.spec).encode() + model.quantization.encode())
+    h.update(model.embed_tokens[:8].float().cpu().numpy().tobytes())
+    return f"{name}-{h.hexdigest()[:16]}"
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -54,6 +63,7 @@ class ModelRunner:
         spec = model.spec
         self.model, self.tokenizer, self.spec = model, tokenizer, spec
         self.checkpoint = checkpoint
+        self.identity = model_identity(model, checkpoint.name if checkpoint else "model")
         self.page_size = page_size
         self.device = model.embed_tokens.device
         self.kv = KVCache(

@@ -5,6 +5,10 @@ waiting requests (longest cached prefix first) while the token budget lasts. Pag
 the pool; when it runs dry the radix cache is evicted first, then the newest running request
 is preempted (its computed pages go to the cache, so re-admission recomputes little).
 
+With KV tiers, a waiting request whose prefix is in L2 (or continues in L3) first has those
+pages loaded into L1 (the cache starts the loads; it waits for L2 loads always and for L3
+loads as the prefetch policy says), then is admitted with a longer L1 match.
+
 A request whose prompt KV comes from a prefill worker (split mode) is admitted by reserving
 pages for its whole prompt; it computes nothing until the engine reports the KV landed, and
 it is never preempted while the transfer may still write into its pages.
@@ -12,10 +16,13 @@ it is never preempted while the transfer may still write into its pages.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from strata.engine.request import Request
-from strata.kv.pool import PagePool
+from strata.kv.mover import LoadPlan
+from strata.kv.pool import PagePool, alloc_evicting
 from strata.radix.index import CacheIndex
 from strata.radix.tree import common_prefix_len
 
@@ -36,9 +43,11 @@ class Scheduler:
         page_size: int,
         max_batch_tokens: int,
         max_running: int,
+        prefetch_timeout: Callable[[int], float] = lambda prompt_tokens: float("inf"),
     ) -> None:
         self.pool, self.cache, self.page_size = pool, cache, page_size
         self.max_batch_tokens, self.max_running = max_batch_tokens, max_running
+        self.prefetch_timeout = prefetch_timeout  # seconds to wait for L3 loads, per prompt
         self.waiting: list[Request] = []
         self.running: list[Request] = []  # admitted (holding pages), oldest first
         self.fetching: list[Request] = []  # admitted remote requests the engine must start
@@ -73,8 +82,10 @@ class Scheduler:
                     self.running.append(req)
                     self.fetching.append(req)
                     continue
+                if self._loading(req):
+                    continue  # its prefix is on its way into L1
                 fill = req.fill_ids
-                if self._shares_inflight_prefix(fill, req.extra.get("match_len", 0), prefilling):
+                if self._shares_inflight_prefix(fill, req.match_len, prefilling):
                     continue  # wait one step: that prefix will be cached by then
                 if not self._admit(req):
                     break
@@ -106,6 +117,17 @@ class Scheduler:
         req.pages[:full] = match.pages
         req.num_shared_pages, req.cache_node = full, match.node
 
+    def on_loaded(self, plan: LoadPlan) -> None:
+        """A load has ended (engine thread): its pages join the cache."""
+        assert self.cache is not None
+        self.cache.finish_load(plan)
+        req = plan.owner
+        if isinstance(req, Request) and plan in req.loads:
+            req.loads.remove(plan)
+            if plan.loaded:
+                end = plan.start + plan.loaded * self.page_size
+                req.loaded_spans.append((plan.source, plan.start, end))
+
     def finish(self, req: Request, release: bool = True) -> None:
         """Release a finished (or aborted) request, caching its computed pages. With
         release=False its pages stay reserved until `release` (a transfer may still be
@@ -129,8 +151,8 @@ class Scheduler:
         if self.cache is None or len(self.waiting) < 2:
             return
         for r in self.waiting:
-            r.extra["match_len"] = self.cache.match(r.fill_ids).length
-        self.waiting.sort(key=lambda r: -r.extra["match_len"])
+            r.match_len = self.cache.match(r.fill_ids).length
+        self.waiting.sort(key=lambda r: -r.match_len)
 
     def _shares_inflight_prefix(
         self, fill: list[int], cached: int, prefilling: list[list[int]]
@@ -144,12 +166,24 @@ class Scheduler:
         )
 
     def _alloc(self, n: int) -> list[int] | None:
-        short = n - self.pool.num_free
-        if short > 0 and self.cache is not None:
-            self.pool.free(self.cache.evict(short))
-        if n > self.pool.num_free:
-            return None
-        return self.pool.alloc(n)
+        return alloc_evicting(self.pool, n, self.cache.evict if self.cache is not None else None)
+
+    def _loading(self, req: Request) -> bool:
+        """Start loading req's prefix from the lower tiers (once per wait); True while it
+        must wait for a load: always for L2, for L3 until its prefetch deadline."""
+        if self.cache is None:
+            return False
+        if not req.loads_planned:
+            req.loads_planned = True
+            req.loads = self.cache.plan_loads(req.fill_ids)
+            for plan in req.loads:
+                plan.owner = req
+            req.load_deadline = time.monotonic() + self.prefetch_timeout(len(req.prompt_ids))
+        if not req.loads:
+            return False
+        if any(p.source == "l2" for p in req.loads):
+            return True
+        return time.monotonic() < req.load_deadline
 
     def _grow(self, req: Request, num_tokens: int) -> bool:
         """Give req pages for num_tokens, preempting newer requests if needed. False when
@@ -169,6 +203,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.release(req)
+        req.loads_planned = False  # its pages may be in L2 by the time it comes back
         self.waiting.insert(0, req)
 
     def _admit(self, req: Request) -> bool:
@@ -187,11 +222,18 @@ class Scheduler:
             if node is not None and self.cache is not None:
                 self.cache.unlock(node)
             return False
-        if "admitted" not in req.extra:  # count the prompt once, not on re-admission
-            req.extra["admitted"] = True
+        if not req.admitted:  # count the prompt once, not on re-admission
+            req.admitted = True
             req.num_cached = min(usable, len(req.prompt_ids))
             if self.cache is not None:
-                self.cache.record_lookup(len(req.prompt_ids), req.num_cached)
+                by_tier = dict.fromkeys(("l2", "l3"), 0)
+                for tier, start, end in req.loaded_spans:
+                    by_tier[tier] += max(0, min(end, req.num_cached) - start)
+                self.cache.record_lookup(len(req.prompt_ids), req.num_cached, by_tier["l2"],
+                                         by_tier["l3"])  # fmt: skip
+                if node is not None:
+                    self.cache.record_hit(node)
+        req.loads = []  # a load still running now only feeds the cache
         req.pages, req.num_shared_pages, req.cache_node = shared + own, len(shared), node
         req.num_computed = usable
         return True
@@ -201,7 +243,7 @@ class Scheduler:
         own = self._alloc(-(-len(req.prompt_ids) // self.page_size))
         if own is None:
             return False
-        req.extra["admitted"] = True  # its lookup is recorded by the prefill worker
+        req.admitted = True  # its lookup is recorded by the prefill worker
         req.pages, req.num_shared_pages, req.cache_node, req.num_computed = own, 0, None, 0
         return True
 

@@ -79,7 +79,7 @@ class SplitRoles:
         if self._fetchers is None:
             self._fetchers = ThreadPoolExecutor(16, thread_name_prefix="strata-kv")
         assert req.kv_source is not None
-        cancel = req.extra["cancel"] = threading.Event()
+        cancel = req.cancel = threading.Event()
         fut = self._fetchers.submit(req.kv_source, list(req.pages), cancel)
         fut.add_done_callback(lambda f: self._inbox.put(("fetched", (req, f))))
 
@@ -97,5 +97,5 @@ class SplitRoles:
         self.scheduler.cache_progress(req)
         if req.generator is not None and not req.params.greedy:
             skip_noise(req.generator, self.runner.spec.vocab_size)  # drawn by the prefill worker
-        req.extra["transfer"] = (fill.transfer_bytes, fill.transfer_seconds)
+        req.transfer = (fill.transfer_bytes, fill.transfer_seconds)
         self._on_token(req, fill.token, fill.logprob, fill.top_logprobs)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -23,10 +23,6 @@ class PagePool:
     @property
     def num_free(self) -> int:
         return len(self._free)
-
-    @property
-    def num_used(self) -> int:
-        return self.num_pages - len(self._free)
 
     def alloc(self, n: int) -> list[int]:
         """Take n pages; raises OutOfPagesError (taking none) when fewer are free."""
@@ -50,6 +46,19 @@ class PagePool:
         self._free.extend(pages)
 
 
+def alloc_evicting(
+    pool: PagePool, n: int, evict: Callable[[int], list[int]] | None
+) -> list[int] | None:
+    """Take n pages, evicting cached ones (evict(k) releases at least k if it can) when
+    fewer are free; None when even that leaves too few."""
+    short = n - pool.num_free
+    if short > 0 and evict is not None:
+        pool.free(evict(short))
+    if n > pool.num_free:
+        return None
+    return pool.alloc(n)
+
+
 class KVCache:
     """K and V of every layer, page-major: [pages, layers, 2, page_size, kv_heads, head_dim].
 
@@ -67,11 +76,13 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        pin_memory: bool = False,
     ) -> None:
         self.page_size = page_size
         self.data = torch.zeros(
-            num_pages, num_layers, 2, page_size, num_kv_heads, head_dim, dtype=dtype, device=device
-        )
+            num_pages, num_layers, 2, page_size, num_kv_heads, head_dim, dtype=dtype, device=device,
+            pin_memory=pin_memory,
+        )  # fmt: skip
         # Per layer, K and V as page views [pages, page_size, kv_heads, head_dim].
         self.layers = [(self.data[:, i, 0], self.data[:, i, 1]) for i in range(num_layers)]
 
@@ -82,3 +93,8 @@ class KVCache:
     @property
     def bytes_per_page(self) -> int:
         return self.data[0].numel() * self.data.element_size()
+
+    def like(self, num_pages: int, device: torch.device | str, pin_memory: bool) -> KVCache:
+        """An empty pool of the same page shape (another tier)."""
+        _, layers, _, ps, heads, dim = self.data.shape
+        return KVCache(layers, num_pages, ps, heads, dim, self.data.dtype, device, pin_memory)

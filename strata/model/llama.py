@@ -26,6 +26,7 @@ class LlamaForCausalLM:
     ) -> None:
         self.spec = spec
         self.backend = backend
+        self.quantization = quantization
         embed = weights["embed_tokens"]
         self.rope = RotaryEmbedding(
             spec.head_dim, spec.max_position, spec.rope_theta, spec.rope_scaling,

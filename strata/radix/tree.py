@@ -1,15 +1,38 @@
-"""RadixTree: page-aligned prefix index from token ids to KV page ids, with LRU eviction.
+"""RadixTree: page-aligned prefix index from token ids to KV pages in two memory tiers, with
+LRU eviction and KV events.
 
-Pure Python: it knows token ids, page ids, locks and access times, nothing else. The same
-class runs in-process (colocated mode) and inside the cache service (split mode).
+Pure Python: it knows token ids, page ids per tier (L1 device, L2 host), page keys, locks and
+access times, nothing else. A node's pages live in L1, in L2, or in both (an L2 copy of an L1
+node is its backup).
+
+NOTE (invariant): the L1 nodes form a prefix-closed subtree: a node with L1 pages has a
+parent with L1 pages (or the root). A match is therefore some L1 nodes, then some L2-only
+nodes. L1 eviction takes L1 leaves (nodes whose children are all L2-only) and L2 eviction
+takes L2-only leaves, so neither breaks it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
+
+KEY_BYTES = 16
+
+
+def page_keys(parent: bytes, tokens: Sequence[int], page_size: int) -> list[bytes]:
+    """Chained page keys: key_i = H(key_{i-1} || tokens of page i), starting from `parent`
+    (the model's seed for the first page). The same prefix has the same keys on every worker,
+    so a key names a page in events, in routing and in the L3 store."""
+    keys = []
+    for i in range(0, len(tokens) - page_size + 1, page_size):
+        data = struct.pack(f"<{page_size}I", *tokens[i : i + page_size])
+        parent = hashlib.blake2b(parent + data, digest_size=KEY_BYTES).digest()
+        keys.append(parent)
+    return keys
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -23,101 +46,225 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class MatchResult(NamedTuple):
-    pages: list[int]  # one page id per page_size matched tokens
-    length: int  # matched tokens (a multiple of page_size)
-    node: int  # handle of the deepest matched node (0 = root), for lock/unlock
+    pages: list[int]  # L1 page ids, one per page_size matched tokens
+    length: int  # tokens matched in L1 (a multiple of page_size)
+    node: int  # handle of the deepest L1 node (0 = root), for lock/unlock
+    host_pages: list[int]  # L2 page ids of the L2-only nodes that continue the match
+    host_length: int  # tokens matched in L2 past `length`
+    host_node: int  # handle of the deepest L2-only node (0 = none)
+
+
+class Evicted(NamedTuple):
+    pages: list[int]  # L1 pages released
+    host_pages: list[int]  # L2 pages released with them (L2-only nodes under a dropped node)
+
+
+class HostDrop(NamedTuple):
+    keys: list[bytes]  # page keys of a node dropped from L2
+    host_pages: list[int]
+    left_tree: bool  # False: only the L2 copy of an L1 node was dropped
+
+
+class Attached(NamedTuple):
+    pages: list[int]  # the caller's L1 pages the tree did not take (it has its own)
+    host_pages: list[int]  # the caller's L2 pages the tree did not take
+
+
+class KVEvent(NamedTuple):
+    kind: str  # "stored" | "removed"
+    tier: str  # "l1" | "l2"
+    keys: list[bytes]
 
 
 @dataclass(frozen=True)
 class TreeStats:
     total_nodes: int
-    cached_pages: int
+    cached_pages: int  # L1 pages in the tree
     locked_pages: int
     shared_prefix_count: int  # nodes where two or more cached sequences diverge
     avg_sharing_depth: float  # mean depth in tokens of those branch points
     hit_rate: float  # cached prompt tokens / prompt tokens, over all recorded lookups
     prompt_tokens: int
-    cached_tokens: int
+    cached_tokens: int  # prompt tokens served from the cache (any tier)
+    host_pages: int = 0  # L2 pages in the tree (L2-only nodes and backups of L1 nodes)
+    l2_tokens: int = 0  # of cached_tokens: loaded from L2
+    l3_tokens: int = 0  # of cached_tokens: loaded from the L3 store
 
 
 class _Node:
-    __slots__ = ("id", "key", "pages", "parent", "children", "lock", "last_access", "depth")
+    __slots__ = (
+        "id", "key", "pages", "host", "keys", "parent", "children", "lock", "last_access",
+        "depth", "hits",
+    )  # fmt: skip
 
-    def __init__(self, node_id: int, key: tuple[int, ...], pages: list[int], parent: _Node | None):
+    def __init__(self, node_id: int, key: tuple[int, ...], keys: list[bytes], parent: _Node | None):
         self.id = node_id
-        self.key = key  # the tokens on the edge into this node (len = len(pages) * page_size)
-        self.pages = pages
+        self.key = key  # the tokens on the edge into this node (len = len(keys) * page_size)
+        self.keys = keys  # one page key per page
+        self.pages: list[int] | None = None  # L1 page ids, None when not in L1
+        self.host: list[int] | None = None  # L2 page ids, None when not in L2
         self.parent = parent
         self.children: dict[tuple[int, ...], _Node] = {}  # keyed by the child's first page
-        self.lock = 0  # number of holders; NOTE: a locked node is never evicted
+        self.lock = 0  # number of holders; NOTE: a locked node is never evicted from any tier
         self.last_access = 0
         self.depth: int = (parent.depth + len(key)) if parent else 0  # tokens from the root
+        self.hits = 0  # admissions that matched this node (write_through_selective)
 
 
 class RadixTree:
-    def __init__(self, page_size: int) -> None:
+    def __init__(self, page_size: int, seed: bytes = b"", record_events: bool = False) -> None:
         assert page_size > 0
         self.page_size = page_size
+        self.seed = seed  # the first page's parent key (the model's identity)
         self._ids = 0
         self._clock = 0
         self.root = _Node(0, (), [], None)
+        self.root.pages, self.root.host = [], []
         self.root.lock = 1  # the root is never evicted
         self._nodes: dict[int, _Node] = {0: self.root}
-        self.cached_pages = 0
-        self.prompt_tokens = 0
-        self.cached_tokens = 0
+        self.cached_pages = 0  # L1
+        self.host_pages = 0  # L2
+        self.prompt_tokens = self.cached_tokens = self.l2_tokens = self.l3_tokens = 0
+        self.events: list[KVEvent] | None = [] if record_events else None
 
     # ---- lookups -------------------------------------------------------------------------
 
     def match_prefix(self, tokens: Sequence[int]) -> MatchResult:
-        """Longest cached prefix of tokens, in whole pages; refreshes its access time."""
-        ps, node, pages = self.page_size, self.root, []
+        """Longest cached prefix of tokens, in whole pages: its L1 part, then its L2-only
+        part; refreshes its access time."""
+        ps, node = self.page_size, self.root
+        pages: list[int] = []
+        host: list[int] = []
         now = self._tick()
-        i = 0
+        i, l1_node = 0, 0
         while i + ps <= len(tokens):
             child = node.children.get(tuple(tokens[i : i + ps]))
             if child is None:
                 break
             n = self._common_pages(child.key, tokens, i)
-            if n < len(child.pages):
+            if n < len(child.keys):
                 child = self._split(child, n)
             child.last_access = now
-            pages.extend(child.pages)
+            if child.pages is not None:
+                assert not host, "an L1 node under an L2-only node"
+                pages.extend(child.pages)
+                l1_node = child.id
+            else:
+                assert child.host is not None
+                host.extend(child.host)
             i += len(child.key)
             node = child
-        return MatchResult(pages, i, node.id)
+        return MatchResult(pages, len(pages) * ps, l1_node, host, len(host) * ps,
+                           node.id if host else 0)  # fmt: skip
 
-    def record_lookup(self, prompt_tokens: int, cached_tokens: int) -> None:
-        """Count one prompt toward hit_rate (called by the user of the match)."""
+    def keys_of(self, tokens: Sequence[int]) -> list[bytes]:
+        """Page keys of every whole page of tokens (cached or not)."""
+        return page_keys(self.seed, tokens, self.page_size)
+
+    def record_lookup(
+        self, prompt_tokens: int, cached_tokens: int, l2_tokens: int = 0, l3_tokens: int = 0
+    ) -> None:
+        """Count one prompt toward the hit rates (called by the user of the match)."""
         self.prompt_tokens += prompt_tokens
         self.cached_tokens += cached_tokens
+        self.l2_tokens += l2_tokens
+        self.l3_tokens += l3_tokens
+
+    def record_hit(self, node_id: int) -> None:
+        node: _Node | None = self._nodes[node_id]
+        while node is not None:
+            node.hits += 1
+            node = node.parent
+
+    def unbacked(self, node_id: int, min_hits: int = 0) -> list[int]:
+        """Nodes on the path to node_id that are in L1 with no L2 copy (and were hit at least
+        min_hits times), root first."""
+        path = []
+        node: _Node | None = self._nodes[node_id]
+        while node is not None and node is not self.root:
+            if node.pages is not None and node.host is None and node.hits >= min_hits:
+                path.append(node.id)
+            node = node.parent
+        return path[::-1]
+
+    def pages_of(self, node_id: int) -> tuple[list[int], list[bytes]]:
+        """A node's L1 pages and page keys."""
+        node = self._nodes[node_id]
+        assert node.pages is not None
+        return node.pages, node.keys
 
     # ---- updates -------------------------------------------------------------------------
 
     def insert(self, tokens: Sequence[int], pages: Sequence[int]) -> int:
-        """Cache pages for tokens (len(tokens) == len(pages) * page_size).
+        """Cache L1 pages for tokens (len(tokens) == len(pages) * page_size).
 
-        Returns how many leading tokens were already cached: the caller's pages for those
+        Returns how many leading tokens were already in L1: the caller's pages for those
         tokens are not taken by the tree (the caller frees them unless they are the tree's).
+        The rest are taken, by L2-only nodes on the path (which are then in L1 again) and by
+        a new node.
         """
+        left = self.attach(tokens, 0, pages).pages
+        assert list(pages[: len(left)]) == left, "L1 nodes form a prefix"
+        return len(left) * self.page_size
+
+    def attach(
+        self,
+        tokens: Sequence[int],
+        start: int,
+        pages: Sequence[int],
+        host: Sequence[int] | None = None,
+    ) -> Attached:
+        """Give the tree L1 pages (and with `host`, their L2 copies) for tokens[start:], whose
+        prefix tokens[:start] must be cached. Page by page: a node in L1 keeps its own pages;
+        an L2-only node under an L1 node takes ours (and keeps its own L2 copy); past the
+        end of the path a new node takes the rest. Returns what was not taken."""
         ps = self.page_size
-        assert len(tokens) == len(pages) * ps, "insert whole pages only"
+        assert start % ps == 0 and len(tokens) - start == len(pages) * ps, "whole pages only"
+        assert host is None or len(host) == len(pages)
         now = self._tick()
         node, i = self.root, 0
+        left: list[int] = []
+        host_left: list[int] = []
         while i < len(tokens):
             child = node.children.get(tuple(tokens[i : i + ps]))
             if child is None:
-                new = self._new_node(tuple(tokens[i:]), list(pages[i // ps :]), node)
+                if i < start:
+                    raise ValueError("attach: the tokens before start are not cached")
+                j = (i - start) // ps
+                if node.pages is None and host is None:  # L1 stays prefix-closed
+                    return Attached(left + list(pages[j:]), host_left)
+                new = self._new_node(tuple(tokens[i:]), node)
                 new.last_access = now
-                self.cached_pages += len(new.pages)
-                return i
+                if node.pages is None:  # under an L2-only node: L2 only
+                    left.extend(pages[j:])
+                else:
+                    self._set_pages(new, list(pages[j:]))
+                if host is not None:
+                    self._set_host(new, list(host[j:]))
+                return Attached(left, host_left)
             n = self._common_pages(child.key, tokens, i)
-            if n < len(child.pages):
+            if n < len(child.keys):
                 child = self._split(child, n)
+            if i < start < i + len(child.key):
+                child = self._split(child, (start - i) // ps)
             child.last_access = now
+            if i >= start:
+                j, k = (i - start) // ps, len(child.keys)
+                if child.pages is None and node.pages is not None:
+                    self._set_pages(child, list(pages[j : j + k]))
+                else:
+                    left.extend(pages[j : j + k])
+                if host is not None:
+                    host_left.extend(host[j : j + k])
             i += len(child.key)
             node = child
-        return i
+        return Attached(left, host_left)
+
+    def set_host(self, node_id: int, host: list[int]) -> None:
+        """Record the L2 copy of an L1 node (a backup, or before it leaves L1)."""
+        node = self._nodes[node_id]
+        assert node.host is None and len(host) == len(node.keys)
+        self._set_host(node, host)
 
     def lock(self, node_id: int) -> None:
         """Pin the path from node to the root against eviction (reference counted)."""
@@ -137,31 +284,91 @@ class RadixTree:
         for n in path:
             n.lock -= 1
 
-    def evict(self, num_pages: int) -> list[int]:
-        """Drop least-recently-used unlocked leaves until num_pages pages are released (or
-        nothing evictable is left); returns the released page ids."""
-        heap = [(n.last_access, n.id) for n in self._nodes.values() if self._evictable(n)]
+    def evict(
+        self, num_pages: int, demote: Callable[[list[int]], list[int] | None] | None = None
+    ) -> Evicted:
+        """Release at least num_pages L1 pages, least recently used unlocked L1 leaves first
+        (or until nothing is evictable). A node with an L2 copy stays in the tree as L2-only;
+        one without asks `demote(pages)` for L2 pages holding a copy (None: no room), else it
+        is dropped with its L2-only subtree. NOTE: demote may evict L2-only nodes (never an
+        L1 node), so the walk stays valid."""
+        heap = [(n.last_access, n.id) for n in self._nodes.values() if self._l1_evictable(n)]
         heapq.heapify(heap)
         freed: list[int] = []
+        dropped: list[int] = []
         while heap and len(freed) < num_pages:
             _, node_id = heapq.heappop(heap)
             node = self._nodes[node_id]
+            assert self._l1_evictable(node)
+            if node.host is None and demote is not None:
+                host = demote(node.pages)
+                if host is not None:
+                    self._set_host(node, host)
             freed.extend(node.pages)
+            self._set_pages(node, None)
+            if node.host is None:
+                dropped.extend(self._drop(node))
+            parent = node.parent
+            if parent is not None and self._l1_evictable(parent):
+                heapq.heappush(heap, (parent.last_access, parent.id))
+        return Evicted(freed, dropped)
+
+    def evict_host(self, num_pages: int) -> list[HostDrop]:
+        """Release at least num_pages L2 pages (or all that can go), least recently used
+        first: L2 copies of unlocked L1 nodes, and unlocked L2-only leaves (which leave the
+        tree); returns them with their page keys."""
+        heap = [(n.last_access, n.id) for n in self._nodes.values() if self._l2_evictable(n)]
+        heapq.heapify(heap)
+        drops: list[HostDrop] = []
+        released = 0
+        while heap and released < num_pages:
+            _, node_id = heapq.heappop(heap)
+            node = self._nodes.get(node_id)
+            if node is None or not self._l2_evictable(node):  # pushed twice: an L1 parent
+                continue
+            assert node.host is not None
+            left = node.pages is None
+            drops.append(HostDrop(node.keys, node.host, left))
+            released += len(node.host)
+            self._set_host(node, None)
+            if not left:
+                continue
             self._remove(node)
             parent = node.parent
-            if parent is not None and self._evictable(parent):
+            if parent is not None and parent.pages is None and self._l2_evictable(parent):
                 heapq.heappush(heap, (parent.last_access, parent.id))
-        return freed
+        return drops
 
-    def flush(self) -> list[int]:
-        """Drop every unlocked page; returns them."""
-        return self.evict(self.cached_pages)
+    def flush(self) -> Evicted:
+        """Drop every unlocked page of both tiers; returns them."""
+        pages, host = self.evict(self.cached_pages)
+        for drop in self.evict_host(self.host_pages):
+            host.extend(drop.host_pages)
+        return Evicted(pages, host)
+
+    def snapshot(self) -> dict[str, list[bytes]]:
+        """Page keys per tier: what a mirror of this tree must hold."""
+        out: dict[str, list[bytes]] = {"l1": [], "l2": []}
+        for n in self._nodes.values():
+            if n is not self.root:
+                if n.pages is not None:
+                    out["l1"].extend(n.keys)
+                if n.host is not None:
+                    out["l2"].extend(n.keys)
+        return out
+
+    def take_events(self) -> list[KVEvent]:
+        """The events since the last call (none unless the tree records them)."""
+        if not self.events:
+            return []
+        events, self.events = self.events, []
+        return events
 
     # ---- statistics ----------------------------------------------------------------------
 
     def stats(self) -> TreeStats:
         branch_depths = [n.depth for n in self._nodes.values() if len(n.children) >= 2]
-        locked = sum(len(n.pages) for n in self._nodes.values() if n.lock > 0)
+        locked = sum(len(n.keys) for n in self._nodes.values() if n.lock > 0)
         return TreeStats(
             total_nodes=len(self._nodes) - 1,
             cached_pages=self.cached_pages,
@@ -171,11 +378,10 @@ class RadixTree:
             hit_rate=self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
             prompt_tokens=self.prompt_tokens,
             cached_tokens=self.cached_tokens,
+            host_pages=self.host_pages,
+            l2_tokens=self.l2_tokens,
+            l3_tokens=self.l3_tokens,
         )
-
-    @property
-    def evictable_pages(self) -> int:
-        return sum(len(n.pages) for n in self._nodes.values() if n.lock == 0)
 
     # ---- internals -----------------------------------------------------------------------
 
@@ -183,9 +389,32 @@ class RadixTree:
         self._clock += 1
         return self._clock
 
-    def _new_node(self, key: tuple[int, ...], pages: list[int], parent: _Node) -> _Node:
+    def _emit(self, kind: str, tier: str, keys: list[bytes]) -> None:
+        if self.events is not None:
+            self.events.append(KVEvent(kind, tier, keys))
+
+    def _set_pages(self, node: _Node, pages: list[int] | None) -> None:
+        if node.pages is not None:
+            self.cached_pages -= len(node.pages)
+            self._emit("removed", "l1", node.keys)
+        node.pages = pages
+        if pages is not None:
+            self.cached_pages += len(pages)
+            self._emit("stored", "l1", node.keys)
+
+    def _set_host(self, node: _Node, host: list[int] | None) -> None:
+        if node.host is not None:
+            self.host_pages -= len(node.host)
+            self._emit("removed", "l2", node.keys)
+        node.host = host
+        if host is not None:
+            self.host_pages += len(host)
+            self._emit("stored", "l2", node.keys)
+
+    def _new_node(self, key: tuple[int, ...], parent: _Node) -> _Node:
         self._ids += 1
-        node = _Node(self._ids, key, pages, parent)
+        prev = parent.keys[-1] if parent.keys else self.seed
+        node = _Node(self._ids, key, page_keys(prev, key, self.page_size), parent)
         parent.children[key[: self.page_size]] = node
         self._nodes[node.id] = node
         return node
@@ -201,22 +430,54 @@ class RadixTree:
 
     def _split(self, node: _Node, n_pages: int) -> _Node:
         """Cut node after n_pages pages; returns the new upper node (which keeps the locks)."""
-        assert 0 < n_pages < len(node.pages)
+        assert 0 < n_pages < len(node.keys)
         parent = node.parent
         assert parent is not None
         cut = n_pages * self.page_size
-        upper = self._new_node(node.key[:cut], node.pages[:n_pages], parent)
-        upper.lock, upper.last_access = node.lock, node.last_access
-        node.key, node.pages, node.parent = node.key[cut:], node.pages[n_pages:], upper
+        self._ids += 1
+        upper = _Node(self._ids, node.key[:cut], node.keys[:n_pages], parent)
+        parent.children[upper.key[: self.page_size]] = upper
+        self._nodes[upper.id] = upper
+        upper.lock, upper.last_access, upper.hits = node.lock, node.last_access, node.hits
+        if node.pages is not None:
+            upper.pages, node.pages = node.pages[:n_pages], node.pages[n_pages:]
+        if node.host is not None:
+            upper.host, node.host = node.host[:n_pages], node.host[n_pages:]
+        node.key, node.keys, node.parent = node.key[cut:], node.keys[n_pages:], upper
         upper.children[node.key[: self.page_size]] = node
         return upper
 
-    def _evictable(self, node: _Node) -> bool:
-        return node is not self.root and node.lock == 0 and not node.children
+    def _l1_evictable(self, node: _Node) -> bool:
+        return (
+            node is not self.root
+            and node.pages is not None
+            and node.lock == 0
+            and all(c.pages is None for c in node.children.values())
+        )
+
+    def _l2_evictable(self, node: _Node) -> bool:
+        return (
+            node is not self.root
+            and node.host is not None
+            and node.lock == 0
+            and (node.pages is not None or not node.children)
+        )
+
+    def _drop(self, node: _Node) -> list[int]:
+        """Remove an unlocked node that has left L1 with its subtree (all L2-only); returns
+        the subtree's L2 pages."""
+        host: list[int] = []
+        for child in list(node.children.values()):
+            host.extend(self._drop(child))
+        if node.host is not None:
+            host.extend(node.host)
+            self._set_host(node, None)
+        self._remove(node)
+        return host
 
     def _remove(self, node: _Node) -> None:
+        assert node.pages is None and node.host is None and node.lock == 0
         parent = node.parent
         assert parent is not None
         del parent.children[node.key[: self.page_size]]
         del self._nodes[node.id]
-        self.cached_pages -= len(node.pages)

@@ -72,7 +72,7 @@ def test_radix_tree_matches_naive_reference(ops):
             assert existing == naive.insert(tokens, pages)
             owned |= set(pages[existing // PS :])
         elif op == "match_lock":
-            pages, length, node = tree.match_prefix(arg)
+            pages, length, node, *_ = tree.match_prefix(arg)
             assert (pages, length) == naive.match(arg)
             tree.lock(node)
             locked = naive.prefixes(arg[:length])
@@ -86,7 +86,7 @@ def test_radix_tree_matches_naive_reference(ops):
                 naive.locks[p] -= 1
         elif op == "evict":
             leaves = [p for p in naive.page if naive.locks[p] == 0 and naive.is_leaf(p)]
-            freed = tree.evict(arg)
+            freed = tree.evict(arg).pages
             assert len(set(freed)) == len(freed)
             assert set(freed) <= owned
             by_page = {v: k for k, v in naive.page.items()}
@@ -105,7 +105,7 @@ def test_radix_tree_matches_naive_reference(ops):
         assert set(naive.page.values()) == owned
     for node, _ in held:
         tree.unlock(node)
-    assert sorted(tree.flush()) == sorted(owned)
+    assert sorted(tree.flush().pages) == sorted(owned)
     assert tree.cached_pages == 0
 
 
@@ -115,9 +115,9 @@ def test_lru_evicts_the_least_recently_used_conversation_first():
     tree.insert([2, 2, 2, 2], [20, 21])
     tree.insert([3, 3], [30])
     tree.match_prefix([1, 1, 1, 1])  # now 2 is the oldest, then 3, then 1
-    assert tree.evict(1) == [20, 21]
-    assert tree.evict(1) == [30]
-    assert tree.evict(5) == [10, 11]
+    assert tree.evict(1).pages == [20, 21]
+    assert tree.evict(1).pages == [30]
+    assert tree.evict(5).pages == [10, 11]
 
 
 def test_locked_prefix_survives_eviction_and_shared_branch_stats():
@@ -127,7 +127,7 @@ def test_locked_prefix_survives_eviction_and_shared_branch_stats():
     match = tree.match_prefix([7, 7, 1, 1, 5])
     assert match.pages == [0, 1] and match.length == 4
     tree.lock(match.node)
-    assert sorted(tree.evict(10)) == [2]
+    assert sorted(tree.evict(10).pages) == [2]
     assert tree.match_prefix([7, 7, 1, 1]).pages == [0, 1]
     tree.unlock(match.node)
     stats = tree.stats()

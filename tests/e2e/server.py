@@ -39,10 +39,12 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log, timeout: float) -> None
 
 
 @contextmanager
-def grpc_service(*args: str, timeout: float = 120.0) -> Iterator[tuple[str, subprocess.Popen]]:
+def grpc_service(
+    *args: str, timeout: float = 120.0, port: int | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """`strata <args> --port P` (a cache, prefill or decode service) until its gRPC health
     check says SERVING; yields (target, process); stops it with SIGTERM."""
-    port = free_port()
+    port = port or free_port()
     cmd = [sys.executable, "-m", "strata.cli", *args, "--port", str(port)]
     target = f"127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:

@@ -1,68 +1,116 @@
-"""The cache service as a real process over real gRPC: the engine runs the same over the
-remote index as over the in-process one, Route reports per-worker prefixes, locks balance."""
+"""The cache service as a real process over real gRPC, fed by a real engine's KV events: its
+mirror routes by what the worker holds per tier; killing it never fails a request; after a
+restart it rebuilds the same index from the worker's snapshot."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import signal
+import time
+from collections.abc import Callable
 
 import grpc
 import pytest
 
-from services.cache.client import RemoteCacheIndex
-from strata.config import CacheConfig, ModelConfig
+from services.cache.publisher import KVEventPublisher
+from services.convert import batch_to_proto
+from strata.config import CacheConfig, HiCacheConfig, ModelConfig
 from strata.engine.engine import Engine
 from strata.engine.runner import ModelRunner
 from strata.proto.v1 import cache_pb2, cache_pb2_grpc
-from tests.core.test_scheduler import run
-from tests.e2e.server import grpc_service
+from strata.radix.mirror import Batch
+from strata.radix.tree import KVEvent
+from strata.sampling.params import SamplingParams
+from tests.e2e.server import free_port, grpc_service
+
+GREEDY = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+PROMPTS = [[(5 * i + 3 * j) % 300 + 2 for j in range(30)] for i in range(6)]
 
 
-@pytest.fixture(scope="module")
-def cache_target() -> Iterator[str]:
-    with grpc_service("cache", "--page-size", "4") as (target, _):
-        yield target
+def stub(target: str) -> cache_pb2_grpc.CacheStub:
+    return cache_pb2_grpc.CacheStub(grpc.insecure_channel(target))
 
 
-def test_engine_over_remote_index_equals_in_process(cache_target, tiny_checkpoint):
+def wait_for(check: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def generate(engine: Engine, prompt: list[int]) -> list[int]:
+    done: list = []
+    engine.submit(prompt, GREEDY, done.append)
+    wait_for(lambda: bool(done) and done[-1].finish_reason is not None, 60)
+    assert done[-1].finish_reason == "length", done[-1].error
+    return [t for ev in done for t in ev.token_ids]
+
+
+def mirror_keys(target: str, worker: str) -> dict[str, int]:
+    m = stub(target).Stats(cache_pb2.StatsRequest(), timeout=5).workers.get(worker)
+    return {"l1": m.l1_pages, "l2": m.l2_pages} if m else {}
+
+
+def route(target: str, prompt: list[int]) -> cache_pb2.RouteResponse:
+    return stub(target).Route(cache_pb2.RouteRequest(token_ids=prompt), timeout=5)
+
+
+@pytest.fixture
+def worker(tiny_checkpoint):
     folder, _ = tiny_checkpoint("llama")
-
-    def make_runner() -> ModelRunner:
-        return ModelRunner.from_config(ModelConfig(str(folder), dtype="float32"),
-                                       CacheConfig(page_size=4, num_pages=64))  # fmt: skip
-
-    runner = make_runner()
-    shared = list(range(10, 40))
-    prompts = [shared + [50 + i, 60 + i] for i in range(6)]
-    local = run(Engine(runner), prompts)
-    runner2 = make_runner()
-    remote_index = RemoteCacheIndex(cache_target, worker="w-test")
-    engine = Engine(runner2, cache=remote_index)
-    assert run(engine, prompts) == local
-    again = run(engine, prompts)  # warm: the whole prompts are cached remotely now
-    assert again == local
-    stats = remote_index.stats()
-    assert stats.cached_tokens > 0 and stats.locked_pages == 0
-    assert stats.cached_pages + runner2.pool.num_free == runner2.pool.num_pages
-
-    route = cache_pb2_grpc.CacheStub(grpc.insecure_channel(cache_target)).Route(
-        cache_pb2.RouteRequest(token_ids=prompts[0]), timeout=5)  # fmt: skip
-    assert route.cached_tokens["w-test"] >= len(shared) // 4 * 4
-    assert engine.flush_cache() == stats.cached_pages
-    assert runner2.pool.num_free == runner2.pool.num_pages
+    runner = ModelRunner.from_config(ModelConfig(str(folder), dtype="float32"),
+                                     CacheConfig(page_size=4, num_pages=40))  # fmt: skip
+    # a small L1 and an L2: the routes must show both tiers
+    engine = Engine(runner, tiers=HiCacheConfig(enabled=True), cluster_worker=True)
+    engine.start()
+    yield engine
+    engine.shutdown()
 
 
-def test_bad_calls_are_refused_clearly(cache_target):
-    stub = cache_pb2_grpc.CacheStub(grpc.insecure_channel(cache_target))
-    with pytest.raises(grpc.RpcError) as err:
-        seq = cache_pb2.TokenSeq(worker="w", token_ids=[1, 2, 3])
-        stub.Insert(cache_pb2.InsertRequest(seq=seq, pages=[7]), timeout=5)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    seq = cache_pb2.TokenSeq(worker="w", token_ids=[1, 2, 3, 4])
-    stub.Insert(cache_pb2.InsertRequest(seq=seq, pages=[7]), timeout=5)
-    node = stub.Match(seq, timeout=5).node
-    with pytest.raises(grpc.RpcError) as err:  # never locked
-        stub.Unlock(cache_pb2.NodeRequest(worker="w", node=node), timeout=5)
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    with pytest.raises(grpc.RpcError) as err:
-        stub.Lock(cache_pb2.NodeRequest(worker="w", node=12345), timeout=5)
-    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+def test_mirror_follows_the_worker_and_survives_a_cache_service_kill(worker):
+    port = free_port()
+    publisher = None
+    with grpc_service("cache", port=port) as (target, proc):
+        publisher = KVEventPublisher(target, "w1", worker, heartbeat=0.2)
+        worker.event_sink = publisher
+        publisher.start()
+        outputs = [generate(worker, p) for p in PROMPTS]
+
+        def in_sync() -> bool:
+            snap = worker.call(worker.cache.snapshot).result(5)
+            return mirror_keys(target, "w1") == {t: len(set(k)) for t, k in snap.items()}
+
+        wait_for(in_sync)
+        tiers = worker.call(worker.cache.snapshot).result(5)
+        assert tiers["l2"] and set(tiers["l2"]) - set(tiers["l1"]), "expected L2-only pages"
+        first, last = route(target, PROMPTS[0]), route(target, PROMPTS[-1])
+        # the oldest prompt was pushed out of L1 into L2; the newest is in L1
+        assert first.workers["w1"].l1_tokens < first.workers["w1"].l2_tokens
+        assert last.workers["w1"].l1_tokens >= 28 and last.workers["w1"].page_size == 4
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        # the worker serves on with the service gone, and its answers do not change
+        assert [generate(worker, p) for p in PROMPTS[:3]] == outputs[:3]
+    snapshots = publisher.snapshots
+    with grpc_service("cache", port=port) as (target, _):  # restarted, empty
+        wait_for(in_sync)  # rebuilt from a new snapshot
+        assert publisher.snapshots > snapshots
+        assert route(target, PROMPTS[-1]).workers["w1"].l1_tokens > 0
+        assert [generate(worker, p) for p in PROMPTS[3:]] == outputs[3:]
+        wait_for(in_sync)
+    publisher.stop()
+
+
+def test_out_of_sequence_batches_ask_for_a_snapshot():
+    with grpc_service("cache") as (target, _):
+        s = stub(target)
+
+        def send(first_seq: int, snapshot: bool, keys: list[bytes]) -> bool:
+            batch = Batch("w", b"seed", 4, first_seq, snapshot, [KVEvent("stored", "l1", keys)],
+                          {}, 0)  # fmt: skip
+            return not s.Publish(batch_to_proto(batch), timeout=5).need_snapshot
+
+        assert not send(0, False, [b"a"]), "an unknown worker must start with a snapshot"
+        assert send(5, True, [b"a"])
+        assert send(5, False, [b"b"])  # events 5.. follow the snapshot
+        assert not send(5, False, [b"c"]), "a replayed or missing batch is a gap"
+        assert mirror_keys(target, "w") == {"l1": 2, "l2": 0}

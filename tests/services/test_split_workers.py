@@ -32,7 +32,7 @@ def cluster(tmp_path_factory) -> Iterator[dict[str, str]]:
     model = ["--model-path", str(folder), "--dtype", "float32", "--page-size", "4",
              "--num-pages", "128", "--log-level", "info"]  # fmt: skip
     with ExitStack() as stack:
-        cache, _ = stack.enter_context(grpc_service("cache", "--page-size", "4"))
+        cache, _ = stack.enter_context(grpc_service("cache"))
         prefill, _ = stack.enter_context(grpc_service("prefill", "--cache", cache, *model))
         decode, _ = stack.enter_context(grpc_service("decode", "--cache", cache, *model))
         yield {"cache": cache, "prefill": prefill, "decode": decode, "model": folder}

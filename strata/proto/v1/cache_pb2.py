@@ -24,43 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15strata/v1/cache.proto\x12\tstrata.v1\";\n\x08TokenSeq\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\"<\n\rMatchResponse\x12\r\n\x05pages\x18\x01 \x03(\r\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x0c\n\x04node\x18\x03 \x01(\x03\"@\n\rInsertRequest\x12 \n\x03seq\x18\x01 \x01(\x0b\x32\x13.strata.v1.TokenSeq\x12\r\n\x05pages\x18\x02 \x03(\r\"\"\n\x0eInsertResponse\x12\x10\n\x08\x65xisting\x18\x01 \x01(\r\"9\n\x0bNodeRequest\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\x03\"?\n\x0c\x45victRequest\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x11\n\tnum_pages\x18\x03 \x01(\r\"\x19\n\x08PageList\x12\r\n\x05pages\x18\x01 \x03(\r\"Z\n\x0cLookupRecord\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"!\n\x0cRouteRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x87\x01\n\rRouteResponse\x12\x41\n\rcached_tokens\x18\x01 \x03(\x0b\x32*.strata.v1.RouteResponse.CachedTokensEntry\x1a\x33\n\x11\x43\x61\x63hedTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"-\n\rWorkerRequest\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\"\xc8\x01\n\rStatsResponse\x12\x13\n\x0btotal_nodes\x18\x01 \x01(\r\x12\x14\n\x0c\x63\x61\x63hed_pages\x18\x02 \x01(\r\x12\x14\n\x0clocked_pages\x18\x03 \x01(\r\x12\x1b\n\x13shared_prefix_count\x18\x04 \x01(\r\x12\x19\n\x11\x61vg_sharing_depth\x18\x05 \x01(\x01\x12\x10\n\x08hit_rate\x18\x06 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x04\x12\x15\n\rcached_tokens\x18\x08 \x01(\x04\"\x07\n\x05\x45mpty2\x87\x04\n\x05\x43\x61\x63he\x12\x36\n\x05Match\x12\x13.strata.v1.TokenSeq\x1a\x18.strata.v1.MatchResponse\x12=\n\x06Insert\x12\x18.strata.v1.InsertRequest\x1a\x19.strata.v1.InsertResponse\x12\x30\n\x04Lock\x12\x16.strata.v1.NodeRequest\x1a\x10.strata.v1.Empty\x12\x32\n\x06Unlock\x12\x16.strata.v1.NodeRequest\x1a\x10.strata.v1.Empty\x12\x35\n\x05\x45vict\x12\x17.strata.v1.EvictRequest\x1a\x13.strata.v1.PageList\x12\x39\n\x0cRecordLookup\x12\x17.strata.v1.LookupRecord\x1a\x10.strata.v1.Empty\x12:\n\x05Route\x12\x17.strata.v1.RouteRequest\x1a\x18.strata.v1.RouteResponse\x12;\n\x05Stats\x12\x18.strata.v1.WorkerRequest\x1a\x18.strata.v1.StatsResponse\x12\x36\n\x05\x46lush\x12\x18.strata.v1.WorkerRequest\x1a\x13.strata.v1.PageListb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15strata/v1/cache.proto\x12\tstrata.v1\"3\n\x07KVEvent\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x03(\x0c\"D\n\tLoadCosts\x12\x15\n\rcompute_token\x18\x01 \x01(\x01\x12\x0f\n\x07l2_page\x18\x02 \x01(\x01\x12\x0f\n\x07l3_page\x18\x03 \x01(\x01\"\xc4\x01\n\nEventBatch\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x0c\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x11\n\tfirst_seq\x18\x04 \x01(\x04\x12\x10\n\x08snapshot\x18\x05 \x01(\x08\x12\"\n\x06\x65vents\x18\x06 \x03(\x0b\x32\x12.strata.v1.KVEvent\x12#\n\x05\x63osts\x18\x07 \x01(\x0b\x32\x14.strata.v1.LoadCosts\x12\x17\n\x0fpage_file_bytes\x18\x08 \x01(\x04\"(\n\x0fPublishResponse\x12\x15\n\rneed_snapshot\x18\x01 \x01(\x08\"!\n\x0cRouteRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"k\n\x0bWorkerRoute\x12\x11\n\tl1_tokens\x18\x01 \x01(\r\x12\x11\n\tl2_tokens\x18\x02 \x01(\r\x12#\n\x05\x63osts\x18\x03 \x01(\x0b\x32\x14.strata.v1.LoadCosts\x12\x11\n\tpage_size\x18\x04 \x01(\r\"\xa2\x01\n\rRouteResponse\x12\x36\n\x07workers\x18\x01 \x03(\x0b\x32%.strata.v1.RouteResponse.WorkersEntry\x12\x11\n\tl3_tokens\x18\x02 \x01(\r\x1a\x46\n\x0cWorkersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.strata.v1.WorkerRoute:\x02\x38\x01\"\x0e\n\x0cStatsRequest\"`\n\x0cWorkerMirror\x12\x10\n\x08l1_pages\x18\x01 \x01(\x04\x12\x10\n\x08l2_pages\x18\x02 \x01(\x04\x12\x10\n\x08next_seq\x18\x03 \x01(\x04\x12\x1a\n\x12seconds_since_seen\x18\x04 \x01(\x01\"\xe1\x01\n\rStatsResponse\x12\x36\n\x07workers\x18\x01 \x03(\x0b\x32%.strata.v1.StatsResponse.WorkersEntry\x12\x10\n\x08l3_pages\x18\x02 \x01(\x04\x12\x10\n\x08l3_bytes\x18\x03 \x01(\x04\x12\x17\n\x0fl3_budget_bytes\x18\x04 \x01(\x04\x12\x12\n\nl3_evicted\x18\x05 \x01(\x04\x1aG\n\x0cWorkersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.strata.v1.WorkerMirror:\x02\x38\x01\x32\xbd\x01\n\x05\x43\x61\x63he\x12<\n\x07Publish\x12\x15.strata.v1.EventBatch\x1a\x1a.strata.v1.PublishResponse\x12:\n\x05Route\x12\x17.strata.v1.RouteRequest\x1a\x18.strata.v1.RouteResponse\x12:\n\x05Stats\x12\x17.strata.v1.StatsRequest\x1a\x18.strata.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'strata.v1.cache_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROUTERESPONSE_CACHEDTOKENSENTRY']._loaded_options = None
-  _globals['_ROUTERESPONSE_CACHEDTOKENSENTRY']._serialized_options = b'8\001'
-  _globals['_TOKENSEQ']._serialized_start=36
-  _globals['_TOKENSEQ']._serialized_end=95
-  _globals['_MATCHRESPONSE']._serialized_start=97
-  _globals['_MATCHRESPONSE']._serialized_end=157
-  _globals['_INSERTREQUEST']._serialized_start=159
-  _globals['_INSERTREQUEST']._serialized_end=223
-  _globals['_INSERTRESPONSE']._serialized_start=225
-  _globals['_INSERTRESPONSE']._serialized_end=259
-  _globals['_NODEREQUEST']._serialized_start=261
-  _globals['_NODEREQUEST']._serialized_end=318
-  _globals['_EVICTREQUEST']._serialized_start=320
-  _globals['_EVICTREQUEST']._serialized_end=383
-  _globals['_PAGELIST']._serialized_start=385
-  _globals['_PAGELIST']._serialized_end=410
-  _globals['_LOOKUPRECORD']._serialized_start=412
-  _globals['_LOOKUPRECORD']._serialized_end=502
-  _globals['_ROUTEREQUEST']._serialized_start=504
-  _globals['_ROUTEREQUEST']._serialized_end=537
-  _globals['_ROUTERESPONSE']._serialized_start=540
-  _globals['_ROUTERESPONSE']._serialized_end=675
-  _globals['_ROUTERESPONSE_CACHEDTOKENSENTRY']._serialized_start=624
-  _globals['_ROUTERESPONSE_CACHEDTOKENSENTRY']._serialized_end=675
-  _globals['_WORKERREQUEST']._serialized_start=677
-  _globals['_WORKERREQUEST']._serialized_end=722
-  _globals['_STATSRESPONSE']._serialized_start=725
-  _globals['_STATSRESPONSE']._serialized_end=925
-  _globals['_EMPTY']._serialized_start=927
-  _globals['_EMPTY']._serialized_end=934
-  _globals['_CACHE']._serialized_start=937
-  _globals['_CACHE']._serialized_end=1456
+  _globals['_ROUTERESPONSE_WORKERSENTRY']._loaded_options = None
+  _globals['_ROUTERESPONSE_WORKERSENTRY']._serialized_options = b'8\001'
+  _globals['_STATSRESPONSE_WORKERSENTRY']._loaded_options = None
+  _globals['_STATSRESPONSE_WORKERSENTRY']._serialized_options = b'8\001'
+  _globals['_KVEVENT']._serialized_start=36
+  _globals['_KVEVENT']._serialized_end=87
+  _globals['_LOADCOSTS']._serialized_start=89
+  _globals['_LOADCOSTS']._serialized_end=157
+  _globals['_EVENTBATCH']._serialized_start=160
+  _globals['_EVENTBATCH']._serialized_end=356
+  _globals['_PUBLISHRESPONSE']._serialized_start=358
+  _globals['_PUBLISHRESPONSE']._serialized_end=398
+  _globals['_ROUTEREQUEST']._serialized_start=400
+  _globals['_ROUTEREQUEST']._serialized_end=433
+  _globals['_WORKERROUTE']._serialized_start=435
+  _globals['_WORKERROUTE']._serialized_end=542
+  _globals['_ROUTERESPONSE']._serialized_start=545
+  _globals['_ROUTERESPONSE']._serialized_end=707
+  _globals['_ROUTERESPONSE_WORKERSENTRY']._serialized_start=637
+  _globals['_ROUTERESPONSE_WORKERSENTRY']._serialized_end=707
+  _globals['_STATSREQUEST']._serialized_start=709
+  _globals['_STATSREQUEST']._serialized_end=723
+  _globals['_WORKERMIRROR']._serialized_start=725
+  _globals['_WORKERMIRROR']._serialized_end=821
+  _globals['_STATSRESPONSE']._serialized_start=824
+  _globals['_STATSRESPONSE']._serialized_end=1049
+  _globals['_STATSRESPONSE_WORKERSENTRY']._serialized_start=978
+  _globals['_STATSRESPONSE_WORKERSENTRY']._serialized_end=1049
+  _globals['_CACHE']._serialized_start=1052
+  _globals['_CACHE']._serialized_end=1241
 # @@protoc_insertion_point(module_scope)

@@ -6,77 +6,51 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class TokenSeq(_message.Message):
-    __slots__ = ("worker", "tier", "token_ids")
-    WORKER_FIELD_NUMBER: _ClassVar[int]
+class KVEvent(_message.Message):
+    __slots__ = ("kind", "tier", "keys")
+    KIND_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    worker: str
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
     tier: str
-    token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, worker: _Optional[str] = ..., tier: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, kind: _Optional[str] = ..., tier: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
-class MatchResponse(_message.Message):
-    __slots__ = ("pages", "length", "node")
-    PAGES_FIELD_NUMBER: _ClassVar[int]
-    LENGTH_FIELD_NUMBER: _ClassVar[int]
-    NODE_FIELD_NUMBER: _ClassVar[int]
-    pages: _containers.RepeatedScalarFieldContainer[int]
-    length: int
-    node: int
-    def __init__(self, pages: _Optional[_Iterable[int]] = ..., length: _Optional[int] = ..., node: _Optional[int] = ...) -> None: ...
+class LoadCosts(_message.Message):
+    __slots__ = ("compute_token", "l2_page", "l3_page")
+    COMPUTE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    L2_PAGE_FIELD_NUMBER: _ClassVar[int]
+    L3_PAGE_FIELD_NUMBER: _ClassVar[int]
+    compute_token: float
+    l2_page: float
+    l3_page: float
+    def __init__(self, compute_token: _Optional[float] = ..., l2_page: _Optional[float] = ..., l3_page: _Optional[float] = ...) -> None: ...
 
-class InsertRequest(_message.Message):
-    __slots__ = ("seq", "pages")
-    SEQ_FIELD_NUMBER: _ClassVar[int]
-    PAGES_FIELD_NUMBER: _ClassVar[int]
-    seq: TokenSeq
-    pages: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, seq: _Optional[_Union[TokenSeq, _Mapping]] = ..., pages: _Optional[_Iterable[int]] = ...) -> None: ...
-
-class InsertResponse(_message.Message):
-    __slots__ = ("existing",)
-    EXISTING_FIELD_NUMBER: _ClassVar[int]
-    existing: int
-    def __init__(self, existing: _Optional[int] = ...) -> None: ...
-
-class NodeRequest(_message.Message):
-    __slots__ = ("worker", "tier", "node")
+class EventBatch(_message.Message):
+    __slots__ = ("worker", "seed", "page_size", "first_seq", "snapshot", "events", "costs", "page_file_bytes")
     WORKER_FIELD_NUMBER: _ClassVar[int]
-    TIER_FIELD_NUMBER: _ClassVar[int]
-    NODE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    COSTS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
     worker: str
-    tier: str
-    node: int
-    def __init__(self, worker: _Optional[str] = ..., tier: _Optional[str] = ..., node: _Optional[int] = ...) -> None: ...
+    seed: bytes
+    page_size: int
+    first_seq: int
+    snapshot: bool
+    events: _containers.RepeatedCompositeFieldContainer[KVEvent]
+    costs: LoadCosts
+    page_file_bytes: int
+    def __init__(self, worker: _Optional[str] = ..., seed: _Optional[bytes] = ..., page_size: _Optional[int] = ..., first_seq: _Optional[int] = ..., snapshot: _Optional[bool] = ..., events: _Optional[_Iterable[_Union[KVEvent, _Mapping]]] = ..., costs: _Optional[_Union[LoadCosts, _Mapping]] = ..., page_file_bytes: _Optional[int] = ...) -> None: ...
 
-class EvictRequest(_message.Message):
-    __slots__ = ("worker", "tier", "num_pages")
-    WORKER_FIELD_NUMBER: _ClassVar[int]
-    TIER_FIELD_NUMBER: _ClassVar[int]
-    NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
-    worker: str
-    tier: str
-    num_pages: int
-    def __init__(self, worker: _Optional[str] = ..., tier: _Optional[str] = ..., num_pages: _Optional[int] = ...) -> None: ...
-
-class PageList(_message.Message):
-    __slots__ = ("pages",)
-    PAGES_FIELD_NUMBER: _ClassVar[int]
-    pages: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, pages: _Optional[_Iterable[int]] = ...) -> None: ...
-
-class LookupRecord(_message.Message):
-    __slots__ = ("worker", "tier", "prompt_tokens", "cached_tokens")
-    WORKER_FIELD_NUMBER: _ClassVar[int]
-    TIER_FIELD_NUMBER: _ClassVar[int]
-    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    worker: str
-    tier: str
-    prompt_tokens: int
-    cached_tokens: int
-    def __init__(self, worker: _Optional[str] = ..., tier: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+class PublishResponse(_message.Message):
+    __slots__ = ("need_snapshot",)
+    NEED_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    need_snapshot: bool
+    def __init__(self, need_snapshot: _Optional[bool] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
     __slots__ = ("token_ids",)
@@ -84,47 +58,66 @@ class RouteRequest(_message.Message):
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class WorkerRoute(_message.Message):
+    __slots__ = ("l1_tokens", "l2_tokens", "costs", "page_size")
+    L1_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    L2_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COSTS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    l1_tokens: int
+    l2_tokens: int
+    costs: LoadCosts
+    page_size: int
+    def __init__(self, l1_tokens: _Optional[int] = ..., l2_tokens: _Optional[int] = ..., costs: _Optional[_Union[LoadCosts, _Mapping]] = ..., page_size: _Optional[int] = ...) -> None: ...
+
 class RouteResponse(_message.Message):
-    __slots__ = ("cached_tokens",)
-    class CachedTokensEntry(_message.Message):
+    __slots__ = ("workers", "l3_tokens")
+    class WorkersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
-        value: int
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
-    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    cached_tokens: _containers.ScalarMap[str, int]
-    def __init__(self, cached_tokens: _Optional[_Mapping[str, int]] = ...) -> None: ...
+        value: WorkerRoute
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[WorkerRoute, _Mapping]] = ...) -> None: ...
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    L3_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.MessageMap[str, WorkerRoute]
+    l3_tokens: int
+    def __init__(self, workers: _Optional[_Mapping[str, WorkerRoute]] = ..., l3_tokens: _Optional[int] = ...) -> None: ...
 
-class WorkerRequest(_message.Message):
-    __slots__ = ("worker", "tier")
-    WORKER_FIELD_NUMBER: _ClassVar[int]
-    TIER_FIELD_NUMBER: _ClassVar[int]
-    worker: str
-    tier: str
-    def __init__(self, worker: _Optional[str] = ..., tier: _Optional[str] = ...) -> None: ...
-
-class StatsResponse(_message.Message):
-    __slots__ = ("total_nodes", "cached_pages", "locked_pages", "shared_prefix_count", "avg_sharing_depth", "hit_rate", "prompt_tokens", "cached_tokens")
-    TOTAL_NODES_FIELD_NUMBER: _ClassVar[int]
-    CACHED_PAGES_FIELD_NUMBER: _ClassVar[int]
-    LOCKED_PAGES_FIELD_NUMBER: _ClassVar[int]
-    SHARED_PREFIX_COUNT_FIELD_NUMBER: _ClassVar[int]
-    AVG_SHARING_DEPTH_FIELD_NUMBER: _ClassVar[int]
-    HIT_RATE_FIELD_NUMBER: _ClassVar[int]
-    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    total_nodes: int
-    cached_pages: int
-    locked_pages: int
-    shared_prefix_count: int
-    avg_sharing_depth: float
-    hit_rate: float
-    prompt_tokens: int
-    cached_tokens: int
-    def __init__(self, total_nodes: _Optional[int] = ..., cached_pages: _Optional[int] = ..., locked_pages: _Optional[int] = ..., shared_prefix_count: _Optional[int] = ..., avg_sharing_depth: _Optional[float] = ..., hit_rate: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
-
-class Empty(_message.Message):
+class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class WorkerMirror(_message.Message):
+    __slots__ = ("l1_pages", "l2_pages", "next_seq", "seconds_since_seen")
+    L1_PAGES_FIELD_NUMBER: _ClassVar[int]
+    L2_PAGES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    l1_pages: int
+    l2_pages: int
+    next_seq: int
+    seconds_since_seen: float
+    def __init__(self, l1_pages: _Optional[int] = ..., l2_pages: _Optional[int] = ..., next_seq: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("workers", "l3_pages", "l3_bytes", "l3_budget_bytes", "l3_evicted")
+    class WorkersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: WorkerMirror
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[WorkerMirror, _Mapping]] = ...) -> None: ...
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    L3_PAGES_FIELD_NUMBER: _ClassVar[int]
+    L3_BYTES_FIELD_NUMBER: _ClassVar[int]
+    L3_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    L3_EVICTED_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.MessageMap[str, WorkerMirror]
+    l3_pages: int
+    l3_bytes: int
+    l3_budget_bytes: int
+    l3_evicted: int
+    def __init__(self, workers: _Optional[_Mapping[str, WorkerMirror]] = ..., l3_pages: _Optional[int] = ..., l3_bytes: _Optional[int] = ..., l3_budget_bytes: _Optional[int] = ..., l3_evicted: _Optional[int] = ...) -> None: ...

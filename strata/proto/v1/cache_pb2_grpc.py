@@ -34,35 +34,10 @@ class CacheStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Match = channel.unary_unary(
-                '/strata.v1.Cache/Match',
-                request_serializer=strata_dot_v1_dot_cache__pb2.TokenSeq.SerializeToString,
-                response_deserializer=strata_dot_v1_dot_cache__pb2.MatchResponse.FromString,
-                _registered_method=True)
-        self.Insert = channel.unary_unary(
-                '/strata.v1.Cache/Insert',
-                request_serializer=strata_dot_v1_dot_cache__pb2.InsertRequest.SerializeToString,
-                response_deserializer=strata_dot_v1_dot_cache__pb2.InsertResponse.FromString,
-                _registered_method=True)
-        self.Lock = channel.unary_unary(
-                '/strata.v1.Cache/Lock',
-                request_serializer=strata_dot_v1_dot_cache__pb2.NodeRequest.SerializeToString,
-                response_deserializer=strata_dot_v1_dot_cache__pb2.Empty.FromString,
-                _registered_method=True)
-        self.Unlock = channel.unary_unary(
-                '/strata.v1.Cache/Unlock',
-                request_serializer=strata_dot_v1_dot_cache__pb2.NodeRequest.SerializeToString,
-                response_deserializer=strata_dot_v1_dot_cache__pb2.Empty.FromString,
-                _registered_method=True)
-        self.Evict = channel.unary_unary(
-                '/strata.v1.Cache/Evict',
-                request_serializer=strata_dot_v1_dot_cache__pb2.EvictRequest.SerializeToString,
-                response_deserializer=strata_dot_v1_dot_cache__pb2.PageList.FromString,
-                _registered_method=True)
-        self.RecordLookup = channel.unary_unary(
-                '/strata.v1.Cache/RecordLookup',
-                request_serializer=strata_dot_v1_dot_cache__pb2.LookupRecord.SerializeToString,
-                response_deserializer=strata_dot_v1_dot_cache__pb2.Empty.FromString,
+        self.Publish = channel.unary_unary(
+                '/strata.v1.Cache/Publish',
+                request_serializer=strata_dot_v1_dot_cache__pb2.EventBatch.SerializeToString,
+                response_deserializer=strata_dot_v1_dot_cache__pb2.PublishResponse.FromString,
                 _registered_method=True)
         self.Route = channel.unary_unary(
                 '/strata.v1.Cache/Route',
@@ -71,50 +46,15 @@ class CacheStub:
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/strata.v1.Cache/Stats',
-                request_serializer=strata_dot_v1_dot_cache__pb2.WorkerRequest.SerializeToString,
+                request_serializer=strata_dot_v1_dot_cache__pb2.StatsRequest.SerializeToString,
                 response_deserializer=strata_dot_v1_dot_cache__pb2.StatsResponse.FromString,
-                _registered_method=True)
-        self.Flush = channel.unary_unary(
-                '/strata.v1.Cache/Flush',
-                request_serializer=strata_dot_v1_dot_cache__pb2.WorkerRequest.SerializeToString,
-                response_deserializer=strata_dot_v1_dot_cache__pb2.PageList.FromString,
                 _registered_method=True)
 
 
 class CacheServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Match(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Insert(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Lock(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Unlock(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Evict(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def RecordLookup(self, request, context):
+    def Publish(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -132,44 +72,13 @@ class CacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Flush(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_CacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Match': grpc.unary_unary_rpc_method_handler(
-                    servicer.Match,
-                    request_deserializer=strata_dot_v1_dot_cache__pb2.TokenSeq.FromString,
-                    response_serializer=strata_dot_v1_dot_cache__pb2.MatchResponse.SerializeToString,
-            ),
-            'Insert': grpc.unary_unary_rpc_method_handler(
-                    servicer.Insert,
-                    request_deserializer=strata_dot_v1_dot_cache__pb2.InsertRequest.FromString,
-                    response_serializer=strata_dot_v1_dot_cache__pb2.InsertResponse.SerializeToString,
-            ),
-            'Lock': grpc.unary_unary_rpc_method_handler(
-                    servicer.Lock,
-                    request_deserializer=strata_dot_v1_dot_cache__pb2.NodeRequest.FromString,
-                    response_serializer=strata_dot_v1_dot_cache__pb2.Empty.SerializeToString,
-            ),
-            'Unlock': grpc.unary_unary_rpc_method_handler(
-                    servicer.Unlock,
-                    request_deserializer=strata_dot_v1_dot_cache__pb2.NodeRequest.FromString,
-                    response_serializer=strata_dot_v1_dot_cache__pb2.Empty.SerializeToString,
-            ),
-            'Evict': grpc.unary_unary_rpc_method_handler(
-                    servicer.Evict,
-                    request_deserializer=strata_dot_v1_dot_cache__pb2.EvictRequest.FromString,
-                    response_serializer=strata_dot_v1_dot_cache__pb2.PageList.SerializeToString,
-            ),
-            'RecordLookup': grpc.unary_unary_rpc_method_handler(
-                    servicer.RecordLookup,
-                    request_deserializer=strata_dot_v1_dot_cache__pb2.LookupRecord.FromString,
-                    response_serializer=strata_dot_v1_dot_cache__pb2.Empty.SerializeToString,
+            'Publish': grpc.unary_unary_rpc_method_handler(
+                    servicer.Publish,
+                    request_deserializer=strata_dot_v1_dot_cache__pb2.EventBatch.FromString,
+                    response_serializer=strata_dot_v1_dot_cache__pb2.PublishResponse.SerializeToString,
             ),
             'Route': grpc.unary_unary_rpc_method_handler(
                     servicer.Route,
@@ -178,13 +87,8 @@ def add_CacheServicer_to_server(servicer, server):
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=strata_dot_v1_dot_cache__pb2.WorkerRequest.FromString,
+                    request_deserializer=strata_dot_v1_dot_cache__pb2.StatsRequest.FromString,
                     response_serializer=strata_dot_v1_dot_cache__pb2.StatsResponse.SerializeToString,
-            ),
-            'Flush': grpc.unary_unary_rpc_method_handler(
-                    servicer.Flush,
-                    request_deserializer=strata_dot_v1_dot_cache__pb2.WorkerRequest.FromString,
-                    response_serializer=strata_dot_v1_dot_cache__pb2.PageList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -198,7 +102,7 @@ class Cache:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Match(request,
+    def Publish(request,
             target,
             options=(),
             channel_credentials=None,
@@ -211,144 +115,9 @@ class Cache:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/strata.v1.Cache/Match',
-            strata_dot_v1_dot_cache__pb2.TokenSeq.SerializeToString,
-            strata_dot_v1_dot_cache__pb2.MatchResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Insert(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/strata.v1.Cache/Insert',
-            strata_dot_v1_dot_cache__pb2.InsertRequest.SerializeToString,
-            strata_dot_v1_dot_cache__pb2.InsertResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Lock(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/strata.v1.Cache/Lock',
-            strata_dot_v1_dot_cache__pb2.NodeRequest.SerializeToString,
-            strata_dot_v1_dot_cache__pb2.Empty.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Unlock(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/strata.v1.Cache/Unlock',
-            strata_dot_v1_dot_cache__pb2.NodeRequest.SerializeToString,
-            strata_dot_v1_dot_cache__pb2.Empty.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Evict(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/strata.v1.Cache/Evict',
-            strata_dot_v1_dot_cache__pb2.EvictRequest.SerializeToString,
-            strata_dot_v1_dot_cache__pb2.PageList.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def RecordLookup(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/strata.v1.Cache/RecordLookup',
-            strata_dot_v1_dot_cache__pb2.LookupRecord.SerializeToString,
-            strata_dot_v1_dot_cache__pb2.Empty.FromString,
+            '/strata.v1.Cache/Publish',
+            strata_dot_v1_dot_cache__pb2.EventBatch.SerializeToString,
+            strata_dot_v1_dot_cache__pb2.PublishResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -401,35 +170,8 @@ class Cache:
             request,
             target,
             '/strata.v1.Cache/Stats',
-            strata_dot_v1_dot_cache__pb2.WorkerRequest.SerializeToString,
+            strata_dot_v1_dot_cache__pb2.StatsRequest.SerializeToString,
             strata_dot_v1_dot_cache__pb2.StatsResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Flush(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/strata.v1.Cache/Flush',
-            strata_dot_v1_dot_cache__pb2.WorkerRequest.SerializeToString,
-            strata_dot_v1_dot_cache__pb2.PageList.FromString,
             options,
             channel_credentials,
             insecure,

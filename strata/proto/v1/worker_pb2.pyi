@@ -90,8 +90,63 @@ class LoadRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class CacheStats(_message.Message):
+    __slots__ = ("total_nodes", "cached_pages", "locked_pages", "shared_prefix_count", "avg_sharing_depth", "hit_rate", "prompt_tokens", "cached_tokens", "host_pages", "l2_tokens", "l3_tokens")
+    TOTAL_NODES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    LOCKED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_PREFIX_COUNT_FIELD_NUMBER: _ClassVar[int]
+    AVG_SHARING_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HOST_PAGES_FIELD_NUMBER: _ClassVar[int]
+    L2_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    L3_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    total_nodes: int
+    cached_pages: int
+    locked_pages: int
+    shared_prefix_count: int
+    avg_sharing_depth: float
+    hit_rate: float
+    prompt_tokens: int
+    cached_tokens: int
+    host_pages: int
+    l2_tokens: int
+    l3_tokens: int
+    def __init__(self, total_nodes: _Optional[int] = ..., cached_pages: _Optional[int] = ..., locked_pages: _Optional[int] = ..., shared_prefix_count: _Optional[int] = ..., avg_sharing_depth: _Optional[float] = ..., hit_rate: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., host_pages: _Optional[int] = ..., l2_tokens: _Optional[int] = ..., l3_tokens: _Optional[int] = ...) -> None: ...
+
+class TierStats(_message.Message):
+    __slots__ = ("l2_pages", "l2_used_pages", "l2_bytes", "l3", "l3_bad_files", "l3_skipped_writes", "bytes_moved", "write_policy", "page_bytes")
+    class BytesMovedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    L2_PAGES_FIELD_NUMBER: _ClassVar[int]
+    L2_USED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    L2_BYTES_FIELD_NUMBER: _ClassVar[int]
+    L3_FIELD_NUMBER: _ClassVar[int]
+    L3_BAD_FILES_FIELD_NUMBER: _ClassVar[int]
+    L3_SKIPPED_WRITES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
+    WRITE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    l2_pages: int
+    l2_used_pages: int
+    l2_bytes: int
+    l3: bool
+    l3_bad_files: int
+    l3_skipped_writes: int
+    bytes_moved: _containers.ScalarMap[str, int]
+    write_policy: str
+    page_bytes: int
+    def __init__(self, l2_pages: _Optional[int] = ..., l2_used_pages: _Optional[int] = ..., l2_bytes: _Optional[int] = ..., l3: _Optional[bool] = ..., l3_bad_files: _Optional[int] = ..., l3_skipped_writes: _Optional[int] = ..., bytes_moved: _Optional[_Mapping[str, int]] = ..., write_policy: _Optional[str] = ..., page_bytes: _Optional[int] = ...) -> None: ...
+
 class LoadResponse(_message.Message):
-    __slots__ = ("worker", "running", "waiting", "pages_total", "pages_free", "transfers", "transfer_bytes", "transfer_seconds", "held_requests")
+    __slots__ = ("worker", "running", "waiting", "pages_total", "pages_free", "transfers", "transfer_bytes", "transfer_seconds", "held_requests", "cache", "tiers")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +156,8 @@ class LoadResponse(_message.Message):
     TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     HELD_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
     worker: str
     running: int
     waiting: int
@@ -110,7 +167,9 @@ class LoadResponse(_message.Message):
     transfer_bytes: int
     transfer_seconds: float
     held_requests: int
-    def __init__(self, worker: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., transfers: _Optional[int] = ..., transfer_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., held_requests: _Optional[int] = ...) -> None: ...
+    cache: CacheStats
+    tiers: TierStats
+    def __init__(self, worker: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., transfers: _Optional[int] = ..., transfer_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., held_requests: _Optional[int] = ..., cache: _Optional[_Union[CacheStats, _Mapping]] = ..., tiers: _Optional[_Union[TierStats, _Mapping]] = ...) -> None: ...
 
 class FlushRequest(_message.Message):
     __slots__ = ()

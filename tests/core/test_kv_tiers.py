@@ -1,0 +1,283 @@
+"""KV tiers without a model: page bytes through L1 -> L2 -> L3 -> L1, a hypothesis state
+machine over the tiered cache, and the L3 store's format, budget and restart."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+import torch
+from hypothesis import settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from strata.kv.hierarchy import TieredCache
+from strata.kv.mover import LoadPlan
+from strata.kv.pool import KVCache, PagePool, alloc_evicting
+from strata.kv.store import CorruptPage, FileStore, PageFormat, StoreIndex, key_path
+
+PS = 2
+SHAPE = dict(num_layers=2, page_size=PS, num_kv_heads=2, head_dim=4)
+
+
+def pool(num_pages: int) -> tuple[KVCache, PagePool]:
+    return KVCache(num_pages=num_pages, dtype=torch.float32, device="cpu", **SHAPE), PagePool(
+        num_pages
+    )
+
+
+def fmt(kv: KVCache, model: str = "m") -> PageFormat:
+    return PageFormat(model, "float32", PS, 2, 2, 4, kv.bytes_per_page)
+
+
+def content(key: bytes, like: torch.Tensor) -> torch.Tensor:
+    """What a page with this key holds (a stand-in for the KV the model would compute)."""
+    g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little"))
+    return torch.randn(like.shape, generator=g)
+
+
+def wait_loads(cache: TieredCache, plans: list[LoadPlan]) -> None:
+    for plan in plans:
+        assert plan.done.wait(10)
+        cache.finish_load(plan)
+
+
+def make(l1_pages: int, l2_pages: int, store_dir: Path | None = None, policy="write_through"):
+    kv, l1 = pool(l1_pages)
+    store = index = None
+    if store_dir is not None:
+        store = FileStore(store_dir, fmt(kv))
+        index = StoreIndex(store_dir, 1 << 30)
+    cache = TieredCache(kv, l1, l2_pages, policy, b"seed", store, index)
+    cache._l3_pays = lambda pages: True  # tiny pages: force L3 even where recomputing pays
+    return kv, l1, cache
+
+
+def compute(kv: KVCache, cache: TieredCache, tokens: list[int], pages: list[int], start: int):
+    """Fill pages for tokens[start:] as a forward pass would (content by page key)."""
+    keys = cache.tree.keys_of(tokens)
+    for i, p in enumerate(pages):
+        kv.data[p] = content(keys[start // PS + i], kv.data[p])
+
+
+def test_page_bytes_survive_l1_l2_l3_and_back(tmp_path):
+    kv, l1, cache = make(8, 8, tmp_path, policy="write_back")
+    tokens = list(range(12))
+    pages = l1.alloc(6)
+    kv.data[pages] = torch.randn(6, *kv.data.shape[1:])
+    original = kv.data[pages].clone()
+    assert cache.insert(tokens, pages) == 0
+    l1.free(cache.evict(6))  # write_back: demoted to L2 now
+    assert cache.match(tokens).host_length == 12 and cache.tree.host_pages == 6
+    host = cache.match(tokens).host_pages
+    assert torch.equal(cache.l2.data[host], original)
+    cache.host_pool.free(cache._evict_host(6))  # dropped from L2: written to L3
+    cache.mover._writes.submit(lambda: None).result()  # the writer has caught up
+    assert len(cache.index) == 6 and cache.match(tokens + [0]).host_length == 0
+    kv.data.zero_()
+    plans = cache.plan_loads(tokens + [99])
+    assert [p.source for p in plans] == ["l3"]
+    wait_loads(cache, plans)
+    m = cache.match(tokens)
+    assert m.length == 12
+    assert torch.equal(kv.data[m.pages], original)
+    assert l1.num_free + cache.tree.cached_pages == 8
+
+
+def test_l2_hit_is_loaded_back_and_counted(tmp_path):
+    kv, l1, cache = make(4, 8)
+    a, b = list(range(8)), list(range(100, 108))
+    for tokens in (a, b):  # b pushes a out of L1 (write_through: it has an L2 copy)
+        pages = alloc_evicting(l1, 4, cache.evict)
+        assert pages is not None
+        compute(kv, cache, tokens, pages, 0)
+        cache.insert(tokens, pages)
+    m = cache.match(a + [1])
+    assert (m.length, m.host_length) == (0, 8)
+    plans = cache.plan_loads(a + [1])
+    assert [p.source for p in plans] == ["l2"]
+    wait_loads(cache, plans)
+    m = cache.match(a + [1])
+    assert m.length == 8
+    keys = cache.tree.keys_of(a)
+    for p, key in zip(m.pages, keys):
+        assert torch.equal(kv.data[p], content(key, kv.data[p]))
+    assert cache.tier_stats()["bytes_moved"]["l2_to_l1"] == 4 * kv.bytes_per_page
+
+
+def test_store_rejects_truncated_corrupt_and_foreign_files(tmp_path):
+    kv, _ = pool(2)
+    store = FileStore(tmp_path, fmt(kv))
+    page = np.arange(kv.bytes_per_page, dtype=np.uint8)
+    out = np.zeros_like(page)
+    keys = [bytes([i]) * 16 for i in range(4)]
+    for key in keys:
+        assert store.write(key, page) > 0
+    assert store.write(keys[0], page) == 0  # exists: not rewritten
+    assert store.read_into(keys[0], out) and np.array_equal(out, page)
+    with open(store.path(keys[1]), "r+b") as f:  # truncated
+        f.truncate(os.path.getsize(store.path(keys[1])) - 7)
+    with open(store.path(keys[2]), "r+b") as f:  # one flipped byte in the payload
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+    other = FileStore(tmp_path, fmt(kv, model="another"))
+    for key, why in ((keys[1], "truncated"), (keys[2], "checksum")):
+        with pytest.raises(CorruptPage, match=why):
+            store.read_into(key, out)
+        assert not store.path(key).exists()  # removed: the page is recomputed and rewritten
+    with pytest.raises(CorruptPage, match="another model"):
+        other.read_into(keys[3], out)
+    assert store.path(keys[3]).exists()  # not ours to delete
+    assert store.errors == 2 and other.errors == 1
+    assert not store.read_into(b"\x09" * 16, out)  # missing
+    assert store.count_present([keys[0], keys[1], keys[3]]) == 1
+
+
+def test_store_index_enforces_budget_lru_and_rebuilds_on_restart(tmp_path):
+    kv, _ = pool(2)
+    store = FileStore(tmp_path, fmt(kv))
+    page = np.zeros(kv.bytes_per_page, dtype=np.uint8)
+    size = store.write(b"\x00" * 16, page)
+    index = StoreIndex(tmp_path, budget_bytes=3 * size)
+    assert len(index) == 1
+    keys = [bytes([i]) * 16 for i in range(1, 5)]
+    for i, key in enumerate(keys):
+        index.add(key, store.write(key, page))
+        if i == 1:
+            index.touch([b"\x00" * 16])  # now keys[0] is the oldest
+    assert index.total_bytes <= 3 * size and index.evicted == 2
+    assert b"\x00" * 16 in index and keys[0] not in index and keys[1] not in index
+    assert not key_path(tmp_path, keys[0]).exists()  # evicted files are deleted
+    (key_path(tmp_path, keys[2]).parent / ".half-written.tmp").write_bytes(b"x")
+    time.sleep(0.01)
+    restarted = StoreIndex(tmp_path, budget_bytes=2 * size)  # restart with a smaller budget
+    assert len(restarted) == 2 and restarted.total_bytes == 2 * size
+    assert not (key_path(tmp_path, keys[2]).parent / ".half-written.tmp").exists()
+
+
+class TieredCacheMachine(RuleBasedStateMachine):
+    """Requests run against a small tiered cache with a store; at every step each tier's
+    pages are owned exactly once and every cached page (and file) holds its prefix's KV."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp())
+        self.start()
+        self.running: list[tuple[list[int], list[int], int, int]] = []  # tokens, pages, node, n
+
+    def start(self) -> None:
+        self.kv, self.l1, self.cache = make(10, 8, self.dir, policy=self.policy)
+
+    policy = "write_through"
+
+    @rule(
+        tokens=st.lists(st.integers(0, 2), min_size=1, max_size=9),
+        keep=st.booleans(),
+    )
+    def submit(self, tokens, keep):
+        plans = self.cache.plan_loads(tokens)
+        wait_loads(self.cache, plans)
+        m = self.cache.match(tokens)
+        usable = min(m.length, (len(tokens) - 1) // PS * PS)
+        shared = m.pages[: usable // PS]
+        self.cache.lock(m.node)
+        self.cache.record_hit(m.node)
+        need = -(-len(tokens) // PS) - len(shared)
+        own = alloc_evicting(self.l1, need, self.cache.evict)
+        if own is None:
+            self.cache.unlock(m.node)
+            return
+        full = len(tokens) // PS
+        compute(self.kv, self.cache, tokens[: full * PS], own[: full - len(shared)], usable)
+        req = (tokens, shared + own, m.node, len(shared))
+        if keep:
+            self.running.append(req)
+        else:
+            self._finish(req)
+
+    @precondition(lambda self: self.running)
+    @rule(i=st.integers(0, 10))
+    def finish(self, i):
+        self._finish(self.running.pop(i % len(self.running)))
+
+    def _finish(self, req) -> None:
+        tokens, pages, node, shared = req
+        full = len(tokens) // PS
+        existing = self.cache.insert(tokens[: full * PS], pages[:full]) // PS
+        self.l1.free(pages[shared:existing] + pages[full:])
+        self.cache.unlock(node)
+
+    @rule(n=st.integers(1, 6))
+    def evict_l1(self, n):
+        self.l1.free(self.cache.evict(n))
+
+    @rule(n=st.integers(1, 6))
+    def evict_l2(self, n):
+        self.cache.host_pool.free(self.cache._evict_host(n))
+
+    @precondition(lambda self: not self.running)
+    @rule()
+    def flush(self):
+        self.l1.free(self.cache.flush())
+
+    @precondition(lambda self: not self.running)
+    @rule()
+    def restart(self):
+        self.cache.close()
+        self.start()
+
+    @invariant()
+    def pages_owned_once_and_correct(self):
+        self.cache.mover._writes.submit(lambda: None).result()
+        tree = self.cache.tree
+        l1, l2 = [], []
+        for node in tree._nodes.values():
+            if node is tree.root:
+                continue
+            for tier, got in ((l1, node.pages), (l2, node.host)):
+                if got is not None:
+                    tier.extend(got)
+            for i, key in enumerate(node.keys):
+                if node.pages is not None:
+                    assert torch.equal(self.kv.data[node.pages[i]], content(key, self.kv.data[0]))
+                if node.host is not None:
+                    page = self.cache.l2.data[node.host[i]]
+                    assert torch.equal(page, content(key, page))
+        own = [p for _, pages, _, shared in self.running for p in pages[shared:]]
+        free1 = list(self.l1._free)
+        assert sorted(l1 + own + free1) == list(range(10)), "an L1 page leaked or is owned twice"
+        free2 = list(self.cache.host_pool._free)
+        assert sorted(l2 + free2) == list(range(8)), "an L2 page leaked or is owned twice"
+        index = self.cache.index
+        assert index is not None
+        for key in list(index._files):
+            out = np.zeros(self.kv.bytes_per_page, dtype=np.uint8)
+            assert self.cache.store is not None and self.cache.store.read_into(key, out)
+            want = content(key, self.kv.data[0]).numpy().view(np.uint8).reshape(-1)
+            assert np.array_equal(out, want)
+
+    def teardown(self) -> None:
+        self.cache.close()
+
+
+class WriteBackMachine(TieredCacheMachine):
+    policy = "write_back"
+
+
+class SelectiveMachine(TieredCacheMachine):
+    policy = "write_through_selective"
+
+
+for machine in (TieredCacheMachine, WriteBackMachine, SelectiveMachine):
+    machine.TestCase.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+
+test_tiered_cache_state_machine = TieredCacheMachine.TestCase
+test_write_back_state_machine = WriteBackMachine.TestCase
+test_selective_state_machine = SelectiveMachine.TestCase
