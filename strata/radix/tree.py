@@ -299,7 +299,7 @@ class RadixTree:
         while heap and len(freed) < num_pages:
             _, node_id = heapq.heappop(heap)
             node = self._nodes[node_id]
-            assert self._l1_evictable(node)
+            assert self._l1_evictable(node) and node.pages is not None
             if node.host is None and demote is not None:
                 host = demote(node.pages)
                 if host is not None:
