@@ -62,3 +62,17 @@ def test_every_address_is_served_by_another_service(services):
             assert args.worker_id == f"{name}:{args.port}"  # the key the gateway routes by
     published = {int(p.split(":")[1]) for p in services["gateway"]["ports"]}
     assert published <= serves["gateway"]
+
+
+def test_cache_and_workers_share_one_l3_volume(services):
+    parser = build_parser()
+    dirs = set()
+    for name in ("cache", "prefill", "decode"):
+        args = parser.parse_args(services[name]["command"][1:])
+        dirs.add(args.hicache_storage_dir)
+        mounts = {m.split(":")[1]: m.split(":")[0] for m in services[name].get("volumes", [])}
+        assert mounts.get(args.hicache_storage_dir) == "kv-store", name
+        if name != "cache":
+            assert args.enable_hierarchical_cache and args.hicache_storage_backend == "file"
+    assert len(dirs) == 1
+    assert "kv-store" in yaml.safe_load((ROOT / "docker-compose.yml").read_text())["volumes"]

@@ -78,9 +78,11 @@ def running_cluster(*extra: str, timeout: float = 300.0) -> Iterator[tuple[str, 
     """`strata up` (cache, decode workers, gateway); yields (REST url, gRPC target). Stops it
     with Ctrl-C (SIGINT), as a user would."""
     port, grpc_port = free_port(), free_port()
+    # a fresh L3 store: warm pages from another run would change routing and hit rates
+    store = tempfile.TemporaryDirectory()
     cmd = [sys.executable, "-m", "strata.cli", "up", "--port", str(port),
-           "--grpc-port", str(grpc_port), *extra]  # fmt: skip
-    with tempfile.TemporaryFile() as log:
+           "--grpc-port", str(grpc_port), "--hicache-storage-dir", store.name, *extra]  # fmt: skip
+    with store, tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -97,9 +99,17 @@ def running_cluster(*extra: str, timeout: float = 300.0) -> Iterator[tuple[str, 
 
 @contextmanager
 def running_server(*extra: str, timeout: float = 180.0) -> Iterator[str]:
+    """`strata serve` (float32) until /health answers; yields its URL."""
+    with running_http("serve", "--dtype", "float32", *extra, timeout=timeout) as url:
+        yield url
+
+
+@contextmanager
+def running_http(command: str, *extra: str, timeout: float = 180.0) -> Iterator[str]:
+    """`strata <command>` with a REST front (serve, gateway) until /health answers."""
     port = free_port()
-    cmd = [sys.executable, "-m", "strata.cli", "serve", "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--log-level", "warning", *extra]  # fmt: skip
+    cmd = [sys.executable, "-m", "strata.cli", command, "--host", "127.0.0.1",
+           "--port", str(port), "--grpc-port", "-1", "--log-level", "warning", *extra]  # fmt: skip
     # NOTE: the log goes to a file, never an unread pipe: a full pipe would block the server.
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)

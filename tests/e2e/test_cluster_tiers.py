@@ -1,0 +1,120 @@
+"""KV tiers in the split cluster (cache service, two decode workers with a shared L3 store,
+gateway; embedded model) as real processes: a conversation's next turn on the other decode
+worker loads the first turn's pages from L3; a SIGKILLed cache service fails no request and,
+restarted, rebuilds the workers' trees from their snapshots."""
+
+from __future__ import annotations
+
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+
+import grpc
+import httpx
+import pytest
+
+from services.convert import params_to_proto
+from strata.proto.v1 import cache_pb2, cache_pb2_grpc, worker_pb2, worker_pb2_grpc
+from strata.sampling.params import SamplingParams
+from tests.e2e.server import free_port, grpc_service, running_http
+
+pytestmark = pytest.mark.slow
+TURN1 = " ".join(f"Entry {i}: the lighthouse log records wave {i * 13}." for i in range(30))
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    store = str(tmp_path_factory.mktemp("l3"))
+    tiers = ["--enable-hierarchical-cache", "--hicache-storage-backend", "file",
+             "--hicache-storage-dir", store]  # fmt: skip
+    cache_port = free_port()
+    with ExitStack() as stack:
+        cache, proc = stack.enter_context(
+            grpc_service("cache", "--hicache-storage-dir", store, port=cache_port)
+        )
+        decode = [stack.enter_context(grpc_service("decode", "--cache", cache, *tiers))[0]
+                  for _ in range(2)]  # fmt: skip
+        gateway = ["--cache", cache, "--decode", ",".join(decode), "--prefill", ""]
+        url = stack.enter_context(running_http("gateway", *gateway))
+        yield {"url": url, "cache": cache, "cache_proc": proc, "cache_port": cache_port,
+               "decode": decode, "store": store, "stack": stack}  # fmt: skip
+
+
+def load(target: str) -> worker_pb2.LoadResponse:
+    with grpc.insecure_channel(target) as ch:
+        return worker_pb2_grpc.DecodeStub(ch).Load(worker_pb2.LoadRequest(), timeout=10)
+
+
+def generate_on(target: str, ids: list[int]) -> tuple[list[int], int]:
+    with grpc.insecure_channel(target) as ch:
+        req = worker_pb2.WorkerGenerateRequest(
+            request_id=f"r{time.monotonic_ns()}", prompt_ids=ids,
+            sampling_params=params_to_proto(GREEDY),
+        )  # fmt: skip
+        chunks = list(worker_pb2_grpc.DecodeStub(ch).Generate(req, timeout=120))
+    return [t for c in chunks for t in c.token_ids], chunks[-1].usage.cached_tokens
+
+
+def generate(url: str, text: str) -> dict:
+    r = httpx.post(f"{url}/generate", timeout=120, json={
+        "text": text, "sampling_params": {"max_new_tokens": 12, "temperature": 0}})  # fmt: skip
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def cache_stats(target: str) -> cache_pb2.StatsResponse:
+    with grpc.insecure_channel(target) as ch:
+        return cache_pb2_grpc.CacheStub(ch).Stats(cache_pb2.StatsRequest(), timeout=5)
+
+
+def wait_for(check, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_next_turn_on_the_other_worker_loads_from_l3(cluster):
+    first = generate(cluster["url"], TURN1)
+    turn2 = {"text": TURN1 + first["text"] + " Entry 31:"}
+    ids = httpx.post(f"{cluster['url']}/tokenize", json=turn2, timeout=30).json()["tokens"]
+    owner, other = sorted(cluster["decode"], key=lambda t: -load(t).cache.prompt_tokens)
+    assert load(other).cache.prompt_tokens == 0
+    wait_for(lambda: cache_stats(cluster["cache"]).l3_pages >= len(ids) // 16 - 1)
+    here, cached_here = generate_on(owner, ids)
+    there, cached_there = generate_on(other, ids)
+    assert there == here
+    stats = load(other).cache
+    assert cached_there >= 16 * 16 and stats.l3_tokens == cached_there, (cached_there, stats)
+    assert load(other).tiers.bytes_moved["l3_to_l2"] > 0
+
+
+def test_cache_service_kill_fails_no_request_and_its_index_is_rebuilt(cluster):
+    prompts = [f"Question {i}: name a color that starts with the letter {c}."
+               for i, c in enumerate("BGRYPOWS")]  # fmt: skip
+    cluster["cache_proc"].send_signal(signal.SIGKILL)
+    cluster["cache_proc"].wait(10)
+    with ThreadPoolExecutor(8) as pool:  # every request completes without the service
+        replies = list(pool.map(lambda p: generate(cluster["url"], p), prompts))
+    assert all(r["meta_info"]["finish_reason"]["type"] in ("stop", "length") for r in replies)
+    health = httpx.get(f"{cluster['url']}/health", timeout=30).json()
+    assert health["cache_service"] == "unreachable" and health["status"] == "ok"
+    with grpc_service("cache", "--hicache-storage-dir", cluster["store"],
+                      port=cluster["cache_port"]) as (target, _):  # fmt: skip
+
+        def mirrors_match() -> bool:
+            mirrors = cache_stats(target).workers
+            for worker in cluster["decode"]:
+                tree = load(worker).cache
+                m = mirrors.get(worker)
+                if m is None or (m.l1_pages, m.l2_pages) != (tree.cached_pages, tree.host_pages):
+                    return False
+            return True
+
+        wait_for(mirrors_match)
+        assert cache_stats(target).l3_pages > 0  # the store was indexed from the directory
+        again = generate(cluster["url"], prompts[0])
+        assert again["text"] == replies[0]["text"]
+        wait_for(mirrors_match)
