@@ -24,13 +24,12 @@ from services.convert import (
     tier_stats_from_proto,
     tree_stats_from_proto,
 )
-from strata.engine.engine import check_request
-from strata.engine.request import RequestOutput
+from strata.engine.request import RequestOutput, check_request
 from strata.engine.runner import check_length
 from strata.grammar.compiler import LazyGrammarCompiler
 from strata.model.spec import ModelSpec
 from strata.proto.v1 import cache_pb2, cache_pb2_grpc, worker_pb2, worker_pb2_grpc
-from strata.radix.tree import TreeStats
+from strata.radix.results import TreeStats
 from strata.sampling.params import SamplingParams
 
 RPC_TIMEOUT = 10.0

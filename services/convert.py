@@ -11,7 +11,7 @@ from strata.engine.request import RequestOutput, Usage
 from strata.grammar.constraint import Constraint
 from strata.proto.v1 import cache_pb2, common_pb2, worker_pb2
 from strata.radix.mirror import Batch
-from strata.radix.tree import KVEvent, TreeStats
+from strata.radix.results import KVEvent, TreeStats
 from strata.sampling.params import SamplingParams
 
 FINISH = {

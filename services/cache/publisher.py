@@ -19,7 +19,7 @@ from services.convert import batch_to_proto
 from strata.engine.engine import Engine
 from strata.proto.v1 import cache_pb2_grpc
 from strata.radix.mirror import Batch
-from strata.radix.tree import KVEvent
+from strata.radix.results import KVEvent
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 4096  # events per message

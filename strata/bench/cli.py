@@ -14,7 +14,9 @@ from strata.bench.report import summarize, table
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("workload", choices=["multiturn", "shared-prefix", "random"])
+    p.add_argument("workload", choices=["multiturn", "sessions", "shared-prefix", "random"],
+                   help="sessions: every conversation has its own --system-tokens context and "
+                   "all are open at once (--concurrency turns in flight)")  # fmt: skip
     p.add_argument("--url", default="http://127.0.0.1:30000")
     p.add_argument(
         "--backend",
@@ -55,6 +57,9 @@ def run_bench(a: argparse.Namespace) -> dict[str, Any]:
             if a.workload == "multiturn":
                 convs = workloads.multiturn(a.conversations, a.turns, a.system_tokens, a.seed)
                 records = await run_conversations(client, convs, a.concurrency)
+            elif a.workload == "sessions":
+                convs = workloads.sessions(a.conversations, a.turns, a.system_tokens, a.seed)
+                records = await run_conversations(client, convs, a.concurrency, per_turn=True)
             elif a.workload == "shared-prefix":
                 reqs = workloads.shared_prefix(a.requests, a.system_tokens, a.seed)
                 records = await run_requests(client, reqs, a.concurrency)

@@ -84,21 +84,31 @@ class ChatClient:
 
 
 async def run_conversations(
-    client: ChatClient, convs: Sequence[Conversation], concurrency: int
+    client: ChatClient, convs: Sequence[Conversation], concurrency: int, per_turn: bool = False
 ) -> list[RequestRecord]:
-    """Each conversation runs its turns in order; up to `concurrency` conversations at once."""
+    """Each conversation runs its turns in order; up to `concurrency` conversations at once,
+    or with per_turn, every conversation is open and up to `concurrency` turns run at once
+    (many users, each thinking between turns)."""
     records: list[RequestRecord] = []
     gate = asyncio.Semaphore(concurrency)
     bar = tqdm(total=sum(len(c.user_turns) for c in convs), desc="requests", unit="req")
 
+    async def turn(conv: Conversation, ask: str) -> None:
+        conv.messages.append({"role": "user", "content": ask})
+        rec = await client.chat(conv.messages)
+        records.append(rec)
+        bar.update()
+        conv.messages.append({"role": "assistant", "content": rec.reply})
+
     async def one(conv: Conversation) -> None:
+        if per_turn:
+            for ask in conv.user_turns:
+                async with gate:
+                    await turn(conv, ask)
+            return
         async with gate:
             for ask in conv.user_turns:
-                conv.messages.append({"role": "user", "content": ask})
-                rec = await client.chat(conv.messages)
-                records.append(rec)
-                bar.update()
-                conv.messages.append({"role": "assistant", "content": rec.reply})
+                await turn(conv, ask)
 
     await asyncio.gather(*(one(c) for c in convs))
     bar.close()

@@ -68,6 +68,21 @@ def multiturn(
     return out
 
 
+def sessions(count: int, turns: int, context_tokens: int, seed: int = 0) -> list[Conversation]:
+    """Agent-like sessions, each with its own long context (a private document in its system
+    prompt): the working set grows with the number of sessions, not one shared prefix."""
+    rng = random.Random(seed + 2)
+    out = []
+    for i in range(count):
+        topic = TOPICS[i % len(TOPICS)]
+        doc = system_prompt(context_tokens, seed=seed * 1000 + i + 1)
+        asks = [f"Summarize the policy for {topic} (session {i})."] + [
+            f"Now apply it to {topic} and {rng.choice(WORDS)}." for _ in range(turns - 1)
+        ]
+        out.append(Conversation(doc, asks))
+    return out
+
+
 def shared_prefix(requests: int, prefix_tokens: int, seed: int = 0) -> list[list[dict[str, str]]]:
     system = system_prompt(prefix_tokens, seed)
     return [

@@ -16,17 +16,16 @@ from typing import Any
 
 from strata.config import HiCacheConfig
 from strata.engine.logprobs import collect_input_logprobs, wants_input_logprobs
-from strata.engine.request import KVSource, Request, RequestOutput
+from strata.engine.request import KVSource, Request, RequestOutput, check_request
 from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import ScheduledChunk, Scheduler
 from strata.engine.split import SplitRoles
 from strata.grammar.compiler import GrammarCompiler, LazyGrammarCompiler
-from strata.grammar.constraint import Constraint
 from strata.grammar.jump import jump_forward
 from strata.kv.hierarchy import build_cache
 from strata.model.batch import SequenceChunk
 from strata.radix.index import CacheIndex
-from strata.radix.tree import KVEvent
+from strata.radix.results import KVEvent
 from strata.sampling.params import SamplingParams
 from strata.sampling.sampler import SampleInput, sample
 from strata.tokenizer import IncrementalDetokenizer
@@ -46,25 +45,6 @@ class EngineStats:
     jump_forward_tokens: int  # tokens appended by jump-forward decoding (no step sampled)
     held: int = 0  # prefill role: finished prompts whose pages wait to be pulled
     tiers: dict[str, Any] | None = None  # pages, bytes and traffic per KV tier (with tiers)
-
-
-def check_request(
-    prompt_ids: Sequence[int],
-    params: SamplingParams,
-    vocab_size: int,
-    compile_grammar: Callable[[Constraint], object],
-) -> None:
-    """The checks any front can make without the engine's memory: token ids, logprob range,
-    and that the constraint compiles (GrammarError names the problem)."""
-    if any(not 0 <= t < vocab_size for t in prompt_ids):
-        raise ValueError(f"token ids must be in [0, {vocab_size})")
-    if params.logprob_start_len >= len(prompt_ids):
-        raise ValueError(
-            f"logprob_start_len ({params.logprob_start_len}) must be less than the "
-            f"prompt length ({len(prompt_ids)})"
-        )
-    if params.constraint is not None:
-        compile_grammar(params.constraint)
 
 
 class Engine(SplitRoles):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from strata.grammar.constraint import Constraint
 from strata.kv.mover import LoadPlan
 from strata.sampling.params import SamplingParams
 from strata.sampling.stop import StopMatcher
@@ -128,3 +129,22 @@ class Request:
 
     def usage(self) -> Usage:
         return Usage(len(self.prompt_ids), len(self.output_ids), self.num_cached)
+
+
+def check_request(
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    vocab_size: int,
+    compile_grammar: Callable[[Constraint], object],
+) -> None:
+    """The checks any front can make without the engine's memory: token ids, logprob range,
+    and that the constraint compiles (GrammarError names the problem)."""
+    if any(not 0 <= t < vocab_size for t in prompt_ids):
+        raise ValueError(f"token ids must be in [0, {vocab_size})")
+    if params.logprob_start_len >= len(prompt_ids):
+        raise ValueError(
+            f"logprob_start_len ({params.logprob_start_len}) must be less than the "
+            f"prompt length ({len(prompt_ids)})"
+        )
+    if params.constraint is not None:
+        compile_grammar(params.constraint)

@@ -24,7 +24,7 @@ from strata.engine.request import Request
 from strata.kv.mover import LoadPlan
 from strata.kv.pool import PagePool, alloc_evicting
 from strata.radix.index import CacheIndex
-from strata.radix.tree import common_prefix_len
+from strata.radix.keys import common_prefix_len
 
 
 @dataclass

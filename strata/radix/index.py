@@ -12,7 +12,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from strata.radix.tree import KVEvent, MatchResult, RadixTree, TreeStats
+from strata.radix.results import KVEvent, MatchResult, TreeStats
+from strata.radix.tree import RadixTree
 
 if TYPE_CHECKING:
     from strata.kv.mover import LoadPlan

@@ -18,7 +18,7 @@ from strata.engine.engine import Engine
 from strata.engine.runner import ModelRunner
 from strata.proto.v1 import cache_pb2, cache_pb2_grpc
 from strata.radix.mirror import Batch
-from strata.radix.tree import KVEvent
+from strata.radix.results import KVEvent
 from strata.sampling.params import SamplingParams
 from tests.e2e.server import free_port, grpc_service
 
