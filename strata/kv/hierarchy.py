@@ -117,8 +117,9 @@ class TieredCache(CacheIndex):
         ps, n = self.page_size, plan.loaded
         l3 = plan.source == "l3"
         if n:
+            staged = plan.host[:n] if l3 and plan.host else None
             got = self.tree.attach(plan.tokens[: plan.start + n * ps], plan.start,
-                                   plan.pages[:n], plan.host[:n] if l3 else None)  # fmt: skip
+                                   plan.pages[:n], staged)  # fmt: skip
             self.pool.free(got.pages)
             if l3:
                 self.host_pool.free(got.host_pages)
@@ -175,13 +176,17 @@ class TieredCache(CacheIndex):
         self, source: str, tokens: Sequence[int], have: int, host: list[int] | None,
         keys: list[bytes], base: int,
     ) -> LoadPlan | None:  # fmt: skip
-        """Lock base, then take the plan's pages: L2 pages to read files into (host None),
-        and L1 pages. Taking them may evict other pages, never what base pins."""
+        """Lock base, then take the plan's pages: L1 pages, and for files read through L2
+        (host None, device L1) L2 pages. Taking them may evict others, never what base pins."""
         self.tree.lock(base)
         n = len(keys) if host is None else len(host)
-        own_host = host is None
+        # NOTE: files are read straight into L1 pages in host memory; a device L1 is filled
+        # through pinned L2 pages
+        own_host = host is None and self.mover.cuda
         if own_host:
             host = alloc_evicting(self.host_pool, n, self._evict_host)
+        elif host is None:
+            host = []
         pages = alloc_evicting(self.pool, n, self.evict) if host is not None else None
         if pages is None:
             if own_host and host is not None:

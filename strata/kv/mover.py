@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 # NOTE: L3 writes queue cloned page bytes; past this many pending bytes new writes are
 # skipped (counted) rather than letting a slow disk grow the process without bound.
 MAX_PENDING_WRITE_BYTES = 512 << 20
+READERS = 2  # threads reading one load's page files
 
 
 @dataclass
@@ -36,7 +37,7 @@ class LoadPlan:
     tokens: list[int]  # the prefix up to the last loaded page
     start: int  # tokens[:start] are cached when the load begins (and stay: lock_node)
     pages: list[int]  # L1 destination pages
-    host: list[int]  # L2 pages: the source (l2) or where the files are read to (l3)
+    host: list[int]  # L2 pages: the source (l2), or where files are staged (l3, device L1)
     keys: list[bytes]  # l3: the page keys to read
     lock_node: int  # pins tokens[:start] (and the L2 source pages) until the plan ends
     loaded: int = 0  # pages that landed (l3: up to the first missing or bad file)
@@ -70,7 +71,8 @@ class TierMover:
         self._writes = ThreadPoolExecutor(1, thread_name_prefix="strata-l3-write")
         self._lock = threading.Lock()
         self.pending_write_bytes = 0
-        self.moved = dict.fromkeys(("l1_to_l2", "l2_to_l1", "l2_to_l3", "l3_to_l2"), 0)
+        self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="strata-l3-read")
+        self.moved = dict.fromkeys(("l1_to_l2", "l2_to_l1", "l2_to_l3", "l3_to_l1"), 0)
         self.skipped_writes = 0
 
     # ---- engine thread -------------------------------------------------------------------
@@ -110,6 +112,7 @@ class TierMover:
 
     def shutdown(self) -> None:
         self._loads.shutdown(wait=False, cancel_futures=True)
+        self._readers.shutdown(wait=False, cancel_futures=True)
         self._writes.shutdown(wait=True)
 
     # ---- side threads --------------------------------------------------------------------
@@ -119,25 +122,37 @@ class TierMover:
         n = len(plan.pages)
         if plan.source == "l3":
             n = self._read_files(plan)
-        self._host_to_device(plan.host[:n], plan.pages[:n])
+            if plan.host:  # staged in pinned L2 pages for a device L1
+                self._host_to_device(plan.host[:n], plan.pages[:n])
+            self._count("l3_to_l1", n * self.l1.bytes_per_page)
+        else:
+            self._host_to_device(plan.host, plan.pages)
+            self._count("l2_to_l1", n * self.l1.bytes_per_page)
         plan.loaded = n
         plan.seconds = time.perf_counter() - start
-        self._count("l2_to_l1", n * self.l1.bytes_per_page)
 
     def _read_files(self, plan: LoadPlan) -> int:
-        assert self.store is not None
-        for i, (key, h) in enumerate(zip(plan.keys, plan.host)):
-            try:
-                if not self.store.read_into(key, self._l2[h]):
-                    return i
-            except CorruptPage as exc:
-                log.warning("L3 page not loaded (recomputed): %s", exc)
+        """Read the plan's files into its pages, READERS at a time (reads and checksums
+        release the GIL); returns how many leading pages landed."""
+        if plan.host:
+            dests = [self._l2[h] for h in plan.host]
+        else:
+            assert self._l1 is not None
+            dests = [self._l1[p] for p in plan.pages]
+        for i, ok in enumerate(self._readers.map(self._read_one, plan.keys, dests)):
+            if not ok:
                 return i
-            except OSError as exc:
-                log.warning("L3 read failed (recomputed): %s", exc)
-                return i
-            self._count("l3_to_l2", self.l2.bytes_per_page)
         return len(plan.keys)
+
+    def _read_one(self, key: bytes, dest: np.ndarray) -> bool:
+        assert self.store is not None
+        try:
+            return self.store.read_into(key, dest)
+        except CorruptPage as exc:
+            log.warning("L3 page not loaded (recomputed): %s", exc)
+        except OSError as exc:
+            log.warning("L3 read failed (recomputed): %s", exc)
+        return False
 
     def _host_to_device(self, host: Sequence[int], pages: Sequence[int]) -> None:
         if self.cuda:

@@ -88,7 +88,7 @@ def test_next_turn_on_the_other_worker_loads_from_l3(cluster):
     assert there == here
     stats = load(other).cache
     assert cached_there >= 16 * 16 and stats.l3_tokens == cached_there, (cached_there, stats)
-    assert load(other).tiers.bytes_moved["l3_to_l2"] > 0
+    assert load(other).tiers.bytes_moved["l3_to_l1"] > 0
 
 
 def test_cache_service_kill_fails_no_request_and_its_index_is_rebuilt(cluster):

@@ -71,7 +71,7 @@ def test_same_answer_from_every_tier_and_warm_restart(tmp_path):
         out, got = served(url, A)
         assert out == cold and got["l3"] >= 256, got
         stats = tiers(url)
-        assert stats["tiers"]["bytes_moved"]["l3_to_l2"] > 0
+        assert stats["tiers"]["bytes_moved"]["l3_to_l1"] > 0
         assert 0 < stats["l3_hit_rate"] < 1 and stats["tiers"]["l3"]["pages"] >= 3 * 16
     with running_server(*flags) as url:  # a restart on the same directory starts warm
         out, got = served(url, A)
