@@ -86,18 +86,26 @@ def test_corrupt_and_truncated_files_are_counted_and_recomputed(tmp_path):
         cold, _ = served(url, A)
         files = store_files(store)  # in page order: only A was ever stored here
         assert len(files) >= 16
-        with open(files[4], "r+b") as f:  # flip one byte of page 4's payload
-            f.seek(-100, os.SEEK_END)
-            byte = f.read(1)
-            f.seek(-100, os.SEEK_END)
-            f.write(bytes([byte[0] ^ 0x55]))
-        with open(files[8], "r+b") as f:  # page 8 loses its tail
-            f.truncate(files[8].stat().st_size // 2)
-        for bad_files, loaded in ((1, 4), (2, 8)):
+
+        def flip_byte(path):  # one byte of the payload
+            with open(path, "r+b") as f:
+                f.seek(-100, os.SEEK_END)
+                byte = f.read(1)
+                f.seek(-100, os.SEEK_END)
+                f.write(bytes([byte[0] ^ 0x55]))
+
+        def cut_tail(path):
+            with open(path, "r+b") as f:
+                f.truncate(path.stat().st_size // 2)
+
+        # One bad file per pass: the readers work in parallel, so a later bad file
+        # in the same load may or may not be read before the first one stops it.
+        for spoil, page, bad_files in ((flip_byte, 4, 1), (cut_tail, 8, 2)):
+            spoil(files[page])
             flush(url)
             out, got = served(url, A)
             assert out == cold, "a bad page file changed the answer"
-            assert got["l3"] == loaded * 16, got  # up to the bad file, the rest recomputed
+            assert got["l3"] == page * 16, got  # up to the bad file, the rest recomputed
             assert tiers(url)["tiers"]["l3"]["bad_files"] == bad_files
         flush(url)
         out, got = served(url, A)  # the bad files were replaced when recomputed
