@@ -49,11 +49,39 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 
 @dataclass(frozen=True)
+class SparseConfig:
+    """Sparse attention in decode (DESIGN.md section 4; the rule: reference.select_pages)."""
+
+    threshold: float = 0.3  # skip a page whose bound on its softmax weight is below this
+    # fraction of the best page's (per step, layer and KV head); 0 turns sparse attention off
+    min_context: int = 1024  # tokens: shorter sequences attend densely
+    budget: float = 0.0  # pages kept at most: a count if >= 1, a fraction if < 1; 0: no cap
+    dense_layers: int = 2  # the first layers stay dense (they attend broadly, as Quest found)
+    sink_pages: int = 1  # always kept: the first pages
+    window_pages: int = 4  # always kept: the last pages (the newest token's page included)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.threshold < 1:
+            raise ValueError("--attention-sparsity-threshold must be in [0, 1)")
+        if self.budget < 0 or (self.budget >= 1 and self.budget != int(self.budget)):
+            raise ValueError("--sparse-budget must be a page count (>= 1) or a fraction (< 1)")
+        if self.min_context < 0 or self.dense_layers < 0 or self.sink_pages < 0:
+            raise ValueError("--sparse-min-context and the dense layers must not be negative")
+        if self.window_pages < 1:
+            raise ValueError("sparse attention keeps at least the newest page")
+
+    @property
+    def enabled(self) -> bool:
+        return self.threshold > 0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     model_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     dtype: str = "auto"
     device: str = "cpu"
     quantization: str = "none"  # "int4": group-wise weight-only int4 linear layers
+    sparse: SparseConfig = SparseConfig()
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATIONS:

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 
 from strata.attention import cpu_kernels, reference
+from strata.config import SparseConfig
+from strata.kv.pool import LayerKV
 from strata.model.batch import ForwardBatch
 
 
@@ -26,10 +28,15 @@ class AttentionBackend(ABC):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        kv_layer: tuple[torch.Tensor, torch.Tensor],
+        kv_layer: LayerKV,
         meta: Any,
     ) -> torch.Tensor:
         """Store k, v [T, kv_heads, D] in the layer's pages, return attention [T, heads, D]."""
+
+    def sparsity(self, meta: Any) -> list[tuple[int, int]] | None:
+        """After a forward with `meta`: per sequence of its batch, (pages skipped, pages
+        considered) by sparse decode over every layer and KV head; None if none ran."""
+        return None
 
 
 @dataclass
@@ -41,9 +48,20 @@ class _Extend:
 
 
 @dataclass
+class _Sparse:
+    """Sparse decode of one forward: which decode rows select pages, and what they skip."""
+
+    active: torch.Tensor  # [Bd] bool: context of at least min_context tokens
+    pages: torch.Tensor  # [Bd] int64: the sequence's pages (0 if not active)
+    skipped: torch.Tensor  # [Bd] int64: pages x KV heads, summed over layers
+    considered: torch.Tensor  # [Bd] int64: likewise
+
+
+@dataclass
 class TorchMeta:
     write_at: tuple[torch.Tensor, torch.Tensor]  # (page ids, offsets) of the new tokens
     num_tokens: int
+    num_seqs: int
     decode_rows: torch.Tensor | None = None  # [Bd] token rows with a single query
     decode_pages: torch.Tensor | None = None  # [Bd, max_pages]
     decode_mask: torch.Tensor | None = None  # [Bd, max_pages * page_size]
@@ -53,20 +71,29 @@ class TorchMeta:
     shared_pages: torch.Tensor | None = None  # [P]
     suffix_table: torch.Tensor | None = None  # [Bd, S]
     suffix_mask: torch.Tensor | None = None  # [Bd, S * page_size] bool
+    sparse: _Sparse | None = None
+    batch_rows: list[int] = field(default_factory=list)  # batch index of each decode row
 
 
 class TorchAttention(AttentionBackend):
     """The reference backend: gathers each sequence's pages and runs torch SDPA."""
 
-    def __init__(self, scale: float, page_size: int, cascade_min_pages: int = 2) -> None:
+    def __init__(
+        self,
+        scale: float,
+        page_size: int,
+        sparse: SparseConfig | None = None,
+        cascade_min_pages: int = 2,
+    ) -> None:
         self.scale = scale
         self.page_size = page_size
+        self.sparse = sparse if sparse is not None and sparse.enabled else None
         self.cascade_min_pages = cascade_min_pages
 
     def prepare(self, batch: ForwardBatch) -> TorchMeta:
         ps, table = batch.page_size, batch.page_table
         write_at = reference.split_slots(batch.slot_mapping, ps)
-        meta = TorchMeta(write_at=write_at, num_tokens=batch.input_ids.shape[0])
+        meta = TorchMeta(write_at, batch.input_ids.shape[0], len(batch.q_lens))
         starts = [0]
         for q in batch.q_lens:
             starts.append(starts[-1] + q)
@@ -81,9 +108,16 @@ class TorchAttention(AttentionBackend):
             meta.decode_mask = torch.arange(max_pages * ps, device=dev)[None, :] < lens[:, None]
             meta.decode_rows = torch.tensor([starts[i] for i in decode], device=dev)
             meta.decode_lens = lens
+            meta.batch_rows = decode
+            sp = self.sparse
+            if sp is not None and max(kv_lens[i] for i in decode) >= sp.min_context:
+                active = lens >= sp.min_context
+                pages = torch.where(active, -(-lens // ps), 0)
+                zero = torch.zeros_like(lens)
+                meta.sparse = _Sparse(active, pages, zero, zero.clone())
             # NOTE: the CPU kernel reads every sequence's pages in place, so a shared prompt's
             # pages are read from cache, not gathered: cascade decode only pays without it.
-            if not cpu_kernels.available(dev):
+            elif not cpu_kernels.available(dev):
                 self._plan_cascade(meta, lens, ps)
         for i, q in enumerate(batch.q_lens):
             if q > 1:
@@ -96,16 +130,17 @@ class TorchAttention(AttentionBackend):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        kv_layer: tuple[torch.Tensor, torch.Tensor],
+        kv_layer: LayerKV,
         meta: TorchMeta,
     ) -> torch.Tensor:
-        k_pages, v_pages = kv_layer
-        reference.write_kv(k_pages, v_pages, meta.write_at, k, v)
+        if not cpu_kernels.write_kv(kv_layer, meta.write_at, k, v):
+            reference.write_kv(kv_layer, meta.write_at, k, v)
+        k_pages, v_pages = kv_layer.k, kv_layer.v
         if meta.decode_rows is not None and not meta.extends:
-            return self._decode(q, k_pages, v_pages, meta)
+            return self._decode(q, kv_layer, meta)
         out = torch.empty_like(q)
         if meta.decode_rows is not None:
-            out[meta.decode_rows] = self._decode(q[meta.decode_rows], k_pages, v_pages, meta)
+            out[meta.decode_rows] = self._decode(q[meta.decode_rows], kv_layer, meta)
         for e in meta.extends:
             rows = slice(e.start, e.start + e.q_len)
             out[rows] = reference.paged_prefill(
@@ -131,9 +166,13 @@ class TorchAttention(AttentionBackend):
         pos = torch.arange(meta.suffix_table.shape[1] * ps, device=table.device) + shared * ps
         meta.suffix_mask = pos[None, :] < lens[:, None]
 
-    def _decode(
-        self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, meta: TorchMeta
-    ) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, layer: LayerKV, meta: TorchMeta) -> torch.Tensor:
+        k_pages, v_pages = layer.k, layer.v
+        sp, state = self.sparse, meta.sparse
+        if state is not None and sp is not None:
+            state.considered += state.pages * layer.kmin.shape[1]
+            if layer.layer_id >= sp.dense_layers:  # Quest: the first layers attend broadly
+                return self._sparse_decode(q, layer, meta, state, sp)
         if meta.shared_pages is not None:
             assert meta.suffix_table is not None and meta.suffix_mask is not None
             return reference.paged_decode_cascade(
@@ -151,5 +190,32 @@ class TorchAttention(AttentionBackend):
             q, k_pages, v_pages, meta.decode_pages, meta.decode_mask, self.scale
         )
 
+    def _sparse_decode(
+        self, q: torch.Tensor, layer: LayerKV, meta: TorchMeta, state: _Sparse, sp: SparseConfig
+    ) -> torch.Tensor:
+        """Each KV head of each long sequence attends to the pages select_pages keeps."""
+        assert meta.decode_pages is not None and meta.decode_lens is not None
+        args = (
+            q, layer.kmin, layer.kmax, meta.decode_pages, meta.decode_lens, state.active,
+            self.page_size, self.scale, sp.threshold, sp.budget, sp.sink_pages, sp.window_pages,
+        )  # fmt: skip
+        picked = cpu_kernels.select_pages(*args) or reference.select_pages(*args)
+        table, lens, kept = picked
+        state.skipped += state.pages * layer.kmin.shape[1] - kept.sum(1) * state.active
+        out = cpu_kernels.paged_decode_selected(q, layer.k, layer.v, table, lens, self.scale)
+        if out is not None:
+            return out
+        return reference.paged_decode_selected(q, layer.k, layer.v, table, lens, self.scale)
 
-ATTENTION_BACKENDS: dict[str, Callable[[float, int], AttentionBackend]] = {"torch": TorchAttention}
+    def sparsity(self, meta: TorchMeta) -> list[tuple[int, int]] | None:
+        state, sp = meta.sparse, self.sparse
+        if state is None or sp is None:
+            return None
+        out = [(0, 0)] * meta.num_seqs
+        pairs = zip(meta.batch_rows, state.skipped.tolist(), state.considered.tolist())
+        for row, skipped, considered in pairs:
+            out[row] = (skipped, considered)
+        return out
+
+
+ATTENTION_BACKENDS: dict[str, Callable[..., AttentionBackend]] = {"torch": TorchAttention}

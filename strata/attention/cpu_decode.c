@@ -59,9 +59,9 @@ static inline float exp_neg(float x) {
 #define DEFINE_PARTIAL(NAME, T, LOAD, DIM)                                                    \
     static void NAME(const float *qf, const T *k, const T *v, const int64_t *pages,           \
                      int64_t p0, int64_t p1, int64_t len, int64_t pstride, int ps, int kvh,   \
-                     int d, int g, float *acc, float *m, float *l) {                          \
+                     int64_t row, int d, int g, float *acc, float *m, float *l) {             \
         const int heads = kvh * g;                                                            \
-        const int64_t page_elems = (int64_t)ps * kvh * DIM;                                   \
+        const int64_t page_elems = (int64_t)ps * row;                                         \
         float kf[MAX_DIM], vf[MAX_DIM], s[MAX_HEADS][MAX_PAGE];                               \
         for (int i = 0; i < heads; i++) { m[i] = -INFINITY; l[i] = 0.f; }                     \
         memset(acc, 0, sizeof(float) * heads * DIM);                                          \
@@ -78,7 +78,7 @@ static inline float exp_neg(float x) {
             }                                                                                 \
             for (int t = 0; t < n; t++) {                                                     \
                 for (int h = 0; h < kvh; h++) {                                               \
-                    const T *kr = kp + ((int64_t)t * kvh + h) * DIM;                          \
+                    const T *kr = kp + (int64_t)t * row + (int64_t)h * DIM;                    \
                     _Pragma("omp simd") for (int j = 0; j < DIM; j++) kf[j] = LOAD(kr[j]);    \
                     for (int i = h * g; i < (h + 1) * g; i++) {                               \
                         const float *qi = qf + i * DIM;                                       \
@@ -105,7 +105,7 @@ static inline float exp_neg(float x) {
             }                                                                                 \
             for (int t = 0; t < n; t++) {                                                     \
                 for (int h = 0; h < kvh; h++) {                                               \
-                    const T *vr = vp + ((int64_t)t * kvh + h) * DIM;                          \
+                    const T *vr = vp + (int64_t)t * row + (int64_t)h * DIM;                    \
                     _Pragma("omp simd") for (int j = 0; j < DIM; j++) vf[j] = LOAD(vr[j]);    \
                     for (int i = h * g; i < (h + 1) * g; i++) {                               \
                         const float w = s[i][t];                                              \
@@ -127,8 +127,8 @@ DEFINE_PARTIAL(partial_f32_128, float, LOAD_F32, 128)
 DEFINE_PARTIAL(partial_bf16_128, uint16_t, LOAD_BF16, 128)
 
 typedef void (*partial_fn)(const float *, const void *, const void *, const int64_t *, int64_t,
-                           int64_t, int64_t, int64_t, int, int, int, int, float *, float *,
-                           float *);
+                           int64_t, int64_t, int64_t, int, int, int64_t, int, int, float *,
+                           float *, float *);
 
 static partial_fn pick(int dtype, int d) {
     if (d == 64) return (partial_fn)(dtype ? (void *)partial_bf16_64 : (void *)partial_f32_64);
@@ -137,59 +137,70 @@ static partial_fn pick(int dtype, int d) {
 }
 
 /* dtype: 0 float32, 1 bfloat16 (q, k, v and out share it). Returns 0, or -1 on shapes this
- * kernel does not take (the caller then uses the torch reference). */
+ * kernel does not take (the caller then uses the torch reference).
+ * groups: 1 for dense decode (page_table [batch, 1, width], seq_lens [batch, 1]: every head
+ * reads the same pages), kv_heads for sparse decode (page_table [batch, kv_heads, width] and
+ * seq_lens [batch, kv_heads]: each KV head's group of query heads reads its own selected
+ * pages, and its "length" is that of the selected pages laid end to end). */
 int paged_decode(int dtype, const void *q, const void *k, const void *v, void *out,
                  const int64_t *page_table, const int64_t *seq_lens, int batch, int table_width,
                  int heads, int kv_heads, int head_dim, int page_size, int64_t page_stride,
-                 float scale, int splits) {
+                 float scale, int splits, int groups) {
     const int g = heads / kv_heads, d = head_dim;
     if (heads > MAX_HEADS || d > MAX_DIM || page_size > MAX_PAGE || heads % kv_heads) return -1;
+    if (groups < 1 || kv_heads % groups) return -1;
     if (splits < 1) splits = 1;
     const partial_fn partial = pick(dtype, d);
-    const int64_t items = (int64_t)batch * splits;
-    /* per item: acc [heads, d], m [heads], l [heads] */
-    const int64_t stride = (int64_t)heads * d + 2 * heads;
+    const int gkv = kv_heads / groups, gheads = gkv * g; /* KV and query heads of one group */
+    const int64_t row = (int64_t)kv_heads * d, esize = dtype ? 2 : 4;
+    const int64_t items = (int64_t)batch * groups * splits;
+    /* per item: acc [gheads, d], m [gheads], l [gheads] */
+    const int64_t stride = (int64_t)gheads * d + 2 * gheads;
     float *work = (float *)malloc(sizeof(float) * items * stride);
     if (!work) return -1;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; it++) {
-        const int b = (int)(it / splits), sp = (int)(it % splits);
-        const int64_t len = seq_lens[b], npages = (len + page_size - 1) / page_size;
+        const int64_t seq = it / splits; /* (sequence, group) */
+        const int b = (int)(seq / groups), grp = (int)(seq % groups), sp = (int)(it % splits);
+        const int64_t len = seq_lens[seq], npages = (len + page_size - 1) / page_size;
         const int64_t per = (npages + splits - 1) / splits;
         const int64_t p0 = sp * per, p1 = (p0 + per) < npages ? (p0 + per) : npages;
-        float *acc = work + it * stride, *m = acc + (int64_t)heads * d, *l = m + heads;
-        float *qf = (float *)malloc(sizeof(float) * heads * d);
-        const int64_t qoff = (int64_t)b * heads * d;
-        for (int j = 0; j < heads * d; j++)
+        float *acc = work + it * stride, *m = acc + (int64_t)gheads * d, *l = m + gheads;
+        float qf[MAX_HEADS * MAX_DIM];
+        const int64_t qoff = ((int64_t)b * heads + (int64_t)grp * gheads) * d;
+        for (int j = 0; j < gheads * d; j++)
             qf[j] = scale * (dtype ? bf16_to_f32(((const uint16_t *)q)[qoff + j])
                                    : ((const float *)q)[qoff + j]);
         if (p0 >= p1) {
-            for (int i = 0; i < heads; i++) { m[i] = -INFINITY; l[i] = 0.f; }
-            memset(acc, 0, sizeof(float) * heads * d);
+            for (int i = 0; i < gheads; i++) { m[i] = -INFINITY; l[i] = 0.f; }
+            memset(acc, 0, sizeof(float) * gheads * d);
         } else {
-            partial(qf, k, v, page_table + (int64_t)b * table_width, p0, p1, len, page_stride,
-                    page_size, kv_heads, d, g, acc, m, l);
+            const int64_t hoff = (int64_t)grp * gkv * d * esize; /* bytes to the group's head */
+            partial(qf, (const char *)k + hoff, (const char *)v + hoff,
+                    page_table + seq * table_width, p0, p1, len, page_stride, page_size, gkv,
+                    row, d, g, acc, m, l);
         }
-        free(qf);
     }
-    /* merge the splits of every sequence and write out */
+    /* merge the splits of every (sequence, head) and write out */
 #pragma omp parallel for
     for (int64_t bh = 0; bh < (int64_t)batch * heads; bh++) {
         const int b = (int)(bh / heads), i = (int)(bh % heads);
+        const int64_t first = ((int64_t)b * groups + i / gheads) * splits; /* its first item */
+        const int64_t mo = (int64_t)gheads * d + i % gheads, lo = mo + gheads;
         float mx = -INFINITY;
         for (int sp = 0; sp < splits; sp++) {
-            const float mi = work[((int64_t)b * splits + sp) * stride + (int64_t)heads * d + i];
+            const float mi = work[(first + sp) * stride + mo];
             mx = mi > mx ? mi : mx;
         }
         float o[MAX_DIM], total = 0.f;
         for (int j = 0; j < d; j++) o[j] = 0.f;
         for (int sp = 0; sp < splits; sp++) {
-            const float *acc = work + ((int64_t)b * splits + sp) * stride;
-            const float mi = acc[(int64_t)heads * d + i], li = acc[(int64_t)heads * d + heads + i];
+            const float *acc = work + (first + sp) * stride;
+            const float mi = acc[mo], li = acc[lo];
             if (li == 0.f) continue;
             const float w = exp_neg(mi - mx);
             total += w * li;
-            for (int j = 0; j < d; j++) o[j] += w * acc[i * d + j];
+            for (int j = 0; j < d; j++) o[j] += w * acc[(i % gheads) * d + j];
         }
         for (int j = 0; j < d; j++) {
             const float val = o[j] / total;
@@ -198,5 +209,152 @@ int paged_decode(int dtype, const void *q, const void *k, const void *v, void *o
         }
     }
     free(work);
+    return 0;
+}
+
+/* Store new tokens' K and V in their pages and keep each page's key summary: row page_size
+ * of a page's K block holds the channel-wise min of the keys written to it so far, of its V
+ * block their max (a token at offset 0 starts the page's summary afresh). k, v [tokens,
+ * kv_heads, d]; pages, offsets [tokens]; kp, vp: one layer's K and V of page 0, pages
+ * page_stride elements apart. Tokens of a page come in order; heads run in parallel. */
+#define DEFINE_WRITE(NAME, T, LT, GT)                                                          \
+    static void NAME(const T *k, const T *v, T *kp, T *vp, const int64_t *pages,              \
+                     const int64_t *offsets, int64_t tokens, int kvh, int d, int ps,          \
+                     int64_t pstride) {                                                       \
+        const int64_t row = (int64_t)kvh * d;                                                 \
+        _Pragma("omp parallel for") for (int h = 0; h < kvh; h++) {                          \
+            for (int64_t t = 0; t < tokens; t++) {                                            \
+                const T *kt = k + t * row + (int64_t)h * d, *vt = v + t * row + (int64_t)h * d; \
+                const int64_t base = pages[t] * pstride + (int64_t)h * d;                     \
+                T *kd = kp + base + offsets[t] * row, *vd = vp + base + offsets[t] * row;     \
+                T *lo = kp + base + (int64_t)ps * row, *hi = vp + base + (int64_t)ps * row;   \
+                memcpy(kd, kt, sizeof(T) * d);                                                \
+                memcpy(vd, vt, sizeof(T) * d);                                                \
+                if (offsets[t] == 0) {                                                        \
+                    memcpy(lo, kt, sizeof(T) * d);                                            \
+                    memcpy(hi, kt, sizeof(T) * d);                                            \
+                } else {                                                                      \
+                    for (int j = 0; j < d; j++) {                                             \
+                        if (LT(kt[j], lo[j])) lo[j] = kt[j];                                  \
+                        if (GT(kt[j], hi[j])) hi[j] = kt[j];                                  \
+                    }                                                                         \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+    }
+
+#define LT_F32(a, b) ((a) < (b))
+#define GT_F32(a, b) ((a) > (b))
+#define LT_BF16(a, b) (bf16_to_f32(a) < bf16_to_f32(b))
+#define GT_BF16(a, b) (bf16_to_f32(a) > bf16_to_f32(b))
+DEFINE_WRITE(write_f32, float, LT_F32, GT_F32)
+DEFINE_WRITE(write_bf16, uint16_t, LT_BF16, GT_BF16)
+
+int write_kv(int dtype, const void *k, const void *v, void *kp, void *vp, const int64_t *pages,
+             const int64_t *offsets, int64_t tokens, int kv_heads, int head_dim, int page_size,
+             int64_t page_stride) {
+    if (dtype) write_bf16(k, v, kp, vp, pages, offsets, tokens, kv_heads, head_dim, page_size,
+                          page_stride);
+    else write_f32(k, v, kp, vp, pages, offsets, tokens, kv_heads, head_dim, page_size,
+                   page_stride);
+    return 0;
+}
+
+/* Page selection for sparse decode, one (sequence, KV head) per work item; the oracle is
+ * reference.select_pages, whose docstring defines the rule. kmin, kmax: one layer's summary
+ * rows of page 0 (pages page_stride elements apart); page_table [batch, width]; seq_lens,
+ * active [batch] (an inactive sequence keeps every page). Writes out_table [batch, kv_heads,
+ * width] (kept pages, in order), out_lens [batch, kv_heads] (the kept pages' token count)
+ * and kept [batch, kv_heads]. */
+typedef struct { float score; int64_t page; } cand;
+
+static int by_score(const void *a, const void *b) { /* best first, then the earlier page */
+    const cand *x = (const cand *)a, *y = (const cand *)b;
+    if (x->score != y->score) return x->score < y->score ? 1 : -1;
+    return x->page < y->page ? -1 : (x->page > y->page);
+}
+
+static int by_page(const void *a, const void *b) {
+    const int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? -1 : (x > y);
+}
+
+int select_pages(int dtype, const void *q, const void *kmin, const void *kmax,
+                 const int64_t *page_table, const int64_t *seq_lens, const uint8_t *active,
+                 int batch, int table_width, int heads, int kv_heads, int head_dim,
+                 int page_size, int64_t page_stride, float scale, float log_threshold,
+                 int64_t budget, double budget_fraction, int sink, int window,
+                 int64_t *out_table, int64_t *out_lens, int64_t *kept) {
+    const int g = heads / kv_heads, d = head_dim;
+    if (heads > MAX_HEADS || d > MAX_DIM || heads % kv_heads) return -1;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t it = 0; it < (int64_t)batch * kv_heads; it++) {
+        const int b = (int)(it / kv_heads), h = (int)(it % kv_heads);
+        const int64_t len = seq_lens[b], n = (len + page_size - 1) / page_size;
+        const int64_t *pages = page_table + (int64_t)b * table_width;
+        int64_t *dst = out_table + it * table_width, count = 0;
+        const int64_t cap = budget_fraction > 0 ? (int64_t)ceil(budget_fraction * n) : budget;
+        if (!active[b] || n <= sink + window) {
+            for (int64_t p = 0; p < n; p++) dst[p] = pages[p];
+            out_lens[it] = len, kept[it] = n;
+            continue;
+        }
+        float qf[MAX_HEADS * MAX_DIM], best[MAX_HEADS];
+        const int64_t qoff = ((int64_t)b * heads + (int64_t)h * g) * d; /* the group's heads */
+        for (int j = 0; j < g * d; j++)
+            qf[j] = dtype ? bf16_to_f32(((const uint16_t *)q)[qoff + j])
+                          : ((const float *)q)[qoff + j];
+        float *u = (float *)malloc(sizeof(float) * n * g);
+        cand *c = (cand *)malloc(sizeof(cand) * n);
+        for (int i = 0; i < g; i++) best[i] = -INFINITY;
+        for (int64_t p = 0; p < n; p++) {
+            const int64_t off = pages[p] * page_stride + (int64_t)h * d;
+            float lo[MAX_DIM], hi[MAX_DIM];
+            if (dtype) {
+                for (int j = 0; j < d; j++) {
+                    lo[j] = bf16_to_f32(((const uint16_t *)kmin)[off + j]);
+                    hi[j] = bf16_to_f32(((const uint16_t *)kmax)[off + j]);
+                }
+            } else {
+                memcpy(lo, (const float *)kmin + off, sizeof(float) * d);
+                memcpy(hi, (const float *)kmax + off, sizeof(float) * d);
+            }
+            for (int i = 0; i < g; i++) {
+                const float *qi = qf + i * d;
+                float s = 0.f;
+                _Pragma("omp simd reduction(+ : s)") for (int j = 0; j < d; j++) {
+                    const float a = qi[j] * lo[j], e = qi[j] * hi[j];
+                    s += a > e ? a : e;
+                }
+                u[p * g + i] = s;
+                best[i] = s > best[i] ? s : best[i];
+            }
+        }
+        int64_t forced = 0, free_kept = 0;
+        for (int64_t p = 0; p < n; p++) {
+            float sc = -INFINITY;
+            for (int i = 0; i < g; i++) {
+                const float x = scale * (u[p * g + i] - best[i]);
+                sc = x > sc ? x : sc;
+            }
+            if (p < sink || p >= n - window) {
+                dst[forced++] = p; /* page indices for now; ids below */
+            } else if (sc >= log_threshold) {
+                c[free_kept].score = sc, c[free_kept].page = p, free_kept++;
+            }
+        }
+        if (cap > 0 && free_kept > (cap > forced ? cap - forced : 0)) {
+            qsort(c, free_kept, sizeof(cand), by_score);
+            free_kept = cap > forced ? cap - forced : 0;
+        }
+        count = forced;
+        for (int64_t j = 0; j < free_kept; j++) dst[count++] = c[j].page;
+        qsort(dst, count, sizeof(int64_t), by_page);
+        for (int64_t j = 0; j < count; j++) dst[j] = pages[dst[j]];
+        out_lens[it] = (count - 1) * page_size + (len - (n - 1) * page_size);
+        kept[it] = count;
+        free(u);
+        free(c);
+    }
     return 0;
 }

@@ -13,17 +13,20 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from strata.config import cache_dir
+from strata.kv.pool import LayerKV
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("cpu_decode.c")
+SOURCE = Path(__file__).with_name("cpu_decode.c")  # also write_kv and select_pages
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # NOTE: a work item reads at least this many pages, so splitting a long context over the
@@ -73,10 +76,17 @@ def library() -> ctypes.CDLL | None:
         log.warning("CPU kernels unavailable, using the torch reference ops: %s", e)
         return None
     p, i64p, i = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_int
+    i64 = ctypes.c_int64
     lib.paged_decode.argtypes = [
-        i, p, p, p, p, i64p, i64p, i, i, i, i, i, i, ctypes.c_int64, ctypes.c_float, i
+        i, p, p, p, p, i64p, i64p, i, i, i, i, i, i, i64, ctypes.c_float, i, i
     ]  # fmt: skip
-    lib.paged_decode.restype = i
+    lib.write_kv.argtypes = [i, p, p, p, p, i64p, i64p, i64, i, i, i, i64]
+    lib.select_pages.argtypes = [
+        i, p, p, p, i64p, i64p, p, i, i, i, i, i, i, i64, ctypes.c_float, ctypes.c_float, i64,
+        ctypes.c_double, i, i, i64p, i64p, i64p,
+    ]  # fmt: skip
+    for fn in (lib.paged_decode, lib.write_kv, lib.select_pages):
+        fn.restype = i
     return lib
 
 
@@ -94,6 +104,46 @@ def _page_contiguous(pages: torch.Tensor) -> bool:
     return pages.stride()[1:] == (h * d, d, 1)
 
 
+def _i64(t: torch.Tensor) -> Any:
+    return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_int64))
+
+
+def _splits(work_items: int, width: int) -> int:
+    want = -(-2 * torch.get_num_threads() // work_items)  # splits per work item
+    return max(1, min(want, width // MIN_PAGES_PER_SPLIT))
+
+
+def _decode(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    tables: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    groups: int,
+) -> torch.Tensor | None:
+    lib = library()
+    dtype = DTYPES.get(q.dtype)
+    if lib is None or dtype is None or q.device.type != "cpu" or k_pages.dtype != q.dtype:
+        return None
+    if k_pages.stride() != v_pages.stride() or not _page_contiguous(k_pages):
+        return None
+    b, heads, d = q.shape
+    _, page_size, kv_heads, _ = k_pages.shape
+    q = q.contiguous()
+    # NOTE: no-ops for the backend, which prepares both once per forward, not per layer
+    table = tables.to(torch.int64).contiguous()
+    lens = lens.to(torch.int64).contiguous()
+    width = table.shape[-1]
+    out = torch.empty_like(q)
+    rc = lib.paged_decode(
+        dtype, _ptr(q), _ptr(k_pages), _ptr(v_pages), _ptr(out), _i64(table), _i64(lens),
+        b, width, heads, kv_heads, d, page_size, k_pages.stride(0), scale,
+        _splits(b * groups, width), groups,
+    )  # fmt: skip
+    return out if rc == 0 else None
+
+
 def paged_decode(
     q: torch.Tensor,
     k_pages: torch.Tensor,
@@ -105,25 +155,80 @@ def paged_decode(
     """reference.paged_decode's contract, with lengths instead of a mask: q [batch, heads, D];
     k_pages, v_pages [pages, page_size, kv_heads, D]; page_table [batch, width]; seq_lens
     [batch]. None where the kernel does not apply (no library, dtype, device or shape)."""
+    return _decode(q, k_pages, v_pages, page_table, seq_lens, scale, groups=1)
+
+
+def paged_decode_selected(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    table: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor | None:
+    """reference.paged_decode_selected: each KV head reads its own pages, in place."""
+    return _decode(q, k_pages, v_pages, table, lens, scale, groups=k_pages.shape[2])
+
+
+def write_kv(
+    layer: LayerKV, where: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor
+) -> bool:
+    """reference.write_kv (with the page summaries); False where the kernel does not apply."""
+    lib = library()
+    dtype = DTYPES.get(k.dtype)
+    kp, vp = layer.k, layer.v
+    if lib is None or dtype is None or k.device.type != "cpu" or kp.dtype != k.dtype:
+        return False
+    _, ps, kv_heads, d = kp.shape
+    row = kv_heads * d
+    summary_at = kp.data_ptr() + ps * row * kp.element_size()  # row ps of page 0
+    if not _page_contiguous(kp) or kp.stride() != vp.stride():
+        return False
+    if layer.kmin.data_ptr() != summary_at:
+        return False
+    pages, offsets = (w.to(torch.int64).contiguous() for w in where)
+    k, v = k.contiguous(), v.contiguous()
+    lib.write_kv(dtype, _ptr(k), _ptr(v), _ptr(kp), _ptr(vp), _i64(pages), _i64(offsets),
+                 k.shape[0], kv_heads, d, ps, kp.stride(0))  # fmt: skip
+    return True
+
+
+def select_pages(
+    q: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    active: torch.Tensor,
+    page_size: int,
+    scale: float,
+    threshold: float,
+    budget: float,
+    sink: int,
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """reference.select_pages, batched in C; None where the kernel does not apply."""
     lib = library()
     dtype = DTYPES.get(q.dtype)
-    if lib is None or dtype is None or q.device.type != "cpu" or k_pages.dtype != q.dtype:
+    if lib is None or dtype is None or q.device.type != "cpu" or kmin.dtype != q.dtype:
         return None
-    if k_pages.stride() != v_pages.stride() or not _page_contiguous(k_pages):
+    if kmin.stride() != kmax.stride() or kmin.stride()[1:] != (kmin.shape[2], 1):
         return None
     b, heads, d = q.shape
-    _, page_size, kv_heads, _ = k_pages.shape
+    kv_heads = kmin.shape[1]
     q = q.contiguous()
-    # NOTE: no-ops for the backend, which prepares both once per forward, not per layer
     table = page_table.to(torch.int64).contiguous()
     lens = seq_lens.to(torch.int64).contiguous()
-    want = -(-2 * torch.get_num_threads() // b)  # work items per sequence
-    splits = max(1, min(want, table.shape[1] // MIN_PAGES_PER_SPLIT))
-    out = torch.empty_like(q)
-    i64p = ctypes.POINTER(ctypes.c_int64)
-    rc = lib.paged_decode(
-        dtype, _ptr(q), _ptr(k_pages), _ptr(v_pages), _ptr(out),
-        ctypes.cast(table.data_ptr(), i64p), ctypes.cast(lens.data_ptr(), i64p),
-        b, table.shape[1], heads, kv_heads, d, page_size, k_pages.stride(0), scale, splits,
+    act = active.to(torch.uint8).contiguous()
+    width = table.shape[1]
+    out = torch.zeros(b, kv_heads, width, dtype=torch.int64)
+    out_lens = torch.empty(b, kv_heads, dtype=torch.int64)
+    kept = torch.empty(b, kv_heads, dtype=torch.int64)
+    log_t = math.log(threshold) if threshold > 0 else float("-inf")
+    count, fraction = (int(budget), 0.0) if budget >= 1 else (0, float(budget))
+    rc = lib.select_pages(
+        dtype, _ptr(q), _ptr(kmin), _ptr(kmax), _i64(table), _i64(lens), _ptr(act), b, width,
+        heads, kv_heads, d, page_size, kmin.stride(0), scale, log_t, count, fraction, sink,
+        window, _i64(out), _i64(out_lens), _i64(kept),
     )  # fmt: skip
-    return out if rc == 0 else None
+    return (out, out_lens, kept) if rc == 0 else None

@@ -7,8 +7,12 @@ page_id * page_size + offset.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from strata.kv.pool import LayerKV
 
 
 def split_slots(slots: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -17,15 +21,20 @@ def split_slots(slots: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torc
 
 
 def write_kv(
-    k_pages: torch.Tensor,
-    v_pages: torch.Tensor,
-    where: tuple[torch.Tensor, torch.Tensor],
-    k: torch.Tensor,
-    v: torch.Tensor,
+    layer: LayerKV, where: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor
 ) -> None:
-    """Store k, v [tokens, kv_heads, head_dim] at (page ids, offsets) (see split_slots)."""
-    k_pages.index_put_(where, k)
-    v_pages.index_put_(where, v)
+    """Store k, v [tokens, kv_heads, head_dim] at (page ids, offsets) (see split_slots) and
+    keep each written page's key summary (min and max per channel of the keys written to it
+    since its offset 0). A page's tokens come in order."""
+    pages, offsets = where
+    layer.k.index_put_(where, k)
+    layer.v.index_put_(where, v)
+    first = offsets == 0
+    layer.kmin.index_put_((pages[first],), k[first])
+    layer.kmax.index_put_((pages[first],), k[first])
+    index = pages[:, None, None].expand_as(k)
+    layer.kmin.scatter_reduce_(0, index, k, "amin")
+    layer.kmax.scatter_reduce_(0, index, k, "amax")
 
 
 def gather_pages(pages: torch.Tensor, page_ids: torch.Tensor) -> torch.Tensor:
@@ -162,3 +171,101 @@ def paged_decode_cascade(
         + out_s.float() * (lse_s - lse).exp()[..., None]
     )
     return out.to(q.dtype)
+
+
+def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Quest's upper bound of q.k over a page's keys: sum_d max(q_d * kmin_d, q_d * kmax_d).
+    q [B, kv_heads, g, D]; kmin, kmax [B, P, kv_heads, D]. Returns [B, P, kv_heads, g]."""
+    qq = q.float()[:, None]
+    lo, hi = kmin.float()[:, :, :, None], kmax.float()[:, :, :, None]
+    return torch.maximum(qq * lo, qq * hi).sum(-1)
+
+
+def select_pages(
+    q: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    active: torch.Tensor,
+    page_size: int,
+    scale: float,
+    threshold: float,
+    budget: float,
+    sink: int,
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pages each KV head of each decode sequence attends to (sparse decode).
+
+    For a sequence of n pages and KV head h with query heads i of its group: u[p, i] is the
+    bound of page p (page_bounds) and score[p] = max_i scale * (u[p, i] - max_p' u[p', i]),
+    the log of the bound on the page's softmax weight relative to the best page's bound.
+    Kept: the first `sink` and last `window` pages, and every other page whose score is at
+    least log(threshold); when `budget` (a page count if >= 1, a fraction of n if < 1; 0 for
+    none) caps the kept pages, the other pages with the best scores fill it (an earlier page
+    first on ties). A sequence not `active`, or of at most sink + window pages, keeps all.
+
+    q [B, heads, D]; kmin, kmax [pages, kv_heads, D] (the pool's summaries); page_table
+    [B, W]; seq_lens [B]; active [B] bool; budget, sink, window in pages. Returns (table
+    [B, kv_heads, W]: the kept page ids in order, then padding; lens [B, kv_heads]: the kept
+    pages' token count, the last page being the sequence's own partial one; kept [B,
+    kv_heads]: the number of pages kept).
+    """
+    b, heads, d = q.shape
+    w = page_table.shape[1]
+    kv_heads = kmin.shape[1]
+    g = heads // kv_heads
+    n = -(-seq_lens // page_size)  # [B]
+    flat = page_table.reshape(-1)
+    lo = kmin.index_select(0, flat).view(b, w, kv_heads, d)
+    hi = kmax.index_select(0, flat).view(b, w, kv_heads, d)
+    u = page_bounds(q.view(b, kv_heads, g, d), lo, hi)  # [B, W, kv_heads, g]
+    pos = torch.arange(w, device=q.device)[None, :]  # [1, W]
+    valid = pos < n[:, None]
+    u = u.masked_fill(~valid[:, :, None, None], float("-inf"))
+    score = (scale * (u - u.amax(1, keepdim=True))).amax(-1)  # [B, W, kv_heads]
+    forced = (pos < sink) | (pos >= n[:, None] - window)
+    everything = ~active | (n <= sink + window)
+    log_t = math.log(threshold) if threshold > 0 else float("-inf")
+    cand = valid[:, :, None] & ~forced[:, :, None] & (score >= log_t)
+    if budget > 0:
+        cap = torch.ceil(budget * n).long() if budget < 1 else torch.full_like(n, int(budget))
+        allowed = (cap - forced.logical_and(valid).sum(1)).clamp(min=0)  # [B]
+        ranked = score.masked_fill(~cand, float("-inf"))
+        order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(w, device=q.device)[None, :, None].expand_as(order))
+        cand &= rank < allowed[:, None, None]
+    keep = (forced & valid)[:, :, None] | cand
+    keep |= (everything[:, None] & valid)[:, :, None]
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices  # kept first
+    table = page_table.gather(1, order.flatten(1)).view(b, w, kv_heads).transpose(1, 2)
+    kept = keep.sum(1)  # [B, kv_heads]
+    last = seq_lens - (n - 1) * page_size
+    lens = (kept - 1) * page_size + last[:, None]
+    return table.contiguous(), lens, kept
+
+
+def paged_decode_selected(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    table: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Decode where each KV head reads its own pages: table [B, kv_heads, W], lens [B,
+    kv_heads] (as select_pages returns). Returns [B, heads, D]."""
+    b, heads, d = q.shape
+    kv_heads = k_pages.shape[2]
+    g = heads // kv_heads
+    out = torch.empty_like(q)
+    zero = torch.zeros(g, dtype=torch.int64, device=q.device)
+    for h in range(kv_heads):
+        flat = table[:, h].reshape(-1)
+        k = k_pages.index_select(0, flat)[:, :, h : h + 1].reshape(b, -1, 1, d)
+        v = v_pages.index_select(0, flat)[:, :, h : h + 1].reshape(b, -1, 1, d)
+        mask = torch.arange(k.shape[1], device=q.device)[None, :] < lens[:, h, None]
+        s = decode_scores(q[:, h * g : (h + 1) * g].contiguous(), k, zero, mask, scale)
+        out[:, h * g : (h + 1) * g] = decode_values(torch.softmax(s, -1), v, zero)
+    return out

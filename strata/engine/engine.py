@@ -265,8 +265,11 @@ class Engine(SplitRoles):
             self.cache.observe_compute(filled, time.perf_counter() - start)
         if prompt_logprobs:
             logits = collect_input_logprobs(chunks, logits)
-        for c in chunks:
+        sparsity = self.runner.last_sparsity or [(0, 0)] * len(chunks)
+        for c, (skipped, considered) in zip(chunks, sparsity):
             c.req.num_computed += c.length
+            c.req.sparse_skipped += skipped
+            c.req.sparse_considered += considered
             if c.length > 1:
                 self.scheduler.cache_progress(c.req)
         rows = [i for i, c in enumerate(chunks) if c.sample]

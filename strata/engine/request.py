@@ -22,6 +22,9 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    # pages sparse decode skipped / pages it considered, over the steps, layers and KV heads
+    # of the request's decode with at least --sparse-min-context tokens (0.0 when none)
+    attention_sparsity_ratio: float = 0.0
 
 
 @dataclass
@@ -93,6 +96,9 @@ class Request:
     # split mode, decode role
     cancel: threading.Event | None = None  # set to stop its kv_source
     transfer: tuple[int, float] | None = None  # (bytes, seconds) of its KV transfer
+    # sparse decode: pages x KV heads x layers skipped and considered, over its steps
+    sparse_skipped: int = 0
+    sparse_considered: int = 0
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
@@ -128,7 +134,8 @@ class Request:
         return self.finish_reason is not None
 
     def usage(self) -> Usage:
-        return Usage(len(self.prompt_ids), len(self.output_ids), self.num_cached)
+        ratio = self.sparse_skipped / self.sparse_considered if self.sparse_considered else 0.0
+        return Usage(len(self.prompt_ids), len(self.output_ids), self.num_cached, ratio)
 
 
 def check_request(

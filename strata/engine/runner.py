@@ -71,6 +71,8 @@ class ModelRunner:
             model.embed_tokens.dtype, self.device,
         )  # fmt: skip
         self.pool = PagePool(num_pages)
+        # per chunk of the last forward: (pages skipped, pages considered) by sparse decode
+        self.last_sparsity: list[tuple[int, int]] | None = None
 
     @classmethod
     def from_config(
@@ -80,7 +82,9 @@ class ModelRunner:
         folder = resolve_checkpoint(model_cfg.model_path)
         spec = ModelSpec.from_hf(read_config(folder))
         weights = fuse_weights(spec, read_tensors(folder), model_cfg.torch_dtype, model_cfg.device)
-        backend = ATTENTION_BACKENDS[attention](spec.head_dim**-0.5, cache_cfg.page_size)
+        backend = ATTENTION_BACKENDS[attention](
+            spec.head_dim**-0.5, cache_cfg.page_size, model_cfg.sparse
+        )
         model = LlamaForCausalLM(spec, weights, backend, model_cfg.quantization)
         tokenizer = load_tokenizer(folder)
         log.info("loaded %s in %.1fs", folder, time.perf_counter() - start)
@@ -98,4 +102,6 @@ class ModelRunner:
 
     def forward(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> torch.Tensor:
         batch = ForwardBatch.build(chunks, self.page_size, self.device, all_logits)
-        return self.model.forward(batch, self.kv)
+        logits, meta = self.model.forward(batch, self.kv)
+        self.last_sparsity = self.model.backend.sparsity(meta)
+        return logits

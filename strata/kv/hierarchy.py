@@ -282,7 +282,8 @@ def build_cache(
     names) are seeded with the model identity, dtype and page layout, so a page is only ever
     found by a worker that computes the same KV. own_store_index: this process enforces the
     L3 budget (colocated); in a cluster the cache service does."""
-    _, layers, _, ps, heads, dim = kv.data.shape
+    _, layers, _, _, heads, dim = kv.data.shape
+    ps = kv.page_size
     fmt = PageFormat(model_identity, str(kv.data.dtype).removeprefix("torch."), ps, layers,
                      heads, dim, kv.bytes_per_page)  # fmt: skip
     seed = hashlib.blake2b(repr(fmt).encode(), digest_size=16).digest()

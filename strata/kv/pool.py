@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 
@@ -59,12 +60,24 @@ def alloc_evicting(
     return pool.alloc(n)
 
 
+class LayerKV(NamedTuple):
+    """One layer's views of the pool."""
+
+    k: torch.Tensor  # [pages, page_size, kv_heads, head_dim], each page contiguous
+    v: torch.Tensor
+    kmin: torch.Tensor  # [pages, kv_heads, head_dim]: the page's key summary (min, max over
+    kmax: torch.Tensor  # its tokens, per channel), read by sparse decode to choose pages
+    layer_id: int
+
+
 class KVCache:
-    """K and V of every layer, page-major: [pages, layers, 2, page_size, kv_heads, head_dim].
+    """K and V of every layer, page-major: [pages, layers, 2, page_size + 1, kv_heads, dim].
 
     NOTE: a page's K and V of every layer are one contiguous block (`page(p)`), so a page
     moves between workers or tiers as one buffer, with no gather; one layer's K (or V) is a
     strided view [pages, page_size, kv_heads, head_dim] whose pages are each contiguous.
+    Row page_size of a page's K holds the channel-wise min of its keys, of its V their max
+    (the page summary of sparse attention), so a summary goes wherever its page goes.
     """
 
     def __init__(
@@ -80,14 +93,18 @@ class KVCache:
     ) -> None:
         self.page_size = page_size
         self.data = torch.zeros(
-            num_pages, num_layers, 2, page_size, num_kv_heads, head_dim, dtype=dtype, device=device,
-            pin_memory=pin_memory,
+            num_pages, num_layers, 2, page_size + 1, num_kv_heads, head_dim, dtype=dtype,
+            device=device, pin_memory=pin_memory,
         )  # fmt: skip
-        # Per layer, K and V as page views [pages, page_size, kv_heads, head_dim].
-        self.layers = [(self.data[:, i, 0], self.data[:, i, 1]) for i in range(num_layers)]
+        ps, d = page_size, self.data
+        self.layers = [
+            LayerKV(d[:, i, 0, :ps], d[:, i, 1, :ps], d[:, i, 0, ps], d[:, i, 1, ps], i)
+            for i in range(num_layers)
+        ]
 
     def page(self, page: int) -> torch.Tensor:
-        """Every layer's K and V of one page: a contiguous [layers, 2, page_size, heads, dim]."""
+        """Every layer's K and V of one page, with its summaries: a contiguous block
+        [layers, 2, page_size + 1, heads, dim]."""
         return self.data[page]
 
     @property
@@ -96,5 +113,7 @@ class KVCache:
 
     def like(self, num_pages: int, device: torch.device | str, pin_memory: bool) -> KVCache:
         """An empty pool of the same page shape (another tier)."""
-        _, layers, _, ps, heads, dim = self.data.shape
-        return KVCache(layers, num_pages, ps, heads, dim, self.data.dtype, device, pin_memory)
+        _, layers, _, _, heads, dim = self.data.shape
+        return KVCache(
+            layers, num_pages, self.page_size, heads, dim, self.data.dtype, device, pin_memory
+        )

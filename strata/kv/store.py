@@ -30,7 +30,7 @@ import xxhash
 log = logging.getLogger(__name__)
 
 HEADER_BYTES = 512
-MAGIC = "strata-kv-page/2"
+MAGIC = "strata-kv-page/3"  # 3: pages carry their key summaries (row page_size)
 SUFFIX = ".kv"
 
 

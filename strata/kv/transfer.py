@@ -47,9 +47,9 @@ class TransferStats:
 
 
 def kv_layout(kv: KVCache) -> str:
-    """What both ends of a channel must agree on: layers x page_size x kv_heads x head_dim."""
-    _, layers, _, page_size, heads, dim = kv.data.shape
-    return f"{layers}x{page_size}x{heads}x{dim}:{str(kv.data.dtype).removeprefix('torch.')}"
+    """What both ends of a channel must agree on: layers x page rows x kv_heads x head_dim."""
+    _, layers, _, rows, heads, dim = kv.data.shape  # rows: page_size tokens + the summary
+    return f"{layers}x{rows}x{heads}x{dim}:{str(kv.data.dtype).removeprefix('torch.')}"
 
 
 def listen(timeout: float) -> dist.TCPStore:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from strata.attention.backend import AttentionBackend
+from strata.kv.pool import LayerKV
 from strata.model.linear import Int4Linear, Linear
 from strata.model.rope import RotaryEmbedding
 from strata.model.spec import ModelSpec
@@ -43,7 +44,7 @@ class Attention:
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        kv_layer: tuple[torch.Tensor, torch.Tensor],
+        kv_layer: LayerKV,
         meta: Any,
     ) -> torch.Tensor:
         t, qk_size = x.shape[0], self.q_size + self.kv_size
@@ -74,7 +75,7 @@ class DecoderLayer:
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        kv_layer: tuple[torch.Tensor, torch.Tensor],
+        kv_layer: LayerKV,
         meta: Any,
     ) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cos, sin, kv_layer, meta)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -51,12 +53,13 @@ class LlamaForCausalLM:
         self.lm_head = make_linear(weights.get("lm_head", embed), None, quantization)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
-        """Logits (float32) for the rows batch.logits_index: [len(logits_index), vocab]."""
+    def forward(self, batch: ForwardBatch, kv: KVCache) -> tuple[torch.Tensor, Any]:
+        """Logits (float32) for the rows batch.logits_index: [len(logits_index), vocab], and
+        the backend's metadata of the batch (backend.sparsity reads it)."""
         meta = self.backend.prepare(batch)
         cos, sin = self.rope.tables(batch.positions)
         x = F.embedding(batch.input_ids, self.embed_tokens)
         for layer, kv_layer in zip(self.layers, kv.layers):
             x = layer(x, cos, sin, kv_layer, meta)
         x = self.norm(x[batch.logits_index])
-        return self.lm_head(x).float()
+        return self.lm_head(x).float(), meta

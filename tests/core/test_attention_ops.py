@@ -17,7 +17,7 @@ def pool_layer(pages, page_size, kv_heads, dim, dtype):
     """One layer's (K, V) page views of a random three-layer pool: strided, as the engine's."""
     kv = KVCache(3, pages, page_size, kv_heads, dim, dtype, "cpu")
     kv.data.copy_(torch.randn(kv.data.shape))
-    return kv.layers[1]
+    return kv.layers[1][:2]
 
 
 def tokens(pages, table_row, n):

@@ -1,0 +1,250 @@
+"""Sparse decode: page summaries, page selection and the selected-page kernel, each against
+a brute-force computation of its definition, and the whole model against dense decode."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from strata.attention import cpu_kernels
+from strata.attention import reference as ref
+from strata.config import CacheConfig, ModelConfig, SparseConfig
+from strata.engine.runner import ModelRunner
+from strata.kv.pool import KVCache
+from strata.model.batch import SequenceChunk
+
+PS = 4
+
+
+def random_pool(pages, kv_heads, dim, dtype=torch.float32, layers=2):
+    kv = KVCache(layers, pages, PS, kv_heads, dim, dtype, "cpu")
+    kv.data.copy_(torch.randn(kv.data.shape))
+    return kv
+
+
+def page_tables(lens, pages, seed=0):
+    """Disjoint random pages for sequences of the given lengths: (table [B, W], rows)."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(pages, generator=g).tolist()
+    rows, at = [], 0
+    for n in lens:
+        k = -(-n // PS)
+        rows.append(perm[at : at + k])
+        at += k
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [0] * (width - len(r)) for r in rows]), rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_stores_tokens_and_keeps_page_summaries(dtype):
+    """A prefill chunk, then decode steps crossing page boundaries, into a pool whose pages
+    held other keys before: each page's summary is the min / max of the keys written to it."""
+    kvh, d = 3, 64
+    outs = []
+    for use_kernel in (True, False):
+        torch.manual_seed(0)
+        kv = random_pool(32, kvh, d, dtype)
+        layer = kv.layers[1]
+        table, rows = page_tables([24, 13], 32)
+        written = {0: [], 1: []}  # sequence -> its keys in order
+        torch.manual_seed(1)
+        steps = [(0, 0, 13), (1, 0, 9), (0, 13, 7)] + [(s, 0, 1) for s in (0, 1)] * 4
+        for seq, _, n in steps:
+            start = len(written[seq])
+            pos = torch.arange(start, start + n)
+            pages = table[seq][pos // PS]
+            k, v = torch.randn(n, kvh, d, dtype=dtype), torch.randn(n, kvh, d, dtype=dtype)
+            where = (pages, pos % PS)
+            if use_kernel:
+                assert cpu_kernels.write_kv(layer, where, k, v)
+            else:
+                ref.write_kv(layer, where, k, v)
+            written[seq] += list(zip(k, v))
+        for seq, pages in enumerate(rows):
+            keys = torch.stack([k for k, _ in written[seq]])
+            vals = torch.stack([v for _, v in written[seq]])
+            for i, p in enumerate(pages):
+                kk, vv = keys[i * PS : (i + 1) * PS], vals[i * PS : (i + 1) * PS]
+                assert torch.equal(layer.k[p, : len(kk)], kk)
+                assert torch.equal(layer.v[p, : len(vv)], vv)
+                assert torch.equal(layer.kmin[p], kk.amin(0))
+                assert torch.equal(layer.kmax[p], kk.amax(0))
+        outs.append(kv.data.clone())
+    assert torch.equal(outs[0], outs[1])  # the kernel writes exactly what the reference does
+
+
+def brute_force_selection(q, kmin, kmax, rows, lens, active, scale, threshold, budget, sink,
+                          window):  # fmt: skip
+    """select_pages' rule, one sequence, KV head and page at a time, in float64."""
+    b, heads, d = q.shape
+    kvh = kmin.shape[1]
+    g = heads // kvh
+    out = []
+    for i in range(b):
+        n = -(-lens[i] // PS)
+        per_head = []
+        for h in range(kvh):
+            if not active[i] or n <= sink + window:
+                per_head.append(list(range(n)))
+                continue
+            u = [[sum(max(float(q[i, h * g + j, c]) * float(kmin[rows[i][p], h, c]),
+                          float(q[i, h * g + j, c]) * float(kmax[rows[i][p], h, c]))
+                      for c in range(d)) for j in range(g)] for p in range(n)]  # fmt: skip
+            best = [max(u[p][j] for p in range(n)) for j in range(g)]
+            score = [max(scale * (u[p][j] - best[j]) for j in range(g)) for p in range(n)]
+            forced = [p for p in range(n) if p < sink or p >= n - window]
+            log_t = math.log(threshold) if threshold > 0 else -math.inf
+            cands = [p for p in range(n) if p not in forced and score[p] >= log_t]
+            if budget:
+                cap = math.ceil(budget * n) if budget < 1 else int(budget)
+                cands = sorted(cands, key=lambda p: (-score[p], p))[: max(cap - len(forced), 0)]
+            per_head.append(sorted(forced + cands))
+        out.append(per_head)
+    return out
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 1)])  # GQA ratios 1, 3, 8
+@pytest.mark.parametrize("threshold,budget", [(0.3, 0), (0.05, 0), (0.3, 3), (0.01, 0.4)])
+def test_selection_equals_brute_force(heads, kv_heads, threshold, budget):
+    """Ragged lengths at and around page boundaries, a one-page sequence, an inactive one."""
+    torch.manual_seed(heads + kv_heads)
+    d = 16
+    lens = [37, 40, 41, 4, 1, 64, 25]
+    active = [True, True, True, True, True, True, False]
+    kv = random_pool(64, kv_heads, d)
+    layer = kv.layers[0]
+    spread = torch.rand(64, 1, 1) * 3  # pages of very different bounds, as in real text
+    layer.kmin.mul_(spread)
+    layer.kmax.mul_(spread)
+    table, rows = page_tables(lens, 64, seed=heads)
+    q = torch.randn(len(lens), heads, d)
+    scale, sink, window = d**-0.5, 1, 2
+    expect = brute_force_selection(q, layer.kmin, layer.kmax, rows, lens, active, scale,
+                                   threshold, budget, sink, window)  # fmt: skip
+    args = (q, layer.kmin, layer.kmax, table, torch.tensor(lens), torch.tensor(active), PS,
+            scale, threshold, budget, sink, window)  # fmt: skip
+    skipped = 0
+    for picked in (cpu_kernels.select_pages(*args), ref.select_pages(*args)):
+        assert picked is not None
+        sel, sel_lens, kept = picked
+        for i, n in enumerate(lens):
+            for h in range(kv_heads):
+                pages = [rows[i][p] for p in expect[i][h]]
+                assert kept[i, h] == len(pages)
+                assert sel[i, h, : len(pages)].tolist() == pages, (i, h)
+                last = n - (-(-n // PS) - 1) * PS  # tokens in the sequence's last page
+                assert sel_lens[i, h] == (len(pages) - 1) * PS + last
+                skipped += -(-n // PS) - len(pages)
+    assert skipped > 0  # the cases do skip pages
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 1)])
+def test_selected_page_kernel_equals_reference_and_dense_attention(heads, kv_heads, dtype, tol):
+    """Each KV head over its own pages: the kernel, the reference, and float64 attention over
+    the same tokens (every page full but the last, which may be partial)."""
+    torch.manual_seed(2)
+    d, b = 64, 3
+    kv = random_pool(80, kv_heads, d, dtype)
+    layer = kv.layers[1]
+    g = torch.Generator().manual_seed(3)
+    width = 9
+    table = torch.zeros(b, kv_heads, width, dtype=torch.int64)
+    lens = torch.zeros(b, kv_heads, dtype=torch.int64)
+    for i in range(b):
+        for h in range(kv_heads):
+            n = int(torch.randint(1, width + 1, (1,), generator=g))
+            table[i, h, :n] = torch.randperm(80, generator=g)[:n]
+            lens[i, h] = (n - 1) * PS + int(torch.randint(1, PS + 1, (1,), generator=g))
+    q = torch.randn(b, heads, d, dtype=dtype)
+    scale = d**-0.5
+    out = cpu_kernels.paged_decode_selected(q, layer.k, layer.v, table, lens, scale)
+    assert out is not None
+    expect_ref = ref.paged_decode_selected(q, layer.k, layer.v, table, lens, scale)
+    gs = heads // kv_heads
+    for i in range(b):
+        for h in range(kv_heads):
+            n = int(lens[i, h])
+            k = layer.k[table[i, h]].flatten(0, 1)[:n, h].double()
+            v = layer.v[table[i, h]].flatten(0, 1)[:n, h].double()
+            for j in range(h * gs, (h + 1) * gs):
+                p = torch.softmax(k @ q[i, j].double() * scale, 0)
+                want = p @ v
+                assert (out[i, j].double() - want).abs().max() <= tol
+                assert (expect_ref[i, j].double() - want).abs().max() <= tol
+
+
+def test_sparse_config_refuses_bad_values():
+    for bad in ({"threshold": 1.0}, {"threshold": -0.1}, {"budget": 2.5}, {"budget": -1},
+                {"window_pages": 0}):  # fmt: skip
+        with pytest.raises(ValueError):
+            SparseConfig(**bad)
+
+
+@pytest.fixture
+def sparse_runners(tiny_checkpoint):
+    """A dense runner and a factory of sparse runners on the same tiny four-layer model."""
+    folder, _ = tiny_checkpoint("llama", num_hidden_layers=4, num_key_value_heads=2)
+
+    def make(sparse: SparseConfig) -> ModelRunner:
+        return ModelRunner.from_config(
+            ModelConfig(str(folder), dtype="float32", sparse=sparse),
+            CacheConfig(page_size=PS, num_pages=128),
+        )
+
+    return make(SparseConfig(threshold=0)), make
+
+
+def decode_logits(runner, prompt, steps):
+    """Greedy decode of one prompt: the logits of each step, and the sparsity of each."""
+    pages = runner.pool.alloc(runner.pages_for(len(prompt) + steps))
+    chunk = SequenceChunk(list(prompt), 0, pages)
+    out, sparsity = [], []
+    for _ in range(steps):
+        logits = runner.forward([chunk])
+        out.append(logits[0])
+        sparsity.append(runner.last_sparsity)
+        token = int(logits[0].argmax())
+        chunk = SequenceChunk([token], chunk.prefix_len + len(chunk.token_ids), pages)
+    runner.pool.free(pages)
+    return torch.stack(out), sparsity
+
+
+PROMPT = [(i * 37 + 11) % 300 for i in range(150)]
+
+
+def test_sparse_decode_that_keeps_every_page_equals_dense(sparse_runners):
+    """Selection runs (a tiny threshold and a budget above the page count keep everything):
+    the per-head kernel gives the dense logits, and nothing is counted as skipped."""
+    dense, make = sparse_runners
+    keep_all = make(SparseConfig(threshold=1e-30, budget=1000, min_context=64, window_pages=2))
+    want, none = decode_logits(dense, PROMPT, 8)
+    got, sparsity = decode_logits(keep_all, PROMPT, 8)
+    assert all(s is None for s in none)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    pages = [-(-(len(PROMPT) + i) // PS) for i in range(8)]  # context pages at each step
+    # 4 layers x 2 KV heads considered, the first step is the prefill (no decode)
+    assert [s[0] for s in sparsity[1:]] == [(0, p * 4 * 2) for p in pages[1:]]
+
+
+def test_sparse_decode_skips_pages_and_counts_them(sparse_runners):
+    _, make = sparse_runners
+    sparse = make(SparseConfig(threshold=0.9, budget=0.5, min_context=64, window_pages=2))
+    got, sparsity = decode_logits(sparse, PROMPT, 6)
+    assert torch.isfinite(got).all()
+    for (skipped, considered), i in zip((s[0] for s in sparsity[1:]), range(1, 6)):
+        pages = -(-(len(PROMPT) + i) // PS)
+        assert considered == pages * 4 * 2
+        # layers 2 and 3 keep at most half the pages (the budget), sink and window included
+        assert (pages - math.ceil(pages / 2)) * 2 * 2 <= skipped <= pages * 2 * 2
+
+
+def test_short_sequences_stay_dense(sparse_runners):
+    dense, make = sparse_runners
+    sparse = make(SparseConfig(threshold=0.9, min_context=1024))
+    want, _ = decode_logits(dense, PROMPT, 3)
+    got, sparsity = decode_logits(sparse, PROMPT, 3)
+    assert torch.equal(got, want) and all(s is None for s in sparsity)
