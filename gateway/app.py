@@ -49,6 +49,7 @@ def usage_json(out: RequestOutput) -> dict[str, Any]:
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+        "attention_sparsity_ratio": u.attention_sparsity_ratio,  # strata's extra field
     }
 
 
@@ -130,6 +131,7 @@ def create_app(backend: Backend) -> FastAPI:
             metrics.prompt_tokens.inc(last.usage.prompt_tokens)
             metrics.generation_tokens.inc(last.usage.completion_tokens)
             metrics.cached_tokens.inc(last.usage.cached_tokens)
+            metrics.sparsity.observe(last.usage.attention_sparsity_ratio)
 
     def check_error(last: RequestOutput) -> None:
         if last.finish_reason == "error":
@@ -278,7 +280,8 @@ def create_app(backend: Backend) -> FastAPI:
             info: dict[str, Any] = {"id": rid, "e2e_latency": time.monotonic() - start}
             if u is not None:
                 info.update(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                            cached_tokens=u.cached_tokens)  # fmt: skip
+                            cached_tokens=u.cached_tokens,
+                            attention_sparsity_ratio=u.attention_sparsity_ratio)  # fmt: skip
             if ev.finish_reason:
                 info["finish_reason"] = {"type": ev.finish_reason}
                 if ev.error:

@@ -41,6 +41,11 @@ class Metrics:
             "strata_kv_transfer_seconds", "Time of one request's KV transfer",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r,
         )  # fmt: skip
+        self.sparsity = Histogram(
+            "strata_attention_sparsity_ratio", "Per request: KV pages sparse decode skipped / "
+            "pages it considered (0 for requests that decoded densely)",
+            buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r,
+        )  # fmt: skip
         self.cache_hit_rate = Gauge("strata_cache_hit_rate", "Radix cache hit rate", registry=r)
         self.pages_used = Gauge("strata_kv_pages_used", "KV pages in use", registry=r)
         self.pages_total = Gauge("strata_kv_pages_total", "KV pages in the pool", registry=r)

@@ -18,6 +18,7 @@ from strata.config import (
     ModelConfig,
     SchedulerConfig,
     ServerConfig,
+    SparseConfig,
     cache_dir,
     env,
 )
@@ -33,6 +34,32 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--num-pages", type=int, default=4096)
     p.add_argument("--log-level", default="warning")
+    d = SparseConfig()
+    p.add_argument("--attention-sparsity-threshold", type=float, default=d.threshold,
+                   help="sparse decode skips a page when the bound on its softmax weight is "
+                   "below this fraction of the best page's (per step, layer and KV head); "
+                   "0: dense attention")  # fmt: skip
+    p.add_argument("--sparse-min-context", type=int, default=d.min_context,
+                   help="tokens: shorter sequences decode densely")  # fmt: skip
+    p.add_argument("--sparse-budget", type=float, default=d.budget,
+                   help="pages sparse decode keeps at most: a count (>= 1) or a fraction of "
+                   "the context's pages (< 1); 0: no cap")  # fmt: skip
+    p.add_argument("--sparse-dense-layers", type=int, default=d.dense_layers,
+                   help="the first layers always decode densely")  # fmt: skip
+
+
+def sparse_config(a: argparse.Namespace) -> SparseConfig:
+    return SparseConfig(
+        threshold=a.attention_sparsity_threshold, min_context=a.sparse_min_context,
+        budget=a.sparse_budget, dense_layers=a.sparse_dense_layers,
+    )  # fmt: skip
+
+
+def sparse_argv(a: argparse.Namespace) -> list[str]:
+    return ["--attention-sparsity-threshold", str(a.attention_sparsity_threshold),
+            "--sparse-min-context", str(a.sparse_min_context),
+            "--sparse-budget", str(a.sparse_budget),
+            "--sparse-dense-layers", str(a.sparse_dense_layers)]  # fmt: skip
 
 
 def add_hicache_args(p: argparse.ArgumentParser) -> None:
@@ -83,7 +110,7 @@ def hicache_argv(a: argparse.Namespace) -> list[str]:
 
 
 def model_config(a: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(a.model_path, a.dtype, a.device, a.quantization)
+    return ModelConfig(a.model_path, a.dtype, a.device, a.quantization, sparse_config(a))
 
 
 def cache_config(a: argparse.Namespace) -> CacheConfig:
@@ -191,7 +218,7 @@ def cmd_up(a: argparse.Namespace) -> int:
     if a.prefill < 0 or a.decode < 1:
         raise ValueError("--prefill must be >= 0 and --decode >= 1")
     model_args = ["--dtype", a.dtype, "--device", a.device, "--quantization", a.quantization,
-                  "--page-size", str(a.page_size)]  # fmt: skip
+                  "--page-size", str(a.page_size), *sparse_argv(a)]  # fmt: skip
     if a.model_path:
         model_args += ["--model-path", a.model_path]
     worker_args = ["--num-pages", str(a.num_pages),

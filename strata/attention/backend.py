@@ -52,9 +52,10 @@ class _Sparse:
     """Sparse decode of one forward: which decode rows select pages, and what they skip."""
 
     active: torch.Tensor  # [Bd] bool: context of at least min_context tokens
-    pages: torch.Tensor  # [Bd] int64: the sequence's pages (0 if not active)
-    skipped: torch.Tensor  # [Bd] int64: pages x KV heads, summed over layers
-    considered: torch.Tensor  # [Bd] int64: likewise
+    active_u8: torch.Tensor  # the same as uint8, for the C kernel
+    pages: torch.Tensor  # [Bd] int64: each sequence's pages
+    layers: int = 0  # decode layers run
+    kept: list[torch.Tensor] = field(default_factory=list)  # per sparse layer: [Bd, kv_heads]
 
 
 @dataclass
@@ -112,9 +113,7 @@ class TorchAttention(AttentionBackend):
             sp = self.sparse
             if sp is not None and max(kv_lens[i] for i in decode) >= sp.min_context:
                 active = lens >= sp.min_context
-                pages = torch.where(active, -(-lens // ps), 0)
-                zero = torch.zeros_like(lens)
-                meta.sparse = _Sparse(active, pages, zero, zero.clone())
+                meta.sparse = _Sparse(active, active.to(torch.uint8), -(-lens // ps))
             # NOTE: the CPU kernel reads every sequence's pages in place, so a shared prompt's
             # pages are read from cache, not gathered: cascade decode only pays without it.
             elif not cpu_kernels.available(dev):
@@ -170,7 +169,7 @@ class TorchAttention(AttentionBackend):
         k_pages, v_pages = layer.k, layer.v
         sp, state = self.sparse, meta.sparse
         if state is not None and sp is not None:
-            state.considered += state.pages * layer.kmin.shape[1]
+            state.layers += 1
             if layer.layer_id >= sp.dense_layers:  # Quest: the first layers attend broadly
                 return self._sparse_decode(q, layer, meta, state, sp)
         if meta.shared_pages is not None:
@@ -195,16 +194,19 @@ class TorchAttention(AttentionBackend):
     ) -> torch.Tensor:
         """Each KV head of each long sequence attends to the pages select_pages keeps."""
         assert meta.decode_pages is not None and meta.decode_lens is not None
-        args = (
-            q, layer.kmin, layer.kmax, meta.decode_pages, meta.decode_lens, state.active,
-            self.page_size, self.scale, sp.threshold, sp.budget, sp.sink_pages, sp.window_pages,
+        fused = cpu_kernels.sparse_decode(
+            q, layer, meta.decode_pages, meta.decode_lens, state.active_u8, self.scale,
+            sp.min_score, sp.budget, sp.sink_pages, sp.window_pages,
         )  # fmt: skip
-        picked = cpu_kernels.select_pages(*args) or reference.select_pages(*args)
-        table, lens, kept = picked
-        state.skipped += state.pages * layer.kmin.shape[1] - kept.sum(1) * state.active
-        out = cpu_kernels.paged_decode_selected(q, layer.k, layer.v, table, lens, self.scale)
-        if out is not None:
+        if fused is not None:
+            out, kept = fused
+            state.kept.append(kept)
             return out
+        table, lens, kept = reference.select_pages(
+            q, layer.kmin, layer.kmax, meta.decode_pages, meta.decode_lens, state.active,
+            self.page_size, self.scale, sp.min_score, sp.budget, sp.sink_pages, sp.window_pages,
+        )  # fmt: skip
+        state.kept.append(kept)
         return reference.paged_decode_selected(q, layer.k, layer.v, table, lens, self.scale)
 
     def sparsity(self, meta: TorchMeta) -> list[tuple[int, int]] | None:
@@ -212,7 +214,12 @@ class TorchAttention(AttentionBackend):
         if state is None or sp is None:
             return None
         out = [(0, 0)] * meta.num_seqs
-        pairs = zip(meta.batch_rows, state.skipped.tolist(), state.considered.tolist())
+        kv_heads = state.kept[0].shape[1] if state.kept else 0
+        kept = torch.stack(state.kept).sum((0, 2)) if state.kept else torch.zeros_like(state.pages)
+        # inactive sequences keep every page, so skip none
+        skipped = state.pages * kv_heads * len(state.kept) - kept
+        considered = state.pages * kv_heads * state.layers * state.active
+        pairs = zip(meta.batch_rows, skipped.tolist(), considered.tolist())
         for row, skipped, considered in pairs:
             out[row] = (skipped, considered)
         return out

@@ -61,20 +61,20 @@ static inline float exp_neg(float x) {
                      int64_t p0, int64_t p1, int64_t len, int64_t pstride, int ps, int kvh,   \
                      int64_t row, int d, int g, float *acc, float *m, float *l) {             \
         const int heads = kvh * g;                                                            \
-        const int64_t page_elems = (int64_t)ps * row;                                         \
         float kf[MAX_DIM], vf[MAX_DIM], s[MAX_HEADS][MAX_PAGE];                               \
         for (int i = 0; i < heads; i++) { m[i] = -INFINITY; l[i] = 0.f; }                     \
         memset(acc, 0, sizeof(float) * heads * DIM);                                          \
         for (int64_t p = p0; p < p1; p++) {                                                   \
             const int n = (int)((len - p * ps) < ps ? (len - p * ps) : ps);                   \
             const T *kp = k + pages[p] * pstride, *vp = v + pages[p] * pstride;               \
-            if (p + 1 < p1) {                                                                 \
-                const char *nk = (const char *)(k + pages[p + 1] * pstride);                  \
-                const char *nv = (const char *)(v + pages[p + 1] * pstride);                  \
-                for (int64_t o = 0; o < page_elems * (int64_t)sizeof(T); o += 64) {           \
-                    __builtin_prefetch(nk + o);                                               \
-                    __builtin_prefetch(nv + o);                                               \
-                }                                                                             \
+            if (p + 1 < p1) { /* the next page's rows of these heads (all of it if dense) */ \
+                const T *nk = k + pages[p + 1] * pstride, *nv = v + pages[p + 1] * pstride;   \
+                const int64_t span = (int64_t)kvh * DIM * sizeof(T);                          \
+                for (int t = 0; t < ps; t++)                                                  \
+                    for (int64_t o = 0; o < span; o += 64) {                                  \
+                        __builtin_prefetch((const char *)(nk + t * row) + o);                 \
+                        __builtin_prefetch((const char *)(nv + t * row) + o);                 \
+                    }                                                                         \
             }                                                                                 \
             for (int t = 0; t < n; t++) {                                                     \
                 for (int h = 0; h < kvh; h++) {                                               \
@@ -267,6 +267,7 @@ int write_kv(int dtype, const void *k, const void *v, void *kp, void *vp, const 
  * width] (kept pages, in order), out_lens [batch, kv_heads] (the kept pages' token count)
  * and kept [batch, kv_heads]. */
 typedef struct { float score; int64_t page; } cand;
+#define PREFETCH_PAGES 4
 
 static int by_score(const void *a, const void *b) { /* best first, then the earlier page */
     const cand *x = (const cand *)a, *y = (const cand *)b;
@@ -274,15 +275,10 @@ static int by_score(const void *a, const void *b) { /* best first, then the earl
     return x->page < y->page ? -1 : (x->page > y->page);
 }
 
-static int by_page(const void *a, const void *b) {
-    const int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
-    return x < y ? -1 : (x > y);
-}
-
 int select_pages(int dtype, const void *q, const void *kmin, const void *kmax,
                  const int64_t *page_table, const int64_t *seq_lens, const uint8_t *active,
                  int batch, int table_width, int heads, int kv_heads, int head_dim,
-                 int page_size, int64_t page_stride, float scale, float log_threshold,
+                 int page_size, int64_t page_stride, float scale, float min_score,
                  int64_t budget, double budget_fraction, int sink, int window,
                  int64_t *out_table, int64_t *out_lens, int64_t *kept) {
     const int g = heads / kv_heads, d = head_dim;
@@ -307,9 +303,17 @@ int select_pages(int dtype, const void *q, const void *kmin, const void *kmax,
         float *u = (float *)malloc(sizeof(float) * n * g);
         cand *c = (cand *)malloc(sizeof(cand) * n);
         for (int i = 0; i < g; i++) best[i] = -INFINITY;
+        const int64_t esize = dtype ? 2 : 4;
         for (int64_t p = 0; p < n; p++) {
             const int64_t off = pages[p] * page_stride + (int64_t)h * d;
             float lo[MAX_DIM], hi[MAX_DIM];
+            if (p + PREFETCH_PAGES < n) { /* summaries are one row per page, pages far apart */
+                const int64_t ahead = (pages[p + PREFETCH_PAGES] * page_stride + h * d) * esize;
+                for (int64_t o = 0; o < d * esize; o += 64) {
+                    __builtin_prefetch((const char *)kmin + ahead + o);
+                    __builtin_prefetch((const char *)kmax + ahead + o);
+                }
+            }
             if (dtype) {
                 for (int j = 0; j < d; j++) {
                     lo[j] = bf16_to_f32(((const uint16_t *)kmin)[off + j]);
@@ -330,7 +334,10 @@ int select_pages(int dtype, const void *q, const void *kmin, const void *kmax,
                 best[i] = s > best[i] ? s : best[i];
             }
         }
-        int64_t forced = 0, free_kept = 0;
+        /* keep[p]: 1 kept, 0 skipped; candidates (neither forced nor under min_score) wait
+         * in c for the budget, if one caps them */
+        uint8_t *keep = (uint8_t *)calloc(n, 1);
+        int64_t forced = 0, ncand = 0;
         for (int64_t p = 0; p < n; p++) {
             float sc = -INFINITY;
             for (int i = 0; i < g; i++) {
@@ -338,23 +345,45 @@ int select_pages(int dtype, const void *q, const void *kmin, const void *kmax,
                 sc = x > sc ? x : sc;
             }
             if (p < sink || p >= n - window) {
-                dst[forced++] = p; /* page indices for now; ids below */
-            } else if (sc >= log_threshold) {
-                c[free_kept].score = sc, c[free_kept].page = p, free_kept++;
+                keep[p] = 1, forced++;
+            } else if (sc >= min_score) {
+                c[ncand].score = sc, c[ncand].page = p, ncand++;
             }
         }
-        if (cap > 0 && free_kept > (cap > forced ? cap - forced : 0)) {
-            qsort(c, free_kept, sizeof(cand), by_score);
-            free_kept = cap > forced ? cap - forced : 0;
-        }
-        count = forced;
-        for (int64_t j = 0; j < free_kept; j++) dst[count++] = c[j].page;
-        qsort(dst, count, sizeof(int64_t), by_page);
-        for (int64_t j = 0; j < count; j++) dst[j] = pages[dst[j]];
+        const int64_t room = cap > 0 ? (cap > forced ? cap - forced : 0) : ncand;
+        if (ncand > room) qsort(c, ncand, sizeof(cand), by_score);
+        for (int64_t j = 0; j < ncand && j < room; j++) keep[c[j].page] = 1;
+        for (int64_t p = 0; p < n; p++)
+            if (keep[p]) dst[count++] = pages[p];
+        free(keep);
         out_lens[it] = (count - 1) * page_size + (len - (n - 1) * page_size);
         kept[it] = count;
         free(u);
         free(c);
     }
     return 0;
+}
+
+/* Sparse decode of one layer in one call: select_pages, then paged_decode over each KV
+ * head's kept pages (groups = kv_heads). kept [batch, kv_heads] receives the kept counts. */
+int sparse_decode(int dtype, const void *q, const void *k, const void *v, void *out,
+                  const void *kmin, const void *kmax, const int64_t *page_table,
+                  const int64_t *seq_lens, const uint8_t *active, int batch, int table_width,
+                  int heads, int kv_heads, int head_dim, int page_size, int64_t page_stride,
+                  float scale, float min_score, int64_t budget, double budget_fraction, int sink,
+                  int window, int splits, int64_t *kept) {
+    const int64_t n = (int64_t)batch * kv_heads;
+    int64_t *table = (int64_t *)calloc(n * table_width, sizeof(int64_t));
+    int64_t *lens = (int64_t *)malloc(sizeof(int64_t) * n);
+    int rc = -1;
+    if (table && lens)
+        rc = select_pages(dtype, q, kmin, kmax, page_table, seq_lens, active, batch, table_width,
+                          heads, kv_heads, head_dim, page_size, page_stride, scale, min_score,
+                          budget, budget_fraction, sink, window, table, lens, kept);
+    if (rc == 0)
+        rc = paged_decode(dtype, q, k, v, out, table, lens, batch, table_width, heads, kv_heads,
+                          head_dim, page_size, page_stride, scale, splits, kv_heads);
+    free(table);
+    free(lens);
+    return rc;
 }

@@ -13,7 +13,6 @@ import ctypes
 import functools
 import hashlib
 import logging
-import math
 import os
 import subprocess
 import tempfile
@@ -85,7 +84,11 @@ def library() -> ctypes.CDLL | None:
         i, p, p, p, i64p, i64p, p, i, i, i, i, i, i, i64, ctypes.c_float, ctypes.c_float, i64,
         ctypes.c_double, i, i, i64p, i64p, i64p,
     ]  # fmt: skip
-    for fn in (lib.paged_decode, lib.write_kv, lib.select_pages):
+    lib.sparse_decode.argtypes = [
+        i, p, p, p, p, p, p, i64p, i64p, p, i, i, i, i, i, i, i64, ctypes.c_float,
+        ctypes.c_float, i64, ctypes.c_double, i, i, i, i64p,
+    ]  # fmt: skip
+    for fn in (lib.paged_decode, lib.write_kv, lib.select_pages, lib.sparse_decode):
         fn.restype = i
     return lib
 
@@ -202,7 +205,7 @@ def select_pages(
     active: torch.Tensor,
     page_size: int,
     scale: float,
-    threshold: float,
+    min_score: float,
     budget: float,
     sink: int,
     window: int,
@@ -224,11 +227,50 @@ def select_pages(
     out = torch.zeros(b, kv_heads, width, dtype=torch.int64)
     out_lens = torch.empty(b, kv_heads, dtype=torch.int64)
     kept = torch.empty(b, kv_heads, dtype=torch.int64)
-    log_t = math.log(threshold) if threshold > 0 else float("-inf")
     count, fraction = (int(budget), 0.0) if budget >= 1 else (0, float(budget))
     rc = lib.select_pages(
         dtype, _ptr(q), _ptr(kmin), _ptr(kmax), _i64(table), _i64(lens), _ptr(act), b, width,
-        heads, kv_heads, d, page_size, kmin.stride(0), scale, log_t, count, fraction, sink,
+        heads, kv_heads, d, page_size, kmin.stride(0), scale, min_score, count, fraction, sink,
         window, _i64(out), _i64(out_lens), _i64(kept),
     )  # fmt: skip
     return (out, out_lens, kept) if rc == 0 else None
+
+
+def sparse_decode(
+    q: torch.Tensor,
+    layer: LayerKV,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    active: torch.Tensor,
+    scale: float,
+    min_score: float,
+    budget: float,
+    sink: int,
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """select_pages then paged_decode_selected, in one call (no tables cross into Python):
+    (attention [B, heads, D], kept [B, kv_heads]); None where the kernel does not apply.
+    page_table, seq_lens: int64 and contiguous; active: uint8."""
+    lib = library()
+    dtype = DTYPES.get(q.dtype)
+    k_pages, v_pages, kmin, kmax = layer.k, layer.v, layer.kmin, layer.kmax
+    if lib is None or dtype is None or q.device.type != "cpu" or k_pages.dtype != q.dtype:
+        return None
+    if k_pages.stride() != v_pages.stride() or not _page_contiguous(k_pages):
+        return None
+    if kmin.stride() != kmax.stride() or kmin.stride(0) != k_pages.stride(0):
+        return None
+    b, heads, d = q.shape
+    _, page_size, kv_heads, _ = k_pages.shape
+    q = q.contiguous()
+    width = page_table.shape[1]
+    out = torch.empty_like(q)
+    kept = torch.empty(b, kv_heads, dtype=torch.int64)
+    count, fraction = (int(budget), 0.0) if budget >= 1 else (0, float(budget))
+    rc = lib.sparse_decode(
+        dtype, _ptr(q), _ptr(k_pages), _ptr(v_pages), _ptr(out), _ptr(kmin), _ptr(kmax),
+        _i64(page_table), _i64(seq_lens), _ptr(active), b, width, heads, kv_heads, d,
+        page_size, k_pages.stride(0), scale, min_score, count, fraction, sink, window,
+        _splits(b * kv_heads, width), _i64(kept),
+    )  # fmt: skip
+    return (out, kept) if rc == 0 else None

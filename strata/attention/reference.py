@@ -7,8 +7,6 @@ page_id * page_size + offset.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -190,7 +188,7 @@ def select_pages(
     active: torch.Tensor,
     page_size: int,
     scale: float,
-    threshold: float,
+    min_score: float,
     budget: float,
     sink: int,
     window: int,
@@ -201,9 +199,10 @@ def select_pages(
     bound of page p (page_bounds) and score[p] = max_i scale * (u[p, i] - max_p' u[p', i]),
     the log of the bound on the page's softmax weight relative to the best page's bound.
     Kept: the first `sink` and last `window` pages, and every other page whose score is at
-    least log(threshold); when `budget` (a page count if >= 1, a fraction of n if < 1; 0 for
-    none) caps the kept pages, the other pages with the best scores fill it (an earlier page
-    first on ties). A sequence not `active`, or of at most sink + window pages, keeps all.
+    least min_score (SparseConfig.min_score); when `budget` (a page count if >= 1, a fraction
+    of n if < 1; 0 for none) caps the kept pages, the other pages with the best scores fill
+    it (an earlier page first on ties). A sequence not `active`, or of at most sink + window
+    pages, keeps all.
 
     q [B, heads, D]; kmin, kmax [pages, kv_heads, D] (the pool's summaries); page_table
     [B, W]; seq_lens [B]; active [B] bool; budget, sink, window in pages. Returns (table
@@ -226,8 +225,7 @@ def select_pages(
     score = (scale * (u - u.amax(1, keepdim=True))).amax(-1)  # [B, W, kv_heads]
     forced = (pos < sink) | (pos >= n[:, None] - window)
     everything = ~active | (n <= sink + window)
-    log_t = math.log(threshold) if threshold > 0 else float("-inf")
-    cand = valid[:, :, None] & ~forced[:, :, None] & (score >= log_t)
+    cand = valid[:, :, None] & ~forced[:, :, None] & (score >= min_score)
     if budget > 0:
         cap = torch.ceil(budget * n).long() if budget < 1 else torch.full_like(n, int(budget))
         allowed = (cap - forced.logical_and(valid).sum(1)).clamp(min=0)  # [B]

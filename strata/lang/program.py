@@ -37,6 +37,25 @@ class ProgramState:
     def get_var(self, name: str) -> Any:
         return self.variables[name]
 
+    def get_meta_info(self, name: str) -> Any:
+        """The server's meta_info of the gen call `name`; or, for a meta_info key (such as
+        "attention_sparsity_ratio"), its value in the latest gen call that reported it."""
+        if name in self.meta:
+            return self.meta[name]
+        for meta in reversed(list(self.meta.values())):
+            if name in meta:
+                return meta[name]
+        raise KeyError(f"no gen call or meta_info field named {name!r}")
+
+    def get_metric(self, key: str) -> float:
+        """A per-request figure (such as "attention_sparsity_ratio") over every gen call of
+        this state so far, weighted by each call's completion tokens."""
+        got = [(m[key], m.get("completion_tokens", 1)) for m in self.meta.values() if key in m]
+        if not got:
+            raise KeyError(f"no gen call reported {key!r}")
+        weight = sum(w for _, w in got)
+        return sum(v * w for v, w in got) / weight if weight else float(got[-1][0])
+
     def text(self) -> str:
         return self._text
 

@@ -75,7 +75,7 @@ def test_write_kv_stores_tokens_and_keeps_page_summaries(dtype):
     assert torch.equal(outs[0], outs[1])  # the kernel writes exactly what the reference does
 
 
-def brute_force_selection(q, kmin, kmax, rows, lens, active, scale, threshold, budget, sink,
+def brute_force_selection(q, kmin, kmax, rows, lens, active, scale, min_score, budget, sink,
                           window):  # fmt: skip
     """select_pages' rule, one sequence, KV head and page at a time, in float64."""
     b, heads, d = q.shape
@@ -95,8 +95,7 @@ def brute_force_selection(q, kmin, kmax, rows, lens, active, scale, threshold, b
             best = [max(u[p][j] for p in range(n)) for j in range(g)]
             score = [max(scale * (u[p][j] - best[j]) for j in range(g)) for p in range(n)]
             forced = [p for p in range(n) if p < sink or p >= n - window]
-            log_t = math.log(threshold) if threshold > 0 else -math.inf
-            cands = [p for p in range(n) if p not in forced and score[p] >= log_t]
+            cands = [p for p in range(n) if p not in forced and score[p] >= min_score]
             if budget:
                 cap = math.ceil(budget * n) if budget < 1 else int(budget)
                 cands = sorted(cands, key=lambda p: (-score[p], p))[: max(cap - len(forced), 0)]
@@ -106,8 +105,8 @@ def brute_force_selection(q, kmin, kmax, rows, lens, active, scale, threshold, b
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 1)])  # GQA ratios 1, 3, 8
-@pytest.mark.parametrize("threshold,budget", [(0.3, 0), (0.05, 0), (0.3, 3), (0.01, 0.4)])
-def test_selection_equals_brute_force(heads, kv_heads, threshold, budget):
+@pytest.mark.parametrize("min_score,budget", [(-1.2, 0), (-3.0, 0), (-1.2, 3), (-4.6, 0.4)])
+def test_selection_equals_brute_force(heads, kv_heads, min_score, budget):
     """Ragged lengths at and around page boundaries, a one-page sequence, an inactive one."""
     torch.manual_seed(heads + kv_heads)
     d = 16
@@ -122,9 +121,9 @@ def test_selection_equals_brute_force(heads, kv_heads, threshold, budget):
     q = torch.randn(len(lens), heads, d)
     scale, sink, window = d**-0.5, 1, 2
     expect = brute_force_selection(q, layer.kmin, layer.kmax, rows, lens, active, scale,
-                                   threshold, budget, sink, window)  # fmt: skip
+                                   min_score, budget, sink, window)  # fmt: skip
     args = (q, layer.kmin, layer.kmax, table, torch.tensor(lens), torch.tensor(active), PS,
-            scale, threshold, budget, sink, window)  # fmt: skip
+            scale, min_score, budget, sink, window)  # fmt: skip
     skipped = 0
     for picked in (cpu_kernels.select_pages(*args), ref.select_pages(*args)):
         assert picked is not None
