@@ -36,9 +36,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="warning")
     d = SparseConfig()
     p.add_argument("--attention-sparsity-threshold", type=float, default=d.threshold,
-                   help="sparse decode skips a page when the bound on its softmax weight is "
-                   "below this fraction of the best page's (per step, layer and KV head); "
-                   "0: dense attention")  # fmt: skip
+                   help="sparse decode skips a page whose bound on the attention logit is "
+                   "more than 5.8 ln(1/threshold) nats under the best page's (7.0 at 0.3), per "
+                   "step, layer and KV head; 0: dense attention")  # fmt: skip
     p.add_argument("--sparse-min-context", type=int, default=d.min_context,
                    help="tokens: shorter sequences decode densely")  # fmt: skip
     p.add_argument("--sparse-budget", type=float, default=d.budget,
