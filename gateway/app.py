@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 import uuid
@@ -24,7 +25,7 @@ from gateway.protocol import (
     GenerateRequest,
     TokenizeRequest,
 )
-from strata.engine.request import RequestOutput
+from strata.engine.request import Overloaded, RequestOutput
 from strata.sampling.params import SamplingParams
 from strata.tokenizer import chat_prompt_ids, chat_roles
 
@@ -77,11 +78,40 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-def create_app(backend: Backend) -> FastAPI:
+def key_matches(header: str | None, api_key: str) -> bool:
+    """`Authorization: Bearer KEY`, compared in constant time."""
+    return hmac.compare_digest((header or "").encode(), f"Bearer {api_key}".encode())
+
+
+OPEN_PATHS = frozenset({"/health", "/metrics"})  # probes and scrapers, unless protect_health
+
+
+def create_app(
+    backend: Backend, api_key: str | None = None, protect_health: bool = False
+) -> FastAPI:
     app = FastAPI(title="strata", version="0.1.0")
     metrics = Metrics()
     app.state.backend, app.state.metrics = backend, metrics
     tok = backend.tokenizer
+
+    if api_key:
+
+        @app.middleware("http")
+        async def _authenticate(request: Request, call_next: Callable) -> Any:
+            if (protect_health or request.url.path not in OPEN_PATHS) and not key_matches(
+                request.headers.get("authorization"), api_key
+            ):
+                response = error_body("missing or wrong API key (Authorization: Bearer KEY)",
+                                      "authentication_error", 401)  # fmt: skip
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return response
+            return await call_next(request)
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
+        response = error_body(str(exc), "overloaded_error", 429)
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

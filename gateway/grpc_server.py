@@ -17,8 +17,8 @@ import grpc
 
 from gateway.backend import Backend
 from services.convert import FINISH, chunk_from_output, params_from_proto
-from services.grpcio import start_server
-from strata.engine.request import RequestOutput
+from services.grpcio import ApiKeyInterceptor, start_server
+from strata.engine.request import Overloaded, RequestOutput
 from strata.proto.v1 import gateway_pb2, gateway_pb2_grpc
 from strata.sampling.params import SamplingParams
 from strata.tokenizer import chat_prompt_ids
@@ -52,6 +52,8 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             await asyncio.to_thread(self.backend.validate, ids, params)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Overloaded as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         return ids, params
 
     async def _events(
@@ -92,9 +94,14 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         return gateway_pb2.HealthStatsResponse(json=json.dumps(await self.backend.health()))
 
 
-async def start_grpc(backend: Backend, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """Start the Gateway service with health and reflection; returns (server, bound port)."""
+async def start_grpc(
+    backend: Backend, host: str, port: int, api_key: str | None = None,
+    protect_health: bool = False,
+) -> tuple[grpc.aio.Server, int]:  # fmt: skip
+    """Start the Gateway service with health and reflection (and, with api_key, its check);
+    returns (server, bound port)."""
     name = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
     servicer = GatewayService(backend)
+    interceptors = [ApiKeyInterceptor(api_key, protect_health)] if api_key else []
     return await start_server(host, port, [(gateway_pb2_grpc.add_GatewayServicer_to_server,
-                                            servicer, name)])  # fmt: skip
+                                            servicer, name)], interceptors)  # fmt: skip

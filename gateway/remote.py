@@ -24,7 +24,7 @@ from services.convert import (
     tier_stats_from_proto,
     tree_stats_from_proto,
 )
-from strata.engine.request import RequestOutput, check_request
+from strata.engine.request import Overloaded, RequestOutput, check_request
 from strata.engine.runner import check_length
 from strata.grammar.compiler import LazyGrammarCompiler
 from strata.model.spec import ModelSpec
@@ -136,6 +136,8 @@ class RemoteBackend(Backend):
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise ValueError(exc.details()) from None
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise Overloaded(f"decode worker {target}: {exc.details()}") from None
             finished = True
             yield RequestOutput(rid, [], "", finish_reason="error",
                                 error=f"decode worker {target}: {exc.details()}")  # fmt: skip

@@ -1,8 +1,9 @@
-"""What every strata gRPC server has: standard health checking and reflection."""
+"""What every strata gRPC server has: standard health checking, reflection, an API key check."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
 from collections.abc import Callable, Sequence
@@ -17,11 +18,14 @@ log = logging.getLogger(__name__)
 
 
 async def start_server(
-    host: str, port: int, add: Sequence[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]]
+    host: str,
+    port: int,
+    add: Sequence[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]],
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> tuple[grpc.aio.Server, int]:
     """Start an aio server with each (add_XServicer_to_server, servicer, full service name),
     plus health (every service SERVING) and reflection; returns (server, bound port)."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=list(interceptors))
     for add_fn, servicer, _ in add:
         add_fn(servicer, server)
     health = HealthServicer()
@@ -56,3 +60,45 @@ async def run_until_signal(server: grpc.aio.Server, grace: float) -> None:
             task.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Calls must carry `authorization: Bearer KEY` metadata, else UNAUTHENTICATED; health
+    checks and reflection stay open unless protect_health."""
+
+    OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+    def __init__(self, api_key: str, protect_health: bool = False) -> None:
+        self.expected = f"Bearer {api_key}".encode()
+        self.protect_health = protect_health
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or (not self.protect_health and details.method.startswith(self.OPEN)):
+            return handler
+        got = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(str(got).encode(), self.expected):
+            return handler
+        return _denied(handler)
+
+
+def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that refuses the call."""
+    message = "missing or wrong API key (metadata authorization: Bearer KEY)"
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover (abort raises)
+
+    codec = {"request_deserializer": handler.request_deserializer,
+             "response_serializer": handler.response_serializer}  # fmt: skip
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream, **codec)
+    if handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(stream, **codec)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary, **codec)
+    return grpc.unary_unary_rpc_method_handler(unary, **codec)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -150,6 +151,17 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-running-requests", type=int, default=64)
     p.add_argument("--chunked-prefill-size", "--max-batch-tokens", dest="max_batch_tokens",
                    type=int, default=512)  # fmt: skip
+    p.add_argument("--max-queued-requests", type=int, default=1024,
+                   help="requests waiting beyond --max-running-requests; past that, new "
+                   "requests get 429 (gRPC RESOURCE_EXHAUSTED)")  # fmt: skip
+    p.add_argument("--api-key", default=env("API_KEY"),
+                   help="REST and gRPC callers must send `Authorization: Bearer KEY` "
+                   "(default: $STRATA_API_KEY; none: open)")  # fmt: skip
+    p.add_argument(
+        "--protect-health",
+        action="store_true",
+        help="with --api-key, /health, /metrics and gRPC health need the key too",
+    )
 
 
 def add_routing_args(p: argparse.ArgumentParser) -> None:
@@ -172,7 +184,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
         model_config(a),
         cache_config(a),
         sched_config(a),
-        ServerConfig(a.host, a.port, a.served_model_name, a.log_level, a.grpc_port),
+        ServerConfig(
+            a.host,
+            a.port,
+            a.served_model_name,
+            a.log_level,
+            a.grpc_port,
+            a.api_key,
+            a.protect_health,
+        ),
         hicache_config(a),
     )
     return 0
@@ -188,7 +208,8 @@ def cmd_cache(a: argparse.Namespace) -> int:
 
 
 def sched_config(a: argparse.Namespace) -> SchedulerConfig:
-    return SchedulerConfig(not a.disable_radix_cache, a.max_running_requests, a.max_batch_tokens)
+    return SchedulerConfig(not a.disable_radix_cache, a.max_running_requests, a.max_batch_tokens,
+                           a.max_queued_requests)  # fmt: skip
 
 
 def cmd_worker(a: argparse.Namespace) -> int:
@@ -202,7 +223,9 @@ def cmd_worker(a: argparse.Namespace) -> int:
 def cmd_gateway(a: argparse.Namespace) -> int:
     from strata.serve import serve_gateway
 
-    server = ServerConfig(a.host, a.port, a.served_model_name, a.log_level, a.grpc_port)
+    server = ServerConfig(
+        a.host, a.port, a.served_model_name, a.log_level, a.grpc_port, a.api_key, a.protect_health
+    )
     serve_gateway(model_config(a), server, a.cache, addresses(a.decode), addresses(a.prefill),
                   a.local_prefill_tokens)  # fmt: skip
     return 0
@@ -223,7 +246,8 @@ def cmd_up(a: argparse.Namespace) -> int:
         model_args += ["--model-path", a.model_path]
     worker_args = ["--num-pages", str(a.num_pages),
                    "--max-running-requests", str(a.max_running_requests),
-                   "--chunked-prefill-size", str(a.max_batch_tokens)]  # fmt: skip
+                   "--chunked-prefill-size", str(a.max_batch_tokens),
+                   "--max-queued-requests", str(a.max_queued_requests)]  # fmt: skip
     if a.disable_radix_cache:
         worker_args.append("--disable-radix-cache")
     cache_args = []
@@ -236,6 +260,9 @@ def cmd_up(a: argparse.Namespace) -> int:
     hicache_config(a)  # refuse bad flags here, before any process starts
     worker_args += hicache_argv(a)
     gateway_args = ["--local-prefill-tokens", str(a.local_prefill_tokens)]
+    if a.api_key:  # to the gateway through the environment, not its command line (ps)
+        os.environ["STRATA_API_KEY"] = a.api_key
+        gateway_args += ["--protect-health"] if a.protect_health else []
     return up(a.host, a.port, a.grpc_port, a.prefill, a.decode, model_args, worker_args,
               gateway_args, cache_args, a.log_level)  # fmt: skip
 

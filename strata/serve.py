@@ -32,6 +32,7 @@ def build_engine(
         max_running=sched.max_running_requests,
         tiers=tiers,
         cluster_worker=cluster_worker,
+        max_queued=sched.max_queued_requests,
     )
 
 
@@ -107,10 +108,13 @@ async def _serve_fronts(backend: Backend, name: str, server: ServerConfig) -> No
     grpc_server = None
     if server.grpc_port >= 0:
         grpc_port = server.grpc_port or server.port + 1
-        grpc_server, bound = await start_grpc(backend, server.host, grpc_port)
+        grpc_server, bound = await start_grpc(
+            backend, server.host, grpc_port, server.api_key, server.protect_health
+        )
         log.info("gRPC strata.v1.Gateway on %s:%d", server.host, bound)
     config = uvicorn.Config(
-        create_app(backend), host=server.host, port=server.port,
+        create_app(backend, server.api_key, server.protect_health), host=server.host,
+        port=server.port,
         log_level=server.log_level.lower(), timeout_graceful_shutdown=10,
     )  # fmt: skip
     log.info("serving %s on http://%s:%d", name, server.host, server.port)

@@ -16,7 +16,7 @@ import grpc
 from services.convert import chunk_from_output, params_from_proto, params_to_proto
 from services.worker import EngineWorker, TransferCounter, serve_worker
 from strata.engine.engine import Engine
-from strata.engine.request import RemoteFill
+from strata.engine.request import Overloaded, RemoteFill
 from strata.kv.pool import KVCache
 from strata.kv.transfer import KVChannel, TransferError, kv_layout
 from strata.proto.v1 import worker_pb2, worker_pb2_grpc
@@ -146,6 +146,8 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
             await asyncio.to_thread(self.engine.validate, ids, params)  # may compile a grammar
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Overloaded as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         rid = request.request_id or None
         source = None
         if request.prefill_worker and rid is not None:

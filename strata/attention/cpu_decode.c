@@ -269,10 +269,32 @@ int write_kv(int dtype, const void *k, const void *v, void *kp, void *vp, const 
 typedef struct { float score; int64_t page; } cand;
 #define PREFETCH_PAGES 4
 
+
 static int by_score(const void *a, const void *b) { /* best first, then the earlier page */
     const cand *x = (const cand *)a, *y = (const cand *)b;
     if (x->score != y->score) return x->score < y->score ? 1 : -1;
     return x->page < y->page ? -1 : (x->page > y->page);
+}
+
+/* Quickselect: afterwards c[0..k) are the k best candidates (by_score), in no order. */
+static void best_first(cand *c, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1;
+    while (k > 0 && lo < hi) {
+        const cand pivot = c[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (by_score(&c[i], &pivot) < 0) i++;
+            while (by_score(&c[j], &pivot) > 0) j--;
+            if (i <= j) {
+                const cand t = c[i];
+                c[i++] = c[j];
+                c[j--] = t;
+            }
+        }
+        if (k - 1 <= j) hi = j;
+        else if (k - 1 >= i) lo = i;
+        else break;
+    }
 }
 
 int select_pages(int dtype, const void *q, const void *kmin, const void *kmax,
@@ -351,7 +373,7 @@ int select_pages(int dtype, const void *q, const void *kmin, const void *kmax,
             }
         }
         const int64_t room = cap > 0 ? (cap > forced ? cap - forced : 0) : ncand;
-        if (ncand > room) qsort(c, ncand, sizeof(cand), by_score);
+        if (ncand > room) best_first(c, ncand, room);
         for (int64_t j = 0; j < ncand && j < room; j++) keep[c[j].page] = 1;
         for (int64_t p = 0; p < n; p++)
             if (keep[p]) dst[count++] = pages[p];

@@ -16,7 +16,7 @@ from typing import Any
 
 from strata.config import HiCacheConfig
 from strata.engine.logprobs import collect_input_logprobs, wants_input_logprobs
-from strata.engine.request import KVSource, Request, RequestOutput, check_request
+from strata.engine.request import KVSource, Overloaded, Request, RequestOutput, check_request
 from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import ScheduledChunk, Scheduler
 from strata.engine.split import SplitRoles
@@ -59,6 +59,7 @@ class Engine(SplitRoles):
         jump_forward: bool = True,
         grammar_timeout: float = 10.0,
         hold_timeout: float = 60.0,
+        max_queued: int | None = None,
     ) -> None:
         """tiers: the KV tiers below L1 (None: L1 only). cluster_worker: the cache records KV
         events for the cluster's index (`event_sink`), which also owns the L3 budget."""
@@ -83,6 +84,10 @@ class Engine(SplitRoles):
             eos.add(self.tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos)
         self._requests: dict[str, Request] = {}
+        # submitted and not finished, counted across threads: the overload bound
+        self._capacity = None if max_queued is None else max_running + max_queued
+        self._outstanding = 0
+        self._count_lock = threading.Lock()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -101,7 +106,13 @@ class Engine(SplitRoles):
         return self._grammar.get()
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
-        """Raise ValueError for a request that can never run (before it is queued)."""
+        """Raise ValueError for a request that can never run (before it is queued), and
+        Overloaded while the engine holds as many requests as it may."""
+        if self._capacity is not None and self._outstanding >= self._capacity:
+            raise Overloaded(
+                f"the server holds {self._outstanding} requests, its limit "
+                "(--max-running-requests + --max-queued-requests); retry later"
+            )
         self.runner.check_length(len(prompt_ids))
         check_request(prompt_ids, params, self.runner.spec.vocab_size,
                       lambda c: self.grammar.compile(c))  # fmt: skip
@@ -130,6 +141,8 @@ class Engine(SplitRoles):
             req.detok = IncrementalDetokenizer(self.tokenizer)
         if params.constraint is not None:
             req.matcher = self.grammar.matcher(params.constraint)
+        with self._count_lock:
+            self._outstanding += 1
         self._inbox.put(("add", req))
         return rid
 
@@ -390,6 +403,8 @@ class Engine(SplitRoles):
     ) -> None:
         if req.finished:
             return
+        with self._count_lock:
+            self._outstanding -= 1
         req.finish_reason = reason
         hold = req.hold and reason in ("stop", "length")
         if req.awaiting_kv and req.cancel is not None:  # released when the transfer ends

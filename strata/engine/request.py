@@ -138,6 +138,13 @@ class Request:
         return Usage(len(self.prompt_ids), len(self.output_ids), self.num_cached, ratio)
 
 
+class Overloaded(Exception):
+    """The server holds as many requests as it may queue: try again later (HTTP 429,
+    gRPC RESOURCE_EXHAUSTED)."""
+
+    retry_after = 1  # seconds
+
+
 def check_request(
     prompt_ids: Sequence[int],
     params: SamplingParams,

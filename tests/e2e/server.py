@@ -108,6 +108,9 @@ def running_server(*extra: str, timeout: float = 180.0) -> Iterator[str]:
 def running_http(command: str, *extra: str, timeout: float = 180.0) -> Iterator[str]:
     """`strata <command>` with a REST front (serve, gateway) until /health answers."""
     port = free_port()
+    auth = {}
+    if "--api-key" in extra:  # a protected /health needs it
+        auth = {"Authorization": f"Bearer {extra[list(extra).index('--api-key') + 1]}"}
     cmd = [sys.executable, "-m", "strata.cli", command, "--host", "127.0.0.1",
            "--port", str(port), "--grpc-port", "-1", "--log-level", "warning", *extra]  # fmt: skip
     # NOTE: the log goes to a file, never an unread pipe: a full pipe would block the server.
@@ -122,7 +125,7 @@ def running_http(command: str, *extra: str, timeout: float = 180.0) -> Iterator[
                     out = log.read().decode(errors="replace")
                     raise RuntimeError(f"server exited with {proc.returncode}:\n{out}")
                 try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    if httpx.get(f"{url}/health", headers=auth, timeout=2).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass

@@ -83,7 +83,8 @@ def test_remote_prefill_generates_what_a_local_prefill_does(cluster):
     after = load(cluster["decode"])
     assert after.transfers - before.transfers == len(PROMPTS)
     pages = sum(-(-len(p) // 4) for p in PROMPTS)
-    bytes_per_page = 2 * 2 * 4 * 2 * 16 * 4  # layers, K+V, page size, kv heads, head dim, fp32
+    # layers, K+V, page size + the summary row, kv heads, head dim, fp32
+    bytes_per_page = 2 * 2 * (4 + 1) * 2 * 16 * 4
     assert after.transfer_bytes - before.transfer_bytes == pages * bytes_per_page
     assert all(c[0].transfer_bytes > 0 for c in remote)  # reported on the first chunk
     assert load(cluster["prefill"], "Prefill").transfers == after.transfers

@@ -1,0 +1,111 @@
+"""Access control and overload on a real `strata serve`: the API key over REST and gRPC,
+open or protected health, and a full queue answered with 429 / RESOURCE_EXHAUSTED (and the
+server taking requests again once it drains)."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from strata.proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from tests.e2e.server import free_port, running_server
+
+pytestmark = pytest.mark.slow
+
+KEY = "test-key-7f3a"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def urls():
+    port = free_port()
+    flags = ("--api-key", KEY, "--grpc-port", str(port), "--max-running-requests", "1",
+             "--max-queued-requests", "0")  # fmt: skip
+    with running_server(*flags) as url:
+        yield url, f"127.0.0.1:{port}"
+
+
+def chat(url: str, headers: dict | None = None, max_tokens: int = 4) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", headers=headers or {}, timeout=300, json={
+        "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": max_tokens,
+        "temperature": 0})  # fmt: skip
+
+
+def test_rest_needs_the_key_health_and_metrics_stay_open(urls):
+    url, _ = urls
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = chat(url, headers)
+        assert r.status_code == 401, r.text
+        assert r.headers["WWW-Authenticate"] == "Bearer"
+        assert r.json()["error"]["type"] == "authentication_error"
+    assert chat(url, AUTH).status_code == 200
+    assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+    assert httpx.get(f"{url}/metrics", timeout=30).status_code == 200
+
+
+def test_grpc_needs_the_key_health_stays_open(urls):
+    _, addr = urls
+    params = common_pb2.SamplingParams(max_new_tokens=2, temperature=0)
+    req = gateway_pb2.GenerateRequest(text="Hello", sampling_params=params)
+    with grpc.insecure_channel(addr) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        for metadata in ((), (("authorization", "Bearer wrong"),)):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Generate(req, timeout=60, metadata=metadata)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.GenerateStream(req, timeout=60, metadata=metadata))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        reply = stub.Generate(req, timeout=120, metadata=(("authorization", f"Bearer {KEY}"),))
+        assert reply.usage.completion_tokens == 2
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                           timeout=30)  # fmt: skip
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_full_server_answers_429_and_recovers(urls):
+    url, addr = urls
+    started = threading.Event()
+    done: list[httpx.Response] = []
+
+    def long_request():
+        body = {
+            "text": "Count slowly.",
+            "stream": True,
+            "sampling_params": {"max_new_tokens": 64, "temperature": 0, "ignore_eos": True},
+        }
+        with httpx.stream("POST", f"{url}/generate", json=body, headers=AUTH, timeout=300) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    started.set()
+            done.append(r)
+
+    runner = threading.Thread(target=long_request)
+    runner.start()
+    assert started.wait(120)
+    r = chat(url, AUTH)  # one running, none may wait
+    assert r.status_code == 429, r.text
+    assert r.headers["Retry-After"] == "1" and r.json()["error"]["type"] == "overloaded_error"
+    with grpc.insecure_channel(addr) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        req = gateway_pb2.GenerateRequest(text="Hi", sampling_params=common_pb2.SamplingParams(
+            max_new_tokens=2))  # fmt: skip
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(req, timeout=60, metadata=(("authorization", f"Bearer {KEY}"),))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    runner.join(300)
+    assert done and done[0].status_code == 200
+    assert chat(url, AUTH).status_code == 200  # drained: the count went back down
+    health = httpx.get(f"{url}/health", timeout=30).json()
+    assert health["running_requests"] == health["waiting_requests"] == 0
+
+
+def test_protected_health_needs_the_key():
+    with running_server("--api-key", KEY, "--protect-health") as url:
+        for path in ("/health", "/metrics"):
+            assert httpx.get(f"{url}{path}", timeout=30).status_code == 401
+            assert httpx.get(f"{url}{path}", headers=AUTH, timeout=30).status_code == 200
