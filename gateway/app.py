@@ -84,6 +84,7 @@ def key_matches(header: str | None, api_key: str) -> bool:
 
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})  # probes and scrapers, unless protect_health
+MAX_BODY_BYTES = 16 * 1024 * 1024  # as the gRPC message limit (services/grpcio.py)
 
 
 def create_app(
@@ -106,6 +107,14 @@ def create_app(
                 response.headers["WWW-Authenticate"] = "Bearer"
                 return response
             return await call_next(request)
+
+    @app.middleware("http")
+    async def _body_limit(request: Request, call_next: Callable) -> Any:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
+            return error_body(f"request body of {size} bytes exceeds {MAX_BODY_BYTES}",
+                              "invalid_request_error", 413)  # fmt: skip
+        return await call_next(request)
 
     @app.exception_handler(Overloaded)
     async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:

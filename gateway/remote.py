@@ -24,6 +24,7 @@ from services.convert import (
     tier_stats_from_proto,
     tree_stats_from_proto,
 )
+from services.grpcio import MESSAGE_OPTIONS
 from strata.engine.request import Overloaded, RequestOutput, check_request
 from strata.engine.runner import check_length
 from strata.grammar.compiler import LazyGrammarCompiler
@@ -36,6 +37,10 @@ RPC_TIMEOUT = 10.0
 ROUTE_TIMEOUT = 1.0  # a slow cache service must not hold up requests: route by load instead
 # loading a token vs computing it, until the workers have measured both
 DEFAULT_LOAD_WEIGHTS = {"l2": 0.05, "l3": 0.2}
+
+
+def channel(target: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target, options=MESSAGE_OPTIONS)
 
 
 class RemoteBackend(Backend):
@@ -69,10 +74,10 @@ class RemoteBackend(Backend):
     ) -> tuple[cache_pb2_grpc.CacheStub, dict[str, worker_pb2_grpc.DecodeStub],
                dict[str, worker_pb2_grpc.PrefillStub]]:  # fmt: skip
         if self._stubs is None:
-            cache = cache_pb2_grpc.CacheStub(grpc.aio.insecure_channel(self.cache_target))
-            decode = {t: worker_pb2_grpc.DecodeStub(grpc.aio.insecure_channel(t))
+            cache = cache_pb2_grpc.CacheStub(channel(self.cache_target))
+            decode = {t: worker_pb2_grpc.DecodeStub(channel(t))
                       for t in self.decode_targets}  # fmt: skip
-            prefill = {t: worker_pb2_grpc.PrefillStub(grpc.aio.insecure_channel(t))
+            prefill = {t: worker_pb2_grpc.PrefillStub(channel(t))
                        for t in self.prefill_targets}  # fmt: skip
             self._stubs = (cache, decode, prefill)
         return self._stubs

@@ -16,6 +16,12 @@ from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger(__name__)
 
+# Every strata server and channel sets both limits (grpc's default receive limit is 4 MiB):
+# a bigger message is refused with RESOURCE_EXHAUSTED before it is parsed.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MESSAGE_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]  # fmt: skip
+
 
 async def start_server(
     host: str,
@@ -25,7 +31,7 @@ async def start_server(
 ) -> tuple[grpc.aio.Server, int]:
     """Start an aio server with each (add_XServicer_to_server, servicer, full service name),
     plus health (every service SERVING) and reflection; returns (server, bound port)."""
-    server = grpc.aio.server(interceptors=list(interceptors))
+    server = grpc.aio.server(interceptors=list(interceptors), options=MESSAGE_OPTIONS)
     for add_fn, servicer, _ in add:
         add_fn(servicer, server)
     health = HealthServicer()

@@ -154,6 +154,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queued-requests", type=int, default=1024,
                    help="requests waiting beyond --max-running-requests; past that, new "
                    "requests get 429 (gRPC RESOURCE_EXHAUSTED)")  # fmt: skip
+    p.add_argument("--request-timeout", type=float, default=0.0,
+                   help="seconds a request may run from arrival, then it is aborted with an "
+                   "error saying so (0: no limit)")  # fmt: skip
     p.add_argument("--api-key", default=env("API_KEY"),
                    help="REST and gRPC callers must send `Authorization: Bearer KEY` "
                    "(default: $STRATA_API_KEY; none: open)")  # fmt: skip
@@ -209,7 +212,7 @@ def cmd_cache(a: argparse.Namespace) -> int:
 
 def sched_config(a: argparse.Namespace) -> SchedulerConfig:
     return SchedulerConfig(not a.disable_radix_cache, a.max_running_requests, a.max_batch_tokens,
-                           a.max_queued_requests)  # fmt: skip
+                           a.max_queued_requests, a.request_timeout)  # fmt: skip
 
 
 def cmd_worker(a: argparse.Namespace) -> int:
@@ -247,7 +250,8 @@ def cmd_up(a: argparse.Namespace) -> int:
     worker_args = ["--num-pages", str(a.num_pages),
                    "--max-running-requests", str(a.max_running_requests),
                    "--chunked-prefill-size", str(a.max_batch_tokens),
-                   "--max-queued-requests", str(a.max_queued_requests)]  # fmt: skip
+                   "--max-queued-requests", str(a.max_queued_requests),
+                   "--request-timeout", str(a.request_timeout)]  # fmt: skip
     if a.disable_radix_cache:
         worker_args.append("--disable-radix-cache")
     cache_args = []

@@ -179,12 +179,13 @@ class SchedulerConfig:
     max_running_requests: int = 64
     max_batch_tokens: int = 512  # per step: decode tokens plus prefill chunks
     max_queued_requests: int = 1024  # past running + this many, new requests are refused
+    request_timeout: float = 0.0  # seconds a request may take from arrival; 0: no limit
 
     def __post_init__(self) -> None:
         if self.max_running_requests < 1 or self.max_batch_tokens < 1:
             raise ValueError("max_running_requests and max_batch_tokens must be positive")
-        if self.max_queued_requests < 0:
-            raise ValueError("--max-queued-requests must not be negative")
+        if self.max_queued_requests < 0 or self.request_timeout < 0:
+            raise ValueError("--max-queued-requests and --request-timeout must not be negative")
 
 
 @dataclass(frozen=True)

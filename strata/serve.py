@@ -33,6 +33,7 @@ def build_engine(
         tiers=tiers,
         cluster_worker=cluster_worker,
         max_queued=sched.max_queued_requests,
+        request_timeout=sched.request_timeout or None,
     )
 
 

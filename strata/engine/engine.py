@@ -60,6 +60,7 @@ class Engine(SplitRoles):
         grammar_timeout: float = 10.0,
         hold_timeout: float = 60.0,
         max_queued: int | None = None,
+        request_timeout: float | None = None,
     ) -> None:
         """tiers: the KV tiers below L1 (None: L1 only). cluster_worker: the cache records KV
         events for the cluster's index (`event_sink`), which also owns the L3 budget."""
@@ -88,6 +89,7 @@ class Engine(SplitRoles):
         self._capacity = None if max_queued is None else max_running + max_queued
         self._outstanding = 0
         self._count_lock = threading.Lock()
+        self.request_timeout = request_timeout  # seconds from submit; None: no limit
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -137,6 +139,8 @@ class Engine(SplitRoles):
         self.validate(prompt_ids, params)
         rid = rid or f"req-{next(self._ids)}"
         req = Request(rid, list(prompt_ids), params, sink, kv_source=kv_source, hold=hold)
+        if self.request_timeout is not None:
+            req.deadline = req.arrival + self.request_timeout
         if self.tokenizer is not None:
             req.detok = IncrementalDetokenizer(self.tokenizer)
         if params.constraint is not None:
@@ -224,6 +228,7 @@ class Engine(SplitRoles):
         while not self._stopping.is_set():
             self._drain()
             self._expire_held()
+            self._expire_requests()
             try:
                 busy = self.step()
             except Exception as exc:  # a failed step fails its requests, never the server
@@ -236,6 +241,14 @@ class Engine(SplitRoles):
                     self._handle(*self._inbox.get(timeout=1.0))
         for req in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._finish(req, "abort", error="server shutting down")
+
+    def _expire_requests(self) -> None:
+        """Abort the requests past their deadline (an event says why; pages are freed)."""
+        if self.request_timeout is None:
+            return
+        now = time.monotonic()
+        for req in [r for r in self._requests.values() if r.deadline < now]:
+            self._finish(req, "abort", error=f"request timed out after {self.request_timeout:g} s")
 
     def _drain(self) -> None:
         while True:
@@ -314,10 +327,12 @@ class Engine(SplitRoles):
     def run_until_done(self) -> None:
         """Drive the loop on the calling thread until no request is left (tests, tools)."""
         self._drain()
+        self._expire_requests()
         while self.scheduler.has_work:
             if not self.step():
                 self._handle(*self._inbox.get())  # e.g. a transfer landing
             self._drain()
+            self._expire_requests()
 
     # ---- per-request output --------------------------------------------------------------
 

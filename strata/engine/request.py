@@ -81,6 +81,7 @@ class Request:
     detok: IncrementalDetokenizer | None = None
     stop: StopMatcher | None = None
     arrival: float = field(default_factory=time.monotonic)
+    deadline: float = float("inf")  # monotonic time it is aborted at (--request-timeout)
     first_token_at: float | None = None
     matcher: Any = None  # xgrammar GrammarMatcher of a constrained request
     input_logprobs: dict[int, float] = field(default_factory=dict)  # prompt position -> logprob

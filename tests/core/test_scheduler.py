@@ -114,3 +114,15 @@ def test_requests_that_can_never_run_are_rejected_up_front(runner_factory):
         engine.submit([10**6], GREEDY, lambda e: None)
     with pytest.raises(ValueError, match="empty"):
         engine.submit([], GREEDY, lambda e: None)
+
+
+def test_a_request_past_its_deadline_is_aborted_and_frees_its_pages(runner_factory):
+    runner = runner_factory(64)
+    engine = Engine(runner, request_timeout=1e-6)  # every request is late at once
+    events: list = []
+    engine.submit(prompts(1)[0], GREEDY, events.append)
+    engine.run_until_done()
+    assert events[-1].finish_reason == "abort" and "timed out" in events[-1].error
+    assert_pool_back_to_cache_only(engine)
+    patient = Engine(runner, request_timeout=60)
+    assert run(patient, prompts(1)) == reference(runner, prompts(1))

@@ -4,6 +4,7 @@ server taking requests again once it drains)."""
 
 from __future__ import annotations
 
+import socket
 import threading
 
 import grpc
@@ -109,3 +110,20 @@ def test_protected_health_needs_the_key():
         for path in ("/health", "/metrics"):
             assert httpx.get(f"{url}{path}", timeout=30).status_code == 401
             assert httpx.get(f"{url}{path}", headers=AUTH, timeout=30).status_code == 200
+
+
+def test_oversized_bodies_and_messages_are_refused(urls):
+    url, addr = urls
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:  # the headers alone
+        s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 20000000\r\n\r\n")  # fmt: skip
+        assert s.recv(4096).split(b"\r\n", 1)[0].endswith(b"413 Request Entity Too Large")
+    big = gateway_pb2.GenerateRequest(text="x" * (17 * 1024 * 1024))
+    options = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
+    with grpc.insecure_channel(addr, options=options) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            gateway_pb2_grpc.GatewayStub(channel).Generate(
+                big, timeout=60, metadata=(("authorization", f"Bearer {KEY}"),)
+            )
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
