@@ -54,6 +54,14 @@ def usage_json(out: RequestOutput) -> dict[str, Any]:
     }
 
 
+def generate_usage(out: RequestOutput) -> dict[str, int]:
+    """/generate's usage object (the seeds' short form documents it)."""
+    u = out.usage
+    assert u is not None
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "cached_tokens": u.cached_tokens}  # fmt: skip
+
+
 def validation_message(errors: Sequence[Any]) -> str:
     parts = []
     for e in errors:
@@ -335,8 +343,11 @@ def create_app(
             def render(ev: RequestOutput) -> list[Any]:
                 text.append(ev.text)
                 out_ids.extend(ev.token_ids)
-                return [{"text": "".join(text), "output_ids": list(out_ids),
-                         "meta_info": meta(ev, rid, start)}]  # fmt: skip
+                event = {"text": "".join(text), "output_ids": list(out_ids),
+                         "meta_info": meta(ev, rid, start)}  # fmt: skip
+                if ev.usage is not None:  # the last event
+                    event["usage"] = generate_usage(ev)
+                return [event]
 
             return StreamingResponse(
                 stream(ids, params, "generate", render), media_type="text/event-stream"
@@ -351,7 +362,7 @@ def create_app(
             info["input_token_logprobs"] = [
                 [lp, t, token_text(t)] for lp, t in zip(last.input_logprobs or [], prompt)
             ]
-        return {"text": full, "output_ids": out, "meta_info": info}
+        return {"text": full, "output_ids": out, "meta_info": info, "usage": generate_usage(last)}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

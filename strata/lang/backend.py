@@ -42,14 +42,13 @@ class RuntimeEndpoint:
         begin, end = (self._roles or {}).get(role, [f"{role}: ", "\n"])
         return begin, end
 
-    def generate(self, text: str, g: Gen) -> tuple[str, dict[str, Any]]:
-        params: dict[str, Any] = {
-            "max_new_tokens": g.max_tokens,
-            "temperature": g.temperature,
-            "top_p": g.top_p,
-        }
-        if g.stop:
-            params["stop"] = list(g.stop)
+    def generate(
+        self, text: str, g: Gen, defaults: dict[str, Any] | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """defaults: the program run's sampling defaults; the gen's own arguments win."""
+        params: dict[str, Any] = {"max_new_tokens": 128, "temperature": 1.0}
+        params.update(defaults or {})
+        params.update(g.sampling)
         if g.regex is not None:
             params["regex"] = g.regex
         if g.json_schema is not None:

@@ -7,41 +7,63 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+# Sampling parameters a program's run / run_batch may default (SGLang's names, as /generate's
+# sampling_params); a gen's own argument wins over the default.
+SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p",
+                 "frequency_penalty", "presence_penalty", "repetition_penalty", "stop",
+                 "stop_token_ids", "ignore_eos")  # fmt: skip
+
+
+class _Joins:
+    """`a + b` for expressions, with a string on either side (SGLang's concatenation)."""
+
+    def __add__(self, other: Expr) -> Concat:
+        return Concat(_parts(self) + _parts(other))  # type: ignore[arg-type]
+
+    def __radd__(self, other: Expr) -> Concat:
+        return Concat(_parts(other) + _parts(self))  # type: ignore[arg-type]
+
 
 @dataclass(frozen=True)
-class Gen:
+class Gen(_Joins):
     name: str | None
-    max_tokens: int = 128
-    stop: tuple[str, ...] = ()
-    temperature: float = 1.0
-    top_p: float = 1.0
+    sampling: tuple[tuple[str, Any], ...] = ()  # the sampling parameters this gen sets
     regex: str | None = None
     json_schema: str | None = None
 
 
 @dataclass(frozen=True)
-class Select:
+class Select(_Joins):
     name: str | None
     choices: tuple[str, ...]
 
 
 @dataclass(frozen=True)
-class RoleBegin:
+class RoleBegin(_Joins):
     role: str
 
 
 @dataclass(frozen=True)
-class RoleEnd:
+class RoleEnd(_Joins):
     role: str
 
 
 @dataclass(frozen=True)
-class Role:
+class Role(_Joins):
     role: str
     content: tuple[Expr, ...] = field(default_factory=tuple)
 
 
-Expr = str | Gen | Select | RoleBegin | RoleEnd | Role
+@dataclass(frozen=True)
+class Concat(_Joins):
+    parts: tuple[Expr, ...]
+
+
+Expr = str | Gen | Select | RoleBegin | RoleEnd | Role | Concat
+
+
+def _parts(e: Expr) -> tuple[Expr, ...]:
+    return e.parts if isinstance(e, Concat) else (e,)
 
 
 def _schema_text(schema: Any) -> str | None:
@@ -56,19 +78,32 @@ def _schema_text(schema: Any) -> str | None:
 
 def gen(
     name: str | None = None,
-    max_tokens: int = 128,
+    max_tokens: int | None = None,
     stop: str | Sequence[str] | None = None,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    frequency_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    ignore_eos: bool | None = None,
     regex: str | None = None,
     json_schema: Any = None,
     choices: Sequence[str] | None = None,
 ) -> Gen | Select:
-    """Generate text into state[name]; with `choices`, the same as `select`."""
+    """Generate text into state[name]; with `choices`, the same as `select`. Sampling
+    arguments left out come from run / run_batch, else the server's defaults (max_tokens
+    128, temperature 1.0)."""
     if choices is not None:
         return select(name, choices)
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    return Gen(name, max_tokens, stops, temperature, top_p, regex, _schema_text(json_schema))
+    stops = (stop,) if isinstance(stop, str) else (tuple(stop) if stop else None)
+    given = {
+        "max_new_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
+        "top_k": top_k, "min_p": min_p, "frequency_penalty": frequency_penalty,
+        "presence_penalty": presence_penalty, "ignore_eos": ignore_eos, "stop": stops,
+    }  # fmt: skip
+    sampling = tuple((k, v) for k, v in given.items() if v is not None)
+    return Gen(name, sampling, regex, _schema_text(json_schema))
 
 
 def select(name: str | None = None, choices: Sequence[str] = ()) -> Select:

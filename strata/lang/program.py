@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -11,14 +12,15 @@ from typing import Any
 from tqdm import tqdm
 
 from strata.lang.backend import RuntimeEndpoint, default_backend
-from strata.lang.ir import Expr, Gen, Role, RoleBegin, RoleEnd, Select
+from strata.lang.ir import SAMPLING_KEYS, Concat, Expr, Gen, Role, RoleBegin, RoleEnd, Select
 
 
 class ProgramState:
     """The text a program has built, its named variables, and its chat messages."""
 
-    def __init__(self, backend: RuntimeEndpoint) -> None:
+    def __init__(self, backend: RuntimeEndpoint, defaults: dict[str, Any] | None = None) -> None:
         self.backend = backend
+        self.defaults = dict(defaults or {})  # sampling defaults of the run
         self._text = ""
         self.variables: dict[str, Any] = {}
         self.meta: dict[str, dict[str, Any]] = {}  # per gen variable: the server's meta_info
@@ -78,7 +80,7 @@ class ProgramState:
         if isinstance(expr, str):
             self._text += expr
         elif isinstance(expr, Gen):
-            out, meta = self.backend.generate(self._text, expr)
+            out, meta = self.backend.generate(self._text, expr, self.defaults)
             self._text += out
             if expr.name:
                 self.variables[expr.name], self.meta[expr.name] = out, meta
@@ -100,6 +102,9 @@ class ProgramState:
             self._messages.append({"role": role, "content": self._text[start:]})
             self._text += self.backend.role_markers(role)[1]
             self._open = None
+        elif isinstance(expr, Concat):
+            for part in expr.parts:
+                self._run(part)
         elif isinstance(expr, Role):
             self._run(RoleBegin(expr.role))
             for part in expr.content:
@@ -121,8 +126,21 @@ class Program:
         self.fn = fn
         functools.update_wrapper(self, fn)
 
+    def _split(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the program's own arguments, sampling defaults). A program parameter named like
+        a sampling default is ambiguous, so it is an error, not a silent override."""
+        defaults = {k: kwargs.pop(k) for k in SAMPLING_KEYS if k in kwargs}
+        clash = set(defaults) & set(inspect.signature(self.fn).parameters)
+        if clash:
+            raise TypeError(f"{self.fn.__name__}: argument(s) {sorted(clash)} are both the "
+                            "program's and a sampling default of run / run_batch")  # fmt: skip
+        return kwargs, defaults
+
     def run(self, *args: Any, backend: RuntimeEndpoint | None = None, **kwargs: Any):
-        state = ProgramState(backend or default_backend())
+        """Run the program; keyword arguments named in SAMPLING_KEYS (temperature,
+        max_new_tokens, ...) are sampling defaults for its gen calls."""
+        kwargs, defaults = self._split(dict(kwargs))
+        state = ProgramState(backend or default_backend(), defaults)
         self.fn(state, *args, **kwargs)
         return state
 
@@ -132,11 +150,15 @@ class Program:
         backend: RuntimeEndpoint | None = None,
         num_threads: int = 16,
         progress_bar: bool = False,
+        **defaults: Any,
     ) -> list[ProgramState]:
-        """Run one program per kwargs dict concurrently; results in input order."""
+        """Run one program per kwargs dict concurrently; results in input order. Keyword
+        arguments are sampling defaults for every run."""
         backend = backend or default_backend()
+        _, defaults = self._split(dict(defaults))
         with ThreadPoolExecutor(max(1, min(num_threads, len(batch_kwargs)))) as pool:
-            futures = [pool.submit(self.run, backend=backend, **kw) for kw in batch_kwargs]
+            futures = [pool.submit(self.run, backend=backend, **kw, **defaults)
+                       for kw in batch_kwargs]  # fmt: skip
             done = tqdm(futures, disable=not progress_bar, desc=self.fn.__name__)
             return [f.result() for f in done]
 

@@ -108,6 +108,8 @@ def test_curl_generate_both_forms_and_health(url):
         {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}))  # fmt: skip
     assert full["text"] == short["text"] and "Paris" in full["text"]
     assert full["meta_info"]["completion_tokens"] == 6
+    for out in (full, short):  # the seeds' short form documents usage
+        assert out["usage"]["completion_tokens"] == 6 and out["usage"]["prompt_tokens"] > 0
     h = curl(f"{url}/health")
     stats = h["radix_cache_stats"]
     for key in ("total_nodes", "shared_prefix_count", "avg_sharing_depth", "hit_rate",

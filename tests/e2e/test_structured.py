@@ -212,3 +212,34 @@ def test_examples_run_end_to_end(url, example):
 
 def test_health_reports_jump_forward(url):
     assert health(url)["jump_forward_tokens"] > 0
+
+
+def test_dsl_concatenation_and_run_sampling_defaults(url):
+    backend = sl.RuntimeEndpoint(url)
+
+    @sl.function
+    def fruits(s):
+        s += "Name two fruits.\nFruit 1:" + sl.gen("one", stop="\n") + "\nFruit 2:"
+        s += sl.gen("two", stop="\n") + "\n"
+
+    greedy = fruits.run(backend=backend, temperature=0, max_new_tokens=8)
+    again = fruits.run(backend=backend, temperature=0, max_new_tokens=8)
+    assert greedy["one"] == again["one"] and greedy["two"] == again["two"]  # temperature 0
+    assert greedy.text().startswith("Name two fruits.\nFruit 1:" + greedy["one"] + "\nFruit 2:")
+    assert greedy.get_meta_info("one")["completion_tokens"] <= 8
+
+    @sl.function
+    def own(s):
+        s += "Count:" + sl.gen("n", max_tokens=5, ignore_eos=True)
+
+    state = own.run(backend=backend, max_new_tokens=2, temperature=0)
+    assert state.get_meta_info("n")["completion_tokens"] == 5  # the gen's own argument wins
+    states = own.run_batch([{}, {}], backend=backend, temperature=0)
+    assert states[0]["n"] == states[1]["n"]
+
+    @sl.function
+    def clash(s, temperature):
+        s += sl.gen("x", temperature=temperature)
+
+    with pytest.raises(TypeError, match="temperature"):
+        clash.run(backend=backend, temperature=0)
