@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -20,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from gateway.backend import Backend
 from gateway.metrics import Metrics
 from gateway.protocol import (
+    AbortRequest,
     ChatCompletionRequest,
     CompletionRequest,
     GenerateRequest,
@@ -145,7 +147,9 @@ def create_app(
         """Validate (and compile any grammar) off the event loop, before a 200 goes out."""
         await run_in_threadpool(backend.validate, prompt_ids, params)
 
-    async def collect(prompt_ids: list[int], params: SamplingParams, endpoint: str):
+    async def collect(
+        prompt_ids: list[int], params: SamplingParams, endpoint: str, rid: str | None = None
+    ):
         """Run one generation to the end; returns (text, token ids, last event, logprobs)."""
         start = time.monotonic()
         text: list[str] = []
@@ -153,7 +157,7 @@ def create_app(
         logprobs: list[tuple[int, float, dict[int, float]]] = []
         last: RequestOutput | None = None
         input_lps: list[float | None] = []
-        async for ev in backend.generate(prompt_ids, params):
+        async for ev in backend.generate(prompt_ids, params, rid):
             metrics.observe_event(ev)
             if not ids and ev.token_ids:
                 metrics.ttft.observe(time.monotonic() - start)
@@ -190,10 +194,11 @@ def create_app(
         endpoint: str,
         render: Callable[[RequestOutput], list[Any]],
         usage_head: dict[str, Any] | None = None,
+        rid: str | None = None,
     ) -> AsyncIterator[str]:
         """SSE events; with usage_head, an OpenAI usage chunk follows the last event."""
         start, first = time.monotonic(), True
-        async for ev in backend.generate(prompt_ids, params):
+        async for ev in backend.generate(prompt_ids, params, rid):
             metrics.observe_event(ev)
             if first and ev.token_ids:
                 metrics.ttft.observe(time.monotonic() - start)
@@ -313,14 +318,21 @@ def create_app(
     @app.post("/generate", response_model=None)
     async def generate(request: Request) -> Any:
         body = await parse_body(request, GenerateRequest)
+        prompts: list[list[int]]
         if body.input_ids is not None:
-            ids = list(body.input_ids)
+            prompts = body.id_lists()
         elif body.text is not None or body.prompt is not None:
-            ids = encode(body.text if body.text is not None else body.prompt or "")
+            texts = body.text if body.text is not None else body.prompt or ""
+            prompts = [encode(t) for t in (texts if isinstance(texts, list) else [texts])]
         else:
             raise BadRequest("give `text`, `input_ids` or `prompt`")
+        if body.batched and body.stream:
+            raise BadRequest("a batch (a list of texts or of input_ids) cannot be streamed")
+        if body.batched and body.rid is not None:
+            raise BadRequest("`rid` names one request; leave it out for a batch")
         params = body.params()
-        await prepare(ids, params)
+        for ids in prompts:
+            await prepare(ids, params)
 
         def meta(ev: RequestOutput, rid: str, start: float) -> dict[str, Any]:
             u = ev.usage
@@ -335,8 +347,9 @@ def create_app(
                     info["finish_reason"]["message"] = ev.error
             return info
 
-        rid, start = body.rid or uuid.uuid4().hex, time.monotonic()
+        start = time.monotonic()
         if body.stream:
+            rid, ids = body.rid or uuid.uuid4().hex, prompts[0]
             text: list[str] = []
             out_ids: list[int] = []
 
@@ -350,19 +363,35 @@ def create_app(
                 return [event]
 
             return StreamingResponse(
-                stream(ids, params, "generate", render), media_type="text/event-stream"
+                stream(ids, params, "generate", render, rid=rid), media_type="text/event-stream"
             )
-        full, out, last, lps = await collect(ids, params, "generate")
-        check_error(last)
-        info = meta(last, rid, start)
-        if params.logprobs:
-            info["output_token_logprobs"] = [[lp, t, token_text(t)] for t, lp, _ in lps]
-        if params.logprob_start_len >= 0:
-            prompt = ids[params.logprob_start_len :]
-            info["input_token_logprobs"] = [
-                [lp, t, token_text(t)] for lp, t in zip(last.input_logprobs or [], prompt)
-            ]
-        return {"text": full, "output_ids": out, "meta_info": info, "usage": generate_usage(last)}
+
+        async def one(ids: list[int], rid: str) -> dict[str, Any]:
+            full, out, last, lps = await collect(ids, params, "generate", rid)
+            check_error(last)
+            info = meta(last, rid, start)
+            if params.logprobs:
+                info["output_token_logprobs"] = [[lp, t, token_text(t)] for t, lp, _ in lps]
+            if params.logprob_start_len >= 0:
+                prompt = ids[params.logprob_start_len :]
+                info["input_token_logprobs"] = [
+                    [lp, t, token_text(t)] for lp, t in zip(last.input_logprobs or [], prompt)
+                ]
+            return {"text": full, "output_ids": out, "meta_info": info,
+                    "usage": generate_usage(last)}  # fmt: skip
+
+        if not body.batched:
+            return await one(prompts[0], body.rid or uuid.uuid4().hex)
+        return list(await asyncio.gather(*(one(p, uuid.uuid4().hex) for p in prompts)))
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request) -> dict[str, Any]:
+        body = await parse_body(request, AbortRequest)
+        return {"rid": body.rid, "found": await backend.abort(body.rid)}
+
+    @app.get("/get_server_info")
+    async def server_info() -> dict[str, Any]:
+        return {"version": app.version, **await backend.server_info()}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -38,6 +38,14 @@ class Backend(ABC):
     async def flush_cache(self) -> int:
         """Drop every unlocked cached page; returns how many."""
 
+    @abstractmethod
+    async def abort(self, rid: str) -> bool:
+        """Abort the request with this id (its stream ends with finish_reason "abort");
+        False when no such request runs."""
+
+    async def server_info(self) -> dict[str, Any]:
+        return {"model_path": self.model_name}
+
 
 def radix_cache_stats(
     tree_stats: Any, tiers: dict[str, Any] | None = None, l3_store: dict[str, Any] | None = None
@@ -99,3 +107,18 @@ class LocalBackend(Backend):
 
     async def flush_cache(self) -> int:
         return int(await asyncio.wrap_future(self.engine.call(self.engine.flush_cache)))
+
+    async def abort(self, rid: str) -> bool:
+        engine = self.engine
+        return bool(await asyncio.wrap_future(engine.call(lambda: engine.abort_now(rid))))
+
+    async def server_info(self) -> dict[str, Any]:
+        runner, sched = self.engine.runner, self.engine.scheduler
+        return {
+            "model_path": self.model_name, "context_length": runner.max_context,
+            "page_size": runner.page_size,
+            "max_total_num_tokens": runner.pool.num_pages * runner.page_size,
+            "max_running_requests": sched.max_running,
+            "chunked_prefill_size": sched.max_batch_tokens,
+            "radix_cache": self.engine.cache is not None,
+        }  # fmt: skip

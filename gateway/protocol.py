@@ -130,8 +130,8 @@ class GenerateRequest(_Body):
     """SGLang's /generate: `text` or `input_ids` with `sampling_params`, or the short form
     `prompt` with `max_tokens` (and optional top-level temperature)."""
 
-    text: str | None = None
-    input_ids: list[int] | None = None
+    text: str | list[str] | None = None  # a list: a batch, answered with a list
+    input_ids: list[int] | list[list[int]] | None = None
     prompt: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0)
@@ -141,6 +141,16 @@ class GenerateRequest(_Body):
     top_logprobs_num: int = Field(default=0, ge=0, le=20)
     logprob_start_len: int = Field(default=-1, ge=-1)
     rid: str | None = None
+
+    @property
+    def batched(self) -> bool:
+        ids = self.input_ids
+        return isinstance(self.text, list) or bool(ids and isinstance(ids[0], list))
+
+    def id_lists(self) -> list[list[int]]:
+        """input_ids as a list of prompts (one, unless batched)."""
+        ids: Any = self.input_ids or []
+        return [list(p) for p in ids] if self.batched else [list(ids)]
 
     def params(self) -> SamplingParams:
         sp = self.sampling_params
@@ -156,6 +166,10 @@ class GenerateRequest(_Body):
             sp.max_new_tokens, self.return_logprob, self.top_logprobs_num,
             logprob_start_len=start,
         )  # fmt: skip
+
+
+class AbortRequest(_Body):
+    rid: str
 
 
 class TokenizeRequest(_Body):

@@ -214,6 +214,18 @@ class RemoteBackend(Backend):
             "workers": workers,
         }
 
+    async def abort(self, rid: str) -> bool:
+        _, decode, prefill = self.stubs()
+        request = worker_pb2.AbortRequest(request_id=rid)
+        replies = await asyncio.gather(
+            *(s.Abort(request, timeout=RPC_TIMEOUT) for s in [*decode.values(), *prefill.values()])
+        )
+        return any(r.found for r in replies)
+
+    async def server_info(self) -> dict[str, Any]:
+        return {"model_path": self.model_name, "decode_workers": self.decode_targets,
+                "prefill_workers": self.prefill_targets}  # fmt: skip
+
     async def flush_cache(self) -> int:
         _, decode, prefill = self.stubs()
         stubs = [*decode.values(), *prefill.values()]

@@ -137,6 +137,8 @@ class Engine(SplitRoles):
         token come from a prefill worker once pages are reserved. hold (prefill role): keep
         the pages after the first token until `release_held`."""
         self.validate(prompt_ids, params)
+        if rid is not None and rid in self._requests:
+            raise ValueError(f"request id {rid!r} is already in use")
         rid = rid or f"req-{next(self._ids)}"
         req = Request(rid, list(prompt_ids), params, sink, kv_source=kv_source, hold=hold)
         if self.request_timeout is not None:

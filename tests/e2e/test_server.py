@@ -183,3 +183,36 @@ def test_metrics_and_flush_cache(url, client):
     assert flushed["flushed_pages"] > 0
     h = health(url)
     assert h["pages_free"] == h["pages_total"]
+
+
+def test_generate_batches_abort_by_rid_and_server_info(url):
+    texts = ["The capital of France is", "Two plus two is"]
+    sp = {"max_new_tokens": 5, "temperature": 0}
+    batch = httpx.post(f"{url}/generate", json={"text": texts, "sampling_params": sp},
+                       timeout=120).json()  # fmt: skip
+    singles = [httpx.post(f"{url}/generate", json={"text": t, "sampling_params": sp},
+                          timeout=120).json() for t in texts]  # fmt: skip
+    assert [b["text"] for b in batch] == [s["text"] for s in singles]
+    assert all(b["usage"]["completion_tokens"] == 5 for b in batch)
+    bad = httpx.post(f"{url}/generate", json={"text": texts, "stream": True}, timeout=30)
+    assert bad.status_code == 400 and "batch" in bad.json()["error"]["message"]
+
+    body = {"text": "Count to a thousand:", "rid": "abort-me", "stream": True,
+            "sampling_params": {"max_new_tokens": 200, "ignore_eos": True}}  # fmt: skip
+    events = []
+    with httpx.stream("POST", f"{url}/generate", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            events.append(json.loads(line[5:]))
+            if len(events) == 1:
+                found = httpx.post(f"{url}/abort_request", json={"rid": "abort-me"}, timeout=30)
+                assert found.json() == {"rid": "abort-me", "found": True}
+    assert events[-1]["meta_info"]["finish_reason"]["type"] == "abort"
+    assert len(events[-1]["output_ids"]) < 200
+    missing = httpx.post(f"{url}/abort_request", json={"rid": "no-such"}, timeout=30).json()
+    assert missing["found"] is False
+    wait_idle(url)
+
+    info = httpx.get(f"{url}/get_server_info", timeout=30).json()
+    assert info["page_size"] == 16 and info["max_total_num_tokens"] > 0 and info["version"]
