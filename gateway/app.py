@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -44,15 +45,18 @@ def error_body(message: str, kind: str = "invalid_request_error", code: int = 40
     )
 
 
-def usage_json(out: RequestOutput) -> dict[str, Any]:
-    u = out.usage
-    assert u is not None
+def usage_json(*outs: RequestOutput) -> dict[str, Any]:
+    """OpenAI usage of one choice, or of n choices over one prompt (counted once)."""
+    us = [o.usage for o in outs if o.usage is not None]
+    assert us
+    completion = sum(u.completion_tokens for u in us)
     return {
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
-        "attention_sparsity_ratio": u.attention_sparsity_ratio,  # strata's extra field
+        "prompt_tokens": us[0].prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": us[0].prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": max(u.cached_tokens for u in us)},
+        # strata's extra field
+        "attention_sparsity_ratio": sum(u.attention_sparsity_ratio for u in us) / len(us),
     }
 
 
@@ -190,26 +194,54 @@ def create_app(
 
     async def stream(
         prompt_ids: list[int],
-        params: SamplingParams,
+        params: SamplingParams | list[SamplingParams],
         endpoint: str,
-        render: Callable[[RequestOutput], list[Any]],
+        render: Callable[[int, RequestOutput], list[Any]],
         usage_head: dict[str, Any] | None = None,
         rid: str | None = None,
     ) -> AsyncIterator[str]:
-        """SSE events; with usage_head, an OpenAI usage chunk follows the last event."""
+        """SSE events of one generation per params (OpenAI `n`: choice i renders with index
+        i, their events interleaved as they come); with usage_head, an OpenAI usage chunk
+        follows the last event. Closing the stream aborts every generation."""
+        runs = params if isinstance(params, list) else [params]
+        events: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
+
+        async def pump(i: int, p: SamplingParams) -> None:
+            try:
+                own_rid = rid if len(runs) == 1 else None
+                async with aclosing(backend.generate(prompt_ids, p, own_rid)) as gen:
+                    async for ev in gen:
+                        await events.put((i, ev))
+            finally:
+                await events.put((i, None))
+
         start, first = time.monotonic(), True
-        async for ev in backend.generate(prompt_ids, params, rid):
-            metrics.observe_event(ev)
-            if first and ev.token_ids:
-                metrics.ttft.observe(time.monotonic() - start)
-                first = False
-            for chunk in render(ev):
-                yield sse(chunk)
-            if ev.finish_reason is not None:
-                finish(ev, endpoint, start)
-                if usage_head is not None:
-                    yield sse({**usage_head, "choices": [], "usage": usage_json(ev)})
-        yield "data: [DONE]\n\n"
+        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(runs)]
+        lasts: list[RequestOutput] = []
+        try:
+            running = len(tasks)
+            while running:
+                i, ev = await events.get()
+                if ev is None:
+                    running -= 1
+                    continue
+                metrics.observe_event(ev)
+                if first and ev.token_ids:
+                    metrics.ttft.observe(time.monotonic() - start)
+                    first = False
+                for chunk in render(i, ev):
+                    yield sse(chunk)
+                if ev.finish_reason is not None:
+                    finish(ev, endpoint, start)
+                    lasts.append(ev)
+            for t in tasks:
+                t.result()  # a generation that raised (e.g. ValueError) surfaces here
+            if usage_head is not None and lasts:
+                yield sse({**usage_head, "choices": [], "usage": usage_json(*lasts)})
+            yield "data: [DONE]\n\n"
+        finally:
+            for t in tasks:
+                t.cancel()
 
     def encode(text: str) -> list[int]:
         return list(tok.encode(text, add_special_tokens=True))
@@ -257,23 +289,27 @@ def create_app(
                 "model": backend.model_name}  # fmt: skip
         if body.stream:
 
-            def render(ev: RequestOutput) -> list[Any]:
+            def render(i: int, ev: RequestOutput) -> list[Any]:
                 out: list[Any] = []
                 if ev.text or ev.finish_reason:
-                    choice = {"index": 0, "text": ev.text, "finish_reason": ev.finish_reason,
+                    choice = {"index": i, "text": ev.text, "finish_reason": ev.finish_reason,
                               "logprobs": None}  # fmt: skip
                     out.append({**head, "choices": [choice]})
                 return out
 
             usage = head if body.include_usage else None
             return StreamingResponse(
-                stream(ids, params, "completions", render, usage), media_type="text/event-stream"
+                stream(ids, body.fan_out(params), "completions", render, usage),
+                media_type="text/event-stream",
             )
-        text, _, last, lps = await collect(ids, params, "completions")
-        check_error(last)
-        choice = {"index": 0, "text": text, "finish_reason": last.finish_reason,
-                  "logprobs": completion_logprobs(lps) if params.logprobs else None}  # fmt: skip
-        return {**head, "choices": [choice], "usage": usage_json(last)}
+        runs = await asyncio.gather(*(collect(ids, p, "completions") for p in body.fan_out(params)))
+        choices = []
+        for i, (text, _, last, lps) in enumerate(runs):
+            check_error(last)
+            lp = completion_logprobs(lps) if params.logprobs else None
+            choices.append({"index": i, "text": text, "finish_reason": last.finish_reason,
+                            "logprobs": lp})  # fmt: skip
+        return {**head, "choices": choices, "usage": usage_json(*(r[2] for r in runs))}
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Any:
@@ -285,35 +321,38 @@ def create_app(
         head = {"id": rid, "created": created, "model": backend.model_name}
         if body.stream:
             chunk_head = {**head, "object": "chat.completion.chunk"}
-            started: list[bool] = []
+            started: set[int] = set()
 
-            def render(ev: RequestOutput) -> list[Any]:
+            def render(i: int, ev: RequestOutput) -> list[Any]:
                 out: list[Any] = []
-                if not started:
-                    started.append(True)
+                if i not in started:
+                    started.add(i)
                     delta0 = {"role": "assistant", "content": ""}
                     out.append({**chunk_head, "choices": [
-                        {"index": 0, "delta": delta0, "finish_reason": None}]})  # fmt: skip
+                        {"index": i, "delta": delta0, "finish_reason": None}]})  # fmt: skip
                 if ev.text or ev.finish_reason:
                     delta = {"content": ev.text} if ev.text else {}
-                    choice = {"index": 0, "delta": delta, "finish_reason": ev.finish_reason}
+                    choice = {"index": i, "delta": delta, "finish_reason": ev.finish_reason}
                     out.append({**chunk_head, "choices": [choice]})
                 return out
 
             usage = chunk_head if body.include_usage else None
             return StreamingResponse(
-                stream(ids, params, "chat", render, usage), media_type="text/event-stream"
+                stream(ids, body.fan_out(params), "chat", render, usage),
+                media_type="text/event-stream",
             )
-        text, _, last, lps = await collect(ids, params, "chat")
-        check_error(last)
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": last.finish_reason,
-            "logprobs": chat_logprobs(lps) if params.logprobs else None,
-        }
-        return {**head, "object": "chat.completion", "choices": [choice],
-                "usage": usage_json(last)}  # fmt: skip
+        runs = await asyncio.gather(*(collect(ids, p, "chat") for p in body.fan_out(params)))
+        choices = []
+        for i, (text, _, last, lps) in enumerate(runs):
+            check_error(last)
+            choices.append({
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": last.finish_reason,
+                "logprobs": chat_logprobs(lps) if params.logprobs else None,
+            })  # fmt: skip
+        return {**head, "object": "chat.completion", "choices": choices,
+                "usage": usage_json(*(r[2] for r in runs))}  # fmt: skip
 
     @app.post("/generate", response_model=None)
     async def generate(request: Request) -> Any:
@@ -353,7 +392,7 @@ def create_app(
             text: list[str] = []
             out_ids: list[int] = []
 
-            def render(ev: RequestOutput) -> list[Any]:
+            def render(_: int, ev: RequestOutput) -> list[Any]:
                 text.append(ev.text)
                 out_ids.extend(ev.token_ids)
                 event = {"text": "".join(text), "output_ids": list(out_ids),

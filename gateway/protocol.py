@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -71,7 +72,7 @@ class _SamplingFields(_Body):
 class _OpenAISampling(_SamplingFields):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
@@ -82,6 +83,12 @@ class _OpenAISampling(_SamplingFields):
         if fmt is not None and self.constraint() is not None:
             raise ValueError("give either response_format or regex/json_schema/ebnf, not both")
         return self.to_params(max_tokens or self.max_tokens or 16, logprobs, top_logprobs, fmt)
+
+    def fan_out(self, params: SamplingParams) -> list[SamplingParams]:
+        """One params per choice (`n`); with a seed, choice i samples with seed + i."""
+        if params.seed is None:
+            return [params] * self.n
+        return [dataclasses.replace(params, seed=params.seed + i) for i in range(self.n)]
 
     @property
     def include_usage(self) -> bool:

@@ -152,7 +152,7 @@ def test_cancelled_stream_frees_its_pages(url):
             {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
             "max_tokens",
         ),  # fmt: skip
-        ("/v1/completions", {"prompt": "hi", "n": 2}, "n"),
+        ("/v1/completions", {"prompt": "hi", "n": 17}, "n"),
         ("/v1/completions", {"prompt": "hi", "temperature": -1}, "temperature"),
         ("/v1/completions", {"prompt": [999999999], "max_tokens": 2}, "token ids"),
         ("/generate", {"text": "hi " * 9000}, "context length"),
@@ -216,3 +216,31 @@ def test_generate_batches_abort_by_rid_and_server_info(url):
 
     info = httpx.get(f"{url}/get_server_info", timeout=30).json()
     assert info["page_size"] == 16 and info["max_total_num_tokens"] > 0 and info["version"]
+
+
+def test_openai_n_choices_streamed_and_not(url, client):
+    """n samples of one prompt: greedy choices agree; seeded ones are reproducible; the
+    prompt is counted once in usage and computed once (the others hit the cache)."""
+    greedy = chat(client, n=3, max_tokens=8)
+    texts = [c.message.content for c in greedy.choices]
+    assert [c.index for c in greedy.choices] == [0, 1, 2] and len(set(texts)) == 1
+    single = chat(client, max_tokens=8)
+    assert greedy.usage.prompt_tokens == single.usage.prompt_tokens
+    assert greedy.usage.completion_tokens == 3 * single.usage.completion_tokens
+    sampled = [client.completions.create(model="strata", prompt="Once upon a time", n=4,
+                                         max_tokens=12, temperature=1.0, seed=7)
+               for _ in range(2)]  # fmt: skip
+    assert [c.text for c in sampled[0].choices] == [c.text for c in sampled[1].choices]
+    assert len({c.text for c in sampled[0].choices}) > 1  # seed + i: different samples
+    stream = client.chat.completions.create(
+        model="strata", messages=[{"role": "user", "content": QUESTION}], n=2, max_tokens=8,
+        temperature=0, stream=True, stream_options={"include_usage": True})  # fmt: skip
+    parts: dict[int, str] = {0: "", 1: ""}
+    usage = None
+    for chunk in stream:
+        for c in chunk.choices:
+            parts[c.index] += c.delta.content or ""
+        usage = chunk.usage or usage
+    assert parts[0] == parts[1] and parts[0]
+    assert usage is not None and usage.completion_tokens == 2 * 8
+    wait_idle(url)
