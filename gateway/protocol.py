@@ -66,7 +66,11 @@ class _SamplingFields(_Body):
             top_logprobs=top_logprobs,
             logprob_start_len=logprob_start_len,
             constraint=constraint or self.constraint(),
+            logit_bias=self.bias(),
         )
+
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        return ()
 
 
 class _OpenAISampling(_SamplingFields):
@@ -77,6 +81,13 @@ class _OpenAISampling(_SamplingFields):
     stream_options: dict[str, Any] | None = None
     user: str | None = None
     response_format: dict[str, Any] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        try:
+            return tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
+        except ValueError:
+            raise ValueError("logit_bias keys must be token ids") from None
 
     def sampling(self, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> SamplingParams:
         fmt = constraint_from_response_format(self.response_format)

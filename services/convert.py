@@ -53,6 +53,7 @@ def params_from_proto(m: common_pb2.SamplingParams) -> SamplingParams:
         top_logprobs=m.top_logprobs,
         constraint=constraint,
         logprob_start_len=opt("logprob_start_len"),
+        logit_bias=tuple(sorted(m.logit_bias.items())),
     )
 
 
@@ -72,6 +73,7 @@ def params_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
         seed=p.seed, stop=list(p.stop), stop_token_ids=list(p.stop_token_ids),
         ignore_eos=p.ignore_eos, logprobs=p.logprobs, top_logprobs=p.top_logprobs,
         constraint=constraint, logprob_start_len=p.logprob_start_len,
+        logit_bias=dict(p.logit_bias),
     )  # fmt: skip
 
 

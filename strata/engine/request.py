@@ -156,6 +156,8 @@ def check_request(
     and that the constraint compiles (GrammarError names the problem)."""
     if any(not 0 <= t < vocab_size for t in prompt_ids):
         raise ValueError(f"token ids must be in [0, {vocab_size})")
+    if any(not 0 <= t < vocab_size for t, _ in params.logit_bias):
+        raise ValueError(f"logit_bias token ids must be in [0, {vocab_size})")
     if params.logprob_start_len >= len(prompt_ids):
         raise ValueError(
             f"logprob_start_len ({params.logprob_start_len}) must be less than the "

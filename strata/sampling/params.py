@@ -27,6 +27,7 @@ class SamplingParams:
     top_logprobs: int = 0
     logprob_start_len: int = -1  # >= 0: also return logprobs of prompt tokens from here on
     constraint: Constraint | None = None  # regex / JSON schema / EBNF the output must match
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), OpenAI's
 
     def __post_init__(self) -> None:
         checks = [
@@ -42,6 +43,9 @@ class SamplingParams:
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
             (len(self.stop) <= 16, "at most 16 stop strings"),
             (self.logprob_start_len >= -1, "logprob_start_len must be >= -1"),
+            (all(-100 <= b <= 100 for _, b in self.logit_bias),
+             "logit_bias values must be in [-100, 100]"),
+            (len(self.logit_bias) <= 300, "at most 300 logit_bias entries"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:

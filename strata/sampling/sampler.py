@@ -93,6 +93,12 @@ def skip_noise(generator: torch.Generator, v: int) -> None:
 
 def sample(logits: torch.Tensor, reqs: Sequence[SampleInput]) -> SampleOutput:
     """Choose one token per row of logits [B, V] (float32)."""
+    if any(r.params.logit_bias for r in reqs):
+        logits = logits.clone()
+        for i, r in enumerate(reqs):
+            if r.params.logit_bias:
+                ids, bias = zip(*r.params.logit_bias)
+                logits[i, list(ids)] += torch.tensor(bias, device=logits.device)
     raw = logits
     if any(r.params.penalized for r in reqs):
         logits = apply_penalties(logits, reqs)

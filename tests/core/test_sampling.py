@@ -79,3 +79,17 @@ def test_stop_strings_are_never_split_across_chunks():
     assert m.stopped and "".join(out) == "Hello ENx and "
     m2 = StopMatcher(["stop"])
     assert m2.feed("ends with st") == "ends with " and m2.flush() == "st"
+
+
+def test_logit_bias_moves_tokens_and_travels_through_the_protos():
+    from services.convert import params_from_proto, params_to_proto
+
+    logits = torch.tensor([[5.0, 1.0, 0.0, -1.0], [5.0, 1.0, 0.0, -1.0]])
+    forced = SamplingParams(temperature=0, logit_bias=((3, 100.0),))
+    banned = SamplingParams(temperature=0, logit_bias=((0, -100.0),))
+    out = sample(logits, [inp(forced), inp(banned)])
+    assert out.tokens == [3, 1]
+    assert logits[0, 3] == -1.0  # the caller's logits are left alone
+    assert params_from_proto(params_to_proto(forced)) == forced
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias=((1, 101.0),))

@@ -244,3 +244,16 @@ def test_openai_n_choices_streamed_and_not(url, client):
     assert parts[0] == parts[1] and parts[0]
     assert usage is not None and usage.completion_tokens == 2 * 8
     wait_idle(url)
+
+
+def test_logit_bias_through_the_openai_client(url, client):
+    zebra = httpx.post(f"{url}/tokenize", json={"text": " zebra", "add_special_tokens": False},
+                       timeout=30).json()["tokens"][0]  # fmt: skip
+    bias = {str(zebra): 100}
+    out = client.completions.create(model="strata", prompt="My favourite animal is the",
+                                    max_tokens=3, temperature=0, logit_bias=bias)  # fmt: skip
+    assert out.choices[0].text == " zebra" * 3
+    for bad in ({"not-a-token": 1}, {str(zebra): 500}, {"99999999": 1}):
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "logit_bias": bad},
+                       timeout=30)  # fmt: skip
+        assert r.status_code == 400 and "logit_bias" in r.json()["error"]["message"], r.text
