@@ -287,10 +287,16 @@ def create_app(
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created,
                 "model": backend.model_name}  # fmt: skip
+        echo = (prompt if isinstance(prompt, str) else tok.decode(ids)) if body.echo else ""
         if body.stream:
+            echoed: set[int] = set()
 
             def render(i: int, ev: RequestOutput) -> list[Any]:
                 out: list[Any] = []
+                if echo and i not in echoed:
+                    echoed.add(i)
+                    first = {"index": i, "text": echo, "finish_reason": None, "logprobs": None}
+                    out.append({**head, "choices": [first]})
                 if ev.text or ev.finish_reason:
                     choice = {"index": i, "text": ev.text, "finish_reason": ev.finish_reason,
                               "logprobs": None}  # fmt: skip
@@ -307,7 +313,7 @@ def create_app(
         for i, (text, _, last, lps) in enumerate(runs):
             check_error(last)
             lp = completion_logprobs(lps) if params.logprobs else None
-            choices.append({"index": i, "text": text, "finish_reason": last.finish_reason,
+            choices.append({"index": i, "text": echo + text, "finish_reason": last.finish_reason,
                             "logprobs": lp})  # fmt: skip
         return {**head, "choices": choices, "usage": usage_json(*(r[2] for r in runs))}
 

@@ -109,7 +109,7 @@ class _OpenAISampling(_SamplingFields):
 class CompletionRequest(_OpenAISampling):
     prompt: str | list[int] | list[str]
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: Literal[False] = False
+    echo: bool = False  # the prompt's text comes first in each choice
 
     def params(self) -> SamplingParams:
         n = self.logprobs

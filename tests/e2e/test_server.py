@@ -257,3 +257,15 @@ def test_logit_bias_through_the_openai_client(url, client):
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "logit_bias": bad},
                        timeout=30)  # fmt: skip
         assert r.status_code == 400 and "logit_bias" in r.json()["error"]["message"], r.text
+
+
+def test_completion_echo_streamed_and_not(client):
+    prompt = "The capital of France is"
+    plain = client.completions.create(model="strata", prompt=prompt, max_tokens=4, temperature=0)
+    echoed = client.completions.create(model="strata", prompt=prompt, max_tokens=4,
+                                       temperature=0, echo=True)  # fmt: skip
+    assert echoed.choices[0].text == prompt + plain.choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="strata", prompt=prompt, max_tokens=4, temperature=0, echo=True, stream=True)
+        if c.choices)  # fmt: skip
+    assert streamed == echoed.choices[0].text
