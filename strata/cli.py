@@ -30,11 +30,15 @@ log = logging.getLogger("strata")
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", default=None, help="HF checkpoint folder or GGUF file")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS)
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--num-pages", type=int, default=4096)
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
+                   help="int4: group-wise weight-only int4 linear layers")  # fmt: skip
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    p.add_argument("--num-pages", type=int, default=4096,
+                   help="KV pages in the device pool (L1), page-size tokens each")  # fmt: skip
+    p.add_argument("--context-length", type=int, default=None,
+                   help="cap the context below the model's max_position_embeddings")  # fmt: skip
+    p.add_argument("--log-level", default="warning", help="debug, info, warning or error")
     d = SparseConfig()
     p.add_argument("--attention-sparsity-threshold", type=float, default=d.threshold,
                    help="sparse decode skips a page whose bound on the attention logit is "
@@ -73,10 +77,13 @@ def add_hicache_args(p: argparse.ArgumentParser) -> None:
                    help="L2 pages per L1 page")  # fmt: skip
     p.add_argument("--hicache-size", type=float, default=d.size_gb,
                    help="L2 size in GB (overrides --hicache-ratio)")  # fmt: skip
-    p.add_argument("--hicache-write-policy", default=d.write_policy, choices=WRITE_POLICIES)
+    p.add_argument("--hicache-write-policy", default=d.write_policy, choices=WRITE_POLICIES,
+                   help="when pages are copied to L2 (and L3): as the cache takes them, "
+                   "once reused twice, or on eviction")  # fmt: skip
     p.add_argument("--hicache-storage-backend", default=d.storage_backend or None,
-                   choices=["file"])  # fmt: skip
-    p.add_argument("--hicache-storage-dir", default=env("HICACHE_STORAGE_DIR"))
+                   choices=["file"], help="L3: page files in --hicache-storage-dir")  # fmt: skip
+    p.add_argument("--hicache-storage-dir", default=env("HICACHE_STORAGE_DIR"),
+                   help="the L3 directory (shared by every worker of a cluster)")  # fmt: skip
     p.add_argument(
         "--hicache-storage-size",
         type=float,
@@ -84,7 +91,8 @@ def add_hicache_args(p: argparse.ArgumentParser) -> None:
         help="L3 budget in GB (least recently used page files are deleted past it)",
     )
     p.add_argument("--hicache-storage-prefetch-policy", default=d.prefetch_policy,
-                   choices=PREFETCH_POLICIES)  # fmt: skip
+                   choices=PREFETCH_POLICIES, help="how long a request waits for its L3 "
+                   "pages: until a timeout, until they are in, or not at all")  # fmt: skip
 
 
 def hicache_config(a: argparse.Namespace) -> HiCacheConfig:
@@ -111,7 +119,8 @@ def hicache_argv(a: argparse.Namespace) -> list[str]:
 
 
 def model_config(a: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(a.model_path, a.dtype, a.device, a.quantization, sparse_config(a))
+    return ModelConfig(a.model_path, a.dtype, a.device, a.quantization, sparse_config(a),
+                       a.context_length)  # fmt: skip
 
 
 def cache_config(a: argparse.Namespace) -> CacheConfig:
@@ -142,15 +151,31 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default=env("HOST") or "127.0.0.1")
-    p.add_argument("--port", type=int, default=int(env("PORT") or 30000))
-    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--host", default=env("HOST") or "127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=int(env("PORT") or 30000), help="port (REST)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name the API reports (default: the model path)")  # fmt: skip
     p.add_argument("--grpc-port", type=int, default=0,
                    help="port of the gRPC strata.v1.Gateway (0: --port + 1; -1: off)")  # fmt: skip
-    p.add_argument("--disable-radix-cache", action="store_true")
-    p.add_argument("--max-running-requests", type=int, default=64)
+    p.add_argument("--disable-radix-cache", action="store_true",
+                   help="no prefix cache: every prompt is computed in full")  # fmt: skip
+    p.add_argument("--max-running-requests", type=int, default=64,
+                   help="requests decoding at once (the batch)")  # fmt: skip
     p.add_argument("--chunked-prefill-size", "--max-batch-tokens", dest="max_batch_tokens",
-                   type=int, default=512)  # fmt: skip
+                   type=int, default=512,
+                   help="tokens per step: decode tokens plus prefill chunks")  # fmt: skip
+    p.add_argument(
+        "--schedule-policy",
+        default="lpm",
+        choices=("lpm", "fcfs"),
+        help="waiting requests: longest cached prefix first, or arrival order",
+    )
+    p.add_argument(
+        "--random-seed",
+        type=int,
+        default=None,
+        help="seed the sampler of requests that give no seed of their own",
+    )
     p.add_argument("--max-queued-requests", type=int, default=1024,
                    help="requests waiting beyond --max-running-requests; past that, new "
                    "requests get 429 (gRPC RESOURCE_EXHAUSTED)")  # fmt: skip
@@ -180,9 +205,18 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return run(a)
 
 
+def seed_sampler(a: argparse.Namespace) -> None:
+    """--random-seed: the process-wide generator that unseeded requests sample with."""
+    if a.random_seed is not None:
+        import torch
+
+        torch.manual_seed(a.random_seed)
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     from strata.serve import serve
 
+    seed_sampler(a)
     serve(
         model_config(a),
         cache_config(a),
@@ -212,12 +246,13 @@ def cmd_cache(a: argparse.Namespace) -> int:
 
 def sched_config(a: argparse.Namespace) -> SchedulerConfig:
     return SchedulerConfig(not a.disable_radix_cache, a.max_running_requests, a.max_batch_tokens,
-                           a.max_queued_requests, a.request_timeout)  # fmt: skip
+                           a.max_queued_requests, a.request_timeout, a.schedule_policy)  # fmt: skip
 
 
 def cmd_worker(a: argparse.Namespace) -> int:
     from strata.serve import serve_worker
 
+    seed_sampler(a)
     serve_worker(a.command, model_config(a), cache_config(a), sched_config(a), hicache_config(a),
                  a.host, a.port, a.cache, a.worker_id, a.shutdown_grace)  # fmt: skip
     return 0
@@ -247,11 +282,16 @@ def cmd_up(a: argparse.Namespace) -> int:
                   "--page-size", str(a.page_size), *sparse_argv(a)]  # fmt: skip
     if a.model_path:
         model_args += ["--model-path", a.model_path]
+    if a.context_length:
+        model_args += ["--context-length", str(a.context_length)]
     worker_args = ["--num-pages", str(a.num_pages),
                    "--max-running-requests", str(a.max_running_requests),
                    "--chunked-prefill-size", str(a.max_batch_tokens),
                    "--max-queued-requests", str(a.max_queued_requests),
-                   "--request-timeout", str(a.request_timeout)]  # fmt: skip
+                   "--request-timeout", str(a.request_timeout),
+                   "--schedule-policy", a.schedule_policy]  # fmt: skip
+    if a.random_seed is not None:
+        worker_args += ["--random-seed", str(a.random_seed)]
     if a.disable_radix_cache:
         worker_args.append("--disable-radix-cache")
     cache_args = []
@@ -275,10 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strata", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate a reply to one prompt, streamed")
-    g.add_argument("prompt")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("prompt", help="the user message")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
     add_model_args(g)
     g.set_defaults(func=cmd_generate)
     s = sub.add_parser("serve", help="run the colocated server (REST, OpenAI-compatible)")
@@ -303,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_model_args(d)
         add_server_args(d)
         add_hicache_args(d)
-        d.add_argument("--cache", default=env("CACHE_ADDR") or "127.0.0.1:30010")
+        d.add_argument("--cache", default=env("CACHE_ADDR") or "127.0.0.1:30010",
+                       help="the cache service's address")  # fmt: skip
         d.add_argument("--worker-id", default=None, help="name at the cache service "
                        "(default host:port: the address the gateway dials)")  # fmt: skip
         d.add_argument("--shutdown-grace", type=float, default=10.0,
@@ -313,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(w)
     add_server_args(w)
     add_routing_args(w)
-    w.add_argument("--cache", default=env("CACHE_ADDR") or "127.0.0.1:30010")
+    w.add_argument("--cache", default=env("CACHE_ADDR") or "127.0.0.1:30010",
+                   help="the cache service's address")  # fmt: skip
     w.add_argument("--decode", default=env("DECODE_ADDRS") or "127.0.0.1:30020",
                    help="comma-separated decode worker addresses")  # fmt: skip
     w.add_argument("--prefill", default=env("PREFILL_ADDRS") or "",
@@ -321,8 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "prefill)")  # fmt: skip
     w.set_defaults(func=cmd_gateway)
     c = sub.add_parser("cache", help="run the cache service (the cluster's radix trees)")
-    c.add_argument("--host", default=env("CACHE_HOST") or "127.0.0.1")
-    c.add_argument("--port", type=int, default=int(env("CACHE_PORT") or 30010))
+    c.add_argument("--host", default=env("CACHE_HOST") or "127.0.0.1", help="address to listen on")
+    c.add_argument("--port", type=int, default=int(env("CACHE_PORT") or 30010), help="gRPC port")
     c.add_argument(
         "--hicache-storage-dir",
         default=env("HICACHE_STORAGE_DIR"),
@@ -330,11 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--hicache-storage-size", type=float, default=HiCacheConfig().storage_size_gb,
                    help="L3 budget in GB")  # fmt: skip
-    c.add_argument("--log-level", default="info")
+    c.add_argument("--log-level", default="info", help="debug, info, warning or error")
     c.set_defaults(func=cmd_cache)
     b = sub.add_parser("bench", help="benchmark an OpenAI-compatible server with a workload")
     add_bench_args(b)
-    b.add_argument("--log-level", default="warning")
+    b.add_argument("--log-level", default="warning", help="debug, info, warning or error")
     b.set_defaults(func=cmd_bench)
     return parser
 

@@ -99,6 +99,7 @@ class ModelConfig:
     device: str = "cpu"
     quantization: str = "none"  # "int4": group-wise weight-only int4 linear layers
     sparse: SparseConfig = SparseConfig()
+    context_length: int | None = None  # caps the model's own (max_position_embeddings)
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATIONS:
@@ -180,10 +181,13 @@ class SchedulerConfig:
     max_batch_tokens: int = 512  # per step: decode tokens plus prefill chunks
     max_queued_requests: int = 1024  # past running + this many, new requests are refused
     request_timeout: float = 0.0  # seconds a request may take from arrival; 0: no limit
+    schedule_policy: str = "lpm"  # lpm: longest cached prefix first; fcfs: arrival order
 
     def __post_init__(self) -> None:
         if self.max_running_requests < 1 or self.max_batch_tokens < 1:
             raise ValueError("max_running_requests and max_batch_tokens must be positive")
+        if self.schedule_policy not in ("lpm", "fcfs"):
+            raise ValueError("--schedule-policy must be lpm or fcfs")
         if self.max_queued_requests < 0 or self.request_timeout < 0:
             raise ValueError("--max-queued-requests and --request-timeout must not be negative")
 

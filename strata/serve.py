@@ -34,6 +34,7 @@ def build_engine(
         cluster_worker=cluster_worker,
         max_queued=sched.max_queued_requests,
         request_timeout=sched.request_timeout or None,
+        schedule_policy=sched.schedule_policy,
     )
 
 

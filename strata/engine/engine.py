@@ -61,6 +61,7 @@ class Engine(SplitRoles):
         hold_timeout: float = 60.0,
         max_queued: int | None = None,
         request_timeout: float | None = None,
+        schedule_policy: str = "lpm",
     ) -> None:
         """tiers: the KV tiers below L1 (None: L1 only). cluster_worker: the cache records KV
         events for the cluster's index (`event_sink`), which also owns the L3 budget."""
@@ -76,7 +77,13 @@ class Engine(SplitRoles):
             )  # fmt: skip
         timeout = tiers.prefetch_timeout if tiers is not None else lambda n: float("inf")
         self.scheduler = Scheduler(
-            runner.pool, self.cache, runner.page_size, max_batch_tokens, max_running, timeout
+            runner.pool,
+            self.cache,
+            runner.page_size,
+            max_batch_tokens,
+            max_running,
+            timeout,
+            schedule_policy,
         )
         # cluster workers: called on the engine thread with each step's KV events
         self.event_sink: Callable[[list[KVEvent]], None] | None = None

@@ -71,6 +71,7 @@ class ModelRunner:
             model.embed_tokens.dtype, self.device,
         )  # fmt: skip
         self.pool = PagePool(num_pages)
+        self.context_length: int | None = None  # --context-length, below the model's own
         # per chunk of the last forward: (pages skipped, pages considered) by sparse decode
         self.last_sparsity: list[tuple[int, int]] | None = None
 
@@ -88,10 +89,14 @@ class ModelRunner:
         model = LlamaForCausalLM(spec, weights, backend, model_cfg.quantization)
         tokenizer = load_tokenizer(folder)
         log.info("loaded %s in %.1fs", folder, time.perf_counter() - start)
-        return cls(model, tokenizer, cache_cfg.num_pages, cache_cfg.page_size, folder)
+        runner = cls(model, tokenizer, cache_cfg.num_pages, cache_cfg.page_size, folder)
+        runner.context_length = model_cfg.context_length
+        return runner
 
     @property
     def max_context(self) -> int:
+        if self.context_length:
+            return min(self.spec.max_position, self.context_length)
         return self.spec.max_position
 
     def pages_for(self, num_tokens: int) -> int:

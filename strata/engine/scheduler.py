@@ -44,10 +44,12 @@ class Scheduler:
         max_batch_tokens: int,
         max_running: int,
         prefetch_timeout: Callable[[int], float] = lambda prompt_tokens: float("inf"),
+        policy: str = "lpm",
     ) -> None:
         self.pool, self.cache, self.page_size = pool, cache, page_size
         self.max_batch_tokens, self.max_running = max_batch_tokens, max_running
         self.prefetch_timeout = prefetch_timeout  # seconds to wait for L3 loads, per prompt
+        self.policy = policy  # "lpm": longest cached prefix first; "fcfs": arrival order
         self.waiting: list[Request] = []
         self.running: list[Request] = []  # admitted (holding pages), oldest first
         self.fetching: list[Request] = []  # admitted remote requests the engine must start
@@ -148,7 +150,7 @@ class Scheduler:
 
     def _order_waiting(self) -> None:
         """Longest cached prefix first; arrival order among equals (the sort is stable)."""
-        if self.cache is None or len(self.waiting) < 2:
+        if self.cache is None or len(self.waiting) < 2 or self.policy == "fcfs":
             return
         for r in self.waiting:
             r.match_len = self.cache.match(r.fill_ids).length

@@ -1,0 +1,44 @@
+"""The command line: every flag explains itself; SGLang's launch_server flags map onto ours."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from strata.cli import build_parser, model_config, sched_config
+from strata.config import CacheConfig, ModelConfig
+from strata.engine.runner import ContextLengthError, ModelRunner
+from strata.launch_server import translate
+
+
+def subparsers(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            yield from action.choices.items()
+
+
+def test_every_flag_of_every_command_has_help():
+    missing = [f"{name} {a.option_strings or a.dest}"
+               for name, sub in subparsers(build_parser()) for a in sub._actions
+               if not a.help and not isinstance(a, argparse._HelpAction)]  # fmt: skip
+    assert not missing, missing
+
+
+def test_sglang_flags_map_onto_serve():
+    argv = ["--model-path", "m", "--context-length", "512", "--schedule-policy", "fcfs",
+            "--random-seed", "3", "--tp-size", "1", "--trust-remote-code",
+            "--mem-fraction-static", "0.8", "--chunked-prefill-size", "256"]  # fmt: skip
+    a = build_parser().parse_args(translate(argv))
+    assert a.command == "serve" and a.context_length == 512 and a.random_seed == 3
+    assert sched_config(a).schedule_policy == "fcfs" and a.max_batch_tokens == 256
+    assert model_config(a).context_length == 512
+
+
+def test_context_length_caps_the_model(tiny_checkpoint):
+    folder, _ = tiny_checkpoint("llama")
+    model = ModelConfig(str(folder), dtype="float32", context_length=64)
+    runner = ModelRunner.from_config(model, CacheConfig(4, 64))
+    assert runner.max_context == 64 < runner.spec.max_position
+    with pytest.raises(ContextLengthError):
+        runner.check_length(60, 10)
