@@ -161,10 +161,12 @@ def create_app(
         logprobs: list[tuple[int, float, dict[int, float]]] = []
         last: RequestOutput | None = None
         input_lps: list[float | None] = []
+        ttft = None
         async for ev in backend.generate(prompt_ids, params, rid):
             metrics.observe_event(ev)
-            if not ids and ev.token_ids:
-                metrics.ttft.observe(time.monotonic() - start)
+            if ttft is None and ev.token_ids:
+                ttft = time.monotonic() - start
+                metrics.ttft.observe(ttft)
             input_lps.extend(ev.input_logprobs or [])
             text.append(ev.text)
             ids.extend(ev.token_ids)
@@ -174,14 +176,16 @@ def create_app(
                     logprobs.append((t, ev.logprobs[i], top))
             last = ev
         assert last is not None
-        finish(last, endpoint, start)
+        finish(last, endpoint, start, ttft)
         last.input_logprobs = input_lps
         return "".join(text), ids, last, logprobs
 
-    def finish(last: RequestOutput, endpoint: str, start: float) -> None:
+    def finish(last: RequestOutput, endpoint: str, start: float, ttft: float | None) -> None:
         status = "error" if last.finish_reason == "error" else "ok"
+        seconds = time.monotonic() - start
         metrics.requests.labels(endpoint, status).inc()
-        metrics.latency.labels(endpoint).observe(time.monotonic() - start)
+        metrics.latency.labels(endpoint).observe(seconds)
+        metrics.observe_finished(last, seconds, ttft)
         if last.usage is not None:
             metrics.prompt_tokens.inc(last.usage.prompt_tokens)
             metrics.generation_tokens.inc(last.usage.completion_tokens)
@@ -215,7 +219,8 @@ def create_app(
             finally:
                 await events.put((i, None))
 
-        start, first = time.monotonic(), True
+        start = time.monotonic()
+        ttfts: dict[int, float] = {}  # choice -> its time to first token
         tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(runs)]
         lasts: list[RequestOutput] = []
         try:
@@ -226,13 +231,13 @@ def create_app(
                     running -= 1
                     continue
                 metrics.observe_event(ev)
-                if first and ev.token_ids:
-                    metrics.ttft.observe(time.monotonic() - start)
-                    first = False
+                if i not in ttfts and ev.token_ids:
+                    ttfts[i] = time.monotonic() - start
+                    metrics.ttft.observe(ttfts[i])
                 for chunk in render(i, ev):
                     yield sse(chunk)
                 if ev.finish_reason is not None:
-                    finish(ev, endpoint, start)
+                    finish(ev, endpoint, start, ttfts.get(i))
                     lasts.append(ev)
             for t in tasks:
                 t.result()  # a generation that raised (e.g. ValueError) surfaces here

@@ -12,6 +12,8 @@ from prometheus_client.registry import Collector
 from strata.engine.request import RequestOutput
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_TIME_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+TOKEN_COUNT_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
 class Metrics:
@@ -28,6 +30,27 @@ class Metrics:
         self.ttft = Histogram(
             "strata_time_to_first_token_seconds", "Time to first token",
             buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        # per request, under the names vLLM's and SGLang's dashboards use (strata_ prefix)
+        self.e2e = Histogram(
+            "strata_e2e_request_latency_seconds", "End-to-end latency of a finished request",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.tpot = Histogram(
+            "strata_time_per_output_token_seconds", "Mean time per output token after the "
+            "first, per request", buckets=TOKEN_TIME_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_time = Histogram(
+            "strata_request_queue_time_seconds", "Time a request waited for admission",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.prompt_hist = Histogram(
+            "strata_request_prompt_tokens", "Prompt tokens per request",
+            buckets=TOKEN_COUNT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.generation_hist = Histogram(
+            "strata_request_generation_tokens", "Generated tokens per request",
+            buckets=TOKEN_COUNT_BUCKETS, registry=r,
         )  # fmt: skip
         self.prompt_tokens = Counter("strata_prompt_tokens", "Prompt tokens", registry=r)
         self.generation_tokens = Counter("strata_generation_tokens", "Generated tokens", registry=r)
@@ -59,6 +82,18 @@ class Metrics:
         if ev.transfer_bytes:
             self.transfer_bytes.inc(ev.transfer_bytes)
             self.transfer_seconds.observe(ev.transfer_seconds)
+
+    def observe_finished(self, out: RequestOutput, seconds: float, ttft: float | None) -> None:
+        """Per finished request: its latency, time per output token, queue time, sizes."""
+        self.e2e.observe(seconds)
+        u = out.usage
+        if u is None:
+            return
+        self.queue_time.observe(u.queue_seconds)
+        self.prompt_hist.observe(u.prompt_tokens)
+        self.generation_hist.observe(u.completion_tokens)
+        if ttft is not None and u.completion_tokens > 1:
+            self.tpot.observe((seconds - ttft) / (u.completion_tokens - 1))
 
     def observe_health(self, health: dict) -> None:
         self.tiers.health = health

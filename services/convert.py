@@ -84,7 +84,8 @@ def chunk_from_output(ev: RequestOutput) -> common_pb2.TokenChunk:
         usage = common_pb2.Usage(prompt_tokens=u.prompt_tokens,
                                  completion_tokens=u.completion_tokens,
                                  cached_tokens=u.cached_tokens,
-                                 attention_sparsity_ratio=u.attention_sparsity_ratio)  # fmt: skip
+                                 attention_sparsity_ratio=u.attention_sparsity_ratio,
+                                 queue_seconds=u.queue_seconds)  # fmt: skip
     return common_pb2.TokenChunk(
         token_ids=ev.token_ids, text=ev.text, logprobs=ev.logprobs or [],
         finish_reason=FINISH.get(ev.finish_reason or "", common_pb2.FINISH_REASON_UNSPECIFIED),
@@ -99,7 +100,7 @@ def output_from_chunk(rid: str, c: common_pb2.TokenChunk) -> RequestOutput:
     if c.HasField("usage"):
         u = c.usage
         usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens,
-                      u.attention_sparsity_ratio)  # fmt: skip
+                      u.attention_sparsity_ratio, u.queue_seconds)  # fmt: skip
     return RequestOutput(
         rid, list(c.token_ids), c.text, finish_reason=FINISH_NAME.get(c.finish_reason),
         error=c.error or None, usage=usage, logprobs=list(c.logprobs) or None,

@@ -25,6 +25,7 @@ class Usage:
     # pages sparse decode skipped / pages it considered, over the steps, layers and KV heads
     # of the request's decode with at least --sparse-min-context tokens (0.0 when none)
     attention_sparsity_ratio: float = 0.0
+    queue_seconds: float = 0.0  # from arrival to its first admission (pages given)
 
 
 @dataclass
@@ -81,6 +82,7 @@ class Request:
     detok: IncrementalDetokenizer | None = None
     stop: StopMatcher | None = None
     arrival: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None  # first admission
     deadline: float = float("inf")  # monotonic time it is aborted at (--request-timeout)
     first_token_at: float | None = None
     matcher: Any = None  # xgrammar GrammarMatcher of a constrained request
@@ -136,7 +138,8 @@ class Request:
 
     def usage(self) -> Usage:
         ratio = self.sparse_skipped / self.sparse_considered if self.sparse_considered else 0.0
-        return Usage(len(self.prompt_ids), len(self.output_ids), self.num_cached, ratio)
+        queued = (self.admitted_at or time.monotonic()) - self.arrival
+        return Usage(len(self.prompt_ids), len(self.output_ids), self.num_cached, ratio, queued)
 
 
 class Overloaded(Exception):

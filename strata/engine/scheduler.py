@@ -225,7 +225,7 @@ class Scheduler:
                 self.cache.unlock(node)
             return False
         if not req.admitted:  # count the prompt once, not on re-admission
-            req.admitted = True
+            req.admitted, req.admitted_at = True, time.monotonic()
             req.num_cached = min(usable, len(req.prompt_ids))
             if self.cache is not None:
                 by_tier = dict.fromkeys(("l2", "l3"), 0)
@@ -245,7 +245,7 @@ class Scheduler:
         own = self._alloc(-(-len(req.prompt_ids) // self.page_size))
         if own is None:
             return False
-        req.admitted = True  # its lookup is recorded by the prefill worker
+        req.admitted, req.admitted_at = True, time.monotonic()  # lookup: the prefill worker's
         req.pages, req.num_shared_pages, req.cache_node, req.num_computed = own, 0, None, 0
         return True
 

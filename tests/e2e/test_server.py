@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from tests.e2e.server import running_server
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SYSTEM = "You are a concise assistant who answers in one short sentence. " * 6
 QUESTION = "Name three primary colors."
@@ -179,6 +183,19 @@ def test_metrics_and_flush_cache(url, client):
     ]
     for name in names:
         assert name in text
+    # per-request histograms under vLLM / SGLang dashboard names, and every metric the
+    # Grafana dashboard in deploy/grafana queries exists
+    per_request = ("strata_e2e_request_latency_seconds", "strata_time_per_output_token_seconds",
+                   "strata_request_queue_time_seconds", "strata_request_prompt_tokens",
+                   "strata_request_generation_tokens")  # fmt: skip
+    for name in per_request:
+        assert re.search(rf"^{name}_count [1-9]", text, re.M), name
+    samples = {re.split(r"[{ ]", line)[0] for line in text.splitlines() if line[:1] != "#"}
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "strata.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {m for e in exprs for m in re.findall(r"strata_\w+", e)}
+    tiers_only = {"strata_kv_tier_moved_bytes_total"}  # this server runs L1 only
+    assert used and used - tiers_only <= samples, used - tiers_only - samples
     flushed = httpx.post(f"{url}/flush_cache", timeout=10).json()
     assert flushed["flushed_pages"] > 0
     h = health(url)
