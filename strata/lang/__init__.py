@@ -26,17 +26,19 @@ from strata.lang.ir import (
     user_begin,
     user_end,
 )
-from strata.lang.program import ProgramState, function
+from strata.lang.program import ProgramState, Session, function, session
 
 __all__ = [
     "ProgramState",
     "RuntimeEndpoint",
+    "Session",
     "assistant",
     "assistant_begin",
     "assistant_end",
     "function",
     "gen",
     "select",
+    "session",
     "set_default_backend",
     "system",
     "system_begin",

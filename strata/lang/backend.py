@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -43,9 +45,14 @@ class RuntimeEndpoint:
         return begin, end
 
     def generate(
-        self, text: str, g: Gen, defaults: dict[str, Any] | None = None
+        self,
+        text: str,
+        g: Gen,
+        defaults: dict[str, Any] | None = None,
+        on_text: Callable[[str], object] | None = None,
     ) -> tuple[str, dict[str, Any]]:
-        """defaults: the program run's sampling defaults; the gen's own arguments win."""
+        """defaults: the program run's sampling defaults; the gen's own arguments win. With
+        on_text, the text is streamed and handed over piece by piece as it arrives."""
         params: dict[str, Any] = {"max_new_tokens": 128, "temperature": 1.0}
         params.update(defaults or {})
         params.update(g.sampling)
@@ -53,8 +60,28 @@ class RuntimeEndpoint:
             params["regex"] = g.regex
         if g.json_schema is not None:
             params["json_schema"] = g.json_schema
-        out = self._post("/generate", {"text": text, "sampling_params": params})
-        return str(out["text"]), dict(out["meta_info"])
+        body = {"text": text, "sampling_params": params}
+        if on_text is None:
+            out = self._post("/generate", body)
+            return str(out["text"]), dict(out["meta_info"])
+        got, meta = "", {}
+        with self._http.stream("POST", "/generate", json={**body, "stream": True}) as resp:
+            if resp.status_code != 200:
+                resp.read()
+                raise BackendError(f"/generate: HTTP {resp.status_code}: {resp.text}")
+            for line in resp.iter_lines():
+                if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                    continue
+                event = json.loads(line[5:])
+                full = str(event["text"])  # SGLang's events carry the text so far
+                if len(full) > len(got):
+                    on_text(full[len(got) :])
+                got, meta = full, dict(event["meta_info"])
+        return got, meta
+
+    def warm(self, text: str) -> None:
+        """Have the server compute (and cache) text's KV: a one-token generation."""
+        self._post("/generate", {"text": text, "sampling_params": {"max_new_tokens": 1}})
 
     def tokenize(self, text: str) -> list[int]:
         return list(self._post("/tokenize", {"text": text})["tokens"])

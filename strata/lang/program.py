@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
-from collections.abc import Callable, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,6 +29,9 @@ class ProgramState:
         self.meta: dict[str, dict[str, Any]] = {}  # per gen variable: the server's meta_info
         self._messages: list[dict[str, str]] = []
         self._open: tuple[str, int] | None = None  # role being written, where its text starts
+        # run(stream=True): the text as it is produced; None ends it (see text_iter)
+        self._pieces: queue.SimpleQueue[str | None] | None = None
+        self._error: BaseException | None = None
 
     # ---- what programs use ---------------------------------------------------------------
 
@@ -61,6 +67,22 @@ class ProgramState:
     def text(self) -> str:
         return self._text
 
+    def text_iter(self) -> Iterator[str]:
+        """With run(stream=True): the program's text piece by piece as it is produced (gen
+        text as the server streams it); ends when the program does, raising its error."""
+        if self._pieces is None:
+            yield self._text
+            return
+        while (piece := self._pieces.get()) is not None:
+            yield piece
+        if self._error is not None:
+            raise self._error
+
+    def _append(self, piece: str) -> None:
+        self._text += piece
+        if self._pieces is not None:
+            self._pieces.put(piece)
+
     def messages(self) -> list[dict[str, str]]:
         return [dict(m) for m in self._messages]
 
@@ -78,29 +100,30 @@ class ProgramState:
 
     def _run(self, expr: Expr) -> None:
         if isinstance(expr, str):
-            self._text += expr
+            self._append(expr)
         elif isinstance(expr, Gen):
-            out, meta = self.backend.generate(self._text, expr, self.defaults)
-            self._text += out
+            on_text = self._pieces.put if self._pieces is not None else None
+            out, meta = self.backend.generate(self._text, expr, self.defaults, on_text)
+            self._text += out  # (streamed piece by piece already, when streaming)
             if expr.name:
                 self.variables[expr.name], self.meta[expr.name] = out, meta
         elif isinstance(expr, Select):
             best, scores = self.backend.select(self._text, expr.choices)
-            self._text += expr.choices[best]
+            self._append(expr.choices[best])
             if expr.name:
                 self.variables[expr.name] = expr.choices[best]
                 self.meta[expr.name] = {"scores": scores}
         elif isinstance(expr, RoleBegin):
             if self._open is not None:
                 raise ValueError(f"{expr.role}_begin inside an open {self._open[0]} message")
-            self._text += self.backend.role_markers(expr.role)[0]
+            self._append(self.backend.role_markers(expr.role)[0])
             self._open = (expr.role, len(self._text))
         elif isinstance(expr, RoleEnd):
             if self._open is None or self._open[0] != expr.role:
                 raise ValueError(f"{expr.role}_end without a matching {expr.role}_begin")
             role, start = self._open
             self._messages.append({"role": role, "content": self._text[start:]})
-            self._text += self.backend.role_markers(role)[1]
+            self._append(self.backend.role_markers(role)[1])
             self._open = None
         elif isinstance(expr, Concat):
             for part in expr.parts:
@@ -139,9 +162,24 @@ class Program:
     def run(self, *args: Any, backend: RuntimeEndpoint | None = None, **kwargs: Any):
         """Run the program; keyword arguments named in SAMPLING_KEYS (temperature,
         max_new_tokens, ...) are sampling defaults for its gen calls."""
+        stream = bool(kwargs.pop("stream", False))
         kwargs, defaults = self._split(dict(kwargs))
         state = ProgramState(backend or default_backend(), defaults)
-        self.fn(state, *args, **kwargs)
+        if not stream:
+            self.fn(state, *args, **kwargs)
+            return state
+        pieces: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        state._pieces = pieces
+
+        def body() -> None:
+            try:
+                self.fn(state, *args, **kwargs)
+            except BaseException as exc:  # handed to the reader of text_iter
+                state._error = exc
+            finally:
+                pieces.put(None)
+
+        threading.Thread(target=body, name=f"strata-lang-{self.fn.__name__}", daemon=True).start()
         return state
 
     def run_batch(
@@ -164,6 +202,30 @@ class Program:
 
     def __call__(self, *args: Any, **kwargs: Any) -> ProgramState:
         return self.run(*args, **kwargs)
+
+
+class Session:
+    """Programs run one after another on one backend, whose radix cache keeps what they
+    share: run a program's fixed prefix once (`s.run(system_prompt)`) and later programs
+    that start with it skip computing it."""
+
+    def __init__(self, backend: RuntimeEndpoint) -> None:
+        self.backend = backend
+        self.states: list[ProgramState] = []
+
+    def run(self, program: Program, *args: Any, **kwargs: Any) -> ProgramState:
+        """Run program; text it built that no gen sent (a fixed prefix) is prefilled."""
+        state = program.run(*args, backend=self.backend, **kwargs)
+        if state.text() and not state.meta:  # the server has not seen it: warm it now
+            self.backend.warm(state.text())
+        self.states.append(state)
+        return state
+
+
+@contextlib.contextmanager
+def session(backend: RuntimeEndpoint | None = None) -> Iterator[Session]:
+    """`with sl.session() as s: s.run(prefix_program)` (SGLang's form)."""
+    yield Session(backend or default_backend())
 
 
 def function(fn: Callable[..., Any]) -> Program:

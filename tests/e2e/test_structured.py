@@ -243,3 +243,35 @@ def test_dsl_concatenation_and_run_sampling_defaults(url):
 
     with pytest.raises(TypeError, match="temperature"):
         clash.run(backend=backend, temperature=0)
+
+
+def test_dsl_streams_text_and_sessions_warm_the_cache(url):
+    backend = sl.RuntimeEndpoint(url)
+
+    @sl.function
+    def story(s, topic):
+        s += sl.system("You are a storyteller. " * 12)
+        s += sl.user(f"Tell a short story about {topic}.")
+        s += sl.assistant(sl.gen("story", max_tokens=24, ignore_eos=True))
+
+    whole = story.run(topic="a lighthouse", backend=backend, temperature=0)
+    streamed = story.run(topic="a lighthouse", backend=backend, temperature=0, stream=True)
+    pieces = list(streamed.text_iter())
+    assert "".join(pieces) == streamed.text() == whole.text()
+    assert sum(1 for p in pieces if p) > 4  # the gen arrived in pieces
+
+    @sl.function
+    def prefix(s):
+        s += sl.system("You answer in haiku. " * 20)
+
+    @sl.function
+    def haiku(s, topic):
+        s += sl.system("You answer in haiku. " * 20)
+        s += sl.user(topic)
+        s += sl.assistant(sl.gen("poem", max_tokens=8))
+
+    httpx.post(f"{url}/flush_cache", timeout=30)
+    with sl.session(backend) as sess:
+        sess.run(prefix)  # no gen: the session prefills the prefix itself
+        state = sess.run(haiku, topic="rain", temperature=0)
+    assert state.get_meta_info("poem")["cached_tokens"] >= 64  # the prefix was warm
