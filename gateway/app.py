@@ -325,8 +325,10 @@ def create_app(
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Any:
         body = await parse_body(request, ChatCompletionRequest)
-        ids = chat_prompt_ids(tok, body.chat())
+        if body.tools and body.tool_choice != "none" and body.stream:
+            raise BadRequest("streaming with tools is not supported yet: set stream to false")
         params = body.params()
+        ids = chat_prompt_ids(tok, body.chat())
         await prepare(ids, params)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": backend.model_name}
@@ -356,10 +358,14 @@ def create_app(
         choices = []
         for i, (text, _, last, lps) in enumerate(runs):
             check_error(last)
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            finish_reason = last.finish_reason
+            call = body.tool_call(text) if finish_reason == "stop" else None
+            if call is not None:
+                message = {"role": "assistant", "content": None, "tool_calls": [call]}
+                finish_reason = "tool_calls"
             choices.append({
-                "index": i,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": last.finish_reason,
+                "index": i, "message": message, "finish_reason": finish_reason,
                 "logprobs": chat_logprobs(lps) if params.logprobs else None,
             })  # fmt: skip
         return {**head, "object": "chat.completion", "choices": choices,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -126,17 +128,89 @@ class ChatMessage(_Body):
         return self.content or ""
 
 
+class ToolFunction(_Body):
+    name: str = Field(min_length=1, max_length=64)
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: ToolFunction
+
+
 class ChatCompletionRequest(_OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # none | auto | required | {function}
+    parallel_tool_calls: bool | None = None
 
     def params(self) -> SamplingParams:
-        return self.sampling(self.max_completion_tokens, self.logprobs, self.top_logprobs or 0)
+        params = self.sampling(self.max_completion_tokens, self.logprobs, self.top_logprobs or 0)
+        forced = self.forced_tools()
+        if not forced:
+            return params
+        if params.constraint is not None:
+            raise ValueError("a forced tool call cannot also take response_format or a grammar")
+        # one call: {"name": <a forced tool>, "arguments": <its parameters' schema>}
+        calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
+                  "arguments": t.function.parameters}, "required": ["name", "arguments"]}
+                 for t in forced]  # fmt: skip
+        schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        return dataclasses.replace(params, constraint=Constraint("json_schema", json.dumps(schema)))
+
+    def forced_tools(self) -> list[Tool]:
+        """The tools the reply must call one of (tool_choice required or a named function);
+        [] when the model answers freely (no tools, none or auto)."""
+        tools, choice = self.tools or [], self.tool_choice
+        if self.parallel_tool_calls:
+            raise ValueError("parallel_tool_calls is not supported: set it to false")
+        if not tools or choice in (None, "none", "auto"):
+            if choice not in (None, "none", "auto"):
+                raise ValueError("tool_choice needs tools")
+            return []
+        if choice == "required":
+            return tools
+        if isinstance(choice, dict) and choice.get("type") == "function":
+            name = (choice.get("function") or {}).get("name")
+            named = [t for t in tools if t.function.name == name]
+            if not named:
+                raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
+            return named
+        raise ValueError("tool_choice must be none, auto, required or {type: function, ...}")
 
     def chat(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        messages = [{"role": m.role, "content": m.text()} for m in self.messages]
+        if self.tools and self.tool_choice != "none":
+            listing = "\n".join(
+                f"- {t.function.name}: {t.function.description} Parameters (JSON schema): "
+                f"{json.dumps(t.function.parameters)}" for t in self.tools
+            )  # fmt: skip
+            note = ("You can call one of these tools by replying with only a JSON object "
+                    '{"name": <tool name>, "arguments": <its arguments>}:\n' + listing)  # fmt: skip
+            if messages[0]["role"] == "system":
+                messages[0] = {"role": "system", "content": messages[0]["content"] + "\n\n" + note}
+            else:
+                messages.insert(0, {"role": "system", "content": note})
+        return messages
+
+    def tool_call(self, text: str) -> dict[str, Any] | None:
+        """The reply as an OpenAI tool call, when it is one (a forced call always is)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        try:
+            call = json.loads(text)
+        except json.JSONDecodeError:
+            return None
+        names = {t.function.name for t in self.tools}
+        if not isinstance(call, dict) or call.get("name") not in names:
+            return None
+        return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                "function": {"name": call["name"],
+                             "arguments": json.dumps(call.get("arguments", {}))}}  # fmt: skip
 
 
 class GenerateSampling(_SamplingFields):

@@ -286,3 +286,42 @@ def test_completion_echo_streamed_and_not(client):
         model="strata", prompt=prompt, max_tokens=4, temperature=0, echo=True, stream=True)
         if c.choices)  # fmt: skip
     assert streamed == echoed.choices[0].text
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16}},
+                   "required": ["city"]}}}  # fmt: skip
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "Current time in a time zone.",
+    "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 16}},
+                   "required": ["zone"]}}}  # fmt: skip
+
+
+def test_tool_calls_follow_the_tool_schema(url, client):
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = client.chat.completions.create(
+        model="strata", messages=ask, tools=[WEATHER, TIME], max_tokens=64, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        parallel_tool_calls=False)  # fmt: skip
+    choice = named.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+    required = client.chat.completions.create(
+        model="strata", messages=ask, tools=[WEATHER, TIME], tool_choice="required",
+        max_tokens=64, temperature=0)  # fmt: skip
+    assert required.choices[0].message.tool_calls[0].function.name in ("get_weather", "get_time")
+    plain = client.chat.completions.create(
+        model="strata", messages=ask, tools=[WEATHER], tool_choice="none", max_tokens=8,
+        temperature=0)  # fmt: skip
+    assert plain.choices[0].message.content and not plain.choices[0].message.tool_calls
+    bad = [{"tool_choice": {"type": "function", "function": {"name": "nope"}}},
+           {"tool_choice": "required", "parallel_tool_calls": True},
+           {"tool_choice": "required", "stream": True}]  # fmt: skip
+    for extra in bad:
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=30,
+                       json={"messages": ask, "tools": [WEATHER], **extra})  # fmt: skip
+        assert r.status_code == 400, r.text
+    wait_idle(url)
