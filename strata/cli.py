@@ -36,6 +36,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     p.add_argument("--num-pages", type=int, default=4096,
                    help="KV pages in the device pool (L1), page-size tokens each")  # fmt: skip
+    p.add_argument("--mem-fraction-static", type=float, default=None,
+                   help="size the KV pool so weights + pool take this fraction of the "
+                   "device's memory (host RAM on CPU); overrides --num-pages")  # fmt: skip
     p.add_argument("--context-length", type=int, default=None,
                    help="cap the context below the model's max_position_embeddings")  # fmt: skip
     p.add_argument("--log-level", default="warning", help="debug, info, warning or error")
@@ -124,7 +127,8 @@ def model_config(a: argparse.Namespace) -> ModelConfig:
 
 
 def cache_config(a: argparse.Namespace) -> CacheConfig:
-    return CacheConfig(page_size=a.page_size, num_pages=a.num_pages)
+    return CacheConfig(page_size=a.page_size, num_pages=a.num_pages,
+                       mem_fraction=a.mem_fraction_static)  # fmt: skip
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -284,6 +288,9 @@ def cmd_up(a: argparse.Namespace) -> int:
         model_args += ["--model-path", a.model_path]
     if a.context_length:
         model_args += ["--context-length", str(a.context_length)]
+    if a.mem_fraction_static is not None:  # every worker of this machine takes its share
+        share = a.mem_fraction_static / (a.prefill + a.decode)
+        model_args += ["--mem-fraction-static", str(share)]
     worker_args = ["--num-pages", str(a.num_pages),
                    "--max-running-requests", str(a.max_running_requests),
                    "--chunked-prefill-size", str(a.max_batch_tokens),

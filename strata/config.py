@@ -117,10 +117,15 @@ class ModelConfig:
 class CacheConfig:
     page_size: int = 16
     num_pages: int = 4096
+    # SGLang's --mem-fraction-static: weights + KV pool take this fraction of the device's
+    # memory (host RAM on CPU); the pool gets what the weights leave. Overrides num_pages.
+    mem_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if self.page_size <= 0 or self.num_pages <= 0:
             raise ValueError("page_size and num_pages must be positive")
+        if self.mem_fraction is not None and not 0 < self.mem_fraction < 1:
+            raise ValueError("--mem-fraction-static must be in (0, 1)")
 
 
 WRITE_POLICIES = ("write_through", "write_through_selective", "write_back")

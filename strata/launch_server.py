@@ -9,10 +9,11 @@ from collections.abc import Sequence
 from strata.cli import main as cli_main
 
 # SGLang flags with no meaning here (yet): accepted, with a warning naming each, so scripts
-# run unchanged. The rest (--context-length, --random-seed, --schedule-policy,
-# --chunked-prefill-size, --max-running-requests, --hicache-*, ...) are strata serve's own.
+# run unchanged. The rest (--context-length, --mem-fraction-static, --random-seed,
+# --schedule-policy, --chunked-prefill-size, --max-running-requests, --hicache-*, ...) are
+# strata serve's own.
 IGNORED_FLAGS = {
-    "--mem-fraction-static": 1, "--trust-remote-code": 0, "--tp-size": 1, "--tp": 1,
+    "--trust-remote-code": 0, "--tp-size": 1, "--tp": 1,
     "--attention-backend": 1, "--disable-cuda-graph": 0, "--enable-torch-compile": 0,
     "--tokenizer-path": 1, "--kv-cache-dtype": 1,
 }  # fmt: skip

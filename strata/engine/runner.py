@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,6 +52,29 @@ def model_identity(model: LlamaForCausalLM, name: str) -> str:
     return f"{name}-{h.hexdigest()[:16]}"
 
 
+def device_memory(device: str) -> int:
+    """Bytes of memory on the device (all of host RAM for the CPU)."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[1])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def pages_in_memory_fraction(
+    spec: ModelSpec, weights: dict[str, torch.Tensor], cache: CacheConfig, device: str
+) -> int:
+    """KV pages that fit in cache.mem_fraction of the device's memory beside the weights."""
+    assert cache.mem_fraction is not None
+    weight_bytes = sum(w.numel() * w.element_size() for w in weights.values())
+    dtype = next(iter(weights.values())).dtype
+    page_bytes = (spec.num_layers * 2 * (cache.page_size + 1) * spec.num_kv_heads
+                  * spec.head_dim * torch.empty(0, dtype=dtype).element_size())  # fmt: skip
+    budget = int(cache.mem_fraction * device_memory(device)) - weight_bytes
+    if budget < page_bytes:
+        raise ValueError(f"--mem-fraction-static {cache.mem_fraction} leaves no room for KV "
+                         f"pages beside {weight_bytes / 1e9:.2f} GB of weights")  # fmt: skip
+    return budget // page_bytes
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -89,7 +113,11 @@ class ModelRunner:
         model = LlamaForCausalLM(spec, weights, backend, model_cfg.quantization)
         tokenizer = load_tokenizer(folder)
         log.info("loaded %s in %.1fs", folder, time.perf_counter() - start)
-        runner = cls(model, tokenizer, cache_cfg.num_pages, cache_cfg.page_size, folder)
+        num_pages = cache_cfg.num_pages
+        if cache_cfg.mem_fraction is not None:
+            num_pages = pages_in_memory_fraction(spec, weights, cache_cfg, model_cfg.device)
+            log.info("--mem-fraction-static %g: %d KV pages", cache_cfg.mem_fraction, num_pages)
+        runner = cls(model, tokenizer, num_pages, cache_cfg.page_size, folder)
         runner.context_length = model_cfg.context_length
         return runner
 

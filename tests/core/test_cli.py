@@ -42,3 +42,17 @@ def test_context_length_caps_the_model(tiny_checkpoint):
     assert runner.max_context == 64 < runner.spec.max_position
     with pytest.raises(ContextLengthError):
         runner.check_length(60, 10)
+
+
+def test_mem_fraction_sizes_the_pool(tiny_checkpoint):
+    from strata.engine.runner import device_memory
+
+    folder, _ = tiny_checkpoint("llama")
+    model = ModelConfig(str(folder), dtype="float32")
+    fraction = 64 * 1024 * 1024 / device_memory("cpu")  # 64 MiB of this machine
+    runner = ModelRunner.from_config(model, CacheConfig(4, 8, mem_fraction=fraction))
+    weights = sum(p.numel() * 4 for p in tiny_checkpoint("llama")[1].parameters())
+    expect = (64 * 1024 * 1024 - weights) // runner.kv.bytes_per_page
+    assert abs(runner.pool.num_pages - expect) <= expect // 100  # weights counted as loaded
+    with pytest.raises(ValueError, match="mem-fraction-static"):
+        ModelRunner.from_config(model, CacheConfig(4, 8, mem_fraction=1e-12))
