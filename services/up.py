@@ -1,16 +1,20 @@
 """`strata up`: the split cluster as local processes on loopback (cache, prefill and decode
-workers, gateway), started in dependency order, each waited on until healthy; Ctrl-C stops
-all, gateway first (each finishes its calls in flight)."""
+workers, gateway), started in dependency order, each waited on until healthy, then
+supervised (a service that exits is restarted on its address); Ctrl-C or SIGTERM stops all
+at once (each finishes its calls in flight), and the children die with `strata up`."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import grpc
 import httpx
@@ -56,6 +60,73 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.3)
 
 
+RESTART_WINDOW = 60.0  # seconds: a child restarted this often within it is in a crash loop
+MAX_RESTARTS = 5
+STOP_GRACE = 10.0  # children get this long to finish their calls, then 5 s more, then a kill
+
+
+def log(message: str) -> None:
+    print(f"strata up: {message}", file=sys.stderr, flush=True)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when `strata up` dies, even by SIGKILL."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Child:
+    """One supervised service: how to start it, its process, and its recent restarts."""
+
+    name: str
+    args: list[str]
+    env: dict[str, str] | None
+    proc: subprocess.Popen | None = None
+    restarts: deque[float] = field(default_factory=deque)
+    retry_at: float = 0.0  # restart after this time (backoff)
+    given_up: bool = False
+
+    def start(self) -> subprocess.Popen:
+        self.proc = subprocess.Popen(self.args, env=self.env, preexec_fn=_die_with_parent)
+        return self.proc
+
+    def supervise(self, now: float) -> None:
+        """Restart it with backoff if it exited; after MAX_RESTARTS in RESTART_WINDOW, give
+        up on it (the rest of the cluster keeps serving)."""
+        if self.given_up or self.proc is None or self.proc.poll() is None:
+            return
+        while self.restarts and now - self.restarts[0] > RESTART_WINDOW:
+            self.restarts.popleft()
+        if not self.retry_at:
+            if len(self.restarts) >= MAX_RESTARTS:
+                self.given_up = True
+                n, window = len(self.restarts), RESTART_WINDOW
+                log(f"{self.name} keeps exiting ({n} restarts in {window:.0f}s); giving up on it")
+                return
+            delay = min(2.0 ** len(self.restarts), 30.0)
+            log(f"{self.name} exited with {self.proc.returncode}; restarting in {delay:.0f}s")
+            self.retry_at = now + delay
+        if now >= self.retry_at:
+            self.restarts.append(now)
+            self.retry_at = 0.0
+            self.start()
+
+
+def stop_all(children: Sequence[Child], grace: float = STOP_GRACE) -> None:
+    """SIGTERM every child at once; kill what is left after grace + 5 s."""
+    live = [c.proc for c in children if c.proc is not None and c.proc.poll() is None]
+    for p in live:
+        p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace + 5
+    for p in live:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def up(
     host: str,
     port: int,
@@ -69,42 +140,48 @@ def up(
     log_level: str,
     timeout: float = 300.0,
 ) -> int:
+    """Start the cluster and supervise it until SIGINT or SIGTERM: a service that exits is
+    restarted on its own address (with backoff; a crash loop is given up on), so one
+    worker's death is not an outage; every child dies with this process."""
     cli = [sys.executable, "-m", "strata.cli"]
-    procs: list[subprocess.Popen] = []
+    children: list[Child] = []
     stopping = False
 
     def stop(*_: object) -> None:
         nonlocal stopping
         stopping = True
 
-    def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        procs.append(subprocess.Popen([*cli, *args, "--log-level", log_level], env=env))
-        return procs[-1]
+    def start(name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        children.append(Child(name, [*cli, *args, "--log-level", log_level], env))
+        return children[-1].start()
 
     # Prefill workers work in bursts: on a shared CPU their OpenMP threads must sleep, not
     # spin, between bursts, or they take cores from the decode workers (unless set already).
     bursty = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
+    # explicit handlers: a shell that ignores SIGINT (no KeyboardInterrupt) still stops us
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         cache = f"{host}:{free_port(host)}"
         port_arg = cache.rsplit(":", 1)[1]
-        wait_grpc(cache, start("cache", "--host", host, "--port", port_arg, *cache_args), timeout)
+        wait_grpc(cache, start("cache service", "cache", "--host", host, "--port", port_arg,
+                               *cache_args), timeout)  # fmt: skip
         workers: dict[str, list[str]] = {"prefill": [], "decode": []}
         started = []
         for role, n in (("prefill", num_prefill), ("decode", num_decode)):
             for _ in range(n):
                 p = free_port(host)
                 workers[role].append(f"{host}:{p}")
-                proc = start(role, "--host", host, "--port", str(p), "--cache", cache,
-                             *model_args, *worker_args,
+                proc = start(f"{role} worker {host}:{p}", role, "--host", host, "--port", str(p),
+                             "--cache", cache, *model_args, *worker_args,
                              env=bursty if role == "prefill" else None)  # fmt: skip
                 started.append((workers[role][-1], proc))
         for target, proc in started:  # they load the model side by side
             wait_grpc(target, proc, timeout)
         gateway = start(
-            "gateway", "--host", host, "--port", str(port), "--grpc-port", str(grpc_port),
-            "--cache", cache, "--decode", ",".join(workers["decode"]),
+            "gateway", "gateway", "--host", host, "--port", str(port), "--grpc-port",
+            str(grpc_port), "--cache", cache, "--decode", ",".join(workers["decode"]),
             "--prefill", ",".join(workers["prefill"]), *model_args, *gateway_args,
         )  # fmt: skip
         url = f"http://{host}:{port}"
@@ -116,19 +193,15 @@ def up(
             flush=True,
         )
         while not stopping:
-            if any(p.poll() is not None for p in procs):
-                print("strata up: a service exited; stopping the cluster", file=sys.stderr)
+            now = time.monotonic()
+            for child in children:
+                child.supervise(now)
+            if all(c.given_up for c in children if c.name == "gateway"):
+                log("the gateway is gone; stopping")
                 return 1
             time.sleep(0.5)
         return 0
     except KeyboardInterrupt:
         return 0
     finally:
-        for p in reversed(procs):  # gateway first, cache last
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(procs):
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(children)

@@ -303,7 +303,7 @@ def cmd_up(a: argparse.Namespace) -> int:
         worker_args.append("--disable-radix-cache")
     cache_args = []
     if a.disable_hierarchical_cache:
-        a.enable_hierarchical_cache = False
+        a.enable_hierarchical_cache, a.hicache_storage_backend = False, None
     elif a.enable_hierarchical_cache and a.hicache_storage_backend == "file":
         a.hicache_storage_dir = a.hicache_storage_dir or str(cache_dir() / "kv-store")
         cache_args = ["--hicache-storage-dir", a.hicache_storage_dir,

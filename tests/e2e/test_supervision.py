@@ -1,0 +1,90 @@
+"""`strata up` supervises its cluster: a SIGKILLed decode worker is restarted on its
+address and serves again; when `strata up` itself is SIGKILLed, its children die with it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.server import _wait_healthy, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines()
+                          if ":\t" in line)  # fmt: skip
+        except OSError:
+            continue
+        if int(fields.get("PPid", "0").strip()) == pid:
+            out.append(int(status.parent.name))
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") < 0
+    except OSError:
+        return False
+
+
+def ask(url: str) -> httpx.Response:
+    return httpx.post(f"{url}/generate", timeout=120, json={
+        "text": "Hello", "sampling_params": {"max_new_tokens": 2, "temperature": 0}})  # fmt: skip
+
+
+def test_killed_worker_restarts_and_children_die_with_up():
+    port = free_port()
+    cmd = [sys.executable, "-m", "strata.cli", "up", "--port", str(port), "--grpc-port", "-1",
+           "--prefill", "0", "--decode", "1", "--disable-hierarchical-cache"]  # fmt: skip
+    with tempfile.TemporaryFile() as log:
+        up = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_healthy(url, up, log, 300)
+            assert ask(url).status_code == 200
+            decode = [p for p in children(up.pid) if " decode " in cmdline(p)]
+            assert len(decode) == 1
+            os.kill(decode[0], signal.SIGKILL)
+            deadline = time.monotonic() + 120
+            while True:  # requests fail cleanly meanwhile (an error), then succeed again
+                new = [p for p in children(up.pid) if " decode " in cmdline(p)]
+                if new and new != decode:
+                    try:
+                        if ask(url).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                assert time.monotonic() < deadline, "the decode worker did not come back"
+                time.sleep(1)
+            assert up.poll() is None  # one worker's death was not an outage
+            kids = children(up.pid)
+            assert len(kids) == 3  # cache, decode worker, gateway
+            up.kill()  # SIGKILL: no handler runs; the children must go by themselves
+            up.wait()
+            deadline = time.monotonic() + 30
+            while any(alive(p) for p in kids):
+                assert time.monotonic() < deadline, [cmdline(p) for p in kids if alive(p)]
+                time.sleep(0.5)
+        finally:
+            if up.poll() is None:
+                up.send_signal(signal.SIGINT)
+                up.wait(60)
