@@ -10,12 +10,14 @@ every worker's health."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import fields
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.backend import Backend, radix_cache_stats
 from services.convert import (
@@ -33,10 +35,21 @@ from strata.proto.v1 import cache_pb2, cache_pb2_grpc, worker_pb2, worker_pb2_gr
 from strata.radix.results import TreeStats
 from strata.sampling.params import SamplingParams
 
+log = logging.getLogger(__name__)
+
 RPC_TIMEOUT = 10.0
+HEALTH_PERIOD = 1.0  # seconds between health checks of every worker (and their timeout)
 ROUTE_TIMEOUT = 1.0  # a slow cache service must not hold up requests: route by load instead
 # loading a token vs computing it, until the workers have measured both
 DEFAULT_LOAD_WEIGHTS = {"l2": 0.05, "l3": 0.2}
+
+
+class _Unreachable(Exception):
+    """A worker refused the connection before its call produced anything."""
+
+    def __init__(self, target: str, details: str) -> None:
+        super().__init__(f"{target}: {details}")
+        self.target, self.details = target, details
 
 
 def channel(target: str) -> grpc.aio.Channel:
@@ -65,6 +78,9 @@ class RemoteBackend(Backend):
         self.inflight = dict.fromkeys(self.decode_targets + self.prefill_targets, 0)
         self._turn = 0
         self._stubs: tuple[cache_pb2_grpc.CacheStub, dict[str, Any], dict[str, Any]] | None = None
+        # workers that answered their last health check (a failed call also marks one down)
+        self.healthy = dict.fromkeys(self.decode_targets + self.prefill_targets, True)
+        self._watcher: asyncio.Task | None = None
         eos = [tokenizer.eos_token_id, *spec.eos_token_ids]
         self.grammar = LazyGrammarCompiler(tokenizer, spec.vocab_size, eos)
 
@@ -80,7 +96,29 @@ class RemoteBackend(Backend):
             prefill = {t: worker_pb2_grpc.PrefillStub(channel(t))
                        for t in self.prefill_targets}  # fmt: skip
             self._stubs = (cache, decode, prefill)
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
         return self._stubs
+
+    async def _watch(self) -> None:
+        """Health-check every worker each HEALTH_PERIOD: routing skips the ones that fail
+        (so a dead worker stops getting requests within about 2 s) and takes them back when
+        they answer again."""
+        stubs = {t: health_pb2_grpc.HealthStub(channel(t)) for t in self.healthy}
+        request = health_pb2.HealthCheckRequest()
+
+        async def check(target: str) -> None:
+            try:
+                reply = await stubs[target].Check(request, timeout=HEALTH_PERIOD)
+                up = reply.status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.aio.AioRpcError:
+                up = False
+            if up != self.healthy[target]:
+                log.warning("worker %s is %s", target, "back" if up else "down")
+            self.healthy[target] = up
+
+        while True:
+            await asyncio.gather(*(check(t) for t in stubs))
+            await asyncio.sleep(HEALTH_PERIOD)
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         check_length(len(prompt_ids), self.spec.max_position)
@@ -88,8 +126,11 @@ class RemoteBackend(Backend):
             prompt_ids, params, self.spec.vocab_size, lambda c: self.grammar.get().compile(c)
         )
 
-    async def route(self, prompt_ids: Sequence[int], params: SamplingParams) -> tuple[str, str]:
-        """(decode worker, prefill worker or "" to prefill on the decode worker)."""
+    async def route(
+        self, prompt_ids: Sequence[int], params: SamplingParams, avoid: frozenset[str] = frozenset()
+    ) -> tuple[str, str]:
+        """(decode worker, prefill worker or "" to prefill on the decode worker), among the
+        healthy workers not in avoid (among all, if none is)."""
         cache = self.stubs()[0]
         try:
             reply = await cache.Route(
@@ -99,14 +140,15 @@ class RemoteBackend(Backend):
         except grpc.aio.AioRpcError:  # no routing hints: still serve, by load alone
             held, l3 = {}, 0
         cost = {t: route_cost(len(prompt_ids), held.get(t), l3) for t in self.inflight}
-        decode = self._pick(self.decode_targets, cost)
+        decode = self._pick(self.decode_targets, cost, avoid)
         # prompt logprobs are computed where the prompt is prefilled: on the decode worker
         if (not self.prefill_targets or cost[decode] <= self.local_prefill_tokens
                 or params.logprob_start_len >= 0):  # fmt: skip
             return decode, ""
-        return decode, self._pick(self.prefill_targets, cost)
+        return decode, self._pick(self.prefill_targets, cost, avoid)
 
-    def _pick(self, targets: list[str], cost: dict[str, float]) -> str:
+    def _pick(self, targets: list[str], cost: dict[str, float], avoid: frozenset[str]) -> str:
+        targets = [t for t in targets if self.healthy[t] and t not in avoid] or targets
         score = {t: (cost[t], self.inflight[t]) for t in targets}
         best = min(score.values())
         ties = [t for t in targets if score[t] == best]
@@ -116,8 +158,33 @@ class RemoteBackend(Backend):
     async def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, rid: str | None = None
     ) -> AsyncGenerator[RequestOutput, None]:
+        """Route and stream. A worker that cannot be reached before the first token is
+        marked down and the request goes to another one; a stream cut after that ends with
+        an error event naming the worker."""
         rid = rid or uuid.uuid4().hex
-        target, prefill = await self.route(prompt_ids, params)
+        tried: set[str] = set()
+        while True:
+            target, prefill = await self.route(prompt_ids, params, frozenset(tried))
+            produced = False
+            try:
+                async for event in self._generate_on(target, prefill, prompt_ids, params, rid):
+                    produced = True
+                    yield event
+                return
+            except _Unreachable as exc:
+                self.healthy[target] = False
+                tried.add(target)
+                if produced or len(tried) >= len(self.decode_targets):
+                    yield RequestOutput(rid, [], "", finish_reason="error",
+                                        error=f"{exc.target}: {exc.details}")  # fmt: skip
+                    return
+                log.warning("%s unreachable (%s): request %s goes to another worker",
+                            exc.target, exc.details, rid)  # fmt: skip
+
+    async def _generate_on(
+        self, target: str, prefill: str, prompt_ids: Sequence[int], params: SamplingParams,
+        rid: str,
+    ) -> AsyncGenerator[RequestOutput, None]:  # fmt: skip
         decode = self.stubs()[1]
         request = worker_pb2.WorkerGenerateRequest(
             request_id=rid, prompt_ids=list(prompt_ids), sampling_params=params_to_proto(params),
@@ -127,9 +194,10 @@ class RemoteBackend(Backend):
         if prefill:
             self.inflight[prefill] += 1  # until the first token: the prefill is done by then
         call = decode[target].Generate(request, timeout=self.request_timeout)
-        finished = False
+        finished = got_any = False
         try:
             async for chunk in call:
+                got_any = True
                 if prefill:
                     self.inflight[prefill] -= 1
                     prefill = ""
@@ -143,6 +211,9 @@ class RemoteBackend(Backend):
                 raise ValueError(exc.details()) from None
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise Overloaded(f"decode worker {target}: {exc.details()}") from None
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and not got_any:
+                finished = True  # nothing ran there: the caller may retry elsewhere
+                raise _Unreachable(f"decode worker {target}", exc.details() or "") from None
             finished = True
             yield RequestOutput(rid, [], "", finish_reason="error",
                                 error=f"decode worker {target}: {exc.details()}")  # fmt: skip
