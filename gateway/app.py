@@ -102,10 +102,14 @@ MAX_BODY_BYTES = 16 * 1024 * 1024  # as the gRPC message limit (services/grpcio.
 
 
 def create_app(
-    backend: Backend, api_key: str | None = None, protect_health: bool = False
+    backend: Backend,
+    api_key: str | None = None,
+    protect_health: bool = False,
+    metrics: Metrics | None = None,
 ) -> FastAPI:
+    """The REST front; metrics: shared with the gRPC front when both serve one backend."""
     app = FastAPI(title="strata", version="0.1.0")
-    metrics = Metrics()
+    metrics = metrics or Metrics()
     app.state.backend, app.state.metrics = backend, metrics
     tok = backend.tokenizer
 
@@ -181,16 +185,7 @@ def create_app(
         return "".join(text), ids, last, logprobs
 
     def finish(last: RequestOutput, endpoint: str, start: float, ttft: float | None) -> None:
-        status = "error" if last.finish_reason == "error" else "ok"
-        seconds = time.monotonic() - start
-        metrics.requests.labels(endpoint, status).inc()
-        metrics.latency.labels(endpoint).observe(seconds)
-        metrics.observe_finished(last, seconds, ttft)
-        if last.usage is not None:
-            metrics.prompt_tokens.inc(last.usage.prompt_tokens)
-            metrics.generation_tokens.inc(last.usage.completion_tokens)
-            metrics.cached_tokens.inc(last.usage.cached_tokens)
-            metrics.sparsity.observe(last.usage.attention_sparsity_ratio)
+        metrics.record(endpoint, last, time.monotonic() - start, ttft)
 
     def check_error(last: RequestOutput) -> None:
         if last.finish_reason == "error":

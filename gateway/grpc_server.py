@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
@@ -16,6 +17,7 @@ from contextlib import aclosing
 import grpc
 
 from gateway.backend import Backend
+from gateway.metrics import Metrics
 from services.convert import FINISH, chunk_from_output, params_from_proto
 from services.grpcio import ApiKeyInterceptor, start_server
 from strata.engine.request import Overloaded, RequestOutput
@@ -25,9 +27,10 @@ from strata.tokenizer import chat_prompt_ids
 
 
 class GatewayService(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, metrics: Metrics | None = None) -> None:
         self.backend = backend
         self.tok = backend.tokenizer
+        self.metrics = metrics
 
     def _prompt(self, req: gateway_pb2.GenerateRequest) -> list[int]:
         which = req.WhichOneof("input")
@@ -61,9 +64,17 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
     ) -> AsyncGenerator[RequestOutput, None]:
         ids, params = await self._start(req, context)
         rid = req.request_id or uuid.uuid4().hex
+        start, ttft = time.monotonic(), None
         # aclosing: a cancelled call closes the stream at once, which aborts the request
         async with aclosing(self.backend.generate(ids, params, rid)) as events:
             async for ev in events:
+                if self.metrics is not None:
+                    self.metrics.observe_event(ev)
+                    if ttft is None and ev.token_ids:
+                        ttft = time.monotonic() - start
+                        self.metrics.ttft.observe(ttft)
+                    if ev.finish_reason is not None:
+                        self.metrics.record("grpc", ev, time.monotonic() - start, ttft)
                 yield ev
 
     async def Generate(self, request, context):  # noqa: N802 (gRPC method names)
@@ -96,12 +107,12 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
 async def start_grpc(
     backend: Backend, host: str, port: int, api_key: str | None = None,
-    protect_health: bool = False,
+    protect_health: bool = False, metrics: Metrics | None = None,
 ) -> tuple[grpc.aio.Server, int]:  # fmt: skip
     """Start the Gateway service with health and reflection (and, with api_key, its check);
     returns (server, bound port)."""
     name = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
-    servicer = GatewayService(backend)
+    servicer = GatewayService(backend, metrics)
     interceptors = [ApiKeyInterceptor(api_key, protect_health)] if api_key else []
     return await start_server(host, port, [(gateway_pb2_grpc.add_GatewayServicer_to_server,
                                             servicer, name)], interceptors)  # fmt: skip

@@ -83,6 +83,20 @@ class Metrics:
             self.transfer_bytes.inc(ev.transfer_bytes)
             self.transfer_seconds.observe(ev.transfer_seconds)
 
+    def record(
+        self, endpoint: str, last: RequestOutput, seconds: float, ttft: float | None
+    ) -> None:
+        """A finished request (any front): counts, latency and its per-request figures."""
+        status = "error" if last.finish_reason == "error" else "ok"
+        self.requests.labels(endpoint, status).inc()
+        self.latency.labels(endpoint).observe(seconds)
+        self.observe_finished(last, seconds, ttft)
+        if last.usage is not None:
+            self.prompt_tokens.inc(last.usage.prompt_tokens)
+            self.generation_tokens.inc(last.usage.completion_tokens)
+            self.cached_tokens.inc(last.usage.cached_tokens)
+            self.sparsity.observe(last.usage.attention_sparsity_ratio)
+
     def observe_finished(self, out: RequestOutput, seconds: float, ttft: float | None) -> None:
         """Per finished request: its latency, time per output token, queue time, sizes."""
         self.e2e.observe(seconds)

@@ -106,16 +106,18 @@ async def _serve_fronts(backend: Backend, name: str, server: ServerConfig) -> No
 
     from gateway.app import create_app
     from gateway.grpc_server import start_grpc
+    from gateway.metrics import Metrics
 
+    metrics = Metrics()  # one registry: /metrics counts REST and gRPC requests alike
     grpc_server = None
     if server.grpc_port >= 0:
         grpc_port = server.grpc_port or server.port + 1
         grpc_server, bound = await start_grpc(
-            backend, server.host, grpc_port, server.api_key, server.protect_health
+            backend, server.host, grpc_port, server.api_key, server.protect_health, metrics
         )
         log.info("gRPC strata.v1.Gateway on %s:%d", server.host, bound)
     config = uvicorn.Config(
-        create_app(backend, server.api_key, server.protect_health), host=server.host,
+        create_app(backend, server.api_key, server.protect_health, metrics), host=server.host,
         port=server.port,
         log_level=server.log_level.lower(), timeout_graceful_shutdown=10,
     )  # fmt: skip

@@ -56,6 +56,9 @@ def test_streamed_generation_equals_rest(urls, stub):
     assert text == rest["choices"][0]["message"]["content"]
     unary = stub.Generate(chat_request(), timeout=120)
     assert unary.text == text and unary.usage.cached_tokens > 0
+    metrics = httpx.get(f"{urls[0]}/metrics", timeout=30).text  # gRPC requests count too
+    assert re.search(r'^strata_requests_total\{endpoint="grpc",status="ok"\} [2-9]', metrics,
+                     re.M)  # fmt: skip
 
 
 def test_constraint_corpus_through_grpc(urls, stub):
