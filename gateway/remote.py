@@ -67,7 +67,10 @@ class RemoteBackend(Backend):
         prefill_targets: Sequence[str] = (),
         local_prefill_tokens: int = 256,
         request_timeout: float = 600.0,
+        max_outstanding: int | None = None,
     ) -> None:
+        """max_outstanding: requests the gateway holds at most (running or queued on the
+        decode workers); past it, new ones are refused (Overloaded, HTTP 429)."""
         if not decode_targets:
             raise ValueError("the gateway needs at least one decode worker")
         self.tokenizer, self.model_name, self.spec = tokenizer, model_name, spec
@@ -75,6 +78,7 @@ class RemoteBackend(Backend):
         self.prefill_targets = list(prefill_targets)
         self.local_prefill_tokens = local_prefill_tokens
         self.request_timeout = request_timeout
+        self.max_outstanding = max_outstanding
         self.inflight = dict.fromkeys(self.decode_targets + self.prefill_targets, 0)
         self._turn = 0
         self._stubs: tuple[cache_pb2_grpc.CacheStub, dict[str, Any], dict[str, Any]] | None = None
@@ -121,6 +125,11 @@ class RemoteBackend(Backend):
             await asyncio.sleep(HEALTH_PERIOD)
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        held = sum(self.inflight[t] for t in self.decode_targets)
+        if self.max_outstanding is not None and held >= self.max_outstanding:
+            raise Overloaded(f"the gateway holds {held} requests, its limit "
+                             "(workers x (--max-running-requests + --max-queued-requests)); "
+                             "retry later")  # fmt: skip
         check_length(len(prompt_ids), self.spec.max_position)
         check_request(
             prompt_ids, params, self.spec.vocab_size, lambda c: self.grammar.get().compile(c)

@@ -268,8 +268,10 @@ def cmd_gateway(a: argparse.Namespace) -> int:
     server = ServerConfig(
         a.host, a.port, a.served_model_name, a.log_level, a.grpc_port, a.api_key, a.protect_health
     )
-    serve_gateway(model_config(a), server, a.cache, addresses(a.decode), addresses(a.prefill),
-                  a.local_prefill_tokens)  # fmt: skip
+    decode = addresses(a.decode)
+    bound = len(decode) * (a.max_running_requests + a.max_queued_requests)
+    serve_gateway(model_config(a), server, a.cache, decode, addresses(a.prefill),
+                  a.local_prefill_tokens, bound)  # fmt: skip
     return 0
 
 
@@ -310,7 +312,9 @@ def cmd_up(a: argparse.Namespace) -> int:
                       "--hicache-storage-size", str(a.hicache_storage_size)]  # fmt: skip
     hicache_config(a)  # refuse bad flags here, before any process starts
     worker_args += hicache_argv(a)
-    gateway_args = ["--local-prefill-tokens", str(a.local_prefill_tokens)]
+    gateway_args = ["--local-prefill-tokens", str(a.local_prefill_tokens),
+                    "--max-running-requests", str(a.max_running_requests),
+                    "--max-queued-requests", str(a.max_queued_requests)]  # fmt: skip
     if a.api_key:  # to the gateway through the environment, not its command line (ps)
         os.environ["STRATA_API_KEY"] = a.api_key
         gateway_args += ["--protect-health"] if a.protect_health else []

@@ -55,7 +55,7 @@ def serve(
 
 def serve_gateway(
     model: ModelConfig, server: ServerConfig, cache_target: str, decode_targets: list[str],
-    prefill_targets: list[str], local_prefill_tokens: int,
+    prefill_targets: list[str], local_prefill_tokens: int, max_outstanding: int | None = None,
 ) -> None:  # fmt: skip
     """The split cluster's gateway: tokenizer and chat template here, prefill on the
     prefill workers and generation on the decode workers (routed by the cache service's
@@ -66,7 +66,8 @@ def serve_gateway(
     spec = ModelSpec.from_hf(read_config(folder))
     name = server.served_model_name or (model.model_path or "SmolLM2-135M-Instruct")
     backend = RemoteBackend(load_tokenizer(folder), name, spec, cache_target, decode_targets,
-                            prefill_targets, local_prefill_tokens)  # fmt: skip
+                            prefill_targets, local_prefill_tokens,
+                            max_outstanding=max_outstanding)  # fmt: skip
     asyncio.run(_serve_fronts(backend, name, server))
 
 

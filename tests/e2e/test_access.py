@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from strata.proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from tests.e2e.server import free_port, running_server
+from tests.e2e.server import free_port, running_cluster, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -127,3 +127,30 @@ def test_oversized_bodies_and_messages_are_refused(urls):
                 big, timeout=60, metadata=(("authorization", f"Bearer {KEY}"),)
             )
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_the_gateway_bounds_what_it_holds():
+    """Split mode: the gateway refuses past workers x (running + queued) itself, before a
+    worker is asked (its own message), and takes requests again once they finish."""
+    flags = ("--prefill", "0", "--decode", "1", "--disable-hierarchical-cache",
+             "--max-running-requests", "1", "--max-queued-requests", "0")  # fmt: skip
+    with running_cluster(*flags) as (url, _):
+        started = threading.Event()
+        done: list[int] = []
+
+        def long_request():
+            body = {"text": "Count slowly.", "stream": True, "sampling_params": {
+                "max_new_tokens": 48, "temperature": 0, "ignore_eos": True}}  # fmt: skip
+            with httpx.stream("POST", f"{url}/generate", json=body, timeout=300) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        started.set()
+                done.append(r.status_code)
+
+        runner = threading.Thread(target=long_request)
+        runner.start()
+        assert started.wait(120)
+        r = chat(url)
+        assert r.status_code == 429 and "the gateway holds" in r.json()["error"]["message"]
+        runner.join(300)
+        assert done == [200] and chat(url).status_code == 200
