@@ -26,7 +26,7 @@ from services.convert import (
     tier_stats_from_proto,
     tree_stats_from_proto,
 )
-from services.grpcio import MESSAGE_OPTIONS
+from services.grpcio import CHANNEL_OPTIONS
 from strata.engine.request import Overloaded, RequestOutput, check_request
 from strata.engine.runner import check_length
 from strata.grammar.compiler import LazyGrammarCompiler
@@ -53,7 +53,7 @@ class _Unreachable(Exception):
 
 
 def channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=MESSAGE_OPTIONS)
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
 
 
 class RemoteBackend(Backend):

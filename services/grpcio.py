@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 MESSAGE_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]  # fmt: skip
+# Channels: a restarted peer is dialled again within 2 s (grpc's default backoff grows to
+# 120 s, which would keep a worker that came back out of routing for minutes).
+CHANNEL_OPTIONS = [*MESSAGE_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 500),
+                   ("grpc.max_reconnect_backoff_ms", 2000)]  # fmt: skip
 
 
 async def start_server(
