@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 import uuid
@@ -19,6 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from gateway.access import error_body, install_access
 from gateway.backend import Backend
 from gateway.metrics import Metrics
 from gateway.protocol import (
@@ -28,7 +28,7 @@ from gateway.protocol import (
     GenerateRequest,
     TokenizeRequest,
 )
-from strata.engine.request import Overloaded, RequestOutput
+from strata.engine.request import RequestOutput
 from strata.sampling.params import SamplingParams
 from strata.tokenizer import chat_prompt_ids, chat_roles
 
@@ -37,12 +37,6 @@ M = TypeVar("M", bound=BaseModel)
 
 class BadRequest(ValueError):
     pass
-
-
-def error_body(message: str, kind: str = "invalid_request_error", code: int = 400) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": message, "type": kind, "param": None, "code": code}}, code
-    )
 
 
 def usage_json(*outs: RequestOutput) -> dict[str, Any]:
@@ -92,15 +86,6 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-def key_matches(header: str | None, api_key: str) -> bool:
-    """`Authorization: Bearer KEY`, compared in constant time."""
-    return hmac.compare_digest((header or "").encode(), f"Bearer {api_key}".encode())
-
-
-OPEN_PATHS = frozenset({"/health", "/metrics"})  # probes and scrapers, unless protect_health
-MAX_BODY_BYTES = 16 * 1024 * 1024  # as the gRPC message limit (services/grpcio.py)
-
-
 def create_app(
     backend: Backend,
     api_key: str | None = None,
@@ -112,33 +97,7 @@ def create_app(
     metrics = metrics or Metrics()
     app.state.backend, app.state.metrics = backend, metrics
     tok = backend.tokenizer
-
-    if api_key:
-
-        @app.middleware("http")
-        async def _authenticate(request: Request, call_next: Callable) -> Any:
-            if (protect_health or request.url.path not in OPEN_PATHS) and not key_matches(
-                request.headers.get("authorization"), api_key
-            ):
-                response = error_body("missing or wrong API key (Authorization: Bearer KEY)",
-                                      "authentication_error", 401)  # fmt: skip
-                response.headers["WWW-Authenticate"] = "Bearer"
-                return response
-            return await call_next(request)
-
-    @app.middleware("http")
-    async def _body_limit(request: Request, call_next: Callable) -> Any:
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            return error_body(f"request body of {size} bytes exceeds {MAX_BODY_BYTES}",
-                              "invalid_request_error", 413)  # fmt: skip
-        return await call_next(request)
-
-    @app.exception_handler(Overloaded)
-    async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
-        response = error_body(str(exc), "overloaded_error", 429)
-        response.headers["Retry-After"] = str(exc.retry_after)
-        return response
+    install_access(app, api_key, protect_health)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -190,6 +149,13 @@ def create_app(
     def check_error(last: RequestOutput) -> None:
         if last.finish_reason == "error":
             raise RuntimeError(last.error or "generation failed")
+
+    async def collect_choices(ids: list[int], runs: list[SamplingParams], endpoint: str):
+        """OpenAI `n`: one generation per params, side by side; each checked for errors."""
+        done = await asyncio.gather(*(collect(ids, p, endpoint) for p in runs))
+        for _, _, last, _ in done:
+            check_error(last)
+        return done
 
     async def stream(
         prompt_ids: list[int],
@@ -308,10 +274,9 @@ def create_app(
                 stream(ids, body.fan_out(params), "completions", render, usage),
                 media_type="text/event-stream",
             )
-        runs = await asyncio.gather(*(collect(ids, p, "completions") for p in body.fan_out(params)))
+        runs = await collect_choices(ids, body.fan_out(params), "completions")
         choices = []
         for i, (text, _, last, lps) in enumerate(runs):
-            check_error(last)
             lp = completion_logprobs(lps) if params.logprobs else None
             choices.append({"index": i, "text": echo + text, "finish_reason": last.finish_reason,
                             "logprobs": lp})  # fmt: skip
@@ -349,10 +314,9 @@ def create_app(
                 stream(ids, body.fan_out(params), "chat", render, usage),
                 media_type="text/event-stream",
             )
-        runs = await asyncio.gather(*(collect(ids, p, "chat") for p in body.fan_out(params)))
+        runs = await collect_choices(ids, body.fan_out(params), "chat")
         choices = []
         for i, (text, _, last, lps) in enumerate(runs):
-            check_error(last)
             message: dict[str, Any] = {"role": "assistant", "content": text}
             finish_reason = last.finish_reason
             call = body.tool_call(text) if finish_reason == "stop" else None

@@ -300,11 +300,12 @@ class Engine(SplitRoles):
             self.cache.observe_compute(filled, time.perf_counter() - start)
         if prompt_logprobs:
             logits = collect_input_logprobs(chunks, logits)
-        sparsity = self.runner.last_sparsity or [(0, 0)] * len(chunks)
-        for c, (skipped, considered) in zip(chunks, sparsity):
+        sparsity = self.runner.last_sparsity  # None unless sparse decode ran this step
+        for i, c in enumerate(chunks):
             c.req.num_computed += c.length
-            c.req.sparse_skipped += skipped
-            c.req.sparse_considered += considered
+            if sparsity is not None:
+                c.req.sparse_skipped += sparsity[i][0]
+                c.req.sparse_considered += sparsity[i][1]
             if c.length > 1:
                 self.scheduler.cache_progress(c.req)
         rows = [i for i, c in enumerate(chunks) if c.sample]

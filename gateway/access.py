@@ -1,0 +1,58 @@
+"""Access and limits of the REST front: the API key, the body size, overload answers, and
+the OpenAI error shape every refusal takes."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from strata.engine.request import Overloaded
+
+
+def error_body(message: str, kind: str = "invalid_request_error", code: int = 400) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": None, "code": code}}, code
+    )
+
+
+def key_matches(header: str | None, api_key: str) -> bool:
+    """`Authorization: Bearer KEY`, compared in constant time."""
+    return hmac.compare_digest((header or "").encode(), f"Bearer {api_key}".encode())
+
+
+OPEN_PATHS = frozenset({"/health", "/metrics"})  # probes and scrapers, unless protect_health
+MAX_BODY_BYTES = 16 * 1024 * 1024  # as the gRPC message limit (services/grpcio.py)
+
+
+def install_access(app: FastAPI, api_key: str | None, protect_health: bool) -> None:
+    """The API key check (when api_key is set), the body size limit, and 429 on overload."""
+    if api_key:
+
+        @app.middleware("http")
+        async def _authenticate(request: Request, call_next: Callable) -> Any:
+            if (protect_health or request.url.path not in OPEN_PATHS) and not key_matches(
+                request.headers.get("authorization"), api_key
+            ):
+                response = error_body("missing or wrong API key (Authorization: Bearer KEY)",
+                                      "authentication_error", 401)  # fmt: skip
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return response
+            return await call_next(request)
+
+    @app.middleware("http")
+    async def _body_limit(request: Request, call_next: Callable) -> Any:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
+            return error_body(f"request body of {size} bytes exceeds {MAX_BODY_BYTES}",
+                              "invalid_request_error", 413)  # fmt: skip
+        return await call_next(request)
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
+        response = error_body(str(exc), "overloaded_error", 429)
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
