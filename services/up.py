@@ -21,10 +21,17 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def free_port(host: str, taken: set[int]) -> int:
+    """A port free now and not in taken (which it joins): the ports handed out here are
+    bound only later, by the children, so the OS could otherwise hand one out twice or
+    give away the gateway's."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in taken:
+            taken.add(port)
+            return port
 
 
 def wait_grpc(target: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -163,7 +170,8 @@ def up(
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        cache = f"{host}:{free_port(host)}"
+        taken = {port, grpc_port or port + 1}
+        cache = f"{host}:{free_port(host, taken)}"
         port_arg = cache.rsplit(":", 1)[1]
         wait_grpc(cache, start("cache service", "cache", "--host", host, "--port", port_arg,
                                *cache_args), timeout)  # fmt: skip
@@ -171,7 +179,7 @@ def up(
         started = []
         for role, n in (("prefill", num_prefill), ("decode", num_decode)):
             for _ in range(n):
-                p = free_port(host)
+                p = free_port(host, taken)
                 workers[role].append(f"{host}:{p}")
                 proc = start(f"{role} worker {host}:{p}", role, "--host", host, "--port", str(p),
                              "--cache", cache, *model_args, *worker_args,
