@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 
-.PHONY: run test lint venv clean bench
+.PHONY: run test lint venv clean bench peers
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,12 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q -x tests
+
+# Peers for the benchmarks only (never needed by make test): llama-cpp-python, built without
+# native CPU detection (a native build crashed with a protection fault on an AMX CPU).
+peers: $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF" \
+	  $(BIN)/pip install -q llama-cpp-python==0.3.36
 
 bench: $(STAMP)
 	$(BIN)/python bench/decode_speed.py

@@ -1,5 +1,6 @@
 """One run, one machine: `strata bench multiturn` against strata serve with and without the
-radix cache, and the transformers baseline on the same conversations.
+radix cache, llama-cpp-python's server on the embedded model's Q4_1 GGUF (when installed:
+`make peers`), and the transformers baseline on the same conversations.
 
 Usage: python bench/multiturn_compare.py [--conversations 16 --turns 4 --max-tokens 32]
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from strata.bench.cli import add_bench_args, run_bench  # noqa: E402
+from strata.bench.peers import has_llama_cpp, llama_cpp_server  # noqa: E402
 from strata.bench.report import table  # noqa: E402
 from tests.e2e.server import running_server  # noqa: E402
 
@@ -34,6 +36,11 @@ def main() -> None:
             args.url, args.name, args.backend = url, name, "server"
             results.append(run_bench(args))
         print(table(results[-1:]), flush=True)
+    if has_llama_cpp():
+        with llama_cpp_server() as url:
+            args.url, args.name = url, "llama-cpp-python server (Q4_1)"
+            results.append(run_bench(args))
+        print(table(results[-1:]), flush=True)
     args.backend = "transformers"
     results.append(run_bench(args))
     print()
@@ -42,8 +49,8 @@ def main() -> None:
     print(table(results))
     base = {r["system"]: r["output_tokens_per_s"] for r in results}
     cached = results[0]["output_tokens_per_s"]
-    print(f"\nradix cache vs no cache: {cached / results[1]['output_tokens_per_s']:.2f}x; "
-          f"vs transformers: {cached / results[2]['output_tokens_per_s']:.2f}x")  # fmt: skip
+    ratios = [f"{r['system']} {cached / r['output_tokens_per_s']:.2f}x" for r in results[1:]]
+    print("\nstrata serve (radix cache) vs: " + "; ".join(ratios))
     if args.out:
         Path(args.out).write_text(json.dumps({"results": results, "tok_s": base}, indent=2))
 

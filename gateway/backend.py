@@ -1,14 +1,14 @@
-"""Backend: what the REST layer talks to. LocalBackend wraps an in-process Engine."""
+"""Backend: what the REST layer talks to. LocalBackend fronts the engine process."""
 
 from __future__ import annotations
 
-import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from strata.engine.engine import Engine
+from strata.config import SchedulerConfig
+from strata.engine.process import EngineClient, EngineGone
 from strata.engine.request import RequestOutput
 from strata.sampling.params import SamplingParams
 
@@ -79,10 +79,13 @@ def radix_cache_stats(
 
 
 class LocalBackend(Backend):
-    def __init__(self, engine: Engine, model_name: str) -> None:
+    """The colocated server's backend: the engine process behind an EngineClient."""
+
+    def __init__(self, engine: EngineClient, model_name: str, sched: SchedulerConfig) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
+        self.sched = sched
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         self.engine.validate(prompt_ids, params)
@@ -93,7 +96,9 @@ class LocalBackend(Backend):
         return self.engine.stream(prompt_ids, params, rid)
 
     async def health(self) -> dict[str, Any]:
-        stats = await asyncio.wrap_future(self.engine.call(self.engine.stats))
+        if not self.engine.alive:
+            raise EngineGone("the engine process is gone")
+        stats = await self.engine.call("stats")
         return {
             "status": "ok",
             "model": self.model_name,
@@ -103,22 +108,22 @@ class LocalBackend(Backend):
             "pages_free": stats.pages_free,
             "jump_forward_tokens": stats.jump_forward_tokens,
             "radix_cache_stats": radix_cache_stats(stats.cache, stats.tiers),
+            "engine": {"pid": self.engine.process.pid, "loop_thread": stats.loop_thread},
         }
 
     async def flush_cache(self) -> int:
-        return int(await asyncio.wrap_future(self.engine.call(self.engine.flush_cache)))
+        return int(await self.engine.call("flush_cache"))
 
     async def abort(self, rid: str) -> bool:
-        engine = self.engine
-        return bool(await asyncio.wrap_future(engine.call(lambda: engine.abort_now(rid))))
+        return bool(await self.engine.call("abort_now", rid))
 
     async def server_info(self) -> dict[str, Any]:
-        runner, sched = self.engine.runner, self.engine.scheduler
+        limits, sched = self.engine.limits, self.sched
         return {
-            "model_path": self.model_name, "context_length": runner.max_context,
-            "page_size": runner.page_size,
-            "max_total_num_tokens": runner.pool.num_pages * runner.page_size,
-            "max_running_requests": sched.max_running,
+            "model_path": self.model_name, "context_length": limits.max_context,
+            "page_size": limits.page_size,
+            "max_total_num_tokens": limits.num_pages * limits.page_size,
+            "max_running_requests": sched.max_running_requests,
             "chunked_prefill_size": sched.max_batch_tokens,
-            "radix_cache": self.engine.cache is not None,
+            "radix_cache": sched.enable_radix_cache, "engine_pid": self.engine.process.pid,
         }  # fmt: skip

@@ -27,8 +27,7 @@ from services.convert import (
     tree_stats_from_proto,
 )
 from services.grpcio import CHANNEL_OPTIONS
-from strata.engine.request import Overloaded, RequestOutput, check_request
-from strata.engine.runner import check_length
+from strata.engine.request import Overloaded, RequestOutput, check_length, check_request
 from strata.grammar.compiler import LazyGrammarCompiler
 from strata.model.spec import ModelSpec
 from strata.proto.v1 import cache_pb2, cache_pb2_grpc, worker_pb2, worker_pb2_grpc

@@ -220,7 +220,6 @@ def seed_sampler(a: argparse.Namespace) -> None:
 def cmd_serve(a: argparse.Namespace) -> int:
     from strata.serve import serve
 
-    seed_sampler(a)
     serve(
         model_config(a),
         cache_config(a),
@@ -235,6 +234,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             a.protect_health,
         ),
         hicache_config(a),
+        a.random_seed,
     )
     return 0
 

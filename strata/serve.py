@@ -4,53 +4,41 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from typing import TYPE_CHECKING
 
 from strata.config import CacheConfig, HiCacheConfig, ModelConfig, SchedulerConfig, ServerConfig
-from strata.engine.engine import Engine
-from strata.engine.runner import ModelRunner
+from strata.engine.process import EngineClient, EngineConfig, build_engine
 from strata.model.loader import load_tokenizer, read_config, resolve_checkpoint
 from strata.model.spec import ModelSpec
 
 if TYPE_CHECKING:
+    import uvicorn
+
     from gateway.backend import Backend
 
 log = logging.getLogger(__name__)
 
 
-def build_engine(
-    model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, tiers: HiCacheConfig,
-    cluster_worker: bool = False,
-) -> Engine:  # fmt: skip
-    runner = ModelRunner.from_config(model, cache)
-    if runner.tokenizer is None:
-        raise ValueError(f"no tokenizer in {runner.checkpoint}: the server needs one")
-    return Engine(
-        runner,
-        enable_cache=sched.enable_radix_cache,
-        max_batch_tokens=sched.max_batch_tokens,
-        max_running=sched.max_running_requests,
-        tiers=tiers,
-        cluster_worker=cluster_worker,
-        max_queued=sched.max_queued_requests,
-        request_timeout=sched.request_timeout or None,
-        schedule_policy=sched.schedule_policy,
-    )
-
-
 def serve(
     model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, server: ServerConfig,
-    tiers: HiCacheConfig,
+    tiers: HiCacheConfig, random_seed: int | None = None,
 ) -> None:  # fmt: skip
-    engine = build_engine(model, cache, sched, tiers)
-    name = server.served_model_name or (model.model_path or "SmolLM2-135M-Instruct")
-    engine.start()
+    """The engine in its own process (its step loop on that process's main thread), the
+    REST and gRPC fronts in this one."""
     from gateway.backend import LocalBackend
 
+    cfg = EngineConfig(model, cache, sched, tiers, random_seed, server.log_level)
+    engine = EngineClient(cfg)
+    name = server.served_model_name or (model.model_path or "SmolLM2-135M-Instruct")
     try:
-        asyncio.run(_serve_fronts(LocalBackend(engine, name), name, server))
+        asyncio.run(_serve_fronts(LocalBackend(engine, name, sched), name, server, engine))
     finally:
+        died = not engine.alive
         engine.shutdown()
+    if died:  # a non-zero exit: a supervisor (docker, systemd) restarts the server
+        log.error("the engine process died; the server stopped")
+        sys.exit(3)
 
 
 def serve_gateway(
@@ -101,8 +89,12 @@ def serve_worker(
             publisher.stop()
 
 
-async def _serve_fronts(backend: Backend, name: str, server: ServerConfig) -> None:
-    """REST (uvicorn) and gRPC (grpc.aio) on one event loop over one backend."""
+async def _serve_fronts(
+    backend: Backend, name: str, server: ServerConfig, engine: EngineClient | None = None
+) -> None:
+    """REST (uvicorn) and gRPC (grpc.aio) on one event loop over one backend. engine: the
+    engine process behind it; the fronts shut down when it dies (a supervisor restarts
+    the server)."""
     import uvicorn
 
     from gateway.app import create_app
@@ -123,8 +115,22 @@ async def _serve_fronts(backend: Backend, name: str, server: ServerConfig) -> No
         log_level=server.log_level.lower(), timeout_graceful_shutdown=10,
     )  # fmt: skip
     log.info("serving %s on http://%s:%d", name, server.host, server.port)
+    front = uvicorn.Server(config)
+    watch = None
+    if engine is not None:
+        watch = asyncio.get_running_loop().create_task(_watch_engine(engine, front))
     try:
-        await uvicorn.Server(config).serve()
+        await front.serve()
     finally:
+        if watch is not None:
+            watch.cancel()
         if grpc_server is not None:
             await grpc_server.stop(grace=5)
+
+
+async def _watch_engine(engine: EngineClient, front: uvicorn.Server) -> None:
+    while engine.alive:
+        await asyncio.sleep(0.5)
+    log.error("the engine process is gone; shutting down the server")
+    await asyncio.sleep(0.5)  # streams in flight get their error events out
+    front.should_exit = True

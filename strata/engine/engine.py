@@ -16,7 +16,7 @@ from typing import Any
 
 from strata.config import HiCacheConfig
 from strata.engine.logprobs import collect_input_logprobs, wants_input_logprobs
-from strata.engine.request import KVSource, Overloaded, Request, RequestOutput, check_request
+from strata.engine.request import KVSource, Limits, Overloaded, Request, RequestOutput
 from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import ScheduledChunk, Scheduler
 from strata.engine.split import SplitRoles
@@ -45,6 +45,7 @@ class EngineStats:
     jump_forward_tokens: int  # tokens appended by jump-forward decoding (no step sampled)
     held: int = 0  # prefill role: finished prompts whose pages wait to be pulled
     tiers: dict[str, Any] | None = None  # pages, bytes and traffic per KV tier (with tiers)
+    loop_thread: str = ""  # the thread that runs the step loop (stats runs on it)
 
 
 class Engine(SplitRoles):
@@ -100,14 +101,24 @@ class Engine(SplitRoles):
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._looping = False  # run() has started: calls wait for the loop
         self._grammar = LazyGrammarCompiler(
             self.tokenizer, runner.spec.vocab_size, sorted(self.eos_ids), grammar_timeout
         )
         self.jump_forward = jump_forward
+        # called on the loop's thread after each step (the engine process sends the events
+        # its requests' sinks collected)
+        self.after_step: Callable[[], None] = lambda: None
         self.jump_forward_tokens = 0
         self._init_split_roles(hold_timeout)
 
     # ---- the public, thread-safe surface -------------------------------------------------
+
+    @property
+    def limits(self) -> Limits:
+        r = self.runner
+        return Limits(r.max_context, r.spec.vocab_size, r.page_size, r.pool.num_pages,
+                      tuple(sorted(self.eos_ids)), r.checkpoint)  # fmt: skip
 
     @property
     def grammar(self) -> GrammarCompiler:
@@ -122,14 +133,7 @@ class Engine(SplitRoles):
                 f"the server holds {self._outstanding} requests, its limit "
                 "(--max-running-requests + --max-queued-requests); retry later"
             )
-        self.runner.check_length(len(prompt_ids))
-        check_request(prompt_ids, params, self.runner.spec.vocab_size,
-                      lambda c: self.grammar.compile(c))  # fmt: skip
-        if self.runner.pages_for(len(prompt_ids) + 1) > self.runner.pool.num_pages:
-            raise ValueError(
-                f"prompt of {len(prompt_ids)} tokens needs more KV pages than the pool holds "
-                f"({self.runner.pool.num_pages} pages of {self.runner.page_size})"
-            )
+        self.limits.check(prompt_ids, params, lambda c: self.grammar.compile(c))
 
     def submit(
         self,
@@ -192,7 +196,7 @@ class Engine(SplitRoles):
         """Run fn on the engine thread between steps (safe access to engine state)."""
         fut: Future = Future()
         self._inbox.put(("call", (fn, fut)))
-        if self._thread is None:  # not started: run inline
+        if not self._looping:  # no step loop runs: run inline
             self._drain()
         return fut
 
@@ -207,6 +211,7 @@ class Engine(SplitRoles):
             jump_forward_tokens=self.jump_forward_tokens,
             held=len(self._held),
             tiers=self.cache.tier_stats() if self.cache is not None else None,
+            loop_thread=threading.current_thread().name,
         )
 
     def flush_cache(self) -> int:
@@ -218,22 +223,39 @@ class Engine(SplitRoles):
         return len(pages)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="strata-engine", daemon=True)
+        """Run the step loop on a thread of its own (split workers; `strata serve` runs it
+        on the main thread of the engine process instead, see strata.engine.process)."""
+        self.expect_loop()
+        self._thread = threading.Thread(target=self.run, name="strata-engine", daemon=True)
         self._thread.start()
 
-    def shutdown(self, timeout: float = 10.0) -> None:
+    def expect_loop(self) -> None:
+        """From now on calls wait for the step loop (the caller is about to run it)."""
+        self._looping = True
+
+    def stop(self) -> None:
+        """Make the step loop return (its requests end with an abort event)."""
         self._stopping.set()
         self._inbox.put(("wake", None))
-        if self._thread is not None:
-            self._thread.join(timeout)
+
+    def close(self) -> None:
+        """Stop the side threads and the tiers (after the loop has returned)."""
         if self._fetchers is not None:
             self._fetchers.shutdown(wait=False, cancel_futures=True)
         if self.cache is not None:
             self.cache.close()
 
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self.stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.close()
+
     # ---- the loop ------------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def run(self) -> None:
+        """The step loop, on the calling thread, until stop()."""
+        self.expect_loop()
         while not self._stopping.is_set():
             self._drain()
             self._expire_held()
@@ -245,11 +267,13 @@ class Engine(SplitRoles):
                 for req in list(self.scheduler.running) + list(self.scheduler.waiting):
                     self._finish(req, "error", error=f"internal error: {exc}")
                 busy = True
+            self.after_step()
             if not busy:  # nothing runnable: sleep until something arrives
                 with contextlib.suppress(queue.Empty):
                     self._handle(*self._inbox.get(timeout=1.0))
         for req in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._finish(req, "abort", error="server shutting down")
+        self.after_step()
 
     def _expire_requests(self) -> None:
         """Abort the requests past their deadline (an event says why; pages are freed)."""

@@ -142,6 +142,48 @@ class Request:
         return Usage(len(self.prompt_ids), len(self.output_ids), self.num_cached, ratio, queued)
 
 
+class ContextLengthError(ValueError):
+    pass
+
+
+def check_length(prompt_len: int, max_context: int, max_new_tokens: int = 0) -> None:
+    """Raise ContextLengthError when the prompt cannot fit in the model's context."""
+    if prompt_len == 0:
+        raise ContextLengthError("the prompt is empty")
+    if prompt_len + max(max_new_tokens, 1) > max_context:
+        raise ContextLengthError(
+            f"prompt of {prompt_len} tokens plus {max(max_new_tokens, 1)} new tokens "
+            f"exceeds the context length of {max_context}"
+        )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """An engine's fixed figures that a front checks each request against, once."""
+
+    max_context: int
+    vocab_size: int
+    page_size: int
+    num_pages: int
+    eos_token_ids: tuple[int, ...] = ()
+    checkpoint: Any = None  # the model's folder (its tokenizer)
+
+    def check(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        compile_grammar: Callable[[Constraint], object],
+    ) -> None:
+        """Raise ValueError for a request that can never run."""
+        check_length(len(prompt_ids), self.max_context)
+        check_request(prompt_ids, params, self.vocab_size, compile_grammar)
+        if -(-(len(prompt_ids) + 1) // self.page_size) > self.num_pages:
+            raise ValueError(
+                f"prompt of {len(prompt_ids)} tokens needs more KV pages than the pool holds "
+                f"({self.num_pages} pages of {self.page_size})"
+            )
+
+
 class Overloaded(Exception):
     """The server holds as many requests as it may queue: try again later (HTTP 429,
     gRPC RESOURCE_EXHAUSTED)."""

@@ -14,6 +14,7 @@ import torch
 
 from strata.attention.backend import ATTENTION_BACKENDS
 from strata.config import CacheConfig, ModelConfig
+from strata.engine.request import check_length
 from strata.kv.pool import KVCache, PagePool
 from strata.model.batch import ForwardBatch, SequenceChunk
 from strata.model.llama import LlamaForCausalLM
@@ -27,21 +28,6 @@ from strata.model.loader import (
 from strata.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
-
-
-class ContextLengthError(ValueError):
-    pass
-
-
-def check_length(prompt_len: int, max_context: int, max_new_tokens: int = 0) -> None:
-    """Raise ContextLengthError when the prompt cannot fit in the model's context."""
-    if prompt_len == 0:
-        raise ContextLengthError("the prompt is empty")
-    if prompt_len + max(max_new_tokens, 1) > max_context:
-        raise ContextLengthError(
-            f"prompt of {prompt_len} tokens plus {max(max_new_tokens, 1)} new tokens "
-            f"exceeds the context length of {max_context}"
-        )
 
 
 def model_identity(model: LlamaForCausalLM, name: str) -> str:

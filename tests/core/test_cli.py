@@ -8,7 +8,8 @@ import pytest
 
 from strata.cli import build_parser, model_config, sched_config
 from strata.config import CacheConfig, ModelConfig
-from strata.engine.runner import ContextLengthError, ModelRunner
+from strata.engine.request import ContextLengthError
+from strata.engine.runner import ModelRunner
 from strata.launch_server import translate
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from strata.config import CacheConfig, ModelConfig
 from strata.engine.generate import generate
-from strata.engine.runner import ContextLengthError, ModelRunner
+from strata.engine.request import ContextLengthError
+from strata.engine.runner import ModelRunner
 from strata.model.loader import ModelLoadError
 from strata.model.spec import UnsupportedModelError
 

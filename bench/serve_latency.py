@@ -1,0 +1,115 @@
+"""Single stream, one run, one machine: per-token time of the plain in-process loop, the
+inter-token latency through `strata serve`'s streaming API, and llama-cpp-python on the
+embedded model's own GGUF (when installed: `make peers`).
+
+Usage: python bench/serve_latency.py [--new-tokens 64] [--repeats 3] [--serve-args "..."]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.e2e.server import running_server  # noqa: E402
+
+PROMPT = "Write a long story about a lighthouse keeper and the sea."
+
+
+def in_process(new_tokens: int, repeats: int, dtype: str) -> list[float]:
+    """Seconds per decoded token of strata.engine.generate.generate on the main thread."""
+    from strata.config import CacheConfig, ModelConfig
+    from strata.engine.generate import generate
+    from strata.engine.runner import ModelRunner
+
+    runner = ModelRunner.from_config(ModelConfig(None, dtype), CacheConfig(num_pages=256))
+    ids = runner.tokenizer(PROMPT)["input_ids"]
+    per_token = []
+    for r in range(repeats + 1):
+        stamps = [time.perf_counter() for _ in generate(runner, ids, new_tokens)]
+        if r:  # the first run warms up
+            per_token.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+    return per_token
+
+
+def served(url: str, new_tokens: int, repeats: int) -> dict[str, list[float]]:
+    """Streaming /generate with ignore_eos: median gap between events, and the TTFT."""
+    body = {"text": PROMPT, "stream": True,
+            "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0,
+                                "ignore_eos": True}}  # fmt: skip
+    itl, ttft = [], []
+    with httpx.Client(timeout=120) as http:
+        for r in range(repeats + 1):
+            start = time.perf_counter()
+            stamps = []
+            with http.stream("POST", f"{url}/generate", json=body) as resp:
+                resp.raise_for_status()
+                for line in resp.iter_lines():
+                    if line.startswith("data:") and line.strip() != "data: [DONE]":
+                        stamps.append(time.perf_counter())
+            if r:
+                ttft.append(stamps[0] - start)
+                itl.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+    return {"itl": itl, "ttft": ttft}
+
+
+def llama_cpp(new_tokens: int, repeats: int) -> list[float] | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    from strata.model.loader import embedded_gguf
+
+    llm = Llama(str(embedded_gguf()), n_ctx=2048, verbose=False, n_threads=None)
+    ids = llm.tokenize(PROMPT.encode())
+    per_token = []
+    for r in range(repeats + 1):
+        llm.reset()
+        stamps = []
+        for i, _ in enumerate(llm.generate(ids, temp=0.0)):
+            stamps.append(time.perf_counter())
+            if i + 1 >= new_tokens:
+                break
+        if r:
+            per_token.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+    return per_token
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--serve-args", default="", help="extra flags for strata serve")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    with running_server("--dtype", a.dtype, *a.serve_args.split()) as url:
+        serve = served(url, a.new_tokens, a.repeats)
+    loop = in_process(a.new_tokens, a.repeats, a.dtype)
+    peer = llama_cpp(a.new_tokens, a.repeats)
+    ms = {"in-process loop": statistics.median(loop) * 1e3,
+          "strata serve (stream ITL)": statistics.median(serve["itl"]) * 1e3}  # fmt: skip
+    if peer is not None:
+        ms["llama-cpp-python Q4_1"] = statistics.median(peer) * 1e3
+    print(f"\nsingle stream, {a.new_tokens} tokens, {a.dtype}, median of {a.repeats} runs")
+    print(f"{'system':32} {'ms/token':>9} {'tok/s':>7}")
+    for name, v in ms.items():
+        print(f"{name:32} {v:9.2f} {1e3 / v:7.1f}")
+    print(f"served / in-process: {ms['strata serve (stream ITL)'] / ms['in-process loop']:.2f}x; "
+          f"TTFT {statistics.median(serve['ttft']) * 1e3:.0f} ms")  # fmt: skip
+    if peer is not None:
+        ratio = ms["llama-cpp-python Q4_1"] / ms["strata serve (stream ITL)"]
+        print(f"strata serve vs llama-cpp-python: {ratio:.2f}x tok/s")
+    if a.out:
+        Path(a.out).write_text(json.dumps({"ms_per_token": ms, "serve": serve}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""The engine in a process of its own, its step loop on that process's main thread.
+
+A step loop on a side thread shares the GIL with the HTTP and gRPC fronts and, on CPU,
+costs torch about 1.7x per step (measured: 25 ms per token on the main thread, 40-45 on a
+thread). So `strata serve` runs two processes, as SGLang does:
+
+    front (REST, gRPC, chat template, validation)  --pipe-->  engine (scheduler + runner)
+
+`EngineClient` is the front's side: it validates each request once against the engine's
+`Limits`, counts what it holds (the overload bound), streams each request's events and
+forwards the few calls the fronts make (stats, flush, abort). `engine_main` is the engine's
+side. One message per boundary crossing, pickled over a multiprocessing pipe:
+
+    front -> engine   ("add", rid, prompt_ids, params) | ("abort", rid)
+                      | ("call", call_id, method, args) | ("stop",)
+    engine -> front   ("ready", Limits) | ("failed", message)
+                      | ("events", [RequestOutput, ...])   one per step, every request's
+                      | ("result", call_id, ok, value)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from strata.config import CacheConfig, HiCacheConfig, ModelConfig, SchedulerConfig
+from strata.engine.engine import Engine
+from strata.engine.request import Limits, Overloaded, RequestOutput
+from strata.engine.runner import ModelRunner
+from strata.grammar.compiler import LazyGrammarCompiler
+from strata.sampling.params import SamplingParams
+
+log = logging.getLogger(__name__)
+# the engine methods the front may call (with picklable arguments and results)
+CALLS = frozenset({"stats", "flush_cache", "abort_now"})
+ENGINE_LOG_FORMAT = "%(asctime)s %(levelname)s engine %(name)s: %(message)s"
+
+
+def build_engine(
+    model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, tiers: HiCacheConfig,
+    cluster_worker: bool = False, front_limits: bool = True,
+) -> Engine:  # fmt: skip
+    """front_limits: the engine bounds its own queue (False where a front does)."""
+    runner = ModelRunner.from_config(model, cache)
+    if runner.tokenizer is None:
+        raise ValueError(f"no tokenizer in {runner.checkpoint}: the server needs one")
+    return Engine(
+        runner,
+        enable_cache=sched.enable_radix_cache,
+        max_batch_tokens=sched.max_batch_tokens,
+        max_running=sched.max_running_requests,
+        tiers=tiers,
+        cluster_worker=cluster_worker,
+        max_queued=sched.max_queued_requests if front_limits else None,
+        request_timeout=sched.request_timeout or None,
+        schedule_policy=sched.schedule_policy,
+    )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    sched: SchedulerConfig
+    tiers: HiCacheConfig
+    random_seed: int | None = None
+    log_level: str = "info"
+
+
+# ---- the engine's side ---------------------------------------------------------------------
+
+
+def engine_main(conn: Connection, cfg: EngineConfig) -> None:
+    """The engine process: load, say ready, then run the step loop on this main thread
+    while a reader thread feeds it the front's messages. Ends when the front says stop or
+    goes away (its end of the pipe closes)."""
+    logging.basicConfig(level=cfg.log_level.upper(), format=ENGINE_LOG_FORMAT)
+    try:
+        if cfg.random_seed is not None:
+            import torch
+
+            torch.manual_seed(cfg.random_seed)
+        engine = build_engine(cfg.model, cfg.cache, cfg.sched, cfg.tiers, front_limits=False)
+    except Exception as exc:
+        log.exception("the engine failed to start")
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    send_lock = threading.Lock()
+
+    def send(msg: tuple) -> None:
+        with send_lock:
+            conn.send(msg)
+
+    outbox: list[RequestOutput] = []  # filled and flushed on the engine's main thread
+
+    def flush() -> None:
+        if outbox:
+            batch = outbox[:]
+            outbox.clear()
+            send(("events", batch))
+
+    engine.after_step = flush
+    engine.expect_loop()  # calls that arrive before run() wait for it
+    threading.Thread(target=_read, args=(conn, engine, outbox, send), name="strata-engine-inbox",
+                     daemon=True).start()  # fmt: skip
+    send(("ready", engine.limits))
+    try:
+        engine.run()
+    except (BrokenPipeError, EOFError):  # the front went away
+        pass
+    finally:
+        engine.close()
+
+
+def _read(
+    conn: Connection, engine: Engine, outbox: list[RequestOutput], send: Callable[[tuple], None]
+) -> None:
+    """The engine's inbox: turn the front's messages into engine calls until it stops."""
+    try:
+        while True:
+            msg = conn.recv()
+            kind = msg[0]
+            if kind == "add":
+                _, rid, prompt_ids, params = msg
+                try:
+                    engine.submit(prompt_ids, params, outbox.append, rid)
+                except Exception as exc:  # validated at the front: a race or a bug
+                    send(("events", [RequestOutput(rid, [], "", finish_reason="error",
+                                                   error=str(exc))]))  # fmt: skip
+            elif kind == "abort":
+                engine.abort(msg[1])
+            elif kind == "call":
+                _, call_id, method, args = msg
+                fut = engine.call(functools.partial(getattr(engine, method), *args))
+                fut.add_done_callback(functools.partial(_reply, send, call_id))
+            elif kind == "stop":
+                break
+    except (EOFError, OSError):
+        pass
+    engine.stop()
+
+
+def _reply(send: Callable[[tuple], None], call_id: int, fut: Future) -> None:
+    exc = fut.exception()
+    send(("result", call_id, exc is None, fut.result() if exc is None else repr(exc)))
+
+
+# ---- the front's side ----------------------------------------------------------------------
+
+
+class EngineGone(RuntimeError):
+    pass
+
+
+class EngineClient:
+    """The front's handle on an engine process (the same surface the fronts used on an
+    in-process engine: validate, stream, and async stats / flush / abort)."""
+
+    def __init__(self, cfg: EngineConfig, start_timeout: float = 900.0) -> None:
+        ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited threads or locks
+        self._conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=engine_main, args=(child, cfg), name="strata-engine",
+                                   daemon=True)  # fmt: skip
+        self.process.start()
+        child.close()
+        self.limits = self._wait_ready(start_timeout)
+        from strata.model.loader import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.limits.checkpoint)
+        sched = cfg.sched
+        self.capacity = sched.max_running_requests + sched.max_queued_requests
+        self._grammar = LazyGrammarCompiler(
+            self.tokenizer, self.limits.vocab_size, self.limits.eos_token_ids
+        )
+        self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._calls: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._gone: str | None = None
+        self._send_lock = threading.Lock()
+
+    def _wait_ready(self, timeout: float) -> Limits:
+        deadline = time.monotonic() + timeout
+        while not self._conn.poll(0.5):
+            if not self.process.is_alive():
+                raise EngineGone(f"the engine process exited ({self.process.exitcode}) "
+                                 "while starting")  # fmt: skip
+            if time.monotonic() > deadline:
+                self.process.kill()
+                raise EngineGone(f"the engine process did not start in {timeout:g} s")
+        msg = self._conn.recv()
+        if msg[0] != "ready":
+            self.process.join(10)
+            raise EngineGone(f"the engine failed to start: {msg[1]}")
+        return msg[1]
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        if self._gone is not None:
+            raise EngineGone(self._gone)
+        if len(self._streams) >= self.capacity:
+            raise Overloaded(
+                f"the server holds {len(self._streams)} requests, its limit "
+                "(--max-running-requests + --max-queued-requests); retry later"
+            )
+        self.limits.check(prompt_ids, params, lambda c: self._grammar.get().compile(c))
+
+    async def stream(
+        self, prompt_ids: Sequence[int], params: SamplingParams, rid: str | None = None
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """Validate, submit and yield the request's events until one finishes it. Closing
+        the generator early aborts the request, which frees its pages."""
+        self._attach()
+        self.validate(prompt_ids, params)
+        rid = rid or f"req-{os.getpid()}-{next(self._ids)}"
+        if rid in self._streams:
+            raise ValueError(f"request id {rid!r} is already in use")
+        events: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._streams[rid] = events
+        finished = False
+        try:
+            self._send(("add", rid, list(prompt_ids), params))
+            while not finished:
+                event = await events.get()
+                finished = event.finish_reason is not None
+                yield event
+        finally:
+            self._streams.pop(rid, None)
+            if not finished and self._gone is None:  # the caller went away
+                self._send(("abort", rid))
+
+    async def call(self, method: str, *args: Any) -> Any:
+        """Run an engine method (one of CALLS) between its steps; its result."""
+        assert method in CALLS, method
+        self._attach()
+        if self._gone is not None:
+            raise EngineGone(self._gone)
+        call_id = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = fut
+        self._send(("call", call_id, method, args))
+        try:
+            return await fut
+        finally:
+            self._calls.pop(call_id, None)
+
+    # ---- the pipe ------------------------------------------------------------------------
+
+    def _send(self, msg: tuple) -> None:
+        with self._send_lock:
+            self._conn.send(msg)
+
+    def _attach(self) -> None:
+        """Read the engine's messages on the running event loop (no thread of our own)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self._conn.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            while self._conn.poll():
+                self._dispatch(self._conn.recv())
+        except (EOFError, OSError):
+            self._on_gone()
+
+    def _dispatch(self, msg: tuple) -> None:
+        if msg[0] == "events":
+            for ev in msg[1]:
+                queue = self._streams.get(ev.rid)
+                if queue is not None:
+                    queue.put_nowait(ev)
+        elif msg[0] == "result":
+            _, call_id, ok, value = msg
+            fut = self._calls.get(call_id)
+            if fut is not None and not fut.done():
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(RuntimeError(value))
+
+    def _on_gone(self) -> None:
+        """The engine process died: end every stream with an error event, fail every call."""
+        assert self._loop is not None
+        self._loop.remove_reader(self._conn.fileno())
+        self.process.join(1)
+        self._gone = f"the engine process exited (code {self.process.exitcode})"
+        log.error("%s; %d requests fail", self._gone, len(self._streams))
+        for rid, queue in self._streams.items():
+            queue.put_nowait(RequestOutput(rid, [], "", finish_reason="error", error=self._gone))
+        for fut in self._calls.values():
+            if not fut.done():
+                fut.set_exception(EngineGone(self._gone))
+
+    @property
+    def alive(self) -> bool:
+        return self._gone is None and self.process.is_alive()
+
+    def shutdown(self, timeout: float = 15.0) -> None:
+        """Ask the engine to stop (its running requests end with an abort event), wait."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._conn.fileno())
+        if self.process.is_alive():
+            with contextlib.suppress(OSError):
+                self._send(("stop",))
+            self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+        self._conn.close()
