@@ -35,7 +35,7 @@ test: lint
 # native CPU detection (a native build crashed with a protection fault on an AMX CPU).
 peers: $(STAMP)
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF" \
-	  $(BIN)/pip install -q llama-cpp-python==0.3.36
+	  $(BIN)/pip install -q 'llama-cpp-python[server]==0.3.36'
 
 bench: $(STAMP)
 	$(BIN)/python bench/decode_speed.py

@@ -324,14 +324,12 @@ class Engine(SplitRoles):
             self.cache.observe_compute(filled, time.perf_counter() - start)
         if prompt_logprobs:
             logits = collect_input_logprobs(chunks, logits)
+        self.scheduler.advance(chunks)
         sparsity = self.runner.last_sparsity  # None unless sparse decode ran this step
-        for i, c in enumerate(chunks):
-            c.req.num_computed += c.length
-            if sparsity is not None:
-                c.req.sparse_skipped += sparsity[i][0]
-                c.req.sparse_considered += sparsity[i][1]
-            if c.length > 1:
-                self.scheduler.cache_progress(c.req)
+        if sparsity is not None:
+            for c, (skipped, considered) in zip(chunks, sparsity):
+                c.req.sparse_skipped += skipped
+                c.req.sparse_considered += considered
         rows = [i for i, c in enumerate(chunks) if c.sample]
         if rows:
             reqs = [chunks[i].req for i in rows]
@@ -454,7 +452,7 @@ class Engine(SplitRoles):
             return
         with self._count_lock:
             self._outstanding -= 1
-        req.finish_reason = reason
+        req.finish_reason = reason  # the scheduler marks it FINISHED
         hold = req.hold and reason in ("stop", "length")
         if req.awaiting_kv and req.cancel is not None:  # released when the transfer ends
             req.cancel.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -65,6 +66,14 @@ class RemoteFill:
 KVSource = Callable[[list[int], threading.Event], RemoteFill]
 
 
+class Status(enum.Enum):
+    """Where a request is; the scheduler moves it (and only the scheduler)."""
+
+    WAITING = "waiting"  # queued, or preempted: holds no pages
+    RUNNING = "running"  # admitted: holds pages (a remote one waits for its KV in them)
+    FINISHED = "finished"  # ended (finish_reason says how); its pages are released or held
+
+
 @dataclass
 class Request:
     rid: str
@@ -76,8 +85,9 @@ class Request:
     num_shared_pages: int = 0  # leading pages owned by the radix cache (locked by cache_node)
     cache_node: int | None = None
     num_cached: int = 0  # prompt tokens served from the cache at (last) admission
-    num_computed: int = 0  # tokens of fill_ids whose KV is in pages
-    finish_reason: str | None = None
+    num_computed: int = 0  # tokens of fill_ids whose KV is in pages (the scheduler's)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None  # set with Status.FINISHED
     generator: torch.Generator | None = None
     detok: IncrementalDetokenizer | None = None
     stop: StopMatcher | None = None
@@ -134,7 +144,7 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        return self.status is Status.FINISHED
 
     def usage(self) -> Usage:
         ratio = self.sparse_skipped / self.sparse_considered if self.sparse_considered else 0.0

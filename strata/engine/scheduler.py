@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from strata.engine.request import Request
+from strata.engine.request import Request, Status
 from strata.kv.mover import LoadPlan
 from strata.kv.pool import PagePool, alloc_evicting
 from strata.radix.index import CacheIndex
@@ -55,7 +55,21 @@ class Scheduler:
         self.fetching: list[Request] = []  # admitted remote requests the engine must start
 
     def add(self, req: Request) -> None:
+        req.status = Status.WAITING
         self.waiting.append(req)
+
+    def advance(self, chunks: list[ScheduledChunk]) -> None:
+        """A forward computed these chunks: their KV is in the pages (prefill pages go to
+        the radix cache right away)."""
+        for c in chunks:
+            c.req.num_computed += c.length
+            if c.length > 1:
+                self.cache_progress(c.req)
+
+    def remote_filled(self, req: Request, cached_tokens: int) -> None:
+        """A remote request's prompt KV has landed in its pages (split mode, decode role)."""
+        req.num_computed, req.num_cached = len(req.prompt_ids), cached_tokens
+        self.cache_progress(req)
 
     @property
     def has_work(self) -> bool:
@@ -80,8 +94,7 @@ class Scheduler:
                 if req.kv_source is not None:
                     if not self._reserve(req):
                         break
-                    self.waiting.remove(req)
-                    self.running.append(req)
+                    self._run(req)
                     self.fetching.append(req)
                     continue
                 if self._loading(req):
@@ -91,8 +104,7 @@ class Scheduler:
                     continue  # wait one step: that prefix will be cached by then
                 if not self._admit(req):
                     break
-                self.waiting.remove(req)
-                self.running.append(req)
+                self._run(req)
                 budget -= self._take(req, budget, chunks)
                 prefilling.append(fill)
         return chunks
@@ -134,6 +146,7 @@ class Scheduler:
         """Release a finished (or aborted) request, caching its computed pages. With
         release=False its pages stay reserved until `release` (a transfer may still be
         writing them, or a prefill worker holds them for a pull)."""
+        req.status = Status.FINISHED
         if req in self.running:
             self.running.remove(req)
             if release:
@@ -142,6 +155,11 @@ class Scheduler:
             self.waiting.remove(req)
 
     # ---- internals -----------------------------------------------------------------------
+
+    def _run(self, req: Request) -> None:
+        self.waiting.remove(req)
+        self.running.append(req)
+        req.status = Status.RUNNING
 
     def _take(self, req: Request, budget: int, chunks: list[ScheduledChunk]) -> int:
         n = min(req.remaining, budget)
@@ -206,6 +224,7 @@ class Scheduler:
         self.running.remove(req)
         self.release(req)
         req.loads_planned = False  # its pages may be in L2 by the time it comes back
+        req.status = Status.WAITING
         self.waiting.insert(0, req)
 
     def _admit(self, req: Request) -> bool:

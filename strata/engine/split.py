@@ -93,8 +93,7 @@ class SplitRoles:
         except Exception as exc:
             self._finish(req, "error", error=str(exc) or repr(exc))
             return
-        req.num_computed, req.num_cached = len(req.prompt_ids), fill.cached_tokens
-        self.scheduler.cache_progress(req)
+        self.scheduler.remote_filled(req, fill.cached_tokens)
         if req.generator is not None and not req.params.greedy:
             skip_noise(req.generator, self.runner.spec.vocab_size)  # drawn by the prefill worker
         req.transfer = (fill.transfer_bytes, fill.transfer_seconds)

@@ -7,6 +7,7 @@ import pytest
 from strata.config import CacheConfig, ModelConfig
 from strata.engine.engine import Engine
 from strata.engine.generate import generate
+from strata.engine.request import Status
 from strata.engine.runner import ModelRunner
 from strata.sampling.params import SamplingParams
 
@@ -70,6 +71,26 @@ def test_tiny_pool_queues_evicts_and_preempts_without_crashing(runner_factory):
     engine = Engine(runner_factory(12), max_batch_tokens=64)
     assert run(engine, ps) == expected
     assert_pool_back_to_cache_only(engine)
+
+
+def test_request_status_follows_admission_preemption_and_finish(runner_factory):
+    engine = Engine(runner_factory(12), max_batch_tokens=64)
+    for p in prompts(8, length=14, shared=4):
+        engine.submit(p, GREEDY, lambda ev: None)
+    engine._drain()
+    reqs = list(engine._requests.values())
+    assert [r.status for r in reqs] == [Status.WAITING] * 8
+    seen: dict[str, list[Status]] = {r.rid: [Status.WAITING] for r in reqs}
+    while engine.scheduler.has_work:
+        engine.step()
+        for r in reqs:
+            assert bool(r.pages) == (r.status is Status.RUNNING), r  # pages iff running
+            if seen[r.rid][-1] is not r.status:
+                seen[r.rid].append(r.status)
+    assert all(r.status is Status.FINISHED and r.finish_reason == "length" for r in reqs)
+    assert all(s[:2] == [Status.WAITING, Status.RUNNING] for s in seen.values())
+    preempted = [Status.RUNNING, Status.WAITING, Status.RUNNING]
+    assert any(s[1:4] == preempted for s in seen.values())  # 12 pages hold one at full length
 
 
 def test_cache_disabled_frees_every_page(runner_factory):
