@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -23,13 +24,14 @@ from tests.e2e.server import running_server  # noqa: E402
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
 
 
-def in_process(new_tokens: int, repeats: int, dtype: str) -> list[float]:
+def in_process(new_tokens: int, repeats: int, dtype: str, quantization: str) -> list[float]:
     """Seconds per decoded token of strata.engine.generate.generate on the main thread."""
     from strata.config import CacheConfig, ModelConfig
     from strata.engine.generate import generate
     from strata.engine.runner import ModelRunner
 
-    runner = ModelRunner.from_config(ModelConfig(None, dtype), CacheConfig(num_pages=256))
+    model = ModelConfig(None, dtype, quantization=quantization)
+    runner = ModelRunner.from_config(model, CacheConfig(num_pages=256))
     ids = runner.tokenizer(PROMPT)["input_ids"]
     per_token = []
     for r in range(repeats + 1):
@@ -67,7 +69,9 @@ def llama_cpp(new_tokens: int, repeats: int) -> list[float] | None:
         return None
     from strata.model.loader import embedded_gguf
 
-    llm = Llama(str(embedded_gguf()), n_ctx=2048, verbose=False, n_threads=None)
+    threads = os.cpu_count()  # its default is half the cores
+    llm = Llama(str(embedded_gguf()), n_ctx=2048, verbose=False, n_threads=threads,
+                n_threads_batch=threads)  # fmt: skip
     ids = llm.tokenize(PROMPT.encode())
     per_token = []
     for r in range(repeats + 1):
@@ -90,25 +94,32 @@ def main() -> None:
     ap.add_argument("--serve-args", default="", help="extra flags for strata serve")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    with running_server("--dtype", a.dtype, *a.serve_args.split()) as url:
-        serve = served(url, a.new_tokens, a.repeats)
-    loop = in_process(a.new_tokens, a.repeats, a.dtype)
+    ms: dict[str, float] = {}
+    ttft: dict[str, float] = {}
+    for quant in ("none", "int4"):
+        tag = a.dtype if quant == "none" else f"{a.dtype} + int4 weights"
+        flags = ["--dtype", a.dtype, "--quantization", quant, *a.serve_args.split()]
+        with running_server(*flags) as url:
+            serve = served(url, a.new_tokens, a.repeats)
+        ms[f"strata serve, {tag} (stream ITL)"] = statistics.median(serve["itl"]) * 1e3
+        ttft[tag] = statistics.median(serve["ttft"]) * 1e3
+        loop = in_process(a.new_tokens, a.repeats, a.dtype, quant)
+        ms[f"in-process loop, {tag}"] = statistics.median(loop) * 1e3
     peer = llama_cpp(a.new_tokens, a.repeats)
-    ms = {"in-process loop": statistics.median(loop) * 1e3,
-          "strata serve (stream ITL)": statistics.median(serve["itl"]) * 1e3}  # fmt: skip
     if peer is not None:
-        ms["llama-cpp-python Q4_1"] = statistics.median(peer) * 1e3
-    print(f"\nsingle stream, {a.new_tokens} tokens, {a.dtype}, median of {a.repeats} runs")
-    print(f"{'system':32} {'ms/token':>9} {'tok/s':>7}")
+        ms["llama-cpp-python, Q4_1"] = statistics.median(peer) * 1e3
+    print(f"\nsingle stream, {a.new_tokens} tokens, median of {a.repeats} runs")
+    print(f"{'system':44} {'ms/token':>9} {'tok/s':>7}")
     for name, v in ms.items():
-        print(f"{name:32} {v:9.2f} {1e3 / v:7.1f}")
-    print(f"served / in-process: {ms['strata serve (stream ITL)'] / ms['in-process loop']:.2f}x; "
-          f"TTFT {statistics.median(serve['ttft']) * 1e3:.0f} ms")  # fmt: skip
-    if peer is not None:
-        ratio = ms["llama-cpp-python Q4_1"] / ms["strata serve (stream ITL)"]
-        print(f"strata serve vs llama-cpp-python: {ratio:.2f}x tok/s")
+        print(f"{name:44} {v:9.2f} {1e3 / v:7.1f}")
+    for tag in ttft:
+        served_ms, loop_ms = ms[f"strata serve, {tag} (stream ITL)"], ms[f"in-process loop, {tag}"]
+        line = f"{tag}: served / in-process {served_ms / loop_ms:.2f}x, TTFT {ttft[tag]:.0f} ms"
+        if peer is not None:
+            line += f", tok/s vs llama-cpp-python {ms['llama-cpp-python, Q4_1'] / served_ms:.2f}x"
+        print(line)
     if a.out:
-        Path(a.out).write_text(json.dumps({"ms_per_token": ms, "serve": serve}, indent=2))
+        Path(a.out).write_text(json.dumps({"ms_per_token": ms, "ttft_ms": ttft}, indent=2))
 
 
 if __name__ == "__main__":

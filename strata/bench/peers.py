@@ -16,7 +16,7 @@ import httpx
 
 def has_llama_cpp() -> bool:
     try:
-        import llama_cpp.server  # noqa: F401
+        import llama_cpp.server.app  # noqa: F401 (needs the [server] extra)
     except ImportError:
         return False
     return True

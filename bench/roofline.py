@@ -1,0 +1,99 @@
+"""How close in-process decode comes to this machine's limits, measured in one process:
+batch 1 against the weight-bandwidth roofline (bytes of weights / measured memory-read
+bandwidth), batch 32 against the bf16 GEMM roofline (2 x params x batch / measured bf16
+GEMM FLOP/s). Usage: python bench/roofline.py [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.decode_speed import decode_rate  # noqa: E402
+from strata.config import CacheConfig, ModelConfig  # noqa: E402
+from strata.engine.generate import generate_greedy_batch  # noqa: E402
+from strata.engine.runner import ModelRunner  # noqa: E402
+
+
+def read_bandwidth(rounds: int) -> float:
+    """Bytes/s of reading a 1 GiB bf16 tensor (a sum over it, every thread)."""
+    x = torch.ones(2**29, dtype=torch.bfloat16)
+    x.sum()
+    times = []
+    for _ in range(rounds * 3):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 2 / min(times)
+
+
+def gemm_flops(rounds: int) -> float:
+    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    b = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    a @ b
+    times = []
+    for _ in range(rounds * 3):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * 2048**3 / min(times)
+
+
+def weight_bytes(runner: ModelRunner) -> tuple[int, int]:
+    """(bytes a decode step reads, parameters): every linear layer's weights (the embedding
+    table is only indexed)."""
+    nbytes = params = 0
+    model = runner.model
+    linears = [model.lm_head]
+    for layer in model.layers:
+        linears += [layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down]
+    for lin in linears:
+        if hasattr(lin, "scales_and_zeros"):  # int4: packed codes + scales
+            out_f = lin.out_features
+            in_f = lin.scales_and_zeros.shape[0] * lin.group_size
+            nbytes += out_f * in_f // 2 + lin.scales_and_zeros.numel() * 2
+            params += out_f * in_f
+        else:
+            n = lin.weight.numel()  # an opaque oneDNN tensor knows its size too
+            nbytes += n * 2
+            params += n
+    return nbytes, params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    a = ap.parse_args()
+    bw, flops = read_bandwidth(a.rounds), gemm_flops(a.rounds)
+    print(f"{torch.get_num_threads()} threads: memory read {bw / 1e9:.1f} GB/s, "
+          f"bf16 GEMM {flops / 1e12:.2f} TFLOP/s")  # fmt: skip
+    print(f"{'weights':16} {'MB':>6} {'batch 1 tok/s':>14} {'of bandwidth roofline':>22} "
+          f"{'batch 32 tok/s':>15} {'of GEMM roofline':>17}")  # fmt: skip
+    for quant in ("none", "int4"):
+        runner = ModelRunner.from_config(
+            ModelConfig(dtype="bfloat16", quantization=quant), CacheConfig(num_pages=1024)
+        )
+        nbytes, params = weight_bytes(runner)
+
+        def run(batch: int, n: int, r: ModelRunner = runner) -> None:
+            generate_greedy_batch(r, [[100 + i] * 64 for i in range(batch)], n)
+
+        b1 = statistics.median(decode_rate(run, 1, a.new_tokens) for _ in range(a.rounds))
+        b32 = statistics.median(decode_rate(run, 32, a.new_tokens) for _ in range(a.rounds))
+        roof1 = bw / nbytes  # tokens/s if a step only read the weights once
+        roof32 = flops / (2 * params)  # tokens/s if every step were one GEMM
+        name = "bfloat16" if quant == "none" else "int4 (bf16 act.)"
+        print(f"{name:16} {nbytes / 1e6:6.0f} {b1:14.1f} {b1 / roof1:21.0%} "
+              f"{b32:15.1f} {b32 / roof32:16.0%}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
