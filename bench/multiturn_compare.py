@@ -49,7 +49,12 @@ def main() -> None:
     print(table(results))
     base = {r["system"]: r["output_tokens_per_s"] for r in results}
     cached = results[0]["output_tokens_per_s"]
-    ratios = [f"{r['system']} {cached / r['output_tokens_per_s']:.2f}x" for r in results[1:]]
+    ratios = [
+        f"{r['system']} {cached / r['output_tokens_per_s']:.2f}x"
+        if r["output_tokens_per_s"]
+        else f"{r['system']} failed ({r.get('errors')} errors)"
+        for r in results[1:]
+    ]
     print("\nstrata serve (radix cache) vs: " + "; ".join(ratios))
     if args.out:
         Path(args.out).write_text(json.dumps({"results": results, "tok_s": base}, indent=2))

@@ -25,7 +25,7 @@ def has_llama_cpp() -> bool:
 @contextmanager
 def llama_cpp_server(n_ctx: int = 8192, timeout: float = 120.0) -> Iterator[str]:
     """llama-cpp-python's OpenAI server on the embedded model's own Q4_1 GGUF, every core,
-    its prompt cache on; yields its URL. It runs one request at a time."""
+    its prompt cache on; yields its URL. It runs one request at a time (the others queue)."""
     from strata.model.loader import embedded_gguf
 
     with socket.socket() as s:
@@ -34,7 +34,9 @@ def llama_cpp_server(n_ctx: int = 8192, timeout: float = 120.0) -> Iterator[str]
     threads = str(os.cpu_count() or 1)
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf()),
            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx),
-           "--n_threads", threads, "--n_threads_batch", threads, "--cache", "true"]  # fmt: skip
+           "--n_threads", threads, "--n_threads_batch", threads, "--cache", "true",
+           # its default lets each new request cut off the one in flight
+           "--interrupt_requests", "false"]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

@@ -34,6 +34,10 @@ def summarize(
     name: str, records: Sequence[RequestRecord], wall: float, tokenizer: Any | None = None
 ) -> dict[str, Any]:
     ok = [r for r in records if r.error is None]
+    if tokenizer is not None:  # a server that reports no usage (llama-cpp-python when
+        for r in ok:  # streaming): its replies' tokens, counted with the model's tokenizer
+            if not r.completion_tokens and r.reply:
+                r.completion_tokens = len(tokenizer.encode(r.reply, add_special_tokens=False))
     out_tokens = sum(r.completion_tokens for r in ok)
     prompt_tokens = sum(r.prompt_tokens for r in ok)
     cached = sum(r.cached_tokens for r in ok)
