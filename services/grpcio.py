@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import logging
 import signal
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -52,15 +53,21 @@ async def start_server(
     return server, bound
 
 
-async def run_until_signal(server: grpc.aio.Server, grace: float) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully: refuse new calls, give the
-    calls in flight `grace` seconds to finish, then cancel them (which aborts them cleanly)."""
+async def run_until_signal(
+    server: grpc.aio.Server, grace: float, stopping: threading.Event | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT (or until `stopping` is set, where the main thread owns
+    the signals), then shut down gracefully: refuse new calls, give the calls in flight
+    `grace` seconds to finish, then cancel them (which aborts them cleanly)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGTERM, signal.SIGINT) if stopping is None else ()
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     waits = [asyncio.ensure_future(server.wait_for_termination()),
              asyncio.ensure_future(stop.wait())]  # fmt: skip
+    if stopping is not None:
+        waits.append(asyncio.ensure_future(_wait_for(stopping)))
     try:
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -68,8 +75,13 @@ async def run_until_signal(server: grpc.aio.Server, grace: float) -> None:
         await server.stop(grace)
         for task in waits:
             task.cancel()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in signals:
             loop.remove_signal_handler(sig)
+
+
+async def _wait_for(event: threading.Event) -> None:
+    while not event.is_set():
+        await asyncio.sleep(0.2)
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):

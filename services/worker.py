@@ -68,14 +68,15 @@ async def serve_worker(
     host: str,
     port: int,
     grace: float,
+    stopping: threading.Event,
 ) -> None:
-    """Run a worker's engine and gRPC service (strata.v1.<role>) until SIGTERM or SIGINT;
-    streams in flight get `grace` seconds to finish."""
+    """Run a worker's gRPC service (strata.v1.<role>) until `stopping` is set; streams in
+    flight get `grace` seconds to finish. The engine's step loop runs on the process's main
+    thread (strata.serve.serve_worker); this stops it when the service ends."""
     name = worker_pb2.DESCRIPTOR.services_by_name[role].full_name
-    servicer.engine.start()
-    server, bound = await start_server(host, port, [(add, servicer, name)])
-    log.info("%s worker %s on %s:%d", role.lower(), servicer.worker_id, host, bound)
     try:
-        await run_until_signal(server, grace)
+        server, bound = await start_server(host, port, [(add, servicer, name)])
+        log.info("%s worker %s on %s:%d", role.lower(), servicer.worker_id, host, bound)
+        await run_until_signal(server, grace, stopping)
     finally:
-        servicer.engine.shutdown()
+        servicer.engine.stop()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 from strata.config import CacheConfig, HiCacheConfig, ModelConfig, SchedulerConfig, ServerConfig
@@ -78,15 +80,36 @@ def serve_worker(
         publisher = KVEventPublisher(cache_target, worker_id, engine)
         engine.event_sink = publisher
         publisher.start()
+    if role == "prefill":
+        engine.jump_forward = False  # it samples one token; the decode worker jumps
+    service = serve_prefill if role == "prefill" else serve_decode
+    # NOTE: the step loop runs on this main thread (torch on a side thread cost 1.7x per
+    # step on CPU); the gRPC service runs on its own event loop on a side thread.
+    stopping = threading.Event()
+    failure: list[BaseException] = []
+
+    def run_service() -> None:
+        try:
+            asyncio.run(service(engine, worker_id, host, port, grace, stopping))
+        except BaseException as exc:  # e.g. the port is taken: the worker must exit
+            failure.append(exc)
+            engine.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    engine.expect_loop()
+    grpc_thread = threading.Thread(target=run_service, name="strata-grpc")
+    grpc_thread.start()
     try:
-        if role == "prefill":
-            engine.jump_forward = False  # it samples one token; the decode worker jumps
-            asyncio.run(serve_prefill(engine, worker_id, host, port, grace))
-        else:
-            asyncio.run(serve_decode(engine, worker_id, host, port, grace))
+        engine.run()
     finally:
+        stopping.set()
+        grpc_thread.join()
+        engine.close()
         if publisher is not None:
             publisher.stop()
+    if failure:
+        raise failure[0]
 
 
 async def _serve_fronts(

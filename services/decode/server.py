@@ -165,6 +165,8 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
                 yield chunk_from_output(ev)
 
 
-async def serve(engine: Engine, worker_id: str, host: str, port: int, grace: float) -> None:
+async def serve(
+    engine: Engine, worker_id: str, host: str, port: int, grace: float, stopping: threading.Event
+) -> None:
     add = worker_pb2_grpc.add_DecodeServicer_to_server
-    await serve_worker("Decode", DecodeService(engine, worker_id), add, host, port, grace)
+    await serve_worker("Decode", DecodeService(engine, worker_id), add, host, port, grace, stopping)

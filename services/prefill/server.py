@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import aclosing
@@ -109,6 +110,9 @@ class PrefillService(EngineWorker, worker_pb2_grpc.PrefillServicer):
             return channel.send(pages)
 
 
-async def serve(engine: Engine, worker_id: str, host: str, port: int, grace: float) -> None:
+async def serve(
+    engine: Engine, worker_id: str, host: str, port: int, grace: float, stopping: threading.Event
+) -> None:
     add = worker_pb2_grpc.add_PrefillServicer_to_server
-    await serve_worker("Prefill", PrefillService(engine, worker_id), add, host, port, grace)
+    service = PrefillService(engine, worker_id)
+    await serve_worker("Prefill", service, add, host, port, grace, stopping)
