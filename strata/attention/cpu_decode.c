@@ -409,3 +409,62 @@ int sparse_decode(int dtype, const void *q, const void *k, const void *v, void *
     free(lens);
     return rc;
 }
+
+/* The residual add and RMSNorm between blocks, on bfloat16 rows [rows, dim]: x += delta
+ * (rounded to bfloat16, as torch's add; delta may be NULL), then out = x * rsqrt(mean(x^2) +
+ * eps) * w, computed in float32 and rounded once (as torch's rms_norm). */
+int add_rms_norm(const uint16_t *delta, uint16_t *x, const uint16_t *w, uint16_t *out,
+                 int64_t rows, int dim, float eps) {
+#pragma omp parallel for if (rows >= 32) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        uint16_t *xr = x + r * dim;
+        uint16_t *o = out + r * dim;
+        float ss = 0.f;
+        if (delta) {
+            const uint16_t *dr = delta + r * dim;
+            for (int j = 0; j < dim; j++) {
+                const uint16_t s16 = f32_to_bf16(bf16_to_f32(xr[j]) + bf16_to_f32(dr[j]));
+                const float v = bf16_to_f32(s16);
+                xr[j] = s16;
+                ss += v * v;
+            }
+        } else {
+            for (int j = 0; j < dim; j++) {
+                const float v = bf16_to_f32(xr[j]);
+                ss += v * v;
+            }
+        }
+        const float inv = 1.f / sqrtf(ss / (float)dim + eps);
+        for (int j = 0; j < dim; j++) o[j] = f32_to_bf16(bf16_to_f32(xr[j]) * inv * bf16_to_f32(w[j]));
+    }
+    return 0;
+}
+
+/* Rotary embedding in place on bfloat16 heads x [rows, heads, dim] (rows row_stride apart,
+ * heads dense), rotate-half layout: x * cos + rotate_half(x) * sin with cos, sin [rows, dim].
+ * Each product and the sum are rounded to bfloat16, as torch's three ops round them. */
+int rope_bf16(uint16_t *x, int64_t rows, int heads, int dim, int64_t row_stride,
+              const uint16_t *cos, const uint16_t *sin) {
+    const int half = dim / 2;
+#pragma omp parallel for if (rows >= 32) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *c = cos + r * dim, *s = sin + r * dim;
+        for (int h = 0; h < heads; h++) {
+            uint16_t *v = x + r * row_stride + (int64_t)h * dim;
+            float lo[MAX_DIM / 2], hi[MAX_DIM / 2];
+            for (int j = 0; j < half; j++) {
+                lo[j] = bf16_to_f32(v[j]);
+                hi[j] = bf16_to_f32(v[j + half]);
+            }
+            for (int j = 0; j < half; j++) {
+                const float a = bf16_to_f32(f32_to_bf16(lo[j] * bf16_to_f32(c[j])));
+                const float b = bf16_to_f32(f32_to_bf16(-hi[j] * bf16_to_f32(s[j])));
+                v[j] = f32_to_bf16(a + b);
+                const float a2 = bf16_to_f32(f32_to_bf16(hi[j] * bf16_to_f32(c[j + half])));
+                const float b2 = bf16_to_f32(f32_to_bf16(lo[j] * bf16_to_f32(s[j + half])));
+                v[j + half] = f32_to_bf16(a2 + b2);
+            }
+        }
+    }
+    return 0;
+}

@@ -88,7 +88,10 @@ def library() -> ctypes.CDLL | None:
         i, p, p, p, p, p, p, i64p, i64p, p, i, i, i, i, i, i, i64, ctypes.c_float,
         ctypes.c_float, i64, ctypes.c_double, i, i, i, i64p,
     ]  # fmt: skip
-    for fn in (lib.paged_decode, lib.write_kv, lib.select_pages, lib.sparse_decode):
+    lib.add_rms_norm.argtypes = [p, p, p, p, i64, i, ctypes.c_float]
+    lib.rope_bf16.argtypes = [p, i64, i, i, i64, p, p]
+    for fn in (lib.paged_decode, lib.write_kv, lib.select_pages, lib.sparse_decode,
+               lib.add_rms_norm, lib.rope_bf16):  # fmt: skip
         fn.restype = i
     return lib
 
@@ -193,6 +196,40 @@ def write_kv(
     k, v = k.contiguous(), v.contiguous()
     lib.write_kv(dtype, _ptr(k), _ptr(v), _ptr(kp), _ptr(vp), _i64(pages), _i64(offsets),
                  k.shape[0], kv_heads, d, ps, kp.stride(0))  # fmt: skip
+    return True
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> torch.Tensor | None:
+    """x += delta in place, then rms_norm(x) * weight, for bfloat16 [rows, dim] on CPU (one
+    call instead of torch's add, upcast, reduce, scale and downcast); None where it does not
+    apply, and x is untouched then."""
+    lib = library()
+    ok = x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
+    if lib is None or not ok or not x.is_contiguous():
+        return None
+    if delta is not None:
+        if delta.dtype != x.dtype or delta.shape != x.shape:
+            return None
+        delta = delta.contiguous()
+    out = torch.empty_like(x)
+    lib.add_rms_norm(_ptr(delta) if delta is not None else None, _ptr(x), _ptr(weight),
+                     _ptr(out), x.shape[0], x.shape[1], eps)  # fmt: skip
+    return out
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """RotaryEmbedding.apply in place on bfloat16 heads x [T, heads, D] on CPU (rows may be
+    strided, heads dense), with cos, sin [T, 1, D]; False where it does not apply."""
+    lib = library()
+    t, heads, d = x.shape
+    ok = x.dtype == cos.dtype == sin.dtype == torch.bfloat16 and x.device.type == "cpu"
+    if lib is None or not ok or d % 2 or d > 256 or x.stride()[1:] != (d, 1):
+        return False
+    if not (cos.is_contiguous() and sin.is_contiguous()) or cos.shape != (t, 1, d):
+        return False
+    lib.rope_bf16(_ptr(x), t, heads, d, x.stride(0), _ptr(cos), _ptr(sin))
     return True
 
 

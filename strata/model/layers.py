@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from strata.attention import cpu_kernels
 from strata.attention.backend import AttentionBackend
 from strata.kv.pool import LayerKV
 from strata.model.linear import Int4Linear, Linear
@@ -24,6 +25,19 @@ class RMSNorm:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, self.shape, self.weight, self.eps)
+
+    def add_norm(
+        self, x: torch.Tensor, delta: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, norm(x + delta)): the residual add and the next norm. bfloat16 on CPU
+        runs both in one C call and adds in place (x is the residual stream, owned by the
+        forward); elsewhere torch's ops, unchanged."""
+        fused = cpu_kernels.add_rms_norm(x, delta, self.weight, self.eps)
+        if fused is not None:
+            return x, fused
+        if delta is not None:
+            x = x + delta
+        return x, self(x)
 
 
 class Attention:
@@ -49,8 +63,11 @@ class Attention:
     ) -> torch.Tensor:
         t, qk_size = x.shape[0], self.q_size + self.kv_size
         qkv = self.qkv(x)  # [T, q_size + 2 * kv_size]
-        # NOTE: q and k heads are rotated in one call: half the small ops of a decode step.
-        qk = self.rope.apply(qkv[:, :qk_size].view(t, -1, self.head_dim), cos, sin)
+        # NOTE: q and k heads are rotated in one call (in place in qkv where the CPU kernel
+        # takes it): half the small ops of a decode step.
+        qk = qkv[:, :qk_size].view(t, -1, self.head_dim)
+        if not cpu_kernels.rope_(qk, cos, sin):
+            qk = self.rope.apply(qk, cos, sin)
         q, k = qk[:, : self.heads], qk[:, self.heads :]
         v = qkv[:, qk_size:].view(t, self.kv_heads, self.head_dim)
         out = self.backend.forward(q, k, v, kv_layer, meta)
@@ -73,10 +90,15 @@ class DecoderLayer:
     def __call__(
         self,
         x: torch.Tensor,
+        delta: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_layer: LayerKV,
         meta: Any,
-    ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, kv_layer, meta)
-        return x + self.mlp(self.norm2(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream, delta: the previous layer's output still to add to it
+        (None for the first layer). Returns (residual, this layer's MLP output): the add
+        is left to the next norm, which fuses it."""
+        x, h = self.norm1.add_norm(x, delta)
+        x, h = self.norm2.add_norm(x, self.attn(h, cos, sin, kv_layer, meta))
+        return x, self.mlp(h)

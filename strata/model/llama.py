@@ -59,7 +59,9 @@ class LlamaForCausalLM:
         meta = self.backend.prepare(batch)
         cos, sin = self.rope.tables(batch.positions)
         x = F.embedding(batch.input_ids, self.embed_tokens)
+        delta = None
         for layer, kv_layer in zip(self.layers, kv.layers):
-            x = layer(x, cos, sin, kv_layer, meta)
-        x = self.norm(x[batch.logits_index])
+            x, delta = layer(x, delta, cos, sin, kv_layer, meta)
+        rows = batch.logits_index
+        x = self.norm((x[rows] + delta[rows]) if delta is not None else x[rows])
         return self.lm_head(x).float(), meta

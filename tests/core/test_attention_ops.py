@@ -103,3 +103,44 @@ def test_cpu_decode_kernel_declines_what_it_does_not_take():
     assert cpu_kernels.paged_decode(q, pages, pages, table, lens, 1.0) is None
     k, v = pool_layer(4, 8, 2, 8, torch.float32)  # pages that are not dense blocks
     assert cpu_kernels.paged_decode(q.float(), k.mT, v.mT, table, lens, 1.0) is None
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_cpu_add_rms_norm_equals_torch_add_then_rms_norm(rows, with_delta):
+    g = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, 576, generator=g) * 3).to(torch.bfloat16)
+    delta = torch.randn(rows, 576, generator=g).to(torch.bfloat16) if with_delta else None
+    w = (torch.rand(576, generator=g) + 0.5).to(torch.bfloat16)
+    want_x = x + delta if delta is not None else x.clone()
+    want = F.rms_norm(want_x, (576,), w, 1e-5)
+    got = cpu_kernels.add_rms_norm(x, delta, w, 1e-5)
+    assert got is not None
+    assert torch.equal(x, want_x)  # the residual add, in place, rounded as torch rounds it
+    # one rounding of the same float32 value; summation order may move it by one bf16 ulp
+    assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=0)
+    assert (got != want).float().mean().item() < 0.01
+
+
+def test_cpu_add_rms_norm_declines_other_dtypes_and_layouts():
+    w = torch.ones(8)
+    assert cpu_kernels.add_rms_norm(torch.ones(2, 8), None, w, 1e-5) is None  # float32
+    x = torch.ones(8, 2, dtype=torch.bfloat16).t()  # not contiguous
+    assert cpu_kernels.add_rms_norm(x, None, w.to(torch.bfloat16), 1e-5) is None
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_cpu_rope_in_place_equals_rotary_embedding(rows):
+    from strata.model.rope import RotaryEmbedding
+
+    rope = RotaryEmbedding(64, 4096, 100000.0, {}, torch.bfloat16, torch.device("cpu"))
+    g = torch.Generator().manual_seed(rows)
+    qkv = torch.randn(rows, (9 + 3 + 3) * 64, generator=g).to(torch.bfloat16)
+    positions = torch.randint(0, 4000, (rows,), generator=g)
+    cos, sin = rope.tables(positions)
+    heads = qkv[:, : 12 * 64].view(rows, 12, 64)  # q and k heads, rows strided by v
+    want = rope.apply(heads, cos, sin)
+    v_before = qkv[:, 12 * 64 :].clone()
+    assert cpu_kernels.rope_(heads, cos, sin)
+    assert torch.equal(heads, want)  # the same three roundings as torch's ops
+    assert torch.equal(qkv[:, 12 * 64 :], v_before)
