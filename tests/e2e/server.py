@@ -113,10 +113,18 @@ def running_http(command: str, *extra: str, timeout: float = 180.0) -> Iterator[
         auth = {"Authorization": f"Bearer {extra[list(extra).index('--api-key') + 1]}"}
     cmd = [sys.executable, "-m", "strata.cli", command, "--host", "127.0.0.1",
            "--port", str(port), "--grpc-port", "-1", "--log-level", "warning", *extra]  # fmt: skip
+    with running_process(cmd, f"http://127.0.0.1:{port}", "/health", auth, timeout) as url:
+        yield url
+
+
+@contextmanager
+def running_process(
+    cmd: list[str], url: str, ready_path: str, headers: dict[str, str], timeout: float
+) -> Iterator[str]:
+    """Start cmd, wait until GET url + ready_path answers 200, yield url; terminate it after."""
     # NOTE: the log goes to a file, never an unread pipe: a full pipe would block the server.
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
-        url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -125,7 +133,8 @@ def running_http(command: str, *extra: str, timeout: float = 180.0) -> Iterator[
                     out = log.read().decode(errors="replace")
                     raise RuntimeError(f"server exited with {proc.returncode}:\n{out}")
                 try:
-                    if httpx.get(f"{url}/health", headers=auth, timeout=2).status_code == 200:
+                    r = httpx.get(f"{url}{ready_path}", headers=headers, timeout=2)
+                    if r.status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
