@@ -54,12 +54,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "the context's pages (< 1); 0: no cap")  # fmt: skip
     p.add_argument("--sparse-dense-layers", type=int, default=d.dense_layers,
                    help="the first layers always decode densely")  # fmt: skip
+    p.add_argument("--sparse-demote-after", type=int, default=d.demote_after,
+                   help="with --enable-hierarchical-cache (CPU): a running request's page no "
+                   "sparse layer kept for this many steps may move to L2 when L1 runs short, "
+                   "and comes back when selected; 0: never")  # fmt: skip
 
 
 def sparse_config(a: argparse.Namespace) -> SparseConfig:
     return SparseConfig(
         threshold=a.attention_sparsity_threshold, min_context=a.sparse_min_context,
         budget=a.sparse_budget, dense_layers=a.sparse_dense_layers,
+        demote_after=a.sparse_demote_after,
     )  # fmt: skip
 
 
@@ -67,7 +72,8 @@ def sparse_argv(a: argparse.Namespace) -> list[str]:
     return ["--attention-sparsity-threshold", str(a.attention_sparsity_threshold),
             "--sparse-min-context", str(a.sparse_min_context),
             "--sparse-budget", str(a.sparse_budget),
-            "--sparse-dense-layers", str(a.sparse_dense_layers)]  # fmt: skip
+            "--sparse-dense-layers", str(a.sparse_dense_layers),
+            "--sparse-demote-after", str(a.sparse_demote_after)]  # fmt: skip
 
 
 def add_hicache_args(p: argparse.ArgumentParser) -> None:

@@ -69,14 +69,19 @@ class SparseConfig:
     dense_layers: int = 2  # the first layers stay dense (they attend broadly, as Quest found)
     sink_pages: int = 1  # always kept: the first pages
     window_pages: int = 4  # always kept: the last pages (the newest token's page included)
+    # fetch on select (with KV tiers, CPU): a running request's page that no sparse layer
+    # and KV head kept for this many decode steps may move to L2 when L1 runs short; 0: never
+    demote_after: int = 8
 
     def __post_init__(self) -> None:
         if not 0 <= self.threshold < 1:
             raise ValueError("--attention-sparsity-threshold must be in [0, 1)")
         if self.budget < 0 or (self.budget >= 1 and self.budget != int(self.budget)):
             raise ValueError("--sparse-budget must be a page count (>= 1) or a fraction (< 1)")
-        if self.min_context < 0 or self.dense_layers < 0 or self.sink_pages < 0:
-            raise ValueError("--sparse-min-context and the dense layers must not be negative")
+        if (self.min_context < 0 or self.dense_layers < 0 or self.sink_pages < 0
+                or self.demote_after < 0):  # fmt: skip
+            raise ValueError("--sparse-min-context, --sparse-dense-layers and "
+                             "--sparse-demote-after must not be negative")  # fmt: skip
         if self.window_pages < 1:
             raise ValueError("sparse attention keeps at least the newest page")
 

@@ -38,6 +38,12 @@ class AttentionBackend(ABC):
         considered) by sparse decode over every layer and KV head; None if none ran."""
         return None
 
+    def selected(self, meta: Any) -> list[torch.Tensor | None] | None:
+        """After a forward with `meta`: per sequence of its batch, uint8 [pages] marking the
+        pages some sparse layer and KV head kept (None for a sequence that did not decode
+        sparsely); None if sparse decode did not run."""
+        return None
+
 
 @dataclass
 class _Extend:
@@ -54,6 +60,7 @@ class _Sparse:
     active: torch.Tensor  # [Bd] bool: context of at least min_context tokens
     active_u8: torch.Tensor  # the same as uint8, for the C kernel
     pages: torch.Tensor  # [Bd] int64: each sequence's pages
+    touched: torch.Tensor  # [Bd, W] uint8: page indices some sparse layer and KV head kept
     layers: int = 0  # decode layers run
     kept: list[torch.Tensor] = field(default_factory=list)  # per sparse layer: [Bd, kv_heads]
 
@@ -113,7 +120,8 @@ class TorchAttention(AttentionBackend):
             sp = self.sparse
             if sp is not None and max(kv_lens[i] for i in decode) >= sp.min_context:
                 active = lens >= sp.min_context
-                meta.sparse = _Sparse(active, active.to(torch.uint8), -(-lens // ps))
+                touched = torch.zeros(len(decode), max_pages, dtype=torch.uint8, device=dev)
+                meta.sparse = _Sparse(active, active.to(torch.uint8), -(-lens // ps), touched)
             # NOTE: the CPU kernel reads every sequence's pages in place, so a shared prompt's
             # pages are read from cache, not gathered: cascade decode only pays without it.
             elif not cpu_kernels.available(dev):
@@ -196,7 +204,7 @@ class TorchAttention(AttentionBackend):
         assert meta.decode_pages is not None and meta.decode_lens is not None
         fused = cpu_kernels.sparse_decode(
             q, layer, meta.decode_pages, meta.decode_lens, state.active_u8, self.scale,
-            sp.min_score, sp.budget, sp.sink_pages, sp.window_pages,
+            sp.min_score, sp.budget, sp.sink_pages, sp.window_pages, state.touched,
         )  # fmt: skip
         if fused is not None:
             out, kept = fused
@@ -207,6 +215,7 @@ class TorchAttention(AttentionBackend):
             self.page_size, self.scale, sp.min_score, sp.budget, sp.sink_pages, sp.window_pages,
         )  # fmt: skip
         state.kept.append(kept)
+        state.touched |= reference.kept_mask(meta.decode_pages, table, kept)
         return reference.paged_decode_selected(q, layer.k, layer.v, table, lens, self.scale)
 
     def sparsity(self, meta: TorchMeta) -> list[tuple[int, int]] | None:
@@ -222,6 +231,16 @@ class TorchAttention(AttentionBackend):
         pairs = zip(meta.batch_rows, skipped.tolist(), considered.tolist())
         for row, skipped, considered in pairs:
             out[row] = (skipped, considered)
+        return out
+
+    def selected(self, meta: TorchMeta) -> list[torch.Tensor | None] | None:
+        state = meta.sparse
+        if state is None or not state.kept:
+            return None
+        out: list[torch.Tensor | None] = [None] * meta.num_seqs
+        for j, row in enumerate(meta.batch_rows):
+            if bool(state.active[j]):
+                out[row] = state.touched[j, : int(state.pages[j])]
         return out
 
 

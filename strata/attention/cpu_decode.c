@@ -265,7 +265,8 @@ int write_kv(int dtype, const void *k, const void *v, void *kp, void *vp, const 
  * rows of page 0 (pages page_stride elements apart); page_table [batch, width]; seq_lens,
  * active [batch] (an inactive sequence keeps every page). Writes out_table [batch, kv_heads,
  * width] (kept pages, in order), out_lens [batch, kv_heads] (the kept pages' token count)
- * and kept [batch, kv_heads]. */
+ * and kept [batch, kv_heads]; touched [batch, width] (may be NULL): set to 1 at each page
+ * index some KV head kept (never cleared here, so it collects a whole forward's layers). */
 typedef struct { float score; int64_t page; } cand;
 #define PREFETCH_PAGES 4
 
@@ -302,7 +303,7 @@ int select_pages(int dtype, const void *q, const void *kmin, const void *kmax,
                  int batch, int table_width, int heads, int kv_heads, int head_dim,
                  int page_size, int64_t page_stride, float scale, float min_score,
                  int64_t budget, double budget_fraction, int sink, int window,
-                 int64_t *out_table, int64_t *out_lens, int64_t *kept) {
+                 int64_t *out_table, int64_t *out_lens, int64_t *kept, uint8_t *touched) {
     const int g = heads / kv_heads, d = head_dim;
     if (heads > MAX_HEADS || d > MAX_DIM || heads % kv_heads) return -1;
 #pragma omp parallel for schedule(dynamic, 1)
@@ -312,8 +313,11 @@ int select_pages(int dtype, const void *q, const void *kmin, const void *kmax,
         const int64_t *pages = page_table + (int64_t)b * table_width;
         int64_t *dst = out_table + it * table_width, count = 0;
         const int64_t cap = budget_fraction > 0 ? (int64_t)ceil(budget_fraction * n) : budget;
+        uint8_t *mark = touched ? touched + (int64_t)b * table_width : NULL;
         if (!active[b] || n <= sink + window) {
             for (int64_t p = 0; p < n; p++) dst[p] = pages[p];
+            if (mark)
+                for (int64_t p = 0; p < n; p++) __atomic_store_n(&mark[p], 1, __ATOMIC_RELAXED);
             out_lens[it] = len, kept[it] = n;
             continue;
         }
@@ -376,7 +380,10 @@ int select_pages(int dtype, const void *q, const void *kmin, const void *kmax,
         if (ncand > room) best_first(c, ncand, room);
         for (int64_t j = 0; j < ncand && j < room; j++) keep[c[j].page] = 1;
         for (int64_t p = 0; p < n; p++)
-            if (keep[p]) dst[count++] = pages[p];
+            if (keep[p]) {
+                dst[count++] = pages[p];
+                if (mark) __atomic_store_n(&mark[p], 1, __ATOMIC_RELAXED); /* heads race */
+            }
         free(keep);
         out_lens[it] = (count - 1) * page_size + (len - (n - 1) * page_size);
         kept[it] = count;
@@ -387,13 +394,14 @@ int select_pages(int dtype, const void *q, const void *kmin, const void *kmax,
 }
 
 /* Sparse decode of one layer in one call: select_pages, then paged_decode over each KV
- * head's kept pages (groups = kv_heads). kept [batch, kv_heads] receives the kept counts. */
+ * head's kept pages (groups = kv_heads). kept [batch, kv_heads] receives the kept counts,
+ * touched (or NULL) the kept page indices, as select_pages writes them. */
 int sparse_decode(int dtype, const void *q, const void *k, const void *v, void *out,
                   const void *kmin, const void *kmax, const int64_t *page_table,
                   const int64_t *seq_lens, const uint8_t *active, int batch, int table_width,
                   int heads, int kv_heads, int head_dim, int page_size, int64_t page_stride,
                   float scale, float min_score, int64_t budget, double budget_fraction, int sink,
-                  int window, int splits, int64_t *kept) {
+                  int window, int splits, int64_t *kept, uint8_t *touched) {
     const int64_t n = (int64_t)batch * kv_heads;
     int64_t *table = (int64_t *)calloc(n * table_width, sizeof(int64_t));
     int64_t *lens = (int64_t *)malloc(sizeof(int64_t) * n);
@@ -401,7 +409,7 @@ int sparse_decode(int dtype, const void *q, const void *k, const void *v, void *
     if (table && lens)
         rc = select_pages(dtype, q, kmin, kmax, page_table, seq_lens, active, batch, table_width,
                           heads, kv_heads, head_dim, page_size, page_stride, scale, min_score,
-                          budget, budget_fraction, sink, window, table, lens, kept);
+                          budget, budget_fraction, sink, window, table, lens, kept, touched);
     if (rc == 0)
         rc = paged_decode(dtype, q, k, v, out, table, lens, batch, table_width, heads, kv_heads,
                           head_dim, page_size, page_stride, scale, splits, kv_heads);

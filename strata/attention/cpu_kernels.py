@@ -82,11 +82,11 @@ def library() -> ctypes.CDLL | None:
     lib.write_kv.argtypes = [i, p, p, p, p, i64p, i64p, i64, i, i, i, i64]
     lib.select_pages.argtypes = [
         i, p, p, p, i64p, i64p, p, i, i, i, i, i, i, i64, ctypes.c_float, ctypes.c_float, i64,
-        ctypes.c_double, i, i, i64p, i64p, i64p,
+        ctypes.c_double, i, i, i64p, i64p, i64p, p,
     ]  # fmt: skip
     lib.sparse_decode.argtypes = [
         i, p, p, p, p, p, p, i64p, i64p, p, i, i, i, i, i, i, i64, ctypes.c_float,
-        ctypes.c_float, i64, ctypes.c_double, i, i, i, i64p,
+        ctypes.c_float, i64, ctypes.c_double, i, i, i, i64p, p,
     ]  # fmt: skip
     lib.add_rms_norm.argtypes = [p, p, p, p, i64, i, ctypes.c_float]
     lib.rope_bf16.argtypes = [p, i64, i, i, i64, p, p]
@@ -268,7 +268,7 @@ def select_pages(
     rc = lib.select_pages(
         dtype, _ptr(q), _ptr(kmin), _ptr(kmax), _i64(table), _i64(lens), _ptr(act), b, width,
         heads, kv_heads, d, page_size, kmin.stride(0), scale, min_score, count, fraction, sink,
-        window, _i64(out), _i64(out_lens), _i64(kept),
+        window, _i64(out), _i64(out_lens), _i64(kept), None,
     )  # fmt: skip
     return (out, out_lens, kept) if rc == 0 else None
 
@@ -284,10 +284,12 @@ def sparse_decode(
     budget: float,
     sink: int,
     window: int,
+    touched: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """select_pages then paged_decode_selected, in one call (no tables cross into Python):
     (attention [B, heads, D], kept [B, kv_heads]); None where the kernel does not apply.
-    page_table, seq_lens: int64 and contiguous; active: uint8."""
+    page_table, seq_lens: int64 and contiguous; active: uint8. touched (uint8 [B, W],
+    contiguous): set to 1 at the index of every page some KV head kept."""
     lib = library()
     dtype = DTYPES.get(q.dtype)
     k_pages, v_pages, kmin, kmax = layer.k, layer.v, layer.kmin, layer.kmax
@@ -308,6 +310,6 @@ def sparse_decode(
         dtype, _ptr(q), _ptr(k_pages), _ptr(v_pages), _ptr(out), _ptr(kmin), _ptr(kmax),
         _i64(page_table), _i64(seq_lens), _ptr(active), b, width, heads, kv_heads, d,
         page_size, k_pages.stride(0), scale, min_score, count, fraction, sink, window,
-        _splits(b * kv_heads, width), _i64(kept),
+        _splits(b * kv_heads, width), _i64(kept), _ptr(touched) if touched is not None else None,
     )  # fmt: skip
     return (out, kept) if rc == 0 else None

@@ -244,6 +244,15 @@ def select_pages(
     return table.contiguous(), lens, kept
 
 
+def kept_mask(page_table: torch.Tensor, table: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, W]: 1 at the index (in page_table [B, W]) of each page that some KV head
+    kept, from select_pages' table [B, kv_heads, W] and kept [B, kv_heads]."""
+    w = table.shape[2]
+    valid = torch.arange(w, device=table.device)[None, None, :] < kept[:, :, None]
+    hit = (page_table[:, None, :, None] == table[:, :, None, :]) & valid[:, :, None, :]
+    return hit.any(3).any(1).to(torch.uint8)
+
+
 def paged_decode_selected(
     q: torch.Tensor,
     k_pages: torch.Tensor,

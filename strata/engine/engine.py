@@ -16,13 +16,14 @@ from typing import Any
 
 from strata.config import HiCacheConfig
 from strata.engine.logprobs import collect_input_logprobs, wants_input_logprobs
+from strata.engine.offload import Offload
 from strata.engine.request import KVSource, Limits, Overloaded, Request, RequestOutput
 from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import ScheduledChunk, Scheduler
 from strata.engine.split import SplitRoles
 from strata.grammar.compiler import GrammarCompiler, LazyGrammarCompiler
 from strata.grammar.jump import jump_forward
-from strata.kv.hierarchy import build_cache
+from strata.kv.hierarchy import TieredCache, build_cache
 from strata.model.batch import SequenceChunk
 from strata.radix.index import CacheIndex
 from strata.radix.results import KVEvent
@@ -70,6 +71,16 @@ class Engine(SplitRoles):
         self.tokenizer = runner.tokenizer
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.cache: CacheIndex | None = None
+        sparse = getattr(runner.model.backend, "sparse", None)
+        fetch_on_select = (
+            enable_cache and tiers is not None and tiers.enabled and sparse is not None
+            and sparse.demote_after > 0 and runner.kv.data.device.type == "cpu"
+        )  # fmt: skip
+        if fetch_on_select:  # L2 becomes the tail of the pool the kernels read
+            assert tiers is not None
+            n1 = runner.pool.num_pages
+            total = n1 + tiers.host_pages(n1, runner.kv.bytes_per_page)
+            runner.kv = runner.kv.like(total, "cpu", pin_memory=False)
         if enable_cache:
             self.cache = build_cache(
                 runner.kv, runner.pool, runner.identity, tiers, record_events=cluster_worker,
@@ -86,6 +97,10 @@ class Engine(SplitRoles):
             timeout,
             schedule_policy,
         )
+        if fetch_on_select and isinstance(self.cache, TieredCache):
+            assert sparse is not None
+            self.scheduler.offload = Offload(self.cache, runner.pool, sparse.demote_after,
+                                             sparse.sink_pages, sparse.window_pages)  # fmt: skip
         # cluster workers: called on the engine thread with each step's KV events
         self.event_sink: Callable[[list[KVEvent]], None] | None = None
         eos = set(runner.spec.eos_token_ids)
@@ -210,9 +225,15 @@ class Engine(SplitRoles):
             cache=self.cache.stats() if self.cache is not None else None,
             jump_forward_tokens=self.jump_forward_tokens,
             held=len(self._held),
-            tiers=self.cache.tier_stats() if self.cache is not None else None,
+            tiers=self._tier_stats(),
             loop_thread=threading.current_thread().name,
         )
+
+    def _tier_stats(self) -> dict[str, Any] | None:
+        stats = self.cache.tier_stats() if self.cache is not None else None
+        if stats is not None and self.scheduler.offload is not None:
+            stats["fetch_on_select"] = self.scheduler.offload.stats()
+        return stats
 
     def flush_cache(self) -> int:
         """Drop every unlocked cached page; returns how many were freed."""
@@ -325,6 +346,10 @@ class Engine(SplitRoles):
         if prompt_logprobs:
             logits = collect_input_logprobs(chunks, logits)
         self.scheduler.advance(chunks)
+        offload = self.scheduler.offload
+        if offload is not None:
+            reqs = [c.req for c in chunks]
+            offload.after_forward(reqs, self.runner.last_selected, len(self.scheduler.running))
         sparsity = self.runner.last_sparsity  # None unless sparse decode ran this step
         if sparsity is not None:
             for c, (skipped, considered) in zip(chunks, sparsity):

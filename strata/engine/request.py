@@ -112,6 +112,10 @@ class Request:
     # sparse decode: pages x KV heads x layers skipped and considered, over its steps
     sparse_skipped: int = 0
     sparse_considered: int = 0
+    # fetch on select (engine/offload.py): per page, the last step sparse decode kept it
+    # (None until it decodes sparsely), and how many of its pages are L2 pages of its own
+    selected_at: list[int] | None = None
+    num_demoted: int = 0
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:

@@ -84,6 +84,8 @@ class ModelRunner:
         self.context_length: int | None = None  # --context-length, below the model's own
         # per chunk of the last forward: (pages skipped, pages considered) by sparse decode
         self.last_sparsity: list[tuple[int, int]] | None = None
+        # per chunk of the last forward: the page indices sparse decode kept (uint8 rows)
+        self.last_selected: list[torch.Tensor | None] | None = None
 
     @classmethod
     def from_config(
@@ -123,4 +125,5 @@ class ModelRunner:
         batch = ForwardBatch.build(chunks, self.page_size, self.device, all_logits)
         logits, meta = self.model.forward(batch, self.kv)
         self.last_sparsity = self.model.backend.sparsity(meta)
+        self.last_selected = self.model.backend.selected(meta)
         return logits

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from strata.engine.offload import Offload
 from strata.engine.request import Request, Status
 from strata.kv.mover import LoadPlan
 from strata.kv.pool import PagePool, alloc_evicting
@@ -53,6 +54,8 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []  # admitted (holding pages), oldest first
         self.fetching: list[Request] = []  # admitted remote requests the engine must start
+        self.offload: Offload | None = None  # fetch on select (sparse decode over KV tiers)
+        self.preemptions = 0  # requests sent back to the queue for want of pages
 
     def add(self, req: Request) -> None:
         req.status = Status.WAITING
@@ -112,7 +115,7 @@ class Scheduler:
     def cache_progress(self, req: Request) -> None:
         """Hand the whole pages a prefill just computed to the radix cache right away, so
         requests that share the prefix can reuse them before this one finishes."""
-        if self.cache is None or req.finished:
+        if self.cache is None or req.finished or req.num_demoted:
             return
         ps = self.page_size
         full = min(req.num_computed, len(req.prompt_ids)) // ps
@@ -214,6 +217,8 @@ class Scheduler:
             if pages is not None:
                 req.pages.extend(pages)
                 return True
+            if self.offload is not None and self.offload.demote(self.running, need):
+                continue
             victim = next(r for r in reversed(self.running) if not r.awaiting_kv)
             self._preempt(victim)
             if victim is req:
@@ -221,6 +226,7 @@ class Scheduler:
         return True
 
     def _preempt(self, req: Request) -> None:
+        self.preemptions += 1
         self.running.remove(req)
         self.release(req)
         req.loads_planned = False  # its pages may be in L2 by the time it comes back
@@ -269,6 +275,8 @@ class Scheduler:
         return True
 
     def release(self, req: Request) -> None:
+        if self.offload is not None:
+            self.offload.restore(req, self.page_size)
         ps, pages, shared = self.page_size, req.pages, req.num_shared_pages
         if self.cache is not None:
             full = req.num_computed // ps

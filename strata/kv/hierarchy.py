@@ -45,15 +45,20 @@ class TieredCache(CacheIndex):
         store_index: StoreIndex | None = None,
         on_loaded: Callable[[LoadPlan], None] = lambda plan: None,
         record_events: bool = False,
+        l2: KVCache | None = None,
     ) -> None:
+        """l2: the L2 pool when it is the tail of l1's tensor (KVCache.rows), so the kernels
+        can read an L2 page in place (the CPU; see l2_base); None: a pool of its own."""
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"unknown write policy {write_policy!r}; choose one of "
                              f"{WRITE_POLICIES}")  # fmt: skip
         self.tree = RadixTree(l1.page_size, seed, record_events)
         self.page_size = l1.page_size
         self.l1, self.pool = l1, pool
-        self.l2 = l1.like(host_pages, "cpu", pin_memory=l1.data.is_cuda)
-        self.host_pool = PagePool(host_pages)
+        self.l2 = l2 if l2 is not None else l1.like(host_pages, "cpu", l1.data.is_cuda)
+        self.host_pool = PagePool(self.l2.data.shape[0])
+        # the id the kernels read L2 page 0 at (past L1's pages), when they can
+        self.l2_base = pool.num_pages if l2 is not None else None
         self.policy = write_policy
         self.store, self.index = store, store_index
         self.mover = TierMover(l1, self.l2, store, on_loaded, self._written)
@@ -78,7 +83,7 @@ class TieredCache(CacheIndex):
             self._backup(node, SELECTIVE_HITS)
 
     def evict(self, num_pages: int) -> list[int]:
-        evicted = self.tree.evict(num_pages, self._demote)
+        evicted = self.tree.evict(num_pages, self.copy_down)
         self.host_pool.free(evicted.host_pages)
         return evicted.pages
 
@@ -132,6 +137,21 @@ class TieredCache(CacheIndex):
             gone = [k for k in plan.keys[n : n + 1] if not self.store.path(k).exists()]
             self._l3_gone(gone)
         self.tree.unlock(plan.lock_node)
+
+    def give_back(self, node: int) -> tuple[int, list[int]]:
+        """The caller (sole holder of the deepest pages of node's path) takes them back
+        from the tree (RadixTree.give_back); returns (the node it now locks, the pages)."""
+        node, taken, host = self.tree.give_back(node)
+        self.host_pool.free(host)
+        return node, taken
+
+    def copy_down(self, pages: list[int]) -> list[int] | None:
+        """Copy L1 pages into new L2 pages (evicting cached L2 pages if needed) and return
+        them, or None when L2 has no room. The caller owns them (host_pool.free)."""
+        host = alloc_evicting(self.host_pool, len(pages), self._evict_host)
+        if host is not None:
+            self.mover.to_host(pages, host)
+        return host
 
     def take_events(self) -> list[KVEvent]:
         events = self.tree.take_events()
@@ -208,12 +228,6 @@ class TieredCache(CacheIndex):
             self.tree.set_host(node_id, host)
             unstored = self._unstored(keys)
             self.mover.write(unstored, host[len(keys) - len(unstored) :])
-
-    def _demote(self, pages: list[int]) -> list[int] | None:
-        host = alloc_evicting(self.host_pool, len(pages), self._evict_host)
-        if host is not None:
-            self.mover.to_host(pages, host)
-        return host
 
     def _evict_host(self, num_pages: int) -> list[int]:
         freed = []
@@ -296,5 +310,8 @@ def build_cache(
         if own_store_index:
             index = StoreIndex(tiers.storage_dir, int(tiers.storage_size_gb * 1e9))
     host_pages = tiers.host_pages(pool.num_pages, kv.bytes_per_page)
+    l2 = None
+    if kv.data.shape[0] > pool.num_pages:  # the pool's tail past L1 is L2 (KVCache.rows)
+        l2 = kv.rows(pool.num_pages, kv.data.shape[0])
     return TieredCache(kv, pool, host_pages, tiers.write_policy, seed, store, index, on_loaded,
-                       record_events)  # fmt: skip
+                       record_events, l2)  # fmt: skip

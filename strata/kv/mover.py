@@ -92,6 +92,11 @@ class TierMover:
                 np.copyto(self._l2[h], self._l1[p])
         self._count("l1_to_l2", len(pages) * self.l1.bytes_per_page)
 
+    def from_host(self, host: Sequence[int], pages: Sequence[int]) -> None:
+        """Copy L2 pages into L1 pages; done when it returns."""
+        self._host_to_device(host, pages)
+        self._count("l2_to_l1", len(pages) * self.l1.bytes_per_page)
+
     def submit(self, plan: LoadPlan) -> None:
         fut = self._loads.submit(self._load, plan)
         fut.add_done_callback(lambda f: self._loaded(plan, f.exception()))

@@ -91,16 +91,26 @@ class KVCache:
         device: torch.device | str,
         pin_memory: bool = False,
     ) -> None:
-        self.page_size = page_size
-        self.data = torch.zeros(
+        self._view(torch.zeros(
             num_pages, num_layers, 2, page_size + 1, num_kv_heads, head_dim, dtype=dtype,
             device=device, pin_memory=pin_memory,
-        )  # fmt: skip
-        ps, d = page_size, self.data
+        ), page_size)  # fmt: skip
+
+    def _view(self, data: torch.Tensor, page_size: int) -> None:
+        self.page_size, self.data = page_size, data
+        ps, d = page_size, data
         self.layers = [
             LayerKV(d[:, i, 0, :ps], d[:, i, 1, :ps], d[:, i, 0, ps], d[:, i, 1, ps], i)
-            for i in range(num_layers)
+            for i in range(data.shape[1])
         ]
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Pages start..stop-1 of this pool as a pool of their own (same memory): on the CPU
+        the L2 tier is the tail of the pool the kernels read, so a page demoted to L2 is
+        still addressable (as start + its L2 id)."""
+        view = KVCache.__new__(KVCache)
+        view._view(self.data[start:stop], self.page_size)
+        return view
 
     def page(self, page: int) -> torch.Tensor:
         """Every layer's K and V of one page, with its summaries: a contiguous block

@@ -213,6 +213,33 @@ class RadixTree:
         for n in path:
             n.lock -= 1
 
+    def give_back(self, node_id: int) -> tuple[int, list[int], list[int]]:
+        """The holder of a lock on node_id takes the deepest L1 pages of its path back from
+        the tree: walking up from node_id, every node that nobody else locks and that has no
+        other child in L1 leaves L1 (its pages now belong to the caller; it stays as an
+        L2-only node if it has an L2 copy, else it leaves the tree with its L2-only subtree).
+        The caller's lock moves to the first node kept. Returns (that node, the pages taken
+        back, the L2 pages freed)."""
+        self.unlock(node_id)
+        node = self._nodes[node_id]
+        taken: list[int] = []
+        host: list[int] = []
+        while (
+            node is not self.root
+            and node.lock == 0
+            and node.pages is not None
+            and all(c.pages is None for c in node.children.values())
+        ):
+            parent = node.parent
+            assert parent is not None
+            taken[:0] = node.pages
+            self._set_pages(node, None)
+            if node.host is None:
+                host.extend(self._drop(node))
+            node = parent
+        self.lock(node.id)
+        return node.id, taken, host
+
     def evict(
         self, num_pages: int, demote: Callable[[list[int]], list[int] | None] | None = None
     ) -> Evicted:

@@ -137,3 +137,29 @@ def test_locked_prefix_survives_eviction_and_shared_branch_stats():
     assert stats.shared_prefix_count == 1 and stats.avg_sharing_depth == 2.0
     tree.record_lookup(10, 4)
     assert tree.stats().hit_rate == 0.4
+
+
+def test_give_back_takes_only_the_pages_nobody_else_holds():
+    """A running request takes back the deepest pages of its path (fetch on select): not
+    those another request locks, not a node with another child in L1; a node with an L2
+    copy stays as an L2-only node, one without leaves the tree."""
+    tree = RadixTree(PS)
+    tree.insert([1, 1, 2, 2, 3, 3, 4, 4], [0, 1, 2, 3])
+    tree.insert([1, 1, 5, 5], [0, 9])  # another branch under the first page, in L1
+    mine = tree.match_prefix([1, 1, 2, 2, 3, 3, 4, 4]).node
+    tree.lock(mine)
+    other = tree.match_prefix([1, 1, 2, 2]).node  # a second request holds the first 2 pages
+    tree.lock(other)
+    deep = tree.match_prefix([1, 1, 2, 2, 3, 3]).node  # split: [3, 3] and [4, 4] apart
+    tree.set_host(deep, [40])
+    node, taken, host = tree.give_back(mine)
+    assert taken == [2, 3] and host == []
+    assert node == other  # my lock now sits where the other request's does
+    assert tree.cached_pages == 3  # 0, 1 and the other branch's 9
+    m = tree.match_prefix([1, 1, 2, 2, 3, 3, 4, 4])
+    assert m.pages == [0, 1] and m.host_pages == [40]  # [3, 3] kept as L2-only, [4, 4] gone
+    tree.unlock(other)
+    node, taken, _ = tree.give_back(node)  # [1, 1] has another child in L1: it stays
+    assert taken == [1] and node == tree.match_prefix([1, 1]).node
+    tree.unlock(node)
+    assert sorted(tree.flush().pages) == [0, 9]

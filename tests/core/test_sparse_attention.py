@@ -10,10 +10,13 @@ import torch
 
 from strata.attention import cpu_kernels
 from strata.attention import reference as ref
-from strata.config import CacheConfig, ModelConfig, SparseConfig
+from strata.config import CacheConfig, HiCacheConfig, ModelConfig, SparseConfig
+from strata.engine.engine import Engine
 from strata.engine.runner import ModelRunner
 from strata.kv.pool import KVCache
 from strata.model.batch import SequenceChunk
+from strata.sampling.params import SamplingParams
+from tests.core.test_scheduler import assert_pool_back_to_cache_only
 
 PS = 4
 
@@ -139,6 +142,36 @@ def test_selection_equals_brute_force(heads, kv_heads, min_score, budget):
     assert skipped > 0  # the cases do skip pages
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 1)])
+def test_fused_sparse_decode_marks_the_pages_some_head_kept(heads, kv_heads):
+    """The fused kernel's touched rows (fetch on select reads them) are the union over KV
+    heads of what select_pages keeps, accumulated over calls (layers)."""
+    torch.manual_seed(5)
+    d = 16
+    lens = [37, 64, 41, 5, 25]
+    active = torch.tensor([True, True, True, True, False])
+    kv = random_pool(64, kv_heads, d, layers=2)
+    table, rows = page_tables(lens, 64, seed=1)
+    seq_lens = torch.tensor(lens)
+    touched = torch.zeros(table.shape, dtype=torch.uint8)
+    want = torch.zeros_like(touched)
+    for layer in kv.layers:
+        q = torch.randn(len(lens), heads, d)
+        args = (q, layer.kmin, layer.kmax, table, seq_lens, active, PS, d**-0.5, -1.2, 0.4, 1, 1)
+        sel, _, kept = ref.select_pages(*args)
+        want |= ref.kept_mask(table, sel, kept)
+        got = cpu_kernels.sparse_decode(q, layer, table, seq_lens, active.to(torch.uint8),
+                                        d**-0.5, -1.2, 0.4, 1, 1, touched)  # fmt: skip
+        assert got is not None
+    for i, n in enumerate(lens):
+        pages = -(-n // PS)
+        assert torch.equal(touched[i, :pages], want[i, :pages]), i
+        assert touched[i, 0] == 1 and touched[i, pages - 1] == 1  # sink and window
+        if not active[i] or pages <= 2:  # dense: every page
+            assert touched[i, :pages].all()
+    assert touched[0, :10].sum() < 10  # the budget (4 of 10 pages per head) skipped some
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 1)])
 def test_selected_page_kernel_equals_reference_and_dense_attention(heads, kv_heads, dtype, tol):
@@ -177,7 +210,7 @@ def test_selected_page_kernel_equals_reference_and_dense_attention(heads, kv_hea
 
 def test_sparse_config_refuses_bad_values():
     for bad in ({"threshold": 1.0}, {"threshold": -0.1}, {"budget": 2.5}, {"budget": -1},
-                {"window_pages": 0}):  # fmt: skip
+                {"window_pages": 0}, {"demote_after": -1}):  # fmt: skip
         with pytest.raises(ValueError):
             SparseConfig(**bad)
 
@@ -247,3 +280,41 @@ def test_short_sequences_stay_dense(sparse_runners):
     want, _ = decode_logits(dense, PROMPT, 3)
     got, sparsity = decode_logits(sparse, PROMPT, 3)
     assert torch.equal(got, want) and all(s is None for s in sparsity)
+
+
+def test_fetch_on_select_decodes_past_l1_to_the_same_tokens(tiny_checkpoint):
+    """A request whose KV outgrows L1 (150 + 60 tokens = 53 pages, beside a short request,
+    in an L1 of 48) decodes the tokens it decodes with a large L1: pages no sparse layer kept
+    move to L2 instead of a request being preempted, are read there in place, and come back
+    when selected once the short request's pages can be evicted; in the end every page is
+    the cache's or free, and the cache holds as much of the long sequence as L1 can."""
+    folder, _ = tiny_checkpoint("llama", num_hidden_layers=4, num_key_value_heads=1)
+    sparse = SparseConfig(threshold=0.9, budget=0.3, min_context=64, window_pages=2,
+                          demote_after=1)  # fmt: skip
+    long = SamplingParams(max_new_tokens=60, temperature=0, ignore_eos=True)
+    short = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+    other = [(i * 13 + 5) % 300 for i in range(28)]
+
+    def run(num_pages: int, tiers: HiCacheConfig | None) -> tuple[Engine, list[list[int]]]:
+        model = ModelConfig(str(folder), dtype="float32", sparse=sparse)
+        runner = ModelRunner.from_config(model, CacheConfig(page_size=PS, num_pages=num_pages))
+        engine = Engine(runner, tiers=tiers, max_batch_tokens=256)
+        events: list[list] = [[], []]
+        engine.submit(PROMPT, long, events[0].append)
+        engine.submit(other, short, events[1].append)
+        engine.run_until_done()
+        assert [e[-1].finish_reason for e in events] == ["length", "length"]
+        return engine, [[t for e in ev for t in e.token_ids] for ev in events]
+
+    big, want = run(128, None)
+    assert big.scheduler.offload is None
+    engine, got = run(48, HiCacheConfig(enabled=True, ratio=2.0))
+    assert got == want
+    offload = engine.scheduler.offload
+    assert offload is not None and offload.demoted > 0 and offload.fetched > 0
+    assert engine.scheduler.preemptions == 0
+    assert engine.stats().tiers["fetch_on_select"] == offload.stats()
+    assert_pool_back_to_cache_only(engine)
+    cache = engine.cache
+    assert cache.host_pool.num_free + cache.tree.host_pages == cache.host_pool.num_pages
+    assert cache.match(PROMPT + got[0]).length == 48 * PS
