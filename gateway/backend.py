@@ -75,6 +75,8 @@ def radix_cache_stats(
             l3.update(l3_store)
         stats["tiers"] = {"l2": tiers["l2"], "l3": l3, "bytes_moved": tiers["bytes_moved"],
                           "write_policy": tiers["write_policy"]}  # fmt: skip
+        if "fetch_on_select" in tiers:
+            stats["tiers"]["fetch_on_select"] = tiers["fetch_on_select"]
     return stats
 
 

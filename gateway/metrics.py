@@ -146,6 +146,15 @@ class TierCollector(Collector):
         for direction, nbytes in tiers["bytes_moved"].items():
             moved.add_metric([direction], nbytes)
         yield moved
+        if "fetch_on_select" in tiers:
+            fetch = CounterMetricFamily(
+                "strata_kv_fetch_on_select_pages",
+                "Pages of running requests moved to L2 unselected (demoted) and back (fetched)",
+                labels=["kind"],
+            )
+            for kind, n in tiers["fetch_on_select"].items():
+                fetch.add_metric([kind.removesuffix("_pages")], n)
+            yield fetch
         pages = GaugeMetricFamily("strata_kv_tier_pages", "KV pages held per tier", labels=["tier"])
         pages.add_metric(["l1"], stats["cached_pages"])
         pages.add_metric(["l2"], stats["host_pages"])

@@ -331,12 +331,16 @@ class Engine(SplitRoles):
     def step(self) -> bool:
         """One schedule / forward / process round; False when there was nothing to do."""
         chunks = self.scheduler.schedule()
+        ended = self.scheduler.out_of_pages  # its context outgrew the KV pool
+        for req in ended:
+            self._finish(req, "length")
+        self.scheduler.out_of_pages = []
         for req in self.scheduler.fetching:
             self._start_fetch(req)
         self.scheduler.fetching.clear()
         if not chunks:
             self._publish_events()
-            return False
+            return bool(ended)
         prompt_logprobs = [c for c in chunks if wants_input_logprobs(c)]
         start = time.perf_counter()
         logits = self.runner.forward([self._sequence(c) for c in chunks], bool(prompt_logprobs))

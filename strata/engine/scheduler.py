@@ -56,6 +56,8 @@ class Scheduler:
         self.fetching: list[Request] = []  # admitted remote requests the engine must start
         self.offload: Offload | None = None  # fetch on select (sparse decode over KV tiers)
         self.preemptions = 0  # requests sent back to the queue for want of pages
+        # running alone and still out of pages: the engine ends them ("length")
+        self.out_of_pages: list[Request] = []
 
     def add(self, req: Request) -> None:
         req.status = Status.WAITING
@@ -220,6 +222,9 @@ class Scheduler:
             if self.offload is not None and self.offload.demote(self.running, need):
                 continue
             victim = next(r for r in reversed(self.running) if not r.awaiting_kv)
+            if victim is req and len(self.running) == 1:  # the pool cannot hold it alone
+                self.out_of_pages.append(req)
+                return False
             self._preempt(victim)
             if victim is req:
                 return False

@@ -86,3 +86,26 @@ def test_bad_sparse_flags_are_refused(flag, value):
     run = subprocess.run([sys.executable, "-m", "strata.cli", "serve", flag, value],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.returncode != 0 and flag in run.stderr
+
+
+def test_a_request_that_outgrows_l1_is_answered_with_tiers_on():
+    """KV tiers with fetch on select, an L1 of 64 pages, a ~950-token prompt (60 pages) and
+    100 new tokens: the request is answered ("length" where the pool ran out; it once waited
+    forever to be readmitted), its pages end in the cache, and the fetch-on-select counters
+    are on /health and /metrics."""
+    flags = (*SPARSE, "--enable-hierarchical-cache", "--num-pages", "64",
+             "--sparse-demote-after", "1")  # fmt: skip
+    with running_server(*flags) as url:
+        r = httpx.post(f"{url}/generate", timeout=300, json={
+            "text": LONG + "\nList the piers.", "sampling_params": {
+                "max_new_tokens": 100, "temperature": 0, "ignore_eos": True}})  # fmt: skip
+        assert r.status_code == 200, r.text
+        meta = r.json()["meta_info"]
+        assert meta["finish_reason"]["type"] == "length"
+        assert 64 * 16 - meta["prompt_tokens"] - 8 <= meta["completion_tokens"] <= 100
+        health = httpx.get(f"{url}/health", timeout=30).json()
+        stats = health["radix_cache_stats"]
+        assert set(stats["tiers"]["fetch_on_select"]) == {"demoted_pages", "fetched_pages"}
+        assert stats["locked_pages"] == 0
+        metrics = httpx.get(f"{url}/metrics", timeout=30).text
+        assert 'strata_kv_fetch_on_select_pages_total{kind="demoted"}' in metrics
