@@ -115,4 +115,5 @@ async def start_grpc(
     servicer = GatewayService(backend, metrics)
     interceptors = [ApiKeyInterceptor(api_key, protect_health)] if api_key else []
     return await start_server(host, port, [(gateway_pb2_grpc.add_GatewayServicer_to_server,
-                                            servicer, name)], interceptors)  # fmt: skip
+                                            servicer, name)], interceptors,
+                              internal=False)  # fmt: skip

@@ -26,7 +26,7 @@ from services.convert import (
     tier_stats_from_proto,
     tree_stats_from_proto,
 )
-from services.grpcio import CHANNEL_OPTIONS
+from services.grpcio import open_aio_channel
 from strata.engine.request import Overloaded, RequestOutput, check_length, check_request
 from strata.grammar.compiler import LazyGrammarCompiler
 from strata.model.spec import ModelSpec
@@ -52,7 +52,7 @@ class _Unreachable(Exception):
 
 
 def channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    return open_aio_channel(target)
 
 
 class RemoteBackend(Backend):

@@ -1,4 +1,11 @@
-"""What every strata gRPC server has: standard health checking, reflection, an API key check."""
+"""What every strata gRPC server has: standard health checking, reflection, an API key check,
+and (between services, optional) mutual TLS.
+
+Mutual TLS is set once per process (`use_tls`, from `--tls-cert/--tls-key/--tls-ca`): every
+internal server then requires a client certificate signed by the CA, and every channel this
+process opens to another service presents its own. The gateway's public gRPC port is not an
+internal server and keeps to plain gRPC + the API key.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,8 @@ import logging
 import signal
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,14 +37,66 @@ CHANNEL_OPTIONS = [*MESSAGE_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 500),
                    ("grpc.max_reconnect_backoff_ms", 2000)]  # fmt: skip
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files: this process's certificate and key, and the CA that signs every peer's."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        try:
+            return self.cert.read_bytes(), self.key.read_bytes(), self.ca.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"--tls-cert/--tls-key/--tls-ca: {exc}") from None
+
+
+_tls: TLSFiles | None = None  # this process's mutual TLS between services (None: plain)
+
+
+def use_tls(tls: TLSFiles | None) -> None:
+    """Set this process's mutual TLS between services (before any server or channel)."""
+    global _tls
+    if tls is not None:
+        tls.read()  # refuse unreadable files now
+    _tls = tls
+
+
+def _channel_credentials() -> grpc.ChannelCredentials | None:
+    if _tls is None:
+        return None
+    cert, key, ca = _tls.read()
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                        certificate_chain=cert)  # fmt: skip
+
+
+def open_channel(target: str, options: Sequence[tuple[str, Any]] = CHANNEL_OPTIONS) -> grpc.Channel:
+    """A channel to another strata service (mutual TLS when the process uses it)."""
+    creds = _channel_credentials()
+    if creds is None:
+        return grpc.insecure_channel(target, options=list(options))
+    return grpc.secure_channel(target, creds, options=list(options))
+
+
+def open_aio_channel(target: str) -> grpc.aio.Channel:
+    """open_channel for asyncio callers."""
+    creds = _channel_credentials()
+    if creds is None:
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(target, creds, options=CHANNEL_OPTIONS)
+
+
 async def start_server(
     host: str,
     port: int,
     add: Sequence[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]],
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    internal: bool = True,
 ) -> tuple[grpc.aio.Server, int]:
     """Start an aio server with each (add_XServicer_to_server, servicer, full service name),
-    plus health (every service SERVING) and reflection; returns (server, bound port)."""
+    plus health (every service SERVING) and reflection; returns (server, bound port). An
+    internal server requires mutual TLS when the process uses it."""
     server = grpc.aio.server(interceptors=list(interceptors), options=MESSAGE_OPTIONS)
     for add_fn, servicer, _ in add:
         add_fn(servicer, server)
@@ -44,7 +105,13 @@ async def start_server(
     names = [name for _, _, name in add]
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection([*names, health_name, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if internal and _tls is not None:
+        cert, key, ca = _tls.read()
+        creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                            require_client_auth=True)  # fmt: skip
+        bound = server.add_secure_port(f"{host}:{port}", creds)
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     await server.start()

@@ -20,6 +20,8 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.grpcio import open_channel
+
 
 def free_port(host: str, taken: set[int]) -> int:
     """A port free now and not in taken (which it joins): the ports handed out here are
@@ -36,7 +38,7 @@ def free_port(host: str, taken: set[int]) -> int:
 
 def wait_grpc(target: str, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if proc.poll() is not None:

@@ -76,6 +76,37 @@ def sparse_argv(a: argparse.Namespace) -> list[str]:
             "--sparse-demote-after", str(a.sparse_demote_after)]  # fmt: skip
 
 
+def add_tls_args(p: argparse.ArgumentParser) -> None:
+    """Mutual TLS between the cluster's services (all three, or none: plain gRPC)."""
+    p.add_argument(
+        "--tls-cert",
+        default=env("TLS_CERT"),
+        help="PEM certificate this service presents to the others (mutual TLS)",
+    )
+    p.add_argument("--tls-key", default=env("TLS_KEY"), help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--tls-ca",
+        default=env("TLS_CA"),
+        help="PEM CA certificate that must sign every peer's certificate",
+    )
+
+
+def use_tls(a: argparse.Namespace) -> list[str]:
+    """Turn on this process's mutual TLS from the flags; returns them for its children."""
+    from pathlib import Path
+
+    from services.grpcio import TLSFiles, use_tls
+
+    files = (a.tls_cert, a.tls_key, a.tls_ca)
+    if not any(files):
+        use_tls(None)
+        return []
+    if not all(files):
+        raise ValueError("mutual TLS needs --tls-cert, --tls-key and --tls-ca together")
+    use_tls(TLSFiles(Path(a.tls_cert), Path(a.tls_key), Path(a.tls_ca)))
+    return ["--tls-cert", a.tls_cert, "--tls-key", a.tls_key, "--tls-ca", a.tls_ca]
+
+
 def add_hicache_args(p: argparse.ArgumentParser) -> None:
     """The KV tiers below L1 (SGLang's flag names)."""
     d = HiCacheConfig()
@@ -250,6 +281,7 @@ def cmd_cache(a: argparse.Namespace) -> int:
 
     from services.cache.server import serve
 
+    use_tls(a)
     asyncio.run(serve(a.host, a.port, a.hicache_storage_dir, a.hicache_storage_size))
     return 0
 
@@ -263,6 +295,7 @@ def cmd_worker(a: argparse.Namespace) -> int:
     from strata.serve import serve_worker
 
     seed_sampler(a)
+    use_tls(a)
     serve_worker(a.command, model_config(a), cache_config(a), sched_config(a), hicache_config(a),
                  a.host, a.port, a.cache, a.worker_id, a.shutdown_grace)  # fmt: skip
     return 0
@@ -274,6 +307,7 @@ def cmd_gateway(a: argparse.Namespace) -> int:
     server = ServerConfig(
         a.host, a.port, a.served_model_name, a.log_level, a.grpc_port, a.api_key, a.protect_health
     )
+    use_tls(a)
     decode = addresses(a.decode)
     bound = len(decode) * (a.max_running_requests + a.max_queued_requests)
     serve_gateway(model_config(a), server, a.cache, decode, addresses(a.prefill),
@@ -318,9 +352,12 @@ def cmd_up(a: argparse.Namespace) -> int:
                       "--hicache-storage-size", str(a.hicache_storage_size)]  # fmt: skip
     hicache_config(a)  # refuse bad flags here, before any process starts
     worker_args += hicache_argv(a)
+    tls = use_tls(a)  # this process checks the services' health over it too
+    worker_args += tls
+    cache_args += tls
     gateway_args = ["--local-prefill-tokens", str(a.local_prefill_tokens),
                     "--max-running-requests", str(a.max_running_requests),
-                    "--max-queued-requests", str(a.max_queued_requests)]  # fmt: skip
+                    "--max-queued-requests", str(a.max_queued_requests), *tls]  # fmt: skip
     if a.api_key:  # to the gateway through the environment, not its command line (ps)
         os.environ["STRATA_API_KEY"] = a.api_key
         gateway_args += ["--protect-health"] if a.protect_health else []
@@ -354,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--disable-hierarchical-cache", action="store_true",
                    help="workers keep L1 only (the cluster default is L1 + L2 + a shared L3 "
                    "store in ~/.cache/strata/kv-store)")  # fmt: skip
+    add_tls_args(u)
     u.set_defaults(func=cmd_up, enable_hierarchical_cache=True, hicache_storage_backend="file")
     for role, port in (("prefill", 30030), ("decode", 30020)):
         d = sub.add_parser(role, help=f"run one {role} worker (gRPC strata.v1.{role.title()})")
@@ -366,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default host:port: the address the gateway dials)")  # fmt: skip
         d.add_argument("--shutdown-grace", type=float, default=10.0,
                        help="seconds in-flight calls get to finish on SIGTERM")  # fmt: skip
+        add_tls_args(d)
         d.set_defaults(func=cmd_worker, port=int(env(f"{role.upper()}_PORT") or port))
     w = sub.add_parser("gateway", help="run the gateway over the workers (REST + gRPC)")
     add_model_args(w)
@@ -378,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--prefill", default=env("PREFILL_ADDRS") or "",
                    help="comma-separated prefill worker addresses (none: decode workers "
                    "prefill)")  # fmt: skip
+    add_tls_args(w)
     w.set_defaults(func=cmd_gateway)
     c = sub.add_parser("cache", help="run the cache service (the cluster's radix trees)")
     c.add_argument("--host", default=env("CACHE_HOST") or "127.0.0.1", help="address to listen on")
@@ -390,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--hicache-storage-size", type=float, default=HiCacheConfig().storage_size_gb,
                    help="L3 budget in GB")  # fmt: skip
     c.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    add_tls_args(c)
     c.set_defaults(func=cmd_cache)
     b = sub.add_parser("bench", help="benchmark an OpenAI-compatible server with a workload")
     add_bench_args(b)

@@ -16,7 +16,7 @@ from collections import deque
 import grpc
 
 from services.convert import batch_to_proto
-from services.grpcio import CHANNEL_OPTIONS
+from services.grpcio import open_channel
 from strata.engine.engine import Engine
 from strata.proto.v1 import cache_pb2_grpc
 from strata.radix.mirror import Batch
@@ -34,7 +34,7 @@ class KVEventPublisher:
         assert engine.cache is not None
         self.engine, self.cache, self.worker = engine, engine.cache, worker
         self.interval, self.heartbeat, self.timeout = interval, heartbeat, timeout
-        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.channel = open_channel(target)
         self.stub = cache_pb2_grpc.CacheStub(self.channel)
         self._lock = threading.Lock()
         self._pending: deque[tuple[int, KVEvent]] = deque()

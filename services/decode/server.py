@@ -14,7 +14,7 @@ from contextlib import aclosing, suppress
 import grpc
 
 from services.convert import chunk_from_output, params_from_proto, params_to_proto
-from services.grpcio import CHANNEL_OPTIONS
+from services.grpcio import open_channel
 from services.worker import EngineWorker, TransferCounter, serve_worker
 from strata.engine.engine import Engine
 from strata.engine.request import Overloaded, RemoteFill
@@ -46,9 +46,7 @@ class PrefillPeers:
     def stub(self, target: str) -> worker_pb2_grpc.PrefillStub:
         with self._lock:
             if target not in self._stubs:
-                self._stubs[target] = worker_pb2_grpc.PrefillStub(
-                    grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-                )
+                self._stubs[target] = worker_pb2_grpc.PrefillStub(open_channel(target))
             return self._stubs[target]
 
     def channel(self, target: str) -> tuple[KVChannel, str]:
