@@ -27,6 +27,7 @@ from gateway.protocol import (
     CompletionRequest,
     GenerateRequest,
     TokenizeRequest,
+    document_bodies,
 )
 from strata.engine.request import RequestOutput
 from strata.sampling.params import SamplingParams
@@ -74,8 +75,12 @@ async def parse_body(request: Request, model: type[M]) -> M:
     """Validate a JSON body whatever its Content-Type (plain `curl -d` works)."""
     try:
         data = json.loads(await request.body() or b"{}")
+        # NOTE: JSON may escape half a UTF-16 pair ("\ud800"); no text of it can be encoded
+        json.dumps(data, ensure_ascii=False).encode()
     except json.JSONDecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    except UnicodeEncodeError:
+        raise BadRequest("request body has a string with an unpaired UTF-16 surrogate") from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -94,6 +99,14 @@ def create_app(
 ) -> FastAPI:
     """The REST front; metrics: shared with the gRPC front when both serve one backend."""
     app = FastAPI(title="strata", version="0.1.0")
+    plain_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_bodies(plain_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     metrics = metrics or Metrics()
     app.state.backend, app.state.metrics = backend, metrics
     tok = backend.tokenizer

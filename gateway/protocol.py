@@ -267,3 +267,29 @@ class AbortRequest(_Body):
 class TokenizeRequest(_Body):
     text: str
     add_special_tokens: bool = True
+
+
+# Every POST route's body model: the handlers parse bodies themselves (any Content-Type), so
+# FastAPI cannot see them; document_bodies puts them into the OpenAPI document.
+BODIES: dict[str, type[BaseModel]] = {
+    "/v1/completions": CompletionRequest,
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/generate": GenerateRequest,
+    "/abort_request": AbortRequest,
+    "/tokenize": TokenizeRequest,
+}
+
+
+def document_bodies(openapi: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAPI document with each POST route of BODIES given its JSON request body."""
+    schemas = openapi.setdefault("components", {}).setdefault("schemas", {})
+    for path, model in BODIES.items():
+        op = openapi.get("paths", {}).get(path, {}).get("post")
+        if op is None:
+            continue
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+        ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref}}}
+    return openapi

@@ -14,7 +14,10 @@ def jump_forward(matcher: Any, tokenizer: Any, token: int, room: int) -> list[in
     the tokens it would have produced; its KV is not computed yet, so replacing it costs
     nothing. The last token is left to the model: the text after it may merge with it.
     """
-    jump = matcher.find_jump_forward_string()
+    try:
+        jump = matcher.find_jump_forward_string()
+    except UnicodeDecodeError:  # the forced bytes end inside a character: no jump this time
+        return [token]
     if not jump:
         return [token]
     text = tokenizer.decode([token]) + jump

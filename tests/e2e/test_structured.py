@@ -120,6 +120,17 @@ def test_bad_constraints_are_rejected_and_harm_nothing(url, params, needle):
     no_pages_leaked(url)
 
 
+def test_forced_text_ending_inside_a_character_is_generated(url):
+    """Found by schemathesis: a regex forcing a 4-byte character made jump-forward decode
+    half of it (xgrammar raised UnicodeDecodeError and the request ended with a 500)."""
+    body = {"text": "hi", "sampling_params": {"regex": "\u00d9\U00026ba9;", "temperature": 0,
+                                              "max_new_tokens": 12}}  # fmt: skip
+    resp = httpx.post(f"{url}/generate", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["text"] == "\u00d9\U00026ba9;"
+    no_pages_leaked(url)
+
+
 def test_bad_response_format_and_stream_rejected_before_200(url):
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=60)
     msgs = [{"role": "user", "content": "hi"}]
