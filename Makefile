@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 
-.PHONY: run test lint venv clean bench peers
+.PHONY: run test lint venv clean bench peers reliability
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,12 +24,19 @@ run: $(STAMP)
 	$(BIN)/strata up --host 127.0.0.1 --port 30000
 
 lint: $(STAMP)
-	$(BIN)/ruff check strata gateway services tests bench scripts examples
-	$(BIN)/ruff format --check strata gateway services tests bench scripts examples
+	$(BIN)/ruff check strata gateway services tests bench scripts examples reliability
+	$(BIN)/ruff format --check strata gateway services tests bench scripts examples reliability
 	$(BIN)/mypy strata gateway services
 
 test: lint
 	$(BIN)/python -m pytest -q -x tests
+
+# Fuzzing, load and faults (~10 min; not in make test, which it would push past CI's budget):
+# schemathesis on the REST API, generated protobufs on every gRPC service, 64 streams for 60 s
+# with memory and page accounting, and the supervision fault scenarios. FIGURE lines: the
+# README's reliability table.
+reliability: $(STAMP)
+	$(BIN)/python -m pytest -q -s -p no:cacheprovider reliability tests/e2e/test_supervision.py
 
 # Peers for the benchmarks only (never needed by make test): llama-cpp-python, built without
 # native CPU detection (a native build crashed with a protection fault on an AMX CPU).

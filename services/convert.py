@@ -10,6 +10,7 @@ from typing import Any
 from strata.engine.request import RequestOutput, Usage
 from strata.grammar.constraint import Constraint
 from strata.proto.v1 import cache_pb2, common_pb2, worker_pb2
+from strata.radix.keys import KEY_BYTES
 from strata.radix.mirror import Batch
 from strata.radix.results import KVEvent, TreeStats
 from strata.sampling.params import SamplingParams
@@ -155,7 +156,22 @@ def batch_to_proto(b: Batch) -> cache_pb2.EventBatch:
     )  # fmt: skip
 
 
+EVENT_KINDS, EVENT_TIERS = ("stored", "removed", "hit"), ("l1", "l2", "l3")
+MAX_PAGE_SIZE = 1 << 16
+
+
 def batch_from_proto(m: cache_pb2.EventBatch) -> Batch:
+    """The batch, checked (ValueError: a message no worker sends, which must not reach the
+    index: a page size of 0 once made every later route fail)."""
+    if not m.worker:
+        raise ValueError("an event batch names its worker")
+    if not 1 <= m.page_size <= MAX_PAGE_SIZE:
+        raise ValueError(f"page_size {m.page_size} is not in [1, {MAX_PAGE_SIZE}]")
+    for e in m.events:
+        if e.kind not in EVENT_KINDS or e.tier not in EVENT_TIERS:
+            raise ValueError(f"unknown KV event {e.kind!r} in tier {e.tier!r}")
+        if any(len(k) != KEY_BYTES for k in e.keys):
+            raise ValueError(f"a page key is {KEY_BYTES} bytes")
     return Batch(
         m.worker, m.seed, m.page_size, m.first_seq, m.snapshot,
         [KVEvent(e.kind, e.tier, list(e.keys)) for e in m.events], costs_from_proto(m.costs),

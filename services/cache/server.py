@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+import grpc
+
 from services.convert import batch_from_proto, costs_to_proto
 from services.grpcio import run_until_signal, start_server
 from strata.kv.store import StoreIndex
@@ -24,7 +26,11 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         self.index = index
 
     async def Publish(self, request, context):  # noqa: N802 (gRPC method names)
-        applied = self.index.apply(batch_from_proto(request))
+        try:
+            batch = batch_from_proto(request)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        applied = self.index.apply(batch)
         return cache_pb2.PublishResponse(need_snapshot=not applied)
 
     async def Route(self, request, context):  # noqa: N802

@@ -101,6 +101,7 @@ def test_mirror_follows_the_worker_and_survives_a_cache_service_kill(worker):
 
 
 def test_out_of_sequence_batches_ask_for_a_snapshot():
+    a, b, c = (bytes([i]) * 16 for i in range(3))  # page keys are 16 bytes
     with grpc_service("cache") as (target, _):
         s = stub(target)
 
@@ -109,8 +110,25 @@ def test_out_of_sequence_batches_ask_for_a_snapshot():
                           {}, 0)  # fmt: skip
             return not s.Publish(batch_to_proto(batch), timeout=5).need_snapshot
 
-        assert not send(0, False, [b"a"]), "an unknown worker must start with a snapshot"
-        assert send(5, True, [b"a"])
-        assert send(5, False, [b"b"])  # events 5.. follow the snapshot
-        assert not send(5, False, [b"c"]), "a replayed or missing batch is a gap"
+        assert not send(0, False, [a]), "an unknown worker must start with a snapshot"
+        assert send(5, True, [a])
+        assert send(5, False, [b])  # events 5.. follow the snapshot
+        assert not send(5, False, [c]), "a replayed or missing batch is a gap"
         assert mirror_keys(target, "w") == {"l1": 2, "l2": 0}
+
+
+def test_batches_no_worker_sends_are_refused_and_routing_goes_on():
+    """Found by the reliability suite's generated protobufs: a batch with page size 0 was
+    taken, and every later Route failed (UNKNOWN) for every gateway."""
+    key = bytes(16)
+    bad = [Batch("w", b"s", 0, 0, True, [], {}, 0), Batch("", b"s", 4, 0, True, [], {}, 0),
+           Batch("w", b"s", 4, 0, True, [KVEvent("stored", "l9", [key])], {}, 0),
+           Batch("w", b"s", 4, 0, True, [KVEvent("eaten", "l1", [key])], {}, 0),
+           Batch("w", b"s", 4, 0, True, [KVEvent("stored", "l1", [b"short"])], {}, 0)]  # fmt: skip
+    with grpc_service("cache") as (target, _):
+        s = stub(target)
+        for batch in bad:
+            with pytest.raises(grpc.RpcError) as err:
+                s.Publish(batch_to_proto(batch), timeout=5)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert not route(target, list(range(12))).workers  # nothing was taken
