@@ -28,6 +28,20 @@ OPEN_PATHS = frozenset({"/health", "/metrics"})  # probes and scrapers, unless p
 MAX_BODY_BYTES = 16 * 1024 * 1024  # as the gRPC message limit (services/grpcio.py)
 
 
+class BodyTooLarge(Exception):
+    """A request body past MAX_BODY_BYTES (one sent in chunks has no Content-Length)."""
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body, refused (BodyTooLarge) as soon as it passes MAX_BODY_BYTES."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise BodyTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
+    return bytes(body)
+
+
 def install_access(app: FastAPI, api_key: str | None, protect_health: bool) -> None:
     """The API key check (when api_key is set), the body size limit, and 429 on overload."""
     if api_key:
@@ -50,6 +64,10 @@ def install_access(app: FastAPI, api_key: str | None, protect_health: bool) -> N
             return error_body(f"request body of {size} bytes exceeds {MAX_BODY_BYTES}",
                               "invalid_request_error", 413)  # fmt: skip
         return await call_next(request)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
+        return error_body(str(exc), "invalid_request_error", 413)
 
     @app.exception_handler(Overloaded)
     async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:

@@ -18,7 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from gateway.access import error_body, install_access
+from gateway.access import error_body, install_access, read_body
 from gateway.backend import Backend
 from gateway.metrics import Metrics
 from gateway.protocol import (
@@ -74,7 +74,7 @@ def validation_message(errors: Sequence[Any]) -> str:
 async def parse_body(request: Request, model: type[M]) -> M:
     """Validate a JSON body whatever its Content-Type (plain `curl -d` works)."""
     try:
-        data = json.loads(await request.body() or b"{}")
+        data = json.loads(await read_body(request) or b"{}")
         # NOTE: JSON may escape half a UTF-16 pair ("\ud800"); no text of it can be encoded
         json.dumps(data, ensure_ascii=False).encode()
     except json.JSONDecodeError as exc:

@@ -119,6 +119,16 @@ def test_oversized_bodies_and_messages_are_refused(urls):
         s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 20000000\r\n\r\n")  # fmt: skip
         assert s.recv(4096).split(b"\r\n", 1)[0].endswith(b"413 Request Entity Too Large")
+
+    def chunks():  # no Content-Length: sent in chunks, 17 MiB of them
+        yield b'{"text": "'
+        for _ in range(17):
+            yield b"x" * (1024 * 1024)
+        yield b'"}'
+
+    r = httpx.post(f"{url}/generate", content=chunks(), headers=AUTH, timeout=60)
+    assert r.status_code == 413, r.text
+    assert "exceeds" in r.json()["error"]["message"]
     big = gateway_pb2.GenerateRequest(text="x" * (17 * 1024 * 1024))
     options = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
     with grpc.insecure_channel(addr, options=options) as channel:
