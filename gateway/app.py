@@ -298,8 +298,6 @@ def create_app(
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Any:
         body = await parse_body(request, ChatCompletionRequest)
-        if body.tools and body.tool_choice != "none" and body.stream:
-            raise BadRequest("streaming with tools is not supported yet: set stream to false")
         params = body.params()
         ids = chat_prompt_ids(tok, body.chat())
         await prepare(ids, params)
@@ -308,18 +306,34 @@ def create_app(
         if body.stream:
             chunk_head = {**head, "object": "chat.completion.chunk"}
             started: set[int] = set()
+            # with tools: a choice's text is held while it may be a call (it starts with { or
+            # [), and sent as tool_calls deltas at the end if it is one
+            held: dict[int, str] = {}
+            settled: set[int] = set()
+
+            def chunk(i: int, delta: dict[str, Any], finish: str | None = None) -> Any:
+                return {**chunk_head, "choices": [
+                    {"index": i, "delta": delta, "finish_reason": finish}]}  # fmt: skip
 
             def render(i: int, ev: RequestOutput) -> list[Any]:
                 out: list[Any] = []
                 if i not in started:
                     started.add(i)
-                    delta0 = {"role": "assistant", "content": ""}
-                    out.append({**chunk_head, "choices": [
-                        {"index": i, "delta": delta0, "finish_reason": None}]})  # fmt: skip
-                if ev.text or ev.finish_reason:
-                    delta = {"content": ev.text} if ev.text else {}
-                    choice = {"index": i, "delta": delta, "finish_reason": ev.finish_reason}
-                    out.append({**chunk_head, "choices": [choice]})
+                    out.append(chunk(i, {"role": "assistant", "content": ""}))
+                text, finish = ev.text, ev.finish_reason
+                if body.tools_on and i not in settled:
+                    held[i] = held.get(i, "") + text
+                    lead = held[i].lstrip()
+                    if not (lead and lead[0] not in "{[") and finish is None:
+                        return out  # may still be a call
+                    text = held.pop(i)
+                    settled.add(i)
+                    calls = body.tool_calls(text) if finish == "stop" else None
+                    if calls is not None:
+                        deltas = [{"index": k, **call} for k, call in enumerate(calls)]
+                        return [*out, chunk(i, {"tool_calls": deltas}), chunk(i, {}, "tool_calls")]
+                if text or finish:
+                    out.append(chunk(i, {"content": text} if text else {}, finish))
                 return out
 
             usage = chunk_head if body.include_usage else None
@@ -332,9 +346,9 @@ def create_app(
         for i, (text, _, last, lps) in enumerate(runs):
             message: dict[str, Any] = {"role": "assistant", "content": text}
             finish_reason = last.finish_reason
-            call = body.tool_call(text) if finish_reason == "stop" else None
-            if call is not None:
-                message = {"role": "assistant", "content": None, "tool_calls": [call]}
+            calls = body.tool_calls(text) if finish_reason == "stop" else None
+            if calls is not None:
+                message = {"role": "assistant", "content": None, "tool_calls": calls}
                 finish_reason = "tool_calls"
             choices.append({
                 "index": i, "message": message, "finish_reason": finish_reason,

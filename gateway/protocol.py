@@ -155,19 +155,23 @@ class ChatCompletionRequest(_OpenAISampling):
             return params
         if params.constraint is not None:
             raise ValueError("a forced tool call cannot also take response_format or a grammar")
-        # one call: {"name": <a forced tool>, "arguments": <its parameters' schema>}
+        # a call: {"name": <a forced tool>, "arguments": <its parameters' schema>}
         calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
                   "arguments": t.function.parameters}, "required": ["name", "arguments"]}
                  for t in forced]  # fmt: skip
-        schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        schema: dict[str, Any] = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        if self.parallel_tool_calls:  # one or more calls, in a list
+            schema = {"type": "array", "items": schema, "minItems": 1}
         return dataclasses.replace(params, constraint=Constraint("json_schema", json.dumps(schema)))
+
+    @property
+    def tools_on(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
 
     def forced_tools(self) -> list[Tool]:
         """The tools the reply must call one of (tool_choice required or a named function);
         [] when the model answers freely (no tools, none or auto)."""
         tools, choice = self.tools or [], self.tool_choice
-        if self.parallel_tool_calls:
-            raise ValueError("parallel_tool_calls is not supported: set it to false")
         if not tools or choice in (None, "none", "auto"):
             if choice not in (None, "none", "auto"):
                 raise ValueError("tool_choice needs tools")
@@ -184,33 +188,37 @@ class ChatCompletionRequest(_OpenAISampling):
 
     def chat(self) -> list[dict[str, str]]:
         messages = [{"role": m.role, "content": m.text()} for m in self.messages]
-        if self.tools and self.tool_choice != "none":
+        if self.tools_on:
             listing = "\n".join(
                 f"- {t.function.name}: {t.function.description} Parameters (JSON schema): "
-                f"{json.dumps(t.function.parameters)}" for t in self.tools
+                f"{json.dumps(t.function.parameters)}" for t in self.tools or []
             )  # fmt: skip
-            note = ("You can call one of these tools by replying with only a JSON object "
-                    '{"name": <tool name>, "arguments": <its arguments>}:\n' + listing)  # fmt: skip
+            call = '{"name": <tool name>, "arguments": <its arguments>}'
+            how = (f"with only a JSON list of calls, each {call}" if self.parallel_tool_calls
+                   else f"with only a JSON object {call}")  # fmt: skip
+            note = f"You can call these tools by replying {how}:\n" + listing
             if messages[0]["role"] == "system":
                 messages[0] = {"role": "system", "content": messages[0]["content"] + "\n\n" + note}
             else:
                 messages.insert(0, {"role": "system", "content": note})
         return messages
 
-    def tool_call(self, text: str) -> dict[str, Any] | None:
-        """The reply as an OpenAI tool call, when it is one (a forced call always is)."""
-        if not self.tools or self.tool_choice == "none":
+    def tool_calls(self, text: str) -> list[dict[str, Any]] | None:
+        """The reply as OpenAI tool calls, when it is a call (or, with parallel_tool_calls, a
+        list of them); a forced call always is. None: the reply is plain content."""
+        if not self.tools_on:
             return None
         try:
-            call = json.loads(text)
+            got = json.loads(text)
         except json.JSONDecodeError:
             return None
-        names = {t.function.name for t in self.tools}
-        if not isinstance(call, dict) or call.get("name") not in names:
+        calls = got if isinstance(got, list) and self.parallel_tool_calls else [got]
+        names = {t.function.name for t in self.tools or []}
+        if not calls or any(not isinstance(c, dict) or c.get("name") not in names for c in calls):
             return None
-        return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                "function": {"name": call["name"],
-                             "arguments": json.dumps(call.get("arguments", {}))}}  # fmt: skip
+        return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                 "function": {"name": c["name"], "arguments": json.dumps(c.get("arguments", {}))}}
+                for c in calls]  # fmt: skip
 
 
 class GenerateSampling(_SamplingFields):

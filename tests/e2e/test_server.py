@@ -321,10 +321,84 @@ def test_tool_calls_follow_the_tool_schema(url, client):
         temperature=0)  # fmt: skip
     assert plain.choices[0].message.content and not plain.choices[0].message.tool_calls
     bad = [{"tool_choice": {"type": "function", "function": {"name": "nope"}}},
-           {"tool_choice": "required", "parallel_tool_calls": True},
-           {"tool_choice": "required", "stream": True}]  # fmt: skip
+           {"tool_choice": "required", "tools": []}, {"tool_choice": "sometimes"}]  # fmt: skip
     for extra in bad:
         r = httpx.post(f"{url}/v1/chat/completions", timeout=30,
                        json={"messages": ask, "tools": [WEATHER], **extra})  # fmt: skip
         assert r.status_code == 400, r.text
+    wait_idle(url)
+
+
+def streamed_calls(stream) -> tuple[dict[int, dict], str, str | None]:
+    """Tool calls put together from the stream's deltas (as OpenAI clients do), the
+    content, and the finish reason."""
+    calls: dict[int, dict] = {}
+    content, finish = "", None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        content += choice.delta.content or ""
+        for d in choice.delta.tool_calls or []:
+            call = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+            call["id"] = call["id"] or d.id
+            call["name"] += d.function.name or ""
+            call["arguments"] += d.function.arguments or ""
+        finish = choice.finish_reason or finish
+    return calls, content, finish
+
+
+def test_tool_calls_stream_and_run_in_parallel(url, client):
+    ask = [{"role": "user", "content": "What is the weather in Paris and the time in Tokyo?"}]
+    calls, content, finish = streamed_calls(
+        client.chat.completions.create(
+            model="strata",
+            messages=ask,
+            tools=[WEATHER, TIME],
+            max_tokens=64,
+            temperature=0,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            stream=True,
+        )
+    )
+    assert finish == "tool_calls" and content == "" and len(calls) == 1
+    assert calls[0]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
+    assert isinstance(json.loads(calls[0]["arguments"])["city"], str)
+    both = client.chat.completions.create(
+        model="strata", messages=ask, tools=[WEATHER, TIME], max_tokens=96, temperature=0,
+        tool_choice="required", parallel_tool_calls=True)  # fmt: skip
+    choice = both.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) >= 1
+    for call in choice.message.tool_calls:
+        assert call.function.name in ("get_weather", "get_time")
+        assert isinstance(json.loads(call.function.arguments), dict)
+    assert len({c.id for c in choice.message.tool_calls}) == len(choice.message.tool_calls)
+    calls, _, finish = streamed_calls(
+        client.chat.completions.create(
+            model="strata",
+            messages=ask,
+            tools=[WEATHER, TIME],
+            max_tokens=96,
+            temperature=0,
+            tool_choice="required",
+            parallel_tool_calls=True,
+            stream=True,
+        )
+    )
+    assert finish == "tool_calls" and [c["name"] for c in calls.values()] == [
+        c.function.name for c in choice.message.tool_calls
+    ]  # same greedy calls, streamed
+    # auto: a reply that is no call streams as content
+    calls, content, finish = streamed_calls(
+        client.chat.completions.create(
+            model="strata",
+            messages=[{"role": "user", "content": "Say hello in French."}],
+            tools=[WEATHER],
+            tool_choice="auto",
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+        )
+    )
+    assert not calls and content and finish == "length"
     wait_idle(url)
