@@ -21,6 +21,7 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.grpcio import open_channel
+from strata.config import system_env
 
 
 def free_port(host: str, taken: set[int]) -> int:
@@ -166,7 +167,7 @@ def up(
 
     # Prefill workers work in bursts: on a shared CPU their OpenMP threads must sleep, not
     # spin, between bursts, or they take cores from the decode workers (unless set already).
-    bursty = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    bursty = {**os.environ, "OMP_WAIT_POLICY": system_env("OMP_WAIT_POLICY") or "PASSIVE"}
 
     # explicit handlers: a shell that ignores SIGINT (no KeyboardInterrupt) still stops us
     signal.signal(signal.SIGTERM, stop)

@@ -1,6 +1,8 @@
 """Configuration: one frozen dataclass per concern, built once at start-up.
 
-All environment variables strata reads are read here, and all are prefixed ``STRATA_``.
+Every environment variable strata reads is read here: its own, prefixed ``STRATA_`` (`env`),
+and the standard ones it honours (`system_env`): ``CC`` (the C compiler of the CPU kernels),
+``OMP_WAIT_POLICY`` (passed on to the services `strata up` starts) and ``XDG_CACHE_HOME``.
 """
 
 from __future__ import annotations
@@ -21,12 +23,21 @@ def env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"STRATA_{name}", default)
 
 
+SYSTEM_VARIABLES = ("CC", "OMP_WAIT_POLICY", "XDG_CACHE_HOME")
+
+
+def system_env(name: str, default: str | None = None) -> str | None:
+    """A standard variable strata honours (one of SYSTEM_VARIABLES)."""
+    assert name in SYSTEM_VARIABLES, name
+    return os.environ.get(name, default)
+
+
 def cache_dir() -> Path:
     """Where converted weights and tokenizers are kept (``STRATA_CACHE_DIR`` overrides)."""
     explicit = env("CACHE_DIR")
     if explicit:
         return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    base = system_env("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "strata"
 
 

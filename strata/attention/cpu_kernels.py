@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from strata.config import cache_dir
+from strata.config import cache_dir, env, system_env
 from strata.kv.pool import LayerKV
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ MIN_PAGES_PER_SPLIT = 4
 
 
 def enabled() -> bool:
-    return os.environ.get("STRATA_CPU_KERNELS", "1") != "0"
+    return env("CPU_KERNELS", "1") != "0"
 
 
 def _cpu_flags() -> str:
@@ -47,7 +47,7 @@ def _cpu_flags() -> str:
 
 def build(compiler: str | None = None) -> Path:
     """Compile the kernels (once per source, flags and CPU) and return the shared library."""
-    cc = compiler or os.environ.get("CC", "gcc")
+    cc = compiler or system_env("CC") or "gcc"
     key = hashlib.sha256(
         SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode() + _cpu_flags().encode()
     ).hexdigest()[:16]
