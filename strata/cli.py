@@ -13,6 +13,7 @@ from strata.bench.cli import add_bench_args
 from strata.config import (
     PREFETCH_POLICIES,
     QUANTIZATIONS,
+    SPARSE_SPREAD,
     WRITE_POLICIES,
     CacheConfig,
     HiCacheConfig,
@@ -45,8 +46,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     d = SparseConfig()
     p.add_argument("--attention-sparsity-threshold", type=float, default=d.threshold,
                    help="sparse decode skips a page whose bound on the attention logit is "
-                   "more than 5.8 ln(1/threshold) nats under the best page's (7.0 at 0.3), per "
-                   "step, layer and KV head; 0: dense attention")  # fmt: skip
+                   f"more than {SPARSE_SPREAD} ln(1/threshold) nats under the best page's "
+                   f"({-d.min_score:.1f} at {d.threshold}), per step, layer and KV head; 0: "
+                   "dense attention")  # fmt: skip
     p.add_argument("--sparse-min-context", type=int, default=d.min_context,
                    help="tokens: shorter sequences decode densely")  # fmt: skip
     p.add_argument("--sparse-budget", type=float, default=d.budget,

@@ -420,29 +420,31 @@ int sparse_decode(int dtype, const void *q, const void *k, const void *v, void *
 
 /* The residual add and RMSNorm between blocks, on bfloat16 rows [rows, dim]: x += delta
  * (rounded to bfloat16, as torch's add; delta may be NULL), then out = x * rsqrt(mean(x^2) +
- * eps) * w, computed in float32 and rounded once (as torch's rms_norm). */
+ * eps) * w, computed in float32 and rounded once (as torch's rms_norm). The sum of squares
+ * runs in 16 lanes folded in halves, the order of torch's vectorized reduction, so the result
+ * is bit-equal to torch's rather than one ulp off in a few elements. */
+#define NORM_LANES 16
 int add_rms_norm(const uint16_t *delta, uint16_t *x, const uint16_t *w, uint16_t *out,
                  int64_t rows, int dim, float eps) {
 #pragma omp parallel for if (rows >= 32) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         uint16_t *xr = x + r * dim;
         uint16_t *o = out + r * dim;
-        float ss = 0.f;
+        float lane[NORM_LANES] = {0.f};
         if (delta) {
             const uint16_t *dr = delta + r * dim;
-            for (int j = 0; j < dim; j++) {
-                const uint16_t s16 = f32_to_bf16(bf16_to_f32(xr[j]) + bf16_to_f32(dr[j]));
-                const float v = bf16_to_f32(s16);
-                xr[j] = s16;
-                ss += v * v;
-            }
-        } else {
-            for (int j = 0; j < dim; j++) {
-                const float v = bf16_to_f32(xr[j]);
-                ss += v * v;
+            for (int j = 0; j < dim; j++) xr[j] = f32_to_bf16(bf16_to_f32(xr[j]) + bf16_to_f32(dr[j]));
+        }
+        for (int j0 = 0; j0 < dim; j0 += NORM_LANES) {
+            const int n = dim - j0 < NORM_LANES ? dim - j0 : NORM_LANES;
+            for (int l = 0; l < n; l++) {
+                const float v = bf16_to_f32(xr[j0 + l]);
+                lane[l] += v * v;
             }
         }
-        const float inv = 1.f / sqrtf(ss / (float)dim + eps);
+        for (int h = NORM_LANES / 2; h >= 1; h /= 2)
+            for (int l = 0; l < h; l++) lane[l] += lane[l + h];
+        const float inv = 1.f / sqrtf(lane[0] / (float)dim + eps);
         for (int j = 0; j < dim; j++) o[j] = f32_to_bf16(bf16_to_f32(xr[j]) * inv * bf16_to_f32(w[j]));
     }
     return 0;

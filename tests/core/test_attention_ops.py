@@ -117,9 +117,10 @@ def test_cpu_add_rms_norm_equals_torch_add_then_rms_norm(rows, with_delta):
     got = cpu_kernels.add_rms_norm(x, delta, w, 1e-5)
     assert got is not None
     assert torch.equal(x, want_x)  # the residual add, in place, rounded as torch rounds it
-    # one rounding of the same float32 value; summation order may move it by one bf16 ulp
+    # one rounding of the same float32 value; the sum of squares is folded in torch's order,
+    # but a rare element (torch's order for long rows is not quite ours) is one bf16 ulp off
     assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=0)
-    assert (got != want).float().mean().item() < 0.01
+    assert (got != want).float().mean().item() < 0.001
 
 
 def test_cpu_add_rms_norm_declines_other_dtypes_and_layouts():
