@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -144,10 +145,19 @@ class TierMover:
         else:
             assert self._l1 is not None
             dests = [self._l1[p] for p in plan.pages]
-        for i, ok in enumerate(self._readers.map(self._read_one, plan.keys, dests)):
-            if not ok:
-                return i
-        return len(plan.keys)
+        reads = [self._readers.submit(self._read_one, k, d) for k, d in zip(plan.keys, dests)]
+        landed = len(reads)
+        for i, read in enumerate(reads):
+            if not read.result():
+                landed = i
+                break
+        # NOTE: after a missing or bad file the pages from there on are recomputed into (or
+        # handed back): reads not started are cancelled and those running are waited for,
+        # so no late read writes into a page once this returns.
+        for read in reads[landed:]:
+            read.cancel()
+        futures.wait(reads)
+        return landed
 
     def _read_one(self, key: bytes, dest: np.ndarray) -> bool:
         assert self.store is not None

@@ -15,7 +15,7 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from strata.kv.hierarchy import TieredCache
-from strata.kv.mover import LoadPlan
+from strata.kv.mover import LoadPlan, TierMover
 from strata.kv.pool import KVCache, PagePool, alloc_evicting
 from strata.kv.store import CorruptPage, FileStore, PageFormat, StoreIndex, key_path
 
@@ -281,3 +281,35 @@ for machine in (TieredCacheMachine, WriteBackMachine, SelectiveMachine):
 test_tiered_cache_state_machine = TieredCacheMachine.TestCase
 test_write_back_state_machine = WriteBackMachine.TestCase
 test_selective_state_machine = SelectiveMachine.TestCase
+
+
+class SlowStore(FileStore):
+    """A real store on a slow disk: each read takes a while."""
+
+    def read_into(self, key: bytes, out: np.ndarray) -> bool:
+        time.sleep(0.05)
+        return super().read_into(key, out)
+
+
+def test_no_read_lands_after_a_load_stops_at_a_missing_file(tmp_path):
+    kv, _ = pool(8)
+    l2 = KVCache(num_pages=8, dtype=torch.float32, device="cpu", **SHAPE)
+    store = SlowStore(tmp_path, fmt(kv))
+    keys = [bytes([i + 1]) * 16 for i in range(8)]
+    page = np.full(kv.bytes_per_page, 7, dtype=np.uint8)
+    for key in keys[1:]:  # the first file is missing: the load lands 0 pages
+        store.write(key, page)
+    ended: list[LoadPlan] = []
+    mover = TierMover(kv, l2, store, ended.append, lambda key, n: None)
+    try:
+        plan = LoadPlan("l3", [], 0, list(range(8)), [], keys, lock_node=0)
+        mover.submit(plan)
+        deadline = time.monotonic() + 10
+        while not ended and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ended == [plan] and plan.loaded == 0
+        before = kv.data.clone()  # reads that ran while the load ran may have landed
+        time.sleep(0.3)  # reads still queued or running would land now
+        assert torch.equal(kv.data, before), "a read wrote into a page after the load ended"
+    finally:
+        mover.shutdown()
