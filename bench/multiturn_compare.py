@@ -12,12 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.peers import has_llama_cpp, llama_cpp_server  # noqa: E402
-from strata.bench.cli import add_bench_args, run_bench  # noqa: E402
-from strata.bench.report import table  # noqa: E402
-from tests.e2e.server import running_server  # noqa: E402
+from launch.local import running_server
+from launch.peers import has_llama_cpp, llama_cpp_server
+from strata.bench.cli import add_bench_args, run_bench
+from strata.bench.report import table
 
 
 def main() -> None:

@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.decode_speed import decode_rate  # noqa: E402
-from strata.config import CacheConfig, ModelConfig  # noqa: E402
-from strata.engine.generate import generate_greedy_batch  # noqa: E402
-from strata.engine.runner import ModelRunner  # noqa: E402
+from bench.decode_speed import decode_rate
+from strata.config import KVPoolConfig, ModelConfig
+from strata.engine.generate import generate_greedy_batch
+from strata.engine.runner import ModelRunner
 
 
 def read_bandwidth(rounds: int) -> float:
@@ -79,7 +75,7 @@ def main() -> None:
           f"{'batch 32 tok/s':>15} {'of GEMM roofline':>17}")  # fmt: skip
     for quant in ("none", "int4"):
         runner = ModelRunner.from_config(
-            ModelConfig(dtype="bfloat16", quantization=quant), CacheConfig(num_pages=1024)
+            ModelConfig(dtype="bfloat16", quantization=quant), KVPoolConfig(num_pages=1024)
         )
         nbytes, params = weight_bytes(runner)
 

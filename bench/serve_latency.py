@@ -11,27 +11,24 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tests.e2e.server import running_server  # noqa: E402
+from launch.local import running_server
 
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
 
 
 def in_process(new_tokens: int, repeats: int, dtype: str, quantization: str) -> list[float]:
     """Seconds per decoded token of strata.engine.generate.generate on the main thread."""
-    from strata.config import CacheConfig, ModelConfig
+    from strata.config import KVPoolConfig, ModelConfig
     from strata.engine.generate import generate
     from strata.engine.runner import ModelRunner
 
     model = ModelConfig(None, dtype, quantization=quantization)
-    runner = ModelRunner.from_config(model, CacheConfig(num_pages=256))
+    runner = ModelRunner.from_config(model, KVPoolConfig(num_pages=256))
     ids = runner.tokenizer(PROMPT)["input_ids"]
     per_token = []
     for r in range(repeats + 1):

@@ -18,16 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from strata.config import CacheConfig, ModelConfig, SparseConfig  # noqa: E402
-from strata.engine.runner import ModelRunner  # noqa: E402
-from strata.model.batch import SequenceChunk  # noqa: E402
+from strata.config import KVPoolConfig, ModelConfig, SparseConfig
+from strata.engine.runner import ModelRunner
+from strata.model.batch import SequenceChunk
 
 PS = 16
 
@@ -113,7 +111,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     cfg = SparseConfig()
-    runner = ModelRunner.from_config(ModelConfig(sparse=cfg), CacheConfig(PS, num_pages=3000))
+    runner = ModelRunner.from_config(ModelConfig(sparse=cfg), KVPoolConfig(PS, num_pages=3000))
     backend = runner.model.backend
     timer = Timed(backend)
     ids = corpus_ids(runner.tokenizer)

@@ -14,16 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from strata.model.loader import load_tokenizer, resolve_checkpoint  # noqa: E402
-from tests.e2e.server import running_server  # noqa: E402
+from launch.local import running_server
+from strata.model.loader import load_tokenizer, resolve_checkpoint
 
 
 def prompts(n: int, tokens: int) -> list[list[int]]:

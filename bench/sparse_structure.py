@@ -17,19 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
+from sparse_quality import PS, corpus_ids, prefill
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sparse_quality import PS, corpus_ids, prefill  # noqa: E402
-
-from strata.attention import cpu_kernels  # noqa: E402
-from strata.config import CacheConfig, ModelConfig, SparseConfig  # noqa: E402
-from strata.engine.runner import ModelRunner  # noqa: E402
-from strata.model.batch import SequenceChunk  # noqa: E402
+from strata.attention import cpu_kernels
+from strata.config import KVPoolConfig, ModelConfig, SparseConfig
+from strata.engine.runner import ModelRunner
+from strata.model.batch import SequenceChunk
 
 GROUPS = (2, 4, 8, 16)
 WINDOWS = (1, 4, 8, 16, 64)
@@ -109,7 +104,7 @@ def main() -> None:
     torch.set_num_threads(2)
     runner = ModelRunner.from_config(
         ModelConfig(dtype="bfloat16", sparse=SparseConfig()),
-        CacheConfig(num_pages=(max(a.lengths) + a.steps) // PS + 8, page_size=PS),
+        KVPoolConfig(num_pages=(max(a.lengths) + a.steps) // PS + 8, page_size=PS),
     )
     ids = corpus_ids(runner.tokenizer)
     rows = [measure(runner, ids, n, a.steps) for n in a.lengths]

@@ -13,13 +13,11 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import httpx
 
-import httpx  # noqa: E402
-
-from strata.bench.cli import add_bench_args, run_bench  # noqa: E402
-from strata.bench.report import table  # noqa: E402
-from tests.e2e.server import running_cluster, running_server  # noqa: E402
+from launch.local import running_cluster, running_server
+from strata.bench.cli import add_bench_args, run_bench
+from strata.bench.report import table
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from strata.config import CacheConfig, ModelConfig
+from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.engine import Engine
 from strata.engine.runner import ModelRunner
 from strata.grammar.constraint import Constraint
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    runner = ModelRunner.from_config(ModelConfig(dtype=args.dtype), CacheConfig())
+    runner = ModelRunner.from_config(ModelConfig(dtype=args.dtype), KVPoolConfig())
     tok = runner.tokenizer
     topics = ["a dragon", "the sea", "a robot", "a city", "winter", "a chef", "a clock", "trains"]
     prompts = [

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,15 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from strata.config import resolve_dtype  # noqa: E402
-from strata.kv.hierarchy import TieredCache  # noqa: E402
-from strata.kv.mover import page_bytes  # noqa: E402
-from strata.kv.pool import KVCache, PagePool  # noqa: E402
-from strata.kv.store import FileStore, PageFormat, StoreIndex, key_path  # noqa: E402
-from strata.model.loader import read_config, resolve_checkpoint  # noqa: E402
-from strata.model.spec import ModelSpec  # noqa: E402
+from strata.config import resolve_dtype
+from strata.kv.hierarchy import TieredCache
+from strata.kv.mover import page_bytes
+from strata.kv.pool import KVCache, PagePool
+from strata.kv.store import FileStore, PageFormat, StoreIndex, key_path
+from strata.model.loader import read_config, resolve_checkpoint
+from strata.model.spec import ModelSpec
 
 
 def quartiles(xs: list[float]) -> tuple[float, float, float]:

@@ -19,11 +19,9 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from strata.bench.cli import add_bench_args, run_bench  # noqa: E402
-from strata.bench.report import table  # noqa: E402
-from tests.e2e.server import running_server  # noqa: E402
+from launch.local import running_server
+from strata.bench.cli import add_bench_args, run_bench
+from strata.bench.report import table
 
 
 def main() -> None:

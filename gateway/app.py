@@ -16,10 +16,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from gateway.access import error_body, install_access, read_body
 from gateway.backend import Backend
+from gateway.front import Collected, Front
 from gateway.metrics import Metrics
 from gateway.protocol import (
     AbortRequest,
@@ -31,7 +31,7 @@ from gateway.protocol import (
 )
 from strata.engine.request import RequestOutput
 from strata.sampling.params import SamplingParams
-from strata.tokenizer import chat_prompt_ids, chat_roles
+from strata.tokenizer import chat_roles
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -109,6 +109,7 @@ def create_app(
     app.openapi = openapi  # type: ignore[method-assign]
     metrics = metrics or Metrics()
     app.state.backend, app.state.metrics = backend, metrics
+    front = Front(backend, metrics)
     tok = backend.tokenizer
     install_access(app, api_key, protect_health)
 
@@ -123,52 +124,18 @@ def create_app(
     def token_text(token_id: int) -> str:
         return tok.decode([token_id])
 
-    async def prepare(prompt_ids: list[int], params: SamplingParams) -> None:
-        """Validate (and compile any grammar) off the event loop, before a 200 goes out."""
-        await run_in_threadpool(backend.validate, prompt_ids, params)
+    def check_error(run: Collected) -> None:
+        if run.failed:
+            raise RuntimeError(run.error)
 
-    async def collect(
-        prompt_ids: list[int], params: SamplingParams, endpoint: str, rid: str | None = None
-    ):
-        """Run one generation to the end; returns (text, token ids, last event, logprobs)."""
-        start = time.monotonic()
-        text: list[str] = []
-        ids: list[int] = []
-        logprobs: list[tuple[int, float, dict[int, float]]] = []
-        last: RequestOutput | None = None
-        input_lps: list[float | None] = []
-        ttft = None
-        async for ev in backend.generate(prompt_ids, params, rid):
-            metrics.observe_event(ev)
-            if ttft is None and ev.token_ids:
-                ttft = time.monotonic() - start
-                metrics.ttft.observe(ttft)
-            input_lps.extend(ev.input_logprobs or [])
-            text.append(ev.text)
-            ids.extend(ev.token_ids)
-            for i, t in enumerate(ev.token_ids):
-                if ev.logprobs is not None:
-                    top = ev.top_logprobs[i] if ev.top_logprobs else {}
-                    logprobs.append((t, ev.logprobs[i], top))
-            last = ev
-        assert last is not None
-        finish(last, endpoint, start, ttft)
-        last.input_logprobs = input_lps
-        return "".join(text), ids, last, logprobs
-
-    def finish(last: RequestOutput, endpoint: str, start: float, ttft: float | None) -> None:
-        metrics.record(endpoint, last, time.monotonic() - start, ttft)
-
-    def check_error(last: RequestOutput) -> None:
-        if last.finish_reason == "error":
-            raise RuntimeError(last.error or "generation failed")
-
-    async def collect_choices(ids: list[int], runs: list[SamplingParams], endpoint: str):
+    async def collect_choices(
+        ids: list[int], runs: list[SamplingParams], endpoint: str
+    ) -> list[Collected]:
         """OpenAI `n`: one generation per params, side by side; each checked for errors."""
-        done = await asyncio.gather(*(collect(ids, p, endpoint) for p in runs))
-        for _, _, last, _ in done:
-            check_error(last)
-        return done
+        done = await asyncio.gather(*(front.collect(ids, p, endpoint) for p in runs))
+        for run in done:
+            check_error(run)
+        return list(done)
 
     async def stream(
         prompt_ids: list[int],
@@ -187,14 +154,12 @@ def create_app(
         async def pump(i: int, p: SamplingParams) -> None:
             try:
                 own_rid = rid if len(runs) == 1 else None
-                async with aclosing(backend.generate(prompt_ids, p, own_rid)) as gen:
+                async with aclosing(front.events(prompt_ids, p, endpoint, own_rid)) as gen:
                     async for ev in gen:
                         await events.put((i, ev))
             finally:
                 await events.put((i, None))
 
-        start = time.monotonic()
-        ttfts: dict[int, float] = {}  # choice -> its time to first token
         tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(runs)]
         lasts: list[RequestOutput] = []
         try:
@@ -204,14 +169,9 @@ def create_app(
                 if ev is None:
                     running -= 1
                     continue
-                metrics.observe_event(ev)
-                if i not in ttfts and ev.token_ids:
-                    ttfts[i] = time.monotonic() - start
-                    metrics.ttft.observe(ttfts[i])
                 for chunk in render(i, ev):
                     yield sse(chunk)
                 if ev.finish_reason is not None:
-                    finish(ev, endpoint, start, ttfts.get(i))
                     lasts.append(ev)
             for t in tasks:
                 t.result()  # a generation that raised (e.g. ValueError) surfaces here
@@ -221,9 +181,6 @@ def create_app(
         finally:
             for t in tasks:
                 t.cancel()
-
-    def encode(text: str) -> list[int]:
-        return list(tok.encode(text, add_special_tokens=True))
 
     def completion_logprobs(lps: list) -> dict[str, Any]:
         return {
@@ -260,9 +217,9 @@ def create_app(
             if len(prompt) != 1:
                 raise BadRequest("only one prompt per request is supported")
             prompt = prompt[0]
-        ids: list[int] = encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        ids = front.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         params = body.params()
-        await prepare(ids, params)
+        await front.validate(ids, params)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created,
                 "model": backend.model_name}  # fmt: skip
@@ -289,18 +246,18 @@ def create_app(
             )
         runs = await collect_choices(ids, body.fan_out(params), "completions")
         choices = []
-        for i, (text, _, last, lps) in enumerate(runs):
-            lp = completion_logprobs(lps) if params.logprobs else None
-            choices.append({"index": i, "text": echo + text, "finish_reason": last.finish_reason,
-                            "logprobs": lp})  # fmt: skip
-        return {**head, "choices": choices, "usage": usage_json(*(r[2] for r in runs))}
+        for i, run in enumerate(runs):
+            lp = completion_logprobs(run.logprobs) if params.logprobs else None
+            choices.append({"index": i, "text": echo + run.text,
+                            "finish_reason": run.last.finish_reason, "logprobs": lp})  # fmt: skip
+        return {**head, "choices": choices, "usage": usage_json(*(r.last for r in runs))}
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Any:
         body = await parse_body(request, ChatCompletionRequest)
         params = body.params()
-        ids = chat_prompt_ids(tok, body.chat())
-        await prepare(ids, params)
+        ids = front.chat_prompt(body.chat())
+        await front.validate(ids, params)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": backend.model_name}
         if body.stream:
@@ -343,19 +300,19 @@ def create_app(
             )
         runs = await collect_choices(ids, body.fan_out(params), "chat")
         choices = []
-        for i, (text, _, last, lps) in enumerate(runs):
-            message: dict[str, Any] = {"role": "assistant", "content": text}
-            finish_reason = last.finish_reason
-            calls = body.tool_calls(text) if finish_reason == "stop" else None
+        for i, run in enumerate(runs):
+            message: dict[str, Any] = {"role": "assistant", "content": run.text}
+            finish_reason = run.last.finish_reason
+            calls = body.tool_calls(run.text) if finish_reason == "stop" else None
             if calls is not None:
                 message = {"role": "assistant", "content": None, "tool_calls": calls}
                 finish_reason = "tool_calls"
             choices.append({
                 "index": i, "message": message, "finish_reason": finish_reason,
-                "logprobs": chat_logprobs(lps) if params.logprobs else None,
+                "logprobs": chat_logprobs(run.logprobs) if params.logprobs else None,
             })  # fmt: skip
         return {**head, "object": "chat.completion", "choices": choices,
-                "usage": usage_json(*(r[2] for r in runs))}  # fmt: skip
+                "usage": usage_json(*(r.last for r in runs))}  # fmt: skip
 
     @app.post("/generate", response_model=None)
     async def generate(request: Request) -> Any:
@@ -365,7 +322,7 @@ def create_app(
             prompts = body.id_lists()
         elif body.text is not None or body.prompt is not None:
             texts = body.text if body.text is not None else body.prompt or ""
-            prompts = [encode(t) for t in (texts if isinstance(texts, list) else [texts])]
+            prompts = [front.encode(t) for t in (texts if isinstance(texts, list) else [texts])]
         else:
             raise BadRequest("give `text`, `input_ids` or `prompt`")
         if body.batched and body.stream:
@@ -374,7 +331,7 @@ def create_app(
             raise BadRequest("`rid` names one request; leave it out for a batch")
         params = body.params()
         for ids in prompts:
-            await prepare(ids, params)
+            await front.validate(ids, params)
 
         def meta(ev: RequestOutput, rid: str, start: float) -> dict[str, Any]:
             u = ev.usage
@@ -409,17 +366,20 @@ def create_app(
             )
 
         async def one(ids: list[int], rid: str) -> dict[str, Any]:
-            full, out, last, lps = await collect(ids, params, "generate", rid)
-            check_error(last)
+            run = await front.collect(ids, params, "generate", rid)
+            check_error(run)
+            last = run.last
             info = meta(last, rid, start)
             if params.logprobs:
-                info["output_token_logprobs"] = [[lp, t, token_text(t)] for t, lp, _ in lps]
+                info["output_token_logprobs"] = [
+                    [lp, t, token_text(t)] for t, lp, _ in run.logprobs
+                ]
             if params.logprob_start_len >= 0:
                 prompt = ids[params.logprob_start_len :]
                 info["input_token_logprobs"] = [
                     [lp, t, token_text(t)] for lp, t in zip(last.input_logprobs or [], prompt)
                 ]
-            return {"text": full, "output_ids": out, "meta_info": info,
+            return {"text": run.text, "output_ids": run.token_ids, "meta_info": info,
                     "usage": generate_usage(last)}  # fmt: skip
 
         if not body.batched:
@@ -441,8 +401,8 @@ def create_app(
 
     @app.get("/health_generate")
     async def health_generate() -> dict[str, Any]:
-        _, _, last, _ = await collect(encode("ping"), SamplingParams(max_new_tokens=1), "health")
-        return {"status": "ok" if last.finish_reason != "error" else "error"}
+        run = await front.collect(front.encode("ping"), SamplingParams(max_new_tokens=1), "health")
+        return {"status": "error" if run.failed else "ok"}
 
     @app.get("/metrics")
     async def metrics_endpoint() -> PlainTextResponse:

@@ -80,6 +80,20 @@ def radix_cache_stats(
     return stats
 
 
+def load_json(
+    running: int, waiting: int, pages_total: int, pages_free: int, cache: Any,
+    tiers: dict[str, Any] | None, l3_store: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The load part of /health, one shape for the server, each worker and the cluster."""
+    return {
+        "running_requests": running,
+        "waiting_requests": waiting,
+        "pages_total": pages_total,
+        "pages_free": pages_free,
+        "radix_cache_stats": radix_cache_stats(cache, tiers, l3_store),
+    }
+
+
 class LocalBackend(Backend):
     """The colocated server's backend: the engine process behind an EngineClient."""
 
@@ -104,12 +118,15 @@ class LocalBackend(Backend):
         return {
             "status": "ok",
             "model": self.model_name,
-            "running_requests": stats.running,
-            "waiting_requests": stats.waiting,
-            "pages_total": stats.pages_total,
-            "pages_free": stats.pages_free,
+            **load_json(
+                stats.running,
+                stats.waiting,
+                stats.pages_total,
+                stats.pages_free,
+                stats.cache,
+                stats.tiers,
+            ),  # fmt: skip
             "jump_forward_tokens": stats.jump_forward_tokens,
-            "radix_cache_stats": radix_cache_stats(stats.cache, stats.tiers),
             "engine": {"pid": self.engine.process.pid, "loop_thread": stats.loop_thread},
         }
 

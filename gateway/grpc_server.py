@@ -7,9 +7,7 @@ frees its pages. Every server also has standard health checking and reflection.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
@@ -17,32 +15,29 @@ from contextlib import aclosing
 import grpc
 
 from gateway.backend import Backend
+from gateway.front import Front
 from gateway.metrics import Metrics
 from services.convert import FINISH, chunk_from_output, params_from_proto
 from services.grpcio import ApiKeyInterceptor, start_server
 from strata.engine.request import Overloaded, RequestOutput
 from strata.proto.v1 import gateway_pb2, gateway_pb2_grpc
 from strata.sampling.params import SamplingParams
-from strata.tokenizer import chat_prompt_ids
 
 
 class GatewayService(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, backend: Backend, metrics: Metrics | None = None) -> None:
         self.backend = backend
-        self.tok = backend.tokenizer
-        self.metrics = metrics
+        self.front = Front(backend, metrics or Metrics())
 
     def _prompt(self, req: gateway_pb2.GenerateRequest) -> list[int]:
         which = req.WhichOneof("input")
         if which == "text":
-            return list(self.tok.encode(req.text, add_special_tokens=True))
+            return self.front.encode(req.text)
         if which == "token_ids":
             return list(req.token_ids.ids)
         if which == "messages":
             msgs = [{"role": m.role, "content": m.content} for m in req.messages.messages]
-            if not msgs or any(m["role"] not in ("system", "user", "assistant") for m in msgs):
-                raise ValueError("messages must be non-empty, roles system, user or assistant")
-            return chat_prompt_ids(self.tok, msgs)
+            return self.front.chat_prompt(msgs)
         raise ValueError("give text, token_ids or messages")
 
     async def _start(
@@ -51,8 +46,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         try:
             ids = self._prompt(req)
             params = params_from_proto(req.sampling_params)
-            # off the event loop: validation may compile a grammar
-            await asyncio.to_thread(self.backend.validate, ids, params)
+            await self.front.validate(ids, params)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Overloaded as exc:
@@ -64,35 +58,21 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
     ) -> AsyncGenerator[RequestOutput, None]:
         ids, params = await self._start(req, context)
         rid = req.request_id or uuid.uuid4().hex
-        start, ttft = time.monotonic(), None
         # aclosing: a cancelled call closes the stream at once, which aborts the request
-        async with aclosing(self.backend.generate(ids, params, rid)) as events:
+        async with aclosing(self.front.events(ids, params, "grpc", rid)) as events:
             async for ev in events:
-                if self.metrics is not None:
-                    self.metrics.observe_event(ev)
-                    if ttft is None and ev.token_ids:
-                        ttft = time.monotonic() - start
-                        self.metrics.ttft.observe(ttft)
-                    if ev.finish_reason is not None:
-                        self.metrics.record("grpc", ev, time.monotonic() - start, ttft)
                 yield ev
 
     async def Generate(self, request, context):  # noqa: N802 (gRPC method names)
-        text, ids, lps = [], [], []
-        last: RequestOutput | None = None
-        async with aclosing(self._events(request, context)) as events:
-            async for ev in events:
-                text.append(ev.text)
-                ids.extend(ev.token_ids)
-                lps.extend(ev.logprobs or [])
-                last = ev
-        assert last is not None and last.finish_reason is not None
-        if last.finish_reason == "error":
-            await context.abort(grpc.StatusCode.INTERNAL, last.error or "generation failed")
+        ids, params = await self._start(request, context)
+        run = await self.front.collect(ids, params, "grpc", request.request_id or None)
+        if run.failed:
+            await context.abort(grpc.StatusCode.INTERNAL, run.error)
+        last = run.last
         return gateway_pb2.GenerateResponse(
-            request_id=request.request_id or last.rid, text="".join(text), token_ids=ids,
+            request_id=request.request_id or last.rid, text=run.text, token_ids=run.token_ids,
             finish_reason=FINISH[last.finish_reason], usage=chunk_from_output(last).usage,
-            logprobs=lps,
+            logprobs=[lp for _, lp, _ in run.logprobs],
         )  # fmt: skip
 
     async def GenerateStream(self, request, context):  # noqa: N802

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.backend import Backend, radix_cache_stats
+from gateway.backend import Backend, load_json
 from services.convert import (
     output_from_chunk,
     params_to_proto,
@@ -61,7 +61,7 @@ class RemoteBackend(Backend):
         tokenizer: Any,
         model_name: str,
         spec: ModelSpec,
-        cache_target: str,
+        cache_service: str,
         decode_targets: Sequence[str],
         prefill_targets: Sequence[str] = (),
         local_prefill_tokens: int = 256,
@@ -73,7 +73,7 @@ class RemoteBackend(Backend):
         if not decode_targets:
             raise ValueError("the gateway needs at least one decode worker")
         self.tokenizer, self.model_name, self.spec = tokenizer, model_name, spec
-        self.cache_target, self.decode_targets = cache_target, list(decode_targets)
+        self.cache_service, self.decode_targets = cache_service, list(decode_targets)
         self.prefill_targets = list(prefill_targets)
         self.local_prefill_tokens = local_prefill_tokens
         self.request_timeout = request_timeout
@@ -93,7 +93,7 @@ class RemoteBackend(Backend):
     ) -> tuple[cache_pb2_grpc.CacheStub, dict[str, worker_pb2_grpc.DecodeStub],
                dict[str, worker_pb2_grpc.PrefillStub]]:  # fmt: skip
         if self._stubs is None:
-            cache = cache_pb2_grpc.CacheStub(channel(self.cache_target))
+            cache = cache_pb2_grpc.CacheStub(channel(self.cache_service))
             decode = {t: worker_pb2_grpc.DecodeStub(channel(t))
                       for t in self.decode_targets}  # fmt: skip
             prefill = {t: worker_pb2_grpc.PrefillStub(channel(t))
@@ -244,9 +244,8 @@ class RemoteBackend(Backend):
             stats = tree_stats_from_proto(load.cache) if load.HasField("cache") else None
             tiers = tier_stats_from_proto(load.tiers) if load.HasField("tiers") else None
             info = {"worker": target, "status": "ok", "role": role,
-                    "running_requests": load.running, "waiting_requests": load.waiting,
-                    "pages_total": load.pages_total, "pages_free": load.pages_free,
-                    "radix_cache_stats": radix_cache_stats(stats, tiers),
+                    **load_json(load.running, load.waiting, load.pages_total, load.pages_free,
+                                stats, tiers),
                     "kv_transfer": transfer_json(load.transfers, load.transfer_bytes,
                                                  load.transfer_seconds)}  # fmt: skip
             if role == "prefill":
@@ -275,15 +274,15 @@ class RemoteBackend(Backend):
         return {
             "status": "ok" if len(ok) == len(workers) else "degraded",
             "model": self.model_name,
-            "running_requests": sum(i["running_requests"] for i, _ in ok if i["role"] == "decode"),
-            "waiting_requests": sum(i["waiting_requests"] for i, _ in ok if i["role"] == "decode"),
-            "pages_total": sum(i["pages_total"] for i, _ in ok),
-            "pages_free": sum(i["pages_free"] for i, _ in ok),
-            "radix_cache_stats": radix_cache_stats(
+            **load_json(
+                sum(i["running_requests"] for i, _ in ok if i["role"] == "decode"),
+                sum(i["waiting_requests"] for i, _ in ok if i["role"] == "decode"),
+                sum(i["pages_total"] for i, _ in ok),
+                sum(i["pages_free"] for i, _ in ok),
                 sum_stats(trees) if trees else None,
                 sum_tiers(tiers) if tiers else None,
                 l3_store,
-            ),  # fmt: skip
+            ),
             "kv_transfer": transfer_json(
                 sum(r.transfers for r in received),
                 sum(r.transfer_bytes for r in received),

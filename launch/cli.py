@@ -15,8 +15,8 @@ from strata.config import (
     QUANTIZATIONS,
     SPARSE_SPREAD,
     WRITE_POLICIES,
-    CacheConfig,
     HiCacheConfig,
+    KVPoolConfig,
     ModelConfig,
     SchedulerConfig,
     ServerConfig,
@@ -109,6 +109,13 @@ def use_tls(a: argparse.Namespace) -> list[str]:
     return ["--tls-cert", a.tls_cert, "--tls-key", a.tls_key, "--tls-ca", a.tls_ca]
 
 
+def add_cache_service_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-service", "--cache", dest="cache_service",
+                   default=env("CACHE_SERVICE") or env("CACHE_ADDR") or "127.0.0.1:30010",
+                   help="the cache service's address, host:port (--cache: the old name; "
+                   "STRATA_CACHE_SERVICE)")  # fmt: skip
+
+
 def add_hicache_args(p: argparse.ArgumentParser) -> None:
     """The KV tiers below L1 (SGLang's flag names)."""
     d = HiCacheConfig()
@@ -165,8 +172,8 @@ def model_config(a: argparse.Namespace) -> ModelConfig:
                        a.context_length)  # fmt: skip
 
 
-def cache_config(a: argparse.Namespace) -> CacheConfig:
-    return CacheConfig(page_size=a.page_size, num_pages=a.num_pages,
+def pool_config(a: argparse.Namespace) -> KVPoolConfig:
+    return KVPoolConfig(page_size=a.page_size, num_pages=a.num_pages,
                        mem_fraction=a.mem_fraction_static)  # fmt: skip
 
 
@@ -175,7 +182,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from strata.engine.runner import ModelRunner
     from strata.tokenizer import IncrementalDetokenizer, chat_prompt_ids
 
-    runner = ModelRunner.from_config(model_config(a), cache_config(a))
+    runner = ModelRunner.from_config(model_config(a), pool_config(a))
     tok = runner.tokenizer
     ids = chat_prompt_ids(tok, [{"role": "user", "content": a.prompt}])
     detok = IncrementalDetokenizer(tok)
@@ -257,11 +264,11 @@ def seed_sampler(a: argparse.Namespace) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from strata.serve import serve
+    from launch.serve import serve
 
     serve(
         model_config(a),
-        cache_config(a),
+        pool_config(a),
         sched_config(a),
         ServerConfig(
             a.host,
@@ -294,17 +301,17 @@ def sched_config(a: argparse.Namespace) -> SchedulerConfig:
 
 
 def cmd_worker(a: argparse.Namespace) -> int:
-    from strata.serve import serve_worker
+    from launch.serve import serve_worker
 
     seed_sampler(a)
     use_tls(a)
-    serve_worker(a.command, model_config(a), cache_config(a), sched_config(a), hicache_config(a),
-                 a.host, a.port, a.cache, a.worker_id, a.shutdown_grace)  # fmt: skip
+    serve_worker(a.command, model_config(a), pool_config(a), sched_config(a), hicache_config(a),
+                 a.host, a.port, a.cache_service, a.worker_id, a.shutdown_grace)  # fmt: skip
     return 0
 
 
 def cmd_gateway(a: argparse.Namespace) -> int:
-    from strata.serve import serve_gateway
+    from launch.serve import serve_gateway
 
     server = ServerConfig(
         a.host, a.port, a.served_model_name, a.log_level, a.grpc_port, a.api_key, a.protect_health
@@ -312,7 +319,7 @@ def cmd_gateway(a: argparse.Namespace) -> int:
     use_tls(a)
     decode = addresses(a.decode)
     bound = len(decode) * (a.max_running_requests + a.max_queued_requests)
-    serve_gateway(model_config(a), server, a.cache, decode, addresses(a.prefill),
+    serve_gateway(model_config(a), server, a.cache_service, decode, addresses(a.prefill),
                   a.local_prefill_tokens, bound)  # fmt: skip
     return 0
 
@@ -322,7 +329,7 @@ def addresses(text: str) -> list[str]:
 
 
 def cmd_up(a: argparse.Namespace) -> int:
-    from services.up import up
+    from launch.up import up
 
     if a.prefill < 0 or a.decode < 1:
         raise ValueError("--prefill must be >= 0 and --decode >= 1")
@@ -400,8 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_model_args(d)
         add_server_args(d)
         add_hicache_args(d)
-        d.add_argument("--cache", default=env("CACHE_ADDR") or "127.0.0.1:30010",
-                       help="the cache service's address")  # fmt: skip
+        add_cache_service_arg(d)
         d.add_argument("--worker-id", default=None, help="name at the cache service "
                        "(default host:port: the address the gateway dials)")  # fmt: skip
         d.add_argument("--shutdown-grace", type=float, default=10.0,
@@ -412,8 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(w)
     add_server_args(w)
     add_routing_args(w)
-    w.add_argument("--cache", default=env("CACHE_ADDR") or "127.0.0.1:30010",
-                   help="the cache service's address")  # fmt: skip
+    add_cache_service_arg(w)
     w.add_argument("--decode", default=env("DECODE_ADDRS") or "127.0.0.1:30020",
                    help="comma-separated decode worker addresses")  # fmt: skip
     w.add_argument("--prefill", default=env("PREFILL_ADDRS") or "",
@@ -442,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from launch.up import die_with_parent
+
+    die_with_parent()
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -1,4 +1,5 @@
-"""Start real `strata serve` processes on loopback for tests."""
+"""Start real strata processes (`strata serve`, `strata up`, a single service) on loopback and
+wait until they are healthy: for tests, benchmarks and the reliability suite."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def grpc_service(
     """`strata <args> --port P` (a cache, prefill or decode service) until its gRPC health
     check says SERVING; yields (target, process); stops it with SIGTERM."""
     port = port or free_port()
-    cmd = [sys.executable, "-m", "strata.cli", *args, "--port", str(port)]
+    cmd = [sys.executable, "-m", "launch.cli", *args, "--port", str(port)]
     target = f"127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
@@ -80,7 +81,7 @@ def running_cluster(*extra: str, timeout: float = 300.0) -> Iterator[tuple[str, 
     port, grpc_port = free_port(), free_port()
     # a fresh L3 store: warm pages from another run would change routing and hit rates
     store = tempfile.TemporaryDirectory()
-    cmd = [sys.executable, "-m", "strata.cli", "up", "--port", str(port),
+    cmd = [sys.executable, "-m", "launch.cli", "up", "--port", str(port),
            "--grpc-port", str(grpc_port), "--hicache-storage-dir", store.name, *extra]  # fmt: skip
     with store, tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
@@ -111,7 +112,7 @@ def running_http(command: str, *extra: str, timeout: float = 180.0) -> Iterator[
     auth = {}
     if "--api-key" in extra:  # a protected /health needs it
         auth = {"Authorization": f"Bearer {extra[list(extra).index('--api-key') + 1]}"}
-    cmd = [sys.executable, "-m", "strata.cli", command, "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "launch.cli", command, "--host", "127.0.0.1",
            "--port", str(port), "--grpc-port", "-1", "--log-level", "warning", *extra]  # fmt: skip
     with running_process(cmd, f"http://127.0.0.1:{port}", "/health", auth, timeout) as url:
         yield url

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from tests.e2e.server import free_port, running_process
+from launch.local import free_port, running_process
 
 
 def has_llama_cpp() -> bool:

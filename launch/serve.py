@@ -9,7 +9,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
-from strata.config import CacheConfig, HiCacheConfig, ModelConfig, SchedulerConfig, ServerConfig
+from strata.config import HiCacheConfig, KVPoolConfig, ModelConfig, SchedulerConfig, ServerConfig
 from strata.engine.process import EngineClient, EngineConfig, build_engine
 from strata.model.loader import load_tokenizer, read_config, resolve_checkpoint
 from strata.model.spec import ModelSpec
@@ -23,14 +23,14 @@ log = logging.getLogger(__name__)
 
 
 def serve(
-    model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, server: ServerConfig,
+    model: ModelConfig, pool: KVPoolConfig, sched: SchedulerConfig, server: ServerConfig,
     tiers: HiCacheConfig, random_seed: int | None = None,
 ) -> None:  # fmt: skip
     """The engine in its own process (its step loop on that process's main thread), the
     REST and gRPC fronts in this one."""
     from gateway.backend import LocalBackend
 
-    cfg = EngineConfig(model, cache, sched, tiers, random_seed, server.log_level)
+    cfg = EngineConfig(model, pool, sched, tiers, random_seed, server.log_level)
     engine = EngineClient(cfg)
     name = server.served_model_name or (model.model_path or "SmolLM2-135M-Instruct")
     try:
@@ -44,7 +44,7 @@ def serve(
 
 
 def serve_gateway(
-    model: ModelConfig, server: ServerConfig, cache_target: str, decode_targets: list[str],
+    model: ModelConfig, server: ServerConfig, cache_service: str, decode_targets: list[str],
     prefill_targets: list[str], local_prefill_tokens: int, max_outstanding: int | None = None,
 ) -> None:  # fmt: skip
     """The split cluster's gateway: tokenizer and chat template here, prefill on the
@@ -55,15 +55,15 @@ def serve_gateway(
     folder = resolve_checkpoint(model.model_path)
     spec = ModelSpec.from_hf(read_config(folder))
     name = server.served_model_name or (model.model_path or "SmolLM2-135M-Instruct")
-    backend = RemoteBackend(load_tokenizer(folder), name, spec, cache_target, decode_targets,
+    backend = RemoteBackend(load_tokenizer(folder), name, spec, cache_service, decode_targets,
                             prefill_targets, local_prefill_tokens,
                             max_outstanding=max_outstanding)  # fmt: skip
     asyncio.run(_serve_fronts(backend, name, server))
 
 
 def serve_worker(
-    role: str, model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig,
-    tiers: HiCacheConfig, host: str, port: int, cache_target: str, worker_id: str | None,
+    role: str, model: ModelConfig, pool: KVPoolConfig, sched: SchedulerConfig,
+    tiers: HiCacheConfig, host: str, port: int, cache_service: str, worker_id: str | None,
     grace: float = 10.0,
 ) -> None:  # fmt: skip
     """A split-mode worker ("prefill" or "decode"): the engine with its own radix tree,
@@ -74,10 +74,10 @@ def serve_worker(
     from services.prefill.server import serve as serve_prefill
 
     worker_id = worker_id or f"{host}:{port}"
-    engine = build_engine(model, cache, sched, tiers, cluster_worker=True)
+    engine = build_engine(model, pool, sched, tiers, cluster_worker=True)
     publisher = None
-    if engine.cache is not None:
-        publisher = KVEventPublisher(cache_target, worker_id, engine)
+    if engine.prefix_cache is not None:
+        publisher = KVEventPublisher(cache_service, worker_id, engine)
         engine.event_sink = publisher
         publisher.start()
     if role == "prefill":

@@ -1,4 +1,4 @@
-"""`python -m strata.launch_server`: SGLang's launch_server flags, served by `strata serve`."""
+"""SGLang's launch_server flags, served by `strata serve` (`python -m strata.launch_server`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from strata.cli import main as cli_main
+from launch.cli import main as cli_main
 
 # SGLang flags with no meaning here (yet): accepted, with a warning naming each, so scripts
 # run unchanged. The rest (--context-length, --mem-fraction-static, --random-seed,
@@ -36,7 +36,6 @@ def translate(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-
     return cli_main(translate(sys.argv[1:] if argv is None else argv))
 
 

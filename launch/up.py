@@ -79,10 +79,19 @@ def log(message: str) -> None:
     print(f"strata up: {message}", file=sys.stderr, flush=True)
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when `strata up` dies, even by SIGKILL."""
+PARENT_ENV = "STRATA_PARENT_PID"  # set for each child: the `strata up` it must die with
+
+
+def die_with_parent() -> None:
+    """First thing in a child of `strata up` (launch.cli.main): SIGTERM it when that parent
+    dies, even by SIGKILL (PR_SET_PDEATHSIG); at once if it died already."""
+    parent = os.environ.pop(PARENT_ENV, None)
+    if not parent or not sys.platform.startswith("linux"):
+        return
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @dataclass
@@ -98,7 +107,10 @@ class Child:
     given_up: bool = False
 
     def start(self) -> subprocess.Popen:
-        self.proc = subprocess.Popen(self.args, env=self.env, preexec_fn=_die_with_parent)
+        # NOTE: no preexec_fn (the child sets its own death signal, die_with_parent): code
+        # run between fork and exec can deadlock in a process with threads, and gRPC's are.
+        env = {**(self.env if self.env is not None else os.environ), PARENT_ENV: str(os.getpid())}
+        self.proc = subprocess.Popen(self.args, env=env)
         return self.proc
 
     def supervise(self, now: float) -> None:
@@ -153,7 +165,7 @@ def up(
     """Start the cluster and supervise it until SIGINT or SIGTERM: a service that exits is
     restarted on its own address (with backoff; a crash loop is given up on), so one
     worker's death is not an outage; every child dies with this process."""
-    cli = [sys.executable, "-m", "strata.cli"]
+    cli = [sys.executable, "-m", "launch.cli"]
     children: list[Child] = []
     stopping = False
 
@@ -185,14 +197,14 @@ def up(
                 p = free_port(host, taken)
                 workers[role].append(f"{host}:{p}")
                 proc = start(f"{role} worker {host}:{p}", role, "--host", host, "--port", str(p),
-                             "--cache", cache, *model_args, *worker_args,
+                             "--cache-service", cache, *model_args, *worker_args,
                              env=bursty if role == "prefill" else None)  # fmt: skip
                 started.append((workers[role][-1], proc))
         for target, proc in started:  # they load the model side by side
             wait_grpc(target, proc, timeout)
         gateway = start(
             "gateway", "gateway", "--host", host, "--port", str(port), "--grpc-port",
-            str(grpc_port), "--cache", cache, "--decode", ",".join(workers["decode"]),
+            str(grpc_port), "--cache-service", cache, "--decode", ",".join(workers["decode"]),
             "--prefill", ",".join(workers["prefill"]), *model_args, *gateway_args,
         )  # fmt: skip
         url = f"http://{host}:{port}"

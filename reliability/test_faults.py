@@ -18,9 +18,9 @@ from collections import Counter
 
 import httpx
 
+from launch.local import _wait_healthy, free_port
 from reliability.conftest import figure
 from reliability.test_load import load
-from tests.e2e.server import _wait_healthy, free_port
 from tests.e2e.test_supervision import children, cmdline
 
 SECONDS = 45.0
@@ -32,7 +32,7 @@ def kids(up: int, role: str) -> list[int]:
 
 def test_worker_and_cache_service_deaths_under_load_lose_no_stream():
     port = free_port()
-    cmd = [sys.executable, "-m", "strata.cli", "up", "--port", str(port), "--grpc-port", "-1",
+    cmd = [sys.executable, "-m", "launch.cli", "up", "--port", str(port), "--grpc-port", "-1",
            "--prefill", "0", "--decode", "2", "--disable-hierarchical-cache"]  # fmt: skip
     with tempfile.TemporaryFile() as log:
         up = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)

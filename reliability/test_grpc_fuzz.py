@@ -23,9 +23,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from launch.local import free_port, grpc_service, running_http
 from reliability.conftest import figure
 from strata.proto.v1 import cache_pb2, gateway_pb2, worker_pb2
-from tests.e2e.server import free_port, grpc_service, running_http
 
 EXAMPLES = 60  # per method
 CALL_TIMEOUT = 15.0
@@ -128,12 +128,12 @@ def caller(stub: Any, path: str, streaming: bool, codes: Counter, broken: list[s
 def cluster() -> Iterator[dict[str, Any]]:
     with ExitStack() as stack:
         cache, cache_proc = stack.enter_context(grpc_service("cache"))
-        worker = ("--cache", cache, "--request-timeout", "3", "--num-pages", "256")
+        worker = ("--cache-service", cache, "--request-timeout", "3", "--num-pages", "256")
         prefill, prefill_proc = stack.enter_context(grpc_service("prefill", *worker))
         decode, decode_proc = stack.enter_context(grpc_service("decode", *worker))
         gport = free_port()
         url = stack.enter_context(running_http(
-            "gateway", "--cache", cache, "--decode", decode, "--prefill", prefill,
+            "gateway", "--cache-service", cache, "--decode", decode, "--prefill", prefill,
             "--grpc-port", str(gport)))  # fmt: skip
         procs = {"cache": cache_proc, "prefill": prefill_proc, "decode": decode_proc}
         yield {"cache": cache, "prefill": prefill, "decode": decode,

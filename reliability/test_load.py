@@ -16,8 +16,8 @@ from pathlib import Path
 
 import httpx
 
+from launch.local import running_server
 from reliability.conftest import figure
-from tests.e2e.server import running_server
 
 CLIENTS = 64
 SECONDS = 60.0

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
+from launch.local import running_server
 from reliability.conftest import figure
-from tests.e2e.server import running_server
 
 EXAMPLES = 120  # per operation and mode (valid and invalid bodies): >= 1000 cases in all
 

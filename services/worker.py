@@ -61,7 +61,7 @@ class EngineWorker:
         return worker_pb2.AbortResponse(found=found)
 
 
-async def serve_worker(
+async def run_worker_service(
     role: str,
     servicer: EngineWorker,
     add: Callable[[Any, Any], None],
@@ -72,7 +72,7 @@ async def serve_worker(
 ) -> None:
     """Run a worker's gRPC service (strata.v1.<role>) until `stopping` is set; streams in
     flight get `grace` seconds to finish. The engine's step loop runs on the process's main
-    thread (strata.serve.serve_worker); this stops it when the service ends."""
+    thread (launch.serve.serve_worker); this stops it when the service ends."""
     name = worker_pb2.DESCRIPTOR.services_by_name[role].full_name
     try:
         server, bound = await start_server(host, port, [(add, servicer, name)])

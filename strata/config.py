@@ -71,7 +71,8 @@ SPARSE_SPREAD = 6.7  # the default 0.3 -> an 8.1-nat cutoff
 
 @dataclass(frozen=True)
 class SparseConfig:
-    """Sparse attention in decode (DESIGN.md section 4; the rule: reference.select_pages)."""
+    """Sparse attention in decode (the rule: attention.reference.select_pages; the README
+    section "Sparse attention (decode)" explains the flags)."""
 
     threshold: float = 0.3  # skip a page whose bound on its softmax weight, over the best
     # page's and taken to the power 1 / SPARSE_SPREAD, is below this (per step, layer and KV
@@ -131,7 +132,9 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class CacheConfig:
+class KVPoolConfig:
+    """The device KV pool (L1): pages of page_size tokens, every layer's K and V."""
+
     page_size: int = 16
     num_pages: int = 4096
     # SGLang's --mem-fraction-static: weights + KV pool take this fraction of the device's

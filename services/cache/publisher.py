@@ -31,8 +31,8 @@ class KVEventPublisher:
         self, target: str, worker: str, engine: Engine, interval: float = 0.05,
         heartbeat: float = 1.0, timeout: float = 5.0,
     ) -> None:  # fmt: skip
-        assert engine.cache is not None
-        self.engine, self.cache, self.worker = engine, engine.cache, worker
+        assert engine.prefix_cache is not None
+        self.engine, self.cache, self.worker = engine, engine.prefix_cache, worker
         self.interval, self.heartbeat, self.timeout = interval, heartbeat, timeout
         self.channel = open_channel(target)
         self.stub = cache_pb2_grpc.CacheStub(self.channel)

@@ -15,7 +15,7 @@ import grpc
 
 from services.convert import chunk_from_output, params_from_proto, params_to_proto
 from services.grpcio import open_channel
-from services.worker import EngineWorker, TransferCounter, serve_worker
+from services.worker import EngineWorker, TransferCounter, run_worker_service
 from strata.engine.engine import Engine
 from strata.engine.request import Overloaded, RemoteFill
 from strata.kv.pool import KVCache
@@ -167,4 +167,6 @@ async def serve(
     engine: Engine, worker_id: str, host: str, port: int, grace: float, stopping: threading.Event
 ) -> None:
     add = worker_pb2_grpc.add_DecodeServicer_to_server
-    await serve_worker("Decode", DecodeService(engine, worker_id), add, host, port, grace, stopping)
+    await run_worker_service(
+        "Decode", DecodeService(engine, worker_id), add, host, port, grace, stopping
+    )

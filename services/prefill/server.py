@@ -18,7 +18,7 @@ from dataclasses import replace
 import grpc
 
 from services.convert import params_from_proto
-from services.worker import EngineWorker, serve_worker
+from services.worker import EngineWorker, run_worker_service
 from strata.engine.engine import Engine
 from strata.kv.transfer import KVChannel, TransferError, TransferStats, kv_layout, listen
 from strata.proto.v1 import worker_pb2, worker_pb2_grpc
@@ -115,4 +115,4 @@ async def serve(
 ) -> None:
     add = worker_pb2_grpc.add_PrefillServicer_to_server
     service = PrefillService(engine, worker_id)
-    await serve_worker("Prefill", service, add, host, port, grace, stopping)
+    await run_worker_service("Prefill", service, add, host, port, grace, stopping)

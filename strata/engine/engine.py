@@ -70,7 +70,7 @@ class Engine(SplitRoles):
         self.runner = runner
         self.tokenizer = runner.tokenizer
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self.cache: CacheIndex | None = None
+        self.prefix_cache: CacheIndex | None = None
         sparse = getattr(runner.model.backend, "sparse", None)
         fetch_on_select = (
             enable_cache and tiers is not None and tiers.enabled and sparse is not None
@@ -82,7 +82,7 @@ class Engine(SplitRoles):
             total = n1 + tiers.host_pages(n1, runner.kv.bytes_per_page)
             runner.kv = runner.kv.like(total, "cpu", pin_memory=False)
         if enable_cache:
-            self.cache = build_cache(
+            self.prefix_cache = build_cache(
                 runner.kv, runner.pool, runner.identity, tiers, record_events=cluster_worker,
                 own_store_index=not cluster_worker,
                 on_loaded=lambda plan: self._inbox.put(("loaded", plan)),
@@ -90,16 +90,16 @@ class Engine(SplitRoles):
         timeout = tiers.prefetch_timeout if tiers is not None else lambda n: float("inf")
         self.scheduler = Scheduler(
             runner.pool,
-            self.cache,
+            self.prefix_cache,
             runner.page_size,
             max_batch_tokens,
             max_running,
             timeout,
             schedule_policy,
         )
-        if fetch_on_select and isinstance(self.cache, TieredCache):
+        if fetch_on_select and isinstance(self.prefix_cache, TieredCache):
             assert sparse is not None
-            self.scheduler.offload = Offload(self.cache, runner.pool, sparse.demote_after,
+            self.scheduler.offload = Offload(self.prefix_cache, runner.pool, sparse.demote_after,
                                              sparse.sink_pages, sparse.window_pages)  # fmt: skip
         # cluster workers: called on the engine thread with each step's KV events
         self.event_sink: Callable[[list[KVEvent]], None] | None = None
@@ -222,7 +222,7 @@ class Engine(SplitRoles):
             waiting=len(self.scheduler.waiting),
             pages_total=pool.num_pages,
             pages_free=pool.num_free,
-            cache=self.cache.stats() if self.cache is not None else None,
+            cache=self.prefix_cache.stats() if self.prefix_cache is not None else None,
             jump_forward_tokens=self.jump_forward_tokens,
             held=len(self._held),
             tiers=self._tier_stats(),
@@ -230,16 +230,16 @@ class Engine(SplitRoles):
         )
 
     def _tier_stats(self) -> dict[str, Any] | None:
-        stats = self.cache.tier_stats() if self.cache is not None else None
+        stats = self.prefix_cache.tier_stats() if self.prefix_cache is not None else None
         if stats is not None and self.scheduler.offload is not None:
             stats["fetch_on_select"] = self.scheduler.offload.stats()
         return stats
 
     def flush_cache(self) -> int:
         """Drop every unlocked cached page; returns how many were freed."""
-        if self.cache is None:
+        if self.prefix_cache is None:
             return 0
-        pages = self.cache.flush()
+        pages = self.prefix_cache.flush()
         self.runner.pool.free(pages)
         return len(pages)
 
@@ -263,8 +263,8 @@ class Engine(SplitRoles):
         """Stop the side threads and the tiers (after the loop has returned)."""
         if self._fetchers is not None:
             self._fetchers.shutdown(wait=False, cancel_futures=True)
-        if self.cache is not None:
-            self.cache.close()
+        if self.prefix_cache is not None:
+            self.prefix_cache.close()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self.stop()
@@ -345,8 +345,8 @@ class Engine(SplitRoles):
         start = time.perf_counter()
         logits = self.runner.forward([self._sequence(c) for c in chunks], bool(prompt_logprobs))
         filled = sum(c.length for c in chunks if c.length > 1)
-        if self.cache is not None and filled >= OBSERVE_PREFILL_TOKENS:
-            self.cache.observe_compute(filled, time.perf_counter() - start)
+        if self.prefix_cache is not None and filled >= OBSERVE_PREFILL_TOKENS:
+            self.prefix_cache.observe_compute(filled, time.perf_counter() - start)
         if prompt_logprobs:
             logits = collect_input_logprobs(chunks, logits)
         self.scheduler.advance(chunks)
@@ -380,8 +380,8 @@ class Engine(SplitRoles):
         return True
 
     def _publish_events(self) -> None:
-        if self.event_sink is not None and self.cache is not None:
-            events = self.cache.take_events()
+        if self.event_sink is not None and self.prefix_cache is not None:
+            events = self.prefix_cache.take_events()
             if events:
                 self.event_sink(events)
 

@@ -29,7 +29,7 @@ class Offload:
         self, cache: TieredCache, pool: PagePool, after: int, sink_pages: int, window_pages: int
     ) -> None:
         assert cache.l2_base is not None, "fetch on select reads L2 in place"
-        self.cache, self.pool, self.after = cache, pool, after
+        self.prefix_cache, self.pool, self.after = cache, pool, after
         self.base = cache.l2_base
         self.sink, self.window = sink_pages, window_pages
         self.step = 0  # forwards seen
@@ -79,7 +79,7 @@ class Offload:
             req = running[r]
             if i < req.num_shared_pages and not self._own(req, i):
                 continue  # another request holds it too
-            host = self.cache.copy_down([req.pages[i]])
+            host = self.prefix_cache.copy_down([req.pages[i]])
             if host is None:
                 break  # L2 is full of locked pages
             self.pool.free([req.pages[i]])
@@ -98,7 +98,7 @@ class Offload:
         wanted = [i for i, p in enumerate(req.pages) if p >= self.base and sel[i] == self.step]
         if not wanted:
             return
-        pages = alloc_evicting(self.pool, len(wanted) + reserve, self.cache.evict)
+        pages = alloc_evicting(self.pool, len(wanted) + reserve, self.prefix_cache.evict)
         if pages is not None:
             self.pool.free(pages[len(wanted) :])
             self._fetch(req, wanted, pages[: len(wanted)])
@@ -110,11 +110,11 @@ class Offload:
         if req.num_demoted:
             need = req.num_demoted - self.pool.num_free
             if need > 0:
-                self.pool.free(self.cache.evict(need))
+                self.pool.free(self.prefix_cache.evict(need))
             while req.num_demoted > self.pool.num_free:
                 page = req.pages.pop()
                 if page >= self.base:
-                    self.cache.host_pool.free([page - self.base])
+                    self.prefix_cache.host_pool.free([page - self.base])
                     req.num_demoted -= 1
                 else:
                     self.pool.free([page])
@@ -132,7 +132,7 @@ class Offload:
         """Take back from the tree the deepest pages of req's path no one else holds; True
         when page i is req's own afterwards."""
         assert req.cache_node is not None
-        node, taken = self.cache.give_back(req.cache_node)
+        node, taken = self.prefix_cache.give_back(req.cache_node)
         shared = req.num_shared_pages - len(taken)
         assert req.pages[shared : req.num_shared_pages] == taken
         req.cache_node, req.num_shared_pages = node, shared
@@ -140,8 +140,8 @@ class Offload:
 
     def _fetch(self, req: Request, indices: list[int], pages: list[int]) -> None:
         host = [req.pages[i] - self.base for i in indices]
-        self.cache.mover.from_host(host, pages)
-        self.cache.host_pool.free(host)
+        self.prefix_cache.mover.from_host(host, pages)
+        self.prefix_cache.host_pool.free(host)
         for i, p in zip(indices, pages):
             req.pages[i] = p
         req.num_demoted -= len(indices)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from strata.config import CacheConfig, HiCacheConfig, ModelConfig, SchedulerConfig
+from strata.config import HiCacheConfig, KVPoolConfig, ModelConfig, SchedulerConfig
 from strata.engine.engine import Engine
 from strata.engine.request import Limits, Overloaded, RequestOutput
 from strata.engine.runner import ModelRunner
@@ -49,11 +49,11 @@ ENGINE_LOG_FORMAT = "%(asctime)s %(levelname)s engine %(name)s: %(message)s"
 
 
 def build_engine(
-    model: ModelConfig, cache: CacheConfig, sched: SchedulerConfig, tiers: HiCacheConfig,
+    model: ModelConfig, pool: KVPoolConfig, sched: SchedulerConfig, tiers: HiCacheConfig,
     cluster_worker: bool = False, front_limits: bool = True,
 ) -> Engine:  # fmt: skip
     """front_limits: the engine bounds its own queue (False where a front does)."""
-    runner = ModelRunner.from_config(model, cache)
+    runner = ModelRunner.from_config(model, pool)
     if runner.tokenizer is None:
         raise ValueError(f"no tokenizer in {runner.checkpoint}: the server needs one")
     return Engine(
@@ -72,7 +72,7 @@ def build_engine(
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
-    cache: CacheConfig
+    pool: KVPoolConfig
     sched: SchedulerConfig
     tiers: HiCacheConfig
     random_seed: int | None = None
@@ -92,7 +92,7 @@ def engine_main(conn: Connection, cfg: EngineConfig) -> None:
             import torch
 
             torch.manual_seed(cfg.random_seed)
-        engine = build_engine(cfg.model, cfg.cache, cfg.sched, cfg.tiers, front_limits=False)
+        engine = build_engine(cfg.model, cfg.pool, cfg.sched, cfg.tiers, front_limits=False)
     except Exception as exc:
         log.exception("the engine failed to start")
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from strata.attention.backend import ATTENTION_BACKENDS
-from strata.config import CacheConfig, ModelConfig
+from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.request import check_length
 from strata.kv.pool import KVCache, PagePool
 from strata.model.batch import ForwardBatch, SequenceChunk
@@ -46,17 +46,17 @@ def device_memory(device: str) -> int:
 
 
 def pages_in_memory_fraction(
-    spec: ModelSpec, weights: dict[str, torch.Tensor], cache: CacheConfig, device: str
+    spec: ModelSpec, weights: dict[str, torch.Tensor], pool: KVPoolConfig, device: str
 ) -> int:
-    """KV pages that fit in cache.mem_fraction of the device's memory beside the weights."""
-    assert cache.mem_fraction is not None
+    """KV pages that fit in pool.mem_fraction of the device's memory beside the weights."""
+    assert pool.mem_fraction is not None
     weight_bytes = sum(w.numel() * w.element_size() for w in weights.values())
     dtype = next(iter(weights.values())).dtype
-    page_bytes = (spec.num_layers * 2 * (cache.page_size + 1) * spec.num_kv_heads
+    page_bytes = (spec.num_layers * 2 * (pool.page_size + 1) * spec.num_kv_heads
                   * spec.head_dim * torch.empty(0, dtype=dtype).element_size())  # fmt: skip
-    budget = int(cache.mem_fraction * device_memory(device)) - weight_bytes
+    budget = int(pool.mem_fraction * device_memory(device)) - weight_bytes
     if budget < page_bytes:
-        raise ValueError(f"--mem-fraction-static {cache.mem_fraction} leaves no room for KV "
+        raise ValueError(f"--mem-fraction-static {pool.mem_fraction} leaves no room for KV "
                          f"pages beside {weight_bytes / 1e9:.2f} GB of weights")  # fmt: skip
     return budget // page_bytes
 
@@ -89,23 +89,23 @@ class ModelRunner:
 
     @classmethod
     def from_config(
-        cls, model_cfg: ModelConfig, cache_cfg: CacheConfig, attention: str = "torch"
+        cls, model_cfg: ModelConfig, pool_cfg: KVPoolConfig, attention: str = "torch"
     ) -> ModelRunner:
         start = time.perf_counter()
         folder = resolve_checkpoint(model_cfg.model_path)
         spec = ModelSpec.from_hf(read_config(folder))
         weights = fuse_weights(spec, read_tensors(folder), model_cfg.torch_dtype, model_cfg.device)
         backend = ATTENTION_BACKENDS[attention](
-            spec.head_dim**-0.5, cache_cfg.page_size, model_cfg.sparse
+            spec.head_dim**-0.5, pool_cfg.page_size, model_cfg.sparse
         )
         model = LlamaForCausalLM(spec, weights, backend, model_cfg.quantization)
         tokenizer = load_tokenizer(folder)
         log.info("loaded %s in %.1fs", folder, time.perf_counter() - start)
-        num_pages = cache_cfg.num_pages
-        if cache_cfg.mem_fraction is not None:
-            num_pages = pages_in_memory_fraction(spec, weights, cache_cfg, model_cfg.device)
-            log.info("--mem-fraction-static %g: %d KV pages", cache_cfg.mem_fraction, num_pages)
-        runner = cls(model, tokenizer, num_pages, cache_cfg.page_size, folder)
+        num_pages = pool_cfg.num_pages
+        if pool_cfg.mem_fraction is not None:
+            num_pages = pages_in_memory_fraction(spec, weights, pool_cfg, model_cfg.device)
+            log.info("--mem-fraction-static %g: %d KV pages", pool_cfg.mem_fraction, num_pages)
+        runner = cls(model, tokenizer, num_pages, pool_cfg.page_size, folder)
         runner.context_length = model_cfg.context_length
         return runner
 

@@ -40,14 +40,14 @@ class Scheduler:
     def __init__(
         self,
         pool: PagePool,
-        cache: CacheIndex | None,
+        prefix_cache: CacheIndex | None,
         page_size: int,
         max_batch_tokens: int,
         max_running: int,
         prefetch_timeout: Callable[[int], float] = lambda prompt_tokens: float("inf"),
         policy: str = "lpm",
     ) -> None:
-        self.pool, self.cache, self.page_size = pool, cache, page_size
+        self.pool, self.prefix_cache, self.page_size = pool, prefix_cache, page_size
         self.max_batch_tokens, self.max_running = max_batch_tokens, max_running
         self.prefetch_timeout = prefetch_timeout  # seconds to wait for L3 loads, per prompt
         self.policy = policy  # "lpm": longest cached prefix first; "fcfs": arrival order
@@ -117,29 +117,29 @@ class Scheduler:
     def cache_progress(self, req: Request) -> None:
         """Hand the whole pages a prefill just computed to the radix cache right away, so
         requests that share the prefix can reuse them before this one finishes."""
-        if self.cache is None or req.finished or req.num_demoted:
+        if self.prefix_cache is None or req.finished or req.num_demoted:
             return
         ps = self.page_size
         full = min(req.num_computed, len(req.prompt_ids)) // ps
         if full <= req.num_shared_pages:
             return
         tokens = req.fill_ids[: full * ps]
-        self.cache.insert(tokens, req.pages[:full])
-        match = self.cache.match(tokens)
+        self.prefix_cache.insert(tokens, req.pages[:full])
+        match = self.prefix_cache.match(tokens)
         assert match.length == full * ps
         # pages the tree already held for these tokens replace ours (same KV)
         ours = set(req.pages[req.num_shared_pages : full]) - set(match.pages)
-        self.cache.lock(match.node)
+        self.prefix_cache.lock(match.node)
         if req.cache_node is not None:
-            self.cache.unlock(req.cache_node)
+            self.prefix_cache.unlock(req.cache_node)
         self.pool.free(sorted(ours))
         req.pages[:full] = match.pages
         req.num_shared_pages, req.cache_node = full, match.node
 
     def on_loaded(self, plan: LoadPlan) -> None:
         """A load has ended (engine thread): its pages join the cache."""
-        assert self.cache is not None
-        self.cache.finish_load(plan)
+        assert self.prefix_cache is not None
+        self.prefix_cache.finish_load(plan)
         req = plan.owner
         if isinstance(req, Request) and plan in req.loads:
             req.loads.remove(plan)
@@ -173,10 +173,10 @@ class Scheduler:
 
     def _order_waiting(self) -> None:
         """Longest cached prefix first; arrival order among equals (the sort is stable)."""
-        if self.cache is None or len(self.waiting) < 2 or self.policy == "fcfs":
+        if self.prefix_cache is None or len(self.waiting) < 2 or self.policy == "fcfs":
             return
         for r in self.waiting:
-            r.match_len = self.cache.match(r.fill_ids).length
+            r.match_len = self.prefix_cache.match(r.fill_ids).length
         self.waiting.sort(key=lambda r: -r.match_len)
 
     def _shares_inflight_prefix(
@@ -184,23 +184,25 @@ class Scheduler:
     ) -> bool:
         """True when a request being prefilled now covers at least two more pages of fill
         than the cache does (admitting both would compute that prefix twice)."""
-        if self.cache is None:
+        if self.prefix_cache is None:
             return False
         return any(
             common_prefix_len(fill, other) - cached >= 2 * self.page_size for other in prefilling
         )
 
     def _alloc(self, n: int) -> list[int] | None:
-        return alloc_evicting(self.pool, n, self.cache.evict if self.cache is not None else None)
+        return alloc_evicting(
+            self.pool, n, self.prefix_cache.evict if self.prefix_cache is not None else None
+        )
 
     def _loading(self, req: Request) -> bool:
         """Start loading req's prefix from the lower tiers (once per wait); True while it
         must wait for a load: always for L2, for L3 until its prefetch deadline."""
-        if self.cache is None:
+        if self.prefix_cache is None:
             return False
         if not req.loads_planned:
             req.loads_planned = True
-            req.loads = self.cache.plan_loads(req.fill_ids)
+            req.loads = self.prefix_cache.plan_loads(req.fill_ids)
             for plan in req.loads:
                 plan.owner = req
             req.load_deadline = time.monotonic() + self.prefetch_timeout(len(req.prompt_ids))
@@ -241,30 +243,30 @@ class Scheduler:
     def _admit(self, req: Request) -> bool:
         fill = req.fill_ids
         ps, shared, node, usable = self.page_size, [], None, 0
-        if self.cache is not None:
-            match = self.cache.match(fill)
+        if self.prefix_cache is not None:
+            match = self.prefix_cache.match(fill)
             # NOTE: at least one token is always computed, so the last token has logits.
             usable = min(match.length, (len(fill) - 1) // ps * ps)
             if req.params.logprob_start_len >= 0:  # those prompt positions need logits
                 usable = min(usable, max(req.params.logprob_start_len - 1, 0) // ps * ps)
             shared, node = match.pages[: usable // ps], match.node
-            self.cache.lock(node)
+            self.prefix_cache.lock(node)
         own = self._alloc(-(-len(fill) // ps) - len(shared))
         if own is None:
-            if node is not None and self.cache is not None:
-                self.cache.unlock(node)
+            if node is not None and self.prefix_cache is not None:
+                self.prefix_cache.unlock(node)
             return False
         if not req.admitted:  # count the prompt once, not on re-admission
             req.admitted, req.admitted_at = True, time.monotonic()
             req.num_cached = min(usable, len(req.prompt_ids))
-            if self.cache is not None:
+            if self.prefix_cache is not None:
                 by_tier = dict.fromkeys(("l2", "l3"), 0)
                 for tier, start, end in req.loaded_spans:
                     by_tier[tier] += max(0, min(end, req.num_cached) - start)
-                self.cache.record_lookup(len(req.prompt_ids), req.num_cached, by_tier["l2"],
+                self.prefix_cache.record_lookup(len(req.prompt_ids), req.num_cached, by_tier["l2"],
                                          by_tier["l3"])  # fmt: skip
                 if node is not None:
-                    self.cache.record_hit(node)
+                    self.prefix_cache.record_hit(node)
         req.loads = []  # a load still running now only feeds the cache
         req.pages, req.num_shared_pages, req.cache_node = shared + own, len(shared), node
         req.num_computed = usable
@@ -283,13 +285,13 @@ class Scheduler:
         if self.offload is not None:
             self.offload.restore(req, self.page_size)
         ps, pages, shared = self.page_size, req.pages, req.num_shared_pages
-        if self.cache is not None:
+        if self.prefix_cache is not None:
             full = req.num_computed // ps
-            existing = self.cache.insert(req.fill_ids[: full * ps], pages[:full]) // ps
+            existing = self.prefix_cache.insert(req.fill_ids[: full * ps], pages[:full]) // ps
             # pages the tree already held (besides our shared ones) are duplicates
             self.pool.free(pages[shared:existing] + pages[full:])
             if req.cache_node is not None:
-                self.cache.unlock(req.cache_node)
+                self.prefix_cache.unlock(req.cache_node)
         else:
             self.pool.free(pages[shared:])
         req.pages, req.num_shared_pages, req.cache_node, req.num_computed = [], 0, None, 0

@@ -6,11 +6,11 @@ import argparse
 
 import pytest
 
-from strata.cli import build_parser, model_config, sched_config
-from strata.config import CacheConfig, ModelConfig
+from launch.cli import build_parser, model_config, sched_config
+from launch.sglang import translate
+from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.request import ContextLengthError
 from strata.engine.runner import ModelRunner
-from strata.launch_server import translate
 
 
 def subparsers(parser: argparse.ArgumentParser):
@@ -39,7 +39,7 @@ def test_sglang_flags_map_onto_serve():
 def test_context_length_caps_the_model(tiny_checkpoint):
     folder, _ = tiny_checkpoint("llama")
     model = ModelConfig(str(folder), dtype="float32", context_length=64)
-    runner = ModelRunner.from_config(model, CacheConfig(4, 64))
+    runner = ModelRunner.from_config(model, KVPoolConfig(4, 64))
     assert runner.max_context == 64 < runner.spec.max_position
     with pytest.raises(ContextLengthError):
         runner.check_length(60, 10)
@@ -51,9 +51,16 @@ def test_mem_fraction_sizes_the_pool(tiny_checkpoint):
     folder, _ = tiny_checkpoint("llama")
     model = ModelConfig(str(folder), dtype="float32")
     fraction = 64 * 1024 * 1024 / device_memory("cpu")  # 64 MiB of this machine
-    runner = ModelRunner.from_config(model, CacheConfig(4, 8, mem_fraction=fraction))
+    runner = ModelRunner.from_config(model, KVPoolConfig(4, 8, mem_fraction=fraction))
     weights = sum(p.numel() * 4 for p in tiny_checkpoint("llama")[1].parameters())
     expect = (64 * 1024 * 1024 - weights) // runner.kv.bytes_per_page
     assert abs(runner.pool.num_pages - expect) <= expect // 100  # weights counted as loaded
     with pytest.raises(ValueError, match="mem-fraction-static"):
-        ModelRunner.from_config(model, CacheConfig(4, 8, mem_fraction=1e-12))
+        ModelRunner.from_config(model, KVPoolConfig(4, 8, mem_fraction=1e-12))
+
+
+def test_cache_service_address_keeps_its_old_flag_name():
+    for flag in ("--cache-service", "--cache"):
+        for command in ("prefill", "decode", "gateway"):
+            a = build_parser().parse_args([command, flag, "10.0.0.1:7"])
+            assert a.cache_service == "10.0.0.1:7"

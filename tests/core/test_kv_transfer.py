@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
+from launch.local import free_port
 from strata.kv.pool import KVCache
 from strata.kv.transfer import KVChannel, TransferError
-from tests.e2e.server import free_port
 
 SHAPE = dict(num_layers=3, num_pages=12, page_size=4, num_kv_heads=2, head_dim=8)
 SRC, DST = [3, 1, 7, 10], [0, 5, 2, 11]

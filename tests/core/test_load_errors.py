@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from strata.config import CacheConfig, ModelConfig
+from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.generate import generate
 from strata.engine.request import ContextLengthError
 from strata.engine.runner import ModelRunner
@@ -18,7 +18,7 @@ from strata.model.spec import UnsupportedModelError
 
 def load(path) -> ModelRunner:
     return ModelRunner.from_config(
-        ModelConfig(str(path), dtype="float32"), CacheConfig(page_size=4, num_pages=64)
+        ModelConfig(str(path), dtype="float32"), KVPoolConfig(page_size=4, num_pages=64)
     )
 
 
@@ -77,7 +77,7 @@ def test_prompt_longer_than_context_is_rejected_and_frees_nothing(tiny_checkpoin
 
 def test_cli_reports_a_bad_model_path_in_one_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "strata.cli", "generate", "hi", "--model-path", str(tmp_path / "x")],
+        [sys.executable, "-m", "launch.cli", "generate", "hi", "--model-path", str(tmp_path / "x")],
         capture_output=True,
         text=True,
         timeout=120,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from strata.attention import cpu_kernels
-from strata.config import CacheConfig, ModelConfig
+from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.runner import ModelRunner
 from strata.model.batch import SequenceChunk
 
@@ -36,7 +36,7 @@ def pair(request, tiny_checkpoint):
     arch, overrides = request.param
     folder, hf = tiny_checkpoint(arch, **overrides)
     runner = ModelRunner.from_config(
-        ModelConfig(str(folder), dtype="float32"), CacheConfig(page_size=4, num_pages=256)
+        ModelConfig(str(folder), dtype="float32"), KVPoolConfig(page_size=4, num_pages=256)
     )
     return runner, hf
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from strata.config import CacheConfig, ModelConfig
+from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.engine import Engine
 from strata.engine.generate import generate
 from strata.engine.request import Status
@@ -20,7 +20,8 @@ def runner_factory(tiny_checkpoint):
 
     def make(num_pages: int) -> ModelRunner:
         return ModelRunner.from_config(
-            ModelConfig(str(folder), dtype="float32"), CacheConfig(page_size=4, num_pages=num_pages)
+            ModelConfig(str(folder), dtype="float32"),
+            KVPoolConfig(page_size=4, num_pages=num_pages),
         )
 
     return make
@@ -42,7 +43,7 @@ def prompts(n: int, length: int = 10, shared: int = 8) -> list[list[int]]:
 
 
 def assert_pool_back_to_cache_only(engine: Engine) -> None:
-    stats = engine.cache.stats() if engine.cache else None
+    stats = engine.prefix_cache.stats() if engine.prefix_cache else None
     cached = stats.cached_pages if stats else 0
     assert engine.runner.pool.num_free + cached == engine.runner.pool.num_pages
     if stats:
@@ -60,7 +61,7 @@ def test_continuous_batching_matches_one_at_a_time(runner_factory):
     engine = Engine(runner, max_batch_tokens=16)  # forces chunked prefill
     assert run(engine, ps) == expected
     assert run(engine, ps) == expected  # warm: prefixes now come from the cache
-    assert engine.cache is not None and engine.cache.stats().cached_tokens > 0
+    assert engine.prefix_cache is not None and engine.prefix_cache.stats().cached_tokens > 0
     assert_pool_back_to_cache_only(engine)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from strata.attention import cpu_kernels
 from strata.attention import reference as ref
-from strata.config import CacheConfig, HiCacheConfig, ModelConfig, SparseConfig
+from strata.config import HiCacheConfig, KVPoolConfig, ModelConfig, SparseConfig
 from strata.engine.engine import Engine
 from strata.engine.runner import ModelRunner
 from strata.kv.pool import KVCache
@@ -223,7 +223,7 @@ def sparse_runners(tiny_checkpoint):
     def make(sparse: SparseConfig) -> ModelRunner:
         return ModelRunner.from_config(
             ModelConfig(str(folder), dtype="float32", sparse=sparse),
-            CacheConfig(page_size=PS, num_pages=128),
+            KVPoolConfig(page_size=PS, num_pages=128),
         )
 
     return make(SparseConfig(threshold=0)), make
@@ -297,7 +297,7 @@ def test_fetch_on_select_decodes_past_l1_to_the_same_tokens(tiny_checkpoint):
 
     def run(num_pages: int, tiers: HiCacheConfig | None) -> tuple[Engine, list[list[int]]]:
         model = ModelConfig(str(folder), dtype="float32", sparse=sparse)
-        runner = ModelRunner.from_config(model, CacheConfig(page_size=PS, num_pages=num_pages))
+        runner = ModelRunner.from_config(model, KVPoolConfig(page_size=PS, num_pages=num_pages))
         engine = Engine(runner, tiers=tiers, max_batch_tokens=256)
         events: list[list] = [[], []]
         engine.submit(PROMPT, long, events[0].append)
@@ -315,6 +315,6 @@ def test_fetch_on_select_decodes_past_l1_to_the_same_tokens(tiny_checkpoint):
     assert engine.scheduler.preemptions == 0
     assert engine.stats().tiers["fetch_on_select"] == offload.stats()
     assert_pool_back_to_cache_only(engine)
-    cache = engine.cache
+    cache = engine.prefix_cache
     assert cache.host_pool.num_free + cache.tree.host_pages == cache.host_pool.num_pages
     assert cache.match(PROMPT + got[0]).length == 48 * PS

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from launch.local import free_port, running_cluster, running_server
 from strata.proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from tests.e2e.server import free_port, running_cluster, running_server
 
 pytestmark = pytest.mark.slow
 

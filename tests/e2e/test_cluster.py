@@ -15,8 +15,8 @@ import grpc
 import httpx
 import pytest
 
+from launch.local import running_cluster, running_server
 from strata.proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from tests.e2e.server import running_cluster, running_server
 from tests.e2e.test_server import health, wait_idle
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,10 +14,10 @@ import grpc
 import httpx
 import pytest
 
+from launch.local import free_port, grpc_service, running_http
 from services.convert import params_to_proto
 from strata.proto.v1 import cache_pb2, cache_pb2_grpc, worker_pb2, worker_pb2_grpc
 from strata.sampling.params import SamplingParams
-from tests.e2e.server import free_port, grpc_service, running_http
 
 pytestmark = pytest.mark.slow
 TURN1 = " ".join(f"Entry {i}: the lighthouse log records wave {i * 13}." for i in range(30))
@@ -34,9 +34,9 @@ def cluster(tmp_path_factory):
         cache, proc = stack.enter_context(
             grpc_service("cache", "--hicache-storage-dir", store, port=cache_port)
         )
-        decode = [stack.enter_context(grpc_service("decode", "--cache", cache, *tiers))[0]
+        decode = [stack.enter_context(grpc_service("decode", "--cache-service", cache, *tiers))[0]
                   for _ in range(2)]  # fmt: skip
-        gateway = ["--cache", cache, "--decode", ",".join(decode), "--prefill", ""]
+        gateway = ["--cache-service", cache, "--decode", ",".join(decode), "--prefill", ""]
         url = stack.enter_context(running_http("gateway", *gateway))
         yield {"url": url, "cache": cache, "cache_proc": proc, "cache_port": cache_port,
                "decode": decode, "store": store, "stack": stack}  # fmt: skip

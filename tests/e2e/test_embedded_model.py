@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from strata.config import CacheConfig, ModelConfig
+from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.generate import generate
 from strata.engine.runner import ModelRunner
 from strata.model.batch import SequenceChunk
@@ -21,7 +21,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def runner() -> ModelRunner:
-    return ModelRunner.from_config(ModelConfig(dtype="float32"), CacheConfig(num_pages=256))
+    return ModelRunner.from_config(ModelConfig(dtype="float32"), KVPoolConfig(num_pages=256))
 
 
 @pytest.fixture(scope="module")

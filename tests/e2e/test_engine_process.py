@@ -13,12 +13,12 @@ import tempfile
 
 import httpx
 
-from tests.e2e.server import _wait_healthy, free_port
+from launch.local import _wait_healthy, free_port
 
 
 def test_engine_death_ends_streams_with_an_error_and_stops_the_server():
     port = free_port()
-    cmd = [sys.executable, "-m", "strata.cli", "serve", "--port", str(port), "--grpc-port",
+    cmd = [sys.executable, "-m", "launch.cli", "serve", "--port", str(port), "--grpc-port",
            "-1", "--dtype", "float32"]  # fmt: skip
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)

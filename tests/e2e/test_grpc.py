@@ -15,9 +15,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from launch.local import free_port, running_server
 from strata.proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.e2e.grammar_corpus import REGEXES, SCHEMAS
-from tests.e2e.server import free_port, running_server
 from tests.e2e.test_structured import no_pages_leaked
 
 QUESTION = "Name three primary colors."
@@ -96,6 +96,9 @@ def test_constraint_corpus_through_grpc(urls, stub):
             temperature=-1)), "temperature"),
         (gateway_pb2.GenerateRequest(token_ids=gateway_pb2.TokenIds(ids=[10**6])), "token ids"),
         (gateway_pb2.GenerateRequest(text="word " * 9000), "context length"),
+        (gateway_pb2.GenerateRequest(messages=gateway_pb2.ChatMessages(messages=[
+            gateway_pb2.ChatMessage(role="robot", content="hi")])), "unknown role 'robot'"),
+        (gateway_pb2.GenerateRequest(messages=gateway_pb2.ChatMessages()), "messages must not"),
     ],
 )  # fmt: skip
 def test_bad_input_is_invalid_argument(urls, stub, request_, needle):
@@ -105,6 +108,18 @@ def test_bad_input_is_invalid_argument(urls, stub, request_, needle):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert needle in err.value.details()
     no_pages_leaked(urls[0])
+
+
+def test_rest_and_grpc_take_the_same_chat_roles(urls, stub):
+    roles = ["system", "developer", "user", "assistant", "tool", "user"]
+    msgs = [{"role": r, "content": f"A {r} line."} for r in roles]
+    rest = httpx.post(f"{urls[0]}/v1/chat/completions", timeout=120, json={
+        "messages": msgs, "max_tokens": 8, "temperature": 0}).json()  # fmt: skip
+    request_ = gateway_pb2.GenerateRequest(
+        messages=gateway_pb2.ChatMessages(messages=[gateway_pb2.ChatMessage(**m) for m in msgs]),
+        sampling_params=common_pb2.SamplingParams(max_new_tokens=8, temperature=0),
+    )
+    assert stub.Generate(request_, timeout=120).text == rest["choices"][0]["message"]["content"]
 
 
 def test_cancelled_stream_frees_its_pages(urls, stub):

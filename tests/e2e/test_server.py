@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.server import running_server
+from launch.local import running_server
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 import strata.lang as sl
+from launch.local import free_port, running_server
 from strata.proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from tests.e2e.server import free_port, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def test_dense_server_reports_zero():
 @pytest.mark.parametrize("flag,value", [("--attention-sparsity-threshold", "1.5"),
                                         ("--sparse-budget", "2.5")])  # fmt: skip
 def test_bad_sparse_flags_are_refused(flag, value):
-    run = subprocess.run([sys.executable, "-m", "strata.cli", "serve", flag, value],
+    run = subprocess.run([sys.executable, "-m", "launch.cli", "serve", flag, value],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.returncode != 0 and flag in run.stderr
 

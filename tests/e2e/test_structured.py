@@ -16,8 +16,8 @@ import openai
 import pytest
 
 import strata.lang as sl
+from launch.local import running_server
 from tests.e2e.grammar_corpus import REGEXES, SCHEMAS
-from tests.e2e.server import running_server
 from tests.e2e.test_server import health, wait_idle
 
 ROOT = Path(__file__).resolve().parents[2]

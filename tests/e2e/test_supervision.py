@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.server import _wait_healthy, free_port
+from launch.local import _wait_healthy, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def ask(url: str) -> httpx.Response:
 
 def test_killed_worker_restarts_and_children_die_with_up():
     port = free_port()
-    cmd = [sys.executable, "-m", "strata.cli", "up", "--port", str(port), "--grpc-port", "-1",
+    cmd = [sys.executable, "-m", "launch.cli", "up", "--port", str(port), "--grpc-port", "-1",
            "--prefill", "0", "--decode", "2", "--disable-hierarchical-cache"]  # fmt: skip
     with tempfile.TemporaryFile() as log:
         up = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)

@@ -17,7 +17,7 @@ import pytest
 import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.e2e.server import free_port, running_cluster
+from launch.local import free_port, running_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def secure(target: str, certs: dict[str, Path], who: str | None) -> grpc.Channel
 def test_a_service_with_tls_accepts_only_clients_the_ca_signed(certs):
     port = free_port()
     target = f"127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "strata.cli", "cache", "--port", str(port), *tls_flags(certs)]
+    cmd = [sys.executable, "-m", "launch.cli", "cache", "--port", str(port), *tls_flags(certs)]
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
         try:
@@ -82,7 +82,7 @@ def test_a_service_with_tls_accepts_only_clients_the_ca_signed(certs):
 
 def test_half_the_tls_flags_are_refused(certs):
     done = subprocess.run(
-        [sys.executable, "-m", "strata.cli", "cache", "--port", str(free_port()),
+        [sys.executable, "-m", "launch.cli", "cache", "--port", str(free_port()),
          "--tls-cert", str(certs["node.pem"])],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip

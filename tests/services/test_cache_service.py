@@ -11,16 +11,16 @@ from collections.abc import Callable
 import grpc
 import pytest
 
+from launch.local import free_port, grpc_service
 from services.cache.publisher import KVEventPublisher
 from services.convert import batch_to_proto
-from strata.config import CacheConfig, HiCacheConfig, ModelConfig
+from strata.config import HiCacheConfig, KVPoolConfig, ModelConfig
 from strata.engine.engine import Engine
 from strata.engine.runner import ModelRunner
 from strata.proto.v1 import cache_pb2, cache_pb2_grpc
 from strata.radix.mirror import Batch
 from strata.radix.results import KVEvent
 from strata.sampling.params import SamplingParams
-from tests.e2e.server import free_port, grpc_service
 
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
 PROMPTS = [[(5 * i + 3 * j) % 300 + 2 for j in range(30)] for i in range(6)]
@@ -58,7 +58,7 @@ def route(target: str, prompt: list[int]) -> cache_pb2.RouteResponse:
 def worker(tiny_checkpoint):
     folder, _ = tiny_checkpoint("llama")
     runner = ModelRunner.from_config(ModelConfig(str(folder), dtype="float32"),
-                                     CacheConfig(page_size=4, num_pages=40))  # fmt: skip
+                                     KVPoolConfig(page_size=4, num_pages=40))  # fmt: skip
     # a small L1 and an L2: the routes must show both tiers
     engine = Engine(runner, tiers=HiCacheConfig(enabled=True), cluster_worker=True)
     engine.start()
@@ -76,11 +76,11 @@ def test_mirror_follows_the_worker_and_survives_a_cache_service_kill(worker):
         outputs = [generate(worker, p) for p in PROMPTS]
 
         def in_sync() -> bool:
-            snap = worker.call(worker.cache.snapshot).result(5)
+            snap = worker.call(worker.prefix_cache.snapshot).result(5)
             return mirror_keys(target, "w1") == {t: len(set(k)) for t, k in snap.items()}
 
         wait_for(in_sync)
-        tiers = worker.call(worker.cache.snapshot).result(5)
+        tiers = worker.call(worker.prefix_cache.snapshot).result(5)
         assert tiers["l2"] and set(tiers["l2"]) - set(tiers["l1"]), "expected L2-only pages"
         first, last = route(target, PROMPTS[0]), route(target, PROMPTS[-1])
         # the oldest prompt was pushed out of L1 into L2; the newest is in L1

@@ -13,12 +13,12 @@ from contextlib import ExitStack
 import grpc
 import pytest
 
+from launch.local import free_port, grpc_service
 from services.convert import params_to_proto
 from strata.model.loader import load_tokenizer, resolve_checkpoint
 from strata.proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from strata.sampling.params import SamplingParams
 from tests.conftest import tiny_hf_model
-from tests.e2e.server import free_port, grpc_service
 
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
 PROMPTS = [[(7 * i + 3 * j) % 300 + 5 for j in range(9 + 11 * i)] for i in range(4)]
@@ -33,8 +33,8 @@ def cluster(tmp_path_factory) -> Iterator[dict[str, str]]:
              "--num-pages", "128", "--log-level", "info"]  # fmt: skip
     with ExitStack() as stack:
         cache, _ = stack.enter_context(grpc_service("cache"))
-        prefill, _ = stack.enter_context(grpc_service("prefill", "--cache", cache, *model))
-        decode, _ = stack.enter_context(grpc_service("decode", "--cache", cache, *model))
+        prefill, _ = stack.enter_context(grpc_service("prefill", "--cache-service", cache, *model))
+        decode, _ = stack.enter_context(grpc_service("decode", "--cache-service", cache, *model))
         yield {"cache": cache, "prefill": prefill, "decode": decode, "model": folder}
 
 
@@ -116,7 +116,7 @@ def test_an_unreachable_prefill_worker_is_a_clear_error(cluster):
 
 def test_a_mismatched_prefill_worker_is_refused_clearly(cluster):
     model = ["--model-path", str(cluster["model"]), "--dtype", "float32", "--page-size", "8"]
-    with grpc_service("prefill", "--cache", cluster["cache"], *model) as (other, _):
+    with grpc_service("prefill", "--cache-service", cluster["cache"], *model) as (other, _):
         chunks = generate(cluster["decode"], PROMPTS[1], other)
     assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_ERROR
     assert "pages reserved" in chunks[-1].error or "KV layout" in chunks[-1].error
@@ -143,7 +143,7 @@ def test_bad_input_to_the_prefill_worker_is_invalid_argument(cluster):
 
 def test_sigterm_lets_streams_in_flight_finish(cluster):
     model = ["--model-path", str(cluster["model"]), "--dtype", "float32", "--page-size", "4"]
-    with grpc_service("decode", "--cache", cluster["cache"], *model,
+    with grpc_service("decode", "--cache-service", cluster["cache"], *model,
                       "--worker-id", "draining") as (target, proc):  # fmt: skip
         long = SamplingParams(max_new_tokens=120, temperature=0, ignore_eos=True)
         with grpc.insecure_channel(target) as channel:

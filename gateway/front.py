@@ -1,0 +1,99 @@
+"""What the REST and gRPC fronts share: one chat-role rule, validation before anything is
+sent, a generation's events with its metrics recorded, and a generation collected to its end.
+Each front only translates its wire format to and from these calls."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from gateway.backend import Backend
+from gateway.metrics import Metrics
+from strata.engine.request import RequestOutput
+from strata.sampling.params import SamplingParams
+from strata.tokenizer import chat_prompt_ids
+
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+@dataclass
+class Collected:
+    """A generation run to its end: the text and tokens of every event, and the last event
+    (finish reason, usage; input_logprobs gathered from every event)."""
+
+    text: str
+    token_ids: list[int]
+    last: RequestOutput
+    logprobs: list[tuple[int, float, dict[int, float]]] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return self.last.finish_reason == "error"
+
+    @property
+    def error(self) -> str:
+        return self.last.error or "generation failed"
+
+
+class Front:
+    def __init__(self, backend: Backend, metrics: Metrics) -> None:
+        self.backend, self.metrics = backend, metrics
+        self.tokenizer = backend.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """The chat template's prompt ids; ValueError for no messages or an unknown role."""
+        if not messages:
+            raise ValueError("messages must not be empty")
+        for m in messages:
+            if m["role"] not in CHAT_ROLES:
+                raise ValueError(f"unknown role {m['role']!r}: use one of {', '.join(CHAT_ROLES)}")
+        return chat_prompt_ids(self.tokenizer, messages)
+
+    async def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """The backend's checks (ValueError, Overloaded), off the event loop: a grammar may
+        compile. Called before a reply starts, so a bad request never gets a 200."""
+        await asyncio.to_thread(self.backend.validate, prompt_ids, params)
+
+    async def events(
+        self, prompt_ids: list[int], params: SamplingParams, endpoint: str, rid: str | None = None
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """One generation's events, each counted in the metrics (time to first token, and the
+        request's latency and tokens at its end). Closing it aborts the request."""
+        start, ttft = time.monotonic(), None
+        async with aclosing(self.backend.generate(prompt_ids, params, rid)) as gen:
+            async for ev in gen:
+                self.metrics.observe_event(ev)
+                if ttft is None and ev.token_ids:
+                    ttft = time.monotonic() - start
+                    self.metrics.ttft.observe(ttft)
+                if ev.finish_reason is not None:
+                    self.metrics.record(endpoint, ev, time.monotonic() - start, ttft)
+                yield ev
+
+    async def collect(
+        self, prompt_ids: list[int], params: SamplingParams, endpoint: str, rid: str | None = None
+    ) -> Collected:
+        text: list[str] = []
+        ids: list[int] = []
+        logprobs: list[tuple[int, float, dict[int, float]]] = []
+        input_lps: list[float | None] = []
+        last: RequestOutput | None = None
+        async with aclosing(self.events(prompt_ids, params, endpoint, rid)) as events:
+            async for ev in events:
+                text.append(ev.text)
+                ids.extend(ev.token_ids)
+                input_lps.extend(ev.input_logprobs or [])
+                if ev.logprobs is not None:
+                    for i, t in enumerate(ev.token_ids):
+                        top = ev.top_logprobs[i] if ev.top_logprobs else {}
+                        logprobs.append((t, ev.logprobs[i], top))
+                last = ev
+        assert last is not None and last.finish_reason is not None
+        last.input_logprobs = input_lps
+        return Collected("".join(text), ids, last, logprobs)

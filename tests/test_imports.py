@@ -1,0 +1,37 @@
+"""Imports go one way: launch (the wiring) -> gateway -> services -> strata (the core), the
+import-linter contract in pyproject.toml."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("strata", "gateway", "services", "launch")
+
+
+def lint_imports(cwd: Path) -> subprocess.CompletedProcess[str]:
+    lint = Path(sys.executable).with_name("lint-imports")
+    env = {**os.environ, "PYTHONPATH": str(cwd)}
+    return subprocess.run([str(lint), "--no-cache"], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+
+
+def test_the_layers_hold():
+    run = lint_imports(ROOT)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "1 kept, 0 broken" in run.stdout
+
+
+def test_a_core_module_that_imports_the_wiring_breaks_the_contract(tmp_path):
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.c")
+    for name in PACKAGES:
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=ignore)
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    (tmp_path / "strata" / "engine" / "wired.py").write_text("from gateway import app\n")
+    run = lint_imports(tmp_path)
+    assert run.returncode != 0
+    assert "strata.engine.wired -> gateway.app" in run.stdout
