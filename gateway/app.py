@@ -29,7 +29,7 @@ from gateway.protocol import (
     TokenizeRequest,
     document_bodies,
 )
-from strata.engine.request import RequestOutput
+from strata.engine.request import Checked, RequestOutput
 from strata.sampling.params import SamplingParams
 from strata.tokenizer import chat_roles
 
@@ -128,18 +128,15 @@ def create_app(
         if run.failed:
             raise RuntimeError(run.error)
 
-    async def collect_choices(
-        ids: list[int], runs: list[SamplingParams], endpoint: str
-    ) -> list[Collected]:
-        """OpenAI `n`: one generation per params, side by side; each checked for errors."""
-        done = await asyncio.gather(*(front.collect(ids, p, endpoint) for p in runs))
+    async def collect_choices(runs: list[Checked], endpoint: str) -> list[Collected]:
+        """OpenAI `n`: one generation per request, side by side; each checked for errors."""
+        done = await asyncio.gather(*(front.collect(r, endpoint) for r in runs))
         for run in done:
             check_error(run)
         return list(done)
 
     async def stream(
-        prompt_ids: list[int],
-        params: SamplingParams | list[SamplingParams],
+        requests: Checked | list[Checked],
         endpoint: str,
         render: Callable[[int, RequestOutput], list[Any]],
         usage_head: dict[str, Any] | None = None,
@@ -148,13 +145,13 @@ def create_app(
         """SSE events of one generation per params (OpenAI `n`: choice i renders with index
         i, their events interleaved as they come); with usage_head, an OpenAI usage chunk
         follows the last event. Closing the stream aborts every generation."""
-        runs = params if isinstance(params, list) else [params]
+        runs = requests if isinstance(requests, list) else [requests]
         events: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
 
-        async def pump(i: int, p: SamplingParams) -> None:
+        async def pump(i: int, request: Checked) -> None:
             try:
                 own_rid = rid if len(runs) == 1 else None
-                async with aclosing(front.events(prompt_ids, p, endpoint, own_rid)) as gen:
+                async with aclosing(front.events(request, endpoint, own_rid)) as gen:
                     async for ev in gen:
                         await events.put((i, ev))
             finally:
@@ -219,7 +216,7 @@ def create_app(
             prompt = prompt[0]
         ids = front.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         params = body.params()
-        await front.validate(ids, params)
+        request_ = await front.validate(ids, params)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created,
                 "model": backend.model_name}  # fmt: skip
@@ -241,10 +238,10 @@ def create_app(
 
             usage = head if body.include_usage else None
             return StreamingResponse(
-                stream(ids, body.fan_out(params), "completions", render, usage),
+                stream(body.fan_out(request_), "completions", render, usage),
                 media_type="text/event-stream",
             )
-        runs = await collect_choices(ids, body.fan_out(params), "completions")
+        runs = await collect_choices(body.fan_out(request_), "completions")
         choices = []
         for i, run in enumerate(runs):
             lp = completion_logprobs(run.logprobs) if params.logprobs else None
@@ -256,8 +253,7 @@ def create_app(
     async def chat_completions(request: Request) -> Any:
         body = await parse_body(request, ChatCompletionRequest)
         params = body.params()
-        ids = front.chat_prompt(body.chat())
-        await front.validate(ids, params)
+        request_ = await front.validate(front.chat_prompt(body.chat()), params)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": backend.model_name}
         if body.stream:
@@ -295,10 +291,10 @@ def create_app(
 
             usage = chunk_head if body.include_usage else None
             return StreamingResponse(
-                stream(ids, body.fan_out(params), "chat", render, usage),
+                stream(body.fan_out(request_), "chat", render, usage),
                 media_type="text/event-stream",
             )
-        runs = await collect_choices(ids, body.fan_out(params), "chat")
+        runs = await collect_choices(body.fan_out(request_), "chat")
         choices = []
         for i, run in enumerate(runs):
             message: dict[str, Any] = {"role": "assistant", "content": run.text}
@@ -330,8 +326,7 @@ def create_app(
         if body.batched and body.rid is not None:
             raise BadRequest("`rid` names one request; leave it out for a batch")
         params = body.params()
-        for ids in prompts:
-            await front.validate(ids, params)
+        checked = [await front.validate(ids, params) for ids in prompts]
 
         def meta(ev: RequestOutput, rid: str, start: float) -> dict[str, Any]:
             u = ev.usage
@@ -348,7 +343,7 @@ def create_app(
 
         start = time.monotonic()
         if body.stream:
-            rid, ids = body.rid or uuid.uuid4().hex, prompts[0]
+            rid = body.rid or uuid.uuid4().hex
             text: list[str] = []
             out_ids: list[int] = []
 
@@ -362,11 +357,12 @@ def create_app(
                 return [event]
 
             return StreamingResponse(
-                stream(ids, params, "generate", render, rid=rid), media_type="text/event-stream"
+                stream(checked[0], "generate", render, rid=rid), media_type="text/event-stream"
             )
 
-        async def one(ids: list[int], rid: str) -> dict[str, Any]:
-            run = await front.collect(ids, params, "generate", rid)
+        async def one(request_: Checked, rid: str) -> dict[str, Any]:
+            run = await front.collect(request_, "generate", rid)
+            ids = request_.prompt_ids
             check_error(run)
             last = run.last
             info = meta(last, rid, start)
@@ -383,8 +379,8 @@ def create_app(
                     "usage": generate_usage(last)}  # fmt: skip
 
         if not body.batched:
-            return await one(prompts[0], body.rid or uuid.uuid4().hex)
-        return list(await asyncio.gather(*(one(p, uuid.uuid4().hex) for p in prompts)))
+            return await one(checked[0], body.rid or uuid.uuid4().hex)
+        return list(await asyncio.gather(*(one(c, uuid.uuid4().hex) for c in checked)))
 
     @app.post("/abort_request")
     async def abort_request(request: Request) -> dict[str, Any]:
@@ -401,7 +397,8 @@ def create_app(
 
     @app.get("/health_generate")
     async def health_generate() -> dict[str, Any]:
-        run = await front.collect(front.encode("ping"), SamplingParams(max_new_tokens=1), "health")
+        ping = await front.validate(front.encode("ping"), SamplingParams(max_new_tokens=1))
+        run = await front.collect(ping, "health")
         return {"status": "error" if run.failed else "ok"}
 
     @app.get("/metrics")

@@ -9,7 +9,7 @@ from typing import Any
 
 from strata.config import SchedulerConfig
 from strata.engine.process import EngineClient, EngineGone
-from strata.engine.request import RequestOutput
+from strata.engine.request import Checked, RequestOutput
 from strata.sampling.params import SamplingParams
 
 
@@ -20,15 +20,16 @@ class Backend(ABC):
     model_name: str
 
     @abstractmethod
-    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
-        """Raise ValueError for a request that can never run."""
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Checked:
+        """The request, checked once for all that serve it; ValueError for a request that
+        can never run, Overloaded while the backend holds as many as it may."""
 
     @abstractmethod
     def generate(
-        self, prompt_ids: Sequence[int], params: SamplingParams, rid: str | None = None
+        self, request: Checked, rid: str | None = None
     ) -> AsyncGenerator[RequestOutput, None]:
         """Stream events until one has a finish_reason. Closing the iterator early aborts
-        the request and frees its pages. Raises ValueError for a request that cannot run."""
+        the request and frees its pages."""
 
     @abstractmethod
     async def health(self) -> dict[str, Any]:
@@ -103,13 +104,13 @@ class LocalBackend(Backend):
         self.model_name = model_name
         self.sched = sched
 
-    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
-        self.engine.validate(prompt_ids, params)
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Checked:
+        return self.engine.validate(prompt_ids, params)
 
     def generate(
-        self, prompt_ids: Sequence[int], params: SamplingParams, rid: str | None = None
+        self, request: Checked, rid: str | None = None
     ) -> AsyncGenerator[RequestOutput, None]:
-        return self.engine.stream(prompt_ids, params, rid)
+        return self.engine.stream(request, rid)
 
     async def health(self) -> dict[str, Any]:
         if not self.engine.alive:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from gateway.backend import Backend
 from gateway.metrics import Metrics
-from strata.engine.request import RequestOutput
+from strata.engine.request import Checked, RequestOutput
 from strata.sampling.params import SamplingParams
 from strata.tokenizer import chat_prompt_ids
 
@@ -55,18 +55,19 @@ class Front:
                 raise ValueError(f"unknown role {m['role']!r}: use one of {', '.join(CHAT_ROLES)}")
         return chat_prompt_ids(self.tokenizer, messages)
 
-    async def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """The backend's checks (ValueError, Overloaded), off the event loop: a grammar may
-        compile. Called before a reply starts, so a bad request never gets a 200."""
-        await asyncio.to_thread(self.backend.validate, prompt_ids, params)
+    async def validate(self, prompt_ids: list[int], params: SamplingParams) -> Checked:
+        """The request checked, once, by the backend (ValueError, Overloaded), off the event
+        loop: a grammar may compile. Before a reply starts, so a bad request never gets a
+        200; what serves it then trusts the Checked request."""
+        return await asyncio.to_thread(self.backend.validate, prompt_ids, params)
 
     async def events(
-        self, prompt_ids: list[int], params: SamplingParams, endpoint: str, rid: str | None = None
+        self, request: Checked, endpoint: str, rid: str | None = None
     ) -> AsyncGenerator[RequestOutput, None]:
         """One generation's events, each counted in the metrics (time to first token, and the
         request's latency and tokens at its end). Closing it aborts the request."""
         start, ttft = time.monotonic(), None
-        async with aclosing(self.backend.generate(prompt_ids, params, rid)) as gen:
+        async with aclosing(self.backend.generate(request, rid)) as gen:
             async for ev in gen:
                 self.metrics.observe_event(ev)
                 if ttft is None and ev.token_ids:
@@ -76,15 +77,13 @@ class Front:
                     self.metrics.record(endpoint, ev, time.monotonic() - start, ttft)
                 yield ev
 
-    async def collect(
-        self, prompt_ids: list[int], params: SamplingParams, endpoint: str, rid: str | None = None
-    ) -> Collected:
+    async def collect(self, request: Checked, endpoint: str, rid: str | None = None) -> Collected:
         text: list[str] = []
         ids: list[int] = []
         logprobs: list[tuple[int, float, dict[int, float]]] = []
         input_lps: list[float | None] = []
         last: RequestOutput | None = None
-        async with aclosing(self.events(prompt_ids, params, endpoint, rid)) as events:
+        async with aclosing(self.events(request, endpoint, rid)) as events:
             async for ev in events:
                 text.append(ev.text)
                 ids.extend(ev.token_ids)

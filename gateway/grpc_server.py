@@ -19,9 +19,8 @@ from gateway.front import Front
 from gateway.metrics import Metrics
 from services.convert import FINISH, chunk_from_output, params_from_proto
 from services.grpcio import ApiKeyInterceptor, start_server
-from strata.engine.request import Overloaded, RequestOutput
+from strata.engine.request import Checked, Overloaded, RequestOutput
 from strata.proto.v1 import gateway_pb2, gateway_pb2_grpc
-from strata.sampling.params import SamplingParams
 
 
 class GatewayService(gateway_pb2_grpc.GatewayServicer):
@@ -42,30 +41,30 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
     async def _start(
         self, req: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> tuple[list[int], SamplingParams]:
+    ) -> Checked:
         try:
-            ids = self._prompt(req)
-            params = params_from_proto(req.sampling_params)
-            await self.front.validate(ids, params)
+            return await self.front.validate(
+                self._prompt(req), params_from_proto(req.sampling_params)
+            )
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Overloaded as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        return ids, params
+        raise AssertionError("context.abort raises")
 
     async def _events(
         self, req: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[RequestOutput, None]:
-        ids, params = await self._start(req, context)
+        request = await self._start(req, context)
         rid = req.request_id or uuid.uuid4().hex
         # aclosing: a cancelled call closes the stream at once, which aborts the request
-        async with aclosing(self.front.events(ids, params, "grpc", rid)) as events:
+        async with aclosing(self.front.events(request, "grpc", rid)) as events:
             async for ev in events:
                 yield ev
 
     async def Generate(self, request, context):  # noqa: N802 (gRPC method names)
-        ids, params = await self._start(request, context)
-        run = await self.front.collect(ids, params, "grpc", request.request_id or None)
+        checked = await self._start(request, context)
+        run = await self.front.collect(checked, "grpc", request.request_id or None)
         if run.failed:
             await context.abort(grpc.StatusCode.INTERNAL, run.error)
         last = run.last

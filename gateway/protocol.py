@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from strata.engine.request import Checked
 from strata.grammar.constraint import (
     Constraint,
     constraint_from_fields,
@@ -97,11 +98,14 @@ class _OpenAISampling(_SamplingFields):
             raise ValueError("give either response_format or regex/json_schema/ebnf, not both")
         return self.to_params(max_tokens or self.max_tokens or 16, logprobs, top_logprobs, fmt)
 
-    def fan_out(self, params: SamplingParams) -> list[SamplingParams]:
-        """One params per choice (`n`); with a seed, choice i samples with seed + i."""
-        if params.seed is None:
-            return [params] * self.n
-        return [dataclasses.replace(params, seed=params.seed + i) for i in range(self.n)]
+    def fan_out(self, request: Checked) -> list[Checked]:
+        """One request per choice (`n`); with a seed, choice i samples with seed + i (the
+        seed is nothing a check looks at)."""
+        seed = request.params.seed
+        if seed is None:
+            return [request] * self.n
+        return [dataclasses.replace(request, params=dataclasses.replace(request.params,
+                seed=seed + i)) for i in range(self.n)]  # fmt: skip
 
     @property
     def include_usage(self) -> bool:

@@ -27,7 +27,13 @@ from services.convert import (
     tree_stats_from_proto,
 )
 from services.grpcio import open_aio_channel
-from strata.engine.request import Overloaded, RequestOutput, check_length, check_request
+from strata.engine.request import (
+    Checked,
+    Overloaded,
+    RequestOutput,
+    check_length,
+    check_request,
+)
 from strata.grammar.compiler import LazyGrammarCompiler
 from strata.model.spec import ModelSpec
 from strata.proto.v1 import cache_pb2, cache_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -123,7 +129,7 @@ class RemoteBackend(Backend):
             await asyncio.gather(*(check(t) for t in stubs))
             await asyncio.sleep(HEALTH_PERIOD)
 
-    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Checked:
         held = sum(self.inflight[t] for t in self.decode_targets)
         if self.max_outstanding is not None and held >= self.max_outstanding:
             raise Overloaded(f"the gateway holds {held} requests, its limit "
@@ -133,6 +139,7 @@ class RemoteBackend(Backend):
         check_request(
             prompt_ids, params, self.spec.vocab_size, lambda c: self.grammar.get().compile(c)
         )
+        return Checked(list(prompt_ids), params)
 
     async def route(
         self, prompt_ids: Sequence[int], params: SamplingParams, avoid: frozenset[str] = frozenset()
@@ -164,12 +171,13 @@ class RemoteBackend(Backend):
         return ties[self._turn % len(ties)]
 
     async def generate(
-        self, prompt_ids: Sequence[int], params: SamplingParams, rid: str | None = None
+        self, request: Checked, rid: str | None = None
     ) -> AsyncGenerator[RequestOutput, None]:
         """Route and stream. A worker that cannot be reached before the first token is
         marked down and the request goes to another one; a stream cut after that ends with
         an error event naming the worker."""
         rid = rid or uuid.uuid4().hex
+        prompt_ids, params = request.prompt_ids, request.params
         tried: set[str] = set()
         while True:
             target, prefill = await self.route(prompt_ids, params, frozenset(tried))

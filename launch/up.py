@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -37,11 +37,19 @@ def free_port(host: str, taken: set[int]) -> int:
             return port
 
 
-def wait_grpc(target: str, proc: subprocess.Popen, timeout: float) -> None:
+class Stopped(Exception):
+    """SIGINT or SIGTERM came while the cluster was starting."""
+
+
+def wait_grpc(
+    target: str, proc: subprocess.Popen, timeout: float, stopped: Callable[[], bool]
+) -> None:
     deadline = time.monotonic() + timeout
     with open_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
+            if stopped():
+                raise Stopped
             if proc.poll() is not None:
                 raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
             try:
@@ -55,13 +63,19 @@ def wait_grpc(target: str, proc: subprocess.Popen, timeout: float) -> None:
             time.sleep(0.3)
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
+def wait_http(
+    url: str, proc: subprocess.Popen, timeout: float, stopped: Callable[[], bool]
+) -> None:
+    """Until the gateway answers /health. Its status may be "degraded" already (a worker
+    died since it was SERVING): supervision starts now and restarts it."""
     deadline = time.monotonic() + timeout
     while True:
+        if stopped():
+            raise Stopped
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
         try:
-            if httpx.get(f"{url}/health", timeout=5).json().get("status") == "ok":
+            if httpx.get(f"{url}/health", timeout=5).json().get("status") in ("ok", "degraded"):
                 return
         except (httpx.HTTPError, ValueError):
             pass
@@ -189,7 +203,7 @@ def up(
         cache = f"{host}:{free_port(host, taken)}"
         port_arg = cache.rsplit(":", 1)[1]
         wait_grpc(cache, start("cache service", "cache", "--host", host, "--port", port_arg,
-                               *cache_args), timeout)  # fmt: skip
+                               *cache_args), timeout, lambda: stopping)  # fmt: skip
         workers: dict[str, list[str]] = {"prefill": [], "decode": []}
         started = []
         for role, n in (("prefill", num_prefill), ("decode", num_decode)):
@@ -201,14 +215,14 @@ def up(
                              env=bursty if role == "prefill" else None)  # fmt: skip
                 started.append((workers[role][-1], proc))
         for target, proc in started:  # they load the model side by side
-            wait_grpc(target, proc, timeout)
+            wait_grpc(target, proc, timeout, lambda: stopping)
         gateway = start(
             "gateway", "gateway", "--host", host, "--port", str(port), "--grpc-port",
             str(grpc_port), "--cache-service", cache, "--decode", ",".join(workers["decode"]),
             "--prefill", ",".join(workers["prefill"]), *model_args, *gateway_args,
         )  # fmt: skip
         url = f"http://{host}:{port}"
-        wait_http(url, gateway, timeout)
+        wait_http(url, gateway, timeout, lambda: stopping)
         print(
             f"strata up: gateway {url} (gRPC {host}:{grpc_port or port + 1}), cache {cache}, "
             f"prefill {', '.join(workers['prefill']) or '-'}, "
@@ -224,7 +238,7 @@ def up(
                 return 1
             time.sleep(0.5)
         return 0
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped):
         return 0
     finally:
         stop_all(children)

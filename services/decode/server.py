@@ -144,7 +144,8 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
         ids = list(request.prompt_ids)
         try:
             params = params_from_proto(request.sampling_params)
-            await asyncio.to_thread(self.engine.validate, ids, params)  # may compile a grammar
+            # once, here (it may compile a grammar); the engine trusts the Checked request
+            checked = await asyncio.to_thread(self.engine.validate, ids, params)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Overloaded as exc:
@@ -158,7 +159,7 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
                 return self.peers.fetch(target, rid, ids, params, pages, cancel)
 
         # a cancelled call closes the stream, which aborts the request and frees its pages
-        async with aclosing(self.engine.stream(ids, params, rid, kv_source=source)) as evs:
+        async with aclosing(self.engine.stream(checked, rid, kv_source=source)) as evs:
             async for ev in evs:
                 yield chunk_from_output(ev)
 

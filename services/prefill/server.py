@@ -55,7 +55,8 @@ class PrefillService(EngineWorker, worker_pb2_grpc.PrefillServicer):
         ids = list(request.prompt_ids)
         try:
             params = params_from_proto(request.sampling_params)
-            await asyncio.to_thread(self.engine.validate, ids, params)  # may compile a grammar
+            # once, here (it may compile a grammar); the engine trusts the Checked request
+            checked = await asyncio.to_thread(self.engine.validate, ids, params)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         expected = self.engine.runner.pages_for(len(ids))
@@ -64,9 +65,9 @@ class PrefillService(EngineWorker, worker_pb2_grpc.PrefillServicer):
                                 f"{request.num_pages} pages reserved for a prompt of {len(ids)} "
                                 f"tokens; this worker sends {expected}")  # fmt: skip
         # one token: the decode worker samples the rest; a cancelled call aborts the prefill
-        one = replace(params, max_new_tokens=1)
+        one = replace(checked, params=replace(params, max_new_tokens=1))
         last = None
-        async with aclosing(self.engine.stream(ids, one, request.request_id, hold=True)) as evs:
+        async with aclosing(self.engine.stream(one, request.request_id, hold=True)) as evs:
             async for ev in evs:
                 last = ev
         if last is None or last.finish_reason not in ("stop", "length") or not last.token_ids:

@@ -17,7 +17,14 @@ from typing import Any
 from strata.config import HiCacheConfig
 from strata.engine.logprobs import collect_input_logprobs, wants_input_logprobs
 from strata.engine.offload import Offload
-from strata.engine.request import KVSource, Limits, Overloaded, Request, RequestOutput
+from strata.engine.request import (
+    Checked,
+    KVSource,
+    Limits,
+    Overloaded,
+    Request,
+    RequestOutput,
+)
 from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import ScheduledChunk, Scheduler
 from strata.engine.split import SplitRoles
@@ -140,15 +147,18 @@ class Engine(SplitRoles):
         """The xgrammar compiler for constrained requests (built on first use)."""
         return self._grammar.get()
 
-    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
-        """Raise ValueError for a request that can never run (before it is queued), and
-        Overloaded while the engine holds as many requests as it may."""
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Checked:
+        """The request, checked (ValueError for one that can never run), or Overloaded
+        while the engine holds as many requests as it may."""
+        self._admit()
+        return self.limits.check(prompt_ids, params, lambda c: self.grammar.compile(c))
+
+    def _admit(self) -> None:
         if self._capacity is not None and self._outstanding >= self._capacity:
             raise Overloaded(
                 f"the server holds {self._outstanding} requests, its limit "
                 "(--max-running-requests + --max-queued-requests); retry later"
             )
-        self.limits.check(prompt_ids, params, lambda c: self.grammar.compile(c))
 
     def submit(
         self,
@@ -159,14 +169,27 @@ class Engine(SplitRoles):
         kv_source: KVSource | None = None,
         hold: bool = False,
     ) -> str:
-        """Queue a request. kv_source (split mode, decode role): the prompt's KV and first
-        token come from a prefill worker once pages are reserved. hold (prefill role): keep
-        the pages after the first token until `release_held`."""
-        self.validate(prompt_ids, params)
+        """Check and queue a request (in-process callers; a front checks once and calls
+        `queue`)."""
+        return self.queue(self.validate(prompt_ids, params), sink, rid, kv_source, hold)
+
+    def queue(
+        self,
+        request: Checked,
+        sink: Callable[[RequestOutput], object],
+        rid: str | None = None,
+        kv_source: KVSource | None = None,
+        hold: bool = False,
+    ) -> str:
+        """Queue a checked request. kv_source (split mode, decode role): the prompt's KV and
+        first token come from a prefill worker once pages are reserved. hold (prefill role):
+        keep the pages after the first token until `release_held`."""
+        self._admit()
         if rid is not None and rid in self._requests:
             raise ValueError(f"request id {rid!r} is already in use")
         rid = rid or f"req-{next(self._ids)}"
-        req = Request(rid, list(prompt_ids), params, sink, kv_source=kv_source, hold=hold)
+        params = request.params
+        req = Request(rid, list(request.prompt_ids), params, sink, kv_source=kv_source, hold=hold)
         if self.request_timeout is not None:
             req.deadline = req.arrival + self.request_timeout
         if self.tokenizer is not None:
@@ -183,18 +206,17 @@ class Engine(SplitRoles):
 
     async def stream(
         self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
+        request: Checked,
         rid: str | None = None,
         kv_source: KVSource | None = None,
         hold: bool = False,
     ) -> AsyncGenerator[RequestOutput, None]:
-        """Submit and yield events on the caller's asyncio loop until one finishes the
-        request. Closing the generator early aborts the request, which frees its pages."""
+        """Queue a checked request and yield its events on the caller's asyncio loop until
+        one finishes it. Closing the generator early aborts the request (frees its pages)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        rid = self.submit(
-            prompt_ids, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), rid,
+        rid = self.queue(
+            request, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), rid,
             kv_source, hold,
         )  # fmt: skip
         finished = False

@@ -37,7 +37,7 @@ from typing import Any
 
 from strata.config import HiCacheConfig, KVPoolConfig, ModelConfig, SchedulerConfig
 from strata.engine.engine import Engine
-from strata.engine.request import Limits, Overloaded, RequestOutput
+from strata.engine.request import Checked, Limits, Overloaded, RequestOutput
 from strata.engine.runner import ModelRunner
 from strata.grammar.compiler import LazyGrammarCompiler
 from strata.sampling.params import SamplingParams
@@ -133,9 +133,9 @@ def _read(
             msg = conn.recv()
             kind = msg[0]
             if kind == "add":
-                _, rid, prompt_ids, params = msg
+                _, rid, request = msg
                 try:
-                    engine.submit(prompt_ids, params, outbox.append, rid)
+                    engine.queue(request, outbox.append, rid)
                 except Exception as exc:  # validated at the front: a race or a bug
                     send(("events", [RequestOutput(rid, [], "", finish_reason="error",
                                                    error=str(exc))]))  # fmt: skip
@@ -208,7 +208,13 @@ class EngineClient:
 
     # ---- requests ------------------------------------------------------------------------
 
-    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Checked:
+        """The request checked against the engine's Limits, here in the front (the engine
+        process queues it unchecked); EngineGone or Overloaded when it cannot be taken now."""
+        self._admit()
+        return self.limits.check(prompt_ids, params, lambda c: self._grammar.get().compile(c))
+
+    def _admit(self) -> None:
         if self._gone is not None:
             raise EngineGone(self._gone)
         if len(self._streams) >= self.capacity:
@@ -216,15 +222,14 @@ class EngineClient:
                 f"the server holds {len(self._streams)} requests, its limit "
                 "(--max-running-requests + --max-queued-requests); retry later"
             )
-        self.limits.check(prompt_ids, params, lambda c: self._grammar.get().compile(c))
 
     async def stream(
-        self, prompt_ids: Sequence[int], params: SamplingParams, rid: str | None = None
+        self, request: Checked, rid: str | None = None
     ) -> AsyncGenerator[RequestOutput, None]:
-        """Validate, submit and yield the request's events until one finishes it. Closing
-        the generator early aborts the request, which frees its pages."""
+        """Send a checked request to the engine and yield its events until one finishes it.
+        Closing the generator early aborts the request, which frees its pages."""
         self._attach()
-        self.validate(prompt_ids, params)
+        self._admit()
         rid = rid or f"req-{os.getpid()}-{next(self._ids)}"
         if rid in self._streams:
             raise ValueError(f"request id {rid!r} is already in use")
@@ -232,7 +237,7 @@ class EngineClient:
         self._streams[rid] = events
         finished = False
         try:
-            self._send(("add", rid, list(prompt_ids), params))
+            self._send(("add", rid, request))
             while not finished:
                 event = await events.get()
                 finished = event.finish_reason is not None

@@ -172,6 +172,16 @@ def check_length(prompt_len: int, max_context: int, max_new_tokens: int = 0) -> 
 
 
 @dataclass(frozen=True)
+class Checked:
+    """A request that passed its front's checks (Limits.check; check_request and
+    check_length at the split gateway). Engines and backends take this type and do not check
+    it again; only their admission bound (Overloaded) is a question of the moment."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
 class Limits:
     """An engine's fixed figures that a front checks each request against, once."""
 
@@ -187,8 +197,8 @@ class Limits:
         prompt_ids: Sequence[int],
         params: SamplingParams,
         compile_grammar: Callable[[Constraint], object],
-    ) -> None:
-        """Raise ValueError for a request that can never run."""
+    ) -> Checked:
+        """The request, checked; ValueError for one that can never run."""
         check_length(len(prompt_ids), self.max_context)
         check_request(prompt_ids, params, self.vocab_size, compile_grammar)
         if -(-(len(prompt_ids) + 1) // self.page_size) > self.num_pages:
@@ -196,6 +206,7 @@ class Limits:
                 f"prompt of {len(prompt_ids)} tokens needs more KV pages than the pool holds "
                 f"({self.num_pages} pages of {self.page_size})"
             )
+        return Checked(list(prompt_ids), params)
 
 
 class Overloaded(Exception):

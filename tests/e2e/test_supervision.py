@@ -92,3 +92,35 @@ def test_killed_worker_restarts_and_children_die_with_up():
             if up.poll() is None:
                 up.send_signal(signal.SIGINT)
                 up.wait(60)
+
+
+def test_a_worker_that_dies_while_the_cluster_starts_is_restarted():
+    """A decode worker killed once it is SERVING, while the gateway starts: `strata
+    up` must not wait for a healthy cluster that cannot come (it supervises from the moment
+    the gateway answers), restarts the worker, and stops at once on SIGINT."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "launch.cli", "up", "--port", str(port), "--grpc-port", "-1",
+           "--prefill", "0", "--decode", "1", "--disable-hierarchical-cache"]  # fmt: skip
+    with tempfile.TemporaryFile() as log:
+        up = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+        try:
+            deadline = time.monotonic() + 180
+            while True:  # the gateway starts once the worker is SERVING
+                kids = children(up.pid)
+                if any(" gateway " in cmdline(p) for p in kids):
+                    worker = [p for p in kids if " decode " in cmdline(p)]
+                    break
+                assert up.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            os.kill(worker[0], signal.SIGKILL)
+            url = f"http://127.0.0.1:{port}"
+            _wait_healthy(url, up, log, 180)  # "ok": the worker was restarted
+            assert ask(url).status_code == 200
+            kids = children(up.pid)
+            up.send_signal(signal.SIGINT)
+            assert up.wait(20) == 0
+            assert not any(alive(p) for p in kids)
+        finally:
+            if up.poll() is None:
+                up.kill()
+                up.wait()
