@@ -1,4 +1,5 @@
-"""`strata serve`: one process with the engine and the REST front (colocated mode)."""
+"""The processes the `strata` command runs: `strata serve` (the REST and gRPC fronts here, the
+engine in a process of its own), and the split cluster's gateway and prefill / decode workers."""
 
 from __future__ import annotations
 
