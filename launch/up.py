@@ -41,26 +41,40 @@ class Stopped(Exception):
     """SIGINT or SIGTERM came while the cluster was starting."""
 
 
+def wait_ready(
+    name: str, ready: Callable[[], bool], proc: subprocess.Popen, timeout: float,
+    stopped: Callable[[], bool],
+) -> None:  # fmt: skip
+    """Poll ready() until it says True; Stopped on SIGINT / SIGTERM, RuntimeError when the
+    child exits, TimeoutError after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if stopped():
+            raise Stopped
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        if ready():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} did not become healthy in {timeout:.0f}s")
+        time.sleep(0.3)
+
+
 def wait_grpc(
     target: str, proc: subprocess.Popen, timeout: float, stopped: Callable[[], bool]
 ) -> None:
-    deadline = time.monotonic() + timeout
+    """Until the service's gRPC health check says SERVING."""
     with open_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if stopped():
-                raise Stopped
-            if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+
+        def serving() -> bool:
             try:
                 status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
             except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{target} did not become healthy in {timeout:.0f}s")
-            time.sleep(0.3)
+                return False
+            return bool(status == health_pb2.HealthCheckResponse.SERVING)
+
+        wait_ready(target, serving, proc, timeout, stopped)
 
 
 def wait_http(
@@ -68,20 +82,14 @@ def wait_http(
 ) -> None:
     """Until the gateway answers /health. Its status may be "degraded" already (a worker
     died since it was SERVING): supervision starts now and restarts it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if stopped():
-            raise Stopped
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+
+    def answers() -> bool:
         try:
-            if httpx.get(f"{url}/health", timeout=5).json().get("status") in ("ok", "degraded"):
-                return
+            return httpx.get(f"{url}/health", timeout=5).json().get("status") in ("ok", "degraded")
         except (httpx.HTTPError, ValueError):
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not become healthy in {timeout:.0f}s")
-        time.sleep(0.3)
+            return False
+
+    wait_ready(url, answers, proc, timeout, stopped)
 
 
 RESTART_WINDOW = 60.0  # seconds: a child restarted this often within it is in a crash loop
