@@ -17,6 +17,7 @@ from typing import Any
 from strata.config import HiCacheConfig
 from strata.engine.logprobs import collect_input_logprobs, wants_input_logprobs
 from strata.engine.offload import Offload
+from strata.engine.outputs import RequestOutputs
 from strata.engine.request import (
     Checked,
     KVSource,
@@ -26,12 +27,10 @@ from strata.engine.request import (
     RequestOutput,
 )
 from strata.engine.runner import ModelRunner
-from strata.engine.scheduler import ScheduledChunk, Scheduler
+from strata.engine.scheduler import Scheduler
 from strata.engine.split import SplitRoles
 from strata.grammar.compiler import GrammarCompiler, LazyGrammarCompiler
-from strata.grammar.jump import jump_forward
 from strata.kv.hierarchy import TieredCache, build_cache
-from strata.model.batch import SequenceChunk
 from strata.radix.index import CacheIndex
 from strata.radix.results import KVEvent
 from strata.sampling.params import SamplingParams
@@ -56,7 +55,7 @@ class EngineStats:
     loop_thread: str = ""  # the thread that runs the step loop (stats runs on it)
 
 
-class Engine(SplitRoles):
+class Engine(RequestOutputs, SplitRoles):
     def __init__(
         self,
         runner: ModelRunner,
@@ -416,104 +415,3 @@ class Engine(SplitRoles):
                 self._handle(*self._inbox.get())  # e.g. a transfer landing
             self._drain()
             self._expire_requests()
-
-    # ---- per-request output --------------------------------------------------------------
-
-    def _sequence(self, c: ScheduledChunk) -> SequenceChunk:
-        req, n_prompt = c.req, len(c.req.prompt_ids)
-        end = c.start + c.length
-        if c.start >= n_prompt:
-            tokens = req.output_ids[c.start - n_prompt : end - n_prompt]
-        else:
-            tokens = (req.prompt_ids + req.output_ids)[c.start : end]
-        return SequenceChunk(tokens, c.start, req.pages)
-
-    def _advance_grammar(self, req: Request, token: int) -> list[int] | None:
-        """Feed the sampled token to the request's grammar; with jump-forward, replace it by
-        the tokens of the only continuation the grammar allows. None: grammar broken."""
-        m = req.matcher
-        if not m.accept_token(token):
-            return None
-        if not self.jump_forward or m.is_terminated() or req.params.logprobs:
-            return [token]
-        room = min(
-            req.params.max_new_tokens - len(req.output_ids),
-            self.runner.max_context - req.num_fill,
-        )
-        ids = jump_forward(m, self.tokenizer, token, room)
-        self.jump_forward_tokens += len(ids) - 1
-        return ids
-
-    def _on_token(
-        self, req: Request, token: int, logprob: float | None, top: dict[int, float] | None
-    ) -> None:
-        first = req.first_token_at is None
-        if first:
-            req.first_token_at = time.monotonic()
-        tokens = [token]
-        if req.matcher is not None:
-            advanced = self._advance_grammar(req, token)
-            if advanced is None:
-                self._finish(req, "error", error="internal error: the grammar rejected a token")
-                return
-            tokens = advanced
-        p = req.params
-        reason = None
-        text = ""
-        before = len(req.output_ids)
-        for t in tokens:
-            req.output_ids.append(t)
-            if t in p.stop_token_ids or (t in self.eos_ids and not p.ignore_eos):
-                reason = "stop"
-                break
-            if req.detok is not None and req.stop is not None:
-                text += req.stop.feed(req.detok.push(t))
-                if req.stop.stopped:
-                    reason = "stop"
-                    break
-            if len(req.output_ids) >= p.max_new_tokens or req.num_fill >= self.runner.max_context:
-                reason = "length"
-                break
-        if reason is not None and reason != "stop" and req.stop is not None:
-            text += req.stop.flush()
-        event = RequestOutput(
-            req.rid, req.output_ids[before:], text,
-            logprobs=[logprob] if logprob is not None else None,
-            top_logprobs=[top] if top is not None else None,
-        )  # fmt: skip
-        if first and req.transfer is not None:
-            event.transfer_bytes, event.transfer_seconds = req.transfer
-        if first and p.logprob_start_len >= 0:
-            event.input_logprobs = [
-                req.input_logprobs.get(i) for i in range(p.logprob_start_len, len(req.prompt_ids))
-            ]
-        if reason is not None:
-            self._finish(req, reason, event)
-        else:
-            req.sink(event)
-
-    def _finish(
-        self,
-        req: Request,
-        reason: str,
-        event: RequestOutput | None = None,
-        error: str | None = None,
-    ) -> None:
-        if req.finished:
-            return
-        with self._count_lock:
-            self._outstanding -= 1
-        req.finish_reason = reason  # the scheduler marks it FINISHED
-        hold = req.hold and reason in ("stop", "length")
-        if req.awaiting_kv and req.cancel is not None:  # released when the transfer ends
-            req.cancel.set()
-        self.scheduler.finish(req, release=not (req.awaiting_kv or hold))
-        if hold and req.pages:
-            self._held[req.rid] = (req, time.monotonic() + self.hold_timeout)
-        self._requests.pop(req.rid, None)
-        event = event or RequestOutput(req.rid, [], "")
-        event.finish_reason, event.error, event.usage = reason, error, req.usage()
-        try:
-            req.sink(event)
-        except Exception:  # a broken sink must not break the loop
-            log.exception("request sink failed")

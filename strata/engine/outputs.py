@@ -1,0 +1,131 @@
+"""The engine's per-request output, mixed into Engine: the tokens of a scheduled chunk, each
+sampled token through the request's grammar (with jump-forward), stop checks and detokenized
+text into one event per step, and a request's end (its pages released or held)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from strata.engine.request import Request, RequestOutput
+from strata.engine.runner import ModelRunner
+from strata.engine.scheduler import ScheduledChunk, Scheduler
+from strata.grammar.jump import jump_forward
+from strata.model.batch import SequenceChunk
+
+log = logging.getLogger(__name__)
+
+
+class RequestOutputs:
+    runner: ModelRunner
+    scheduler: Scheduler
+    tokenizer: Any
+    jump_forward: bool
+    jump_forward_tokens: int
+    eos_ids: frozenset[int]
+    _count_lock: threading.Lock
+    _outstanding: int
+    _requests: dict[str, Request]
+    _held: dict[str, tuple[Request, float]]
+    hold_timeout: float
+
+    def _sequence(self, c: ScheduledChunk) -> SequenceChunk:
+        req, n_prompt = c.req, len(c.req.prompt_ids)
+        end = c.start + c.length
+        if c.start >= n_prompt:
+            tokens = req.output_ids[c.start - n_prompt : end - n_prompt]
+        else:
+            tokens = (req.prompt_ids + req.output_ids)[c.start : end]
+        return SequenceChunk(tokens, c.start, req.pages)
+
+    def _advance_grammar(self, req: Request, token: int) -> list[int] | None:
+        """Feed the sampled token to the request's grammar; with jump-forward, replace it by
+        the tokens of the only continuation the grammar allows. None: grammar broken."""
+        m = req.matcher
+        if not m.accept_token(token):
+            return None
+        if not self.jump_forward or m.is_terminated() or req.params.logprobs:
+            return [token]
+        room = min(
+            req.params.max_new_tokens - len(req.output_ids),
+            self.runner.max_context - req.num_fill,
+        )
+        ids = jump_forward(m, self.tokenizer, token, room)
+        self.jump_forward_tokens += len(ids) - 1
+        return ids
+
+    def _on_token(
+        self, req: Request, token: int, logprob: float | None, top: dict[int, float] | None
+    ) -> None:
+        first = req.first_token_at is None
+        if first:
+            req.first_token_at = time.monotonic()
+        tokens = [token]
+        if req.matcher is not None:
+            advanced = self._advance_grammar(req, token)
+            if advanced is None:
+                self._finish(req, "error", error="internal error: the grammar rejected a token")
+                return
+            tokens = advanced
+        p = req.params
+        reason = None
+        text = ""
+        before = len(req.output_ids)
+        for t in tokens:
+            req.output_ids.append(t)
+            if t in p.stop_token_ids or (t in self.eos_ids and not p.ignore_eos):
+                reason = "stop"
+                break
+            if req.detok is not None and req.stop is not None:
+                text += req.stop.feed(req.detok.push(t))
+                if req.stop.stopped:
+                    reason = "stop"
+                    break
+            if len(req.output_ids) >= p.max_new_tokens or req.num_fill >= self.runner.max_context:
+                reason = "length"
+                break
+        if reason is not None and reason != "stop" and req.stop is not None:
+            text += req.stop.flush()
+        event = RequestOutput(
+            req.rid, req.output_ids[before:], text,
+            logprobs=[logprob] if logprob is not None else None,
+            top_logprobs=[top] if top is not None else None,
+        )  # fmt: skip
+        if first and req.transfer is not None:
+            event.transfer_bytes, event.transfer_seconds = req.transfer
+        if first and p.logprob_start_len >= 0:
+            event.input_logprobs = [
+                req.input_logprobs.get(i) for i in range(p.logprob_start_len, len(req.prompt_ids))
+            ]
+        if reason is not None:
+            self._finish(req, reason, event)
+        else:
+            req.sink(event)
+
+    def _finish(
+        self,
+        req: Request,
+        reason: str,
+        event: RequestOutput | None = None,
+        error: str | None = None,
+    ) -> None:
+        if req.finished:
+            return
+        with self._count_lock:
+            self._outstanding -= 1
+        req.finish_reason = reason  # the scheduler marks it FINISHED
+        hold = req.hold and reason in ("stop", "length")
+        if req.awaiting_kv and req.cancel is not None:  # released when the transfer ends
+            req.cancel.set()
+        self.scheduler.finish(req, release=not (req.awaiting_kv or hold))
+        if hold and req.pages:
+            self._held[req.rid] = (req, time.monotonic() + self.hold_timeout)
+        self._requests.pop(req.rid, None)
+        event = event or RequestOutput(req.rid, [], "")
+        event.finish_reason, event.error, event.usage = reason, error, req.usage()
+        try:
+            req.sink(event)
+        except Exception:  # a broken sink must not break the loop
+            log.exception("request sink failed")
