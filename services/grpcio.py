@@ -52,21 +52,21 @@ class TLSFiles:
             raise ValueError(f"--tls-cert/--tls-key/--tls-ca: {exc}") from None
 
 
-_tls: TLSFiles | None = None  # this process's mutual TLS between services (None: plain)
+# this process's mutual TLS between services, the PEM bytes (cert, key, ca); None: plain
+_tls: tuple[bytes, bytes, bytes] | None = None
 
 
 def use_tls(tls: TLSFiles | None) -> None:
-    """Set this process's mutual TLS between services (before any server or channel)."""
+    """Set this process's mutual TLS between services (before any server or channel); the
+    files are read once, here, so unreadable ones are refused now."""
     global _tls
-    if tls is not None:
-        tls.read()  # refuse unreadable files now
-    _tls = tls
+    _tls = tls.read() if tls is not None else None
 
 
 def _channel_credentials() -> grpc.ChannelCredentials | None:
     if _tls is None:
         return None
-    cert, key, ca = _tls.read()
+    cert, key, ca = _tls
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
                                         certificate_chain=cert)  # fmt: skip
 
@@ -106,7 +106,7 @@ async def start_server(
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection([*names, health_name, reflection.SERVICE_NAME], server)
     if internal and _tls is not None:
-        cert, key, ca = _tls.read()
+        cert, key, ca = _tls
         creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
                                             require_client_auth=True)  # fmt: skip
         bound = server.add_secure_port(f"{host}:{port}", creds)
