@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from strata.bench.cli import add_bench_args
 from strata.config import (
+    ATTENTION_BACKENDS,
     PREFETCH_POLICIES,
     QUANTIZATIONS,
     SPARSE_SPREAD,
@@ -42,6 +43,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "device's memory (host RAM on CPU); overrides --num-pages")  # fmt: skip
     p.add_argument("--context-length", type=int, default=None,
                    help="cap the context below the model's max_position_embeddings")  # fmt: skip
+    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                   help="attention kernels: triton (CUDA), cpu (C kernels), torch (reference "
+                   "ops); auto picks triton on CUDA and cpu on CPU")  # fmt: skip
     p.add_argument("--log-level", default="warning", help="debug, info, warning or error")
     d = SparseConfig()
     p.add_argument("--attention-sparsity-threshold", type=float, default=d.threshold,
@@ -169,7 +173,7 @@ def hicache_argv(a: argparse.Namespace) -> list[str]:
 
 def model_config(a: argparse.Namespace) -> ModelConfig:
     return ModelConfig(a.model_path, a.dtype, a.device, a.quantization, sparse_config(a),
-                       a.context_length)  # fmt: skip
+                       a.context_length, a.attention_backend)  # fmt: skip
 
 
 def pool_config(a: argparse.Namespace) -> KVPoolConfig:
@@ -334,7 +338,8 @@ def cmd_up(a: argparse.Namespace) -> int:
     if a.prefill < 0 or a.decode < 1:
         raise ValueError("--prefill must be >= 0 and --decode >= 1")
     model_args = ["--dtype", a.dtype, "--device", a.device, "--quantization", a.quantization,
-                  "--page-size", str(a.page_size), *sparse_argv(a)]  # fmt: skip
+                  "--page-size", str(a.page_size), "--attention-backend", a.attention_backend,
+                  *sparse_argv(a)]  # fmt: skip
     if a.model_path:
         model_args += ["--model-path", a.model_path]
     if a.context_length:

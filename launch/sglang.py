@@ -14,9 +14,13 @@ from launch.cli import main as cli_main
 # strata serve's own.
 IGNORED_FLAGS = {
     "--trust-remote-code": 0, "--tp-size": 1, "--tp": 1,
-    "--attention-backend": 1, "--disable-cuda-graph": 0, "--enable-torch-compile": 0,
+    "--disable-cuda-graph": 0, "--enable-torch-compile": 0,
     "--tokenizer-path": 1, "--kv-cache-dtype": 1,
 }  # fmt: skip
+# SGLang's --attention-backend values that name one of ours; the others (flashinfer, fa3,
+# ...) warn and leave the choice to strata
+ATTENTION_BACKENDS = {"triton": "triton", "torch_native": "torch", "torch": "torch",
+                      "cpu": "cpu", "auto": "auto"}  # fmt: skip
 
 
 def translate(argv: Sequence[str]) -> list[str]:
@@ -29,6 +33,19 @@ def translate(argv: Sequence[str]) -> list[str]:
             takes = IGNORED_FLAGS[flag] if "=" not in args[i] else 0
             logging.getLogger("strata").warning("ignoring SGLang flag %s", args[i])
             i += 1 + takes
+            continue
+        if flag == "--attention-backend":
+            if "=" in args[i]:
+                value, i = args[i].split("=", 1)[1], i + 1
+            else:
+                value, i = (args[i + 1] if i + 1 < len(args) else ""), i + 2
+            if value in ATTENTION_BACKENDS:
+                out += ["--attention-backend", ATTENTION_BACKENDS[value]]
+            else:
+                logging.getLogger("strata").warning(
+                    "ignoring --attention-backend %s (strata has %s)", value,
+                    ", ".join(sorted(set(ATTENTION_BACKENDS.values()))),
+                )  # fmt: skip
             continue
         out.append(args[i])
         i += 1

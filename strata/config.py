@@ -110,6 +110,12 @@ class SparseConfig:
         return SPARSE_SPREAD * math.log(self.threshold) if self.threshold > 0 else -math.inf
 
 
+# auto: triton on CUDA, cpu on CPU; torch: the reference ops (gather + SDPA) everywhere;
+# cpu: the C kernels (strata/attention/cpu_decode.c) where they build, else torch; triton:
+# the Triton kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1, for tests)
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
@@ -118,12 +124,16 @@ class ModelConfig:
     quantization: str = "none"  # "int4": group-wise weight-only int4 linear layers
     sparse: SparseConfig = SparseConfig()
     context_length: int | None = None  # caps the model's own (max_position_embeddings)
+    attention_backend: str = "auto"  # see ATTENTION_BACKENDS
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(
                 f"unknown quantization {self.quantization!r}; choose one of {QUANTIZATIONS}"
             )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {self.attention_backend!r}; "
+                             f"choose one of {ATTENTION_BACKENDS}")  # fmt: skip
         resolve_dtype(self.dtype, self.device)
 
     @property

@@ -10,6 +10,8 @@ import torch
 os.environ.setdefault(
     "STRATA_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".venv" / "strata-cache")
 )
+# Triton kernels run on CPU tensors in its interpreter (read when a kernel is defined).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +81,7 @@ class TorchMeta:
     suffix_mask: torch.Tensor | None = None  # [Bd, S * page_size] bool
     sparse: _Sparse | None = None
     batch_rows: list[int] = field(default_factory=list)  # batch index of each decode row
+    prefills: Any = None  # a kernel backend's own plan of the prefilling sequences
 
 
 class TorchAttention(AttentionBackend):
@@ -92,11 +93,17 @@ class TorchAttention(AttentionBackend):
         page_size: int,
         sparse: SparseConfig | None = None,
         cascade_min_pages: int = 2,
+        kernels: bool = True,
     ) -> None:
         self.scale = scale
         self.page_size = page_size
         self.sparse = sparse if sparse is not None and sparse.enabled else None
         self.cascade_min_pages = cascade_min_pages
+        self.kernels = kernels  # use the C kernels (cpu_kernels) where they are built
+
+    def reads_in_place(self, device: torch.device) -> bool:
+        """Whether decode reads each sequence's pages where they lie (no gather)."""
+        return self.kernels and cpu_kernels.available(device)
 
     def prepare(self, batch: ForwardBatch) -> TorchMeta:
         ps, table = batch.page_size, batch.page_table
@@ -124,7 +131,7 @@ class TorchAttention(AttentionBackend):
                 meta.sparse = _Sparse(active, active.to(torch.uint8), -(-lens // ps), touched)
             # NOTE: the CPU kernel reads every sequence's pages in place, so a shared prompt's
             # pages are read from cache, not gathered: cascade decode only pays without it.
-            elif not cpu_kernels.available(dev):
+            elif not self.reads_in_place(dev):
                 self._plan_cascade(meta, lens, ps)
         for i, q in enumerate(batch.q_lens):
             if q > 1:
@@ -140,18 +147,30 @@ class TorchAttention(AttentionBackend):
         kv_layer: LayerKV,
         meta: TorchMeta,
     ) -> torch.Tensor:
-        if not cpu_kernels.write_kv(kv_layer, meta.write_at, k, v):
-            reference.write_kv(kv_layer, meta.write_at, k, v)
-        k_pages, v_pages = kv_layer.k, kv_layer.v
+        self._write(kv_layer, meta.write_at, k, v)
         if meta.decode_rows is not None and not meta.extends:
             return self._decode(q, kv_layer, meta)
-        out = torch.empty_like(q)
+        out = self._prefill(q, k, v, kv_layer, meta)
         if meta.decode_rows is not None:
             out[meta.decode_rows] = self._decode(q[meta.decode_rows], kv_layer, meta)
+        return out
+
+    def _write(
+        self, layer: LayerKV, where: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> None:  # fmt: skip
+        if not (self.kernels and cpu_kernels.write_kv(layer, where, k, v)):
+            reference.write_kv(layer, where, k, v)
+
+    def _prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerKV, meta: TorchMeta
+    ) -> torch.Tensor:
+        """Attention of every prefilling sequence's rows (the other rows are left unset)."""
+        out = torch.empty_like(q)
         for e in meta.extends:
             rows = slice(e.start, e.start + e.q_len)
             out[rows] = reference.paged_prefill(
-                q[rows], k[rows], v[rows], k_pages, v_pages, e.page_ids, e.prefix_len,
+                q[rows], k[rows], v[rows], layer.k, layer.v, e.page_ids, e.prefix_len,
                 self.scale,
             )  # fmt: skip
         return out
@@ -186,13 +205,18 @@ class TorchAttention(AttentionBackend):
                 q, k_pages, v_pages, meta.shared_pages, meta.suffix_table, meta.suffix_mask,
                 self.scale,
             )  # fmt: skip
+        return self._dense_decode(q, layer, meta)
+
+    def _dense_decode(self, q: torch.Tensor, layer: LayerKV, meta: TorchMeta) -> torch.Tensor:
+        k_pages, v_pages = layer.k, layer.v
         assert meta.decode_pages is not None and meta.decode_mask is not None
         assert meta.decode_lens is not None
-        out = cpu_kernels.paged_decode(
-            q, k_pages, v_pages, meta.decode_pages, meta.decode_lens, self.scale
-        )
-        if out is not None:
-            return out
+        if self.kernels:
+            out = cpu_kernels.paged_decode(
+                q, k_pages, v_pages, meta.decode_pages, meta.decode_lens, self.scale
+            )
+            if out is not None:
+                return out
         return reference.paged_decode(
             q, k_pages, v_pages, meta.decode_pages, meta.decode_mask, self.scale
         )
@@ -202,20 +226,26 @@ class TorchAttention(AttentionBackend):
     ) -> torch.Tensor:
         """Each KV head of each long sequence attends to the pages select_pages keeps."""
         assert meta.decode_pages is not None and meta.decode_lens is not None
-        fused = cpu_kernels.sparse_decode(
-            q, layer, meta.decode_pages, meta.decode_lens, state.active_u8, self.scale,
-            sp.min_score, sp.budget, sp.sink_pages, sp.window_pages, state.touched,
-        )  # fmt: skip
-        if fused is not None:
-            out, kept = fused
-            state.kept.append(kept)
-            return out
+        if self.kernels:
+            fused = cpu_kernels.sparse_decode(
+                q, layer, meta.decode_pages, meta.decode_lens, state.active_u8, self.scale,
+                sp.min_score, sp.budget, sp.sink_pages, sp.window_pages, state.touched,
+            )  # fmt: skip
+            if fused is not None:
+                out, kept = fused
+                state.kept.append(kept)
+                return out
         table, lens, kept = reference.select_pages(
             q, layer.kmin, layer.kmax, meta.decode_pages, meta.decode_lens, state.active,
             self.page_size, self.scale, sp.min_score, sp.budget, sp.sink_pages, sp.window_pages,
         )  # fmt: skip
         state.kept.append(kept)
         state.touched |= reference.kept_mask(meta.decode_pages, table, kept)
+        return self._selected_decode(q, layer, table, lens)
+
+    def _selected_decode(
+        self, q: torch.Tensor, layer: LayerKV, table: torch.Tensor, lens: torch.Tensor
+    ) -> torch.Tensor:
         return reference.paged_decode_selected(q, layer.k, layer.v, table, lens, self.scale)
 
     def sparsity(self, meta: TorchMeta) -> list[tuple[int, int]] | None:
@@ -244,4 +274,17 @@ class TorchAttention(AttentionBackend):
         return out
 
 
-ATTENTION_BACKENDS: dict[str, Callable[..., AttentionBackend]] = {"torch": TorchAttention}
+def make_backend(
+    name: str, device: str, scale: float, page_size: int, sparse: SparseConfig | None = None
+) -> AttentionBackend:
+    """The attention backend `name` (strata.config.ATTENTION_BACKENDS) on `device`."""
+    if name == "auto":
+        name = "triton" if device.startswith("cuda") else "cpu"
+    if name != "triton":
+        return TorchAttention(scale, page_size, sparse, kernels=name == "cpu")
+    if not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("--attention-backend triton needs a CUDA device (on CPU it runs only "
+                         "under TRITON_INTERPRET=1, slowly: for tests)")  # fmt: skip
+    from strata.attention.triton_backend import TritonAttention
+
+    return TritonAttention(scale, page_size, sparse)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from strata.attention.backend import ATTENTION_BACKENDS
+from strata.attention.backend import make_backend
 from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.request import check_length
 from strata.kv.pool import KVCache, PagePool
@@ -88,16 +88,15 @@ class ModelRunner:
         self.last_selected: list[torch.Tensor | None] | None = None
 
     @classmethod
-    def from_config(
-        cls, model_cfg: ModelConfig, pool_cfg: KVPoolConfig, attention: str = "torch"
-    ) -> ModelRunner:
+    def from_config(cls, model_cfg: ModelConfig, pool_cfg: KVPoolConfig) -> ModelRunner:
         start = time.perf_counter()
         folder = resolve_checkpoint(model_cfg.model_path)
         spec = ModelSpec.from_hf(read_config(folder))
         weights = fuse_weights(spec, read_tensors(folder), model_cfg.torch_dtype, model_cfg.device)
-        backend = ATTENTION_BACKENDS[attention](
-            spec.head_dim**-0.5, pool_cfg.page_size, model_cfg.sparse
-        )
+        backend = make_backend(
+            model_cfg.attention_backend, model_cfg.device, spec.head_dim**-0.5,
+            pool_cfg.page_size, model_cfg.sparse,
+        )  # fmt: skip
         model = LlamaForCausalLM(spec, weights, backend, model_cfg.quantization)
         tokenizer = load_tokenizer(folder)
         log.info("loaded %s in %.1fs", folder, time.perf_counter() - start)

@@ -64,3 +64,14 @@ def test_cache_service_address_keeps_its_old_flag_name():
         for command in ("prefill", "decode", "gateway"):
             a = build_parser().parse_args([command, flag, "10.0.0.1:7"])
             assert a.cache_service == "10.0.0.1:7"
+
+
+def test_sglang_attention_backend_names_map_onto_ours():
+    def backend(argv):
+        return build_parser().parse_args(translate(argv)).attention_backend
+
+    assert backend(["--attention-backend", "triton"]) == "triton"
+    assert backend(["--attention-backend=torch_native"]) == "torch"
+    assert backend(["--attention-backend", "flashinfer", "--port", "1"]) == "auto"
+    a = build_parser().parse_args(translate(["--attention-backend", "fa3", "--port", "7"]))
+    assert a.port == 7

@@ -1,0 +1,78 @@
+"""TritonAttention: the torch backend's batch plan, with its four ops as Triton kernels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from strata.attention import triton_kernels
+from strata.attention.backend import TorchAttention, TorchMeta
+from strata.config import SparseConfig
+from strata.kv.pool import LayerKV
+from strata.model.batch import ForwardBatch
+
+
+@dataclass
+class _Prefills:
+    """Every prefilling sequence of one forward, as the prefill kernel takes them."""
+
+    table: torch.Tensor  # [E, max_pages]
+    starts: torch.Tensor  # [E] first token row
+    q_lens: torch.Tensor  # [E]
+    prefix_lens: torch.Tensor  # [E]
+    max_q_len: int
+
+
+class TritonAttention(TorchAttention):
+    """KV write with page summaries, prefill over cached prefixes, and decode (dense or over
+    selected pages) in Triton kernels that read the pool in place; page selection for sparse
+    decode stays the batched torch ops of reference.select_pages."""
+
+    def __init__(self, scale: float, page_size: int, sparse: SparseConfig | None = None) -> None:
+        super().__init__(scale, page_size, sparse, kernels=False)
+
+    def reads_in_place(self, device: torch.device) -> bool:
+        return True
+
+    def prepare(self, batch: ForwardBatch) -> TorchMeta:
+        meta = super().prepare(batch)
+        if meta.extends:
+            dev = batch.page_table.device
+            width = max(e.page_ids.shape[0] for e in meta.extends)
+            table = torch.zeros(len(meta.extends), width, dtype=torch.int64, device=dev)
+            for i, e in enumerate(meta.extends):
+                table[i, : e.page_ids.shape[0]] = e.page_ids
+            meta.prefills = _Prefills(
+                table,
+                torch.tensor([e.start for e in meta.extends], device=dev),
+                torch.tensor([e.q_len for e in meta.extends], device=dev),
+                torch.tensor([e.prefix_len for e in meta.extends], device=dev),
+                max(e.q_len for e in meta.extends),
+            )
+        return meta
+
+    def _write(
+        self, layer: LayerKV, where: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> None:  # fmt: skip
+        triton_kernels.write_kv(layer, where, k, v)
+
+    def _prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerKV, meta: TorchMeta
+    ) -> torch.Tensor:
+        p = meta.prefills
+        return triton_kernels.paged_prefill(
+            q, layer, p.table, p.starts, p.q_lens, p.prefix_lens, p.max_q_len, self.scale
+        )
+
+    def _dense_decode(self, q: torch.Tensor, layer: LayerKV, meta: TorchMeta) -> torch.Tensor:
+        assert meta.decode_pages is not None and meta.decode_lens is not None
+        return triton_kernels.paged_decode(
+            q, layer, meta.decode_pages, meta.decode_lens, self.scale
+        )
+
+    def _selected_decode(
+        self, q: torch.Tensor, layer: LayerKV, table: torch.Tensor, lens: torch.Tensor
+    ) -> torch.Tensor:
+        return triton_kernels.paged_decode_selected(q, layer, table, lens, self.scale)

@@ -1,0 +1,257 @@
+"""Triton kernels for paged attention on GPUs: KV write with the page summaries, paged decode
+(dense, or over each KV head's selected pages) and prefill over a cached prefix.
+
+They read the pool in place through its strides (a layer's K is a strided view [pages,
+page_size, kv_heads, head_dim] of the page-major pool) and address keys token by token
+(token j of a sequence is offset j % page_size of page table[j // page_size]), so a block
+of keys may span pages of any size. The torch ops in reference.py are their oracle.
+
+Import this module only where Triton can run: on CUDA, or on CPU tensors when the process
+started with TRITON_INTERPRET=1 (the tests do; the interpreter has no bfloat16, so they use
+float32 and float16). Triton reads that variable when a kernel is defined, at import.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from strata.kv.pool import LayerKV
+
+
+def _pow2(n: int, least: int = 1) -> int:
+    return max(least, triton.next_power_of_2(n))
+
+
+@triton.jit
+def _write_kv_kernel(
+    K, V, KPool, VPool, KMin, KMax, Pages, Offsets, num_tokens,
+    s_kt, s_kh, s_pp, s_pt, s_ph, s_sp, s_sh,
+    D: tl.constexpr, DP: tl.constexpr, PS: tl.constexpr, PSP: tl.constexpr,
+):  # fmt: skip
+    """Program (token t, KV head h): store t's key and value in its slot. The first token of
+    each run of consecutive tokens in one page also folds the run's keys into the page's
+    summary (min and max per channel), starting afresh when the run starts at offset 0."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    d = tl.arange(0, DP)
+    dm = d < D
+    page = tl.load(Pages + t)
+    off = tl.load(Offsets + t)
+    key = tl.load(K + t * s_kt + h * s_kh + d, mask=dm)
+    val = tl.load(V + t * s_kt + h * s_kh + d, mask=dm)
+    slot = page * s_pp + off * s_pt + h * s_ph + d
+    tl.store(KPool + slot, key, mask=dm)
+    tl.store(VPool + slot, val, mask=dm)
+    prev = tl.load(Pages + t - 1, mask=t > 0, other=-1)
+    if prev != page:  # t heads a run: it and the next tokens while they fill the same page
+        rows = t + tl.arange(0, PSP)
+        in_run = rows < num_tokens
+        in_run &= tl.load(Pages + rows, mask=in_run, other=-1) == page
+        in_run &= tl.arange(0, PSP) < PS - off
+        both = in_run[:, None] & dm[None, :]
+        keys = tl.load(K + rows[:, None] * s_kt + h * s_kh + d[None, :], mask=both)
+        keys = keys.to(tl.float32)
+        lo = tl.min(tl.where(both, keys, float("inf")), axis=0)
+        hi = tl.max(tl.where(both, keys, float("-inf")), axis=0)
+        at = page * s_sp + h * s_sh + d
+        if off > 0:
+            lo = tl.minimum(lo, tl.load(KMin + at, mask=dm).to(tl.float32))
+            hi = tl.maximum(hi, tl.load(KMax + at, mask=dm).to(tl.float32))
+        tl.store(KMin + at, lo.to(KMin.dtype.element_ty), mask=dm)
+        tl.store(KMax + at, hi.to(KMax.dtype.element_ty), mask=dm)
+
+
+def write_kv(
+    layer: LayerKV, where: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """reference.write_kv: k, v [tokens, kv_heads, head_dim] into their slots (page ids,
+    offsets), and the written pages' key summaries. A page's tokens come in order and
+    adjacent in the batch (as a forward batch lays them out)."""
+    pages, offsets = where
+    t, kv_heads, d = k.shape
+    if t == 0:
+        return
+    k, v = k.contiguous(), v.contiguous()
+    ps = layer.k.shape[1]
+    _write_kv_kernel[(t, kv_heads)](
+        k, v, layer.k, layer.v, layer.kmin, layer.kmax, pages, offsets, t,
+        k.stride(0), k.stride(1), *layer.k.stride()[:3], *layer.kmin.stride()[:2],
+        D=d, DP=_pow2(d), PS=ps, PSP=_pow2(ps),
+    )  # fmt: skip
+
+
+@triton.jit
+def _decode_kernel(
+    Q, K, V, Out, Table, Lens,
+    s_qb, s_qh, s_kp, s_kt, s_kh, s_tb, s_th, s_lb, s_lh, scale,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+    PS: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    """Program (sequence b, KV head h): the G query heads of h over the Lens[b, h] tokens of
+    the pages Table[b, h, :] lists, BN keys at a time, with an online softmax."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, DP)
+    gm = g < G
+    dm = d < D
+    heads = h * G + g
+    q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :])
+    q = q.to(tl.float32) * scale
+    n = tl.load(Lens + b * s_lb + h * s_lh)
+    m = tl.full([GP], float("-inf"), tl.float32)
+    total = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, DP], tl.float32)
+    for start in range(0, n, BN):
+        j = start + tl.arange(0, BN)
+        jm = j < n
+        page = tl.load(Table + b * s_tb + h * s_th + j // PS, mask=jm, other=0).to(tl.int64)
+        at = page[:, None] * s_kp + (j % PS)[:, None] * s_kt + h * s_kh + d[None, :]
+        both = jm[:, None] & dm[None, :]
+        key = tl.load(K + at, mask=both, other=0.0).to(tl.float32)  # [BN, DP]
+        val = tl.load(V + at, mask=both, other=0.0).to(tl.float32)
+        s = tl.sum(q[:, None, :] * key[None, :, :], axis=2)  # [GP, BN]
+        s = tl.where(jm[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        total = total * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * val[None, :, :], axis=1)
+        m = m_new
+    out = acc / total[:, None]
+    o_at = Out + b * s_qb + heads[:, None] * s_qh + d[None, :]
+    tl.store(o_at, out.to(Out.dtype.element_ty), mask=gm[:, None] & dm[None, :])
+
+
+def _decode(
+    q: torch.Tensor,
+    layer: LayerKV,
+    table: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    per_head: bool,
+) -> torch.Tensor:
+    b, heads, d = q.shape
+    kv_heads = layer.k.shape[2]
+    g = heads // kv_heads
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    if b == 0:
+        return out
+    s_tb, s_th = (table.stride(0), table.stride(1)) if per_head else (table.stride(0), 0)
+    s_lb, s_lh = (lens.stride(0), lens.stride(1)) if per_head else (lens.stride(0), 0)
+    assert table.stride(-1) == 1, "a page table's rows must be contiguous"
+    ps = layer.k.shape[1]
+    _decode_kernel[(b, kv_heads)](
+        q, layer.k, layer.v, out, table, lens,
+        q.stride(0), q.stride(1), *layer.k.stride()[:3], s_tb, s_th, s_lb, s_lh, scale,
+        G=g, GP=_pow2(g), D=d, DP=_pow2(d), PS=ps, BN=_pow2(ps, 16),
+    )  # fmt: skip
+    return out
+
+
+def paged_decode(
+    q: torch.Tensor, layer: LayerKV, page_table: torch.Tensor, lens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """reference.paged_decode: q [B, heads, D], page_table [B, max_pages], lens [B] tokens."""
+    return _decode(q, layer, page_table, lens, scale, per_head=False)
+
+
+def paged_decode_selected(
+    q: torch.Tensor, layer: LayerKV, table: torch.Tensor, lens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """reference.paged_decode_selected: each KV head reads its own pages, table [B,
+    kv_heads, W] and lens [B, kv_heads] as reference.select_pages returns them."""
+    return _decode(q, layer, table, lens, scale, per_head=True)
+
+
+@triton.jit
+def _prefill_kernel(
+    Q, K, V, Out, Table, Starts, QLens, Prefix,
+    s_qt, s_qh, s_kp, s_kt, s_kh, s_tb, scale,
+    G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, PS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Program (sequence e, block of BM queries, query head h): causal attention of those
+    queries (at positions Prefix[e] + row) over the sequence's keys, all already in its
+    pages Table[e, :], BN keys at a time."""
+    e = tl.program_id(0)
+    blk = tl.program_id(1)
+    h = tl.program_id(2)
+    kvh = h // G
+    q_len = tl.load(QLens + e)
+    if blk * BM < q_len:
+        start = tl.load(Starts + e)
+        prefix = tl.load(Prefix + e)
+        r = blk * BM + tl.arange(0, BM)
+        rm = r < q_len
+        d = tl.arange(0, DP)
+        dm = d < D
+        q_at = (start + r)[:, None] * s_qt + h * s_qh + d[None, :]
+        q = tl.load(Q + q_at, mask=rm[:, None] & dm[None, :], other=0.0)
+        pos = prefix + r  # each query's own position: it sees keys 0..pos
+        m = tl.full([BM], float("-inf"), tl.float32)
+        total = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, DP], tl.float32)
+        end = prefix + tl.minimum((blk + 1) * BM, q_len)
+        for kstart in range(0, end, BN):
+            j = kstart + tl.arange(0, BN)
+            jm = j < end
+            page = tl.load(Table + e * s_tb + j // PS, mask=jm, other=0).to(tl.int64)
+            at = page[:, None] * s_kp + (j % PS)[:, None] * s_kt + kvh * s_kh + d[None, :]
+            both = jm[:, None] & dm[None, :]
+            key = tl.load(K + at, mask=both, other=0.0)
+            val = tl.load(V + at, mask=both, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(key), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(key))
+            s = s * scale
+            s = tl.where((j[None, :] <= pos[:, None]) & jm[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            total = total * alpha + tl.sum(p, axis=1)
+            if IEEE:
+                pv = tl.dot(p, val.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(val.dtype), val)
+            acc = acc * alpha[:, None] + pv
+            m = m_new
+        out = acc / total[:, None]
+        tl.store(Out + q_at, out.to(Out.dtype.element_ty), mask=rm[:, None] & dm[None, :])
+
+
+def paged_prefill(
+    q: torch.Tensor,
+    layer: LayerKV,
+    table: torch.Tensor,
+    starts: torch.Tensor,
+    q_lens: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    max_q_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """reference.paged_prefill for every prefilling sequence of a batch at once, after their
+    new keys are written to their pages. q [T, heads, D] (rows of sequence e: starts[e] ..
+    starts[e] + q_lens[e]); table [E, max_pages]: each sequence's pages; prefix_lens [E]:
+    its tokens cached before these. Rows of no sequence are left as they are in the result."""
+    t, heads, d = q.shape
+    kv_heads = layer.k.shape[2]
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    e = table.shape[0]
+    if e == 0:
+        return out
+    bm = 16
+    ps = layer.k.shape[1]
+    grid = (e, triton.cdiv(max_q_len, bm), heads)
+    _prefill_kernel[grid](
+        q, layer.k, layer.v, out, table, starts, q_lens, prefix_lens,
+        q.stride(0), q.stride(1), *layer.k.stride()[:3], table.stride(0), scale,
+        G=heads // kv_heads, D=d, DP=_pow2(d, 16), PS=ps, BM=bm, BN=_pow2(ps, 16),
+        IEEE=q.dtype == torch.float32,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,210 @@
+"""The Triton kernels against the torch reference ops, run on CPU under TRITON_INTERPRET=1
+(set by tests/conftest.py before anything imports triton). The interpreter has no bfloat16,
+so the kernels are checked in float32 and float16."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from strata.attention import reference as ref
+from strata.attention.backend import TorchAttention, make_backend
+from strata.config import KVPoolConfig, ModelConfig, SparseConfig
+from strata.engine.runner import ModelRunner
+from strata.kv.pool import KVCache
+from tests.core.test_sparse_attention import decode_logits
+
+if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest sets it
+    pytest.skip("the Triton interpreter is off", allow_module_level=True)
+
+from strata.attention import triton_kernels as tk  # noqa: E402
+
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3}
+
+
+def pools(pages, page_size, kv_heads, dim, dtype, layers=2):
+    """Two identical random pools (one per implementation); returns their layer 1."""
+    torch.manual_seed(0)
+    a = KVCache(layers, pages, page_size, kv_heads, dim, dtype, "cpu")
+    a.data.copy_(torch.randn(a.data.shape))
+    b = KVCache(layers, pages, page_size, kv_heads, dim, dtype, "cpu")
+    b.data.copy_(a.data)
+    return a, b
+
+
+def tables(lens, pages, page_size, seed=0):
+    """Disjoint random pages per sequence: (table [B, W] padded with page 0, rows)."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(pages, generator=g).tolist()
+    rows, at = [], 0
+    for n in lens:
+        k = max(1, -(-n // page_size))
+        rows.append(perm[at : at + k])
+        at += k
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [0] * (width - len(r)) for r in rows]), rows
+
+
+def slots(rows, page_size, starts, counts):
+    """(pages, offsets) of tokens starts[i] .. starts[i] + counts[i] of each sequence i, laid
+    out one sequence after another as a forward batch lays them out."""
+    pages, offsets = [], []
+    for row, start, n in zip(rows, starts, counts):
+        for j in range(start, start + n):
+            pages.append(row[j // page_size])
+            offsets.append(j % page_size)
+    return torch.tensor(pages), torch.tensor(offsets)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+def test_write_kv_equals_reference_with_summaries(dtype, page_size):
+    """A prefill of ragged sequences, then chunks that start inside a partial page, then
+    single-token decode steps: the pool, K, V and the page summaries, bit for bit."""
+    kvh, d = 3, 24
+    a, b = pools(96, page_size, kvh, d, dtype)
+    _, rows = tables([40, 8, 40], 96, page_size)
+    done = [0, 0, 0]
+    torch.manual_seed(1)
+    for counts in ([9, 1, 17], [5, 0, 6], [1, 1, 1], [1, 1, 1]):
+        where = slots(rows, page_size, done, counts)
+        k = torch.randn(len(where[0]), kvh, d, dtype=dtype)
+        v = torch.randn(len(where[0]), kvh, d, dtype=dtype)
+        ref.write_kv(a.layers[1], where, k, v)
+        tk.write_kv(b.layers[1], where, k, v)
+        done = [x + n for x, n in zip(done, counts)]
+    assert torch.equal(a.data, b.data)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 1)])  # GQA 1, 3, 8
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+def test_paged_decode_equals_reference(dtype, heads, kv_heads, page_size):
+    """Ragged lengths: one token, exactly a page, a page and one, several pages."""
+    d = 32
+    a, b = pools(96, page_size, kv_heads, d, dtype)
+    lens = [1, page_size, page_size + 1, 5 * page_size - 2, 37]
+    table, _ = tables(lens, 96, page_size, seed=2)
+    torch.manual_seed(3)
+    q = torch.randn(len(lens), heads, d, dtype=dtype)
+    mask = torch.arange(table.shape[1] * page_size)[None, :] < torch.tensor(lens)[:, None]
+    want = ref.paged_decode(q, a.layers[1].k, a.layers[1].v, table, mask, d**-0.5)
+    got = tk.paged_decode(q, b.layers[1], table, torch.tensor(lens), d**-0.5)
+    assert got.dtype == dtype
+    assert (got.float() - want.float()).abs().max() <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 1)])
+def test_selected_page_decode_equals_reference(dtype, heads, kv_heads):
+    """Each KV head over the pages select_pages kept for it (a partial last page included)."""
+    ps, d = 4, 32
+    a, b = pools(96, ps, kv_heads, d, dtype)
+    lens = [3, 30, 61, 44]
+    table, _ = tables(lens, 96, ps, seed=4)
+    torch.manual_seed(5)
+    q = torch.randn(len(lens), heads, d, dtype=dtype)
+    layer = a.layers[1]
+    active = torch.tensor([False, True, True, True])
+    sel, sel_lens, kept = ref.select_pages(
+        q, layer.kmin, layer.kmax, table, torch.tensor(lens), active, ps, d**-0.5, -0.5, 0, 1, 2
+    )
+    assert (kept < -(-torch.tensor(lens)[:, None] // ps)).any()  # some pages were skipped
+    want = ref.paged_decode_selected(q, layer.k, layer.v, sel, sel_lens, d**-0.5)
+    got = tk.paged_decode_selected(q, b.layers[1], sel, sel_lens, d**-0.5)
+    assert (got.float() - want.float()).abs().max() <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 1)])
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+def test_prefill_over_cached_prefix_equals_reference(dtype, heads, kv_heads, page_size):
+    """A ragged batch of prefills in one launch: no prefix, a prefix ending inside a page, a
+    prefix of whole pages, a single new token, and more new tokens than one query block."""
+    d = 32
+    a, b = pools(160, page_size, kv_heads, d, dtype)
+    prefix = [0, 2 * page_size + 1, 3 * page_size, 7, 0]
+    q_lens = [5, 9, 1, 35, 1]
+    lens = [p + n for p, n in zip(prefix, q_lens)]
+    table, rows = tables(lens, 160, page_size, seed=6)
+    torch.manual_seed(7)
+    where = slots(rows, page_size, prefix, q_lens)
+    t = sum(q_lens)
+    q = torch.randn(t, heads, d, dtype=dtype)
+    k = torch.randn(t, kv_heads, d, dtype=dtype)
+    v = torch.randn(t, kv_heads, d, dtype=dtype)
+    ref.write_kv(a.layers[1], where, k, v)
+    tk.write_kv(b.layers[1], where, k, v)
+    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0)[:-1].tolist()])
+    got = tk.paged_prefill(q, b.layers[1], table, starts, torch.tensor(q_lens),
+                           torch.tensor(prefix), max(q_lens), d**-0.5)  # fmt: skip
+    layer = a.layers[1]
+    for i in range(len(lens)):
+        r = slice(int(starts[i]), int(starts[i]) + q_lens[i])
+        pages = torch.tensor(rows[i])
+        want = ref.paged_prefill(q[r], k[r], v[r], layer.k, layer.v, pages, prefix[i], d**-0.5)
+        assert (got[r].float() - want.float()).abs().max() <= TOL[dtype], i
+
+
+@pytest.fixture
+def triton_runners(tiny_checkpoint):
+    """Factory: a runner on one tiny four-layer GQA model with a given attention backend."""
+    folder, _ = tiny_checkpoint("llama", num_hidden_layers=4, num_key_value_heads=2)
+
+    def make(backend: str, sparse: SparseConfig | None = None) -> ModelRunner:
+        sparse = sparse or SparseConfig(threshold=0)
+        return ModelRunner.from_config(
+            ModelConfig(str(folder), dtype="float32", sparse=sparse, attention_backend=backend),
+            KVPoolConfig(page_size=4, num_pages=128),
+        )
+
+    return make
+
+
+PROMPT = [(i * 37 + 11) % 300 for i in range(70)]
+
+
+def test_triton_backend_decodes_as_the_reference(triton_runners):
+    """The model on the Triton backend: the logits of a prefill and greedy decode steps
+    equal the torch reference backend's, dense and sparse."""
+    torch_runner, triton_runner = triton_runners("torch"), triton_runners("triton")
+    assert type(torch_runner.model.backend) is TorchAttention
+    assert type(triton_runner.model.backend).__name__ == "TritonAttention"
+    want, _ = decode_logits(torch_runner, PROMPT, 5)
+    got, _ = decode_logits(triton_runner, PROMPT, 5)
+    assert torch.allclose(got, want, atol=1e-4, rtol=0)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    sparse = SparseConfig(threshold=0.3, min_context=32, budget=0.5, window_pages=2)
+    want, skipped = decode_logits(triton_runners("torch", sparse), PROMPT, 5)
+    got, same = decode_logits(triton_runners("triton", sparse), PROMPT, 5)
+    assert skipped == same and any(s is not None and s[0][0] > 0 for s in same)
+    assert torch.allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_triton_backend_batches_prefill_and_decode_in_one_forward(triton_runners):
+    """One forward with two prefills (one over a cached prefix) and a decode row."""
+    from strata.model.batch import SequenceChunk
+
+    outs = []
+    for backend in ("torch", "triton"):
+        runner = triton_runners(backend)
+        a, b = runner.pool.alloc(8), runner.pool.alloc(8)
+        c = runner.pool.alloc(4)
+        runner.forward([SequenceChunk(PROMPT[:13], 0, a), SequenceChunk(PROMPT[:6], 0, b)])
+        mixed = [SequenceChunk([5], 13, a), SequenceChunk(PROMPT[6:20], 6, b),
+                 SequenceChunk(PROMPT[30:39], 0, c)]  # fmt: skip
+        outs.append(runner.forward(mixed))
+    assert torch.allclose(outs[1], outs[0], atol=1e-4, rtol=0)
+
+
+def test_backend_choice(monkeypatch):
+    assert type(make_backend("auto", "cpu", 0.1, 4)) is TorchAttention
+    assert make_backend("cpu", "cpu", 0.1, 4).kernels
+    assert not make_backend("torch", "cpu", 0.1, 4).kernels
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="CUDA"):
+        make_backend("triton", "cpu", 0.1, 4)
+    with pytest.raises(ValueError, match="attention backend"):
+        ModelConfig(attention_backend="flash")
