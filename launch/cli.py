@@ -46,6 +46,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="attention kernels: triton (CUDA), cpu (C kernels), torch (reference "
                    "ops); auto picks triton on CUDA and cpu on CPU")  # fmt: skip
+    p.add_argument(
+        "--tp-size", "--tp", dest="tp_size", type=int, default=1,
+        help="tensor parallelism: run the model over this many ranks (processes on CPU, GPUs "
+        "on CUDA), each with its share of heads, MLP and vocabulary",
+    )  # fmt: skip
     p.add_argument("--log-level", default="warning", help="debug, info, warning or error")
     d = SparseConfig()
     p.add_argument("--attention-sparsity-threshold", type=float, default=d.threshold,
@@ -173,7 +178,7 @@ def hicache_argv(a: argparse.Namespace) -> list[str]:
 
 def model_config(a: argparse.Namespace) -> ModelConfig:
     return ModelConfig(a.model_path, a.dtype, a.device, a.quantization, sparse_config(a),
-                       a.context_length, a.attention_backend)  # fmt: skip
+                       a.context_length, a.attention_backend, a.tp_size)  # fmt: skip
 
 
 def pool_config(a: argparse.Namespace) -> KVPoolConfig:
@@ -339,7 +344,7 @@ def cmd_up(a: argparse.Namespace) -> int:
         raise ValueError("--prefill must be >= 0 and --decode >= 1")
     model_args = ["--dtype", a.dtype, "--device", a.device, "--quantization", a.quantization,
                   "--page-size", str(a.page_size), "--attention-backend", a.attention_backend,
-                  *sparse_argv(a)]  # fmt: skip
+                  "--tp-size", str(a.tp_size), *sparse_argv(a)]  # fmt: skip
     if a.model_path:
         model_args += ["--model-path", a.model_path]
     if a.context_length:
@@ -358,6 +363,10 @@ def cmd_up(a: argparse.Namespace) -> int:
     if a.disable_radix_cache:
         worker_args.append("--disable-radix-cache")
     cache_args = []
+    if a.tp_size > 1 and a.enable_hierarchical_cache and not a.disable_hierarchical_cache:
+        log.warning("--tp-size %d: the KV tiers below L1 are off (not yet sharded by rank)",
+                    a.tp_size)  # fmt: skip
+        a.disable_hierarchical_cache = True
     if a.disable_hierarchical_cache:
         a.enable_hierarchical_cache, a.hicache_storage_backend = False, None
     elif a.enable_hierarchical_cache and a.hicache_storage_backend == "file":

@@ -13,7 +13,7 @@ from launch.cli import main as cli_main
 # --schedule-policy, --chunked-prefill-size, --max-running-requests, --hicache-*, ...) are
 # strata serve's own.
 IGNORED_FLAGS = {
-    "--trust-remote-code": 0, "--tp-size": 1, "--tp": 1,
+    "--trust-remote-code": 0,
     "--disable-cuda-graph": 0, "--enable-torch-compile": 0,
     "--tokenizer-path": 1, "--kv-cache-dtype": 1,
 }  # fmt: skip

@@ -125,12 +125,15 @@ class ModelConfig:
     sparse: SparseConfig = SparseConfig()
     context_length: int | None = None  # caps the model's own (max_position_embeddings)
     attention_backend: str = "auto"  # see ATTENTION_BACKENDS
+    tp_size: int = 1  # tensor-parallel ranks (strata.model.tp)
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(
                 f"unknown quantization {self.quantization!r}; choose one of {QUANTIZATIONS}"
             )
+        if self.tp_size < 1:
+            raise ValueError("--tp-size must be at least 1")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {self.attention_backend!r}; "
                              f"choose one of {ATTENTION_BACKENDS}")  # fmt: skip

@@ -26,7 +26,7 @@ from strata.engine.request import (
     Request,
     RequestOutput,
 )
-from strata.engine.runner import ModelRunner
+from strata.engine.runner import ModelRunner, RunnerBroken
 from strata.engine.scheduler import Scheduler
 from strata.engine.split import SplitRoles
 from strata.grammar.compiler import GrammarCompiler, LazyGrammarCompiler
@@ -73,6 +73,9 @@ class Engine(RequestOutputs, SplitRoles):
     ) -> None:
         """tiers: the KV tiers below L1 (None: L1 only). cluster_worker: the cache records KV
         events for the cluster's index (`event_sink`), which also owns the L3 budget."""
+        if runner.tp is not None and tiers is not None and tiers.enabled:
+            raise ValueError("--enable-hierarchical-cache does not work with --tp-size > 1 yet "
+                             "(each rank's KV heads would need their own tiers)")  # fmt: skip
         self.runner = runner
         self.tokenizer = runner.tokenizer
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -286,6 +289,7 @@ class Engine(RequestOutputs, SplitRoles):
             self._fetchers.shutdown(wait=False, cancel_futures=True)
         if self.prefix_cache is not None:
             self.prefix_cache.close()
+        self.runner.close()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self.stop()
@@ -308,6 +312,9 @@ class Engine(RequestOutputs, SplitRoles):
                 log.exception("engine step failed")
                 for req in list(self.scheduler.running) + list(self.scheduler.waiting):
                     self._finish(req, "error", error=f"internal error: {exc}")
+                if isinstance(exc, RunnerBroken):
+                    self.after_step()  # the error events go out before the engine ends
+                    raise
                 busy = True
             self.after_step()
             if not busy:  # nothing runnable: sleep until something arrives

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +17,7 @@ import torch
 from strata.attention.backend import make_backend
 from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.request import check_length
+from strata.engine.tp_rank import start_followers
 from strata.kv.pool import KVCache, PagePool
 from strata.model.batch import ForwardBatch, SequenceChunk
 from strata.model.llama import LlamaForCausalLM
@@ -26,8 +29,14 @@ from strata.model.loader import (
     resolve_checkpoint,
 )
 from strata.model.spec import ModelSpec
+from strata.model.tp import TPGroup, check_tp, join, rank_device, shard_weights, step_message
 
 log = logging.getLogger(__name__)
+
+
+class RunnerBroken(RuntimeError):
+    """The runner cannot run another forward (a tensor-parallel rank died): the engine
+    fails its requests and stops, and whoever supervises it starts a new one."""
 
 
 def model_identity(model: LlamaForCausalLM, name: str) -> str:
@@ -35,7 +44,8 @@ def model_identity(model: LlamaForCausalLM, name: str) -> str:
     another one (or another quantization) a different one."""
     h = hashlib.sha256(repr(model.spec).encode() + model.quantization.encode())
     h.update(model.embed_tokens[:8].float().cpu().numpy().tobytes())
-    return f"{name}-{h.hexdigest()[:16]}"
+    tp = f"-tp{model.tp.size}" if model.tp else ""  # each rank's pages hold its KV heads
+    return f"{name}-{h.hexdigest()[:16]}{tp}"
 
 
 def device_memory(device: str) -> int:
@@ -76,8 +86,10 @@ class ModelRunner:
         self.identity = model_identity(model, checkpoint.name if checkpoint else "model")
         self.page_size = page_size
         self.device = model.embed_tokens.device
+        self.tp: TPGroup | None = model.tp
+        self.followers: list[Any] = []  # with tp: the processes of ranks 1.. (rank 0 only)
         self.kv = KVCache(
-            spec.num_layers, num_pages, page_size, spec.num_kv_heads, spec.head_dim,
+            spec.num_layers, num_pages, page_size, model.local.num_kv_heads, spec.head_dim,
             model.embed_tokens.dtype, self.device,
         )  # fmt: skip
         self.pool = PagePool(num_pages)
@@ -88,25 +100,79 @@ class ModelRunner:
         self.last_selected: list[torch.Tensor | None] | None = None
 
     @classmethod
-    def from_config(cls, model_cfg: ModelConfig, pool_cfg: KVPoolConfig) -> ModelRunner:
+    def from_config(
+        cls, model_cfg: ModelConfig, pool_cfg: KVPoolConfig, rank: int = 0,
+        address: str | None = None, num_pages: int | None = None,
+    ) -> ModelRunner:  # fmt: skip
+        """Load the model. With model_cfg.tp_size > 1, rank 0 (the default) starts the other
+        ranks and joins them (strata.model.tp); those call this with their rank, the
+        group's address and rank 0's pool size."""
         start = time.perf_counter()
         folder = resolve_checkpoint(model_cfg.model_path)
         spec = ModelSpec.from_hf(read_config(folder))
-        weights = fuse_weights(spec, read_tensors(folder), model_cfg.torch_dtype, model_cfg.device)
+        size = model_cfg.tp_size
+        check_tp(spec, size)
+        device = rank_device(model_cfg.device, rank)
+        weights = fuse_weights(spec, read_tensors(folder), model_cfg.torch_dtype, device)
+        if num_pages is None:
+            num_pages = cls._num_pages(spec, pool_cfg, model_cfg, weights)
+        followers: list[Any] = []
+        if size > 1 and rank == 0:
+            address, followers = start_followers(model_cfg, pool_cfg, num_pages)
+        tp = None
+        if size > 1:
+            assert address is not None
+            try:
+                join(rank, size, address, device)
+            except Exception:
+                for p in followers:
+                    p.kill()
+                raise
+            tp = TPGroup(rank, size, spec.vocab_size)
+            weights = shard_weights(spec, weights, rank, size)
         backend = make_backend(
-            model_cfg.attention_backend, model_cfg.device, spec.head_dim**-0.5,
-            pool_cfg.page_size, model_cfg.sparse,
+            model_cfg.attention_backend, device, spec.head_dim**-0.5, pool_cfg.page_size,
+            model_cfg.sparse,
         )  # fmt: skip
-        model = LlamaForCausalLM(spec, weights, backend, model_cfg.quantization)
-        tokenizer = load_tokenizer(folder)
+        model = LlamaForCausalLM(spec, weights, backend, model_cfg.quantization, tp)
+        tokenizer = load_tokenizer(folder) if rank == 0 else None
         log.info("loaded %s in %.1fs", folder, time.perf_counter() - start)
-        num_pages = pool_cfg.num_pages
-        if pool_cfg.mem_fraction is not None:
-            num_pages = pages_in_memory_fraction(spec, weights, pool_cfg, model_cfg.device)
-            log.info("--mem-fraction-static %g: %d KV pages", pool_cfg.mem_fraction, num_pages)
         runner = cls(model, tokenizer, num_pages, pool_cfg.page_size, folder)
+        runner.followers = followers
         runner.context_length = model_cfg.context_length
         return runner
+
+    @staticmethod
+    def _num_pages(
+        spec: ModelSpec, pool_cfg: KVPoolConfig, model_cfg: ModelConfig,
+        weights: dict[str, torch.Tensor],
+    ) -> int:  # fmt: skip
+        """The pool's pages (every rank of a group has as many, each for its KV heads)."""
+        if pool_cfg.mem_fraction is None:
+            return pool_cfg.num_pages
+        num_pages = pages_in_memory_fraction(spec, weights, pool_cfg, model_cfg.device)
+        log.info("--mem-fraction-static %g: %d KV pages", pool_cfg.mem_fraction, num_pages)
+        return num_pages
+
+    def close(self, failed: bool = False) -> None:
+        """With tensor parallelism: stop the other ranks (failed: kill them) and leave the
+        group. The runner cannot run a forward afterwards."""
+        if self.tp is None or self.tp.rank != 0:
+            return
+        import torch.distributed as dist
+
+        if not failed:
+            with contextlib.suppress(RuntimeError):
+                self.tp.send(("stop",))
+        for p in self.followers:
+            if failed:
+                p.kill()
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        dist.destroy_process_group()
+        self.tp = None
 
     @property
     def max_context(self) -> int:
@@ -121,6 +187,16 @@ class ModelRunner:
         check_length(prompt_len, self.max_context, max_new_tokens)
 
     def forward(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> torch.Tensor:
+        if self.tp is None or self.tp.rank != 0:
+            return self._forward(chunks, all_logits)
+        try:
+            self.tp.send(step_message(chunks, all_logits))
+            return self._forward(chunks, all_logits)
+        except RuntimeError as exc:  # gloo / NCCL: a rank died, or a collective timed out
+            self.close(failed=True)
+            raise RunnerBroken(f"tensor-parallel forward failed (a rank died?): {exc}") from exc
+
+    def _forward(self, chunks: Sequence[SequenceChunk], all_logits: bool) -> torch.Tensor:
         batch = ForwardBatch.build(chunks, self.page_size, self.device, all_logits)
         logits, meta = self.model.forward(batch, self.kv)
         self.last_sparsity = self.model.backend.sparsity(meta)

@@ -13,6 +13,7 @@ from strata.kv.pool import LayerKV
 from strata.model.linear import Int4Linear, Linear
 from strata.model.rope import RotaryEmbedding
 from strata.model.spec import ModelSpec
+from strata.model.tp import TPGroup
 
 AnyLinear = Linear | Int4Linear
 
@@ -48,8 +49,12 @@ class Attention:
         o_proj: AnyLinear,
         rope: RotaryEmbedding,
         backend: AttentionBackend,
+        tp: TPGroup | None = None,
     ) -> None:
+        """spec: the heads this layer runs (with tp, this rank's share; o_proj's partial
+        sums are all-reduced over the ranks)."""
         self.qkv, self.o_proj, self.rope, self.backend = qkv, o_proj, rope, backend
+        self.tp = tp
         self.heads, self.kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.q_size, self.kv_size = spec.q_size, spec.kv_size
 
@@ -71,16 +76,18 @@ class Attention:
         q, k = qk[:, : self.heads], qk[:, self.heads :]
         v = qkv[:, qk_size:].view(t, self.kv_heads, self.head_dim)
         out = self.backend.forward(q, k, v, kv_layer, meta)
-        return self.o_proj(out.reshape(t, self.q_size))
+        y = self.o_proj(out.reshape(t, self.q_size))
+        return self.tp.all_reduce(y) if self.tp else y
 
 
 class MLP:
-    def __init__(self, gate_up: AnyLinear, down: AnyLinear) -> None:
-        self.gate_up, self.down = gate_up, down
+    def __init__(self, gate_up: AnyLinear, down: AnyLinear, tp: TPGroup | None = None) -> None:
+        self.gate_up, self.down, self.tp = gate_up, down, tp
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        y = self.down(F.silu(gate) * up)
+        return self.tp.all_reduce(y) if self.tp else y
 
 
 class DecoderLayer:

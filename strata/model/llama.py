@@ -14,10 +14,12 @@ from strata.model.layers import MLP, Attention, DecoderLayer, RMSNorm
 from strata.model.linear import make_linear
 from strata.model.rope import RotaryEmbedding
 from strata.model.spec import ModelSpec
+from strata.model.tp import TPGroup, local_spec
 
 
 class LlamaForCausalLM:
-    """Weights come as a dict of fused tensors (see loader.fuse_weights)."""
+    """Weights come as a dict of fused tensors (see loader.fuse_weights); with tensor
+    parallelism (tp), this rank's slices of them (tp.shard_weights)."""
 
     def __init__(
         self,
@@ -25,8 +27,10 @@ class LlamaForCausalLM:
         weights: dict[str, torch.Tensor],
         backend: AttentionBackend,
         quantization: str = "none",
+        tp: TPGroup | None = None,
     ) -> None:
-        self.spec = spec
+        self.spec, self.tp = spec, tp
+        self.local = local_spec(spec, tp.size) if tp else spec  # the heads this rank runs
         self.backend = backend
         self.quantization = quantization
         embed = weights["embed_tokens"]
@@ -39,11 +43,12 @@ class LlamaForCausalLM:
         for i in range(spec.num_layers):
             w = lambda name: weights[f"layers.{i}.{name}"]  # noqa: B023
             qkv = make_linear(w("qkv"), weights.get(f"layers.{i}.qkv_bias"), quantization)
-            attn = Attention(spec, qkv, make_linear(w("o_proj"), None, quantization), self.rope,
-                             backend)  # fmt: skip
+            attn = Attention(self.local, qkv, make_linear(w("o_proj"), None, quantization),
+                             self.rope, backend, tp)  # fmt: skip
             mlp = MLP(
                 make_linear(w("gate_up"), None, quantization),
                 make_linear(w("down"), None, quantization),
+                tp,
             )
             eps = spec.rms_norm_eps
             self.layers.append(
@@ -58,10 +63,14 @@ class LlamaForCausalLM:
         the backend's metadata of the batch (backend.sparsity reads it)."""
         meta = self.backend.prepare(batch)
         cos, sin = self.rope.tables(batch.positions)
-        x = F.embedding(batch.input_ids, self.embed_tokens)
+        if self.tp:
+            x = self.tp.embed(batch.input_ids, self.embed_tokens)
+        else:
+            x = F.embedding(batch.input_ids, self.embed_tokens)
         delta = None
         for layer, kv_layer in zip(self.layers, kv.layers):
             x, delta = layer(x, delta, cos, sin, kv_layer, meta)
         rows = batch.logits_index
         x = self.norm((x[rows] + delta[rows]) if delta is not None else x[rows])
-        return self.lm_head(x).float(), meta
+        logits = self.lm_head(x).float()
+        return (self.tp.gather_logits(logits) if self.tp else logits), meta
