@@ -18,8 +18,9 @@ from services.grpcio import open_channel
 from services.worker import EngineWorker, TransferCounter, run_worker_service
 from strata.engine.engine import Engine
 from strata.engine.request import Overloaded, RemoteFill
+from strata.engine.tp_rank import RankLinks
 from strata.kv.pool import KVCache
-from strata.kv.transfer import KVChannel, TransferError, kv_layout
+from strata.kv.transfer import KVChannel, RankedChannel, TransferError, kv_layout
 from strata.proto.v1 import worker_pb2, worker_pb2_grpc
 from strata.sampling.params import SamplingParams
 
@@ -35,12 +36,15 @@ class PrefillPeers:
 
     def __init__(
         self, kv: KVCache, worker_id: str, counter: TransferCounter, timeout: float = 30.0,
-        prefill_timeout: float = 600.0,
+        prefill_timeout: float = 600.0, tp_size: int = 1, links: RankLinks | None = None,
     ) -> None:  # fmt: skip
+        """tp_size, links: with tensor parallelism, the size and the links to ranks 1.. (each
+        rank receives its own KV heads over a channel of its own)."""
         self.kv, self.worker_id, self.timeout, self.counter = kv, worker_id, timeout, counter
+        self.tp_size, self.links = tp_size, links
         self.prefill_timeout = prefill_timeout  # the prefill itself may queue behind others
         self._stubs: dict[str, worker_pb2_grpc.PrefillStub] = {}
-        self._channels: dict[str, tuple[KVChannel, str]] = {}
+        self._channels: dict[str, tuple[KVChannel | RankedChannel, str]] = {}
         self._lock = threading.Lock()  # guards the two dicts and serializes handshakes
 
     def stub(self, target: str) -> worker_pb2_grpc.PrefillStub:
@@ -49,7 +53,7 @@ class PrefillPeers:
                 self._stubs[target] = worker_pb2_grpc.PrefillStub(open_channel(target))
             return self._stubs[target]
 
-    def channel(self, target: str) -> tuple[KVChannel, str]:
+    def channel(self, target: str) -> tuple[KVChannel | RankedChannel, str]:
         """The pair's channel and its id, made by a Connect handshake on first use."""
         with self._lock:
             if target in self._channels:
@@ -58,16 +62,41 @@ class PrefillPeers:
             try:
                 reply = stub.Connect(
                     worker_pb2.ConnectRequest(decode_worker=self.worker_id,
-                                              kv_layout=kv_layout(self.kv),
+                                              kv_layout=kv_layout(self.kv, self.tp_size),
                                               timeout_s=self.timeout),
                     timeout=self.timeout,
                 )  # fmt: skip
             except grpc.RpcError as exc:
                 raise TransferError(f"KV channel to {target}: {exc.details()}") from None
             host = target.rsplit(":", 1)[0]
-            channel = KVChannel(self.kv, host, reply.port, rank=1, timeout=self.timeout)
-            self._channels[target] = (channel, reply.channel_id)
+            cid = reply.channel_id
+            if self.links is None:
+                channel: KVChannel | RankedChannel = KVChannel(
+                    self.kv, host, reply.port, rank=1, timeout=self.timeout
+                )
+            else:
+                channel = self._join_ranks(host, reply, self.links)
+            self._channels[target] = (channel, cid)
             return self._channels[target]
+
+    def _join_ranks(
+        self, host: str, reply: worker_pb2.ConnectResponse, links: RankLinks
+    ) -> RankedChannel:
+        """Every rank joins its peer rank's store (the others from their processes)."""
+        cid, ports = reply.channel_id, list(reply.rank_ports)
+        if len(ports) != links.size:
+            raise TransferError(f"the prefill worker has {len(ports) + 1} tensor-parallel "
+                                f"ranks, this decode worker {links.size + 1}")  # fmt: skip
+        joins = links.call_each([("join", cid, host, p, self.timeout) for p in ports])
+        own = KVChannel(self.kv, host, reply.port, rank=1, timeout=self.timeout)
+        channel = RankedChannel(own, cid, links)
+        try:
+            for f in joins:
+                f.result(timeout=self.timeout)
+        except Exception as exc:
+            channel.close()
+            raise TransferError(f"KV channel of another rank: {exc}") from None
+        return channel
 
     def drop(self, target: str) -> None:
         with self._lock:
@@ -109,7 +138,8 @@ class PrefillPeers:
         )  # fmt: skip
 
     def _pull(
-        self, stub: worker_pb2_grpc.PrefillStub, target: str, channel: KVChannel, cid: str,
+        self, stub: worker_pb2_grpc.PrefillStub, target: str,
+        channel: KVChannel | RankedChannel, cid: str,
         rid: str, pages: list[int],
     ) -> worker_pb2.PullResponse:  # fmt: skip
         with channel.lock:  # one transfer at a time per channel, in the same order both sides
@@ -138,7 +168,9 @@ class PrefillPeers:
 class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
     def __init__(self, engine: Engine, worker_id: str, transfer_timeout: float = 30.0) -> None:
         super().__init__(engine, worker_id)
-        self.peers = PrefillPeers(engine.runner.kv, worker_id, self.transferred, transfer_timeout)
+        runner = engine.runner
+        self.peers = PrefillPeers(runner.kv, worker_id, self.transferred, transfer_timeout,
+                                  tp_size=runner.tp_size, links=runner.links)  # fmt: skip
 
     async def Generate(self, request, context):  # noqa: N802 (gRPC method names)
         ids = list(request.prompt_ids)

@@ -14,13 +14,22 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import replace
+from typing import Any
 
 import grpc
 
 from services.convert import params_from_proto
 from services.worker import EngineWorker, run_worker_service
 from strata.engine.engine import Engine
-from strata.kv.transfer import KVChannel, TransferError, TransferStats, kv_layout, listen
+from strata.kv.pool import KVCache
+from strata.kv.transfer import (
+    KVChannel,
+    RankedChannel,
+    TransferError,
+    TransferStats,
+    kv_layout,
+    listen,
+)
 from strata.proto.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -29,27 +38,40 @@ log = logging.getLogger(__name__)
 class PrefillService(EngineWorker, worker_pb2_grpc.PrefillServicer):
     def __init__(self, engine: Engine, worker_id: str) -> None:
         super().__init__(engine, worker_id)
-        self.channels: dict[str, Future[KVChannel]] = {}  # channel id -> joined channel
+        # channel id -> the joined channel (with tensor parallelism, of every rank)
+        self.channels: dict[str, Future[KVChannel | RankedChannel]] = {}
         self._joins = ThreadPoolExecutor(8, thread_name_prefix="strata-kv-join")
 
     async def Connect(self, request, context):  # noqa: N802 (gRPC method names)
-        layout = kv_layout(self.engine.runner.kv)
+        runner = self.engine.runner
+        layout = kv_layout(runner.kv, runner.tp_size)
         if request.kv_layout != layout:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"KV layout {request.kv_layout!r} does not match this prefill worker's "
-                f"{layout!r} (same model, dtype and page size?)",
+                f"{layout!r} (same model, dtype, page size and --tp-size?)",
             )
         timeout = request.timeout_s or 30.0
         store = await asyncio.to_thread(listen, timeout)
         cid = uuid.uuid4().hex
-        kv = self.engine.runner.kv
-        self.channels[cid] = self._joins.submit(
-            KVChannel, kv, "", 0, rank=0, timeout=timeout, store=store
-        )
+        rank_ports: list[int] = []
+        if runner.links is not None:  # each other rank opens a store for its peer rank
+            try:
+                rank_ports = await asyncio.to_thread(
+                    lambda: [f.result(timeout) for f in runner.links.call("listen", cid, timeout)]
+                )
+            except Exception as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"tensor-parallel rank: {exc}")
+        self.channels[cid] = self._joins.submit(self._join, runner.kv, store, timeout, cid)
         log.info("KV channel %s to %s on port %d", cid[:8], request.decode_worker, store.port)
-        backend = "nccl" if kv.data.is_cuda else "gloo"
-        return worker_pb2.ConnectResponse(channel_id=cid, port=store.port, backend=backend)
+        backend = "nccl" if runner.kv.data.is_cuda else "gloo"
+        return worker_pb2.ConnectResponse(channel_id=cid, port=store.port, backend=backend,
+                                          rank_ports=rank_ports)  # fmt: skip
+
+    def _join(self, kv: KVCache, store: Any, timeout: float, cid: str) -> KVChannel | RankedChannel:
+        own = KVChannel(kv, "", 0, rank=0, timeout=timeout, store=store)
+        links = self.engine.runner.links
+        return own if links is None else RankedChannel(own, cid, links)
 
     async def Prefill(self, request, context):  # noqa: N802
         ids = list(request.prompt_ids)
@@ -106,7 +128,7 @@ class PrefillService(EngineWorker, worker_pb2_grpc.PrefillServicer):
         yield worker_pb2.PullResponse(transfer_bytes=stats.bytes, transfer_seconds=stats.seconds)
 
     @staticmethod
-    def _send(channel: KVChannel, pages: list[int]) -> TransferStats:
+    def _send(channel: KVChannel | RankedChannel, pages: list[int]) -> TransferStats:
         with channel.lock:
             return channel.send(pages)
 

@@ -17,7 +17,7 @@ import torch
 from strata.attention.backend import make_backend
 from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.request import check_length
-from strata.engine.tp_rank import start_followers
+from strata.engine.tp_rank import RankLinks, start_followers
 from strata.kv.pool import KVCache, PagePool
 from strata.model.batch import ForwardBatch, SequenceChunk
 from strata.model.llama import LlamaForCausalLM
@@ -88,6 +88,7 @@ class ModelRunner:
         self.device = model.embed_tokens.device
         self.tp: TPGroup | None = model.tp
         self.followers: list[Any] = []  # with tp: the processes of ranks 1.. (rank 0 only)
+        self.links: RankLinks | None = None  # and the control links to them
         self.kv = KVCache(
             spec.num_layers, num_pages, page_size, model.local.num_kv_heads, spec.head_dim,
             model.embed_tokens.dtype, self.device,
@@ -117,8 +118,9 @@ class ModelRunner:
         if num_pages is None:
             num_pages = cls._num_pages(spec, pool_cfg, model_cfg, weights)
         followers: list[Any] = []
+        links = None
         if size > 1 and rank == 0:
-            address, followers = start_followers(model_cfg, pool_cfg, num_pages)
+            address, followers, links = start_followers(model_cfg, pool_cfg, num_pages)
         tp = None
         if size > 1:
             assert address is not None
@@ -138,7 +140,7 @@ class ModelRunner:
         tokenizer = load_tokenizer(folder) if rank == 0 else None
         log.info("loaded %s in %.1fs", folder, time.perf_counter() - start)
         runner = cls(model, tokenizer, num_pages, pool_cfg.page_size, folder)
-        runner.followers = followers
+        runner.followers, runner.links = followers, links
         runner.context_length = model_cfg.context_length
         return runner
 
@@ -172,7 +174,13 @@ class ModelRunner:
             except subprocess.TimeoutExpired:
                 p.kill()
         dist.destroy_process_group()
+        if self.links is not None:
+            self.links.close()
         self.tp = None
+
+    @property
+    def tp_size(self) -> int:
+        return self.model.tp.size if self.model.tp else 1
 
     @property
     def max_context(self) -> int:

@@ -1,43 +1,176 @@
 """Ranks 1..N-1 of tensor parallelism (strata.model.tp): processes rank 0's runner starts,
 each loading its slice of the model and running every forward rank 0 broadcasts.
 
-They are processes of their own (`python -m strata.engine.tp_rank RANK ADDRESS PARENT`, the
-configs pickled on stdin), not multiprocessing children: the engine process that starts
+They are processes of their own (`python -m strata.engine.tp_rank RANK ADDRESS PARENT FD`,
+the configs pickled on stdin), not multiprocessing children: the engine process that starts
 them is a daemonic one, which may not have those. Each ends with the process that started
 it (PR_SET_PDEATHSIG), and a rank 0 that goes away fails its next collective.
+
+Beside the forwards (collectives on the group), rank 0 reaches each rank over a socket of
+its own (`RankLinks`) for what runs beside them: a split worker's KV transfers, in which
+every rank moves its own KV heads over a channel of its own to the peer's rank of the same
+number (strata.kv.transfer.RankedChannel). Calls there are pickled (id, command) tuples,
+each run on a thread of the rank, answered by (id, ok, value).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from strata.config import KVPoolConfig, ModelConfig
+from strata.kv.pool import KVCache
+from strata.kv.transfer import KVChannel, listen
 from strata.model.tp import free_port
+
+log = logging.getLogger(__name__)
+
+
+class RankGone(RuntimeError):
+    """A rank's control link closed (the rank died) before it answered."""
+
+
+class RankLinks:
+    """Rank 0's control links to ranks 1..N-1."""
+
+    def __init__(self, conns: list[Connection]) -> None:
+        self._conns = conns
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._pending: list[dict[int, Future[Any]]] = [{} for _ in conns]
+        for i, conn in enumerate(conns):
+            threading.Thread(target=self._read, args=(i, conn), daemon=True,
+                             name=f"strata-tp-link{i + 1}").start()  # fmt: skip
+
+    @property
+    def size(self) -> int:
+        return len(self._conns)
+
+    def call(self, *cmd: Any) -> list[Future[Any]]:
+        """The same command to every rank; a future of each one's answer."""
+        return self.call_each([cmd] * len(self._conns))
+
+    def call_each(self, cmds: list[tuple[Any, ...]]) -> list[Future[Any]]:
+        """cmds[i] to rank i + 1."""
+        futures: list[Future[Any]] = []
+        with self._lock:
+            for i, (conn, cmd) in enumerate(zip(self._conns, cmds)):
+                call_id, fut = next(self._ids), Future[Any]()
+                futures.append(fut)
+                self._pending[i][call_id] = fut
+                try:
+                    conn.send((call_id, cmd))
+                except OSError as exc:
+                    self._pending[i].pop(call_id, None)
+                    fut.set_exception(RankGone(f"rank {i + 1} is gone: {exc}"))
+        return futures
+
+    def _read(self, i: int, conn: Connection) -> None:
+        try:
+            while True:
+                call_id, ok, value = conn.recv()
+                with self._lock:
+                    fut = self._pending[i].pop(call_id)
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(RuntimeError(f"rank {i + 1}: {value}"))
+        except (EOFError, OSError):
+            with self._lock:
+                waiting, self._pending[i] = self._pending[i], {}
+            for fut in waiting.values():
+                fut.set_exception(RankGone(f"rank {i + 1} went away"))
+
+    def close(self) -> None:
+        for conn in self._conns:
+            conn.close()
+
+
+class RankCalls:
+    """A rank's side of its control link: the KV channels of its own KV heads."""
+
+    def __init__(self, conn: Connection, kv: KVCache) -> None:
+        self.conn, self.kv = conn, kv
+        self.channels: dict[str, Future[KVChannel]] = {}
+        self._threads = ThreadPoolExecutor(16, thread_name_prefix="strata-tp-call")
+        self._send_lock = threading.Lock()
+
+    def serve(self) -> None:
+        """Answer calls until rank 0 closes the link."""
+        try:
+            while True:
+                call_id, cmd = self.conn.recv()
+                self._threads.submit(self._answer, call_id, cmd)
+        except (EOFError, OSError):
+            return
+
+    def _answer(self, call_id: int, cmd: tuple[Any, ...]) -> None:
+        try:
+            reply = (call_id, True, self._run(*cmd))
+        except Exception as exc:
+            reply = (call_id, False, f"{type(exc).__name__}: {exc}")
+        with self._send_lock, contextlib.suppress(OSError):  # rank 0 went away
+            self.conn.send(reply)
+
+    def _run(self, op: str, cid: str, *args: Any) -> Any:
+        if op == "listen":  # the sending side: a store for the peer's rank, joined later
+            (timeout,) = args
+            store = listen(timeout)
+            self.channels[cid] = self._threads.submit(
+                KVChannel, self.kv, "", 0, rank=0, timeout=timeout, store=store
+            )
+            return store.port
+        if op == "join":  # the receiving side
+            host, port, timeout = args
+            fut: Future[KVChannel] = Future()
+            fut.set_result(KVChannel(self.kv, host, port, rank=1, timeout=timeout))
+            self.channels[cid] = fut
+            return None
+        if op == "drop":
+            dropped = self.channels.pop(cid, None)
+            if dropped is not None and dropped.done() and dropped.exception() is None:
+                dropped.result().close()
+            return None
+        (pages,) = args
+        channel = self.channels[cid].result()
+        with channel.lock:
+            stats = channel.send(pages) if op == "send" else channel.recv(pages)
+        return stats.bytes
 
 
 def start_followers(
     model: ModelConfig, pool: KVPoolConfig, num_pages: int
-) -> tuple[str, list[subprocess.Popen[bytes]]]:
+) -> tuple[str, list[subprocess.Popen[bytes]], RankLinks]:
     """Start ranks 1..tp_size-1; returns the group's address (rank 0 then joins there as
-    the group's store) and the processes."""
+    the group's store), the processes and the control links to them."""
     address = f"127.0.0.1:{free_port()}"
-    procs = []
+    procs, conns = [], []
     for rank in range(1, model.tp_size):
-        cmd = [sys.executable, "-m", __name__, str(rank), address, str(os.getpid())]
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)
+        ours, theirs = socket.socketpair()
+        cmd = [sys.executable, "-m", __name__, str(rank), address, str(os.getpid()),
+               str(theirs.fileno())]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, pass_fds=[theirs.fileno()])
+        theirs.close()
         assert proc.stdin is not None
         proc.stdin.write(pickle.dumps((model, pool, num_pages)))
         proc.stdin.close()
         procs.append(proc)
-    return address, procs
+        conns.append(Connection(ours.detach()))
+    return address, procs, RankLinks(conns)
 
 
 def _die_with(parent: int) -> None:
@@ -54,9 +187,10 @@ def _die_with(parent: int) -> None:
 
 def follow(
     rank: int, address: str, model: ModelConfig, pool: KVPoolConfig, num_pages: int,
-    parent: int,
+    parent: int, link: Connection,
 ) -> None:  # fmt: skip
-    """Load this rank's slice, then run every forward rank 0 sends until it says stop."""
+    """Load this rank's slice, answer rank 0's calls on a thread, and run every forward rank
+    0 sends until it says stop."""
     from strata.engine.runner import ModelRunner
 
     _die_with(parent)
@@ -64,6 +198,8 @@ def follow(
     runner = ModelRunner.from_config(model, pool, rank=rank, address=address,
                                      num_pages=num_pages)  # fmt: skip
     assert runner.tp is not None
+    calls = RankCalls(link, runner.kv)
+    threading.Thread(target=calls.serve, name="strata-tp-calls", daemon=True).start()
     while True:
         msg = runner.tp.receive()
         if msg[0] == "stop":
@@ -76,4 +212,5 @@ def follow(
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     _model, _pool, _pages = pickle.loads(sys.stdin.buffer.read())
-    follow(int(sys.argv[1]), sys.argv[2], _model, _pool, _pages, int(sys.argv[3]))
+    follow(int(sys.argv[1]), sys.argv[2], _model, _pool, _pages, int(sys.argv[3]),
+           Connection(int(sys.argv[4])))  # fmt: skip

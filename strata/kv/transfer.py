@@ -46,10 +46,13 @@ class TransferStats:
         return self.bytes / max(self.seconds, 1e-9) / 1e9
 
 
-def kv_layout(kv: KVCache) -> str:
-    """What both ends of a channel must agree on: layers x page rows x kv_heads x head_dim."""
+def kv_layout(kv: KVCache, tp_size: int = 1) -> str:
+    """What both ends of a channel must agree on: layers x page rows x kv_heads (of one
+    rank) x head_dim, the dtype, and the tensor-parallel size."""
     _, layers, _, rows, heads, dim = kv.data.shape  # rows: page_size tokens + the summary
-    return f"{layers}x{rows}x{heads}x{dim}:{str(kv.data.dtype).removeprefix('torch.')}"
+    return f"{layers}x{rows}x{heads}x{dim}:{str(kv.data.dtype).removeprefix('torch.')}" + (
+        f":tp{tp_size}" if tp_size > 1 else ""
+    )
 
 
 def listen(timeout: float) -> dist.TCPStore:
@@ -155,3 +158,36 @@ class KVChannel:
         group, self.group = self.group, None
         if group is not None:
             group.abort()
+
+
+class RankedChannel:
+    """The KV channel of a pair of tensor-parallel workers: rank 0's own KVChannel (its KV
+    heads), and the same transfer run by each other rank over a channel of its own to the
+    peer's rank of that number. `ranks` reaches those ranks (strata.engine.tp_rank.RankLinks:
+    `call(op, channel id, *args)` returns a future of each rank's answer)."""
+
+    def __init__(self, own: KVChannel, cid: str, ranks: Any) -> None:
+        self.own, self.cid, self.ranks = own, cid, ranks
+        self.lock, self.kv, self.timeout = own.lock, own.kv, own.timeout
+
+    def send(self, pages: list[int]) -> TransferStats:
+        return self._everywhere("send", self.own.send, pages)
+
+    def recv(self, pages: list[int]) -> TransferStats:
+        return self._everywhere("recv", self.own.recv, pages)
+
+    def _everywhere(self, op: str, own: Any, pages: list[int]) -> TransferStats:
+        start = time.perf_counter()
+        futures = self.ranks.call(op, self.cid, pages)
+        try:
+            moved = own(pages).bytes + sum(f.result(timeout=self.timeout) for f in futures)
+        except Exception as exc:  # any rank's failure fails the pair's transfer
+            self.close()
+            if isinstance(exc, TransferError):
+                raise
+            raise TransferError(f"KV transfer failed on another rank: {exc}") from None
+        return TransferStats(moved, time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.own.close()
+        self.ranks.call("drop", self.cid)

@@ -1,6 +1,7 @@
-"""`--tp-size 3` on the embedded model (9 heads, 3 KV heads: one per rank), three gloo ranks
-on loopback: `strata serve` and `strata up` give one rank's greedy output, and a rank that
-dies ends the streams it cut with an error event."""
+"""`--tp-size 2` on a tiny model (4 heads, 2 KV heads: one per rank; the embedded model's
+tokenizer), two gloo ranks on loopback per worker: `strata serve` and a split `strata up`
+give one rank's greedy output, and a rank that dies ends the streams it cut with an error
+event. The embedded model (9 heads, 3 KV heads) splits over 3 ranks."""
 
 from __future__ import annotations
 
@@ -13,15 +14,28 @@ import tempfile
 from pathlib import Path
 
 import httpx
+import pytest
 
 from launch.local import _wait_healthy, free_port, running_cluster, running_server
-from strata.config import KVPoolConfig, ModelConfig
+from strata.config import KVPoolConfig, ModelConfig, SparseConfig
 from strata.engine.generate import generate_greedy_batch
 from strata.engine.runner import ModelRunner
-from strata.tokenizer import chat_prompt_ids
+from strata.model.loader import load_tokenizer, resolve_checkpoint
+from tests.conftest import tiny_hf_model
+from tests.e2e.test_cluster import transfers
 
-PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."]
+PROMPTS = [[(7 * i + 3 * j) % 300 + 5 for j in range(20 + 13 * i)] for i in range(3)]
 TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> list[str]:
+    """The flags of a tiny float32 model with a tokenizer (servers need one)."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    tiny_hf_model("llama").save_pretrained(folder)
+    load_tokenizer(resolve_checkpoint(None)).save_pretrained(folder)
+    return ["--model-path", str(folder), "--dtype", "float32", "--page-size", "4",
+            "--num-pages", "256"]  # fmt: skip
 
 
 def generate(url: str, ids: list[int]) -> list[int]:
@@ -34,16 +48,18 @@ def generate(url: str, ids: list[int]) -> list[int]:
     return resp.json()["output_ids"]
 
 
-def test_three_ranks_serve_the_greedy_output_of_one():
-    runner = ModelRunner.from_config(ModelConfig(dtype="float32"), KVPoolConfig(16, 64))
-    prompts = [chat_prompt_ids(runner.tokenizer, [{"role": "user", "content": p}])
-               for p in PROMPTS]  # fmt: skip
-    want = generate_greedy_batch(runner, prompts, TOKENS)
-    with running_server("--grpc-port", "-1", "--dtype", "float32", "--tp-size", "3") as url:
-        assert [generate(url, p) for p in prompts] == want
-    with running_cluster("--prefill", "0", "--decode", "1", "--dtype", "float32",
-                         "--tp-size", "3") as (url, _):  # fmt: skip
-        assert [generate(url, p) for p in prompts] == want
+def test_two_ranks_serve_the_greedy_output_of_one(tiny):
+    model = ModelConfig(tiny[1], dtype="float32", sparse=SparseConfig(threshold=0))
+    runner = ModelRunner.from_config(model, KVPoolConfig(4, 64))
+    want = generate_greedy_batch(runner, PROMPTS, TOKENS)
+    with running_server("--grpc-port", "-1", *tiny, "--tp-size", "2") as url:
+        assert [generate(url, p) for p in PROMPTS] == want
+    # split: the prompts are prefilled on the prefill worker, each rank's KV heads sent
+    # to the decode worker's rank of the same number
+    with running_cluster("--prefill", "1", "--decode", "1", *tiny, "--tp-size", "2",
+                         "--local-prefill-tokens", "8") as (url, _):  # fmt: skip
+        assert [generate(url, p) for p in PROMPTS] == want
+        assert transfers(url) == len(PROMPTS)
 
 
 def ranks_of(pid: int) -> list[int]:
@@ -61,6 +77,7 @@ def ranks_of(pid: int) -> list[int]:
 
 
 def test_a_rank_that_dies_ends_the_streams_with_an_error():
+    """The embedded model over three ranks; one of them is killed mid-stream."""
     port = free_port()
     cmd = [sys.executable, "-m", "launch.cli", "serve", "--port", str(port), "--grpc-port",
            "-1", "--dtype", "float32", "--tp-size", "3"]  # fmt: skip

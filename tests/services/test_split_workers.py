@@ -123,6 +123,42 @@ def test_a_mismatched_prefill_worker_is_refused_clearly(cluster):
     assert_baseline(cluster)
 
 
+def test_a_prefill_worker_of_another_tp_size_is_refused_at_the_handshake(cluster):
+    model = ["--model-path", str(cluster["model"]), "--dtype", "float32", "--page-size", "4",
+             "--tp-size", "2"]  # fmt: skip
+    with grpc_service("prefill", "--cache-service", cluster["cache"], *model) as (other, _):
+        start = time.monotonic()
+        chunks = generate(cluster["decode"], PROMPTS[1], other)
+        assert time.monotonic() - start < 10  # refused, not a hang until some timeout
+    assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_ERROR
+    assert "KV layout" in chunks[-1].error and "tp2" in chunks[-1].error
+    assert "--tp-size" in chunks[-1].error
+    assert_baseline(cluster)
+
+
+def test_tensor_parallel_workers_move_each_ranks_kv_heads(cluster):
+    """A prefill and a decode worker of two ranks each: every rank sends its own KV head
+    over a channel of its own; the tokens are those of one rank's local prefill."""
+    local = [tokens(generate(cluster["decode"], p)) for p in PROMPTS]
+    model = ["--model-path", str(cluster["model"]), "--dtype", "float32", "--page-size", "4",
+             "--num-pages", "128", "--tp-size", "2"]  # fmt: skip
+    with ExitStack() as stack:
+        prefill, _ = stack.enter_context(
+            grpc_service("prefill", "--cache-service", cluster["cache"], *model))  # fmt: skip
+        decode, _ = stack.enter_context(
+            grpc_service("decode", "--cache-service", cluster["cache"], *model))  # fmt: skip
+        remote = [generate(decode, p, prefill) for p in PROMPTS]
+        assert [tokens(c) for c in remote] == local
+        after = load(decode)
+        assert after.transfers == len(PROMPTS)
+        pages = sum(-(-len(p) // 4) for p in PROMPTS)
+        # both ranks' halves: layers, K+V, page size + summary row, 2 x 1 KV head, dim, fp32
+        assert after.transfer_bytes == pages * 2 * 2 * (4 + 1) * 2 * 16 * 4
+        again = [generate(decode, p, prefill) for p in PROMPTS]  # pages from its cache now
+        assert [tokens(c) for c in again] == local
+        assert_baseline({"decode": decode, "prefill": prefill})
+
+
 def test_bad_input_to_the_prefill_worker_is_invalid_argument(cluster):
     with grpc.insecure_channel(cluster["prefill"]) as channel:
         stub = worker_pb2_grpc.PrefillStub(channel)

@@ -18,14 +18,16 @@ class ConnectRequest(_message.Message):
     def __init__(self, decode_worker: _Optional[str] = ..., kv_layout: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class ConnectResponse(_message.Message):
-    __slots__ = ("channel_id", "port", "backend")
+    __slots__ = ("channel_id", "port", "backend", "rank_ports")
     CHANNEL_ID_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    RANK_PORTS_FIELD_NUMBER: _ClassVar[int]
     channel_id: str
     port: int
     backend: str
-    def __init__(self, channel_id: _Optional[str] = ..., port: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+    rank_ports: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, channel_id: _Optional[str] = ..., port: _Optional[int] = ..., backend: _Optional[str] = ..., rank_ports: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WorkerGenerateRequest(_message.Message):
     __slots__ = ("request_id", "prompt_ids", "sampling_params", "prefill_worker")
