@@ -89,6 +89,7 @@ class ModelRunner:
         self.tp: TPGroup | None = model.tp
         self.followers: list[Any] = []  # with tp: the processes of ranks 1.. (rank 0 only)
         self.links: RankLinks | None = None  # and the control links to them
+        self.threads: int | None = None  # torch's threads before this runner took its share
         self.kv = KVCache(
             spec.num_layers, num_pages, page_size, model.local.num_kv_heads, spec.head_dim,
             model.embed_tokens.dtype, self.device,
@@ -124,6 +125,9 @@ class ModelRunner:
         tp = None
         if size > 1:
             assert address is not None
+            if not device.startswith("cuda"):  # CPU ranks share the cores (until close)
+                threads = torch.get_num_threads()
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
             try:
                 join(rank, size, address, device)
             except Exception:
@@ -141,6 +145,8 @@ class ModelRunner:
         log.info("loaded %s in %.1fs", folder, time.perf_counter() - start)
         runner = cls(model, tokenizer, num_pages, pool_cfg.page_size, folder)
         runner.followers, runner.links = followers, links
+        if size > 1 and not device.startswith("cuda"):
+            runner.threads = threads
         runner.context_length = model_cfg.context_length
         return runner
 
@@ -176,6 +182,8 @@ class ModelRunner:
         dist.destroy_process_group()
         if self.links is not None:
             self.links.close()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         self.tp = None
 
     @property

@@ -29,7 +29,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from strata.config import KVPoolConfig, ModelConfig
@@ -194,7 +193,6 @@ def follow(
     from strata.engine.runner import ModelRunner
 
     _die_with(parent)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // model.tp_size))
     runner = ModelRunner.from_config(model, pool, rank=rank, address=address,
                                      num_pages=num_pages)  # fmt: skip
     assert runner.tp is not None

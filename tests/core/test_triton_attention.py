@@ -78,9 +78,12 @@ def test_write_kv_equals_reference_with_summaries(dtype, page_size):
     assert torch.equal(a.data, b.data)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 1)])  # GQA 1, 3, 8
-@pytest.mark.parametrize("page_size", [1, 4, 16])
+# GQA ratios 1, 3 and 8, pages of 1, 4 and 16 tokens, each in float32 and float16
+SHAPES = [(4, 4, 4, torch.float32), (6, 2, 1, torch.float32), (8, 1, 16, torch.float32),
+          (6, 2, 16, torch.float16), (8, 1, 4, torch.float16), (4, 4, 1, torch.float16)]  # fmt: skip
+
+
+@pytest.mark.parametrize("heads,kv_heads,page_size,dtype", SHAPES)
 def test_paged_decode_equals_reference(dtype, heads, kv_heads, page_size):
     """Ragged lengths: one token, exactly a page, a page and one, several pages."""
     d = 32
@@ -117,9 +120,7 @@ def test_selected_page_decode_equals_reference(dtype, heads, kv_heads):
     assert (got.float() - want.float()).abs().max() <= TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 1)])
-@pytest.mark.parametrize("page_size", [1, 4, 16])
+@pytest.mark.parametrize("heads,kv_heads,page_size,dtype", SHAPES)
 def test_prefill_over_cached_prefix_equals_reference(dtype, heads, kv_heads, page_size):
     """A ragged batch of prefills in one launch: no prefix, a prefix ending inside a page, a
     prefix of whole pages, a single new token, and more new tokens than one query block."""
