@@ -79,8 +79,9 @@ def test_write_kv_equals_reference_with_summaries(dtype, page_size):
 
 
 # GQA ratios 1, 3 and 8, pages of 1, 4 and 16 tokens, each in float32 and float16
-SHAPES = [(4, 4, 4, torch.float32), (6, 2, 1, torch.float32), (8, 1, 16, torch.float32),
-          (6, 2, 16, torch.float16), (8, 1, 4, torch.float16), (4, 4, 1, torch.float16)]  # fmt: skip
+F32, F16 = torch.float32, torch.float16
+SHAPES = [(4, 4, 4, F32), (6, 2, 1, F32), (8, 1, 16, F32), (6, 2, 16, F16), (8, 1, 4, F16),
+          (4, 4, 1, F16)]  # fmt: skip
 
 
 @pytest.mark.parametrize("heads,kv_heads,page_size,dtype", SHAPES)
