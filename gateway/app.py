@@ -29,6 +29,7 @@ from gateway.protocol import (
     TokenizeRequest,
     document_bodies,
 )
+from gateway.tools import CallStream
 from strata.engine.request import Checked, RequestOutput
 from strata.sampling.params import SamplingParams
 from strata.tokenizer import chat_roles
@@ -259,10 +260,13 @@ def create_app(
         if body.stream:
             chunk_head = {**head, "object": "chat.completion.chunk"}
             started: set[int] = set()
-            # with tools: a choice's text is held while it may be a call (it starts with { or
-            # [), and sent as tool_calls deltas at the end if it is one
+            # with tools (not forced): a choice's text is held while it may be a call (it
+            # starts with { or [), and sent as tool_calls deltas at the end if it is one
             held: dict[int, str] = {}
             settled: set[int] = set()
+            # a forced single call: streamed as it is generated (its grammar guarantees it)
+            streamed = bool(body.forced_tools()) and not body.parallel_tool_calls
+            call_streams: dict[int, CallStream] = {}
 
             def chunk(i: int, delta: dict[str, Any], finish: str | None = None) -> Any:
                 return {**chunk_head, "choices": [
@@ -274,6 +278,16 @@ def create_app(
                     started.add(i)
                     out.append(chunk(i, {"role": "assistant", "content": ""}))
                 text, finish = ev.text, ev.finish_reason
+                if streamed:
+                    call = call_streams.setdefault(i, CallStream())
+                    out += [
+                        chunk(i, {"tool_calls": [d]}) for d in call.feed(text, finish == "stop")
+                    ]
+                    if finish and call.sent is None:  # cut before the call's name was complete
+                        out.append(chunk(i, {"content": call.text}, finish))
+                    elif finish:
+                        out.append(chunk(i, {}, "tool_calls" if finish == "stop" else finish))
+                    return out
                 if body.tools_on and i not in settled:
                     held[i] = held.get(i, "") + text
                     lead = held[i].lstrip()

@@ -340,10 +340,11 @@ def streamed_calls(stream) -> tuple[dict[int, dict], str, str | None]:
         choice = chunk.choices[0]
         content += choice.delta.content or ""
         for d in choice.delta.tool_calls or []:
-            call = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+            call = calls.setdefault(d.index, {"id": None, "name": "", "arguments": "", "parts": 0})
             call["id"] = call["id"] or d.id
             call["name"] += d.function.name or ""
             call["arguments"] += d.function.arguments or ""
+            call["parts"] += bool(d.function.arguments)
         finish = choice.finish_reason or finish
     return calls, content, finish
 
@@ -364,6 +365,12 @@ def test_tool_calls_stream_and_run_in_parallel(url, client):
     assert finish == "tool_calls" and content == "" and len(calls) == 1
     assert calls[0]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
     assert isinstance(json.loads(calls[0]["arguments"])["city"], str)
+    assert calls[0]["parts"] >= 3  # the arguments arrive as they are generated
+    whole = client.chat.completions.create(
+        model="strata", messages=ask, tools=[WEATHER, TIME], max_tokens=64, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})  # fmt: skip
+    got = whole.choices[0].message.tool_calls[0].function.arguments
+    assert json.loads(calls[0]["arguments"]) == json.loads(got)
     both = client.chat.completions.create(
         model="strata", messages=ask, tools=[WEATHER, TIME], max_tokens=96, temperature=0,
         tool_choice="required", parallel_tool_calls=True)  # fmt: skip
