@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from gateway.access import error_body, install_access, read_body
 from gateway.backend import Backend
+from gateway.chat_stream import ChatStream
 from gateway.front import Collected, Front
 from gateway.metrics import Metrics
 from gateway.protocol import (
@@ -29,7 +30,6 @@ from gateway.protocol import (
     TokenizeRequest,
     document_bodies,
 )
-from gateway.tools import CallStream
 from strata.engine.request import Checked, RequestOutput
 from strata.sampling.params import SamplingParams
 from strata.tokenizer import chat_roles
@@ -259,50 +259,7 @@ def create_app(
         head = {"id": rid, "created": created, "model": backend.model_name}
         if body.stream:
             chunk_head = {**head, "object": "chat.completion.chunk"}
-            started: set[int] = set()
-            # with tools (not forced): a choice's text is held while it may be a call (it
-            # starts with { or [), and sent as tool_calls deltas at the end if it is one
-            held: dict[int, str] = {}
-            settled: set[int] = set()
-            # a forced single call: streamed as it is generated (its grammar guarantees it)
-            streamed = bool(body.forced_tools()) and not body.parallel_tool_calls
-            call_streams: dict[int, CallStream] = {}
-
-            def chunk(i: int, delta: dict[str, Any], finish: str | None = None) -> Any:
-                return {**chunk_head, "choices": [
-                    {"index": i, "delta": delta, "finish_reason": finish}]}  # fmt: skip
-
-            def render(i: int, ev: RequestOutput) -> list[Any]:
-                out: list[Any] = []
-                if i not in started:
-                    started.add(i)
-                    out.append(chunk(i, {"role": "assistant", "content": ""}))
-                text, finish = ev.text, ev.finish_reason
-                if streamed:
-                    call = call_streams.setdefault(i, CallStream())
-                    out += [
-                        chunk(i, {"tool_calls": [d]}) for d in call.feed(text, finish == "stop")
-                    ]
-                    if finish and call.sent is None:  # cut before the call's name was complete
-                        out.append(chunk(i, {"content": call.text}, finish))
-                    elif finish:
-                        out.append(chunk(i, {}, "tool_calls" if finish == "stop" else finish))
-                    return out
-                if body.tools_on and i not in settled:
-                    held[i] = held.get(i, "") + text
-                    lead = held[i].lstrip()
-                    if not (lead and lead[0] not in "{[") and finish is None:
-                        return out  # may still be a call
-                    text = held.pop(i)
-                    settled.add(i)
-                    calls = body.tool_calls(text) if finish == "stop" else None
-                    if calls is not None:
-                        deltas = [{"index": k, **call} for k, call in enumerate(calls)]
-                        return [*out, chunk(i, {"tool_calls": deltas}), chunk(i, {}, "tool_calls")]
-                if text or finish:
-                    out.append(chunk(i, {"content": text} if text else {}, finish))
-                return out
-
+            render = ChatStream(body, chunk_head).render
             usage = chunk_head if body.include_usage else None
             return StreamingResponse(
                 stream(body.fan_out(request_), "chat", render, usage),

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from gateway.tools import CallStream
+from gateway.chat_stream import CallStream
 
 CALL = '{ "name": "get_weather", "arguments": {"city": "Paris}", "days": {"n": 2}} }\n'
 
