@@ -18,6 +18,14 @@
 #define MAX_DIM 256
 #define MAX_PAGE 64
 
+/* The decode inner loops (and the helpers they inline) may reassociate float sums: GCC then
+ * vectorises the page loops fully (2.2x faster at 630 tokens of context, measured). The
+ * sums are over one token's head_dim or one page's tokens, where `omp simd` reductions
+ * reassociate anyway; the rest of this file (norms that must round as torch does) keeps
+ * strict IEEE order. */
+#pragma GCC push_options
+#pragma GCC optimize("associative-math", "no-signed-zeros", "no-trapping-math")
+
 static inline float bf16_to_f32(uint16_t x) {
     union { uint32_t u; float f; } c;
     c.u = (uint32_t)x << 16;
@@ -125,6 +133,7 @@ DEFINE_PARTIAL(partial_f32_64, float, LOAD_F32, 64)
 DEFINE_PARTIAL(partial_bf16_64, uint16_t, LOAD_BF16, 64)
 DEFINE_PARTIAL(partial_f32_128, float, LOAD_F32, 128)
 DEFINE_PARTIAL(partial_bf16_128, uint16_t, LOAD_BF16, 128)
+#pragma GCC pop_options
 
 typedef void (*partial_fn)(const float *, const void *, const void *, const int64_t *, int64_t,
                            int64_t, int64_t, int64_t, int, int, int64_t, int, int, float *,
