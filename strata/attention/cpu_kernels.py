@@ -17,7 +17,6 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -74,7 +73,8 @@ def library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("CPU kernels unavailable, using the torch reference ops: %s", e)
         return None
-    p, i64p, i = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_int
+    p, i = ctypes.c_void_p, ctypes.c_int
+    i64p = p  # int64 arrays, passed by address
     i64 = ctypes.c_int64
     lib.paged_decode.argtypes = [
         i, p, p, p, p, i64p, i64p, i, i, i, i, i, i, i64, ctypes.c_float, i, i
@@ -100,8 +100,9 @@ def available(device: torch.device) -> bool:
     return device.type == "cpu" and library() is not None
 
 
-def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
+def _ptr(t: torch.Tensor) -> int:
+    """A tensor's address for a pointer argument (ctypes takes a plain int)."""
+    return t.data_ptr()
 
 
 def _page_contiguous(pages: torch.Tensor) -> bool:
@@ -110,8 +111,9 @@ def _page_contiguous(pages: torch.Tensor) -> bool:
     return pages.stride()[1:] == (h * d, d, 1)
 
 
-def _i64(t: torch.Tensor) -> Any:
-    return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_int64))
+def _i64(t: torch.Tensor) -> int:
+    """An int64 tensor's address (the argtypes take int64 arrays as void pointers)."""
+    return t.data_ptr()
 
 
 def _splits(work_items: int, width: int) -> int:
