@@ -11,7 +11,7 @@ import torch
 
 from strata.attention import cpu_kernels, reference
 from strata.config import SparseConfig
-from strata.kv.pool import LayerKV
+from strata.kv.pool import KVCache, LayerKV
 from strata.model.batch import ForwardBatch
 
 
@@ -19,8 +19,9 @@ class AttentionBackend(ABC):
     """Computes attention of a batch's queries over the paged KV of each sequence."""
 
     @abstractmethod
-    def prepare(self, batch: ForwardBatch) -> Any:
-        """Per-batch metadata, computed once per forward and shared by every layer."""
+    def prepare(self, batch: ForwardBatch, kv: KVCache | None = None) -> Any:
+        """Per-batch metadata, computed once per forward and shared by every layer (kv: the
+        pool the forward runs on, for state read from it)."""
 
     @abstractmethod
     def forward(
@@ -61,6 +62,7 @@ class _Sparse:
     active_u8: torch.Tensor  # the same as uint8, for the C kernel
     pages: torch.Tensor  # [Bd] int64: each sequence's pages
     touched: torch.Tensor  # [Bd, W] uint8: page indices some sparse layer and KV head kept
+    segments: reference.Segments | None = None  # the radix segments: the coarse level
     layers: int = 0  # decode layers run
     kept: list[torch.Tensor] = field(default_factory=list)  # per sparse layer: [Bd, kv_heads]
 
@@ -100,15 +102,18 @@ class TorchAttention(AttentionBackend):
         self.sparse = sparse if sparse is not None and sparse.enabled else None
         self.cascade_min_pages = cascade_min_pages
         self.kernels = kernels  # use the C kernels (cpu_kernels) where they are built
+        # rid -> (its segments' pages and ends, their summaries): computed once per request
+        self._summaries: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
 
     def reads_in_place(self, device: torch.device) -> bool:
         """Whether decode reads each sequence's pages where they lie (no gather)."""
         return self.kernels and cpu_kernels.available(device)
 
-    def prepare(self, batch: ForwardBatch) -> TorchMeta:
+    def prepare(self, batch: ForwardBatch, kv: KVCache | None = None) -> TorchMeta:
         ps, table = batch.page_size, batch.page_table
         write_at = reference.split_slots(batch.slot_mapping, ps)
         meta = TorchMeta(write_at, batch.input_ids.shape[0], len(batch.q_lens))
+        summaries, self._summaries = self._summaries, {}  # _segments keeps this batch's
         starts = [0]
         for q in batch.q_lens:
             starts.append(starts[-1] + q)
@@ -129,6 +134,7 @@ class TorchAttention(AttentionBackend):
                 active = lens >= sp.min_context
                 touched = torch.zeros(len(decode), max_pages, dtype=torch.uint8, device=dev)
                 meta.sparse = _Sparse(active, active.to(torch.uint8), -(-lens // ps), touched)
+                meta.sparse.segments = self._segments(batch, decode, kv, summaries)
             # NOTE: the CPU kernel reads every sequence's pages in place, so a shared prompt's
             # pages are read from cache, not gathered: cascade decode only pays without it.
             elif not self.reads_in_place(dev):
@@ -174,6 +180,50 @@ class TorchAttention(AttentionBackend):
                 self.scale,
             )  # fmt: skip
         return out
+
+    def _segments(
+        self,
+        batch: ForwardBatch,
+        decode: list[int],
+        kv: KVCache | None,
+        summaries: dict[str, tuple[tuple[int, ...], torch.Tensor]],
+    ) -> reference.Segments | None:
+        """The radix segments of the decode rows (ForwardBatch.segments), with their
+        summaries. A request's summaries are computed once and kept while its segments' pages
+        stay the same and it keeps decoding (summaries: those of the last forward; the ones
+        of this forward's requests are kept, the rest dropped)."""
+        if kv is None or len(batch.segments) != len(batch.q_lens):
+            return None
+        ps, lens, keep = batch.page_size, batch.kv_lens, self._summaries
+        rows: list[tuple[tuple[int, ...], torch.Tensor] | None] = []
+        for i in decode:
+            ends = tuple(e for e in batch.segments[i] if e <= lens[i] // ps)
+            rid = batch.rids[i]
+            if not ends or not rid:
+                rows.append(None)
+                continue
+            pages = batch.page_table[i, : ends[-1]]
+            key = (*ends, -1, *pages.tolist())
+            hit = summaries.get(rid)
+            if hit is None or hit[0] != key:
+                hit = (key, reference.segment_summaries(kv.data, pages, ends))
+            keep[rid] = hit
+            rows.append((ends, hit[1]))
+        if not keep:
+            return None
+        width = max(len(r[0]) for r in rows if r is not None)
+        some = next(r[1] for r in rows if r is not None)
+        dev = some.device
+        sums = torch.zeros(len(decode), width, *some.shape[1:], dtype=some.dtype, device=dev)
+        ends_t = torch.zeros(len(decode), width, dtype=torch.int64, device=dev)
+        counts = torch.zeros(len(decode), dtype=torch.int64, device=dev)
+        for j, r in enumerate(rows):
+            if r is not None:
+                n = len(r[0])
+                sums[j, :n] = r[1]
+                ends_t[j, :n] = torch.tensor(r[0])
+                counts[j] = n
+        return reference.Segments(ends_t, counts, sums)
 
     def _plan_cascade(self, meta: TorchMeta, lens: torch.Tensor, ps: int) -> None:
         """Use cascade decode when every decode sequence starts with the same pages (the
@@ -230,6 +280,7 @@ class TorchAttention(AttentionBackend):
             fused = cpu_kernels.sparse_decode(
                 q, layer, meta.decode_pages, meta.decode_lens, state.active_u8, self.scale,
                 sp.min_score, sp.budget, sp.sink_pages, sp.window_pages, state.touched,
+                state.segments,
             )  # fmt: skip
             if fused is not None:
                 out, kept = fused
@@ -238,6 +289,7 @@ class TorchAttention(AttentionBackend):
         table, lens, kept = reference.select_pages(
             q, layer.kmin, layer.kmax, meta.decode_pages, meta.decode_lens, state.active,
             self.page_size, self.scale, sp.min_score, sp.budget, sp.sink_pages, sp.window_pages,
+            state.segments, layer.layer_id,
         )  # fmt: skip
         state.kept.append(kept)
         state.touched |= reference.kept_mask(meta.decode_pages, table, kept)

@@ -275,8 +275,22 @@ int write_kv(int dtype, const void *k, const void *v, void *kp, void *vp, const 
  * active [batch] (an inactive sequence keeps every page). Writes out_table [batch, kv_heads,
  * width] (kept pages, in order), out_lens [batch, kv_heads] (the kept pages' token count)
  * and kept [batch, kv_heads]; touched [batch, width] (may be NULL): set to 1 at each page
- * index some KV head kept (never cleared here, so it collects a whole forward's layers). */
+ * index some KV head kept (never cleared here, so it collects a whole forward's layers).
+ *
+ * Two levels: segs (may be NULL) gives each sequence's radix segments, runs of its pages
+ * with one summary (min of mins, max of maxes). Forced pages are scored first; a segment
+ * whose bound, against the forced pages' best, is under min_score for every query head of
+ * the group cannot hold a page that would be kept, so its pages are not scored at all. */
 typedef struct { float score; int64_t page; } cand;
+
+/* Radix segments of a batch: ends [batch, width] (page index where each segment ends; the
+ * first starts at 0), counts [batch]; summaries [batch, width, stride] with one layer's
+ * min rows at offset layer_off and its max rows kv_heads * head_dim further. */
+typedef struct {
+    const int64_t *ends, *counts;
+    const void *sums;
+    int64_t width, stride, layer_off;
+} segments;
 #define PREFETCH_PAGES 4
 
 
@@ -307,12 +321,60 @@ static void best_first(cand *c, int64_t n, int64_t k) {
     }
 }
 
+/* Quest bound of one summary (min row at off, max row max_off further) for the g query
+ * heads in qf [g, d]: ub[i] = sum_j max(q_ij * min_j, q_ij * max_j). */
+__attribute__((noinline)) /* one compiled sum for pages and segments: same rounding */
+static void bound(int dtype, const void *sum, int64_t off, int64_t max_off, int d,
+                         int g, const float *qf, float *ub) {
+    float lo[MAX_DIM], hi[MAX_DIM];
+    if (dtype) {
+        for (int j = 0; j < d; j++) {
+            lo[j] = bf16_to_f32(((const uint16_t *)sum)[off + j]);
+            hi[j] = bf16_to_f32(((const uint16_t *)sum)[off + max_off + j]);
+        }
+    } else {
+        memcpy(lo, (const float *)sum + off, sizeof(float) * d);
+        memcpy(hi, (const float *)sum + off + max_off, sizeof(float) * d);
+    }
+    for (int i = 0; i < g; i++) {
+        const float *qi = qf + i * d;
+        float s = 0.f;
+        _Pragma("omp simd reduction(+ : s)") for (int j = 0; j < d; j++) {
+            const float a = qi[j] * lo[j], e = qi[j] * hi[j];
+            s += a > e ? a : e;
+        }
+        ub[i] = s;
+    }
+}
+
+/* u[p, :] = the bound of page p (index into pages, which has n entries), best = running max;
+ * ahead: prefetch the summaries of a later page (they are one row per page, far apart). */
+static inline void score_page(int dtype, const void *kmin, const void *kmax,
+                              const int64_t *pages, int64_t n, int64_t p, int64_t page_stride,
+                              int h, int d, int g, const float *qf, float *u, float *best,
+                              int ahead) {
+    const int64_t esize = dtype ? 2 : 4;
+    if (ahead && p + PREFETCH_PAGES < n) {
+        const int64_t at = (pages[p + PREFETCH_PAGES] * page_stride + h * d) * esize;
+        for (int64_t o = 0; o < d * esize; o += 64) {
+            __builtin_prefetch((const char *)kmin + at + o);
+            __builtin_prefetch((const char *)kmax + at + o);
+        }
+    }
+    /* kmax is the same row of the page's V half: a fixed distance from kmin's row */
+    const int64_t off = pages[p] * page_stride + (int64_t)h * d;
+    const int64_t max_off = ((const char *)kmax - (const char *)kmin) / esize;
+    bound(dtype, kmin, off, max_off, d, g, qf, u + p * g);
+    for (int i = 0; i < g; i++) best[i] = u[p * g + i] > best[i] ? u[p * g + i] : best[i];
+}
+
 int select_pages(int dtype, const void *q, const void *kmin, const void *kmax,
                  const int64_t *page_table, const int64_t *seq_lens, const uint8_t *active,
                  int batch, int table_width, int heads, int kv_heads, int head_dim,
                  int page_size, int64_t page_stride, float scale, float min_score,
                  int64_t budget, double budget_fraction, int sink, int window,
-                 int64_t *out_table, int64_t *out_lens, int64_t *kept, uint8_t *touched) {
+                 const segments *segs, int64_t *out_table, int64_t *out_lens, int64_t *kept,
+                 uint8_t *touched) {
     const int g = heads / kv_heads, d = head_dim;
     if (heads > MAX_HEADS || d > MAX_DIM || heads % kv_heads) return -1;
 #pragma omp parallel for schedule(dynamic, 1)
@@ -338,35 +400,34 @@ int select_pages(int dtype, const void *q, const void *kmin, const void *kmax,
         float *u = (float *)malloc(sizeof(float) * n * g);
         cand *c = (cand *)malloc(sizeof(cand) * n);
         for (int i = 0; i < g; i++) best[i] = -INFINITY;
-        const int64_t esize = dtype ? 2 : 4;
-        for (int64_t p = 0; p < n; p++) {
-            const int64_t off = pages[p] * page_stride + (int64_t)h * d;
-            float lo[MAX_DIM], hi[MAX_DIM];
-            if (p + PREFETCH_PAGES < n) { /* summaries are one row per page, pages far apart */
-                const int64_t ahead = (pages[p + PREFETCH_PAGES] * page_stride + h * d) * esize;
-                for (int64_t o = 0; o < d * esize; o += 64) {
-                    __builtin_prefetch((const char *)kmin + ahead + o);
-                    __builtin_prefetch((const char *)kmax + ahead + o);
-                }
+        const int64_t lo_w = n - window, hi_w = sink; /* pages [sink, n - window) may skip */
+        for (int64_t p = 0; p < n; p++)
+            if (p < hi_w || p >= lo_w) score_page(dtype, kmin, kmax, pages, n, p, page_stride,
+                                                  h, d, g, qf, u, best, 0);
+        float best_forced[MAX_HEADS];
+        memcpy(best_forced, best, sizeof(float) * g);
+        const int64_t nseg = segs ? segs->counts[b] : 0;
+        int64_t p = hi_w;
+        for (int64_t s = 0; s <= nseg && p < lo_w; s++) {
+            int64_t end = s < nseg ? segs->ends[b * segs->width + s] : lo_w;
+            end = end < lo_w ? end : lo_w;
+            if (end <= p) continue;
+            int spare = 0;
+            if (s < nseg && end - p > 1) { /* score the segment as a whole first */
+                const int64_t off = (b * segs->width + s) * segs->stride + segs->layer_off
+                                    + (int64_t)h * d;
+                float ub[MAX_HEADS];
+                bound(dtype, segs->sums, off, (int64_t)kv_heads * d, d, g, qf, ub);
+                spare = 1;
+                for (int i = 0; i < g; i++)
+                    if (!(scale * (ub[i] - best_forced[i]) < min_score)) spare = 0;
             }
-            if (dtype) {
-                for (int j = 0; j < d; j++) {
-                    lo[j] = bf16_to_f32(((const uint16_t *)kmin)[off + j]);
-                    hi[j] = bf16_to_f32(((const uint16_t *)kmax)[off + j]);
-                }
-            } else {
-                memcpy(lo, (const float *)kmin + off, sizeof(float) * d);
-                memcpy(hi, (const float *)kmax + off, sizeof(float) * d);
-            }
-            for (int i = 0; i < g; i++) {
-                const float *qi = qf + i * d;
-                float s = 0.f;
-                _Pragma("omp simd reduction(+ : s)") for (int j = 0; j < d; j++) {
-                    const float a = qi[j] * lo[j], e = qi[j] * hi[j];
-                    s += a > e ? a : e;
-                }
-                u[p * g + i] = s;
-                best[i] = s > best[i] ? s : best[i];
+            for (; p < end; p++) {
+                if (spare)
+                    for (int i = 0; i < g; i++) u[p * g + i] = -INFINITY;
+                else
+                    score_page(dtype, kmin, kmax, pages, end, p, page_stride, h, d, g, qf, u,
+                               best, 1);
             }
         }
         /* keep[p]: 1 kept, 0 skipped; candidates (neither forced nor under min_score) wait
@@ -410,7 +471,8 @@ int sparse_decode(int dtype, const void *q, const void *k, const void *v, void *
                   const int64_t *seq_lens, const uint8_t *active, int batch, int table_width,
                   int heads, int kv_heads, int head_dim, int page_size, int64_t page_stride,
                   float scale, float min_score, int64_t budget, double budget_fraction, int sink,
-                  int window, int splits, int64_t *kept, uint8_t *touched) {
+                  int window, const segments *segs, int splits, int64_t *kept,
+                  uint8_t *touched) {
     const int64_t n = (int64_t)batch * kv_heads;
     int64_t *table = (int64_t *)calloc(n * table_width, sizeof(int64_t));
     int64_t *lens = (int64_t *)malloc(sizeof(int64_t) * n);
@@ -418,7 +480,8 @@ int sparse_decode(int dtype, const void *q, const void *k, const void *v, void *
     if (table && lens)
         rc = select_pages(dtype, q, kmin, kmax, page_table, seq_lens, active, batch, table_width,
                           heads, kv_heads, head_dim, page_size, page_stride, scale, min_score,
-                          budget, budget_fraction, sink, window, table, lens, kept, touched);
+                          budget, budget_fraction, sink, window, segs, table, lens, kept,
+                          touched);
     if (rc == 0)
         rc = paged_decode(dtype, q, k, v, out, table, lens, batch, table_width, heads, kv_heads,
                           head_dim, page_size, page_stride, scale, splits, kv_heads);

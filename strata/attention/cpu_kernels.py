@@ -17,9 +17,11 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from strata.attention import reference
 from strata.config import cache_dir, env, system_env
 from strata.kv.pool import LayerKV
 
@@ -64,6 +66,31 @@ def build(compiler: str | None = None) -> Path:
     return out
 
 
+class _Segments(ctypes.Structure):
+    """cpu_decode.c's `segments` (reference.Segments, one layer)."""
+
+    _fields_ = [
+        ("ends", ctypes.c_void_p), ("counts", ctypes.c_void_p), ("sums", ctypes.c_void_p),
+        ("width", ctypes.c_int64), ("stride", ctypes.c_int64), ("layer_off", ctypes.c_int64),
+    ]  # fmt: skip
+
+
+def _segments(segments: reference.Segments | None, layer: int, dtype: torch.dtype) -> Any:
+    """A pointer to segments' C view for one layer; None without segments or when their
+    layout does not fit (the caller falls back to the reference)."""
+    if segments is None:
+        return None
+    ends, counts, sums = segments
+    if sums.dtype != dtype or not (sums.is_contiguous() and ends.is_contiguous()):
+        return False
+    if ends.dtype != torch.int64 or counts.dtype != torch.int64 or not counts.is_contiguous():
+        return False
+    b, s, _, _, kv_heads, d = sums.shape
+    per_seg = sums[0, 0].numel() if s else 0
+    view = _Segments(_i64(ends), _i64(counts), _ptr(sums), s, per_seg, layer * 2 * kv_heads * d)
+    return ctypes.pointer(view)
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     if not enabled():
@@ -82,11 +109,11 @@ def library() -> ctypes.CDLL | None:
     lib.write_kv.argtypes = [i, p, p, p, p, i64p, i64p, i64, i, i, i, i64]
     lib.select_pages.argtypes = [
         i, p, p, p, i64p, i64p, p, i, i, i, i, i, i, i64, ctypes.c_float, ctypes.c_float, i64,
-        ctypes.c_double, i, i, i64p, i64p, i64p, p,
+        ctypes.c_double, i, i, ctypes.POINTER(_Segments), i64p, i64p, i64p, p,
     ]  # fmt: skip
     lib.sparse_decode.argtypes = [
         i, p, p, p, p, p, p, i64p, i64p, p, i, i, i, i, i, i, i64, ctypes.c_float,
-        ctypes.c_float, i64, ctypes.c_double, i, i, i, i64p, p,
+        ctypes.c_float, i64, ctypes.c_double, i, i, ctypes.POINTER(_Segments), i, i64p, p,
     ]  # fmt: skip
     lib.add_rms_norm.argtypes = [p, p, p, p, i64, i, ctypes.c_float]
     lib.rope_bf16.argtypes = [p, i64, i, i, i64, p, p]
@@ -248,11 +275,16 @@ def select_pages(
     budget: float,
     sink: int,
     window: int,
+    segments: reference.Segments | None = None,
+    layer: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """reference.select_pages, batched in C; None where the kernel does not apply."""
     lib = library()
     dtype = DTYPES.get(q.dtype)
     if lib is None or dtype is None or q.device.type != "cpu" or kmin.dtype != q.dtype:
+        return None
+    segs = _segments(segments, layer, q.dtype)
+    if segs is False:
         return None
     if kmin.stride() != kmax.stride() or kmin.stride()[1:] != (kmin.shape[2], 1):
         return None
@@ -270,7 +302,7 @@ def select_pages(
     rc = lib.select_pages(
         dtype, _ptr(q), _ptr(kmin), _ptr(kmax), _i64(table), _i64(lens), _ptr(act), b, width,
         heads, kv_heads, d, page_size, kmin.stride(0), scale, min_score, count, fraction, sink,
-        window, _i64(out), _i64(out_lens), _i64(kept), None,
+        window, segs, _i64(out), _i64(out_lens), _i64(kept), None,
     )  # fmt: skip
     return (out, out_lens, kept) if rc == 0 else None
 
@@ -287,15 +319,20 @@ def sparse_decode(
     sink: int,
     window: int,
     touched: torch.Tensor | None = None,
+    segments: reference.Segments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """select_pages then paged_decode_selected, in one call (no tables cross into Python):
     (attention [B, heads, D], kept [B, kv_heads]); None where the kernel does not apply.
     page_table, seq_lens: int64 and contiguous; active: uint8. touched (uint8 [B, W],
-    contiguous): set to 1 at the index of every page some KV head kept."""
+    contiguous): set to 1 at the index of every page some KV head kept. segments: the
+    coarse level of the selection (reference.Segments)."""
     lib = library()
     dtype = DTYPES.get(q.dtype)
     k_pages, v_pages, kmin, kmax = layer.k, layer.v, layer.kmin, layer.kmax
     if lib is None or dtype is None or q.device.type != "cpu" or k_pages.dtype != q.dtype:
+        return None
+    segs = _segments(segments, layer.layer_id, q.dtype)
+    if segs is False:
         return None
     if k_pages.stride() != v_pages.stride() or not _page_contiguous(k_pages):
         return None
@@ -311,7 +348,7 @@ def sparse_decode(
     rc = lib.sparse_decode(
         dtype, _ptr(q), _ptr(k_pages), _ptr(v_pages), _ptr(out), _ptr(kmin), _ptr(kmax),
         _i64(page_table), _i64(seq_lens), _ptr(active), b, width, heads, kv_heads, d,
-        page_size, k_pages.stride(0), scale, min_score, count, fraction, sink, window,
+        page_size, k_pages.stride(0), scale, min_score, count, fraction, sink, window, segs,
         _splits(b * kv_heads, width), _i64(kept), _ptr(touched) if touched is not None else None,
     )  # fmt: skip
     return (out, kept) if rc == 0 else None

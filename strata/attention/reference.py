@@ -7,6 +7,9 @@ page_id * page_size + offset.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -171,6 +174,62 @@ def paged_decode_cascade(
     return out.to(q.dtype)
 
 
+class Segments(NamedTuple):
+    """The radix segments of a decode batch's sequences: the coarse level of select_pages.
+
+    ends [B, S] int64: the page index where each segment of a sequence ends (its first
+    segment starts at page 0; entries past counts[b] are ignored); counts [B] int64; sums
+    [B, S, layers, 2, kv_heads, D]: per layer, the min of the segment's pages' kmin (index 0)
+    and the max of their kmax (index 1), as segment_summaries computes them."""
+
+    ends: torch.Tensor
+    counts: torch.Tensor
+    sums: torch.Tensor
+
+
+def segment_summaries(data: torch.Tensor, pages: torch.Tensor, ends: Sequence[int]) -> torch.Tensor:
+    """Summaries of consecutive runs of pages ([0, ends[0]), [ends[0], ends[1]), ...) of a
+    pool's data [pages, layers, 2, page_size + 1, kv_heads, D] (KVCache.data, whose row
+    page_size holds each page's kmin in K and kmax in V): [S, layers, 2, kv_heads, D]."""
+    ps = data.shape[3] - 1
+    rows = data.index_select(0, pages[: ends[-1]])[:, :, :, ps]  # [n, layers, 2, kv, D]
+    out = rows.new_empty(len(ends), *rows.shape[1:])
+    start = 0
+    for s, end in enumerate(ends):
+        out[s, :, 0] = rows[start:end, :, 0].amin(0)
+        out[s, :, 1] = rows[start:end, :, 1].amax(0)
+        start = end
+    return out
+
+
+def spared_pages(
+    u: torch.Tensor, q: torch.Tensor, forced: torch.Tensor, segments: Segments, layer: int,
+    scale: float, min_score: float,
+) -> torch.Tensor:  # fmt: skip
+    """Pages select_pages need not score (bool [B, W, kv_heads]): those of a segment whose
+    bound is, for every query head of the group, under min_score against the best bound
+    among the forced pages. Such a page's own score is lower still (its keys lie inside the
+    segment's min and max, and the best page is at least the best forced one), so skipping
+    it changes no selection.
+
+    u [B, W, kv_heads, g]: page bounds (-inf past a sequence's pages); q [B, kv_heads, g, D];
+    forced [B, W] bool: the sink and window pages (and no padding)."""
+    b, w = forced.shape
+    sums = segments.sums[:, :, layer]  # [B, S, 2, kv_heads, D]
+    ub = page_bounds(q, sums[:, :, 0], sums[:, :, 1])  # [B, S, kv_heads, g]
+    best_forced = u.masked_fill(~forced[:, :, None, None], float("-inf")).amax(1)
+    below = (scale * (ub - best_forced[:, None]) < min_score).all(-1)  # [B, S, kv_heads]
+    pos = torch.arange(w, device=u.device)
+    slot = torch.arange(segments.ends.shape[1], device=u.device)
+    past = slot[None, :] >= segments.counts[:, None]
+    ends = segments.ends.masked_fill(past, w)  # a row's unused entries end past its pages
+    seg = (pos[None, :, None] >= ends[:, None, :]).sum(-1)  # [B, W]: p's segment
+    inside = seg < segments.counts[:, None]
+    seg = seg.clamp(max=max(segments.ends.shape[1] - 1, 0))
+    hit = below.gather(1, seg[:, :, None].expand(b, w, below.shape[2]))
+    return hit & (inside & ~forced)[:, :, None]
+
+
 def page_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
     """Quest's upper bound of q.k over a page's keys: sum_d max(q_d * kmin_d, q_d * kmax_d).
     q [B, kv_heads, g, D]; kmin, kmax [B, P, kv_heads, D]. Returns [B, P, kv_heads, g]."""
@@ -192,6 +251,8 @@ def select_pages(
     budget: float,
     sink: int,
     window: int,
+    segments: Segments | None = None,
+    layer: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The pages each KV head of each decode sequence attends to (sparse decode).
 
@@ -202,7 +263,9 @@ def select_pages(
     least min_score (SparseConfig.min_score); when `budget` (a page count if >= 1, a fraction
     of n if < 1; 0 for none) caps the kept pages, the other pages with the best scores fill
     it (an earlier page first on ties). A sequence not `active`, or of at most sink + window
-    pages, keeps all.
+    pages, keeps all. With `segments` (layer: the pool layer of kmin and kmax), the pages
+    spared_pages rules out are set aside before ranking (the C kernel never scores them),
+    which changes no selection.
 
     q [B, heads, D]; kmin, kmax [pages, kv_heads, D] (the pool's summaries); page_table
     [B, W]; seq_lens [B]; active [B] bool; budget, sink, window in pages. Returns (table
@@ -222,8 +285,12 @@ def select_pages(
     pos = torch.arange(w, device=q.device)[None, :]  # [1, W]
     valid = pos < n[:, None]
     u = u.masked_fill(~valid[:, :, None, None], float("-inf"))
-    score = (scale * (u - u.amax(1, keepdim=True))).amax(-1)  # [B, W, kv_heads]
     forced = (pos < sink) | (pos >= n[:, None] - window)
+    if segments is not None:
+        spared = spared_pages(u, q.view(b, kv_heads, g, d), forced & valid, segments, layer,
+                              scale, min_score)  # fmt: skip
+        u = u.masked_fill(spared[..., None], float("-inf"))
+    score = (scale * (u - u.amax(1, keepdim=True))).amax(-1)  # [B, W, kv_heads]
     everything = ~active | (n <= sink + window)
     cand = valid[:, :, None] & ~forced[:, :, None] & (score >= min_score)
     if budget > 0:

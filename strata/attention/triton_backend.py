@@ -9,7 +9,7 @@ import torch
 from strata.attention import triton_kernels
 from strata.attention.backend import TorchAttention, TorchMeta
 from strata.config import SparseConfig
-from strata.kv.pool import LayerKV
+from strata.kv.pool import KVCache, LayerKV
 from strata.model.batch import ForwardBatch
 
 
@@ -35,8 +35,8 @@ class TritonAttention(TorchAttention):
     def reads_in_place(self, device: torch.device) -> bool:
         return True
 
-    def prepare(self, batch: ForwardBatch) -> TorchMeta:
-        meta = super().prepare(batch)
+    def prepare(self, batch: ForwardBatch, kv: KVCache | None = None) -> TorchMeta:
+        meta = super().prepare(batch, kv)
         if meta.extends:
             dev = batch.page_table.device
             width = max(e.page_ids.shape[0] for e in meta.extends)

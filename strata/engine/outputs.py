@@ -38,7 +38,7 @@ class RequestOutputs:
             tokens = req.output_ids[c.start - n_prompt : end - n_prompt]
         else:
             tokens = (req.prompt_ids + req.output_ids)[c.start : end]
-        return SequenceChunk(tokens, c.start, req.pages)
+        return SequenceChunk(tokens, c.start, req.pages, req.rid, req.segment_ends)
 
     def _advance_grammar(self, req: Request, token: int) -> list[int] | None:
         """Feed the sampled token to the request's grammar; with jump-forward, replace it by

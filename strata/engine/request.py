@@ -86,6 +86,7 @@ class Request:
     cache_node: int | None = None
     num_cached: int = 0  # prompt tokens served from the cache at (last) admission
     num_computed: int = 0  # tokens of fill_ids whose KV is in pages (the scheduler's)
+    segment_ends: tuple[int, ...] = ()  # where its radix segments of pages end (sparse decode)
     status: Status = Status.WAITING
     finish_reason: str | None = None  # set with Status.FINISHED
     generator: torch.Generator | None = None

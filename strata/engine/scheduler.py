@@ -135,6 +135,7 @@ class Scheduler:
         self.pool.free(sorted(ours))
         req.pages[:full] = match.pages
         req.num_shared_pages, req.cache_node = full, match.node
+        req.segment_ends = self._segment_ends(req, match.node, full)
 
     def on_loaded(self, plan: LoadPlan) -> None:
         """A load has ended (engine thread): its pages join the cache."""
@@ -270,7 +271,23 @@ class Scheduler:
         req.loads = []  # a load still running now only feeds the cache
         req.pages, req.num_shared_pages, req.cache_node = shared + own, len(shared), node
         req.num_computed = usable
+        req.segment_ends = self._segment_ends(req, node, len(shared))
         return True
+
+    def _segment_ends(self, req: Request, node: int | None, shared: int) -> tuple[int, ...]:
+        """Where the radix segments of req's page table end: the cache nodes of its first
+        `shared` pages (node: the deepest), then the rest of its prompt's whole pages."""
+        ends, end = [], 0
+        if node is not None and self.prefix_cache is not None:
+            for count in self.prefix_cache.segments(node):
+                if end + count > shared:
+                    break
+                end += count
+                ends.append(end)
+        prompt = len(req.prompt_ids) // self.page_size
+        if prompt > end:
+            ends.append(prompt)
+        return tuple(ends)
 
     def _reserve(self, req: Request) -> bool:
         """Pages for a remote request's whole prompt (no cache match: every page arrives)."""
@@ -279,6 +296,7 @@ class Scheduler:
             return False
         req.admitted, req.admitted_at = True, time.monotonic()  # lookup: the prefill worker's
         req.pages, req.num_shared_pages, req.cache_node, req.num_computed = own, 0, None, 0
+        req.segment_ends = self._segment_ends(req, None, 0)
         return True
 
     def release(self, req: Request) -> None:
@@ -295,3 +313,4 @@ class Scheduler:
         else:
             self.pool.free(pages[shared:])
         req.pages, req.num_shared_pages, req.cache_node, req.num_computed = [], 0, None, 0
+        req.segment_ends = ()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,6 +16,8 @@ class SequenceChunk:
     token_ids: Sequence[int]
     prefix_len: int
     pages: Sequence[int]
+    rid: str = ""  # the request's id, where a backend keeps state per sequence
+    segments: tuple[int, ...] = ()  # page index where each radix segment of pages ends
 
 
 @dataclass
@@ -28,6 +30,8 @@ class ForwardBatch:
     prefix_lens: list[int]
     logits_index: torch.Tensor  # rows of the hidden states that produce logits
     page_size: int
+    rids: list[str] = field(default_factory=list)
+    segments: list[tuple[int, ...]] = field(default_factory=list)  # per sequence (SequenceChunk)
 
     @property
     def kv_lens(self) -> list[int]:
@@ -72,4 +76,6 @@ class ForwardBatch:
             prefix_lens=prefix_lens,
             logits_index=logits_index.to(device),
             page_size=page_size,
+            rids=[c.rid for c in chunks],
+            segments=[c.segments for c in chunks],
         )

@@ -61,7 +61,7 @@ class LlamaForCausalLM:
     def forward(self, batch: ForwardBatch, kv: KVCache) -> tuple[torch.Tensor, Any]:
         """Logits (float32) for the rows batch.logits_index: [len(logits_index), vocab], and
         the backend's metadata of the batch (backend.sparsity reads it)."""
-        meta = self.backend.prepare(batch)
+        meta = self.backend.prepare(batch, kv)
         cos, sin = self.rope.tables(batch.positions)
         if self.tp:
             x = self.tp.embed(batch.input_ids, self.embed_tokens)

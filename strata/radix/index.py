@@ -47,6 +47,10 @@ class CacheIndex(ABC):
     def unlock(self, node: int) -> None:
         self.tree.unlock(node)
 
+    def segments(self, node: int) -> list[int]:
+        """Page counts of the radix nodes of the prefix matched up to node, root first."""
+        return self.tree.segments(node)
+
     def record_lookup(
         self, prompt_tokens: int, cached_tokens: int, l2_tokens: int = 0, l3_tokens: int = 0
     ) -> None:

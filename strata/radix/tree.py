@@ -116,6 +116,17 @@ class RadixTree:
             node = node.parent
         return path[::-1]
 
+    def segments(self, node_id: int) -> list[int]:
+        """Page counts of the L1 nodes on the path to node_id, root first: the radix segments
+        of a prefix that matched up to node_id (sparse attention scores them as a whole)."""
+        counts = []
+        node: _Node | None = self._nodes[node_id]
+        while node is not None and node is not self.root:
+            if node.pages is not None:
+                counts.append(len(node.pages))
+            node = node.parent
+        return counts[::-1]
+
     def pages_of(self, node_id: int) -> tuple[list[int], list[bytes]]:
         """A node's L1 pages and page keys."""
         node = self._nodes[node_id]

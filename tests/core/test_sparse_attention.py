@@ -117,9 +117,10 @@ def test_selection_equals_brute_force(heads, kv_heads, min_score, budget):
     active = [True, True, True, True, True, True, False]
     kv = random_pool(64, kv_heads, d)
     layer = kv.layers[0]
+    lo, hi = torch.minimum(layer.kmin, layer.kmax), torch.maximum(layer.kmin, layer.kmax)
     spread = torch.rand(64, 1, 1) * 3  # pages of very different bounds, as in real text
-    layer.kmin.mul_(spread)
-    layer.kmax.mul_(spread)
+    layer.kmin.copy_(lo * spread)  # a summary's min is at most its max
+    layer.kmax.copy_(hi * spread)
     table, rows = page_tables(lens, 64, seed=heads)
     q = torch.randn(len(lens), heads, d)
     scale, sink, window = d**-0.5, 1, 2
@@ -127,8 +128,12 @@ def test_selection_equals_brute_force(heads, kv_heads, min_score, budget):
                                    min_score, budget, sink, window)  # fmt: skip
     args = (q, layer.kmin, layer.kmax, table, torch.tensor(lens), torch.tensor(active), PS,
             scale, min_score, budget, sink, window)  # fmt: skip
+    segs = random_segments(kv, table, lens, seed=heads)
     skipped = 0
-    for picked in (cpu_kernels.select_pages(*args), ref.select_pages(*args)):
+    picks = [cpu_kernels.select_pages(*args), ref.select_pages(*args)]
+    # two levels: the radix segments rule out pages first, and nothing changes
+    picks += [cpu_kernels.select_pages(*args, segs, 0), ref.select_pages(*args, segs, 0)]
+    for picked in picks:
         assert picked is not None
         sel, sel_lens, kept = picked
         for i, n in enumerate(lens):
@@ -140,6 +145,48 @@ def test_selection_equals_brute_force(heads, kv_heads, min_score, budget):
                 assert sel_lens[i, h] == (len(pages) - 1) * PS + last
                 skipped += -(-n // PS) - len(pages)
     assert skipped > 0  # the cases do skip pages
+    # ... and at the tighter threshold the segments do spare some pages their scoring
+    spared = spared_count(q, layer, table, lens, segs, scale, min_score, sink, window)
+    assert min_score < -2 or spared > 0
+
+
+def random_segments(kv, table, lens, seed):
+    """Each sequence's whole pages cut into runs of 1 to 4 pages (one-page segments, runs
+    over the sink and the window included), with their summaries from the pool."""
+    g = torch.Generator().manual_seed(seed)
+    all_ends = []
+    for n in lens:
+        ends, end = [], 0
+        while end + 1 <= n // PS:
+            end = min(end + int(torch.randint(1, 5, (1,), generator=g)), n // PS)
+            ends.append(end)
+        all_ends.append(ends)
+    width = max(len(e) for e in all_ends)
+    sums = torch.zeros(len(lens), width, *kv.data.shape[1:3], *kv.data.shape[4:])
+    ends_t = torch.zeros(len(lens), width, dtype=torch.int64)
+    for i, ends in enumerate(all_ends):
+        if ends:
+            sums[i, : len(ends)] = ref.segment_summaries(kv.data, table[i], ends)
+            ends_t[i, : len(ends)] = torch.tensor(ends)
+    counts = torch.tensor([len(e) for e in all_ends])
+    return ref.Segments(ends_t, counts, sums.to(kv.data.dtype))
+
+
+def spared_count(q, layer, table, lens, segs, scale, min_score, sink, window):
+    """Pages (x KV heads) whose scoring the segments spare, by the reference."""
+    b, heads, d = q.shape
+    kvh = layer.kmin.shape[1]
+    n = -(-torch.tensor(lens) // PS)
+    w = table.shape[1]
+    lo = layer.kmin.index_select(0, table.reshape(-1)).view(b, w, kvh, d)
+    hi = layer.kmax.index_select(0, table.reshape(-1)).view(b, w, kvh, d)
+    qg = q.view(b, kvh, heads // kvh, d)
+    pos = torch.arange(w)[None, :]
+    valid = pos < n[:, None]
+    u = ref.page_bounds(qg, lo, hi).masked_fill(~valid[:, :, None, None], float("-inf"))
+    forced = ((pos < sink) | (pos >= n[:, None] - window)) & valid
+    spared = ref.spared_pages(u, qg, forced, segs, layer.layer_id, scale, min_score)
+    return int(spared.sum())
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 1)])
@@ -229,7 +276,7 @@ def sparse_runners(tiny_checkpoint):
     return make(SparseConfig(threshold=0)), make
 
 
-def decode_logits(runner, prompt, steps):
+def decode_logits(runner, prompt, steps, rid="", segments=()):
     """Greedy decode of one prompt: the logits of each step, and the sparsity of each."""
     pages = runner.pool.alloc(runner.pages_for(len(prompt) + steps))
     chunk = SequenceChunk(list(prompt), 0, pages)
@@ -239,7 +286,8 @@ def decode_logits(runner, prompt, steps):
         out.append(logits[0])
         sparsity.append(runner.last_sparsity)
         token = int(logits[0].argmax())
-        chunk = SequenceChunk([token], chunk.prefix_len + len(chunk.token_ids), pages)
+        at = chunk.prefix_len + len(chunk.token_ids)
+        chunk = SequenceChunk([token], at, pages, rid, segments)
     runner.pool.free(pages)
     return torch.stack(out), sparsity
 
@@ -272,6 +320,31 @@ def test_sparse_decode_skips_pages_and_counts_them(sparse_runners):
         assert considered == pages * 4 * 2
         # layers 2 and 3 keep at most half the pages (the budget), sink and window included
         assert (pages - math.ceil(pages / 2)) * 2 * 2 <= skipped <= pages * 2 * 2
+
+
+@pytest.mark.parametrize("attention", ["cpu", "torch"])
+def test_radix_segments_change_no_logit(tiny_checkpoint, attention):
+    """Two-level selection through the model: decode with the prompt's pages cut into radix
+    segments (of 1 to 13 pages) gives exactly the logits of page-level selection, on the C
+    kernel and on the torch reference; each request's segment summaries are computed once
+    and dropped when it leaves the batch."""
+    folder, _ = tiny_checkpoint("llama", num_hidden_layers=4, num_key_value_heads=2)
+    runner = ModelRunner.from_config(
+        ModelConfig(str(folder), dtype="float32", attention_backend=attention,
+                    sparse=SparseConfig(threshold=0.5, min_context=64, window_pages=2)),
+        KVPoolConfig(page_size=PS, num_pages=128),
+    )  # fmt: skip
+    want, sparsity = decode_logits(runner, PROMPT, 8)
+    assert sum(s[0][0] for s in sparsity[1:]) > 0  # pages are skipped
+    backend = runner.model.backend
+    assert not backend._summaries
+    ends = (1, 2, 15, 20, 33, 34, len(PROMPT) // PS)
+    got, _ = decode_logits(runner, PROMPT, 8, "r1", ends)
+    assert torch.equal(got, want)
+    assert list(backend._summaries) == ["r1"]
+    assert backend._summaries["r1"][1].shape[0] == len(ends)
+    decode_logits(runner, PROMPT[:100], 2, "r2", (25,))
+    assert list(backend._summaries) == ["r2"]
 
 
 def test_short_sequences_stay_dense(sparse_runners):
@@ -318,3 +391,40 @@ def test_fetch_on_select_decodes_past_l1_to_the_same_tokens(tiny_checkpoint):
     cache = engine.prefix_cache
     assert cache.host_pool.num_free + cache.tree.host_pages == cache.host_pool.num_pages
     assert cache.match(PROMPT + got[0]).length == 48 * PS
+
+
+def test_a_request_decodes_over_the_radix_segments_of_its_pages(tiny_checkpoint):
+    """A second turn's page table is the first turn's radix nodes (its prompt, then its
+    reply), then its own prompt: those are the segments its sparse decode scores first."""
+    folder, _ = tiny_checkpoint("llama", num_hidden_layers=4, num_key_value_heads=2)
+    runner = ModelRunner.from_config(
+        ModelConfig(str(folder), dtype="float32",
+                    sparse=SparseConfig(threshold=0.5, min_context=32, window_pages=2)),
+        KVPoolConfig(page_size=PS, num_pages=128),
+    )  # fmt: skip
+    engine = Engine(runner)
+    params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
+    seen: list[tuple[int, ...]] = []
+
+    def sink(out):
+        req = engine._requests.get(out.rid)
+        if req is not None:
+            seen.append(req.segment_ends)
+
+    first = PROMPT[:41]
+    done: list = []
+    engine.submit(first, params, done.append)
+    engine.run_until_done()
+    reply = [t for e in done for t in e.token_ids]
+    second = first + reply + [7] * 9
+    engine.submit(second, params, sink)
+    engine.run_until_done()
+    ends = seen[-1]
+    assert ends[-1] == len(second) // PS and list(ends) == sorted(set(ends))
+    # the first turn's prompt and reply are nodes of their own (the reply's last token has
+    # no KV, so the cached part ends at the last whole page before it)
+    assert len(first) // PS in ends and (len(first) + len(reply) - 1) // PS in ends
+    engine.submit(PROMPT[:5], params, done.append)  # a short (dense) request runs next
+    engine.run_until_done()
+    assert runner.model.backend._summaries == {}  # the second turn's were dropped
+    assert_pool_back_to_cache_only(engine)
