@@ -282,10 +282,14 @@ int write_kv(int dtype, const void *k, const void *v, void *kp, void *vp, const 
  * whose bound, against the forced pages' best, is under min_score for every query head of
  * the group cannot hold a page that would be kept, so its pages are not scored at all. */
 typedef struct { float score; int64_t page; } cand;
+/* nats: far above the rounding of a bound (a float sum of head_dim terms), far below any
+ * threshold's resolution */
+#define SPARE_MARGIN 1e-3f
 
-/* Radix segments of a batch: ends [batch, width] (page index where each segment ends; the
- * first starts at 0), counts [batch]; summaries [batch, width, stride] with one layer's
- * min rows at offset layer_off and its max rows kv_heads * head_dim further. */
+/* Radix segments of a batch (the seg_* arguments; seg_ends NULL for none): ends [batch,
+ * width] (page index where each segment ends; the first starts at 0), counts [batch];
+ * summaries [batch, width, stride] with one layer's min rows at offset layer_off and its
+ * max rows kv_heads * head_dim further. */
 typedef struct {
     const int64_t *ends, *counts;
     const void *sums;
@@ -323,8 +327,7 @@ static void best_first(cand *c, int64_t n, int64_t k) {
 
 /* Quest bound of one summary (min row at off, max row max_off further) for the g query
  * heads in qf [g, d]: ub[i] = sum_j max(q_ij * min_j, q_ij * max_j). */
-__attribute__((noinline)) /* one compiled sum for pages and segments: same rounding */
-static void bound(int dtype, const void *sum, int64_t off, int64_t max_off, int d,
+static inline void bound(int dtype, const void *sum, int64_t off, int64_t max_off, int d,
                          int g, const float *qf, float *ub) {
     float lo[MAX_DIM], hi[MAX_DIM];
     if (dtype) {
@@ -373,9 +376,13 @@ int select_pages(int dtype, const void *q, const void *kmin, const void *kmax,
                  int batch, int table_width, int heads, int kv_heads, int head_dim,
                  int page_size, int64_t page_stride, float scale, float min_score,
                  int64_t budget, double budget_fraction, int sink, int window,
-                 const segments *segs, int64_t *out_table, int64_t *out_lens, int64_t *kept,
-                 uint8_t *touched) {
+                 const int64_t *seg_ends, const int64_t *seg_counts, const void *seg_sums,
+                 int64_t seg_width, int64_t seg_stride, int64_t seg_layer_off,
+                 int64_t *out_table, int64_t *out_lens, int64_t *kept, uint8_t *touched) {
     const int g = heads / kv_heads, d = head_dim;
+    const segments seg_view = {seg_ends, seg_counts, seg_sums, seg_width, seg_stride,
+                               seg_layer_off};
+    const segments *segs = seg_ends ? &seg_view : NULL;
     if (heads > MAX_HEADS || d > MAX_DIM || heads % kv_heads) return -1;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t it = 0; it < (int64_t)batch * kv_heads; it++) {
@@ -418,9 +425,9 @@ int select_pages(int dtype, const void *q, const void *kmin, const void *kmax,
                                     + (int64_t)h * d;
                 float ub[MAX_HEADS];
                 bound(dtype, segs->sums, off, (int64_t)kv_heads * d, d, g, qf, ub);
-                spare = 1;
+                spare = 1; /* SPARE_MARGIN: the sums here and per page may round apart */
                 for (int i = 0; i < g; i++)
-                    if (!(scale * (ub[i] - best_forced[i]) < min_score)) spare = 0;
+                    if (!(scale * (ub[i] - best_forced[i]) < min_score - SPARE_MARGIN)) spare = 0;
             }
             for (; p < end; p++) {
                 if (spare)
@@ -471,8 +478,9 @@ int sparse_decode(int dtype, const void *q, const void *k, const void *v, void *
                   const int64_t *seq_lens, const uint8_t *active, int batch, int table_width,
                   int heads, int kv_heads, int head_dim, int page_size, int64_t page_stride,
                   float scale, float min_score, int64_t budget, double budget_fraction, int sink,
-                  int window, const segments *segs, int splits, int64_t *kept,
-                  uint8_t *touched) {
+                  int window, const int64_t *seg_ends, const int64_t *seg_counts,
+                  const void *seg_sums, int64_t seg_width, int64_t seg_stride,
+                  int64_t seg_layer_off, int splits, int64_t *kept, uint8_t *touched) {
     const int64_t n = (int64_t)batch * kv_heads;
     int64_t *table = (int64_t *)calloc(n * table_width, sizeof(int64_t));
     int64_t *lens = (int64_t *)malloc(sizeof(int64_t) * n);
@@ -480,7 +488,8 @@ int sparse_decode(int dtype, const void *q, const void *k, const void *v, void *
     if (table && lens)
         rc = select_pages(dtype, q, kmin, kmax, page_table, seq_lens, active, batch, table_width,
                           heads, kv_heads, head_dim, page_size, page_stride, scale, min_score,
-                          budget, budget_fraction, sink, window, segs, table, lens, kept,
+                          budget, budget_fraction, sink, window, seg_ends, seg_counts,
+                          seg_sums, seg_width, seg_stride, seg_layer_off, table, lens, kept,
                           touched);
     if (rc == 0)
         rc = paged_decode(dtype, q, k, v, out, table, lens, batch, table_width, heads, kv_heads,

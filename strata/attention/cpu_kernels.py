@@ -17,7 +17,6 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -66,29 +65,19 @@ def build(compiler: str | None = None) -> Path:
     return out
 
 
-class _Segments(ctypes.Structure):
-    """cpu_decode.c's `segments` (reference.Segments, one layer)."""
-
-    _fields_ = [
-        ("ends", ctypes.c_void_p), ("counts", ctypes.c_void_p), ("sums", ctypes.c_void_p),
-        ("width", ctypes.c_int64), ("stride", ctypes.c_int64), ("layer_off", ctypes.c_int64),
-    ]  # fmt: skip
-
-
-def _segments(segments: reference.Segments | None, layer: int, dtype: torch.dtype) -> Any:
-    """A pointer to segments' C view for one layer; None without segments or when their
-    layout does not fit (the caller falls back to the reference)."""
+def _segments(
+    segments: reference.Segments | None, layer: int, dtype: torch.dtype
+) -> tuple[int, ...] | None:
+    """The seg_* arguments of cpu_decode.c for one layer (zeros without segments); None
+    when their layout does not fit (the caller falls back to the reference)."""
     if segments is None:
+        return (0, 0, 0, 0, 0, 0)
+    ends, counts, sums = segments  # as TorchAttention builds them: int64, contiguous
+    if sums.dtype != dtype or not sums.is_contiguous():
         return None
-    ends, counts, sums = segments
-    if sums.dtype != dtype or not (sums.is_contiguous() and ends.is_contiguous()):
-        return False
-    if ends.dtype != torch.int64 or counts.dtype != torch.int64 or not counts.is_contiguous():
-        return False
-    b, s, _, _, kv_heads, d = sums.shape
-    per_seg = sums[0, 0].numel() if s else 0
-    view = _Segments(_i64(ends), _i64(counts), _ptr(sums), s, per_seg, layer * 2 * kv_heads * d)
-    return ctypes.pointer(view)
+    _, width, layers, _, kv_heads, d = sums.shape
+    row = 2 * kv_heads * d  # one layer of one segment
+    return (ends.data_ptr(), counts.data_ptr(), sums.data_ptr(), width, layers * row, layer * row)
 
 
 @functools.cache
@@ -109,11 +98,11 @@ def library() -> ctypes.CDLL | None:
     lib.write_kv.argtypes = [i, p, p, p, p, i64p, i64p, i64, i, i, i, i64]
     lib.select_pages.argtypes = [
         i, p, p, p, i64p, i64p, p, i, i, i, i, i, i, i64, ctypes.c_float, ctypes.c_float, i64,
-        ctypes.c_double, i, i, ctypes.POINTER(_Segments), i64p, i64p, i64p, p,
+        ctypes.c_double, i, i, i64p, i64p, p, i64, i64, i64, i64p, i64p, i64p, p,
     ]  # fmt: skip
     lib.sparse_decode.argtypes = [
         i, p, p, p, p, p, p, i64p, i64p, p, i, i, i, i, i, i, i64, ctypes.c_float,
-        ctypes.c_float, i64, ctypes.c_double, i, i, ctypes.POINTER(_Segments), i, i64p, p,
+        ctypes.c_float, i64, ctypes.c_double, i, i, i64p, i64p, p, i64, i64, i64, i, i64p, p,
     ]  # fmt: skip
     lib.add_rms_norm.argtypes = [p, p, p, p, i64, i, ctypes.c_float]
     lib.rope_bf16.argtypes = [p, i64, i, i, i64, p, p]
@@ -284,7 +273,7 @@ def select_pages(
     if lib is None or dtype is None or q.device.type != "cpu" or kmin.dtype != q.dtype:
         return None
     segs = _segments(segments, layer, q.dtype)
-    if segs is False:
+    if segs is None:
         return None
     if kmin.stride() != kmax.stride() or kmin.stride()[1:] != (kmin.shape[2], 1):
         return None
@@ -302,7 +291,7 @@ def select_pages(
     rc = lib.select_pages(
         dtype, _ptr(q), _ptr(kmin), _ptr(kmax), _i64(table), _i64(lens), _ptr(act), b, width,
         heads, kv_heads, d, page_size, kmin.stride(0), scale, min_score, count, fraction, sink,
-        window, segs, _i64(out), _i64(out_lens), _i64(kept), None,
+        window, *segs, _i64(out), _i64(out_lens), _i64(kept), None,
     )  # fmt: skip
     return (out, out_lens, kept) if rc == 0 else None
 
@@ -332,7 +321,7 @@ def sparse_decode(
     if lib is None or dtype is None or q.device.type != "cpu" or k_pages.dtype != q.dtype:
         return None
     segs = _segments(segments, layer.layer_id, q.dtype)
-    if segs is False:
+    if segs is None:
         return None
     if k_pages.stride() != v_pages.stride() or not _page_contiguous(k_pages):
         return None
@@ -348,7 +337,7 @@ def sparse_decode(
     rc = lib.sparse_decode(
         dtype, _ptr(q), _ptr(k_pages), _ptr(v_pages), _ptr(out), _ptr(kmin), _ptr(kmax),
         _i64(page_table), _i64(seq_lens), _ptr(active), b, width, heads, kv_heads, d,
-        page_size, k_pages.stride(0), scale, min_score, count, fraction, sink, window, segs,
+        page_size, k_pages.stride(0), scale, min_score, count, fraction, sink, window, *segs,
         _splits(b * kv_heads, width), _i64(kept), _ptr(touched) if touched is not None else None,
     )  # fmt: skip
     return (out, kept) if rc == 0 else None
