@@ -84,6 +84,7 @@ class TorchMeta:
     sparse: _Sparse | None = None
     batch_rows: list[int] = field(default_factory=list)  # batch index of each decode row
     prefills: Any = None  # a kernel backend's own plan of the prefilling sequences
+    plan: cpu_kernels.DecodePlan | None = None  # a dense decode-only batch on the C kernels
 
 
 class TorchAttention(AttentionBackend):
@@ -139,6 +140,9 @@ class TorchAttention(AttentionBackend):
             # pages are read from cache, not gathered: cascade decode only pays without it.
             elif not self.reads_in_place(dev):
                 self._plan_cascade(meta, lens, ps)
+            elif self.kernels and kv is not None and len(decode) == len(batch.q_lens):
+                # every layer writes and decodes in one C call, its arguments made once here
+                meta.plan = cpu_kernels.decode_plan(kv.layers[0], write_at, meta.decode_pages, lens)
         for i, q in enumerate(batch.q_lens):
             if q > 1:
                 pages = table[i, : -(-kv_lens[i] // ps)]
@@ -153,6 +157,10 @@ class TorchAttention(AttentionBackend):
         kv_layer: LayerKV,
         meta: TorchMeta,
     ) -> torch.Tensor:
+        if meta.plan is not None:
+            out = cpu_kernels.write_decode(q, k, v, kv_layer, meta.plan, self.scale)
+            if out is not None:
+                return out
         self._write(kv_layer, meta.write_at, k, v)
         if meta.decode_rows is not None and not meta.extends:
             return self._decode(q, kv_layer, meta)

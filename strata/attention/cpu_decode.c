@@ -559,3 +559,36 @@ int rope_bf16(uint16_t *x, int64_t rows, int heads, int dim, int64_t row_stride,
     }
     return 0;
 }
+
+/* The gated MLP's activation on bfloat16 rows: gate_up [rows, 2 * n] (gate, then up, as the
+ * fused projection writes them) -> out [rows, n] = silu(gate) * up, rounded as torch's two
+ * ops round: silu to bfloat16, then the product. */
+int silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t n) {
+#pragma omp parallel for if (rows >= 16) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *g = gate_up + r * 2 * n, *u = g + n;
+        uint16_t *o = out + r * n;
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) {
+            const float x = bf16_to_f32(g[j]);
+            const float e = exp_neg(x < 0.f ? x : -x); /* exp(-|x|) <= 1 */
+            const float sig = x < 0.f ? e / (1.f + e) : 1.f / (1.f + e);
+            const float s = bf16_to_f32(f32_to_bf16(x * sig));
+            o[j] = f32_to_bf16(s * bf16_to_f32(u[j]));
+        }
+    }
+    return 0;
+}
+
+/* One layer of a decode-only batch in one call: write_kv of the new tokens, then dense
+ * paged_decode (what the backend would otherwise call one after the other). */
+int write_decode(int dtype, const void *k, const void *v, void *kp, void *vp,
+                 const int64_t *pages, const int64_t *offsets, int64_t tokens, const void *q,
+                 void *out, const int64_t *page_table, const int64_t *seq_lens, int batch,
+                 int table_width, int heads, int kv_heads, int head_dim, int page_size,
+                 int64_t page_stride, float scale, int splits) {
+    write_kv(dtype, k, v, kp, vp, pages, offsets, tokens, kv_heads, head_dim, page_size,
+             page_stride);
+    return paged_decode(dtype, q, kp, vp, out, page_table, seq_lens, batch, table_width, heads,
+                        kv_heads, head_dim, page_size, page_stride, scale, splits, 1);
+}

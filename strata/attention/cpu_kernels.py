@@ -17,6 +17,7 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -106,8 +107,13 @@ def library() -> ctypes.CDLL | None:
     ]  # fmt: skip
     lib.add_rms_norm.argtypes = [p, p, p, p, i64, i, ctypes.c_float]
     lib.rope_bf16.argtypes = [p, i64, i, i, i64, p, p]
+    lib.silu_mul_bf16.argtypes = [p, p, i64, i64]
+    lib.write_decode.argtypes = [
+        i, p, p, p, p, i64p, i64p, i64, p, p, i64p, i64p, i, i, i, i, i, i, i64,
+        ctypes.c_float, i,
+    ]  # fmt: skip
     for fn in (lib.paged_decode, lib.write_kv, lib.select_pages, lib.sparse_decode,
-               lib.add_rms_norm, lib.rope_bf16):  # fmt: skip
+               lib.add_rms_norm, lib.rope_bf16, lib.silu_mul_bf16, lib.write_decode):  # fmt: skip
         fn.restype = i
     return lib
 
@@ -194,6 +200,61 @@ def paged_decode_selected(
     return _decode(q, k_pages, v_pages, table, lens, scale, groups=k_pages.shape[2])
 
 
+class DecodePlan(NamedTuple):
+    """What write_decode needs of a decode-only batch, checked and converted once per forward
+    (the tensors are kept so that their addresses stay valid)."""
+
+    pages: torch.Tensor  # [T] int64: each new token's page
+    offsets: torch.Tensor  # [T] int64: its offset in the page
+    table: torch.Tensor  # [B, W] int64
+    lens: torch.Tensor  # [B] int64
+    splits: int
+
+
+def decode_plan(
+    layer: LayerKV, where: tuple[torch.Tensor, torch.Tensor], table: torch.Tensor,
+    lens: torch.Tensor,
+) -> DecodePlan | None:  # fmt: skip
+    """A DecodePlan for the pool whose layers look like `layer`; None where write_decode
+    does not apply (no library, or a pool layout the kernels do not read)."""
+    kp, vp = layer.k, layer.v
+    if library() is None or kp.device.type != "cpu" or kp.dtype not in DTYPES:
+        return None
+    _, ps, kv_heads, d = kp.shape
+    summary_at = kp.data_ptr() + ps * kv_heads * d * kp.element_size()  # row ps of page 0
+    if not _page_contiguous(kp) or kp.stride() != vp.stride():
+        return None
+    if layer.kmin.data_ptr() != summary_at:
+        return None
+    pages, offsets = (w.to(torch.int64).contiguous() for w in where)
+    table, lens = table.to(torch.int64).contiguous(), lens.to(torch.int64).contiguous()
+    return DecodePlan(pages, offsets, table, lens, _splits(table.shape[0], table.shape[1]))
+
+
+def write_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerKV, plan: DecodePlan,
+    scale: float,
+) -> torch.Tensor | None:  # fmt: skip
+    """write_kv then paged_decode for one layer of a decode-only batch, in one call; None
+    where it does not apply (the caller then writes and decodes as usual: the write is
+    idempotent)."""
+    kp, vp = layer.k, layer.v
+    dtype = DTYPES.get(q.dtype)
+    if dtype is None or kp.dtype != q.dtype or k.dtype != q.dtype:
+        return None
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    b, heads, d = q.shape
+    _, ps, kv_heads, _ = kp.shape
+    out = torch.empty_like(q)
+    rc = library().write_decode(
+        dtype, k.data_ptr(), v.data_ptr(), kp.data_ptr(), vp.data_ptr(), plan.pages.data_ptr(),
+        plan.offsets.data_ptr(), k.shape[0], q.data_ptr(), out.data_ptr(),
+        plan.table.data_ptr(), plan.lens.data_ptr(), b, plan.table.shape[1], heads, kv_heads,
+        d, ps, kp.stride(0), scale, plan.splits,
+    )  # fmt: skip
+    return out if rc == 0 else None
+
+
 def write_kv(
     layer: LayerKV, where: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor
 ) -> bool:
@@ -234,6 +295,19 @@ def add_rms_norm(
     out = torch.empty_like(x)
     lib.add_rms_norm(_ptr(delta) if delta is not None else None, _ptr(x), _ptr(weight),
                      _ptr(out), x.shape[0], x.shape[1], eps)  # fmt: skip
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up of a fused gate/up projection's output [rows, 2 * n] (bfloat16, CPU)
+    in one call instead of torch's chunk, silu and mul; None where it does not apply."""
+    lib = library()
+    ok = gate_up.dtype == torch.bfloat16 and gate_up.device.type == "cpu" and gate_up.dim() == 2
+    if lib is None or not ok or not gate_up.is_contiguous():
+        return None
+    rows, n = gate_up.shape[0], gate_up.shape[1] // 2
+    out = gate_up.new_empty(rows, n)
+    lib.silu_mul_bf16(_ptr(gate_up), _ptr(out), rows, n)
     return out
 
 

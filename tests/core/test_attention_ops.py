@@ -130,6 +130,22 @@ def test_cpu_add_rms_norm_declines_other_dtypes_and_layouts():
     assert cpu_kernels.add_rms_norm(x, None, w.to(torch.bfloat16), 1e-5) is None
 
 
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_cpu_silu_mul_equals_torch_chunk_silu_mul(rows):
+    g = torch.Generator().manual_seed(rows)
+    gate_up = (torch.randn(rows, 2 * 1536, generator=g) * 4).to(torch.bfloat16)
+    gate_up[0, :8] = torch.tensor([0.0, -0.0, 30.0, -30.0, 90.0, -90.0, 1e-3, -1e-3])
+    gate, up = gate_up.chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    got = cpu_kernels.silu_mul(gate_up)
+    assert got is not None
+    # the same two roundings; its exp is not torch's, so a rare element may be one ulp off
+    assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=0)
+    assert (got != want).float().mean().item() < 0.001
+    assert cpu_kernels.silu_mul(gate_up.float()) is None  # float32: torch's ops
+    assert cpu_kernels.silu_mul(torch.zeros(4, 8, dtype=torch.bfloat16).t()) is None  # strided
+
+
 @pytest.mark.parametrize("rows", [1, 5, 40])
 def test_cpu_rope_in_place_equals_rotary_embedding(rows):
     from strata.model.rope import RotaryEmbedding
