@@ -23,7 +23,7 @@ def env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"STRATA_{name}", default)
 
 
-SYSTEM_VARIABLES = ("CC", "OMP_WAIT_POLICY", "XDG_CACHE_HOME")
+SYSTEM_VARIABLES = ("CC", "CXX", "OMP_WAIT_POLICY", "XDG_CACHE_HOME")
 
 
 def system_env(name: str, default: str | None = None) -> str | None:

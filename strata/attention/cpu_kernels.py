@@ -16,6 +16,7 @@ import logging
 import os
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -46,19 +47,25 @@ def _cpu_flags() -> str:
         return ""
 
 
-def build(compiler: str | None = None) -> Path:
-    """Compile the kernels (once per source, flags and CPU) and return the shared library."""
+def build(
+    compiler: str | None = None,
+    source: Path = SOURCE,
+    flags: Sequence[str] = FLAGS,
+    libs: Sequence[str] = ("-lm",),
+) -> Path:
+    """Compile a source beside this package (by default the kernels; once per source, flags
+    and CPU) and return the shared library."""
     cc = compiler or system_env("CC") or "gcc"
     key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode() + _cpu_flags().encode()
+        source.read_bytes() + " ".join([cc, *flags, *libs]).encode() + _cpu_flags().encode()
     ).hexdigest()[:16]
-    out = cache_dir() / "kernels" / f"cpu_decode-{key}.so"
+    out = cache_dir() / "kernels" / f"{source.stem}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         built = Path(tmp) / out.name
-        cmd = [cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"]
+        cmd = [cc, *flags, str(source), "-o", str(built), *libs]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()}")
@@ -239,14 +246,14 @@ def write_decode(
     where it does not apply (the caller then writes and decodes as usual: the write is
     idempotent)."""
     kp, vp = layer.k, layer.v
-    dtype = DTYPES.get(q.dtype)
-    if dtype is None or kp.dtype != q.dtype or k.dtype != q.dtype:
+    lib, dtype = library(), DTYPES.get(q.dtype)
+    if lib is None or dtype is None or kp.dtype != q.dtype or k.dtype != q.dtype:
         return None
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, heads, d = q.shape
     _, ps, kv_heads, _ = kp.shape
     out = torch.empty_like(q)
-    rc = library().write_decode(
+    rc = lib.write_decode(
         dtype, k.data_ptr(), v.data_ptr(), kp.data_ptr(), vp.data_ptr(), plan.pages.data_ptr(),
         plan.offsets.data_ptr(), k.shape[0], q.data_ptr(), out.data_ptr(),
         plan.table.data_ptr(), plan.lens.data_ptr(), b, plan.table.shape[1], heads, kv_heads,

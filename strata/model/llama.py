@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from strata.attention.backend import AttentionBackend
 from strata.kv.pool import KVCache
 from strata.model.batch import ForwardBatch
+from strata.model.cpu_layers import CpuLayers
 from strata.model.layers import MLP, Attention, DecoderLayer, RMSNorm
 from strata.model.linear import make_linear
 from strata.model.rope import RotaryEmbedding
@@ -56,6 +57,8 @@ class LlamaForCausalLM:
             )
         self.norm = RMSNorm(weights["norm"], spec.rms_norm_eps)
         self.lm_head = make_linear(weights.get("lm_head", embed), None, quantization)
+        # dense decode-only batches of int4 on CPU: every layer in one C++ call
+        self.cpu_layers = CpuLayers.of(self)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: KVCache) -> tuple[torch.Tensor, Any]:
@@ -68,8 +71,12 @@ class LlamaForCausalLM:
         else:
             x = F.embedding(batch.input_ids, self.embed_tokens)
         delta = None
-        for layer, kv_layer in zip(self.layers, kv.layers):
-            x, delta = layer(x, delta, cos, sin, kv_layer, meta)
+        plan = getattr(meta, "plan", None)
+        if self.cpu_layers is not None and plan is not None:
+            delta = self.cpu_layers.run(x, cos, sin, plan, kv)
+        if delta is None:
+            for layer, kv_layer in zip(self.layers, kv.layers):
+                x, delta = layer(x, delta, cos, sin, kv_layer, meta)
         rows = batch.logits_index
         x = self.norm((x[rows] + delta[rows]) if delta is not None else x[rows])
         logits = self.lm_head(x).float()

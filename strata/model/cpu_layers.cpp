@@ -1,0 +1,147 @@
+// The decoder layers of a decode-only batch in one call (CPU, bfloat16 activations, int4
+// weights): the same ops in the same order as strata/model/layers.py runs them (torch's int4
+// matrix product through ATen, strata's C kernels for the norms, rope, KV write + paged
+// decode and silu-and-mul), minus the Python between them, which is ~25% of a batch-1 step.
+// Built and loaded by strata/model/cpu_layers.py; exported with C linkage for ctypes.
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using add_rms_norm_fn = int (*)(const uint16_t *, uint16_t *, const uint16_t *, uint16_t *,
+                                int64_t, int, float);
+using rope_fn = int (*)(uint16_t *, int64_t, int, int, int64_t, const uint16_t *,
+                        const uint16_t *);
+using write_decode_fn = int (*)(int, const void *, const void *, void *, void *,
+                                const int64_t *, const int64_t *, int64_t, const void *, void *,
+                                const int64_t *, const int64_t *, int, int, int, int, int, int,
+                                int64_t, float, int);
+using silu_mul_fn = int (*)(const uint16_t *, uint16_t *, int64_t, int64_t);
+
+struct Int4 {
+    at::Tensor packed, scales, bias;  // bias undefined when there is none
+    int64_t group = 0;
+
+    at::Tensor operator()(const at::Tensor &x) const {
+        at::Tensor y = at::_weight_int4pack_mm_for_cpu(x, packed, group, scales);
+        return bias.defined() ? y.add_(bias) : y;
+    }
+};
+
+struct Layer {
+    Int4 qkv, o_proj, gate_up, down;
+    at::Tensor norm1, norm2;
+};
+
+struct Model {
+    int heads = 0, kv_heads = 0, head_dim = 0, hidden = 0;
+    float eps = 0, scale = 0;
+    add_rms_norm_fn add_rms_norm = nullptr;
+    rope_fn rope = nullptr;
+    write_decode_fn write_decode = nullptr;
+    silu_mul_fn silu_mul = nullptr;
+    std::vector<Layer> layers;
+};
+
+at::Tensor wrap(void *data, std::vector<int64_t> shape, at::ScalarType type) {
+    return at::from_blob(data, shape, at::TensorOptions().dtype(type));
+}
+
+uint16_t *u16(const at::Tensor &t) { return static_cast<uint16_t *>(t.data_ptr()); }
+
+}  // namespace
+
+extern "C" {
+
+void *model_new(int heads, int kv_heads, int head_dim, int hidden, float eps, float scale,
+                void *add_rms_norm, void *rope, void *write_decode, void *silu_mul) {
+    auto *m = new Model();
+    m->heads = heads, m->kv_heads = kv_heads, m->head_dim = head_dim, m->hidden = hidden;
+    m->eps = eps, m->scale = scale;
+    m->add_rms_norm = reinterpret_cast<add_rms_norm_fn>(add_rms_norm);
+    m->rope = reinterpret_cast<rope_fn>(rope);
+    m->write_decode = reinterpret_cast<write_decode_fn>(write_decode);
+    m->silu_mul = reinterpret_cast<silu_mul_fn>(silu_mul);
+    return m;
+}
+
+void model_free(void *model) { delete static_cast<Model *>(model); }
+
+// Adds a layer. linears: for qkv, o_proj, gate_up, down in turn: packed weight address, out
+// and in features, group size, scales address, bias address (0 for none); the weights are
+// the caller's (it keeps them alive) and laid out as Int4Linear keeps them.
+int model_add_layer(void *model, const int64_t *linears, void *norm1, void *norm2) {
+    auto *m = static_cast<Model *>(model);
+    try {
+        Layer layer;
+        Int4 *parts[] = {&layer.qkv, &layer.o_proj, &layer.gate_up, &layer.down};
+        for (int i = 0; i < 4; i++) {
+            const int64_t *l = linears + 6 * i;
+            const int64_t out = l[1], in = l[2], group = l[3];
+            parts[i]->packed = wrap(reinterpret_cast<void *>(l[0]), {out, in / 2}, at::kByte);
+            parts[i]->scales =
+                wrap(reinterpret_cast<void *>(l[4]), {in / group, out, 2}, at::kBFloat16);
+            if (l[5]) parts[i]->bias = wrap(reinterpret_cast<void *>(l[5]), {out}, at::kBFloat16);
+            parts[i]->group = group;
+        }
+        layer.norm1 = wrap(norm1, {m->hidden}, at::kBFloat16);
+        layer.norm2 = wrap(norm2, {m->hidden}, at::kBFloat16);
+        m->layers.push_back(layer);
+        return 0;
+    } catch (...) {
+        return -1;
+    }
+}
+
+// Runs every layer on x [rows, hidden] (the residual stream, updated in place) with delta
+// (the embedding's residual to add first, or 0 for none) and writes the last layer's MLP
+// output to out [rows, hidden]. cos, sin [rows, head_dim]; pages, offsets [rows]; table
+// [rows, width], lens [rows]: as cpu_kernels.DecodePlan holds them. kv [layers, 2]: each
+// layer's K and V of page 0 in the pool, pages page_stride elements apart.
+int model_decode(void *model, void *x_data, void *delta_data, void *out_data, int64_t rows,
+                 const void *cos, const void *sin, const int64_t *pages, const int64_t *offsets,
+                 const int64_t *table, const int64_t *lens, int width, int splits,
+                 const int64_t *kv, int page_size, int64_t page_stride) {
+    auto *m = static_cast<Model *>(model);
+    try {
+        const int d = m->head_dim, q_size = m->heads * d, kv_size = m->kv_heads * d;
+        at::Tensor x = wrap(x_data, {rows, m->hidden}, at::kBFloat16);
+        at::Tensor delta;
+        if (delta_data) delta = wrap(delta_data, {rows, m->hidden}, at::kBFloat16);
+        at::Tensor h = at::empty_like(x);
+        for (size_t i = 0; i < m->layers.size(); i++) {
+            const Layer &layer = m->layers[i];
+            void *kp = reinterpret_cast<void *>(kv[2 * i]), *vp = reinterpret_cast<void *>(kv[2 * i + 1]);
+            m->add_rms_norm(delta.defined() ? u16(delta) : nullptr, u16(x), u16(layer.norm1),
+                            u16(h), rows, m->hidden, m->eps);
+            at::Tensor qkv = layer.qkv(h);  // [rows, q_size + 2 * kv_size]
+            const int64_t row = qkv.size(1);
+            m->rope(u16(qkv), rows, m->heads + m->kv_heads, d, row,
+                    static_cast<const uint16_t *>(cos), static_cast<const uint16_t *>(sin));
+            at::Tensor q = qkv.narrow(1, 0, q_size).contiguous();
+            at::Tensor k = qkv.narrow(1, q_size, kv_size).contiguous();
+            at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).contiguous();
+            at::Tensor attn = at::empty({rows, q_size}, x.options());
+            int rc = m->write_decode(1, k.data_ptr(), v.data_ptr(), kp, vp, pages, offsets, rows,
+                                     q.data_ptr(), attn.data_ptr(), table, lens, (int)rows,
+                                     width, m->heads, m->kv_heads, d, page_size, page_stride,
+                                     m->scale, splits);
+            if (rc) return rc;
+            at::Tensor y = layer.o_proj(attn);
+            m->add_rms_norm(u16(y), u16(x), u16(layer.norm2), u16(h), rows, m->hidden, m->eps);
+            at::Tensor gate_up = layer.gate_up(h);
+            at::Tensor act = at::empty({rows, gate_up.size(1) / 2}, x.options());
+            m->silu_mul(u16(gate_up), u16(act), rows, act.size(1));
+            delta = layer.down(act);
+        }
+        std::memcpy(out_data, delta.data_ptr(), sizeof(uint16_t) * rows * m->hidden);
+        return 0;
+    } catch (...) {
+        return -1;
+    }
+}
+
+}  // extern "C"

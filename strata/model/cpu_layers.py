@@ -1,0 +1,147 @@
+"""The decoder layers of a dense decode-only batch as one C++ call (cpu_layers.cpp): CPU,
+bfloat16 activations, int4 weights, one rank. The same ops in the same order as the Python
+layers (strata/model/layers.py), so the same bits, without ~300 Python-level calls a step.
+
+Built once with the system C++ compiler against the installed torch (ATen for the int4
+matrix products) into the cache dir, beside strata/attention/cpu_kernels.py's kernels, whose
+functions it calls. Anything unusual (another dtype or quantization, tensor parallelism,
+sparse or mixed batches, no compiler, ``STRATA_CPU_KERNELS=0``) keeps the Python layers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.utils.cpp_extension as cpp
+
+from strata.attention import cpu_kernels
+from strata.config import system_env
+from strata.kv.pool import KVCache
+from strata.model.linear import Int4Linear
+
+if TYPE_CHECKING:
+    from strata.model.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("cpu_layers.cpp")
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    if cpu_kernels.library() is None:
+        return None
+    flags = ["-O2", "-std=c++20", "-shared", "-fPIC", "-w",
+             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+             f"-DSTRATA_TORCH={torch.__version__}",
+             *(f"-I{p}" for p in cpp.include_paths())]  # fmt: skip
+    lib_dir = cpp.library_paths()[0]
+    libs = [f"-L{lib_dir}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib_dir}"]
+    cxx = system_env("CXX") or "g++"
+    try:
+        lib = ctypes.CDLL(str(cpu_kernels.build(cxx, SOURCE, flags, libs)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        log.warning("fused CPU decode layers unavailable, using the Python layers: %s", e)
+        return None
+    p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    lib.model_new.argtypes = [i, i, i, i, f, f, p, p, p, p]
+    lib.model_new.restype = p
+    lib.model_free.argtypes = [p]
+    lib.model_add_layer.argtypes = [p, p, p, p]
+    lib.model_add_layer.restype = i
+    lib.model_decode.argtypes = [p, p, p, p, i64, p, p, p, p, p, p, i, i, p, i, i64]
+    lib.model_decode.restype = i
+    return lib
+
+
+def _address(fn: Any) -> int:
+    """A C function's address (a ctypes function of a loaded library), for the C++ side."""
+    return ctypes.cast(fn, ctypes.c_void_p).value or 0
+
+
+class CpuLayers:
+    """Holds the C++ model (pointers into the Python model's weights, which outlive it)."""
+
+    def __init__(self, lib: ctypes.CDLL, model: LlamaForCausalLM) -> None:
+        spec, kernels = model.local, cpu_kernels.library()
+        assert kernels is not None
+        self.lib, self.scale = lib, model.backend.scale  # type: ignore[attr-defined]
+        self.handle = lib.model_new(
+            spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size,
+            spec.rms_norm_eps, self.scale, _address(kernels.add_rms_norm),
+            _address(kernels.rope_bf16), _address(kernels.write_decode),
+            _address(kernels.silu_mul_bf16),
+        )  # fmt: skip
+        self.hidden = spec.hidden_size
+        for layer in model.layers:
+            linears = []
+            for lin in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down):
+                assert isinstance(lin, Int4Linear)
+                bias = lin.bias.data_ptr() if lin.bias is not None else 0
+                linears += [lin.packed.data_ptr(), lin.out_features, lin.packed.shape[1] * 2,
+                            lin.group_size, lin.scales_and_zeros.data_ptr(), bias]  # fmt: skip
+            arr = (ctypes.c_int64 * len(linears))(*linears)
+            rc = lib.model_add_layer(self.handle, arr, layer.norm1.weight.data_ptr(),
+                                     layer.norm2.weight.data_ptr())  # fmt: skip
+            if rc:
+                raise RuntimeError("cpu_layers: a layer was refused")
+        self._kv: tuple[int, torch.Tensor] | None = None  # (pool address, K/V pointers)
+        self.calls = 0  # forwards it ran
+
+    @classmethod
+    def of(cls, model: LlamaForCausalLM) -> CpuLayers | None:
+        """The fused layers for `model`, or None where they do not apply."""
+        if model.tp is not None or model.quantization != "int4":
+            return None
+        emb = model.embed_tokens
+        if emb.device.type != "cpu" or emb.dtype != torch.bfloat16:
+            return None
+        lib = library()
+        return cls(lib, model) if lib is not None else None
+
+    def close(self) -> None:
+        if self.handle:
+            self.lib.model_free(self.handle)
+            self.handle = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def _pointers(self, kv: KVCache) -> torch.Tensor:
+        """Each layer's K and V of page 0 (kept per pool)."""
+        at = kv.data.data_ptr()
+        if self._kv is None or self._kv[0] != at:
+            ptrs = [p for layer in kv.layers for p in (layer.k.data_ptr(), layer.v.data_ptr())]
+            self._kv = (at, torch.tensor(ptrs, dtype=torch.int64))
+        return self._kv[1]
+
+    def run(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: cpu_kernels.DecodePlan,
+        kv: KVCache,
+    ) -> torch.Tensor | None:  # fmt: skip
+        """Every layer over x [rows, hidden] (updated in place: the residual stream); returns
+        the last layer's MLP output, or None (x untouched) where the call does not apply."""
+        rows, d = x.shape[0], cos.shape[-1]
+        layer = kv.layers[0]
+        if x.dtype != torch.bfloat16 or layer.k.dtype != torch.bfloat16 or not x.is_contiguous():
+            return None
+        if cos.shape != (rows, 1, d) or not (cos.is_contiguous() and sin.is_contiguous()):
+            return None
+        if cos.dtype != torch.bfloat16 or sin.dtype != torch.bfloat16:
+            return None
+        out = torch.empty_like(x)
+        rc = self.lib.model_decode(
+            self.handle, x.data_ptr(), None, out.data_ptr(), rows, cos.data_ptr(),
+            sin.data_ptr(), plan.pages.data_ptr(), plan.offsets.data_ptr(),
+            plan.table.data_ptr(), plan.lens.data_ptr(), plan.table.shape[1], plan.splits,
+            self._pointers(kv).data_ptr(), layer.k.shape[1], layer.k.stride(0),
+        )  # fmt: skip
+        if rc:
+            raise RuntimeError(f"cpu_layers: decode failed ({rc})")
+        self.calls += 1
+        return out

@@ -1,0 +1,62 @@
+"""The fused C++ decoder layers (strata/model/cpu_layers.cpp) against the Python layers they
+replace: the same logits, bit for bit, on tiny int4 models, ragged decode batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from strata.config import KVPoolConfig, ModelConfig
+from strata.engine.runner import ModelRunner
+from strata.model.batch import SequenceChunk
+
+PS = 4
+
+
+def decode_batch(runner, prompts, steps):
+    """Prefill each prompt alone, then decode all of them together (greedy): the logits of
+    every decode step [steps, batch, vocab]."""
+    tables = [runner.pool.alloc(runner.pages_for(len(p) + steps)) for p in prompts]
+    last = [int(runner.forward([SequenceChunk(p, 0, t)])[0].argmax()) for p, t in
+            zip(prompts, tables)]  # fmt: skip
+    lens = [len(p) for p in prompts]
+    out = []
+    for _ in range(steps):
+        chunks = [SequenceChunk([tok], n, t) for tok, n, t in zip(last, lens, tables)]
+        logits = runner.forward(chunks)
+        out.append(logits)
+        last = logits.argmax(-1).tolist()
+        lens = [n + 1 for n in lens]
+    for t in tables:
+        runner.pool.free(t)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: a bias on the fused QKV
+def test_fused_layers_give_the_python_layers_logits(tiny_checkpoint, arch):
+    folder, _ = tiny_checkpoint(arch, num_hidden_layers=3, num_key_value_heads=2)
+    runner = ModelRunner.from_config(
+        ModelConfig(str(folder), dtype="bfloat16", quantization="int4"),
+        KVPoolConfig(page_size=PS, num_pages=96),
+    )
+    model = runner.model
+    fused = model.cpu_layers
+    assert fused is not None  # int4 + bfloat16 on CPU, one rank: the C++ layers run
+    prompts = [[(i * 7 + j) % 300 + 5 for j in range(n)] for i, n in enumerate((9, 4, 17))]
+    got = decode_batch(runner, prompts, 6)
+    assert fused.calls == 6  # every decode step (not the prefills)
+    model.cpu_layers = None
+    want = decode_batch(runner, prompts, 6)
+    model.cpu_layers = fused
+    assert torch.isfinite(want).all()
+    assert torch.equal(got, want)
+
+
+def test_fused_layers_stay_out_of_other_models(tiny_checkpoint):
+    folder, _ = tiny_checkpoint("llama")
+    for dtype, quant in (("bfloat16", "none"), ("float32", "none")):
+        runner = ModelRunner.from_config(
+            ModelConfig(str(folder), dtype=dtype, quantization=quant),
+            KVPoolConfig(page_size=PS, num_pages=32),
+        )
+        assert runner.model.cpu_layers is None
