@@ -10,6 +10,7 @@ sparse or mixed batches, no compiler, ``STRATA_CPU_KERNELS=0``) keeps the Python
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
@@ -110,7 +111,9 @@ class CpuLayers:
             self.handle = None
 
     def __del__(self) -> None:
-        self.close()
+        # at interpreter shutdown the library may be gone already
+        with contextlib.suppress(AttributeError, TypeError):
+            self.close()
 
     def _pointers(self, kv: KVCache) -> torch.Tensor:
         """Each layer's K and V of page 0 (kept per pool)."""
