@@ -13,44 +13,25 @@ takes L2-only leaves, so neither breaks it.
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
+from strata.radix.eviction import Eviction
 from strata.radix.keys import page_keys
-from strata.radix.results import Attached, Evicted, HostDrop, KVEvent, MatchResult, TreeStats
+from strata.radix.node import Node
+from strata.radix.results import Attached, KVEvent, MatchResult, TreeStats
 
 
-class _Node:
-    __slots__ = (
-        "id", "key", "pages", "host", "keys", "parent", "children", "lock", "last_access",
-        "depth", "hits",
-    )  # fmt: skip
-
-    def __init__(self, node_id: int, key: tuple[int, ...], keys: list[bytes], parent: _Node | None):
-        self.id = node_id
-        self.key = key  # the tokens on the edge into this node (len = len(keys) * page_size)
-        self.keys = keys  # one page key per page
-        self.pages: list[int] | None = None  # L1 page ids, None when not in L1
-        self.host: list[int] | None = None  # L2 page ids, None when not in L2
-        self.parent = parent
-        self.children: dict[tuple[int, ...], _Node] = {}  # keyed by the child's first page
-        self.lock = 0  # number of holders; NOTE: a locked node is never evicted from any tier
-        self.last_access = 0
-        self.depth: int = (parent.depth + len(key)) if parent else 0  # tokens from the root
-        self.hits = 0  # admissions that matched this node (write_through_selective)
-
-
-class RadixTree:
+class RadixTree(Eviction):
     def __init__(self, page_size: int, seed: bytes = b"", record_events: bool = False) -> None:
         assert page_size > 0
         self.page_size = page_size
         self.seed = seed  # the first page's parent key (the model's identity)
         self._ids = 0
         self._clock = 0
-        self.root = _Node(0, (), [], None)
+        self.root = Node(0, (), [], None)
         self.root.pages, self.root.host = [], []
         self.root.lock = 1  # the root is never evicted
-        self._nodes: dict[int, _Node] = {0: self.root}
+        self._nodes: dict[int, Node] = {0: self.root}
         self.cached_pages = 0  # L1
         self.host_pages = 0  # L2
         self.prompt_tokens = self.cached_tokens = self.l2_tokens = self.l3_tokens = 0
@@ -100,7 +81,7 @@ class RadixTree:
         self.l3_tokens += l3_tokens
 
     def record_hit(self, node_id: int) -> None:
-        node: _Node | None = self._nodes[node_id]
+        node: Node | None = self._nodes[node_id]
         while node is not None:
             node.hits += 1
             node = node.parent
@@ -108,24 +89,13 @@ class RadixTree:
     def unbacked(self, node_id: int, min_hits: int = 0) -> list[int]:
         """Nodes on the path to node_id that are in L1 with no L2 copy (and were hit at least
         min_hits times), root first."""
-        path = []
-        node: _Node | None = self._nodes[node_id]
-        while node is not None and node is not self.root:
-            if node.pages is not None and node.host is None and node.hits >= min_hits:
-                path.append(node.id)
-            node = node.parent
-        return path[::-1]
+        return [n.id for n in self._path(node_id)
+                if n.pages is not None and n.host is None and n.hits >= min_hits]  # fmt: skip
 
     def segments(self, node_id: int) -> list[int]:
         """Page counts of the L1 nodes on the path to node_id, root first: the radix segments
         of a prefix that matched up to node_id (sparse attention scores them as a whole)."""
-        counts = []
-        node: _Node | None = self._nodes[node_id]
-        while node is not None and node is not self.root:
-            if node.pages is not None:
-                counts.append(len(node.pages))
-            node = node.parent
-        return counts[::-1]
+        return [len(n.pages) for n in self._path(node_id) if n.pages is not None]
 
     def pages_of(self, node_id: int) -> tuple[list[int], list[bytes]]:
         """A node's L1 pages and page keys."""
@@ -208,14 +178,14 @@ class RadixTree:
 
     def lock(self, node_id: int) -> None:
         """Pin the path from node to the root against eviction (reference counted)."""
-        node: _Node | None = self._nodes[node_id]
+        node: Node | None = self._nodes[node_id]
         while node is not None:
             node.lock += 1
             node = node.parent
 
     def unlock(self, node_id: int) -> None:
-        path: list[_Node] = []
-        node: _Node | None = self._nodes[node_id]
+        path: list[Node] = []
+        node: Node | None = self._nodes[node_id]
         while node is not None:
             if node.lock <= 0:
                 raise ValueError(f"unlock of node {node_id} without a lock")
@@ -223,95 +193,6 @@ class RadixTree:
             node = node.parent
         for n in path:
             n.lock -= 1
-
-    def give_back(self, node_id: int) -> tuple[int, list[int], list[int]]:
-        """The holder of a lock on node_id takes the deepest L1 pages of its path back from
-        the tree: walking up from node_id, every node that nobody else locks and that has no
-        other child in L1 leaves L1 (its pages now belong to the caller; it stays as an
-        L2-only node if it has an L2 copy, else it leaves the tree with its L2-only subtree).
-        The caller's lock moves to the first node kept. Returns (that node, the pages taken
-        back, the L2 pages freed)."""
-        self.unlock(node_id)
-        node = self._nodes[node_id]
-        taken: list[int] = []
-        host: list[int] = []
-        while (
-            node is not self.root
-            and node.lock == 0
-            and node.pages is not None
-            and all(c.pages is None for c in node.children.values())
-        ):
-            parent = node.parent
-            assert parent is not None
-            taken[:0] = node.pages
-            self._set_pages(node, None)
-            if node.host is None:
-                host.extend(self._drop(node))
-            node = parent
-        self.lock(node.id)
-        return node.id, taken, host
-
-    def evict(
-        self, num_pages: int, demote: Callable[[list[int]], list[int] | None] | None = None
-    ) -> Evicted:
-        """Release at least num_pages L1 pages, least recently used unlocked L1 leaves first
-        (or until nothing is evictable). A node with an L2 copy stays in the tree as L2-only;
-        one without asks `demote(pages)` for L2 pages holding a copy (None: no room), else it
-        is dropped with its L2-only subtree. NOTE: demote may evict L2-only nodes (never an
-        L1 node), so the walk stays valid."""
-        heap = [(n.last_access, n.id) for n in self._nodes.values() if self._l1_evictable(n)]
-        heapq.heapify(heap)
-        freed: list[int] = []
-        dropped: list[int] = []
-        while heap and len(freed) < num_pages:
-            _, node_id = heapq.heappop(heap)
-            node = self._nodes[node_id]
-            assert self._l1_evictable(node) and node.pages is not None
-            if node.host is None and demote is not None:
-                host = demote(node.pages)
-                if host is not None:
-                    self._set_host(node, host)
-            freed.extend(node.pages)
-            self._set_pages(node, None)
-            if node.host is None:
-                dropped.extend(self._drop(node))
-            parent = node.parent
-            if parent is not None and self._l1_evictable(parent):
-                heapq.heappush(heap, (parent.last_access, parent.id))
-        return Evicted(freed, dropped)
-
-    def evict_host(self, num_pages: int) -> list[HostDrop]:
-        """Release at least num_pages L2 pages (or all that can go), least recently used
-        first: L2 copies of unlocked L1 nodes, and unlocked L2-only leaves (which leave the
-        tree); returns them with their page keys."""
-        heap = [(n.last_access, n.id) for n in self._nodes.values() if self._l2_evictable(n)]
-        heapq.heapify(heap)
-        drops: list[HostDrop] = []
-        released = 0
-        while heap and released < num_pages:
-            _, node_id = heapq.heappop(heap)
-            node = self._nodes.get(node_id)
-            if node is None or not self._l2_evictable(node):  # pushed twice: an L1 parent
-                continue
-            assert node.host is not None
-            left = node.pages is None
-            drops.append(HostDrop(node.keys, node.host, left))
-            released += len(node.host)
-            self._set_host(node, None)
-            if not left:
-                continue
-            self._remove(node)
-            parent = node.parent
-            if parent is not None and parent.pages is None and self._l2_evictable(parent):
-                heapq.heappush(heap, (parent.last_access, parent.id))
-        return drops
-
-    def flush(self) -> Evicted:
-        """Drop every unlocked page of both tiers; returns them."""
-        pages, host = self.evict(self.cached_pages)
-        for drop in self.evict_host(self.host_pages):
-            host.extend(drop.host_pages)
-        return Evicted(pages, host)
 
     def snapshot(self) -> dict[str, list[bytes]]:
         """Page keys per tier: what a mirror of this tree must hold."""
@@ -352,6 +233,15 @@ class RadixTree:
 
     # ---- internals -----------------------------------------------------------------------
 
+    def _path(self, node_id: int) -> list[Node]:
+        """The nodes from the root's child down to node_id."""
+        path = []
+        node: Node | None = self._nodes[node_id]
+        while node is not None and node is not self.root:
+            path.append(node)
+            node = node.parent
+        return path[::-1]
+
     def _tick(self) -> int:
         self._clock += 1
         return self._clock
@@ -360,7 +250,7 @@ class RadixTree:
         if self.events is not None:
             self.events.append(KVEvent(kind, tier, keys))
 
-    def _set_pages(self, node: _Node, pages: list[int] | None) -> None:
+    def _set_pages(self, node: Node, pages: list[int] | None) -> None:
         if node.pages is not None:
             self.cached_pages -= len(node.pages)
             self._emit("removed", "l1", node.keys)
@@ -369,7 +259,7 @@ class RadixTree:
             self.cached_pages += len(pages)
             self._emit("stored", "l1", node.keys)
 
-    def _set_host(self, node: _Node, host: list[int] | None) -> None:
+    def _set_host(self, node: Node, host: list[int] | None) -> None:
         if node.host is not None:
             self.host_pages -= len(node.host)
             self._emit("removed", "l2", node.keys)
@@ -378,10 +268,10 @@ class RadixTree:
             self.host_pages += len(host)
             self._emit("stored", "l2", node.keys)
 
-    def _new_node(self, key: tuple[int, ...], parent: _Node) -> _Node:
+    def _new_node(self, key: tuple[int, ...], parent: Node) -> Node:
         self._ids += 1
         prev = parent.keys[-1] if parent.keys else self.seed
-        node = _Node(self._ids, key, page_keys(prev, key, self.page_size), parent)
+        node = Node(self._ids, key, page_keys(prev, key, self.page_size), parent)
         parent.children[key[: self.page_size]] = node
         self._nodes[node.id] = node
         return node
@@ -395,14 +285,14 @@ class RadixTree:
             n += 1
         return n
 
-    def _split(self, node: _Node, n_pages: int) -> _Node:
+    def _split(self, node: Node, n_pages: int) -> Node:
         """Cut node after n_pages pages; returns the new upper node (which keeps the locks)."""
         assert 0 < n_pages < len(node.keys)
         parent = node.parent
         assert parent is not None
         cut = n_pages * self.page_size
         self._ids += 1
-        upper = _Node(self._ids, node.key[:cut], node.keys[:n_pages], parent)
+        upper = Node(self._ids, node.key[:cut], node.keys[:n_pages], parent)
         parent.children[upper.key[: self.page_size]] = upper
         self._nodes[upper.id] = upper
         upper.lock, upper.last_access, upper.hits = node.lock, node.last_access, node.hits
@@ -413,38 +303,3 @@ class RadixTree:
         node.key, node.keys, node.parent = node.key[cut:], node.keys[n_pages:], upper
         upper.children[node.key[: self.page_size]] = node
         return upper
-
-    def _l1_evictable(self, node: _Node) -> bool:
-        return (
-            node is not self.root
-            and node.pages is not None
-            and node.lock == 0
-            and all(c.pages is None for c in node.children.values())
-        )
-
-    def _l2_evictable(self, node: _Node) -> bool:
-        return (
-            node is not self.root
-            and node.host is not None
-            and node.lock == 0
-            and (node.pages is not None or not node.children)
-        )
-
-    def _drop(self, node: _Node) -> list[int]:
-        """Remove an unlocked node that has left L1 with its subtree (all L2-only); returns
-        the subtree's L2 pages."""
-        host: list[int] = []
-        for child in list(node.children.values()):
-            host.extend(self._drop(child))
-        if node.host is not None:
-            host.extend(node.host)
-            self._set_host(node, None)
-        self._remove(node)
-        return host
-
-    def _remove(self, node: _Node) -> None:
-        assert node.pages is None and node.host is None and node.lock == 0
-        parent = node.parent
-        assert parent is not None
-        del parent.children[node.key[: self.page_size]]
-        del self._nodes[node.id]
