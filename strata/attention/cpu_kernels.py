@@ -1,76 +1,23 @@
-"""Hand-written CPU kernels: C sources beside this file, built once with the system C compiler
-(`-O3 -march=native -fopenmp`) into the cache dir and loaded with ctypes.
-
-torch is imported first, so the kernels' OpenMP resolves to the runtime torch already loaded
-and shares its threads. With no compiler, or with ``STRATA_CPU_KERNELS=0``, every op here
-returns None and the caller uses the torch reference (strata/attention/reference.py), which
+"""Hand-written CPU kernels (cpu_decode.c, built and loaded by cpu_build.py) for torch
+tensors: each op checks what the kernel needs and returns None (or False) where it does not
+apply, and the caller then uses the torch reference (strata/attention/reference.py), which
 is also the oracle the kernels are tested against.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import logging
-import os
-import subprocess
-import tempfile
-from collections.abc import Sequence
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from strata.attention import reference
-from strata.config import cache_dir, env, system_env
+from strata.attention.cpu_build import library
 from strata.kv.pool import LayerKV
 
-log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("cpu_decode.c")  # also write_kv and select_pages
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # NOTE: a work item reads at least this many pages, so splitting a long context over the
 # threads never costs more in merging than it saves.
 MIN_PAGES_PER_SPLIT = 4
-
-
-def enabled() -> bool:
-    return env("CPU_KERNELS", "1") != "0"
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
-def build(
-    compiler: str | None = None,
-    source: Path = SOURCE,
-    flags: Sequence[str] = FLAGS,
-    libs: Sequence[str] = ("-lm",),
-) -> Path:
-    """Compile a source beside this package (by default the kernels; once per source, flags
-    and CPU) and return the shared library."""
-    cc = compiler or system_env("CC") or "gcc"
-    key = hashlib.sha256(
-        source.read_bytes() + " ".join([cc, *flags, *libs]).encode() + _cpu_flags().encode()
-    ).hexdigest()[:16]
-    out = cache_dir() / "kernels" / f"{source.stem}-{key}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        built = Path(tmp) / out.name
-        cmd = [cc, *flags, str(source), "-o", str(built), *libs]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if done.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()}")
-        os.replace(built, out)  # atomic: processes building at once all end with one file
-    return out
 
 
 def _segments(
@@ -88,43 +35,6 @@ def _segments(
     return (ends.data_ptr(), counts.data_ptr(), sums.data_ptr(), width, layers * row, layer * row)
 
 
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    if not enabled():
-        return None
-    try:
-        lib = ctypes.CDLL(str(build()))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("CPU kernels unavailable, using the torch reference ops: %s", e)
-        return None
-    p, i = ctypes.c_void_p, ctypes.c_int
-    i64p = p  # int64 arrays, passed by address
-    i64 = ctypes.c_int64
-    lib.paged_decode.argtypes = [
-        i, p, p, p, p, i64p, i64p, i, i, i, i, i, i, i64, ctypes.c_float, i, i
-    ]  # fmt: skip
-    lib.write_kv.argtypes = [i, p, p, p, p, i64p, i64p, i64, i, i, i, i64]
-    lib.select_pages.argtypes = [
-        i, p, p, p, i64p, i64p, p, i, i, i, i, i, i, i64, ctypes.c_float, ctypes.c_float, i64,
-        ctypes.c_double, i, i, i64p, i64p, p, i64, i64, i64, i64p, i64p, i64p, p,
-    ]  # fmt: skip
-    lib.sparse_decode.argtypes = [
-        i, p, p, p, p, p, p, i64p, i64p, p, i, i, i, i, i, i, i64, ctypes.c_float,
-        ctypes.c_float, i64, ctypes.c_double, i, i, i64p, i64p, p, i64, i64, i64, i, i64p, p,
-    ]  # fmt: skip
-    lib.add_rms_norm.argtypes = [p, p, p, p, i64, i, ctypes.c_float]
-    lib.rope_bf16.argtypes = [p, i64, i, i, i64, p, p]
-    lib.silu_mul_bf16.argtypes = [p, p, i64, i64]
-    lib.write_decode.argtypes = [
-        i, p, p, p, p, i64p, i64p, i64, p, p, i64p, i64p, i, i, i, i, i, i, i64,
-        ctypes.c_float, i,
-    ]  # fmt: skip
-    for fn in (lib.paged_decode, lib.write_kv, lib.select_pages, lib.sparse_decode,
-               lib.add_rms_norm, lib.rope_bf16, lib.silu_mul_bf16, lib.write_decode):  # fmt: skip
-        fn.restype = i
-    return lib
-
-
 def available(device: torch.device) -> bool:
     return device.type == "cpu" and library() is not None
 
@@ -138,6 +48,17 @@ def _page_contiguous(pages: torch.Tensor) -> bool:
     """Each page of [pages, page_size, kv_heads, D] one dense block (pages may be strided)."""
     _, _, h, d = pages.shape
     return pages.stride()[1:] == (h * d, d, 1)
+
+
+def _pool_layout(layer: LayerKV) -> bool:
+    """A layer of KVCache's page-major pool as the KV writes expect it: dense pages, K and V
+    alike, and the page summary in row page_size of each page's K (and V)."""
+    kp, vp = layer.k, layer.v
+    _, ps, kv_heads, d = kp.shape
+    summary_at = kp.data_ptr() + ps * kv_heads * d * kp.element_size()  # row ps of page 0
+    return (
+        _page_contiguous(kp) and kp.stride() == vp.stride() and layer.kmin.data_ptr() == summary_at
+    )
 
 
 def _i64(t: torch.Tensor) -> int:
@@ -224,14 +145,10 @@ def decode_plan(
 ) -> DecodePlan | None:  # fmt: skip
     """A DecodePlan for the pool whose layers look like `layer`; None where write_decode
     does not apply (no library, or a pool layout the kernels do not read)."""
-    kp, vp = layer.k, layer.v
+    kp = layer.k
     if library() is None or kp.device.type != "cpu" or kp.dtype not in DTYPES:
         return None
-    _, ps, kv_heads, d = kp.shape
-    summary_at = kp.data_ptr() + ps * kv_heads * d * kp.element_size()  # row ps of page 0
-    if not _page_contiguous(kp) or kp.stride() != vp.stride():
-        return None
-    if layer.kmin.data_ptr() != summary_at:
+    if not _pool_layout(layer):
         return None
     pages, offsets = (w.to(torch.int64).contiguous() for w in where)
     table, lens = table.to(torch.int64).contiguous(), lens.to(torch.int64).contiguous()
@@ -271,13 +188,9 @@ def write_kv(
     kp, vp = layer.k, layer.v
     if lib is None or dtype is None or k.device.type != "cpu" or kp.dtype != k.dtype:
         return False
+    if not _pool_layout(layer):
+        return False
     _, ps, kv_heads, d = kp.shape
-    row = kv_heads * d
-    summary_at = kp.data_ptr() + ps * row * kp.element_size()  # row ps of page 0
-    if not _page_contiguous(kp) or kp.stride() != vp.stride():
-        return False
-    if layer.kmin.data_ptr() != summary_at:
-        return False
     pages, offsets = (w.to(torch.int64).contiguous() for w in where)
     k, v = k.contiguous(), v.contiguous()
     lib.write_kv(dtype, _ptr(k), _ptr(v), _ptr(kp), _ptr(vp), _i64(pages), _i64(offsets),

@@ -96,12 +96,11 @@ int model_add_layer(void *model, const int64_t *linears, void *norm1, void *norm
     }
 }
 
-// Runs every layer on x [rows, hidden] (the residual stream, updated in place) with delta
-// (the embedding's residual to add first, or 0 for none) and writes the last layer's MLP
-// output to out [rows, hidden]. cos, sin [rows, head_dim]; pages, offsets [rows]; table
+// Runs every layer on x [rows, hidden] (the embeddings: the residual stream, updated in
+// place) and writes the last layer's MLP output to out [rows, hidden]. cos, sin [rows, head_dim]; pages, offsets [rows]; table
 // [rows, width], lens [rows]: as cpu_kernels.DecodePlan holds them. kv [layers, 2]: each
 // layer's K and V of page 0 in the pool, pages page_stride elements apart.
-int model_decode(void *model, void *x_data, void *delta_data, void *out_data, int64_t rows,
+int model_decode(void *model, void *x_data, void *out_data, int64_t rows,
                  const void *cos, const void *sin, const int64_t *pages, const int64_t *offsets,
                  const int64_t *table, const int64_t *lens, int width, int splits,
                  const int64_t *kv, int page_size, int64_t page_stride) {
@@ -109,8 +108,7 @@ int model_decode(void *model, void *x_data, void *delta_data, void *out_data, in
     try {
         const int d = m->head_dim, q_size = m->heads * d, kv_size = m->kv_heads * d;
         at::Tensor x = wrap(x_data, {rows, m->hidden}, at::kBFloat16);
-        at::Tensor delta;
-        if (delta_data) delta = wrap(delta_data, {rows, m->hidden}, at::kBFloat16);
+        at::Tensor delta;  // the previous layer's MLP output, added by the next norm
         at::Tensor h = at::empty_like(x);
         for (size_t i = 0; i < m->layers.size(); i++) {
             const Layer &layer = m->layers[i];

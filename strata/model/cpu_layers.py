@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.utils.cpp_extension as cpp
 
-from strata.attention import cpu_kernels
+from strata.attention import cpu_build, cpu_kernels
 from strata.config import system_env
 from strata.kv.pool import KVCache
 from strata.model.linear import Int4Linear
@@ -35,7 +35,7 @@ SOURCE = Path(__file__).with_name("cpu_layers.cpp")
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    if cpu_kernels.library() is None:
+    if cpu_build.library() is None:
         return None
     flags = ["-O2", "-std=c++20", "-shared", "-fPIC", "-w",
              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
@@ -45,7 +45,7 @@ def library() -> ctypes.CDLL | None:
     libs = [f"-L{lib_dir}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib_dir}"]
     cxx = system_env("CXX") or "g++"
     try:
-        lib = ctypes.CDLL(str(cpu_kernels.build(cxx, SOURCE, flags, libs)))
+        lib = ctypes.CDLL(str(cpu_build.build(cxx, SOURCE, flags, libs)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("fused CPU decode layers unavailable, using the Python layers: %s", e)
         return None
@@ -55,7 +55,7 @@ def library() -> ctypes.CDLL | None:
     lib.model_free.argtypes = [p]
     lib.model_add_layer.argtypes = [p, p, p, p]
     lib.model_add_layer.restype = i
-    lib.model_decode.argtypes = [p, p, p, p, i64, p, p, p, p, p, p, i, i, p, i, i64]
+    lib.model_decode.argtypes = [p, p, p, i64, p, p, p, p, p, p, i, i, p, i, i64]
     lib.model_decode.restype = i
     return lib
 
@@ -69,7 +69,7 @@ class CpuLayers:
     """Holds the C++ model (pointers into the Python model's weights, which outlive it)."""
 
     def __init__(self, lib: ctypes.CDLL, model: LlamaForCausalLM) -> None:
-        spec, kernels = model.local, cpu_kernels.library()
+        spec, kernels = model.local, cpu_build.library()
         assert kernels is not None
         self.lib, self.scale = lib, model.backend.scale  # type: ignore[attr-defined]
         self.handle = lib.model_new(
@@ -139,7 +139,7 @@ class CpuLayers:
             return None
         out = torch.empty_like(x)
         rc = self.lib.model_decode(
-            self.handle, x.data_ptr(), None, out.data_ptr(), rows, cos.data_ptr(),
+            self.handle, x.data_ptr(), out.data_ptr(), rows, cos.data_ptr(),
             sin.data_ptr(), plan.pages.data_ptr(), plan.offsets.data_ptr(),
             plan.table.data_ptr(), plan.lens.data_ptr(), plan.table.shape[1], plan.splits,
             self._pointers(kv).data_ptr(), layer.k.shape[1], layer.k.stride(0),
