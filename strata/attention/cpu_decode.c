@@ -62,7 +62,7 @@ ALWAYS_INLINE float exp_neg(float x) {
  * reassociate anyway; the rest of this file (norms that must round as torch does) keeps
  * strict IEEE order. */
 #pragma GCC push_options
-#pragma GCC optimize("associative-math", "no-signed-zeros", "no-trapping-math")
+#pragma GCC optimize("associative-math", "no-signed-zeros", "no-trapping-math", "fp-contract=fast")
 
 
 /* One work item: every query head of one sequence over its pages [p0, p1). A page of one
@@ -82,16 +82,15 @@ ALWAYS_INLINE float exp_neg(float x) {
         for (int64_t p = p0; p < p1; p++) {                                                   \
             const int n = (int)((len - p * ps) < ps ? (len - p * ps) : ps);                   \
             const T *kp = k + pages[p] * pstride, *vp = v + pages[p] * pstride;               \
-            if (p + 1 < p1) { /* the next page's rows of these heads (all of it if dense) */ \
-                const T *nk = k + pages[p + 1] * pstride, *nv = v + pages[p + 1] * pstride;   \
-                const int64_t span = (int64_t)kvh * DIM * sizeof(T);                          \
-                for (int t = 0; t < ps; t++)                                                  \
-                    for (int64_t o = 0; o < span; o += 64) {                                  \
-                        __builtin_prefetch((const char *)(nk + t * row) + o);                 \
-                        __builtin_prefetch((const char *)(nv + t * row) + o);                 \
-                    }                                                                         \
-            }                                                                                 \
+            /* the next page (or this one again on the last): each token's K and V rows of  \
+             * these heads are prefetched as the same token of this page is read, so the    \
+             * loads spread over the compute rather than stalling in a burst */             \
+            const int64_t next = p + 1 < p1 ? pages[p + 1] : pages[p];                        \
+            const char *nk = (const char *)(k + next * pstride);                              \
+            const char *nv = (const char *)(v + next * pstride);                              \
+            const int64_t span = (int64_t)kvh * DIM * sizeof(T), rbytes = row * sizeof(T);   \
             for (int t = 0; t < n; t++) {                                                     \
+                for (int64_t o = 0; o < span; o += 64) __builtin_prefetch(nk + t * rbytes + o); \
                 for (int h = 0; h < kvh; h++) {                                               \
                     const T *kr = kp + (int64_t)t * row + (int64_t)h * DIM;                    \
                     _Pragma("omp simd") for (int j = 0; j < DIM; j++) kf[j] = LOAD(kr[j]);    \
@@ -119,6 +118,7 @@ ALWAYS_INLINE float exp_neg(float x) {
                 m[i] = mx;                                                                    \
             }                                                                                 \
             for (int t = 0; t < n; t++) {                                                     \
+                for (int64_t o = 0; o < span; o += 64) __builtin_prefetch(nv + t * rbytes + o); \
                 for (int h = 0; h < kvh; h++) {                                               \
                     const T *vr = vp + (int64_t)t * row + (int64_t)h * DIM;                    \
                     _Pragma("omp simd") for (int j = 0; j < DIM; j++) vf[j] = LOAD(vr[j]);    \
@@ -142,11 +142,155 @@ DEFINE_PARTIAL(partial_f32_128, float, LOAD_F32, 128)
 DEFINE_PARTIAL(partial_bf16_128, uint16_t, LOAD_BF16, 128)
 #pragma GCC pop_options
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* bfloat16 pages with AVX-512 (page_size <= 16, head_dim 64 or 128): the same work item as
+ * DEFINE_PARTIAL, arranged so no dot product ends in its own horizontal sum and no
+ * accumulator round-trips through memory per token. Per page and block of up to HB query
+ * heads of one KV head: each K row is converted once and multiplied into HB x 16-lane
+ * partial sums; one transposing reduction (sum16) turns a head's 16 partial vectors into its
+ * 16 scores; then each V row is converted once and accumulated into the block's output rows,
+ * held in registers over the page. HB * D / 16 vectors of q and of acc stay in registers. */
+static inline __m512 load_bf16x16(const uint16_t *p) {
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+/* a[t] holds token t's 16 partial sums; returns the vector whose lane t is a[t]'s total */
+static inline __m512 sum16(const __m512 *a) {
+    __m512 x[8], y[4], z[2];
+    for (int t = 0; t < 8; t++)
+        x[t] = _mm512_add_ps(_mm512_shuffle_f32x4(a[t], a[t + 8], 0x44),
+                             _mm512_shuffle_f32x4(a[t], a[t + 8], 0xEE));
+    for (int t = 0; t < 4; t++)
+        y[t] = _mm512_add_ps(_mm512_shuffle_f32x4(x[t], x[t + 4], 0x88),
+                             _mm512_shuffle_f32x4(x[t], x[t + 4], 0xDD));
+    for (int t = 0; t < 2; t++)
+        z[t] = _mm512_add_ps(_mm512_shuffle_ps(y[t], y[t + 2], 0x44),
+                             _mm512_shuffle_ps(y[t], y[t + 2], 0xEE));
+    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88),
+                                   _mm512_shuffle_ps(z[0], z[1], 0xDD));
+    /* lane L of r holds token order[L]'s total */
+    const __m512i order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
+    return _mm512_permutexvar_ps(order, r);
+}
+
+/* exp_neg on 16 lanes (the same polynomial; 2^n by scalef, exact for the normal range) */
+static inline __m512 exp_neg16(__m512 x) {
+    const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), xc);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_LT_OQ);
+    return _mm512_maskz_mov_ps((__mmask16)~under, _mm512_scalef_ps(p, n));
+}
+
+#define DEFINE_PARTIAL512(NAME, D, HB)                                                        \
+    static void NAME(const float *qf, const uint16_t *k, const uint16_t *v,                   \
+                     const int64_t *pages, int64_t p0, int64_t p1, int64_t len,              \
+                     int64_t pstride, int ps, int kvh, int64_t row, int d, int g, float *acc, \
+                     float *m, float *l) {                                                    \
+        enum { C = (D) / 16 };                                                                \
+        (void)d;                                                                              \
+        const int heads = kvh * g;                                                            \
+        for (int i = 0; i < heads; i++) { m[i] = -INFINITY; l[i] = 0.f; }                     \
+        memset(acc, 0, sizeof(float) * heads * (D));                                          \
+        const int64_t span = (int64_t)kvh * (D) * 2, rbytes = row * 2;                        \
+        for (int64_t p = p0; p < p1; p++) {                                                   \
+            const int n = (int)((len - p * ps) < ps ? (len - p * ps) : ps);                   \
+            const uint16_t *kp = k + pages[p] * pstride, *vp = v + pages[p] * pstride;        \
+            const int64_t next = p + 1 < p1 ? pages[p + 1] : pages[p];                        \
+            const char *nk = (const char *)(k + next * pstride);                              \
+            const char *nv = (const char *)(v + next * pstride);                              \
+            for (int t = 0; t < n; t++)                                                       \
+                for (int64_t o = 0; o < span; o += 64) {                                      \
+                    __builtin_prefetch(nk + t * rbytes + o);                                  \
+                    __builtin_prefetch(nv + t * rbytes + o);                                  \
+                }                                                                             \
+            const __mmask16 valid = (__mmask16)((1u << n) - 1u);                              \
+            for (int h = 0; h < kvh; h++) {                                                   \
+                for (int i0 = h * g; i0 < (h + 1) * g; i0 += (HB)) {                          \
+                    const int hb = (h + 1) * g - i0 < (HB) ? (h + 1) * g - i0 : (HB);         \
+                    __m512 qv[HB][C], part[HB][16], av[HB][C];                                \
+                    float w[HB][16];                                                          \
+                    for (int b = 0; b < (HB); b++)                                            \
+                        for (int c = 0; c < C; c++)                                           \
+                            qv[b][c] = b < hb ? _mm512_loadu_ps(qf + (i0 + b) * (D) + 16 * c) \
+                                              : _mm512_setzero_ps();                          \
+                    for (int t = 0; t < 16; t++) {                                            \
+                        if (t >= n) {                                                         \
+                            for (int b = 0; b < (HB); b++) part[b][t] = _mm512_setzero_ps();  \
+                            continue;                                                         \
+                        }                                                                     \
+                        const uint16_t *kr = kp + (int64_t)t * row + (int64_t)h * (D);        \
+                        __m512 kf[C];                                                         \
+                        for (int c = 0; c < C; c++) kf[c] = load_bf16x16(kr + 16 * c);       \
+                        for (int b = 0; b < (HB); b++) {                                      \
+                            __m512 dot = _mm512_mul_ps(qv[b][0], kf[0]);                      \
+                            for (int c = 1; c < C; c++)                                       \
+                                dot = _mm512_fmadd_ps(qv[b][c], kf[c], dot);                  \
+                            part[b][t] = dot;                                                 \
+                        }                                                                     \
+                    }                                                                         \
+                    for (int b = 0; b < hb; b++) {                                            \
+                        const int i = i0 + b;                                                 \
+                        const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY),       \
+                                                             valid, sum16(part[b]));          \
+                        const float mx_page = _mm512_reduce_max_ps(sc);                       \
+                        const float mx = mx_page > m[i] ? mx_page : m[i];                     \
+                        const __m512 e = exp_neg16(_mm512_sub_ps(sc, _mm512_set1_ps(mx)));    \
+                        const float corr = exp_neg(m[i] - mx);                                \
+                        l[i] = l[i] * corr + _mm512_reduce_add_ps(e);                         \
+                        m[i] = mx;                                                            \
+                        _mm512_storeu_ps(w[b], e);                                            \
+                        const __m512 cv = _mm512_set1_ps(corr);                               \
+                        for (int c = 0; c < C; c++)                                           \
+                            av[b][c] = _mm512_mul_ps(cv, _mm512_loadu_ps(acc + i * (D) + 16 * c)); \
+                    }                                                                         \
+                    for (int b = hb; b < (HB); b++)                                           \
+                        for (int c = 0; c < C; c++) av[b][c] = _mm512_setzero_ps();           \
+                    for (int t = 0; t < n; t++) {                                             \
+                        const uint16_t *vr = vp + (int64_t)t * row + (int64_t)h * (D);        \
+                        __m512 vf[C];                                                         \
+                        for (int c = 0; c < C; c++) vf[c] = load_bf16x16(vr + 16 * c);       \
+                        for (int b = 0; b < (HB); b++) {                                      \
+                            const __m512 wt = _mm512_set1_ps(b < hb ? w[b][t] : 0.f);         \
+                            for (int c = 0; c < C; c++)                                       \
+                                av[b][c] = _mm512_fmadd_ps(wt, vf[c], av[b][c]);              \
+                        }                                                                     \
+                    }                                                                         \
+                    for (int b = 0; b < hb; b++)                                              \
+                        for (int c = 0; c < C; c++)                                           \
+                            _mm512_storeu_ps(acc + (i0 + b) * (D) + 16 * c, av[b][c]);        \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+    }
+
+DEFINE_PARTIAL512(partial_bf16_64_avx512, 64, 3)
+DEFINE_PARTIAL512(partial_bf16_128_avx512, 128, 2)
+#define HAVE_PARTIAL512 1
+#endif
+
 typedef void (*partial_fn)(const float *, const void *, const void *, const int64_t *, int64_t,
                            int64_t, int64_t, int64_t, int, int, int64_t, int, int, float *,
                            float *, float *);
 
-static partial_fn pick(int dtype, int d) {
+static partial_fn pick(int dtype, int d, int page_size) {
+#ifdef HAVE_PARTIAL512
+    if (dtype && page_size <= 16 && d == 64) return (partial_fn)(void *)partial_bf16_64_avx512;
+    if (dtype && page_size <= 16 && d == 128) return (partial_fn)(void *)partial_bf16_128_avx512;
+#else
+    (void)page_size;
+#endif
     if (d == 64) return (partial_fn)(dtype ? (void *)partial_bf16_64 : (void *)partial_f32_64);
     if (d == 128) return (partial_fn)(dtype ? (void *)partial_bf16_128 : (void *)partial_f32_128);
     return (partial_fn)(dtype ? (void *)partial_bf16 : (void *)partial_f32);
@@ -166,7 +310,7 @@ int paged_decode(int dtype, const void *q, const void *k, const void *v, void *o
     if (heads > MAX_HEADS || d > MAX_DIM || page_size > MAX_PAGE || heads % kv_heads) return -1;
     if (groups < 1 || kv_heads % groups) return -1;
     if (splits < 1) splits = 1;
-    const partial_fn partial = pick(dtype, d);
+    const partial_fn partial = pick(dtype, d, page_size);
     const int gkv = kv_heads / groups, gheads = gkv * g; /* KV and query heads of one group */
     const int64_t row = (int64_t)kv_heads * d, esize = dtype ? 2 : 4;
     const int64_t items = (int64_t)batch * groups * splits;

@@ -75,6 +75,8 @@ def test_cpu_kernel_builds():
         (9, 3, 64, 16, [300]),  # one long sequence: split over the threads
         (8, 8, 128, 16, [17, 64, 3, 250]),  # no grouping, head_dim 128
         (6, 2, 64, 8, [40] * 9),
+        (8, 2, 64, 16, [33, 7]),  # 4 query heads per KV head: blocks of 3 and 1 (AVX-512)
+        (16, 2, 128, 16, [70, 16]),  # 8 per KV head at head_dim 128: blocks of 2
     ],
 )
 def test_cpu_decode_kernel_equals_dense_attention(heads, kv_heads, dim, page, lens, dtype, tol):
