@@ -1,9 +1,13 @@
-// The decoder layers of a decode-only batch in one call (CPU, bfloat16 activations, int4
-// weights): the same ops in the same order as strata/model/layers.py runs them (torch's int4
-// matrix product through ATen, strata's C kernels for the norms, rope, KV write + paged
-// decode and silu-and-mul), minus the Python between them, which is ~25% of a batch-1 step.
+// The decoder layers of a decode-only batch in one call (CPU, bfloat16 activations, int4 or
+// bfloat16 weights): the same ops in the same order as strata/model/layers.py runs them
+// (torch's int4 matrix product through ATen, or oneDNN's linear on the weights Linear
+// prepacked, called through the dispatcher; strata's C kernels for the norms, rope, KV
+// write + paged decode and silu-and-mul), minus the Python between them, which is ~25% of a
+// batch-1 step.
 // Built and loaded by strata/model/cpu_layers.py; exported with C linkage for ctypes.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 
 #include <cstdint>
 #include <cstring>
@@ -21,18 +25,42 @@ using write_decode_fn = int (*)(int, const void *, const void *, void *, void *,
                                 int64_t, float, int);
 using silu_mul_fn = int (*)(const uint16_t *, uint16_t *, int64_t, int64_t);
 
-struct Int4 {
+// mkldnn::_linear_pointwise(x, packed weight, bias, "none", [None], ""), as Linear calls it
+at::Tensor onednn_linear(const at::Tensor &x, const at::Tensor &w, const at::Tensor &bias) {
+    static const c10::OperatorHandle op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+    torch::jit::Stack stack;
+    stack.reserve(6);
+    stack.emplace_back(x);
+    stack.emplace_back(w);
+    stack.emplace_back(bias.defined() ? c10::IValue(bias) : c10::IValue());
+    stack.emplace_back(std::string("none"));
+    stack.emplace_back(c10::List<std::optional<at::Scalar>>({std::nullopt}));
+    stack.emplace_back(std::string(""));
+    op.callBoxed(&stack);
+    return stack[0].toTensor();
+}
+
+struct Linear {
     at::Tensor packed, scales, bias;  // bias undefined when there is none
-    int64_t group = 0;
+    int64_t group = 0;                // int4: its group size; 0: packed is oneDNN's bf16 weight
 
     at::Tensor operator()(const at::Tensor &x) const {
+        if (group == 0) return onednn_linear(x, packed, bias);
         at::Tensor y = at::_weight_int4pack_mm_for_cpu(x, packed, group, scales);
         return bias.defined() ? y.add_(bias) : y;
     }
 };
 
+// The tensor whose TensorImpl is at `impl` (a Python tensor's _cdata), sharing it: oneDNN's
+// packed weights are opaque tensors with no data pointer to wrap.
+at::Tensor share(int64_t impl) {
+    return at::Tensor(c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>::reclaim_copy(
+        reinterpret_cast<c10::TensorImpl *>(impl)));
+}
+
 struct Layer {
-    Int4 qkv, o_proj, gate_up, down;
+    Linear qkv, o_proj, gate_up, down;
     at::Tensor norm1, norm2;
 };
 
@@ -72,18 +100,24 @@ void model_free(void *model) { delete static_cast<Model *>(model); }
 
 // Adds a layer. linears: for qkv, o_proj, gate_up, down in turn: packed weight address, out
 // and in features, group size, scales address, bias address (0 for none); the weights are
-// the caller's (it keeps them alive) and laid out as Int4Linear keeps them.
+// the caller's (it keeps them alive) and laid out as Int4Linear keeps them. Group size 0:
+// a bfloat16 Linear, whose first field is its packed weight's TensorImpl (shared, not
+// copied) and whose scales are unused.
 int model_add_layer(void *model, const int64_t *linears, void *norm1, void *norm2) {
     auto *m = static_cast<Model *>(model);
     try {
         Layer layer;
-        Int4 *parts[] = {&layer.qkv, &layer.o_proj, &layer.gate_up, &layer.down};
+        Linear *parts[] = {&layer.qkv, &layer.o_proj, &layer.gate_up, &layer.down};
         for (int i = 0; i < 4; i++) {
             const int64_t *l = linears + 6 * i;
             const int64_t out = l[1], in = l[2], group = l[3];
-            parts[i]->packed = wrap(reinterpret_cast<void *>(l[0]), {out, in / 2}, at::kByte);
-            parts[i]->scales =
-                wrap(reinterpret_cast<void *>(l[4]), {in / group, out, 2}, at::kBFloat16);
+            if (group == 0) {
+                parts[i]->packed = share(l[0]);
+            } else {
+                parts[i]->packed = wrap(reinterpret_cast<void *>(l[0]), {out, in / 2}, at::kByte);
+                parts[i]->scales =
+                    wrap(reinterpret_cast<void *>(l[4]), {in / group, out, 2}, at::kBFloat16);
+            }
             if (l[5]) parts[i]->bias = wrap(reinterpret_cast<void *>(l[5]), {out}, at::kBFloat16);
             parts[i]->group = group;
         }

@@ -1,11 +1,13 @@
 """The decoder layers of a dense decode-only batch as one C++ call (cpu_layers.cpp): CPU,
-bfloat16 activations, int4 weights, one rank. The same ops in the same order as the Python
-layers (strata/model/layers.py), so the same bits, without ~300 Python-level calls a step.
+bfloat16 activations, int4 or bfloat16 (oneDNN-packed) weights, one rank. The same ops in
+the same order as the Python layers (strata/model/layers.py), so the same bits, without
+~300 Python-level calls a step.
 
 Built once with the system C++ compiler against the installed torch (ATen for the int4
-matrix products) into the cache dir, beside strata/attention/cpu_kernels.py's kernels, whose
-functions it calls. Anything unusual (another dtype or quantization, tensor parallelism,
-sparse or mixed batches, no compiler, ``STRATA_CPU_KERNELS=0``) keeps the Python layers.
+matrix products, its dispatcher for oneDNN's linear) into the cache dir, beside strata/attention/cpu_kernels.py's kernels, whose
+functions it calls. Anything unusual (another dtype, tensor parallelism, sparse or mixed
+batches, weights oneDNN did not pack, no compiler, ``STRATA_CPU_KERNELS=0``) keeps the
+Python layers.
 """
 
 from __future__ import annotations
@@ -82,10 +84,14 @@ class CpuLayers:
         for layer in model.layers:
             linears = []
             for lin in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down):
-                assert isinstance(lin, Int4Linear)
                 bias = lin.bias.data_ptr() if lin.bias is not None else 0
-                linears += [lin.packed.data_ptr(), lin.out_features, lin.packed.shape[1] * 2,
-                            lin.group_size, lin.scales_and_zeros.data_ptr(), bias]  # fmt: skip
+                if isinstance(lin, Int4Linear):
+                    linears += [lin.packed.data_ptr(), lin.out_features, lin.packed.shape[1] * 2,
+                                lin.group_size, lin.scales_and_zeros.data_ptr(), bias]  # fmt: skip
+                else:  # oneDNN's packed bf16 weight, shared with the C++ side by its TensorImpl
+                    assert lin.packed
+                    out_f, in_f = lin.weight.shape
+                    linears += [lin.weight._cdata, out_f, in_f, 0, 0, bias]
             arr = (ctypes.c_int64 * len(linears))(*linears)
             rc = lib.model_add_layer(self.handle, arr, layer.norm1.weight.data_ptr(),
                                      layer.norm2.weight.data_ptr())  # fmt: skip
@@ -97,11 +103,13 @@ class CpuLayers:
     @classmethod
     def of(cls, model: LlamaForCausalLM) -> CpuLayers | None:
         """The fused layers for `model`, or None where they do not apply."""
-        if model.tp is not None or model.quantization != "int4":
-            return None
         emb = model.embed_tokens
-        if emb.device.type != "cpu" or emb.dtype != torch.bfloat16:
+        if model.tp is not None or emb.device.type != "cpu" or emb.dtype != torch.bfloat16:
             return None
+        for layer in model.layers:
+            for lin in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down):
+                if not isinstance(lin, Int4Linear) and not lin.packed:
+                    return None  # bf16 weights oneDNN did not take
         lib = library()
         return cls(lib, model) if lib is not None else None
 

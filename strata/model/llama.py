@@ -57,7 +57,7 @@ class LlamaForCausalLM:
             )
         self.norm = RMSNorm(weights["norm"], spec.rms_norm_eps)
         self.lm_head = make_linear(weights.get("lm_head", embed), None, quantization)
-        # dense decode-only batches of int4 on CPU: every layer in one C++ call
+        # dense decode-only batches in bfloat16 on CPU: every layer in one C++ call
         self.cpu_layers = CpuLayers.of(self)
 
     @torch.inference_mode()

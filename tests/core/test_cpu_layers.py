@@ -1,5 +1,6 @@
 """The fused C++ decoder layers (strata/model/cpu_layers.cpp) against the Python layers they
-replace: the same logits, bit for bit, on tiny int4 models, ragged decode batches."""
+replace: the same logits, bit for bit, on tiny int4 and bfloat16 models, ragged decode
+batches."""
 
 from __future__ import annotations
 
@@ -32,16 +33,17 @@ def decode_batch(runner, prompts, steps):
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("quant", ["int4", "none"])  # none: oneDNN's packed bf16 weights
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: a bias on the fused QKV
-def test_fused_layers_give_the_python_layers_logits(tiny_checkpoint, arch):
+def test_fused_layers_give_the_python_layers_logits(tiny_checkpoint, arch, quant):
     folder, _ = tiny_checkpoint(arch, num_hidden_layers=3, num_key_value_heads=2)
     runner = ModelRunner.from_config(
-        ModelConfig(str(folder), dtype="bfloat16", quantization="int4"),
+        ModelConfig(str(folder), dtype="bfloat16", quantization=quant),
         KVPoolConfig(page_size=PS, num_pages=96),
     )
     model = runner.model
     fused = model.cpu_layers
-    assert fused is not None  # int4 + bfloat16 on CPU, one rank: the C++ layers run
+    assert fused is not None  # bfloat16 activations on CPU, one rank: the C++ layers run
     prompts = [[(i * 7 + j) % 300 + 5 for j in range(n)] for i, n in enumerate((9, 4, 17))]
     got = decode_batch(runner, prompts, 6)
     assert fused.calls == 6  # every decode step (not the prefills)
@@ -54,9 +56,7 @@ def test_fused_layers_give_the_python_layers_logits(tiny_checkpoint, arch):
 
 def test_fused_layers_stay_out_of_other_models(tiny_checkpoint):
     folder, _ = tiny_checkpoint("llama")
-    for dtype, quant in (("bfloat16", "none"), ("float32", "none")):
-        runner = ModelRunner.from_config(
-            ModelConfig(str(folder), dtype=dtype, quantization=quant),
-            KVPoolConfig(page_size=PS, num_pages=32),
-        )
-        assert runner.model.cpu_layers is None
+    runner = ModelRunner.from_config(
+        ModelConfig(str(folder), dtype="float32"), KVPoolConfig(page_size=PS, num_pages=32)
+    )
+    assert runner.model.cpu_layers is None
