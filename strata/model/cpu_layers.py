@@ -4,10 +4,10 @@ the same order as the Python layers (strata/model/layers.py), so the same bits, 
 ~300 Python-level calls a step.
 
 Built once with the system C++ compiler against the installed torch (ATen for the int4
-matrix products, its dispatcher for oneDNN's linear) into the cache dir, beside strata/attention/cpu_kernels.py's kernels, whose
-functions it calls. Anything unusual (another dtype, tensor parallelism, sparse or mixed
-batches, weights oneDNN did not pack, no compiler, ``STRATA_CPU_KERNELS=0``) keeps the
-Python layers.
+matrix products, its dispatcher for oneDNN's linear) into the cache dir, beside
+strata/attention/cpu_kernels.py's kernels, whose functions it calls. Anything unusual
+(another dtype, tensor parallelism, sparse or mixed batches, weights oneDNN did not pack,
+no compiler, ``STRATA_CPU_KERNELS=0``) keeps the Python layers.
 """
 
 from __future__ import annotations
