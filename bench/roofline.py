@@ -19,15 +19,17 @@ from strata.engine.runner import ModelRunner
 
 
 def read_bandwidth(rounds: int) -> float:
-    """Bytes/s of reading a 1 GiB bf16 tensor (a sum over it, every thread)."""
-    x = torch.ones(2**29, dtype=torch.bfloat16)
+    """Bytes/s of reading a 1 GiB float32 tensor (a sum over it, every thread). NOTE: not
+    bfloat16, whose sum is bound by its conversions here (19.6 vs 30.9 GB/s, measured): a
+    low bandwidth would flatter every figure below."""
+    x = torch.ones(2**28, dtype=torch.float32)
     x.sum()
     times = []
     for _ in range(rounds * 3):
         t = time.perf_counter()
         x.sum()
         times.append(time.perf_counter() - t)
-    return x.numel() * 2 / min(times)
+    return x.numel() * 4 / min(times)
 
 
 def gemm_flops(rounds: int) -> float:

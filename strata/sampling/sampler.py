@@ -76,19 +76,34 @@ def _filtered_probs(
     return probs / probs.sum(-1, keepdim=True), order
 
 
-def _noise(reqs: Sequence[SampleInput], v: int, device: torch.device) -> torch.Tensor:
-    """Exponential(1) noise [B, V]; seeded rows draw from their own generator."""
-    noise = torch.empty(len(reqs), v, device=device).exponential_()
+def _uniform(reqs: Sequence[SampleInput], device: torch.device) -> torch.Tensor:
+    """One U[0, 1) draw per row [B, 1]; seeded rows draw from their own generator."""
+    u = torch.rand(len(reqs), 1)
     for i, r in enumerate(reqs):
         if r.generator is not None:
-            noise[i] = torch.empty(v).exponential_(generator=r.generator).to(device)
-    return noise
+            u[i] = torch.rand(1, generator=r.generator)
+    return u.to(device)
 
 
 def skip_noise(generator: torch.Generator, v: int) -> None:
     """Advance a seeded request's generator past one step's draw (the step ran elsewhere:
     a prefill worker sampled the first token), so the same seed gives the same output."""
-    torch.empty(v).exponential_(generator=generator)
+    torch.rand(1, generator=generator)
+
+
+def _draw(probs: torch.Tensor, reqs: Sequence[SampleInput]) -> torch.Tensor:
+    """One index per row of probs [B, V] (rows sum to 1, zeros allowed), by inverse CDF: the
+    first index whose cumulative sum passes u * total.
+
+    NOTE: not an exponential race (argmax p / E over V noise draws): that draws V
+    exponentials a row, 0.9 ms a token at batch 1 and 13 ms a step at batch 16 here,
+    against 0.03 and 0.25 ms for this (measured)."""
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    pick = torch.searchsorted(cdf, _uniform(reqs, probs.device) * total, right=True)
+    # u * total may round up to total: take the last index with any mass
+    last = probs.shape[1] - 1 - (probs.flip(-1) > 0).to(torch.uint8).argmax(-1, keepdim=True)
+    return torch.minimum(pick, last).squeeze(1)
 
 
 def sample(logits: torch.Tensor, reqs: Sequence[SampleInput]) -> SampleOutput:
@@ -111,8 +126,7 @@ def sample(logits: torch.Tensor, reqs: Sequence[SampleInput]) -> SampleOutput:
             probs, order = _filtered_probs(scaled, reqs)
         else:
             probs, order = scaled.softmax(-1), None
-        # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p.
-        pick = (probs / _noise(reqs, probs.shape[1], probs.device)).argmax(-1)
+        pick = _draw(probs, reqs)
         if order is not None:
             pick = order.gather(1, pick[:, None]).squeeze(1)
         tokens = torch.where(greedy, tokens, pick)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from strata.sampling import sampler
 from strata.sampling.params import SamplingParams
 from strata.sampling.sampler import SampleInput, sample
 from strata.sampling.stop import StopMatcher
@@ -93,3 +94,14 @@ def test_logit_bias_moves_tokens_and_travels_through_the_protos():
     assert params_from_proto(params_to_proto(forced)) == forced
     with pytest.raises(ValueError, match="logit_bias"):
         SamplingParams(logit_bias=((1, 101.0),))
+
+
+@pytest.mark.parametrize("u", [0.0, 0.3, 1.0 - 2**-24])
+def test_a_draw_never_lands_on_a_token_without_mass(monkeypatch, u):
+    """The inverse-CDF draw at the ends of [0, 1): zero-probability tokens before, between
+    and after the ones with mass (as a filter leaves them) are never chosen."""
+    probs = torch.tensor([[0.0, 0.0, 0.7, 0.0, 0.3, 0.0, 0.0], [0.0] * 6 + [1.0]])
+    monkeypatch.setattr(sampler, "_uniform", lambda reqs, device: torch.full((2, 1), u))
+    pick = sampler._draw(probs, [None, None]).tolist()
+    assert probs[0, pick[0]] > 0 and pick[1] == 6
+    assert pick[0] == (2 if u < 0.7 else 4)
