@@ -318,8 +318,8 @@ class EngineClient:
         self.process.join(1)
         self._gone = f"the engine process exited (code {self.process.exitcode})"
         log.error("%s; %d requests fail", self._gone, len(self._streams))
-        for rid, queue in self._streams.items():
-            queue.put_nowait(RequestOutput(rid, [], "", finish_reason="error", error=self._gone))
+        for rid, stream in self._streams.items():
+            stream.put_nowait(RequestOutput(rid, [], "", finish_reason="error", error=self._gone))
         for fut in self._calls.values():
             if not fut.done():
                 fut.set_exception(EngineGone(self._gone))
