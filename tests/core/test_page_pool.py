@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from strata.kv.pool import OutOfPagesError, PagePool
+from strata.kv.pool import HUGE_PAGE, OutOfPagesError, PagePool, zeros_huge
 
 ops = st.lists(
     st.one_of(
@@ -51,3 +52,14 @@ def test_double_free_and_foreign_pages_are_rejected():
     with pytest.raises(ValueError, match="not allocated"):
         pool.free([17])
     assert pool.num_free == 4
+
+
+def test_a_cpu_pool_on_huge_pages_is_an_ordinary_zeroed_tensor():
+    """zeros_huge (the CPU pool's memory) below and above its huge-page threshold: zeroed,
+    contiguous, of the shape and dtype asked, and writable everywhere."""
+    for shape in ((3, 5), (5, HUGE_PAGE // 2 + 7)):  # 30 B; ~10 MB of bfloat16
+        t = zeros_huge(shape, torch.bfloat16)
+        assert t.shape == shape and t.dtype == torch.bfloat16 and t.is_contiguous()
+        assert not t.any()
+        t.fill_(1.5)
+        assert float(t.float().sum()) == 1.5 * t.numel()
