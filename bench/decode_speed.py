@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from strata.bench import run_like_an_engine_process
 from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.generate import generate_greedy_batch
 from strata.engine.runner import ModelRunner
@@ -79,6 +80,7 @@ def load_seconds(cache: str) -> float:
 
 
 def main() -> None:
+    run_like_an_engine_process()
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,32")

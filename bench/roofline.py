@@ -13,6 +13,7 @@ import time
 import torch
 
 from bench.decode_speed import decode_rate
+from strata.bench import run_like_an_engine_process
 from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.generate import generate_greedy_batch
 from strata.engine.runner import ModelRunner
@@ -66,6 +67,7 @@ def weight_bytes(runner: ModelRunner) -> tuple[int, int]:
 
 
 def main() -> None:
+    run_like_an_engine_process()
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 
 from launch.local import running_server
+from strata.bench import run_like_an_engine_process
 
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
 
@@ -84,6 +85,7 @@ def llama_cpp(new_tokens: int, repeats: int) -> list[float] | None:
 
 
 def main() -> None:
+    run_like_an_engine_process()
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)

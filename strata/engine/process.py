@@ -36,7 +36,13 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from strata.config import HiCacheConfig, KVPoolConfig, ModelConfig, SchedulerConfig
+from strata.config import (
+    HiCacheConfig,
+    KVPoolConfig,
+    ModelConfig,
+    SchedulerConfig,
+    huge_page_malloc,
+)
 from strata.engine.engine import Engine
 from strata.engine.request import Checked, Limits, Overloaded, RequestOutput
 from strata.engine.runner import ModelRunner
@@ -185,6 +191,7 @@ class EngineClient:
 
     def __init__(self, cfg: EngineConfig, start_timeout: float = 900.0) -> None:
         ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited threads or locks
+        os.environ["GLIBC_TUNABLES"] = huge_page_malloc()  # the child's malloc reads it
         self._conn, child = ctx.Pipe()
         self.process = ctx.Process(target=engine_main, args=(child, cfg), name="strata-engine",
                                    daemon=True)  # fmt: skip
