@@ -231,6 +231,26 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
+GEMV_ROWS = 2  # the most rows gemv_packed takes (from 3 on, oneDNN is faster)
+
+
+def gemv_packed(
+    x: torch.Tensor, address: int, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor | None:
+    """x [rows, k] (bfloat16, CPU, 1..GEMV_ROWS rows) times the oneDNN-packed bfloat16 weight
+    at `address` [out_features, k] (Linear checks its layout), plus bias, rounded to
+    bfloat16 once; None where the kernel does not apply."""
+    lib = library()
+    rows = x.shape[0]
+    if lib is None or x.dtype != torch.bfloat16 or x.dim() != 2 or not 1 <= rows <= GEMV_ROWS:
+        return None
+    x = x.contiguous()
+    y = x.new_empty(rows, out_features)
+    rc = lib.gemv_packed_bf16(_ptr(x), address, _ptr(bias) if bias is not None else None,
+                              _ptr(y), rows, out_features, x.shape[1])  # fmt: skip
+    return y if rc == 0 else None
+
+
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """RotaryEmbedding.apply in place on bfloat16 heads x [T, heads, D] on CPU (rows may be
     strided, heads dense), with cos, sin [T, 1, D]; False where it does not apply."""

@@ -24,6 +24,10 @@ using write_decode_fn = int (*)(int, const void *, const void *, void *, void *,
                                 const int64_t *, const int64_t *, int, int, int, int, int, int,
                                 int64_t, float, int);
 using silu_mul_fn = int (*)(const uint16_t *, uint16_t *, int64_t, int64_t);
+using gemv_fn = int (*)(const uint16_t *, const void *, const uint16_t *, uint16_t *, int64_t,
+                        int64_t, int64_t);
+constexpr int64_t GEMV_ROWS = 2;  // as cpu_kernels.GEMV_ROWS
+gemv_fn gemv = nullptr;
 
 // mkldnn::_linear_pointwise(x, packed weight, bias, "none", [None], ""), as Linear calls it
 at::Tensor onednn_linear(const at::Tensor &x, const at::Tensor &w, const at::Tensor &bias) {
@@ -44,8 +48,18 @@ at::Tensor onednn_linear(const at::Tensor &x, const at::Tensor &w, const at::Ten
 struct Linear {
     at::Tensor packed, scales, bias;  // bias undefined when there is none
     int64_t group = 0;                // int4: its group size; 0: packed is oneDNN's bf16 weight
+    void *raw = nullptr;              // bf16: the packed weight's address where gemv reads it
+    int64_t out = 0;
 
     at::Tensor operator()(const at::Tensor &x) const {
+        if (group == 0 && raw && gemv && x.size(0) <= GEMV_ROWS) {  // as Linear.__call__
+            at::Tensor y = at::empty({x.size(0), out}, x.options());
+            const uint16_t *b = bias.defined() ? static_cast<const uint16_t *>(bias.data_ptr())
+                                               : nullptr;
+            if (gemv(static_cast<const uint16_t *>(x.data_ptr()), raw, b,
+                     static_cast<uint16_t *>(y.data_ptr()), x.size(0), out, x.size(1)) == 0)
+                return y;
+        }
         if (group == 0) return onednn_linear(x, packed, bias);
         at::Tensor y = at::_weight_int4pack_mm_for_cpu(x, packed, group, scales);
         return bias.defined() ? y.add_(bias) : y;
@@ -85,7 +99,9 @@ uint16_t *u16(const at::Tensor &t) { return static_cast<uint16_t *>(t.data_ptr()
 extern "C" {
 
 void *model_new(int heads, int kv_heads, int head_dim, int hidden, float eps, float scale,
-                void *add_rms_norm, void *rope, void *write_decode, void *silu_mul) {
+                void *add_rms_norm, void *rope, void *write_decode, void *silu_mul,
+                void *gemv_packed) {
+    gemv = reinterpret_cast<gemv_fn>(gemv_packed);
     auto *m = new Model();
     m->heads = heads, m->kv_heads = kv_heads, m->head_dim = head_dim, m->hidden = hidden;
     m->eps = eps, m->scale = scale;
@@ -102,7 +118,7 @@ void model_free(void *model) { delete static_cast<Model *>(model); }
 // and in features, group size, scales address, bias address (0 for none); the weights are
 // the caller's (it keeps them alive) and laid out as Int4Linear keeps them. Group size 0:
 // a bfloat16 Linear, whose first field is its packed weight's TensorImpl (shared, not
-// copied) and whose scales are unused.
+// copied) and whose scales field is the address gemv reads (Linear.gemv; 0 for none).
 int model_add_layer(void *model, const int64_t *linears, void *norm1, void *norm2) {
     auto *m = static_cast<Model *>(model);
     try {
@@ -111,8 +127,10 @@ int model_add_layer(void *model, const int64_t *linears, void *norm1, void *norm
         for (int i = 0; i < 4; i++) {
             const int64_t *l = linears + 6 * i;
             const int64_t out = l[1], in = l[2], group = l[3];
+            parts[i]->out = out;
             if (group == 0) {
                 parts[i]->packed = share(l[0]);
+                parts[i]->raw = reinterpret_cast<void *>(l[4]);
             } else {
                 parts[i]->packed = wrap(reinterpret_cast<void *>(l[0]), {out, in / 2}, at::kByte);
                 parts[i]->scales =

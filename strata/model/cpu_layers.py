@@ -52,7 +52,7 @@ def library() -> ctypes.CDLL | None:
         log.warning("fused CPU decode layers unavailable, using the Python layers: %s", e)
         return None
     p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-    lib.model_new.argtypes = [i, i, i, i, f, f, p, p, p, p]
+    lib.model_new.argtypes = [i, i, i, i, f, f, p, p, p, p, p]
     lib.model_new.restype = p
     lib.model_free.argtypes = [p]
     lib.model_add_layer.argtypes = [p, p, p, p]
@@ -78,7 +78,7 @@ class CpuLayers:
             spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size,
             spec.rms_norm_eps, self.scale, _address(kernels.add_rms_norm),
             _address(kernels.rope_bf16), _address(kernels.write_decode),
-            _address(kernels.silu_mul_bf16),
+            _address(kernels.silu_mul_bf16), _address(kernels.gemv_packed_bf16),
         )  # fmt: skip
         self.hidden = spec.hidden_size
         for layer in model.layers:
@@ -91,7 +91,7 @@ class CpuLayers:
                 else:  # oneDNN's packed bf16 weight, shared with the C++ side by its TensorImpl
                     assert lin.packed
                     out_f, in_f = lin.weight.shape
-                    linears += [lin.weight._cdata, out_f, in_f, 0, 0, bias]
+                    linears += [lin.weight._cdata, out_f, in_f, 0, lin.gemv, bias]
             arr = (ctypes.c_int64 * len(linears))(*linears)
             rc = lib.model_add_layer(self.handle, arr, layer.norm1.weight.data_ptr(),
                                      layer.norm2.weight.data_ptr())  # fmt: skip

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from strata.attention import cpu_kernels
+
 # NOTE: the batch size oneDNN picks its weight layout for; measured on 2 cores, a layout
 # packed for 32 rows is as fast as or faster than F.linear from 1 to 300 rows.
 PACK_ROWS = 32
@@ -26,20 +28,51 @@ def can_prepack(weight: torch.Tensor) -> bool:
 
 class Linear:
     """y = x W^T + b. A bfloat16 weight on CPU is reordered once into oneDNN's blocked
-    layout, so no call repacks it: 1.3-1.8x faster linear layers in decode (2 cores)."""
+    layout, so no call repacks it: 1.3-1.8x faster linear layers in decode (2 cores). Up to
+    GEMV_ROWS rows, strata's kernel reads that packed weight directly (`gemv`), where its
+    layout is the one the kernel knows."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.bias = bias
         self.packed = can_prepack(weight)
+        self.out_features = weight.shape[0]
         # [out, in]; an opaque MKLDNN tensor when packed
         self.weight = (
             torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS) if self.packed else weight
         )
+        # the packed weight's address for cpu_kernels.gemv_packed (0: oneDNN for every call)
+        self.gemv = _gemv_address(self.weight, weight, bias) if self.packed else 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv and x.dim() == 2 and x.shape[0] <= cpu_kernels.GEMV_ROWS:
+            y = cpu_kernels.gemv_packed(x, self.gemv, self.bias, self.out_features)
+            if y is not None:
+                return y
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [None], "")
         return F.linear(x, self.weight, self.bias)
+
+
+def _gemv_address(packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> int:
+    """The address of oneDNN's packed weight if gemv_packed computes this layer from it:
+    checked on two random rows against the plain weight (another layout, which oneDNN may
+    pick on another CPU, gives garbage, not rounding), else 0."""
+    out_f, in_f = weight.shape
+    if out_f % 32 or in_f % 32 or cpu_kernels.library() is None:
+        return 0
+    try:
+        if torch.ops.mkldnn._nbytes(packed) != out_f * in_f * 2:
+            return 0
+        address = int(torch.ops.mkldnn.data_ptr(packed))
+    except (AttributeError, RuntimeError):
+        return 0
+    x = torch.randn(2, in_f, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    got = cpu_kernels.gemv_packed(x, address, bias, out_f)
+    if got is None:
+        return 0
+    want = F.linear(x.float(), weight.float(), bias.float() if bias is not None else None)
+    err = (got.float() - want).abs().max()
+    return address if bool(err <= 1e-2 * want.abs().max() + 1e-6) else 0
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,9 +33,10 @@ def decode_batch(runner, prompts, steps):
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("batch", [3, 1])  # 1: bf16 layers through gemv_packed (AVX512-BF16)
 @pytest.mark.parametrize("quant", ["int4", "none"])  # none: oneDNN's packed bf16 weights
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: a bias on the fused QKV
-def test_fused_layers_give_the_python_layers_logits(tiny_checkpoint, arch, quant):
+def test_fused_layers_give_the_python_layers_logits(tiny_checkpoint, arch, quant, batch):
     folder, _ = tiny_checkpoint(arch, num_hidden_layers=3, num_key_value_heads=2)
     runner = ModelRunner.from_config(
         ModelConfig(str(folder), dtype="bfloat16", quantization=quant),
@@ -44,7 +45,8 @@ def test_fused_layers_give_the_python_layers_logits(tiny_checkpoint, arch, quant
     model = runner.model
     fused = model.cpu_layers
     assert fused is not None  # bfloat16 activations on CPU, one rank: the C++ layers run
-    prompts = [[(i * 7 + j) % 300 + 5 for j in range(n)] for i, n in enumerate((9, 4, 17))]
+    lens = (9, 4, 17)[:batch]
+    prompts = [[(i * 7 + j) % 300 + 5 for j in range(n)] for i, n in enumerate(lens)]
     got = decode_batch(runner, prompts, 6)
     assert fused.calls == 6  # every decode step (not the prefills)
     model.cpu_layers = None
