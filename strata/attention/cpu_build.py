@@ -1,7 +1,8 @@
 """Building and loading strata's native code: C (and C++) sources beside the package, built
-once with the system compiler into the cache dir (keyed by source, flags and CPU) and
-loaded with ctypes. `library()` is the CPU kernels of cpu_decode.c with their argument
-types; strata/attention/cpu_kernels.py wraps them for torch tensors.
+once with the system compiler into the cache dir (keyed by sources, flags and CPU) and
+loaded with ctypes. `library()` is the CPU kernels of cpu_decode.c and cpu_ops.c (sharing
+cpu_common.h) with their argument types; strata/attention/cpu_kernels.py wraps them for
+torch tensors.
 
 torch is imported first, so the kernels' OpenMP resolves to the runtime torch already loaded
 and shares its threads. With no compiler, or with ``STRATA_CPU_KERNELS=0``, `library()` is
@@ -26,7 +27,9 @@ import torch  # noqa: F401  (first: its OpenMP runtime is the one the kernels bi
 from strata.config import cache_dir, env, system_env
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("cpu_decode.c")  # paged decode, KV write, selection, ...
+HERE = Path(__file__).parent
+# attention (paged decode, KV write, selection, ...), then the other layer ops; one library
+SOURCES = (HERE / "cpu_decode.c", HERE / "cpu_ops.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 if platform.machine() in ("x86_64", "AMD64"):
     FLAGS.append("-mprefer-vector-width=512")  # GCC's default is 256 bits even with AVX-512
@@ -46,23 +49,26 @@ def _cpu_flags() -> str:
 
 def build(
     compiler: str | None = None,
-    source: Path = SOURCE,
+    sources: Sequence[Path] = SOURCES,
     flags: Sequence[str] = FLAGS,
     libs: Sequence[str] = ("-lm",),
 ) -> Path:
-    """Compile a source beside this package (by default the kernels; once per source, flags
-    and CPU) and return the shared library."""
+    """Compile sources beside this package into one shared library (by default the kernels;
+    once per sources, the headers beside them, flags and CPU) and return it."""
     cc = compiler or system_env("CC") or "gcc"
+    headers = sorted(sources[0].parent.glob("*.h"))
     key = hashlib.sha256(
-        source.read_bytes() + " ".join([cc, *flags, *libs]).encode() + _cpu_flags().encode()
+        b"".join(p.read_bytes() for p in (*sources, *headers))
+        + " ".join([cc, *flags, *libs]).encode()
+        + _cpu_flags().encode()
     ).hexdigest()[:16]
-    out = cache_dir() / "kernels" / f"{source.stem}-{key}.so"
+    out = cache_dir() / "kernels" / f"{sources[0].stem}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         built = Path(tmp) / out.name
-        cmd = [cc, *flags, str(source), "-o", str(built), *libs]
+        cmd = [cc, *flags, *map(str, sources), "-o", str(built), *libs]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()}")

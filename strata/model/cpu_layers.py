@@ -47,7 +47,7 @@ def library() -> ctypes.CDLL | None:
     libs = [f"-L{lib_dir}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib_dir}"]
     cxx = system_env("CXX") or "g++"
     try:
-        lib = ctypes.CDLL(str(cpu_build.build(cxx, SOURCE, flags, libs)))
+        lib = ctypes.CDLL(str(cpu_build.build(cxx, (SOURCE,), flags, libs)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("fused CPU decode layers unavailable, using the Python layers: %s", e)
         return None
