@@ -31,12 +31,17 @@ ALWAYS_INLINE uint16_t f32_to_bf16(float f) { /* round to nearest even */
 }
 
 /* exp for x <= 0 (softmax weights), vectorisable under omp simd: 2^n * p(r) with
- * x = n ln2 + r, |r| <= ln2 / 2, p of degree 6 (relative error ~2e-7); x < -87 gives 0. */
+ * x = n ln2 + r, |r| <= ln2 / 2, p of degree 6 (relative error ~2e-7); x < EXP_MIN gives 0.
+ * cpu_decode.c's exp_neg16 is the same on 16 lanes. */
+#define EXP_MIN -87.f
+#define EXP_LOG2E 1.44269504f
+#define EXP_LN2_HI 0.693145752f /* ln 2 in two parts: n * ln2 stays exact for |n| <= 126 */
+#define EXP_LN2_LO 1.42860677e-6f
 #pragma omp declare simd notinbranch
 ALWAYS_INLINE float exp_neg(float x) {
-    const float xc = x < -87.f ? -87.f : x;
-    const float n = __builtin_rintf(xc * 1.44269504f); /* to nearest even: vectorises */
-    const float r = xc - n * 0.693145752f - n * 1.42860677e-6f;
+    const float xc = x < EXP_MIN ? EXP_MIN : x;
+    const float n = __builtin_rintf(xc * EXP_LOG2E); /* to nearest even: vectorises */
+    const float r = xc - n * EXP_LN2_HI - n * EXP_LN2_LO;
     float p = 1.f / 720;
     p = p * r + 1.f / 120;
     p = p * r + 1.f / 24;
@@ -46,11 +51,16 @@ ALWAYS_INLINE float exp_neg(float x) {
     p = p * r + 1.f;
     union { uint32_t u; float f; } e;
     e.u = (uint32_t)((int32_t)n + 127) << 23;
-    return x < -87.f ? 0.f : p * e.f;
+    return x < EXP_MIN ? 0.f : p * e.f;
 }
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+/* 16 bfloat16 values as float32 lanes */
+ALWAYS_INLINE __m512 load_bf16x16(const uint16_t *p) {
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
 #endif
 
 #endif

@@ -98,7 +98,6 @@ DEFINE_PARTIAL(partial_bf16_128, uint16_t, LOAD_BF16, 128)
 #pragma GCC pop_options
 
 #if defined(__AVX512F__)
-#include <immintrin.h>
 /* bfloat16 pages with AVX-512 (page_size <= 16, head_dim 64 or 128): the same work item as
  * DEFINE_PARTIAL, arranged so no dot product ends in its own horizontal sum and no
  * accumulator round-trips through memory per token. Per page and block of up to HB query
@@ -108,11 +107,6 @@ DEFINE_PARTIAL(partial_bf16_128, uint16_t, LOAD_BF16, 128)
  * held in registers over the page. HB * D / 16 vectors of q and of acc stay in registers.
  * The next page is prefetched a token row at a time as this page's rows are scored: a burst
  * of every line at the page's start stalled on the fill buffers (4-6% slower, measured). */
-static inline __m512 load_bf16x16(const uint16_t *p) {
-    const __m256i raw = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
 /* a[t] holds token t's 16 partial sums; returns the vector whose lane t is a[t]'s total */
 static inline __m512 sum16(const __m512 *a) {
     __m512 x[8], y[4], z[2];
@@ -134,11 +128,11 @@ static inline __m512 sum16(const __m512 *a) {
 
 /* exp_neg on 16 lanes (the same polynomial; 2^n by scalef, exact for the normal range) */
 static inline __m512 exp_neg16(__m512 x) {
-    const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504f)),
+    const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(EXP_MIN));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(EXP_LOG2E)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), xc);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_HI), xc);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_LO), r);
     __m512 p = _mm512_set1_ps(1.f / 720);
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
@@ -146,7 +140,7 @@ static inline __m512 exp_neg16(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_LT_OQ);
+    const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_MIN), _CMP_LT_OQ);
     return _mm512_maskz_mov_ps((__mmask16)~under, _mm512_scalef_ps(p, n));
 }
 

@@ -241,9 +241,9 @@ def gemv_packed(
     at `address` [out_features, k] (Linear checks its layout), plus bias, rounded to
     bfloat16 once; None where the kernel does not apply."""
     lib = library()
-    rows = x.shape[0]
-    if lib is None or x.dtype != torch.bfloat16 or x.dim() != 2 or not 1 <= rows <= GEMV_ROWS:
+    if lib is None or x.dtype != torch.bfloat16 or x.dim() != 2 or not 1 <= len(x) <= GEMV_ROWS:
         return None
+    rows = x.shape[0]
     x = x.contiguous()
     y = x.new_empty(rows, out_features)
     rc = lib.gemv_packed_bf16(_ptr(x), address, _ptr(bias) if bias is not None else None,

@@ -99,9 +99,7 @@ ALWAYS_INLINE void gemv_block(const uint16_t *x, const uint16_t *blk, const uint
         for (int h = 0; h < 2; h++) {
             __m512 v = acc[r][h];
             const int64_t o = nb * 32 + 16 * h;
-            if (bias)
-                v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(
-                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bias + o))), 16)));
+            if (bias) v = _mm512_add_ps(v, load_bf16x16(bias + o));
             _mm256_storeu_si256((__m256i *)(y + r * n + o), (__m256i)_mm512_cvtneps_pbh(v));
         }
 }

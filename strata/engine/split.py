@@ -23,7 +23,7 @@ from typing import Any
 from strata.engine.request import RemoteFill, Request
 from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import Scheduler
-from strata.sampling.sampler import skip_noise
+from strata.sampling.sampler import skip_draw
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,6 @@ class SplitRoles:
             return
         self.scheduler.remote_filled(req, fill.cached_tokens)
         if req.generator is not None and not req.params.greedy:
-            skip_noise(req.generator, self.runner.spec.vocab_size)  # drawn by the prefill worker
+            skip_draw(req.generator)  # drawn by the prefill worker
         req.transfer = (fill.transfer_bytes, fill.transfer_seconds)
         self._on_token(req, fill.token, fill.logprob, fill.top_logprobs)

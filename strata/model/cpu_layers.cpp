@@ -26,8 +26,6 @@ using write_decode_fn = int (*)(int, const void *, const void *, void *, void *,
 using silu_mul_fn = int (*)(const uint16_t *, uint16_t *, int64_t, int64_t);
 using gemv_fn = int (*)(const uint16_t *, const void *, const uint16_t *, uint16_t *, int64_t,
                         int64_t, int64_t);
-constexpr int64_t GEMV_ROWS = 2;  // as cpu_kernels.GEMV_ROWS
-gemv_fn gemv = nullptr;
 
 // mkldnn::_linear_pointwise(x, packed weight, bias, "none", [None], ""), as Linear calls it
 at::Tensor onednn_linear(const at::Tensor &x, const at::Tensor &w, const at::Tensor &bias) {
@@ -49,10 +47,11 @@ struct Linear {
     at::Tensor packed, scales, bias;  // bias undefined when there is none
     int64_t group = 0;                // int4: its group size; 0: packed is oneDNN's bf16 weight
     void *raw = nullptr;              // bf16: the packed weight's address where gemv reads it
-    int64_t out = 0;
+    gemv_fn gemv = nullptr;           // the C kernel, for up to gemv_rows rows
+    int64_t out = 0, gemv_rows = 0;
 
     at::Tensor operator()(const at::Tensor &x) const {
-        if (group == 0 && raw && gemv && x.size(0) <= GEMV_ROWS) {  // as Linear.__call__
+        if (raw && x.size(0) <= gemv_rows) {  // as Linear.__call__
             at::Tensor y = at::empty({x.size(0), out}, x.options());
             const uint16_t *b = bias.defined() ? static_cast<const uint16_t *>(bias.data_ptr())
                                                : nullptr;
@@ -85,6 +84,8 @@ struct Model {
     rope_fn rope = nullptr;
     write_decode_fn write_decode = nullptr;
     silu_mul_fn silu_mul = nullptr;
+    gemv_fn gemv = nullptr;
+    int64_t gemv_rows = 0;
     std::vector<Layer> layers;
 };
 
@@ -100,8 +101,7 @@ extern "C" {
 
 void *model_new(int heads, int kv_heads, int head_dim, int hidden, float eps, float scale,
                 void *add_rms_norm, void *rope, void *write_decode, void *silu_mul,
-                void *gemv_packed) {
-    gemv = reinterpret_cast<gemv_fn>(gemv_packed);
+                void *gemv_packed, int gemv_rows) {
     auto *m = new Model();
     m->heads = heads, m->kv_heads = kv_heads, m->head_dim = head_dim, m->hidden = hidden;
     m->eps = eps, m->scale = scale;
@@ -109,6 +109,7 @@ void *model_new(int heads, int kv_heads, int head_dim, int hidden, float eps, fl
     m->rope = reinterpret_cast<rope_fn>(rope);
     m->write_decode = reinterpret_cast<write_decode_fn>(write_decode);
     m->silu_mul = reinterpret_cast<silu_mul_fn>(silu_mul);
+    m->gemv = reinterpret_cast<gemv_fn>(gemv_packed), m->gemv_rows = gemv_rows;
     return m;
 }
 
@@ -131,6 +132,7 @@ int model_add_layer(void *model, const int64_t *linears, void *norm1, void *norm
             if (group == 0) {
                 parts[i]->packed = share(l[0]);
                 parts[i]->raw = reinterpret_cast<void *>(l[4]);
+                parts[i]->gemv = m->gemv, parts[i]->gemv_rows = m->gemv_rows;
             } else {
                 parts[i]->packed = wrap(reinterpret_cast<void *>(l[0]), {out, in / 2}, at::kByte);
                 parts[i]->scales =
@@ -149,9 +151,10 @@ int model_add_layer(void *model, const int64_t *linears, void *norm1, void *norm
 }
 
 // Runs every layer on x [rows, hidden] (the embeddings: the residual stream, updated in
-// place) and writes the last layer's MLP output to out [rows, hidden]. cos, sin [rows, head_dim]; pages, offsets [rows]; table
-// [rows, width], lens [rows]: as cpu_kernels.DecodePlan holds them. kv [layers, 2]: each
-// layer's K and V of page 0 in the pool, pages page_stride elements apart.
+// place) and writes the last layer's MLP output to out [rows, hidden]. cos, sin [rows,
+// head_dim]; pages, offsets [rows]; table [rows, width], lens [rows]: as
+// cpu_kernels.DecodePlan holds them. kv [layers, 2]: each layer's K and V of page 0 in the
+// pool, pages page_stride elements apart.
 int model_decode(void *model, void *x_data, void *out_data, int64_t rows,
                  const void *cos, const void *sin, const int64_t *pages, const int64_t *offsets,
                  const int64_t *table, const int64_t *lens, int width, int splits,

@@ -52,7 +52,7 @@ def library() -> ctypes.CDLL | None:
         log.warning("fused CPU decode layers unavailable, using the Python layers: %s", e)
         return None
     p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-    lib.model_new.argtypes = [i, i, i, i, f, f, p, p, p, p, p]
+    lib.model_new.argtypes = [i, i, i, i, f, f, p, p, p, p, p, i]
     lib.model_new.restype = p
     lib.model_free.argtypes = [p]
     lib.model_add_layer.argtypes = [p, p, p, p]
@@ -79,6 +79,7 @@ class CpuLayers:
             spec.rms_norm_eps, self.scale, _address(kernels.add_rms_norm),
             _address(kernels.rope_bf16), _address(kernels.write_decode),
             _address(kernels.silu_mul_bf16), _address(kernels.gemv_packed_bf16),
+            cpu_kernels.GEMV_ROWS,
         )  # fmt: skip
         self.hidden = spec.hidden_size
         for layer in model.layers:

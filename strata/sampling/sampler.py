@@ -85,7 +85,7 @@ def _uniform(reqs: Sequence[SampleInput], device: torch.device) -> torch.Tensor:
     return u.to(device)
 
 
-def skip_noise(generator: torch.Generator, v: int) -> None:
+def skip_draw(generator: torch.Generator) -> None:
     """Advance a seeded request's generator past one step's draw (the step ran elsewhere:
     a prefill worker sampled the first token), so the same seed gives the same output."""
     torch.rand(1, generator=generator)
