@@ -104,12 +104,16 @@ def library() -> ctypes.CDLL | None:
     lib.rope_bf16.argtypes = [p, i64, i, i, i64, p, p]
     lib.silu_mul_bf16.argtypes = [p, p, i64, i64]
     lib.gemv_packed_bf16.argtypes = [p, p, p, p, i64, i64, i64]
+    lib.amx_linear_bf16.argtypes = [p, p, p, p, i64, i64, i64]
+    lib.linear_packed_bf16.argtypes = [p, p, p, p, i64, i64, i64]
+    lib.int4_linear_bf16.argtypes = [p, p, p, p, i64, i64, i64, i64]
     lib.write_decode.argtypes = [
         i, p, p, p, p, i64p, i64p, i64, p, p, i64p, i64p, i, i, i, i, i, i, i64,
         ctypes.c_float, i,
     ]  # fmt: skip
     for fn in (lib.paged_decode, lib.write_kv, lib.select_pages, lib.sparse_decode,
                lib.add_rms_norm, lib.rope_bf16, lib.silu_mul_bf16, lib.write_decode,
-               lib.gemv_packed_bf16):  # fmt: skip
+               lib.gemv_packed_bf16, lib.amx_linear_bf16, lib.linear_packed_bf16,
+               lib.int4_linear_bf16):  # fmt: skip
         fn.restype = i
     return lib

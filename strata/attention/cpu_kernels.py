@@ -231,23 +231,26 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
-GEMV_ROWS = 2  # the most rows gemv_packed takes (from 3 on, oneDNN is faster)
+# NOTE: the most rows linear_packed takes: AMX is faster than oneDNN's call up to 64 rows
+# (the embedded model's shapes, 2 cores); from ~128 rows oneDNN, which blocks for the caches.
+PACKED_ROWS = 64
 
 
-def gemv_packed(
+def linear_packed(
     x: torch.Tensor, address: int, bias: torch.Tensor | None, out_features: int
 ) -> torch.Tensor | None:
-    """x [rows, k] (bfloat16, CPU, 1..GEMV_ROWS rows) times the oneDNN-packed bfloat16 weight
-    at `address` [out_features, k] (Linear checks its layout), plus bias, rounded to
-    bfloat16 once; None where the kernel does not apply."""
+    """x [rows, k] (bfloat16, CPU, 1..PACKED_ROWS rows) times the oneDNN-packed bfloat16
+    weight at `address` [out_features, k] (Linear checks its layout), plus bias, rounded to
+    bfloat16 once: AMX, or AVX512-BF16 for 1-2 rows (cpu_ops.c); None where neither
+    applies."""
     lib = library()
-    if lib is None or x.dtype != torch.bfloat16 or x.dim() != 2 or not 1 <= len(x) <= GEMV_ROWS:
+    if lib is None or x.dtype != torch.bfloat16 or x.dim() != 2 or not 1 <= len(x) <= PACKED_ROWS:
         return None
     rows = x.shape[0]
     x = x.contiguous()
     y = x.new_empty(rows, out_features)
-    rc = lib.gemv_packed_bf16(_ptr(x), address, _ptr(bias) if bias is not None else None,
-                              _ptr(y), rows, out_features, x.shape[1])  # fmt: skip
+    rc = lib.linear_packed_bf16(_ptr(x), address, _ptr(bias) if bias is not None else None,
+                                _ptr(y), rows, out_features, x.shape[1])  # fmt: skip
     return y if rc == 0 else None
 
 

@@ -1,7 +1,8 @@
 /* The layer ops around attention for CPU, on bfloat16 rows: the residual add + RMSNorm, the
- * rotary embedding in place, a linear layer on one or two rows from oneDNN's packed weight,
- * and silu-and-mul; each rounds where torch's ops round (the oracle: the tests against
- * torch). Built with cpu_decode.c into one library (cpu_build.py). */
+ * rotary embedding in place, linear layers on a decode batch's rows (oneDNN's packed bf16
+ * weight, or strata's int4 packing), and silu-and-mul; each rounds where torch's ops round
+ * (the oracle: the tests against torch). Built with cpu_decode.c into one library
+ * (cpu_build.py). */
 #include "cpu_common.h"
 
 /* The residual add and RMSNorm between blocks, on bfloat16 rows [rows, dim]: x += delta
@@ -65,15 +66,18 @@ int rope_bf16(uint16_t *x, int64_t rows, int heads, int dim, int64_t row_stride,
     return 0;
 }
 
-/* A linear layer on the one or two rows of a small decode batch, straight from oneDNN's
- * prepacked bfloat16 weight (layout AB16b32a2b: blocks of 32 outputs x 32 inputs, each
- * [16 input pairs][32 outputs][2]; Linear checks the layout against oneDNN at load): y [m, n]
- * = x [m, k] . W^T (+ bias), summed in float32 by AVX512-BF16 pair products, rounded once to
- * bfloat16. Each block of 32 outputs is two accumulators per row and the weight is read once,
- * front to back, with no horizontal sums: oneDNN's call costs ~15 us before any work, 120
- * times a step, and it streams these weights slower (measured). Returns -1 where it does not
- * apply (no AVX512-BF16, m outside 1..2, sizes not multiples of 32). From 3 rows on oneDNN
- * is faster (9.5 vs 12.3 ms for the embedded model's layers at 3 rows; 8.4 vs 10.4 at 1). */
+/* Linear layers on the rows of a decode batch, straight from oneDNN's prepacked bfloat16
+ * weight (layout AB16b32a2b: blocks of 32 outputs x 32 inputs, each [16 input pairs][32
+ * outputs][2]; Linear checks the layout against oneDNN at load): y [m, n] = x [m, k] . W^T
+ * (+ bias), products exact, sums in float32, rounded once to bfloat16. oneDNN's own call
+ * costs ~15 us before any work, 120 times a step, and streamed these weights from memory at
+ * ~19 GB/s in a batch-8 decode step (measured). linear_packed_bf16 takes AMX where the CPU
+ * has it, else AVX512-BF16 for one or two rows, else returns -1 (the caller keeps oneDNN).
+ *
+ * gemv_packed_bf16, AVX512-BF16: each block of 32 outputs is two accumulators per row and
+ * the weight is read once, front to back, with no horizontal sums. Returns -1 for m outside
+ * 1..2: from 3 rows on oneDNN was faster (9.5 vs 12.3 ms for the embedded model's layers at
+ * 3 rows; 8.4 vs 10.4 at 1). */
 #if defined(__AVX512BF16__)
 ALWAYS_INLINE void gemv_block(const uint16_t *x, const uint16_t *blk, const uint16_t *bias,
                               uint16_t *y, int64_t n, int64_t k, int64_t nb, const int m) {
@@ -124,6 +128,187 @@ int gemv_packed_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias,
 #endif
 }
 
+/* amx_linear_bf16, AMX: each 32 x 32 block of the packed weight is two B tiles as it lies
+ * (16 input pairs x 16 outputs x 2, rows 128 bytes apart), so nothing is repacked; x goes in
+ * A tiles of 16 rows (the last block of rows in tiles of its own height), and each block of
+ * 32 outputs sums over k in two C tiles, in oneDNN's order up to 16 rows at least (bit-equal
+ * there, test; past 32 rows oneDNN splits differently). At 1-64 rows it is 1.1-2.5x faster than oneDNN and, at 1-2 rows, than
+ * gemv_packed_bf16 (the embedded model's shapes); from ~128 rows oneDNN, which blocks for
+ * the caches, is faster. Returns -1 where it does not apply (no AMX, the kernel refused it,
+ * sizes not multiples of 32). */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+static int amx_allowed(void) { /* Linux asks each process to request the AMX state once */
+    static int state; /* 0: not asked yet, 1: granted, -1: refused */
+    if (!state) state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) ? -1 : 1;
+    return state == 1;
+}
+
+struct tile_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+#endif
+
+/* One 16-row block (tiles C0 C1 A = 0 1 2) or the last, shorter one (5 6 7) of x times a
+ * block of 32 outputs, summed over k, stored as float32 rows of 32 to c. */
+#define AMX_BLOCK(C0, C1, A)                                                                     \
+    do {                                                                                         \
+        _tile_zero(C0);                                                                          \
+        _tile_zero(C1);                                                                          \
+        for (int64_t kb = 0; kb < k / 32; kb++) {                                                \
+            const uint16_t *b = blk + kb * 1024;                                                 \
+            _tile_loadd(A, xr + kb * 32, k * 2);                                                 \
+            _tile_loadd(3, b, 128);                                                              \
+            _tile_loadd(4, b + 32, 128);                                                         \
+            _tile_dpbf16ps(C0, A, 3);                                                            \
+            _tile_dpbf16ps(C1, A, 4);                                                            \
+        }                                                                                        \
+        _tile_stored(C0, &c[0][0], 128);                                                         \
+        _tile_stored(C1, &c[0][16], 128);                                                        \
+    } while (0)
+
+int amx_linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y,
+                    int64_t m, int64_t n, int64_t k) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (m < 1 || n % 32 || k % 32 || !amx_allowed()) return -1;
+    const int rem = (int)(m % 16);
+#pragma omp parallel
+    {
+        struct tile_config cfg = {.palette = 1};
+        for (int t = 0; t < 8; t++) cfg.rows[t] = t < 5 ? 16 : rem, cfg.colsb[t] = rem || t < 5 ? 64 : 0;
+        _tile_loadconfig(&cfg);
+        float c[16][32];
+#pragma omp for schedule(static)
+        for (int64_t nb = 0; nb < n / 32; nb++) {
+            const uint16_t *blk = w + nb * (k / 32) * 1024;
+            for (int64_t r0 = 0; r0 < m; r0 += 16) {
+                const uint16_t *xr = x + r0 * k;
+                const int rows = m - r0 < 16 ? (int)(m - r0) : 16;
+                if (rows == 16)
+                    AMX_BLOCK(0, 1, 2);
+                else
+                    AMX_BLOCK(5, 6, 7);
+                for (int r = 0; r < rows; r++)
+                    for (int h = 0; h < 2; h++) {
+                        __m512 v = _mm512_loadu_ps(&c[r][16 * h]);
+                        const int64_t o = nb * 32 + 16 * h;
+                        if (bias) v = _mm512_add_ps(v, load_bf16x16(bias + o));
+                        _mm256_storeu_si256((__m256i *)(y + (r0 + r) * n + o),
+                                            (__m256i)_mm512_cvtneps_pbh(v));
+                    }
+            }
+        }
+        _tile_release();
+    }
+    return 0;
+#else
+    (void)x, (void)w, (void)bias, (void)y, (void)m, (void)n, (void)k;
+    return -1;
+#endif
+}
+
+#define PACKED_ROWS 64 /* cpu_kernels.PACKED_ROWS */
+int linear_packed_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y,
+                       int64_t m, int64_t n, int64_t k) {
+    if (m > PACKED_ROWS) return -1;
+    if (amx_linear_bf16(x, w, bias, y, m, n, k) == 0) return 0;
+    return gemv_packed_bf16(x, w, bias, y, m, n, k);
+}
+
+/* A weight-only int4 linear layer on bfloat16 rows: y [m, n] = x [m, k] . W^T (+ bias), W
+ * stored as strata packs it (Int4Linear, pack_int4): per block of 16 outputs and group of
+ * `group` inputs, group / 4 chunks of 32 bytes, then the group's 16 scales and 16 zeros in
+ * bfloat16. Byte 2j + e of chunk c holds output j's codes of inputs 2c + e (low nibble) and
+ * group / 2 + 2c + e (high nibble), so one zero-extension to 16-bit words, a shift and two
+ * table look-ups (vpermw) give two AVX512-BF16 pair operands of exact (code - 8) values.
+ * Per group, y += scale * sum((code - 8) x) + zero * sum(x): the affine dequantization
+ * w = (code - 8) * scale + zero of quantize_int4, with the products exact and the sums in
+ * float32. Rows go 4 at a time over one block, whose weights stay in L1. Returns -1 where
+ * it does not apply (no AVX512-BF16, n % 16, group % 4 or k % group). */
+#define INT4_ROWS 4
+#if defined(__AVX512BF16__)
+ALWAYS_INLINE void int4_block(const uint16_t *x, const float *xsum, const uint8_t *blk,
+                              const uint16_t *bias, uint16_t *y, int64_t n, int64_t k,
+                              int64_t group, int64_t nb, __m512i table, const int m) {
+    const int64_t groups = k / group, chunks = group / 4, stride = group * 8 + 64;
+    __m512 tot[INT4_ROWS];
+    for (int r = 0; r < m; r++) tot[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *b = blk + g * stride;
+        const uint16_t *xg = x + g * group;
+        __m512 lo[INT4_ROWS], hi[INT4_ROWS];
+        for (int r = 0; r < m; r++) lo[r] = hi[r] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; c++) {
+            const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(b + 32 * c)));
+            const __m512bh wl = (__m512bh)_mm512_permutexvar_epi16(w, table);
+            const __m512bh wh = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), table);
+            for (int r = 0; r < m; r++) {
+                int32_t pl, ph;
+                memcpy(&pl, xg + r * k + 2 * c, sizeof pl);
+                memcpy(&ph, xg + r * k + group / 2 + 2 * c, sizeof ph);
+                lo[r] = _mm512_dpbf16_ps(lo[r], wl, (__m512bh)_mm512_set1_epi32(pl));
+                hi[r] = _mm512_dpbf16_ps(hi[r], wh, (__m512bh)_mm512_set1_epi32(ph));
+            }
+        }
+        const __m512 s = load_bf16x16((const uint16_t *)(b + chunks * 32));
+        const __m512 z = load_bf16x16((const uint16_t *)(b + chunks * 32 + 32));
+        for (int r = 0; r < m; r++) {
+            tot[r] = _mm512_fmadd_ps(_mm512_add_ps(lo[r], hi[r]), s, tot[r]);
+            tot[r] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[r * groups + g]), z, tot[r]);
+        }
+    }
+    for (int r = 0; r < m; r++) {
+        __m512 v = tot[r];
+        if (bias) v = _mm512_add_ps(v, load_bf16x16(bias + nb * 16));
+        _mm256_storeu_si256((__m256i *)(y + r * n + nb * 16), (__m256i)_mm512_cvtneps_pbh(v));
+    }
+}
+#endif
+
+int int4_linear_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *bias, uint16_t *y,
+                     int64_t m, int64_t n, int64_t k, int64_t group) {
+#if defined(__AVX512BF16__)
+    if (m < 1 || n % 16 || group % 4 || group < 4 || k % group) return -1;
+    const int64_t groups = k / group, block = groups * (group * 8 + 64);
+    float *xsum = malloc(sizeof(float) * m * groups);
+    if (!xsum) return -2;
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t g = 0; g < groups; g++) {
+            float s = 0.f;
+            for (int64_t i = 0; i < group; i++) s += bf16_to_f32(x[r * k + g * group + i]);
+            xsum[r * groups + g] = s;
+        }
+    int16_t t[32];
+    for (int i = 0; i < 32; i++) t[i] = (int16_t)f32_to_bf16((float)((i & 15) - 8));
+    const __m512i table = _mm512_loadu_si512(t);
+#pragma omp parallel for schedule(static)
+    for (int64_t nb = 0; nb < n / 16; nb++) {
+        const uint8_t *blk = w + nb * block;
+        for (int64_t r0 = 0; r0 < m; r0 += INT4_ROWS) {
+            const uint16_t *xr = x + r0 * k;
+            const float *sr = xsum + r0 * groups;
+            uint16_t *yr = y + r0 * n;
+            switch (m - r0 < INT4_ROWS ? m - r0 : INT4_ROWS) { /* constant row counts: registers */
+            case 1: int4_block(xr, sr, blk, bias, yr, n, k, group, nb, table, 1); break;
+            case 2: int4_block(xr, sr, blk, bias, yr, n, k, group, nb, table, 2); break;
+            case 3: int4_block(xr, sr, blk, bias, yr, n, k, group, nb, table, 3); break;
+            default: int4_block(xr, sr, blk, bias, yr, n, k, group, nb, table, 4); break;
+            }
+        }
+    }
+    free(xsum);
+    return 0;
+#else
+    (void)x, (void)w, (void)bias, (void)y, (void)m, (void)n, (void)k, (void)group;
+    return -1;
+#endif
+}
+
 /* The gated MLP's activation on bfloat16 rows: gate_up [rows, 2 * n] (gate, then up, as the
  * fused projection writes them) -> out [rows, n] = silu(gate) * up, rounded as torch's two
  * ops round: silu to bfloat16, then the product. */
@@ -143,4 +328,5 @@ int silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t 
     }
     return 0;
 }
+
 

@@ -24,7 +24,7 @@ using write_decode_fn = int (*)(int, const void *, const void *, void *, void *,
                                 const int64_t *, const int64_t *, int, int, int, int, int, int,
                                 int64_t, float, int);
 using silu_mul_fn = int (*)(const uint16_t *, uint16_t *, int64_t, int64_t);
-using gemv_fn = int (*)(const uint16_t *, const void *, const uint16_t *, uint16_t *, int64_t,
+using linear_fn = int (*)(const uint16_t *, const void *, const uint16_t *, uint16_t *, int64_t,
                         int64_t, int64_t);
 
 // mkldnn::_linear_pointwise(x, packed weight, bias, "none", [None], ""), as Linear calls it
@@ -46,16 +46,16 @@ at::Tensor onednn_linear(const at::Tensor &x, const at::Tensor &w, const at::Ten
 struct Linear {
     at::Tensor packed, scales, bias;  // bias undefined when there is none
     int64_t group = 0;                // int4: its group size; 0: packed is oneDNN's bf16 weight
-    void *raw = nullptr;              // bf16: the packed weight's address where gemv reads it
-    gemv_fn gemv = nullptr;           // the C kernel, for up to gemv_rows rows
-    int64_t out = 0, gemv_rows = 0;
+    void *raw = nullptr;              // bf16: the packed weight's address where kernel reads it
+    linear_fn kernel = nullptr;       // strata's C kernels, for up to kernel_rows rows
+    int64_t out = 0, kernel_rows = 0;
 
     at::Tensor operator()(const at::Tensor &x) const {
-        if (raw && x.size(0) <= gemv_rows) {  // as Linear.__call__
+        if (raw && x.size(0) <= kernel_rows) {  // as Linear.__call__
             at::Tensor y = at::empty({x.size(0), out}, x.options());
             const uint16_t *b = bias.defined() ? static_cast<const uint16_t *>(bias.data_ptr())
                                                : nullptr;
-            if (gemv(static_cast<const uint16_t *>(x.data_ptr()), raw, b,
+            if (kernel(static_cast<const uint16_t *>(x.data_ptr()), raw, b,
                      static_cast<uint16_t *>(y.data_ptr()), x.size(0), out, x.size(1)) == 0)
                 return y;
         }
@@ -84,8 +84,8 @@ struct Model {
     rope_fn rope = nullptr;
     write_decode_fn write_decode = nullptr;
     silu_mul_fn silu_mul = nullptr;
-    gemv_fn gemv = nullptr;
-    int64_t gemv_rows = 0;
+    linear_fn linear = nullptr;
+    int64_t linear_rows = 0;
     std::vector<Layer> layers;
 };
 
@@ -101,7 +101,7 @@ extern "C" {
 
 void *model_new(int heads, int kv_heads, int head_dim, int hidden, float eps, float scale,
                 void *add_rms_norm, void *rope, void *write_decode, void *silu_mul,
-                void *gemv_packed, int gemv_rows) {
+                void *linear_packed, int linear_rows) {
     auto *m = new Model();
     m->heads = heads, m->kv_heads = kv_heads, m->head_dim = head_dim, m->hidden = hidden;
     m->eps = eps, m->scale = scale;
@@ -109,7 +109,7 @@ void *model_new(int heads, int kv_heads, int head_dim, int hidden, float eps, fl
     m->rope = reinterpret_cast<rope_fn>(rope);
     m->write_decode = reinterpret_cast<write_decode_fn>(write_decode);
     m->silu_mul = reinterpret_cast<silu_mul_fn>(silu_mul);
-    m->gemv = reinterpret_cast<gemv_fn>(gemv_packed), m->gemv_rows = gemv_rows;
+    m->linear = reinterpret_cast<linear_fn>(linear_packed), m->linear_rows = linear_rows;
     return m;
 }
 
@@ -119,7 +119,8 @@ void model_free(void *model) { delete static_cast<Model *>(model); }
 // and in features, group size, scales address, bias address (0 for none); the weights are
 // the caller's (it keeps them alive) and laid out as Int4Linear keeps them. Group size 0:
 // a bfloat16 Linear, whose first field is its packed weight's TensorImpl (shared, not
-// copied) and whose scales field is the address gemv reads (Linear.gemv; 0 for none).
+// copied) and whose scales field is the address strata's kernels read (Linear.address; 0
+// for none).
 int model_add_layer(void *model, const int64_t *linears, void *norm1, void *norm2) {
     auto *m = static_cast<Model *>(model);
     try {
@@ -132,7 +133,7 @@ int model_add_layer(void *model, const int64_t *linears, void *norm1, void *norm
             if (group == 0) {
                 parts[i]->packed = share(l[0]);
                 parts[i]->raw = reinterpret_cast<void *>(l[4]);
-                parts[i]->gemv = m->gemv, parts[i]->gemv_rows = m->gemv_rows;
+                parts[i]->kernel = m->linear, parts[i]->kernel_rows = m->linear_rows;
             } else {
                 parts[i]->packed = wrap(reinterpret_cast<void *>(l[0]), {out, in / 2}, at::kByte);
                 parts[i]->scales =

@@ -78,8 +78,8 @@ class CpuLayers:
             spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size,
             spec.rms_norm_eps, self.scale, _address(kernels.add_rms_norm),
             _address(kernels.rope_bf16), _address(kernels.write_decode),
-            _address(kernels.silu_mul_bf16), _address(kernels.gemv_packed_bf16),
-            cpu_kernels.GEMV_ROWS,
+            _address(kernels.silu_mul_bf16), _address(kernels.linear_packed_bf16),
+            cpu_kernels.PACKED_ROWS,
         )  # fmt: skip
         self.hidden = spec.hidden_size
         for layer in model.layers:
@@ -92,7 +92,7 @@ class CpuLayers:
                 else:  # oneDNN's packed bf16 weight, shared with the C++ side by its TensorImpl
                     assert lin.packed
                     out_f, in_f = lin.weight.shape
-                    linears += [lin.weight._cdata, out_f, in_f, 0, lin.gemv, bias]
+                    linears += [lin.weight._cdata, out_f, in_f, 0, lin.address, bias]
             arr = (ctypes.c_int64 * len(linears))(*linears)
             rc = lib.model_add_layer(self.handle, arr, layer.norm1.weight.data_ptr(),
                                      layer.norm2.weight.data_ptr())  # fmt: skip

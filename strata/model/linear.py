@@ -29,8 +29,8 @@ def can_prepack(weight: torch.Tensor) -> bool:
 class Linear:
     """y = x W^T + b. A bfloat16 weight on CPU is reordered once into oneDNN's blocked
     layout, so no call repacks it: 1.3-1.8x faster linear layers in decode (2 cores). Up to
-    GEMV_ROWS rows, strata's kernel reads that packed weight directly (`gemv`), where its
-    layout is the one the kernel knows."""
+    PACKED_ROWS rows (a decode batch), strata's kernels read that packed weight directly
+    (`address`), where its layout is the one they know."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.bias = bias
@@ -40,12 +40,12 @@ class Linear:
         self.weight = (
             torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS) if self.packed else weight
         )
-        # the packed weight's address for cpu_kernels.gemv_packed (0: oneDNN for every call)
-        self.gemv = _gemv_address(self.weight, weight, bias) if self.packed else 0
+        # the packed weight's address for cpu_kernels.linear_packed (0: oneDNN for every call)
+        self.address = _kernel_address(self.weight, weight, bias) if self.packed else 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gemv:  # None past its few rows
-            y = cpu_kernels.gemv_packed(x, self.gemv, self.bias, self.out_features)
+        if self.address:  # None past a decode batch's rows
+            y = cpu_kernels.linear_packed(x, self.address, self.bias, self.out_features)
             if y is not None:
                 return y
         if self.packed:
@@ -53,8 +53,8 @@ class Linear:
         return F.linear(x, self.weight, self.bias)
 
 
-def _gemv_address(packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> int:
-    """The address of oneDNN's packed weight if gemv_packed computes this layer from it:
+def _kernel_address(packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> int:
+    """The address of oneDNN's packed weight if linear_packed computes this layer from it:
     checked on two random rows against the plain weight (another layout, which oneDNN may
     pick on another CPU, gives garbage, not rounding), else 0."""
     out_f, in_f = weight.shape
@@ -67,7 +67,7 @@ def _gemv_address(packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     except (AttributeError, RuntimeError):
         return 0
     x = torch.randn(2, in_f, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    got = cpu_kernels.gemv_packed(x, address, bias, out_f)
+    got = cpu_kernels.linear_packed(x, address, bias, out_f)
     if got is None:
         return 0
     want = F.linear(x.float(), weight.float(), bias.float() if bias is not None else None)

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from strata.attention import cpu_kernels
-from strata.model.linear import Int4Linear, Linear, _gemv_address, can_prepack, quantize_int4
+from strata.attention.cpu_build import library
+from strata.model.linear import Int4Linear, Linear, _kernel_address, can_prepack, quantize_int4
 
 
 @pytest.mark.parametrize("rows", [1, 7, 32, 300])
@@ -19,7 +20,7 @@ def test_prepacked_bfloat16_linear_equals_f_linear_bit_for_bit(rows):
     layer = Linear(w, b)
     assert layer.packed and layer.weight.is_mkldnn
     x = torch.randn(rows, 64, dtype=torch.bfloat16)
-    if layer.gemv and rows <= cpu_kernels.GEMV_ROWS:  # strata's kernel: its own sum order
+    if layer.address and rows <= cpu_kernels.PACKED_ROWS:  # strata's kernels (below)
         assert_within_an_ulp(layer(x), F.linear(x, w, b))
     else:
         assert torch.equal(layer(x), F.linear(x, w, b))
@@ -32,22 +33,32 @@ def assert_within_an_ulp(got: torch.Tensor, want: torch.Tensor) -> None:
     assert (diff > 0).float().mean() < 0.01
 
 
-@pytest.mark.parametrize("shape", [(96, 64), (3072, 576)])
-def test_small_batches_read_the_packed_weight_in_place(shape):
-    """gemv_packed computes 1-2 rows from oneDNN's packed weight (where the CPU has
-    AVX512-BF16 and oneDNN packs in the layout it knows), within a rounding of oneDNN."""
+@pytest.mark.parametrize("kernel", ["amx_linear_bf16", "gemv_packed_bf16"])
+@pytest.mark.parametrize("shape", [(96, 64), (3072, 576), (576, 1536)])
+def test_decode_batches_read_the_packed_weight_in_place(shape, kernel):
+    """strata's kernels compute a decode batch from oneDNN's packed weight, where the CPU has
+    their instructions and oneDNN packs in the layout they know, within a rounding of oneDNN:
+    AMX (any rows; 17 and 33 end in a short block of rows), bit-equal to it up to 16 rows
+    (it sums in oneDNN's order there), and AVX512-BF16 (1-2 rows)."""
     torch.manual_seed(1)
     w = torch.randn(*shape, dtype=torch.bfloat16) * 0.05
     b = torch.randn(shape[0], dtype=torch.bfloat16)
     layer = Linear(w, b)
-    if not layer.gemv:
+    if not layer.address:
         pytest.skip("no AVX512-BF16 here, or oneDNN packs in another layout")
-    for rows in (1, 2):
+    fn = getattr(library(), kernel)
+    for rows in (1, 2, 5, 16, 17, 33) if kernel.startswith("amx") else (1, 2):
         x = torch.randn(rows, shape[1], dtype=torch.bfloat16)
+        y = torch.empty(rows, shape[0], dtype=torch.bfloat16)
+        rc = fn(x.data_ptr(), layer.address, b.data_ptr(), y.data_ptr(), rows, *shape)
+        if rc == -1:
+            pytest.skip(f"{kernel} does not run on this CPU")
         want = torch.ops.mkldnn._linear_pointwise(x, layer.weight, b, "none", [None], "")
-        assert_within_an_ulp(layer(x), want)
+        assert_within_an_ulp(y, want)
+        if kernel.startswith("amx") and rows <= 16:  # oneDNN's order (beyond 32 rows not)
+            assert torch.equal(y, want)
     # the load-time check refuses a packed weight that is not the weight it is given
-    assert _gemv_address(layer.weight, torch.randn_like(w), b) == 0
+    assert _kernel_address(layer.weight, torch.randn_like(w), b) == 0
 
 
 def test_float32_linear_is_not_packed():
