@@ -6,6 +6,7 @@ is also the oracle the kernels are tested against.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -252,6 +253,39 @@ def linear_packed(
     rc = lib.linear_packed_bf16(_ptr(x), address, _ptr(bias) if bias is not None else None,
                                 _ptr(y), rows, out_features, x.shape[1])  # fmt: skip
     return y if rc == 0 else None
+
+
+@functools.cache
+def int4_available() -> bool:
+    """Whether cpu_ops.c's int4 kernels run here (built, with AVX512-BF16)."""
+    lib = library()
+    if lib is None:
+        return False
+    x = torch.zeros(1, 32, dtype=torch.bfloat16)
+    w = torch.zeros(1, 1, 8 * 32 + 64, dtype=torch.uint8)
+    y = torch.empty(1, 16, dtype=torch.bfloat16)
+    return lib.int4_linear_bf16(_ptr(x), _ptr(w), None, _ptr(y), 1, 16, 32, 32) == 0
+
+
+def int4_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+    group: int,
+) -> torch.Tensor:  # fmt: skip
+    """x [rows, k] (bfloat16) times linear.pack_int4's weight, plus bias, rounded to bfloat16
+    once (from a few rows on: the weight unpacked to bfloat16, then AMX). Only where
+    int4_available()."""
+    lib = library()
+    if lib is None or x.dtype != torch.bfloat16 or x.dim() != 2:
+        raise ValueError(f"int4_linear takes bfloat16 rows on CPU, not {x.dtype} {tuple(x.shape)}")
+    x = x.contiguous()
+    y = x.new_empty(x.shape[0], out_features)
+    if not len(x):
+        return y
+    rc = lib.int4_linear_bf16(_ptr(x), _ptr(packed), _ptr(bias) if bias is not None else None,
+                              _ptr(y), x.shape[0], out_features, x.shape[1], group)  # fmt: skip
+    if rc:
+        raise RuntimeError(f"int4_linear failed ({rc})")
+    return y
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:

@@ -3,6 +3,7 @@
  * weight, or strata's int4 packing), and silu-and-mul; each rounds where torch's ops round
  * (the oracle: the tests against torch). Built with cpu_decode.c into one library
  * (cpu_build.py). */
+#define _GNU_SOURCE /* syscall() */
 #include "cpu_common.h"
 
 /* The residual add and RMSNorm between blocks, on bfloat16 rows [rows, dim]: x += delta
@@ -152,7 +153,14 @@ struct tile_config {
     uint16_t colsb[16];
     uint8_t rows[16];
 };
-#endif
+
+/* This thread's tiles for rows of x: 0, 1: C; 2: A; 3, 4: B; and 5, 6, 7: C, C, A of the
+ * last `rem` rows, where m is not a multiple of 16. */
+static void amx_configure(int rem) {
+    struct tile_config cfg = {.palette = 1};
+    for (int t = 0; t < 8; t++) cfg.rows[t] = t < 5 ? 16 : rem, cfg.colsb[t] = rem || t < 5 ? 64 : 0;
+    _tile_loadconfig(&cfg);
+}
 
 /* One 16-row block (tiles C0 C1 A = 0 1 2) or the last, shorter one (5 6 7) of x times a
  * block of 32 outputs, summed over k, stored as float32 rows of 32 to c. */
@@ -172,37 +180,38 @@ struct tile_config {
         _tile_stored(C1, &c[0][16], 128);                                                        \
     } while (0)
 
+/* Every row of x [m, k] times block nb of 32 outputs (blk: its packed weight, k / 32 blocks
+ * of 1024), plus bias, into y [m, n], on the tiles amx_configure set. */
+static void amx_rows(const uint16_t *x, const uint16_t *blk, const uint16_t *bias, uint16_t *y,
+                     int64_t m, int64_t n, int64_t k, int64_t nb) {
+    float c[16][32];
+    for (int64_t r0 = 0; r0 < m; r0 += 16) {
+        const uint16_t *xr = x + r0 * k;
+        const int rows = m - r0 < 16 ? (int)(m - r0) : 16;
+        if (rows == 16)
+            AMX_BLOCK(0, 1, 2);
+        else
+            AMX_BLOCK(5, 6, 7);
+        for (int r = 0; r < rows; r++)
+            for (int h = 0; h < 2; h++) {
+                __m512 v = _mm512_loadu_ps(&c[r][16 * h]);
+                const int64_t o = nb * 32 + 16 * h;
+                if (bias) v = _mm512_add_ps(v, load_bf16x16(bias + o));
+                _mm256_storeu_si256((__m256i *)(y + (r0 + r) * n + o), (__m256i)_mm512_cvtneps_pbh(v));
+            }
+    }
+}
+#endif
+
 int amx_linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y,
                     int64_t m, int64_t n, int64_t k) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
     if (m < 1 || n % 32 || k % 32 || !amx_allowed()) return -1;
-    const int rem = (int)(m % 16);
 #pragma omp parallel
     {
-        struct tile_config cfg = {.palette = 1};
-        for (int t = 0; t < 8; t++) cfg.rows[t] = t < 5 ? 16 : rem, cfg.colsb[t] = rem || t < 5 ? 64 : 0;
-        _tile_loadconfig(&cfg);
-        float c[16][32];
+        amx_configure((int)(m % 16));
 #pragma omp for schedule(static)
-        for (int64_t nb = 0; nb < n / 32; nb++) {
-            const uint16_t *blk = w + nb * (k / 32) * 1024;
-            for (int64_t r0 = 0; r0 < m; r0 += 16) {
-                const uint16_t *xr = x + r0 * k;
-                const int rows = m - r0 < 16 ? (int)(m - r0) : 16;
-                if (rows == 16)
-                    AMX_BLOCK(0, 1, 2);
-                else
-                    AMX_BLOCK(5, 6, 7);
-                for (int r = 0; r < rows; r++)
-                    for (int h = 0; h < 2; h++) {
-                        __m512 v = _mm512_loadu_ps(&c[r][16 * h]);
-                        const int64_t o = nb * 32 + 16 * h;
-                        if (bias) v = _mm512_add_ps(v, load_bf16x16(bias + o));
-                        _mm256_storeu_si256((__m256i *)(y + (r0 + r) * n + o),
-                                            (__m256i)_mm512_cvtneps_pbh(v));
-                    }
-            }
-        }
+        for (int64_t nb = 0; nb < n / 32; nb++) amx_rows(x, w + nb * (k / 32) * 1024, bias, y, m, n, k, nb);
         _tile_release();
     }
     return 0;
@@ -220,22 +229,33 @@ int linear_packed_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bia
     return gemv_packed_bf16(x, w, bias, y, m, n, k);
 }
 
-/* A weight-only int4 linear layer on bfloat16 rows: y [m, n] = x [m, k] . W^T (+ bias), W
- * stored as strata packs it (Int4Linear, pack_int4): per block of 16 outputs and group of
- * `group` inputs, group / 4 chunks of 32 bytes, then the group's 16 scales and 16 zeros in
- * bfloat16. Byte 2j + e of chunk c holds output j's codes of inputs 2c + e (low nibble) and
- * group / 2 + 2c + e (high nibble), so one zero-extension to 16-bit words, a shift and two
- * table look-ups (vpermw) give two AVX512-BF16 pair operands of exact (code - 8) values.
- * Per group, y += scale * sum((code - 8) x) + zero * sum(x): the affine dequantization
- * w = (code - 8) * scale + zero of quantize_int4, with the products exact and the sums in
- * float32. Rows go 4 at a time over one block, whose weights stay in L1. Returns -1 where
- * it does not apply (no AVX512-BF16, n % 16, group % 4 or k % group). */
-#define INT4_ROWS 4
+/* Weight-only int4 linear layers on bfloat16 rows: y [m, n] = x [m, k] . W^T (+ bias), W as
+ * strata packs it (linear.pack_int4): per block of 16 outputs and group of `group` inputs,
+ * group / 4 chunks of 32 bytes, then the group's 16 scales and 16 zeros in bfloat16. Byte
+ * 2j + e of chunk c holds output j's codes of inputs 2c + e (low nibble) and group / 2 + 2c
+ * + e (high nibble): zero-extended to 16-bit words, a nibble OR 0x4300 is the bfloat16 of
+ * 128 + code, so one chunk is two AVX512-BF16 pair operands after three integer ops (a
+ * table look-up per operand, vpermw, was 10% slower: one port does every shuffle). With S =
+ * sum((128 + code) x), exact products summed in float32, each group adds scale * S + (zero
+ * - 136 scale) * sum(x): the affine dequantization w = (code - 8) * scale + zero of
+ * quantize_int4. Rows go INT4_ROWS at a time over one block, whose weights stay in L1.
+ * Returns -1 where it does not apply (no AVX512-BF16, n % 16, group % 4 or k % group).
+ * ATen's int4 product, on its own packing, was 10-20% slower at 1-2 rows, as fast from 3.
+ *
+ * Past INT4_SUM_ROWS rows, each block of the weight is unpacked to bfloat16 and multiplied
+ * with AMX instead (n % 32, group % 32; where the CPU has AMX), rounding the weight to
+ * bfloat16 once more: from 5-6 rows that is faster than these sums (their cost grows with
+ * each row, the unpacking's does not), 2.5x at 17 rows and 10x at 256, as against ATen's
+ * int4 product too (the embedded model's shapes, measured; int4 decode step at batch 8:
+ * 15.9 -> 10.9-12.0 ms, at 16: 29.9 -> 14.9-16.3 ms). */
+#define INT4_ROWS 4       /* rows per pass of int4_block */
+#define INT4_SUM_ROWS 4   /* more rows than this: unpack to bfloat16, then AMX */
 #if defined(__AVX512BF16__)
 ALWAYS_INLINE void int4_block(const uint16_t *x, const float *xsum, const uint8_t *blk,
                               const uint16_t *bias, uint16_t *y, int64_t n, int64_t k,
-                              int64_t group, int64_t nb, __m512i table, const int m) {
+                              int64_t group, int64_t nb, const int m) {
     const int64_t groups = k / group, chunks = group / 4, stride = group * 8 + 64;
+    const __m512i nibble = _mm512_set1_epi16(0xF), exponent = _mm512_set1_epi16(0x4300);
     __m512 tot[INT4_ROWS];
     for (int r = 0; r < m; r++) tot[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
@@ -245,8 +265,9 @@ ALWAYS_INLINE void int4_block(const uint16_t *x, const float *xsum, const uint8_
         for (int r = 0; r < m; r++) lo[r] = hi[r] = _mm512_setzero_ps();
         for (int64_t c = 0; c < chunks; c++) {
             const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(b + 32 * c)));
-            const __m512bh wl = (__m512bh)_mm512_permutexvar_epi16(w, table);
-            const __m512bh wh = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), table);
+            /* (w & 0xF) | 0x4300 and (w >> 4) | 0x4300: 128 + code in bfloat16 */
+            const __m512bh wl = (__m512bh)_mm512_ternarylogic_epi32(w, nibble, exponent, 0xEA);
+            const __m512bh wh = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(w, 4), exponent);
             for (int r = 0; r < m; r++) {
                 int32_t pl, ph;
                 memcpy(&pl, xg + r * k + 2 * c, sizeof pl);
@@ -257,9 +278,10 @@ ALWAYS_INLINE void int4_block(const uint16_t *x, const float *xsum, const uint8_
         }
         const __m512 s = load_bf16x16((const uint16_t *)(b + chunks * 32));
         const __m512 z = load_bf16x16((const uint16_t *)(b + chunks * 32 + 32));
+        const __m512 zs = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), s, z); /* zero - 136 scale */
         for (int r = 0; r < m; r++) {
             tot[r] = _mm512_fmadd_ps(_mm512_add_ps(lo[r], hi[r]), s, tot[r]);
-            tot[r] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[r * groups + g]), z, tot[r]);
+            tot[r] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[r * groups + g]), zs, tot[r]);
         }
     }
     for (int r = 0; r < m; r++) {
@@ -270,7 +292,7 @@ ALWAYS_INLINE void int4_block(const uint16_t *x, const float *xsum, const uint8_
 }
 #endif
 
-int int4_linear_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *bias, uint16_t *y,
+static int int4_rows(const uint16_t *x, const uint8_t *w, const uint16_t *bias, uint16_t *y,
                      int64_t m, int64_t n, int64_t k, int64_t group) {
 #if defined(__AVX512BF16__)
     if (m < 1 || n % 16 || group % 4 || group < 4 || k % group) return -1;
@@ -283,9 +305,6 @@ int int4_linear_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *bias, 
             for (int64_t i = 0; i < group; i++) s += bf16_to_f32(x[r * k + g * group + i]);
             xsum[r * groups + g] = s;
         }
-    int16_t t[32];
-    for (int i = 0; i < 32; i++) t[i] = (int16_t)f32_to_bf16((float)((i & 15) - 8));
-    const __m512i table = _mm512_loadu_si512(t);
 #pragma omp parallel for schedule(static)
     for (int64_t nb = 0; nb < n / 16; nb++) {
         const uint8_t *blk = w + nb * block;
@@ -294,10 +313,10 @@ int int4_linear_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *bias, 
             const float *sr = xsum + r0 * groups;
             uint16_t *yr = y + r0 * n;
             switch (m - r0 < INT4_ROWS ? m - r0 : INT4_ROWS) { /* constant row counts: registers */
-            case 1: int4_block(xr, sr, blk, bias, yr, n, k, group, nb, table, 1); break;
-            case 2: int4_block(xr, sr, blk, bias, yr, n, k, group, nb, table, 2); break;
-            case 3: int4_block(xr, sr, blk, bias, yr, n, k, group, nb, table, 3); break;
-            default: int4_block(xr, sr, blk, bias, yr, n, k, group, nb, table, 4); break;
+            case 1: int4_block(xr, sr, blk, bias, yr, n, k, group, nb, 1); break;
+            case 2: int4_block(xr, sr, blk, bias, yr, n, k, group, nb, 2); break;
+            case 3: int4_block(xr, sr, blk, bias, yr, n, k, group, nb, 3); break;
+            default: int4_block(xr, sr, blk, bias, yr, n, k, group, nb, 4); break;
             }
         }
     }
@@ -307,6 +326,79 @@ int int4_linear_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *bias, 
     (void)x, (void)w, (void)bias, (void)y, (void)m, (void)n, (void)k, (void)group;
     return -1;
 #endif
+}
+
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+/* Block nb of 32 outputs of an int4 weight (two of its blocks of 16) as bfloat16, (code - 8)
+ * * scale + zero rounded once, in the packed layout amx_rows reads: [k / 32][16 pairs][32
+ * outputs][2]. */
+static void int4_unpack_block(const uint8_t *w, uint16_t *out, int64_t nb, int64_t k,
+                              int64_t group) {
+    const int64_t groups = k / group, chunks = group / 4, stride = group * 8 + 64;
+    const __m512i nibble = _mm512_set1_epi16(0xF), exponent = _mm512_set1_epi16(0x4300);
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+    int16_t zip[32]; /* words e0 o0 e1 o1 ...: two 16-lane bfloat16 halves back into pairs */
+    for (int i = 0; i < 32; i++) zip[i] = (int16_t)(i / 2 + (i & 1) * 32);
+    const __m512i zip_idx = _mm512_loadu_si512(zip);
+    for (int half = 0; half < 2; half++)
+        for (int64_t g = 0; g < groups; g++) {
+            const uint8_t *b = w + ((2 * nb + half) * groups + g) * stride;
+            const __m512 s = load_bf16x16((const uint16_t *)(b + chunks * 32));
+            const __m512 z = load_bf16x16((const uint16_t *)(b + chunks * 32 + 32));
+            const __m512 zs = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), s, z);
+            for (int64_t c = 0; c < chunks; c++) {
+                const __m512i raw = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(b + 32 * c)));
+                const __m512i v[2] = {_mm512_ternarylogic_epi32(raw, nibble, exponent, 0xEA),
+                                      _mm512_or_si512(_mm512_srli_epi16(raw, 4), exponent)};
+                for (int h = 0; h < 2; h++) { /* the pairs of inputs 2c and group / 2 + 2c */
+                    const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v[h], 16));
+                    const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v[h], high));
+                    const __m256i e = (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(even, s, zs));
+                    const __m256i o = (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(odd, s, zs));
+                    const __m512i pairs = _mm512_permutex2var_epi16(
+                        _mm512_castsi256_si512(e), zip_idx, _mm512_castsi256_si512(o));
+                    const int64_t pair = g * group / 2 + h * group / 4 + c; /* of all k / 2 */
+                    _mm512_storeu_si512(out + (pair / 16) * 1024 + (pair % 16) * 64 + half * 32, pairs);
+                }
+            }
+        }
+}
+#endif
+
+/* Many rows: each block of 32 outputs unpacked to bfloat16 in a buffer of this
+ * thread (k x 64 bytes, in L2), then AMX over every row. -1 where it does not apply. */
+static int int4_amx(const uint16_t *x, const uint8_t *w, const uint16_t *bias, uint16_t *y,
+                    int64_t m, int64_t n, int64_t k, int64_t group) {
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (n % 32 || group % 32 || k % group || !amx_allowed()) return -1;
+    int failed = 0;
+#pragma omp parallel
+    {
+        uint16_t *plain = aligned_alloc(64, sizeof *plain * k * 32);
+        if (!plain) failed = 1;
+#pragma omp barrier
+        if (!failed) {
+            amx_configure((int)(m % 16));
+#pragma omp for schedule(static)
+            for (int64_t nb = 0; nb < n / 32; nb++) {
+                int4_unpack_block(w, plain, nb, k, group);
+                amx_rows(x, plain, bias, y, m, n, k, nb);
+            }
+            _tile_release();
+        }
+        free(plain);
+    }
+    return failed ? -2 : 0;
+#else
+    (void)x, (void)w, (void)bias, (void)y, (void)m, (void)n, (void)k, (void)group;
+    return -1;
+#endif
+}
+
+int int4_linear_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *bias, uint16_t *y,
+                     int64_t m, int64_t n, int64_t k, int64_t group) {
+    if (m > INT4_SUM_ROWS && int4_amx(x, w, bias, y, m, n, k, group) == 0) return 0;
+    return int4_rows(x, w, bias, y, m, n, k, group);
 }
 
 /* The gated MLP's activation on bfloat16 rows: gate_up [rows, 2 * n] (gate, then up, as the

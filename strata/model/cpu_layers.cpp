@@ -1,8 +1,8 @@
 // The decoder layers of a decode-only batch in one call (CPU, bfloat16 activations, int4 or
 // bfloat16 weights): the same ops in the same order as strata/model/layers.py runs them
-// (torch's int4 matrix product through ATen, or oneDNN's linear on the weights Linear
-// prepacked, called through the dispatcher; strata's C kernels for the norms, rope, KV
-// write + paged decode and silu-and-mul), minus the Python between them, which is ~25% of a
+// (strata's C kernels for the linear layers where they apply, else oneDNN's linear on the
+// weights Linear prepacked, called through the dispatcher, or ATen's int4 product; strata's
+// C kernels for the norms, rope, KV write + paged decode and silu-and-mul), minus the Python between them, which is ~25% of a
 // batch-1 step.
 // Built and loaded by strata/model/cpu_layers.py; exported with C linkage for ctypes.
 #include <ATen/ATen.h>
@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 #include <vector>
 
 namespace {
@@ -26,6 +27,8 @@ using write_decode_fn = int (*)(int, const void *, const void *, void *, void *,
 using silu_mul_fn = int (*)(const uint16_t *, uint16_t *, int64_t, int64_t);
 using linear_fn = int (*)(const uint16_t *, const void *, const uint16_t *, uint16_t *, int64_t,
                         int64_t, int64_t);
+using int4_fn = int (*)(const uint16_t *, const void *, const uint16_t *, uint16_t *, int64_t,
+                        int64_t, int64_t, int64_t);
 
 // mkldnn::_linear_pointwise(x, packed weight, bias, "none", [None], ""), as Linear calls it
 at::Tensor onednn_linear(const at::Tensor &x, const at::Tensor &w, const at::Tensor &bias) {
@@ -43,23 +46,35 @@ at::Tensor onednn_linear(const at::Tensor &x, const at::Tensor &w, const at::Ten
     return stack[0].toTensor();
 }
 
+// How a layer's weight is kept (CpuLayers passes it): oneDNN's packed bfloat16, ATen's int4
+// packing, or strata's (linear.pack_int4, for cpu_ops.c's int4 kernels).
+enum Kind : int64_t { ONEDNN = 0, ATEN_INT4 = 1, STRATA_INT4 = 2 };
+
 struct Linear {
+    Kind kind = ONEDNN;
     at::Tensor packed, scales, bias;  // bias undefined when there is none
-    int64_t group = 0;                // int4: its group size; 0: packed is oneDNN's bf16 weight
-    void *raw = nullptr;              // bf16: the packed weight's address where kernel reads it
-    linear_fn kernel = nullptr;       // strata's C kernels, for up to kernel_rows rows
-    int64_t out = 0, kernel_rows = 0;
+    int64_t group = 0, out = 0, in = 0;
+    void *raw = nullptr;         // oneDNN: the packed weight's address where kernel reads it;
+                                 // strata int4: the packed weight
+    linear_fn kernel = nullptr;  // oneDNN: strata's C kernels, for up to kernel_rows rows
+    int64_t kernel_rows = 0;
+    int4_fn int4 = nullptr;      // strata int4: its kernel
 
     at::Tensor operator()(const at::Tensor &x) const {
-        if (raw && x.size(0) <= kernel_rows) {  // as Linear.__call__
+        const uint16_t *b = bias.defined() ? static_cast<const uint16_t *>(bias.data_ptr()) : nullptr;
+        const auto *xp = static_cast<const uint16_t *>(x.data_ptr());
+        if (kind == STRATA_INT4) {
             at::Tensor y = at::empty({x.size(0), out}, x.options());
-            const uint16_t *b = bias.defined() ? static_cast<const uint16_t *>(bias.data_ptr())
-                                               : nullptr;
-            if (kernel(static_cast<const uint16_t *>(x.data_ptr()), raw, b,
-                     static_cast<uint16_t *>(y.data_ptr()), x.size(0), out, x.size(1)) == 0)
+            if (int4(xp, raw, b, static_cast<uint16_t *>(y.data_ptr()), x.size(0), out, in, group))
+                throw std::runtime_error("int4_linear_bf16 failed");
+            return y;
+        }
+        if (kind == ONEDNN && raw && x.size(0) <= kernel_rows) {  // as Linear.__call__
+            at::Tensor y = at::empty({x.size(0), out}, x.options());
+            if (kernel(xp, raw, b, static_cast<uint16_t *>(y.data_ptr()), x.size(0), out, in) == 0)
                 return y;
         }
-        if (group == 0) return onednn_linear(x, packed, bias);
+        if (kind == ONEDNN) return onednn_linear(x, packed, bias);
         at::Tensor y = at::_weight_int4pack_mm_for_cpu(x, packed, group, scales);
         return bias.defined() ? y.add_(bias) : y;
     }
@@ -86,6 +101,7 @@ struct Model {
     silu_mul_fn silu_mul = nullptr;
     linear_fn linear = nullptr;
     int64_t linear_rows = 0;
+    int4_fn int4 = nullptr;
     std::vector<Layer> layers;
 };
 
@@ -101,7 +117,7 @@ extern "C" {
 
 void *model_new(int heads, int kv_heads, int head_dim, int hidden, float eps, float scale,
                 void *add_rms_norm, void *rope, void *write_decode, void *silu_mul,
-                void *linear_packed, int linear_rows) {
+                void *linear_packed, int linear_rows, void *int4_linear) {
     auto *m = new Model();
     m->heads = heads, m->kv_heads = kv_heads, m->head_dim = head_dim, m->hidden = hidden;
     m->eps = eps, m->scale = scale;
@@ -110,37 +126,41 @@ void *model_new(int heads, int kv_heads, int head_dim, int hidden, float eps, fl
     m->write_decode = reinterpret_cast<write_decode_fn>(write_decode);
     m->silu_mul = reinterpret_cast<silu_mul_fn>(silu_mul);
     m->linear = reinterpret_cast<linear_fn>(linear_packed), m->linear_rows = linear_rows;
+    m->int4 = reinterpret_cast<int4_fn>(int4_linear);
     return m;
 }
 
 void model_free(void *model) { delete static_cast<Model *>(model); }
 
-// Adds a layer. linears: for qkv, o_proj, gate_up, down in turn: packed weight address, out
-// and in features, group size, scales address, bias address (0 for none); the weights are
-// the caller's (it keeps them alive) and laid out as Int4Linear keeps them. Group size 0:
-// a bfloat16 Linear, whose first field is its packed weight's TensorImpl (shared, not
-// copied) and whose scales field is the address strata's kernels read (Linear.address; 0
-// for none).
+// Adds a layer. linears: for qkv, o_proj, gate_up, down in turn: kind (Kind), weight, out and
+// in features, group size, aux, bias address (0 for none); the weights are the caller's (it
+// keeps them alive). ONEDNN: weight is the packed weight's TensorImpl (shared, not copied),
+// aux the address strata's kernels read (Linear.address; 0 for none). ATEN_INT4 and
+// STRATA_INT4: weight is the packed codes' address as Int4Linear keeps them; aux the
+// scales' address (ATen's; strata's packing holds its own).
 int model_add_layer(void *model, const int64_t *linears, void *norm1, void *norm2) {
     auto *m = static_cast<Model *>(model);
     try {
         Layer layer;
         Linear *parts[] = {&layer.qkv, &layer.o_proj, &layer.gate_up, &layer.down};
         for (int i = 0; i < 4; i++) {
-            const int64_t *l = linears + 6 * i;
-            const int64_t out = l[1], in = l[2], group = l[3];
-            parts[i]->out = out;
-            if (group == 0) {
-                parts[i]->packed = share(l[0]);
-                parts[i]->raw = reinterpret_cast<void *>(l[4]);
-                parts[i]->kernel = m->linear, parts[i]->kernel_rows = m->linear_rows;
+            const int64_t *l = linears + 7 * i;
+            Linear &p = *parts[i];
+            p.kind = static_cast<Kind>(l[0]);
+            p.out = l[2], p.in = l[3], p.group = l[4];
+            if (p.kind == ONEDNN) {
+                p.packed = share(l[1]);
+                p.raw = reinterpret_cast<void *>(l[5]);
+                p.kernel = m->linear, p.kernel_rows = m->linear_rows;
+            } else if (p.kind == STRATA_INT4) {
+                p.raw = reinterpret_cast<void *>(l[1]);
+                p.int4 = m->int4;
             } else {
-                parts[i]->packed = wrap(reinterpret_cast<void *>(l[0]), {out, in / 2}, at::kByte);
-                parts[i]->scales =
-                    wrap(reinterpret_cast<void *>(l[4]), {in / group, out, 2}, at::kBFloat16);
+                p.packed = wrap(reinterpret_cast<void *>(l[1]), {p.out, p.in / 2}, at::kByte);
+                p.scales = wrap(reinterpret_cast<void *>(l[5]), {p.in / p.group, p.out, 2},
+                                at::kBFloat16);
             }
-            if (l[5]) parts[i]->bias = wrap(reinterpret_cast<void *>(l[5]), {out}, at::kBFloat16);
-            parts[i]->group = group;
+            if (l[6]) p.bias = wrap(reinterpret_cast<void *>(l[6]), {p.out}, at::kBFloat16);
         }
         layer.norm1 = wrap(norm1, {m->hidden}, at::kBFloat16);
         layer.norm2 = wrap(norm2, {m->hidden}, at::kBFloat16);

@@ -3,8 +3,9 @@ bfloat16 activations, int4 or bfloat16 (oneDNN-packed) weights, one rank. The sa
 the same order as the Python layers (strata/model/layers.py), so the same bits, without
 ~300 Python-level calls a step.
 
-Built once with the system C++ compiler against the installed torch (ATen for the int4
-matrix products, its dispatcher for oneDNN's linear) into the cache dir, beside
+Built once with the system C++ compiler against the installed torch (ATen for its int4
+product where strata's int4 kernels can't run, its dispatcher for oneDNN's linear) into the
+cache dir, beside
 strata/attention/cpu_kernels.py's kernels, whose functions it calls. Anything unusual
 (another dtype, tensor parallelism, sparse or mixed batches, weights oneDNN did not pack,
 no compiler, ``STRATA_CPU_KERNELS=0``) keeps the Python layers.
@@ -52,7 +53,7 @@ def library() -> ctypes.CDLL | None:
         log.warning("fused CPU decode layers unavailable, using the Python layers: %s", e)
         return None
     p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-    lib.model_new.argtypes = [i, i, i, i, f, f, p, p, p, p, p, i]
+    lib.model_new.argtypes = [i, i, i, i, f, f, p, p, p, p, p, i, p]
     lib.model_new.restype = p
     lib.model_free.argtypes = [p]
     lib.model_add_layer.argtypes = [p, p, p, p]
@@ -79,20 +80,21 @@ class CpuLayers:
             spec.rms_norm_eps, self.scale, _address(kernels.add_rms_norm),
             _address(kernels.rope_bf16), _address(kernels.write_decode),
             _address(kernels.silu_mul_bf16), _address(kernels.linear_packed_bf16),
-            cpu_kernels.PACKED_ROWS,
+            cpu_kernels.PACKED_ROWS, _address(kernels.int4_linear_bf16),
         )  # fmt: skip
         self.hidden = spec.hidden_size
         for layer in model.layers:
             linears = []
             for lin in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down):
                 bias = lin.bias.data_ptr() if lin.bias is not None else 0
-                if isinstance(lin, Int4Linear):
-                    linears += [lin.packed.data_ptr(), lin.out_features, lin.packed.shape[1] * 2,
-                                lin.group_size, lin.scales_and_zeros.data_ptr(), bias]  # fmt: skip
-                else:  # oneDNN's packed bf16 weight, shared with the C++ side by its TensorImpl
+                if isinstance(lin, Int4Linear):  # cpu_layers.cpp's Kind: 2 strata's, 1 ATen's
+                    in_f, sz = lin.scales_and_zeros.shape[0] * lin.group_size, lin.scales_and_zeros
+                    linears += [2 if lin.strata else 1, lin.packed.data_ptr(), lin.out_features,
+                                in_f, lin.group_size, sz.data_ptr(), bias]  # fmt: skip
+                else:  # 0: oneDNN's packed bf16 weight, shared with C++ by its TensorImpl
                     assert lin.packed
                     out_f, in_f = lin.weight.shape
-                    linears += [lin.weight._cdata, out_f, in_f, 0, lin.address, bias]
+                    linears += [0, lin.weight._cdata, out_f, in_f, 0, lin.address, bias]
             arr = (ctypes.c_int64 * len(linears))(*linears)
             rc = lib.model_add_layer(self.handle, arr, layer.norm1.weight.data_ptr(),
                                      layer.norm2.weight.data_ptr())  # fmt: skip

@@ -91,8 +91,25 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return codes, scales_and_zeros.transpose(0, 1).contiguous()
 
 
+def pack_int4(codes: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
+    """quantize_int4's codes [out, in] and scales_and_zeros [in // group, out, 2] in the layout
+    of cpu_ops.c's int4 kernels: uint8 [out // 16, groups, group * 8 + 64], per block of 16
+    outputs and group, group / 4 chunks of 32 bytes (byte 2j + e of chunk c: output j's codes
+    of inputs 2c + e, low nibble, and group / 2 + 2c + e, high nibble), then 16 scales and
+    16 zeros in bfloat16."""
+    out_f, in_f = codes.shape
+    blocks, groups = out_f // 16, in_f // group
+    c = codes.to(torch.uint8).view(blocks, 16, groups, 2, group // 4, 2)
+    nibbles = (c[:, :, :, 0] | (c[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)  # [b, g, c, j, e]
+    sz = scales_and_zeros.to(torch.bfloat16).view(groups, blocks, 16, 2).permute(1, 0, 3, 2)
+    sz = sz.contiguous().view(torch.uint8).view(blocks, groups, 64)
+    return torch.cat([nibbles.reshape(blocks, groups, group * 8), sz], -1).contiguous()
+
+
 class Int4Linear:
-    """Weight-only int4 linear (CPU): a quarter of the bf16 bytes read per decode step."""
+    """Weight-only int4 linear (CPU): a quarter of the bf16 bytes read per decode step.
+    Where the CPU has AVX512-BF16, strata's kernels on their own packing (`strata`;
+    cpu_kernels.int4_linear); elsewhere ATen's int4 product on its packing."""
 
     def __init__(
         self,
@@ -107,19 +124,28 @@ class Int4Linear:
         if in_f % group_size:
             raise ValueError(f"int4 needs in_features ({in_f}) divisible by {group_size}")
         codes, scales_and_zeros = quantize_int4(weight, group_size)
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         self.scales_and_zeros = scales_and_zeros.to(dtype)
+        self.strata = out_f % 16 == 0 and cpu_kernels.int4_available()
+        if self.strata:
+            self.packed = pack_int4(codes, self.scales_and_zeros, group_size)
+        else:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         self.group_size = group_size
         self.out_features = out_f
         self.bias = bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, x.shape[-1]), self.packed, self.group_size, self.scales_and_zeros
-        )
-        if self.bias is not None:
-            y = y + self.bias
+        x = x.reshape(-1, x.shape[-1])
+        if self.strata:
+            y = cpu_kernels.int4_linear(x, self.packed, self.bias, self.out_features,
+                                        self.group_size)  # fmt: skip
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x, self.packed, self.group_size, self.scales_and_zeros
+            )
+            if self.bias is not None:
+                y = y + self.bias
         return y.reshape(*lead, self.out_features)
 
 

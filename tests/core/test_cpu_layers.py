@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from strata.attention import cpu_kernels
 from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.runner import ModelRunner
 from strata.model.batch import SequenceChunk
@@ -33,19 +34,23 @@ def decode_batch(runner, prompts, steps):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("batch", [3, 1])  # 1: bf16 layers through gemv_packed (AVX512-BF16)
-@pytest.mark.parametrize("quant", ["int4", "none"])  # none: oneDNN's packed bf16 weights
+@pytest.mark.parametrize("batch", [8, 3, 1])  # int4 past 4 rows: unpacked for AMX
+@pytest.mark.parametrize("quant", ["int4", "int4-aten", "none"])  # none: oneDNN's packed bf16
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: a bias on the fused QKV
-def test_fused_layers_give_the_python_layers_logits(tiny_checkpoint, arch, quant, batch):
+def test_fused_layers_give_the_python_layers_logits(
+    tiny_checkpoint, arch, quant, batch, monkeypatch
+):
+    if quant == "int4-aten":  # ATen's int4 packing, as where strata's int4 kernels can't run
+        monkeypatch.setattr(cpu_kernels, "int4_available", lambda: False)
     folder, _ = tiny_checkpoint(arch, num_hidden_layers=3, num_key_value_heads=2)
     runner = ModelRunner.from_config(
-        ModelConfig(str(folder), dtype="bfloat16", quantization=quant),
+        ModelConfig(str(folder), dtype="bfloat16", quantization=quant.removesuffix("-aten")),
         KVPoolConfig(page_size=PS, num_pages=96),
     )
     model = runner.model
     fused = model.cpu_layers
     assert fused is not None  # bfloat16 activations on CPU, one rank: the C++ layers run
-    lens = (9, 4, 17)[:batch]
+    lens = (9, 4, 17, 5, 12, 3, 7, 10)[:batch]
     prompts = [[(i * 7 + j) % 300 + 5 for j in range(n)] for i, n in enumerate(lens)]
     got = decode_batch(runner, prompts, 6)
     assert fused.calls == 6  # every decode step (not the prefills)

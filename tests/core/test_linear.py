@@ -69,14 +69,26 @@ def test_float32_linear_is_not_packed():
     assert torch.equal(layer(x), F.linear(x, w))
 
 
-def test_int4_linear_matches_its_dequantized_weight():
+@pytest.mark.parametrize("rows", [1, 4, 7, 40])  # strata's kernels: sums to 4 rows, then AMX
+@pytest.mark.parametrize("aten", [False, True])  # ATen's int4 product, where strata's can't run
+def test_int4_linear_matches_its_dequantized_weight(rows, aten, monkeypatch):
+    if aten:
+        monkeypatch.setattr(cpu_kernels, "int4_available", lambda: False)
     torch.manual_seed(0)
     w = torch.randn(64, 128, dtype=torch.bfloat16)
+    b = torch.randn(64, dtype=torch.bfloat16)
     codes, sz = quantize_int4(w, 32)
     scale, zero = sz[..., 0].t(), sz[..., 1].t()  # [out, groups]
     deq = (codes.float().view(64, 4, 32) - 8) * scale[..., None] + zero[..., None]
     assert (deq.view(64, 128) - w.float()).abs().max() <= (w.float().abs().max() / 15)
-    x = torch.randn(5, 128, dtype=torch.bfloat16)
-    got = Int4Linear(w, None, torch.bfloat16)(x).float()
-    expect = x.float() @ deq.view(64, 128).t()
-    assert (got - expect).abs().max() <= 0.05 * expect.abs().max()
+    layer = Int4Linear(w, b, torch.bfloat16)
+    if layer.strata == aten:
+        pytest.skip("strata's int4 kernels need AVX512-BF16")
+    sz = layer.scales_and_zeros  # bfloat16, as every path reads them
+    deq = (codes.float().view(64, 4, 32) - 8) * sz[..., 0].t().float()[..., None]
+    deq = (deq + sz[..., 1].t().float()[..., None]).view(64, 128)
+    x = torch.randn(rows, 128, dtype=torch.bfloat16)
+    got = layer(x).float()
+    expect = x.float() @ deq.t() + b.float()
+    # a rounding of the output, or (AMX, past 4 rows) of each weight to bfloat16
+    assert (got - expect).abs().max() <= 2**-7 * expect.abs().max()
