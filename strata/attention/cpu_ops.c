@@ -234,28 +234,69 @@ int linear_packed_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bia
  * group / 4 chunks of 32 bytes, then the group's 16 scales and 16 zeros in bfloat16. Byte
  * 2j + e of chunk c holds output j's codes of inputs 2c + e (low nibble) and group / 2 + 2c
  * + e (high nibble): zero-extended to 16-bit words, a nibble OR 0x4300 is the bfloat16 of
- * 128 + code, so one chunk is two AVX512-BF16 pair operands after three integer ops (a
- * table look-up per operand, vpermw, was 10% slower: one port does every shuffle). With S =
- * sum((128 + code) x), exact products summed in float32, each group adds scale * S + (zero
- * - 136 scale) * sum(x): the affine dequantization w = (code - 8) * scale + zero of
- * quantize_int4. Rows go INT4_ROWS at a time over one block, whose weights stay in L1.
- * Returns -1 where it does not apply (no AVX512-BF16, n % 16, group % 4 or k % group).
- * ATen's int4 product, on its own packing, was 10-20% slower at 1-2 rows, as fast from 3.
- *
- * Past INT4_SUM_ROWS rows, each block of the weight is unpacked to bfloat16 and multiplied
- * with AMX instead (n % 32, group % 32; where the CPU has AMX), rounding the weight to
- * bfloat16 once more: from 5-6 rows that is faster than these sums (their cost grows with
- * each row, the unpacking's does not), 2.5x at 17 rows and 10x at 256, as against ATen's
- * int4 product too (the embedded model's shapes, measured; int4 decode step at batch 8:
- * 15.9 -> 10.9-12.0 ms, at 16: 29.9 -> 14.9-16.3 ms). */
+ * 128 + code, so one chunk is two AVX512-BF16 pair operands, [16 outputs][2 inputs], after
+ * three integer ops (a table look-up per operand, vpermw, was 10% slower: one port does
+ * every shuffle). With S = sum((128 + code) x), exact products summed in float32, each group
+ * adds scale * S + (zero - 136 scale) * sum(x): the affine dequantization w = (code - 8) *
+ * scale + zero of quantize_int4. Three ways, by rows (the embedded model's shapes, 2 cores):
+ * - int4_rows (1 row, or any where there is no AMX): AVX512-BF16 pair products, INT4_ROWS
+ *   rows a pass over one block, whose weights stay in L1. ATen's int4 product, on its own
+ *   packing, was 10-20% slower at 1-2 rows, as fast from 3; each row costs about the first.
+ * - int4_tiles (2..INT4_TILE_ROWS rows, group 32): the same operands stored as AMX B tiles,
+ *   one group's sums for every row per tile product, then the scales; the same sums, a
+ *   row costing ~5% of the first: 2-4x int4_rows at 4-16 rows.
+ * - int4_unpacked (more rows: a prefill): each block of 32 outputs unpacked to bfloat16,
+ *   (code - 8) * scale + zero rounded once more, in a buffer in L2, then linear_packed's
+ *   AMX product: 10x ATen's int4 product at 256 rows.
+ * Each returns -1 where it does not apply (no AVX512-BF16 or AMX, n % 16 (32 unpacked),
+ * group % 4 (32), k % group). */
 #define INT4_ROWS 4       /* rows per pass of int4_block */
-#define INT4_SUM_ROWS 4   /* more rows than this: unpack to bfloat16, then AMX */
+#define INT4_TILE_ROWS 16 /* the most rows of int4_tiles */
+#define INT4_SPAN 8       /* groups per pass of int4_tiles: 8 B and C tiles, 16 KB, in L1 */
 #if defined(__AVX512BF16__)
+/* chunk c's (128 + code) bfloat16 words: the pairs of inputs 2c (low nibbles) and group / 2
+ * + 2c (high) of 16 outputs */
+ALWAYS_INLINE void int4_operands(const uint8_t *chunk, __m512i *lo, __m512i *hi) {
+    const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)chunk));
+    const __m512i exponent = _mm512_set1_epi16(0x4300);
+    *lo = _mm512_ternarylogic_epi32(w, _mm512_set1_epi16(0xF), exponent, 0xEA); /* a & b | c */
+    *hi = _mm512_or_si512(_mm512_srli_epi16(w, 4), exponent);
+}
+
+/* the group's scales of 16 outputs, and their zeros less 136 scales: what S and sum(x) are
+ * multiplied by */
+ALWAYS_INLINE void int4_scales(const uint8_t *group_end, __m512 *s, __m512 *zs) {
+    *s = load_bf16x16((const uint16_t *)group_end);
+    *zs = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), *s, load_bf16x16((const uint16_t *)group_end + 16));
+}
+
+/* sum(x) of each row's groups, [m][k / group] (malloc'd; NULL when out of memory) */
+static float *int4_group_sums(const uint16_t *x, int64_t m, int64_t k, int64_t group) {
+    const int64_t groups = k / group;
+    float *xsum = malloc(sizeof(float) * m * groups);
+    if (xsum)
+        for (int64_t r = 0; r < m; r++)
+            for (int64_t g = 0; g < groups; g++) {
+                float s = 0.f;
+                for (int64_t i = 0; i < group; i++) s += bf16_to_f32(x[r * k + g * group + i]);
+                xsum[r * groups + g] = s;
+            }
+    return xsum;
+}
+
+ALWAYS_INLINE void int4_store(const __m512 *tot, const uint16_t *bias, uint16_t *y, int64_t n,
+                              int64_t nb, int64_t m) {
+    for (int64_t r = 0; r < m; r++) {
+        __m512 v = tot[r];
+        if (bias) v = _mm512_add_ps(v, load_bf16x16(bias + nb * 16));
+        _mm256_storeu_si256((__m256i *)(y + r * n + nb * 16), (__m256i)_mm512_cvtneps_pbh(v));
+    }
+}
+
 ALWAYS_INLINE void int4_block(const uint16_t *x, const float *xsum, const uint8_t *blk,
                               const uint16_t *bias, uint16_t *y, int64_t n, int64_t k,
                               int64_t group, int64_t nb, const int m) {
     const int64_t groups = k / group, chunks = group / 4, stride = group * 8 + 64;
-    const __m512i nibble = _mm512_set1_epi16(0xF), exponent = _mm512_set1_epi16(0x4300);
     __m512 tot[INT4_ROWS];
     for (int r = 0; r < m; r++) tot[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
@@ -264,31 +305,24 @@ ALWAYS_INLINE void int4_block(const uint16_t *x, const float *xsum, const uint8_
         __m512 lo[INT4_ROWS], hi[INT4_ROWS];
         for (int r = 0; r < m; r++) lo[r] = hi[r] = _mm512_setzero_ps();
         for (int64_t c = 0; c < chunks; c++) {
-            const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(b + 32 * c)));
-            /* (w & 0xF) | 0x4300 and (w >> 4) | 0x4300: 128 + code in bfloat16 */
-            const __m512bh wl = (__m512bh)_mm512_ternarylogic_epi32(w, nibble, exponent, 0xEA);
-            const __m512bh wh = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(w, 4), exponent);
+            __m512i wl, wh;
+            int4_operands(b + 32 * c, &wl, &wh);
             for (int r = 0; r < m; r++) {
                 int32_t pl, ph;
                 memcpy(&pl, xg + r * k + 2 * c, sizeof pl);
                 memcpy(&ph, xg + r * k + group / 2 + 2 * c, sizeof ph);
-                lo[r] = _mm512_dpbf16_ps(lo[r], wl, (__m512bh)_mm512_set1_epi32(pl));
-                hi[r] = _mm512_dpbf16_ps(hi[r], wh, (__m512bh)_mm512_set1_epi32(ph));
+                lo[r] = _mm512_dpbf16_ps(lo[r], (__m512bh)wl, (__m512bh)_mm512_set1_epi32(pl));
+                hi[r] = _mm512_dpbf16_ps(hi[r], (__m512bh)wh, (__m512bh)_mm512_set1_epi32(ph));
             }
         }
-        const __m512 s = load_bf16x16((const uint16_t *)(b + chunks * 32));
-        const __m512 z = load_bf16x16((const uint16_t *)(b + chunks * 32 + 32));
-        const __m512 zs = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), s, z); /* zero - 136 scale */
+        __m512 s, zs;
+        int4_scales(b + chunks * 32, &s, &zs);
         for (int r = 0; r < m; r++) {
             tot[r] = _mm512_fmadd_ps(_mm512_add_ps(lo[r], hi[r]), s, tot[r]);
             tot[r] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[r * groups + g]), zs, tot[r]);
         }
     }
-    for (int r = 0; r < m; r++) {
-        __m512 v = tot[r];
-        if (bias) v = _mm512_add_ps(v, load_bf16x16(bias + nb * 16));
-        _mm256_storeu_si256((__m256i *)(y + r * n + nb * 16), (__m256i)_mm512_cvtneps_pbh(v));
-    }
+    int4_store(tot, bias, y, n, nb, m);
 }
 #endif
 
@@ -297,14 +331,8 @@ static int int4_rows(const uint16_t *x, const uint8_t *w, const uint16_t *bias, 
 #if defined(__AVX512BF16__)
     if (m < 1 || n % 16 || group % 4 || group < 4 || k % group) return -1;
     const int64_t groups = k / group, block = groups * (group * 8 + 64);
-    float *xsum = malloc(sizeof(float) * m * groups);
+    float *xsum = int4_group_sums(x, m, k, group);
     if (!xsum) return -2;
-    for (int64_t r = 0; r < m; r++)
-        for (int64_t g = 0; g < groups; g++) {
-            float s = 0.f;
-            for (int64_t i = 0; i < group; i++) s += bf16_to_f32(x[r * k + g * group + i]);
-            xsum[r * groups + g] = s;
-        }
 #pragma omp parallel for schedule(static)
     for (int64_t nb = 0; nb < n / 16; nb++) {
         const uint8_t *blk = w + nb * block;
@@ -329,13 +357,93 @@ static int int4_rows(const uint16_t *x, const uint8_t *w, const uint16_t *bias, 
 }
 
 #if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-/* Block nb of 32 outputs of an int4 weight (two of its blocks of 16) as bfloat16, (code - 8)
- * * scale + zero rounded once, in the packed layout amx_rows reads: [k / 32][16 pairs][32
- * outputs][2]. */
+/* One block of 16 outputs, group 32, INT4_SPAN groups a pass: their operands stored as B
+ * tiles [16 pairs][16 outputs][2] (bt), each times the group's A tile of x [m rows][32]
+ * into a C tile [m][16] (ct; tiles 0-2 and 5-3 in turn), then the scales. */
+static void int4_tiles_block(const uint16_t *x, const float *xsum, const uint8_t *blk,
+                             const uint16_t *bias, uint16_t *y, int64_t m, int64_t n,
+                             int64_t k, int64_t nb, uint16_t *bt, float *ct) {
+    const int64_t groups = k / 32, stride = 32 * 8 + 64;
+    __m512 tot[INT4_TILE_ROWS];
+    for (int r = 0; r < m; r++) tot[r] = _mm512_setzero_ps();
+    for (int64_t g0 = 0; g0 < groups; g0 += INT4_SPAN) {
+        const int span = groups - g0 < INT4_SPAN ? (int)(groups - g0) : INT4_SPAN;
+        for (int i = 0; i < span; i++)
+            for (int c = 0; c < 8; c++) {
+                __m512i lo, hi;
+                int4_operands(blk + (g0 + i) * stride + 32 * c, &lo, &hi);
+                _mm512_store_si512(bt + i * 512 + c * 32, lo);
+                _mm512_store_si512(bt + i * 512 + (c + 8) * 32, hi);
+            }
+        int i = 0;
+        for (; i + 1 < span; i += 2) { /* two tile sets: one product's loads overlap another's */
+            _tile_loadd(3, bt + i * 512, 64);
+            _tile_loadd(2, x + (g0 + i) * 32, k * 2);
+            _tile_zero(0);
+            _tile_loadd(4, bt + (i + 1) * 512, 64);
+            _tile_loadd(5, x + (g0 + i + 1) * 32, k * 2);
+            _tile_zero(1);
+            _tile_dpbf16ps(0, 2, 3);
+            _tile_dpbf16ps(1, 5, 4);
+            _tile_stored(0, ct + i * 256, 64);
+            _tile_stored(1, ct + (i + 1) * 256, 64);
+        }
+        if (i < span) {
+            _tile_loadd(3, bt + i * 512, 64);
+            _tile_loadd(2, x + (g0 + i) * 32, k * 2);
+            _tile_zero(0);
+            _tile_dpbf16ps(0, 2, 3);
+            _tile_stored(0, ct + i * 256, 64);
+        }
+        for (int i = 0; i < span; i++) {
+            __m512 s, zs;
+            int4_scales(blk + (g0 + i) * stride + 256, &s, &zs);
+            for (int r = 0; r < m; r++) {
+                tot[r] = _mm512_fmadd_ps(_mm512_load_ps(ct + i * 256 + 16 * r), s, tot[r]);
+                tot[r] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[r * groups + g0 + i]), zs, tot[r]);
+            }
+        }
+    }
+    int4_store(tot, bias, y, n, nb, m);
+}
+#endif
+
+static int int4_tiles(const uint16_t *x, const uint8_t *w, const uint16_t *bias, uint16_t *y,
+                      int64_t m, int64_t n, int64_t k, int64_t group) {
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (m < 1 || m > INT4_TILE_ROWS || n % 16 || group != 32 || k % group || !amx_allowed())
+        return -1;
+    const int64_t block = (k / group) * (group * 8 + 64);
+    float *xsum = int4_group_sums(x, m, k, group);
+    if (!xsum) return -2;
+#pragma omp parallel
+    {
+        struct tile_config cfg = {.palette = 1}; /* 0, 1: C; 2, 5: A; 3, 4: B */
+        cfg.rows[0] = cfg.rows[1] = cfg.rows[2] = cfg.rows[5] = (uint8_t)m;
+        cfg.rows[3] = cfg.rows[4] = 16;
+        for (int t = 0; t < 6; t++) cfg.colsb[t] = 64;
+        _tile_loadconfig(&cfg);
+        uint16_t bt[INT4_SPAN * 512] __attribute__((aligned(64)));
+        float ct[INT4_SPAN * 256] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+        for (int64_t nb = 0; nb < n / 16; nb++)
+            int4_tiles_block(x, xsum, w + nb * block, bias, y, m, n, k, nb, bt, ct);
+        _tile_release();
+    }
+    free(xsum);
+    return 0;
+#else
+    (void)x, (void)w, (void)bias, (void)y, (void)m, (void)n, (void)k, (void)group;
+    return -1;
+#endif
+}
+
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+/* Block nb of 32 outputs (two blocks of 16) as bfloat16, (code - 8) * scale + zero rounded
+ * once, in the packed layout amx_rows reads: [k / 32][16 pairs][32 outputs][2]. */
 static void int4_unpack_block(const uint8_t *w, uint16_t *out, int64_t nb, int64_t k,
                               int64_t group) {
     const int64_t groups = k / group, chunks = group / 4, stride = group * 8 + 64;
-    const __m512i nibble = _mm512_set1_epi16(0xF), exponent = _mm512_set1_epi16(0x4300);
     const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
     int16_t zip[32]; /* words e0 o0 e1 o1 ...: two 16-lane bfloat16 halves back into pairs */
     for (int i = 0; i < 32; i++) zip[i] = (int16_t)(i / 2 + (i & 1) * 32);
@@ -343,13 +451,11 @@ static void int4_unpack_block(const uint8_t *w, uint16_t *out, int64_t nb, int64
     for (int half = 0; half < 2; half++)
         for (int64_t g = 0; g < groups; g++) {
             const uint8_t *b = w + ((2 * nb + half) * groups + g) * stride;
-            const __m512 s = load_bf16x16((const uint16_t *)(b + chunks * 32));
-            const __m512 z = load_bf16x16((const uint16_t *)(b + chunks * 32 + 32));
-            const __m512 zs = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), s, z);
+            __m512 s, zs;
+            int4_scales(b + chunks * 32, &s, &zs);
             for (int64_t c = 0; c < chunks; c++) {
-                const __m512i raw = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(b + 32 * c)));
-                const __m512i v[2] = {_mm512_ternarylogic_epi32(raw, nibble, exponent, 0xEA),
-                                      _mm512_or_si512(_mm512_srli_epi16(raw, 4), exponent)};
+                __m512i v[2];
+                int4_operands(b + 32 * c, &v[0], &v[1]);
                 for (int h = 0; h < 2; h++) { /* the pairs of inputs 2c and group / 2 + 2c */
                     const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v[h], 16));
                     const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v[h], high));
@@ -365,12 +471,10 @@ static void int4_unpack_block(const uint8_t *w, uint16_t *out, int64_t nb, int64
 }
 #endif
 
-/* Many rows: each block of 32 outputs unpacked to bfloat16 in a buffer of this
- * thread (k x 64 bytes, in L2), then AMX over every row. -1 where it does not apply. */
-static int int4_amx(const uint16_t *x, const uint8_t *w, const uint16_t *bias, uint16_t *y,
-                    int64_t m, int64_t n, int64_t k, int64_t group) {
+static int int4_unpacked(const uint16_t *x, const uint8_t *w, const uint16_t *bias, uint16_t *y,
+                         int64_t m, int64_t n, int64_t k, int64_t group) {
 #if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (n % 32 || group % 32 || k % group || !amx_allowed()) return -1;
+    if (m < 1 || n % 32 || group % 32 || k % group || !amx_allowed()) return -1;
     int failed = 0;
 #pragma omp parallel
     {
@@ -397,7 +501,8 @@ static int int4_amx(const uint16_t *x, const uint8_t *w, const uint16_t *bias, u
 
 int int4_linear_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *bias, uint16_t *y,
                      int64_t m, int64_t n, int64_t k, int64_t group) {
-    if (m > INT4_SUM_ROWS && int4_amx(x, w, bias, y, m, n, k, group) == 0) return 0;
+    if (m > 1 && m <= INT4_TILE_ROWS && int4_tiles(x, w, bias, y, m, n, k, group) == 0) return 0;
+    if (m > INT4_TILE_ROWS && int4_unpacked(x, w, bias, y, m, n, k, group) == 0) return 0;
     return int4_rows(x, w, bias, y, m, n, k, group);
 }
 

@@ -69,7 +69,7 @@ def test_float32_linear_is_not_packed():
     assert torch.equal(layer(x), F.linear(x, w))
 
 
-@pytest.mark.parametrize("rows", [1, 4, 7, 40])  # strata's kernels: sums to 4 rows, then AMX
+@pytest.mark.parametrize("rows", [1, 4, 7, 40])  # strata's: AVX-512, AMX tiles, unpacked
 @pytest.mark.parametrize("aten", [False, True])  # ATen's int4 product, where strata's can't run
 def test_int4_linear_matches_its_dequantized_weight(rows, aten, monkeypatch):
     if aten:
@@ -90,5 +90,5 @@ def test_int4_linear_matches_its_dequantized_weight(rows, aten, monkeypatch):
     x = torch.randn(rows, 128, dtype=torch.bfloat16)
     got = layer(x).float()
     expect = x.float() @ deq.t() + b.float()
-    # a rounding of the output, or (AMX, past 4 rows) of each weight to bfloat16
+    # a rounding of the output, or (unpacked, past 16 rows) of each weight to bfloat16
     assert (got - expect).abs().max() <= 2**-7 * expect.abs().max()
