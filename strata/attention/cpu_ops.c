@@ -253,6 +253,9 @@ int linear_packed_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bia
 #define INT4_ROWS 4       /* rows per pass of int4_block */
 #define INT4_TILE_ROWS 16 /* the most rows of int4_tiles */
 #define INT4_SPAN 8       /* groups per pass of int4_tiles: 8 B and C tiles, 16 KB, in L1 */
+/* NOTE: the weights are prefetched this many groups ahead (5 KB at group 32): without it the
+ * 1-row kernel waited on memory, 5.7 vs 3.9 ms per token (embedded model, 2-16 ahead alike) */
+#define INT4_PREFETCH 16
 #if defined(__AVX512BF16__)
 /* chunk c's (128 + code) bfloat16 words: the pairs of inputs 2c (low nibbles) and group / 2
  * + 2c (high) of 16 outputs */
@@ -302,6 +305,7 @@ ALWAYS_INLINE void int4_block(const uint16_t *x, const float *xsum, const uint8_
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *b = blk + g * stride;
         const uint16_t *xg = x + g * group;
+        for (int64_t i = 0; i < stride; i += 64) __builtin_prefetch(b + INT4_PREFETCH * stride + i);
         __m512 lo[INT4_ROWS], hi[INT4_ROWS];
         for (int r = 0; r < m; r++) lo[r] = hi[r] = _mm512_setzero_ps();
         for (int64_t c = 0; c < chunks; c++) {
@@ -368,13 +372,16 @@ static void int4_tiles_block(const uint16_t *x, const float *xsum, const uint8_t
     for (int r = 0; r < m; r++) tot[r] = _mm512_setzero_ps();
     for (int64_t g0 = 0; g0 < groups; g0 += INT4_SPAN) {
         const int span = groups - g0 < INT4_SPAN ? (int)(groups - g0) : INT4_SPAN;
-        for (int i = 0; i < span; i++)
+        for (int i = 0; i < span; i++) {
+            for (int64_t o = 0; o < stride; o += 64)
+                __builtin_prefetch(blk + (g0 + i + INT4_PREFETCH) * stride + o);
             for (int c = 0; c < 8; c++) {
                 __m512i lo, hi;
                 int4_operands(blk + (g0 + i) * stride + 32 * c, &lo, &hi);
                 _mm512_store_si512(bt + i * 512 + c * 32, lo);
                 _mm512_store_si512(bt + i * 512 + (c + 8) * 32, hi);
             }
+        }
         int i = 0;
         for (; i + 1 < span; i += 2) { /* two tile sets: one product's loads overlap another's */
             _tile_loadd(3, bt + i * 512, 64);
