@@ -1,0 +1,60 @@
+"""Time of one decode step (ModelRunner.forward + greedy pick) by batch size and context
+length, in process: where a serving step's time goes before the scheduler adds its part.
+Embedded model; each batch's prompts are distinct (no shared pages).
+
+Usage: PYTHONPATH=. python bench/decode_steps.py [--quantization none] [--context 64 700]
+       [--batches 1 4 8 16] [--steps 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from strata.bench import run_like_an_engine_process
+from strata.config import KVPoolConfig, ModelConfig
+from strata.engine.runner import ModelRunner
+from strata.model.batch import SequenceChunk
+
+
+def step_ms(runner: ModelRunner, batch: int, context: int, steps: int) -> float:
+    """Median ms of a decode step of `batch` sequences at `context` tokens each."""
+    prompts = [[100 + (i * 31 + j) % 5000 for j in range(context)] for i in range(batch)]
+    tables = [runner.pool.alloc(runner.pages_for(context + steps + 4)) for _ in prompts]
+    try:
+        last = [int(runner.forward([SequenceChunk(p, 0, t)])[0].argmax())
+                for p, t in zip(prompts, tables)]  # fmt: skip
+        lens, times = [context] * batch, []
+        for i in range(steps + 3):  # 3 warm steps
+            start = time.perf_counter()
+            chunks = [SequenceChunk([tok], n, t) for tok, n, t in zip(last, lens, tables)]
+            last = runner.forward(chunks).argmax(-1).tolist()
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+            lens = [n + 1 for n in lens]
+        return statistics.median(times) * 1e3
+    finally:
+        for t in tables:
+            runner.pool.free(t)
+
+
+def main() -> None:
+    run_like_an_engine_process()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quantization", default="none", choices=["none", "int4"])
+    ap.add_argument("--context", type=int, nargs="+", default=[64, 700])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--steps", type=int, default=15)
+    a = ap.parse_args()
+    runner = ModelRunner.from_config(
+        ModelConfig(dtype="bfloat16", quantization=a.quantization), KVPoolConfig(16, 4096)
+    )
+    print(f"{'context':>8} " + " ".join(f"{f'batch {b}':>9}" for b in a.batches) + "  (ms a step)")
+    for context in a.context:
+        row = [step_ms(runner, b, context, a.steps) for b in a.batches]
+        print(f"{context:8d} " + " ".join(f"{ms:9.2f}" for ms in row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
