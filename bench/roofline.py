@@ -17,6 +17,7 @@ from strata.bench import run_like_an_engine_process
 from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.generate import generate_greedy_batch
 from strata.engine.runner import ModelRunner
+from strata.model.linear import Int4Linear
 
 
 def read_bandwidth(rounds: int) -> float:
@@ -54,11 +55,9 @@ def weight_bytes(runner: ModelRunner) -> tuple[int, int]:
     for layer in model.layers:
         linears += [layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down]
     for lin in linears:
-        if hasattr(lin, "scales_and_zeros"):  # int4: packed codes + scales
-            out_f = lin.out_features
-            in_f = lin.scales_and_zeros.shape[0] * lin.group_size
-            nbytes += out_f * in_f // 2 + lin.scales_and_zeros.numel() * 2
-            params += out_f * in_f
+        if isinstance(lin, Int4Linear):  # packed codes + scales
+            nbytes += lin.nbytes()
+            params += lin.out_features * lin.in_features
         else:
             n = lin.weight.numel()  # an opaque oneDNN tensor knows its size too
             nbytes += n * 2

@@ -272,8 +272,8 @@ def int4_linear(
     group: int,
 ) -> torch.Tensor:  # fmt: skip
     """x [rows, k] (bfloat16) times linear.pack_int4's weight, plus bias, rounded to bfloat16
-    once (from a few rows on: the weight unpacked to bfloat16, then AMX). Only where
-    int4_available()."""
+    once (cpu_ops.c: 1 row AVX512-BF16, 2-16 rows AMX tiles, more rows the weight unpacked
+    to bfloat16 for AMX). Only where int4_available()."""
     lib = library()
     if lib is None or x.dtype != torch.bfloat16 or x.dim() != 2:
         raise ValueError(f"int4_linear takes bfloat16 rows on CPU, not {x.dtype} {tuple(x.shape)}")

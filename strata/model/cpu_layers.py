@@ -88,9 +88,9 @@ class CpuLayers:
             for lin in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down):
                 bias = lin.bias.data_ptr() if lin.bias is not None else 0
                 if isinstance(lin, Int4Linear):  # cpu_layers.cpp's Kind: 2 strata's, 1 ATen's
-                    in_f, sz = lin.scales_and_zeros.shape[0] * lin.group_size, lin.scales_and_zeros
+                    sz = lin.scales_and_zeros.data_ptr() if lin.scales_and_zeros is not None else 0
                     linears += [2 if lin.strata else 1, lin.packed.data_ptr(), lin.out_features,
-                                in_f, lin.group_size, sz.data_ptr(), bias]  # fmt: skip
+                                lin.in_features, lin.group_size, sz, bias]  # fmt: skip
                 else:  # 0: oneDNN's packed bf16 weight, shared with C++ by its TensorImpl
                     assert lin.packed
                     out_f, in_f = lin.weight.shape

@@ -124,15 +124,24 @@ class Int4Linear:
         if in_f % group_size:
             raise ValueError(f"int4 needs in_features ({in_f}) divisible by {group_size}")
         codes, scales_and_zeros = quantize_int4(weight, group_size)
-        self.scales_and_zeros = scales_and_zeros.to(dtype)
+        sz = scales_and_zeros.to(dtype)  # [in // group, out, 2]
         self.strata = out_f % 16 == 0 and cpu_kernels.int4_available()
+        # strata's packing holds the scales; ATen's product takes them apart
+        self.scales_and_zeros: torch.Tensor | None = None if self.strata else sz
         if self.strata:
-            self.packed = pack_int4(codes, self.scales_and_zeros, group_size)
+            self.packed = pack_int4(codes, sz, group_size)
         else:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         self.group_size = group_size
-        self.out_features = out_f
+        self.out_features, self.in_features = out_f, in_f
         self.bias = bias
+
+    def nbytes(self) -> int:
+        """Bytes a product reads: the codes, and a scale and a zero per group (bfloat16)."""
+        return (
+            self.out_features * self.in_features // 2
+            + self.out_features * (self.in_features // self.group_size) * 4
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -141,6 +150,7 @@ class Int4Linear:
             y = cpu_kernels.int4_linear(x, self.packed, self.bias, self.out_features,
                                         self.group_size)  # fmt: skip
         else:
+            assert self.scales_and_zeros is not None
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x, self.packed, self.group_size, self.scales_and_zeros
             )

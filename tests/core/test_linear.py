@@ -84,7 +84,7 @@ def test_int4_linear_matches_its_dequantized_weight(rows, aten, monkeypatch):
     layer = Int4Linear(w, b, torch.bfloat16)
     if layer.strata == aten:
         pytest.skip("strata's int4 kernels need AVX512-BF16")
-    sz = layer.scales_and_zeros  # bfloat16, as every path reads them
+    sz = sz.to(torch.bfloat16)  # as every path reads them
     deq = (codes.float().view(64, 4, 32) - 8) * sz[..., 0].t().float()[..., None]
     deq = (deq + sz[..., 1].t().float()[..., None]).view(64, 128)
     x = torch.randn(rows, 128, dtype=torch.bfloat16)
