@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,11 +16,14 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from launch import up
+
+_HANDED: set[int] = set()  # ports this process handed out, never handed again
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now (launch.up.free_port), not one handed out before."""
+    return up.free_port("127.0.0.1", _HANDED)
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log, timeout: float) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,14 +28,33 @@ from strata.config import system_env
 def free_port(host: str, taken: set[int]) -> int:
     """A port free now and not in taken (which it joins): the ports handed out here are
     bound only later, by the children, so the OS could otherwise hand one out twice or
-    give away the gateway's."""
+    give away the gateway's. Drawn below the range the OS takes outgoing connections' local
+    ports from (Linux: ip_local_port_range), which a connection opened in between could
+    otherwise hold (a test's gRPC port was lost so, 2026-12-04)."""
+    low = _ephemeral_low()
     while True:
+        port = random.randrange(PORT_FLOOR, low) if low > PORT_FLOOR + 1000 else 0
         with socket.socket() as s:
-            s.bind((host, 0))
+            try:
+                s.bind((host, port))
+            except OSError:  # in use: draw again
+                continue
             port = int(s.getsockname()[1])
         if port not in taken:
             taken.add(port)
             return port
+
+
+PORT_FLOOR = 10000  # NOTE: below it, well-known services' ports
+
+
+def _ephemeral_low() -> int:
+    """The first port of the OS's range for outgoing connections (32768 where unknown)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 class Stopped(Exception):
