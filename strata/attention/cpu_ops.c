@@ -221,10 +221,9 @@ int amx_linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, 
 #endif
 }
 
-#define PACKED_ROWS 64 /* cpu_kernels.PACKED_ROWS */
+/* callers keep m to a decode batch's rows (cpu_kernels.PACKED_ROWS): oneDNN is faster past */
 int linear_packed_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y,
                        int64_t m, int64_t n, int64_t k) {
-    if (m > PACKED_ROWS) return -1;
     if (amx_linear_bf16(x, w, bias, y, m, n, k) == 0) return 0;
     return gemv_packed_bf16(x, w, bias, y, m, n, k);
 }
@@ -328,11 +327,9 @@ ALWAYS_INLINE void int4_block(const uint16_t *x, const float *xsum, const uint8_
     }
     int4_store(tot, bias, y, n, nb, m);
 }
-#endif
 
 static int int4_rows(const uint16_t *x, const uint8_t *w, const uint16_t *bias, uint16_t *y,
                      int64_t m, int64_t n, int64_t k, int64_t group) {
-#if defined(__AVX512BF16__)
     if (m < 1 || n % 16 || group % 4 || group < 4 || k % group) return -1;
     const int64_t groups = k / group, block = groups * (group * 8 + 64);
     float *xsum = int4_group_sums(x, m, k, group);
@@ -354,13 +351,9 @@ static int int4_rows(const uint16_t *x, const uint8_t *w, const uint16_t *bias, 
     }
     free(xsum);
     return 0;
-#else
-    (void)x, (void)w, (void)bias, (void)y, (void)m, (void)n, (void)k, (void)group;
-    return -1;
-#endif
 }
 
-#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 /* One block of 16 outputs, group 32, INT4_SPAN groups a pass: their operands stored as B
  * tiles [16 pairs][16 outputs][2] (bt), each times the group's A tile of x [m rows][32]
  * into a C tile [m][16] (ct; tiles 0-2 and 5-3 in turn), then the scales. */
@@ -413,11 +406,9 @@ static void int4_tiles_block(const uint16_t *x, const float *xsum, const uint8_t
     }
     int4_store(tot, bias, y, n, nb, m);
 }
-#endif
 
 static int int4_tiles(const uint16_t *x, const uint8_t *w, const uint16_t *bias, uint16_t *y,
                       int64_t m, int64_t n, int64_t k, int64_t group) {
-#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
     if (m < 1 || m > INT4_TILE_ROWS || n % 16 || group != 32 || k % group || !amx_allowed())
         return -1;
     const int64_t block = (k / group) * (group * 8 + 64);
@@ -439,21 +430,17 @@ static int int4_tiles(const uint16_t *x, const uint8_t *w, const uint16_t *bias,
     }
     free(xsum);
     return 0;
-#else
-    (void)x, (void)w, (void)bias, (void)y, (void)m, (void)n, (void)k, (void)group;
-    return -1;
-#endif
 }
 
-#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
 /* Block nb of 32 outputs (two blocks of 16) as bfloat16, (code - 8) * scale + zero rounded
  * once, in the packed layout amx_rows reads: [k / 32][16 pairs][32 outputs][2]. */
 static void int4_unpack_block(const uint8_t *w, uint16_t *out, int64_t nb, int64_t k,
                               int64_t group) {
     const int64_t groups = k / group, chunks = group / 4, stride = group * 8 + 64;
     const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
-    int16_t zip[32]; /* words e0 o0 e1 o1 ...: two 16-lane bfloat16 halves back into pairs */
-    for (int i = 0; i < 32; i++) zip[i] = (int16_t)(i / 2 + (i & 1) * 32);
+    /* words e0 o0 e1 o1 ...: two 16-lane bfloat16 halves back into pairs */
+    static const int16_t zip[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
     const __m512i zip_idx = _mm512_loadu_si512(zip);
     for (int half = 0; half < 2; half++)
         for (int64_t g = 0; g < groups; g++) {
@@ -476,11 +463,9 @@ static void int4_unpack_block(const uint8_t *w, uint16_t *out, int64_t nb, int64
             }
         }
 }
-#endif
 
 static int int4_unpacked(const uint16_t *x, const uint8_t *w, const uint16_t *bias, uint16_t *y,
                          int64_t m, int64_t n, int64_t k, int64_t group) {
-#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
     if (m < 1 || n % 32 || group % 32 || k % group || !amx_allowed()) return -1;
     int failed = 0;
 #pragma omp parallel
@@ -500,17 +485,23 @@ static int int4_unpacked(const uint16_t *x, const uint8_t *w, const uint16_t *bi
         free(plain);
     }
     return failed ? -2 : 0;
+}
+
+#endif /* AMX */
+#endif /* AVX512-BF16 */
+
+int int4_linear_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *bias, uint16_t *y,
+                     int64_t m, int64_t n, int64_t k, int64_t group) {
+#if defined(__AVX512BF16__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (m > 1 && m <= INT4_TILE_ROWS && int4_tiles(x, w, bias, y, m, n, k, group) == 0) return 0;
+    if (m > INT4_TILE_ROWS && int4_unpacked(x, w, bias, y, m, n, k, group) == 0) return 0;
+#endif
+    return int4_rows(x, w, bias, y, m, n, k, group);
 #else
     (void)x, (void)w, (void)bias, (void)y, (void)m, (void)n, (void)k, (void)group;
     return -1;
 #endif
-}
-
-int int4_linear_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *bias, uint16_t *y,
-                     int64_t m, int64_t n, int64_t k, int64_t group) {
-    if (m > 1 && m <= INT4_TILE_ROWS && int4_tiles(x, w, bias, y, m, n, k, group) == 0) return 0;
-    if (m > INT4_TILE_ROWS && int4_unpacked(x, w, bias, y, m, n, k, group) == 0) return 0;
-    return int4_rows(x, w, bias, y, m, n, k, group);
 }
 
 /* The gated MLP's activation on bfloat16 rows: gate_up [rows, 2 * n] (gate, then up, as the
