@@ -4,11 +4,11 @@ the OpenAI error shape every refusal takes."""
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from strata.engine.request import Overloaded
 
@@ -42,28 +42,42 @@ async def read_body(request: Request) -> bytes:
     return bytes(body)
 
 
-def install_access(app: FastAPI, api_key: str | None, protect_health: bool) -> None:
-    """The API key check (when api_key is set), the body size limit, and 429 on overload."""
-    if api_key:
+class Access:
+    """The API key check (when api_key is set) and the Content-Length limit, before the app
+    sees a request. Plain ASGI: @app.middleware("http") passes every chunk of a streamed
+    reply through a task and a memory stream (~0.1 ms of the front's CPU per token)."""
 
-        @app.middleware("http")
-        async def _authenticate(request: Request, call_next: Callable) -> Any:
-            if (protect_health or request.url.path not in OPEN_PATHS) and not key_matches(
-                request.headers.get("authorization"), api_key
-            ):
-                response = error_body("missing or wrong API key (Authorization: Bearer KEY)",
-                                      "authentication_error", 401)  # fmt: skip
-                response.headers["WWW-Authenticate"] = "Bearer"
-                return response
-            return await call_next(request)
+    def __init__(self, app: ASGIApp, api_key: str | None, protect_health: bool) -> None:
+        self.app, self.api_key, self.protect_health = app, api_key, protect_health
 
-    @app.middleware("http")
-    async def _body_limit(request: Request, call_next: Callable) -> Any:
-        size = request.headers.get("content-length")
+    def refusal(self, scope: Scope) -> JSONResponse | None:
+        headers = Headers(scope=scope)
+        size = headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
             return error_body(f"request body of {size} bytes exceeds {MAX_BODY_BYTES}",
                               "invalid_request_error", 413)  # fmt: skip
-        return await call_next(request)
+        if (
+            self.api_key
+            and (self.protect_health or scope["path"] not in OPEN_PATHS)
+            and not key_matches(headers.get("authorization"), self.api_key)
+        ):
+            response = error_body("missing or wrong API key (Authorization: Bearer KEY)",
+                                  "authentication_error", 401)  # fmt: skip
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refused = self.refusal(scope) if scope["type"] == "http" else None
+        if refused is not None:
+            await refused(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+def install_access(app: FastAPI, api_key: str | None, protect_health: bool) -> None:
+    """The API key, the body size limit (Access), and 413 and 429 answers."""
+    app.add_middleware(Access, api_key=api_key, protect_health=protect_health)
 
     @app.exception_handler(BodyTooLarge)
     async def _too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:

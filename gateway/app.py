@@ -136,6 +136,41 @@ def create_app(
             check_error(run)
         return list(done)
 
+    async def interleaved(
+        runs: list[Checked], endpoint: str, rid: str | None
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(i, event) of each generation as its events come. One generation's pass straight
+        through; several are pumped by a task each into one queue. Closing it aborts all."""
+        if len(runs) == 1:
+            async with aclosing(front.events(runs[0], endpoint, rid)) as gen:
+                async for ev in gen:
+                    yield 0, ev
+            return
+        events: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
+
+        async def pump(i: int, request: Checked) -> None:
+            try:
+                async with aclosing(front.events(request, endpoint)) as gen:
+                    async for ev in gen:
+                        await events.put((i, ev))
+            finally:
+                await events.put((i, None))
+
+        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(runs)]
+        try:
+            running = len(tasks)
+            while running:
+                i, ev = await events.get()
+                if ev is None:
+                    running -= 1
+                else:
+                    yield i, ev
+            for t in tasks:
+                t.result()  # a generation that raised (e.g. ValueError) surfaces here
+        finally:
+            for t in tasks:
+                t.cancel()
+
     async def stream(
         requests: Checked | list[Checked],
         endpoint: str,
@@ -147,38 +182,16 @@ def create_app(
         i, their events interleaved as they come); with usage_head, an OpenAI usage chunk
         follows the last event. Closing the stream aborts every generation."""
         runs = requests if isinstance(requests, list) else [requests]
-        events: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
-
-        async def pump(i: int, request: Checked) -> None:
-            try:
-                own_rid = rid if len(runs) == 1 else None
-                async with aclosing(front.events(request, endpoint, own_rid)) as gen:
-                    async for ev in gen:
-                        await events.put((i, ev))
-            finally:
-                await events.put((i, None))
-
-        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(runs)]
         lasts: list[RequestOutput] = []
-        try:
-            running = len(tasks)
-            while running:
-                i, ev = await events.get()
-                if ev is None:
-                    running -= 1
-                    continue
+        async with aclosing(interleaved(runs, endpoint, rid)) as events:
+            async for i, ev in events:
                 for chunk in render(i, ev):
                     yield sse(chunk)
                 if ev.finish_reason is not None:
                     lasts.append(ev)
-            for t in tasks:
-                t.result()  # a generation that raised (e.g. ValueError) surfaces here
-            if usage_head is not None and lasts:
-                yield sse({**usage_head, "choices": [], "usage": usage_json(*lasts)})
-            yield "data: [DONE]\n\n"
-        finally:
-            for t in tasks:
-                t.cancel()
+        if usage_head is not None and lasts:
+            yield sse({**usage_head, "choices": [], "usage": usage_json(*lasts)})
+        yield "data: [DONE]\n\n"
 
     def completion_logprobs(lps: list) -> dict[str, Any]:
         return {

@@ -8,7 +8,8 @@ import logging
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 from strata.config import HiCacheConfig, KVPoolConfig, ModelConfig, SchedulerConfig, ServerConfig
 from strata.engine.process import EngineClient, EngineConfig, build_engine
@@ -23,6 +24,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """asyncio.run on uvloop (uvicorn takes httptools where it is installed): the front's
+    work per streamed token (read the engine's pipe, wake the request's task, write a
+    chunk) costs ~10% less CPU than on asyncio's own loop, CPU that on a small machine
+    comes out of the engine's step."""
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
 def serve(
     model: ModelConfig, pool: KVPoolConfig, sched: SchedulerConfig, server: ServerConfig,
     tiers: HiCacheConfig, random_seed: int | None = None,
@@ -35,7 +47,7 @@ def serve(
     engine = EngineClient(cfg)
     name = server.served_model_name or (model.model_path or "SmolLM2-135M-Instruct")
     try:
-        asyncio.run(_serve_fronts(LocalBackend(engine, name, sched), name, server, engine))
+        run_loop(_serve_fronts(LocalBackend(engine, name, sched), name, server, engine))
     finally:
         died = not engine.alive
         engine.shutdown()
@@ -59,7 +71,7 @@ def serve_gateway(
     backend = RemoteBackend(load_tokenizer(folder), name, spec, cache_service, decode_targets,
                             prefill_targets, local_prefill_tokens,
                             max_outstanding=max_outstanding)  # fmt: skip
-    asyncio.run(_serve_fronts(backend, name, server))
+    run_loop(_serve_fronts(backend, name, server))
 
 
 def serve_worker(
