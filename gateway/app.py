@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -138,7 +138,7 @@ def create_app(
 
     async def interleaved(
         runs: list[Checked], endpoint: str, rid: str | None
-    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         """(i, event) of each generation as its events come. One generation's pass straight
         through; several are pumped by a task each into one queue. Closing it aborts all."""
         if len(runs) == 1:
@@ -160,11 +160,11 @@ def create_app(
         try:
             running = len(tasks)
             while running:
-                i, ev = await events.get()
-                if ev is None:
+                i, got = await events.get()
+                if got is None:
                     running -= 1
                 else:
-                    yield i, ev
+                    yield i, got
             for t in tasks:
                 t.result()  # a generation that raised (e.g. ValueError) surfaces here
         finally:
