@@ -74,7 +74,6 @@ class TorchMeta:
     num_seqs: int
     decode_rows: torch.Tensor | None = None  # [Bd] token rows with a single query
     decode_pages: torch.Tensor | None = None  # [Bd, max_pages]
-    decode_mask: torch.Tensor | None = None  # [Bd, max_pages * page_size]
     decode_lens: torch.Tensor | None = None  # [Bd]
     extends: list[_Extend] = field(default_factory=list)
     # cascade decode: pages every decode sequence starts with, then each one's own pages
@@ -122,11 +121,10 @@ class TorchAttention(AttentionBackend):
         decode = [i for i, q in enumerate(batch.q_lens) if q == 1]
         if decode:
             dev = table.device
-            sel = torch.tensor(decode, device=dev)
             max_pages = -(-max(kv_lens[i] for i in decode) // ps)
-            meta.decode_pages = table[sel, :max_pages].to(torch.int64).contiguous()
+            rows = table if len(decode) == len(kv_lens) else table[torch.tensor(decode, device=dev)]
+            meta.decode_pages = rows[:, :max_pages].to(torch.int64).contiguous()
             lens = torch.tensor([kv_lens[i] for i in decode], device=dev)
-            meta.decode_mask = torch.arange(max_pages * ps, device=dev)[None, :] < lens[:, None]
             meta.decode_rows = torch.tensor([starts[i] for i in decode], device=dev)
             meta.decode_lens = lens
             meta.batch_rows = decode
@@ -267,17 +265,14 @@ class TorchAttention(AttentionBackend):
 
     def _dense_decode(self, q: torch.Tensor, layer: LayerKV, meta: TorchMeta) -> torch.Tensor:
         k_pages, v_pages = layer.k, layer.v
-        assert meta.decode_pages is not None and meta.decode_mask is not None
-        assert meta.decode_lens is not None
+        pages, lens = meta.decode_pages, meta.decode_lens
+        assert pages is not None and lens is not None
         if self.kernels:
-            out = cpu_kernels.paged_decode(
-                q, k_pages, v_pages, meta.decode_pages, meta.decode_lens, self.scale
-            )
+            out = cpu_kernels.paged_decode(q, k_pages, v_pages, pages, lens, self.scale)
             if out is not None:
                 return out
-        return reference.paged_decode(
-            q, k_pages, v_pages, meta.decode_pages, meta.decode_mask, self.scale
-        )
+        mask = torch.arange(pages.shape[1] * self.page_size, device=q.device) < lens[:, None]
+        return reference.paged_decode(q, k_pages, v_pages, pages, mask, self.scale)
 
     def _sparse_decode(
         self, q: torch.Tensor, layer: LayerKV, meta: TorchMeta, state: _Sparse, sp: SparseConfig

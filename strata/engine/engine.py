@@ -390,7 +390,7 @@ class Engine(RequestOutputs, SplitRoles):
         rows = [i for i, c in enumerate(chunks) if c.sample]
         if rows:
             reqs = [chunks[i].req for i in rows]
-            picked = logits[rows]
+            picked = logits[rows] if len(rows) < logits.shape[0] else logits  # no copy
             if any(r.matcher is not None for r in reqs):
                 self.grammar.mask_logits(picked, [r.matcher for r in reqs])
             out = sample(

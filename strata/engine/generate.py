@@ -9,7 +9,7 @@ import torch
 from strata.engine.runner import ModelRunner
 from strata.model.batch import SequenceChunk
 from strata.sampling.params import SamplingParams
-from strata.sampling.sampler import SampleInput, sample
+from strata.sampling.sampler import SampleInput, argmax_rows, sample
 
 
 def generate(
@@ -55,7 +55,7 @@ def generate_greedy_batch(
         chunks = [SequenceChunk(list(p), 0, t) for p, t in zip(prompts, tables)]
         outputs: list[list[int]] = [[] for _ in prompts]
         for _ in range(max_new_tokens):
-            tokens = runner.forward(chunks).argmax(-1).tolist()
+            tokens = argmax_rows(runner.forward(chunks)).tolist()
             for out, t in zip(outputs, tokens):
                 out.append(t)
             chunks = [

@@ -78,6 +78,9 @@ class LlamaForCausalLM:
             for layer, kv_layer in zip(self.layers, kv.layers):
                 x, delta = layer(x, delta, cos, sin, kv_layer, meta)
         rows = batch.logits_index
-        x = self.norm((x[rows] + delta[rows]) if delta is not None else x[rows])
+        if delta is not None and rows.shape[0] == x.shape[0]:  # every row (in order) gives logits
+            x = self.norm.add_norm(x, delta)[1]  # one C call on CPU: add and norm
+        else:
+            x = self.norm((x[rows] + delta[rows]) if delta is not None else x[rows])
         logits = self.lm_head(x).float()
         return (self.tp.gather_logits(logits) if self.tp else logits), meta

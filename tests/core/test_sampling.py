@@ -21,6 +21,16 @@ def test_greedy_and_top_k_1_take_the_argmax():
     assert sample(logits, reqs).tokens == logits.argmax(-1).tolist()
 
 
+def test_greedy_is_torchs_argmax_with_ties_nan_and_strides():
+    logits = torch.randn(6, 49152)
+    logits[1, [7, 300, 49000]] = 50.0  # ties: the first
+    logits[2, [11, 4000]] = float("nan")  # NaN counts as the max: the first
+    logits[3] = 0.0
+    logits[4, -1] = float("inf")
+    for x in (logits, logits[::2], logits[:, :1000], logits.t().contiguous().t()):
+        assert sampler.argmax_rows(x).tolist() == x.argmax(-1).tolist()
+
+
 def test_same_seed_same_tokens_whatever_the_batch():
     logits = torch.randn(1, 1000)
     p = SamplingParams(temperature=1.0, seed=123)
