@@ -1,6 +1,7 @@
 """One run, one machine: `strata bench multiturn` against strata serve with and without the
-radix cache, llama-cpp-python's server on the embedded model's Q4_1 GGUF (when installed:
-`make peers`), and the transformers baseline on the same conversations.
+radix cache and with int4 weights, llama-cpp-python's server on the embedded model's Q4_1
+GGUF (when installed: `make peers`), and the transformers baseline on the same
+conversations.
 
 Usage: python bench/multiturn_compare.py [--conversations 16 --turns 4 --max-tokens 32]
 """
@@ -27,6 +28,8 @@ def main() -> None:
     systems = [
         ("strata serve (radix cache)", []),
         ("strata serve --disable-radix-cache", ["--disable-radix-cache"]),
+        # stated apart: int4 weights (bf16 activations), as llama.cpp's Q4_1 row
+        ("strata serve --quantization int4", ["--quantization", "int4"]),
     ]
     for name, flags in systems:
         extra = ["--dtype", "auto", *flags, *args.serve_args.split()]
@@ -54,6 +57,10 @@ def main() -> None:
         for r in results[1:]
     ]
     print("\nstrata serve (radix cache) vs: " + "; ".join(ratios))
+    int4 = results[2]["output_tokens_per_s"]
+    print("strata serve --quantization int4 vs: " + "; ".join(
+        f"{r['system']} {int4 / r['output_tokens_per_s']:.2f}x"
+        for r in results[3:] if r["output_tokens_per_s"]))  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps({"results": results, "tok_s": base}, indent=2))
 
