@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import itertools
 import logging
@@ -90,10 +91,10 @@ class EngineConfig:
 # ---- the engine's side ---------------------------------------------------------------------
 
 
-def engine_main(inbox: Connection, conn: Connection, cfg: EngineConfig) -> None:
+def engine_main(from_front: Connection, to_front: Connection, cfg: EngineConfig) -> None:
     """The engine process: load, say ready, then run the step loop on this main thread
     while a reader thread feeds it the front's messages. Ends when the front says stop or
-    goes away (its end of the pipe closes). inbox: the front's messages; conn: ours."""
+    goes away (its end of the pipe closes)."""
     logging.basicConfig(level=cfg.log_level.upper(), format=ENGINE_LOG_FORMAT)
     try:
         if cfg.random_seed is not None:
@@ -103,13 +104,13 @@ def engine_main(inbox: Connection, conn: Connection, cfg: EngineConfig) -> None:
         engine = build_engine(cfg.model, cfg.pool, cfg.sched, cfg.tiers, front_limits=False)
     except Exception as exc:
         log.exception("the engine failed to start")
-        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        to_front.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     send_lock = threading.Lock()
 
     def send(msg: tuple) -> None:
         with send_lock:
-            conn.send(msg)
+            to_front.send(msg)
 
     outbox: list[RequestOutput] = []  # filled and flushed on the engine's main thread
 
@@ -129,8 +130,8 @@ def engine_main(inbox: Connection, conn: Connection, cfg: EngineConfig) -> None:
 
     engine.after_step = flush
     engine.expect_loop()  # calls that arrive before run() wait for it
-    threading.Thread(target=_read, args=(inbox, engine, outbox, send), name="strata-engine-inbox",
-                     daemon=True).start()  # fmt: skip
+    threading.Thread(target=_read, args=(from_front, engine, outbox, send),
+                     name="strata-engine-inbox", daemon=True).start()  # fmt: skip
     send(("ready", engine.limits))
     try:
         engine.run()  # its last after_step sends the last events (a broken runner's too)
@@ -210,6 +211,11 @@ class EngineClient:
         # switch a token, taken from the step's threads.
         self._in, engine_out = ctx.Pipe(duplex=False)
         engine_in, self._out = ctx.Pipe(duplex=False)
+        # The engine writes its events from its loop: a pipe of 1 MB (Linux; 64 KB by
+        # default) holds ~4000 of them while the front is busy for a moment (a long
+        # prompt's tokenization) before a full pipe would hold the loop up.
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(self._in.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
         self.process = ctx.Process(target=engine_main, args=(engine_in, engine_out, cfg),
                                    name="strata-engine", daemon=True)  # fmt: skip
         self.process.start()
