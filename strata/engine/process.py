@@ -43,7 +43,7 @@ from strata.config import (
     KVPoolConfig,
     ModelConfig,
     SchedulerConfig,
-    huge_page_malloc,
+    engine_environment,
 )
 from strata.engine.engine import Engine
 from strata.engine.request import Checked, Limits, Overloaded, RequestOutput
@@ -205,7 +205,7 @@ class EngineClient:
 
     def __init__(self, cfg: EngineConfig, start_timeout: float = 900.0) -> None:
         ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited threads or locks
-        os.environ["GLIBC_TUNABLES"] = huge_page_malloc()  # the child's malloc reads it
+        os.environ.update(engine_environment())  # the child's malloc and OpenMP read them
         # NOTE: one pipe each way. On one duplex socket every message the front read woke
         # the engine's reader thread (blocked on the same socket) for nothing: a context
         # switch a token, taken from the step's threads.

@@ -75,3 +75,20 @@ def test_sglang_attention_backend_names_map_onto_ours():
     assert backend(["--attention-backend", "flashinfer", "--port", "1"]) == "auto"
     a = build_parser().parse_args(translate(["--attention-backend", "fa3", "--port", "7"]))
     assert a.port == 7
+
+
+def test_engine_environment_leaves_a_users_openmp_settings_alone(monkeypatch):
+    from strata.config import engine_environment
+
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("STRATA_HUGE_PAGES", raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert engine_environment() == {
+        "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
+        "GOMP_SPINCOUNT": "20000",
+    }
+    for name, value in (("GOMP_SPINCOUNT", "1000"), ("OMP_WAIT_POLICY", "PASSIVE")):
+        monkeypatch.setenv(name, value)
+        assert "GOMP_SPINCOUNT" not in engine_environment()
+        monkeypatch.delenv(name)

@@ -29,6 +29,10 @@ def test_engine_death_ends_streams_with_an_error_and_stops_the_server():
             assert engine_pid != proc.pid
             engine = httpx.get(f"{url}/health", timeout=10).json()["engine"]
             assert engine == {"pid": engine_pid, "loop_thread": "MainThread"}
+            with open(f"/proc/{engine_pid}/environ", "rb") as f:  # what it started with
+                environ = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+            assert b"glibc.malloc.hugetlb=1" in environ[b"GLIBC_TUNABLES"]
+            assert environ[b"GOMP_SPINCOUNT"] == b"20000"
             body = {"text": "Tell me a long story.", "stream": True,
                     "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}}  # fmt: skip
             events = []
