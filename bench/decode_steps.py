@@ -16,6 +16,7 @@ from strata.bench import run_like_an_engine_process
 from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.runner import ModelRunner
 from strata.model.batch import SequenceChunk
+from strata.sampling.sampler import argmax_rows
 
 
 def step_ms(runner: ModelRunner, batch: int, context: int, steps: int) -> float:
@@ -29,7 +30,7 @@ def step_ms(runner: ModelRunner, batch: int, context: int, steps: int) -> float:
         for i in range(steps + 3):  # 3 warm steps
             start = time.perf_counter()
             chunks = [SequenceChunk([tok], n, t) for tok, n, t in zip(last, lens, tables)]
-            last = runner.forward(chunks).argmax(-1).tolist()
+            last = argmax_rows(runner.forward(chunks)).tolist()  # the engine's greedy pick
             if i >= 3:
                 times.append(time.perf_counter() - start)
             lens = [n + 1 for n in lens]

@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -136,41 +136,6 @@ def create_app(
             check_error(run)
         return list(done)
 
-    async def interleaved(
-        runs: list[Checked], endpoint: str, rid: str | None
-    ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
-        """(i, event) of each generation as its events come. One generation's pass straight
-        through; several are pumped by a task each into one queue. Closing it aborts all."""
-        if len(runs) == 1:
-            async with aclosing(front.events(runs[0], endpoint, rid)) as gen:
-                async for ev in gen:
-                    yield 0, ev
-            return
-        events: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
-
-        async def pump(i: int, request: Checked) -> None:
-            try:
-                async with aclosing(front.events(request, endpoint)) as gen:
-                    async for ev in gen:
-                        await events.put((i, ev))
-            finally:
-                await events.put((i, None))
-
-        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(runs)]
-        try:
-            running = len(tasks)
-            while running:
-                i, got = await events.get()
-                if got is None:
-                    running -= 1
-                else:
-                    yield i, got
-            for t in tasks:
-                t.result()  # a generation that raised (e.g. ValueError) surfaces here
-        finally:
-            for t in tasks:
-                t.cancel()
-
     async def stream(
         requests: Checked | list[Checked],
         endpoint: str,
@@ -183,7 +148,7 @@ def create_app(
         follows the last event. Closing the stream aborts every generation."""
         runs = requests if isinstance(requests, list) else [requests]
         lasts: list[RequestOutput] = []
-        async with aclosing(interleaved(runs, endpoint, rid)) as events:
+        async with aclosing(front.interleaved(runs, endpoint, rid)) as events:
             async for i, ev in events:
                 for chunk in render(i, ev):
                     yield sse(chunk)

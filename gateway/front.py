@@ -77,6 +77,42 @@ class Front:
                     self.metrics.record(endpoint, ev, time.monotonic() - start, ttft)
                 yield ev
 
+    async def interleaved(
+        self, runs: list[Checked], endpoint: str, rid: str | None = None
+    ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+        """(i, event) of each generation as its events come (OpenAI `n`). One generation's
+        pass straight through (no task in between); several are pumped by a task each into
+        one queue. Closing it aborts all. rid names a single generation only."""
+        if len(runs) == 1:
+            async with aclosing(self.events(runs[0], endpoint, rid)) as gen:
+                async for ev in gen:
+                    yield 0, ev
+            return
+        events: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
+
+        async def pump(i: int, request: Checked) -> None:
+            try:
+                async with aclosing(self.events(request, endpoint)) as gen:
+                    async for ev in gen:
+                        await events.put((i, ev))
+            finally:
+                await events.put((i, None))
+
+        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(runs)]
+        try:
+            running = len(tasks)
+            while running:
+                i, got = await events.get()
+                if got is None:
+                    running -= 1
+                else:
+                    yield i, got
+            for t in tasks:
+                t.result()  # a generation that raised (e.g. ValueError) surfaces here
+        finally:
+            for t in tasks:
+                t.cancel()
+
     async def collect(self, request: Checked, endpoint: str, rid: str | None = None) -> Collected:
         text: list[str] = []
         ids: list[int] = []

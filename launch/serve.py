@@ -31,8 +31,7 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
     comes out of the engine's step."""
     import uvloop
 
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main)
+    uvloop.run(main)
 
 
 def serve(
