@@ -22,13 +22,16 @@ from strata.bench import run_like_an_engine_process
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
 
 
-def in_process(new_tokens: int, repeats: int, dtype: str, quantization: str) -> list[float]:
+def in_process(
+    new_tokens: int, repeats: int, dtype: str, quantization: str, model_path: str | None = None,
+    device: str = "cpu",
+) -> list[float]:  # fmt: skip
     """Seconds per decoded token of strata.engine.generate.generate on the main thread."""
     from strata.config import KVPoolConfig, ModelConfig
     from strata.engine.generate import generate
     from strata.engine.runner import ModelRunner
 
-    model = ModelConfig(None, dtype, quantization=quantization)
+    model = ModelConfig(model_path, dtype, quantization=quantization, device=device)
     runner = ModelRunner.from_config(model, KVPoolConfig(num_pages=256))
     ids = runner.tokenizer(PROMPT)["input_ids"]
     per_token = []

@@ -84,15 +84,18 @@ def write_kv(
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, Out, Table, Lens,
-    s_qb, s_qh, s_kp, s_kt, s_kh, s_tb, s_th, s_lb, s_lh, scale,
+    Q, K, V, Out, PartOut, PartLse, Table, Lens,
+    s_qb, s_qh, s_kp, s_kt, s_kh, s_tb, s_th, s_lb, s_lh, scale, chunk,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-    PS: tl.constexpr, BN: tl.constexpr,
+    PS: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
-    """Program (sequence b, KV head h): the G query heads of h over the Lens[b, h] tokens of
-    the pages Table[b, h, :] lists, BN keys at a time, with an online softmax."""
+    """Program (sequence b, KV head h, split s): the G query heads of h over tokens s *
+    chunk .. (s + 1) * chunk of the Lens[b, h] tokens of the pages Table[b, h, :] lists, BN
+    keys at a time, with an online softmax. One split writes Out; several (SPLIT) write
+    their normalized part and its log-sum-exp for _combine_kernel."""
     b = tl.program_id(0)
     h = tl.program_id(1)
+    s_id = tl.program_id(2)
     g = tl.arange(0, GP)
     d = tl.arange(0, DP)
     gm = g < G
@@ -101,12 +104,14 @@ def _decode_kernel(
     q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :])
     q = q.to(tl.float32) * scale
     n = tl.load(Lens + b * s_lb + h * s_lh)
+    first = s_id * chunk
+    last = tl.minimum(n, first + chunk)
     m = tl.full([GP], float("-inf"), tl.float32)
     total = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DP], tl.float32)
-    for start in range(0, n, BN):
+    for start in range(first, last, BN):
         j = start + tl.arange(0, BN)
-        jm = j < n
+        jm = j < last
         page = tl.load(Table + b * s_tb + h * s_th + j // PS, mask=jm, other=0).to(tl.int64)
         at = page[:, None] * s_kp + (j % PS)[:, None] * s_kt + h * s_kh + d[None, :]
         both = jm[:, None] & dm[None, :]
@@ -120,9 +125,50 @@ def _decode_kernel(
         total = total * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * val[None, :, :], axis=1)
         m = m_new
-    out = acc / total[:, None]
-    o_at = Out + b * s_qb + heads[:, None] * s_qh + d[None, :]
-    tl.store(o_at, out.to(Out.dtype.element_ty), mask=gm[:, None] & dm[None, :])
+    out = acc / tl.maximum(total, 1e-30)[:, None]  # an empty split: zeros, weighed 0 below
+    mask = gm[:, None] & dm[None, :]
+    if SPLIT:
+        nsplit = tl.num_programs(2)
+        row = (b * tl.num_programs(1) * G + heads) * nsplit + s_id  # [B, heads, splits]
+        tl.store(PartOut + row[:, None] * DP + d[None, :], out, mask=mask)
+        tl.store(PartLse + row, m + tl.log(tl.maximum(total, 1e-30)), mask=gm)
+    else:
+        o_at = Out + b * s_qb + heads[:, None] * s_qh + d[None, :]
+        tl.store(o_at, out.to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _combine_kernel(
+    Out, PartOut, PartLse, s_qb, s_qh, heads,
+    S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+):  # fmt: skip
+    """Program (sequence b, query head): its S splits' parts, each weighed by its share of
+    the softmax's sum (exp of its log-sum-exp; an empty split's is -inf, so 0)."""
+    b = tl.program_id(0)
+    hq = tl.program_id(1)
+    sp = tl.arange(0, SP)
+    d = tl.arange(0, DP)
+    row = (b * heads + hq) * S + sp
+    lse = tl.load(PartLse + row, mask=sp < S, other=float("-inf"))
+    w = tl.exp(lse - tl.max(lse, axis=0))
+    part = tl.load(PartOut + row[:, None] * DP + d[None, :], mask=(sp < S)[:, None], other=0.0)
+    out = tl.sum(w[:, None] * part, axis=0) / tl.sum(w, axis=0)
+    tl.store(Out + b * s_qb + hq * s_qh + d, out.to(Out.dtype.element_ty), mask=d < D)
+
+
+# NOTE: a split reads at least this many keys: fewer, and combining costs more than it saves.
+MIN_SPLIT_TOKENS = 256
+
+
+def decode_splits(programs: int, max_len: int, device: torch.device) -> int:
+    """How many parts each sequence's keys are cut into (flash-decoding): enough programs to
+    fill the GPU twice over when the batch alone does not, MIN_SPLIT_TOKENS keys at least a
+    part. A function of the shapes only, so a captured graph's split holds for any lens."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = -(-2 * sms // max(1, programs))
+    return max(1, min(want, max_len // MIN_SPLIT_TOKENS))
 
 
 def _decode(
@@ -132,6 +178,7 @@ def _decode(
     lens: torch.Tensor,
     scale: float,
     per_head: bool,
+    splits: int | None = None,
 ) -> torch.Tensor:
     b, heads, d = q.shape
     kv_heads = layer.k.shape[2]
@@ -144,27 +191,53 @@ def _decode(
     s_lb, s_lh = (lens.stride(0), lens.stride(1)) if per_head else (lens.stride(0), 0)
     assert table.stride(-1) == 1, "a page table's rows must be contiguous"
     ps = layer.k.shape[1]
-    _decode_kernel[(b, kv_heads)](
-        q, layer.k, layer.v, out, table, lens,
-        q.stride(0), q.stride(1), *layer.k.stride()[:3], s_tb, s_th, s_lb, s_lh, scale,
-        G=g, GP=_pow2(g), D=d, DP=_pow2(d), PS=ps, BN=_pow2(ps, 16),
+    bn = _pow2(ps, 16)
+    max_len = table.shape[-1] * ps  # what the table can address: no lens read on the host
+    if splits is None:
+        splits = decode_splits(b * kv_heads, max_len, q.device)
+    chunk = -(-max_len // splits // bn) * bn  # whole blocks of keys
+    dp = _pow2(d)
+    part_out = part_lse = out  # unused with one split
+    if splits > 1:
+        part_out = torch.empty(b * heads * splits, dp, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(b * heads * splits, dtype=torch.float32, device=q.device)
+    _decode_kernel[(b, kv_heads, splits)](
+        q, layer.k, layer.v, out, part_out, part_lse, table, lens,
+        q.stride(0), q.stride(1), *layer.k.stride()[:3], s_tb, s_th, s_lb, s_lh, scale, chunk,
+        G=g, GP=_pow2(g), D=d, DP=dp, PS=ps, BN=bn, SPLIT=splits > 1,
     )  # fmt: skip
+    if splits > 1:
+        _combine_kernel[(b, heads)](
+            out, part_out, part_lse, out.stride(0), out.stride(1), heads,
+            S=splits, SP=_pow2(splits), D=d, DP=dp,
+        )  # fmt: skip
     return out
 
 
 def paged_decode(
-    q: torch.Tensor, layer: LayerKV, page_table: torch.Tensor, lens: torch.Tensor, scale: float
+    q: torch.Tensor,
+    layer: LayerKV,
+    page_table: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    splits: int | None = None,
 ) -> torch.Tensor:
-    """reference.paged_decode: q [B, heads, D], page_table [B, max_pages], lens [B] tokens."""
-    return _decode(q, layer, page_table, lens, scale, per_head=False)
+    """reference.paged_decode: q [B, heads, D], page_table [B, max_pages], lens [B] tokens.
+    splits: parts each sequence's keys are cut into (default: decode_splits)."""
+    return _decode(q, layer, page_table, lens, scale, per_head=False, splits=splits)
 
 
 def paged_decode_selected(
-    q: torch.Tensor, layer: LayerKV, table: torch.Tensor, lens: torch.Tensor, scale: float
+    q: torch.Tensor,
+    layer: LayerKV,
+    table: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """reference.paged_decode_selected: each KV head reads its own pages, table [B,
     kv_heads, W] and lens [B, kv_heads] as reference.select_pages returns them."""
-    return _decode(q, layer, table, lens, scale, per_head=True)
+    return _decode(q, layer, table, lens, scale, per_head=True, splits=splits)
 
 
 @triton.jit

@@ -1,6 +1,10 @@
 """The Triton kernels against the torch reference ops, run on CPU under TRITON_INTERPRET=1
 (set by tests/conftest.py before anything imports triton). The interpreter has no bfloat16,
-so the kernels are checked in float32 and float16."""
+so the kernels are checked in float32 and float16 there.
+
+On a GPU machine the same tests run compiled, bfloat16 too:
+    STRATA_TEST_DEVICE=cuda TRITON_INTERPRET=0 python -m pytest tests/core/test_triton_attention.py
+"""
 
 from __future__ import annotations
 
@@ -16,20 +20,35 @@ from strata.engine.runner import ModelRunner
 from strata.kv.pool import KVCache
 from tests.core.test_sparse_attention import decode_logits
 
-if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest sets it
+DEVICE = os.environ.get("STRATA_TEST_DEVICE", "cpu")
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
     pytest.skip("the Triton interpreter is off", allow_module_level=True)
+if DEVICE != "cpu" and not torch.cuda.is_available():  # pragma: no cover
+    pytest.skip(f"STRATA_TEST_DEVICE={DEVICE} but torch sees no GPU", allow_module_level=True)
 
 from strata.attention import triton_kernels as tk  # noqa: E402
 
-TOL = {torch.float32: 2e-5, torch.float16: 2e-3}
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# compiled, exp and the sums round a little differently from the interpreter's numpy
+if DEVICE != "cpu":
+    TOL[torch.float32] = 1e-4
+LOW = [torch.float16, torch.bfloat16] if DEVICE != "cpu" else [torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def on_device():
+    """Tensors made without a device go to DEVICE (a no-op on CPU)."""
+    torch.set_default_device(DEVICE)
+    yield
+    torch.set_default_device("cpu")
 
 
 def pools(pages, page_size, kv_heads, dim, dtype, layers=2):
     """Two identical random pools (one per implementation); returns their layer 1."""
     torch.manual_seed(0)
-    a = KVCache(layers, pages, page_size, kv_heads, dim, dtype, "cpu")
+    a = KVCache(layers, pages, page_size, kv_heads, dim, dtype, DEVICE)
     a.data.copy_(torch.randn(a.data.shape))
-    b = KVCache(layers, pages, page_size, kv_heads, dim, dtype, "cpu")
+    b = KVCache(layers, pages, page_size, kv_heads, dim, dtype, DEVICE)
     b.data.copy_(a.data)
     return a, b
 
@@ -37,14 +56,14 @@ def pools(pages, page_size, kv_heads, dim, dtype, layers=2):
 def tables(lens, pages, page_size, seed=0):
     """Disjoint random pages per sequence: (table [B, W] padded with page 0, rows)."""
     g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(pages, generator=g).tolist()
+    perm = torch.randperm(pages, generator=g, device="cpu").tolist()
     rows, at = [], 0
     for n in lens:
         k = max(1, -(-n // page_size))
         rows.append(perm[at : at + k])
         at += k
     width = max(len(r) for r in rows)
-    return torch.tensor([r + [0] * (width - len(r)) for r in rows]), rows
+    return torch.tensor([r + [0] * (width - len(r)) for r in rows], device=DEVICE), rows
 
 
 def slots(rows, page_size, starts, counts):
@@ -55,10 +74,10 @@ def slots(rows, page_size, starts, counts):
         for j in range(start, start + n):
             pages.append(row[j // page_size])
             offsets.append(j % page_size)
-    return torch.tensor(pages), torch.tensor(offsets)
+    return torch.tensor(pages, device=DEVICE), torch.tensor(offsets, device=DEVICE)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
 @pytest.mark.parametrize("page_size", [1, 4, 16])
 def test_write_kv_equals_reference_with_summaries(dtype, page_size):
     """A prefill of ragged sequences, then chunks that start inside a partial page, then
@@ -82,11 +101,16 @@ def test_write_kv_equals_reference_with_summaries(dtype, page_size):
 F32, F16 = torch.float32, torch.float16
 SHAPES = [(4, 4, 4, F32), (6, 2, 1, F32), (8, 1, 16, F32), (6, 2, 16, F16), (8, 1, 4, F16),
           (4, 4, 1, F16)]  # fmt: skip
+if DEVICE != "cpu":
+    SHAPES += [(9, 3, 16, torch.bfloat16), (8, 1, 1, torch.bfloat16)]
 
 
+@pytest.mark.parametrize("splits", [None, 3])
 @pytest.mark.parametrize("heads,kv_heads,page_size,dtype", SHAPES)
-def test_paged_decode_equals_reference(dtype, heads, kv_heads, page_size):
-    """Ragged lengths: one token, exactly a page, a page and one, several pages."""
+def test_paged_decode_equals_reference(dtype, heads, kv_heads, page_size, splits):
+    """Ragged lengths: one token, exactly a page, a page and one, several pages; in one
+    program per sequence and KV head, and with each sequence's keys in three parts (some
+    empty for the short ones) combined by their log-sum-exp."""
     d = 32
     a, b = pools(96, page_size, kv_heads, d, dtype)
     lens = [1, page_size, page_size + 1, 5 * page_size - 2, 37]
@@ -95,12 +119,12 @@ def test_paged_decode_equals_reference(dtype, heads, kv_heads, page_size):
     q = torch.randn(len(lens), heads, d, dtype=dtype)
     mask = torch.arange(table.shape[1] * page_size)[None, :] < torch.tensor(lens)[:, None]
     want = ref.paged_decode(q, a.layers[1].k, a.layers[1].v, table, mask, d**-0.5)
-    got = tk.paged_decode(q, b.layers[1], table, torch.tensor(lens), d**-0.5)
+    got = tk.paged_decode(q, b.layers[1], table, torch.tensor(lens), d**-0.5, splits)
     assert got.dtype == dtype
     assert (got.float() - want.float()).abs().max() <= TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 1)])
 def test_selected_page_decode_equals_reference(dtype, heads, kv_heads):
     """Each KV head over the pages select_pages kept for it (a partial last page included)."""
@@ -158,7 +182,13 @@ def triton_runners(tiny_checkpoint):
     def make(backend: str, sparse: SparseConfig | None = None) -> ModelRunner:
         sparse = sparse or SparseConfig(threshold=0)
         return ModelRunner.from_config(
-            ModelConfig(str(folder), dtype="float32", sparse=sparse, attention_backend=backend),
+            ModelConfig(
+                str(folder),
+                dtype="float32",
+                sparse=sparse,
+                attention_backend=backend,
+                device=DEVICE,
+            ),
             KVPoolConfig(page_size=4, num_pages=128),
         )
 

@@ -1,0 +1,287 @@
+"""The CUDA path on a GPU machine, in one run: the Triton kernels against the torch reference
+and torch's scaled_dot_product_attention on the same shapes, the model on the GPU against
+transformers (the oracle) on the same weights, decode step times by batch size, and one
+stream through `strata serve --device cuda` beside the in-process loop.
+
+The embedded model's weights do not travel to such a machine, so the model here is its
+architecture (SmolLM2-135M: 30 layers, 9 query and 3 KV heads of 64) with random weights,
+beside its real tokenizer (a folder holding the embedded model's config and tokenizer files).
+
+Usage: PYTHONPATH=. python bench/gpu_check.py --model-files DIR [--out F] [--skip serve ...]
+Its kernel tests: STRATA_TEST_DEVICE=cuda python -m pytest tests/core/test_triton_attention.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from strata.attention import reference as ref
+from strata.kv.pool import KVCache
+
+PAGE = 16
+
+
+def bench_ms(fn: Any, *args: Any, **kwargs: Any) -> float:
+    """Median ms of fn(*args, **kwargs) on the GPU (CUDA events through triton's do_bench)."""
+    import triton.testing
+
+    call = functools.partial(fn, *args, **kwargs)
+    return float(triton.testing.do_bench(call, warmup=20, rep=100, return_mode="median"))
+
+
+def random_pool(pages: int, kv_heads: int, dim: int, dtype: torch.dtype) -> KVCache:
+    kv = KVCache(1, pages, PAGE, kv_heads, dim, dtype, "cuda")
+    kv.data.normal_()
+    return kv
+
+
+def decode_kernels(rows: list[dict[str, Any]]) -> None:
+    """Paged decode: Triton (split as chosen, and one program per sequence and KV head), the
+    reference (gather + SDPA), and SDPA over contiguous K/V of the same lengths."""
+    from strata.attention import triton_kernels as tk
+
+    for heads, kv_heads, dim in ((9, 3, 64), (32, 8, 128)):
+        for batch, context in ((1, 512), (1, 4096), (8, 4096), (32, 1024), (32, 4096),
+                               (128, 1024)):  # fmt: skip
+            pages = batch * context // PAGE
+            kv = random_pool(pages + 1, kv_heads, dim, torch.bfloat16)
+            layer = kv.layers[0]
+            table = (torch.randperm(pages, device="cuda") + 1).view(batch, -1)
+            lens = torch.full((batch,), context, device="cuda")
+            q = torch.randn(batch, heads, dim, dtype=torch.bfloat16, device="cuda")
+            scale = dim**-0.5
+            mask = torch.ones(batch, context, dtype=torch.bool, device="cuda")
+            want = ref.paged_decode(q, layer.k, layer.v, table, mask, scale)
+            got = tk.paged_decode(q, layer, table, lens, scale)
+            k = layer.k[table].reshape(batch, context, kv_heads, dim).transpose(1, 2)
+            v = layer.v[table].reshape(batch, context, kv_heads, dim).transpose(1, 2)
+            k, v = k.contiguous(), v.contiguous()
+            sdpa = F.scaled_dot_product_attention
+            kv_bytes = 2 * batch * context * kv_heads * dim * 2
+            t_auto = bench_ms(tk.paged_decode, q, layer, table, lens, scale)
+            row = {
+                "kernel": "decode", "heads": f"{heads}/{kv_heads}x{dim}", "batch": batch,
+                "context": context,
+                "splits": tk.decode_splits(batch * kv_heads, context, q.device),
+                "max_err_vs_reference": float((got.float() - want.float()).abs().max()),
+                "triton_ms": t_auto,
+                "triton_1split_ms": bench_ms(tk.paged_decode, q, layer, table, lens, scale, 1),
+                "reference_ms": bench_ms(ref.paged_decode, q, layer.k, layer.v, table, mask, scale),
+                "sdpa_contiguous_ms": bench_ms(sdpa, q[:, :, None], k, v, scale=scale,
+                                               enable_gqa=True),
+                "triton_GBps": kv_bytes / t_auto / 1e6,
+            }  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del kv, k, v
+
+
+def prefill_kernels(rows: list[dict[str, Any]]) -> None:
+    """Prefill of one sequence over a cached prefix: Triton vs the reference; with no
+    prefix, vs causal SDPA over contiguous K/V too."""
+    from strata.attention import triton_kernels as tk
+
+    for heads, kv_heads, dim in ((9, 3, 64), (32, 8, 128)):
+        for prefix, new in ((0, 512), (0, 2048), (2048, 512), (3584, 512)):
+            total = prefix + new
+            pages = -(-total // PAGE)
+            kv = random_pool(pages + 1, kv_heads, dim, torch.bfloat16)
+            layer = kv.layers[0]
+            page_ids = torch.randperm(pages, device="cuda") + 1
+            q = torch.randn(new, heads, dim, dtype=torch.bfloat16, device="cuda")
+            k = layer.k[page_ids].reshape(-1, kv_heads, dim)[prefix:total]
+            v = layer.v[page_ids].reshape(-1, kv_heads, dim)[prefix:total]
+            scale = dim**-0.5
+            args = (q, layer, page_ids[None], torch.tensor([0], device="cuda"),
+                    torch.tensor([new], device="cuda"), torch.tensor([prefix], device="cuda"),
+                    new, scale)  # fmt: skip
+            got = tk.paged_prefill(*args)
+            want = ref.paged_prefill(q, k, v, layer.k, layer.v, page_ids, prefix, scale)
+            flops = 4 * heads * dim * new * (prefix + (new + 1) / 2)
+            t = bench_ms(tk.paged_prefill, *args)
+            row = {
+                "kernel": "prefill", "heads": f"{heads}/{kv_heads}x{dim}", "prefix": prefix,
+                "new": new, "max_err_vs_reference": float((got.float() - want.float()).abs().max()),
+                "triton_ms": t, "triton_TFLOPs": flops / t / 1e9,
+                "reference_ms": bench_ms(ref.paged_prefill, q, k, v, layer.k, layer.v, page_ids,
+                                         prefix, scale),
+            }  # fmt: skip
+            if prefix == 0:
+                qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k, v))
+                row["sdpa_causal_ms"] = bench_ms(
+                    F.scaled_dot_product_attention, qt, kt, vt, is_causal=True, scale=scale,
+                    enable_gqa=True,
+                )  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+
+def write_kernel(rows: list[dict[str, Any]]) -> None:
+    """KV write (with page summaries) of 4096 tokens in pages of 16: Triton vs reference."""
+    from strata.attention import triton_kernels as tk
+
+    kv_heads, dim, tokens = 3, 64, 4096
+    a = random_pool(tokens // PAGE + 1, kv_heads, dim, torch.bfloat16)
+    b = random_pool(tokens // PAGE + 1, kv_heads, dim, torch.bfloat16)
+    b.data.copy_(a.data)
+    slots = torch.arange(tokens, device="cuda") + PAGE
+    where = ref.split_slots(slots, PAGE)
+    k = torch.randn(tokens, kv_heads, dim, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    ref.write_kv(a.layers[0], where, k, v)
+    tk.write_kv(b.layers[0], where, k, v)
+    row = {
+        "kernel": "write_kv", "tokens": tokens, "bit_equal": bool(torch.equal(a.data, b.data)),
+        "triton_ms": bench_ms(tk.write_kv, b.layers[0], where, k, v),
+        "reference_ms": bench_ms(ref.write_kv, a.layers[0], where, k, v),
+    }  # fmt: skip
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def make_model(files: Path, into: Path) -> Path:
+    """The embedded model's architecture with random weights (norms perturbed so they
+    matter), saved as a Hugging Face folder beside its tokenizer files."""
+    import transformers
+
+    into.mkdir(parents=True, exist_ok=True)
+    for f in files.iterdir():
+        shutil.copy(f, into / f.name)
+    cfg = transformers.AutoConfig.from_pretrained(into)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(into)
+    return into
+
+
+def oracle(folder: Path, device: str, out: dict[str, Any]) -> None:
+    """Prefill 60 tokens, then 16 greedy steps on strata (Triton backend) and transformers:
+    the largest logit difference at any step, and whether every greedy token agrees."""
+    import transformers
+
+    from strata.config import KVPoolConfig, ModelConfig
+    from strata.engine.runner import ModelRunner
+    from strata.model.batch import SequenceChunk
+
+    prompt = [(i * 37 + 11) % 40000 for i in range(60)]
+    for dtype in ("float32", "bfloat16"):
+        tdt = getattr(torch, dtype)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=tdt)
+        hf = hf.to(torch.device(device)).eval()
+        runner = ModelRunner.from_config(
+            ModelConfig(str(folder), dtype, device=device, sparse=_dense()),
+            KVPoolConfig(PAGE, 256),
+        )
+        pages = runner.pool.alloc(8)
+        ids, chunk, worst, agree = list(prompt), SequenceChunk(prompt, 0, pages), 0.0, True
+        with torch.no_grad():
+            for _ in range(16):
+                got = runner.forward([chunk])[0]
+                want = hf(torch.tensor([ids], device=device)).logits[0, -1].float()
+                worst = max(worst, float((got - want).abs().max()))
+                agree &= int(got.argmax()) == int(want.argmax())
+                chunk = SequenceChunk([int(want.argmax())], len(ids), pages)
+                ids.append(int(want.argmax()))
+        out[f"oracle_{dtype}"] = {"max_logit_diff": worst, "greedy_agrees": agree}
+        print(dtype, out[f"oracle_{dtype}"], flush=True)
+        del hf, runner
+
+
+def _dense() -> Any:
+    from strata.config import SparseConfig
+
+    return SparseConfig(threshold=0)
+
+
+def steps(folder: Path, device: str, out: dict[str, Any]) -> None:
+    """bench/decode_steps.py's step time (forward + greedy pick), on the GPU, eager."""
+    from bench.decode_steps import step_ms
+    from strata.config import KVPoolConfig, ModelConfig
+    from strata.engine.runner import ModelRunner
+
+    runner = ModelRunner.from_config(
+        ModelConfig(str(folder), "bfloat16", device=device), KVPoolConfig(PAGE, 12000)
+    )
+    table = {}
+    for context in (64, 700, 2000):
+        for batch in (1, 8, 32, 64):
+            table[f"{context}x{batch}"] = step_ms(runner, batch, context, 20)
+        print(context, {k: round(v, 3) for k, v in table.items() if k.startswith(f"{context}x")},
+              flush=True)  # fmt: skip
+    out["decode_step_ms"] = table
+
+
+def serve(folder: Path, device: str, out: dict[str, Any]) -> None:
+    """One stream through strata serve on the GPU beside the in-process loop."""
+    from bench.serve_latency import in_process, served
+    from launch.local import running_server
+
+    flags = ["--model", str(folder), "--device", device, "--dtype", "bfloat16"]
+    with running_server(*flags, timeout=300) as url:
+        s = served(url, 64, 5)
+    loop = in_process(64, 5, "bfloat16", "none", str(folder), device)
+    out["serve"] = {
+        "served_itl_ms": statistics.median(s["itl"]) * 1e3,
+        "served_ttft_ms": statistics.median(s["ttft"]) * 1e3,
+        "in_process_ms": statistics.median(loop) * 1e3,
+    }
+    print(out["serve"], flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model-files", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--skip", nargs="*", default=[], help="parts to leave out")
+    ap.add_argument("--device", default="cuda", help="for the model's parts (cpu: a dry run)")
+    a = ap.parse_args()
+    import triton
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    out: dict[str, Any] = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__}
+    print(out, flush=True)
+    rows: list[dict[str, Any]] = []
+    out["kernels"] = rows
+
+    def run(name: str, fn: Any, *args: Any) -> None:
+        if name in a.skip:
+            return
+        start = time.perf_counter()
+        try:
+            fn(*args)
+        except Exception as exc:  # a part that fails still leaves the others' figures
+            import traceback
+
+            traceback.print_exc()
+            out[f"{name}_error"] = repr(exc)
+        out[f"{name}_s"] = round(time.perf_counter() - start, 1)
+        if a.out:
+            a.out.write_text(json.dumps(out, indent=1))
+
+    run("decode", decode_kernels, rows)
+    run("prefill", prefill_kernels, rows)
+    run("write", write_kernel, rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make_model(a.model_files, Path(tmp) / "model")
+        run("oracle", oracle, folder, a.device, out)
+        run("steps", steps, folder, a.device, out)
+        run("serve", serve, folder, a.device, out)
+
+
+if __name__ == "__main__":
+    main()
