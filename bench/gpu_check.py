@@ -127,6 +127,42 @@ def prefill_kernels(rows: list[dict[str, Any]]) -> None:
             print(json.dumps(row), flush=True)
 
 
+def sweep(rows: list[dict[str, Any]]) -> None:
+    """The kernels' block sizes (triton_kernels.DECODE_BLOCK and PREFILL_BLOCKS) on a few
+    shapes: ms for each."""
+    from strata.attention import triton_kernels as tk
+
+    for heads, kv_heads, dim, batch, context in ((9, 3, 64, 1, 4096), (9, 3, 64, 32, 4096),
+                                                 (32, 8, 128, 8, 4096)):  # fmt: skip
+        pages = batch * context // PAGE
+        layer = random_pool(pages + 1, kv_heads, dim, torch.bfloat16).layers[0]
+        table = (torch.randperm(pages, device="cuda") + 1).view(batch, -1)
+        lens = torch.full((batch,), context, device="cuda")
+        q = torch.randn(batch, heads, dim, dtype=torch.bfloat16, device="cuda")
+        row: dict[str, Any] = {"sweep": "decode", "shape": f"{heads}/{kv_heads}x{dim}",
+                               "batch": batch, "context": context}  # fmt: skip
+        for block in (16, 32, 64, 128):
+            row[f"block_{block}_ms"] = bench_ms(
+                tk.paged_decode, q, layer, table, lens, dim**-0.5, None, block
+            )
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    for heads, kv_heads, dim in ((9, 3, 64), (32, 8, 128)):
+        new = 2048
+        layer = random_pool(new // PAGE + 1, kv_heads, dim, torch.bfloat16).layers[0]
+        page_ids = torch.randperm(new // PAGE, device="cuda") + 1
+        q = torch.randn(new, heads, dim, dtype=torch.bfloat16, device="cuda")
+        zero, n = torch.tensor([0], device="cuda"), torch.tensor([new], device="cuda")
+        row = {"sweep": "prefill", "shape": f"{heads}/{kv_heads}x{dim}", "new": new}
+        for blocks in ((16, 16), (32, 32), (64, 32), (64, 64), (128, 32), (128, 64)):
+            row[f"blocks_{blocks[0]}x{blocks[1]}_ms"] = bench_ms(
+                tk.paged_prefill, q, layer, page_ids[None], zero, n, zero, new, dim**-0.5,
+                blocks,
+            )  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
 def write_kernel(rows: list[dict[str, Any]]) -> None:
     """KV write (with page summaries) of 4096 tokens in pages of 16: Triton vs reference."""
     from strata.attention import triton_kernels as tk
@@ -209,25 +245,50 @@ def _dense() -> Any:
 
 
 def steps(folder: Path, device: str, out: dict[str, Any]) -> None:
-    """bench/decode_steps.py's step time (forward + greedy pick), on the GPU, eager."""
+    """bench/decode_steps.py's step time (forward + greedy pick), dense: eager, and replaying
+    CUDA graphs (strata.engine.cuda_graph); then where an eager step's time goes."""
     from bench.decode_steps import step_ms
     from strata.config import KVPoolConfig, ModelConfig
     from strata.engine.runner import ModelRunner
 
-    runner = ModelRunner.from_config(
-        ModelConfig(str(folder), "bfloat16", device=device), KVPoolConfig(PAGE, 12000)
-    )
-    table = {}
-    for context in (64, 700, 2000):
-        for batch in (1, 8, 32, 64):
-            table[f"{context}x{batch}"] = step_ms(runner, batch, context, 20)
-        print(context, {k: round(v, 3) for k, v in table.items() if k.startswith(f"{context}x")},
-              flush=True)  # fmt: skip
-    out["decode_step_ms"] = table
+    for name, max_bs in (("eager", 0), ("graphs", 64)):
+        start = time.perf_counter()
+        runner = ModelRunner.from_config(
+            ModelConfig(str(folder), "bfloat16", device=device, sparse=_dense(),
+                        cuda_graph_max_bs=max_bs),
+            KVPoolConfig(PAGE, 12000),
+        )  # fmt: skip
+        out[f"{name}_load_s"] = round(time.perf_counter() - start, 1)
+        table = {}
+        for context in (64, 700, 2000):
+            for batch in (1, 8, 32, 64):
+                table[f"{context}x{batch}"] = step_ms(runner, batch, context, 20)
+            row = [f"{k}={v:.3f}" for k, v in table.items() if k.startswith(f"{context}x")]
+            print(name, context, *row, flush=True)
+        out[f"decode_step_ms_{name}"] = table
+        if name == "eager":
+            out["eager_profile"] = profile_step(runner)
+        del runner
+        torch.cuda.empty_cache()
+
+
+def profile_step(runner: Any) -> str:
+    """torch.profiler's table of one eager decode step of 8 sequences at 64 tokens."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.decode_steps import step_ms
+
+    step_ms(runner, 8, 64, 3)  # warm
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step_ms(runner, 8, 64, 1)
+    text = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    print(text, flush=True)
+    return str(text)
 
 
 def serve(folder: Path, device: str, out: dict[str, Any]) -> None:
-    """One stream through strata serve on the GPU beside the in-process loop."""
+    """One stream through strata serve on the GPU (CUDA graphs, as served by default) beside
+    the in-process loop."""
     from bench.serve_latency import in_process, served
     from launch.local import running_server
 
@@ -276,6 +337,7 @@ def main() -> None:
     run("decode", decode_kernels, rows)
     run("prefill", prefill_kernels, rows)
     run("write", write_kernel, rows)
+    run("sweep", sweep, rows)
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_model(a.model_files, Path(tmp) / "model")
         run("oracle", oracle, folder, a.device, out)

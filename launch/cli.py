@@ -51,6 +51,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="tensor parallelism: run the model over this many ranks (processes on CPU, GPUs "
         "on CUDA), each with its share of heads, MLP and vocabulary",
     )  # fmt: skip
+    p.add_argument("--cuda-graph-max-bs", type=int, default=ModelConfig.cuda_graph_max_bs,
+                   help="CUDA: decode batches of up to this many sequences replay graphs "
+                   "captured at start (one per batch-size bucket); 0: never")  # fmt: skip
+    p.add_argument(
+        "--disable-cuda-graph",
+        action="store_true",
+        help="CUDA: every step runs eagerly (--cuda-graph-max-bs 0)",
+    )
     p.add_argument("--log-level", default="warning", help="debug, info, warning or error")
     d = SparseConfig()
     p.add_argument("--attention-sparsity-threshold", type=float, default=d.threshold,
@@ -177,8 +185,9 @@ def hicache_argv(a: argparse.Namespace) -> list[str]:
 
 
 def model_config(a: argparse.Namespace) -> ModelConfig:
+    graphs = 0 if a.disable_cuda_graph else a.cuda_graph_max_bs
     return ModelConfig(a.model_path, a.dtype, a.device, a.quantization, sparse_config(a),
-                       a.context_length, a.attention_backend, a.tp_size)  # fmt: skip
+                       a.context_length, a.attention_backend, a.tp_size, graphs)  # fmt: skip
 
 
 def pool_config(a: argparse.Namespace) -> KVPoolConfig:
@@ -344,7 +353,8 @@ def cmd_up(a: argparse.Namespace) -> int:
         raise ValueError("--prefill must be >= 0 and --decode >= 1")
     model_args = ["--dtype", a.dtype, "--device", a.device, "--quantization", a.quantization,
                   "--page-size", str(a.page_size), "--attention-backend", a.attention_backend,
-                  "--tp-size", str(a.tp_size), *sparse_argv(a)]  # fmt: skip
+                  "--tp-size", str(a.tp_size), *sparse_argv(a), "--cuda-graph-max-bs",
+                  str(0 if a.disable_cuda_graph else a.cuda_graph_max_bs)]  # fmt: skip
     if a.model_path:
         model_args += ["--model-path", a.model_path]
     if a.context_length:

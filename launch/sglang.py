@@ -14,7 +14,7 @@ from launch.cli import main as cli_main
 # strata serve's own.
 IGNORED_FLAGS = {
     "--trust-remote-code": 0,
-    "--disable-cuda-graph": 0, "--enable-torch-compile": 0,
+    "--enable-torch-compile": 0,
     "--tokenizer-path": 1, "--kv-cache-dtype": 1,
 }  # fmt: skip
 # SGLang's --attention-backend values that name one of ours; the others (flashinfer, fa3,

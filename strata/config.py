@@ -170,6 +170,8 @@ class ModelConfig:
     context_length: int | None = None  # caps the model's own (max_position_embeddings)
     attention_backend: str = "auto"  # see ATTENTION_BACKENDS
     tp_size: int = 1  # tensor-parallel ranks (strata.model.tp)
+    # CUDA: decode batches of up to this many sequences replay captured graphs (0: never)
+    cuda_graph_max_bs: int = 64
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATIONS:
@@ -178,6 +180,8 @@ class ModelConfig:
             )
         if self.tp_size < 1:
             raise ValueError("--tp-size must be at least 1")
+        if self.cuda_graph_max_bs < 0:
+            raise ValueError("--cuda-graph-max-bs must be >= 0")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {self.attention_backend!r}; "
                              f"choose one of {ATTENTION_BACKENDS}")  # fmt: skip

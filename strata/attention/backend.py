@@ -34,6 +34,10 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:
         """Store k, v [T, kv_heads, D] in the layer's pages, return attention [T, heads, D]."""
 
+    def reads_in_place(self, device: torch.device) -> bool:
+        """Whether decode reads each sequence's pages where they lie (no gather)."""
+        return False
+
     def sparsity(self, meta: Any) -> list[tuple[int, int]] | None:
         """After a forward with `meta`: per sequence of its batch, (pages skipped, pages
         considered) by sparse decode over every layer and KV head; None if none ran."""
@@ -106,7 +110,6 @@ class TorchAttention(AttentionBackend):
         self._summaries: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
 
     def reads_in_place(self, device: torch.device) -> bool:
-        """Whether decode reads each sequence's pages where they lie (no gather)."""
         return self.kernels and cpu_kernels.available(device)
 
     def prepare(self, batch: ForwardBatch, kv: KVCache | None = None) -> TorchMeta:

@@ -156,6 +156,11 @@ def _combine_kernel(
     tl.store(Out + b * s_qb + hq * s_qh + d, out.to(Out.dtype.element_ty), mask=d < D)
 
 
+# NOTE: keys a decode program reads at a time on a GPU (any size: keys are addressed one by
+# one, so a block may span pages). bench/gpu_check.py's sweep on an H200, ms for blocks of
+# 16/32/64/128: 9/3x64 batch 1 at 4096 tokens .067/.042/.044/.076, batch 32 .31/.42/.38/.89;
+# 32/8x128 batch 8 .27/.36/.68/4.5
+DECODE_BLOCK = 16
 # NOTE: a split reads at least this many keys: fewer, and combining costs more than it saves.
 MIN_SPLIT_TOKENS = 256
 
@@ -179,6 +184,7 @@ def _decode(
     scale: float,
     per_head: bool,
     splits: int | None = None,
+    block: int | None = None,
 ) -> torch.Tensor:
     b, heads, d = q.shape
     kv_heads = layer.k.shape[2]
@@ -191,7 +197,7 @@ def _decode(
     s_lb, s_lh = (lens.stride(0), lens.stride(1)) if per_head else (lens.stride(0), 0)
     assert table.stride(-1) == 1, "a page table's rows must be contiguous"
     ps = layer.k.shape[1]
-    bn = _pow2(ps, 16)
+    bn = block or (DECODE_BLOCK if q.device.type == "cuda" else _pow2(ps, 16))
     max_len = table.shape[-1] * ps  # what the table can address: no lens read on the host
     if splits is None:
         splits = decode_splits(b * kv_heads, max_len, q.device)
@@ -221,10 +227,12 @@ def paged_decode(
     lens: torch.Tensor,
     scale: float,
     splits: int | None = None,
+    block: int | None = None,
 ) -> torch.Tensor:
     """reference.paged_decode: q [B, heads, D], page_table [B, max_pages], lens [B] tokens.
-    splits: parts each sequence's keys are cut into (default: decode_splits)."""
-    return _decode(q, layer, page_table, lens, scale, per_head=False, splits=splits)
+    splits: parts each sequence's keys are cut into (default: decode_splits); block: keys
+    a program reads at a time (default: DECODE_BLOCK on a GPU)."""
+    return _decode(q, layer, page_table, lens, scale, False, splits, block)
 
 
 def paged_decode_selected(
@@ -237,7 +245,7 @@ def paged_decode_selected(
 ) -> torch.Tensor:
     """reference.paged_decode_selected: each KV head reads its own pages, table [B,
     kv_heads, W] and lens [B, kv_heads] as reference.select_pages returns them."""
-    return _decode(q, layer, table, lens, scale, per_head=True, splits=splits)
+    return _decode(q, layer, table, lens, scale, True, splits)
 
 
 @triton.jit
@@ -297,6 +305,12 @@ def _prefill_kernel(
         tl.store(Out + q_at, out.to(Out.dtype.element_ty), mask=rm[:, None] & dm[None, :])
 
 
+# NOTE: (queries, keys) a prefill program takes at a time on a GPU. bench/gpu_check.py's
+# sweep on an H200, 2048 new tokens: 64x64 .081 ms (9/3x64) and .236 (32/8x128), against
+# .198 and .708 for 16x16; 32x32, 64x32, 128x32 and 128x64 in between
+PREFILL_BLOCKS = (64, 64)
+
+
 def paged_prefill(
     q: torch.Tensor,
     layer: LayerKV,
@@ -306,11 +320,13 @@ def paged_prefill(
     prefix_lens: torch.Tensor,
     max_q_len: int,
     scale: float,
+    blocks: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """reference.paged_prefill for every prefilling sequence of a batch at once, after their
     new keys are written to their pages. q [T, heads, D] (rows of sequence e: starts[e] ..
     starts[e] + q_lens[e]); table [E, max_pages]: each sequence's pages; prefix_lens [E]:
-    its tokens cached before these. Rows of no sequence are left as they are in the result."""
+    its tokens cached before these. Rows of no sequence are left as they are in the result.
+    blocks: (queries, keys) a program takes at a time (default: PREFILL_BLOCKS on a GPU)."""
     t, heads, d = q.shape
     kv_heads = layer.k.shape[2]
     q = q.contiguous()
@@ -318,13 +334,13 @@ def paged_prefill(
     e = table.shape[0]
     if e == 0:
         return out
-    bm = 16
     ps = layer.k.shape[1]
+    bm, bn = blocks or (PREFILL_BLOCKS if q.device.type == "cuda" else (16, _pow2(ps, 16)))
     grid = (e, triton.cdiv(max_q_len, bm), heads)
     _prefill_kernel[grid](
         q, layer.k, layer.v, out, table, starts, q_lens, prefix_lens,
         q.stride(0), q.stride(1), *layer.k.stride()[:3], table.stride(0), scale,
-        G=heads // kv_heads, D=d, DP=_pow2(d, 16), PS=ps, BM=bm, BN=_pow2(ps, 16),
+        G=heads // kv_heads, D=d, DP=_pow2(d, 16), PS=ps, BM=bm, BN=bn,
         IEEE=q.dtype == torch.float32,
     )  # fmt: skip
     return out

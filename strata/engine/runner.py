@@ -16,6 +16,7 @@ import torch
 
 from strata.attention.backend import make_backend
 from strata.config import KVPoolConfig, ModelConfig
+from strata.engine.cuda_graph import DecodeGraphs
 from strata.engine.request import check_length
 from strata.engine.tp_rank import RankLinks, start_followers
 from strata.kv.pool import KVCache, PagePool
@@ -100,6 +101,7 @@ class ModelRunner:
         self.last_sparsity: list[tuple[int, int]] | None = None
         # per chunk of the last forward: the page indices sparse decode kept (uint8 rows)
         self.last_selected: list[torch.Tensor | None] | None = None
+        self.graphs: DecodeGraphs | None = None  # decode steps as CUDA graphs (cuda_graph)
 
     @classmethod
     def from_config(
@@ -148,6 +150,12 @@ class ModelRunner:
         if size > 1 and not device.startswith("cuda"):
             runner.threads = threads
         runner.context_length = model_cfg.context_length
+        if (device.startswith("cuda") and size == 1 and model_cfg.cuda_graph_max_bs > 0
+                and backend.reads_in_place(torch.device(device))):  # fmt: skip
+            runner.graphs = DecodeGraphs(
+                model, runner.kv, runner.pool, pool_cfg.page_size,
+                runner.pages_for(runner.max_context), model_cfg.cuda_graph_max_bs,
+            )  # fmt: skip
         return runner
 
     @staticmethod
@@ -213,6 +221,9 @@ class ModelRunner:
             raise RunnerBroken(f"tensor-parallel forward failed (a rank died?): {exc}") from exc
 
     def _forward(self, chunks: Sequence[SequenceChunk], all_logits: bool) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.fits(chunks):
+            self.last_sparsity = self.last_selected = None
+            return self.graphs.run(chunks)
         batch = ForwardBatch.build(chunks, self.page_size, self.device, all_logits)
         logits, meta = self.model.forward(batch, self.kv)
         self.last_sparsity = self.model.backend.sparsity(meta)

@@ -65,11 +65,20 @@ class LlamaForCausalLM:
         """Logits (float32) for the rows batch.logits_index: [len(logits_index), vocab], and
         the backend's metadata of the batch (backend.sparsity reads it)."""
         meta = self.backend.prepare(batch, kv)
-        cos, sin = self.rope.tables(batch.positions)
+        return self.compute(batch.input_ids, batch.positions, batch.logits_index, kv, meta), meta
+
+    @torch.inference_mode()
+    def compute(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, kv: KVCache,
+        meta: Any,
+    ) -> torch.Tensor:  # fmt: skip
+        """The forward over the backend's metadata of the batch: every shape it takes is in
+        its tensors' shapes, so a CUDA graph can capture it (strata.engine.cuda_graph)."""
+        cos, sin = self.rope.tables(positions)
         if self.tp:
-            x = self.tp.embed(batch.input_ids, self.embed_tokens)
+            x = self.tp.embed(input_ids, self.embed_tokens)
         else:
-            x = F.embedding(batch.input_ids, self.embed_tokens)
+            x = F.embedding(input_ids, self.embed_tokens)
         delta = None
         plan = getattr(meta, "plan", None)
         if self.cpu_layers is not None and plan is not None:
@@ -77,10 +86,9 @@ class LlamaForCausalLM:
         if delta is None:
             for layer, kv_layer in zip(self.layers, kv.layers):
                 x, delta = layer(x, delta, cos, sin, kv_layer, meta)
-        rows = batch.logits_index
         if delta is not None and rows.shape[0] == x.shape[0]:  # every row (in order) gives logits
             x = self.norm.add_norm(x, delta)[1]  # one C call on CPU: add and norm
         else:
             x = self.norm((x[rows] + delta[rows]) if delta is not None else x[rows])
         logits = self.lm_head(x).float()
-        return (self.tp.gather_logits(logits) if self.tp else logits), meta
+        return self.tp.gather_logits(logits) if self.tp else logits
