@@ -295,6 +295,8 @@ def serve(folder: Path, device: str, out: dict[str, Any]) -> None:
     flags = ["--model", str(folder), "--device", device, "--dtype", "bfloat16"]
     with running_server(*flags, timeout=300) as url:
         s = served(url, 64, 5)
+        for streams in (16, 64):
+            out[f"serve_{streams}_streams_tok_s"] = concurrent_tok_s(url, streams, 128)
     loop = in_process(64, 5, "bfloat16", "none", str(folder), device)
     out["serve"] = {
         "served_itl_ms": statistics.median(s["itl"]) * 1e3,
@@ -302,6 +304,33 @@ def serve(folder: Path, device: str, out: dict[str, Any]) -> None:
         "in_process_ms": statistics.median(loop) * 1e3,
     }
     print(out["serve"], flush=True)
+
+
+def concurrent_tok_s(url: str, streams: int, tokens: int) -> float:
+    """Output tok/s of `streams` concurrent streaming /generate requests (distinct prompts,
+    ignore_eos), wall time from the first request to the last token."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    def one(i: int) -> int:
+        body = {"text": f"Story {i}: the lighthouse keeper", "stream": True,
+                "sampling_params": {"max_new_tokens": tokens, "temperature": 0,
+                                    "ignore_eos": True}}  # fmt: skip
+        n = 0
+        http = httpx.Client(timeout=300)
+        with http, http.stream("POST", f"{url}/generate", json=body) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                n += line.startswith("data:") and line.strip() != "data: [DONE]"
+        return n
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        events = sum(pool.map(one, range(streams)))
+    tok_s = streams * tokens / (time.perf_counter() - start)
+    print(f"{streams} streams: {tok_s:.0f} tok/s ({events} events)", flush=True)
+    return tok_s
 
 
 def main() -> None:

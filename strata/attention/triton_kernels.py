@@ -27,7 +27,7 @@ def _pow2(n: int, least: int = 1) -> int:
 @triton.jit
 def _write_kv_kernel(
     K, V, KPool, VPool, KMin, KMax, Pages, Offsets, num_tokens,
-    s_kt, s_kh, s_pp, s_pt, s_ph, s_sp, s_sh,
+    s_kt, s_kh, s_vt, s_vh, s_pp, s_pt, s_ph, s_sp, s_sh,
     D: tl.constexpr, DP: tl.constexpr, PS: tl.constexpr, PSP: tl.constexpr,
 ):  # fmt: skip
     """Program (token t, KV head h): store t's key and value in its slot. The first token of
@@ -40,7 +40,7 @@ def _write_kv_kernel(
     page = tl.load(Pages + t)
     off = tl.load(Offsets + t)
     key = tl.load(K + t * s_kt + h * s_kh + d, mask=dm)
-    val = tl.load(V + t * s_kt + h * s_kh + d, mask=dm)
+    val = tl.load(V + t * s_vt + h * s_vh + d, mask=dm)
     slot = page * s_pp + off * s_pt + h * s_ph + d
     tl.store(KPool + slot, key, mask=dm)
     tl.store(VPool + slot, val, mask=dm)
@@ -73,11 +73,12 @@ def write_kv(
     t, kv_heads, d = k.shape
     if t == 0:
         return
-    k, v = k.contiguous(), v.contiguous()
+    assert k.stride(-1) == 1 and v.stride(-1) == 1, "a key's channels must be adjacent"
     ps = layer.k.shape[1]
     _write_kv_kernel[(t, kv_heads)](
         k, v, layer.k, layer.v, layer.kmin, layer.kmax, pages, offsets, t,
-        k.stride(0), k.stride(1), *layer.k.stride()[:3], *layer.kmin.stride()[:2],
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), *layer.k.stride()[:3],
+        *layer.kmin.stride()[:2],
         D=d, DP=_pow2(d), PS=ps, PSP=_pow2(ps),
     )  # fmt: skip
 
@@ -85,14 +86,15 @@ def write_kv(
 @triton.jit
 def _decode_kernel(
     Q, K, V, Out, PartOut, PartLse, Table, Lens,
-    s_qb, s_qh, s_kp, s_kt, s_kh, s_tb, s_th, s_lb, s_lh, scale, chunk,
+    s_qb, s_qh, s_ob, s_oh, s_kp, s_kt, s_kh, s_tb, s_th, s_lb, s_lh, scale, chunk,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-    PS: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
+    PS: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Program (sequence b, KV head h, split s): the G query heads of h over tokens s *
     chunk .. (s + 1) * chunk of the Lens[b, h] tokens of the pages Table[b, h, :] lists, BN
-    keys at a time, with an online softmax. One split writes Out; several (SPLIT) write
-    their normalized part and its log-sum-exp for _combine_kernel."""
+    keys at a time, with an online softmax. The group's heads, padded to GP >= 16 rows, meet
+    the keys in matrix products (tensor cores on a GPU). One split writes Out; several
+    (SPLIT) write their normalized part and its log-sum-exp for _combine_kernel."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     s_id = tl.program_id(2)
@@ -102,7 +104,6 @@ def _decode_kernel(
     dm = d < D
     heads = h * G + g
     q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=gm[:, None] & dm[None, :])
-    q = q.to(tl.float32) * scale
     n = tl.load(Lens + b * s_lb + h * s_lh)
     first = s_id * chunk
     last = tl.minimum(n, first + chunk)
@@ -115,15 +116,22 @@ def _decode_kernel(
         page = tl.load(Table + b * s_tb + h * s_th + j // PS, mask=jm, other=0).to(tl.int64)
         at = page[:, None] * s_kp + (j % PS)[:, None] * s_kt + h * s_kh + d[None, :]
         both = jm[:, None] & dm[None, :]
-        key = tl.load(K + at, mask=both, other=0.0).to(tl.float32)  # [BN, DP]
-        val = tl.load(V + at, mask=both, other=0.0).to(tl.float32)
-        s = tl.sum(q[:, None, :] * key[None, :, :], axis=2)  # [GP, BN]
-        s = tl.where(jm[None, :], s, float("-inf"))
+        key = tl.load(K + at, mask=both, other=0.0)  # [BN, DP]
+        val = tl.load(V + at, mask=both, other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(key), input_precision="ieee")  # [GP, BN]
+        else:
+            s = tl.dot(q, tl.trans(key))
+        s = tl.where(jm[None, :], s * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         total = total * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * val[None, :, :], axis=1)
+        if IEEE:
+            pv = tl.dot(p, val, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(val.dtype), val)
+        acc = acc * alpha[:, None] + pv
         m = m_new
     out = acc / tl.maximum(total, 1e-30)[:, None]  # an empty split: zeros, weighed 0 below
     mask = gm[:, None] & dm[None, :]
@@ -133,7 +141,7 @@ def _decode_kernel(
         tl.store(PartOut + row[:, None] * DP + d[None, :], out, mask=mask)
         tl.store(PartLse + row, m + tl.log(tl.maximum(total, 1e-30)), mask=gm)
     else:
-        o_at = Out + b * s_qb + heads[:, None] * s_qh + d[None, :]
+        o_at = Out + b * s_ob + heads[:, None] * s_oh + d[None, :]
         tl.store(o_at, out.to(Out.dtype.element_ty), mask=mask)
 
 
@@ -158,9 +166,9 @@ def _combine_kernel(
 
 # NOTE: keys a decode program reads at a time on a GPU (any size: keys are addressed one by
 # one, so a block may span pages). bench/gpu_check.py's sweep on an H200, ms for blocks of
-# 16/32/64/128: 9/3x64 batch 1 at 4096 tokens .067/.042/.044/.076, batch 32 .31/.42/.38/.89;
-# 32/8x128 batch 8 .27/.36/.68/4.5
-DECODE_BLOCK = 16
+# 16/32/64/128 at 4096 tokens: 9/3x64 heads batch 1 .097/.083/.082/.049, batch 32
+# .114/.076/.057/.047 (SDPA over contiguous K/V: .046); 32/8x128 batch 8 .090/.066/.053/.056
+DECODE_BLOCK = 128
 # NOTE: a split reads at least this many keys: fewer, and combining costs more than it saves.
 MIN_SPLIT_TOKENS = 256
 
@@ -189,8 +197,8 @@ def _decode(
     b, heads, d = q.shape
     kv_heads = layer.k.shape[2]
     g = heads // kv_heads
-    q = q.contiguous()
-    out = torch.empty_like(q)
+    assert q.stride(-1) == 1, "a query's channels must be adjacent"
+    out = torch.empty(b, heads, d, dtype=q.dtype, device=q.device)
     if b == 0:
         return out
     s_tb, s_th = (table.stride(0), table.stride(1)) if per_head else (table.stride(0), 0)
@@ -202,15 +210,17 @@ def _decode(
     if splits is None:
         splits = decode_splits(b * kv_heads, max_len, q.device)
     chunk = -(-max_len // splits // bn) * bn  # whole blocks of keys
-    dp = _pow2(d)
+    dp = _pow2(d, 16)
     part_out = part_lse = out  # unused with one split
     if splits > 1:
         part_out = torch.empty(b * heads * splits, dp, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(b * heads * splits, dtype=torch.float32, device=q.device)
     _decode_kernel[(b, kv_heads, splits)](
         q, layer.k, layer.v, out, part_out, part_lse, table, lens,
-        q.stride(0), q.stride(1), *layer.k.stride()[:3], s_tb, s_th, s_lb, s_lh, scale, chunk,
-        G=g, GP=_pow2(g), D=d, DP=dp, PS=ps, BN=bn, SPLIT=splits > 1,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *layer.k.stride()[:3],
+        s_tb, s_th, s_lb, s_lh, scale, chunk,
+        G=g, GP=_pow2(g, 16), D=d, DP=dp, PS=ps, BN=bn, SPLIT=splits > 1,
+        IEEE=q.dtype == torch.float32,
     )  # fmt: skip
     if splits > 1:
         _combine_kernel[(b, heads)](

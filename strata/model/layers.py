@@ -18,6 +18,14 @@ from strata.model.tp import TPGroup
 AnyLinear = Linear | Int4Linear
 
 
+def gpu_ops() -> Any:
+    """strata.model.triton_ops, imported where a CUDA tensor first needs it (Triton runs on
+    CPU tensors only under its interpreter)."""
+    from strata.model import triton_ops
+
+    return triton_ops
+
+
 class RMSNorm:
     def __init__(self, weight: torch.Tensor, eps: float) -> None:
         self.weight = weight
@@ -31,11 +39,13 @@ class RMSNorm:
         self, x: torch.Tensor, delta: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + delta, norm(x + delta)): the residual add and the next norm. bfloat16 on CPU
-        runs both in one C call and adds in place (x is the residual stream, owned by the
-        forward); elsewhere torch's ops, unchanged."""
+        runs both in one C call and CUDA in one Triton kernel, each adding in place (x is the
+        residual stream, owned by the forward); elsewhere torch's ops, unchanged."""
         fused = cpu_kernels.add_rms_norm(x, delta, self.weight, self.eps)
         if fused is not None:
             return x, fused
+        if x.is_cuda:  # one Triton kernel, adding in place too
+            return x, gpu_ops().add_rms_norm(x, delta, self.weight, self.eps)
         if delta is not None:
             x = x + delta
         return x, self(x)
@@ -71,7 +81,9 @@ class Attention:
         # NOTE: q and k heads are rotated in one call (in place in qkv where the CPU kernel
         # takes it): half the small ops of a decode step.
         qk = qkv[:, :qk_size].view(t, -1, self.head_dim)
-        if not cpu_kernels.rope_(qk, cos, sin):
+        if qk.is_cuda:
+            gpu_ops().rope_(qk, cos, sin)
+        elif not cpu_kernels.rope_(qk, cos, sin):
             qk = self.rope.apply(qk, cos, sin)
         q, k = qk[:, : self.heads], qk[:, self.heads :]
         v = qkv[:, qk_size:].view(t, self.kv_heads, self.head_dim)
@@ -87,6 +99,8 @@ class MLP:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up(x)
         h = cpu_kernels.silu_mul(gate_up)  # bfloat16 on CPU: one call, rounded as torch
+        if h is None and gate_up.is_cuda:
+            h = gpu_ops().silu_mul(gate_up)
         if h is None:
             gate, up = gate_up.chunk(2, dim=-1)
             h = F.silu(gate) * up
