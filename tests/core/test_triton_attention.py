@@ -105,12 +105,13 @@ if DEVICE != "cpu":
     SHAPES += [(9, 3, 16, torch.bfloat16), (8, 1, 1, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("splits", [None, 3])
+@pytest.mark.parametrize("splits,block", [(None, None), (3, None), (None, 128)])
 @pytest.mark.parametrize("heads,kv_heads,page_size,dtype", SHAPES)
-def test_paged_decode_equals_reference(dtype, heads, kv_heads, page_size, splits):
+def test_paged_decode_equals_reference(dtype, heads, kv_heads, page_size, splits, block):
     """Ragged lengths: one token, exactly a page, a page and one, several pages; in one
-    program per sequence and KV head, and with each sequence's keys in three parts (some
-    empty for the short ones) combined by their log-sum-exp."""
+    program per sequence and KV head, with each sequence's keys in three parts (some empty
+    for the short ones) combined by their log-sum-exp, and in blocks of 128 keys (the GPU
+    default: one block spans many pages)."""
     d = 32
     a, b = pools(96, page_size, kv_heads, d, dtype)
     lens = [1, page_size, page_size + 1, 5 * page_size - 2, 37]
@@ -119,7 +120,7 @@ def test_paged_decode_equals_reference(dtype, heads, kv_heads, page_size, splits
     q = torch.randn(len(lens), heads, d, dtype=dtype)
     mask = torch.arange(table.shape[1] * page_size)[None, :] < torch.tensor(lens)[:, None]
     want = ref.paged_decode(q, a.layers[1].k, a.layers[1].v, table, mask, d**-0.5)
-    got = tk.paged_decode(q, b.layers[1], table, torch.tensor(lens), d**-0.5, splits)
+    got = tk.paged_decode(q, b.layers[1], table, torch.tensor(lens), d**-0.5, splits, block)
     assert got.dtype == dtype
     assert (got.float() - want.float()).abs().max() <= TOL[dtype]
 
