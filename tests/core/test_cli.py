@@ -6,7 +6,8 @@ import argparse
 
 import pytest
 
-from launch.cli import build_parser, model_config, sched_config
+from launch.args import model_config, sched_config
+from launch.cli import build_parser
 from launch.sglang import translate
 from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.request import ContextLengthError
