@@ -3,7 +3,7 @@ length, in process: where a serving step's time goes before the scheduler adds i
 Embedded model; each batch's prompts are distinct (no shared pages).
 
 Usage: PYTHONPATH=. python bench/decode_steps.py [--quantization none] [--context 64 700]
-       [--batches 1 4 8 16] [--steps 15]
+       [--batches 1 4 8 16] [--steps 15] [--page-size 16]
 """
 
 from __future__ import annotations
@@ -47,9 +47,11 @@ def main() -> None:
     ap.add_argument("--context", type=int, nargs="+", default=[64, 700])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--page-size", type=int, default=16)
     a = ap.parse_args()
     runner = ModelRunner.from_config(
-        ModelConfig(dtype="bfloat16", quantization=a.quantization), KVPoolConfig(16, 4096)
+        ModelConfig(dtype="bfloat16", quantization=a.quantization),
+        KVPoolConfig(a.page_size, 65536 // a.page_size),
     )
     print(f"{'context':>8} " + " ".join(f"{f'batch {b}':>9}" for b in a.batches) + "  (ms a step)")
     for context in a.context:
