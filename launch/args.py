@@ -52,11 +52,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--log-level", default="warning", help="debug, info, warning or error")
     d = SparseConfig()
-    p.add_argument("--attention-sparsity-threshold", type=float, default=d.threshold,
+    p.add_argument("--attention-sparsity-threshold", type=float, default=None,
                    help="sparse decode skips a page whose bound on the attention logit is "
                    f"more than {SPARSE_SPREAD} ln(1/threshold) nats under the best page's "
-                   f"({-d.min_score:.1f} at {d.threshold}), per step, layer and KV head; 0: "
-                   "dense attention")  # fmt: skip
+                   f"({-d.min_score:.1f} at {d.threshold}, the default on CPU), per step, "
+                   "layer and KV head; 0: dense attention (the default on CUDA)")  # fmt: skip
     p.add_argument("--sparse-min-context", type=int, default=d.min_context,
                    help="tokens: shorter sequences decode densely")  # fmt: skip
     p.add_argument("--sparse-budget", type=float, default=d.budget,
@@ -71,15 +71,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def sparse_config(a: argparse.Namespace) -> SparseConfig:
+    threshold = a.attention_sparsity_threshold
+    if threshold is None:  # the device's default (ModelConfig.sparse_attention)
+        threshold = ModelConfig(device=a.device).sparse_attention.threshold
     return SparseConfig(
-        threshold=a.attention_sparsity_threshold, min_context=a.sparse_min_context,
+        threshold=threshold, min_context=a.sparse_min_context,
         budget=a.sparse_budget, dense_layers=a.sparse_dense_layers,
         demote_after=a.sparse_demote_after,
     )  # fmt: skip
 
 
 def sparse_argv(a: argparse.Namespace) -> list[str]:
-    return ["--attention-sparsity-threshold", str(a.attention_sparsity_threshold),
+    return ["--attention-sparsity-threshold", str(sparse_config(a).threshold),
             "--sparse-min-context", str(a.sparse_min_context),
             "--sparse-budget", str(a.sparse_budget),
             "--sparse-dense-layers", str(a.sparse_dense_layers),

@@ -166,7 +166,7 @@ class ModelConfig:
     dtype: str = "auto"
     device: str = "cpu"
     quantization: str = "none"  # "int4": group-wise weight-only int4 linear layers
-    sparse: SparseConfig = SparseConfig()
+    sparse: SparseConfig | None = None  # None: the device's default (sparse_attention)
     context_length: int | None = None  # caps the model's own (max_position_embeddings)
     attention_backend: str = "auto"  # see ATTENTION_BACKENDS
     tp_size: int = 1  # tensor-parallel ranks (strata.model.tp)
@@ -190,6 +190,16 @@ class ModelConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return resolve_dtype(self.dtype, self.device)
+
+    @property
+    def sparse_attention(self) -> SparseConfig:
+        """`sparse`, or the device's default: SparseConfig() on CPU; off on CUDA, where page
+        selection runs as eager torch ops and no CUDA graph replays the step (an H200 run
+        measured 54-77 ms a decode step at 2000 tokens, against 11-12 dense eager and
+        1.9-6.9 dense in graphs: README "On a GPU")."""
+        if self.sparse is not None:
+            return self.sparse
+        return SparseConfig(threshold=0) if self.device.startswith("cuda") else SparseConfig()
 
 
 @dataclass(frozen=True)

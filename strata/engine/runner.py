@@ -140,7 +140,7 @@ class ModelRunner:
             weights = shard_weights(spec, weights, rank, size)
         backend = make_backend(
             model_cfg.attention_backend, device, spec.head_dim**-0.5, pool_cfg.page_size,
-            model_cfg.sparse,
+            model_cfg.sparse_attention,
         )  # fmt: skip
         model = LlamaForCausalLM(spec, weights, backend, model_cfg.quantization, tp)
         tokenizer = load_tokenizer(folder) if rank == 0 else None

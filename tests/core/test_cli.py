@@ -37,6 +37,25 @@ def test_sglang_flags_map_onto_serve():
     assert model_config(a).context_length == 512
 
 
+def test_cuda_graph_and_sparsity_defaults_follow_the_device():
+    """SGLang's CUDA-graph flags are honoured; sparse decode is on by default on CPU and off
+    on CUDA (its page selection runs eagerly there), unless the flag says otherwise; `strata
+    up` hands its workers the threshold it resolved."""
+    from launch.args import sparse_argv
+
+    parse = build_parser().parse_args
+    cpu, gpu = model_config(parse(["serve"])), model_config(parse(["serve", "--device", "cuda"]))
+    assert cpu.sparse_attention.threshold == 0.3 and not gpu.sparse_attention.enabled
+    assert ModelConfig(device="cuda").sparse_attention.threshold == 0  # in process too
+    chosen = parse(["serve", "--device", "cuda", "--attention-sparsity-threshold", "0.2"])
+    assert model_config(chosen).sparse_attention.threshold == 0.2
+    argv = sparse_argv(parse(["up", "--device", "cuda"]))
+    assert argv[0] == "--attention-sparsity-threshold" and float(argv[1]) == 0
+    assert cpu.cuda_graph_max_bs == 64
+    assert model_config(parse(translate(["--disable-cuda-graph"]))).cuda_graph_max_bs == 0
+    assert model_config(parse(["serve", "--cuda-graph-max-bs", "8"])).cuda_graph_max_bs == 8
+
+
 def test_context_length_caps_the_model(tiny_checkpoint):
     folder, _ = tiny_checkpoint("llama")
     model = ModelConfig(str(folder), dtype="float32", context_length=64)
