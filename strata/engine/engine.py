@@ -29,12 +29,11 @@ from strata.engine.request import (
 from strata.engine.runner import ModelRunner, RunnerBroken
 from strata.engine.scheduler import Scheduler
 from strata.engine.split import SplitRoles
-from strata.grammar.compiler import GrammarCompiler, LazyGrammarCompiler
+from strata.grammar.compiler import LazyGrammarCompiler
 from strata.kv.hierarchy import TieredCache, build_cache
 from strata.radix.index import CacheIndex
 from strata.radix.results import KVEvent
 from strata.sampling.params import SamplingParams
-from strata.sampling.sampler import SampleInput, sample
 from strata.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -143,11 +142,6 @@ class Engine(RequestOutputs, SplitRoles):
         r = self.runner
         return Limits(r.max_context, r.spec.vocab_size, r.page_size, r.pool.num_pages,
                       tuple(sorted(self.eos_ids)), r.checkpoint)  # fmt: skip
-
-    @property
-    def grammar(self) -> GrammarCompiler:
-        """The xgrammar compiler for constrained requests (built on first use)."""
-        return self._grammar.get()
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Checked:
         """The request, checked (ValueError for one that can never run), or Overloaded
@@ -387,23 +381,7 @@ class Engine(RequestOutputs, SplitRoles):
             for c, (skipped, considered) in zip(chunks, sparsity):
                 c.req.sparse_skipped += skipped
                 c.req.sparse_considered += considered
-        rows = [i for i, c in enumerate(chunks) if c.sample]
-        if rows:
-            reqs = [chunks[i].req for i in rows]
-            picked = logits[rows] if len(rows) < logits.shape[0] else logits  # no copy
-            if any(r.matcher is not None for r in reqs):
-                self.grammar.mask_logits(picked, [r.matcher for r in reqs])
-            out = sample(
-                picked,
-                [SampleInput(r.params, r.prompt_ids, r.output_ids, r.generator) for r in reqs],
-            )
-            for j, req in enumerate(reqs):
-                top = None
-                if out.top_ids is not None and out.top_logprobs is not None:
-                    n = req.params.top_logprobs
-                    top = dict(zip(out.top_ids[j][:n], out.top_logprobs[j][:n]))
-                lp = out.logprobs[j] if out.logprobs is not None else None
-                self._on_token(req, out.tokens[j], lp, top)
+        self._sample_chunks(chunks, logits)
         self._publish_events()
         return True
 

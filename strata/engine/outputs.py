@@ -1,6 +1,7 @@
-"""The engine's per-request output, mixed into Engine: the tokens of a scheduled chunk, each
-sampled token through the request's grammar (with jump-forward), stop checks and detokenized
-text into one event per step, and a request's end (its pages released or held)."""
+"""The engine's per-request output, mixed into Engine: the tokens of a scheduled chunk, the
+step's sampling, each sampled token through the request's grammar (with jump-forward), stop
+checks and detokenized text into one event per step, and a request's end (its pages
+released or held)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import threading
 import time
 from typing import Any
 
+import torch
+
 from strata.engine.request import Request, RequestOutput
 from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import ScheduledChunk, Scheduler
+from strata.grammar.compiler import GrammarCompiler, LazyGrammarCompiler
 from strata.grammar.jump import jump_forward
 from strata.model.batch import SequenceChunk
+from strata.sampling.sampler import SampleInput, sample
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +35,12 @@ class RequestOutputs:
     _requests: dict[str, Request]
     _held: dict[str, tuple[Request, float]]
     hold_timeout: float
+    _grammar: LazyGrammarCompiler
+
+    @property
+    def grammar(self) -> GrammarCompiler:
+        """The xgrammar compiler for constrained requests (built on first use)."""
+        return self._grammar.get()
 
     def _sequence(self, c: ScheduledChunk) -> SequenceChunk:
         req, n_prompt = c.req, len(c.req.prompt_ids)
@@ -39,6 +50,27 @@ class RequestOutputs:
         else:
             tokens = (req.prompt_ids + req.output_ids)[c.start : end]
         return SequenceChunk(tokens, c.start, req.pages, req.rid, req.segment_ends)
+
+    def _sample_chunks(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> None:
+        """Sample the token of each chunk that ends with one (logits: a row per chunk),
+        through its grammar's mask, and hand each to _on_token."""
+        rows = [i for i, c in enumerate(chunks) if c.sample]
+        if not rows:
+            return
+        reqs = [chunks[i].req for i in rows]
+        picked = logits[rows] if len(rows) < logits.shape[0] else logits  # no copy
+        if any(r.matcher is not None for r in reqs):
+            self.grammar.mask_logits(picked, [r.matcher for r in reqs])
+        out = sample(
+            picked, [SampleInput(r.params, r.prompt_ids, r.output_ids, r.generator) for r in reqs]
+        )
+        for j, req in enumerate(reqs):
+            top = None
+            if out.top_ids is not None and out.top_logprobs is not None:
+                n = req.params.top_logprobs
+                top = dict(zip(out.top_ids[j][:n], out.top_logprobs[j][:n]))
+            lp = out.logprobs[j] if out.logprobs is not None else None
+            self._on_token(req, out.tokens[j], lp, top)
 
     def _advance_grammar(self, req: Request, token: int) -> list[int] | None:
         """Feed the sampled token to the request's grammar; with jump-forward, replace it by
