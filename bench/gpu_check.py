@@ -7,8 +7,11 @@ The embedded model's weights do not travel to such a machine, so the model here 
 architecture (SmolLM2-135M: 30 layers, 9 query and 3 KV heads of 64) with random weights,
 beside its real tokenizer (a folder holding the embedded model's config and tokenizer files).
 
-Usage: PYTHONPATH=. python bench/gpu_check.py --model-files DIR [--out F] [--skip serve ...]
-Its kernel tests: STRATA_TEST_DEVICE=cuda python -m pytest tests/core/test_triton_attention.py
+Usage: PYTHONPATH=. python bench/gpu_check.py [--model-files DIR] [--out F] [--skip serve ...]
+(DIR: a folder with the model's config.json and tokenizer files; by default the embedded
+model's converted checkpoint, whose weights are not used.) Its kernel tests:
+STRATA_TEST_DEVICE=cuda TRITON_INTERPRET=0 python -m pytest tests/core/test_triton_attention.py \
+    tests/core/test_cuda_graph.py
 """
 
 from __future__ import annotations
@@ -193,7 +196,8 @@ def make_model(files: Path, into: Path) -> Path:
 
     into.mkdir(parents=True, exist_ok=True)
     for f in files.iterdir():
-        shutil.copy(f, into / f.name)
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy(f, into / f.name)
     cfg = transformers.AutoConfig.from_pretrained(into)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -335,7 +339,12 @@ def concurrent_tok_s(url: str, streams: int, tokens: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model-files", type=Path, required=True)
+    ap.add_argument(
+        "--model-files",
+        type=Path,
+        default=None,
+        help="config and tokenizer files (default: the embedded model's)",
+    )
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--skip", nargs="*", default=[], help="parts to leave out")
     ap.add_argument("--device", default="cuda", help="for the model's parts (cpu: a dry run)")
@@ -368,6 +377,10 @@ def main() -> None:
     run("write", write_kernel, rows)
     run("sweep", sweep, rows)
     with tempfile.TemporaryDirectory() as tmp:
+        if a.model_files is None:
+            from strata.model.loader import resolve_checkpoint
+
+            a.model_files = resolve_checkpoint(None)
         folder = make_model(a.model_files, Path(tmp) / "model")
         run("oracle", oracle, folder, a.device, out)
         run("steps", steps, folder, a.device, out)
