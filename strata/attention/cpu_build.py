@@ -89,9 +89,10 @@ def library() -> ctypes.CDLL | None:
     i64p = p  # int64 arrays, passed by address
     i64 = ctypes.c_int64
     lib.paged_decode.argtypes = [
-        i, p, p, p, p, i64p, i64p, i, i, i, i, i, i, i64, ctypes.c_float, i, i
+        i, p, p, p, p, i64p, i64p, i, i, i, i, i, i, i64, ctypes.c_float, i, i, i
     ]  # fmt: skip
     lib.write_kv.argtypes = [i, p, p, p, p, i64p, i64p, i64, i, i, i, i64]
+    lib.shared_decode_available.argtypes = []
     lib.select_pages.argtypes = [
         i, p, p, p, i64p, i64p, p, i, i, i, i, i, i, i64, ctypes.c_float, ctypes.c_float, i64,
         ctypes.c_double, i, i, i64p, i64p, p, i64, i64, i64, i64p, i64p, i64p, p,
@@ -109,11 +110,11 @@ def library() -> ctypes.CDLL | None:
     lib.int4_linear_bf16.argtypes = [p, p, p, p, i64, i64, i64, i64]
     lib.write_decode.argtypes = [
         i, p, p, p, p, i64p, i64p, i64, p, p, i64p, i64p, i, i, i, i, i, i, i64,
-        ctypes.c_float, i,
+        ctypes.c_float, i, i,
     ]  # fmt: skip
     for fn in (lib.paged_decode, lib.write_kv, lib.select_pages, lib.sparse_decode,
                lib.add_rms_norm, lib.rope_bf16, lib.silu_mul_bf16, lib.write_decode,
                lib.gemv_packed_bf16, lib.amx_linear_bf16, lib.linear_packed_bf16,
-               lib.int4_linear_bf16):  # fmt: skip
+               lib.int4_linear_bf16, lib.shared_decode_available):  # fmt: skip
         fn.restype = i
     return lib

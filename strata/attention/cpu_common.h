@@ -63,4 +63,22 @@ ALWAYS_INLINE __m512 load_bf16x16(const uint16_t *p) {
 }
 #endif
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+static inline int amx_allowed(void) { /* Linux asks each process for the AMX state once */
+    static int state; /* 0: not asked yet, 1: granted, -1: refused (once per source file) */
+    if (!state) state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) ? -1 : 1;
+    return state == 1;
+}
+
+struct tile_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+#endif
+
 #endif

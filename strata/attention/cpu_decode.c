@@ -9,6 +9,7 @@
  * long context still keeps every thread busy; splits are merged by log-sum-exp.
  * Built and loaded by strata/attention/cpu_kernels.py; the oracle is reference.paged_decode.
  */
+#define _GNU_SOURCE /* syscall(), for AMX */
 #include "cpu_common.h"
 
 /* The decode inner loops (and the helpers they inline) may reassociate float sums: GCC then
@@ -231,6 +232,183 @@ DEFINE_PARTIAL512(partial_bf16_128_avx512, 128, 2)
 #define HAVE_PARTIAL512 1
 #endif
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+/* Shared-prefix decode on AMX tiles (cascade attention): the pages every sequence of the
+ * batch starts with (a shared system prompt: the radix cache gives them the same page ids)
+ * are read once for all the sequences' queries of a KV head, as matrix products, rather
+ * than once per sequence. bfloat16, head_dim 64, full pages of 16 tokens. One item: KV head
+ * h over shared pages [c0, c1), for its m queries (every sequence's g heads of h, row j =
+ * b * g + gi, padded to whole blocks of 16): leaves o [rows, 64] (unnormalised), mx and l
+ * [rows], as a split of paged_decode does. Up to 4 pages (64 tokens) at a time: S = Q K^T
+ * on tiles (q unscaled, exact in bf16; the scale applied in float32), the online softmax per
+ * query row, then P V with P rounded to bfloat16 (as flash attention does on GPUs).
+ * All 8 tiles are 16 rows of 64 bytes: 0, 1 B (K^T, then V); 2, 3 A (Q, then P); 4-7 C
+ * (S of 16 tokens each, then P V of 16 dims each). */
+#define SHARED_DIM 64
+#define SHARED_CHUNK 4 /* pages */
+
+/* dst[r][t] = src[t][r] for 16 x 16 32-bit values, src rows `stride` values apart: 32- and
+ * 64-bit unpacks gather 4 x 4 blocks in each 128-bit lane, two lane shuffles place them */
+static inline void transpose16_u32(const uint32_t *src, int64_t stride, uint32_t *dst) {
+    __m512i r[16], t[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(src + i * stride);
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) { /* r[i + c]: column 4L + c of rows i..i+3, lane L */
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        t[c] = _mm512_shuffle_i32x4(r[c], r[c + 4], 0x88);
+        t[c + 4] = _mm512_shuffle_i32x4(r[c], r[c + 4], 0xDD);
+        t[c + 8] = _mm512_shuffle_i32x4(r[c + 8], r[c + 12], 0x88);
+        t[c + 12] = _mm512_shuffle_i32x4(r[c + 8], r[c + 12], 0xDD);
+    }
+    for (int c = 0; c < 4; c++) {
+        r[c] = _mm512_shuffle_i32x4(t[c], t[c + 8], 0x88);
+        r[c + 4] = _mm512_shuffle_i32x4(t[c + 4], t[c + 12], 0x88);
+        r[c + 8] = _mm512_shuffle_i32x4(t[c], t[c + 8], 0xDD);
+        r[c + 12] = _mm512_shuffle_i32x4(t[c + 4], t[c + 12], 0xDD);
+    }
+    for (int i = 0; i < 16; i++) _mm512_storeu_si512(dst + i * 16, r[i]);
+}
+
+/* 16-bit lanes of a and b interleaved: a[0] b[0] a[1] b[1] .. a[15] b[15] (and from 16) */
+static const uint16_t INTERLEAVE_LO[32] __attribute__((aligned(64))) = {
+    0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+
+static void shared_item(const uint16_t *q, const uint16_t *k, const uint16_t *v,
+                        const int64_t *pages, int64_t c0, int64_t c1, int64_t pstride,
+                        int64_t row, int heads, int g, int h, int m, float scale, float *o,
+                        float *mx, float *l) {
+    enum { T = SHARED_CHUNK * 16 };
+    const int rows = (m + 15) / 16 * 16;
+    uint16_t *qb = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * rows * SHARED_DIM);
+    if (!qb) return;
+    for (int j = 0; j < rows; j++) {
+        uint16_t *dst = qb + (int64_t)j * SHARED_DIM;
+        if (j < m)
+            memcpy(dst, q + ((int64_t)(j / g) * heads + (int64_t)h * g + j % g) * SHARED_DIM,
+                   sizeof(uint16_t) * SHARED_DIM);
+        else
+            memset(dst, 0, sizeof(uint16_t) * SHARED_DIM);
+        mx[j] = -INFINITY;
+        l[j] = 0.f;
+    }
+    memset(o, 0, sizeof(float) * rows * SHARED_DIM);
+    /* K^T of each 16 tokens: [token group][dims / 32][pair][token]; V of each 32 tokens:
+     * [half][dims / 16][token pair][dim, token] */
+    uint32_t kt[SHARED_CHUNK][2][16][16] __attribute__((aligned(64)));
+    uint32_t vv[2][4][16][16] __attribute__((aligned(64)));
+    float sc[16][T] __attribute__((aligned(64))), pv[16][SHARED_DIM] __attribute__((aligned(64)));
+    uint16_t p[16][T] __attribute__((aligned(64)));
+    float corr[16];
+    const __m512 scale16 = _mm512_set1_ps(scale);
+    const __m512i lo = _mm512_load_si512(INTERLEAVE_LO);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    struct tile_config cfg = {.palette = 1};
+    for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+    _tile_loadconfig(&cfg);
+    for (int64_t pg0 = c0; pg0 < c1; pg0 += SHARED_CHUNK) {
+        const int np = (int)(c1 - pg0 < SHARED_CHUNK ? c1 - pg0 : SHARED_CHUNK);
+        for (int c = 0; c < np; c++) {
+            const uint16_t *kp = k + pages[pg0 + c] * pstride + (int64_t)h * SHARED_DIM;
+            const uint16_t *vp = v + pages[pg0 + c] * pstride + (int64_t)h * SHARED_DIM;
+            transpose16_u32((const uint32_t *)kp, row / 2, &kt[c][0][0][0]);
+            transpose16_u32((const uint32_t *)kp + 16, row / 2, &kt[c][1][0][0]);
+            for (int r = 0; r < 8; r++) { /* tokens 2r, 2r + 1 of this page, interleaved */
+                const uint16_t *a = vp + (2 * r) * row, *b = a + row;
+                const __m512i a0 = _mm512_loadu_si512(a), a1 = _mm512_loadu_si512(a + 32);
+                const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 32);
+                uint32_t(*dst)[16][16] = vv[c / 2];
+                const int pr = (c % 2) * 8 + r;
+                _mm512_store_si512(dst[0][pr], _mm512_permutex2var_epi16(a0, lo, b0));
+                _mm512_store_si512(dst[1][pr], _mm512_permutex2var_epi16(a0, hi, b0));
+                _mm512_store_si512(dst[2][pr], _mm512_permutex2var_epi16(a1, lo, b1));
+                _mm512_store_si512(dst[3][pr], _mm512_permutex2var_epi16(a1, hi, b1));
+            }
+        }
+        if (np % 2) /* an odd last page: its half's other 16 tokens weigh 0 and are 0 */
+            for (int db = 0; db < 4; db++) memset(vv[np / 2][db][8], 0, sizeof(uint32_t) * 128);
+        for (int r0 = 0; r0 < rows; r0 += 16) {
+            _tile_loadd(2, qb + (int64_t)r0 * SHARED_DIM, SHARED_DIM * 2);
+            _tile_loadd(3, qb + (int64_t)r0 * SHARED_DIM + 32, SHARED_DIM * 2);
+#define S_BLOCK(C, G)                                                                         \
+            if ((G) < np) {                                                                   \
+                _tile_zero(C);                                                                \
+                _tile_loadd(0, kt[G][0], 64);                                                 \
+                _tile_loadd(1, kt[G][1], 64);                                                 \
+                _tile_dpbf16ps(C, 2, 0);                                                      \
+                _tile_dpbf16ps(C, 3, 1);                                                      \
+                _tile_stored(C, &sc[0][16 * (G)], T * 4);                                     \
+            }
+            S_BLOCK(4, 0) S_BLOCK(5, 1) S_BLOCK(6, 2) S_BLOCK(7, 3)
+#undef S_BLOCK
+            for (int i = 0; i < 16; i++) {
+                const int j = r0 + i;
+                __m512 s[SHARED_CHUNK];
+                __m512 top = _mm512_set1_ps(-INFINITY);
+                for (int c = 0; c < np; c++) {
+                    s[c] = _mm512_mul_ps(_mm512_load_ps(&sc[i][16 * c]), scale16);
+                    top = _mm512_max_ps(top, s[c]);
+                }
+                const float t = _mm512_reduce_max_ps(top), mnew = t > mx[j] ? t : mx[j];
+                const __m512 mv = _mm512_set1_ps(mnew);
+                __m512 sum = _mm512_setzero_ps();
+                for (int c = 0; c < SHARED_CHUNK; c++) {
+                    const __m512 e = c < np ? exp_neg16(_mm512_sub_ps(s[c], mv)) : _mm512_setzero_ps();
+                    sum = _mm512_add_ps(sum, e);
+                    _mm256_store_si256((__m256i *)&p[i][16 * c], (__m256i)_mm512_cvtneps_pbh(e));
+                }
+                corr[i] = exp_neg(mx[j] - mnew);
+                l[j] = l[j] * corr[i] + _mm512_reduce_add_ps(sum);
+                mx[j] = mnew;
+            }
+            _tile_zero(4);
+            _tile_zero(5);
+            _tile_zero(6);
+            _tile_zero(7);
+            for (int half = 0; half < (np + 1) / 2; half++) {
+                _tile_loadd(2, &p[0][32 * half], T * 2);
+#define PV_BLOCK(C, DB)                                                                       \
+                _tile_loadd(0, vv[half][DB], 64);                                             \
+                _tile_dpbf16ps(C, 2, 0);
+                PV_BLOCK(4, 0) PV_BLOCK(5, 1) PV_BLOCK(6, 2) PV_BLOCK(7, 3)
+#undef PV_BLOCK
+            }
+            _tile_stored(4, &pv[0][0], SHARED_DIM * 4);
+            _tile_stored(5, &pv[0][16], SHARED_DIM * 4);
+            _tile_stored(6, &pv[0][32], SHARED_DIM * 4);
+            _tile_stored(7, &pv[0][48], SHARED_DIM * 4);
+            for (int i = 0; i < 16; i++) {
+                float *oi = o + (int64_t)(r0 + i) * SHARED_DIM;
+                const __m512 cv = _mm512_set1_ps(corr[i]);
+                for (int c = 0; c < 4; c++)
+                    _mm512_storeu_ps(oi + 16 * c, _mm512_fmadd_ps(_mm512_loadu_ps(oi + 16 * c), cv,
+                                                                  _mm512_load_ps(&pv[i][16 * c])));
+            }
+        }
+    }
+    _tile_release();
+    free(qb);
+}
+#define HAVE_SHARED_AMX 1
+#endif
+
+/* 1 where paged_decode reads shared pages once for the batch (AMX allowed), else 0 */
+int shared_decode_available(void) {
+#ifdef HAVE_SHARED_AMX
+    return amx_allowed();
+#else
+    return 0;
+#endif
+}
+
 typedef void (*partial_fn)(const float *, const void *, const void *, const int64_t *, int64_t,
                            int64_t, int64_t, int64_t, int, int, int64_t, int, int, float *,
                            float *, float *);
@@ -256,7 +434,7 @@ static partial_fn pick(int dtype, int d, int page_size) {
 int paged_decode(int dtype, const void *q, const void *k, const void *v, void *out,
                  const int64_t *page_table, const int64_t *seq_lens, int batch, int table_width,
                  int heads, int kv_heads, int head_dim, int page_size, int64_t page_stride,
-                 float scale, int splits, int groups) {
+                 float scale, int splits, int groups, int shared) {
     const int g = heads / kv_heads, d = head_dim;
     if (heads > MAX_HEADS || d > MAX_DIM || page_size > MAX_PAGE || heads % kv_heads) return -1;
     if (groups < 1 || kv_heads % groups) return -1;
@@ -267,15 +445,42 @@ int paged_decode(int dtype, const void *q, const void *k, const void *v, void *o
     const int64_t items = (int64_t)batch * groups * splits;
     /* per item: acc [gheads, d], m [gheads], l [gheads] */
     const int64_t stride = (int64_t)gheads * d + 2 * gheads;
-    float *work = (float *)malloc(sizeof(float) * items * stride);
+    /* shared: pages every sequence starts with (page_table's first `shared` columns agree),
+     * read once for all of them per KV head (shared_item), in `chunks` parts per head */
+#ifdef HAVE_SHARED_AMX
+    if (shared > 0 && !(dtype == 1 && d == SHARED_DIM && page_size == 16 && groups == 1 &&
+                        batch * g <= MAX_HEADS * 8 && amx_allowed()))
+        shared = 0;
+#else
+    shared = 0;
+#endif
+    if (shared < 0) shared = 0;
+    const int chunks = shared == 0 ? 0 : shared < 8 ? 1 : 2;
+    const int mrows = (batch * g + 15) / 16 * 16;
+    const int64_t sitems = (int64_t)kv_heads * chunks, sstride = (int64_t)mrows * (d + 2);
+    float *work = (float *)malloc(sizeof(float) * (items * stride + sitems * sstride));
     if (!work) return -1;
+    float *swork = work + items * stride;
 #pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items; it++) {
+    for (int64_t it2 = 0; it2 < sitems + items; it2++) {
+        if (it2 < sitems) { /* the shared pages: KV head h, part c */
+#ifdef HAVE_SHARED_AMX
+            const int h = (int)(it2 / chunks), c = (int)(it2 % chunks);
+            const int64_t per = (shared + chunks - 1) / chunks;
+            const int64_t c0 = c * per, c1 = c0 + per < shared ? c0 + per : shared;
+            float *o = swork + it2 * sstride;
+            shared_item((const uint16_t *)q, (const uint16_t *)k, (const uint16_t *)v,
+                        page_table, c0, c1, page_stride, row, heads, g, h, batch * g, scale,
+                        o, o + (int64_t)mrows * d, o + (int64_t)mrows * (d + 1));
+#endif
+            continue;
+        }
+        const int64_t it = it2 - sitems;
         const int64_t seq = it / splits; /* (sequence, group) */
         const int b = (int)(seq / groups), grp = (int)(seq % groups), sp = (int)(it % splits);
         const int64_t len = seq_lens[seq], npages = (len + page_size - 1) / page_size;
-        const int64_t per = (npages + splits - 1) / splits;
-        const int64_t p0 = sp * per, p1 = (p0 + per) < npages ? (p0 + per) : npages;
+        const int64_t per = (npages - shared + splits - 1) / splits;
+        const int64_t p0 = shared + sp * per, p1 = (p0 + per) < npages ? (p0 + per) : npages;
         float *acc = work + it * stride, *m = acc + (int64_t)gheads * d, *l = m + gheads;
         float qf[MAX_HEADS * MAX_DIM];
         const int64_t qoff = ((int64_t)b * heads + (int64_t)grp * gheads) * d;
@@ -298,9 +503,16 @@ int paged_decode(int dtype, const void *q, const void *k, const void *v, void *o
         const int b = (int)(bh / heads), i = (int)(bh % heads);
         const int64_t first = ((int64_t)b * groups + i / gheads) * splits; /* its first item */
         const int64_t mo = (int64_t)gheads * d + i % gheads, lo = mo + gheads;
+        /* the shared parts of its KV head: row sj of each */
+        const float *sh = swork + (int64_t)(i / g) * chunks * sstride;
+        const int64_t sj = (int64_t)b * g + i % g, smo = (int64_t)mrows * d + sj;
         float mx = -INFINITY;
         for (int sp = 0; sp < splits; sp++) {
             const float mi = work[(first + sp) * stride + mo];
+            mx = mi > mx ? mi : mx;
+        }
+        for (int c = 0; c < chunks; c++) {
+            const float mi = sh[c * sstride + smo];
             mx = mi > mx ? mi : mx;
         }
         float o[MAX_DIM], total = 0.f;
@@ -312,6 +524,14 @@ int paged_decode(int dtype, const void *q, const void *k, const void *v, void *o
             const float w = exp_neg(mi - mx);
             total += w * li;
             for (int j = 0; j < d; j++) o[j] += w * acc[(i % gheads) * d + j];
+        }
+        for (int c = 0; c < chunks; c++) {
+            const float *part = sh + c * sstride;
+            const float mi = part[smo], li = part[smo + mrows];
+            if (li == 0.f) continue;
+            const float w = exp_neg(mi - mx);
+            total += w * li;
+            for (int j = 0; j < d; j++) o[j] += w * part[sj * d + j];
         }
         for (int j = 0; j < d; j++) {
             const float val = o[j] / total;
@@ -595,7 +815,7 @@ int sparse_decode(int dtype, const void *q, const void *k, const void *v, void *
                           touched);
     if (rc == 0)
         rc = paged_decode(dtype, q, k, v, out, table, lens, batch, table_width, heads, kv_heads,
-                          head_dim, page_size, page_stride, scale, splits, kv_heads);
+                          head_dim, page_size, page_stride, scale, splits, kv_heads, 0);
     free(table);
     free(lens);
     return rc;
@@ -607,9 +827,9 @@ int write_decode(int dtype, const void *k, const void *v, void *kp, void *vp,
                  const int64_t *pages, const int64_t *offsets, int64_t tokens, const void *q,
                  void *out, const int64_t *page_table, const int64_t *seq_lens, int batch,
                  int table_width, int heads, int kv_heads, int head_dim, int page_size,
-                 int64_t page_stride, float scale, int splits) {
+                 int64_t page_stride, float scale, int splits, int shared) {
     write_kv(dtype, k, v, kp, vp, pages, offsets, tokens, kv_heads, head_dim, page_size,
              page_stride);
     return paged_decode(dtype, q, kp, vp, out, page_table, seq_lens, batch, table_width, heads,
-                        kv_heads, head_dim, page_size, page_stride, scale, splits, 1);
+                        kv_heads, head_dim, page_size, page_stride, scale, splits, 1, shared);
 }

@@ -138,21 +138,6 @@ int gemv_packed_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias,
  * the caches, is faster. Returns -1 where it does not apply (no AMX, the kernel refused it,
  * sizes not multiples of 32). */
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-static int amx_allowed(void) { /* Linux asks each process to request the AMX state once */
-    static int state; /* 0: not asked yet, 1: granted, -1: refused */
-    if (!state) state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) ? -1 : 1;
-    return state == 1;
-}
-
-struct tile_config {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-};
 
 /* This thread's tiles for rows of x: 0, 1: C; 2: A; 3, 4: B; and 5, 6, 7: C, C, A of the
  * last `rem` rows, where m is not a multiple of 16. */

@@ -23,7 +23,7 @@ using rope_fn = int (*)(uint16_t *, int64_t, int, int, int64_t, const uint16_t *
 using write_decode_fn = int (*)(int, const void *, const void *, void *, void *,
                                 const int64_t *, const int64_t *, int64_t, const void *, void *,
                                 const int64_t *, const int64_t *, int, int, int, int, int, int,
-                                int64_t, float, int);
+                                int64_t, float, int, int);
 using silu_mul_fn = int (*)(const uint16_t *, uint16_t *, int64_t, int64_t);
 using linear_fn = int (*)(const uint16_t *, const void *, const uint16_t *, uint16_t *, int64_t,
                         int64_t, int64_t);
@@ -174,12 +174,13 @@ int model_add_layer(void *model, const int64_t *linears, void *norm1, void *norm
 // Runs every layer on x [rows, hidden] (the embeddings: the residual stream, updated in
 // place) and writes the last layer's MLP output to out [rows, hidden]. cos, sin [rows,
 // head_dim]; pages, offsets [rows]; table [rows, width], lens [rows]: as
-// cpu_kernels.DecodePlan holds them. kv [layers, 2]: each layer's K and V of page 0 in the
+// cpu_kernels.DecodePlan holds them (shared: the pages every row's table starts with).
+// kv [layers, 2]: each layer's K and V of page 0 in the
 // pool, pages page_stride elements apart.
 int model_decode(void *model, void *x_data, void *out_data, int64_t rows,
                  const void *cos, const void *sin, const int64_t *pages, const int64_t *offsets,
                  const int64_t *table, const int64_t *lens, int width, int splits,
-                 const int64_t *kv, int page_size, int64_t page_stride) {
+                 int shared, const int64_t *kv, int page_size, int64_t page_stride) {
     auto *m = static_cast<Model *>(model);
     try {
         const int d = m->head_dim, q_size = m->heads * d, kv_size = m->kv_heads * d;
@@ -202,7 +203,7 @@ int model_decode(void *model, void *x_data, void *out_data, int64_t rows,
             int rc = m->write_decode(1, k.data_ptr(), v.data_ptr(), kp, vp, pages, offsets, rows,
                                      q.data_ptr(), attn.data_ptr(), table, lens, (int)rows,
                                      width, m->heads, m->kv_heads, d, page_size, page_stride,
-                                     m->scale, splits);
+                                     m->scale, splits, shared);
             if (rc) return rc;
             at::Tensor y = layer.o_proj(attn);
             m->add_rms_norm(u16(y), u16(x), u16(layer.norm2), u16(h), rows, m->hidden, m->eps);

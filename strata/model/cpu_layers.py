@@ -58,7 +58,7 @@ def library() -> ctypes.CDLL | None:
     lib.model_free.argtypes = [p]
     lib.model_add_layer.argtypes = [p, p, p, p]
     lib.model_add_layer.restype = i
-    lib.model_decode.argtypes = [p, p, p, i64, p, p, p, p, p, p, i, i, p, i, i64]
+    lib.model_decode.argtypes = [p, p, p, i64, p, p, p, p, p, p, i, i, i, p, i, i64]
     lib.model_decode.restype = i
     return lib
 
@@ -153,7 +153,7 @@ class CpuLayers:
             self.handle, x.data_ptr(), out.data_ptr(), rows, cos.data_ptr(),
             sin.data_ptr(), plan.pages.data_ptr(), plan.offsets.data_ptr(),
             plan.table.data_ptr(), plan.lens.data_ptr(), plan.table.shape[1], plan.splits,
-            self._pointers(kv).data_ptr(), layer.k.shape[1], layer.k.stride(0),
+            plan.shared, self._pointers(kv).data_ptr(), layer.k.shape[1], layer.k.stride(0),
         )  # fmt: skip
         if rc:
             raise RuntimeError(f"cpu_layers: decode failed ({rc})")

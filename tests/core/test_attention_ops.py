@@ -98,6 +98,55 @@ def test_cpu_decode_kernel_equals_dense_attention(heads, kv_heads, dim, page, le
         assert (out[i].double() - expect.squeeze(1)).abs().max() <= tol
 
 
+@pytest.mark.parametrize(
+    "batch,shared,own",
+    [
+        (4, 4, [1, 16, 17, 40]),  # one chunk of 4 pages; an own page just begun, one full
+        (16, 5, [7] * 16),  # an odd last page (its half of the V tile is zeros)
+        (40, 9, [3, 30] * 20),  # two parts of 5 and 4 pages; 120 queries: 8 blocks of 16
+        (5, 6, [1, 2, 3, 4, 5]),  # 15 queries: one block, a padding row
+    ],
+)
+def test_cpu_decode_reads_a_shared_prefix_once(batch, shared, own):
+    """Sequences that start with the same pages (a shared prompt): the kernel reads those
+    once for every query of a KV head (AMX tiles, where the CPU has them) and merges them
+    with each sequence's own pages; the same attention as dense, per sequence."""
+    torch.manual_seed(batch)
+    heads, kv_heads, dim, page = 9, 3, 64, 16
+    k_pages, v_pages = pool_layer(300, page, kv_heads, dim, torch.bfloat16)
+    perm = torch.randperm(300).tolist()
+    rows, at = [], shared
+    lens = [shared * page + n for n in own]
+    for n in lens:
+        mine = -(-n // page) - shared
+        rows.append(perm[:shared] + perm[at : at + mine])
+        at += mine
+    width = max(len(r) for r in rows)
+    table = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    q = torch.randn(batch, heads, dim).to(torch.bfloat16)
+    scale, lens_t = dim**-0.5, torch.tensor(lens)
+    assert cpu_kernels.shared_pages(table, lens_t, page) == shared
+    out = cpu_kernels.paged_decode(q, k_pages, v_pages, table, lens_t, scale, shared=shared)
+    per_sequence = cpu_kernels.paged_decode(q, k_pages, v_pages, table, lens_t, scale)
+    assert out is not None and per_sequence is not None
+    for i, n in enumerate(lens):
+        kk = tokens(k_pages, table[i], n).double().repeat_interleave(3, 1).transpose(0, 1)
+        vv = tokens(v_pages, table[i], n).double().repeat_interleave(3, 1).transpose(0, 1)
+        expect = F.scaled_dot_product_attention(q[i].double()[:, None], kk, vv, scale=scale)
+        assert (out[i].double() - expect.squeeze(1)).abs().max() <= 1e-2
+    if cpu_kernels.shared_decode_available():  # the tiles ran: P rounds to bfloat16 there
+        assert not torch.equal(out, per_sequence)
+
+
+def test_shared_pages_of_a_batch():
+    """Whole pages every row starts with, before every newest token; none for few rows."""
+    t = torch.tensor([[5, 6, 7, 8, 9, 1], [5, 6, 7, 8, 9, 2], [5, 6, 7, 8, 3, 0],
+                      [5, 6, 7, 8, 9, 4]])  # fmt: skip
+    assert cpu_kernels.shared_pages(t, torch.tensor([90, 90, 70, 90]), 16) == 4
+    assert cpu_kernels.shared_pages(t, torch.tensor([90, 90, 64, 90]), 16) == 0  # 3 whole
+    assert cpu_kernels.shared_pages(t[:3], torch.tensor([90, 90, 70]), 16) == 0  # 3 rows
+
+
 def test_cpu_decode_kernel_declines_what_it_does_not_take():
     q = torch.randn(2, 4, 8, dtype=torch.float16)
     pages = torch.randn(2, 8, 2, 8, dtype=torch.float16)
