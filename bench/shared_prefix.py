@@ -1,0 +1,77 @@
+"""Decode steps over a shared prompt, in process: the same batch with the shared pages read
+once for the batch (cpu_kernels.shared_pages: AMX tiles) and per sequence, alternating in
+one process (best of 3 each). Embedded model; every sequence's table starts with the same
+pages (as the radix cache lays out a shared system prompt), then its own.
+
+Usage: PYTHONPATH=. python bench/shared_prefix.py [--quantization int4]
+       [--cases 8,400,100 16,400,100 ...]   (batch, shared tokens, own tokens)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import strata.attention.cpu_kernels as ck
+from strata.bench import run_like_an_engine_process
+from strata.config import KVPoolConfig, ModelConfig
+from strata.engine.runner import ModelRunner
+from strata.model.batch import SequenceChunk
+from strata.sampling.sampler import argmax_rows
+
+
+def step_ms(runner: ModelRunner, batch: int, shared: int, own: int, steps: int = 12) -> float:
+    """Median ms of a decode step of `batch` sequences: `shared` tokens in common pages,
+    then `own` tokens each."""
+    ps = runner.page_size
+    common = runner.pool.alloc(shared // ps)
+    tables, last = [], []
+    try:
+        runner.forward([SequenceChunk([100 + j % 5000 for j in range(shared)], 0, common)])
+        for i in range(batch):
+            table = list(common) + runner.pool.alloc(runner.pages_for(own + steps + 4))
+            tables.append(table)
+            toks = [200 + (i * 31 + j) % 5000 for j in range(own)]
+            last.append(int(runner.forward([SequenceChunk(toks, shared, table)])[0].argmax()))
+        lens, times = [shared + own] * batch, []
+        for s in range(steps + 3):
+            start = time.perf_counter()
+            chunks = [SequenceChunk([t], n, tb) for t, n, tb in zip(last, lens, tables)]
+            last = argmax_rows(runner.forward(chunks)).tolist()
+            if s >= 3:
+                times.append(time.perf_counter() - start)
+            lens = [n + 1 for n in lens]
+        return statistics.median(times) * 1e3
+    finally:
+        for table in tables:
+            runner.pool.free(table[shared // ps :])
+        runner.pool.free(common)
+
+
+def main() -> None:
+    run_like_an_engine_process()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quantization", default="int4", choices=["none", "int4"])
+    ap.add_argument("--cases", nargs="+", default=["8,400,100", "16,400,100", "32,400,100"])
+    a = ap.parse_args()
+    runner = ModelRunner.from_config(
+        ModelConfig(dtype="bfloat16", quantization=a.quantization), KVPoolConfig(16, 4096)
+    )
+    print(f"shared kernel available: {ck.shared_decode_available()}")
+    minimum = ck.MIN_SHARED_PAGES
+    for case in a.cases:
+        batch, shared, own = map(int, case.split(","))
+        best: dict[str, list[float]] = {"once": [], "per sequence": []}
+        for _ in range(3):
+            for mode in best:
+                ck.MIN_SHARED_PAGES = minimum if mode == "once" else 1 << 30
+                best[mode].append(step_ms(runner, batch, shared, own))
+        ck.MIN_SHARED_PAGES = minimum
+        print(f"batch {batch}, {shared} shared + {own} own tokens: read once "
+              f"{min(best['once']):.2f} ms, per sequence {min(best['per sequence']):.2f} ms",
+              flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
