@@ -88,6 +88,7 @@ class TorchMeta:
     batch_rows: list[int] = field(default_factory=list)  # batch index of each decode row
     prefills: Any = None  # a kernel backend's own plan of the prefilling sequences
     plan: cpu_kernels.DecodePlan | None = None  # a dense decode-only batch on the C kernels
+    shared: int = 0  # pages every decode row starts with, read once (cpu_kernels.shared_pages)
 
 
 class TorchAttention(AttentionBackend):
@@ -144,6 +145,8 @@ class TorchAttention(AttentionBackend):
             elif self.kernels and kv is not None and len(decode) == len(batch.q_lens):
                 # every layer writes and decodes in one C call, its arguments made once here
                 meta.plan = cpu_kernels.decode_plan(kv.layers[0], write_at, meta.decode_pages, lens)
+            elif self.kernels:  # decode rows beside prefills
+                meta.shared = cpu_kernels.shared_pages(meta.decode_pages, lens, ps)
         for i, q in enumerate(batch.q_lens):
             if q > 1:
                 pages = table[i, : -(-kv_lens[i] // ps)]
@@ -271,7 +274,9 @@ class TorchAttention(AttentionBackend):
         pages, lens = meta.decode_pages, meta.decode_lens
         assert pages is not None and lens is not None
         if self.kernels:
-            out = cpu_kernels.paged_decode(q, k_pages, v_pages, pages, lens, self.scale)
+            out = cpu_kernels.paged_decode(
+                q, k_pages, v_pages, pages, lens, self.scale, meta.shared
+            )
             if out is not None:
                 return out
         mask = torch.arange(pages.shape[1] * self.page_size, device=q.device) < lens[:, None]
