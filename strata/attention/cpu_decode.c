@@ -285,12 +285,10 @@ static const uint16_t INTERLEAVE_LO[32] __attribute__((aligned(64))) = {
 static void shared_item(const uint16_t *q, const uint16_t *k, const uint16_t *v,
                         const int64_t *pages, int64_t c0, int64_t c1, int64_t pstride,
                         int64_t row, int heads, int g, int h, int m, float scale, float *o,
-                        float *mx, float *l) {
+                        float *mx, float *l, uint16_t *qb) {
     enum { T = SHARED_CHUNK * 16 };
     const int rows = (m + 15) / 16 * 16;
-    uint16_t *qb = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * rows * SHARED_DIM);
-    if (!qb) return;
-    for (int j = 0; j < rows; j++) {
+    for (int j = 0; j < rows; j++) { /* qb [rows, 64]: the item's queries, zeros past m */
         uint16_t *dst = qb + (int64_t)j * SHARED_DIM;
         if (j < m)
             memcpy(dst, q + ((int64_t)(j / g) * heads + (int64_t)h * g + j % g) * SHARED_DIM,
@@ -395,7 +393,6 @@ static void shared_item(const uint16_t *q, const uint16_t *k, const uint16_t *v,
         }
     }
     _tile_release();
-    free(qb);
 }
 #define HAVE_SHARED_AMX 1
 #endif
@@ -457,7 +454,8 @@ int paged_decode(int dtype, const void *q, const void *k, const void *v, void *o
     if (shared < 0) shared = 0;
     const int chunks = shared == 0 ? 0 : shared < 8 ? 1 : 2;
     const int mrows = (batch * g + 15) / 16 * 16;
-    const int64_t sitems = (int64_t)kv_heads * chunks, sstride = (int64_t)mrows * (d + 2);
+    /* per shared item: o [mrows, d], m [mrows], l [mrows], then its queries as bf16 */
+    const int64_t sitems = (int64_t)kv_heads * chunks, sstride = (int64_t)mrows * (d + 2 + d / 2);
     float *work = (float *)malloc(sizeof(float) * (items * stride + sitems * sstride));
     if (!work) return -1;
     float *swork = work + items * stride;
@@ -471,7 +469,8 @@ int paged_decode(int dtype, const void *q, const void *k, const void *v, void *o
             float *o = swork + it2 * sstride;
             shared_item((const uint16_t *)q, (const uint16_t *)k, (const uint16_t *)v,
                         page_table, c0, c1, page_stride, row, heads, g, h, batch * g, scale,
-                        o, o + (int64_t)mrows * d, o + (int64_t)mrows * (d + 1));
+                        o, o + (int64_t)mrows * d, o + (int64_t)mrows * (d + 1),
+                        (uint16_t *)(o + (int64_t)mrows * (d + 2)));
 #endif
             continue;
         }
