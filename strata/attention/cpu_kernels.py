@@ -1,12 +1,12 @@
-"""Hand-written CPU kernels (cpu_decode.c, cpu_ops.c; built and loaded by cpu_build.py) for torch
-tensors: each op checks what the kernel needs and returns None (or False) where it does not
-apply, and the caller then uses the torch reference (strata/attention/reference.py), which
-is also the oracle the kernels are tested against.
+"""Hand-written CPU attention kernels (cpu_decode.c; built and loaded by cpu_build.py) for
+torch tensors: each op checks what the kernel needs and returns None (or False) where it does
+not apply, and the caller then uses the torch reference (strata/attention/reference.py),
+which is also the oracle the kernels are tested against. The model's other ops (cpu_ops.c)
+are wrapped in strata/model/cpu_ops.py.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -229,109 +229,6 @@ def write_kv(
     k, v = k.contiguous(), v.contiguous()
     lib.write_kv(dtype, _ptr(k), _ptr(v), _ptr(kp), _ptr(vp), _i64(pages), _i64(offsets),
                  k.shape[0], kv_heads, d, ps, kp.stride(0))  # fmt: skip
-    return True
-
-
-def add_rms_norm(
-    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
-) -> torch.Tensor | None:
-    """x += delta in place, then rms_norm(x) * weight, for bfloat16 [rows, dim] on CPU (one
-    call instead of torch's add, upcast, reduce, scale and downcast); None where it does not
-    apply, and x is untouched then."""
-    lib = library()
-    ok = x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
-    if lib is None or not ok or not x.is_contiguous():
-        return None
-    if delta is not None:
-        if delta.dtype != x.dtype or delta.shape != x.shape:
-            return None
-        delta = delta.contiguous()
-    out = torch.empty_like(x)
-    lib.add_rms_norm(_ptr(delta) if delta is not None else None, _ptr(x), _ptr(weight),
-                     _ptr(out), x.shape[0], x.shape[1], eps)  # fmt: skip
-    return out
-
-
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
-    """silu(gate) * up of a fused gate/up projection's output [rows, 2 * n] (bfloat16, CPU)
-    in one call instead of torch's chunk, silu and mul; None where it does not apply."""
-    lib = library()
-    ok = gate_up.dtype == torch.bfloat16 and gate_up.device.type == "cpu" and gate_up.dim() == 2
-    if lib is None or not ok or not gate_up.is_contiguous():
-        return None
-    rows, n = gate_up.shape[0], gate_up.shape[1] // 2
-    out = gate_up.new_empty(rows, n)
-    lib.silu_mul_bf16(_ptr(gate_up), _ptr(out), rows, n)
-    return out
-
-
-# NOTE: the most rows linear_packed takes: AMX is faster than oneDNN's call up to 64 rows
-# (the embedded model's shapes, 2 cores); from ~128 rows oneDNN, which blocks for the caches.
-PACKED_ROWS = 64
-
-
-def linear_packed(
-    x: torch.Tensor, address: int, bias: torch.Tensor | None, out_features: int
-) -> torch.Tensor | None:
-    """x [rows, k] (bfloat16, CPU, 1..PACKED_ROWS rows) times the oneDNN-packed bfloat16
-    weight at `address` [out_features, k] (Linear checks its layout), plus bias, rounded to
-    bfloat16 once: AMX, or AVX512-BF16 for 1-2 rows (cpu_ops.c); None where neither
-    applies."""
-    lib = library()
-    if lib is None or x.dtype != torch.bfloat16 or x.dim() != 2 or not 1 <= len(x) <= PACKED_ROWS:
-        return None
-    rows = x.shape[0]
-    x = x.contiguous()
-    y = x.new_empty(rows, out_features)
-    rc = lib.linear_packed_bf16(_ptr(x), address, _ptr(bias) if bias is not None else None,
-                                _ptr(y), rows, out_features, x.shape[1])  # fmt: skip
-    return y if rc == 0 else None
-
-
-@functools.cache
-def int4_available() -> bool:
-    """Whether cpu_ops.c's int4 kernels run here (built, with AVX512-BF16)."""
-    lib = library()
-    if lib is None:
-        return False
-    x = torch.zeros(1, 32, dtype=torch.bfloat16)
-    w = torch.zeros(1, 1, 8 * 32 + 64, dtype=torch.uint8)
-    y = torch.empty(1, 16, dtype=torch.bfloat16)
-    return lib.int4_linear_bf16(_ptr(x), _ptr(w), None, _ptr(y), 1, 16, 32, 32) == 0
-
-
-def int4_linear(
-    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-    group: int,
-) -> torch.Tensor:  # fmt: skip
-    """x [rows, k] (bfloat16) times linear.pack_int4's weight, plus bias, rounded to bfloat16
-    once (cpu_ops.c: 1 row AVX512-BF16, 2-16 rows AMX tiles, more rows the weight unpacked
-    to bfloat16 for AMX). Only where int4_available()."""
-    lib = library()
-    if lib is None or x.dtype != torch.bfloat16 or x.dim() != 2:
-        raise ValueError(f"int4_linear takes bfloat16 rows on CPU, not {x.dtype} {tuple(x.shape)}")
-    x = x.contiguous()
-    y = x.new_empty(x.shape[0], out_features)
-    if not len(x):
-        return y
-    rc = lib.int4_linear_bf16(_ptr(x), _ptr(packed), _ptr(bias) if bias is not None else None,
-                              _ptr(y), x.shape[0], out_features, x.shape[1], group)  # fmt: skip
-    if rc:
-        raise RuntimeError(f"int4_linear failed ({rc})")
-    return y
-
-
-def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """RotaryEmbedding.apply in place on bfloat16 heads x [T, heads, D] on CPU (rows may be
-    strided, heads dense), with cos, sin [T, 1, D]; False where it does not apply."""
-    lib = library()
-    t, heads, d = x.shape
-    ok = x.dtype == cos.dtype == sin.dtype == torch.bfloat16 and x.device.type == "cpu"
-    if lib is None or not ok or d % 2 or d > 256 or x.stride()[1:] != (d, 1):
-        return False
-    if not (cos.is_contiguous() and sin.is_contiguous()) or cos.shape != (t, 1, d):
-        return False
-    lib.rope_bf16(_ptr(x), t, heads, d, x.stride(0), _ptr(cos), _ptr(sin))
     return True
 
 

@@ -6,7 +6,7 @@ the same order as the Python layers (strata/model/layers.py), so the same bits, 
 Built once with the system C++ compiler against the installed torch (ATen for its int4
 product where strata's int4 kernels can't run, its dispatcher for oneDNN's linear) into the
 cache dir, beside
-strata/attention/cpu_kernels.py's kernels, whose functions it calls. Anything unusual
+strata's C kernels (cpu_decode.c, cpu_ops.c), whose functions it calls. Anything unusual
 (another dtype, tensor parallelism, sparse or mixed batches, weights oneDNN did not pack,
 no compiler, ``STRATA_CPU_KERNELS=0``) keeps the Python layers.
 """
@@ -27,6 +27,7 @@ import torch.utils.cpp_extension as cpp
 from strata.attention import cpu_build, cpu_kernels
 from strata.config import system_env
 from strata.kv.pool import KVCache
+from strata.model import cpu_ops
 from strata.model.linear import Int4Linear
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ class CpuLayers:
             spec.rms_norm_eps, self.scale, _address(kernels.add_rms_norm),
             _address(kernels.rope_bf16), _address(kernels.write_decode),
             _address(kernels.silu_mul_bf16), _address(kernels.linear_packed_bf16),
-            cpu_kernels.PACKED_ROWS, _address(kernels.int4_linear_bf16),
+            cpu_ops.PACKED_ROWS, _address(kernels.int4_linear_bf16),
         )  # fmt: skip
         self.hidden = spec.hidden_size
         for layer in model.layers:

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from strata.attention import cpu_kernels
 from strata.attention.backend import AttentionBackend
 from strata.kv.pool import LayerKV
+from strata.model import cpu_ops
 from strata.model.linear import Int4Linear, Linear
 from strata.model.rope import RotaryEmbedding
 from strata.model.spec import ModelSpec
@@ -41,7 +41,7 @@ class RMSNorm:
         """(x + delta, norm(x + delta)): the residual add and the next norm. bfloat16 on CPU
         runs both in one C call and CUDA in one Triton kernel, each adding in place (x is the
         residual stream, owned by the forward); elsewhere torch's ops, unchanged."""
-        fused = cpu_kernels.add_rms_norm(x, delta, self.weight, self.eps)
+        fused = cpu_ops.add_rms_norm(x, delta, self.weight, self.eps)
         if fused is not None:
             return x, fused
         if x.is_cuda:  # one Triton kernel, adding in place too
@@ -83,7 +83,7 @@ class Attention:
         qk = qkv[:, :qk_size].view(t, -1, self.head_dim)
         if qk.is_cuda:
             gpu_ops().rope_(qk, cos, sin)
-        elif not cpu_kernels.rope_(qk, cos, sin):
+        elif not cpu_ops.rope_(qk, cos, sin):
             qk = self.rope.apply(qk, cos, sin)
         q, k = qk[:, : self.heads], qk[:, self.heads :]
         v = qkv[:, qk_size:].view(t, self.kv_heads, self.head_dim)
@@ -98,7 +98,7 @@ class MLP:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up(x)
-        h = cpu_kernels.silu_mul(gate_up)  # bfloat16 on CPU: one call, rounded as torch
+        h = cpu_ops.silu_mul(gate_up)  # bfloat16 on CPU: one call, rounded as torch
         if h is None and gate_up.is_cuda:
             h = gpu_ops().silu_mul(gate_up)
         if h is None:

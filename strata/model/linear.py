@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from strata.attention import cpu_kernels
+from strata.model import cpu_ops
 
 # NOTE: the batch size oneDNN picks its weight layout for; measured on 2 cores, a layout
 # packed for 32 rows is as fast as or faster than F.linear from 1 to 300 rows.
@@ -40,12 +40,12 @@ class Linear:
         self.weight = (
             torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS) if self.packed else weight
         )
-        # the packed weight's address for cpu_kernels.linear_packed (0: oneDNN for every call)
+        # the packed weight's address for cpu_ops.linear_packed (0: oneDNN for every call)
         self.address = _kernel_address(self.weight, weight, bias) if self.packed else 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.address:  # None past a decode batch's rows
-            y = cpu_kernels.linear_packed(x, self.address, self.bias, self.out_features)
+            y = cpu_ops.linear_packed(x, self.address, self.bias, self.out_features)
             if y is not None:
                 return y
         if self.packed:
@@ -67,7 +67,7 @@ def _kernel_address(packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     except (AttributeError, RuntimeError):
         return 0
     x = torch.randn(2, in_f, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    got = cpu_kernels.linear_packed(x, address, bias, out_f)
+    got = cpu_ops.linear_packed(x, address, bias, out_f)
     if got is None:
         return 0
     want = F.linear(x.float(), weight.float(), bias.float() if bias is not None else None)
@@ -109,7 +109,7 @@ def pack_int4(codes: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -
 class Int4Linear:
     """Weight-only int4 linear (CPU): a quarter of the bf16 bytes read per decode step.
     Where the CPU has AVX512-BF16, strata's kernels on their own packing (`strata`;
-    cpu_kernels.int4_linear); elsewhere ATen's int4 product on its packing."""
+    cpu_ops.int4_linear); elsewhere ATen's int4 product on its packing."""
 
     def __init__(
         self,
@@ -125,7 +125,7 @@ class Int4Linear:
             raise ValueError(f"int4 needs in_features ({in_f}) divisible by {group_size}")
         codes, scales_and_zeros = quantize_int4(weight, group_size)
         sz = scales_and_zeros.to(dtype)  # [in // group, out, 2]
-        self.strata = out_f % 16 == 0 and cpu_kernels.int4_available()
+        self.strata = out_f % 16 == 0 and cpu_ops.int4_available()
         # strata's packing holds the scales; ATen's product takes them apart
         self.scales_and_zeros: torch.Tensor | None = None if self.strata else sz
         if self.strata:
@@ -147,7 +147,7 @@ class Int4Linear:
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
         if self.strata:
-            y = cpu_kernels.int4_linear(x, self.packed, self.bias, self.out_features,
+            y = cpu_ops.int4_linear(x, self.packed, self.bias, self.out_features,
                                         self.group_size)  # fmt: skip
         else:
             assert self.scales_and_zeros is not None

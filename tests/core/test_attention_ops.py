@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from strata.attention import cpu_kernels
 from strata.attention import reference as ref
 from strata.kv.pool import KVCache
+from strata.model import cpu_ops
 
 PS, KVH, G, D = 4, 2, 3, 16
 
@@ -165,7 +166,7 @@ def test_cpu_add_rms_norm_equals_torch_add_then_rms_norm(rows, with_delta):
     w = (torch.rand(576, generator=g) + 0.5).to(torch.bfloat16)
     want_x = x + delta if delta is not None else x.clone()
     want = F.rms_norm(want_x, (576,), w, 1e-5)
-    got = cpu_kernels.add_rms_norm(x, delta, w, 1e-5)
+    got = cpu_ops.add_rms_norm(x, delta, w, 1e-5)
     assert got is not None
     assert torch.equal(x, want_x)  # the residual add, in place, rounded as torch rounds it
     # one rounding of the same float32 value; the sum of squares is folded in torch's order,
@@ -176,9 +177,9 @@ def test_cpu_add_rms_norm_equals_torch_add_then_rms_norm(rows, with_delta):
 
 def test_cpu_add_rms_norm_declines_other_dtypes_and_layouts():
     w = torch.ones(8)
-    assert cpu_kernels.add_rms_norm(torch.ones(2, 8), None, w, 1e-5) is None  # float32
+    assert cpu_ops.add_rms_norm(torch.ones(2, 8), None, w, 1e-5) is None  # float32
     x = torch.ones(8, 2, dtype=torch.bfloat16).t()  # not contiguous
-    assert cpu_kernels.add_rms_norm(x, None, w.to(torch.bfloat16), 1e-5) is None
+    assert cpu_ops.add_rms_norm(x, None, w.to(torch.bfloat16), 1e-5) is None
 
 
 @pytest.mark.parametrize("rows", [1, 3, 40])
@@ -188,13 +189,13 @@ def test_cpu_silu_mul_equals_torch_chunk_silu_mul(rows):
     gate_up[0, :8] = torch.tensor([0.0, -0.0, 30.0, -30.0, 90.0, -90.0, 1e-3, -1e-3])
     gate, up = gate_up.chunk(2, dim=-1)
     want = F.silu(gate) * up
-    got = cpu_kernels.silu_mul(gate_up)
+    got = cpu_ops.silu_mul(gate_up)
     assert got is not None
     # the same two roundings; its exp is not torch's, so a rare element may be one ulp off
     assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=0)
     assert (got != want).float().mean().item() < 0.001
-    assert cpu_kernels.silu_mul(gate_up.float()) is None  # float32: torch's ops
-    assert cpu_kernels.silu_mul(torch.zeros(4, 8, dtype=torch.bfloat16).t()) is None  # strided
+    assert cpu_ops.silu_mul(gate_up.float()) is None  # float32: torch's ops
+    assert cpu_ops.silu_mul(torch.zeros(4, 8, dtype=torch.bfloat16).t()) is None  # strided
 
 
 @pytest.mark.parametrize("rows", [1, 5, 40])
@@ -209,6 +210,6 @@ def test_cpu_rope_in_place_equals_rotary_embedding(rows):
     heads = qkv[:, : 12 * 64].view(rows, 12, 64)  # q and k heads, rows strided by v
     want = rope.apply(heads, cos, sin)
     v_before = qkv[:, 12 * 64 :].clone()
-    assert cpu_kernels.rope_(heads, cos, sin)
+    assert cpu_ops.rope_(heads, cos, sin)
     assert torch.equal(heads, want)  # the same three roundings as torch's ops
     assert torch.equal(qkv[:, 12 * 64 :], v_before)

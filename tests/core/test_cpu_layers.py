@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from strata.attention import cpu_kernels
 from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.runner import ModelRunner
+from strata.model import cpu_ops
 from strata.model.batch import SequenceChunk
 
 PS = 4
@@ -41,7 +41,7 @@ def test_fused_layers_give_the_python_layers_logits(
     tiny_checkpoint, arch, quant, batch, monkeypatch
 ):
     if quant == "int4-aten":  # ATen's int4 packing, as where strata's int4 kernels can't run
-        monkeypatch.setattr(cpu_kernels, "int4_available", lambda: False)
+        monkeypatch.setattr(cpu_ops, "int4_available", lambda: False)
     folder, _ = tiny_checkpoint(arch, num_hidden_layers=3, num_key_value_heads=2)
     runner = ModelRunner.from_config(
         ModelConfig(str(folder), dtype="bfloat16", quantization=quant.removesuffix("-aten")),

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from strata.attention import cpu_kernels
 from strata.attention.cpu_build import library
+from strata.model import cpu_ops
 from strata.model.linear import Int4Linear, Linear, _kernel_address, can_prepack, quantize_int4
 
 
@@ -20,7 +20,7 @@ def test_prepacked_bfloat16_linear_equals_f_linear_bit_for_bit(rows):
     layer = Linear(w, b)
     assert layer.packed and layer.weight.is_mkldnn
     x = torch.randn(rows, 64, dtype=torch.bfloat16)
-    if layer.address and rows <= cpu_kernels.PACKED_ROWS:  # strata's kernels (below)
+    if layer.address and rows <= cpu_ops.PACKED_ROWS:  # strata's kernels (below)
         assert_within_an_ulp(layer(x), F.linear(x, w, b))
     else:
         assert torch.equal(layer(x), F.linear(x, w, b))
@@ -73,7 +73,7 @@ def test_float32_linear_is_not_packed():
 @pytest.mark.parametrize("aten", [False, True])  # ATen's int4 product, where strata's can't run
 def test_int4_linear_matches_its_dequantized_weight(rows, aten, monkeypatch):
     if aten:
-        monkeypatch.setattr(cpu_kernels, "int4_available", lambda: False)
+        monkeypatch.setattr(cpu_ops, "int4_available", lambda: False)
     torch.manual_seed(0)
     w = torch.randn(64, 128, dtype=torch.bfloat16)
     b = torch.randn(64, dtype=torch.bfloat16)
