@@ -41,6 +41,9 @@ class DecodeGraphs:
         self.model, self.kv, self.page_size, self.capture = model, kv, page_size, capture
         self.buckets = [b for b in BUCKETS if b < max_bs] + [max_bs]
         self.scratch = pool.alloc(1)[0]  # padding rows write their key and value here
+        # a padding row's inputs: a token at position 0 written to the scratch page and
+        # attending to it alone
+        self.padding = (0, 0, self.scratch, 0, 1)
         n, dev = self.buckets[-1], kv.data.device
         # rows: token ids, positions, write page, write offset, tokens in the KV after the step
         self.inputs = torch.zeros(5, n, dtype=torch.int64, device=dev)
@@ -50,11 +53,6 @@ class DecodeGraphs:
         self.sparse = getattr(model.backend, "sparse", None)
         if capture:
             self._capture_all()
-
-    def _pad(self, start: int, end: int) -> None:
-        """Rows start..end: a token at position 0 written to the scratch page and attending
-        to it alone."""
-        self.inputs[:, start:end] = torch.tensor([0, 0, self.scratch, 0, 1])[:, None]
 
     def _meta(self, b: int) -> TorchMeta:
         i = self.inputs
@@ -74,7 +72,7 @@ class DecodeGraphs:
         side = torch.cuda.Stream()
         for b in tqdm(sorted(self.buckets, reverse=True), desc="capturing decode graphs",
                       unit="graph"):  # fmt: skip
-            self._pad(0, b)
+            self.inputs[:, :b] = torch.tensor(self.padding)[:, None]
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # compiles the kernels outside the capture
                 self._forward(b)
@@ -108,7 +106,7 @@ class DecodeGraphs:
             for col, v in zip(cols, (c.token_ids[0], n, pages[n // ps], n % ps, n + 1)):
                 col.append(v)
             table.append(pages + [self.scratch] * (width - len(pages)))
-        for col, v in zip(cols, (0, 0, self.scratch, 0, 1)):  # the padding rows (_pad)
+        for col, v in zip(cols, self.padding):
             col.extend([v] * (bucket - b))
         self.inputs[:, :bucket].copy_(torch.tensor(cols, dtype=torch.int64))
         self.table[:b, :width].copy_(torch.tensor(table, dtype=torch.int64))
