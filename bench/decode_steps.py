@@ -19,14 +19,22 @@ from strata.model.batch import SequenceChunk
 from strata.sampling.sampler import argmax_rows
 
 
-def step_ms(runner: ModelRunner, batch: int, context: int, steps: int) -> float:
-    """Median ms of a decode step of `batch` sequences at `context` tokens each."""
+def step_ms(runner: ModelRunner, batch: int, context: int, steps: int, shared: int = 0) -> float:
+    """Median ms of a decode step of `batch` sequences at `context` tokens each, after
+    `shared` tokens (whole pages) they all start with in the same pages, as the radix cache
+    lays out a shared prompt."""
+    ps = runner.page_size
+    assert shared % ps == 0, "a shared prefix of whole pages"
+    common = runner.pool.alloc(shared // ps)
     prompts = [[100 + (i * 31 + j) % 5000 for j in range(context)] for i in range(batch)]
-    tables = [runner.pool.alloc(runner.pages_for(context + steps + 4)) for _ in prompts]
+    tables = [list(common) + runner.pool.alloc(runner.pages_for(context + steps + 4))
+              for _ in prompts]  # fmt: skip
     try:
-        last = [int(runner.forward([SequenceChunk(p, 0, t)])[0].argmax())
+        if shared:
+            runner.forward([SequenceChunk([7 + j % 5000 for j in range(shared)], 0, common)])
+        last = [int(runner.forward([SequenceChunk(p, shared, t)])[0].argmax())
                 for p, t in zip(prompts, tables)]  # fmt: skip
-        lens, times = [context] * batch, []
+        lens, times = [shared + context] * batch, []
         for i in range(steps + 3):  # 3 warm steps
             start = time.perf_counter()
             chunks = [SequenceChunk([tok], n, t) for tok, n, t in zip(last, lens, tables)]
@@ -37,7 +45,8 @@ def step_ms(runner: ModelRunner, batch: int, context: int, steps: int) -> float:
         return statistics.median(times) * 1e3
     finally:
         for t in tables:
-            runner.pool.free(t)
+            runner.pool.free(t[len(common) :])
+        runner.pool.free(common)
 
 
 def main() -> None:

@@ -10,43 +10,12 @@ Usage: PYTHONPATH=. python bench/shared_prefix.py [--quantization int4]
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import strata.attention.cpu_kernels as ck
+from bench.decode_steps import step_ms
 from strata.bench import run_like_an_engine_process
 from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.runner import ModelRunner
-from strata.model.batch import SequenceChunk
-from strata.sampling.sampler import argmax_rows
-
-
-def step_ms(runner: ModelRunner, batch: int, shared: int, own: int, steps: int = 12) -> float:
-    """Median ms of a decode step of `batch` sequences: `shared` tokens in common pages,
-    then `own` tokens each."""
-    ps = runner.page_size
-    common = runner.pool.alloc(shared // ps)
-    tables, last = [], []
-    try:
-        runner.forward([SequenceChunk([100 + j % 5000 for j in range(shared)], 0, common)])
-        for i in range(batch):
-            table = list(common) + runner.pool.alloc(runner.pages_for(own + steps + 4))
-            tables.append(table)
-            toks = [200 + (i * 31 + j) % 5000 for j in range(own)]
-            last.append(int(runner.forward([SequenceChunk(toks, shared, table)])[0].argmax()))
-        lens, times = [shared + own] * batch, []
-        for s in range(steps + 3):
-            start = time.perf_counter()
-            chunks = [SequenceChunk([t], n, tb) for t, n, tb in zip(last, lens, tables)]
-            last = argmax_rows(runner.forward(chunks)).tolist()
-            if s >= 3:
-                times.append(time.perf_counter() - start)
-            lens = [n + 1 for n in lens]
-        return statistics.median(times) * 1e3
-    finally:
-        for table in tables:
-            runner.pool.free(table[shared // ps :])
-        runner.pool.free(common)
 
 
 def main() -> None:
@@ -66,7 +35,7 @@ def main() -> None:
         for _ in range(3):
             for mode in best:
                 ck.MIN_SHARED_PAGES = minimum if mode == "once" else 1 << 30
-                best[mode].append(step_ms(runner, batch, shared, own))
+                best[mode].append(step_ms(runner, batch, own, 12, shared))
         ck.MIN_SHARED_PAGES = minimum
         print(f"batch {batch}, {shared} shared + {own} own tokens: read once "
               f"{min(best['once']):.2f} ms, per sequence {min(best['per sequence']):.2f} ms",
