@@ -16,6 +16,7 @@ from strata.config import (
     ModelConfig,
     SchedulerConfig,
     SparseConfig,
+    default_sparse,
     env,
 )
 
@@ -72,8 +73,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def sparse_config(a: argparse.Namespace) -> SparseConfig:
     threshold = a.attention_sparsity_threshold
-    if threshold is None:  # the device's default (ModelConfig.sparse_attention)
-        threshold = ModelConfig(device=a.device).sparse_attention.threshold
+    if threshold is None:
+        threshold = default_sparse(a.device).threshold
     return SparseConfig(
         threshold=threshold, min_context=a.sparse_min_context,
         budget=a.sparse_budget, dense_layers=a.sparse_dense_layers,
