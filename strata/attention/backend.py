@@ -59,6 +59,32 @@ class _Extend:
 
 
 @dataclass
+class Prefills:
+    """Every prefilling sequence of one forward, as the prefill kernels take them (made once
+    per forward where a kernel reads the pages in place)."""
+
+    table: torch.Tensor  # [E, max_pages] int64
+    starts: torch.Tensor  # [E] first token row
+    q_lens: torch.Tensor  # [E]
+    prefix_lens: torch.Tensor  # [E]
+    max_q_len: int
+
+    @staticmethod
+    def of(extends: list[_Extend], device: torch.device) -> Prefills:
+        width = max(e.page_ids.shape[0] for e in extends)
+        table = torch.zeros(len(extends), width, dtype=torch.int64, device=device)
+        for i, e in enumerate(extends):
+            table[i, : e.page_ids.shape[0]] = e.page_ids
+        return Prefills(
+            table,
+            torch.tensor([e.start for e in extends], device=device),
+            torch.tensor([e.q_len for e in extends], device=device),
+            torch.tensor([e.prefix_len for e in extends], device=device),
+            max(e.q_len for e in extends),
+        )
+
+
+@dataclass
 class _Sparse:
     """Sparse decode of one forward: which decode rows select pages, and what they skip."""
 
@@ -86,7 +112,7 @@ class TorchMeta:
     suffix_mask: torch.Tensor | None = None  # [Bd, S * page_size] bool
     sparse: _Sparse | None = None
     batch_rows: list[int] = field(default_factory=list)  # batch index of each decode row
-    prefills: Any = None  # a kernel backend's own plan of the prefilling sequences
+    prefills: Prefills | None = None  # for a kernel that reads the pages in place
     plan: cpu_kernels.DecodePlan | None = None  # a dense decode-only batch on the C kernels
     shared: int = 0  # pages every decode row starts with, read once (cpu_kernels.shared_pages)
 
@@ -151,6 +177,8 @@ class TorchAttention(AttentionBackend):
             if q > 1:
                 pages = table[i, : -(-kv_lens[i] // ps)]
                 meta.extends.append(_Extend(starts[i], q, batch.prefix_lens[i], pages))
+        if meta.extends and self.reads_in_place(table.device):
+            meta.prefills = Prefills.of(meta.extends, table.device)
         return meta
 
     def forward(
@@ -184,6 +212,13 @@ class TorchAttention(AttentionBackend):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerKV, meta: TorchMeta
     ) -> torch.Tensor:
         """Attention of every prefilling sequence's rows (the other rows are left unset)."""
+        p = meta.prefills
+        if self.kernels and p is not None:
+            got = cpu_kernels.paged_prefill(
+                q, layer, p.table, p.starts, p.q_lens, p.prefix_lens, self.scale
+            )
+            if got is not None:
+                return got
         out = torch.empty_like(q)
         for e in meta.extends:
             rows = slice(e.start, e.start + e.q_len)

@@ -92,6 +92,9 @@ def library() -> ctypes.CDLL | None:
         i, p, p, p, p, i64p, i64p, i, i, i, i, i, i, i64, ctypes.c_float, i, i, i
     ]  # fmt: skip
     lib.write_kv.argtypes = [i, p, p, p, p, i64p, i64p, i64, i, i, i, i64]
+    lib.paged_prefill.argtypes = [
+        p, i64, p, p, p, i64p, i64p, i64p, i64p, i, i, i, i, i, i, i64, ctypes.c_float
+    ]  # fmt: skip
     lib.shared_decode_available.argtypes = []
     lib.select_pages.argtypes = [
         i, p, p, p, i64p, i64p, p, i, i, i, i, i, i, i64, ctypes.c_float, ctypes.c_float, i64,
@@ -112,9 +115,10 @@ def library() -> ctypes.CDLL | None:
         i, p, p, p, p, i64p, i64p, i64, p, p, i64p, i64p, i, i, i, i, i, i, i64,
         ctypes.c_float, i, i,
     ]  # fmt: skip
-    for fn in (lib.paged_decode, lib.write_kv, lib.select_pages, lib.sparse_decode,
-               lib.add_rms_norm, lib.rope_bf16, lib.silu_mul_bf16, lib.write_decode,
-               lib.gemv_packed_bf16, lib.amx_linear_bf16, lib.linear_packed_bf16,
-               lib.int4_linear_bf16, lib.shared_decode_available):  # fmt: skip
+    for fn in (lib.paged_decode, lib.paged_prefill, lib.write_kv, lib.select_pages,
+               lib.sparse_decode, lib.add_rms_norm, lib.rope_bf16, lib.silu_mul_bf16,
+               lib.write_decode, lib.gemv_packed_bf16, lib.amx_linear_bf16,
+               lib.linear_packed_bf16, lib.int4_linear_bf16,
+               lib.shared_decode_available):  # fmt: skip
         fn.restype = i
     return lib

@@ -11,6 +11,7 @@
  */
 #define _GNU_SOURCE /* syscall(), for AMX */
 #include "cpu_common.h"
+#include <omp.h>
 
 /* The decode inner loops (and the helpers they inline) may reassociate float sums: GCC then
  * vectorises the page loops fully (2.2x faster at 630 tokens of context, measured). The
@@ -233,14 +234,21 @@ DEFINE_PARTIAL512(partial_bf16_128_avx512, 128, 2)
 #endif
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-/* Shared-prefix decode on AMX tiles (cascade attention): the pages every sequence of the
- * batch starts with (a shared system prompt: the radix cache gives them the same page ids)
- * are read once for all the sequences' queries of a KV head, as matrix products, rather
- * than once per sequence. bfloat16, head_dim 64, full pages of 16 tokens. One item: KV head
- * h over shared pages [c0, c1), for its m queries (every sequence's g heads of h, row j =
- * b * g + gi, padded to whole blocks of 16): leaves o [rows, 64] (unnormalised), mx and l
- * [rows], as a split of paged_decode does. Up to 4 pages (64 tokens) at a time: S = Q K^T
- * on tiles (q unscaled, exact in bf16; the scale applied in float32), the online softmax per
+/* Attention of many query rows over the same pages, as matrix products on AMX tiles.
+ * bfloat16, head_dim 64, pages of 16 tokens. Two uses:
+ * - shared-prefix decode (cascade attention): the pages every sequence of a decode batch
+ *   starts with (a shared system prompt: the radix cache gives them the same page ids) are
+ *   read once for all the sequences' queries of a KV head, rather than once per sequence;
+ * - prefill (paged_prefill): a sequence's new tokens over its cached prefix and themselves,
+ *   causal.
+ * One item: KV head h over pages [c0, c1), for its m query rows (row j: query head
+ * h * g + j % g of query token j / g, tokens qrow elements apart), padded to whole blocks
+ * of 16: leaves o [rows, 64] (unnormalised), mx and l [rows], as a split of paged_decode
+ * does. first >= 0 makes it causal: token j / g sits at position first + j / g and sees
+ * the keys at positions (page index * 16 + offset) up to its own, so a last page need not
+ * be full (what lies past the item's last position is never read as a value). first < 0:
+ * every row sees every key of the pages. Up to 4 pages (64 tokens) at a time: S = Q K^T on
+ * tiles (q unscaled, exact in bf16; the scale applied in float32), the online softmax per
  * query row, then P V with P rounded to bfloat16 (as flash attention does on GPUs).
  * All 8 tiles are 16 rows of 64 bytes: 0, 1 B (K^T, then V); 2, 3 A (Q, then P); 4-7 C
  * (S of 16 tokens each, then P V of 16 dims each). */
@@ -282,16 +290,18 @@ static const uint16_t INTERLEAVE_LO[32] __attribute__((aligned(64))) = {
     0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
     8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
 
-static void shared_item(const uint16_t *q, const uint16_t *k, const uint16_t *v,
-                        const int64_t *pages, int64_t c0, int64_t c1, int64_t pstride,
-                        int64_t row, int heads, int g, int h, int m, float scale, float *o,
-                        float *mx, float *l, uint16_t *qb) {
+static void amx_attend(const uint16_t *q, int64_t qrow, const uint16_t *k, const uint16_t *v,
+                       const int64_t *pages, int64_t c0, int64_t c1, int64_t pstride,
+                       int64_t row, int g, int h, int m, int64_t first, float scale, float *o,
+                       float *mx, float *l, uint16_t *qb) {
     enum { T = SHARED_CHUNK * 16 };
     const int rows = (m + 15) / 16 * 16;
+    const int64_t last = first + (m - 1) / g; /* causal: the item's last position */
+    if (first >= 0 && c1 > last / 16 + 1) c1 = last / 16 + 1;
     for (int j = 0; j < rows; j++) { /* qb [rows, 64]: the item's queries, zeros past m */
         uint16_t *dst = qb + (int64_t)j * SHARED_DIM;
         if (j < m)
-            memcpy(dst, q + ((int64_t)(j / g) * heads + (int64_t)h * g + j % g) * SHARED_DIM,
+            memcpy(dst, q + (int64_t)(j / g) * qrow + ((int64_t)h * g + j % g) * SHARED_DIM,
                    sizeof(uint16_t) * SHARED_DIM);
         else
             memset(dst, 0, sizeof(uint16_t) * SHARED_DIM);
@@ -319,10 +329,15 @@ static void shared_item(const uint16_t *q, const uint16_t *k, const uint16_t *v,
             const uint16_t *vp = v + pages[pg0 + c] * pstride + (int64_t)h * SHARED_DIM;
             transpose16_u32((const uint32_t *)kp, row / 2, &kt[c][0][0][0]);
             transpose16_u32((const uint32_t *)kp + 16, row / 2, &kt[c][1][0][0]);
+            /* tokens of this page a causal item may read (the rest weigh 0 and read as 0) */
+            const int64_t seen = first < 0 ? 16 : last - (pg0 + c) * 16 + 1;
             for (int r = 0; r < 8; r++) { /* tokens 2r, 2r + 1 of this page, interleaved */
                 const uint16_t *a = vp + (2 * r) * row, *b = a + row;
-                const __m512i a0 = _mm512_loadu_si512(a), a1 = _mm512_loadu_si512(a + 32);
-                const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 32);
+                const __mmask32 ma = 2 * r < seen ? ~0u : 0u, mb = 2 * r + 1 < seen ? ~0u : 0u;
+                const __m512i a0 = _mm512_maskz_loadu_epi16(ma, a);
+                const __m512i a1 = _mm512_maskz_loadu_epi16(ma, a + 32);
+                const __m512i b0 = _mm512_maskz_loadu_epi16(mb, b);
+                const __m512i b1 = _mm512_maskz_loadu_epi16(mb, b + 32);
                 uint32_t(*dst)[16][16] = vv[c / 2];
                 const int pr = (c % 2) * 8 + r;
                 _mm512_store_si512(dst[0][pr], _mm512_permutex2var_epi16(a0, lo, b0));
@@ -334,6 +349,9 @@ static void shared_item(const uint16_t *q, const uint16_t *k, const uint16_t *v,
         if (np % 2) /* an odd last page: its half's other 16 tokens weigh 0 and are 0 */
             for (int db = 0; db < 4; db++) memset(vv[np / 2][db][8], 0, sizeof(uint32_t) * 128);
         for (int r0 = 0; r0 < rows; r0 += 16) {
+            /* causal: the block's last row sees no key of these pages (a later block may) */
+            const int jl = r0 + 15 < m - 1 ? r0 + 15 : m - 1;
+            if (first >= 0 && first + jl / g < pg0 * 16) continue;
             _tile_loadd(2, qb + (int64_t)r0 * SHARED_DIM, SHARED_DIM * 2);
             _tile_loadd(3, qb + (int64_t)r0 * SHARED_DIM + 32, SHARED_DIM * 2);
 #define S_BLOCK(C, G)                                                                         \
@@ -347,12 +365,20 @@ static void shared_item(const uint16_t *q, const uint16_t *k, const uint16_t *v,
             }
             S_BLOCK(4, 0) S_BLOCK(5, 1) S_BLOCK(6, 2) S_BLOCK(7, 3)
 #undef S_BLOCK
-            for (int i = 0; i < 16; i++) {
+            for (int i = 0; i < 16 && r0 + i < m; i++) {
                 const int j = r0 + i;
                 __m512 s[SHARED_CHUNK];
                 __m512 top = _mm512_set1_ps(-INFINITY);
+                /* causal: keys this row sees in the chunk (all where first < 0) */
+                const int64_t sees =
+                    first < 0 ? T : first + (j < m ? j : m - 1) / g - pg0 * 16 + 1;
                 for (int c = 0; c < np; c++) {
                     s[c] = _mm512_mul_ps(_mm512_load_ps(&sc[i][16 * c]), scale16);
+                    if (sees < 16 * (c + 1)) {
+                        const int n = sees <= 16 * c ? 0 : (int)(sees - 16 * c);
+                        s[c] = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY),
+                                                  (__mmask16)((1u << n) - 1), s[c]);
+                    }
                     top = _mm512_max_ps(top, s[c]);
                 }
                 const float t = _mm512_reduce_max_ps(top), mnew = t > mx[j] ? t : mx[j];
@@ -383,7 +409,7 @@ static void shared_item(const uint16_t *q, const uint16_t *k, const uint16_t *v,
             _tile_stored(5, &pv[0][16], SHARED_DIM * 4);
             _tile_stored(6, &pv[0][32], SHARED_DIM * 4);
             _tile_stored(7, &pv[0][48], SHARED_DIM * 4);
-            for (int i = 0; i < 16; i++) {
+            for (int i = 0; i < 16 && r0 + i < m; i++) {
                 float *oi = o + (int64_t)(r0 + i) * SHARED_DIM;
                 const __m512 cv = _mm512_set1_ps(corr[i]);
                 for (int c = 0; c < 4; c++)
@@ -443,7 +469,7 @@ int paged_decode(int dtype, const void *q, const void *k, const void *v, void *o
     /* per item: acc [gheads, d], m [gheads], l [gheads] */
     const int64_t stride = (int64_t)gheads * d + 2 * gheads;
     /* shared: pages every sequence starts with (page_table's first `shared` columns agree),
-     * read once for all of them per KV head (shared_item), in `chunks` parts per head */
+     * read once for all of them per KV head (amx_attend), in `chunks` parts per head */
 #ifdef HAVE_SHARED_AMX
     if (shared > 0 && !(dtype == 1 && d == SHARED_DIM && page_size == 16 && groups == 1 &&
                         batch * g <= MAX_HEADS * 8 && amx_allowed()))
@@ -467,10 +493,10 @@ int paged_decode(int dtype, const void *q, const void *k, const void *v, void *o
             const int64_t per = (shared + chunks - 1) / chunks;
             const int64_t c0 = c * per, c1 = c0 + per < shared ? c0 + per : shared;
             float *o = swork + it2 * sstride;
-            shared_item((const uint16_t *)q, (const uint16_t *)k, (const uint16_t *)v,
-                        page_table, c0, c1, page_stride, row, heads, g, h, batch * g, scale,
-                        o, o + (int64_t)mrows * d, o + (int64_t)mrows * (d + 1),
-                        (uint16_t *)(o + (int64_t)mrows * (d + 2)));
+            amx_attend((const uint16_t *)q, (int64_t)heads * d, (const uint16_t *)k,
+                       (const uint16_t *)v, page_table, c0, c1, page_stride, row, g, h,
+                       batch * g, -1, scale, o, o + (int64_t)mrows * d,
+                       o + (int64_t)mrows * (d + 1), (uint16_t *)(o + (int64_t)mrows * (d + 2)));
 #endif
             continue;
         }
@@ -540,6 +566,79 @@ int paged_decode(int dtype, const void *q, const void *k, const void *v, void *o
     }
     free(work);
     return 0;
+}
+
+/* Prefill attention read from the pages in place: each prefilling sequence's new tokens
+ * over its cached prefix and themselves (their K and V already written), causal, on AMX
+ * tiles (amx_attend). q, out [tokens, heads, 64] bfloat16, q's token rows qrow elements
+ * apart, out's dense; sequence i: qlens[i] new tokens from row starts[i] of q and out, at
+ * positions prefix[i].., its pages in row i of table [n, width]. Items are (sequence, KV
+ * head, block of tokens), blocks small enough that every thread gets work. Returns -1
+ * where it does not apply (no AMX, or not bfloat16 / head_dim 64 / pages of 16 tokens). */
+#define PREFILL_ROWS 128 /* the most query rows of an item */
+int paged_prefill(const uint16_t *q, int64_t qrow, const uint16_t *k, const uint16_t *v,
+                  uint16_t *out, const int64_t *starts, const int64_t *qlens,
+                  const int64_t *prefix, const int64_t *table, int n, int width, int heads,
+                  int kv_heads, int head_dim, int page_size, int64_t page_stride, float scale) {
+#ifdef HAVE_SHARED_AMX
+    if (head_dim != SHARED_DIM || page_size != 16 || heads % kv_heads || !amx_allowed()) return -1;
+    const int g = heads / kv_heads, threads = omp_get_max_threads();
+    const int64_t row = (int64_t)kv_heads * SHARED_DIM;
+    int64_t tokens = 0;
+    for (int i = 0; i < n; i++) tokens += qlens[i];
+    if (tokens == 0) return 0;
+    /* tokens per item: at most PREFILL_ROWS rows, and at least 4 items per thread */
+    int64_t tb = (tokens * kv_heads + 4 * threads - 1) / (4 * threads);
+    if (tb > PREFILL_ROWS / g) tb = PREFILL_ROWS / g;
+    if (tb < 1) tb = 1;
+    int64_t items = 0;
+    for (int i = 0; i < n; i++) items += (qlens[i] + tb - 1) / tb * kv_heads;
+    const int mrows = (int)((tb * g + 15) / 16 * 16);
+    /* per thread: o [mrows, 64], mx, l [mrows], then the item's queries as bf16 */
+    const int64_t wstride = (int64_t)mrows * (SHARED_DIM + 2 + SHARED_DIM / 2);
+    float *work = (float *)malloc(sizeof(float) * wstride * threads);
+    if (!work) return -1;
+#pragma omp parallel num_threads(threads)
+    {
+        float *o = work + omp_get_thread_num() * wstride;
+        float *mx = o + (int64_t)mrows * SHARED_DIM, *l = mx + mrows;
+        uint16_t *qb = (uint16_t *)(l + mrows);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++) {
+            /* the item's sequence, KV head and token block (later blocks first: they see
+             * the most keys) */
+            int i = 0;
+            int64_t rest = it;
+            while (rest >= (qlens[i] + tb - 1) / tb * kv_heads)
+                rest -= (qlens[i++] + tb - 1) / tb * kv_heads;
+            const int64_t blocks = (qlens[i] + tb - 1) / tb;
+            const int h = (int)(rest % kv_heads);
+            const int64_t t0 = (blocks - 1 - rest / kv_heads) * tb;
+            const int64_t t1 = t0 + tb < qlens[i] ? t0 + tb : qlens[i];
+            const int m = (int)((t1 - t0) * g);
+            const int64_t kv_len = prefix[i] + t1;
+            amx_attend(q + (starts[i] + t0) * qrow, qrow, k, v, table + (int64_t)i * width, 0,
+                       (kv_len + 15) / 16, page_stride, row, g, h, m, prefix[i] + t0, scale, o,
+                       mx, l, qb);
+            for (int j = 0; j < m; j++) {
+                const int64_t at = (starts[i] + t0 + j / g) * heads + (int64_t)h * g + j % g;
+                const __m512 inv = _mm512_set1_ps(1.f / l[j]);
+                for (int c = 0; c < SHARED_DIM / 16; c++) {
+                    const __m512 x = _mm512_loadu_ps(o + (int64_t)j * SHARED_DIM + 16 * c);
+                    _mm256_storeu_si256((__m256i *)(out + at * SHARED_DIM + 16 * c),
+                                        (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(x, inv)));
+                }
+            }
+        }
+    }
+    free(work);
+    return 0;
+#else
+    (void)q, (void)qrow, (void)k, (void)v, (void)out, (void)starts, (void)qlens, (void)prefix;
+    (void)table, (void)n, (void)width, (void)heads, (void)kv_heads, (void)head_dim;
+    (void)page_size, (void)page_stride, (void)scale;
+    return -1;
+#endif
 }
 
 /* Store new tokens' K and V in their pages and keep each page's key summary: row page_size

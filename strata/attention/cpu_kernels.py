@@ -128,6 +128,33 @@ def paged_decode(
     return _decode(q, k_pages, v_pages, page_table, seq_lens, scale, groups=1, shared=shared)
 
 
+def paged_prefill(
+    q: torch.Tensor, layer: LayerKV, table: torch.Tensor, starts: torch.Tensor,
+    q_lens: torch.Tensor, prefix_lens: torch.Tensor, scale: float,
+) -> torch.Tensor | None:  # fmt: skip
+    """reference.paged_prefill for every prefilling sequence of a forward at once, read from
+    the pages in place (their new K and V already written), on AMX tiles: q [T, heads, D]
+    (token rows may be strided); sequence i's q_lens[i] rows from starts[i], at positions
+    prefix_lens[i].., its pages in row i of table (int64). Returns out [T, heads, D] with
+    those rows set; None where the kernel does not apply (bfloat16, head_dim 64, pages of
+    16 tokens, AMX)."""
+    lib = library()
+    kp, vp = layer.k, layer.v
+    if lib is None or q.dtype != torch.bfloat16 or kp.dtype != q.dtype or q.device.type != "cpu":
+        return None
+    t, heads, d = q.shape
+    if kp.stride() != vp.stride() or not _page_contiguous(kp) or q.stride()[1:] != (d, 1):
+        return None
+    _, page_size, kv_heads, _ = kp.shape
+    out = q.new_empty(t, heads, d)
+    rc = lib.paged_prefill(
+        _ptr(q), q.stride(0), _ptr(kp), _ptr(vp), _ptr(out), _i64(starts), _i64(q_lens),
+        _i64(prefix_lens), _i64(table), len(starts), table.shape[1], heads, kv_heads, d,
+        page_size, kp.stride(0), scale,
+    )  # fmt: skip
+    return out if rc == 0 else None
+
+
 def paged_decode_selected(
     q: torch.Tensor,
     k_pages: torch.Tensor,

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from strata.attention import triton_kernels
 from strata.attention.backend import TorchAttention, TorchMeta
 from strata.config import SparseConfig
-from strata.kv.pool import KVCache, LayerKV
-from strata.model.batch import ForwardBatch
-
-
-@dataclass
-class _Prefills:
-    """Every prefilling sequence of one forward, as the prefill kernel takes them."""
-
-    table: torch.Tensor  # [E, max_pages]
-    starts: torch.Tensor  # [E] first token row
-    q_lens: torch.Tensor  # [E]
-    prefix_lens: torch.Tensor  # [E]
-    max_q_len: int
+from strata.kv.pool import LayerKV
 
 
 class TritonAttention(TorchAttention):
@@ -35,23 +21,6 @@ class TritonAttention(TorchAttention):
     def reads_in_place(self, device: torch.device) -> bool:
         return True
 
-    def prepare(self, batch: ForwardBatch, kv: KVCache | None = None) -> TorchMeta:
-        meta = super().prepare(batch, kv)
-        if meta.extends:
-            dev = batch.page_table.device
-            width = max(e.page_ids.shape[0] for e in meta.extends)
-            table = torch.zeros(len(meta.extends), width, dtype=torch.int64, device=dev)
-            for i, e in enumerate(meta.extends):
-                table[i, : e.page_ids.shape[0]] = e.page_ids
-            meta.prefills = _Prefills(
-                table,
-                torch.tensor([e.start for e in meta.extends], device=dev),
-                torch.tensor([e.q_len for e in meta.extends], device=dev),
-                torch.tensor([e.prefix_len for e in meta.extends], device=dev),
-                max(e.q_len for e in meta.extends),
-            )
-        return meta
-
     def _write(
         self, layer: LayerKV, where: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor,
         v: torch.Tensor,
@@ -62,6 +31,7 @@ class TritonAttention(TorchAttention):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerKV, meta: TorchMeta
     ) -> torch.Tensor:
         p = meta.prefills
+        assert p is not None, "prepare plans the prefills of a backend that reads in place"
         return triton_kernels.paged_prefill(
             q, layer, p.table, p.starts, p.q_lens, p.prefix_lens, p.max_q_len, self.scale
         )

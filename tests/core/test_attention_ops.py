@@ -14,11 +14,16 @@ from strata.model import cpu_ops
 PS, KVH, G, D = 4, 2, 3, 16
 
 
-def pool_layer(pages, page_size, kv_heads, dim, dtype):
-    """One layer's (K, V) page views of a random three-layer pool: strided, as the engine's."""
+def pool_kv(pages, page_size, kv_heads, dim, dtype):
+    """One layer (LayerKV) of a random three-layer pool: strided pages, as the engine's."""
     kv = KVCache(3, pages, page_size, kv_heads, dim, dtype, "cpu")
     kv.data.copy_(torch.randn(kv.data.shape))
-    return kv.layers[1][:2]
+    return kv.layers[1]
+
+
+def pool_layer(pages, page_size, kv_heads, dim, dtype):
+    """One layer's (K, V) page views of a random three-layer pool."""
+    return pool_kv(pages, page_size, kv_heads, dim, dtype)[:2]
 
 
 def tokens(pages, table_row, n):
@@ -137,6 +142,56 @@ def test_cpu_decode_reads_a_shared_prefix_once(batch, shared, own):
         assert (out[i].double() - expect.squeeze(1)).abs().max() <= 1e-2
     if cpu_kernels.shared_decode_available():  # the tiles ran: P rounds to bfloat16 there
         assert not torch.equal(out, per_sequence)
+
+
+@pytest.mark.parametrize(
+    "prefixes,q_lens",
+    [
+        ([0], [5]),  # a fresh prompt shorter than a page
+        ([0, 37, 160], [50, 3, 130]),  # a partial first page; blocks of 42 tokens; 3 tiles
+        ([16, 400], [16, 33]),  # whole pages before; the last chunk of 4 pages part-read
+    ],
+)
+def test_cpu_prefill_reads_pages_in_place(prefixes, q_lens):
+    """Prefill over a cached prefix (AMX tiles, where the CPU has them): every prefilling
+    sequence of a forward in one call, its new K and V already in its pages, queries read
+    strided from the fused projection; the same causal attention as dense, per sequence,
+    and what lies in a last page past the sequence (NaN here) is never read."""
+    torch.manual_seed(len(q_lens))
+    heads, kv_heads, dim, page = 9, 3, 64, 16
+    layer = pool_kv(300, page, kv_heads, dim, torch.bfloat16)
+    k_pages, v_pages = layer.k, layer.v
+    perm, at, rows = torch.randperm(300).tolist(), 0, []
+    for p, n in zip(prefixes, q_lens):
+        used = -(-(p + n) // page)
+        rows.append(perm[at : at + used])
+        tail = (p + n) % page
+        if tail:  # the rest of the last page: garbage, as a reused page holds
+            k_pages[rows[-1][-1], tail:] = float("nan")
+            v_pages[rows[-1][-1], tail:] = float("nan")
+        at += used
+    width = max(len(r) for r in rows)
+    table = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    total = sum(q_lens) + 2  # two rows of other sequences (decode rows), left unset
+    qkv = torch.randn(total, heads + 2 * kv_heads, dim).to(torch.bfloat16)
+    q = qkv[:, :heads]
+    starts = torch.tensor([1 + sum(q_lens[:i]) for i in range(len(q_lens))])
+    scale = dim**-0.5
+    out = cpu_kernels.paged_prefill(
+        q, layer, table, starts, torch.tensor(q_lens),
+        torch.tensor(prefixes), scale,
+    )  # fmt: skip
+    if out is None:
+        assert not cpu_kernels.shared_decode_available()  # no AMX here: the reference runs
+        pytest.skip("no AMX tiles on this CPU")
+    for i, (p, n) in enumerate(zip(prefixes, q_lens)):
+        kk = tokens(k_pages, table[i], p + n).double().repeat_interleave(3, 1).transpose(0, 1)
+        vv = tokens(v_pages, table[i], p + n).double().repeat_interleave(3, 1).transpose(0, 1)
+        qq = q[starts[i] : starts[i] + n].double().transpose(0, 1)
+        mask = torch.arange(p + n)[None, :] <= torch.arange(p, p + n)[:, None]
+        expect = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale)
+        got = out[starts[i] : starts[i] + n].double().transpose(0, 1)
+        assert (got - expect).abs().max() <= 1e-2
 
 
 def test_shared_pages_of_a_batch():
