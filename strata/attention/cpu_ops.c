@@ -510,7 +510,7 @@ int silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t 
         for (int64_t j = 0; j < n; j++) {
             const float x = bf16_to_f32(g[j]);
             const float e = exp_neg(x < 0.f ? x : -x); /* exp(-|x|) <= 1 */
-            const float sig = x < 0.f ? e / (1.f + e) : 1.f / (1.f + e);
+            const float sig = (x < 0.f ? e : 1.f) / (1.f + e); /* one division */
             const float s = bf16_to_f32(f32_to_bf16(x * sig));
             o[j] = f32_to_bf16(s * bf16_to_f32(u[j]));
         }
