@@ -14,7 +14,7 @@
 #define NORM_LANES 16
 int add_rms_norm(const uint16_t *delta, uint16_t *x, const uint16_t *w, uint16_t *out,
                  int64_t rows, int dim, float eps) {
-#pragma omp parallel for if (rows >= 32) schedule(static)
+#pragma omp parallel for if (rows >= 16) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         uint16_t *xr = x + r * dim;
         uint16_t *o = out + r * dim;
@@ -44,7 +44,7 @@ int add_rms_norm(const uint16_t *delta, uint16_t *x, const uint16_t *w, uint16_t
 int rope_bf16(uint16_t *x, int64_t rows, int heads, int dim, int64_t row_stride,
               const uint16_t *cos, const uint16_t *sin) {
     const int half = dim / 2;
-#pragma omp parallel for if (rows >= 32) schedule(static)
+#pragma omp parallel for if (rows >= 16) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *c = cos + r * dim, *s = sin + r * dim;
         for (int h = 0; h < heads; h++) {
