@@ -89,9 +89,9 @@ def library() -> ctypes.CDLL | None:
     i64p = p  # int64 arrays, passed by address
     i64 = ctypes.c_int64
     lib.paged_decode.argtypes = [
-        i, p, p, p, p, i64p, i64p, i, i, i, i, i, i, i64, ctypes.c_float, i, i, i
+        i, p, p, p, p, i64p, i64p, i, i, i, i, i, i, i64, ctypes.c_float, i, i, i, i64
     ]  # fmt: skip
-    lib.write_kv.argtypes = [i, p, p, p, p, i64p, i64p, i64, i, i, i, i64]
+    lib.write_kv.argtypes = [i, p, p, p, p, i64p, i64p, i64, i, i, i, i64, i64]
     lib.paged_prefill.argtypes = [
         p, i64, p, p, p, i64p, i64p, i64p, i64p, i, i, i, i, i, i, i64, ctypes.c_float
     ]  # fmt: skip
@@ -113,7 +113,7 @@ def library() -> ctypes.CDLL | None:
     lib.int4_linear_bf16.argtypes = [p, p, p, p, i64, i64, i64, i64]
     lib.write_decode.argtypes = [
         i, p, p, p, p, i64p, i64p, i64, p, p, i64p, i64p, i, i, i, i, i, i, i64,
-        ctypes.c_float, i, i,
+        ctypes.c_float, i, i, i64, i64,
     ]  # fmt: skip
     for fn in (lib.paged_decode, lib.paged_prefill, lib.write_kv, lib.select_pages,
                lib.sparse_decode, lib.add_rms_norm, lib.rope_bf16, lib.silu_mul_bf16,

@@ -453,8 +453,9 @@ static partial_fn pick(int dtype, int d, int page_size) {
     return (partial_fn)(dtype ? (void *)partial_bf16 : (void *)partial_f32);
 }
 
-/* dtype: 0 float32, 1 bfloat16 (q, k, v and out share it). Returns 0, or -1 on shapes this
- * kernel does not take (the caller then uses the torch reference).
+/* dtype: 0 float32, 1 bfloat16 (q, k, v and out share it). q's token rows are qrow elements
+ * apart (heads * head_dim where q is dense). Returns 0, or -1 on shapes this kernel does not
+ * take (the caller then uses the torch reference).
  * groups: 1 for dense decode (page_table [batch, 1, width], seq_lens [batch, 1]: every head
  * reads the same pages), kv_heads for sparse decode (page_table [batch, kv_heads, width] and
  * seq_lens [batch, kv_heads]: each KV head's group of query heads reads its own selected
@@ -462,7 +463,7 @@ static partial_fn pick(int dtype, int d, int page_size) {
 int paged_decode(int dtype, const void *q, const void *k, const void *v, void *out,
                  const int64_t *page_table, const int64_t *seq_lens, int batch, int table_width,
                  int heads, int kv_heads, int head_dim, int page_size, int64_t page_stride,
-                 float scale, int splits, int groups, int shared) {
+                 float scale, int splits, int groups, int shared, int64_t qrow) {
     const int g = heads / kv_heads, d = head_dim;
     if (heads > MAX_HEADS || d > MAX_DIM || page_size > MAX_PAGE || heads % kv_heads) return -1;
     if (groups < 1 || kv_heads % groups) return -1;
@@ -498,7 +499,7 @@ int paged_decode(int dtype, const void *q, const void *k, const void *v, void *o
             const int64_t per = (shared + chunks - 1) / chunks;
             const int64_t c0 = c * per, c1 = c0 + per < shared ? c0 + per : shared;
             float *o = swork + it2 * sstride;
-            amx_attend((const uint16_t *)q, (int64_t)heads * d, (const uint16_t *)k,
+            amx_attend((const uint16_t *)q, qrow, (const uint16_t *)k,
                        (const uint16_t *)v, page_table, c0, c1, page_stride, row, g, h,
                        batch * g, -1, scale, o, o + (int64_t)mrows * d,
                        o + (int64_t)mrows * (d + 1), (uint16_t *)(o + (int64_t)mrows * (d + 2)));
@@ -513,7 +514,7 @@ int paged_decode(int dtype, const void *q, const void *k, const void *v, void *o
         const int64_t p0 = shared + sp * per, p1 = (p0 + per) < npages ? (p0 + per) : npages;
         float *acc = work + it * stride, *m = acc + (int64_t)gheads * d, *l = m + gheads;
         float qf[MAX_HEADS * MAX_DIM];
-        const int64_t qoff = ((int64_t)b * heads + (int64_t)grp * gheads) * d;
+        const int64_t qoff = (int64_t)b * qrow + (int64_t)grp * gheads * d;
         for (int j = 0; j < gheads * d; j++)
             qf[j] = scale * (dtype ? bf16_to_f32(((const uint16_t *)q)[qoff + j])
                                    : ((const float *)q)[qoff + j]);
@@ -654,11 +655,11 @@ int paged_prefill(const uint16_t *q, int64_t qrow, const uint16_t *k, const uint
 #define DEFINE_WRITE(NAME, T, LT, GT)                                                          \
     static void NAME(const T *k, const T *v, T *kp, T *vp, const int64_t *pages,              \
                      const int64_t *offsets, int64_t tokens, int kvh, int d, int ps,          \
-                     int64_t pstride) {                                                       \
+                     int64_t pstride, int64_t srow) {                                         \
         const int64_t row = (int64_t)kvh * d;                                                 \
         _Pragma("omp parallel for") for (int h = 0; h < kvh; h++) {                          \
             for (int64_t t = 0; t < tokens; t++) {                                            \
-                const T *kt = k + t * row + (int64_t)h * d, *vt = v + t * row + (int64_t)h * d; \
+                const T *kt = k + t * srow + (int64_t)h * d, *vt = v + t * srow + (int64_t)h * d; \
                 const int64_t base = pages[t] * pstride + (int64_t)h * d;                     \
                 T *kd = kp + base + offsets[t] * row, *vd = vp + base + offsets[t] * row;     \
                 T *lo = kp + base + (int64_t)ps * row, *hi = vp + base + (int64_t)ps * row;   \
@@ -686,11 +687,11 @@ DEFINE_WRITE(write_bf16, uint16_t, LT_BF16, GT_BF16)
 
 int write_kv(int dtype, const void *k, const void *v, void *kp, void *vp, const int64_t *pages,
              const int64_t *offsets, int64_t tokens, int kv_heads, int head_dim, int page_size,
-             int64_t page_stride) {
+             int64_t page_stride, int64_t kv_row) {
     if (dtype) write_bf16(k, v, kp, vp, pages, offsets, tokens, kv_heads, head_dim, page_size,
-                          page_stride);
+                          page_stride, kv_row);
     else write_f32(k, v, kp, vp, pages, offsets, tokens, kv_heads, head_dim, page_size,
-                   page_stride);
+                   page_stride, kv_row);
     return 0;
 }
 
@@ -918,21 +919,25 @@ int sparse_decode(int dtype, const void *q, const void *k, const void *v, void *
                           touched);
     if (rc == 0)
         rc = paged_decode(dtype, q, k, v, out, table, lens, batch, table_width, heads, kv_heads,
-                          head_dim, page_size, page_stride, scale, splits, kv_heads, 0);
+                          head_dim, page_size, page_stride, scale, splits, kv_heads, 0,
+                          (int64_t)heads * head_dim);
     free(table);
     free(lens);
     return rc;
 }
 
 /* One layer of a decode-only batch in one call: write_kv of the new tokens, then dense
- * paged_decode (what the backend would otherwise call one after the other). */
+ * paged_decode (what the backend would otherwise call one after the other). q, k and v may
+ * be views of the fused projection's rows: their token rows qrow and kv_row elements apart. */
 int write_decode(int dtype, const void *k, const void *v, void *kp, void *vp,
                  const int64_t *pages, const int64_t *offsets, int64_t tokens, const void *q,
                  void *out, const int64_t *page_table, const int64_t *seq_lens, int batch,
                  int table_width, int heads, int kv_heads, int head_dim, int page_size,
-                 int64_t page_stride, float scale, int splits, int shared) {
+                 int64_t page_stride, float scale, int splits, int shared, int64_t qrow,
+                 int64_t kv_row) {
     write_kv(dtype, k, v, kp, vp, pages, offsets, tokens, kv_heads, head_dim, page_size,
-             page_stride);
+             page_stride, kv_row);
     return paged_decode(dtype, q, kp, vp, out, page_table, seq_lens, batch, table_width, heads,
-                        kv_heads, head_dim, page_size, page_stride, scale, splits, 1, shared);
+                        kv_heads, head_dim, page_size, page_stride, scale, splits, 1, shared,
+                        qrow);
 }

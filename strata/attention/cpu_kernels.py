@@ -62,6 +62,13 @@ def _pool_layout(layer: LayerKV) -> bool:
     )
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [tokens, heads, D] as the kernels read it: each token's heads one dense row, rows any
+    stride apart (a view of the fused QKV projection stays a view)."""
+    _, h, d = x.shape
+    return x if x.stride()[1:] == (d, 1) and x.stride(0) >= h * d else x.contiguous()
+
+
 def _i64(t: torch.Tensor) -> int:
     """An int64 tensor's address (the argtypes take int64 arrays as void pointers)."""
     return t.data_ptr()
@@ -106,7 +113,7 @@ def _decode(
     rc = lib.paged_decode(
         dtype, _ptr(q), _ptr(k_pages), _ptr(v_pages), _ptr(out), _i64(table), _i64(lens),
         b, width, heads, kv_heads, d, page_size, k_pages.stride(0), scale,
-        _splits(b * groups, width), groups, shared,
+        _splits(b * groups, width), groups, shared, heads * d,
     )  # fmt: skip
     return out if rc == 0 else None
 
@@ -227,15 +234,17 @@ def write_decode(
     lib, dtype = library(), DTYPES.get(q.dtype)
     if lib is None or dtype is None or kp.dtype != q.dtype or k.dtype != q.dtype:
         return None
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    if k.stride(0) != v.stride(0):
+        k, v = k.contiguous(), v.contiguous()
     b, heads, d = q.shape
     _, ps, kv_heads, _ = kp.shape
-    out = torch.empty_like(q)
+    out = q.new_empty(b, heads, d)
     rc = lib.write_decode(
         dtype, k.data_ptr(), v.data_ptr(), kp.data_ptr(), vp.data_ptr(), plan.pages.data_ptr(),
         plan.offsets.data_ptr(), k.shape[0], q.data_ptr(), out.data_ptr(),
         plan.table.data_ptr(), plan.lens.data_ptr(), b, plan.table.shape[1], heads, kv_heads,
-        d, ps, kp.stride(0), scale, plan.splits, plan.shared,
+        d, ps, kp.stride(0), scale, plan.splits, plan.shared, q.stride(0), k.stride(0),
     )  # fmt: skip
     return out if rc == 0 else None
 
@@ -253,9 +262,11 @@ def write_kv(
         return False
     _, ps, kv_heads, d = kp.shape
     pages, offsets = (w.to(torch.int64).contiguous() for w in where)
-    k, v = k.contiguous(), v.contiguous()
+    k, v = _rows(k), _rows(v)
+    if k.stride(0) != v.stride(0):
+        k, v = k.contiguous(), v.contiguous()
     lib.write_kv(dtype, _ptr(k), _ptr(v), _ptr(kp), _ptr(vp), _i64(pages), _i64(offsets),
-                 k.shape[0], kv_heads, d, ps, kp.stride(0))  # fmt: skip
+                 k.shape[0], kv_heads, d, ps, kp.stride(0), k.stride(0))  # fmt: skip
     return True
 
 

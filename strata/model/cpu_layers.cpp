@@ -23,7 +23,7 @@ using rope_fn = int (*)(uint16_t *, int64_t, int, int, int64_t, const uint16_t *
 using write_decode_fn = int (*)(int, const void *, const void *, void *, void *,
                                 const int64_t *, const int64_t *, int64_t, const void *, void *,
                                 const int64_t *, const int64_t *, int, int, int, int, int, int,
-                                int64_t, float, int, int);
+                                int64_t, float, int, int, int64_t, int64_t);
 using silu_mul_fn = int (*)(const uint16_t *, uint16_t *, int64_t, int64_t);
 using linear_fn = int (*)(const uint16_t *, const void *, const uint16_t *, uint16_t *, int64_t,
                         int64_t, int64_t);
@@ -196,14 +196,12 @@ int model_decode(void *model, void *x_data, void *out_data, int64_t rows,
             const int64_t row = qkv.size(1);
             m->rope(u16(qkv), rows, m->heads + m->kv_heads, d, row,
                     static_cast<const uint16_t *>(cos), static_cast<const uint16_t *>(sin));
-            at::Tensor q = qkv.narrow(1, 0, q_size).contiguous();
-            at::Tensor k = qkv.narrow(1, q_size, kv_size).contiguous();
-            at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).contiguous();
+            // q, k and v read in place from qkv's rows (each token's row is q | k | v)
+            const uint16_t *q = u16(qkv), *k = q + q_size, *v = k + kv_size;
             at::Tensor attn = at::empty({rows, q_size}, x.options());
-            int rc = m->write_decode(1, k.data_ptr(), v.data_ptr(), kp, vp, pages, offsets, rows,
-                                     q.data_ptr(), attn.data_ptr(), table, lens, (int)rows,
-                                     width, m->heads, m->kv_heads, d, page_size, page_stride,
-                                     m->scale, splits, shared);
+            int rc = m->write_decode(1, k, v, kp, vp, pages, offsets, rows, q, attn.data_ptr(),
+                                     table, lens, (int)rows, width, m->heads, m->kv_heads, d,
+                                     page_size, page_stride, m->scale, splits, shared, row, row);
             if (rc) return rc;
             at::Tensor y = layer.o_proj(attn);
             m->add_rms_norm(u16(y), u16(x), u16(layer.norm2), u16(h), rows, m->hidden, m->eps);
