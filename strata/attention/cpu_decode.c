@@ -320,7 +320,7 @@ static void amx_attend(const uint16_t *q, int64_t qrow, const uint16_t *k, const
     uint32_t vv[2][4][16][16] __attribute__((aligned(64)));
     float sc[16][T] __attribute__((aligned(64))), pv[16][SHARED_DIM] __attribute__((aligned(64)));
     uint16_t p[16][T] __attribute__((aligned(64)));
-    float corr[16];
+    float corr[16] __attribute__((aligned(64)));
     const __m512 scale16 = _mm512_set1_ps(scale);
     const __m512i lo = _mm512_load_si512(INTERLEAVE_LO);
     const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
@@ -370,15 +370,20 @@ static void amx_attend(const uint16_t *q, int64_t qrow, const uint16_t *k, const
             }
             S_BLOCK(4, 0) S_BLOCK(5, 1) S_BLOCK(6, 2) S_BLOCK(7, 3)
 #undef S_BLOCK
+            /* per row: the chunk's max score, its weights e = exp(s - m) (P, in bf16) and
+             * their sum; then the 16 rows' running max and sum in one pass of 16 lanes */
+            float mnew[16] __attribute__((aligned(64))), rsum[16] __attribute__((aligned(64)));
+            memcpy(mnew, mx + r0, sizeof mnew); /* padding rows: unchanged */
+            memset(rsum, 0, sizeof rsum);
             for (int i = 0; i < 16 && r0 + i < m; i++) {
                 const int j = r0 + i;
-                __m512 s[SHARED_CHUNK];
+                __m512 s[SHARED_CHUNK]; /* unscaled: the scale is folded into exp's argument */
                 __m512 top = _mm512_set1_ps(-INFINITY);
                 /* causal: keys this row sees in the chunk (all where first < 0) */
                 const int64_t sees =
                     first < 0 ? T : first + (j < m ? j : m - 1) / g - pg0 * 16 + 1;
                 for (int c = 0; c < np; c++) {
-                    s[c] = _mm512_mul_ps(_mm512_load_ps(&sc[i][16 * c]), scale16);
+                    s[c] = _mm512_load_ps(&sc[i][16 * c]);
                     if (sees < 16 * (c + 1)) {
                         const int n = sees <= 16 * c ? 0 : (int)(sees - 16 * c);
                         s[c] = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY),
@@ -386,17 +391,26 @@ static void amx_attend(const uint16_t *q, int64_t qrow, const uint16_t *k, const
                     }
                     top = _mm512_max_ps(top, s[c]);
                 }
-                const float t = _mm512_reduce_max_ps(top), mnew = t > mx[j] ? t : mx[j];
-                const __m512 mv = _mm512_set1_ps(mnew);
+                const float t = _mm512_reduce_max_ps(top) * scale;
+                const float mj = t > mx[j] ? t : mx[j];
+                const __m512 mv = _mm512_set1_ps(mj);
                 __m512 sum = _mm512_setzero_ps();
                 for (int c = 0; c < SHARED_CHUNK; c++) {
-                    const __m512 e = c < np ? exp_neg16(_mm512_sub_ps(s[c], mv)) : _mm512_setzero_ps();
+                    const __m512 e = c < np ? exp_neg16(_mm512_fmsub_ps(s[c], scale16, mv))
+                                            : _mm512_setzero_ps();
                     sum = _mm512_add_ps(sum, e);
                     _mm256_store_si256((__m256i *)&p[i][16 * c], (__m256i)_mm512_cvtneps_pbh(e));
                 }
-                corr[i] = exp_neg(mx[j] - mnew);
-                l[j] = l[j] * corr[i] + _mm512_reduce_add_ps(sum);
-                mx[j] = mnew;
+                mnew[i] = mj;
+                rsum[i] = _mm512_reduce_add_ps(sum);
+            }
+            {
+                const __m512 mold = _mm512_loadu_ps(mx + r0), mn = _mm512_load_ps(mnew);
+                const __m512 cv = exp_neg16(_mm512_sub_ps(mold, mn));
+                _mm512_store_ps(corr, cv);
+                _mm512_storeu_ps(l + r0, _mm512_fmadd_ps(_mm512_loadu_ps(l + r0), cv,
+                                                         _mm512_load_ps(rsum)));
+                _mm512_storeu_ps(mx + r0, mn);
             }
             _tile_zero(4);
             _tile_zero(5);
