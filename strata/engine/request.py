@@ -74,7 +74,7 @@ class Status(enum.Enum):
     FINISHED = "finished"  # ended (finish_reason says how); its pages are released or held
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: `in` and remove() compare identities
 class Request:
     rid: str
     prompt_ids: list[int]
