@@ -118,7 +118,9 @@ class TorchMeta:
 
 
 class TorchAttention(AttentionBackend):
-    """The reference backend: gathers each sequence's pages and runs torch SDPA."""
+    """The CPU backend and the reference: with `kernels`, the C kernels read the pages in place
+    where they apply (KV writes, decode, prefill); elsewhere it gathers each sequence's pages
+    and runs torch SDPA (reference.py, the oracle)."""
 
     def __init__(
         self,
