@@ -194,6 +194,36 @@ def test_cpu_prefill_reads_pages_in_place(prefixes, q_lens):
         assert (got - expect).abs().max() <= 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_write_decode_reads_the_fused_projection_in_place(dtype):
+    """One layer of a decode batch in one call (write_decode), its q, k and v strided views of
+    the fused QKV rows as the model passes them: the same pool (K, V and page summaries) as
+    the reference write, and the same attention as the kernel over dense copies."""
+    torch.manual_seed(7)
+    heads, kv_heads, dim, page = 9, 3, 64, 16
+    lens = [5, 16, 17, 40]  # the new token starts a page, ends one, or sits inside one
+    fused = torch.randn(len(lens), heads + 2 * kv_heads, dim).to(dtype)
+    q, k, v = fused.split([heads, kv_heads, kv_heads], dim=1)
+    perm = torch.randperm(40).tolist()
+    rows = [perm[10 * i : 10 * i + -(-n // page)] for i, n in enumerate(lens)]
+    table = torch.tensor([r + [0] * (3 - len(r)) for r in rows])
+    slots = torch.tensor([r[(n - 1) // page] * page + (n - 1) % page for r, n in zip(rows, lens)])
+    where = ref.split_slots(slots, page)
+    layers = [pool_kv(40, page, kv_heads, dim, dtype) for _ in range(2)]
+    layers[1].k.copy_(layers[0].k), layers[1].v.copy_(layers[0].v)  # one pool, twice
+    layers[1].kmin.copy_(layers[0].kmin), layers[1].kmax.copy_(layers[0].kmax)
+    plan = cpu_kernels.decode_plan(layers[0], where, table, torch.tensor(lens))
+    assert plan is not None
+    out = cpu_kernels.write_decode(q, k, v, layers[0], plan, dim**-0.5)
+    ref.write_kv(layers[1], where, k, v)
+    for a, b in zip(layers[0][:4], layers[1][:4]):  # K, V and the page summaries
+        assert torch.equal(a, b)
+    dense = cpu_kernels.paged_decode(
+        q.contiguous(), layers[1].k, layers[1].v, table, torch.tensor(lens), dim**-0.5
+    )
+    assert out is not None and dense is not None and torch.equal(out, dense)
+
+
 def test_shared_pages_of_a_batch():
     """Whole pages every row starts with, before every newest token; none for few rows."""
     t = torch.tensor([[5, 6, 7, 8, 9, 1], [5, 6, 7, 8, 9, 2], [5, 6, 7, 8, 3, 0],
