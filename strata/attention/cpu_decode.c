@@ -380,8 +380,7 @@ static void amx_attend(const uint16_t *q, int64_t qrow, const uint16_t *k, const
                 __m512 s[SHARED_CHUNK]; /* unscaled: the scale is folded into exp's argument */
                 __m512 top = _mm512_set1_ps(-INFINITY);
                 /* causal: keys this row sees in the chunk (all where first < 0) */
-                const int64_t sees =
-                    first < 0 ? T : first + (j < m ? j : m - 1) / g - pg0 * 16 + 1;
+                const int64_t sees = first < 0 ? T : first + j / g - pg0 * 16 + 1;
                 for (int c = 0; c < np; c++) {
                     s[c] = _mm512_load_ps(&sc[i][16 * c]);
                     if (sees < 16 * (c + 1)) {

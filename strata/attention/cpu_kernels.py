@@ -69,6 +69,12 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride()[1:] == (d, 1) and x.stride(0) >= h * d else x.contiguous()
 
 
+def _kv_rows(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v as _rows, with one row stride for both (the kernels take one)."""
+    k, v = _rows(k), _rows(v)
+    return (k, v) if k.stride(0) == v.stride(0) else (k.contiguous(), v.contiguous())
+
+
 def _i64(t: torch.Tensor) -> int:
     """An int64 tensor's address (the argtypes take int64 arrays as void pointers)."""
     return t.data_ptr()
@@ -149,9 +155,10 @@ def paged_prefill(
     kp, vp = layer.k, layer.v
     if lib is None or q.dtype != torch.bfloat16 or kp.dtype != q.dtype or q.device.type != "cpu":
         return None
-    t, heads, d = q.shape
-    if kp.stride() != vp.stride() or not _page_contiguous(kp) or q.stride()[1:] != (d, 1):
+    if kp.stride() != vp.stride() or not _page_contiguous(kp):
         return None
+    q = _rows(q)
+    t, heads, d = q.shape
     _, page_size, kv_heads, _ = kp.shape
     out = q.new_empty(t, heads, d)
     rc = lib.paged_prefill(
@@ -234,9 +241,7 @@ def write_decode(
     lib, dtype = library(), DTYPES.get(q.dtype)
     if lib is None or dtype is None or kp.dtype != q.dtype or k.dtype != q.dtype:
         return None
-    q, k, v = _rows(q), _rows(k), _rows(v)
-    if k.stride(0) != v.stride(0):
-        k, v = k.contiguous(), v.contiguous()
+    q, (k, v) = _rows(q), _kv_rows(k, v)
     b, heads, d = q.shape
     _, ps, kv_heads, _ = kp.shape
     out = q.new_empty(b, heads, d)
@@ -262,9 +267,7 @@ def write_kv(
         return False
     _, ps, kv_heads, d = kp.shape
     pages, offsets = (w.to(torch.int64).contiguous() for w in where)
-    k, v = _rows(k), _rows(v)
-    if k.stride(0) != v.stride(0):
-        k, v = k.contiguous(), v.contiguous()
+    k, v = _kv_rows(k, v)
     lib.write_kv(dtype, _ptr(k), _ptr(v), _ptr(kp), _ptr(vp), _i64(pages), _i64(offsets),
                  k.shape[0], kv_heads, d, ps, kp.stride(0), k.stride(0))  # fmt: skip
     return True

@@ -148,7 +148,7 @@ class Int4Linear:
         x = x.reshape(-1, x.shape[-1])
         if self.strata:
             y = cpu_ops.int4_linear(x, self.packed, self.bias, self.out_features,
-                                        self.group_size)  # fmt: skip
+                                    self.group_size)  # fmt: skip
         else:
             assert self.scales_and_zeros is not None
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
