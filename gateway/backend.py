@@ -128,6 +128,10 @@ class LocalBackend(Backend):
                 stats.tiers,
             ),  # fmt: skip
             "jump_forward_tokens": stats.jump_forward_tokens,
+            "speculative": {
+                "draft_tokens": stats.draft_tokens,
+                "accepted_tokens": stats.accepted_tokens,
+            },  # fmt: skip
             "engine": {"pid": self.engine.process.pid, "loop_thread": stats.loop_thread},
         }
 

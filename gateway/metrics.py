@@ -74,6 +74,11 @@ class Metrics:
         self.pages_total = Gauge("strata_kv_pages_total", "KV pages in the pool", registry=r)
         self.running = Gauge("strata_running_requests", "Requests running", registry=r)
         self.waiting = Gauge("strata_waiting_requests", "Requests waiting", registry=r)
+        self.spec_accept_rate = Gauge(
+            "strata_spec_accept_rate",
+            "N-gram speculation: draft tokens the model kept / draft tokens verified",
+            registry=r,
+        )
         self.tiers = TierCollector()
         r.register(self.tiers)
 
@@ -116,6 +121,9 @@ class Metrics:
         self.pages_used.set(health["pages_total"] - health["pages_free"])
         self.running.set(health["running_requests"])
         self.waiting.set(health["waiting_requests"])
+        spec = health.get("speculative") or {}
+        if spec.get("draft_tokens"):
+            self.spec_accept_rate.set(spec["accepted_tokens"] / spec["draft_tokens"])
 
 
 class TierCollector(Collector):

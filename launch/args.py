@@ -211,6 +211,16 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         help="waiting requests: longest cached prefix first, or arrival order",
     )
     p.add_argument(
+        "--speculative-algorithm",
+        default="ngram",
+        type=str.lower,  # SGLang spells it NGRAM
+        choices=("none", "ngram"),
+        help="ngram: greedy requests propose the tokens that followed the latest earlier "
+        "match of their last tokens (prompt lookup) and keep what the model verifies",
+    )
+    p.add_argument("--speculative-num-draft-tokens", type=int, default=4,
+                   help="tokens per n-gram draft")  # fmt: skip
+    p.add_argument(
         "--random-seed",
         type=int,
         default=None,
@@ -241,4 +251,5 @@ def add_routing_args(p: argparse.ArgumentParser) -> None:
 
 def sched_config(a: argparse.Namespace) -> SchedulerConfig:
     return SchedulerConfig(not a.disable_radix_cache, a.max_running_requests, a.max_batch_tokens,
-                           a.max_queued_requests, a.request_timeout, a.schedule_policy)  # fmt: skip
+                           a.max_queued_requests, a.request_timeout, a.schedule_policy,
+                           a.speculative_algorithm, a.speculative_num_draft_tokens)  # fmt: skip

@@ -148,7 +148,10 @@ def cmd_up(a: argparse.Namespace) -> int:
                    "--chunked-prefill-size", str(a.max_batch_tokens),
                    "--max-queued-requests", str(a.max_queued_requests),
                    "--request-timeout", str(a.request_timeout),
-                   "--schedule-policy", a.schedule_policy]  # fmt: skip
+                   "--schedule-policy", a.schedule_policy,
+                   "--speculative-algorithm", a.speculative_algorithm,
+                   "--speculative-num-draft-tokens",
+                   str(a.speculative_num_draft_tokens)]  # fmt: skip
     if a.random_seed is not None:
         worker_args += ["--random-seed", str(a.random_seed)]
     if a.disable_radix_cache:

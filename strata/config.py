@@ -281,14 +281,25 @@ class SchedulerConfig:
     max_queued_requests: int = 1024  # past running + this many, new requests are refused
     request_timeout: float = 0.0  # seconds a request may take from arrival; 0: no limit
     schedule_policy: str = "lpm"  # lpm: longest cached prefix first; fcfs: arrival order
+    speculative_algorithm: str = "ngram"  # ngram: greedy requests verify n-gram drafts
+    speculative_num_draft_tokens: int = 4  # tokens per draft
 
     def __post_init__(self) -> None:
+        if self.speculative_algorithm not in ("none", "ngram"):
+            raise ValueError("--speculative-algorithm must be none or ngram")
+        if not 1 <= self.speculative_num_draft_tokens <= 16:
+            raise ValueError("--speculative-num-draft-tokens must be in [1, 16]")
         if self.max_running_requests < 1 or self.max_batch_tokens < 1:
             raise ValueError("max_running_requests and max_batch_tokens must be positive")
         if self.schedule_policy not in ("lpm", "fcfs"):
             raise ValueError("--schedule-policy must be lpm or fcfs")
         if self.max_queued_requests < 0 or self.request_timeout < 0:
             raise ValueError("--max-queued-requests and --request-timeout must not be negative")
+
+    @property
+    def draft_tokens(self) -> int:
+        """Tokens per n-gram draft (0: no speculation)."""
+        return self.speculative_num_draft_tokens if self.speculative_algorithm == "ngram" else 0
 
 
 @dataclass(frozen=True)

@@ -150,22 +150,30 @@ class TorchAttention(AttentionBackend):
         for q in batch.q_lens:
             starts.append(starts[-1] + q)
         kv_lens = batch.kv_lens
-        decode = [i for i, q in enumerate(batch.q_lens) if q == 1]
+        decode = batch.row_by_row
         if decode:
             dev = table.device
-            max_pages = -(-max(kv_lens[i] for i in decode) // ps)
-            rows = table if len(decode) == len(kv_lens) else table[torch.tensor(decode, device=dev)]
+            q_lens, prefix_lens = batch.q_lens, batch.prefix_lens
+            # one decode row per new token of those sequences, in token order
+            seqs = [i for i in decode for _ in range(q_lens[i])]
+            lens_list = [prefix_lens[i] + j + 1 for i in decode for j in range(q_lens[i])]
+            longest = max(lens_list)
+            max_pages = -(-longest // ps)
+            every = len(seqs) == len(decode) == len(kv_lens)  # one row per sequence, in order
+            rows = table if every else table[torch.tensor(seqs, device=dev)]
             meta.decode_pages = rows[:, :max_pages].to(torch.int64).contiguous()
-            lens = torch.tensor([kv_lens[i] for i in decode], device=dev)
-            meta.decode_rows = torch.tensor([starts[i] for i in decode], device=dev)
+            lens = torch.tensor(lens_list, device=dev)
+            meta.decode_rows = torch.tensor(
+                [starts[i] + j for i in decode for j in range(q_lens[i])], device=dev
+            )
             meta.decode_lens = lens
-            meta.batch_rows = decode
+            meta.batch_rows = seqs
             sp = self.sparse
-            if sp is not None and max(kv_lens[i] for i in decode) >= sp.min_context:
+            if sp is not None and longest >= sp.min_context:
                 active = lens >= sp.min_context
-                touched = torch.zeros(len(decode), max_pages, dtype=torch.uint8, device=dev)
+                touched = torch.zeros(len(seqs), max_pages, dtype=torch.uint8, device=dev)
                 meta.sparse = _Sparse(active, active.to(torch.uint8), -(-lens // ps), touched)
-                meta.sparse.segments = self._segments(batch, decode, kv, summaries)
+                meta.sparse.segments = self._segments(batch, seqs, kv, summaries)
             # NOTE: the CPU kernel reads every sequence's pages in place, so a shared prompt's
             # pages are read from cache, not gathered: cascade decode only pays without it.
             elif not self.reads_in_place(dev):
@@ -175,8 +183,9 @@ class TorchAttention(AttentionBackend):
                 meta.plan = cpu_kernels.decode_plan(kv.layers[0], write_at, meta.decode_pages, lens)
             elif self.kernels:  # decode rows beside prefills
                 meta.shared = cpu_kernels.shared_pages(meta.decode_pages, lens, ps)
+        by_row = set(decode)
         for i, q in enumerate(batch.q_lens):
-            if q > 1:
+            if i not in by_row:
                 pages = table[i, : -(-kv_lens[i] // ps)]
                 meta.extends.append(_Extend(starts[i], q, batch.prefix_lens[i], pages))
         if meta.extends and self.reads_in_place(table.device):

@@ -49,6 +49,8 @@ class EngineStats:
     pages_free: int
     cache: Any  # TreeStats | None
     jump_forward_tokens: int  # tokens appended by jump-forward decoding (no step sampled)
+    draft_tokens: int = 0  # n-gram speculation: draft tokens verified
+    accepted_tokens: int = 0  # ... and kept (the model's argmax agreed)
     held: int = 0  # prefill role: finished prompts whose pages wait to be pulled
     tiers: dict[str, Any] | None = None  # pages, bytes and traffic per KV tier (with tiers)
     loop_thread: str = ""  # the thread that runs the step loop (stats runs on it)
@@ -69,9 +71,11 @@ class Engine(RequestOutputs, SplitRoles):
         max_queued: int | None = None,
         request_timeout: float | None = None,
         schedule_policy: str = "lpm",
+        draft_tokens: int = 0,
     ) -> None:
         """tiers: the KV tiers below L1 (None: L1 only). cluster_worker: the cache records KV
-        events for the cluster's index (`event_sink`), which also owns the L3 budget."""
+        events for the cluster's index (`event_sink`), which also owns the L3 budget.
+        draft_tokens: n-gram speculation's tokens per draft (0: off)."""
         if runner.tp is not None and tiers is not None and tiers.enabled:
             raise ValueError("--enable-hierarchical-cache does not work with --tp-size > 1 yet "
                              "(each rank's KV heads would need their own tiers)")  # fmt: skip
@@ -104,6 +108,10 @@ class Engine(RequestOutputs, SplitRoles):
             max_running,
             timeout,
             schedule_policy,
+            draft_tokens,
+            # NOTE: sparse decode picks pages for single-token rows only: drafts stop where it
+            # starts, so a request's output does not depend on whether it drafted
+            min(runner.max_context, sparse.min_context if sparse is not None else 1 << 62),
         )
         if fetch_on_select and isinstance(self.prefix_cache, TieredCache):
             assert sparse is not None
@@ -133,6 +141,7 @@ class Engine(RequestOutputs, SplitRoles):
         # its requests' sinks collected)
         self.after_step: Callable[[], None] = lambda: None
         self.jump_forward_tokens = 0
+        self.draft_tokens = self.accepted_tokens = 0
         self._init_split_roles(hold_timeout)
 
     # ---- the public, thread-safe surface -------------------------------------------------
@@ -242,6 +251,8 @@ class Engine(RequestOutputs, SplitRoles):
             pages_free=pool.num_free,
             cache=self.prefix_cache.stats() if self.prefix_cache is not None else None,
             jump_forward_tokens=self.jump_forward_tokens,
+            draft_tokens=self.draft_tokens,
+            accepted_tokens=self.accepted_tokens,
             held=len(self._held),
             tiers=self._tier_stats(),
             loop_thread=threading.current_thread().name,
@@ -366,7 +377,7 @@ class Engine(RequestOutputs, SplitRoles):
         prompt_logprobs = [c for c in chunks if wants_input_logprobs(c)]
         start = time.perf_counter()
         logits = self.runner.forward([self._sequence(c) for c in chunks], bool(prompt_logprobs))
-        filled = sum(c.length for c in chunks if c.length > 1)
+        filled = sum(c.length for c in chunks if c.length > 1 and not c.draft)
         if self.prefix_cache is not None and filled >= OBSERVE_PREFILL_TOKENS:
             self.prefix_cache.observe_compute(filled, time.perf_counter() - start)
         if prompt_logprobs:

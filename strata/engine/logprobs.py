@@ -17,7 +17,8 @@ def wants_input_logprobs(c: ScheduledChunk) -> bool:
 
 def collect_input_logprobs(chunks: Sequence[ScheduledChunk], logits: torch.Tensor) -> torch.Tensor:
     """Record prompt-token logprobs from all-position logits; return each chunk's last
-    row (what sampling needs). Position p's logits give the logprob of token p + 1."""
+    logit_rows rows (what sampling needs). Position p's logits give the logprob of token
+    p + 1."""
     ends = torch.tensor([c.length for c in chunks]).cumsum(0)
     for c, end in zip(chunks, ends.tolist()):
         if not wants_input_logprobs(c):
@@ -33,4 +34,5 @@ def collect_input_logprobs(chunks: Sequence[ScheduledChunk], logits: torch.Tenso
         lp = rows.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
         for pos, value in zip(range(lo + 1, hi + 1), lp.tolist()):
             req.input_logprobs[pos] = value
-    return logits[ends - 1]
+    tails = [r for c, end in zip(chunks, ends.tolist()) for r in range(end - c.logit_rows, end)]
+    return logits[tails]

@@ -5,9 +5,11 @@ released or held)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,7 +20,7 @@ from strata.engine.scheduler import ScheduledChunk, Scheduler
 from strata.grammar.compiler import GrammarCompiler, LazyGrammarCompiler
 from strata.grammar.jump import jump_forward
 from strata.model.batch import SequenceChunk
-from strata.sampling.sampler import SampleInput, sample
+from strata.sampling.sampler import SampleInput, argmax_rows, sample
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,8 @@ class RequestOutputs:
     tokenizer: Any
     jump_forward: bool
     jump_forward_tokens: int
+    draft_tokens: int  # n-gram speculation: tokens proposed and verified
+    accepted_tokens: int  # ... and the model's own (kept)
     eos_ids: frozenset[int]
     _count_lock: threading.Lock
     _outstanding: int
@@ -44,16 +48,21 @@ class RequestOutputs:
 
     def _sequence(self, c: ScheduledChunk) -> SequenceChunk:
         req, n_prompt = c.req, len(c.req.prompt_ids)
-        end = c.start + c.length
+        end = c.start + c.length - len(c.draft)
         if c.start >= n_prompt:
             tokens = req.output_ids[c.start - n_prompt : end - n_prompt]
         else:
             tokens = (req.prompt_ids + req.output_ids)[c.start : end]
-        return SequenceChunk(tokens, c.start, req.pages, req.rid, req.segment_ends)
+        if c.draft:
+            tokens = tokens + list(c.draft)
+        return SequenceChunk(tokens, c.start, req.pages, req.rid, req.segment_ends, c.logit_rows)
 
     def _sample_chunks(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> None:
-        """Sample the token of each chunk that ends with one (logits: a row per chunk),
-        through its grammar's mask, and hand each to _on_token."""
+        """Sample the token of each chunk that ends with one (logits: each chunk's
+        logit_rows rows), through its grammar's mask, and hand each to _on_token; verify
+        the drafts."""
+        if any(c.draft for c in chunks):
+            chunks, logits = self._verify_drafts(chunks, logits)
         rows = [i for i, c in enumerate(chunks) if c.sample]
         if not rows:
             return
@@ -71,6 +80,29 @@ class RequestOutputs:
                 top = dict(zip(out.top_ids[j][:n], out.top_logprobs[j][:n]))
             lp = out.logprobs[j] if out.logprobs is not None else None
             self._on_token(req, out.tokens[j], lp, top)
+
+    def _verify_drafts(
+        self, chunks: list[ScheduledChunk], logits: torch.Tensor
+    ) -> tuple[list[ScheduledChunk], torch.Tensor]:
+        """Keep each draft's longest prefix that matches the model's argmax at every
+        position, then the model's token after it; returns the other chunks and their rows."""
+        ends = list(itertools.accumulate(c.logit_rows for c in chunks))
+        drafted = [(c, end) for c, end in zip(chunks, ends) if c.draft]
+        rows = [r for c, end in drafted for r in range(end - c.logit_rows, end)]
+        best = argmax_rows(logits[rows]).tolist()  # the only pick of a drafting request
+        at = 0
+        for c, _ in drafted:
+            picks, at = best[at : at + c.logit_rows], at + c.logit_rows
+            n = 0
+            while n < len(c.draft) and c.draft[n] == picks[n]:
+                n += 1
+            self.draft_tokens += len(c.draft)
+            self.accepted_tokens += n
+            if c.req.drafter is not None:
+                c.req.drafter.verified(len(c.draft), n)
+            self._emit(c.req, picks[: n + 1], computed=n)
+        rest = [end - 1 for c, end in zip(chunks, ends) if not c.draft]
+        return [c for c in chunks if not c.draft], logits[rest]
 
     def _advance_grammar(self, req: Request, token: int) -> list[int] | None:
         """Feed the sampled token to the request's grammar; with jump-forward, replace it by
@@ -91,9 +123,6 @@ class RequestOutputs:
     def _on_token(
         self, req: Request, token: int, logprob: float | None, top: dict[int, float] | None
     ) -> None:
-        first = req.first_token_at is None
-        if first:
-            req.first_token_at = time.monotonic()
         tokens = [token]
         if req.matcher is not None:
             advanced = self._advance_grammar(req, token)
@@ -101,6 +130,22 @@ class RequestOutputs:
                 self._finish(req, "error", error="internal error: the grammar rejected a token")
                 return
             tokens = advanced
+        self._emit(req, tokens, logprob, top)
+
+    def _emit(
+        self,
+        req: Request,
+        tokens: Sequence[int],
+        logprob: float | None = None,
+        top: dict[int, float] | None = None,
+        computed: int = 0,
+    ) -> None:
+        """Append tokens to req's output up to a stop, and send them as one event (the
+        last one if it stopped). computed: how many leading tokens already have their KV
+        in the pages (verified drafts)."""
+        first = req.first_token_at is None
+        if first:
+            req.first_token_at = time.monotonic()
         p = req.params
         reason = None
         text = ""
@@ -118,6 +163,8 @@ class RequestOutputs:
             if len(req.output_ids) >= p.max_new_tokens or req.num_fill >= self.runner.max_context:
                 reason = "length"
                 break
+        if computed:
+            self.scheduler.accept_draft(req, min(computed, len(req.output_ids) - before))
         if reason is not None and reason != "stop" and req.stop is not None:
             text += req.stop.flush()
         event = RequestOutput(

@@ -75,6 +75,7 @@ def build_engine(
         max_queued=sched.max_queued_requests if front_limits else None,
         request_timeout=sched.request_timeout or None,
         schedule_policy=sched.schedule_policy,
+        draft_tokens=sched.draft_tokens,
     )
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from strata.engine.ngram import NgramDrafter
 from strata.grammar.constraint import Constraint
 from strata.kv.mover import LoadPlan
 from strata.sampling.params import SamplingParams
@@ -117,6 +118,7 @@ class Request:
     # (None until it decodes sparsely), and how many of its pages are L2 pages of its own
     selected_at: list[int] | None = None
     num_demoted: int = 0
+    drafter: NgramDrafter | None = None  # n-gram speculation: its tokens' index
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:

@@ -19,6 +19,7 @@ class SequenceChunk:
     pages: Sequence[int]
     rid: str = ""  # the request's id, where a backend keeps state per sequence
     segments: tuple[int, ...] = ()  # page index where each radix segment of pages ends
+    logit_rows: int = 1  # its last tokens that give logits (more where drafts are verified)
 
 
 @dataclass
@@ -33,10 +34,19 @@ class ForwardBatch:
     page_size: int
     rids: list[str] = field(default_factory=list)
     segments: list[tuple[int, ...]] = field(default_factory=list)  # per sequence (SequenceChunk)
+    logit_rows: list[int] = field(default_factory=list)  # per sequence (SequenceChunk)
 
     @property
     def kv_lens(self) -> list[int]:
         return [p + q for p, q in zip(self.prefix_lens, self.q_lens)]
+
+    @property
+    def row_by_row(self) -> list[int]:
+        """The sequences whose every new token gives logits (a decode token, or a draft
+        being verified): each of their rows attends as a decode row, over the keys up to
+        its own, so a verified token sees what its plain decode step would have."""
+        rows = self.logit_rows or [1] * len(self.q_lens)
+        return [i for i, (q, n) in enumerate(zip(self.q_lens, rows)) if q == n]
 
     @classmethod
     def build(
@@ -46,12 +56,13 @@ class ForwardBatch:
         device: torch.device | str = "cpu",
         all_logits: bool = False,
     ) -> ForwardBatch:
-        """Lay out chunks; logits for the last token of each (or every token if all_logits)."""
+        """Lay out chunks; logits for the last logit_rows tokens of each (every token if
+        all_logits)."""
         assert chunks, "a batch needs at least one sequence"
         q_lens = [len(c.token_ids) for c in chunks]
         prefix_lens = [c.prefix_len for c in chunks]
         for c, q in zip(chunks, q_lens):
-            assert q > 0, "every chunk computes at least one token"
+            assert 0 < c.logit_rows <= q, "every chunk computes its logit rows"
             assert len(c.pages) * page_size >= c.prefix_len + q, "pages do not cover the chunk"
         max_pages = max(len(c.pages) for c in chunks)
         table = [list(c.pages) + [0] * (max_pages - len(c.pages)) for c in chunks]
@@ -64,8 +75,11 @@ class ForwardBatch:
         ids = [t for c in chunks for t in c.token_ids]
         if all_logits:
             rows = list(range(len(ids)))
-        else:
+        elif all(c.logit_rows == 1 for c in chunks):
             rows = list(itertools.accumulate(q_lens, initial=-1))[1:]
+        else:
+            ends = itertools.accumulate(q_lens)
+            rows = [r for c, end in zip(chunks, ends) for r in range(end - c.logit_rows, end)]
         # NOTE: from Python lists, one tensor each: a decode step's batch is a few ids, and
         # tensor ops (index, divide, cumsum) cost more than the lists (0.08 -> 0.03 ms).
         return cls(
@@ -79,4 +93,5 @@ class ForwardBatch:
             page_size=page_size,
             rids=[c.rid for c in chunks],
             segments=[c.segments for c in chunks],
+            logit_rows=[c.logit_rows for c in chunks],
         )

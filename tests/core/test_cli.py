@@ -30,11 +30,14 @@ def test_every_flag_of_every_command_has_help():
 def test_sglang_flags_map_onto_serve():
     argv = ["--model-path", "m", "--context-length", "512", "--schedule-policy", "fcfs",
             "--random-seed", "3", "--tp-size", "1", "--trust-remote-code",
-            "--mem-fraction-static", "0.8", "--chunked-prefill-size", "256"]  # fmt: skip
+            "--mem-fraction-static", "0.8", "--chunked-prefill-size", "256",
+            "--speculative-algorithm", "NGRAM", "--speculative-num-draft-tokens", "6"]  # fmt: skip
     a = build_parser().parse_args(translate(argv))
     assert a.command == "serve" and a.context_length == 512 and a.random_seed == 3
     assert sched_config(a).schedule_policy == "fcfs" and a.max_batch_tokens == 256
-    assert model_config(a).context_length == 512
+    assert model_config(a).context_length == 512 and sched_config(a).draft_tokens == 6
+    off = build_parser().parse_args(["serve", "--speculative-algorithm", "none"])
+    assert sched_config(off).draft_tokens == 0
 
 
 def test_cuda_graph_and_sparsity_defaults_follow_the_device():

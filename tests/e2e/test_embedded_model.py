@@ -122,3 +122,29 @@ def test_jump_forward_skips_steps_and_keeps_output_valid(runner):
         steps[jump] = n
         assert (engine.jump_forward_tokens > 0) == jump
     assert steps[True] < steps[False] * 0.7, steps
+
+
+def test_ngram_speculation_keeps_transformers_greedy_output(runner, hf):
+    from strata.engine.engine import Engine
+    from strata.sampling.params import SamplingParams
+
+    ask = {"role": "user", "content": PROMPTS[1]}
+    first = chat_prompt_ids(runner.tokenizer, [ask])
+    answer = list(generate(runner, first, 40))
+    # the same question again: the second answer is drafted from the first
+    messages = [ask, {"role": "assistant", "content": runner.tokenizer.decode(answer)}, ask]
+    ids = chat_prompt_ids(runner.tokenizer, messages)
+    eos = runner.tokenizer.eos_token_id
+    engine = Engine(runner, enable_cache=False, draft_tokens=4)
+    events: list = []
+    engine.submit(ids, SamplingParams(max_new_tokens=40, temperature=0), events.append)
+    engine.run_until_done()
+    ours = [t for e in events for t in e.token_ids]
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=eos,
+            pad_token_id=eos,
+        )  # fmt: skip
+    assert ours == out[0, len(ids) :].tolist()
+    assert engine.accepted_tokens > 0 and len(events) < len(ours)  # some steps gave several
+    assert runner.pool.num_free == runner.pool.num_pages

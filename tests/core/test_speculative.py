@@ -1,0 +1,165 @@
+"""N-gram speculation: drafts from a sequence's own tokens, verified by the model row by row,
+never change a greedy request's output and never leak a page."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from strata.config import KVPoolConfig, ModelConfig
+from strata.engine.engine import Engine
+from strata.engine.generate import generate
+from strata.engine.ngram import NgramDrafter
+from strata.engine.runner import ModelRunner
+from strata.model.batch import SequenceChunk
+from strata.sampling.params import SamplingParams
+
+PARAMS = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+
+
+def test_drafter_proposes_what_followed_the_latest_longest_match():
+    d = NgramDrafter(min_match=2, max_match=3)
+    d.extend([1, 2, 3, 9, 2, 3, 7, 8, 5, 2, 3])
+    assert d.propose(3) == [7, 8, 5]  # (2, 3) last came before 7 8 5; the tail is not a match
+    d.extend([7])
+    assert d.propose(2) == [8, 5]  # (2, 3, 7) is the longest match
+    d.extend([4])
+    assert d.propose(4) == []  # (7, 4) never came before; one token is too short a match
+    d.extend([1, 2])
+    assert d.propose(4) == [3, 9, 2, 3]  # (4, 1, 2) unseen; (1, 2) did precede 3 9 2 3
+
+
+def test_drafter_shortens_after_a_rejection_and_grows_after_a_full_accept():
+    d = NgramDrafter()
+    d.extend([5, 6, 7, 8, 9, 5, 6])
+    assert d.propose(4) == [7, 8, 9, 5]
+    d.verified(drafted=4, accepted=0)
+    assert d.propose(4) == [7]  # one token past what the model kept
+    d.verified(drafted=1, accepted=1)
+    assert d.propose(4) == [7, 8]
+
+
+@pytest.fixture
+def runner_factory(tiny_checkpoint):
+    folder, _ = tiny_checkpoint("llama")
+
+    def make(num_pages: int = 256) -> ModelRunner:
+        return ModelRunner.from_config(
+            ModelConfig(str(folder), dtype="float32"),
+            KVPoolConfig(page_size=4, num_pages=num_pages),
+        )
+
+    return make
+
+
+def looping_prompts(n: int) -> list[list[int]]:
+    """Prompts that repeat a short pattern: the tiny random model falls into loops on them."""
+    return [[20 + (i * 3 + j) % 11 for j in range(30)] for i in range(n)]
+
+
+def second_turn(runner: ModelRunner) -> list[int]:
+    """A prompt that repeats its first turn after the answer: the second answer is drafted
+    from the first from its first token."""
+    first = looping_prompts(1)[0]
+    return first + list(generate(runner, first, 40)) + first
+
+
+def run(engine: Engine, prompts, params=PARAMS) -> list[list[int]]:
+    events: dict[int, list] = {i: [] for i in range(len(prompts))}
+    for i, p in enumerate(prompts):
+        engine.submit(p, params, events[i].append)
+    engine.run_until_done()
+    assert all(evs[-1].finish_reason is not None for evs in events.values())
+    return [[t for e in events[i] for t in e.token_ids] for i in range(len(prompts))]
+
+
+def assert_no_page_leaked(engine: Engine) -> None:
+    stats = engine.prefix_cache.stats() if engine.prefix_cache else None
+    cached = stats.cached_pages if stats else 0
+    assert engine.runner.pool.num_free + cached == engine.runner.pool.num_pages
+    assert stats is None or stats.locked_pages == 0
+
+
+def test_greedy_output_is_the_same_with_drafts_some_kept_some_not(runner_factory):
+    runner = runner_factory()
+    prompts = looping_prompts(5)
+    expected = [list(generate(runner, p, PARAMS.max_new_tokens)) for p in prompts]
+    engine = Engine(runner, draft_tokens=4)
+    assert run(engine, prompts) == expected
+    assert 0 < engine.accepted_tokens < engine.draft_tokens  # both paths ran
+    assert_no_page_leaked(engine)
+
+
+def test_a_stop_token_anywhere_in_a_draft_ends_the_output_there(runner_factory):
+    runner = runner_factory()
+    prompt = second_turn(runner)
+    free = list(generate(runner, prompt, PARAMS.max_new_tokens))
+    engine = Engine(runner, draft_tokens=4)
+    for stop in dict.fromkeys(free):  # every distinct token, in order of first appearance
+        params = SamplingParams(max_new_tokens=40, temperature=0, stop_token_ids=(stop,))
+        assert run(engine, [prompt], params) == [free[: free.index(stop) + 1]]
+        assert_no_page_leaked(engine)
+    assert engine.accepted_tokens > len(free)
+
+
+def test_drafts_under_page_pressure_and_preemption_keep_the_output(runner_factory):
+    prompts = looping_prompts(6)
+    reference = runner_factory()
+    expected = [list(generate(reference, p, PARAMS.max_new_tokens)) for p in prompts]
+    engine = Engine(runner_factory(num_pages=24), max_batch_tokens=64, draft_tokens=4)
+    assert run(engine, prompts) == expected
+    assert engine.scheduler.preemptions > 0 and engine.accepted_tokens > 0
+    assert_no_page_leaked(engine)
+
+
+def test_abort_while_drafting_frees_every_page(runner_factory):
+    runner = runner_factory()
+    engine, prompt = Engine(runner, draft_tokens=4), second_turn(runner)
+    events: list = []
+    for steps_before_abort in range(1, 10, 2):
+        rid = engine.submit(prompt, PARAMS, events.append)
+        engine._drain()
+        for _ in range(steps_before_abort):
+            engine.step()
+        engine.abort(rid)
+        engine.run_until_done()
+        assert events[-1].finish_reason == "abort"
+        assert_no_page_leaked(engine)
+    assert engine.draft_tokens > 0
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_new_tokens=30, temperature=0.7, seed=1),
+        SamplingParams(max_new_tokens=30, temperature=0, repetition_penalty=1.3),
+        SamplingParams(max_new_tokens=30, temperature=0, logprobs=True),
+        SamplingParams(max_new_tokens=30, temperature=0, logit_bias=((25, 2.0),)),
+    ],
+    ids=["sampled", "penalized", "logprobs", "logit_bias"],
+)
+def test_requests_that_pick_by_more_than_argmax_never_draft(runner_factory, params):
+    runner = runner_factory()
+    plain = run(Engine(runner, draft_tokens=0), looping_prompts(2), params)
+    engine = Engine(runner, draft_tokens=4)
+    assert run(engine, looping_prompts(2), params) == plain
+    assert engine.draft_tokens == 0
+
+
+def test_a_chunk_of_logit_rows_attends_as_its_decode_steps_would(runner_factory):
+    """The forward of a verified draft: each of its rows sees the keys up to its own, and
+    gives the logits the plain decode step of that token gives."""
+    runner = runner_factory()
+    prompt, extra = looping_prompts(1)[0], [31, 22, 25, 40, 7]
+    pages = runner.pool.alloc(runner.pages_for(len(prompt) + len(extra)))
+    try:
+        runner.forward([SequenceChunk(prompt, 0, pages)])
+        steps = [
+            runner.forward([SequenceChunk([t], len(prompt) + i, pages)])[0]
+            for i, t in enumerate(extra)
+        ]
+        rows = runner.forward([SequenceChunk(extra, len(prompt), pages, logit_rows=len(extra))])
+    finally:
+        runner.pool.free(pages)
+    assert rows.shape[0] == len(extra)
+    torch.testing.assert_close(rows, torch.stack(steps), rtol=0, atol=1e-5)
