@@ -112,6 +112,7 @@ class Engine(RequestOutputs, SplitRoles):
             # NOTE: sparse decode picks pages for single-token rows only: drafts stop where it
             # starts, so a request's output does not depend on whether it drafted
             min(runner.max_context, sparse.min_context if sparse is not None else 1 << 62),
+            runner.step_rows,
         )
         if fetch_on_select and isinstance(self.prefix_cache, TieredCache):
             assert sparse is not None

@@ -204,6 +204,11 @@ class ModelRunner:
             return min(self.spec.max_position, self.context_length)
         return self.spec.max_position
 
+    @property
+    def step_rows(self) -> int:
+        """Rows a decode step computes at a small cost a row (its linear layers' kernel)."""
+        return self.model.lm_head.STEP_ROWS
+
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
 

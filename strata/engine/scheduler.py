@@ -33,11 +33,6 @@ from strata.kv.pool import PagePool, alloc_evicting
 from strata.radix.index import CacheIndex
 from strata.radix.keys import common_prefix_len
 
-# NOTE: drafts fill a step's decode rows up to this many: to 32 rows a step costs little
-# more per row (strata's linear kernels), past it ~0.5 ms a row at 570 tokens of context
-# (bench: 16 conversations x 4 turns in process, 940 tok/s against 926 with no bound)
-DRAFT_ROWS = 32
-
 
 @dataclass
 class ScheduledChunk:
@@ -65,6 +60,7 @@ class Scheduler:
         policy: str = "lpm",
         draft_tokens: int = 0,
         draft_context: int = 1 << 62,
+        draft_rows: int = 32,
     ) -> None:
         self.pool, self.prefix_cache, self.page_size = pool, prefix_cache, page_size
         self.max_batch_tokens, self.max_running = max_batch_tokens, max_running
@@ -72,6 +68,10 @@ class Scheduler:
         self.policy = policy  # "lpm": longest cached prefix first; "fcfs": arrival order
         self.draft_tokens = draft_tokens  # n-gram speculation: tokens per draft (0: off)
         self.draft_context = draft_context  # drafts end before this context length
+        # NOTE: drafts fill a step's rows up to draft_rows (runner.step_rows): past them a
+        # row costs about what a plain token costs (bf16 at 570 tokens of context: ~0.5 ms
+        # a row past 32 rows; int4 0.4 ms past 16), and a draft token is kept at ~0.9 at best
+        self.draft_rows = draft_rows
         self.waiting: list[Request] = []
         self.running: list[Request] = []  # admitted (holding pages), oldest first
         self.fetching: list[Request] = []  # admitted remote requests the engine must start
@@ -109,7 +109,7 @@ class Scheduler:
     def schedule(self) -> list[ScheduledChunk]:
         chunks: list[ScheduledChunk] = []
         # Decoding requests: the sampled token, plus any tokens jump-forward decoding forced.
-        spare = DRAFT_ROWS - len(self.running)  # rows for draft tokens
+        spare = self.draft_rows - len(self.running)  # rows for draft tokens
         for req in list(self.running):
             if req.decoding and req in self.running and self._grow(req, req.num_fill):
                 draft = self._draft(req, spare)

@@ -32,6 +32,10 @@ class Linear:
     PACKED_ROWS rows (a decode batch), strata's kernels read that packed weight directly
     (`address`), where its layout is the one they know."""
 
+    # NOTE: rows a decode step's products take at a small cost a row (strata's AMX kernel;
+    # embedded model, 2 cores: a step of 16 rows 12.6 ms, 32 rows 17.4, 64 rows 26.5)
+    STEP_ROWS = 32
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.bias = bias
         self.packed = can_prepack(weight)
@@ -110,6 +114,10 @@ class Int4Linear:
     """Weight-only int4 linear (CPU): a quarter of the bf16 bytes read per decode step.
     Where the CPU has AVX512-BF16, strata's kernels on their own packing (`strata`;
     cpu_ops.int4_linear); elsewhere ATen's int4 product on its packing."""
+
+    # NOTE: past the AMX kernel's 16 rows the weight is unpacked (embedded model, 2 cores: a
+    # decode step of 16 rows 8.7 ms, of 24 rows 17.0)
+    STEP_ROWS = 16
 
     def __init__(
         self,
