@@ -1,6 +1,7 @@
 """Single stream, one run, one machine: per-token time of the plain in-process loop, the
-inter-token latency through `strata serve`'s streaming API, and llama-cpp-python on the
-embedded model's own GGUF (when installed: `make peers`).
+inter-token latency through `strata serve`'s streaming API (with n-gram speculation, its
+default, and without), and llama-cpp-python on the embedded model's own GGUF (when
+installed: `make peers`).
 
 Usage: python bench/serve_latency.py [--new-tokens 64] [--repeats 3] [--serve-args "..."]
 """
@@ -43,7 +44,8 @@ def in_process(
 
 
 def served(url: str, new_tokens: int, repeats: int) -> dict[str, list[float]]:
-    """Streaming /generate with ignore_eos: median gap between events, and the TTFT."""
+    """Streaming /generate with ignore_eos: time per token after the first (an event may
+    carry several: verified drafts), and the TTFT."""
     body = {"text": PROMPT, "stream": True,
             "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0,
                                 "ignore_eos": True}}  # fmt: skip
@@ -51,16 +53,21 @@ def served(url: str, new_tokens: int, repeats: int) -> dict[str, list[float]]:
     with httpx.Client(timeout=120) as http:
         for r in range(repeats + 1):
             start = time.perf_counter()
-            stamps = []
+            stamps, counts = [], []
             with http.stream("POST", f"{url}/generate", json=body) as resp:
                 resp.raise_for_status()
                 for line in resp.iter_lines():
                     if line.startswith("data:") and line.strip() != "data: [DONE]":
                         stamps.append(time.perf_counter())
+                        counts.append(len(json.loads(line[5:])["output_ids"]))
             if r:
                 ttft.append(stamps[0] - start)
-                itl.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+                itl.append((stamps[-1] - stamps[0]) / (counts[-1] - counts[0]))
     return {"itl": itl, "ttft": ttft}
+
+
+def served_name(tag: str, drafts: bool = False) -> str:
+    return f"strata serve, {tag}, n-gram drafts" if drafts else f"strata serve, {tag} (stream ITL)"
 
 
 def llama_cpp(new_tokens: int, repeats: int) -> list[float] | None:
@@ -101,10 +108,13 @@ def main() -> None:
     for quant in ("none", "int4"):
         tag = a.dtype if quant == "none" else f"{a.dtype} + int4 weights"
         flags = ["--dtype", a.dtype, "--quantization", quant, *a.serve_args.split()]
-        with running_server(*flags) as url:
+        with running_server(*flags, "--speculative-algorithm", "none") as url:
             serve = served(url, a.new_tokens, a.repeats)
-        ms[f"strata serve, {tag} (stream ITL)"] = statistics.median(serve["itl"]) * 1e3
+        ms[served_name(tag)] = statistics.median(serve["itl"]) * 1e3
         ttft[tag] = statistics.median(serve["ttft"]) * 1e3
+        with running_server(*flags) as url:
+            spec = served(url, a.new_tokens, a.repeats)
+        ms[served_name(tag, drafts=True)] = statistics.median(spec["itl"]) * 1e3
         loop = in_process(a.new_tokens, a.repeats, a.dtype, quant)
         ms[f"in-process loop, {tag}"] = statistics.median(loop) * 1e3
     peer = llama_cpp(a.new_tokens, a.repeats)
@@ -115,10 +125,12 @@ def main() -> None:
     for name, v in ms.items():
         print(f"{name:44} {v:9.2f} {1e3 / v:7.1f}")
     for tag in ttft:
-        served_ms, loop_ms = ms[f"strata serve, {tag} (stream ITL)"], ms[f"in-process loop, {tag}"]
+        served_ms, loop_ms = ms[served_name(tag)], ms[f"in-process loop, {tag}"]
         line = f"{tag}: served / in-process {served_ms / loop_ms:.2f}x, TTFT {ttft[tag]:.0f} ms"
         if peer is not None:
-            line += f", tok/s vs llama-cpp-python {ms['llama-cpp-python, Q4_1'] / served_ms:.2f}x"
+            peer_ms = ms["llama-cpp-python, Q4_1"]
+            for name in (served_name(tag), served_name(tag, drafts=True)):
+                line += f"; {name} vs llama-cpp-python {peer_ms / ms[name]:.2f}x"
         print(line)
     if a.out:
         Path(a.out).write_text(json.dumps({"ms_per_token": ms, "ttft_ms": ttft}, indent=2))
