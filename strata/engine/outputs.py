@@ -87,12 +87,12 @@ class RequestOutputs:
         """Keep each draft's longest prefix that matches the model's argmax at every
         position, then the model's token after it; returns the other chunks and their rows."""
         ends = list(itertools.accumulate(c.logit_rows for c in chunks))
-        drafted = [(c, end) for c, end in zip(chunks, ends) if c.draft]
-        rows = [r for c, end in drafted for r in range(end - c.logit_rows, end)]
-        best = argmax_rows(logits[rows]).tolist()  # the only pick of a drafting request
-        at = 0
-        for c, _ in drafted:
-            picks, at = best[at : at + c.logit_rows], at + c.logit_rows
+        # the only pick of a drafting request; every row's (no copy of the drafted rows)
+        best = argmax_rows(logits).tolist()
+        for c, end in zip(chunks, ends):
+            if not c.draft:
+                continue
+            picks = best[end - c.logit_rows : end]
             n = 0
             while n < len(c.draft) and c.draft[n] == picks[n]:
                 n += 1
