@@ -110,9 +110,13 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []
         # Decoding requests: the sampled token, plus any tokens jump-forward decoding forced.
         spare = self.draft_rows - len(self.running)  # rows for draft tokens
+        # NOTE: shared out evenly (what one request leaves, the next may take): a draft's
+        # first tokens are the likeliest kept, and the slowest conversation gets its share
+        left = len(self.running)
         for req in list(self.running):
+            share, left = -(-spare // left), left - 1
             if req.decoding and req in self.running and self._grow(req, req.num_fill):
-                draft = self._draft(req, spare)
+                draft = self._draft(req, share)
                 spare -= len(draft)
                 chunks.append(
                     ScheduledChunk(req, req.num_computed, req.remaining + len(draft), True, draft)
