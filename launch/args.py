@@ -212,11 +212,13 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--speculative-algorithm",
-        default="ngram",
+        default=None,
         type=str.lower,  # SGLang spells it NGRAM
         choices=("none", "ngram"),
         help="ngram: greedy requests propose the tokens that followed the latest earlier "
-        "match of their last tokens (prompt lookup) and keep what the model verifies",
+        "match of their last tokens (prompt lookup) and keep what the model verifies "
+        "(default: ngram on CPU; none on CUDA, where a step that verifies drafts would run "
+        "eagerly beside decode's CUDA graphs: not measured yet)",
     )
     p.add_argument("--speculative-num-draft-tokens", type=int, default=4,
                    help="tokens per n-gram draft")  # fmt: skip
@@ -250,6 +252,9 @@ def add_routing_args(p: argparse.ArgumentParser) -> None:
 
 
 def sched_config(a: argparse.Namespace) -> SchedulerConfig:
+    spec = a.speculative_algorithm
+    if spec is None:
+        spec = "none" if getattr(a, "device", "cpu").startswith("cuda") else "ngram"
     return SchedulerConfig(not a.disable_radix_cache, a.max_running_requests, a.max_batch_tokens,
                            a.max_queued_requests, a.request_timeout, a.schedule_policy,
-                           a.speculative_algorithm, a.speculative_num_draft_tokens)  # fmt: skip
+                           spec, a.speculative_num_draft_tokens)  # fmt: skip

@@ -149,7 +149,7 @@ def cmd_up(a: argparse.Namespace) -> int:
                    "--max-queued-requests", str(a.max_queued_requests),
                    "--request-timeout", str(a.request_timeout),
                    "--schedule-policy", a.schedule_policy,
-                   "--speculative-algorithm", a.speculative_algorithm,
+                   "--speculative-algorithm", sched_config(a).speculative_algorithm,
                    "--speculative-num-draft-tokens",
                    str(a.speculative_num_draft_tokens)]  # fmt: skip
     if a.random_seed is not None:

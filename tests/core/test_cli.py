@@ -38,6 +38,9 @@ def test_sglang_flags_map_onto_serve():
     assert model_config(a).context_length == 512 and sched_config(a).draft_tokens == 6
     off = build_parser().parse_args(["serve", "--speculative-algorithm", "none"])
     assert sched_config(off).draft_tokens == 0
+    # on by default where measured (CPU); on CUDA a verify step would run eagerly beside graphs
+    cpu, gpu = (build_parser().parse_args(["serve", "--device", d]) for d in ("cpu", "cuda"))
+    assert sched_config(cpu).draft_tokens == 4 and sched_config(gpu).draft_tokens == 0
 
 
 def test_cuda_graph_and_sparsity_defaults_follow_the_device():
