@@ -218,12 +218,8 @@ class Scheduler:
             return []
         if req.drafter is None:
             req.drafter = NgramDrafter()
-        seen = len(req.drafter.tokens)
-        n_prompt = len(req.prompt_ids)
-        if seen < n_prompt:
-            req.drafter.extend(req.prompt_ids[seen:])
-            seen = n_prompt
-        req.drafter.extend(req.output_ids[seen - n_prompt :])
+        if not req.drafter.sync(req.prompt_ids, req.output_ids):
+            return []
         room = min(p.max_new_tokens - len(req.output_ids), self.draft_context - req.num_fill) - 1
         draft = req.drafter.propose(min(self.draft_tokens, room, spare)) if room > 0 else []
         ps = self.page_size

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from strata.config import KVPoolConfig, ModelConfig
+from strata.engine import ngram
 from strata.engine.engine import Engine
 from strata.engine.generate import generate
 from strata.engine.ngram import NgramDrafter
@@ -37,6 +38,19 @@ def test_drafter_shortens_after_a_rejection_and_grows_after_a_full_accept():
     assert d.propose(4) == [7]  # one token past what the model kept
     d.verified(drafted=1, accepted=1)
     assert d.propose(4) == [7, 8]
+
+
+def test_drafter_indexes_a_long_prompts_tail_a_bounded_slice_a_step(monkeypatch):
+    monkeypatch.setattr(ngram, "PROMPT_WINDOW", 50)
+    monkeypatch.setattr(ngram, "SYNC_TOKENS", 20)
+    prompt = [1, 2, 3] + list(range(100, 157)) + [5, 6, 7, 8] + list(range(200, 236))
+    output = [5, 6]
+    d = NgramDrafter()
+    # 52 tokens to index from position 50, 20 a call: no draft until it has caught up
+    assert [d.sync(prompt, output) for _ in range(3)] == [False, False, True]
+    assert d.propose(2) == [7, 8]
+    output += [1, 2]  # (1, 2) came only before the window
+    assert d.sync(prompt, output) and d.propose(2) == []
 
 
 @pytest.fixture
