@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from strata.engine.scheduler import ScheduledChunk
+from strata.model.batch import tail_rows
 
 
 def wants_input_logprobs(c: ScheduledChunk) -> bool:
@@ -34,5 +35,4 @@ def collect_input_logprobs(chunks: Sequence[ScheduledChunk], logits: torch.Tenso
         lp = rows.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
         for pos, value in zip(range(lo + 1, hi + 1), lp.tolist()):
             req.input_logprobs[pos] = value
-    tails = [r for c, end in zip(chunks, ends.tolist()) for r in range(end - c.logit_rows, end)]
-    return logits[tails]
+    return logits[tail_rows([c.length for c in chunks], [c.logit_rows for c in chunks])]

@@ -98,8 +98,8 @@ class RequestOutputs:
                 n += 1
             self.draft_tokens += len(c.draft)
             self.accepted_tokens += n
-            if c.req.drafter is not None:
-                c.req.drafter.verified(len(c.draft), n)
+            assert c.req.drafter is not None  # it proposed the draft
+            c.req.drafter.verified(len(c.draft), n)
             self._emit(c.req, picks[: n + 1], computed=n)
         rest = [end - 1 for c, end in zip(chunks, ends) if not c.draft]
         return [c for c in chunks if not c.draft], logits[rest]
