@@ -56,3 +56,21 @@ def tiny_checkpoint(tmp_path: Path):
         return folder, model
 
     return make
+
+
+@pytest.fixture
+def runner_factory(tiny_checkpoint):
+    """Factory: a ModelRunner on a tiny random Llama (float32, pages of 4 tokens) with a
+    pool of num_pages pages."""
+    from strata.config import KVPoolConfig, ModelConfig
+    from strata.engine.runner import ModelRunner
+
+    folder, _ = tiny_checkpoint("llama")
+
+    def make(num_pages: int) -> ModelRunner:
+        return ModelRunner.from_config(
+            ModelConfig(str(folder), dtype="float32"),
+            KVPoolConfig(page_size=4, num_pages=num_pages),
+        )
+
+    return make

@@ -21,7 +21,6 @@ from tests.core.test_scheduler import (
     assert_pool_back_to_cache_only,
     prompts,
     run,
-    runner_factory,  # noqa: F401 (fixture)
 )
 
 
@@ -67,7 +66,7 @@ def run_split(decode: Engine, source_for, ps, params=GREEDY) -> tuple[list[list[
 
 
 @pytest.fixture
-def engines(runner_factory):  # noqa: F811
+def engines(runner_factory):
     prefill = Engine(runner_factory(128), max_batch_tokens=16, jump_forward=False)
     prefill.start()
     decode = Engine(runner_factory(128), max_batch_tokens=16)
@@ -75,7 +74,7 @@ def engines(runner_factory):  # noqa: F811
     prefill.shutdown()
 
 
-def test_split_roles_give_the_colocated_output_and_balance_both_pools(engines, runner_factory):  # noqa: F811
+def test_split_roles_give_the_colocated_output_and_balance_both_pools(engines, runner_factory):
     prefill, decode = engines
     ps = [p[: 5 + 3 * i] for i, p in enumerate(prompts(6, length=24, shared=8))]
     expected = run(Engine(runner_factory(128), max_batch_tokens=16), ps)
@@ -92,7 +91,7 @@ def test_split_roles_give_the_colocated_output_and_balance_both_pools(engines, r
         assert_pool_back_to_cache_only(engine)
 
 
-def test_seeded_sampling_is_the_same_split_or_colocated(engines, runner_factory):  # noqa: F811
+def test_seeded_sampling_is_the_same_split_or_colocated(engines, runner_factory):
     prefill, decode = engines
     params = SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.95, seed=7,
                             ignore_eos=True, logprobs=True)  # fmt: skip
@@ -141,7 +140,7 @@ def test_a_failed_transfer_is_an_error_and_frees_the_reservation(engines):
     assert_pool_back_to_cache_only(decode)
 
 
-def test_held_pages_nobody_pulls_are_released_after_the_timeout(runner_factory):  # noqa: F811
+def test_held_pages_nobody_pulls_are_released_after_the_timeout(runner_factory):
     prefill = Engine(runner_factory(64), hold_timeout=0.2, jump_forward=False)
     prefill.start()
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.engine import Engine
 from strata.engine.generate import generate
 from strata.engine.request import Status
@@ -12,19 +11,6 @@ from strata.engine.runner import ModelRunner
 from strata.sampling.params import SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
-
-
-@pytest.fixture
-def runner_factory(tiny_checkpoint):
-    folder, _ = tiny_checkpoint("llama")
-
-    def make(num_pages: int) -> ModelRunner:
-        return ModelRunner.from_config(
-            ModelConfig(str(folder), dtype="float32"),
-            KVPoolConfig(page_size=4, num_pages=num_pages),
-        )
-
-    return make
 
 
 def run(engine: Engine, prompts, params=GREEDY) -> list[list[int]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from strata.config import KVPoolConfig, ModelConfig
 from strata.engine import ngram
 from strata.engine.engine import Engine
 from strata.engine.generate import generate
@@ -14,6 +13,10 @@ from strata.engine.ngram import NgramDrafter
 from strata.engine.runner import ModelRunner
 from strata.model.batch import SequenceChunk
 from strata.sampling.params import SamplingParams
+from tests.core.test_scheduler import (
+    assert_pool_back_to_cache_only,
+    run,
+)
 
 PARAMS = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
 
@@ -53,19 +56,6 @@ def test_drafter_indexes_a_long_prompts_tail_a_bounded_slice_a_step(monkeypatch)
     assert d.sync(prompt, output) and d.propose(2) == []
 
 
-@pytest.fixture
-def runner_factory(tiny_checkpoint):
-    folder, _ = tiny_checkpoint("llama")
-
-    def make(num_pages: int = 256) -> ModelRunner:
-        return ModelRunner.from_config(
-            ModelConfig(str(folder), dtype="float32"),
-            KVPoolConfig(page_size=4, num_pages=num_pages),
-        )
-
-    return make
-
-
 def looping_prompts(n: int) -> list[list[int]]:
     """Prompts that repeat a short pattern: the tiny random model falls into loops on them."""
     return [[20 + (i * 3 + j) % 11 for j in range(30)] for i in range(n)]
@@ -78,56 +68,40 @@ def second_turn(runner: ModelRunner) -> list[int]:
     return first + list(generate(runner, first, 40)) + first
 
 
-def run(engine: Engine, prompts, params=PARAMS) -> list[list[int]]:
-    events: dict[int, list] = {i: [] for i in range(len(prompts))}
-    for i, p in enumerate(prompts):
-        engine.submit(p, params, events[i].append)
-    engine.run_until_done()
-    assert all(evs[-1].finish_reason is not None for evs in events.values())
-    return [[t for e in events[i] for t in e.token_ids] for i in range(len(prompts))]
-
-
-def assert_no_page_leaked(engine: Engine) -> None:
-    stats = engine.prefix_cache.stats() if engine.prefix_cache else None
-    cached = stats.cached_pages if stats else 0
-    assert engine.runner.pool.num_free + cached == engine.runner.pool.num_pages
-    assert stats is None or stats.locked_pages == 0
-
-
 def test_greedy_output_is_the_same_with_drafts_some_kept_some_not(runner_factory):
-    runner = runner_factory()
+    runner = runner_factory(256)
     prompts = looping_prompts(5)
     expected = [list(generate(runner, p, PARAMS.max_new_tokens)) for p in prompts]
     engine = Engine(runner, draft_tokens=4)
-    assert run(engine, prompts) == expected
+    assert run(engine, prompts, PARAMS) == expected
     assert 0 < engine.accepted_tokens < engine.draft_tokens  # both paths ran
-    assert_no_page_leaked(engine)
+    assert_pool_back_to_cache_only(engine)
 
 
 def test_a_stop_token_anywhere_in_a_draft_ends_the_output_there(runner_factory):
-    runner = runner_factory()
+    runner = runner_factory(256)
     prompt = second_turn(runner)
     free = list(generate(runner, prompt, PARAMS.max_new_tokens))
     engine = Engine(runner, draft_tokens=4)
     for stop in dict.fromkeys(free):  # every distinct token, in order of first appearance
         params = SamplingParams(max_new_tokens=40, temperature=0, stop_token_ids=(stop,))
         assert run(engine, [prompt], params) == [free[: free.index(stop) + 1]]
-        assert_no_page_leaked(engine)
+        assert_pool_back_to_cache_only(engine)
     assert engine.accepted_tokens > len(free)
 
 
 def test_drafts_under_page_pressure_and_preemption_keep_the_output(runner_factory):
     prompts = looping_prompts(6)
-    reference = runner_factory()
+    reference = runner_factory(256)
     expected = [list(generate(reference, p, PARAMS.max_new_tokens)) for p in prompts]
-    engine = Engine(runner_factory(num_pages=24), max_batch_tokens=64, draft_tokens=4)
-    assert run(engine, prompts) == expected
+    engine = Engine(runner_factory(24), max_batch_tokens=64, draft_tokens=4)
+    assert run(engine, prompts, PARAMS) == expected
     assert engine.scheduler.preemptions > 0 and engine.accepted_tokens > 0
-    assert_no_page_leaked(engine)
+    assert_pool_back_to_cache_only(engine)
 
 
 def test_drafts_fill_a_step_up_to_its_row_budget(runner_factory):
-    runner = runner_factory()
+    runner = runner_factory(256)
     engine = Engine(runner, draft_tokens=4)
     engine.scheduler.draft_rows = 6  # four requests decoding leave two rows for drafts
     rows: list[int] = []
@@ -139,12 +113,12 @@ def test_drafts_fill_a_step_up_to_its_row_budget(runner_factory):
 
     runner.forward = counting  # type: ignore[method-assign]
     prompt = second_turn(runner)
-    assert run(engine, [prompt] * 4) == [list(generate(runner, prompt, 40))] * 4
+    assert run(engine, [prompt] * 4, PARAMS) == [list(generate(runner, prompt, 40))] * 4
     assert max(rows) == 6 and engine.accepted_tokens > 0
 
 
 def test_abort_while_drafting_frees_every_page(runner_factory):
-    runner = runner_factory()
+    runner = runner_factory(256)
     engine, prompt = Engine(runner, draft_tokens=4), second_turn(runner)
     events: list = []
     for steps_before_abort in range(1, 10, 2):
@@ -155,7 +129,7 @@ def test_abort_while_drafting_frees_every_page(runner_factory):
         engine.abort(rid)
         engine.run_until_done()
         assert events[-1].finish_reason == "abort"
-        assert_no_page_leaked(engine)
+        assert_pool_back_to_cache_only(engine)
     assert engine.draft_tokens > 0
 
 
@@ -170,7 +144,7 @@ def test_abort_while_drafting_frees_every_page(runner_factory):
     ids=["sampled", "penalized", "logprobs", "logit_bias"],
 )
 def test_requests_that_pick_by_more_than_argmax_never_draft(runner_factory, params):
-    runner = runner_factory()
+    runner = runner_factory(256)
     plain = run(Engine(runner, draft_tokens=0), looping_prompts(2), params)
     engine = Engine(runner, draft_tokens=4)
     assert run(engine, looping_prompts(2), params) == plain
@@ -180,7 +154,7 @@ def test_requests_that_pick_by_more_than_argmax_never_draft(runner_factory, para
 def test_a_chunk_of_logit_rows_attends_as_its_decode_steps_would(runner_factory):
     """The forward of a verified draft: each of its rows sees the keys up to its own, and
     gives the logits the plain decode step of that token gives."""
-    runner = runner_factory()
+    runner = runner_factory(256)
     prompt, extra = looping_prompts(1)[0], [31, 22, 25, 40, 7]
     pages = runner.pool.alloc(runner.pages_for(len(prompt) + len(extra)))
     try:

@@ -33,6 +33,16 @@ def hf():
     ).eval()
 
 
+def hf_greedy(hf, ids: list[int], max_new_tokens: int, eos: int) -> list[int]:
+    """transformers' greedy generate: the new tokens."""
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=eos, pad_token_id=eos,
+        )  # fmt: skip
+    return out[0, len(ids) :].tolist()
+
+
 def test_embedded_model_logits_match_transformers(runner, hf):
     ids = chat_prompt_ids(runner.tokenizer, [{"role": "user", "content": PROMPTS[0]}])
     pages = runner.pool.alloc(runner.pages_for(len(ids)))
@@ -52,12 +62,7 @@ def test_embedded_greedy_generation_equals_transformers_generate(runner, hf, pro
     free = runner.pool.num_free
     ours = list(generate(runner, ids, 32, stop_ids=(eos,)))
     assert runner.pool.num_free == free
-    with torch.no_grad():
-        out = hf.generate(
-            torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=eos,
-            pad_token_id=eos,
-        )  # fmt: skip
-    assert ours == out[0, len(ids) :].tolist()
+    assert ours == hf_greedy(hf, ids, 32, eos)
     assert len(ours) >= 8
 
 
@@ -140,11 +145,6 @@ def test_ngram_speculation_keeps_transformers_greedy_output(runner, hf):
     engine.submit(ids, SamplingParams(max_new_tokens=40, temperature=0), events.append)
     engine.run_until_done()
     ours = [t for e in events for t in e.token_ids]
-    with torch.no_grad():
-        out = hf.generate(
-            torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=eos,
-            pad_token_id=eos,
-        )  # fmt: skip
-    assert ours == out[0, len(ids) :].tolist()
+    assert ours == hf_greedy(hf, ids, 40, eos)
     assert engine.accepted_tokens > 0 and len(events) < len(ours)  # some steps gave several
     assert runner.pool.num_free == runner.pool.num_pages
