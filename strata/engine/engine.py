@@ -2,29 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 from strata.config import HiCacheConfig
+from strata.engine.intake import RequestIntake
 from strata.engine.logprobs import collect_input_logprobs, wants_input_logprobs
 from strata.engine.offload import Offload
 from strata.engine.outputs import RequestOutputs
 from strata.engine.request import (
-    Checked,
-    KVSource,
-    Limits,
-    Overloaded,
     Request,
-    RequestOutput,
 )
 from strata.engine.runner import ModelRunner, RunnerBroken
 from strata.engine.scheduler import Scheduler
@@ -33,8 +28,6 @@ from strata.grammar.compiler import LazyGrammarCompiler
 from strata.kv.hierarchy import TieredCache, build_cache
 from strata.radix.index import CacheIndex
 from strata.radix.results import KVEvent
-from strata.sampling.params import SamplingParams
-from strata.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
 # a forward with at least this many prefill tokens measures the cost of computing a token
@@ -56,7 +49,7 @@ class EngineStats:
     loop_thread: str = ""  # the thread that runs the step loop (stats runs on it)
 
 
-class Engine(RequestOutputs, SplitRoles):
+class Engine(RequestIntake, RequestOutputs, SplitRoles):
     def __init__(
         self,
         runner: ModelRunner,
@@ -145,95 +138,7 @@ class Engine(RequestOutputs, SplitRoles):
         self.draft_tokens = self.accepted_tokens = 0
         self._init_split_roles(hold_timeout)
 
-    # ---- the public, thread-safe surface -------------------------------------------------
-
-    @property
-    def limits(self) -> Limits:
-        r = self.runner
-        return Limits(r.max_context, r.spec.vocab_size, r.page_size, r.pool.num_pages,
-                      tuple(sorted(self.eos_ids)), r.checkpoint)  # fmt: skip
-
-    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Checked:
-        """The request, checked (ValueError for one that can never run), or Overloaded
-        while the engine holds as many requests as it may."""
-        self._admit()
-        return self.limits.check(prompt_ids, params, lambda c: self.grammar.compile(c))
-
-    def _admit(self) -> None:
-        if self._capacity is not None and self._outstanding >= self._capacity:
-            raise Overloaded(
-                f"the server holds {self._outstanding} requests, its limit "
-                "(--max-running-requests + --max-queued-requests); retry later"
-            )
-
-    def submit(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        sink: Callable[[RequestOutput], object],
-        rid: str | None = None,
-        kv_source: KVSource | None = None,
-        hold: bool = False,
-    ) -> str:
-        """Check and queue a request (in-process callers; a front checks once and calls
-        `queue`)."""
-        return self.queue(self.validate(prompt_ids, params), sink, rid, kv_source, hold)
-
-    def queue(
-        self,
-        request: Checked,
-        sink: Callable[[RequestOutput], object],
-        rid: str | None = None,
-        kv_source: KVSource | None = None,
-        hold: bool = False,
-    ) -> str:
-        """Queue a checked request. kv_source (split mode, decode role): the prompt's KV and
-        first token come from a prefill worker once pages are reserved. hold (prefill role):
-        keep the pages after the first token until `release_held`."""
-        self._admit()
-        if rid is not None and rid in self._requests:
-            raise ValueError(f"request id {rid!r} is already in use")
-        rid = rid or f"req-{next(self._ids)}"
-        params = request.params
-        req = Request(rid, list(request.prompt_ids), params, sink, kv_source=kv_source, hold=hold)
-        if self.request_timeout is not None:
-            req.deadline = req.arrival + self.request_timeout
-        if self.tokenizer is not None:
-            req.detok = IncrementalDetokenizer(self.tokenizer)
-        if params.constraint is not None:
-            req.matcher = self.grammar.matcher(params.constraint)
-        with self._count_lock:
-            self._outstanding += 1
-        self._inbox.put(("add", req))
-        return rid
-
-    def abort(self, rid: str) -> None:
-        self._inbox.put(("abort", rid))
-
-    async def stream(
-        self,
-        request: Checked,
-        rid: str | None = None,
-        kv_source: KVSource | None = None,
-        hold: bool = False,
-    ) -> AsyncGenerator[RequestOutput, None]:
-        """Queue a checked request and yield its events on the caller's asyncio loop until
-        one finishes it. Closing the generator early aborts the request (frees its pages)."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        rid = self.queue(
-            request, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), rid,
-            kv_source, hold,
-        )  # fmt: skip
-        finished = False
-        try:
-            while not finished:
-                event = await events.get()
-                finished = event.finish_reason is not None
-                yield event
-        finally:
-            if not finished:  # the caller went away
-                self.abort(rid)
+    # ---- the public, thread-safe surface (requests: intake.py) ---------------------------
 
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run fn on the engine thread between steps (safe access to engine state)."""
