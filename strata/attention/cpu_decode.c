@@ -168,6 +168,8 @@ static inline __m512 exp_neg16(__m512 x) {
             const char *nv = (const char *)(v + next * pstride);                              \
             const __mmask16 valid = (__mmask16)((1u << n) - 1u);                              \
             for (int h = 0; h < kvh; h++) {                                                   \
+                /* head h's share of the next page's token rows, to prefetch */               \
+                const int64_t o0 = (span * h / kvh) & ~63, o1 = span * (h + 1) / kvh;         \
                 for (int i0 = h * g; i0 < (h + 1) * g; i0 += (HB)) {                          \
                     const int hb = (h + 1) * g - i0 < (HB) ? (h + 1) * g - i0 : (HB);         \
                     __m512 qv[HB][C], part[HB][16], av[HB][C];                                \
@@ -182,8 +184,7 @@ static inline __m512 exp_neg16(__m512 x) {
                             continue;                                                         \
                         }                                                                     \
                         if (i0 == h * g) { /* the next page's token t, head h's share */    \
-                            const int64_t o0 = span * h / kvh, o1 = span * (h + 1) / kvh;    \
-                            for (int64_t o = o0 & ~63; o < o1; o += 64) {                     \
+                            for (int64_t o = o0; o < o1; o += 64) {                           \
                                 __builtin_prefetch(nk + t * rbytes + o, 0, 2);                \
                                 __builtin_prefetch(nv + t * rbytes + o, 0, 2);                \
                             }                                                                 \
