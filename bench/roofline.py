@@ -1,7 +1,11 @@
 """How close in-process decode comes to this machine's limits, measured in one process:
 batch 1 against the weight-bandwidth roofline (bytes of weights / measured memory-read
 bandwidth), batch 32 against the bf16 GEMM roofline (2 x params x batch / measured bf16
-GEMM FLOP/s). Usage: python bench/roofline.py [--rounds 3]
+GEMM FLOP/s: issue 14's figure) and against the roofline proper, the lower of the GEMM
+FLOP/s and the bandwidth times the step's intensity (FLOPs per byte of weights read): a
+batch-32 bf16 step does 32 FLOPs per byte of weights, so it is bound by memory, not by the
+GEMM, wherever the bandwidth is below GEMM FLOP/s / 32 (72 GB/s at 2.3 TFLOP/s).
+Usage: python bench/roofline.py [--rounds 3]
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ def main() -> None:
     print(f"{torch.get_num_threads()} threads: memory read {bw / 1e9:.1f} GB/s, "
           f"bf16 GEMM {flops / 1e12:.2f} TFLOP/s")  # fmt: skip
     print(f"{'weights':16} {'MB':>6} {'batch 1 tok/s':>14} {'of bandwidth roofline':>22} "
-          f"{'batch 32 tok/s':>15} {'of GEMM roofline':>17}")  # fmt: skip
+          f"{'batch 32 tok/s':>15} {'of GEMM roofline':>17} {'of roofline':>12}")  # fmt: skip
     for quant in ("none", "int4"):
         runner = ModelRunner.from_config(
             ModelConfig(dtype="bfloat16", quantization=quant), KVPoolConfig(num_pages=1024)
@@ -89,9 +93,11 @@ def main() -> None:
         b32 = statistics.median(decode_rate(run, 32, a.new_tokens) for _ in range(a.rounds))
         roof1 = bw / nbytes  # tokens/s if a step only read the weights once
         roof32 = flops / (2 * params)  # tokens/s if every step were one GEMM
+        # the roofline: FLOP/s the lower of the GEMM's and bandwidth x FLOPs per byte read
+        roof = min(flops, bw * (2 * params * 32) / nbytes) / (2 * params)  # tokens/s
         name = "bfloat16" if quant == "none" else "int4 (bf16 act.)"
         print(f"{name:16} {nbytes / 1e6:6.0f} {b1:14.1f} {b1 / roof1:21.0%} "
-              f"{b32:15.1f} {b32 / roof32:16.0%}")  # fmt: skip
+              f"{b32:15.1f} {b32 / roof32:16.0%} {b32 / roof:11.0%}")  # fmt: skip
 
 
 if __name__ == "__main__":
