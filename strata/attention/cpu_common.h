@@ -32,7 +32,7 @@ ALWAYS_INLINE uint16_t f32_to_bf16(float f) { /* round to nearest even */
 
 /* exp for x <= 0 (softmax weights), vectorisable under omp simd: 2^n * p(r) with
  * x = n ln2 + r, |r| <= ln2 / 2, p of degree 6 (relative error ~2e-7); x < EXP_MIN gives 0.
- * cpu_decode.c's exp_neg16 is the same on 16 lanes. */
+ * exp_neg16 is the same on 16 lanes. */
 #define EXP_MIN -87.f
 #define EXP_LOG2E 1.44269504f
 #define EXP_LN2_HI 0.693145752f /* ln 2 in two parts: n * ln2 stays exact for |n| <= 126 */
@@ -60,6 +60,24 @@ ALWAYS_INLINE float exp_neg(float x) {
 ALWAYS_INLINE __m512 load_bf16x16(const uint16_t *p) {
     const __m256i raw = _mm256_loadu_si256((const __m256i *)p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+/* exp_neg on 16 lanes (the same polynomial; 2^n by scalef, exact for the normal range) */
+ALWAYS_INLINE __m512 exp_neg16(__m512 x) {
+    const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(EXP_MIN));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(EXP_LOG2E)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_HI), xc);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_LO), r);
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_MIN), _CMP_LT_OQ);
+    return _mm512_maskz_mov_ps((__mmask16)~under, _mm512_scalef_ps(p, n));
 }
 #endif
 

@@ -131,24 +131,6 @@ static inline __m512 sum16(const __m512 *a) {
     return _mm512_permutexvar_ps(order, r);
 }
 
-/* exp_neg on 16 lanes (the same polynomial; 2^n by scalef, exact for the normal range) */
-static inline __m512 exp_neg16(__m512 x) {
-    const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(EXP_MIN));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(EXP_LOG2E)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_HI), xc);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_LO), r);
-    __m512 p = _mm512_set1_ps(1.f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_MIN), _CMP_LT_OQ);
-    return _mm512_maskz_mov_ps((__mmask16)~under, _mm512_scalef_ps(p, n));
-}
-
 #define DEFINE_PARTIAL512(NAME, D, HB)                                                        \
     static void NAME(const float *qf, const uint16_t *k, const uint16_t *v,                   \
                      const int64_t *pages, int64_t p0, int64_t p1, int64_t len,              \
