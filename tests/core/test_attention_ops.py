@@ -244,13 +244,14 @@ def test_cpu_decode_kernel_declines_what_it_does_not_take():
 
 @pytest.mark.parametrize("rows", [1, 3, 40])
 @pytest.mark.parametrize("with_delta", [True, False])
-def test_cpu_add_rms_norm_equals_torch_add_then_rms_norm(rows, with_delta):
+@pytest.mark.parametrize("dim", [576, 100])  # 100: 16-lane vectors, then a tail of 4
+def test_cpu_add_rms_norm_equals_torch_add_then_rms_norm(rows, with_delta, dim):
     g = torch.Generator().manual_seed(rows)
-    x = (torch.randn(rows, 576, generator=g) * 3).to(torch.bfloat16)
-    delta = torch.randn(rows, 576, generator=g).to(torch.bfloat16) if with_delta else None
-    w = (torch.rand(576, generator=g) + 0.5).to(torch.bfloat16)
+    x = (torch.randn(rows, dim, generator=g) * 3).to(torch.bfloat16)
+    delta = torch.randn(rows, dim, generator=g).to(torch.bfloat16) if with_delta else None
+    w = (torch.rand(dim, generator=g) + 0.5).to(torch.bfloat16)
     want_x = x + delta if delta is not None else x.clone()
-    want = F.rms_norm(want_x, (576,), w, 1e-5)
+    want = F.rms_norm(want_x, (dim,), w, 1e-5)
     got = cpu_ops.add_rms_norm(x, delta, w, 1e-5)
     assert got is not None
     assert torch.equal(x, want_x)  # the residual add, in place, rounded as torch rounds it
@@ -268,9 +269,10 @@ def test_cpu_add_rms_norm_declines_other_dtypes_and_layouts():
 
 
 @pytest.mark.parametrize("rows", [1, 3, 40])
-def test_cpu_silu_mul_equals_torch_chunk_silu_mul(rows):
+@pytest.mark.parametrize("width", [1536, 20])  # 20: a 16-lane vector, then a tail of 4
+def test_cpu_silu_mul_equals_torch_chunk_silu_mul(rows, width):
     g = torch.Generator().manual_seed(rows)
-    gate_up = (torch.randn(rows, 2 * 1536, generator=g) * 4).to(torch.bfloat16)
+    gate_up = (torch.randn(rows, 2 * width, generator=g) * 4).to(torch.bfloat16)
     gate_up[0, :8] = torch.tensor([0.0, -0.0, 30.0, -30.0, 90.0, -90.0, 1e-3, -1e-3])
     gate, up = gate_up.chunk(2, dim=-1)
     want = F.silu(gate) * up
