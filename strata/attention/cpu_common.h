@@ -62,6 +62,16 @@ ALWAYS_INLINE __m512 load_bf16x16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
+/* 16 float32 lanes to bfloat16, rounded to nearest even (NaN stays NaN), as f32_to_bf16 */
+ALWAYS_INLINE __m256i round_bf16x16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+}
+
 /* exp_neg on 16 lanes (the same polynomial; 2^n by scalef, exact for the normal range) */
 ALWAYS_INLINE __m512 exp_neg16(__m512 x) {
     const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(EXP_MIN));

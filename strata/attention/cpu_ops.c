@@ -12,17 +12,6 @@
  * runs in 16 lanes folded in halves, the order of torch's vectorized reduction, so the result
  * is bit-equal to torch's rather than one ulp off in a few elements. */
 #define NORM_LANES 16
-#if defined(__AVX512F__)
-/* 16 float32 lanes to bfloat16, rounded to nearest even (NaN stays NaN), as f32_to_bf16 */
-static inline __m256i store_bf16x16(__m512 v) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-    return _mm512_cvtepi32_epi16(r);
-}
-#endif
 int add_rms_norm(const uint16_t *delta, uint16_t *x, const uint16_t *w, uint16_t *out,
                  int64_t rows, int dim, float eps) {
 #pragma omp parallel for if (rows >= 16) schedule(static)
@@ -37,7 +26,7 @@ int add_rms_norm(const uint16_t *delta, uint16_t *x, const uint16_t *w, uint16_t
         for (; j0 + NORM_LANES <= dim; j0 += NORM_LANES) {
             __m512 v = load_bf16x16(xr + j0);
             if (delta) {
-                const __m256i h = store_bf16x16(_mm512_add_ps(v, load_bf16x16(delta + r * dim + j0)));
+                const __m256i h = round_bf16x16(_mm512_add_ps(v, load_bf16x16(delta + r * dim + j0)));
                 _mm256_storeu_si256((__m256i *)(xr + j0), h);
                 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
             }
@@ -63,7 +52,7 @@ int add_rms_norm(const uint16_t *delta, uint16_t *x, const uint16_t *w, uint16_t
 #if defined(__AVX512F__)
         const __m512 iv = _mm512_set1_ps(inv);
         for (; j + 16 <= dim; j += 16)
-            _mm256_storeu_si256((__m256i *)(o + j), store_bf16x16(_mm512_mul_ps(
+            _mm256_storeu_si256((__m256i *)(o + j), round_bf16x16(_mm512_mul_ps(
                 _mm512_mul_ps(load_bf16x16(xr + j), iv), load_bf16x16(w + j))));
 #endif
         for (; j < dim; j++) o[j] = f32_to_bf16(bf16_to_f32(xr[j]) * inv * bf16_to_f32(w[j]));
@@ -532,7 +521,6 @@ int int4_linear_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *bias, 
 /* The gated MLP's activation on bfloat16 rows: gate_up [rows, 2 * n] (gate, then up, as the
  * fused projection writes them) -> out [rows, n] = silu(gate) * up, rounded as torch's two
  * ops round: silu to bfloat16, then the product. */
-
 int silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t n) {
 /* NOTE: by element count, not rows: a decode batch's few rows ran on one thread (the other
  * waiting) */
@@ -556,9 +544,9 @@ int silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t 
             const __m512 a = _mm512_mask_mov_ps(_mm512_set1_ps(1.f), neg, e);
             const __m512 q0 = _mm512_mul_ps(a, inv); /* a / d, then one correcting step */
             const __m512 sig = _mm512_fmadd_ps(_mm512_fnmadd_ps(d, q0, a), inv, q0);
-            const __m256i s = store_bf16x16(_mm512_mul_ps(x, sig));
+            const __m256i s = round_bf16x16(_mm512_mul_ps(x, sig));
             const __m512 sf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(s), 16));
-            _mm256_storeu_si256((__m256i *)(o + j0), store_bf16x16(_mm512_mul_ps(sf, load_bf16x16(u + j0))));
+            _mm256_storeu_si256((__m256i *)(o + j0), round_bf16x16(_mm512_mul_ps(sf, load_bf16x16(u + j0))));
         }
 #endif
         for (int64_t j = j0; j < n; j++) {
