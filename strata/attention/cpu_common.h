@@ -57,9 +57,11 @@ ALWAYS_INLINE float exp_neg(float x) {
 #if defined(__AVX512F__)
 #include <immintrin.h>
 /* 16 bfloat16 values as float32 lanes */
-ALWAYS_INLINE __m512 load_bf16x16(const uint16_t *p) {
-    const __m256i raw = _mm256_loadu_si256((const __m256i *)p);
+ALWAYS_INLINE __m512 widen_bf16x16(__m256i raw) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+ALWAYS_INLINE __m512 load_bf16x16(const uint16_t *p) {
+    return widen_bf16x16(_mm256_loadu_si256((const __m256i *)p));
 }
 
 /* 16 float32 lanes to bfloat16, rounded to nearest even (NaN stays NaN), as f32_to_bf16 */

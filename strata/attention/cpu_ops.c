@@ -28,7 +28,7 @@ int add_rms_norm(const uint16_t *delta, uint16_t *x, const uint16_t *w, uint16_t
             if (delta) {
                 const __m256i h = round_bf16x16(_mm512_add_ps(v, load_bf16x16(delta + r * dim + j0)));
                 _mm256_storeu_si256((__m256i *)(xr + j0), h);
-                v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+                v = widen_bf16x16(h);
             }
             sq = _mm512_add_ps(sq, _mm512_mul_ps(v, v));
         }
@@ -544,8 +544,7 @@ int silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t 
             const __m512 a = _mm512_mask_mov_ps(_mm512_set1_ps(1.f), neg, e);
             const __m512 q0 = _mm512_mul_ps(a, inv); /* a / d, then one correcting step */
             const __m512 sig = _mm512_fmadd_ps(_mm512_fnmadd_ps(d, q0, a), inv, q0);
-            const __m256i s = round_bf16x16(_mm512_mul_ps(x, sig));
-            const __m512 sf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(s), 16));
+            const __m512 sf = widen_bf16x16(round_bf16x16(_mm512_mul_ps(x, sig)));
             _mm256_storeu_si256((__m256i *)(o + j0), round_bf16x16(_mm512_mul_ps(sf, load_bf16x16(u + j0))));
         }
 #endif
