@@ -82,8 +82,6 @@ class ForwardBatch:
         ids = [t for c in chunks for t in c.token_ids]
         if all_logits:
             rows = list(range(len(ids)))
-        elif all(c.logit_rows == 1 for c in chunks):
-            rows = list(itertools.accumulate(q_lens, initial=-1))[1:]
         else:
             rows = tail_rows(q_lens, [c.logit_rows for c in chunks])
         # NOTE: from Python lists, one tensor each: a decode step's batch is a few ids, and
