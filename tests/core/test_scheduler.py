@@ -87,19 +87,25 @@ def test_cache_disabled_frees_every_page(runner_factory):
     assert runner.pool.num_free == runner.pool.num_pages
 
 
+def abort_after_steps(engine: Engine, prompt: list[int], params, steps: int) -> None:
+    """Submit prompt, run `steps` engine steps, abort it: it ends as aborted and its pages
+    go back (only the radix cache holds any)."""
+    events: list = []
+    rid = engine.submit(prompt, params, events.append)
+    engine._drain()
+    for _ in range(steps):
+        engine.step()
+    engine.abort(rid)
+    engine.run_until_done()
+    assert events[-1].finish_reason == "abort"
+    assert_pool_back_to_cache_only(engine)
+
+
 def test_abort_at_any_time_releases_pages(runner_factory):
     runner = runner_factory(64)
     engine = Engine(runner, max_batch_tokens=4)
-    events: list = []
     for steps_before_abort in range(0, 8):
-        rid = engine.submit(prompts(1, length=12)[0], GREEDY, events.append)
-        engine._drain()
-        for _ in range(steps_before_abort):
-            engine.step()
-        engine.abort(rid)
-        engine.run_until_done()
-        assert events[-1].finish_reason == "abort"
-        assert_pool_back_to_cache_only(engine)
+        abort_after_steps(engine, prompts(1, length=12)[0], GREEDY, steps_before_abort)
 
 
 def test_generated_tokens_are_cached_for_the_next_turn(runner_factory):

@@ -14,6 +14,7 @@ from strata.engine.runner import ModelRunner
 from strata.model.batch import SequenceChunk
 from strata.sampling.params import SamplingParams
 from tests.core.test_scheduler import (
+    abort_after_steps,
     assert_pool_back_to_cache_only,
     run,
 )
@@ -120,16 +121,8 @@ def test_drafts_fill_a_step_up_to_its_row_budget(runner_factory):
 def test_abort_while_drafting_frees_every_page(runner_factory):
     runner = runner_factory(256)
     engine, prompt = Engine(runner, draft_tokens=4), second_turn(runner)
-    events: list = []
     for steps_before_abort in range(1, 10, 2):
-        rid = engine.submit(prompt, PARAMS, events.append)
-        engine._drain()
-        for _ in range(steps_before_abort):
-            engine.step()
-        engine.abort(rid)
-        engine.run_until_done()
-        assert events[-1].finish_reason == "abort"
-        assert_pool_back_to_cache_only(engine)
+        abort_after_steps(engine, prompt, PARAMS, steps_before_abort)
     assert engine.draft_tokens > 0
 
 
