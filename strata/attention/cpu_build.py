@@ -1,8 +1,13 @@
 """Building and loading strata's native code: C (and C++) sources beside the package, built
-once with the system compiler into the cache dir (keyed by sources, flags and CPU) and
-loaded with ctypes. `library()` is the CPU kernels of cpu_decode.c and cpu_ops.c (sharing
-cpu_common.h) with their argument types; strata/attention/cpu_kernels.py wraps them for
-torch tensors.
+with the system compiler into the cache dir and loaded with ctypes. `library()` is the CPU
+kernels of cpu_decode.c and cpu_ops.c (sharing cpu_common.h) with their argument types;
+strata/attention/cpu_kernels.py wraps them for torch tensors.
+
+The kernels are built once per ISA level (config.CPU_ISAS: portable C, AVX2, AVX-512, AMX),
+each with that level's target flags and never `-march=native`, and the level loaded is the
+highest the CPU runs (config.cpu_isa; ``STRATA_CPU_ISA`` forces a lower one). A build is
+cached under a key of its sources, flags, level and compiler version, not of the machine: a
+cache dir (or an image) made on one CPU runs on any other, each loading its own level.
 
 torch is imported first, so the kernels' OpenMP resolves to the runtime torch already loaded
 and shares its threads. With no compiler, or with ``STRATA_CPU_KERNELS=0``, `library()` is
@@ -18,33 +23,45 @@ import logging
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch  # noqa: F401  (first: its OpenMP runtime is the one the kernels bind to)
 
-from strata.config import cache_dir, env, system_env
+from strata.config import CPU_ISAS, cache_dir, cpu_isa, env, system_env
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
-# attention (paged decode, KV write, selection, ...), then the other layer ops; one library
-SOURCES = (HERE / "cpu_decode.c", HERE / "cpu_ops.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-if platform.machine() in ("x86_64", "AMD64"):
-    FLAGS.append("-mprefer-vector-width=512")  # GCC's default is 256 bits even with AVX-512
+# attention (paged decode, KV write, selection, ...), the other layer ops, the AVX2 linear
+# layers; one library
+SOURCES = (HERE / "cpu_decode.c", HERE / "cpu_ops.c", HERE / "cpu_gemm.c")
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+# NOTE: GCC's default vector width is 256 bits even with AVX-512; the AVX-512 code asks for 512
+_AVX512 = ["-march=x86-64-v4", "-mavx512bf16", "-mprefer-vector-width=512"]
+ISA_FLAGS: dict[str, list[str]] = {
+    "none": [],  # the compiler's default target: portable C (SSE2 on x86-64, NEON on aarch64)
+    "avx2": ["-march=x86-64-v3", "-mtune=generic"],  # AVX2, FMA, F16C, BMI2
+    "avx512": _AVX512,
+    "amx": [*_AVX512, "-mamx-tile", "-mamx-bf16"],
+}
 
 
 def enabled() -> bool:
     return env("CPU_KERNELS", "1") != "0"
 
 
-def _cpu_flags() -> str:
+@functools.cache
+def compiler_version(cc: str) -> str:
+    """The first line of `cc --version` (part of a build's key: another compiler, another
+    build)."""
     try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return ""
+        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return cc
+    return (out.stdout.splitlines() or [cc])[0]
 
 
 def build(
@@ -52,17 +69,19 @@ def build(
     sources: Sequence[Path] = SOURCES,
     flags: Sequence[str] = FLAGS,
     libs: Sequence[str] = ("-lm",),
+    isa: str = "none",
 ) -> Path:
-    """Compile sources beside this package into one shared library (by default the kernels;
-    once per sources, the headers beside them, flags and CPU) and return it."""
+    """Compile sources beside this package into one shared library for an ISA level (by
+    default the kernels, portable; once per sources, the headers beside them, flags, level
+    and compiler) and return it."""
     cc = compiler or system_env("CC") or "gcc"
+    flags = [*flags, *ISA_FLAGS[isa]] if _X86 else list(flags)
     headers = sorted(sources[0].parent.glob("*.h"))
     key = hashlib.sha256(
         b"".join(p.read_bytes() for p in (*sources, *headers))
-        + " ".join([cc, *flags, *libs]).encode()
-        + _cpu_flags().encode()
+        + " ".join([cc, compiler_version(cc), *flags, *libs]).encode()
     ).hexdigest()[:16]
-    out = cache_dir() / "kernels" / f"{sources[0].stem}-{key}.so"
+    out = cache_dir() / "kernels" / f"{sources[0].stem}-{isa}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -76,15 +95,39 @@ def build(
     return out
 
 
+def levels() -> tuple[str, ...]:
+    """The ISA levels this machine builds for: every x86-64 level (a cache or an image then
+    serves any x86-64 CPU), only the portable one elsewhere."""
+    return CPU_ISAS if _X86 else ("none",)
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
+    """The kernels at cpu_isa()'s level (None: disabled, or no compiler)."""
     if not enabled():
         return None
+    isa = cpu_isa()
     try:
-        lib = ctypes.CDLL(str(build()))
+        lib = ctypes.CDLL(str(build(isa=isa)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("CPU kernels unavailable, using the torch reference ops: %s", e)
         return None
+    log.debug("CPU kernels at ISA level %s", isa)
+    _declare(lib)
+    return lib
+
+
+def reset() -> None:
+    """Forget the loaded kernels, so the next library() loads cpu_isa()'s level afresh (for
+    tests that force a level; the models built before keep what they chose at load)."""
+    library.cache_clear()
+    for name in ("strata.model.cpu_ops", "strata.model.cpu_layers"):
+        module = sys.modules.get(name)
+        if module is not None:
+            module.reset()
+
+
+def _declare(lib: ctypes.CDLL) -> None:
     p, i = ctypes.c_void_p, ctypes.c_int
     i64p = p  # int64 arrays, passed by address
     i64 = ctypes.c_int64
@@ -111,6 +154,7 @@ def library() -> ctypes.CDLL | None:
     lib.amx_linear_bf16.argtypes = [p, p, p, p, i64, i64, i64]
     lib.linear_packed_bf16.argtypes = [p, p, p, p, i64, i64, i64]
     lib.int4_linear_bf16.argtypes = [p, p, p, p, i64, i64, i64, i64]
+    lib.linear_avx2.argtypes = [i, p, p, i, p, p, i64, i64, i64]
     lib.write_decode.argtypes = [
         i, p, p, p, p, i64p, i64p, i64, p, p, i64p, i64p, i, i, i, i, i, i, i64,
         ctypes.c_float, i, i, i64, i64,
@@ -119,6 +163,17 @@ def library() -> ctypes.CDLL | None:
                lib.sparse_decode, lib.add_rms_norm, lib.rope_bf16, lib.silu_mul_bf16,
                lib.write_decode, lib.gemv_packed_bf16, lib.amx_linear_bf16,
                lib.linear_packed_bf16, lib.int4_linear_bf16,
-               lib.shared_decode_available):  # fmt: skip
+               lib.shared_decode_available, lib.linear_avx2):  # fmt: skip
         fn.restype = i
-    return lib
+
+
+def main() -> int:
+    """`python -m strata.attention.cpu_build`: build the kernels at every level this machine
+    builds for (an image made so runs on any CPU of its architecture)."""
+    for isa in levels():
+        print(isa, build(isa=isa))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,6 +17,11 @@
  * (measured). */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
+/* cpu_gemm.c: linear layers on AVX2 + FMA (-1 below that level), by weight layout */
+enum { W_PAIR_BF16 = 0, W_INT4 = 1, W_INT8 = 2 };
+int linear_avx2(int dtype, const void *x, const void *w, int wkind, const void *bias, void *y,
+                int64_t m, int64_t n, int64_t k);
+
 ALWAYS_INLINE float bf16_to_f32(uint16_t x) {
     union { uint32_t u; float f; } c;
     c.u = (uint32_t)x << 16;
@@ -53,6 +58,45 @@ ALWAYS_INLINE float exp_neg(float x) {
     e.u = (uint32_t)((int32_t)n + 127) << 23;
     return x < EXP_MIN ? 0.f : p * e.f;
 }
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+/* 8 bfloat16 values as float32 lanes */
+ALWAYS_INLINE __m256 load_bf16x8(const uint16_t *p) {
+    const __m128i raw = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+/* 8 float32 lanes to bfloat16, rounded to nearest even (NaN stays NaN), as f32_to_bf16 */
+ALWAYS_INLINE __m128i round_bf16x8(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+    /* 32-bit lanes (< 2^16) to 16-bit: packus works per 128-bit half, the permute joins them */
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+}
+
+/* exp_neg on 8 lanes (the same polynomial; 2^n built in the exponent bits) */
+ALWAYS_INLINE __m256 exp_neg8(__m256 x) {
+    const __m256 xc = _mm256_max_ps(x, _mm256_set1_ps(EXP_MIN));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(EXP_LOG2E)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_HI), xc);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_LO), r);
+    __m256 p = _mm256_set1_ps(1.f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 under = _mm256_cmp_ps(x, _mm256_set1_ps(EXP_MIN), _CMP_LT_OQ);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+#endif
 
 #if defined(__AVX512F__)
 #include <immintrin.h>

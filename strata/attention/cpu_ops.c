@@ -237,14 +237,14 @@ int linear_packed_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bia
 
 /* Weight-only int4 linear layers on bfloat16 rows: y [m, n] = x [m, k] . W^T (+ bias), W as
  * strata packs it (linear.pack_int4): per block of 16 outputs and group of `group` inputs,
- * group / 4 chunks of 32 bytes, then the group's 16 scales and 16 zeros in bfloat16. Byte
+ * group / 4 chunks of 32 bytes, then the group's 16 scales and 16 minima in float16. Byte
  * 2j + e of chunk c holds output j's codes of inputs 2c + e (low nibble) and group / 2 + 2c
  * + e (high nibble): zero-extended to 16-bit words, a nibble OR 0x4300 is the bfloat16 of
  * 128 + code, so one chunk is two AVX512-BF16 pair operands, [16 outputs][2 inputs], after
  * three integer ops (a table look-up per operand, vpermw, was 10% slower: one port does
  * every shuffle). With S = sum((128 + code) x), exact products summed in float32, each group
- * adds scale * S + (zero - 136 scale) * sum(x): the affine dequantization w = (code - 8) *
- * scale + zero of quantize_int4. Three ways, by rows (the embedded model's shapes, 2 cores):
+ * adds scale * S + (min - 128 scale) * sum(x): the affine dequantization w = code * scale +
+ * min of GGUF's Q4_1 (and of quantize_int4). Three ways, by rows (the embedded model's shapes, 2 cores):
  * - int4_rows (1 row, or any where there is no AMX): AVX512-BF16 pair products, INT4_ROWS
  *   rows a pass over one block, whose weights stay in L1. ATen's int4 product, on its own
  *   packing, was 10-20% slower at 1-2 rows, as fast from 3; each row costs about the first.
@@ -272,11 +272,12 @@ ALWAYS_INLINE void int4_operands(const uint8_t *chunk, __m512i *lo, __m512i *hi)
     *hi = _mm512_or_si512(_mm512_srli_epi16(w, 4), exponent);
 }
 
-/* the group's scales of 16 outputs, and their zeros less 136 scales: what S and sum(x) are
- * multiplied by */
+/* the group's scales of 16 outputs, and their minima less 128 scales: what S and sum(x)
+ * are multiplied by (float16, as Q4_1 keeps them) */
 ALWAYS_INLINE void int4_scales(const uint8_t *group_end, __m512 *s, __m512 *zs) {
-    *s = load_bf16x16((const uint16_t *)group_end);
-    *zs = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), *s, load_bf16x16((const uint16_t *)group_end + 16));
+    *s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)group_end));
+    *zs = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), *s,
+                           _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(group_end + 32))));
 }
 
 /* sum(x) of each row's groups, [m][k / group] (malloc'd; NULL when out of memory): 16 lanes
@@ -446,8 +447,7 @@ static int int4_tiles(const uint16_t *x, const uint8_t *w, const uint16_t *bias,
     return 0;
 }
 
-/* Block nb of 32 outputs (two blocks of 16) as bfloat16, (code - 8) * scale + zero rounded
- * once, in the packed layout amx_rows reads: [k / 32][16 pairs][32 outputs][2]. */
+/* Block nb of 32 outputs (two blocks of 16) as bfloat16, code * scale + min rounded once, in the packed layout amx_rows reads: [k / 32][16 pairs][32 outputs][2]. */
 static void int4_unpack_block(const uint8_t *w, uint16_t *out, int64_t nb, int64_t k,
                               int64_t group) {
     const int64_t groups = k / group, chunks = group / 4, stride = group * 8 + 64;
@@ -504,6 +504,7 @@ static int int4_unpacked(const uint16_t *x, const uint8_t *w, const uint16_t *bi
 #endif /* AMX */
 #endif /* AVX512-BF16 */
 
+/* AVX512-BF16 and AMX as above; below them the AVX2 kernel (cpu_gemm.c, group 32) */
 int int4_linear_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *bias, uint16_t *y,
                      int64_t m, int64_t n, int64_t k, int64_t group) {
 #if defined(__AVX512BF16__)
@@ -513,8 +514,8 @@ int int4_linear_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *bias, 
 #endif
     return int4_rows(x, w, bias, y, m, n, k, group);
 #else
-    (void)x, (void)w, (void)bias, (void)y, (void)m, (void)n, (void)k, (void)group;
-    return -1;
+    if (group != 32) return -1;
+    return linear_avx2(1, x, w, W_INT4, bias, y, m, n, k);
 #endif
 }
 

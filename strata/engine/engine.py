@@ -47,6 +47,7 @@ class EngineStats:
     held: int = 0  # prefill role: finished prompts whose pages wait to be pulled
     tiers: dict[str, Any] | None = None  # pages, bytes and traffic per KV tier (with tiers)
     loop_thread: str = ""  # the thread that runs the step loop (stats runs on it)
+    memory: dict[str, Any] | None = None  # the runner's MemoryPlan (engine.memory)
 
 
 class Engine(RequestIntake, RequestOutputs, SplitRoles):
@@ -162,6 +163,7 @@ class Engine(RequestIntake, RequestOutputs, SplitRoles):
             held=len(self._held),
             tiers=self._tier_stats(),
             loop_thread=threading.current_thread().name,
+            memory=self.runner.memory.as_dict() if self.runner.memory is not None else None,
         )
 
     def _tier_stats(self) -> dict[str, Any] | None:

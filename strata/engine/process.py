@@ -62,7 +62,7 @@ def build_engine(
     cluster_worker: bool = False, front_limits: bool = True,
 ) -> Engine:  # fmt: skip
     """front_limits: the engine bounds its own queue (False where a front does)."""
-    runner = ModelRunner.from_config(model, pool)
+    runner = ModelRunner.from_config(model, pool, tiers=tiers)
     if runner.tokenizer is None:
         raise ValueError(f"no tokenizer in {runner.checkpoint}: the server needs one")
     return Engine(

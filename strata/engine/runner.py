@@ -15,15 +15,25 @@ from typing import Any
 import torch
 
 from strata.attention.backend import make_backend
-from strata.config import KVPoolConfig, ModelConfig
+from strata.config import HiCacheConfig, KVPoolConfig, ModelConfig
 from strata.engine.cuda_graph import DecodeGraphs
+from strata.engine.memory import (
+    MIN_POOL_TOKENS,
+    MemoryPlan,
+    device_budget,
+    plan_pages,
+    resident_bytes,
+)
 from strata.engine.request import check_length
 from strata.engine.tp_rank import RankLinks, start_followers
 from strata.kv.pool import KVCache, PagePool
+from strata.model import cpu_ops
 from strata.model.batch import ForwardBatch, SequenceChunk
+from strata.model.gguf_codes import read_codes
 from strata.model.llama import LlamaForCausalLM
 from strata.model.loader import (
     fuse_weights,
+    gguf_file,
     load_tokenizer,
     read_config,
     read_tensors,
@@ -49,27 +59,26 @@ def model_identity(model: LlamaForCausalLM, name: str) -> str:
     return f"{name}-{h.hexdigest()[:16]}{tp}"
 
 
-def device_memory(device: str) -> int:
-    """Bytes of memory on the device (all of host RAM for the CPU)."""
-    if device.startswith("cuda"):
-        return int(torch.cuda.mem_get_info(torch.device(device))[1])
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+def page_bytes(spec: ModelSpec, kv_heads: int, page_size: int, dtype: torch.dtype) -> int:
+    """One KV page of every layer: K and V of page_size tokens plus the summary row."""
+    elem = torch.empty(0, dtype=dtype).element_size()
+    return spec.num_layers * 2 * (page_size + 1) * kv_heads * spec.head_dim * elem
 
 
-def pages_in_memory_fraction(
-    spec: ModelSpec, weights: dict[str, torch.Tensor], pool: KVPoolConfig, device: str
-) -> int:
-    """KV pages that fit in pool.mem_fraction of the device's memory beside the weights."""
-    assert pool.mem_fraction is not None
-    weight_bytes = sum(w.numel() * w.element_size() for w in weights.values())
-    dtype = next(iter(weights.values())).dtype
-    page_bytes = (spec.num_layers * 2 * (pool.page_size + 1) * spec.num_kv_heads
-                  * spec.head_dim * torch.empty(0, dtype=dtype).element_size())  # fmt: skip
-    budget = int(pool.mem_fraction * device_memory(device)) - weight_bytes
-    if budget < page_bytes:
-        raise ValueError(f"--mem-fraction-static {pool.mem_fraction} leaves no room for KV "
-                         f"pages beside {weight_bytes / 1e9:.2f} GB of weights")  # fmt: skip
-    return budget // page_bytes
+def resolve_quantization(model_cfg: ModelConfig, spec: ModelSpec, weights: dict[str, Any]) -> str:
+    """model_cfg.quantization, "auto" resolved (ModelConfig says how). A GGUF file's Q4_1 and
+    Q8_0 tensors then replace their dequantized weights in `weights`, as codes
+    (gguf_codes.read_codes): served as stored, on one CPU rank."""
+    chosen = model_cfg.quantization
+    gguf = gguf_file(model_cfg.model_path)
+    one_cpu_rank = model_cfg.device == "cpu" and model_cfg.tp_size == 1
+    if chosen == "none" or gguf is None or not one_cpu_rank:
+        return "int4" if chosen == "int4" else "none"
+    if chosen == "auto" and not cpu_ops.int4_available(model_cfg.torch_dtype):
+        return "none"
+    codes = read_codes(gguf, spec)
+    weights.update(codes)
+    return "int4" if chosen == "int4" or codes else "none"
 
 
 class ModelRunner:
@@ -102,24 +111,36 @@ class ModelRunner:
         # per chunk of the last forward: the page indices sparse decode kept (uint8 rows)
         self.last_selected: list[torch.Tensor | None] | None = None
         self.graphs: DecodeGraphs | None = None  # decode steps as CUDA graphs (cuda_graph)
+        self.memory: MemoryPlan | None = None  # how the KV tiers were sized (from_config)
 
     @classmethod
     def from_config(
         cls, model_cfg: ModelConfig, pool_cfg: KVPoolConfig, rank: int = 0,
         address: str | None = None, num_pages: int | None = None,
+        tiers: HiCacheConfig | None = None,
     ) -> ModelRunner:  # fmt: skip
-        """Load the model. With model_cfg.tp_size > 1, rank 0 (the default) starts the other
-        ranks and joins them (strata.model.tp); those call this with their rank, the
-        group's address and rank 0's pool size."""
+        """Load the model, its KV pool sized by pool_cfg (engine.memory: from the memory
+        budget, the L2 tier of `tiers` included, unless it names num_pages). With
+        model_cfg.tp_size > 1, rank 0 (the default) starts the other ranks and joins them
+        (strata.model.tp); those call this with their rank, the group's address and rank 0's
+        pool size."""
         start = time.perf_counter()
+        budget = None  # measured before loading: the memory available at start
+        if num_pages is None and pool_cfg.num_pages is None:
+            budget = device_budget(model_cfg.device, pool_cfg.mem_fraction,
+                                   pool_cfg.memory_budget_gb) // model_cfg.tp_size  # fmt: skip
         folder = resolve_checkpoint(model_cfg.model_path)
         spec = ModelSpec.from_hf(read_config(folder))
         size = model_cfg.tp_size
         check_tp(spec, size)
         device = rank_device(model_cfg.device, rank)
-        weights = fuse_weights(spec, read_tensors(folder), model_cfg.torch_dtype, device)
+        weights: dict[str, Any] = fuse_weights(spec, read_tensors(folder),
+                                               model_cfg.torch_dtype, device)  # fmt: skip
+        quantization = resolve_quantization(model_cfg, spec, weights)
+        memory = None
         if num_pages is None:
-            num_pages = cls._num_pages(spec, pool_cfg, model_cfg, weights)
+            memory = cls._plan_memory(spec, pool_cfg, model_cfg, weights, budget, tiers)
+            num_pages = memory.l1_pages
         followers: list[Any] = []
         links = None
         if size > 1 and rank == 0:
@@ -142,10 +163,11 @@ class ModelRunner:
             model_cfg.attention_backend, device, spec.head_dim**-0.5, pool_cfg.page_size,
             model_cfg.sparse_attention,
         )  # fmt: skip
-        model = LlamaForCausalLM(spec, weights, backend, model_cfg.quantization, tp)
+        model = LlamaForCausalLM(spec, weights, backend, quantization, tp)
         tokenizer = load_tokenizer(folder) if rank == 0 else None
         log.info("loaded %s in %.1fs", folder, time.perf_counter() - start)
         runner = cls(model, tokenizer, num_pages, pool_cfg.page_size, folder)
+        runner.memory = memory
         runner.followers, runner.links = followers, links
         if size > 1 and not device.startswith("cuda"):
             runner.threads = threads
@@ -159,16 +181,40 @@ class ModelRunner:
         return runner
 
     @staticmethod
-    def _num_pages(
+    def _plan_memory(
         spec: ModelSpec, pool_cfg: KVPoolConfig, model_cfg: ModelConfig,
-        weights: dict[str, torch.Tensor],
-    ) -> int:  # fmt: skip
-        """The pool's pages (every rank of a group has as many, each for its KV heads)."""
-        if pool_cfg.mem_fraction is None:
-            return pool_cfg.num_pages
-        num_pages = pages_in_memory_fraction(spec, weights, pool_cfg, model_cfg.device)
-        log.info("--mem-fraction-static %g: %d KV pages", pool_cfg.mem_fraction, num_pages)
-        return num_pages
+        weights: dict[str, torch.Tensor], budget: int | None, tiers: HiCacheConfig | None,
+    ) -> MemoryPlan:  # fmt: skip
+        """The pool's pages (every rank of a group has as many, each for its KV heads): from
+        the budget (with weights and the L2 tier on CPU), else pool_cfg.num_pages.
+
+        NOTE: the budget is weighed against what the process holds once the weights are in
+        memory as they will be served; int4 packing happens later, so the loaded weights'
+        bytes stand in for them (an overestimate)."""
+        dtype = weights["embed_tokens"].dtype
+        kv_heads = spec.num_kv_heads // model_cfg.tp_size
+        pb = page_bytes(spec, kv_heads, pool_cfg.page_size, dtype)
+        weight_bytes = sum(
+            t.numel() * t.element_size()
+            for w in weights.values()
+            for t in (w if isinstance(w, tuple) else (w,))
+        )  # codes: tuples
+        on_cpu = not model_cfg.device.startswith("cuda")
+        l2 = None
+        if tiers is not None and tiers.enabled:
+            l2 = lambda n: tiers.host_pages(n, pb)  # noqa: E731
+        if budget is None:
+            assert pool_cfg.num_pages is not None
+            n = pool_cfg.num_pages
+            return MemoryPlan(0, resident_bytes(), weight_bytes, pb, n, l2(n) if l2 else 0,
+                              "num_pages")  # fmt: skip
+        resident = resident_bytes() if on_cpu else weight_bytes // model_cfg.tp_size
+        min_tokens = min(MIN_POOL_TOKENS, spec.max_position)
+        plan = plan_pages(budget, resident, pb, -(-min_tokens // pool_cfg.page_size) + 1,
+                          l2 if on_cpu else None, weight_bytes)  # fmt: skip
+        log.info("memory budget %.2f GB: %d KV pages (L1), %d L2 pages of %.2f MB",
+                 budget / 1e9, plan.l1_pages, plan.l2_pages, pb / 1e6)  # fmt: skip
+        return plan
 
     def close(self, failed: bool = False) -> None:
         """With tensor parallelism: stop the other ranks (failed: kill them) and leave the

@@ -29,6 +29,8 @@ using linear_fn = int (*)(const uint16_t *, const void *, const uint16_t *, uint
                         int64_t, int64_t);
 using int4_fn = int (*)(const uint16_t *, const void *, const uint16_t *, uint16_t *, int64_t,
                         int64_t, int64_t, int64_t);
+using pairs_fn = int (*)(int, const void *, const void *, int, const void *, void *, int64_t,
+                         int64_t, int64_t);  // cpu_gemm.c's linear_avx2
 
 // mkldnn::_linear_pointwise(x, packed weight, bias, "none", [None], ""), as Linear calls it
 at::Tensor onednn_linear(const at::Tensor &x, const at::Tensor &w, const at::Tensor &bias) {
@@ -47,8 +49,9 @@ at::Tensor onednn_linear(const at::Tensor &x, const at::Tensor &w, const at::Ten
 }
 
 // How a layer's weight is kept (CpuLayers passes it): oneDNN's packed bfloat16, ATen's int4
-// packing, or strata's (linear.pack_int4, for cpu_ops.c's int4 kernels).
-enum Kind : int64_t { ONEDNN = 0, ATEN_INT4 = 1, STRATA_INT4 = 2 };
+// packing, strata's (linear.pack_int4, for cpu_ops.c's int4 kernels), or bfloat16 pairs
+// (linear.pack_pairs, for cpu_gemm.c's AVX2 kernel).
+enum Kind : int64_t { ONEDNN = 0, ATEN_INT4 = 1, STRATA_INT4 = 2, PAIRS = 3 };
 
 struct Linear {
     Kind kind = ONEDNN;
@@ -59,10 +62,17 @@ struct Linear {
     linear_fn kernel = nullptr;  // oneDNN: strata's C kernels, for up to kernel_rows rows
     int64_t kernel_rows = 0;
     int4_fn int4 = nullptr;      // strata int4: its kernel
+    pairs_fn pairs = nullptr;    // pairs: its kernel (raw: the packed weight)
 
     at::Tensor operator()(const at::Tensor &x) const {
         const uint16_t *b = bias.defined() ? static_cast<const uint16_t *>(bias.data_ptr()) : nullptr;
         const auto *xp = static_cast<const uint16_t *>(x.data_ptr());
+        if (kind == PAIRS) {
+            at::Tensor y = at::empty({x.size(0), out}, x.options());
+            if (pairs(1, xp, raw, 0, b, y.data_ptr(), x.size(0), out, in))
+                throw std::runtime_error("linear_avx2 failed");
+            return y;
+        }
         if (kind == STRATA_INT4) {
             at::Tensor y = at::empty({x.size(0), out}, x.options());
             if (int4(xp, raw, b, static_cast<uint16_t *>(y.data_ptr()), x.size(0), out, in, group))
@@ -102,6 +112,7 @@ struct Model {
     linear_fn linear = nullptr;
     int64_t linear_rows = 0;
     int4_fn int4 = nullptr;
+    pairs_fn pairs = nullptr;
     std::vector<Layer> layers;
 };
 
@@ -117,7 +128,7 @@ extern "C" {
 
 void *model_new(int heads, int kv_heads, int head_dim, int hidden, float eps, float scale,
                 void *add_rms_norm, void *rope, void *write_decode, void *silu_mul,
-                void *linear_packed, int linear_rows, void *int4_linear) {
+                void *linear_packed, int linear_rows, void *int4_linear, void *linear_avx2) {
     auto *m = new Model();
     m->heads = heads, m->kv_heads = kv_heads, m->head_dim = head_dim, m->hidden = hidden;
     m->eps = eps, m->scale = scale;
@@ -127,6 +138,7 @@ void *model_new(int heads, int kv_heads, int head_dim, int hidden, float eps, fl
     m->silu_mul = reinterpret_cast<silu_mul_fn>(silu_mul);
     m->linear = reinterpret_cast<linear_fn>(linear_packed), m->linear_rows = linear_rows;
     m->int4 = reinterpret_cast<int4_fn>(int4_linear);
+    m->pairs = reinterpret_cast<pairs_fn>(linear_avx2);
     return m;
 }
 
@@ -134,7 +146,8 @@ void model_free(void *model) { delete static_cast<Model *>(model); }
 
 // Adds a layer. linears: for qkv, o_proj, gate_up, down in turn: kind (Kind), weight, out and
 // in features, group size, aux, bias address (0 for none); the weights are the caller's (it
-// keeps them alive). ONEDNN: weight is the packed weight's TensorImpl (shared, not copied),
+// keeps them alive). PAIRS: weight is the pairs' address. ONEDNN: weight is the packed
+// weight's TensorImpl (shared, not copied),
 // aux the address strata's kernels read (Linear.address; 0 for none). ATEN_INT4 and
 // STRATA_INT4: weight is the packed codes' address as Int4Linear keeps them; aux the
 // scales' address (ATen's; strata's packing holds its own).
@@ -155,6 +168,9 @@ int model_add_layer(void *model, const int64_t *linears, void *norm1, void *norm
             } else if (p.kind == STRATA_INT4) {
                 p.raw = reinterpret_cast<void *>(l[1]);
                 p.int4 = m->int4;
+            } else if (p.kind == PAIRS) {
+                p.raw = reinterpret_cast<void *>(l[1]);
+                p.pairs = m->pairs;
             } else {
                 p.packed = wrap(reinterpret_cast<void *>(l[1]), {p.out, p.in / 2}, at::kByte);
                 p.scales = wrap(reinterpret_cast<void *>(l[5]), {p.in / p.group, p.out, 2},

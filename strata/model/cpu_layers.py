@@ -28,13 +28,18 @@ from strata.attention import cpu_build, cpu_kernels
 from strata.config import system_env
 from strata.kv.pool import KVCache
 from strata.model import cpu_ops
-from strata.model.linear import Int4Linear
+from strata.model.linear import Int4Linear, Linear
 
 if TYPE_CHECKING:
     from strata.model.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_layers.cpp")
+
+
+def reset() -> None:
+    """Forget the loaded library (cpu_build.reset: the kernels it calls may change)."""
+    library.cache_clear()
 
 
 @functools.cache
@@ -54,7 +59,7 @@ def library() -> ctypes.CDLL | None:
         log.warning("fused CPU decode layers unavailable, using the Python layers: %s", e)
         return None
     p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-    lib.model_new.argtypes = [i, i, i, i, f, f, p, p, p, p, p, i, p]
+    lib.model_new.argtypes = [i, i, i, i, f, f, p, p, p, p, p, i, p, p]
     lib.model_new.restype = p
     lib.model_free.argtypes = [p]
     lib.model_add_layer.argtypes = [p, p, p, p]
@@ -82,6 +87,7 @@ class CpuLayers:
             _address(kernels.rope_bf16), _address(kernels.write_decode),
             _address(kernels.silu_mul_bf16), _address(kernels.linear_packed_bf16),
             cpu_ops.PACKED_ROWS, _address(kernels.int4_linear_bf16),
+            _address(kernels.linear_avx2),
         )  # fmt: skip
         self.hidden = spec.hidden_size
         for layer in model.layers:
@@ -92,6 +98,11 @@ class CpuLayers:
                     sz = lin.scales_and_zeros.data_ptr() if lin.scales_and_zeros is not None else 0
                     linears += [2 if lin.strata else 1, lin.packed.data_ptr(), lin.out_features,
                                 lin.in_features, lin.group_size, sz, bias]  # fmt: skip
+                elif not isinstance(lin, Linear):
+                    raise TypeError(f"cpu_layers: no kind for {type(lin).__name__}")
+                elif lin.pairs is not None:  # 3: strata's bfloat16 pairs (AVX2)
+                    out_f, in_f = lin.weight.shape
+                    linears += [3, lin.pairs.data_ptr(), out_f, in_f, 0, 0, bias]
                 else:  # 0: oneDNN's packed bf16 weight, shared with C++ by its TensorImpl
                     assert lin.packed
                     out_f, in_f = lin.weight.shape
@@ -112,8 +123,8 @@ class CpuLayers:
             return None
         for layer in model.layers:
             for lin in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down):
-                if not isinstance(lin, Int4Linear) and not lin.packed:
-                    return None  # bf16 weights oneDNN did not take
+                if isinstance(lin, Linear) and not lin.packed and lin.pairs is None:
+                    return None  # bf16 weights neither oneDNN nor the AVX2 kernel took
         lib = library()
         return cls(lib, model) if lib is not None else None
 

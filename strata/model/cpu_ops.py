@@ -77,11 +77,14 @@ def linear_packed(
 
 
 @functools.cache
-def int4_available() -> bool:
-    """Whether cpu_ops.c's int4 kernels run here (built, with AVX512-BF16)."""
+def int4_available(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether strata's int4 kernels run here for rows of dtype: bfloat16 on AVX-512 (with
+    BF16) and AMX (cpu_ops.c) or AVX2 (cpu_gemm.c); float32 on AVX2 and up."""
     lib = library()
     if lib is None:
         return False
+    if dtype == torch.float32:
+        return avx2_linear_available(dtype)
     x = torch.zeros(1, 32, dtype=torch.bfloat16)
     w = torch.zeros(1, 1, 8 * 32 + 64, dtype=torch.uint8)
     y = torch.empty(1, 16, dtype=torch.bfloat16)
@@ -92,10 +95,13 @@ def int4_linear(
     x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
     group: int,
 ) -> torch.Tensor:  # fmt: skip
-    """x [rows, k] (bfloat16) times linear.pack_int4's weight, plus bias, rounded to bfloat16
-    once (cpu_ops.c: 1 row AVX512-BF16, 2-16 rows AMX tiles, more rows the weight unpacked
-    to bfloat16 for AMX). Only where int4_available()."""
+    """x [rows, k] times linear.pack_int4's weight, plus bias: bfloat16 rows rounded to
+    bfloat16 once (cpu_ops.c: 1 row AVX512-BF16, 2-16 rows AMX tiles, more rows the weight
+    unpacked to bfloat16 for AMX; below AVX-512, cpu_gemm.c's AVX2 kernel), float32 rows on
+    the AVX2 kernel. Only where int4_available(x.dtype)."""
     lib = library()
+    if x.dtype == torch.float32:
+        return linear_avx2(x, packed, W_INT4, bias, out_features)
     if lib is None or x.dtype != torch.bfloat16 or x.dim() != 2:
         raise ValueError(f"int4_linear takes bfloat16 rows on CPU, not {x.dtype} {tuple(x.shape)}")
     x = x.contiguous()
@@ -107,6 +113,53 @@ def int4_linear(
     if rc:
         raise RuntimeError(f"int4_linear failed ({rc})")
     return y
+
+
+# cpu_gemm.c's weight layouts: linear.pack_pairs, linear.pack_int4, linear.pack_int8
+W_PAIR_BF16, W_INT4, W_INT8 = 0, 1, 2
+_LINEAR_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+@functools.cache
+def avx2_linear_available(dtype: torch.dtype) -> bool:
+    """Whether cpu_gemm.c's kernels run here (AVX2 and up) for rows of dtype."""
+    lib = library()
+    if lib is None or dtype not in _LINEAR_DTYPES:
+        return False
+    x = torch.zeros(1, 32, dtype=dtype)
+    w = torch.zeros(16, 32, dtype=torch.bfloat16)
+    y = torch.empty(1, 16, dtype=dtype)
+    return lib.linear_avx2(_LINEAR_DTYPES[dtype], _ptr(x), _ptr(w), W_PAIR_BF16, None, _ptr(y),
+                           1, 16, 32) == 0  # fmt: skip
+
+
+def linear_avx2(
+    x: torch.Tensor, packed: torch.Tensor, kind: int, bias: torch.Tensor | None,
+    out_features: int,
+) -> torch.Tensor:  # fmt: skip
+    """x [rows, k] (float32 or bfloat16) times a weight in one of cpu_gemm.c's layouts (kind:
+    W_PAIR_BF16, W_INT4, W_INT8), plus bias (x's dtype): float32 products and sums, rounded
+    to x's dtype once. Only where avx2_linear_available(x.dtype)."""
+    lib = library()
+    if lib is None or x.dtype not in _LINEAR_DTYPES or x.dim() != 2:
+        raise ValueError(f"linear_avx2 takes float32 or bfloat16 rows, not {x.dtype}")
+    x = x.contiguous()
+    y = x.new_empty(x.shape[0], out_features)
+    if not len(x):
+        return y
+    rc = lib.linear_avx2(_LINEAR_DTYPES[x.dtype], _ptr(x), _ptr(packed), kind,
+                         _ptr(bias) if bias is not None else None, _ptr(y), x.shape[0],
+                         out_features, x.shape[1])  # fmt: skip
+    if rc:
+        raise RuntimeError(f"linear_avx2 failed ({rc})")
+    return y
+
+
+def reset() -> None:
+    """Forget what was probed of the kernels (cpu_build.reset; a test may have patched one
+    of them over)."""
+    for probe in (int4_available, avx2_linear_available):
+        getattr(probe, "cache_clear", lambda: None)()
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:

@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from strata.attention.backend import AttentionBackend
 from strata.kv.pool import LayerKV
 from strata.model import cpu_ops
-from strata.model.linear import Int4Linear, Linear
+from strata.model.linear import Int4Linear, Int8Linear, Linear
 from strata.model.rope import RotaryEmbedding
 from strata.model.spec import ModelSpec
 from strata.model.tp import TPGroup
 
-AnyLinear = Linear | Int4Linear
+AnyLinear = Linear | Int4Linear | Int8Linear
 
 
 def gpu_ops() -> Any:

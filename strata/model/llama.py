@@ -27,7 +27,7 @@ class LlamaForCausalLM:
         spec: ModelSpec,
         weights: dict[str, torch.Tensor],
         backend: AttentionBackend,
-        quantization: str = "none",
+        quantization: str = "none",  # "int4" or "none" (resolved: runner.from_config)
         tp: TPGroup | None = None,
     ) -> None:
         self.spec, self.tp = spec, tp
@@ -35,6 +35,7 @@ class LlamaForCausalLM:
         self.backend = backend
         self.quantization = quantization
         embed = weights["embed_tokens"]
+        dt = embed.dtype
         self.rope = RotaryEmbedding(
             spec.head_dim, spec.max_position, spec.rope_theta, spec.rope_scaling,
             embed.dtype, embed.device,
@@ -43,12 +44,12 @@ class LlamaForCausalLM:
         self.layers = []
         for i in range(spec.num_layers):
             w = lambda name: weights[f"layers.{i}.{name}"]  # noqa: B023
-            qkv = make_linear(w("qkv"), weights.get(f"layers.{i}.qkv_bias"), quantization)
-            attn = Attention(self.local, qkv, make_linear(w("o_proj"), None, quantization),
+            qkv = make_linear(w("qkv"), weights.get(f"layers.{i}.qkv_bias"), quantization, dt)
+            attn = Attention(self.local, qkv, make_linear(w("o_proj"), None, quantization, dt),
                              self.rope, backend, tp)  # fmt: skip
             mlp = MLP(
-                make_linear(w("gate_up"), None, quantization),
-                make_linear(w("down"), None, quantization),
+                make_linear(w("gate_up"), None, quantization, dt),
+                make_linear(w("down"), None, quantization, dt),
                 tp,
             )
             eps = spec.rms_norm_eps
@@ -56,7 +57,7 @@ class LlamaForCausalLM:
                 DecoderLayer(attn, mlp, RMSNorm(w("input_norm"), eps), RMSNorm(w("post_norm"), eps))
             )
         self.norm = RMSNorm(weights["norm"], spec.rms_norm_eps)
-        self.lm_head = make_linear(weights.get("lm_head", embed), None, quantization)
+        self.lm_head = make_linear(weights.get("lm_head", embed), None, quantization, dt)
         # dense decode-only batches in bfloat16 on CPU: every layer in one C++ call
         self.cpu_layers = CpuLayers.of(self)
 

@@ -68,6 +68,20 @@ def resolve_checkpoint(model_path: str | None) -> Path:
     return path
 
 
+def gguf_file(model_path: str | None) -> Path | None:
+    """The GGUF file behind model_path (None: the embedded model's), as resolve_checkpoint
+    finds it; None for a Hugging Face folder."""
+    if model_path is None:
+        return embedded_gguf()
+    path = Path(model_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        return ggufs[0] if len(ggufs) == 1 else None
+    return None
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF file into a cached checkpoint folder (once per file version)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, __version__

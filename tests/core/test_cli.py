@@ -71,18 +71,31 @@ def test_context_length_caps_the_model(tiny_checkpoint):
         runner.check_length(60, 10)
 
 
-def test_mem_fraction_sizes_the_pool(tiny_checkpoint):
-    from strata.engine.runner import device_memory
+def test_memory_budget_sizes_the_tiers_and_refuses_what_it_cannot_hold(tiny_checkpoint):
+    from strata.config import HiCacheConfig
+    from strata.engine.memory import GB, RESERVE_BYTES, resident_bytes
 
     folder, _ = tiny_checkpoint("llama")
     model = ModelConfig(str(folder), dtype="float32")
-    fraction = 64 * 1024 * 1024 / device_memory("cpu")  # 64 MiB of this machine
-    runner = ModelRunner.from_config(model, KVPoolConfig(4, 8, mem_fraction=fraction))
-    weights = sum(p.numel() * 4 for p in tiny_checkpoint("llama")[1].parameters())
-    expect = (64 * 1024 * 1024 - weights) // runner.kv.bytes_per_page
-    assert abs(runner.pool.num_pages - expect) <= expect // 100  # weights counted as loaded
-    with pytest.raises(ValueError, match="mem-fraction-static"):
-        ModelRunner.from_config(model, KVPoolConfig(4, 8, mem_fraction=1e-12))
+    for tiers in (None, HiCacheConfig(enabled=True, ratio=2.0)):
+        budget = resident_bytes() + RESERVE_BYTES + 128 * 2**20  # 128 MiB beyond the rest
+        runner = ModelRunner.from_config(
+            model, KVPoolConfig(4, memory_budget_gb=budget / GB), tiers=tiers
+        )
+        plan = runner.memory
+        assert plan is not None and plan.sized_by == "budget"
+        assert plan.l1_pages == runner.pool.num_pages
+        assert plan.page_bytes == runner.kv.bytes_per_page
+        assert plan.l2_pages == (2 * plan.l1_pages if tiers else 0)
+        room = plan.budget_bytes - plan.resident_bytes - RESERVE_BYTES
+        held = (plan.l1_pages + plan.l2_pages) * plan.page_bytes
+        assert room - (3 if tiers else 1) * plan.page_bytes < held <= room  # the most that fit
+    with pytest.raises(ValueError, match=r"budget of 0\.01 GB cannot hold .* minimum KV pool"):
+        ModelRunner.from_config(model, KVPoolConfig(4, memory_budget_gb=0.01))
+    with pytest.raises(ValueError, match="mem-fraction-static"):  # a fraction of what is free
+        ModelRunner.from_config(model, KVPoolConfig(4, mem_fraction=1e-9))
+    explicit = ModelRunner.from_config(model, KVPoolConfig(4, 8, mem_fraction=1e-9))
+    assert explicit.pool.num_pages == 8 and explicit.memory.sized_by == "num_pages"
 
 
 def test_cache_service_address_keeps_its_old_flag_name():

@@ -8,7 +8,17 @@ import torch.nn.functional as F
 
 from strata.attention.cpu_build import library
 from strata.model import cpu_ops
-from strata.model.linear import Int4Linear, Linear, _kernel_address, can_prepack, quantize_int4
+from strata.model.linear import (
+    Int4Linear,
+    Int8Codes,
+    Linear,
+    _kernel_address,
+    can_prepack,
+    pack_int4,
+    pack_int8,
+    pack_pairs,
+    quantize_int4,
+)
 
 
 @pytest.mark.parametrize("rows", [1, 7, 32, 300])
@@ -69,26 +79,70 @@ def test_float32_linear_is_not_packed():
     assert torch.equal(layer(x), F.linear(x, w))
 
 
-@pytest.mark.parametrize("rows", [1, 4, 7, 40])  # strata's: AVX-512, AMX tiles, unpacked
-@pytest.mark.parametrize("aten", [False, True])  # ATen's int4 product, where strata's can't run
-def test_int4_linear_matches_its_dequantized_weight(rows, aten, monkeypatch):
-    if aten:
-        monkeypatch.setattr(cpu_ops, "int4_available", lambda: False)
+@pytest.mark.parametrize("rows", [1, 2, 4, 7, 40, 100])  # AVX2: 1 row, 2, buffered; AMX tiles
+def test_int4_linear_matches_its_dequantized_weight(rows, cpu_isa_level):
+    """Int4Linear at every ISA level this CPU runs (the portable level: ATen's int4 product)
+    against float64 over the dequantized weight (w = code * scale + min): float32 rows to
+    float32 rounding (AVX2 and up), bfloat16 rows within a rounding of the output (AMX past
+    16 rows also rounds each weight to bfloat16)."""
     torch.manual_seed(0)
-    w = torch.randn(64, 128, dtype=torch.bfloat16)
-    b = torch.randn(64, dtype=torch.bfloat16)
-    codes, sz = quantize_int4(w, 32)
-    scale, zero = sz[..., 0].t(), sz[..., 1].t()  # [out, groups]
-    deq = (codes.float().view(64, 4, 32) - 8) * scale[..., None] + zero[..., None]
-    assert (deq.view(64, 128) - w.float()).abs().max() <= (w.float().abs().max() / 15)
-    layer = Int4Linear(w, b, torch.bfloat16)
-    if layer.strata == aten:
-        pytest.skip("strata's int4 kernels need AVX512-BF16")
-    sz = sz.to(torch.bfloat16)  # as every path reads them
-    deq = (codes.float().view(64, 4, 32) - 8) * sz[..., 0].t().float()[..., None]
-    deq = (deq + sz[..., 1].t().float()[..., None]).view(64, 128)
-    x = torch.randn(rows, 128, dtype=torch.bfloat16)
-    got = layer(x).float()
-    expect = x.float() @ deq.t() + b.float()
-    # a rounding of the output, or (unpacked, past 16 rows) of each weight to bfloat16
-    assert (got - expect).abs().max() <= 2**-7 * expect.abs().max()
+    w = torch.randn(64, 128)
+    b = torch.randn(64)
+    q = quantize_int4(w, 32)
+    deq = q.dequantize()
+    assert (deq - w).abs().max() <= w.abs().max() / 15
+    expect_of = lambda x: x.double() @ deq.double().t() + b.to(x.dtype).double()  # noqa: E731
+    for dtype in (torch.bfloat16, torch.float32):
+        if dtype == torch.float32 and cpu_isa_level == "none":
+            with pytest.raises(ValueError, match="AVX2"):
+                Int4Linear(q, b.to(dtype), dtype)
+            continue
+        layer = Int4Linear(q, b.to(dtype), dtype)
+        assert layer.strata == (cpu_isa_level != "none")
+        x = torch.randn(rows, 128).to(dtype)
+        got, expect = layer(x).double(), expect_of(x)
+        tol = 1e-5 if dtype == torch.float32 else 2**-7
+        assert (got - expect).abs().max() <= tol * expect.abs().max()
+
+
+def _int8(w: torch.Tensor) -> Int8Codes:
+    scale = (w.abs().view(w.shape[0], -1, 32).amax(-1) / 127).to(torch.float16)
+    codes = (w.view(w.shape[0], -1, 32) / scale.float()[..., None]).round().clamp(-127, 127)
+    return Int8Codes(codes.to(torch.int8).view(w.shape), scale)
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (576, 1536), (3072, 576)])
+def test_avx2_linear_kernels_match_float64(shape, cpu_isa_level):
+    """cpu_gemm.c's kernels on each weight layout (bfloat16 pairs, int4, int8), float32 and
+    bfloat16 rows: 1 and 2 rows in registers, 3..48 a chunk through the L1 buffer, more in
+    several chunks (101), against float64 over the same weights."""
+    if cpu_isa_level == "none":
+        assert not cpu_ops.avx2_linear_available(torch.float32)
+        pytest.skip("cpu_gemm.c's kernels start at the AVX2 level")
+    torch.manual_seed(1)
+    w = torch.randn(*shape) * 0.05
+    b = torch.randn(shape[0])
+    wb = w.to(torch.bfloat16)
+    q4, q8 = quantize_int4(w), _int8(w)
+    layouts = [(cpu_ops.W_PAIR_BF16, pack_pairs(wb), wb.float()),
+               (cpu_ops.W_INT4, pack_int4(q4), q4.dequantize()),
+               (cpu_ops.W_INT8, pack_int8(q8), q8.dequantize())]  # fmt: skip
+    for rows in (1, 2, 3, 5, 48, 101):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(rows, shape[1]).to(dtype)
+            for kind, packed, dense in layouts:
+                got = cpu_ops.linear_avx2(x, packed, kind, b.to(dtype), shape[0]).double()
+                expect = x.double() @ dense.double().t() + b.to(dtype).double()
+                tol = 1e-5 if dtype == torch.float32 else 2**-7
+                assert (got - expect).abs().max() <= tol * expect.abs().max(), (kind, rows)
+
+
+def test_bfloat16_linear_takes_the_avx2_kernel_where_onednn_has_none(cpu_isa_level):
+    w = torch.randn(32, 64, dtype=torch.bfloat16)
+    layer = Linear(w)
+    if can_prepack(w):
+        assert layer.pairs is None and layer.packed  # oneDNN's bfloat16 (AVX-512 CPUs)
+    else:
+        assert (layer.pairs is not None) == (cpu_isa_level != "none")
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert_within_an_ulp(layer(x), F.linear(x.float(), w.float()).to(torch.bfloat16))

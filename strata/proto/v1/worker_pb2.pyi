@@ -148,7 +148,7 @@ class TierStats(_message.Message):
     def __init__(self, l2_pages: _Optional[int] = ..., l2_used_pages: _Optional[int] = ..., l2_bytes: _Optional[int] = ..., l3: _Optional[bool] = ..., l3_bad_files: _Optional[int] = ..., l3_skipped_writes: _Optional[int] = ..., bytes_moved: _Optional[_Mapping[str, int]] = ..., write_policy: _Optional[str] = ..., page_bytes: _Optional[int] = ...) -> None: ...
 
 class LoadResponse(_message.Message):
-    __slots__ = ("worker", "running", "waiting", "pages_total", "pages_free", "transfers", "transfer_bytes", "transfer_seconds", "held_requests", "cache", "tiers")
+    __slots__ = ("worker", "running", "waiting", "pages_total", "pages_free", "transfers", "transfer_bytes", "transfer_seconds", "held_requests", "cache", "tiers", "memory")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +160,7 @@ class LoadResponse(_message.Message):
     HELD_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
     worker: str
     running: int
     waiting: int
@@ -171,7 +172,26 @@ class LoadResponse(_message.Message):
     held_requests: int
     cache: CacheStats
     tiers: TierStats
-    def __init__(self, worker: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., transfers: _Optional[int] = ..., transfer_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., held_requests: _Optional[int] = ..., cache: _Optional[_Union[CacheStats, _Mapping]] = ..., tiers: _Optional[_Union[TierStats, _Mapping]] = ...) -> None: ...
+    memory: MemoryPlan
+    def __init__(self, worker: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., transfers: _Optional[int] = ..., transfer_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., held_requests: _Optional[int] = ..., cache: _Optional[_Union[CacheStats, _Mapping]] = ..., tiers: _Optional[_Union[TierStats, _Mapping]] = ..., memory: _Optional[_Union[MemoryPlan, _Mapping]] = ...) -> None: ...
+
+class MemoryPlan(_message.Message):
+    __slots__ = ("budget_bytes", "resident_bytes", "weight_bytes", "page_bytes", "l1_pages", "l2_pages", "sized_by")
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    L1_PAGES_FIELD_NUMBER: _ClassVar[int]
+    L2_PAGES_FIELD_NUMBER: _ClassVar[int]
+    SIZED_BY_FIELD_NUMBER: _ClassVar[int]
+    budget_bytes: int
+    resident_bytes: int
+    weight_bytes: int
+    page_bytes: int
+    l1_pages: int
+    l2_pages: int
+    sized_by: str
+    def __init__(self, budget_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., page_bytes: _Optional[int] = ..., l1_pages: _Optional[int] = ..., l2_pages: _Optional[int] = ..., sized_by: _Optional[str] = ...) -> None: ...
 
 class FlushRequest(_message.Message):
     __slots__ = ()
