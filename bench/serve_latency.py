@@ -99,14 +99,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantizations", default="auto,none",
+                    help="--quantization values to serve (auto: the default, int4 from the "
+                    "GGUF's Q4_1 blocks where the kernels run)")  # fmt: skip
     ap.add_argument("--serve-args", default="", help="extra flags for strata serve")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     ms: dict[str, float] = {}
     ttft: dict[str, float] = {}
-    for quant in ("none", "int4"):
-        tag = a.dtype if quant == "none" else f"{a.dtype} + int4 weights"
+    for quant in a.quantizations.split(","):
+        tag = f"--dtype {a.dtype} --quantization {quant}"
         flags = ["--dtype", a.dtype, "--quantization", quant, *a.serve_args.split()]
         with running_server(*flags, "--speculative-algorithm", "none") as url:
             serve = served(url, a.new_tokens, a.repeats)

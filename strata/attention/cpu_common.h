@@ -67,6 +67,11 @@ ALWAYS_INLINE __m256 load_bf16x8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
 
+/* 8 bfloat16 values held in a register, as float32 lanes */
+ALWAYS_INLINE __m256 load_bf16x8_of(__m128i raw) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
 /* 8 float32 lanes to bfloat16, rounded to nearest even (NaN stays NaN), as f32_to_bf16 */
 ALWAYS_INLINE __m128i round_bf16x8(__m256 v) {
     const __m256i u = _mm256_castps_si256(v);

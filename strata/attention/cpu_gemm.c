@@ -216,10 +216,125 @@ static void int4_row(const float *x, const float *xsum, int64_t k, const uint8_t
     for (int q = 0; q < 4; q++) _mm256_store_ps(acc + 8 * q, a[q]);
 }
 
-static void linear_block(const float *x, const void *w, int wkind, const void *bias, void *y,
-                         int ydtype, int64_t m, int64_t n, int64_t k, int64_t nb, float *wbuf,
-                         float *acc) {
+/* bfloat16 rows as int16 per group of 32: xq = x * 2^(14 - E), E the exponent of the
+ * group's largest |x|, so every value within 2^7 of it (8 significant bits) is exact and the
+ * rest round at 2^(E - 14); xs = 2^(E - 14); xsum the group's sum of x (float32). NOTE: a
+ * group whose largest |x| is under 2^-113 (no scale in float32) counts as zeros. */
+static void int16_groups(const float *x, int64_t k, int16_t *xq, float *xs, float *xsum) {
+    for (int64_t g = 0; g < k / 32; g++) {
+        const float *xg = x + 32 * g;
+        __m256 mx = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+        const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        for (int i = 0; i < 4; i++) {
+            const __m256 v = _mm256_loadu_ps(xg + 8 * i);
+            mx = _mm256_max_ps(mx, _mm256_and_ps(v, abs));
+            sum = _mm256_add_ps(sum, v);
+        }
+        float lanes[8], sums[8];
+        _mm256_storeu_ps(lanes, mx);
+        _mm256_storeu_ps(sums, sum);
+        float top = 0.f, total = 0.f;
+        for (int i = 0; i < 8; i++) top = lanes[i] > top ? lanes[i] : top, total += sums[i];
+        xsum[g] = total;
+        uint32_t bits;
+        memcpy(&bits, &top, sizeof bits);
+        const int e = (int)(bits >> 23) - 127; /* top in [2^e, 2^(e + 1)) */
+        if (e < -113) {
+            memset(xq + 32 * g, 0, sizeof(int16_t) * 32);
+            xs[g] = 0.f;
+            continue;
+        }
+        const uint32_t up_bits = (uint32_t)(127 + 14 - e) << 23, down_bits = (uint32_t)(127 - 14 + e) << 23;
+        float up, down;
+        memcpy(&up, &up_bits, sizeof up);
+        memcpy(&down, &down_bits, sizeof down);
+        xs[g] = down;
+        const __m256 u = _mm256_set1_ps(up);
+        for (int i = 0; i < 4; i += 2) {
+            const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + 8 * i), u));
+            const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + 8 * i + 8), u));
+            const __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
+            _mm256_storeu_si256((__m256i *)(xq + 32 * g + 8 * i), p);
+        }
+    }
+}
+
+/* One or two bfloat16 rows of int4 weights as integer dot products: each group's codes times
+ * its int16 x (int16_groups) summed exactly in int32 (vpmaddwd on the (output, pair) lanes of
+ * the packing), then scaled by scale * xs, plus minimum * xsum: 7 operations per 32 weights
+ * against int4_row's 14. acc [rows][16]: the outputs, in order. */
+ALWAYS_INLINE void int4_rows_i16(const int16_t *xq, const float *xs, const float *xsum,
+                                 int64_t k, const uint8_t *w, int64_t nb, float *acc,
+                                 const int rows) {
     const int64_t tiles = k / 32;
+    __m256 a[2][2];
+    for (int r = 0; r < rows; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi16(15);
+    for (int64_t t = 0; t < tiles; t++) {
+        const uint8_t *grp = w + (nb * tiles + t) * 320;
+        for (int o = 0; o < 320; o += 64) __builtin_prefetch(grp + 4 * 320 + o);
+        __m256i g[2][2];
+        for (int r = 0; r < rows; r++) g[r][0] = g[r][1] = _mm256_setzero_si256();
+        for (int c = 0; c < 8; c++) {
+            __m256i xl[2], xh[2];
+            for (int r = 0; r < rows; r++) {
+                int32_t pl, ph;
+                memcpy(&pl, xq + r * k + 32 * t + 2 * c, sizeof pl);
+                memcpy(&ph, xq + r * k + 32 * t + 16 + 2 * c, sizeof ph);
+                xl[r] = _mm256_set1_epi32(pl), xh[r] = _mm256_set1_epi32(ph);
+            }
+            for (int h = 0; h < 2; h++) { /* outputs 8h .. 8h + 7 */
+                const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(grp + 32 * c + 16 * h)));
+                const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_srli_epi16(v, 4);
+                for (int r = 0; r < rows; r++) {
+                    g[r][h] = _mm256_add_epi32(g[r][h], _mm256_madd_epi16(lo, xl[r]));
+                    g[r][h] = _mm256_add_epi32(g[r][h], _mm256_madd_epi16(hi, xh[r]));
+                }
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 256 + 16 * h)));
+            const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 288 + 16 * h)));
+            for (int r = 0; r < rows; r++) {
+                const __m256 sx = _mm256_mul_ps(s, _mm256_set1_ps(xs[r * tiles + t]));
+                a[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(g[r][h]), sx, a[r][h]);
+                a[r][h] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xsum[r * tiles + t]), a[r][h]);
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int h = 0; h < 2; h++) _mm256_store_ps(acc + 16 * r + 8 * h, a[r][h]);
+}
+
+/* 16 outputs of a row in order, plus bias, stored */
+static inline void finish_plain(const float *acc, const void *bias, void *y, int ydtype, int64_t o) {
+    for (int h = 0; h < 2; h++) {
+        __m256 v = _mm256_load_ps(acc + 8 * h);
+        const int64_t at = o + 8 * h;
+        if (bias) v = _mm256_add_ps(v, ydtype ? load_bf16x8((const uint16_t *)bias + at)
+                                              : _mm256_loadu_ps((const float *)bias + at));
+        if (ydtype) _mm_storeu_si128((__m128i *)((uint16_t *)y + at), round_bf16x8(v));
+        else _mm256_storeu_ps((float *)y + at, v);
+    }
+}
+
+/* x16: bfloat16 rows of int4 weights as int16 groups (int16_groups), else NULL */
+typedef struct {
+    const int16_t *xq;
+    const float *xs, *xsum;
+} int16_rows;
+
+static void linear_block(const float *x, const int16_rows *x16, const void *w, int wkind,
+                         const void *bias, void *y, int ydtype, int64_t m, int64_t n, int64_t k,
+                         int64_t nb, float *wbuf, float *acc) {
+    const int64_t tiles = k / 32;
+    if (x16) {
+        if (m == 1) int4_rows_i16(x16->xq, x16->xs, x16->xsum, k, (const uint8_t *)w, nb, acc, 1);
+        else int4_rows_i16(x16->xq, x16->xs, x16->xsum, k, (const uint8_t *)w, nb, acc, 2);
+        for (int64_t r = 0; r < m; r++)
+            finish_plain(acc + 16 * r, bias, (uint16_t *)y + r * n, ydtype, nb * 16);
+        return;
+    }
     if (m <= 2) { /* a decode step's few rows: no buffer */
         if (m == 1 && wkind == W_INT4) int4_row(x, x + k, k, (const uint8_t *)w, nb, acc);
         else if (m == 1) direct_rows(x, k, w, wkind, nb, acc, 1);
@@ -264,8 +379,10 @@ int linear_avx2(int dtype, const void *x, const void *w, int wkind, const void *
                 int64_t m, int64_t n, int64_t k) {
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
     if (m < 1 || n % 16 || k % 32) return -1;
-    /* x as float32 (converted once), then for one row of int4 each group's sum of x */
-    const int64_t need = m * k + (m == 1 ? k / 32 : 0);
+    /* x as float32 (converted once), then for one row of int4 each group's sum of x; for one
+     * or two bfloat16 rows of int4, their int16 groups */
+    const int integer = dtype == 1 && wkind == W_INT4 && m <= 2;
+    const int64_t need = m * k + (m == 1 ? k / 32 : 0) + (integer ? m * k / 2 + 2 * m * k / 32 : 0);
     float stack[LIN_STACK] __attribute__((aligned(64)));
     float *conv = need <= LIN_STACK ? stack : aligned_alloc(64, sizeof(float) * ((need + 15) / 16 * 16));
     if (!conv) return -2;
@@ -287,13 +404,21 @@ int linear_avx2(int dtype, const void *x, const void *w, int wkind, const void *
             const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
             conv[k + g] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
         }
+    int16_rows x16 = {NULL, NULL, NULL};
+    if (integer) {
+        float *xs = conv + m * k + (m == 1 ? k / 32 : 0), *xsum = xs + m * k / 32;
+        int16_t *xq = (int16_t *)(xsum + m * k / 32);
+        for (int64_t r = 0; r < m; r++)
+            int16_groups(xf + r * k, k, xq + r * k, xs + r * k / 32, xsum + r * k / 32);
+        x16 = (int16_rows){xq, xs, xsum};
+    }
 #pragma omp parallel
     {
         float wbuf[16 * 32] __attribute__((aligned(64)));
         float acc[32 * LIN_ROWS] __attribute__((aligned(64)));
 #pragma omp for schedule(static)
         for (int64_t nb = 0; nb < n / 16; nb++)
-            linear_block(xf, w, wkind, bias, y, dtype, m, n, k, nb, wbuf, acc);
+            linear_block(xf, integer ? &x16 : NULL, w, wkind, bias, y, dtype, m, n, k, nb, wbuf, acc);
     }
     if (conv != stack) free(conv);
     return 0;

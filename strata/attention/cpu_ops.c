@@ -33,6 +33,23 @@ int add_rms_norm(const uint16_t *delta, uint16_t *x, const uint16_t *w, uint16_t
             sq = _mm512_add_ps(sq, _mm512_mul_ps(v, v));
         }
         _mm512_storeu_ps(lane, sq);
+#elif defined(__AVX2__) && defined(__FMA__)
+        /* the same 16 lanes as two vectors of 8 (lane l of the second: element j0 + 8 + l) */
+        __m256 sq0 = _mm256_setzero_ps(), sq1 = _mm256_setzero_ps();
+        for (; j0 + NORM_LANES <= dim; j0 += NORM_LANES) {
+            __m256 v0 = load_bf16x8(xr + j0), v1 = load_bf16x8(xr + j0 + 8);
+            if (delta) {
+                const __m128i h0 = round_bf16x8(_mm256_add_ps(v0, load_bf16x8(delta + r * dim + j0)));
+                const __m128i h1 = round_bf16x8(_mm256_add_ps(v1, load_bf16x8(delta + r * dim + j0 + 8)));
+                _mm_storeu_si128((__m128i *)(xr + j0), h0);
+                _mm_storeu_si128((__m128i *)(xr + j0 + 8), h1);
+                v0 = load_bf16x8(xr + j0), v1 = load_bf16x8(xr + j0 + 8);
+            }
+            sq0 = _mm256_add_ps(sq0, _mm256_mul_ps(v0, v0));
+            sq1 = _mm256_add_ps(sq1, _mm256_mul_ps(v1, v1));
+        }
+        _mm256_storeu_ps(lane, sq0);
+        _mm256_storeu_ps(lane + 8, sq1);
 #endif
         if (delta) {
             const uint16_t *dr = delta + r * dim;
@@ -54,6 +71,11 @@ int add_rms_norm(const uint16_t *delta, uint16_t *x, const uint16_t *w, uint16_t
         for (; j + 16 <= dim; j += 16)
             _mm256_storeu_si256((__m256i *)(o + j), round_bf16x16(_mm512_mul_ps(
                 _mm512_mul_ps(load_bf16x16(xr + j), iv), load_bf16x16(w + j))));
+#elif defined(__AVX2__) && defined(__FMA__)
+        const __m256 iv = _mm256_set1_ps(inv);
+        for (; j + 8 <= dim; j += 8)
+            _mm_storeu_si128((__m128i *)(o + j), round_bf16x8(_mm256_mul_ps(
+                _mm256_mul_ps(load_bf16x8(xr + j), iv), load_bf16x8(w + j))));
 #endif
         for (; j < dim; j++) o[j] = f32_to_bf16(bf16_to_f32(xr[j]) * inv * bf16_to_f32(w[j]));
     }
@@ -547,6 +569,17 @@ int silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t 
             const __m512 sig = _mm512_fmadd_ps(_mm512_fnmadd_ps(d, q0, a), inv, q0);
             const __m512 sf = widen_bf16x16(round_bf16x16(_mm512_mul_ps(x, sig)));
             _mm256_storeu_si256((__m256i *)(o + j0), round_bf16x16(_mm512_mul_ps(sf, load_bf16x16(u + j0))));
+        }
+#elif defined(__AVX2__) && defined(__FMA__)
+        /* 8 lanes, the scalar code's operations (one division) */
+        for (; j0 + 8 <= n; j0 += 8) {
+            const __m256 x = load_bf16x8(g + j0);
+            const __m256 neg = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
+            const __m256 e = exp_neg8(_mm256_min_ps(x, _mm256_sub_ps(_mm256_setzero_ps(), x)));
+            const __m256 a = _mm256_blendv_ps(_mm256_set1_ps(1.f), e, neg);
+            const __m256 sig = _mm256_div_ps(a, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+            const __m256 sf = load_bf16x8_of(round_bf16x8(_mm256_mul_ps(x, sig)));
+            _mm_storeu_si128((__m128i *)(o + j0), round_bf16x8(_mm256_mul_ps(sf, load_bf16x8(u + j0))));
         }
 #endif
         for (int64_t j = j0; j < n; j++) {

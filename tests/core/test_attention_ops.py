@@ -85,7 +85,9 @@ def test_cpu_kernel_builds():
         (16, 2, 128, 16, [70, 16]),  # 8 per KV head at head_dim 128: blocks of 2
     ],
 )
-def test_cpu_decode_kernel_equals_dense_attention(heads, kv_heads, dim, page, lens, dtype, tol):
+def test_cpu_decode_kernel_equals_dense_attention(
+    heads, kv_heads, dim, page, lens, dtype, tol, cpu_isa_level
+):
     torch.manual_seed(len(lens) + dim)
     pages = 200
     k_pages, v_pages = pool_layer(pages, page, kv_heads, dim, dtype)
@@ -195,7 +197,7 @@ def test_cpu_prefill_reads_pages_in_place(prefixes, q_lens):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_write_decode_reads_the_fused_projection_in_place(dtype):
+def test_cpu_write_decode_reads_the_fused_projection_in_place(dtype, cpu_isa_level):
     """One layer of a decode batch in one call (write_decode), its q, k and v strided views of
     the fused QKV rows as the model passes them: the same pool (K, V and page summaries) as
     the reference write, and the same attention as the kernel over dense copies."""
@@ -245,7 +247,7 @@ def test_cpu_decode_kernel_declines_what_it_does_not_take():
 @pytest.mark.parametrize("rows", [1, 3, 40])
 @pytest.mark.parametrize("with_delta", [True, False])
 @pytest.mark.parametrize("dim", [576, 100])  # 100: 16-lane vectors, then a tail of 4
-def test_cpu_add_rms_norm_equals_torch_add_then_rms_norm(rows, with_delta, dim):
+def test_cpu_add_rms_norm_equals_torch_add_then_rms_norm(rows, with_delta, dim, cpu_isa_level):
     g = torch.Generator().manual_seed(rows)
     x = (torch.randn(rows, dim, generator=g) * 3).to(torch.bfloat16)
     delta = torch.randn(rows, dim, generator=g).to(torch.bfloat16) if with_delta else None
@@ -270,7 +272,7 @@ def test_cpu_add_rms_norm_declines_other_dtypes_and_layouts():
 
 @pytest.mark.parametrize("rows", [1, 3, 40])
 @pytest.mark.parametrize("width", [1536, 20])  # 20: a 16-lane vector, then a tail of 4
-def test_cpu_silu_mul_equals_torch_chunk_silu_mul(rows, width):
+def test_cpu_silu_mul_equals_torch_chunk_silu_mul(rows, width, cpu_isa_level):
     g = torch.Generator().manual_seed(rows)
     gate_up = (torch.randn(rows, 2 * width, generator=g) * 4).to(torch.bfloat16)
     gate_up[0, :8] = torch.tensor([0.0, -0.0, 30.0, -30.0, 90.0, -90.0, 1e-3, -1e-3])
@@ -286,7 +288,7 @@ def test_cpu_silu_mul_equals_torch_chunk_silu_mul(rows, width):
 
 
 @pytest.mark.parametrize("rows", [1, 5, 40])
-def test_cpu_rope_in_place_equals_rotary_embedding(rows):
+def test_cpu_rope_in_place_equals_rotary_embedding(rows, cpu_isa_level):
     from strata.model.rope import RotaryEmbedding
 
     rope = RotaryEmbedding(64, 4096, 100000.0, {}, torch.bfloat16, torch.device("cpu"))

@@ -8,6 +8,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def test_the_generator_is_the_pinned_one():
+    """The checked-in code is what constraints.txt's grpcio-tools makes (an unpinned one
+    writes other version checks into *_pb2_grpc.py)."""
+    from importlib.metadata import version
+
+    pins = dict(
+        line.split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )  # fmt: skip
+    assert version("grpcio-tools") == pins["grpcio-tools"], "run make (it installs the pins)"
+
+
 def test_generated_proto_code_is_fresh(tmp_path):
     spec = importlib.util.spec_from_file_location("gen_protos", ROOT / "scripts" / "gen_protos.py")
     assert spec is not None and spec.loader is not None
