@@ -18,10 +18,10 @@ import torch
 
 from bench.decode_speed import decode_rate
 from strata.bench import run_like_an_engine_process
-from strata.config import KVPoolConfig, ModelConfig
+from strata.config import KVPoolConfig, ModelConfig, cpu_isa
 from strata.engine.generate import generate_greedy_batch
 from strata.engine.runner import ModelRunner
-from strata.model.linear import Int4Linear
+from strata.model.linear import Int4Linear, Int8Linear
 
 
 def read_bandwidth(rounds: int) -> float:
@@ -38,9 +38,12 @@ def read_bandwidth(rounds: int) -> float:
     return x.numel() * 4 / min(times)
 
 
-def gemm_flops(rounds: int) -> float:
-    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
-    b = torch.randn(2048, 2048, dtype=torch.bfloat16)
+def gemm_flops(rounds: int, dtype: torch.dtype = torch.bfloat16) -> float:
+    """FLOP/s of torch's 2048^3 product in dtype (float32: MKL's sgemm, the machine's FMA
+    rate as well as a library reaches it; bfloat16 runs on oneDNN's kernels only where the
+    CPU has them: 0.007 TFLOP/s on AVX2)."""
+    a = torch.randn(2048, 2048, dtype=dtype)
+    b = torch.randn(2048, 2048, dtype=dtype)
     a @ b
     times = []
     for _ in range(rounds * 3):
@@ -59,11 +62,11 @@ def weight_bytes(runner: ModelRunner) -> tuple[int, int]:
     for layer in model.layers:
         linears += [layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down]
     for lin in linears:
-        if isinstance(lin, Int4Linear):  # packed codes + scales
+        if isinstance(lin, (Int4Linear, Int8Linear)):  # packed codes + scales
             nbytes += lin.nbytes()
             params += lin.out_features * lin.in_features
         else:
-            n = lin.weight.numel()  # an opaque oneDNN tensor knows its size too
+            n = lin.weight.numel()  # an opaque oneDNN tensor (or a shape on "meta") too
             nbytes += n * 2
             params += n
     return nbytes, params
@@ -75,12 +78,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
     a = ap.parse_args()
-    bw, flops = read_bandwidth(a.rounds), gemm_flops(a.rounds)
-    print(f"{torch.get_num_threads()} threads: memory read {bw / 1e9:.1f} GB/s, "
-          f"bf16 GEMM {flops / 1e12:.2f} TFLOP/s")  # fmt: skip
+    bw, bf16 = read_bandwidth(a.rounds), gemm_flops(a.rounds)
+    fma = gemm_flops(a.rounds, torch.float32)
+    flops = max(bf16, fma)  # the faster of the two GEMMs is the compute roofline
+    print(f"{torch.get_num_threads()} threads ({cpu_isa()} kernels): memory read "
+          f"{bw / 1e9:.1f} GB/s, bf16 GEMM {bf16 / 1e12:.3f} TFLOP/s, float32 GEMM (FMA) "
+          f"{fma / 1e12:.3f} TFLOP/s")  # fmt: skip
     print(f"{'weights':16} {'MB':>6} {'batch 1 tok/s':>14} {'of bandwidth roofline':>22} "
           f"{'batch 32 tok/s':>15} {'of GEMM roofline':>17} {'of roofline':>12}")  # fmt: skip
-    for quant in ("none", "int4"):
+    for quant in ("none", "auto"):
         runner = ModelRunner.from_config(
             ModelConfig(dtype="bfloat16", quantization=quant), KVPoolConfig(num_pages=1024)
         )
@@ -95,7 +101,7 @@ def main() -> None:
         roof32 = flops / (2 * params)  # tokens/s if every step were one GEMM
         # the roofline: FLOP/s the lower of the GEMM's and bandwidth x FLOPs per byte read
         roof = min(flops, bw * (2 * params * 32) / nbytes) / (2 * params)  # tokens/s
-        name = "bfloat16" if quant == "none" else "int4 (bf16 act.)"
+        name = "bfloat16" if quant == "none" else f"default ({runner.model.quantization})"
         print(f"{name:16} {nbytes / 1e6:6.0f} {b1:14.1f} {b1 / roof1:21.0%} "
               f"{b32:15.1f} {b32 / roof32:16.0%} {b32 / roof:11.0%}")  # fmt: skip
 

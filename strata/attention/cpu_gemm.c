@@ -259,24 +259,22 @@ static void int16_groups(const float *x, int64_t k, int16_t *xq, float *xs, floa
     }
 }
 
-/* One or two bfloat16 rows of int4 weights as integer dot products: each group's codes times
- * its int16 x (int16_groups) summed exactly in int32 (vpmaddwd on the (output, pair) lanes of
- * the packing), then scaled by scale * xs, plus minimum * xsum: 7 operations per 32 weights
- * against int4_row's 14. acc [rows][16]: the outputs, in order. */
-ALWAYS_INLINE void int4_rows_i16(const int16_t *xq, const float *xs, const float *xsum,
-                                 int64_t k, const uint8_t *w, int64_t nb, float *acc,
-                                 const int rows) {
-    const int64_t tiles = k / 32;
-    __m256 a[2][2];
-    for (int r = 0; r < rows; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
-    const __m256i low = _mm256_set1_epi16(15);
-    for (int64_t t = 0; t < tiles; t++) {
-        const uint8_t *grp = w + (nb * tiles + t) * 320;
-        for (int o = 0; o < 320; o += 64) __builtin_prefetch(grp + 4 * 320 + o);
-        __m256i g[2][2];
-        for (int r = 0; r < rows; r++) g[r][0] = g[r][1] = _mm256_setzero_si256();
+/* Up to I16_PASS bfloat16 rows of a group of int4 or int8 weights as integer dot products:
+ * each group's codes times its int16 x (int16_groups) summed exactly in int32 (vpmaddwd on
+ * the (output, pair) lanes of the packing: one 32-bit lane an output), then acc [rows][16]
+ * += that * scale * xs (+ minimum * xsum for int4). vpmaddwd and vpaddd share the vector
+ * pipes where FMAs take two: about twice the float path's products a cycle, and a third of
+ * its operations per weight at one row. */
+#define I16_PASS 4
+ALWAYS_INLINE void group_rows_i16(const int16_t *xq, const float *xs, const float *xsum,
+                                  int64_t k, int64_t tiles, const uint8_t *grp, int wkind,
+                                  int64_t t, float *acc, const int rows) {
+    __m256i g[I16_PASS][2];
+    for (int r = 0; r < rows; r++) g[r][0] = g[r][1] = _mm256_setzero_si256();
+    if (wkind == W_INT4) {
+        const __m256i low = _mm256_set1_epi16(15);
         for (int c = 0; c < 8; c++) {
-            __m256i xl[2], xh[2];
+            __m256i xl[I16_PASS], xh[I16_PASS];
             for (int r = 0; r < rows; r++) {
                 int32_t pl, ph;
                 memcpy(&pl, xq + r * k + 32 * t + 2 * c, sizeof pl);
@@ -292,18 +290,53 @@ ALWAYS_INLINE void int4_rows_i16(const int16_t *xq, const float *xs, const float
                 }
             }
         }
-        for (int h = 0; h < 2; h++) {
-            const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 256 + 16 * h)));
-            const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 288 + 16 * h)));
+    } else { /* int8: pair p's 32 bytes, outputs 0-7 then 8-15 */
+        for (int p = 0; p < 16; p++) {
+            __m256i xb[I16_PASS];
             for (int r = 0; r < rows; r++) {
-                const __m256 sx = _mm256_mul_ps(s, _mm256_set1_ps(xs[r * tiles + t]));
-                a[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(g[r][h]), sx, a[r][h]);
-                a[r][h] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xsum[r * tiles + t]), a[r][h]);
+                int32_t pr;
+                memcpy(&pr, xq + r * k + 32 * t + 2 * p, sizeof pr);
+                xb[r] = _mm256_set1_epi32(pr);
+            }
+            for (int h = 0; h < 2; h++) {
+                const __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(grp + 32 * p + 16 * h)));
+                for (int r = 0; r < rows; r++) g[r][h] = _mm256_add_epi32(g[r][h], _mm256_madd_epi16(v, xb[r]));
             }
         }
     }
-    for (int r = 0; r < rows; r++)
-        for (int h = 0; h < 2; h++) _mm256_store_ps(acc + 16 * r + 8 * h, a[r][h]);
+    const int64_t at = wkind == W_INT4 ? 256 : 512; /* the group's float16 scales */
+    for (int h = 0; h < 2; h++) {
+        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + at + 16 * h)));
+        const __m256 mn = wkind == W_INT4 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 288 + 16 * h)))
+                                          : _mm256_setzero_ps();
+        for (int r = 0; r < rows; r++) {
+            float *ar = acc + 16 * r + 8 * h;
+            __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(g[r][h]),
+                                       _mm256_mul_ps(s, _mm256_set1_ps(xs[r * tiles + t])), _mm256_load_ps(ar));
+            if (wkind == W_INT4) a = _mm256_fmadd_ps(mn, _mm256_set1_ps(xsum[r * tiles + t]), a);
+            _mm256_store_ps(ar, a);
+        }
+    }
+}
+
+/* Rows [0, m) (at most LIN_ROWS) of block nb on the integer path: acc [m][16] */
+static void block_rows_i16(const int16_t *xq, const float *xs, const float *xsum, int64_t m,
+                           int64_t k, const uint8_t *w, int wkind, int64_t nb, float *acc) {
+    const int64_t tiles = k / 32, size = wkind == W_INT4 ? 320 : 544;
+    memset(acc, 0, sizeof(float) * 16 * m);
+    for (int64_t t = 0; t < tiles; t++) {
+        const uint8_t *grp = w + (nb * tiles + t) * size;
+        for (int64_t o = 0; o < size; o += 64) __builtin_prefetch(grp + 4 * size + o);
+        int64_t r = 0;
+        for (; r + I16_PASS <= m; r += I16_PASS)
+            group_rows_i16(xq + r * k, xs + r * tiles, xsum + r * tiles, k, tiles, grp, wkind, t, acc + 16 * r, I16_PASS);
+        switch (m - r) {
+        case 3: group_rows_i16(xq + r * k, xs + r * tiles, xsum + r * tiles, k, tiles, grp, wkind, t, acc + 16 * r, 3); break;
+        case 2: group_rows_i16(xq + r * k, xs + r * tiles, xsum + r * tiles, k, tiles, grp, wkind, t, acc + 16 * r, 2); break;
+        case 1: group_rows_i16(xq + r * k, xs + r * tiles, xsum + r * tiles, k, tiles, grp, wkind, t, acc + 16 * r, 1); break;
+        default: break;
+        }
+    }
 }
 
 /* 16 outputs of a row in order, plus bias, stored */
@@ -329,10 +362,13 @@ static void linear_block(const float *x, const int16_rows *x16, const void *w, i
                          int64_t nb, float *wbuf, float *acc) {
     const int64_t tiles = k / 32;
     if (x16) {
-        if (m == 1) int4_rows_i16(x16->xq, x16->xs, x16->xsum, k, (const uint8_t *)w, nb, acc, 1);
-        else int4_rows_i16(x16->xq, x16->xs, x16->xsum, k, (const uint8_t *)w, nb, acc, 2);
-        for (int64_t r = 0; r < m; r++)
-            finish_plain(acc + 16 * r, bias, (uint16_t *)y + r * n, ydtype, nb * 16);
+        for (int64_t r0 = 0; r0 < m; r0 += LIN_ROWS) {
+            const int64_t rows = m - r0 < LIN_ROWS ? m - r0 : LIN_ROWS;
+            block_rows_i16(x16->xq + r0 * k, x16->xs + r0 * tiles, x16->xsum + r0 * tiles, rows,
+                           k, (const uint8_t *)w, wkind, nb, acc);
+            for (int64_t r = 0; r < rows; r++)
+                finish_plain(acc + 16 * r, bias, (uint16_t *)y + (r0 + r) * n, ydtype, nb * 16);
+        }
         return;
     }
     if (m <= 2) { /* a decode step's few rows: no buffer */
@@ -381,7 +417,7 @@ int linear_avx2(int dtype, const void *x, const void *w, int wkind, const void *
     if (m < 1 || n % 16 || k % 32) return -1;
     /* x as float32 (converted once), then for one row of int4 each group's sum of x; for one
      * or two bfloat16 rows of int4, their int16 groups */
-    const int integer = dtype == 1 && wkind == W_INT4 && m <= 2;
+    const int integer = dtype == 1 && wkind != W_PAIR_BF16;
     const int64_t need = m * k + (m == 1 ? k / 32 : 0) + (integer ? m * k / 2 + 2 * m * k / 32 : 0);
     float stack[LIN_STACK] __attribute__((aligned(64)));
     float *conv = need <= LIN_STACK ? stack : aligned_alloc(64, sizeof(float) * ((need + 15) / 16 * 16));
