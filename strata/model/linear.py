@@ -8,8 +8,15 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from strata.config import cpu_isa
 from strata.model import cpu_ops
 
+# NOTE: rows a decode step takes at a small cost a row on the AVX2 kernels (cpu_gemm.c): they
+# are bound by operations, not by reading the weights, so past a few rows each costs about
+# the first (embedded model, int4 + int8 head: 4.6 ms for 1 row, 10.4 for 4, 19.0 for 8),
+# and n-gram drafts filling a step of 8 conversations to 16 rows made multi-turn slower (138
+# against 163 out tok/s without speculation, AMD EPYC, 2026-12-07)
+AVX2_STEP_ROWS = 4
 # NOTE: the batch size oneDNN picks its weight layout for; measured on 2 cores, a layout
 # packed for 32 rows is as fast as or faster than F.linear from 1 to 300 rows.
 PACK_ROWS = 32
@@ -45,6 +52,8 @@ class Linear:
         # NOTE: where oneDNN has no bfloat16 kernels (AVX2 CPUs) F.linear in bfloat16 ran at
         # 7 GFLOP/s here; strata's AVX2 kernel reads the weight in pairs (cpu_gemm.c)
         self.pairs = pack_pairs(weight) if not self.packed and _pairs_apply(weight) else None
+        if self.pairs is not None:
+            self.STEP_ROWS = AVX2_STEP_ROWS
         if self.pairs is not None:  # the shape stays, the values live in the pairs alone
             weight = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
         # [out, in]; an opaque MKLDNN tensor when packed
@@ -214,6 +223,8 @@ class Int4Linear:
         self.group_size = INT4_GROUP
         self.out_features, self.in_features = out_f, in_f
         self.bias = bias
+        if self.strata and cpu_isa() == "avx2":
+            self.STEP_ROWS = AVX2_STEP_ROWS
 
     def nbytes(self) -> int:
         """Bytes a product reads: the codes, and a scale and a minimum per group."""
@@ -243,7 +254,7 @@ class Int8Linear:
     is stored (the embedded model's tied LM head: 30 MB read a token instead of 57 in
     bfloat16, and its logits those of the dequantized weights)."""
 
-    STEP_ROWS = 16  # as Int4Linear's: the LM head sets a step's rows (runner.step_rows)
+    STEP_ROWS = 4  # the AVX2 kernel's (AVX2_STEP_ROWS): the LM head sets runner.step_rows
 
     def __init__(self, q: Int8Codes, bias: torch.Tensor | None) -> None:
         self.out_features, self.in_features = q.codes.shape
