@@ -23,6 +23,17 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 
+/* the lanes (j, e) of part q (outputs 4q .. 4q + 3, each twice) of 16 float16 values */
+static inline void pair_lanes(const uint8_t *f16, __m256 *out) {
+    const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)f16));
+    const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(f16 + 16)));
+    for (int q = 0; q < 4; q++) {
+        const __m256i at = _mm256_add_epi32(_mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3),
+                                            _mm256_set1_epi32(4 * (q % 2)));
+        out[q] = _mm256_permutevar8x32_ps(q < 2 ? lo : hi, at);
+    }
+}
+
 /* bfloat16 pairs of one tile: 16 pairs x 32 values -> float32 */
 static inline void tile_bf16(const uint16_t *src, float *wbuf) {
     for (int i = 0; i < 64; i++) {
@@ -34,18 +45,9 @@ static inline void tile_bf16(const uint16_t *src, float *wbuf) {
 /* one int4 group (8 chunks, then scales and minima) -> float32 pairs: pair c from the low
  * nibbles of chunk c (inputs 2c, 2c + 1), pair 8 + c from the high (16 + 2c, 17 + 2c) */
 static inline void tile_int4(const uint8_t *grp, float *wbuf) {
-    const __m256 s_lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 256)));
-    const __m256 s_hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 272)));
-    const __m256 m_lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 288)));
-    const __m256 m_hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 304)));
-    /* lanes (j, e) of part q: outputs 4q .. 4q + 3, each twice */
-    __m256 s[4], mn[4];
-    for (int q = 0; q < 4; q++) {
-        const __m256i idx = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-        const __m256i at = _mm256_add_epi32(idx, _mm256_set1_epi32(4 * (q % 2)));
-        s[q] = _mm256_permutevar8x32_ps(q < 2 ? s_lo : s_hi, at);
-        mn[q] = _mm256_permutevar8x32_ps(q < 2 ? m_lo : m_hi, at);
-    }
+    __m256 s[4], mn[4]; /* lanes (j, e) of part q: outputs 4q .. 4q + 3, each twice */
+    pair_lanes(grp + 256, s);
+    pair_lanes(grp + 288, mn);
     const __m256i low = _mm256_set1_epi32(15);
     for (int c = 0; c < 8; c++)
         for (int q = 0; q < 4; q++) {
@@ -59,14 +61,8 @@ static inline void tile_int4(const uint8_t *grp, float *wbuf) {
 
 /* one int8 group ([16 pairs][16 outputs x 2] codes, then 16 float16 scales) -> float32 */
 static inline void tile_int8(const uint8_t *grp, float *wbuf) {
-    const __m256 s_lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 512)));
-    const __m256 s_hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 528)));
     __m256 s[4];
-    for (int q = 0; q < 4; q++) {
-        const __m256i at = _mm256_add_epi32(_mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3),
-                                            _mm256_set1_epi32(4 * (q % 2)));
-        s[q] = _mm256_permutevar8x32_ps(q < 2 ? s_lo : s_hi, at);
-    }
+    pair_lanes(grp + 512, s);
     for (int p = 0; p < 16; p++)
         for (int q = 0; q < 4; q++) {
             const __m256i t = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(grp + 32 * p + 8 * q)));
@@ -106,17 +102,6 @@ static inline void finish_row(const float *acc, const void *bias, void *y, int y
         else _mm256_storeu_ps((float *)y + at, v);
     }
     (void)n;
-}
-
-/* the lanes (j, e) of part q (outputs 4q .. 4q + 3, each twice) of 16 float16 values */
-static inline void pair_lanes(const uint8_t *f16, __m256 *out) {
-    const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)f16));
-    const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(f16 + 16)));
-    for (int q = 0; q < 4; q++) {
-        const __m256i at = _mm256_add_epi32(_mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3),
-                                            _mm256_set1_epi32(4 * (q % 2)));
-        out[q] = _mm256_permutevar8x32_ps(q < 2 ? lo : hi, at);
-    }
 }
 
 ALWAYS_INLINE __m256 pair_of(const float *x) { /* x[0], x[1] in every lane pair */
@@ -432,7 +417,7 @@ int linear_avx2(int dtype, const void *x, const void *w, int wkind, const void *
         memcpy(conv, x, sizeof(float) * k);
         xf = conv;
     }
-    if (m == 1)
+    if (m == 1 && !integer) /* int4_row's group sums (the integer path makes its own) */
         for (int64_t g = 0; g < k / 32; g++) {
             __m256 s = _mm256_loadu_ps(xf + 32 * g);
             for (int i = 1; i < 4; i++) s = _mm256_add_ps(s, _mm256_loadu_ps(xf + 32 * g + 8 * i));
