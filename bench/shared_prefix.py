@@ -1,5 +1,5 @@
 """Decode steps over a shared prompt, in process: the same batch with the shared pages read
-once for the batch (cpu_kernels.shared_pages: AMX tiles) and per sequence, alternating in
+once for the batch (cpu_kernels.shared_pages: AMX tiles or AVX2) and per sequence, alternating in
 one process (best of 3 each). Embedded model; every sequence's table starts with the same
 pages (as the radix cache lays out a shared system prompt), then its own.
 

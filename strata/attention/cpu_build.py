@@ -136,7 +136,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     ]  # fmt: skip
     lib.write_kv.argtypes = [i, p, p, p, p, i64p, i64p, i64, i, i, i, i64, i64]
     lib.paged_prefill.argtypes = [
-        p, i64, p, p, p, i64p, i64p, i64p, i64p, i, i, i, i, i, i, i64, ctypes.c_float
+        i, p, i64, p, p, p, i64p, i64p, i64p, i64p, i, i, i, i, i, i, i64, ctypes.c_float
     ]  # fmt: skip
     lib.shared_decode_available.argtypes = []
     lib.select_pages.argtypes = [

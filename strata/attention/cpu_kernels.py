@@ -81,8 +81,10 @@ def _i64(t: torch.Tensor) -> int:
 
 
 # NOTE: shared_pages reads a prefix once for the batch from this many pages and sequences;
-# at 2 sequences it was 5% slower than reading it per sequence (int4 decode step, 400 shared
-# tokens: 5.17 against 4.94 ms), from 4 faster (bf16 13.11 against 13.58 ms)
+# on AMX at 2 sequences it was 5% slower than reading it per sequence (int4 decode step, 400
+# shared tokens: 5.17 against 4.94 ms), from 4 faster (bf16 13.11 against 13.58 ms); on AVX2
+# (EPYC, 2 cores; 400 shared + 100 own tokens) 13.2 against 16.1 ms at 4, 73.4 against 83.4
+# at 32 (bench/shared_prefix.py)
 MIN_SHARED_PAGES = 4
 MIN_SHARED_BATCH = 4
 
@@ -146,14 +148,15 @@ def paged_prefill(
     q_lens: torch.Tensor, prefix_lens: torch.Tensor, scale: float,
 ) -> torch.Tensor | None:  # fmt: skip
     """reference.paged_prefill for every prefilling sequence of a forward at once, read from
-    the pages in place (their new K and V already written), on AMX tiles: q [T, heads, D]
-    (token rows may be strided); sequence i's q_lens[i] rows from starts[i], at positions
-    prefix_lens[i].., its pages in row i of table (int64). Returns out [T, heads, D] with
-    those rows set; None where the kernel does not apply (bfloat16, head_dim 64, pages of
-    16 tokens, AMX)."""
+    the pages in place (their new K and V already written), on AMX tiles or AVX2: q [T,
+    heads, D] (token rows may be strided); sequence i's q_lens[i] rows from starts[i], at
+    positions prefix_lens[i].., its pages in row i of table (int64). Returns out [T, heads,
+    D] with those rows set; None where the kernel does not apply (float32 or bfloat16,
+    pages of 16 tokens, head_dim a multiple of 8 up to 128; AMX tiles take bfloat16 at
+    head_dim 64; below AVX2 none)."""
     lib = library()
     kp, vp = layer.k, layer.v
-    if lib is None or q.dtype != torch.bfloat16 or kp.dtype != q.dtype or q.device.type != "cpu":
+    if lib is None or q.dtype not in DTYPES or kp.dtype != q.dtype or q.device.type != "cpu":
         return None
     if kp.stride() != vp.stride() or not _page_contiguous(kp):
         return None
@@ -162,9 +165,9 @@ def paged_prefill(
     _, page_size, kv_heads, _ = kp.shape
     out = q.new_empty(t, heads, d)
     rc = lib.paged_prefill(
-        _ptr(q), q.stride(0), _ptr(kp), _ptr(vp), _ptr(out), _i64(starts), _i64(q_lens),
-        _i64(prefix_lens), _i64(table), len(starts), table.shape[1], heads, kv_heads, d,
-        page_size, kp.stride(0), scale,
+        DTYPES[q.dtype], _ptr(q), q.stride(0), _ptr(kp), _ptr(vp), _ptr(out), _i64(starts),
+        _i64(q_lens), _i64(prefix_lens), _i64(table), len(starts), table.shape[1], heads,
+        kv_heads, d, page_size, kp.stride(0), scale,
     )  # fmt: skip
     return out if rc == 0 else None
 
@@ -197,8 +200,8 @@ def shared_pages(table: torch.Tensor, lens: torch.Tensor, page_size: int) -> int
     """The pages every row of table [B, W] starts with (a shared prompt's: the radix cache
     gives them the same ids), whole and before every sequence's newest token; 0 below
     MIN_SHARED_BATCH rows or MIN_SHARED_PAGES pages. paged_decode then reads them once for
-    every sequence, as matrix products on AMX tiles (bfloat16, head_dim 64, pages of 16
-    tokens; elsewhere per sequence, as before)."""
+    every sequence (shared_decode_available), as matrix products on AMX tiles or in AVX2
+    blocks; elsewhere per sequence."""
     if table.shape[0] < MIN_SHARED_BATCH:
         return 0
     same = int((table == table[:1]).all(0).to(torch.int32).cumprod(0).sum())

@@ -115,10 +115,10 @@ def test_cpu_decode_kernel_equals_dense_attention(
         (5, 6, [1, 2, 3, 4, 5]),  # 15 queries: one block, a padding row
     ],
 )
-def test_cpu_decode_reads_a_shared_prefix_once(batch, shared, own):
+def test_cpu_decode_reads_a_shared_prefix_once(batch, shared, own, cpu_isa_level):
     """Sequences that start with the same pages (a shared prompt): the kernel reads those
-    once for every query of a KV head (AMX tiles, where the CPU has them) and merges them
-    with each sequence's own pages; the same attention as dense, per sequence."""
+    once for every query of a KV head (AMX tiles, else AVX2) and merges them with each
+    sequence's own pages; the same attention as dense, per sequence."""
     torch.manual_seed(batch)
     heads, kv_heads, dim, page = 9, 3, 64, 16
     k_pages, v_pages = pool_layer(300, page, kv_heads, dim, torch.bfloat16)
@@ -135,15 +135,25 @@ def test_cpu_decode_reads_a_shared_prefix_once(batch, shared, own):
     scale, lens_t = dim**-0.5, torch.tensor(lens)
     assert cpu_kernels.shared_pages(table, lens_t, page) == shared
     out = cpu_kernels.paged_decode(q, k_pages, v_pages, table, lens_t, scale, shared=shared)
-    per_sequence = cpu_kernels.paged_decode(q, k_pages, v_pages, table, lens_t, scale)
-    assert out is not None and per_sequence is not None
+    assert out is not None
     for i, n in enumerate(lens):
         kk = tokens(k_pages, table[i], n).double().repeat_interleave(3, 1).transpose(0, 1)
         vv = tokens(v_pages, table[i], n).double().repeat_interleave(3, 1).transpose(0, 1)
         expect = F.scaled_dot_product_attention(q[i].double()[:, None], kk, vv, scale=scale)
         assert (out[i].double() - expect.squeeze(1)).abs().max() <= 1e-2
-    if cpu_kernels.shared_decode_available():  # the tiles ran: P rounds to bfloat16 there
-        assert not torch.equal(out, per_sequence)
+    assert cpu_kernels.shared_decode_available() == (cpu_isa_level != "none")
+    if cpu_kernels.shared_decode_available():
+        # read once, from the first row: the other rows' copies of those columns (here a
+        # page of NaN) are never read
+        spare = perm[-1]
+        assert spare not in table.tolist()[0] and at < len(perm) - 1
+        k_pages[spare], v_pages[spare] = float("nan"), float("nan")
+        poisoned = table.clone()
+        poisoned[1:, :shared] = spare
+        again = cpu_kernels.paged_decode(
+            q, k_pages, v_pages, poisoned, lens_t, scale, shared=shared
+        )
+        assert again is not None and torch.equal(again, out)
 
 
 @pytest.mark.parametrize(
@@ -154,14 +164,17 @@ def test_cpu_decode_reads_a_shared_prefix_once(batch, shared, own):
         ([16, 400], [16, 33]),  # whole pages before; the last chunk of 4 pages part-read
     ],
 )
-def test_cpu_prefill_reads_pages_in_place(prefixes, q_lens):
-    """Prefill over a cached prefix (AMX tiles, where the CPU has them): every prefilling
-    sequence of a forward in one call, its new K and V already in its pages, queries read
-    strided from the fused projection; the same causal attention as dense, per sequence,
-    and what lies in a last page past the sequence (NaN here) is never read."""
+@pytest.mark.parametrize(
+    "dtype,dim", [(torch.bfloat16, 64), (torch.float32, 64), (torch.bfloat16, 128)]
+)
+def test_cpu_prefill_reads_pages_in_place(prefixes, q_lens, dtype, dim, cpu_isa_level):
+    """Prefill over a cached prefix (AMX tiles, else AVX2): every prefilling sequence of a
+    forward in one call, its new K and V already in its pages, queries read strided from
+    the fused projection; the same causal attention as dense, per sequence, and what lies
+    in a last page past the sequence (NaN here) is never read."""
     torch.manual_seed(len(q_lens))
-    heads, kv_heads, dim, page = 9, 3, 64, 16
-    layer = pool_kv(300, page, kv_heads, dim, torch.bfloat16)
+    heads, kv_heads, page = 9, 3, 16
+    layer = pool_kv(300, page, kv_heads, dim, dtype)
     k_pages, v_pages = layer.k, layer.v
     perm, at, rows = torch.randperm(300).tolist(), 0, []
     for p, n in zip(prefixes, q_lens):
@@ -175,7 +188,7 @@ def test_cpu_prefill_reads_pages_in_place(prefixes, q_lens):
     width = max(len(r) for r in rows)
     table = torch.tensor([r + [0] * (width - len(r)) for r in rows])
     total = sum(q_lens) + 2  # two rows of other sequences (decode rows), left unset
-    qkv = torch.randn(total, heads + 2 * kv_heads, dim).to(torch.bfloat16)
+    qkv = torch.randn(total, heads + 2 * kv_heads, dim).to(dtype)
     q = qkv[:, :heads]
     starts = torch.tensor([1 + sum(q_lens[:i]) for i in range(len(q_lens))])
     scale = dim**-0.5
@@ -183,9 +196,10 @@ def test_cpu_prefill_reads_pages_in_place(prefixes, q_lens):
         q, layer, table, starts, torch.tensor(q_lens),
         torch.tensor(prefixes), scale,
     )  # fmt: skip
-    if out is None:
-        assert not cpu_kernels.shared_decode_available()  # no AMX here: the reference runs
-        pytest.skip("no AMX tiles on this CPU")
+    if cpu_isa_level == "none":  # no kernel below AVX2: the reference runs
+        assert out is None
+        return
+    assert out is not None
     for i, (p, n) in enumerate(zip(prefixes, q_lens)):
         kk = tokens(k_pages, table[i], p + n).double().repeat_interleave(3, 1).transpose(0, 1)
         vv = tokens(v_pages, table[i], p + n).double().repeat_interleave(3, 1).transpose(0, 1)
@@ -193,7 +207,7 @@ def test_cpu_prefill_reads_pages_in_place(prefixes, q_lens):
         mask = torch.arange(p + n)[None, :] <= torch.arange(p, p + n)[:, None]
         expect = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale)
         got = out[starts[i] : starts[i] + n].double().transpose(0, 1)
-        assert (got - expect).abs().max() <= 1e-2
+        assert (got - expect).abs().max() <= (1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
