@@ -8,7 +8,9 @@ any other tensor type stays dense.
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -17,6 +19,82 @@ from strata.model.linear import Int4Codes, Int8Codes
 from strata.model.spec import ModelSpec
 
 Q4_1, Q8_0 = "Q4_1", "Q8_0"
+# GGML's type ids and block sizes (elements, bytes) of the types read as codes
+BLOCKS = {3: (Q4_1, 32, 20), 8: (Q8_0, 32, 34)}
+# GGUF metadata value types of fixed size (bytes); 8 is a string, 9 an array
+SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+class Tensor(NamedTuple):
+    kind: str | None  # Q4_1, Q8_0, or None for any other type
+    shape: tuple[int, ...]  # fastest dimension first, as GGUF lists it
+    data: np.ndarray  # the raw blocks (uint8), mapped from the file; empty for other kinds
+
+
+def read_tensors(path: Path) -> tuple[str, dict[str, Tensor]]:
+    """A GGUF file's architecture and tensor table, the raw data mapped, not read. The
+    metadata is skipped, not parsed: gguf.GGUFReader builds every value of it (the embedded
+    model's 100k tokenizer strings took 5.4 s at each start); here only the architecture and
+    the alignment are decoded."""
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    mv = memoryview(buf.data)
+    if bytes(mv[:4]) != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file")
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", mv, 4)
+    if version < 2:
+        raise ValueError(f"{path}: GGUF version {version} is not supported (2 or later)")
+    at, arch, align = 24, "", 32
+
+    def string() -> str:
+        nonlocal at
+        (n,) = struct.unpack_from("<Q", mv, at)
+        at += 8 + n
+        return bytes(mv[at - n : at]).decode(errors="replace")
+
+    def skip(kind: int) -> None:
+        nonlocal at
+        if kind in SCALARS:
+            at += SCALARS[kind]
+        elif kind == 8:
+            (n,) = struct.unpack_from("<Q", mv, at)
+            at += 8 + n
+        elif kind == 9:
+            item, count = struct.unpack_from("<IQ", mv, at)
+            at += 12
+            if item in SCALARS:
+                at += SCALARS[item] * count
+            else:
+                for _ in range(count):
+                    skip(item)
+        else:
+            raise ValueError(f"{path}: unknown GGUF value type {kind}")
+
+    for _ in range(n_kv):
+        key = string()
+        (kind,) = struct.unpack_from("<I", mv, at)
+        at += 4
+        if key == "general.architecture" and kind == 8:
+            arch = string()
+        elif key == "general.alignment" and kind == 4:
+            (align,) = struct.unpack_from("<I", mv, at)
+            at += 4
+        else:
+            skip(kind)
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        (dims,) = struct.unpack_from("<I", mv, at)
+        shape = struct.unpack_from(f"<{dims}Q", mv, at + 4)
+        type_id, offset = struct.unpack_from("<IQ", mv, at + 4 + 8 * dims)
+        at += 4 + 8 * dims + 12
+        infos.append((name, type_id, tuple(int(n) for n in shape), offset))
+    start = -(-at // align) * align
+    tensors = {}
+    for name, type_id, shape, offset in infos:
+        kind, per, size = BLOCKS.get(type_id, (None, 1, 0))
+        n = int(np.prod(shape)) // per * size
+        tensors[name] = Tensor(kind, shape, buf[start + offset : start + offset + n])
+    return arch, tensors
 
 
 def _unpermute(rows: torch.Tensor, heads: int) -> torch.Tensor:
@@ -55,19 +133,15 @@ def read_codes(path: Path, spec: ModelSpec) -> dict[str, Int4Codes | Int8Codes]:
     """The fused weights (loader.fuse_weights's names) that this GGUF file holds as Q4_1 (the
     layers' products) or Q8_0 (the LM head), as codes; {} for a file of another
     architecture."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    arch = reader.fields.get("general.architecture")
-    if arch is None or bytes(arch.parts[arch.data[0]]).decode() != "llama":
+    arch, tensors = read_tensors(path)
+    if arch != "llama":
         return {}
-    tensors = {t.name: t for t in reader.tensors}
 
     def codes(name: str, kind: str) -> Int4Codes | Int8Codes | None:
         t = tensors.get(name)
-        if t is None or t.tensor_type.name != kind or len(t.shape) != 2:
+        if t is None or t.kind != kind or len(t.shape) != 2:
             return None
-        cols, rows = (int(n) for n in t.shape)  # GGUF lists the fastest dimension first
+        cols, rows = t.shape
         return (_q4_1 if kind == Q4_1 else _q8_0)(t.data, rows, cols)
 
     out: dict[str, Int4Codes | Int8Codes] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,6 +70,30 @@ def test_embedded_model_serves_its_gguf_blocks_as_stored(runner):
     for layer in model.layers:
         for lin in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down):
             assert isinstance(lin, Int4Linear) and lin.strata
+
+
+def test_gguf_tensor_table_equals_the_gguf_packages():
+    """gguf_codes.read_tensors (metadata skipped, not parsed) finds every tensor the gguf
+    package's reader does: the same names, types, shapes and bytes."""
+    from gguf import GGUFReader
+
+    from strata.model.gguf_codes import BLOCKS, read_tensors
+
+    reader = GGUFReader(str(embedded_gguf()))
+    arch, ours = read_tensors(embedded_gguf())
+    assert arch == bytes(reader.fields["general.architecture"].parts[-1]).decode() == "llama"
+    assert sorted(ours) == sorted(t.name for t in reader.tensors)
+    kinds = {name: kind for kind, (name, _, _) in BLOCKS.items()}
+    coded = 0
+    for t in reader.tensors:
+        mine = ours[t.name]
+        assert mine.shape == tuple(int(n) for n in t.shape)
+        assert mine.kind == (t.tensor_type.name if t.tensor_type.value in BLOCKS else None)
+        if mine.kind is not None:
+            assert kinds[mine.kind] == t.tensor_type.value
+            assert np.array_equal(mine.data, t.data.reshape(-1).view(np.uint8))
+            coded += 1
+    assert coded == 30 * 7 + 1  # q, k, v, o, gate, up, down of 30 layers, and the head
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
