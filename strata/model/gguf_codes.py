@@ -31,69 +31,74 @@ class Tensor(NamedTuple):
     data: np.ndarray  # the raw blocks (uint8), mapped from the file; empty for other kinds
 
 
+class _Cursor:
+    """Reads GGUF's little-endian values from a mapped file, front to back."""
+
+    def __init__(self, mv: memoryview) -> None:
+        self.mv, self.at = mv, 0
+
+    def take(self, fmt: str) -> tuple[int, ...]:
+        got = struct.unpack_from("<" + fmt, self.mv, self.at)
+        self.at += struct.calcsize("<" + fmt)
+        return got
+
+    def string(self) -> str:
+        (n,) = self.take("Q")
+        self.at += n
+        return bytes(self.mv[self.at - n : self.at]).decode(errors="replace")
+
+    def skip(self, kind: int) -> None:
+        """Step over one metadata value of type kind (strings one by one: their lengths)."""
+        if kind in SCALARS:
+            self.at += SCALARS[kind]
+        elif kind == 8:
+            (n,) = self.take("Q")
+            self.at += n
+        elif kind == 9:
+            item, count = self.take("IQ")
+            if item in SCALARS:
+                self.at += SCALARS[item] * count
+            else:
+                for _ in range(count):
+                    self.skip(item)
+        else:
+            raise ValueError(f"unknown GGUF value type {kind}")
+
+
 def read_tensors(path: Path) -> tuple[str, dict[str, Tensor]]:
     """A GGUF file's architecture and tensor table, the raw data mapped, not read. The
     metadata is skipped, not parsed: gguf.GGUFReader builds every value of it (the embedded
     model's 100k tokenizer strings took 5.4 s at each start); here only the architecture and
     the alignment are decoded."""
     buf = np.memmap(path, dtype=np.uint8, mode="r")
-    mv = memoryview(buf.data)
-    if bytes(mv[:4]) != b"GGUF":
+    cur = _Cursor(memoryview(buf.data))
+    if bytes(cur.mv[:4]) != b"GGUF":
         raise ValueError(f"{path} is not a GGUF file")
-    version, n_tensors, n_kv = struct.unpack_from("<IQQ", mv, 4)
+    cur.at = 4
+    version, n_tensors, n_kv = cur.take("IQQ")
     if version < 2:
         raise ValueError(f"{path}: GGUF version {version} is not supported (2 or later)")
-    at, arch, align = 24, "", 32
-
-    def string() -> str:
-        nonlocal at
-        (n,) = struct.unpack_from("<Q", mv, at)
-        at += 8 + n
-        return bytes(mv[at - n : at]).decode(errors="replace")
-
-    def skip(kind: int) -> None:
-        nonlocal at
-        if kind in SCALARS:
-            at += SCALARS[kind]
-        elif kind == 8:
-            (n,) = struct.unpack_from("<Q", mv, at)
-            at += 8 + n
-        elif kind == 9:
-            item, count = struct.unpack_from("<IQ", mv, at)
-            at += 12
-            if item in SCALARS:
-                at += SCALARS[item] * count
-            else:
-                for _ in range(count):
-                    skip(item)
-        else:
-            raise ValueError(f"{path}: unknown GGUF value type {kind}")
-
+    arch, align = "", 32
     for _ in range(n_kv):
-        key = string()
-        (kind,) = struct.unpack_from("<I", mv, at)
-        at += 4
+        key, (kind,) = cur.string(), cur.take("I")
         if key == "general.architecture" and kind == 8:
-            arch = string()
+            arch = cur.string()
         elif key == "general.alignment" and kind == 4:
-            (align,) = struct.unpack_from("<I", mv, at)
-            at += 4
+            (align,) = cur.take("I")
         else:
-            skip(kind)
+            cur.skip(kind)
     infos = []
     for _ in range(n_tensors):
-        name = string()
-        (dims,) = struct.unpack_from("<I", mv, at)
-        shape = struct.unpack_from(f"<{dims}Q", mv, at + 4)
-        type_id, offset = struct.unpack_from("<IQ", mv, at + 4 + 8 * dims)
-        at += 4 + 8 * dims + 12
-        infos.append((name, type_id, tuple(int(n) for n in shape), offset))
-    start = -(-at // align) * align
+        name, (dims,) = cur.string(), cur.take("I")
+        shape = cur.take(f"{dims}Q")
+        type_id, offset = cur.take("IQ")
+        infos.append((name, type_id, shape, offset))
+    start = -(-cur.at // align) * align
     tensors = {}
     for name, type_id, shape, offset in infos:
-        kind, per, size = BLOCKS.get(type_id, (None, 1, 0))
+        code, per, size = BLOCKS.get(type_id, (None, 1, 0))
         n = int(np.prod(shape)) // per * size
-        tensors[name] = Tensor(kind, shape, buf[start + offset : start + offset + n])
+        tensors[name] = Tensor(code, shape, buf[start + offset : start + offset + n])
     return arch, tensors
 
 
