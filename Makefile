@@ -34,7 +34,7 @@ test: lint
 # Fuzzing, load and faults (~10 min; not in make test, which it would push past CI's budget):
 # schemathesis on the REST API, generated protobufs on every gRPC service, 64 streams for 60 s
 # with memory and page accounting, and the supervision fault scenarios. FIGURE lines: the
-# README's reliability table.
+# table in docs/reliability.md.
 reliability: $(STAMP)
 	$(BIN)/python -m pytest -q -s -p no:cacheprovider reliability tests/e2e/test_supervision.py
 

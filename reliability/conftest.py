@@ -1,8 +1,8 @@
 """The reliability suite (`make reliability`; not part of `make test`, which it would push past
 CI's time): schemathesis against the REST API, hypothesis-generated protobufs against every
 gRPC service, a long concurrent load with memory and page accounting, and the fault
-scenarios of tests/e2e/test_supervision.py. Each test prints the figures the README's
-reliability table quotes, as lines starting with `FIGURE`."""
+scenarios of tests/e2e/test_supervision.py. Each test prints the figures the table in
+docs/reliability.md quotes, as lines starting with `FIGURE`."""
 
 from __future__ import annotations
 

@@ -160,8 +160,8 @@ SPARSE_SPREAD = 6.7  # the default 0.3 -> an 8.1-nat cutoff
 
 @dataclass(frozen=True)
 class SparseConfig:
-    """Sparse attention in decode (the rule: attention.reference.select_pages; the README
-    section "Sparse attention (decode)" explains the flags)."""
+    """Sparse attention in decode (the rule: attention.reference.select_pages; docs/sparse.md
+    explains the flags)."""
 
     threshold: float = 0.3  # skip a page whose bound on its softmax weight, over the best
     # page's and taken to the power 1 / SPARSE_SPREAD, is below this (per step, layer and KV
@@ -203,7 +203,7 @@ def default_sparse(device: str) -> SparseConfig:
     """Sparse decode on a device unless told otherwise: SparseConfig() on CPU; off on CUDA,
     where page selection runs as eager torch ops and no CUDA graph replays the step (an
     H200 run measured 54-77 ms a decode step at 2000 tokens, against 11-12 dense eager and
-    1.9-6.9 dense in graphs: README "On a GPU")."""
+    1.9-6.9 dense in graphs: docs/gpu.md)."""
     return SparseConfig(threshold=0) if device.startswith("cuda") else SparseConfig()
 
 
