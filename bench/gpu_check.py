@@ -52,7 +52,7 @@ def random_pool(pages: int, kv_heads: int, dim: int, dtype: torch.dtype) -> KVCa
 def decode_kernels(rows: list[dict[str, Any]]) -> None:
     """Paged decode: Triton (split as chosen, and one program per sequence and KV head), the
     reference (gather + SDPA), and SDPA over contiguous K/V of the same lengths."""
-    from strata.attention import triton_kernels as tk
+    from strata.kernels.triton import attention as tk
 
     for heads, kv_heads, dim in ((9, 3, 64), (32, 8, 128)):
         for batch, context in ((1, 512), (1, 4096), (8, 4096), (32, 1024), (32, 4096),
@@ -93,7 +93,7 @@ def decode_kernels(rows: list[dict[str, Any]]) -> None:
 def prefill_kernels(rows: list[dict[str, Any]]) -> None:
     """Prefill of one sequence over a cached prefix: Triton vs the reference; with no
     prefix, vs causal SDPA over contiguous K/V too."""
-    from strata.attention import triton_kernels as tk
+    from strata.kernels.triton import attention as tk
 
     for heads, kv_heads, dim in ((9, 3, 64), (32, 8, 128)):
         for prefix, new in ((0, 512), (0, 2048), (2048, 512), (3584, 512)):
@@ -133,7 +133,7 @@ def prefill_kernels(rows: list[dict[str, Any]]) -> None:
 def sweep(rows: list[dict[str, Any]]) -> None:
     """The kernels' block sizes (triton_kernels.DECODE_BLOCK and PREFILL_BLOCKS) on a few
     shapes: ms for each."""
-    from strata.attention import triton_kernels as tk
+    from strata.kernels.triton import attention as tk
 
     for heads, kv_heads, dim, batch, context in ((9, 3, 64, 1, 4096), (9, 3, 64, 32, 4096),
                                                  (32, 8, 128, 8, 4096)):  # fmt: skip
@@ -168,7 +168,7 @@ def sweep(rows: list[dict[str, Any]]) -> None:
 
 def write_kernel(rows: list[dict[str, Any]]) -> None:
     """KV write (with page summaries) of 4096 tokens in pages of 16: Triton vs reference."""
-    from strata.attention import triton_kernels as tk
+    from strata.kernels.triton import attention as tk
 
     kv_heads, dim, tokens = 3, 64, 4096
     a = random_pool(tokens // PAGE + 1, kv_heads, dim, torch.bfloat16)
@@ -214,9 +214,9 @@ def oracle(folder: Path, device: str, out: dict[str, Any]) -> None:
     the largest logit difference at any step, and whether every greedy token agrees."""
     import transformers
 
+    from strata.batch import SequenceChunk
     from strata.config import KVPoolConfig, ModelConfig
     from strata.engine.runner import ModelRunner
-    from strata.model.batch import SequenceChunk
 
     prompt = [(i * 37 + 11) % 40000 for i in range(60)]
     for dtype in ("float32", "bfloat16"):

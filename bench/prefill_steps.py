@@ -14,11 +14,11 @@ import argparse
 import statistics
 import time
 
-import strata.attention.cpu_kernels as ck
+import strata.kernels.cpu.attention as ck
+from strata.batch import SequenceChunk
 from strata.bench import run_like_an_engine_process
 from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.runner import ModelRunner
-from strata.model.batch import SequenceChunk
 
 
 def prefill_ms(runner: ModelRunner, cached: int, new: int, sequences: int, steps: int) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-import strata.attention.cpu_kernels as ck
+import strata.kernels.cpu.attention as ck
 from bench.decode_steps import step_ms
 from strata.bench import run_like_an_engine_process
 from strata.config import KVPoolConfig, ModelConfig

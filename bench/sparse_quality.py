@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
+from strata.batch import SequenceChunk
 from strata.config import KVPoolConfig, ModelConfig, SparseConfig
 from strata.engine.runner import ModelRunner
-from strata.model.batch import SequenceChunk
 
 PS = 16
 

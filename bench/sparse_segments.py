@@ -21,11 +21,11 @@ import time
 import torch
 from sparse_quality import PS, corpus_ids, prefill
 
-from strata.attention import cpu_kernels
 from strata.attention import reference as ref
+from strata.batch import SequenceChunk
 from strata.config import KVPoolConfig, ModelConfig, SparseConfig
 from strata.engine.runner import ModelRunner
-from strata.model.batch import SequenceChunk
+from strata.kernels.cpu import attention as cpu_kernels
 
 
 def best_of(fn, repeats: int = 5) -> float:

@@ -21,10 +21,10 @@ import json
 import torch
 from sparse_quality import PS, corpus_ids, prefill
 
-from strata.attention import cpu_kernels
+from strata.batch import SequenceChunk
 from strata.config import KVPoolConfig, ModelConfig, SparseConfig
 from strata.engine.runner import ModelRunner
-from strata.model.batch import SequenceChunk
+from strata.kernels.cpu import attention as cpu_kernels
 
 GROUPS = (2, 4, 8, 16)
 WINDOWS = (1, 4, 8, 16, 64)

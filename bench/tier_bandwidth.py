@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from strata.cache.hierarchy import TieredCache
 from strata.config import resolve_dtype
-from strata.kv.hierarchy import TieredCache
 from strata.kv.mover import page_bytes
 from strata.kv.pool import KVCache, PagePool
 from strata.kv.store import FileStore, PageFormat, StoreIndex, key_path

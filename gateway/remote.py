@@ -27,6 +27,7 @@ from services.convert import (
     tree_stats_from_proto,
 )
 from services.grpcio import open_aio_channel
+from strata.cache.results import TreeStats
 from strata.engine.request import (
     Checked,
     Overloaded,
@@ -37,7 +38,6 @@ from strata.engine.request import (
 from strata.grammar.compiler import LazyGrammarCompiler
 from strata.model.spec import ModelSpec
 from strata.proto.v1 import cache_pb2, cache_pb2_grpc, worker_pb2, worker_pb2_grpc
-from strata.radix.results import TreeStats
 from strata.sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)

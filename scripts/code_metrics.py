@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("strata", "gateway", "services", "launch")
 CHAINS = (
     ("engine", "model", "attention", "kernels"),
-    ("cache", "radix", "kv"),
+    ("cache", "kv"),
 )
 
 

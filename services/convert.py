@@ -7,12 +7,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, fields
 from typing import Any
 
+from strata.cache.keys import KEY_BYTES
+from strata.cache.mirror import Batch
+from strata.cache.results import KVEvent, TreeStats
 from strata.engine.request import RequestOutput, Usage
 from strata.grammar.constraint import Constraint
 from strata.proto.v1 import cache_pb2, common_pb2, worker_pb2
-from strata.radix.keys import KEY_BYTES
-from strata.radix.mirror import Batch
-from strata.radix.results import KVEvent, TreeStats
 from strata.sampling.params import SamplingParams
 
 FINISH = {

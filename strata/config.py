@@ -86,7 +86,7 @@ def cache_dir() -> Path:
     return Path(base) / "strata"
 
 
-# CPU ISA levels of the C kernels, lowest first (strata/attention/cpu_build.py builds one
+# CPU ISA levels of the C kernels, lowest first (strata/kernels/cpu/build.py builds one
 # library per level): "none" is portable C (the compiler's default target: SSE2 on x86-64,
 # NEON on aarch64), "avx2" x86-64-v3 (AVX2, FMA, F16C), "avx512" x86-64-v4 with AVX512-BF16,
 # "amx" that with AMX tiles (bf16).
@@ -208,7 +208,7 @@ def default_sparse(device: str) -> SparseConfig:
 
 
 # auto: triton on CUDA, cpu on CPU; torch: the reference ops (gather + SDPA) everywhere;
-# cpu: the C kernels (strata/attention/cpu_decode.c) where they build, else torch; triton:
+# cpu: the C kernels (strata/kernels/cpu/cpu_decode.c) where they build, else torch; triton:
 # the Triton kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1, for tests)
 ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 

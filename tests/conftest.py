@@ -81,8 +81,8 @@ def cpu_isa_level(request, monkeypatch):
     """Each CPU ISA level of the kernels (config.CPU_ISAS) this machine runs, forced with
     STRATA_CPU_ISA; a level above the CPU's is skipped with that reason (it would raise
     SIGILL). AVX2 is never skipped on an x86-64 CPU with it, the baseline CI runs on."""
-    from strata.attention import cpu_build
     from strata.config import CPU_ISAS, detected_cpu_isa
+    from strata.kernels.cpu import build as cpu_build
 
     level, best = request.param, detected_cpu_isa()
     if CPU_ISAS.index(level) > CPU_ISAS.index(best):

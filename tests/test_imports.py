@@ -1,5 +1,6 @@
-"""Imports go one way: launch (the wiring) -> gateway -> services -> strata (the core), the
-import-linter contract in pyproject.toml."""
+"""Imports go one way: launch (the wiring) -> gateway -> services -> strata (the core), and
+inside strata engine -> model -> attention -> kernels and cache -> kv: the import-linter
+contracts in pyproject.toml."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def lint_imports(cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_the_layers_hold():
     run = lint_imports(ROOT)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "1 kept, 0 broken" in run.stdout
+    assert "3 kept, 0 broken" in run.stdout
 
 
 def test_a_core_module_that_imports_the_wiring_breaks_the_contract(tmp_path):
@@ -35,3 +36,14 @@ def test_a_core_module_that_imports_the_wiring_breaks_the_contract(tmp_path):
     run = lint_imports(tmp_path)
     assert run.returncode != 0
     assert "strata.engine.wired -> gateway.app" in run.stdout
+
+
+def test_a_kernel_that_imports_the_model_breaks_the_inner_layers(tmp_path):
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.c")
+    for name in PACKAGES:
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=ignore)
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    (tmp_path / "strata" / "kernels" / "upward.py").write_text("from strata.model import llama\n")
+    run = lint_imports(tmp_path)
+    assert run.returncode != 0
+    assert "strata.kernels.upward -> strata.model.llama" in run.stdout

@@ -17,10 +17,10 @@ import grpc
 
 from services.convert import batch_to_proto
 from services.grpcio import open_channel
+from strata.cache.mirror import Batch
+from strata.cache.results import KVEvent
 from strata.engine.engine import Engine
 from strata.proto.v1 import cache_pb2_grpc
-from strata.radix.mirror import Batch
-from strata.radix.results import KVEvent
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 4096  # events per message

@@ -14,9 +14,9 @@ import grpc
 
 from services.convert import batch_from_proto, costs_to_proto
 from services.grpcio import run_until_signal, start_server
+from strata.cache.mirror import ClusterIndex
 from strata.kv.store import StoreIndex
 from strata.proto.v1 import cache_pb2, cache_pb2_grpc
-from strata.radix.mirror import ClusterIndex
 
 log = logging.getLogger(__name__)
 

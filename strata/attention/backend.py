@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from strata.attention import cpu_kernels, reference
+from strata.attention import reference
+from strata.batch import ForwardBatch
 from strata.config import SparseConfig
+from strata.kernels.cpu import attention as cpu_kernels
 from strata.kv.pool import KVCache, LayerKV
-from strata.model.batch import ForwardBatch
 
 
 class AttentionBackend(ABC):
@@ -381,19 +381,3 @@ class TorchAttention(AttentionBackend):
             if bool(state.active[j]):
                 out[row] = state.touched[j, : int(state.pages[j])]
         return out
-
-
-def make_backend(
-    name: str, device: str, scale: float, page_size: int, sparse: SparseConfig | None = None
-) -> AttentionBackend:
-    """The attention backend `name` (strata.config.ATTENTION_BACKENDS) on `device`."""
-    if name == "auto":
-        name = "triton" if device.startswith("cuda") else "cpu"
-    if name != "triton":
-        return TorchAttention(scale, page_size, sparse, kernels=name == "cpu")
-    if not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("--attention-backend triton needs a CUDA device (on CPU it runs only "
-                         "under TRITON_INTERPRET=1, slowly: for tests)")  # fmt: skip
-    from strata.attention.triton_backend import TritonAttention
-
-    return TritonAttention(scale, page_size, sparse)

@@ -8,12 +8,11 @@ page_id * page_size + offset.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from strata.kv.pool import LayerKV
+from strata.kv.pool import LayerKV, Segments
 
 
 def split_slots(slots: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,19 +171,6 @@ def paged_decode_cascade(
         + out_s.float() * (lse_s - lse).exp()[..., None]
     )
     return out.to(q.dtype)
-
-
-class Segments(NamedTuple):
-    """The radix segments of a decode batch's sequences: the coarse level of select_pages.
-
-    ends [B, S] int64: the page index where each segment of a sequence ends (its first
-    segment starts at page 0; entries past counts[b] are ignored); counts [B] int64; sums
-    [B, S, layers, 2, kv_heads, D]: per layer, the min of the segment's pages' kmin (index 0)
-    and the max of their kmax (index 1), as segment_summaries computes them."""
-
-    ends: torch.Tensor
-    counts: torch.Tensor
-    sums: torch.Tensor
 
 
 def segment_summaries(data: torch.Tensor, pages: torch.Tensor, ends: Sequence[int]) -> torch.Tensor:

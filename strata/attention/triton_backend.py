@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from strata.attention import triton_kernels
 from strata.attention.backend import TorchAttention, TorchMeta
 from strata.config import SparseConfig
+from strata.kernels.triton import attention as triton_kernels
 from strata.kv.pool import LayerKV
 
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from strata.bench.client import RequestRecord
-from strata.radix.keys import common_prefix_len
+from strata.cache.keys import common_prefix_len
 from strata.tokenizer import chat_prompt_ids
 
 

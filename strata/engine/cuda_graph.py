@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from strata.attention.backend import TorchMeta
+from strata.batch import SequenceChunk
 from strata.kv.pool import KVCache, PagePool
-from strata.model.batch import SequenceChunk
 
 log = logging.getLogger("strata")
 

@@ -13,6 +13,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from strata.cache.hierarchy import TieredCache, build_cache
+from strata.cache.index import CacheIndex
+from strata.cache.results import KVEvent
 from strata.config import HiCacheConfig
 from strata.engine.intake import RequestIntake
 from strata.engine.logprobs import collect_input_logprobs, wants_input_logprobs
@@ -25,9 +28,6 @@ from strata.engine.runner import ModelRunner, RunnerBroken
 from strata.engine.scheduler import Scheduler
 from strata.engine.split import SplitRoles
 from strata.grammar.compiler import LazyGrammarCompiler
-from strata.kv.hierarchy import TieredCache, build_cache
-from strata.radix.index import CacheIndex
-from strata.radix.results import KVEvent
 
 log = logging.getLogger(__name__)
 # a forward with at least this many prefill tokens measures the cost of computing a token

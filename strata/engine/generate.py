@@ -6,8 +6,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from strata.batch import SequenceChunk
 from strata.engine.runner import ModelRunner
-from strata.model.batch import SequenceChunk
 from strata.sampling.params import SamplingParams
 from strata.sampling.sampler import SampleInput, argmax_rows, sample
 

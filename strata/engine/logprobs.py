@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from strata.batch import tail_rows
 from strata.engine.scheduler import ScheduledChunk
-from strata.model.batch import tail_rows
 
 
 def wants_input_logprobs(c: ScheduledChunk) -> bool:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from strata.cache.hierarchy import TieredCache
 from strata.engine.request import Request
-from strata.kv.hierarchy import TieredCache
 from strata.kv.pool import PagePool, alloc_evicting
 
 

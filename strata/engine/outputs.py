@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
+from strata.batch import SequenceChunk
 from strata.engine.request import Request, RequestOutput
 from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import ScheduledChunk, Scheduler
 from strata.grammar.compiler import GrammarCompiler, LazyGrammarCompiler
 from strata.grammar.jump import jump_forward
-from strata.model.batch import SequenceChunk
 from strata.sampling.sampler import SampleInput, argmax_rows, sample
 
 log = logging.getLogger(__name__)

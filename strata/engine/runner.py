@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from strata.attention.backend import make_backend
+from strata.attention.registry import make_backend
+from strata.batch import ForwardBatch, SequenceChunk
 from strata.config import HiCacheConfig, KVPoolConfig, ModelConfig
 from strata.engine.cuda_graph import DecodeGraphs
 from strata.engine.memory import (
@@ -26,9 +27,8 @@ from strata.engine.memory import (
 )
 from strata.engine.request import check_length
 from strata.engine.tp_rank import RankLinks, start_followers
+from strata.kernels.cpu import ops as cpu_ops
 from strata.kv.pool import KVCache, PagePool
-from strata.model import cpu_ops
-from strata.model.batch import ForwardBatch, SequenceChunk
 from strata.model.gguf_codes import read_codes
 from strata.model.llama import LlamaForCausalLM
 from strata.model.loader import (

@@ -25,13 +25,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from strata.cache.index import CacheIndex
+from strata.cache.keys import common_prefix_len
 from strata.engine.ngram import NgramDrafter
 from strata.engine.offload import Offload
 from strata.engine.request import Request, Status
 from strata.kv.mover import LoadPlan
 from strata.kv.pool import PagePool, alloc_evicting
-from strata.radix.index import CacheIndex
-from strata.radix.keys import common_prefix_len
 
 
 @dataclass

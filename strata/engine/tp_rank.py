@@ -1,7 +1,7 @@
 """Ranks 1..N-1 of tensor parallelism (strata.model.tp): processes rank 0's runner starts,
 each loading its slice of the model and running every forward rank 0 broadcasts.
 
-They are processes of their own (`python -m strata.engine.tp_rank RANK ADDRESS PARENT FD`,
+They are processes of their own (`python -m strata.engine.tp_follower RANK ADDRESS PARENT FD`,
 the configs pickled on stdin), not multiprocessing children: the engine process that starts
 them is a daemonic one, which may not have those. Each ends with the process that started
 it (PR_SET_PDEATHSIG), and a rank 0 that goes away fails its next collective.
@@ -20,7 +20,6 @@ import itertools
 import logging
 import os
 import pickle
-import signal
 import socket
 import subprocess
 import sys
@@ -28,8 +27,6 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
-
-import torch.distributed as dist
 
 from strata.config import KVPoolConfig, ModelConfig
 from strata.kv.pool import KVCache
@@ -160,8 +157,8 @@ def start_followers(
     procs, conns = [], []
     for rank in range(1, model.tp_size):
         ours, theirs = socket.socketpair()
-        cmd = [sys.executable, "-m", __name__, str(rank), address, str(os.getpid()),
-               str(theirs.fileno())]  # fmt: skip
+        cmd = [sys.executable, "-m", "strata.engine.tp_follower", str(rank), address,
+               str(os.getpid()), str(theirs.fileno())]  # fmt: skip
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, pass_fds=[theirs.fileno()])
         theirs.close()
         assert proc.stdin is not None
@@ -170,45 +167,3 @@ def start_followers(
         procs.append(proc)
         conns.append(Connection(ours.detach()))
     return address, procs, RankLinks(conns)
-
-
-def _die_with(parent: int) -> None:
-    """End this process when the one that started it ends (Linux PR_SET_PDEATHSIG)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except OSError:  # not Linux: a dead rank 0 still fails this rank's next collective
-        return
-    if os.getppid() != parent:
-        os._exit(0)
-
-
-def follow(
-    rank: int, address: str, model: ModelConfig, pool: KVPoolConfig, num_pages: int,
-    parent: int, link: Connection,
-) -> None:  # fmt: skip
-    """Load this rank's slice, answer rank 0's calls on a thread, and run every forward rank
-    0 sends until it says stop."""
-    from strata.engine.runner import ModelRunner
-
-    _die_with(parent)
-    runner = ModelRunner.from_config(model, pool, rank=rank, address=address,
-                                     num_pages=num_pages)  # fmt: skip
-    assert runner.tp is not None
-    calls = RankCalls(link, runner.kv)
-    threading.Thread(target=calls.serve, name="strata-tp-calls", daemon=True).start()
-    while True:
-        msg = runner.tp.receive()
-        if msg[0] == "stop":
-            break
-        _, chunks, all_logits = msg
-        runner.forward(chunks, all_logits)
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
-    _model, _pool, _pages = pickle.loads(sys.stdin.buffer.read())
-    follow(int(sys.argv[1]), sys.argv[2], _model, _pool, _pages, int(sys.argv[3]),
-           Connection(int(sys.argv[4])))  # fmt: skip

@@ -162,3 +162,16 @@ class KVCache:
         return KVCache(
             layers, num_pages, self.page_size, heads, dim, self.data.dtype, device, pin_memory
         )
+
+
+class Segments(NamedTuple):
+    """The radix segments of a decode batch's sequences: the coarse level of select_pages.
+
+    ends [B, S] int64: the page index where each segment of a sequence ends (its first
+    segment starts at page 0; entries past counts[b] are ignored); counts [B] int64; sums
+    [B, S, layers, 2, kv_heads, D]: per layer, the min of the segment's pages' kmin (index 0)
+    and the max of their kmax (index 1), as segment_summaries computes them."""
+
+    ends: torch.Tensor
+    counts: torch.Tensor
+    sums: torch.Tensor

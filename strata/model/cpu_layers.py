@@ -19,22 +19,31 @@ import functools
 import logging
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.utils.cpp_extension as cpp
 
-from strata.attention import cpu_build, cpu_kernels
 from strata.config import system_env
+from strata.kernels.cpu import attention as cpu_kernels
+from strata.kernels.cpu import build as cpu_build
+from strata.kernels.cpu import ops as cpu_ops
 from strata.kv.pool import KVCache
-from strata.model import cpu_ops
 from strata.model.linear import Int4Linear, Linear
-
-if TYPE_CHECKING:
-    from strata.model.llama import LlamaForCausalLM
+from strata.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_layers.cpp")
+
+
+class Fusable(Protocol):
+    """What the fused layers read of a model (llama.LlamaForCausalLM has it)."""
+
+    local: ModelSpec  # this rank's shape
+    backend: Any  # its attention backend (its `scale`)
+    layers: list[Any]  # decoder layers: attn.qkv / o_proj, mlp.gate_up / down, norm1 / 2
+    embed_tokens: torch.Tensor  # [vocab, hidden]: its device and dtype
+    tp: Any  # None on one rank
 
 
 def reset() -> None:
@@ -77,10 +86,10 @@ def _address(fn: Any) -> int:
 class CpuLayers:
     """Holds the C++ model (pointers into the Python model's weights, which outlive it)."""
 
-    def __init__(self, lib: ctypes.CDLL, model: LlamaForCausalLM) -> None:
+    def __init__(self, lib: ctypes.CDLL, model: Fusable) -> None:
         spec, kernels = model.local, cpu_build.library()
         assert kernels is not None
-        self.lib, self.scale = lib, model.backend.scale  # type: ignore[attr-defined]
+        self.lib, self.scale = lib, model.backend.scale
         self.handle = lib.model_new(
             spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size,
             spec.rms_norm_eps, self.scale, _address(kernels.add_rms_norm),
@@ -116,7 +125,7 @@ class CpuLayers:
         self.calls = 0  # forwards it ran
 
     @classmethod
-    def of(cls, model: LlamaForCausalLM) -> CpuLayers | None:
+    def of(cls, model: Fusable) -> CpuLayers | None:
         """The fused layers for `model`, or None where they do not apply."""
         emb = model.embed_tokens
         if model.tp is not None or emb.device.type != "cpu" or emb.dtype != torch.bfloat16:

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from strata.attention.backend import AttentionBackend
+from strata.kernels.cpu import ops as cpu_ops
 from strata.kv.pool import LayerKV
-from strata.model import cpu_ops
 from strata.model.linear import Int4Linear, Int8Linear, Linear
 from strata.model.rope import RotaryEmbedding
 from strata.model.spec import ModelSpec
@@ -19,9 +19,9 @@ AnyLinear = Linear | Int4Linear | Int8Linear
 
 
 def gpu_ops() -> Any:
-    """strata.model.triton_ops, imported where a CUDA tensor first needs it (Triton runs on
+    """strata.kernels.triton.ops, imported where a CUDA tensor first needs it (Triton runs on
     CPU tensors only under its interpreter)."""
-    from strata.model import triton_ops
+    from strata.kernels.triton import ops as triton_ops
 
     return triton_ops
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from strata.config import cpu_isa
-from strata.model import cpu_ops
+from strata.kernels.cpu import ops as cpu_ops
 
 # NOTE: rows a decode step takes at a small cost a row on the AVX2 kernels (cpu_gemm.c): they
 # are bound by operations, not by reading the weights, so past a few rows each costs about

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from strata.attention.backend import AttentionBackend
+from strata.batch import ForwardBatch
 from strata.kv.pool import KVCache
-from strata.model.batch import ForwardBatch
 from strata.model.cpu_layers import CpuLayers
 from strata.model.layers import MLP, Attention, DecoderLayer, RMSNorm
 from strata.model.linear import make_linear

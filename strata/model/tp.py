@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from strata.model.spec import ModelSpec
 
 if TYPE_CHECKING:
-    from strata.model.batch import SequenceChunk
+    from strata.batch import SequenceChunk
 
 log = logging.getLogger(__name__)
 # a rank that waits longer than this in a collective (a peer died) fails instead of hanging

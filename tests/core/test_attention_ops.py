@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from strata.attention import cpu_kernels
 from strata.attention import reference as ref
+from strata.kernels.cpu import attention as cpu_kernels
+from strata.kernels.cpu import ops as cpu_ops
 from strata.kv.pool import KVCache
-from strata.model import cpu_ops
 
 PS, KVH, G, D = 4, 2, 3, 16
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from gateway.remote import route_cost
 from services.convert import costs_to_proto
+from strata.cache.keys import page_keys
+from strata.cache.mirror import Batch, ClusterIndex
+from strata.cache.results import KVEvent
+from strata.cache.tree import RadixTree
 from strata.proto.v1 import cache_pb2
-from strata.radix.keys import page_keys
-from strata.radix.mirror import Batch, ClusterIndex
-from strata.radix.results import KVEvent
-from strata.radix.tree import RadixTree
 
 PS = 4
 

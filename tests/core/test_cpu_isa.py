@@ -9,8 +9,8 @@ import ctypes
 import pytest
 import torch
 
-from strata.attention import cpu_build
 from strata.config import CPU_ISAS, cpu_isa, detected_cpu_isa
+from strata.kernels.cpu import build as cpu_build
 
 
 def test_the_detected_level_is_the_default_and_only_lower_ones_can_be_forced(monkeypatch):

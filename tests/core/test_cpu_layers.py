@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from strata.batch import SequenceChunk
 from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.runner import ModelRunner
-from strata.model import cpu_ops
-from strata.model.batch import SequenceChunk
+from strata.kernels.cpu import ops as cpu_ops
 
 PS = 4
 

@@ -11,10 +11,10 @@ import os
 import pytest
 import torch
 
+from strata.batch import SequenceChunk
 from strata.config import KVPoolConfig, ModelConfig, SparseConfig
 from strata.engine.cuda_graph import DecodeGraphs
 from strata.engine.runner import ModelRunner
-from strata.model.batch import SequenceChunk
 
 DEVICE = os.environ.get("STRATA_TEST_DEVICE", "cpu")
 if DEVICE != "cpu" and not torch.cuda.is_available():  # pragma: no cover

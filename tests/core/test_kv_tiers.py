@@ -14,7 +14,7 @@ import torch
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from strata.kv.hierarchy import TieredCache
+from strata.cache.hierarchy import TieredCache
 from strata.kv.mover import LoadPlan, TierMover
 from strata.kv.pool import KVCache, PagePool, alloc_evicting
 from strata.kv.store import CorruptPage, FileStore, PageFormat, StoreIndex, key_path

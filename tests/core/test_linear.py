@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from strata.attention.cpu_build import library
-from strata.model import cpu_ops
+from strata.kernels.cpu import ops as cpu_ops
+from strata.kernels.cpu.build import library
 from strata.model.linear import (
     Int4Linear,
     Int8Codes,

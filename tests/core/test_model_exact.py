@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from strata.attention import cpu_kernels
+from strata.batch import SequenceChunk
 from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.runner import ModelRunner
-from strata.model.batch import SequenceChunk
+from strata.kernels.cpu import attention as cpu_kernels
 
 TOL = 1e-4
 LLAMA3_ROPE = {

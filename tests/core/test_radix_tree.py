@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from strata.radix.tree import RadixTree
+from strata.cache.tree import RadixTree
 
 PS = 2
 

@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from strata.attention import cpu_kernels
 from strata.attention import reference as ref
+from strata.batch import SequenceChunk
 from strata.config import HiCacheConfig, KVPoolConfig, ModelConfig, SparseConfig
 from strata.engine.engine import Engine
 from strata.engine.runner import ModelRunner
+from strata.kernels.cpu import attention as cpu_kernels
 from strata.kv.pool import KVCache
-from strata.model.batch import SequenceChunk
 from strata.sampling.params import SamplingParams
 from tests.core.test_scheduler import assert_pool_back_to_cache_only
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from strata.batch import SequenceChunk
 from strata.engine import ngram
 from strata.engine.engine import Engine
 from strata.engine.generate import generate
 from strata.engine.ngram import NgramDrafter
 from strata.engine.runner import ModelRunner
-from strata.model.batch import SequenceChunk
 from strata.sampling.params import SamplingParams
 from tests.core.test_scheduler import (
     abort_after_steps,

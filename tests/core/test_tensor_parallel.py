@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
+from strata.batch import SequenceChunk
 from strata.config import HiCacheConfig, KVPoolConfig, ModelConfig, SparseConfig
 from strata.engine.engine import Engine
 from strata.engine.runner import ModelRunner, RunnerBroken
-from strata.model.batch import SequenceChunk
 from strata.model.spec import ModelSpec
 from strata.model.tp import check_tp
 from tests.core.test_model_exact import TOL, hf_logits, prompts

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from strata.attention import reference as ref
-from strata.attention.backend import TorchAttention, make_backend
+from strata.attention.backend import TorchAttention
+from strata.attention.registry import make_backend
 from strata.config import KVPoolConfig, ModelConfig, SparseConfig
 from strata.engine.runner import ModelRunner
 from strata.kv.pool import KVCache
@@ -26,7 +27,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no 
 if DEVICE != "cpu" and not torch.cuda.is_available():  # pragma: no cover
     pytest.skip(f"STRATA_TEST_DEVICE={DEVICE} but torch sees no GPU", allow_module_level=True)
 
-from strata.attention import triton_kernels as tk  # noqa: E402
+from strata.kernels.triton import attention as tk  # noqa: E402
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # compiled, exp and the sums round a little differently from the interpreter's numpy
@@ -218,7 +219,7 @@ def test_triton_backend_decodes_as_the_reference(triton_runners):
 
 def test_triton_backend_batches_prefill_and_decode_in_one_forward(triton_runners):
     """One forward with two prefills (one over a cached prefix) and a decode row."""
-    from strata.model.batch import SequenceChunk
+    from strata.batch import SequenceChunk
 
     outs = []
     for backend in ("torch", "triton"):
@@ -260,7 +261,7 @@ def close(got: torch.Tensor, want: torch.Tensor) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW])
 def test_rope_in_place_equals_torch(dtype):
     """triton_ops.rope_ on the q and k heads viewed in a fused QKV row, in place."""
-    from strata.model import triton_ops as ops
+    from strata.kernels.triton import ops
     from strata.model.rope import RotaryEmbedding
 
     torch.manual_seed(8)
@@ -282,7 +283,7 @@ def test_add_rms_norm_and_silu_mul_equal_torch(dtype):
     row rounded before the weight) and silu_mul, against torch's ops."""
     import torch.nn.functional as F
 
-    from strata.model import triton_ops as ops
+    from strata.kernels.triton import ops
 
     torch.manual_seed(9)
     x, delta = torch.randn(7, 96, dtype=dtype), torch.randn(7, 96, dtype=dtype)

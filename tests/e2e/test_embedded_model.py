@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from strata.batch import SequenceChunk
 from strata.config import KVPoolConfig, ModelConfig
 from strata.engine.generate import generate
 from strata.engine.runner import ModelRunner
-from strata.model import cpu_ops
-from strata.model.batch import SequenceChunk
+from strata.kernels.cpu import ops as cpu_ops
 from strata.model.linear import Int4Linear, Int8Linear
 from strata.model.loader import EMBEDDED_FILE, embedded_gguf
 from strata.tokenizer import chat_prompt_ids

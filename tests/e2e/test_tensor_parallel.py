@@ -71,7 +71,7 @@ def ranks_of(pid: int) -> list[int]:
             cmdline = (stat.parent / "cmdline").read_bytes()
         except (OSError, ValueError, IndexError):
             continue
-        if ppid == pid and b"strata.engine.tp_rank" in cmdline:
+        if ppid == pid and b"strata.engine.tp_follower" in cmdline:
             out.append(int(stat.parent.name))
     return out
 

@@ -14,12 +14,12 @@ import pytest
 from launch.local import free_port, grpc_service
 from services.cache.publisher import KVEventPublisher
 from services.convert import batch_to_proto
+from strata.cache.mirror import Batch
+from strata.cache.results import KVEvent
 from strata.config import HiCacheConfig, KVPoolConfig, ModelConfig
 from strata.engine.engine import Engine
 from strata.engine.runner import ModelRunner
 from strata.proto.v1 import cache_pb2, cache_pb2_grpc
-from strata.radix.mirror import Batch
-from strata.radix.results import KVEvent
 from strata.sampling.params import SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)

@@ -2,7 +2,7 @@
 torch tensors: each op checks what the kernel needs and returns None (or False) where it does
 not apply, and the caller then uses the torch reference (strata/attention/reference.py),
 which is also the oracle the kernels are tested against. The model's other ops (cpu_ops.c)
-are wrapped in strata/model/cpu_ops.py.
+are wrapped in strata/kernels/cpu/ops.py.
 """
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ from typing import NamedTuple
 
 import torch
 
-from strata.attention import reference
-from strata.attention.cpu_build import library
-from strata.kv.pool import LayerKV
+from strata.kernels.cpu.build import library
+from strata.kv.pool import LayerKV, Segments
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # NOTE: a work item reads at least this many pages, so splitting a long context over the
@@ -21,9 +20,7 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 MIN_PAGES_PER_SPLIT = 4
 
 
-def _segments(
-    segments: reference.Segments | None, layer: int, dtype: torch.dtype
-) -> tuple[int, ...] | None:
+def _segments(segments: Segments | None, layer: int, dtype: torch.dtype) -> tuple[int, ...] | None:
     """The seg_* arguments of cpu_decode.c for one layer (zeros without segments); None
     when their layout does not fit (the caller falls back to the reference)."""
     if segments is None:
@@ -289,7 +286,7 @@ def select_pages(
     budget: float,
     sink: int,
     window: int,
-    segments: reference.Segments | None = None,
+    segments: Segments | None = None,
     layer: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """reference.select_pages, batched in C; None where the kernel does not apply."""
@@ -333,13 +330,13 @@ def sparse_decode(
     sink: int,
     window: int,
     touched: torch.Tensor | None = None,
-    segments: reference.Segments | None = None,
+    segments: Segments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """select_pages then paged_decode_selected, in one call (no tables cross into Python):
     (attention [B, heads, D], kept [B, kv_heads]); None where the kernel does not apply.
     page_table, seq_lens: int64 and contiguous; active: uint8. touched (uint8 [B, W],
     contiguous): set to 1 at the index of every page some KV head kept. segments: the
-    coarse level of the selection (reference.Segments)."""
+    coarse level of the selection (Segments)."""
     lib = library()
     dtype = DTYPES.get(q.dtype)
     k_pages, v_pages, kmin, kmax = layer.k, layer.v, layer.kmin, layer.kmax

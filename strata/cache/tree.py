@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from strata.radix.eviction import Eviction
-from strata.radix.keys import page_keys
-from strata.radix.node import Node
-from strata.radix.results import Attached, KVEvent, MatchResult, TreeStats
+from strata.cache.eviction import Eviction
+from strata.cache.keys import page_keys
+from strata.cache.node import Node
+from strata.cache.results import Attached, KVEvent, MatchResult, TreeStats
 
 
 class RadixTree(Eviction):

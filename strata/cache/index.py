@@ -1,7 +1,7 @@
 """CacheIndex: the seam between the scheduler and the prefix cache of one worker's KV pages.
 
 Two homes: `RadixCache` (L1 only, here) and `TieredCache` (L1 + L2 host + L3 files,
-strata/kv/hierarchy.py). Page ids in and out of this interface are L1 page ids; the tiered
+strata/cache/hierarchy.py). Page ids in and out of this interface are L1 page ids; the tiered
 cache moves the other tiers itself. The tree lives in the worker's process and is
 authoritative; a cluster index (the cache service) mirrors it from `take_events`.
 """
@@ -12,8 +12,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from strata.radix.results import KVEvent, MatchResult, TreeStats
-from strata.radix.tree import RadixTree
+from strata.cache.results import KVEvent, MatchResult, TreeStats
+from strata.cache.tree import RadixTree
 
 if TYPE_CHECKING:
     from strata.kv.mover import LoadPlan

@@ -7,7 +7,7 @@
  * page_table [batch, table_width] int64; seq_lens [batch] int64.
  * Work items are (sequence, split): a split is a range of pages, so a short batch with a
  * long context still keeps every thread busy; splits are merged by log-sum-exp.
- * Built and loaded by strata/attention/cpu_kernels.py; the oracle is reference.paged_decode.
+ * Built and loaded by strata/kernels/cpu/attention.py; the oracle is reference.paged_decode.
  */
 #define _GNU_SOURCE /* syscall(), for AMX */
 #include "cpu_common.h"

@@ -1,4 +1,4 @@
-"""Eviction from the radix tree (a mixin of RadixTree, strata/radix/tree.py): least recently
+"""Eviction from the radix tree (a mixin of RadixTree, strata/cache/tree.py): least recently
 used unlocked leaves of each tier, a locked path handed back, everything flushed. The
 invariant it keeps is in tree.py's docstring."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 
-from strata.radix.node import Node
-from strata.radix.results import Evicted, HostDrop
+from strata.cache.node import Node
+from strata.cache.results import Evicted, HostDrop
 
 
 class Eviction:

@@ -18,13 +18,13 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from strata.cache.index import CacheIndex, RadixCache
+from strata.cache.results import KVEvent
+from strata.cache.tree import RadixTree
 from strata.config import WRITE_POLICIES, HiCacheConfig
 from strata.kv.mover import LoadPlan, TierMover
 from strata.kv.pool import KVCache, PagePool, alloc_evicting
 from strata.kv.store import HEADER_BYTES, FileStore, PageFormat, StoreIndex
-from strata.radix.index import CacheIndex, RadixCache
-from strata.radix.results import KVEvent
-from strata.radix.tree import RadixTree
 
 SELECTIVE_HITS = 2  # write_through_selective: copy a prefix down once it is reused this often
 # NOTE: a load makes its request wait at least one engine step; below this many tokens an

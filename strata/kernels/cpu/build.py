@@ -1,7 +1,7 @@
 """Building and loading strata's native code: C (and C++) sources beside the package, built
 with the system compiler into the cache dir and loaded with ctypes. `library()` is the CPU
 kernels of cpu_decode.c and cpu_ops.c (sharing cpu_common.h) with their argument types;
-strata/attention/cpu_kernels.py wraps them for torch tensors.
+strata/kernels/cpu/attention.py wraps them for torch tensors.
 
 The kernels are built once per ISA level (config.CPU_ISAS: portable C, AVX2, AVX-512, AMX),
 each with that level's target flags and never `-march=native`, and the level loaded is the
@@ -121,7 +121,7 @@ def reset() -> None:
     """Forget the loaded kernels, so the next library() loads cpu_isa()'s level afresh (for
     tests that force a level; the models built before keep what they chose at load)."""
     library.cache_clear()
-    for name in ("strata.model.cpu_ops", "strata.model.cpu_layers"):
+    for name in ("strata.kernels.cpu.ops", "strata.model.cpu_layers"):
         module = sys.modules.get(name)
         if module is not None:
             module.reset()
@@ -168,7 +168,7 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def main() -> int:
-    """`python -m strata.attention.cpu_build`: build the kernels at every level this machine
+    """`python -m strata.kernels.cpu.build`: build the kernels at every level this machine
     builds for (an image made so runs on any CPU of its architecture)."""
     for isa in levels():
         print(isa, build(isa=isa))

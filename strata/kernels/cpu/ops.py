@@ -1,8 +1,8 @@
 """The model's small ops on CPU, in strata's C kernels (cpu_ops.c; built with the attention
-kernels by strata/attention/cpu_build.py): the residual add with the RMS norm, SiLU times up,
+kernels by strata/kernels/cpu/build.py): the residual add with the RMS norm, SiLU times up,
 rotary embedding in place, and the linear layers of a decode batch (bf16 on oneDNN's packed
 weight, int4 on strata's packing). Each checks what its kernel needs and returns None (or
-False) where it does not apply; the caller then runs torch's ops. strata/model/triton_ops.py
+False) where it does not apply; the caller then runs torch's ops. strata/kernels/triton/ops.py
 is the same on GPUs.
 """
 
@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from strata.attention.cpu_build import library
+from strata.kernels.cpu.build import library
 
 
 def _ptr(t: torch.Tensor) -> int:

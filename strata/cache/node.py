@@ -1,4 +1,4 @@
-"""A radix tree node (strata/radix/tree.py): its edge, its pages in each tier, its links."""
+"""A radix tree node (strata/cache/tree.py): its edge, its pages in each tier, its links."""
 
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from strata.radix.keys import page_keys
-from strata.radix.results import KVEvent
+from strata.cache.keys import page_keys
+from strata.cache.results import KVEvent
 
 if TYPE_CHECKING:
     from strata.kv.store import StoreIndex
