@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -24,7 +25,13 @@ def filled(dtype: torch.dtype) -> KVCache:
     return kv
 
 
-def sender(port: int, dtype: torch.dtype, rounds: int, out: mp.Queue, delay: float = 0) -> None:
+def sender(
+    port: int, dtype: torch.dtype, rounds: int, out: mp.Queue, delay: float = 0,
+    started: Any = None,
+) -> None:  # fmt: skip
+    """started (an Event): set once this process runs, right before it opens the channel."""
+    if started is not None:
+        started.set()
     try:
         channel = KVChannel(filled(dtype), "127.0.0.1", port, rank=0, timeout=20)
         time.sleep(delay)
@@ -81,10 +88,14 @@ def test_a_late_send_after_a_timeout_lands_nowhere():
     port = free_port()
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()
-    proc = ctx.Process(target=sender, args=(port, torch.float32, 1, out, 4.0))
+    started = ctx.Event()
+    proc = ctx.Process(target=sender, args=(port, torch.float32, 1, out, 4.0, started))
     proc.start()
     try:
         kv = KVCache(**SHAPE, dtype=torch.float32, device="cpu")
+        # the 1.5 s timeout is the receive's; the sender's start (a spawned interpreter: 1-3
+        # s under load) is not part of it
+        assert started.wait(30)
         channel = KVChannel(kv, "127.0.0.1", port, rank=1, timeout=1.5)
         with pytest.raises(TransferError, match="no completion|Timed out"):
             channel.recv(DST)
