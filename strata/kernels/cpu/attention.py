@@ -1,4 +1,4 @@
-"""Hand-written CPU attention kernels (cpu_decode.c; built and loaded by cpu_build.py) for
+"""Hand-written CPU attention kernels (cpu_decode.c; built and loaded by build.py) for
 torch tensors: each op checks what the kernel needs and returns None (or False) where it does
 not apply, and the caller then uses the torch reference (strata/attention/reference.py),
 which is also the oracle the kernels are tested against. The model's other ops (cpu_ops.c)

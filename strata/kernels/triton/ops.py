@@ -4,7 +4,7 @@ times the up projection. A decode step of a small model is bound by its count of
 in a CUDA graph too (strata.engine.cuda_graph), so fewer launches are a faster step.
 
 Each rounds as the torch ops it replaces do (bfloat16 products and sums rounded where
-torch rounds them), so the oracle's tolerances hold. As triton_kernels.py: import this only
+torch rounds them), so the oracle's tolerances hold. As attention.py here: import this only
 where Triton runs (CUDA, or CPU tensors under TRITON_INTERPRET=1, as the tests do).
 """
 
