@@ -27,23 +27,23 @@ def test_the_layers_hold():
     assert "3 kept, 0 broken" in run.stdout
 
 
-def test_a_core_module_that_imports_the_wiring_breaks_the_contract(tmp_path):
+def lint_with(tmp_path: Path, module: str, text: str) -> subprocess.CompletedProcess[str]:
+    """lint-imports over a copy of the packages with one module added (a path under them)."""
     ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.c")
     for name in PACKAGES:
         shutil.copytree(ROOT / name, tmp_path / name, ignore=ignore)
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
-    (tmp_path / "strata" / "engine" / "wired.py").write_text("from gateway import app\n")
-    run = lint_imports(tmp_path)
+    (tmp_path / module).write_text(text)
+    return lint_imports(tmp_path)
+
+
+def test_a_core_module_that_imports_the_wiring_breaks_the_contract(tmp_path):
+    run = lint_with(tmp_path, "strata/engine/wired.py", "from gateway import app\n")
     assert run.returncode != 0
     assert "strata.engine.wired -> gateway.app" in run.stdout
 
 
 def test_a_kernel_that_imports_the_model_breaks_the_inner_layers(tmp_path):
-    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.c")
-    for name in PACKAGES:
-        shutil.copytree(ROOT / name, tmp_path / name, ignore=ignore)
-    shutil.copy(ROOT / "pyproject.toml", tmp_path)
-    (tmp_path / "strata" / "kernels" / "upward.py").write_text("from strata.model import llama\n")
-    run = lint_imports(tmp_path)
+    run = lint_with(tmp_path, "strata/kernels/upward.py", "from strata.model import llama\n")
     assert run.returncode != 0
     assert "strata.kernels.upward -> strata.model.llama" in run.stdout

@@ -639,10 +639,11 @@ static void attend(int kind, int dtype, const void *q, int64_t qrow, const void 
 #ifdef HAVE_ATTEND_AVX2
     avx2_attend(dtype, q, qrow, k, v, pages, c0, c1, pstride, row, d, g, h, m, first, scale, o,
                 mx, l, qs);
-#endif
+#else /* no kernel at this level: attend_kind said 0, so this is never called */
     (void)kind, (void)dtype, (void)q, (void)qrow, (void)k, (void)v, (void)pages, (void)c0;
     (void)c1, (void)pstride, (void)row, (void)d, (void)g, (void)h, (void)m, (void)first;
     (void)scale, (void)o, (void)mx, (void)l, (void)qs;
+#endif
 }
 
 /* 1 where paged_decode reads shared pages once for the batch (bfloat16 pages of 16 tokens,
