@@ -53,9 +53,13 @@ def hf_runner(dtype: torch.dtype):
         ids = torch.tensor(prompts(batch))
         with torch.no_grad():
             model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                do_sample=False, pad_token_id=0,
-            )  # fmt: skip
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )
 
     return run
 
@@ -109,8 +113,10 @@ def main() -> None:
     results = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in samples.items()}
     with tempfile.TemporaryDirectory() as cache:
         loads = {"first start s": load_seconds(cache), "cached start s": load_seconds(cache)}
-    print(f"\ndecode tokens/s ({args.new_tokens} new tokens, prompt {PROMPT_LEN}, "
-          f"{torch.get_num_threads()} threads, median of {args.rounds} rounds)")  # fmt: skip
+    print(
+        f"\ndecode tokens/s ({args.new_tokens} new tokens, prompt {PROMPT_LEN}, "
+        f"{torch.get_num_threads()} threads, median of {args.rounds} rounds)"
+    )
     base = results["transformers float32"]
     print(f"{'system':34}" + "".join(f"{f'batch {b}':>12}{'vs HF fp32':>12}" for b in batches))
     for name, r in results.items():
@@ -118,8 +124,10 @@ def main() -> None:
             f"{r[f'batch {b}']:12.1f}{r[f'batch {b}'] / base[f'batch {b}']:11.2f}x" for b in batches
         )
         print(f"{name:34}{cells}")
-    print(f"\nembedded model load: first start {loads['first start s']:.1f}s, "
-          f"cached start {loads['cached start s']:.1f}s")  # fmt: skip
+    print(
+        f"\nembedded model load: first start {loads['first start s']:.1f}s, "
+        f"cached start {loads['cached start s']:.1f}s"
+    )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(

@@ -27,13 +27,16 @@ def step_ms(runner: ModelRunner, batch: int, context: int, steps: int, shared: i
     assert shared % ps == 0, "a shared prefix of whole pages"
     common = runner.pool.alloc(shared // ps)
     prompts = [[100 + (i * 31 + j) % 5000 for j in range(context)] for i in range(batch)]
-    tables = [list(common) + runner.pool.alloc(runner.pages_for(context + steps + 4))
-              for _ in prompts]  # fmt: skip
+    tables = [
+        list(common) + runner.pool.alloc(runner.pages_for(context + steps + 4)) for _ in prompts
+    ]
     try:
         if shared:
             runner.forward([SequenceChunk([7 + j % 5000 for j in range(shared)], 0, common)])
-        last = [int(runner.forward([SequenceChunk(p, shared, t)])[0].argmax())
-                for p, t in zip(prompts, tables)]  # fmt: skip
+        last = [
+            int(runner.forward([SequenceChunk(p, shared, t)])[0].argmax())
+            for p, t in zip(prompts, tables)
+        ]
         lens, times = [shared + context] * batch, []
         for i in range(steps + 3):  # 3 warm steps
             start = time.perf_counter()

@@ -55,8 +55,7 @@ def decode_kernels(rows: list[dict[str, Any]]) -> None:
     from strata.kernels.triton import attention as tk
 
     for heads, kv_heads, dim in ((9, 3, 64), (32, 8, 128)):
-        for batch, context in ((1, 512), (1, 4096), (8, 4096), (32, 1024), (32, 4096),
-                               (128, 1024)):  # fmt: skip
+        for batch, context in ((1, 512), (1, 4096), (8, 4096), (32, 1024), (32, 4096), (128, 1024)):
             pages = batch * context // PAGE
             kv = random_pool(pages + 1, kv_heads, dim, torch.bfloat16)
             layer = kv.layers[0]
@@ -74,17 +73,20 @@ def decode_kernels(rows: list[dict[str, Any]]) -> None:
             kv_bytes = 2 * batch * context * kv_heads * dim * 2
             t_auto = bench_ms(tk.paged_decode, q, layer, table, lens, scale)
             row = {
-                "kernel": "decode", "heads": f"{heads}/{kv_heads}x{dim}", "batch": batch,
+                "kernel": "decode",
+                "heads": f"{heads}/{kv_heads}x{dim}",
+                "batch": batch,
                 "context": context,
                 "splits": tk.decode_splits(batch * kv_heads, context, q.device),
                 "max_err_vs_reference": float((got.float() - want.float()).abs().max()),
                 "triton_ms": t_auto,
                 "triton_1split_ms": bench_ms(tk.paged_decode, q, layer, table, lens, scale, 1),
                 "reference_ms": bench_ms(ref.paged_decode, q, layer.k, layer.v, table, mask, scale),
-                "sdpa_contiguous_ms": bench_ms(sdpa, q[:, :, None], k, v, scale=scale,
-                                               enable_gqa=True),
+                "sdpa_contiguous_ms": bench_ms(
+                    sdpa, q[:, :, None], k, v, scale=scale, enable_gqa=True
+                ),
                 "triton_GBps": kv_bytes / t_auto / 1e6,
-            }  # fmt: skip
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
             del kv, k, v
@@ -106,26 +108,43 @@ def prefill_kernels(rows: list[dict[str, Any]]) -> None:
             k = layer.k[page_ids].reshape(-1, kv_heads, dim)[prefix:total]
             v = layer.v[page_ids].reshape(-1, kv_heads, dim)[prefix:total]
             scale = dim**-0.5
-            args = (q, layer, page_ids[None], torch.tensor([0], device="cuda"),
-                    torch.tensor([new], device="cuda"), torch.tensor([prefix], device="cuda"),
-                    new, scale)  # fmt: skip
+            args = (
+                q,
+                layer,
+                page_ids[None],
+                torch.tensor([0], device="cuda"),
+                torch.tensor([new], device="cuda"),
+                torch.tensor([prefix], device="cuda"),
+                new,
+                scale,
+            )
             got = tk.paged_prefill(*args)
             want = ref.paged_prefill(q, k, v, layer.k, layer.v, page_ids, prefix, scale)
             flops = 4 * heads * dim * new * (prefix + (new + 1) / 2)
             t = bench_ms(tk.paged_prefill, *args)
             row = {
-                "kernel": "prefill", "heads": f"{heads}/{kv_heads}x{dim}", "prefix": prefix,
-                "new": new, "max_err_vs_reference": float((got.float() - want.float()).abs().max()),
-                "triton_ms": t, "triton_TFLOPs": flops / t / 1e9,
-                "reference_ms": bench_ms(ref.paged_prefill, q, k, v, layer.k, layer.v, page_ids,
-                                         prefix, scale),
-            }  # fmt: skip
+                "kernel": "prefill",
+                "heads": f"{heads}/{kv_heads}x{dim}",
+                "prefix": prefix,
+                "new": new,
+                "max_err_vs_reference": float((got.float() - want.float()).abs().max()),
+                "triton_ms": t,
+                "triton_TFLOPs": flops / t / 1e9,
+                "reference_ms": bench_ms(
+                    ref.paged_prefill, q, k, v, layer.k, layer.v, page_ids, prefix, scale
+                ),
+            }
             if prefix == 0:
                 qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k, v))
                 row["sdpa_causal_ms"] = bench_ms(
-                    F.scaled_dot_product_attention, qt, kt, vt, is_causal=True, scale=scale,
+                    F.scaled_dot_product_attention,
+                    qt,
+                    kt,
+                    vt,
+                    is_causal=True,
+                    scale=scale,
                     enable_gqa=True,
-                )  # fmt: skip
+                )
             rows.append(row)
             print(json.dumps(row), flush=True)
 
@@ -135,15 +154,22 @@ def sweep(rows: list[dict[str, Any]]) -> None:
     shapes: ms for each."""
     from strata.kernels.triton import attention as tk
 
-    for heads, kv_heads, dim, batch, context in ((9, 3, 64, 1, 4096), (9, 3, 64, 32, 4096),
-                                                 (32, 8, 128, 8, 4096)):  # fmt: skip
+    for heads, kv_heads, dim, batch, context in (
+        (9, 3, 64, 1, 4096),
+        (9, 3, 64, 32, 4096),
+        (32, 8, 128, 8, 4096),
+    ):
         pages = batch * context // PAGE
         layer = random_pool(pages + 1, kv_heads, dim, torch.bfloat16).layers[0]
         table = (torch.randperm(pages, device="cuda") + 1).view(batch, -1)
         lens = torch.full((batch,), context, device="cuda")
         q = torch.randn(batch, heads, dim, dtype=torch.bfloat16, device="cuda")
-        row: dict[str, Any] = {"sweep": "decode", "shape": f"{heads}/{kv_heads}x{dim}",
-                               "batch": batch, "context": context}  # fmt: skip
+        row: dict[str, Any] = {
+            "sweep": "decode",
+            "shape": f"{heads}/{kv_heads}x{dim}",
+            "batch": batch,
+            "context": context,
+        }
         for block in (16, 32, 64, 128):
             row[f"block_{block}_ms"] = bench_ms(
                 tk.paged_decode, q, layer, table, lens, dim**-0.5, None, block
@@ -159,9 +185,17 @@ def sweep(rows: list[dict[str, Any]]) -> None:
         row = {"sweep": "prefill", "shape": f"{heads}/{kv_heads}x{dim}", "new": new}
         for blocks in ((16, 16), (32, 32), (64, 32), (64, 64), (128, 32), (128, 64)):
             row[f"blocks_{blocks[0]}x{blocks[1]}_ms"] = bench_ms(
-                tk.paged_prefill, q, layer, page_ids[None], zero, n, zero, new, dim**-0.5,
+                tk.paged_prefill,
+                q,
+                layer,
+                page_ids[None],
+                zero,
+                n,
+                zero,
+                new,
+                dim**-0.5,
                 blocks,
-            )  # fmt: skip
+            )
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -181,10 +215,12 @@ def write_kernel(rows: list[dict[str, Any]]) -> None:
     ref.write_kv(a.layers[0], where, k, v)
     tk.write_kv(b.layers[0], where, k, v)
     row = {
-        "kernel": "write_kv", "tokens": tokens, "bit_equal": bool(torch.equal(a.data, b.data)),
+        "kernel": "write_kv",
+        "tokens": tokens,
+        "bit_equal": bool(torch.equal(a.data, b.data)),
         "triton_ms": bench_ms(tk.write_kv, b.layers[0], where, k, v),
         "reference_ms": bench_ms(ref.write_kv, a.layers[0], where, k, v),
-    }  # fmt: skip
+    }
     rows.append(row)
     print(json.dumps(row), flush=True)
 
@@ -258,10 +294,11 @@ def steps(folder: Path, device: str, out: dict[str, Any]) -> None:
     for name, max_bs in (("eager", 0), ("graphs", 64)):
         start = time.perf_counter()
         runner = ModelRunner.from_config(
-            ModelConfig(str(folder), "bfloat16", device=device, sparse=_dense(),
-                        cuda_graph_max_bs=max_bs),
+            ModelConfig(
+                str(folder), "bfloat16", device=device, sparse=_dense(), cuda_graph_max_bs=max_bs
+            ),
             KVPoolConfig(PAGE, 12000),
-        )  # fmt: skip
+        )
         out[f"{name}_load_s"] = round(time.perf_counter() - start, 1)
         table = {}
         for context in (64, 700, 2000):
@@ -318,9 +355,11 @@ def concurrent_tok_s(url: str, streams: int, tokens: int) -> float:
     import httpx
 
     def one(i: int) -> int:
-        body = {"text": f"Story {i}: the lighthouse keeper", "stream": True,
-                "sampling_params": {"max_new_tokens": tokens, "temperature": 0,
-                                    "ignore_eos": True}}  # fmt: skip
+        body = {
+            "text": f"Story {i}: the lighthouse keeper",
+            "stream": True,
+            "sampling_params": {"max_new_tokens": tokens, "temperature": 0, "ignore_eos": True},
+        }
         n = 0
         http = httpx.Client(timeout=300)
         with http, http.stream("POST", f"{url}/generate", json=body) as r:

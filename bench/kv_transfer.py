@@ -81,8 +81,10 @@ def main() -> None:
     print(f"{args.pages} pages = {nbytes / 1e6:.1f} MB, median of {args.rounds} rounds")
     print("| transfer | GB/s | vs raw gloo (median of rounds; quartiles) |\n|---|---:|---:|")
     print(f"| raw gloo send/recv, one message | {nbytes / raw_s / 1e9:.2f} | 1.00x |")
-    print(f"| KVChannel, scattered pages from and into the pool | {nbytes / kv_s / 1e9:.2f} | "
-          f"{statistics.median(ratios):.2f}x ({q1:.2f}-{q3:.2f}) |")  # fmt: skip
+    print(
+        f"| KVChannel, scattered pages from and into the pool | {nbytes / kv_s / 1e9:.2f} | "
+        f"{statistics.median(ratios):.2f}x ({q1:.2f}-{q3:.2f}) |"
+    )
 
 
 if __name__ == "__main__":

@@ -51,13 +51,17 @@ def main() -> None:
     args.backend = "transformers"
     results.append(run_bench(args))
     print()
-    print(f"multiturn: {args.conversations} conversations x {args.turns} turns, system prompt "
-          f"~{args.system_tokens} tokens, max_tokens {args.max_tokens}")  # fmt: skip
+    print(
+        f"multiturn: {args.conversations} conversations x {args.turns} turns, system prompt "
+        f"~{args.system_tokens} tokens, max_tokens {args.max_tokens}"
+    )
     print(table(results))
     for r in results:
         if r.get("spec_drafted"):
-            print(f"{r['system']}: n-gram drafts {r['spec_drafted']} tokens, "
-                  f"{r['spec_accepted'] / r['spec_drafted']:.0%} kept")  # fmt: skip
+            print(
+                f"{r['system']}: n-gram drafts {r['spec_drafted']} tokens, "
+                f"{r['spec_accepted'] / r['spec_drafted']:.0%} kept"
+            )
     base = {r["system"]: r["output_tokens_per_s"] for r in results}
     cached = results[0]["output_tokens_per_s"]
     ratios = [
@@ -69,9 +73,14 @@ def main() -> None:
     print("\nstrata serve (radix cache) vs: " + "; ".join(ratios))
     for i in (2, 3):  # without speculation; int4
         own = results[i]["output_tokens_per_s"]
-        print(f"{results[i]['system']} vs: " + "; ".join(
-            f"{r['system']} {own / r['output_tokens_per_s']:.2f}x"
-            for r in results[4:] if r["output_tokens_per_s"]))  # fmt: skip
+        print(
+            f"{results[i]['system']} vs: "
+            + "; ".join(
+                f"{r['system']} {own / r['output_tokens_per_s']:.2f}x"
+                for r in results[4:]
+                if r["output_tokens_per_s"]
+            )
+        )
     if args.out:
         Path(args.out).write_text(json.dumps({"results": results, "tok_s": base}, indent=2))
 

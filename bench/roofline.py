@@ -81,11 +81,15 @@ def main() -> None:
     bw, bf16 = read_bandwidth(a.rounds), gemm_flops(a.rounds)
     fma = gemm_flops(a.rounds, torch.float32)
     flops = max(bf16, fma)  # the faster of the two GEMMs is the compute roofline
-    print(f"{torch.get_num_threads()} threads ({cpu_isa()} kernels): memory read "
-          f"{bw / 1e9:.1f} GB/s, bf16 GEMM {bf16 / 1e12:.3f} TFLOP/s, float32 GEMM (FMA) "
-          f"{fma / 1e12:.3f} TFLOP/s")  # fmt: skip
-    print(f"{'weights':16} {'MB':>6} {'batch 1 tok/s':>14} {'of bandwidth roofline':>22} "
-          f"{'batch 32 tok/s':>15} {'of GEMM roofline':>17} {'of roofline':>12}")  # fmt: skip
+    print(
+        f"{torch.get_num_threads()} threads ({cpu_isa()} kernels): memory read "
+        f"{bw / 1e9:.1f} GB/s, bf16 GEMM {bf16 / 1e12:.3f} TFLOP/s, float32 GEMM (FMA) "
+        f"{fma / 1e12:.3f} TFLOP/s"
+    )
+    print(
+        f"{'weights':16} {'MB':>6} {'batch 1 tok/s':>14} {'of bandwidth roofline':>22} "
+        f"{'batch 32 tok/s':>15} {'of GEMM roofline':>17} {'of roofline':>12}"
+    )
     for quant in ("none", "auto"):
         runner = ModelRunner.from_config(
             ModelConfig(dtype="bfloat16", quantization=quant), KVPoolConfig(num_pages=1024)
@@ -102,8 +106,10 @@ def main() -> None:
         # the roofline: FLOP/s the lower of the GEMM's and bandwidth x FLOPs per byte read
         roof = min(flops, bw * (2 * params * 32) / nbytes) / (2 * params)  # tokens/s
         name = "bfloat16" if quant == "none" else f"default ({runner.model.quantization})"
-        print(f"{name:16} {nbytes / 1e6:6.0f} {b1:14.1f} {b1 / roof1:21.0%} "
-              f"{b32:15.1f} {b32 / roof32:16.0%} {b32 / roof:11.0%}")  # fmt: skip
+        print(
+            f"{name:16} {nbytes / 1e6:6.0f} {b1:14.1f} {b1 / roof1:21.0%} "
+            f"{b32:15.1f} {b32 / roof32:16.0%} {b32 / roof:11.0%}"
+        )
 
 
 if __name__ == "__main__":

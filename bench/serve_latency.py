@@ -24,9 +24,13 @@ PROMPT = "Write a long story about a lighthouse keeper and the sea."
 
 
 def in_process(
-    new_tokens: int, repeats: int, dtype: str, quantization: str, model_path: str | None = None,
+    new_tokens: int,
+    repeats: int,
+    dtype: str,
+    quantization: str,
+    model_path: str | None = None,
     device: str = "cpu",
-) -> list[float]:  # fmt: skip
+) -> list[float]:
     """Seconds per decoded token of strata.engine.generate.generate on the main thread."""
     from strata.config import KVPoolConfig, ModelConfig
     from strata.engine.generate import generate
@@ -46,9 +50,11 @@ def in_process(
 def served(url: str, new_tokens: int, repeats: int) -> dict[str, list[float]]:
     """Streaming /generate with ignore_eos: time per token after the first (an event may
     carry several: verified drafts), and the TTFT."""
-    body = {"text": PROMPT, "stream": True,
-            "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0,
-                                "ignore_eos": True}}  # fmt: skip
+    body = {
+        "text": PROMPT,
+        "stream": True,
+        "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True},
+    }
     itl, ttft = [], []
     with httpx.Client(timeout=120) as http:
         for r in range(repeats + 1):
@@ -78,8 +84,9 @@ def llama_cpp(new_tokens: int, repeats: int) -> list[float] | None:
     from strata.model.loader import embedded_gguf
 
     threads = os.cpu_count()  # its default is half the cores
-    llm = Llama(str(embedded_gguf()), n_ctx=2048, verbose=False, n_threads=threads,
-                n_threads_batch=threads)  # fmt: skip
+    llm = Llama(
+        str(embedded_gguf()), n_ctx=2048, verbose=False, n_threads=threads, n_threads_batch=threads
+    )
     ids = llm.tokenize(PROMPT.encode())
     per_token = []
     for r in range(repeats + 1):
@@ -100,9 +107,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--quantizations", default="auto,none",
-                    help="--quantization values to serve (auto: the default, int4 from the "
-                    "GGUF's Q4_1 blocks where the kernels run)")  # fmt: skip
+    ap.add_argument(
+        "--quantizations",
+        default="auto,none",
+        help="--quantization values to serve (auto: the default, int4 from the "
+        "GGUF's Q4_1 blocks where the kernels run)",
+    )
     ap.add_argument("--serve-args", default="", help="extra flags for strata serve")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()

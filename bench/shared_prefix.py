@@ -37,9 +37,11 @@ def main() -> None:
                 ck.MIN_SHARED_PAGES = minimum if mode == "once" else 1 << 30
                 best[mode].append(step_ms(runner, batch, own, 12, shared))
         ck.MIN_SHARED_PAGES = minimum
-        print(f"batch {batch}, {shared} shared + {own} own tokens: read once "
-              f"{min(best['once']):.2f} ms, per sequence {min(best['per sequence']):.2f} ms",
-              flush=True)  # fmt: skip
+        print(
+            f"batch {batch}, {shared} shared + {own} own tokens: read once "
+            f"{min(best['once']):.2f} ms, per sequence {min(best['per sequence']):.2f} ms",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

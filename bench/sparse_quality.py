@@ -153,12 +153,17 @@ def main() -> None:
     for n in a.passkey_lengths:
         for depth in (0.1, 0.3, 0.5, 0.7, 0.9):
             key = str(rng.randint(10000, 99999))
-            head = tok("There is a pass key hidden in the text below. Find it and remember "
-                       "it.\n\n", add_special_tokens=False)["input_ids"]  # fmt: skip
-            needle = tok(f"\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n",
-                         add_special_tokens=False)["input_ids"]  # fmt: skip
-            ask = tok("\n\nWhat is the pass key? The pass key is",
-                      add_special_tokens=False)["input_ids"]  # fmt: skip
+            head = tok(
+                "There is a pass key hidden in the text below. Find it and remember it.\n\n",
+                add_special_tokens=False,
+            )["input_ids"]
+            needle = tok(
+                f"\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n",
+                add_special_tokens=False,
+            )["input_ids"]
+            ask = tok("\n\nWhat is the pass key? The pass key is", add_special_tokens=False)[
+                "input_ids"
+            ]
             filler = n - len(head) - len(needle) - len(ask)
             at = int(filler * depth)
             off = rng.randint(0, len(ids) - filler - 1)
@@ -172,14 +177,21 @@ def main() -> None:
                     answers[name] = tok.decode(greedy)
             finally:
                 runner.pool.free(shared)
-            row = {"tokens": len(prompt), "depth": depth, "key": key, **answers,
-                   "dense_found": key in answers["dense"],
-                   "sparse_found": key in answers["sparse"]}  # fmt: skip
+            row = {
+                "tokens": len(prompt),
+                "depth": depth,
+                "key": key,
+                **answers,
+                "dense_found": key in answers["dense"],
+                "sparse_found": key in answers["sparse"],
+            }
             print(json.dumps(row))
             results["passkey"].append(row)
-    print("\n| prompt | top-1 agreement | mean KL | pages skipped | attention ms/step dense | "
-          "sparse | speed-up | KV read MB dense | sparse | tok/s b1 dense | sparse | b4 dense "
-          "| sparse |")  # fmt: skip
+    print(
+        "\n| prompt | top-1 agreement | mean KL | pages skipped | attention ms/step dense | "
+        "sparse | speed-up | KV read MB dense | sparse | tok/s b1 dense | sparse | b4 dense "
+        "| sparse |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results["teacher_forced"]:
         speedup = r["dense_attention_ms"] / r["sparse_attention_ms"]

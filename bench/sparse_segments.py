@@ -48,8 +48,20 @@ def measure(runner: ModelRunner, ids: list[int], length: int, steps: int, group:
     def spy(q, layer, meta, state, sp):
         n = int(meta.decode_lens[0] + PS - 1) // PS
         table = meta.decode_pages[:, :n].contiguous()
-        args = (q, layer.kmin, layer.kmax, table, meta.decode_lens, state.active, PS, be.scale,
-                sp.min_score, sp.budget, sp.sink_pages, sp.window_pages)  # fmt: skip
+        args = (
+            q,
+            layer.kmin,
+            layer.kmax,
+            table,
+            meta.decode_lens,
+            state.active,
+            PS,
+            be.scale,
+            sp.min_score,
+            sp.budget,
+            sp.sink_pages,
+            sp.window_pages,
+        )
         segs = state.segments
         plain = cpu_kernels.select_pages(*args)
         two = cpu_kernels.select_pages(*args, segs, layer.layer_id)
@@ -65,8 +77,9 @@ def measure(runner: ModelRunner, ids: list[int], length: int, steps: int, group:
         u = ref.page_bounds(qg, lo, hi)
         pos = torch.arange(n)[None, :]
         forced = (pos < sp.sink_pages) | (pos >= n - sp.window_pages)
-        stats["spared"] += int(ref.spared_pages(u, qg, forced, segs, layer.layer_id, be.scale,
-                                                sp.min_score).sum())  # fmt: skip
+        stats["spared"] += int(
+            ref.spared_pages(u, qg, forced, segs, layer.layer_id, be.scale, sp.min_score).sum()
+        )
         stats["scored"] += int((~forced).sum()) * kvh
         return inner(q, layer, meta, state, sp)
 
@@ -87,10 +100,13 @@ def measure(runner: ModelRunner, ids: list[int], length: int, steps: int, group:
     runner.pool.free(pages)
     same = all(torch.equal(a, b) for a, b in zip(logits["plain"], logits["two_level"]))
     return {
-        "prompt_tokens": length, "group_pages": group, "segments": len(ends),
+        "prompt_tokens": length,
+        "group_pages": group,
+        "segments": len(ends),
         "spared": stats["spared"] / max(stats["scored"], 1),
-        "selection_ratio": stats["two_level_s"] / stats["plain_s"], "same_logits": same,
-    }  # fmt: skip
+        "selection_ratio": stats["two_level_s"] / stats["plain_s"],
+        "same_logits": same,
+    }
 
 
 def main() -> None:
@@ -107,12 +123,16 @@ def main() -> None:
     ids = corpus_ids(runner.tokenizer)
     rows = [measure(runner, ids, n, a.steps, g) for n in a.lengths for g in a.groups]
     print(json.dumps(rows, indent=1))
-    print("\n| prompt | segment (pages) | pages spared scoring | selection time, two-level / "
-          "page-level | same logits |")  # fmt: skip
+    print(
+        "\n| prompt | segment (pages) | pages spared scoring | selection time, two-level / "
+        "page-level | same logits |"
+    )
     print("|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['prompt_tokens']} | {r['group_pages']} | {r['spared']:.1%} | "
-              f"{r['selection_ratio']:.2f}x | {r['same_logits']} |")  # fmt: skip
+        print(
+            f"| {r['prompt_tokens']} | {r['group_pages']} | {r['spared']:.1%} | "
+            f"{r['selection_ratio']:.2f}x | {r['same_logits']} |"
+        )
 
 
 if __name__ == "__main__":

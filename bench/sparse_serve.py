@@ -54,8 +54,10 @@ def stream(url: str, ids: list[int], new: int, times: list[float], meta: dict) -
 def run(url: str, batch: list[list[int]], new: int) -> dict:
     times: list[list[float]] = [[] for _ in batch]
     metas: list[dict] = [{} for _ in batch]
-    threads = [threading.Thread(target=stream, args=(url, p, new, t, m))
-               for p, t, m in zip(batch, times, metas)]  # fmt: skip
+    threads = [
+        threading.Thread(target=stream, args=(url, p, new, t, m))
+        for p, t, m in zip(batch, times, metas)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -87,8 +89,10 @@ def main() -> None:
                 rows.append({"system": name, "batch": b, **r})
                 print(json.dumps(rows[-1]), flush=True)
     print(f"\n{a.tokens}-token prompts, {a.new_tokens} new tokens, strata serve, bfloat16")
-    print("| batch | dense tok/s | sparse tok/s | speed-up | dense ITL p50 | sparse ITL p50 | "
-          "pages skipped |")  # fmt: skip
+    print(
+        "| batch | dense tok/s | sparse tok/s | speed-up | dense ITL p50 | sparse ITL p50 | "
+        "pages skipped |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for b in (1, 4):
         d = next(r for r in rows if r["system"] == "dense" and r["batch"] == b)

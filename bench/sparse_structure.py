@@ -44,9 +44,19 @@ def measure(runner: ModelRunner, ids: list[int], length: int, steps: int) -> dic
         n = int(meta.decode_lens[0] + PS - 1) // PS
         table = meta.decode_pages[:, :n].contiguous()
         sel, _, count = cpu_kernels.select_pages(
-            q, layer.kmin, layer.kmax, table, meta.decode_lens, state.active, PS, be.scale,
-            sparse.min_score, sparse.budget, sparse.sink_pages, sparse.window_pages,
-        )  # fmt: skip
+            q,
+            layer.kmin,
+            layer.kmax,
+            table,
+            meta.decode_lens,
+            state.active,
+            PS,
+            be.scale,
+            sparse.min_score,
+            sparse.budget,
+            sparse.sink_pages,
+            sparse.window_pages,
+        )
         index = {p: i for i, p in enumerate(table[0].tolist())}
         for h in range(count.shape[1]):
             for p in sel[0, h, : count[0, h]].tolist():
@@ -109,8 +119,10 @@ def main() -> None:
     ids = corpus_ids(runner.tokenizer)
     rows = [measure(runner, ids, n, a.steps) for n in a.lengths]
     print(json.dumps(rows, indent=1))
-    print("\n| prompt | pages no layer/head kept for 1 / 4 / 16 / 64 steps | per (page, layer) "
-          "for 16 steps | pages a group bound prunes, G = 2 / 4 / 8 / 16 |")  # fmt: skip
+    print(
+        "\n| prompt | pages no layer/head kept for 1 / 4 / 16 / 64 steps | per (page, layer) "
+        "for 16 steps | pages a group bound prunes, G = 2 / 4 / 8 / 16 |"
+    )
     print("|---:|---|---:|---|")
     for r in rows:
         u = r["untouched"]

@@ -32,9 +32,11 @@ def main() -> None:
     clusters = [
         (["--prefill", "0"], "strata up, 1 decode worker"),
         (["--prefill", "1"], "strata up, 1 prefill + 1 decode (conditional)"),
-        (["--prefill", "1", "--local-prefill-tokens", "-1"],
-         "strata up, 1 prefill + 1 decode (every prompt transferred)"),
-    ]  # fmt: skip
+        (
+            ["--prefill", "1", "--local-prefill-tokens", "-1"],
+            "strata up, 1 prefill + 1 decode (every prompt transferred)",
+        ),
+    ]
     for flags, name in clusters:
         with running_cluster("--dtype", "auto", "--decode", "1", *flags) as (url, _):
             args.url, args.name = url, name
@@ -43,15 +45,19 @@ def main() -> None:
             results[-1]["kv_transfer"] = transfer
             print(table(results[-1:]), transfer, flush=True)
     print()
-    print(f"multiturn: {args.conversations} conversations x {args.turns} turns, system prompt "
-          f"~{args.system_tokens} tokens, max_tokens {args.max_tokens}")  # fmt: skip
+    print(
+        f"multiturn: {args.conversations} conversations x {args.turns} turns, system prompt "
+        f"~{args.system_tokens} tokens, max_tokens {args.max_tokens}"
+    )
     print(table(results))
     base = results[0]["output_tokens_per_s"]
     ratios = {r["system"]: r["output_tokens_per_s"] / base for r in results[1:]}
     for name, ratio in ratios.items():
         t = next(r for r in results if r["system"] == name)["kv_transfer"]
-        print(f"{name}: {ratio:.2f}x colocated; {t['transfers']} KV transfers, "
-              f"{t['bytes'] / 1e6:.1f} MB at {t['gb_per_s']} GB/s")  # fmt: skip
+        print(
+            f"{name}: {ratio:.2f}x colocated; {t['transfers']} KV transfers, "
+            f"{t['bytes'] / 1e6:.1f} MB at {t['gb_per_s']} GB/s"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps({"results": results, "ratios": ratios}, indent=2))
 

@@ -48,8 +48,11 @@ def main() -> None:
             engine.step()
         total = time.perf_counter() - start
         outside = 100 * (total - in_forward[0]) / total
-        print(f"decode batch {batch}: {total / a.steps * 1e3:.1f} ms per step, of which "
-              f"{outside:.1f}% outside the forward", flush=True)  # fmt: skip
+        print(
+            f"decode batch {batch}: {total / a.steps * 1e3:.1f} ms per step, of which "
+            f"{outside:.1f}% outside the forward",
+            flush=True,
+        )
         for req in list(engine.scheduler.running):
             engine._finish(req, "abort")
 

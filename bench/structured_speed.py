@@ -23,8 +23,11 @@ from strata.tokenizer import chat_prompt_ids
 
 NEW_TOKENS = 64
 # a free-text field that cannot close before ~64 tokens: every step is a constrained step
-STORY = {"type": "object", "properties": {"story": {"type": "string", "minLength": 400,
-         "maxLength": 2000}}, "required": ["story"]}  # fmt: skip
+STORY = {
+    "type": "object",
+    "properties": {"story": {"type": "string", "minLength": 400, "maxLength": 2000}},
+    "required": ["story"],
+}
 KEYS = [
     "the_full_legal_name_of_the_customer",
     "the_customer_account_identifier_number",
@@ -37,7 +40,7 @@ FORM = {
     "properties": {
         k: ({"type": "boolean"} if k.startswith("whether") else {"type": "string", "maxLength": 24})
         for k in KEYS
-    },  # fmt: skip
+    },
     "required": KEYS,
 }
 
@@ -70,10 +73,17 @@ def main() -> None:
     tok = runner.tokenizer
     topics = ["a dragon", "the sea", "a robot", "a city", "winter", "a chef", "a clock", "trains"]
     prompts = [
-        chat_prompt_ids(tok, [{"role": "user", "content": f"Write a long story about "
-                                                          f"{topics[i % len(topics)]} as JSON."}])
+        chat_prompt_ids(
+            tok,
+            [
+                {
+                    "role": "user",
+                    "content": f"Write a long story about {topics[i % len(topics)]} as JSON.",
+                }
+            ],
+        )
         for i in range(args.batch)
-    ]  # fmt: skip
+    ]
     story = Constraint.json_schema(STORY)
     plain_p = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     json_p = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0, constraint=story)
@@ -81,8 +91,10 @@ def main() -> None:
         "plain": SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True),
         "json": SamplingParams(max_new_tokens=1, temperature=0, constraint=story),
     }
-    engines = {"plain": Engine(runner, jump_forward=False),
-               "json": Engine(runner, jump_forward=False)}  # fmt: skip
+    engines = {
+        "plain": Engine(runner, jump_forward=False),
+        "json": Engine(runner, jump_forward=False),
+    }
     rates: dict[str, list[float]] = {"plain": [], "json": []}
     run(engines["json"], prompts[:2], json_p)  # warm up (and compile the grammar)
     for _ in range(args.repeats):
@@ -100,28 +112,36 @@ def main() -> None:
             engine = Engine(runner, jump_forward=jump)
             res = [run(engine, prompts[:batch], form_p) for _ in range(args.repeats)]
             jf[f"bs{batch}-{'on' if jump else 'off'}"] = {
-                "seconds": [r[0] for r in res], "tokens": [r[1] for r in res],
+                "seconds": [r[0] for r in res],
+                "tokens": [r[1] for r in res],
                 "steps": [r[2] for r in res],
-            }  # fmt: skip
+            }
 
     print(f"\nbatch {args.batch}, {NEW_TOKENS} new tokens, median of {args.repeats}:")
     print("| decode | tok/s | vs unconstrained |\n|---|---:|---:|")
     print(f"| unconstrained | {plain:.1f} | 1.00x |")
-    print(f"| JSON schema | {constrained:.1f} | {constrained / plain:.2f}x "
-          f"(overhead {100 * (1 - constrained / plain):.1f}%) |")  # fmt: skip
+    print(
+        f"| JSON schema | {constrained:.1f} | {constrained / plain:.2f}x "
+        f"(overhead {100 * (1 - constrained / plain):.1f}%) |"
+    )
     print("\njump-forward on a schema with five long fixed keys:")
     print("| batch | steps off | steps on | seconds off | seconds on | speedup |")
     print("|---:|---:|---:|---:|---:|---:|")
     for batch in (1, args.batch):
         off, on = jf[f"bs{batch}-off"], jf[f"bs{batch}-on"]
         t_off, t_on = statistics.median(off["seconds"]), statistics.median(on["seconds"])
-        print(f"| {batch} | {statistics.median(off['steps']):.0f} | "
-              f"{statistics.median(on['steps']):.0f} | {t_off:.2f} | {t_on:.2f} | "
-              f"{t_off / t_on:.2f}x |")  # fmt: skip
+        print(
+            f"| {batch} | {statistics.median(off['steps']):.0f} | "
+            f"{statistics.median(on['steps']):.0f} | {t_off:.2f} | {t_on:.2f} | "
+            f"{t_off / t_on:.2f}x |"
+        )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"plain_tok_s": rates["plain"], "json_tok_s": rates["json"],
-                       "jump_forward": jf}, f, indent=1)  # fmt: skip
+            json.dump(
+                {"plain_tok_s": rates["plain"], "json_tok_s": rates["json"], "jump_forward": jf},
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -48,11 +48,25 @@ def main() -> None:
     kv = KVCache(spec.num_layers, 2 * n, ps, spec.num_kv_heads, spec.head_dim, dtype, "cpu")
     kv.data.copy_(torch.randn(kv.data.shape).to(dtype))
     store_dir = tempfile.TemporaryDirectory(prefix="strata-bw-")
-    fmt = PageFormat("bench", str(dtype), ps, spec.num_layers, spec.num_kv_heads,
-                     spec.head_dim, kv.bytes_per_page)  # fmt: skip
+    fmt = PageFormat(
+        "bench",
+        str(dtype),
+        ps,
+        spec.num_layers,
+        spec.num_kv_heads,
+        spec.head_dim,
+        kv.bytes_per_page,
+    )
     pool = PagePool(2 * n)
-    cache = TieredCache(kv, pool, 2 * n, "write_through", b"bench", FileStore(store_dir.name, fmt),
-                        StoreIndex(store_dir.name, 1 << 40))  # fmt: skip
+    cache = TieredCache(
+        kv,
+        pool,
+        2 * n,
+        "write_through",
+        b"bench",
+        FileStore(store_dir.name, fmt),
+        StoreIndex(store_dir.name, 1 << 40),
+    )
     tokens = list(range(n * ps))
     cache.insert(tokens, pool.alloc(n))  # write-through: an L2 copy and a file per page
     cache.mover._writes.submit(lambda: None).result()
@@ -92,8 +106,12 @@ def main() -> None:
         assert cache.match(tokens).length == n * ps
         return elapsed
 
-    tests = {"memcpy": memcpy, "l2": lambda: load(False), "files": read_files,
-             "l3": lambda: load(True)}  # fmt: skip
+    tests = {
+        "memcpy": memcpy,
+        "l2": lambda: load(False),
+        "files": read_files,
+        "l3": lambda: load(True),
+    }
     times: dict[str, list[float]] = {k: [] for k in tests}
     for r in range(a.rounds):
         for name in tests if r % 2 == 0 else reversed(list(tests)):
@@ -102,16 +120,24 @@ def main() -> None:
     gbs = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
     l2 = quartiles([m / t for m, t in zip(times["memcpy"], times["l2"])])
     l3 = quartiles([f / t for f, t in zip(times["files"], times["l3"])])
-    print(f"{n} pages of {kv.bytes_per_page} bytes ({nbytes / 1e6:.1f} MB, {dtype}), "
-          f"{a.rounds} rounds")  # fmt: skip
+    print(
+        f"{n} pages of {kv.bytes_per_page} bytes ({nbytes / 1e6:.1f} MB, {dtype}), "
+        f"{a.rounds} rounds"
+    )
     print("| load | GB/s | baseline | GB/s | ratio (median; quartiles) |")
     print("|---|---:|---|---:|---:|")
-    print(f"| L2 -> L1 | {gbs['l2']:.2f} | memcpy | {gbs['memcpy']:.2f} | "
-          f"{l2[1]:.2f}x ({l2[0]:.2f}-{l2[2]:.2f}) |")  # fmt: skip
-    print(f"| L3 -> L1 | {gbs['l3']:.2f} | read files | {gbs['files']:.2f} | "
-          f"{l3[1]:.2f}x ({l3[0]:.2f}-{l3[2]:.2f}) |")  # fmt: skip
-    inside = {k: statistics.median(v) / statistics.median(times["l3" if k else "l2"])
-              for k, v in mover_seconds.items()}  # fmt: skip
+    print(
+        f"| L2 -> L1 | {gbs['l2']:.2f} | memcpy | {gbs['memcpy']:.2f} | "
+        f"{l2[1]:.2f}x ({l2[0]:.2f}-{l2[2]:.2f}) |"
+    )
+    print(
+        f"| L3 -> L1 | {gbs['l3']:.2f} | read files | {gbs['files']:.2f} | "
+        f"{l3[1]:.2f}x ({l3[0]:.2f}-{l3[2]:.2f}) |"
+    )
+    inside = {
+        k: statistics.median(v) / statistics.median(times["l3" if k else "l2"])
+        for k, v in mover_seconds.items()
+    }
     print(
         f"share of the load spent copying/reading on the mover thread: L2 {inside[False]:.0%},"
         f" L3 {inside[True]:.0%} (the rest: planning, hand-off, attaching to the tree)"

@@ -37,9 +37,11 @@ def main() -> None:
         ("no cache", ["--disable-radix-cache"]),
         ("L1 only", []),
         (f"L1 + L2 (ratio {args.hicache_ratio:g})", tiers),
-        ("L1 + L2 + L3", [*tiers, "--hicache-storage-backend", "file",
-                          "--hicache-storage-dir", store.name]),
-    ]  # fmt: skip
+        (
+            "L1 + L2 + L3",
+            [*tiers, "--hicache-storage-backend", "file", "--hicache-storage-dir", store.name],
+        ),
+    ]
     results, rates = [], {}
     for name, flags in systems:
         extra = ["--dtype", "auto", "--num-pages", str(args.num_pages), *flags]
@@ -49,18 +51,24 @@ def main() -> None:
             stats = httpx.get(f"{url}/health", timeout=30).json()["radix_cache_stats"]
         rates[name] = {t: stats.get(f"{t}_hit_rate") for t in ("l1", "l2", "l3")}
         print(table(results[-1:]), rates[name], flush=True)
-    print(f"\nsessions: {args.conversations} x {args.turns} turns, own context ~"
-          f"{args.system_tokens} tokens, max_tokens {args.max_tokens}, {args.concurrency} in "
-          f"flight; L1 {args.num_pages} pages")  # fmt: skip
+    print(
+        f"\nsessions: {args.conversations} x {args.turns} turns, own context ~"
+        f"{args.system_tokens} tokens, max_tokens {args.max_tokens}, {args.concurrency} in "
+        f"flight; L1 {args.num_pages} pages"
+    )
     print(table(results))
     print("\nprompt tokens served per tier:")
     for name, r in rates.items():
-        print(f"  {name:28s} " + "  ".join(
-            f"{t} {v:.3f}" if v is not None else f"{t} -" for t, v in r.items()))  # fmt: skip
+        print(
+            f"  {name:28s} "
+            + "  ".join(f"{t} {v:.3f}" if v is not None else f"{t} -" for t, v in r.items())
+        )
     by = {r["system"]: r for r in results}
     l1, l3 = by["L1 only"], by["L1 + L2 + L3"]
-    print(f"\nL1+L2+L3 vs L1 only: {l3['output_tokens_per_s'] / l1['output_tokens_per_s']:.2f}x "
-          f"output tok/s, TTFT p50 {l3['ttft_p50_s'] / l1['ttft_p50_s']:.2f}x")  # fmt: skip
+    print(
+        f"\nL1+L2+L3 vs L1 only: {l3['output_tokens_per_s'] / l1['output_tokens_per_s']:.2f}x "
+        f"output tok/s, TTFT p50 {l3['ttft_p50_s'] / l1['ttft_p50_s']:.2f}x"
+    )
     if args.out:
         Path(args.out).write_text(json.dumps({"results": results, "tier_rates": rates}, indent=2))
     store.cleanup()

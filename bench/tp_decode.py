@@ -35,8 +35,9 @@ def decode_ms(tp: int, dtype: str, tokens: int, batch: int) -> float:
 
 def _reduce(rank: int, size: int, port: int, hidden: int, out: dict[int, float]) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=size)  # fmt: skip
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size
+    )
     x = torch.randn(1, hidden, dtype=torch.bfloat16)
     for _ in range(50):
         dist.all_reduce(x)
@@ -57,13 +58,15 @@ def main() -> None:
     for size in sorted({2, a.tp}):
         result = mp.Manager().dict()
         mp.spawn(_reduce, args=(size, free_port(), 576, result), nprocs=size)
-        print(f"gloo all-reduce of one token's hidden state, {size} ranks: "
-              f"{result[size]:.0f} us")  # fmt: skip
+        print(f"gloo all-reduce of one token's hidden state, {size} ranks: {result[size]:.0f} us")
     for batch in (1, 8):
         one = decode_ms(1, a.dtype, a.tokens, batch)
         many = decode_ms(a.tp, a.dtype, a.tokens, batch)
-        print(f"batch {batch}: tp 1 {one:.1f} ms/step, tp {a.tp} {many:.1f} ms/step "
-              f"({many / one:.1f}x)", flush=True)  # fmt: skip
+        print(
+            f"batch {batch}: tp 1 {one:.1f} ms/step, tp {a.tp} {many:.1f} ms/step "
+            f"({many / one:.1f}x)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -55,15 +55,19 @@ class Access:
         headers = Headers(scope=scope)
         size = headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            return error_body(f"request body of {size} bytes exceeds {MAX_BODY_BYTES}",
-                              "invalid_request_error", 413)  # fmt: skip
+            return error_body(
+                f"request body of {size} bytes exceeds {MAX_BODY_BYTES}",
+                "invalid_request_error",
+                413,
+            )
         if (
             self.api_key
             and (self.protect_health or scope["path"] not in OPEN_PATHS)
             and not key_matches(headers.get("authorization"), self.api_key)
         ):
-            response = error_body("missing or wrong API key (Authorization: Bearer KEY)",
-                                  "authentication_error", 401)  # fmt: skip
+            response = error_body(
+                "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error", 401
+            )
             response.headers["WWW-Authenticate"] = "Bearer"
             return response
         return None

@@ -74,17 +74,26 @@ def radix_cache_stats(
         l3 = dict(tiers["l3"] or {}) if has_l3 else None
         if l3 is not None and l3_store is not None:
             l3.update(l3_store)
-        stats["tiers"] = {"l2": tiers["l2"], "l3": l3, "bytes_moved": tiers["bytes_moved"],
-                          "write_policy": tiers["write_policy"]}  # fmt: skip
+        stats["tiers"] = {
+            "l2": tiers["l2"],
+            "l3": l3,
+            "bytes_moved": tiers["bytes_moved"],
+            "write_policy": tiers["write_policy"],
+        }
         if "fetch_on_select" in tiers:
             stats["tiers"]["fetch_on_select"] = tiers["fetch_on_select"]
     return stats
 
 
 def load_json(
-    running: int, waiting: int, pages_total: int, pages_free: int, cache: Any,
-    tiers: dict[str, Any] | None, l3_store: dict[str, Any] | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    running: int,
+    waiting: int,
+    pages_total: int,
+    pages_free: int,
+    cache: Any,
+    tiers: dict[str, Any] | None,
+    l3_store: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The load part of /health, one shape for the server, each worker and the cluster."""
     return {
         "running_requests": running,
@@ -126,12 +135,12 @@ class LocalBackend(Backend):
                 stats.pages_free,
                 stats.cache,
                 stats.tiers,
-            ),  # fmt: skip
+            ),
             "jump_forward_tokens": stats.jump_forward_tokens,
             "speculative": {
                 "draft_tokens": stats.draft_tokens,
                 "accepted_tokens": stats.accepted_tokens,
-            },  # fmt: skip
+            },
             "engine": {"pid": self.engine.process.pid, "loop_thread": stats.loop_thread},
             "memory": stats.memory,
         }
@@ -145,11 +154,13 @@ class LocalBackend(Backend):
     async def server_info(self) -> dict[str, Any]:
         limits, sched = self.engine.limits, self.sched
         return {
-            "model_path": self.model_name, "context_length": limits.max_context,
+            "model_path": self.model_name,
+            "context_length": limits.max_context,
             "page_size": limits.page_size,
             "max_total_num_tokens": limits.num_pages * limits.page_size,
             "max_running_requests": sched.max_running_requests,
             "chunked_prefill_size": sched.max_batch_tokens,
-            "radix_cache": sched.enable_radix_cache, "engine_pid": self.engine.process.pid,
+            "radix_cache": sched.enable_radix_cache,
+            "engine_pid": self.engine.process.pid,
             "memory": (await self.engine.call("stats")).memory,
-        }  # fmt: skip
+        }

@@ -34,8 +34,14 @@ class CallStream:
                 return out
             self.sent = head.end()
             name = json.loads(head.group(1))
-            out.append({"index": 0, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                        "function": {"name": name, "arguments": ""}})  # fmt: skip
+            out.append(
+                {
+                    "index": 0,
+                    "id": f"call_{uuid.uuid4().hex[:24]}",
+                    "type": "function",
+                    "function": {"name": name, "arguments": ""},
+                }
+            )
         body = self.text.rstrip()
         if final and body.endswith("}"):
             end = len(body[:-1].rstrip())  # all but the call's closing brace
@@ -83,8 +89,11 @@ class ChatStream:
             calls = self.body.tool_calls(text) if finish == "stop" else None
             if calls is not None:
                 deltas = [{"index": k, **call} for k, call in enumerate(calls)]
-                return [*out, self.chunk(i, {"tool_calls": deltas}),
-                        self.chunk(i, {}, "tool_calls")]  # fmt: skip
+                return [
+                    *out,
+                    self.chunk(i, {"tool_calls": deltas}),
+                    self.chunk(i, {}, "tool_calls"),
+                ]
         if text or finish:
             out.append(self.chunk(i, {"content": text} if text else {}, finish))
         return out

@@ -69,10 +69,13 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             await context.abort(grpc.StatusCode.INTERNAL, run.error)
         last = run.last
         return gateway_pb2.GenerateResponse(
-            request_id=request.request_id or last.rid, text=run.text, token_ids=run.token_ids,
-            finish_reason=FINISH[last.finish_reason], usage=chunk_from_output(last).usage,
+            request_id=request.request_id or last.rid,
+            text=run.text,
+            token_ids=run.token_ids,
+            finish_reason=FINISH[last.finish_reason],
+            usage=chunk_from_output(last).usage,
             logprobs=[lp for _, lp, _ in run.logprobs],
-        )  # fmt: skip
+        )
 
     async def GenerateStream(self, request, context):  # noqa: N802
         async with aclosing(self._events(request, context)) as events:
@@ -85,14 +88,22 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
 
 async def start_grpc(
-    backend: Backend, host: str, port: int, api_key: str | None = None,
-    protect_health: bool = False, metrics: Metrics | None = None,
-) -> tuple[grpc.aio.Server, int]:  # fmt: skip
+    backend: Backend,
+    host: str,
+    port: int,
+    api_key: str | None = None,
+    protect_health: bool = False,
+    metrics: Metrics | None = None,
+) -> tuple[grpc.aio.Server, int]:
     """Start the Gateway service with health and reflection (and, with api_key, its check);
     returns (server, bound port)."""
     name = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
     servicer = GatewayService(backend, metrics)
     interceptors = [ApiKeyInterceptor(api_key, protect_health)] if api_key else []
-    return await start_server(host, port, [(gateway_pb2_grpc.add_GatewayServicer_to_server,
-                                            servicer, name)], interceptors,
-                              internal=False)  # fmt: skip
+    return await start_server(
+        host,
+        port,
+        [(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer, name)],
+        interceptors,
+        internal=False,
+    )

@@ -24,34 +24,49 @@ class Metrics:
             "strata_requests", "Requests by endpoint and status", ["endpoint", "status"], registry=r
         )
         self.latency = Histogram(
-            "strata_request_latency_seconds", "End-to-end request latency", ["endpoint"],
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "strata_request_latency_seconds",
+            "End-to-end request latency",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.ttft = Histogram(
-            "strata_time_to_first_token_seconds", "Time to first token",
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "strata_time_to_first_token_seconds",
+            "Time to first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         # per request, under the names vLLM's and SGLang's dashboards use (strata_ prefix)
         self.e2e = Histogram(
-            "strata_e2e_request_latency_seconds", "End-to-end latency of a finished request",
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "strata_e2e_request_latency_seconds",
+            "End-to-end latency of a finished request",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.tpot = Histogram(
-            "strata_time_per_output_token_seconds", "Mean time per output token after the "
-            "first, per request", buckets=TOKEN_TIME_BUCKETS, registry=r,
-        )  # fmt: skip
+            "strata_time_per_output_token_seconds",
+            "Mean time per output token after the first, per request",
+            buckets=TOKEN_TIME_BUCKETS,
+            registry=r,
+        )
         self.queue_time = Histogram(
-            "strata_request_queue_time_seconds", "Time a request waited for admission",
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "strata_request_queue_time_seconds",
+            "Time a request waited for admission",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.prompt_hist = Histogram(
-            "strata_request_prompt_tokens", "Prompt tokens per request",
-            buckets=TOKEN_COUNT_BUCKETS, registry=r,
-        )  # fmt: skip
+            "strata_request_prompt_tokens",
+            "Prompt tokens per request",
+            buckets=TOKEN_COUNT_BUCKETS,
+            registry=r,
+        )
         self.generation_hist = Histogram(
-            "strata_request_generation_tokens", "Generated tokens per request",
-            buckets=TOKEN_COUNT_BUCKETS, registry=r,
-        )  # fmt: skip
+            "strata_request_generation_tokens",
+            "Generated tokens per request",
+            buckets=TOKEN_COUNT_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter("strata_prompt_tokens", "Prompt tokens", registry=r)
         self.generation_tokens = Counter("strata_generation_tokens", "Generated tokens", registry=r)
         self.cached_tokens = Counter(
@@ -61,14 +76,18 @@ class Metrics:
             "strata_kv_transfer_bytes", "KV bytes sent from prefill to decode workers", registry=r
         )
         self.transfer_seconds = Histogram(
-            "strata_kv_transfer_seconds", "Time of one request's KV transfer",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r,
-        )  # fmt: skip
+            "strata_kv_transfer_seconds",
+            "Time of one request's KV transfer",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
         self.sparsity = Histogram(
-            "strata_attention_sparsity_ratio", "Per request: KV pages sparse decode skipped / "
+            "strata_attention_sparsity_ratio",
+            "Per request: KV pages sparse decode skipped / "
             "pages it considered (0 for requests that decoded densely)",
-            buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r,
-        )  # fmt: skip
+            buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+            registry=r,
+        )
         self.cache_hit_rate = Gauge("strata_cache_hit_rate", "Radix cache hit rate", registry=r)
         self.pages_used = Gauge("strata_kv_pages_used", "KV pages in use", registry=r)
         self.pages_total = Gauge("strata_kv_pages_total", "KV pages in the pool", registry=r)

@@ -104,8 +104,10 @@ class _OpenAISampling(_SamplingFields):
         seed = request.params.seed
         if seed is None:
             return [request] * self.n
-        return [dataclasses.replace(request, params=dataclasses.replace(request.params,
-                seed=seed + i)) for i in range(self.n)]  # fmt: skip
+        return [
+            dataclasses.replace(request, params=dataclasses.replace(request.params, seed=seed + i))
+            for i in range(self.n)
+        ]
 
     @property
     def include_usage(self) -> bool:
@@ -160,9 +162,17 @@ class ChatCompletionRequest(_OpenAISampling):
         if params.constraint is not None:
             raise ValueError("a forced tool call cannot also take response_format or a grammar")
         # a call: {"name": <a forced tool>, "arguments": <its parameters' schema>}
-        calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
-                  "arguments": t.function.parameters}, "required": ["name", "arguments"]}
-                 for t in forced]  # fmt: skip
+        calls = [
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"const": t.function.name},
+                    "arguments": t.function.parameters,
+                },
+                "required": ["name", "arguments"],
+            }
+            for t in forced
+        ]
         schema: dict[str, Any] = calls[0] if len(calls) == 1 else {"anyOf": calls}
         if self.parallel_tool_calls:  # one or more calls, in a list
             schema = {"type": "array", "items": schema, "minItems": 1}
@@ -195,11 +205,15 @@ class ChatCompletionRequest(_OpenAISampling):
         if self.tools_on:
             listing = "\n".join(
                 f"- {t.function.name}: {t.function.description} Parameters (JSON schema): "
-                f"{json.dumps(t.function.parameters)}" for t in self.tools or []
-            )  # fmt: skip
+                f"{json.dumps(t.function.parameters)}"
+                for t in self.tools or []
+            )
             call = '{"name": <tool name>, "arguments": <its arguments>}'
-            how = (f"with only a JSON list of calls, each {call}" if self.parallel_tool_calls
-                   else f"with only a JSON object {call}")  # fmt: skip
+            how = (
+                f"with only a JSON list of calls, each {call}"
+                if self.parallel_tool_calls
+                else f"with only a JSON object {call}"
+            )
             note = f"You can call these tools by replying {how}:\n" + listing
             if messages[0]["role"] == "system":
                 messages[0] = {"role": "system", "content": messages[0]["content"] + "\n\n" + note}
@@ -220,9 +234,14 @@ class ChatCompletionRequest(_OpenAISampling):
         names = {t.function.name for t in self.tools or []}
         if not calls or any(not isinstance(c, dict) or c.get("name") not in names for c in calls):
             return None
-        return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                 "function": {"name": c["name"], "arguments": json.dumps(c.get("arguments", {}))}}
-                for c in calls]  # fmt: skip
+        return [
+            {
+                "id": f"call_{uuid.uuid4().hex[:24]}",
+                "type": "function",
+                "function": {"name": c["name"], "arguments": json.dumps(c.get("arguments", {}))},
+            }
+            for c in calls
+        ]
 
 
 class GenerateSampling(_SamplingFields):
@@ -267,9 +286,11 @@ class GenerateRequest(_Body):
             sp = sp.model_copy(update=updates)
         start = self.logprob_start_len if self.return_logprob else -1
         return sp.to_params(
-            sp.max_new_tokens, self.return_logprob, self.top_logprobs_num,
+            sp.max_new_tokens,
+            self.return_logprob,
+            self.top_logprobs_num,
             logprob_start_len=start,
-        )  # fmt: skip
+        )
 
 
 class AbortRequest(_Body):

@@ -96,14 +96,15 @@ class RemoteBackend(Backend):
     # aio channels belong to the event loop that first uses them: made on first use
     def stubs(
         self,
-    ) -> tuple[cache_pb2_grpc.CacheStub, dict[str, worker_pb2_grpc.DecodeStub],
-               dict[str, worker_pb2_grpc.PrefillStub]]:  # fmt: skip
+    ) -> tuple[
+        cache_pb2_grpc.CacheStub,
+        dict[str, worker_pb2_grpc.DecodeStub],
+        dict[str, worker_pb2_grpc.PrefillStub],
+    ]:
         if self._stubs is None:
             cache = cache_pb2_grpc.CacheStub(channel(self.cache_service))
-            decode = {t: worker_pb2_grpc.DecodeStub(channel(t))
-                      for t in self.decode_targets}  # fmt: skip
-            prefill = {t: worker_pb2_grpc.PrefillStub(channel(t))
-                       for t in self.prefill_targets}  # fmt: skip
+            decode = {t: worker_pb2_grpc.DecodeStub(channel(t)) for t in self.decode_targets}
+            prefill = {t: worker_pb2_grpc.PrefillStub(channel(t)) for t in self.prefill_targets}
             self._stubs = (cache, decode, prefill)
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
         return self._stubs
@@ -132,9 +133,11 @@ class RemoteBackend(Backend):
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Checked:
         held = sum(self.inflight[t] for t in self.decode_targets)
         if self.max_outstanding is not None and held >= self.max_outstanding:
-            raise Overloaded(f"the gateway holds {held} requests, its limit "
-                             "(workers x (--max-running-requests + --max-queued-requests)); "
-                             "retry later")  # fmt: skip
+            raise Overloaded(
+                f"the gateway holds {held} requests, its limit "
+                "(workers x (--max-running-requests + --max-queued-requests)); "
+                "retry later"
+            )
         check_length(len(prompt_ids), self.spec.max_position)
         check_request(
             prompt_ids, params, self.spec.vocab_size, lambda c: self.grammar.get().compile(c)
@@ -157,8 +160,11 @@ class RemoteBackend(Backend):
         cost = {t: route_cost(len(prompt_ids), held.get(t), l3) for t in self.inflight}
         decode = self._pick(self.decode_targets, cost, avoid)
         # prompt logprobs are computed where the prompt is prefilled: on the decode worker
-        if (not self.prefill_targets or cost[decode] <= self.local_prefill_tokens
-                or params.logprob_start_len >= 0):  # fmt: skip
+        if (
+            not self.prefill_targets
+            or cost[decode] <= self.local_prefill_tokens
+            or params.logprob_start_len >= 0
+        ):
             return decode, ""
         return decode, self._pick(self.prefill_targets, cost, avoid)
 
@@ -191,21 +197,32 @@ class RemoteBackend(Backend):
                 self.healthy[target] = False
                 tried.add(target)
                 if produced or len(tried) >= len(self.decode_targets):
-                    yield RequestOutput(rid, [], "", finish_reason="error",
-                                        error=f"{exc.target}: {exc.details}")  # fmt: skip
+                    yield RequestOutput(
+                        rid, [], "", finish_reason="error", error=f"{exc.target}: {exc.details}"
+                    )
                     return
-                log.warning("%s unreachable (%s): request %s goes to another worker",
-                            exc.target, exc.details, rid)  # fmt: skip
+                log.warning(
+                    "%s unreachable (%s): request %s goes to another worker",
+                    exc.target,
+                    exc.details,
+                    rid,
+                )
 
     async def _generate_on(
-        self, target: str, prefill: str, prompt_ids: Sequence[int], params: SamplingParams,
+        self,
+        target: str,
+        prefill: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
         rid: str,
-    ) -> AsyncGenerator[RequestOutput, None]:  # fmt: skip
+    ) -> AsyncGenerator[RequestOutput, None]:
         decode = self.stubs()[1]
         request = worker_pb2.WorkerGenerateRequest(
-            request_id=rid, prompt_ids=list(prompt_ids), sampling_params=params_to_proto(params),
+            request_id=rid,
+            prompt_ids=list(prompt_ids),
+            sampling_params=params_to_proto(params),
             prefill_worker=prefill,
-        )  # fmt: skip
+        )
         self.inflight[target] += 1
         if prefill:
             self.inflight[prefill] += 1  # until the first token: the prefill is done by then
@@ -231,8 +248,9 @@ class RemoteBackend(Backend):
                 finished = True  # nothing ran there: the caller may retry elsewhere
                 raise _Unreachable(f"decode worker {target}", exc.details() or "") from None
             finished = True
-            yield RequestOutput(rid, [], "", finish_reason="error",
-                                error=f"decode worker {target}: {exc.details()}")  # fmt: skip
+            yield RequestOutput(
+                rid, [], "", finish_reason="error", error=f"decode worker {target}: {exc.details()}"
+            )
         finally:
             self.inflight[target] -= 1
             if prefill:
@@ -247,20 +265,31 @@ class RemoteBackend(Backend):
             try:
                 load = await stub.Load(worker_pb2.LoadRequest(), timeout=RPC_TIMEOUT)
             except grpc.aio.AioRpcError as exc:
-                return {"worker": target, "role": role, "status": "unreachable",
-                        "error": exc.details()}, None  # fmt: skip
+                return {
+                    "worker": target,
+                    "role": role,
+                    "status": "unreachable",
+                    "error": exc.details(),
+                }, None
             stats = tree_stats_from_proto(load.cache) if load.HasField("cache") else None
             tiers = tier_stats_from_proto(load.tiers) if load.HasField("tiers") else None
-            info = {"worker": target, "status": "ok", "role": role,
-                    **load_json(load.running, load.waiting, load.pages_total, load.pages_free,
-                                stats, tiers),
-                    "kv_transfer": transfer_json(load.transfers, load.transfer_bytes,
-                                                 load.transfer_seconds)}  # fmt: skip
+            info = {
+                "worker": target,
+                "status": "ok",
+                "role": role,
+                **load_json(
+                    load.running, load.waiting, load.pages_total, load.pages_free, stats, tiers
+                ),
+                "kv_transfer": transfer_json(
+                    load.transfers, load.transfer_bytes, load.transfer_seconds
+                ),
+            }
             if role == "prefill":
                 info["held_requests"] = load.held_requests
             if load.HasField("memory"):
-                info["memory"] = {f.name: getattr(load.memory, f.name)
-                                  for f in load.memory.DESCRIPTOR.fields}  # fmt: skip
+                info["memory"] = {
+                    f.name: getattr(load.memory, f.name) for f in load.memory.DESCRIPTOR.fields
+                }
             return info, (stats, tiers, load)
 
         replies = await asyncio.gather(
@@ -281,7 +310,7 @@ class RemoteBackend(Backend):
                 "evicted": store.l3_evicted,
             }
         except grpc.aio.AioRpcError:
-            l3_store = None  # fmt: skip
+            l3_store = None
         return {
             "status": "ok" if len(ok) == len(workers) else "degraded",
             "model": self.model_name,
@@ -298,7 +327,7 @@ class RemoteBackend(Backend):
                 sum(r.transfers for r in received),
                 sum(r.transfer_bytes for r in received),
                 sum(r.transfer_seconds for r in received),
-            ),  # fmt: skip
+            ),
             "cache_service": "ok" if l3_store is not None else "unreachable",
             "workers": workers,
         }
@@ -313,9 +342,12 @@ class RemoteBackend(Backend):
 
     async def server_info(self) -> dict[str, Any]:
         health = await self.health()
-        return {"model_path": self.model_name, "decode_workers": self.decode_targets,
-                "prefill_workers": self.prefill_targets,
-                "memory": {w["worker"]: w.get("memory") for w in health["workers"]}}  # fmt: skip
+        return {
+            "model_path": self.model_name,
+            "decode_workers": self.decode_targets,
+            "prefill_workers": self.prefill_targets,
+            "memory": {w["worker"]: w.get("memory") for w in health["workers"]},
+        }
 
     async def flush_cache(self) -> int:
         _, decode, prefill = self.stubs()
@@ -327,8 +359,12 @@ class RemoteBackend(Backend):
 
 
 def transfer_json(transfers: int, nbytes: int, seconds: float) -> dict[str, Any]:
-    return {"transfers": transfers, "bytes": nbytes, "seconds": round(seconds, 6),
-            "gb_per_s": round(nbytes / seconds / 1e9, 3) if seconds else 0.0}  # fmt: skip
+    return {
+        "transfers": transfers,
+        "bytes": nbytes,
+        "seconds": round(seconds, 6),
+        "gb_per_s": round(nbytes / seconds / 1e9, 3) if seconds else 0.0,
+    }
 
 
 def route_cost(prompt_len: int, held: Any, l3_tokens: int) -> float:
@@ -365,7 +401,8 @@ def sum_tiers(tiers: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "l2": {k: sum(t["l2"][k] for t in tiers) for k in tiers[0]["l2"]},
         "l3": {k: sum(x[k] for x in l3) for k in l3[0]} if l3 else None,
-        "bytes_moved": {k: sum(t["bytes_moved"].get(k, 0) for t in tiers)
-                        for k in tiers[0]["bytes_moved"]},
+        "bytes_moved": {
+            k: sum(t["bytes_moved"].get(k, 0) for t in tiers) for k in tiers[0]["bytes_moved"]
+        },
         "write_policy": tiers[0]["write_policy"],
-    }  # fmt: skip
+    }

@@ -105,8 +105,18 @@ def cmd_worker(a: argparse.Namespace) -> int:
 
     seed_sampler(a)
     use_tls(a)
-    serve_worker(a.command, model_config(a), pool_config(a), sched_config(a), hicache_config(a),
-                 a.host, a.port, a.cache_service, a.worker_id, a.shutdown_grace)  # fmt: skip
+    serve_worker(
+        a.command,
+        model_config(a),
+        pool_config(a),
+        sched_config(a),
+        hicache_config(a),
+        a.host,
+        a.port,
+        a.cache_service,
+        a.worker_id,
+        a.shutdown_grace,
+    )
     return 0
 
 
@@ -119,8 +129,15 @@ def cmd_gateway(a: argparse.Namespace) -> int:
     use_tls(a)
     decode = addresses(a.decode)
     bound = len(decode) * (a.max_running_requests + a.max_queued_requests)
-    serve_gateway(model_config(a), server, a.cache_service, decode, addresses(a.prefill),
-                  a.local_prefill_tokens, bound)  # fmt: skip
+    serve_gateway(
+        model_config(a),
+        server,
+        a.cache_service,
+        decode,
+        addresses(a.prefill),
+        a.local_prefill_tokens,
+        bound,
+    )
     return 0
 
 
@@ -133,10 +150,23 @@ def cmd_up(a: argparse.Namespace) -> int:
 
     if a.prefill < 0 or a.decode < 1:
         raise ValueError("--prefill must be >= 0 and --decode >= 1")
-    model_args = ["--dtype", a.dtype, "--device", a.device, "--quantization", a.quantization,
-                  "--page-size", str(a.page_size), "--attention-backend", a.attention_backend,
-                  "--tp-size", str(a.tp_size), *sparse_argv(a), "--cuda-graph-max-bs",
-                  str(0 if a.disable_cuda_graph else a.cuda_graph_max_bs)]  # fmt: skip
+    model_args = [
+        "--dtype",
+        a.dtype,
+        "--device",
+        a.device,
+        "--quantization",
+        a.quantization,
+        "--page-size",
+        str(a.page_size),
+        "--attention-backend",
+        a.attention_backend,
+        "--tp-size",
+        str(a.tp_size),
+        *sparse_argv(a),
+        "--cuda-graph-max-bs",
+        str(0 if a.disable_cuda_graph else a.cuda_graph_max_bs),
+    ]
     if a.model_path:
         model_args += ["--model-path", a.model_path]
     if a.context_length:
@@ -144,45 +174,75 @@ def cmd_up(a: argparse.Namespace) -> int:
     if a.num_pages is not None:
         model_args += ["--num-pages", str(a.num_pages)]
     else:  # one budget for this host, measured once, shared by the workers (engine.memory)
-        share = worker_share(a.device, a.mem_fraction_static, a.memory_budget_gb,
-                             (a.prefill + a.decode) * a.tp_size)  # fmt: skip
+        share = worker_share(
+            a.device, a.mem_fraction_static, a.memory_budget_gb, (a.prefill + a.decode) * a.tp_size
+        )
         model_args += ["--memory-budget-gb", f"{share * a.tp_size / 1e9:.3f}"]
-    worker_args = ["--max-running-requests", str(a.max_running_requests),
-                   "--chunked-prefill-size", str(a.max_batch_tokens),
-                   "--max-queued-requests", str(a.max_queued_requests),
-                   "--request-timeout", str(a.request_timeout),
-                   "--schedule-policy", a.schedule_policy,
-                   "--speculative-algorithm", sched_config(a).speculative_algorithm,
-                   "--speculative-num-draft-tokens",
-                   str(a.speculative_num_draft_tokens)]  # fmt: skip
+    worker_args = [
+        "--max-running-requests",
+        str(a.max_running_requests),
+        "--chunked-prefill-size",
+        str(a.max_batch_tokens),
+        "--max-queued-requests",
+        str(a.max_queued_requests),
+        "--request-timeout",
+        str(a.request_timeout),
+        "--schedule-policy",
+        a.schedule_policy,
+        "--speculative-algorithm",
+        sched_config(a).speculative_algorithm,
+        "--speculative-num-draft-tokens",
+        str(a.speculative_num_draft_tokens),
+    ]
     if a.random_seed is not None:
         worker_args += ["--random-seed", str(a.random_seed)]
     if a.disable_radix_cache:
         worker_args.append("--disable-radix-cache")
     cache_args = []
     if a.tp_size > 1 and a.enable_hierarchical_cache and not a.disable_hierarchical_cache:
-        log.warning("--tp-size %d: the KV tiers below L1 are off (not yet sharded by rank)",
-                    a.tp_size)  # fmt: skip
+        log.warning(
+            "--tp-size %d: the KV tiers below L1 are off (not yet sharded by rank)", a.tp_size
+        )
         a.disable_hierarchical_cache = True
     if a.disable_hierarchical_cache:
         a.enable_hierarchical_cache, a.hicache_storage_backend = False, None
     elif a.enable_hierarchical_cache and a.hicache_storage_backend == "file":
         a.hicache_storage_dir = a.hicache_storage_dir or str(cache_dir() / "kv-store")
-        cache_args = ["--hicache-storage-dir", a.hicache_storage_dir,
-                      "--hicache-storage-size", str(a.hicache_storage_size)]  # fmt: skip
+        cache_args = [
+            "--hicache-storage-dir",
+            a.hicache_storage_dir,
+            "--hicache-storage-size",
+            str(a.hicache_storage_size),
+        ]
     hicache_config(a)  # refuse bad flags here, before any process starts
     worker_args += hicache_argv(a)
     tls = use_tls(a)  # this process checks the services' health over it too
     worker_args += tls
     cache_args += tls
-    gateway_args = ["--local-prefill-tokens", str(a.local_prefill_tokens),
-                    "--max-running-requests", str(a.max_running_requests),
-                    "--max-queued-requests", str(a.max_queued_requests), *tls]  # fmt: skip
+    gateway_args = [
+        "--local-prefill-tokens",
+        str(a.local_prefill_tokens),
+        "--max-running-requests",
+        str(a.max_running_requests),
+        "--max-queued-requests",
+        str(a.max_queued_requests),
+        *tls,
+    ]
     if a.api_key:  # to the gateway through the environment, not its command line (ps)
         os.environ["STRATA_API_KEY"] = a.api_key
         gateway_args += ["--protect-health"] if a.protect_health else []
-    return up(a.host, a.port, a.grpc_port, a.prefill, a.decode, model_args, worker_args,
-              gateway_args, cache_args, a.log_level)  # fmt: skip
+    return up(
+        a.host,
+        a.port,
+        a.grpc_port,
+        a.prefill,
+        a.decode,
+        model_args,
+        worker_args,
+        gateway_args,
+        cache_args,
+        a.log_level,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,13 +264,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(u)
     add_server_args(u)
     add_routing_args(u)
-    u.add_argument("--prefill", type=int, default=1, help="prefill workers (0: decode "
-                   "workers prefill their own prompts)")  # fmt: skip
+    u.add_argument(
+        "--prefill",
+        type=int,
+        default=1,
+        help="prefill workers (0: decode workers prefill their own prompts)",
+    )
     u.add_argument("--decode", type=int, default=1, help="decode workers")
     add_hicache_args(u)
-    u.add_argument("--disable-hierarchical-cache", action="store_true",
-                   help="workers keep L1 only (the cluster default is L1 + L2 + a shared L3 "
-                   "store in ~/.cache/strata/kv-store)")  # fmt: skip
+    u.add_argument(
+        "--disable-hierarchical-cache",
+        action="store_true",
+        help="workers keep L1 only (the cluster default is L1 + L2 + a shared L3 "
+        "store in ~/.cache/strata/kv-store)",
+    )
     add_tls_args(u)
     u.set_defaults(func=cmd_up, enable_hierarchical_cache=True, hicache_storage_backend="file")
     for role, port in (("prefill", 30030), ("decode", 30020)):
@@ -219,10 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
         add_server_args(d)
         add_hicache_args(d)
         add_cache_service_arg(d)
-        d.add_argument("--worker-id", default=None, help="name at the cache service "
-                       "(default host:port: the address the gateway dials)")  # fmt: skip
-        d.add_argument("--shutdown-grace", type=float, default=10.0,
-                       help="seconds in-flight calls get to finish on SIGTERM")  # fmt: skip
+        d.add_argument(
+            "--worker-id",
+            default=None,
+            help="name at the cache service (default host:port: the address the gateway dials)",
+        )
+        d.add_argument(
+            "--shutdown-grace",
+            type=float,
+            default=10.0,
+            help="seconds in-flight calls get to finish on SIGTERM",
+        )
         add_tls_args(d)
         d.set_defaults(func=cmd_worker, port=int(env(f"{role.upper()}_PORT") or port))
     w = sub.add_parser("gateway", help="run the gateway over the workers (REST + gRPC)")
@@ -230,11 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(w)
     add_routing_args(w)
     add_cache_service_arg(w)
-    w.add_argument("--decode", default=env("DECODE_ADDRS") or "127.0.0.1:30020",
-                   help="comma-separated decode worker addresses")  # fmt: skip
-    w.add_argument("--prefill", default=env("PREFILL_ADDRS") or "",
-                   help="comma-separated prefill worker addresses (none: decode workers "
-                   "prefill)")  # fmt: skip
+    w.add_argument(
+        "--decode",
+        default=env("DECODE_ADDRS") or "127.0.0.1:30020",
+        help="comma-separated decode worker addresses",
+    )
+    w.add_argument(
+        "--prefill",
+        default=env("PREFILL_ADDRS") or "",
+        help="comma-separated prefill worker addresses (none: decode workers prefill)",
+    )
     add_tls_args(w)
     w.set_defaults(func=cmd_gateway)
     c = sub.add_parser("cache", help="run the cache service (the cluster's radix trees)")
@@ -245,8 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("HICACHE_STORAGE_DIR"),
         help="the workers' shared L3 directory: indexed here, evicted LRU",
     )
-    c.add_argument("--hicache-storage-size", type=float, default=HiCacheConfig().storage_size_gb,
-                   help="L3 budget in GB")  # fmt: skip
+    c.add_argument(
+        "--hicache-storage-size",
+        type=float,
+        default=HiCacheConfig().storage_size_gb,
+        help="L3 budget in GB",
+    )
     c.add_argument("--log-level", default="info", help="debug, info, warning or error")
     add_tls_args(c)
     c.set_defaults(func=cmd_cache)

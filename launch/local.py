@@ -83,8 +83,19 @@ def running_cluster(*extra: str, timeout: float = 300.0) -> Iterator[tuple[str, 
     port, grpc_port = free_port(), free_port()
     # a fresh L3 store: warm pages from another run would change routing and hit rates
     store = tempfile.TemporaryDirectory()
-    cmd = [sys.executable, "-m", "launch.cli", "up", "--port", str(port),
-           "--grpc-port", str(grpc_port), "--hicache-storage-dir", store.name, *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.cli",
+        "up",
+        "--port",
+        str(port),
+        "--grpc-port",
+        str(grpc_port),
+        "--hicache-storage-dir",
+        store.name,
+        *extra,
+    ]
     with store, tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
         url = f"http://127.0.0.1:{port}"
@@ -114,8 +125,21 @@ def running_http(command: str, *extra: str, timeout: float = 180.0) -> Iterator[
     auth = {}
     if "--api-key" in extra:  # a protected /health needs it
         auth = {"Authorization": f"Bearer {extra[list(extra).index('--api-key') + 1]}"}
-    cmd = [sys.executable, "-m", "launch.cli", command, "--host", "127.0.0.1",
-           "--port", str(port), "--grpc-port", "-1", "--log-level", "warning", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.cli",
+        command,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--grpc-port",
+        "-1",
+        "--log-level",
+        "warning",
+        *extra,
+    ]
     with running_process(cmd, f"http://127.0.0.1:{port}", "/health", auth, timeout) as url:
         yield url
 

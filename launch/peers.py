@@ -26,10 +26,27 @@ def llama_cpp_server(n_ctx: int = 8192, timeout: float = 120.0) -> Iterator[str]
 
     port = free_port()
     threads = str(os.cpu_count() or 1)
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf()),
-           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx),
-           "--n_threads", threads, "--n_threads_batch", threads, "--cache", "true",
-           # its default lets each new request cut off the one in flight
-           "--interrupt_requests", "false"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(embedded_gguf()),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(n_ctx),
+        "--n_threads",
+        threads,
+        "--n_threads_batch",
+        threads,
+        "--cache",
+        "true",
+        # its default lets each new request cut off the one in flight
+        "--interrupt_requests",
+        "false",
+    ]
     with running_process(cmd, f"http://127.0.0.1:{port}", "/v1/models", {}, timeout) as url:
         yield url

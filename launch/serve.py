@@ -35,9 +35,13 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
 
 
 def serve(
-    model: ModelConfig, pool: KVPoolConfig, sched: SchedulerConfig, server: ServerConfig,
-    tiers: HiCacheConfig, random_seed: int | None = None,
-) -> None:  # fmt: skip
+    model: ModelConfig,
+    pool: KVPoolConfig,
+    sched: SchedulerConfig,
+    server: ServerConfig,
+    tiers: HiCacheConfig,
+    random_seed: int | None = None,
+) -> None:
     """The engine in its own process (its step loop on that process's main thread), the
     REST and gRPC fronts in this one."""
     from gateway.backend import LocalBackend
@@ -56,9 +60,14 @@ def serve(
 
 
 def serve_gateway(
-    model: ModelConfig, server: ServerConfig, cache_service: str, decode_targets: list[str],
-    prefill_targets: list[str], local_prefill_tokens: int, max_outstanding: int | None = None,
-) -> None:  # fmt: skip
+    model: ModelConfig,
+    server: ServerConfig,
+    cache_service: str,
+    decode_targets: list[str],
+    prefill_targets: list[str],
+    local_prefill_tokens: int,
+    max_outstanding: int | None = None,
+) -> None:
     """The split cluster's gateway: tokenizer and chat template here, prefill on the
     prefill workers and generation on the decode workers (routed by the cache service's
     prefix index)."""
@@ -67,17 +76,31 @@ def serve_gateway(
     folder = resolve_checkpoint(model.model_path)
     spec = ModelSpec.from_hf(read_config(folder))
     name = server.served_model_name or (model.model_path or "SmolLM2-135M-Instruct")
-    backend = RemoteBackend(load_tokenizer(folder), name, spec, cache_service, decode_targets,
-                            prefill_targets, local_prefill_tokens,
-                            max_outstanding=max_outstanding)  # fmt: skip
+    backend = RemoteBackend(
+        load_tokenizer(folder),
+        name,
+        spec,
+        cache_service,
+        decode_targets,
+        prefill_targets,
+        local_prefill_tokens,
+        max_outstanding=max_outstanding,
+    )
     run_loop(_serve_fronts(backend, name, server))
 
 
 def serve_worker(
-    role: str, model: ModelConfig, pool: KVPoolConfig, sched: SchedulerConfig,
-    tiers: HiCacheConfig, host: str, port: int, cache_service: str, worker_id: str | None,
+    role: str,
+    model: ModelConfig,
+    pool: KVPoolConfig,
+    sched: SchedulerConfig,
+    tiers: HiCacheConfig,
+    host: str,
+    port: int,
+    cache_service: str,
+    worker_id: str | None,
     grace: float = 10.0,
-) -> None:  # fmt: skip
+) -> None:
     """A split-mode worker ("prefill" or "decode"): the engine with its own radix tree,
     whose KV events go to the cache service under worker_id (default host:port, the address
     the gateway routes to)."""
@@ -145,10 +168,12 @@ async def _serve_fronts(
         )
         log.info("gRPC strata.v1.Gateway on %s:%d", server.host, bound)
     config = uvicorn.Config(
-        create_app(backend, server.api_key, server.protect_health, metrics), host=server.host,
+        create_app(backend, server.api_key, server.protect_health, metrics),
+        host=server.host,
         port=server.port,
-        log_level=server.log_level.lower(), timeout_graceful_shutdown=10,
-    )  # fmt: skip
+        log_level=server.log_level.lower(),
+        timeout_graceful_shutdown=10,
+    )
     log.info("serving %s on http://%s:%d", name, server.host, server.port)
     front = uvicorn.Server(config)
     watch = None

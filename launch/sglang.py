@@ -15,12 +15,18 @@ from launch.cli import main as cli_main
 IGNORED_FLAGS = {
     "--trust-remote-code": 0,
     "--enable-torch-compile": 0,
-    "--tokenizer-path": 1, "--kv-cache-dtype": 1,
-}  # fmt: skip
+    "--tokenizer-path": 1,
+    "--kv-cache-dtype": 1,
+}
 # SGLang's --attention-backend values that name one of ours; the others (flashinfer, fa3,
 # ...) warn and leave the choice to strata
-ATTENTION_BACKENDS = {"triton": "triton", "torch_native": "torch", "torch": "torch",
-                      "cpu": "cpu", "auto": "auto"}  # fmt: skip
+ATTENTION_BACKENDS = {
+    "triton": "triton",
+    "torch_native": "torch",
+    "torch": "torch",
+    "cpu": "cpu",
+    "auto": "auto",
+}
 
 
 def translate(argv: Sequence[str]) -> list[str]:
@@ -43,9 +49,10 @@ def translate(argv: Sequence[str]) -> list[str]:
                 out += ["--attention-backend", ATTENTION_BACKENDS[value]]
             else:
                 logging.getLogger("strata").warning(
-                    "ignoring --attention-backend %s (strata has %s)", value,
+                    "ignoring --attention-backend %s (strata has %s)",
+                    value,
                     ", ".join(sorted(set(ATTENTION_BACKENDS.values()))),
-                )  # fmt: skip
+                )
             continue
         out.append(args[i])
         i += 1

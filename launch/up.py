@@ -62,9 +62,12 @@ class Stopped(Exception):
 
 
 def wait_ready(
-    name: str, ready: Callable[[], bool], proc: subprocess.Popen, timeout: float,
+    name: str,
+    ready: Callable[[], bool],
+    proc: subprocess.Popen,
+    timeout: float,
     stopped: Callable[[], bool],
-) -> None:  # fmt: skip
+) -> None:
     """Poll ready() until it says True; Stopped on SIGINT / SIGTERM, RuntimeError when the
     child exits, TimeoutError after timeout seconds."""
     deadline = time.monotonic() + timeout
@@ -230,25 +233,52 @@ def up(
         taken = {port, grpc_port or port + 1}
         cache = f"{host}:{free_port(host, taken)}"
         port_arg = cache.rsplit(":", 1)[1]
-        wait_grpc(cache, start("cache service", "cache", "--host", host, "--port", port_arg,
-                               *cache_args), timeout, lambda: stopping)  # fmt: skip
+        wait_grpc(
+            cache,
+            start("cache service", "cache", "--host", host, "--port", port_arg, *cache_args),
+            timeout,
+            lambda: stopping,
+        )
         workers: dict[str, list[str]] = {"prefill": [], "decode": []}
         started = []
         for role, n in (("prefill", num_prefill), ("decode", num_decode)):
             for _ in range(n):
                 p = free_port(host, taken)
                 workers[role].append(f"{host}:{p}")
-                proc = start(f"{role} worker {host}:{p}", role, "--host", host, "--port", str(p),
-                             "--cache-service", cache, *model_args, *worker_args,
-                             env=bursty if role == "prefill" else None)  # fmt: skip
+                proc = start(
+                    f"{role} worker {host}:{p}",
+                    role,
+                    "--host",
+                    host,
+                    "--port",
+                    str(p),
+                    "--cache-service",
+                    cache,
+                    *model_args,
+                    *worker_args,
+                    env=bursty if role == "prefill" else None,
+                )
                 started.append((workers[role][-1], proc))
         for target, proc in started:  # they load the model side by side
             wait_grpc(target, proc, timeout, lambda: stopping)
         gateway = start(
-            "gateway", "gateway", "--host", host, "--port", str(port), "--grpc-port",
-            str(grpc_port), "--cache-service", cache, "--decode", ",".join(workers["decode"]),
-            "--prefill", ",".join(workers["prefill"]), *model_args, *gateway_args,
-        )  # fmt: skip
+            "gateway",
+            "gateway",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--grpc-port",
+            str(grpc_port),
+            "--cache-service",
+            cache,
+            "--decode",
+            ",".join(workers["decode"]),
+            "--prefill",
+            ",".join(workers["prefill"]),
+            *model_args,
+            *gateway_args,
+        )
         url = f"http://{host}:{port}"
         wait_http(url, gateway, timeout, lambda: stopping)
         print(

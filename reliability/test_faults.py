@@ -32,24 +32,42 @@ def kids(up: int, role: str) -> list[int]:
 
 def test_worker_and_cache_service_deaths_under_load_lose_no_stream():
     port = free_port()
-    cmd = [sys.executable, "-m", "launch.cli", "up", "--port", str(port), "--grpc-port", "-1",
-           "--prefill", "0", "--decode", "2", "--disable-hierarchical-cache"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.cli",
+        "up",
+        "--port",
+        str(port),
+        "--grpc-port",
+        "-1",
+        "--prefill",
+        "0",
+        "--decode",
+        "2",
+        "--disable-hierarchical-cache",
+    ]
     with tempfile.TemporaryFile() as log:
         up = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
         url = f"http://127.0.0.1:{port}"
         try:
             _wait_healthy(url, up, log, 300)
             outcomes: Counter = Counter()
-            runner = threading.Thread(target=lambda: outcomes.update(asyncio.run(
-                load(url, SECONDS, clients=16))))  # fmt: skip
+            runner = threading.Thread(
+                target=lambda: outcomes.update(asyncio.run(load(url, SECONDS, clients=16)))
+            )
             runner.start()
             time.sleep(8)
             victim = kids(up.pid, "decode")[0]
             workers = httpx.get(f"{url}/health", timeout=30).json()["workers"]
-            port_of = {int(cmdline(p).split("--port ")[1].split()[0]): p
-                       for p in kids(up.pid, "decode")}  # fmt: skip
-            target = next(w["worker"] for w in workers
-                          if port_of.get(int(w["worker"].rsplit(":", 1)[1])) == victim)  # fmt: skip
+            port_of = {
+                int(cmdline(p).split("--port ")[1].split()[0]): p for p in kids(up.pid, "decode")
+            }
+            target = next(
+                w["worker"]
+                for w in workers
+                if port_of.get(int(w["worker"].rsplit(":", 1)[1])) == victim
+            )
             os.kill(victim, signal.SIGKILL)
             killed = time.monotonic()
             while True:  # until the gateway stops routing to it
@@ -67,7 +85,8 @@ def test_worker_and_cache_service_deaths_under_load_lose_no_stream():
             while True:  # both services restarted, every worker ok
                 health = httpx.get(f"{url}/health", timeout=30).json()
                 restarted = kids(up.pid, "cache") not in ([], [cache]) and victim not in kids(
-                    up.pid, "decode")  # fmt: skip
+                    up.pid, "decode"
+                )
                 if restarted and all(w["status"] == "ok" for w in health["workers"]):
                     break
                 assert time.monotonic() < deadline, health

@@ -29,16 +29,25 @@ from strata.proto.v1 import cache_pb2, gateway_pb2, worker_pb2
 
 EXAMPLES = 60  # per method
 CALL_TIMEOUT = 15.0
-BROKEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.DATA_LOSS,
-          grpc.StatusCode.UNIMPLEMENTED}  # fmt: skip
+BROKEN = {
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.DATA_LOSS,
+    grpc.StatusCode.UNIMPLEMENTED,
+}
 F = FieldDescriptor
 INTS = {
-    F.TYPE_INT32: (-(2**31), 2**31 - 1), F.TYPE_SINT32: (-(2**31), 2**31 - 1),
-    F.TYPE_SFIXED32: (-(2**31), 2**31 - 1), F.TYPE_UINT32: (0, 2**32 - 1),
-    F.TYPE_FIXED32: (0, 2**32 - 1), F.TYPE_INT64: (-(2**63), 2**63 - 1),
-    F.TYPE_SINT64: (-(2**63), 2**63 - 1), F.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
-    F.TYPE_UINT64: (0, 2**64 - 1), F.TYPE_FIXED64: (0, 2**64 - 1),
-}  # fmt: skip
+    F.TYPE_INT32: (-(2**31), 2**31 - 1),
+    F.TYPE_SINT32: (-(2**31), 2**31 - 1),
+    F.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
+    F.TYPE_UINT32: (0, 2**32 - 1),
+    F.TYPE_FIXED32: (0, 2**32 - 1),
+    F.TYPE_INT64: (-(2**63), 2**63 - 1),
+    F.TYPE_SINT64: (-(2**63), 2**63 - 1),
+    F.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
+    F.TYPE_UINT64: (0, 2**64 - 1),
+    F.TYPE_FIXED64: (0, 2**64 - 1),
+}
 TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=40)  # protobuf needs UTF-8
 
 
@@ -60,8 +69,9 @@ def scalar(f: FieldDescriptor, overrides: dict[str, st.SearchStrategy]) -> st.Se
     if f.type == F.TYPE_BYTES:
         return st.binary(max_size=64)
     if f.type == F.TYPE_ENUM:
-        return st.one_of(st.sampled_from([v.number for v in f.enum_type.values]),
-                         st.integers(-5, 100))  # fmt: skip
+        return st.one_of(
+            st.sampled_from([v.number for v in f.enum_type.values]), st.integers(-5, 100)
+        )
     raise AssertionError(f"field type {f.type}")
 
 
@@ -85,8 +95,9 @@ def messages(
                 if val_f.message_type is None:
                     getattr(msg, f.name)[key] = draw(scalar(val_f, {}))
                 elif depth < 3:
-                    getattr(msg, f.name)[key].CopyFrom(draw(messages(val_f.message_type, {},
-                                                                     depth + 1)))  # fmt: skip
+                    getattr(msg, f.name)[key].CopyFrom(
+                        draw(messages(val_f.message_type, {}, depth + 1))
+                    )
             continue
         if f.message_type is not None:
             if depth >= 3:
@@ -132,16 +143,36 @@ def cluster() -> Iterator[dict[str, Any]]:
         prefill, prefill_proc = stack.enter_context(grpc_service("prefill", *worker))
         decode, decode_proc = stack.enter_context(grpc_service("decode", *worker))
         gport = free_port()
-        url = stack.enter_context(running_http(
-            "gateway", "--cache-service", cache, "--decode", decode, "--prefill", prefill,
-            "--grpc-port", str(gport)))  # fmt: skip
+        url = stack.enter_context(
+            running_http(
+                "gateway",
+                "--cache-service",
+                cache,
+                "--decode",
+                decode,
+                "--prefill",
+                prefill,
+                "--grpc-port",
+                str(gport),
+            )
+        )
         procs = {"cache": cache_proc, "prefill": prefill_proc, "decode": decode_proc}
-        yield {"cache": cache, "prefill": prefill, "decode": decode,
-               "gateway": f"127.0.0.1:{gport}", "url": url, "procs": procs}  # fmt: skip
+        yield {
+            "cache": cache,
+            "prefill": prefill,
+            "decode": decode,
+            "gateway": f"127.0.0.1:{gport}",
+            "url": url,
+            "procs": procs,
+        }
 
 
-SERVICES = [("cache", cache_pb2, "Cache"), ("prefill", worker_pb2, "Prefill"),
-            ("decode", worker_pb2, "Decode"), ("gateway", gateway_pb2, "Gateway")]  # fmt: skip
+SERVICES = [
+    ("cache", cache_pb2, "Cache"),
+    ("prefill", worker_pb2, "Prefill"),
+    ("decode", worker_pb2, "Decode"),
+    ("gateway", gateway_pb2, "Gateway"),
+]
 
 
 def test_generated_messages_crash_nothing(cluster):
@@ -157,13 +188,21 @@ def test_generated_messages_crash_nothing(cluster):
                 path = f"/{sdesc.full_name}/{method.name}"
                 out_cls = GetMessageClass(method.output_type)
                 kind = channel.unary_stream if method.server_streaming else channel.unary_unary
-                stub = kind(path, request_serializer=lambda m: m.SerializeToString(),
-                            response_deserializer=out_cls.FromString)  # fmt: skip
+                stub = kind(
+                    path,
+                    request_serializer=lambda m: m.SerializeToString(),
+                    response_deserializer=out_cls.FromString,
+                )
 
                 call = caller(stub, path, method.server_streaming, codes, broken)
                 cases = given(msg=messages(method.input_type, overrides))(call)
-                settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                         suppress_health_check=list(HealthCheck))(cases)()  # fmt: skip
+                settings(
+                    max_examples=EXAMPLES,
+                    deadline=None,
+                    derandomize=True,
+                    database=None,
+                    suppress_health_check=list(HealthCheck),
+                )(cases)()
     for path in sorted({p for p, _ in codes}):
         by_code = {c: n for (p, c), n in sorted(codes.items()) if p == path}
         figure(f"grpc {path}", by_code)
@@ -174,8 +213,11 @@ def test_generated_messages_crash_nothing(cluster):
         assert proc.poll() is None, f"the {name} process died"
     for role in ("cache", "prefill", "decode", "gateway"):
         with grpc.insecure_channel(cluster[role]) as channel:
-            status = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=5).status  # fmt: skip
+            status = (
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(), timeout=5)
+                .status
+            )
             assert status == health_pb2.HealthCheckResponse.SERVING, role
     health = httpx.get(f"{cluster['url']}/health", timeout=30).json()
     for w in health["workers"]:

@@ -43,8 +43,12 @@ async def one_stream(http: httpx.AsyncClient, url: str, rng: random.Random) -> s
     system = f"You answer questions about {topic} in one short paragraph."
     ask = f"Tell me fact {rng.randint(1, 40)} about {topic}."
     messages = [{"role": "system", "content": system}, {"role": "user", "content": ask}]
-    body: dict = {"messages": messages, "max_tokens": rng.choice([8, 16, 32, 48]),
-                  "temperature": rng.choice([0, 0.8]), "stream": True}  # fmt: skip
+    body: dict = {
+        "messages": messages,
+        "max_tokens": rng.choice([8, 16, 32, 48]),
+        "temperature": rng.choice([0, 0.8]),
+        "stream": True,
+    }
     if rng.random() < 1 / 16:
         body["max_tokens"] = -1  # a bad request
     cut = rng.random() < 1 / 8
@@ -121,12 +125,18 @@ def test_64_streams_for_60_seconds_lose_nothing_and_leak_nothing():
         health = settle(url)
         after = {name: rss_mb(pid) for name, pid in pids.items()}
     stats = health["radix_cache_stats"]
-    figure("load requests", f"{sum(outcomes.values())} in {elapsed:.0f} s by {CLIENTS} clients "
-           f"(warm-up {sum(warm.values())})")  # fmt: skip
+    figure(
+        "load requests",
+        f"{sum(outcomes.values())} in {elapsed:.0f} s by {CLIENTS} clients "
+        f"(warm-up {sum(warm.values())})",
+    )
     figure("load outcomes", dict(sorted(outcomes.items())))
     figure("load rss MB before/after", {n: f"{before[n]:.0f} / {after[n]:.0f}" for n in pids})
-    figure("load pages at end", f"{health['pages_free']} free + {stats['cached_pages']} cached "
-           f"of {health['pages_total']}, {stats['locked_pages']} locked")  # fmt: skip
+    figure(
+        "load pages at end",
+        f"{health['pages_free']} free + {stats['cached_pages']} cached "
+        f"of {health['pages_total']}, {stats['locked_pages']} locked",
+    )
     assert set(outcomes) <= {"completed", "cut", "error_event", "refused_4xx"}, outcomes
     assert outcomes["completed"] > CLIENTS
     assert stats["locked_pages"] == 0

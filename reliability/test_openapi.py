@@ -34,9 +34,13 @@ def test_no_operation_answers_5xx():
         for op in operations:
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
                 cases = op.as_strategy(generation_mode=mode)
-                run = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
-                               database=None, suppress_health_check=list(HealthCheck),
-                               )(given(case=cases)(call))  # fmt: skip
+                run = settings(
+                    max_examples=EXAMPLES,
+                    deadline=None,
+                    derandomize=True,
+                    database=None,
+                    suppress_health_check=list(HealthCheck),
+                )(given(case=cases)(call))
                 try:
                     run()
                 except Unsatisfiable:  # no invalid input exists (a GET with no parameters)

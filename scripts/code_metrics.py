@@ -136,8 +136,10 @@ def main() -> int:
     p95 = lengths[int(0.95 * (len(lengths) - 1))]
     print(f"python files {len(files)}, non-blank lines {lines}")
     print(f"C/C++ files {len(other)}, lines {sum(len(p.read_text().splitlines()) for p in other)}")
-    print(f"functions {len(lengths)}: median {statistics.median(lengths):g} lines, p95 {p95}, "
-          f"longest {lengths[-1]}; over {a.long} lines: {len(long)}")  # fmt: skip
+    print(
+        f"functions {len(lengths)}: median {statistics.median(lengths):g} lines, p95 {p95}, "
+        f"longest {lengths[-1]}; over {a.long} lines: {len(long)}"
+    )
     print(f"import cycles {len(cycles)} (modules in them: {sum(len(c) for c in cycles)})")
     print(f"upward arrows in {' / '.join(' -> '.join(c) for c in CHAINS)}: {len(upward)}")
     print(f"'# fmt: skip' markers {skips}")

@@ -26,16 +26,24 @@ def generate(out: Path) -> list[Path]:
     files = sorted(str(p.relative_to(PROTOS)) for p in (PROTOS / "strata" / "v1").glob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["protoc", f"-I{PROTOS}", f"-I{include}", f"--python_out={tmp}",
-                f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", *files]  # fmt: skip
+        args = [
+            "protoc",
+            f"-I{PROTOS}",
+            f"-I{include}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            *files,
+        ]
         if protoc.main(args) != 0:
             raise RuntimeError("protoc failed")
         (out / "v1").mkdir(parents=True, exist_ok=True)
         written = []
         for src in sorted((Path(tmp) / "strata" / "v1").iterdir()):
             # the generated code imports `strata.v1`; it lives in the package `strata.proto.v1`
-            text = re.sub(r"\bfrom strata\.v1 import", "from strata.proto.v1 import",
-                          src.read_text())  # fmt: skip
+            text = re.sub(
+                r"\bfrom strata\.v1 import", "from strata.proto.v1 import", src.read_text()
+            )
             dst = out / "v1" / src.name
             dst.write_text(text)
             written.append(dst)

@@ -68,46 +68,73 @@ def params_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
         else:
             setattr(constraint, c.kind, c.source)
     return common_pb2.SamplingParams(
-        max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
-        top_k=p.top_k, min_p=p.min_p, repetition_penalty=p.repetition_penalty,
-        frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
-        seed=p.seed, stop=list(p.stop), stop_token_ids=list(p.stop_token_ids),
-        ignore_eos=p.ignore_eos, logprobs=p.logprobs, top_logprobs=p.top_logprobs,
-        constraint=constraint, logprob_start_len=p.logprob_start_len,
+        max_new_tokens=p.max_new_tokens,
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        min_p=p.min_p,
+        repetition_penalty=p.repetition_penalty,
+        frequency_penalty=p.frequency_penalty,
+        presence_penalty=p.presence_penalty,
+        seed=p.seed,
+        stop=list(p.stop),
+        stop_token_ids=list(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
+        logprobs=p.logprobs,
+        top_logprobs=p.top_logprobs,
+        constraint=constraint,
+        logprob_start_len=p.logprob_start_len,
         logit_bias=dict(p.logit_bias),
-    )  # fmt: skip
+    )
 
 
 def chunk_from_output(ev: RequestOutput) -> common_pb2.TokenChunk:
     u = ev.usage
     usage = None
     if u is not None:
-        usage = common_pb2.Usage(prompt_tokens=u.prompt_tokens,
-                                 completion_tokens=u.completion_tokens,
-                                 cached_tokens=u.cached_tokens,
-                                 attention_sparsity_ratio=u.attention_sparsity_ratio,
-                                 queue_seconds=u.queue_seconds)  # fmt: skip
+        usage = common_pb2.Usage(
+            prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens,
+            cached_tokens=u.cached_tokens,
+            attention_sparsity_ratio=u.attention_sparsity_ratio,
+            queue_seconds=u.queue_seconds,
+        )
     return common_pb2.TokenChunk(
-        token_ids=ev.token_ids, text=ev.text, logprobs=ev.logprobs or [],
+        token_ids=ev.token_ids,
+        text=ev.text,
+        logprobs=ev.logprobs or [],
         finish_reason=FINISH.get(ev.finish_reason or "", common_pb2.FINISH_REASON_UNSPECIFIED),
-        error=ev.error or "", usage=usage,
+        error=ev.error or "",
+        usage=usage,
         input_logprobs=[math.nan if v is None else v for v in ev.input_logprobs or []],
-        transfer_bytes=ev.transfer_bytes, transfer_seconds=ev.transfer_seconds,
-    )  # fmt: skip
+        transfer_bytes=ev.transfer_bytes,
+        transfer_seconds=ev.transfer_seconds,
+    )
 
 
 def output_from_chunk(rid: str, c: common_pb2.TokenChunk) -> RequestOutput:
     usage = None
     if c.HasField("usage"):
         u = c.usage
-        usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens,
-                      u.attention_sparsity_ratio, u.queue_seconds)  # fmt: skip
+        usage = Usage(
+            u.prompt_tokens,
+            u.completion_tokens,
+            u.cached_tokens,
+            u.attention_sparsity_ratio,
+            u.queue_seconds,
+        )
     return RequestOutput(
-        rid, list(c.token_ids), c.text, finish_reason=FINISH_NAME.get(c.finish_reason),
-        error=c.error or None, usage=usage, logprobs=list(c.logprobs) or None,
+        rid,
+        list(c.token_ids),
+        c.text,
+        finish_reason=FINISH_NAME.get(c.finish_reason),
+        error=c.error or None,
+        usage=usage,
+        logprobs=list(c.logprobs) or None,
         input_logprobs=[None if math.isnan(v) else v for v in c.input_logprobs] or None,
-        transfer_bytes=c.transfer_bytes, transfer_seconds=c.transfer_seconds,
-    )  # fmt: skip
+        transfer_bytes=c.transfer_bytes,
+        transfer_seconds=c.transfer_seconds,
+    )
 
 
 def tree_stats_to_proto(t: TreeStats) -> worker_pb2.CacheStats:
@@ -120,20 +147,27 @@ def tree_stats_from_proto(r: worker_pb2.CacheStats) -> TreeStats:
 
 def tier_stats_to_proto(t: dict[str, Any]) -> worker_pb2.TierStats:
     return worker_pb2.TierStats(
-        l2_pages=t["l2"]["pages"], l2_used_pages=t["l2"]["used_pages"], l2_bytes=t["l2"]["bytes"],
-        l3=t["l3"] is not None, l3_bad_files=(t["l3"] or {}).get("bad_files", 0),
+        l2_pages=t["l2"]["pages"],
+        l2_used_pages=t["l2"]["used_pages"],
+        l2_bytes=t["l2"]["bytes"],
+        l3=t["l3"] is not None,
+        l3_bad_files=(t["l3"] or {}).get("bad_files", 0),
         l3_skipped_writes=(t["l3"] or {}).get("skipped_writes", 0),
-        bytes_moved=t["bytes_moved"], write_policy=t["write_policy"], page_bytes=t["page_bytes"],
-    )  # fmt: skip
+        bytes_moved=t["bytes_moved"],
+        write_policy=t["write_policy"],
+        page_bytes=t["page_bytes"],
+    )
 
 
 def tier_stats_from_proto(r: worker_pb2.TierStats) -> dict[str, Any]:
     l3 = {"bad_files": r.l3_bad_files, "skipped_writes": r.l3_skipped_writes} if r.l3 else None
     return {
         "l2": {"pages": r.l2_pages, "used_pages": r.l2_used_pages, "bytes": r.l2_bytes},
-        "l3": l3, "bytes_moved": dict(r.bytes_moved), "write_policy": r.write_policy,
+        "l3": l3,
+        "bytes_moved": dict(r.bytes_moved),
+        "write_policy": r.write_policy,
         "page_bytes": r.page_bytes,
-    }  # fmt: skip
+    }
 
 
 COSTS = ("compute_token", "l2_page", "l3_page")
@@ -150,10 +184,15 @@ def costs_from_proto(c: cache_pb2.LoadCosts) -> dict[str, float]:
 
 def batch_to_proto(b: Batch) -> cache_pb2.EventBatch:
     return cache_pb2.EventBatch(
-        worker=b.worker, seed=b.seed, page_size=b.page_size, first_seq=b.first_seq,
-        snapshot=b.snapshot, costs=costs_to_proto(b.costs), page_file_bytes=b.page_file_bytes,
+        worker=b.worker,
+        seed=b.seed,
+        page_size=b.page_size,
+        first_seq=b.first_seq,
+        snapshot=b.snapshot,
+        costs=costs_to_proto(b.costs),
+        page_file_bytes=b.page_file_bytes,
         events=[cache_pb2.KVEvent(kind=e.kind, tier=e.tier, keys=e.keys) for e in b.events],
-    )  # fmt: skip
+    )
 
 
 EVENT_KINDS, EVENT_TIERS = ("stored", "removed", "hit"), ("l1", "l2", "l3")
@@ -173,7 +212,12 @@ def batch_from_proto(m: cache_pb2.EventBatch) -> Batch:
         if any(len(k) != KEY_BYTES for k in e.keys):
             raise ValueError(f"a page key is {KEY_BYTES} bytes")
     return Batch(
-        m.worker, m.seed, m.page_size, m.first_seq, m.snapshot,
-        [KVEvent(e.kind, e.tier, list(e.keys)) for e in m.events], costs_from_proto(m.costs),
+        m.worker,
+        m.seed,
+        m.page_size,
+        m.first_seq,
+        m.snapshot,
+        [KVEvent(e.kind, e.tier, list(e.keys)) for e in m.events],
+        costs_from_proto(m.costs),
         m.page_file_bytes,
-    )  # fmt: skip
+    )

@@ -29,12 +29,17 @@ log = logging.getLogger(__name__)
 # Every strata server and channel sets both limits (grpc's default receive limit is 4 MiB):
 # a bigger message is refused with RESOURCE_EXHAUSTED before it is parsed.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-MESSAGE_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]  # fmt: skip
+MESSAGE_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
 # Channels: a restarted peer is dialled again within 2 s (grpc's default backoff grows to
 # 120 s, which would keep a worker that came back out of routing for minutes).
-CHANNEL_OPTIONS = [*MESSAGE_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 500),
-                   ("grpc.max_reconnect_backoff_ms", 2000)]  # fmt: skip
+CHANNEL_OPTIONS = [
+    *MESSAGE_OPTIONS,
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
 
 
 @dataclass(frozen=True)
@@ -67,8 +72,9 @@ def _channel_credentials() -> grpc.ChannelCredentials | None:
     if _tls is None:
         return None
     cert, key, ca = _tls
-    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
-                                        certificate_chain=cert)  # fmt: skip
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
 
 
 def open_channel(target: str, options: Sequence[tuple[str, Any]] = CHANNEL_OPTIONS) -> grpc.Channel:
@@ -107,8 +113,9 @@ async def start_server(
     reflection.enable_server_reflection([*names, health_name, reflection.SERVICE_NAME], server)
     if internal and _tls is not None:
         cert, key, ca = _tls
-        creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
-                                            require_client_auth=True)  # fmt: skip
+        creds = grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=True
+        )
         bound = server.add_secure_port(f"{host}:{port}", creds)
     else:
         bound = server.add_insecure_port(f"{host}:{port}")
@@ -131,8 +138,10 @@ async def run_until_signal(
     signals = (signal.SIGTERM, signal.SIGINT) if stopping is None else ()
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
-    waits = [asyncio.ensure_future(server.wait_for_termination()),
-             asyncio.ensure_future(stop.wait())]  # fmt: skip
+    waits = [
+        asyncio.ensure_future(server.wait_for_termination()),
+        asyncio.ensure_future(stop.wait()),
+    ]
     if stopping is not None:
         waits.append(asyncio.ensure_future(_wait_for(stopping)))
     try:
@@ -182,8 +191,10 @@ def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover (abort raises)
 
-    codec = {"request_deserializer": handler.request_deserializer,
-             "response_serializer": handler.response_serializer}  # fmt: skip
+    codec = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(stream, **codec)
     if handler.stream_stream:

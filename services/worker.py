@@ -40,10 +40,16 @@ class EngineWorker:
         s = await asyncio.wrap_future(self.engine.call(self.engine.stats))
         t = self.transferred
         reply = worker_pb2.LoadResponse(
-            worker=self.worker_id, running=s.running, waiting=s.waiting,
-            pages_total=s.pages_total, pages_free=s.pages_free, held_requests=s.held,
-            transfers=t.transfers, transfer_bytes=t.bytes, transfer_seconds=t.seconds,
-        )  # fmt: skip
+            worker=self.worker_id,
+            running=s.running,
+            waiting=s.waiting,
+            pages_total=s.pages_total,
+            pages_free=s.pages_free,
+            held_requests=s.held,
+            transfers=t.transfers,
+            transfer_bytes=t.bytes,
+            transfer_seconds=t.seconds,
+        )
         if s.cache is not None:
             reply.cache.CopyFrom(tree_stats_to_proto(s.cache))
         if s.tiers is not None:

@@ -26,8 +26,14 @@ def env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"STRATA_{name}", default)
 
 
-SYSTEM_VARIABLES = ("CC", "CXX", "GLIBC_TUNABLES", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY",
-                    "XDG_CACHE_HOME")  # fmt: skip
+SYSTEM_VARIABLES = (
+    "CC",
+    "CXX",
+    "GLIBC_TUNABLES",
+    "GOMP_SPINCOUNT",
+    "OMP_WAIT_POLICY",
+    "XDG_CACHE_HOME",
+)
 
 
 def system_env(name: str, default: str | None = None) -> str | None:
@@ -180,10 +186,16 @@ class SparseConfig:
             raise ValueError("--attention-sparsity-threshold must be in [0, 1)")
         if self.budget < 0 or (self.budget >= 1 and self.budget != int(self.budget)):
             raise ValueError("--sparse-budget must be a page count (>= 1) or a fraction (< 1)")
-        if (self.min_context < 0 or self.dense_layers < 0 or self.sink_pages < 0
-                or self.demote_after < 0):  # fmt: skip
-            raise ValueError("--sparse-min-context, --sparse-dense-layers and "
-                             "--sparse-demote-after must not be negative")  # fmt: skip
+        if (
+            self.min_context < 0
+            or self.dense_layers < 0
+            or self.sink_pages < 0
+            or self.demote_after < 0
+        ):
+            raise ValueError(
+                "--sparse-min-context, --sparse-dense-layers and "
+                "--sparse-demote-after must not be negative"
+            )
         if self.window_pages < 1:
             raise ValueError("sparse attention keeps at least the newest page")
 
@@ -239,8 +251,10 @@ class ModelConfig:
         if self.cuda_graph_max_bs < 0:
             raise ValueError("--cuda-graph-max-bs must be >= 0")
         if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {self.attention_backend!r}; "
-                             f"choose one of {ATTENTION_BACKENDS}")  # fmt: skip
+            raise ValueError(
+                f"unknown attention backend {self.attention_backend!r}; "
+                f"choose one of {ATTENTION_BACKENDS}"
+            )
         resolve_dtype(self.dtype, self.device)
 
     @property
@@ -300,8 +314,9 @@ class HiCacheConfig:
         if self.write_policy not in WRITE_POLICIES:
             raise ValueError(f"--hicache-write-policy must be one of {WRITE_POLICIES}")
         if self.prefetch_policy not in PREFETCH_POLICIES:
-            raise ValueError(f"--hicache-storage-prefetch-policy must be one of "
-                             f"{PREFETCH_POLICIES}")  # fmt: skip
+            raise ValueError(
+                f"--hicache-storage-prefetch-policy must be one of {PREFETCH_POLICIES}"
+            )
         if self.storage_backend not in ("", "file"):
             raise ValueError("--hicache-storage-backend must be 'file' (or unset)")
         if self.storage_backend and not self.enabled:

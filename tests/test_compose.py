@@ -25,8 +25,13 @@ NO_COMPOSE = "docker-compose not installed (make installs it where apt exists)"
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason=NO_COMPOSE)
 def test_docker_compose_validates_the_file():
-    run = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=60)  # fmt: skip
+    run = subprocess.run(
+        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
 
 
@@ -45,8 +50,9 @@ def test_every_address_is_served_by_another_service(services):
     serves = {}
     for name, svc in services.items():
         args = parser.parse_args(svc["command"][1:])
-        serves[name] = {args.port} | ({args.grpc_port} if getattr(args, "grpc_port", 0) > 0
-                                      else set())  # fmt: skip
+        serves[name] = {args.port} | (
+            {args.grpc_port} if getattr(args, "grpc_port", 0) > 0 else set()
+        )
         assert args.host == "0.0.0.0", f"{name} must listen beyond its container"
     for name, svc in services.items():
         args = parser.parse_args(svc["command"][1:])

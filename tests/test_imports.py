@@ -17,8 +17,9 @@ PACKAGES = ("strata", "gateway", "services", "launch")
 def lint_imports(cwd: Path) -> subprocess.CompletedProcess[str]:
     lint = Path(sys.executable).with_name("lint-imports")
     env = {**os.environ, "PYTHONPATH": str(cwd)}
-    return subprocess.run([str(lint), "--no-cache"], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [str(lint), "--no-cache"], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_the_layers_hold():

@@ -28,9 +28,14 @@ MAX_BATCH = 4096  # events per message
 
 class KVEventPublisher:
     def __init__(
-        self, target: str, worker: str, engine: Engine, interval: float = 0.05,
-        heartbeat: float = 1.0, timeout: float = 5.0,
-    ) -> None:  # fmt: skip
+        self,
+        target: str,
+        worker: str,
+        engine: Engine,
+        interval: float = 0.05,
+        heartbeat: float = 1.0,
+        timeout: float = 5.0,
+    ) -> None:
         assert engine.prefix_cache is not None
         self.engine, self.cache, self.worker = engine, engine.prefix_cache, worker
         self.interval, self.heartbeat, self.timeout = interval, heartbeat, timeout
@@ -79,8 +84,7 @@ class KVEventPublisher:
                     self._connected = True
             except grpc.RpcError as exc:
                 if self._connected:
-                    log.warning("KV events: cache service unreachable (%s); serving on",
-                                exc.code())  # fmt: skip
+                    log.warning("KV events: cache service unreachable (%s); serving on", exc.code())
                 self._connected, self._need_snapshot = False, True
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
@@ -91,9 +95,16 @@ class KVEventPublisher:
 
     def _batch(self, first_seq: int, events: list[KVEvent], snapshot: bool = False) -> Batch:
         costs = getattr(self.cache, "costs", {})
-        return Batch(self.worker, self.cache.tree.seed, self.cache.tree.page_size, first_seq,
-                     snapshot, events, {k: v for k, v in costs.items() if v},
-                     getattr(self.cache, "page_file_bytes", 0))  # fmt: skip
+        return Batch(
+            self.worker,
+            self.cache.tree.seed,
+            self.cache.tree.page_size,
+            first_seq,
+            snapshot,
+            events,
+            {k: v for k, v in costs.items() if v},
+            getattr(self.cache, "page_file_bytes", 0),
+        )
 
     def _take_snapshot(self) -> tuple[int, dict[str, list[bytes]]]:
         with self._lock:  # on the engine thread: no event can be assigned meanwhile

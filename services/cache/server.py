@@ -36,11 +36,17 @@ class CacheService(cache_pb2_grpc.CacheServicer):
     async def Route(self, request, context):  # noqa: N802
         workers, l3 = self.index.route(list(request.token_ids))
         return cache_pb2.RouteResponse(
-            workers={w: cache_pb2.WorkerRoute(l1_tokens=r.l1_tokens, l2_tokens=r.l2_tokens,
-                                              costs=costs_to_proto(r.costs), page_size=r.page_size)
-                     for w, r in workers.items()},
+            workers={
+                w: cache_pb2.WorkerRoute(
+                    l1_tokens=r.l1_tokens,
+                    l2_tokens=r.l2_tokens,
+                    costs=costs_to_proto(r.costs),
+                    page_size=r.page_size,
+                )
+                for w, r in workers.items()
+            },
             l3_tokens=l3,
-        )  # fmt: skip
+        )
 
     async def Stats(self, request, context):  # noqa: N802
         store = self.index.store

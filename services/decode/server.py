@@ -35,9 +35,15 @@ class PrefillPeers:
     and the next request to that worker connects again."""
 
     def __init__(
-        self, kv: KVCache, worker_id: str, counter: TransferCounter, timeout: float = 30.0,
-        prefill_timeout: float = 600.0, tp_size: int = 1, links: RankLinks | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        kv: KVCache,
+        worker_id: str,
+        counter: TransferCounter,
+        timeout: float = 30.0,
+        prefill_timeout: float = 600.0,
+        tp_size: int = 1,
+        links: RankLinks | None = None,
+    ) -> None:
         """tp_size, links: with tensor parallelism, the size and the links to ranks 1.. (each
         rank receives its own KV heads over a channel of its own)."""
         self.kv, self.worker_id, self.timeout, self.counter = kv, worker_id, timeout, counter
@@ -61,11 +67,13 @@ class PrefillPeers:
             stub = self._stubs[target]
             try:
                 reply = stub.Connect(
-                    worker_pb2.ConnectRequest(decode_worker=self.worker_id,
-                                              kv_layout=kv_layout(self.kv, self.tp_size),
-                                              timeout_s=self.timeout),
+                    worker_pb2.ConnectRequest(
+                        decode_worker=self.worker_id,
+                        kv_layout=kv_layout(self.kv, self.tp_size),
+                        timeout_s=self.timeout,
+                    ),
                     timeout=self.timeout,
-                )  # fmt: skip
+                )
             except grpc.RpcError as exc:
                 raise TransferError(f"KV channel to {target}: {exc.details()}") from None
             host = target.rsplit(":", 1)[0]
@@ -85,8 +93,10 @@ class PrefillPeers:
         """Every rank joins its peer rank's store (the others from their processes)."""
         cid, ports = reply.channel_id, list(reply.rank_ports)
         if len(ports) != links.size:
-            raise TransferError(f"the prefill worker has {len(ports) + 1} tensor-parallel "
-                                f"ranks, this decode worker {links.size + 1}")  # fmt: skip
+            raise TransferError(
+                f"the prefill worker has {len(ports) + 1} tensor-parallel "
+                f"ranks, this decode worker {links.size + 1}"
+            )
         joins = links.call_each([("join", cid, host, p, self.timeout) for p in ports])
         own = KVChannel(self.kv, host, reply.port, rank=1, timeout=self.timeout)
         channel = RankedChannel(own, cid, links)
@@ -103,16 +113,24 @@ class PrefillPeers:
             self._channels.pop(target, None)
 
     def fetch(
-        self, target: str, rid: str, prompt_ids: list[int], params: SamplingParams,
-        pages: list[int], cancel: threading.Event,
-    ) -> RemoteFill:  # fmt: skip
+        self,
+        target: str,
+        rid: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        pages: list[int],
+        cancel: threading.Event,
+    ) -> RemoteFill:
         stub = self.stub(target)
         call = stub.Prefill.future(
-            worker_pb2.PrefillRequest(request_id=rid, prompt_ids=prompt_ids,
-                                      sampling_params=params_to_proto(params),
-                                      num_pages=len(pages)),
+            worker_pb2.PrefillRequest(
+                request_id=rid,
+                prompt_ids=prompt_ids,
+                sampling_params=params_to_proto(params),
+                num_pages=len(pages),
+            ),
             timeout=self.prefill_timeout,
-        )  # fmt: skip
+        )
         while not call.done():  # poll, so an abort here cancels the remote prefill at once
             if cancel.wait(0.02):
                 call.cancel()
@@ -131,20 +149,27 @@ class PrefillPeers:
             raise
         self.counter.add(stats.transfer_bytes, stats.transfer_seconds)
         return RemoteFill(
-            reply.first_token, reply.cached_tokens,
+            reply.first_token,
+            reply.cached_tokens,
             logprob=reply.logprob if reply.HasField("logprob") else None,
             top_logprobs=dict(reply.top_logprobs) or None,
-            transfer_bytes=stats.transfer_bytes, transfer_seconds=stats.transfer_seconds,
-        )  # fmt: skip
+            transfer_bytes=stats.transfer_bytes,
+            transfer_seconds=stats.transfer_seconds,
+        )
 
     def _pull(
-        self, stub: worker_pb2_grpc.PrefillStub, target: str,
-        channel: KVChannel | RankedChannel, cid: str,
-        rid: str, pages: list[int],
-    ) -> worker_pb2.PullResponse:  # fmt: skip
+        self,
+        stub: worker_pb2_grpc.PrefillStub,
+        target: str,
+        channel: KVChannel | RankedChannel,
+        cid: str,
+        rid: str,
+        pages: list[int],
+    ) -> worker_pb2.PullResponse:
         with channel.lock:  # one transfer at a time per channel, in the same order both sides
-            replies = stub.Pull(worker_pb2.PullRequest(request_id=rid, channel_id=cid),
-                                timeout=self.timeout)  # fmt: skip
+            replies = stub.Pull(
+                worker_pb2.PullRequest(request_id=rid, channel_id=cid), timeout=self.timeout
+            )
             try:
                 next(replies)  # ready: the sender is about to send
             except grpc.RpcError as exc:  # refused before any byte moved: channel intact
@@ -169,8 +194,14 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
     def __init__(self, engine: Engine, worker_id: str, transfer_timeout: float = 30.0) -> None:
         super().__init__(engine, worker_id)
         runner = engine.runner
-        self.peers = PrefillPeers(runner.kv, worker_id, self.transferred, transfer_timeout,
-                                  tp_size=runner.tp_size, links=runner.links)  # fmt: skip
+        self.peers = PrefillPeers(
+            runner.kv,
+            worker_id,
+            self.transferred,
+            transfer_timeout,
+            tp_size=runner.tp_size,
+            links=runner.links,
+        )
 
     async def Generate(self, request, context):  # noqa: N802 (gRPC method names)
         ids = list(request.prompt_ids)

@@ -65,8 +65,9 @@ class PrefillService(EngineWorker, worker_pb2_grpc.PrefillServicer):
         self.channels[cid] = self._joins.submit(self._join, runner.kv, store, timeout, cid)
         log.info("KV channel %s to %s on port %d", cid[:8], request.decode_worker, store.port)
         backend = "nccl" if runner.kv.data.is_cuda else "gloo"
-        return worker_pb2.ConnectResponse(channel_id=cid, port=store.port, backend=backend,
-                                          rank_ports=rank_ports)  # fmt: skip
+        return worker_pb2.ConnectResponse(
+            channel_id=cid, port=store.port, backend=backend, rank_ports=rank_ports
+        )
 
     def _join(self, kv: KVCache, store: Any, timeout: float, cid: str) -> KVChannel | RankedChannel:
         own = KVChannel(kv, "", 0, rank=0, timeout=timeout, store=store)
@@ -83,9 +84,11 @@ class PrefillService(EngineWorker, worker_pb2_grpc.PrefillServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         expected = self.engine.runner.pages_for(len(ids))
         if request.num_pages != expected:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"{request.num_pages} pages reserved for a prompt of {len(ids)} "
-                                f"tokens; this worker sends {expected}")  # fmt: skip
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{request.num_pages} pages reserved for a prompt of {len(ids)} "
+                f"tokens; this worker sends {expected}",
+            )
         # one token: the decode worker samples the rest; a cancelled call aborts the prefill
         one = replace(checked, params=replace(params, max_new_tokens=1))
         last = None

@@ -213,9 +213,12 @@ class TorchAttention(AttentionBackend):
         return out
 
     def _write(
-        self, layer: LayerKV, where: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor,
+        self,
+        layer: LayerKV,
+        where: tuple[torch.Tensor, torch.Tensor],
+        k: torch.Tensor,
         v: torch.Tensor,
-    ) -> None:  # fmt: skip
+    ) -> None:
         if not (self.kernels and cpu_kernels.write_kv(layer, where, k, v)):
             reference.write_kv(layer, where, k, v)
 
@@ -234,9 +237,15 @@ class TorchAttention(AttentionBackend):
         for e in meta.extends:
             rows = slice(e.start, e.start + e.q_len)
             out[rows] = reference.paged_prefill(
-                q[rows], k[rows], v[rows], layer.k, layer.v, e.page_ids, e.prefix_len,
+                q[rows],
+                k[rows],
+                v[rows],
+                layer.k,
+                layer.v,
+                e.page_ids,
+                e.prefix_len,
                 self.scale,
-            )  # fmt: skip
+            )
         return out
 
     def _segments(
@@ -310,9 +319,14 @@ class TorchAttention(AttentionBackend):
         if meta.shared_pages is not None:
             assert meta.suffix_table is not None and meta.suffix_mask is not None
             return reference.paged_decode_cascade(
-                q, k_pages, v_pages, meta.shared_pages, meta.suffix_table, meta.suffix_mask,
+                q,
+                k_pages,
+                v_pages,
+                meta.shared_pages,
+                meta.suffix_table,
+                meta.suffix_mask,
                 self.scale,
-            )  # fmt: skip
+            )
         return self._dense_decode(q, layer, meta)
 
     def _dense_decode(self, q: torch.Tensor, layer: LayerKV, meta: TorchMeta) -> torch.Tensor:
@@ -335,19 +349,39 @@ class TorchAttention(AttentionBackend):
         assert meta.decode_pages is not None and meta.decode_lens is not None
         if self.kernels:
             fused = cpu_kernels.sparse_decode(
-                q, layer, meta.decode_pages, meta.decode_lens, state.active_u8, self.scale,
-                sp.min_score, sp.budget, sp.sink_pages, sp.window_pages, state.touched,
+                q,
+                layer,
+                meta.decode_pages,
+                meta.decode_lens,
+                state.active_u8,
+                self.scale,
+                sp.min_score,
+                sp.budget,
+                sp.sink_pages,
+                sp.window_pages,
+                state.touched,
                 state.segments,
-            )  # fmt: skip
+            )
             if fused is not None:
                 out, kept = fused
                 state.kept.append(kept)
                 return out
         table, lens, kept = reference.select_pages(
-            q, layer.kmin, layer.kmax, meta.decode_pages, meta.decode_lens, state.active,
-            self.page_size, self.scale, sp.min_score, sp.budget, sp.sink_pages, sp.window_pages,
-            state.segments, layer.layer_id,
-        )  # fmt: skip
+            q,
+            layer.kmin,
+            layer.kmax,
+            meta.decode_pages,
+            meta.decode_lens,
+            state.active,
+            self.page_size,
+            self.scale,
+            sp.min_score,
+            sp.budget,
+            sp.sink_pages,
+            sp.window_pages,
+            state.segments,
+            layer.layer_id,
+        )
         state.kept.append(kept)
         state.touched |= reference.kept_mask(meta.decode_pages, table, kept)
         return self._selected_decode(q, layer, table, lens)

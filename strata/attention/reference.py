@@ -189,9 +189,14 @@ def segment_summaries(data: torch.Tensor, pages: torch.Tensor, ends: Sequence[in
 
 
 def spared_pages(
-    u: torch.Tensor, q: torch.Tensor, forced: torch.Tensor, segments: Segments, layer: int,
-    scale: float, min_score: float,
-) -> torch.Tensor:  # fmt: skip
+    u: torch.Tensor,
+    q: torch.Tensor,
+    forced: torch.Tensor,
+    segments: Segments,
+    layer: int,
+    scale: float,
+    min_score: float,
+) -> torch.Tensor:
     """Pages select_pages need not score (bool [B, W, kv_heads]): those of a segment whose
     bound is, for every query head of the group, under min_score against the best bound
     among the forced pages. Such a page's own score is lower still (its keys lie inside the
@@ -273,8 +278,9 @@ def select_pages(
     u = u.masked_fill(~valid[:, :, None, None], float("-inf"))
     forced = (pos < sink) | (pos >= n[:, None] - window)
     if segments is not None:
-        spared = spared_pages(u, q.view(b, kv_heads, g, d), forced & valid, segments, layer,
-                              scale, min_score)  # fmt: skip
+        spared = spared_pages(
+            u, q.view(b, kv_heads, g, d), forced & valid, segments, layer, scale, min_score
+        )
         u = u.masked_fill(spared[..., None], float("-inf"))
     score = (scale * (u - u.amax(1, keepdim=True))).amax(-1)  # [B, W, kv_heads]
     everything = ~active | (n <= sink + window)

@@ -29,8 +29,10 @@ def _triton(
     device: str, scale: float, page_size: int, sparse: SparseConfig | None
 ) -> AttentionBackend:
     if not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("--attention-backend triton needs a CUDA device (on CPU it runs only "
-                         "under TRITON_INTERPRET=1, slowly: for tests)")  # fmt: skip
+        raise ValueError(
+            "--attention-backend triton needs a CUDA device (on CPU it runs only "
+            "under TRITON_INTERPRET=1, slowly: for tests)"
+        )
     from strata.attention.triton_backend import TritonAttention  # imports triton
 
     return TritonAttention(scale, page_size, sparse)

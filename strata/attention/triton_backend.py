@@ -22,9 +22,12 @@ class TritonAttention(TorchAttention):
         return True
 
     def _write(
-        self, layer: LayerKV, where: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor,
+        self,
+        layer: LayerKV,
+        where: tuple[torch.Tensor, torch.Tensor],
+        k: torch.Tensor,
         v: torch.Tensor,
-    ) -> None:  # fmt: skip
+    ) -> None:
         triton_kernels.write_kv(layer, where, k, v)
 
     def _prefill(

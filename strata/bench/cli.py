@@ -14,9 +14,12 @@ from strata.bench.report import summarize, table
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("workload", choices=["multiturn", "sessions", "shared-prefix", "random"],
-                   help="sessions: every conversation has its own --system-tokens context and "
-                   "all are open at once (--concurrency turns in flight)")  # fmt: skip
+    p.add_argument(
+        "workload",
+        choices=["multiturn", "sessions", "shared-prefix", "random"],
+        help="sessions: every conversation has its own --system-tokens context and "
+        "all are open at once (--concurrency turns in flight)",
+    )
     p.add_argument("--url", default="http://127.0.0.1:30000", help="the server under test")
     p.add_argument(
         "--backend",
@@ -28,8 +31,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="the model name sent in requests")
     p.add_argument("--model-path", default=None, help="tokenizer (and transformers baseline)")
     p.add_argument("--hf-dtype", default="bfloat16", help="dtype of the transformers baseline")
-    p.add_argument("--conversations", type=int, default=16,
-                   help="multiturn / sessions: conversations")  # fmt: skip
+    p.add_argument(
+        "--conversations", type=int, default=16, help="multiturn / sessions: conversations"
+    )
     p.add_argument("--turns", type=int, default=4, help="turns per conversation")
     p.add_argument(
         "--system-tokens",
@@ -37,8 +41,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
         default=400,
         help="tokens of the shared system prompt (sessions: of each own context)",
     )
-    p.add_argument("--requests", type=int, default=64,
-                   help="shared-prefix / random: requests in all")  # fmt: skip
+    p.add_argument(
+        "--requests", type=int, default=64, help="shared-prefix / random: requests in all"
+    )
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight at most")
     p.add_argument("--max-tokens", type=int, default=32, help="new tokens per request")
     p.add_argument("--seed", type=int, default=0, help="seed of the workload's prompts")

@@ -36,8 +36,14 @@ def run_hf_conversations(
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
-                                 do_sample=False, pad_token_id=pad, eos_token_id=eos)  # fmt: skip
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=eos,
+            )
         for c, p, row in zip(active, prompts, out[:, width:].tolist()):
             n = row.index(eos) + 1 if eos in row else len(row)
             out_tokens += n

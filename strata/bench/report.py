@@ -76,13 +76,26 @@ COLUMNS = [
     ("cache_hit_rate", "{:.3f}", 9),
     ("hit_vs_perfect", "{:.3f}", 9),
 ]
-HEADERS = ["system", "out tok/s", "req/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99",
-           "hit rate", "vs perfect"]  # fmt: skip
+HEADERS = [
+    "system",
+    "out tok/s",
+    "req/s",
+    "TTFT p50",
+    "TTFT p99",
+    "ITL p50",
+    "ITL p99",
+    "hit rate",
+    "vs perfect",
+]
 
 
 def table(results: Sequence[dict[str, Any]]) -> str:
-    lines = ["".join(f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, (_, _, w)) in
-                     enumerate(zip(HEADERS, COLUMNS)))]  # fmt: skip
+    lines = [
+        "".join(
+            f"{h:>{w}}" if i else f"{h:<{w}}"
+            for i, (h, (_, _, w)) in enumerate(zip(HEADERS, COLUMNS))
+        )
+    ]
     for r in results:
         cells = []
         for i, (key, fmt, width) in enumerate(COLUMNS):

@@ -50,8 +50,9 @@ class TieredCache(CacheIndex):
         """l2: the L2 pool when it is the tail of l1's tensor (KVCache.rows), so the kernels
         can read an L2 page in place (the CPU; see l2_base); None: a pool of its own."""
         if write_policy not in WRITE_POLICIES:
-            raise ValueError(f"unknown write policy {write_policy!r}; choose one of "
-                             f"{WRITE_POLICIES}")  # fmt: skip
+            raise ValueError(
+                f"unknown write policy {write_policy!r}; choose one of {WRITE_POLICIES}"
+            )
         self.tree = RadixTree(l1.page_size, seed, record_events)
         self.page_size = l1.page_size
         self.l1, self.pool = l1, pool
@@ -66,8 +67,11 @@ class TieredCache(CacheIndex):
         self._l3_events: list[KVEvent] = []
         self.record_events = record_events
         # measured costs (seconds), None until seen: per prefill token, per page loaded
-        self.costs: dict[str, float | None] = {"compute_token": None, "l2_page": None,
-                                                "l3_page": None}  # fmt: skip
+        self.costs: dict[str, float | None] = {
+            "compute_token": None,
+            "l2_page": None,
+            "l3_page": None,
+        }
 
     # ---- the CacheIndex surface ----------------------------------------------------------
 
@@ -123,8 +127,9 @@ class TieredCache(CacheIndex):
         l3 = plan.source == "l3"
         if n:
             staged = plan.host[:n] if l3 and plan.host else None
-            got = self.tree.attach(plan.tokens[: plan.start + n * ps], plan.start,
-                                   plan.pages[:n], staged)  # fmt: skip
+            got = self.tree.attach(
+                plan.tokens[: plan.start + n * ps], plan.start, plan.pages[:n], staged
+            )
             self.pool.free(got.pages)
             if l3:
                 self.host_pool.free(got.host_pages)
@@ -167,17 +172,23 @@ class TieredCache(CacheIndex):
         bpp = self.l1.bytes_per_page
         l1_used = self.pool.num_pages - self.pool.num_free
         stats: dict[str, Any] = {
-            "l1": {"pages": self.pool.num_pages, "used_pages": l1_used,
-                   "cached_pages": self.tree.cached_pages, "bytes": l1_used * bpp},
-            "l2": {"pages": self.host_pool.num_pages,
-                   "used_pages": self.host_pool.num_pages - self.host_pool.num_free,
-                   "cached_pages": self.tree.host_pages,
-                   "bytes": (self.host_pool.num_pages - self.host_pool.num_free) * bpp},
+            "l1": {
+                "pages": self.pool.num_pages,
+                "used_pages": l1_used,
+                "cached_pages": self.tree.cached_pages,
+                "bytes": l1_used * bpp,
+            },
+            "l2": {
+                "pages": self.host_pool.num_pages,
+                "used_pages": self.host_pool.num_pages - self.host_pool.num_free,
+                "cached_pages": self.tree.host_pages,
+                "bytes": (self.host_pool.num_pages - self.host_pool.num_free) * bpp,
+            },
             "l3": None,
             "bytes_moved": dict(self.mover.moved),
             "write_policy": self.policy,
             "page_bytes": bpp,
-        }  # fmt: skip
+        }
         if self.store is not None:
             stats["l3"] = {
                 "pages": len(self.index) if self.index is not None else None,
@@ -193,9 +204,14 @@ class TieredCache(CacheIndex):
     # ---- internals -----------------------------------------------------------------------
 
     def _plan(
-        self, source: str, tokens: Sequence[int], have: int, host: list[int] | None,
-        keys: list[bytes], base: int,
-    ) -> LoadPlan | None:  # fmt: skip
+        self,
+        source: str,
+        tokens: Sequence[int],
+        have: int,
+        host: list[int] | None,
+        keys: list[bytes],
+        base: int,
+    ) -> LoadPlan | None:
         """Lock base, then take the plan's pages: L1 pages, and for files read through L2
         (host None, device L1) L2 pages. Taking them may evict others, never what base pins."""
         self.tree.lock(base)
@@ -215,8 +231,7 @@ class TieredCache(CacheIndex):
             return None
         assert host is not None
         end = (have + n) * self.page_size
-        return LoadPlan(source, list(tokens[:end]), have * self.page_size, pages, host, keys,
-                        base)  # fmt: skip
+        return LoadPlan(source, list(tokens[:end]), have * self.page_size, pages, host, keys, base)
 
     def _backup(self, node: int, min_hits: int = 0) -> None:
         for node_id in self.tree.unbacked(node, min_hits):
@@ -298,8 +313,15 @@ def build_cache(
     L3 budget (colocated); in a cluster the cache service does."""
     _, layers, _, _, heads, dim = kv.data.shape
     ps = kv.page_size
-    fmt = PageFormat(model_identity, str(kv.data.dtype).removeprefix("torch."), ps, layers,
-                     heads, dim, kv.bytes_per_page)  # fmt: skip
+    fmt = PageFormat(
+        model_identity,
+        str(kv.data.dtype).removeprefix("torch."),
+        ps,
+        layers,
+        heads,
+        dim,
+        kv.bytes_per_page,
+    )
     seed = hashlib.blake2b(repr(fmt).encode(), digest_size=16).digest()
     if tiers is None or not tiers.enabled:
         return RadixCache(ps, seed, record_events)
@@ -313,5 +335,6 @@ def build_cache(
     l2 = None
     if kv.data.shape[0] > pool.num_pages:  # the pool's tail past L1 is L2 (KVCache.rows)
         l2 = kv.rows(pool.num_pages, kv.data.shape[0])
-    return TieredCache(kv, pool, host_pages, tiers.write_policy, seed, store, index, on_loaded,
-                       record_events, l2)  # fmt: skip
+    return TieredCache(
+        kv, pool, host_pages, tiers.write_policy, seed, store, index, on_loaded, record_events, l2
+    )

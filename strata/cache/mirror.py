@@ -102,10 +102,14 @@ class ClusterIndex:
         now = time.monotonic()
         with self._lock:
             return {
-                w: {"l1_pages": len(m.tiers["l1"]), "l2_pages": len(m.tiers["l2"]),
-                    "next_seq": m.next_seq, "seconds_since_seen": now - m.seen}
+                w: {
+                    "l1_pages": len(m.tiers["l1"]),
+                    "l2_pages": len(m.tiers["l2"]),
+                    "next_seq": m.next_seq,
+                    "seconds_since_seen": now - m.seen,
+                }
                 for w, m in self.mirrors.items()
-            }  # fmt: skip
+            }
 
     def _apply_event(self, m: Mirror, ev: KVEvent, page_file_bytes: int) -> None:
         if ev.tier in m.tiers:

@@ -5,9 +5,18 @@ from __future__ import annotations
 
 class Node:
     __slots__ = (
-        "id", "key", "pages", "host", "keys", "parent", "children", "lock", "last_access",
-        "depth", "hits",
-    )  # fmt: skip
+        "id",
+        "key",
+        "pages",
+        "host",
+        "keys",
+        "parent",
+        "children",
+        "lock",
+        "last_access",
+        "depth",
+        "hits",
+    )
 
     def __init__(self, node_id: int, key: tuple[int, ...], keys: list[bytes], parent: Node | None):
         self.id = node_id

@@ -64,8 +64,9 @@ class RadixTree(Eviction):
                 host.extend(child.host)
             i += len(child.key)
             node = child
-        return MatchResult(pages, len(pages) * ps, l1_node, host, len(host) * ps,
-                           node.id if host else 0)  # fmt: skip
+        return MatchResult(
+            pages, len(pages) * ps, l1_node, host, len(host) * ps, node.id if host else 0
+        )
 
     def keys_of(self, tokens: Sequence[int]) -> list[bytes]:
         """Page keys of every whole page of tokens (cached or not)."""
@@ -89,8 +90,11 @@ class RadixTree(Eviction):
     def unbacked(self, node_id: int, min_hits: int = 0) -> list[int]:
         """Nodes on the path to node_id that are in L1 with no L2 copy (and were hit at least
         min_hits times), root first."""
-        return [n.id for n in self._path(node_id)
-                if n.pages is not None and n.host is None and n.hits >= min_hits]  # fmt: skip
+        return [
+            n.id
+            for n in self._path(node_id)
+            if n.pages is not None and n.host is None and n.hits >= min_hits
+        ]
 
     def segments(self, node_id: int) -> list[int]:
         """Page counts of the L1 nodes on the path to node_id, root first: the radix segments

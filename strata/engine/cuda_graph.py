@@ -35,9 +35,15 @@ class DecodeGraphs:
     tests) a step runs the same forward over the same buffers, eagerly."""
 
     def __init__(
-        self, model: Any, kv: KVCache, pool: PagePool, page_size: int, max_pages: int,
-        max_bs: int, capture: bool = True,
-    ) -> None:  # fmt: skip
+        self,
+        model: Any,
+        kv: KVCache,
+        pool: PagePool,
+        page_size: int,
+        max_pages: int,
+        max_bs: int,
+        capture: bool = True,
+    ) -> None:
         self.model, self.kv, self.page_size, self.capture = model, kv, page_size, capture
         self.buckets = [b for b in BUCKETS if b < max_bs] + [max_bs]
         self.scratch = pool.alloc(1)[0]  # padding rows write their key and value here
@@ -57,9 +63,14 @@ class DecodeGraphs:
     def _meta(self, b: int) -> TorchMeta:
         i = self.inputs
         return TorchMeta(
-            write_at=(i[2, :b], i[3, :b]), num_tokens=b, num_seqs=b, decode_rows=self.rows[:b],
-            decode_pages=self.table[:b], decode_lens=i[4, :b], batch_rows=list(range(b)),
-        )  # fmt: skip
+            write_at=(i[2, :b], i[3, :b]),
+            num_tokens=b,
+            num_seqs=b,
+            decode_rows=self.rows[:b],
+            decode_pages=self.table[:b],
+            decode_lens=i[4, :b],
+            batch_rows=list(range(b)),
+        )
 
     def _forward(self, b: int) -> torch.Tensor:
         i = self.inputs
@@ -70,8 +81,9 @@ class DecodeGraphs:
 
         mempool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
-        for b in tqdm(sorted(self.buckets, reverse=True), desc="capturing decode graphs",
-                      unit="graph"):  # fmt: skip
+        for b in tqdm(
+            sorted(self.buckets, reverse=True), desc="capturing decode graphs", unit="graph"
+        ):
             self.inputs[:, :b] = torch.tensor(self.padding)[:, None]
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # compiles the kernels outside the capture

@@ -71,17 +71,23 @@ class Engine(RequestIntake, RequestOutputs, SplitRoles):
         events for the cluster's index (`event_sink`), which also owns the L3 budget.
         draft_tokens: n-gram speculation's tokens per draft (0: off)."""
         if runner.tp is not None and tiers is not None and tiers.enabled:
-            raise ValueError("--enable-hierarchical-cache does not work with --tp-size > 1 yet "
-                             "(each rank's KV heads would need their own tiers)")  # fmt: skip
+            raise ValueError(
+                "--enable-hierarchical-cache does not work with --tp-size > 1 yet "
+                "(each rank's KV heads would need their own tiers)"
+            )
         self.runner = runner
         self.tokenizer = runner.tokenizer
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.prefix_cache: CacheIndex | None = None
         sparse = getattr(runner.model.backend, "sparse", None)
         fetch_on_select = (
-            enable_cache and tiers is not None and tiers.enabled and sparse is not None
-            and sparse.demote_after > 0 and runner.kv.data.device.type == "cpu"
-        )  # fmt: skip
+            enable_cache
+            and tiers is not None
+            and tiers.enabled
+            and sparse is not None
+            and sparse.demote_after > 0
+            and runner.kv.data.device.type == "cpu"
+        )
         if fetch_on_select:  # L2 becomes the tail of the pool the kernels read
             assert tiers is not None
             n1 = runner.pool.num_pages
@@ -89,10 +95,14 @@ class Engine(RequestIntake, RequestOutputs, SplitRoles):
             runner.kv = runner.kv.like(total, "cpu", pin_memory=False)
         if enable_cache:
             self.prefix_cache = build_cache(
-                runner.kv, runner.pool, runner.identity, tiers, record_events=cluster_worker,
+                runner.kv,
+                runner.pool,
+                runner.identity,
+                tiers,
+                record_events=cluster_worker,
                 own_store_index=not cluster_worker,
                 on_loaded=lambda plan: self._inbox.put(("loaded", plan)),
-            )  # fmt: skip
+            )
         timeout = tiers.prefetch_timeout if tiers is not None else lambda n: float("inf")
         self.scheduler = Scheduler(
             runner.pool,
@@ -110,8 +120,13 @@ class Engine(RequestIntake, RequestOutputs, SplitRoles):
         )
         if fetch_on_select and isinstance(self.prefix_cache, TieredCache):
             assert sparse is not None
-            self.scheduler.offload = Offload(self.prefix_cache, runner.pool, sparse.demote_after,
-                                             sparse.sink_pages, sparse.window_pages)  # fmt: skip
+            self.scheduler.offload = Offload(
+                self.prefix_cache,
+                runner.pool,
+                sparse.demote_after,
+                sparse.sink_pages,
+                sparse.window_pages,
+            )
         # cluster workers: called on the engine thread with each step's KV events
         self.event_sink: Callable[[list[KVEvent]], None] | None = None
         eos = set(runner.spec.eos_token_ids)

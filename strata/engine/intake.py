@@ -41,8 +41,14 @@ class RequestIntake:
     @property
     def limits(self) -> Limits:
         r = self.runner
-        return Limits(r.max_context, r.spec.vocab_size, r.page_size, r.pool.num_pages,
-                      tuple(sorted(self.eos_ids)), r.checkpoint)  # fmt: skip
+        return Limits(
+            r.max_context,
+            r.spec.vocab_size,
+            r.page_size,
+            r.pool.num_pages,
+            tuple(sorted(self.eos_ids)),
+            r.checkpoint,
+        )
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Checked:
         """The request, checked (ValueError for one that can never run), or Overloaded
@@ -113,9 +119,12 @@ class RequestIntake:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[RequestOutput] = asyncio.Queue()
         rid = self.queue(
-            request, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), rid,
-            kv_source, hold,
-        )  # fmt: skip
+            request,
+            lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+            rid,
+            kv_source,
+            hold,
+        )
         finished = False
         try:
             while not finished:

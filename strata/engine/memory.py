@@ -135,9 +135,13 @@ class MemoryPlan:
 
 
 def plan_pages(
-    budget: int, resident: int, page_bytes: int, min_pages: int,
-    host_pages: Callable[[int], int] | None, weight_bytes: int,
-) -> MemoryPlan:  # fmt: skip
+    budget: int,
+    resident: int,
+    page_bytes: int,
+    min_pages: int,
+    host_pages: Callable[[int], int] | None,
+    weight_bytes: int,
+) -> MemoryPlan:
     """The most L1 pages that, with host_pages(L1) L2 pages beside them (None: no L2 in this
     budget), fit what the budget leaves after the resident bytes and RESERVE_BYTES. Raises
     ValueError naming the numbers when fewer than min_pages fit."""
@@ -166,9 +170,16 @@ def plan_pages(
             f"{' with its L2 share' if host_pages else ''} ({need / GB:.2f} GB in all). Give "
             "it more (--mem-fraction-static, --memory-budget-gb, a smaller --hicache-ratio) "
             "or set --num-pages"
-        )  # fmt: skip
-    return MemoryPlan(budget, resident, weight_bytes, page_bytes, lo,
-                      host_pages(lo) if host_pages else 0, "budget")  # fmt: skip
+        )
+    return MemoryPlan(
+        budget,
+        resident,
+        weight_bytes,
+        page_bytes,
+        lo,
+        host_pages(lo) if host_pages else 0,
+        "budget",
+    )
 
 
 def device_budget(device: str, fraction: float | None, explicit_gb: float | None) -> int:
@@ -187,8 +198,9 @@ def device_budget(device: str, fraction: float | None, explicit_gb: float | None
 FRONT_BYTES = int(1.25 * GB)
 
 
-def worker_share(device: str, fraction: float | None, explicit_gb: float | None,
-                 workers: int) -> int:  # fmt: skip
+def worker_share(
+    device: str, fraction: float | None, explicit_gb: float | None, workers: int
+) -> int:
     """Each of `workers` model workers' share of one budget for this host (what
     device_budget gives, measured once): on CPU after FRONT_BYTES for the processes without
     a model; evenly."""

@@ -168,10 +168,12 @@ class RequestOutputs:
         if reason is not None and reason != "stop" and req.stop is not None:
             text += req.stop.flush()
         event = RequestOutput(
-            req.rid, req.output_ids[before:], text,
+            req.rid,
+            req.output_ids[before:],
+            text,
             logprobs=[logprob] if logprob is not None else None,
             top_logprobs=[top] if top is not None else None,
-        )  # fmt: skip
+        )
         if first and req.transfer is not None:
             event.transfer_bytes, event.transfer_seconds = req.transfer
         if first and p.logprob_start_len >= 0:

@@ -58,9 +58,13 @@ ENGINE_LOG_FORMAT = "%(asctime)s %(levelname)s engine %(name)s: %(message)s"
 
 
 def build_engine(
-    model: ModelConfig, pool: KVPoolConfig, sched: SchedulerConfig, tiers: HiCacheConfig,
-    cluster_worker: bool = False, front_limits: bool = True,
-) -> Engine:  # fmt: skip
+    model: ModelConfig,
+    pool: KVPoolConfig,
+    sched: SchedulerConfig,
+    tiers: HiCacheConfig,
+    cluster_worker: bool = False,
+    front_limits: bool = True,
+) -> Engine:
     """front_limits: the engine bounds its own queue (False where a front does)."""
     runner = ModelRunner.from_config(model, pool, tiers=tiers)
     if runner.tokenizer is None:
@@ -131,8 +135,12 @@ def engine_main(from_front: Connection, to_front: Connection, cfg: EngineConfig)
 
     engine.after_step = flush
     engine.expect_loop()  # calls that arrive before run() wait for it
-    threading.Thread(target=_read, args=(from_front, engine, outbox, send),
-                     name="strata-engine-inbox", daemon=True).start()  # fmt: skip
+    threading.Thread(
+        target=_read,
+        args=(from_front, engine, outbox, send),
+        name="strata-engine-inbox",
+        daemon=True,
+    ).start()
     send(("ready", engine.limits))
     try:
         engine.run()  # its last after_step sends the last events (a broken runner's too)
@@ -153,8 +161,12 @@ def _read(
                 try:
                     engine.queue(request, outbox.append, rid)
                 except Exception as exc:  # validated at the front: a race or a bug
-                    send(("events", [RequestOutput(rid, [], "", finish_reason="error",
-                                                   error=str(exc))]))  # fmt: skip
+                    send(
+                        (
+                            "events",
+                            [RequestOutput(rid, [], "", finish_reason="error", error=str(exc))],
+                        )
+                    )
             elif kind == "abort":
                 engine.abort(msg[1])
             elif kind == "call":
@@ -226,8 +238,9 @@ class EngineClient:
         # prompt's tokenization) before a full pipe would hold the loop up.
         with contextlib.suppress(OSError, AttributeError):
             fcntl.fcntl(self._in.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
-        self.process = ctx.Process(target=engine_main, args=(engine_in, engine_out, cfg),
-                                   name="strata-engine", daemon=True)  # fmt: skip
+        self.process = ctx.Process(
+            target=engine_main, args=(engine_in, engine_out, cfg), name="strata-engine", daemon=True
+        )
         self.process.start()
         engine_in.close()
         engine_out.close()
@@ -254,8 +267,9 @@ class EngineClient:
         deadline = time.monotonic() + timeout
         while not self._in.poll(0.5):
             if not self.process.is_alive():
-                raise EngineGone(f"the engine process exited ({self.process.exitcode}) "
-                                 "while starting")  # fmt: skip
+                raise EngineGone(
+                    f"the engine process exited ({self.process.exitcode}) while starting"
+                )
             if time.monotonic() > deadline:
                 self.process.kill()
                 raise EngineGone(f"the engine process did not start in {timeout:g} s")

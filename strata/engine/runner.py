@@ -101,9 +101,14 @@ class ModelRunner:
         self.links: RankLinks | None = None  # and the control links to them
         self.threads: int | None = None  # torch's threads before this runner took its share
         self.kv = KVCache(
-            spec.num_layers, num_pages, page_size, model.local.num_kv_heads, spec.head_dim,
-            model.embed_tokens.dtype, self.device,
-        )  # fmt: skip
+            spec.num_layers,
+            num_pages,
+            page_size,
+            model.local.num_kv_heads,
+            spec.head_dim,
+            model.embed_tokens.dtype,
+            self.device,
+        )
         self.pool = PagePool(num_pages)
         self.context_length: int | None = None  # --context-length, below the model's own
         # per chunk of the last forward: (pages skipped, pages considered) by sparse decode
@@ -115,10 +120,14 @@ class ModelRunner:
 
     @classmethod
     def from_config(
-        cls, model_cfg: ModelConfig, pool_cfg: KVPoolConfig, rank: int = 0,
-        address: str | None = None, num_pages: int | None = None,
+        cls,
+        model_cfg: ModelConfig,
+        pool_cfg: KVPoolConfig,
+        rank: int = 0,
+        address: str | None = None,
+        num_pages: int | None = None,
         tiers: HiCacheConfig | None = None,
-    ) -> ModelRunner:  # fmt: skip
+    ) -> ModelRunner:
         """Load the model, its KV pool sized by pool_cfg (engine.memory: from the memory
         budget, the L2 tier of `tiers` included, unless it names num_pages). With
         model_cfg.tp_size > 1, rank 0 (the default) starts the other ranks and joins them
@@ -127,15 +136,18 @@ class ModelRunner:
         start = time.perf_counter()
         budget = None  # measured before loading: the memory available at start
         if num_pages is None and pool_cfg.num_pages is None:
-            budget = device_budget(model_cfg.device, pool_cfg.mem_fraction,
-                                   pool_cfg.memory_budget_gb) // model_cfg.tp_size  # fmt: skip
+            budget = (
+                device_budget(model_cfg.device, pool_cfg.mem_fraction, pool_cfg.memory_budget_gb)
+                // model_cfg.tp_size
+            )
         folder = resolve_checkpoint(model_cfg.model_path)
         spec = ModelSpec.from_hf(read_config(folder))
         size = model_cfg.tp_size
         check_tp(spec, size)
         device = rank_device(model_cfg.device, rank)
-        weights: dict[str, Any] = fuse_weights(spec, read_tensors(folder),
-                                               model_cfg.torch_dtype, device)  # fmt: skip
+        weights: dict[str, Any] = fuse_weights(
+            spec, read_tensors(folder), model_cfg.torch_dtype, device
+        )
         quantization = resolve_quantization(model_cfg, spec, weights)
         memory = None
         if num_pages is None:
@@ -160,9 +172,12 @@ class ModelRunner:
             tp = TPGroup(rank, size, spec.vocab_size)
             weights = shard_weights(spec, weights, rank, size)
         backend = make_backend(
-            model_cfg.attention_backend, device, spec.head_dim**-0.5, pool_cfg.page_size,
+            model_cfg.attention_backend,
+            device,
+            spec.head_dim**-0.5,
+            pool_cfg.page_size,
             model_cfg.sparse_attention,
-        )  # fmt: skip
+        )
         model = LlamaForCausalLM(spec, weights, backend, quantization, tp)
         tokenizer = load_tokenizer(folder) if rank == 0 else None
         log.info("loaded %s in %.1fs", folder, time.perf_counter() - start)
@@ -172,19 +187,31 @@ class ModelRunner:
         if size > 1 and not device.startswith("cuda"):
             runner.threads = threads
         runner.context_length = model_cfg.context_length
-        if (device.startswith("cuda") and size == 1 and model_cfg.cuda_graph_max_bs > 0
-                and backend.reads_in_place(torch.device(device))):  # fmt: skip
+        if (
+            device.startswith("cuda")
+            and size == 1
+            and model_cfg.cuda_graph_max_bs > 0
+            and backend.reads_in_place(torch.device(device))
+        ):
             runner.graphs = DecodeGraphs(
-                model, runner.kv, runner.pool, pool_cfg.page_size,
-                runner.pages_for(runner.max_context), model_cfg.cuda_graph_max_bs,
-            )  # fmt: skip
+                model,
+                runner.kv,
+                runner.pool,
+                pool_cfg.page_size,
+                runner.pages_for(runner.max_context),
+                model_cfg.cuda_graph_max_bs,
+            )
         return runner
 
     @staticmethod
     def _plan_memory(
-        spec: ModelSpec, pool_cfg: KVPoolConfig, model_cfg: ModelConfig,
-        weights: dict[str, torch.Tensor], budget: int | None, tiers: HiCacheConfig | None,
-    ) -> MemoryPlan:  # fmt: skip
+        spec: ModelSpec,
+        pool_cfg: KVPoolConfig,
+        model_cfg: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        budget: int | None,
+        tiers: HiCacheConfig | None,
+    ) -> MemoryPlan:
         """The pool's pages (every rank of a group has as many, each for its KV heads): from
         the budget (with weights and the L2 tier on CPU), else pool_cfg.num_pages.
 
@@ -206,14 +233,26 @@ class ModelRunner:
         if budget is None:
             assert pool_cfg.num_pages is not None
             n = pool_cfg.num_pages
-            return MemoryPlan(0, resident_bytes(), weight_bytes, pb, n, l2(n) if l2 else 0,
-                              "num_pages")  # fmt: skip
+            return MemoryPlan(
+                0, resident_bytes(), weight_bytes, pb, n, l2(n) if l2 else 0, "num_pages"
+            )
         resident = resident_bytes() if on_cpu else weight_bytes // model_cfg.tp_size
         min_tokens = min(MIN_POOL_TOKENS, spec.max_position)
-        plan = plan_pages(budget, resident, pb, -(-min_tokens // pool_cfg.page_size) + 1,
-                          l2 if on_cpu else None, weight_bytes)  # fmt: skip
-        log.info("memory budget %.2f GB: %d KV pages (L1), %d L2 pages of %.2f MB",
-                 budget / 1e9, plan.l1_pages, plan.l2_pages, pb / 1e6)  # fmt: skip
+        plan = plan_pages(
+            budget,
+            resident,
+            pb,
+            -(-min_tokens // pool_cfg.page_size) + 1,
+            l2 if on_cpu else None,
+            weight_bytes,
+        )
+        log.info(
+            "memory budget %.2f GB: %d KV pages (L1), %d L2 pages of %.2f MB",
+            budget / 1e9,
+            plan.l1_pages,
+            plan.l2_pages,
+            pb / 1e6,
+        )
         return plan
 
     def close(self, failed: bool = False) -> None:

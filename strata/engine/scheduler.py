@@ -212,9 +212,15 @@ class Scheduler:
         request that does not pick by argmax alone, or with no match)."""
         p = req.params
         if (
-            spare <= 0 or not self.draft_tokens or req.remaining != 1 or not p.greedy
-            or p.penalized or p.logit_bias or p.logprobs or req.matcher is not None
-        ):  # fmt: skip
+            spare <= 0
+            or not self.draft_tokens
+            or req.remaining != 1
+            or not p.greedy
+            or p.penalized
+            or p.logit_bias
+            or p.logprobs
+            or req.matcher is not None
+        ):
             return []
         if req.drafter is None:
             req.drafter = NgramDrafter()
@@ -323,8 +329,9 @@ class Scheduler:
                 by_tier = dict.fromkeys(("l2", "l3"), 0)
                 for tier, start, end in req.loaded_spans:
                     by_tier[tier] += max(0, min(end, req.num_cached) - start)
-                self.prefix_cache.record_lookup(len(req.prompt_ids), req.num_cached, by_tier["l2"],
-                                         by_tier["l3"])  # fmt: skip
+                self.prefix_cache.record_lookup(
+                    len(req.prompt_ids), req.num_cached, by_tier["l2"], by_tier["l3"]
+                )
                 if node is not None:
                     self.prefix_cache.record_hit(node)
         req.loads = []  # a load still running now only feeds the cache

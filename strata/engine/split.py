@@ -71,8 +71,9 @@ class SplitRoles:
             return
         self._next_expiry_check = now + 1.0
         for rid in [rid for rid, (_, expiry) in self._held.items() if expiry < now]:
-            log.warning("request %s: pages held %.0fs with no pull; released", rid,
-                        self.hold_timeout)  # fmt: skip
+            log.warning(
+                "request %s: pages held %.0fs with no pull; released", rid, self.hold_timeout
+            )
             self.release_held(rid)
 
     def _start_fetch(self, req: Request) -> None:

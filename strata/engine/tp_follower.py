@@ -32,14 +32,18 @@ def _die_with(parent: int) -> None:
 
 
 def follow(
-    rank: int, address: str, model: ModelConfig, pool: KVPoolConfig, num_pages: int,
-    parent: int, link: Connection,
-) -> None:  # fmt: skip
+    rank: int,
+    address: str,
+    model: ModelConfig,
+    pool: KVPoolConfig,
+    num_pages: int,
+    parent: int,
+    link: Connection,
+) -> None:
     """Load this rank's slice, answer rank 0's calls on a thread, and run every forward rank
     0 sends until it says stop."""
     _die_with(parent)
-    runner = ModelRunner.from_config(model, pool, rank=rank, address=address,
-                                     num_pages=num_pages)  # fmt: skip
+    runner = ModelRunner.from_config(model, pool, rank=rank, address=address, num_pages=num_pages)
     assert runner.tp is not None
     calls = RankCalls(link, runner.kv)
     threading.Thread(target=calls.serve, name="strata-tp-calls", daemon=True).start()
@@ -55,5 +59,12 @@ def follow(
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     _model, _pool, _pages = pickle.loads(sys.stdin.buffer.read())
-    follow(int(sys.argv[1]), sys.argv[2], _model, _pool, _pages, int(sys.argv[3]),
-           Connection(int(sys.argv[4])))  # fmt: skip
+    follow(
+        int(sys.argv[1]),
+        sys.argv[2],
+        _model,
+        _pool,
+        _pages,
+        int(sys.argv[3]),
+        Connection(int(sys.argv[4])),
+    )

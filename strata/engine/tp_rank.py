@@ -49,8 +49,9 @@ class RankLinks:
         self._lock = threading.Lock()
         self._pending: list[dict[int, Future[Any]]] = [{} for _ in conns]
         for i, conn in enumerate(conns):
-            threading.Thread(target=self._read, args=(i, conn), daemon=True,
-                             name=f"strata-tp-link{i + 1}").start()  # fmt: skip
+            threading.Thread(
+                target=self._read, args=(i, conn), daemon=True, name=f"strata-tp-link{i + 1}"
+            ).start()
 
     @property
     def size(self) -> int:
@@ -157,8 +158,15 @@ def start_followers(
     procs, conns = [], []
     for rank in range(1, model.tp_size):
         ours, theirs = socket.socketpair()
-        cmd = [sys.executable, "-m", "strata.engine.tp_follower", str(rank), address,
-               str(os.getpid()), str(theirs.fileno())]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "strata.engine.tp_follower",
+            str(rank),
+            address,
+            str(os.getpid()),
+            str(theirs.fileno()),
+        ]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, pass_fds=[theirs.fileno()])
         theirs.close()
         assert proc.stdin is not None

@@ -111,8 +111,13 @@ class LazyGrammarCompiler:
     """A GrammarCompiler built on first use (thread-safe): most servers never see a
     constraint, and building the vocabulary table takes time and memory."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int] = (),
-                 timeout: float = 10.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        stop_token_ids: Sequence[int] = (),
+        timeout: float = 10.0,
+    ) -> None:
         self._args = (tokenizer, vocab_size, list(stop_token_ids), timeout)
         self._compiler: GrammarCompiler | None = None
         self._lock = threading.Lock()

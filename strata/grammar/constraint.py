@@ -29,8 +29,11 @@ def constraint_from_fields(
     regex: str | None, json_schema: str | dict[str, Any] | None, ebnf: str | None
 ) -> Constraint | None:
     """The constraint named by SGLang-style sampling fields (at most one may be set)."""
-    given = [(k, v) for k, v in (("regex", regex), ("json_schema", json_schema),
-                                 ("ebnf", ebnf)) if v is not None]  # fmt: skip
+    given = [
+        (k, v)
+        for k, v in (("regex", regex), ("json_schema", json_schema), ("ebnf", ebnf))
+        if v is not None
+    ]
     if len(given) > 1:
         raise ValueError("give at most one of regex, json_schema, ebnf")
     if not given:

@@ -34,8 +34,11 @@ def zeros_huge(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     off = -buf.data_ptr() % HUGE_PAGE
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(buf.data_ptr() + off),
-                     ctypes.c_size_t(nbytes // HUGE_PAGE * HUGE_PAGE), MADV_HUGEPAGE)  # fmt: skip
+        libc.madvise(
+            ctypes.c_void_p(buf.data_ptr() + off),
+            ctypes.c_size_t(nbytes // HUGE_PAGE * HUGE_PAGE),
+            MADV_HUGEPAGE,
+        )
     except (OSError, AttributeError):
         pass  # advice only
     return buf[off : off + nbytes].view(dtype).view(shape)  # zero already

@@ -225,5 +225,10 @@ class StoreIndex:
         with self._lock:
             gone = self._evict_over_budget()
         if found:
-            log.info("L3 store %s: %d pages (%.1f MB) found, %d evicted over budget",
-                     self.root, len(found), self.total_bytes / 1e6, len(gone))  # fmt: skip
+            log.info(
+                "L3 store %s: %d pages (%.1f MB) found, %d evicted over budget",
+                self.root,
+                len(found),
+                self.total_bytes / 1e6,
+                len(gone),
+            )

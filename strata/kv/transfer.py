@@ -96,8 +96,9 @@ class KVChannel:
         start = time.perf_counter()
         with self._transfer(pages) as tag:
             if self._zero_copy:
-                works = [self.group.send([self.kv.page(p)], 1, tag + i)
-                         for i, p in enumerate(pages)]  # fmt: skip
+                works = [
+                    self.group.send([self.kv.page(p)], 1, tag + i) for i, p in enumerate(pages)
+                ]
             else:
                 stage = self._stage(len(pages))
                 torch.index_select(self.kv.data, 0, self._index(pages), out=stage)
@@ -110,8 +111,9 @@ class KVChannel:
         start = time.perf_counter()
         with self._transfer(pages) as tag:
             if self._zero_copy:
-                works = [self.group.recv([self.kv.page(p)], 0, tag + i)
-                         for i, p in enumerate(pages)]  # fmt: skip
+                works = [
+                    self.group.recv([self.kv.page(p)], 0, tag + i) for i, p in enumerate(pages)
+                ]
                 self._wait(works, start)
             else:
                 stage = self._stage(len(pages))
@@ -139,8 +141,9 @@ class KVChannel:
         """A reused [n, *page] buffer (fresh device memory on every transfer would cost)."""
         page = self.kv.data.shape[1:]
         if self._staging.shape[0] < n:
-            self._staging = torch.empty(n, *page, dtype=self.kv.data.dtype,
-                                        device=self.kv.data.device)  # fmt: skip
+            self._staging = torch.empty(
+                n, *page, dtype=self.kv.data.dtype, device=self.kv.data.device
+            )
         return self._staging[:n]
 
     def _index(self, pages: list[int]) -> torch.Tensor:

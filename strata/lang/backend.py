@@ -99,12 +99,15 @@ class RuntimeEndpoint:
             if start >= len(full):  # empty choice: nothing to score
                 scores.append(0.0)
                 continue
-            out = self._post("/generate", {
-                "input_ids": full,
-                "sampling_params": {"max_new_tokens": 1, "temperature": 0},
-                "return_logprob": True,
-                "logprob_start_len": start,
-            })  # fmt: skip
+            out = self._post(
+                "/generate",
+                {
+                    "input_ids": full,
+                    "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+                    "return_logprob": True,
+                    "logprob_start_len": start,
+                },
+            )
             lps = [lp for lp, _, _ in out["meta_info"]["input_token_logprobs"] if lp is not None]
             scores.append(sum(lps) / len(lps) if lps else -math.inf)
         best = max(range(len(choices)), key=lambda i: scores[i])

@@ -9,9 +9,19 @@ from typing import Any
 
 # Sampling parameters a program's run / run_batch may default (SGLang's names, as /generate's
 # sampling_params); a gen's own argument wins over the default.
-SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p",
-                 "frequency_penalty", "presence_penalty", "repetition_penalty", "stop",
-                 "stop_token_ids", "ignore_eos")  # fmt: skip
+SAMPLING_KEYS = (
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+)
 
 
 class _Joins:
@@ -98,10 +108,16 @@ def gen(
         return select(name, choices)
     stops = (stop,) if isinstance(stop, str) else (tuple(stop) if stop else None)
     given = {
-        "max_new_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
-        "top_k": top_k, "min_p": min_p, "frequency_penalty": frequency_penalty,
-        "presence_penalty": presence_penalty, "ignore_eos": ignore_eos, "stop": stops,
-    }  # fmt: skip
+        "max_new_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "min_p": min_p,
+        "frequency_penalty": frequency_penalty,
+        "presence_penalty": presence_penalty,
+        "ignore_eos": ignore_eos,
+        "stop": stops,
+    }
     sampling = tuple((k, v) for k, v in given.items() if v is not None)
     return Gen(name, sampling, regex, _schema_text(json_schema))
 

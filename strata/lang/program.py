@@ -155,8 +155,10 @@ class Program:
         defaults = {k: kwargs.pop(k) for k in SAMPLING_KEYS if k in kwargs}
         clash = set(defaults) & set(inspect.signature(self.fn).parameters)
         if clash:
-            raise TypeError(f"{self.fn.__name__}: argument(s) {sorted(clash)} are both the "
-                            "program's and a sampling default of run / run_batch")  # fmt: skip
+            raise TypeError(
+                f"{self.fn.__name__}: argument(s) {sorted(clash)} are both the "
+                "program's and a sampling default of run / run_batch"
+            )
         return kwargs, defaults
 
     def run(self, *args: Any, backend: RuntimeEndpoint | None = None, **kwargs: Any):
@@ -195,8 +197,9 @@ class Program:
         backend = backend or default_backend()
         _, defaults = self._split(dict(defaults))
         with ThreadPoolExecutor(max(1, min(num_threads, len(batch_kwargs)))) as pool:
-            futures = [pool.submit(self.run, backend=backend, **kw, **defaults)
-                       for kw in batch_kwargs]  # fmt: skip
+            futures = [
+                pool.submit(self.run, backend=backend, **kw, **defaults) for kw in batch_kwargs
+            ]
             done = tqdm(futures, disable=not progress_bar, desc=self.fn.__name__)
             return [f.result() for f in done]
 

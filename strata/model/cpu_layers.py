@@ -55,10 +55,16 @@ def reset() -> None:
 def library() -> ctypes.CDLL | None:
     if cpu_build.library() is None:
         return None
-    flags = ["-O2", "-std=c++20", "-shared", "-fPIC", "-w",
-             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-             f"-DSTRATA_TORCH={torch.__version__}",
-             *(f"-I{p}" for p in cpp.include_paths())]  # fmt: skip
+    flags = [
+        "-O2",
+        "-std=c++20",
+        "-shared",
+        "-fPIC",
+        "-w",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        f"-DSTRATA_TORCH={torch.__version__}",
+        *(f"-I{p}" for p in cpp.include_paths()),
+    ]
     lib_dir = cpp.library_paths()[0]
     libs = [f"-L{lib_dir}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib_dir}"]
     cxx = system_env("CXX") or "g++"
@@ -91,13 +97,21 @@ class CpuLayers:
         assert kernels is not None
         self.lib, self.scale = lib, model.backend.scale
         self.handle = lib.model_new(
-            spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size,
-            spec.rms_norm_eps, self.scale, _address(kernels.add_rms_norm),
-            _address(kernels.rope_bf16), _address(kernels.write_decode),
-            _address(kernels.silu_mul_bf16), _address(kernels.linear_packed_bf16),
-            cpu_ops.PACKED_ROWS, _address(kernels.int4_linear_bf16),
+            spec.num_heads,
+            spec.num_kv_heads,
+            spec.head_dim,
+            spec.hidden_size,
+            spec.rms_norm_eps,
+            self.scale,
+            _address(kernels.add_rms_norm),
+            _address(kernels.rope_bf16),
+            _address(kernels.write_decode),
+            _address(kernels.silu_mul_bf16),
+            _address(kernels.linear_packed_bf16),
+            cpu_ops.PACKED_ROWS,
+            _address(kernels.int4_linear_bf16),
             _address(kernels.linear_avx2),
-        )  # fmt: skip
+        )
         self.hidden = spec.hidden_size
         for layer in model.layers:
             linears = []
@@ -105,8 +119,15 @@ class CpuLayers:
                 bias = lin.bias.data_ptr() if lin.bias is not None else 0
                 if isinstance(lin, Int4Linear):  # cpu_layers.cpp's Kind: 2 strata's, 1 ATen's
                     sz = lin.scales_and_zeros.data_ptr() if lin.scales_and_zeros is not None else 0
-                    linears += [2 if lin.strata else 1, lin.packed.data_ptr(), lin.out_features,
-                                lin.in_features, lin.group_size, sz, bias]  # fmt: skip
+                    linears += [
+                        2 if lin.strata else 1,
+                        lin.packed.data_ptr(),
+                        lin.out_features,
+                        lin.in_features,
+                        lin.group_size,
+                        sz,
+                        bias,
+                    ]
                 elif not isinstance(lin, Linear):
                     raise TypeError(f"cpu_layers: no kind for {type(lin).__name__}")
                 elif lin.pairs is not None:  # 3: strata's bfloat16 pairs (AVX2)
@@ -117,8 +138,9 @@ class CpuLayers:
                     out_f, in_f = lin.weight.shape
                     linears += [0, lin.weight._cdata, out_f, in_f, 0, lin.address, bias]
             arr = (ctypes.c_int64 * len(linears))(*linears)
-            rc = lib.model_add_layer(self.handle, arr, layer.norm1.weight.data_ptr(),
-                                     layer.norm2.weight.data_ptr())  # fmt: skip
+            rc = lib.model_add_layer(
+                self.handle, arr, layer.norm1.weight.data_ptr(), layer.norm2.weight.data_ptr()
+            )
             if rc:
                 raise RuntimeError("cpu_layers: a layer was refused")
         self._kv: tuple[int, torch.Tensor] | None = None  # (pool address, K/V pointers)
@@ -156,9 +178,13 @@ class CpuLayers:
         return self._kv[1]
 
     def run(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: cpu_kernels.DecodePlan,
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        plan: cpu_kernels.DecodePlan,
         kv: KVCache,
-    ) -> torch.Tensor | None:  # fmt: skip
+    ) -> torch.Tensor | None:
         """Every layer over x [rows, hidden] (updated in place: the residual stream); returns
         the last layer's MLP output, or None (x untouched) where the call does not apply."""
         rows, d = x.shape[0], cos.shape[-1]
@@ -171,11 +197,23 @@ class CpuLayers:
             return None
         out = torch.empty_like(x)
         rc = self.lib.model_decode(
-            self.handle, x.data_ptr(), out.data_ptr(), rows, cos.data_ptr(),
-            sin.data_ptr(), plan.pages.data_ptr(), plan.offsets.data_ptr(),
-            plan.table.data_ptr(), plan.lens.data_ptr(), plan.table.shape[1], plan.splits,
-            plan.shared, self._pointers(kv).data_ptr(), layer.k.shape[1], layer.k.stride(0),
-        )  # fmt: skip
+            self.handle,
+            x.data_ptr(),
+            out.data_ptr(),
+            rows,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            plan.pages.data_ptr(),
+            plan.offsets.data_ptr(),
+            plan.table.data_ptr(),
+            plan.lens.data_ptr(),
+            plan.table.shape[1],
+            plan.splits,
+            plan.shared,
+            self._pointers(kv).data_ptr(),
+            layer.k.shape[1],
+            layer.k.stride(0),
+        )
         if rc:
             raise RuntimeError(f"cpu_layers: decode failed ({rc})")
         self.calls += 1

@@ -65,8 +65,9 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.pairs is not None:
-            return cpu_ops.linear_avx2(x, self.pairs, cpu_ops.W_PAIR_BF16, self.bias,
-                                       self.out_features)  # fmt: skip
+            return cpu_ops.linear_avx2(
+                x, self.pairs, cpu_ops.W_PAIR_BF16, self.bias, self.out_features
+            )
         if self.address:  # None past a decode batch's rows
             y = cpu_ops.linear_packed(x, self.address, self.bias, self.out_features)
             if y is not None:
@@ -79,9 +80,12 @@ class Linear:
 def _pairs_apply(weight: torch.Tensor) -> bool:
     out_f, in_f = weight.shape
     return (
-        weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and out_f % 16 == 0
-        and in_f % 32 == 0 and cpu_ops.avx2_linear_available(torch.bfloat16)
-    )  # fmt: skip
+        weight.dtype == torch.bfloat16
+        and weight.device.type == "cpu"
+        and out_f % 16 == 0
+        and in_f % 32 == 0
+        and cpu_ops.avx2_linear_available(torch.bfloat16)
+    )
 
 
 def _kernel_address(packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> int:
@@ -237,8 +241,7 @@ class Int4Linear:
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
         if self.strata:
-            y = cpu_ops.int4_linear(x, self.packed, self.bias, self.out_features,
-                                    self.group_size)  # fmt: skip
+            y = cpu_ops.int4_linear(x, self.packed, self.bias, self.out_features, self.group_size)
         else:
             assert self.scales_and_zeros is not None
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -271,8 +274,9 @@ class Int8Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = cpu_ops.linear_avx2(x.reshape(-1, x.shape[-1]), self.packed, cpu_ops.W_INT8,
-                                self.bias, self.out_features)  # fmt: skip
+        y = cpu_ops.linear_avx2(
+            x.reshape(-1, x.shape[-1]), self.packed, cpu_ops.W_INT8, self.bias, self.out_features
+        )
         return y.reshape(*lead, self.out_features)
 
 

@@ -37,16 +37,26 @@ class LlamaForCausalLM:
         embed = weights["embed_tokens"]
         dt = embed.dtype
         self.rope = RotaryEmbedding(
-            spec.head_dim, spec.max_position, spec.rope_theta, spec.rope_scaling,
-            embed.dtype, embed.device,
-        )  # fmt: skip
+            spec.head_dim,
+            spec.max_position,
+            spec.rope_theta,
+            spec.rope_scaling,
+            embed.dtype,
+            embed.device,
+        )
         self.embed_tokens = embed
         self.layers = []
         for i in range(spec.num_layers):
             w = lambda name: weights[f"layers.{i}.{name}"]  # noqa: B023
             qkv = make_linear(w("qkv"), weights.get(f"layers.{i}.qkv_bias"), quantization, dt)
-            attn = Attention(self.local, qkv, make_linear(w("o_proj"), None, quantization, dt),
-                             self.rope, backend, tp)  # fmt: skip
+            attn = Attention(
+                self.local,
+                qkv,
+                make_linear(w("o_proj"), None, quantization, dt),
+                self.rope,
+                backend,
+                tp,
+            )
             mlp = MLP(
                 make_linear(w("gate_up"), None, quantization, dt),
                 make_linear(w("down"), None, quantization, dt),
@@ -70,9 +80,13 @@ class LlamaForCausalLM:
 
     @torch.inference_mode()
     def compute(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, kv: KVCache,
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        rows: torch.Tensor,
+        kv: KVCache,
         meta: Any,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """The forward over the backend's metadata of the batch: every shape it takes is in
         its tensors' shapes, so a CUDA graph can capture it (strata.engine.cuda_graph)."""
         cos, sin = self.rope.tables(positions)

@@ -40,8 +40,11 @@ def check_tp(spec: ModelSpec, size: int) -> None:
     """Raise ValueError unless the model's heads, KV heads and MLP width split over size."""
     if size < 1:
         raise ValueError("--tp-size must be at least 1")
-    parts = {"attention heads": spec.num_heads, "KV heads": spec.num_kv_heads,
-             "intermediate size": spec.intermediate_size}  # fmt: skip
+    parts = {
+        "attention heads": spec.num_heads,
+        "KV heads": spec.num_kv_heads,
+        "intermediate size": spec.intermediate_size,
+    }
     bad = [f"{name} ({n})" for name, n in parts.items() if n % size]
     if bad:
         raise ValueError(f"--tp-size {size} must divide the model's {', '.join(bad)}")
@@ -50,9 +53,11 @@ def check_tp(spec: ModelSpec, size: int) -> None:
 def local_spec(spec: ModelSpec, size: int) -> ModelSpec:
     """The slice of the model one rank runs: its share of the heads and of the MLP."""
     return dataclasses.replace(
-        spec, num_heads=spec.num_heads // size, num_kv_heads=spec.num_kv_heads // size,
+        spec,
+        num_heads=spec.num_heads // size,
+        num_kv_heads=spec.num_kv_heads // size,
         intermediate_size=spec.intermediate_size // size,
-    )  # fmt: skip
+    )
 
 
 def vocab_rows(vocab: int, size: int) -> int:
@@ -73,8 +78,9 @@ def shard_weights(
         return t[start + rank * n : start + (rank + 1) * n]
 
     def qkv(t: torch.Tensor) -> torch.Tensor:  # [q | k | v] rows: each part's own slice
-        return torch.cat([rows(t, 0, q), rows(t, spec.q_size, kv),
-                          rows(t, spec.q_size + spec.kv_size, kv)])  # fmt: skip
+        return torch.cat(
+            [rows(t, 0, q), rows(t, spec.q_size, kv), rows(t, spec.q_size + spec.kv_size, kv)]
+        )
 
     def vocab(t: torch.Tensor) -> torch.Tensor:
         n = vocab_rows(spec.vocab_size, size)
@@ -150,8 +156,9 @@ def join(rank: int, size: int, address: str, device: str) -> None:
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank,
-                            world_size=size, timeout=TIMEOUT)  # fmt: skip
+    dist.init_process_group(
+        backend, init_method=f"tcp://{address}", rank=rank, world_size=size, timeout=TIMEOUT
+    )
 
 
 def rank_device(device: str, rank: int) -> str:

@@ -38,15 +38,19 @@ class SamplingParams:
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
-            (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
-             f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]"),
+            (
+                0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]",
+            ),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
             (len(self.stop) <= 16, "at most 16 stop strings"),
             (self.logprob_start_len >= -1, "logprob_start_len must be >= -1"),
-            (all(-100 <= b <= 100 for _, b in self.logit_bias),
-             "logit_bias values must be in [-100, 100]"),
+            (
+                all(-100 <= b <= 100 for _, b in self.logit_bias),
+                "logit_bias values must be in [-100, 100]",
+            ),
             (len(self.logit_bias) <= 300, "at most 300 logit_bias entries"),
-        ]  # fmt: skip
+        ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

@@ -193,9 +193,14 @@ def test_cpu_prefill_reads_pages_in_place(prefixes, q_lens, dtype, dim, cpu_isa_
     starts = torch.tensor([1 + sum(q_lens[:i]) for i in range(len(q_lens))])
     scale = dim**-0.5
     out = cpu_kernels.paged_prefill(
-        q, layer, table, starts, torch.tensor(q_lens),
-        torch.tensor(prefixes), scale,
-    )  # fmt: skip
+        q,
+        layer,
+        table,
+        starts,
+        torch.tensor(q_lens),
+        torch.tensor(prefixes),
+        scale,
+    )
     if cpu_isa_level == "none":  # no kernel below AVX2: the reference runs
         assert out is None
         return
@@ -242,8 +247,9 @@ def test_cpu_write_decode_reads_the_fused_projection_in_place(dtype, cpu_isa_lev
 
 def test_shared_pages_of_a_batch():
     """Whole pages every row starts with, before every newest token; none for few rows."""
-    t = torch.tensor([[5, 6, 7, 8, 9, 1], [5, 6, 7, 8, 9, 2], [5, 6, 7, 8, 3, 0],
-                      [5, 6, 7, 8, 9, 4]])  # fmt: skip
+    t = torch.tensor(
+        [[5, 6, 7, 8, 9, 1], [5, 6, 7, 8, 9, 2], [5, 6, 7, 8, 3, 0], [5, 6, 7, 8, 9, 4]]
+    )
     assert cpu_kernels.shared_pages(t, torch.tensor([90, 90, 70, 90]), 16) == 4
     assert cpu_kernels.shared_pages(t, torch.tensor([90, 90, 64, 90]), 16) == 0  # 3 whole
     assert cpu_kernels.shared_pages(t[:3], torch.tensor([90, 90, 70]), 16) == 0  # 3 rows

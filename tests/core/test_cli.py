@@ -21,17 +21,37 @@ def subparsers(parser: argparse.ArgumentParser):
 
 
 def test_every_flag_of_every_command_has_help():
-    missing = [f"{name} {a.option_strings or a.dest}"
-               for name, sub in subparsers(build_parser()) for a in sub._actions
-               if not a.help and not isinstance(a, argparse._HelpAction)]  # fmt: skip
+    missing = [
+        f"{name} {a.option_strings or a.dest}"
+        for name, sub in subparsers(build_parser())
+        for a in sub._actions
+        if not a.help and not isinstance(a, argparse._HelpAction)
+    ]
     assert not missing, missing
 
 
 def test_sglang_flags_map_onto_serve():
-    argv = ["--model-path", "m", "--context-length", "512", "--schedule-policy", "fcfs",
-            "--random-seed", "3", "--tp-size", "1", "--trust-remote-code",
-            "--mem-fraction-static", "0.8", "--chunked-prefill-size", "256",
-            "--speculative-algorithm", "NGRAM", "--speculative-num-draft-tokens", "6"]  # fmt: skip
+    argv = [
+        "--model-path",
+        "m",
+        "--context-length",
+        "512",
+        "--schedule-policy",
+        "fcfs",
+        "--random-seed",
+        "3",
+        "--tp-size",
+        "1",
+        "--trust-remote-code",
+        "--mem-fraction-static",
+        "0.8",
+        "--chunked-prefill-size",
+        "256",
+        "--speculative-algorithm",
+        "NGRAM",
+        "--speculative-num-draft-tokens",
+        "6",
+    ]
     a = build_parser().parse_args(translate(argv))
     assert a.command == "serve" and a.context_length == 512 and a.random_seed == 3
     assert sched_config(a).schedule_policy == "fcfs" and a.max_batch_tokens == 256

@@ -47,8 +47,9 @@ def test_mirror_routes_by_what_each_worker_holds_per_tier():
 
 
 def held(l1: int, l2: int, **costs: float) -> cache_pb2.WorkerRoute:
-    return cache_pb2.WorkerRoute(l1_tokens=l1, l2_tokens=l2, costs=costs_to_proto(costs),
-                                 page_size=16)  # fmt: skip
+    return cache_pb2.WorkerRoute(
+        l1_tokens=l1, l2_tokens=l2, costs=costs_to_proto(costs), page_size=16
+    )
 
 
 def test_route_cost_prefers_loading_over_computing_by_measured_cost():

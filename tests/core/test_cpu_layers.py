@@ -19,8 +19,9 @@ def decode_batch(runner, prompts, steps):
     """Prefill each prompt alone, then decode all of them together (greedy): the logits of
     every decode step [steps, batch, vocab]."""
     tables = [runner.pool.alloc(runner.pages_for(len(p) + steps)) for p in prompts]
-    last = [int(runner.forward([SequenceChunk(p, 0, t)])[0].argmax()) for p, t in
-            zip(prompts, tables)]  # fmt: skip
+    last = [
+        int(runner.forward([SequenceChunk(p, 0, t)])[0].argmax()) for p, t in zip(prompts, tables)
+    ]
     lens = [len(p) for p in prompts]
     out = []
     for _ in range(steps):

@@ -24,8 +24,14 @@ GPU = DEVICE != "cpu"
 
 def runner_of(folder, sparse: SparseConfig) -> ModelRunner:
     backend = "triton" if GPU else "cpu"
-    cfg = ModelConfig(str(folder), dtype="float32", device=DEVICE, sparse=sparse,
-                      attention_backend=backend, cuda_graph_max_bs=0)  # fmt: skip
+    cfg = ModelConfig(
+        str(folder),
+        dtype="float32",
+        device=DEVICE,
+        sparse=sparse,
+        attention_backend=backend,
+        cuda_graph_max_bs=0,
+    )
     return ModelRunner.from_config(cfg, KVPoolConfig(page_size=4, num_pages=160))
 
 
@@ -38,8 +44,9 @@ def test_decode_steps_through_the_graph_buffers_equal_the_eager_forward(tiny_che
     sparse = SparseConfig(threshold=0.3, min_context=40, window_pages=2)
     eager, graphed = runner_of(folder, sparse), runner_of(folder, sparse)
     free = graphed.pool.num_free
-    graphs = DecodeGraphs(graphed.model, graphed.kv, graphed.pool, 4, graphed.pages_for(256),
-                          max_bs=5, capture=GPU)  # fmt: skip
+    graphs = DecodeGraphs(
+        graphed.model, graphed.kv, graphed.pool, 4, graphed.pages_for(256), max_bs=5, capture=GPU
+    )
     assert graphs.buckets == [1, 2, 4, 5] and graphed.pool.num_free == free - 1
     prompts = [[(i * 7 + j * 3) % 300 for j in range(n)] for i, n in enumerate((3, 8, 17))]
     tables = [(eager.pool.alloc(8), graphed.pool.alloc(8)) for _ in prompts]

@@ -93,8 +93,9 @@ def test_split_roles_give_the_colocated_output_and_balance_both_pools(engines, r
 
 def test_seeded_sampling_is_the_same_split_or_colocated(engines, runner_factory):
     prefill, decode = engines
-    params = SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.95, seed=7,
-                            ignore_eos=True, logprobs=True)  # fmt: skip
+    params = SamplingParams(
+        max_new_tokens=10, temperature=0.9, top_p=0.95, seed=7, ignore_eos=True, logprobs=True
+    )
     ps = prompts(3, length=12)
     expected = run(Engine(runner_factory(128)), ps, params)
     outs, lasts = run_split(decode, remote_prefill(prefill, decode), ps, params)
@@ -145,8 +146,13 @@ def test_held_pages_nobody_pulls_are_released_after_the_timeout(runner_factory):
     prefill.start()
     try:
         done = threading.Event()
-        prefill.submit(prompts(1, length=30)[0], replace(GREEDY, max_new_tokens=1),
-                       lambda ev: ev.finish_reason and done.set(), "held", hold=True)  # fmt: skip
+        prefill.submit(
+            prompts(1, length=30)[0],
+            replace(GREEDY, max_new_tokens=1),
+            lambda ev: ev.finish_reason and done.set(),
+            "held",
+            hold=True,
+        )
         assert done.wait(30)
         assert prefill.call(prefill.stats).result(10).held == 1
         assert len(prefill.call(lambda: prefill.held_pages("held")).result(10)) == 8

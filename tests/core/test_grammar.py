@@ -58,8 +58,11 @@ def test_invalid_constraints_name_the_problem(compiler, c, needle):
 
 
 def test_mask_allows_exactly_the_tokens_the_matcher_accepts(compiler, tokenizer):
-    matchers = [compiler.matcher(Constraint("regex", "(yes|no)")), None,
-                compiler.matcher(Constraint("json_object"))]  # fmt: skip
+    matchers = [
+        compiler.matcher(Constraint("regex", "(yes|no)")),
+        None,
+        compiler.matcher(Constraint("json_object")),
+    ]
     logits = torch.randn(3, VOCAB)
     before = logits.clone()
     compiler.mask_logits(logits, matchers)

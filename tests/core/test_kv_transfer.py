@@ -26,9 +26,13 @@ def filled(dtype: torch.dtype) -> KVCache:
 
 
 def sender(
-    port: int, dtype: torch.dtype, rounds: int, out: mp.Queue, delay: float = 0,
+    port: int,
+    dtype: torch.dtype,
+    rounds: int,
+    out: mp.Queue,
+    delay: float = 0,
     started: Any = None,
-) -> None:  # fmt: skip
+) -> None:
     """started (an Event): set once this process runs, right before it opens the channel."""
     if started is not None:
         started.set()
@@ -72,8 +76,13 @@ def test_a_peer_that_never_sends_times_out():
     proc = ctx.Process(target=sender, args=(port, torch.float32, 0, out))  # connects, no send
     proc.start()
     try:
-        channel = KVChannel(KVCache(**SHAPE, dtype=torch.float32, device="cpu"), "127.0.0.1",
-                            port, rank=1, timeout=2)  # fmt: skip
+        channel = KVChannel(
+            KVCache(**SHAPE, dtype=torch.float32, device="cpu"),
+            "127.0.0.1",
+            port,
+            rank=1,
+            timeout=2,
+        )
         start = time.monotonic()
         with pytest.raises(TransferError, match="KV transfer failed"):
             channel.recv(DST)

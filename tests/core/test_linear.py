@@ -124,9 +124,11 @@ def test_avx2_linear_kernels_match_float64(shape, cpu_isa_level):
     b = torch.randn(shape[0])
     wb = w.to(torch.bfloat16)
     q4, q8 = quantize_int4(w), _int8(w)
-    layouts = [(cpu_ops.W_PAIR_BF16, pack_pairs(wb), wb.float()),
-               (cpu_ops.W_INT4, pack_int4(q4), q4.dequantize()),
-               (cpu_ops.W_INT8, pack_int8(q8), q8.dequantize())]  # fmt: skip
+    layouts = [
+        (cpu_ops.W_PAIR_BF16, pack_pairs(wb), wb.float()),
+        (cpu_ops.W_INT4, pack_int4(q4), q4.dequantize()),
+        (cpu_ops.W_INT8, pack_int8(q8), q8.dequantize()),
+    ]
     for rows in (1, 2, 3, 5, 48, 101):
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(rows, shape[1]).to(dtype)

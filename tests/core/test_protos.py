@@ -14,9 +14,10 @@ def test_the_generator_is_the_pinned_one():
     from importlib.metadata import version
 
     pins = dict(
-        line.split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines()
+        line.split("==", 1)
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
         if "==" in line and not line.startswith("#")
-    )  # fmt: skip
+    )
     assert version("grpcio-tools") == pins["grpcio-tools"], "run make (it installs the pins)"
 
 
@@ -31,6 +32,7 @@ def test_generated_proto_code_is_fresh(tmp_path):
         for p in (ROOT / "strata" / "proto").rglob("*.py*")
         if "__pycache__" not in p.parts
     }
-    stale = sorted(str(k) for k in fresh.keys() | checked_in.keys()
-                   if fresh.get(k) != checked_in.get(k))  # fmt: skip
+    stale = sorted(
+        str(k) for k in fresh.keys() | checked_in.keys() if fresh.get(k) != checked_in.get(k)
+    )
     assert not stale, f"run `python scripts/gen_protos.py`; stale: {stale}"

@@ -16,8 +16,11 @@ def inp(params: SamplingParams, out=(), prompt=(1, 2)) -> SampleInput:
 
 def test_greedy_and_top_k_1_take_the_argmax():
     logits = torch.randn(3, 50)
-    reqs = [inp(SamplingParams(temperature=0)), inp(SamplingParams(top_k=1)),
-            inp(SamplingParams(temperature=0.7, top_k=1))]  # fmt: skip
+    reqs = [
+        inp(SamplingParams(temperature=0)),
+        inp(SamplingParams(top_k=1)),
+        inp(SamplingParams(temperature=0.7, top_k=1)),
+    ]
     assert sample(logits, reqs).tokens == logits.argmax(-1).tolist()
 
 
@@ -39,8 +42,10 @@ def test_same_seed_same_tokens_whatever_the_batch():
     others = [inp(SamplingParams(temperature=1.0)) for _ in range(5)]
     together = sample(batch, [*others, inp(p)]).tokens[-1]
     assert alone[0] == together
-    assert len({sample(logits, [inp(SamplingParams(temperature=5.0))]).tokens[0]
-                for _ in range(30)}) > 1  # fmt: skip
+    assert (
+        len({sample(logits, [inp(SamplingParams(temperature=5.0))]).tokens[0] for _ in range(30)})
+        > 1
+    )
 
 
 def test_sampling_follows_the_distribution_and_filters():
@@ -62,9 +67,11 @@ def test_penalties_push_repeated_tokens_down():
     logits = torch.tensor([[2.0, 1.9, -1.0]])
     plain = sample(logits, [inp(SamplingParams(temperature=0), out=[0])]).tokens[0]
     assert plain == 0
-    for p in [SamplingParams(temperature=0, frequency_penalty=0.5),
-              SamplingParams(temperature=0, presence_penalty=0.5),
-              SamplingParams(temperature=0, repetition_penalty=1.2)]:  # fmt: skip
+    for p in [
+        SamplingParams(temperature=0, frequency_penalty=0.5),
+        SamplingParams(temperature=0, presence_penalty=0.5),
+        SamplingParams(temperature=0, repetition_penalty=1.2),
+    ]:
         assert sample(logits, [inp(p, out=[0], prompt=[2])]).tokens[0] == 1
 
 
@@ -75,8 +82,16 @@ def test_logprobs_of_chosen_and_top_tokens():
     assert out.top_ids == [[0, 1]]
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0),
-                                 dict(top_logprobs=50), dict(stop=("",))])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(max_new_tokens=0),
+        dict(top_logprobs=50),
+        dict(stop=("",)),
+    ],
+)
 def test_bad_sampling_params_are_rejected(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

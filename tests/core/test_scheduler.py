@@ -147,8 +147,11 @@ def test_a_request_that_outgrows_the_pool_alone_ends_with_length(runner_factory)
     made) instead of waiting forever to be readmitted, and frees its pages."""
     engine = Engine(runner_factory(6), max_batch_tokens=64)
     events: list = []
-    engine.submit(list(range(10, 22)), SamplingParams(max_new_tokens=40, temperature=0,
-                                                      ignore_eos=True), events.append)  # fmt: skip
+    engine.submit(
+        list(range(10, 22)),
+        SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True),
+        events.append,
+    )
     engine.run_until_done()
     assert events[-1].finish_reason == "length"
     assert sum(len(e.token_ids) for e in events) == 6 * 4 - 12 + 1  # up to the last page's end

@@ -78,8 +78,9 @@ def test_write_kv_stores_tokens_and_keeps_page_summaries(dtype):
     assert torch.equal(outs[0], outs[1])  # the kernel writes exactly what the reference does
 
 
-def brute_force_selection(q, kmin, kmax, rows, lens, active, scale, min_score, budget, sink,
-                          window):  # fmt: skip
+def brute_force_selection(
+    q, kmin, kmax, rows, lens, active, scale, min_score, budget, sink, window
+):
     """select_pages' rule, one sequence, KV head and page at a time, in float64."""
     b, heads, d = q.shape
     kvh = kmin.shape[1]
@@ -92,9 +93,19 @@ def brute_force_selection(q, kmin, kmax, rows, lens, active, scale, min_score, b
             if not active[i] or n <= sink + window:
                 per_head.append(list(range(n)))
                 continue
-            u = [[sum(max(float(q[i, h * g + j, c]) * float(kmin[rows[i][p], h, c]),
-                          float(q[i, h * g + j, c]) * float(kmax[rows[i][p], h, c]))
-                      for c in range(d)) for j in range(g)] for p in range(n)]  # fmt: skip
+            u = [
+                [
+                    sum(
+                        max(
+                            float(q[i, h * g + j, c]) * float(kmin[rows[i][p], h, c]),
+                            float(q[i, h * g + j, c]) * float(kmax[rows[i][p], h, c]),
+                        )
+                        for c in range(d)
+                    )
+                    for j in range(g)
+                ]
+                for p in range(n)
+            ]
             best = [max(u[p][j] for p in range(n)) for j in range(g)]
             score = [max(scale * (u[p][j] - best[j]) for j in range(g)) for p in range(n)]
             forced = [p for p in range(n) if p < sink or p >= n - window]
@@ -124,10 +135,23 @@ def test_selection_equals_brute_force(heads, kv_heads, min_score, budget):
     table, rows = page_tables(lens, 64, seed=heads)
     q = torch.randn(len(lens), heads, d)
     scale, sink, window = d**-0.5, 1, 2
-    expect = brute_force_selection(q, layer.kmin, layer.kmax, rows, lens, active, scale,
-                                   min_score, budget, sink, window)  # fmt: skip
-    args = (q, layer.kmin, layer.kmax, table, torch.tensor(lens), torch.tensor(active), PS,
-            scale, min_score, budget, sink, window)  # fmt: skip
+    expect = brute_force_selection(
+        q, layer.kmin, layer.kmax, rows, lens, active, scale, min_score, budget, sink, window
+    )
+    args = (
+        q,
+        layer.kmin,
+        layer.kmax,
+        table,
+        torch.tensor(lens),
+        torch.tensor(active),
+        PS,
+        scale,
+        min_score,
+        budget,
+        sink,
+        window,
+    )
     segs = random_segments(kv, table, lens, seed=heads)
     skipped = 0
     picks = [cpu_kernels.select_pages(*args), ref.select_pages(*args)]
@@ -207,8 +231,9 @@ def test_fused_sparse_decode_marks_the_pages_some_head_kept(heads, kv_heads):
         args = (q, layer.kmin, layer.kmax, table, seq_lens, active, PS, d**-0.5, -1.2, 0.4, 1, 1)
         sel, _, kept = ref.select_pages(*args)
         want |= ref.kept_mask(table, sel, kept)
-        got = cpu_kernels.sparse_decode(q, layer, table, seq_lens, active.to(torch.uint8),
-                                        d**-0.5, -1.2, 0.4, 1, 1, touched)  # fmt: skip
+        got = cpu_kernels.sparse_decode(
+            q, layer, table, seq_lens, active.to(torch.uint8), d**-0.5, -1.2, 0.4, 1, 1, touched
+        )
         assert got is not None
     for i, n in enumerate(lens):
         pages = -(-n // PS)
@@ -256,8 +281,14 @@ def test_selected_page_kernel_equals_reference_and_dense_attention(heads, kv_hea
 
 
 def test_sparse_config_refuses_bad_values():
-    for bad in ({"threshold": 1.0}, {"threshold": -0.1}, {"budget": 2.5}, {"budget": -1},
-                {"window_pages": 0}, {"demote_after": -1}):  # fmt: skip
+    for bad in (
+        {"threshold": 1.0},
+        {"threshold": -0.1},
+        {"budget": 2.5},
+        {"budget": -1},
+        {"window_pages": 0},
+        {"demote_after": -1},
+    ):
         with pytest.raises(ValueError):
             SparseConfig(**bad)
 
@@ -330,10 +361,14 @@ def test_radix_segments_change_no_logit(tiny_checkpoint, attention):
     and dropped when it leaves the batch."""
     folder, _ = tiny_checkpoint("llama", num_hidden_layers=4, num_key_value_heads=2)
     runner = ModelRunner.from_config(
-        ModelConfig(str(folder), dtype="float32", attention_backend=attention,
-                    sparse=SparseConfig(threshold=0.5, min_context=64, window_pages=2)),
+        ModelConfig(
+            str(folder),
+            dtype="float32",
+            attention_backend=attention,
+            sparse=SparseConfig(threshold=0.5, min_context=64, window_pages=2),
+        ),
         KVPoolConfig(page_size=PS, num_pages=128),
-    )  # fmt: skip
+    )
     want, sparsity = decode_logits(runner, PROMPT, 8)
     assert sum(s[0][0] for s in sparsity[1:]) > 0  # pages are skipped
     backend = runner.model.backend
@@ -362,8 +397,7 @@ def test_fetch_on_select_decodes_past_l1_to_the_same_tokens(tiny_checkpoint):
     when selected once the short request's pages can be evicted; in the end every page is
     the cache's or free, and the cache holds as much of the long sequence as L1 can."""
     folder, _ = tiny_checkpoint("llama", num_hidden_layers=4, num_key_value_heads=1)
-    sparse = SparseConfig(threshold=0.9, budget=0.3, min_context=64, window_pages=2,
-                          demote_after=1)  # fmt: skip
+    sparse = SparseConfig(threshold=0.9, budget=0.3, min_context=64, window_pages=2, demote_after=1)
     long = SamplingParams(max_new_tokens=60, temperature=0, ignore_eos=True)
     short = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
     other = [(i * 13 + 5) % 300 for i in range(28)]
@@ -398,10 +432,13 @@ def test_a_request_decodes_over_the_radix_segments_of_its_pages(tiny_checkpoint)
     reply), then its own prompt: those are the segments its sparse decode scores first."""
     folder, _ = tiny_checkpoint("llama", num_hidden_layers=4, num_key_value_heads=2)
     runner = ModelRunner.from_config(
-        ModelConfig(str(folder), dtype="float32",
-                    sparse=SparseConfig(threshold=0.5, min_context=32, window_pages=2)),
+        ModelConfig(
+            str(folder),
+            dtype="float32",
+            sparse=SparseConfig(threshold=0.5, min_context=32, window_pages=2),
+        ),
         KVPoolConfig(page_size=PS, num_pages=128),
-    )  # fmt: skip
+    )
     engine = Engine(runner)
     params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
     seen: list[tuple[int, ...]] = []

@@ -32,17 +32,22 @@ def steps(r: ModelRunner, batch: list[list[int]], decode: int) -> list[torch.Ten
     ends = torch.tensor([len(p) for p in batch]).cumsum(0) - 1
     nxt = out[0][ends].argmax(-1).tolist()
     for _ in range(decode):
-        chunks = [SequenceChunk([t], c.prefix_len + len(c.token_ids), c.pages)
-                  for c, t in zip(chunks, nxt)]  # fmt: skip
+        chunks = [
+            SequenceChunk([t], c.prefix_len + len(c.token_ids), c.pages)
+            for c, t in zip(chunks, nxt)
+        ]
         out.append(r.forward(chunks))
         nxt = out[-1].argmax(-1).tolist()
     return out
 
 
-@pytest.mark.parametrize("arch,overrides", [
-    ("llama", {"vocab_size": 321}),  # a vocabulary that does not split evenly
-    ("qwen2", {"tie_word_embeddings": True}),  # QKV biases, tied LM head
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "arch,overrides",
+    [
+        ("llama", {"vocab_size": 321}),  # a vocabulary that does not split evenly
+        ("qwen2", {"tie_word_embeddings": True}),  # QKV biases, tied LM head
+    ],
+)
 def test_two_ranks_give_the_logits_of_one(tiny_checkpoint, arch, overrides):
     folder, hf = tiny_checkpoint(arch, **overrides)
     batch = prompts([7, 19, 1], hf.config.vocab_size)

@@ -100,8 +100,14 @@ def test_write_kv_equals_reference_with_summaries(dtype, page_size):
 
 # GQA ratios 1, 3 and 8, pages of 1, 4 and 16 tokens, each in float32 and float16
 F32, F16 = torch.float32, torch.float16
-SHAPES = [(4, 4, 4, F32), (6, 2, 1, F32), (8, 1, 16, F32), (6, 2, 16, F16), (8, 1, 4, F16),
-          (4, 4, 1, F16)]  # fmt: skip
+SHAPES = [
+    (4, 4, 4, F32),
+    (6, 2, 1, F32),
+    (8, 1, 16, F32),
+    (6, 2, 16, F16),
+    (8, 1, 4, F16),
+    (4, 4, 1, F16),
+]
 if DEVICE != "cpu":
     SHAPES += [(9, 3, 16, torch.bfloat16), (8, 1, 1, torch.bfloat16)]
 
@@ -166,8 +172,16 @@ def test_prefill_over_cached_prefix_equals_reference(dtype, heads, kv_heads, pag
     ref.write_kv(a.layers[1], where, k, v)
     tk.write_kv(b.layers[1], where, k, v)
     starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0)[:-1].tolist()])
-    got = tk.paged_prefill(q, b.layers[1], table, starts, torch.tensor(q_lens),
-                           torch.tensor(prefix), max(q_lens), d**-0.5)  # fmt: skip
+    got = tk.paged_prefill(
+        q,
+        b.layers[1],
+        table,
+        starts,
+        torch.tensor(q_lens),
+        torch.tensor(prefix),
+        max(q_lens),
+        d**-0.5,
+    )
     layer = a.layers[1]
     for i in range(len(lens)):
         r = slice(int(starts[i]), int(starts[i]) + q_lens[i])
@@ -227,8 +241,11 @@ def test_triton_backend_batches_prefill_and_decode_in_one_forward(triton_runners
         a, b = runner.pool.alloc(8), runner.pool.alloc(8)
         c = runner.pool.alloc(4)
         runner.forward([SequenceChunk(PROMPT[:13], 0, a), SequenceChunk(PROMPT[:6], 0, b)])
-        mixed = [SequenceChunk([5], 13, a), SequenceChunk(PROMPT[6:20], 6, b),
-                 SequenceChunk(PROMPT[30:39], 0, c)]  # fmt: skip
+        mixed = [
+            SequenceChunk([5], 13, a),
+            SequenceChunk(PROMPT[6:20], 6, b),
+            SequenceChunk(PROMPT[30:39], 0, c),
+        ]
         outs.append(runner.forward(mixed))
     assert torch.allclose(outs[1], outs[0], atol=1e-4, rtol=0)
 

@@ -24,16 +24,31 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 @pytest.fixture(scope="module")
 def urls():
     port = free_port()
-    flags = ("--api-key", KEY, "--grpc-port", str(port), "--max-running-requests", "1",
-             "--max-queued-requests", "0")  # fmt: skip
+    flags = (
+        "--api-key",
+        KEY,
+        "--grpc-port",
+        str(port),
+        "--max-running-requests",
+        "1",
+        "--max-queued-requests",
+        "0",
+    )
     with running_server(*flags) as url:
         yield url, f"127.0.0.1:{port}"
 
 
 def chat(url: str, headers: dict | None = None, max_tokens: int = 4) -> httpx.Response:
-    return httpx.post(f"{url}/v1/chat/completions", headers=headers or {}, timeout=300, json={
-        "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": max_tokens,
-        "temperature": 0})  # fmt: skip
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        headers=headers or {},
+        timeout=300,
+        json={
+            "messages": [{"role": "user", "content": "Say hi."}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        },
+    )
 
 
 def test_rest_needs_the_key_health_and_metrics_stay_open(urls):
@@ -63,8 +78,9 @@ def test_grpc_needs_the_key_health_stays_open(urls):
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         reply = stub.Generate(req, timeout=120, metadata=(("authorization", f"Bearer {KEY}"),))
         assert reply.usage.completion_tokens == 2
-        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
-                                                           timeout=30)  # fmt: skip
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=30
+        )
         assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -93,8 +109,9 @@ def test_a_full_server_answers_429_and_recovers(urls):
     assert r.headers["Retry-After"] == "1" and r.json()["error"]["type"] == "overloaded_error"
     with grpc.insecure_channel(addr) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
-        req = gateway_pb2.GenerateRequest(text="Hi", sampling_params=common_pb2.SamplingParams(
-            max_new_tokens=2))  # fmt: skip
+        req = gateway_pb2.GenerateRequest(
+            text="Hi", sampling_params=common_pb2.SamplingParams(max_new_tokens=2)
+        )
         with pytest.raises(grpc.RpcError) as err:
             stub.Generate(req, timeout=60, metadata=(("authorization", f"Bearer {KEY}"),))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -116,8 +133,10 @@ def test_oversized_bodies_and_messages_are_refused(urls):
     url, addr = urls
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as s:  # the headers alone
-        s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 20000000\r\n\r\n")  # fmt: skip
+        s.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 20000000\r\n\r\n"
+        )
         assert s.recv(4096).split(b"\r\n", 1)[0].endswith(b"413 Request Entity Too Large")
 
     def chunks():  # no Content-Length: sent in chunks, 17 MiB of them
@@ -142,15 +161,27 @@ def test_oversized_bodies_and_messages_are_refused(urls):
 def test_the_gateway_bounds_what_it_holds():
     """Split mode: the gateway refuses past workers x (running + queued) itself, before a
     worker is asked (its own message), and takes requests again once they finish."""
-    flags = ("--prefill", "0", "--decode", "1", "--disable-hierarchical-cache",
-             "--max-running-requests", "1", "--max-queued-requests", "0")  # fmt: skip
+    flags = (
+        "--prefill",
+        "0",
+        "--decode",
+        "1",
+        "--disable-hierarchical-cache",
+        "--max-running-requests",
+        "1",
+        "--max-queued-requests",
+        "0",
+    )
     with running_cluster(*flags) as (url, _):
         started = threading.Event()
         done: list[int] = []
 
         def long_request():
-            body = {"text": "Count slowly.", "stream": True, "sampling_params": {
-                "max_new_tokens": 48, "temperature": 0, "ignore_eos": True}}  # fmt: skip
+            body = {
+                "text": "Count slowly.",
+                "stream": True,
+                "sampling_params": {"max_new_tokens": 48, "temperature": 0, "ignore_eos": True},
+            }
             with httpx.stream("POST", f"{url}/generate", json=body, timeout=300) as r:
                 for line in r.iter_lines():
                     if line.startswith("data:"):

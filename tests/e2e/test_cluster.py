@@ -24,22 +24,38 @@ STORY = (
     "Here is a long story about a lighthouse keeper who counts the waves every night "
     "and writes each number in a book that nobody reads. "
 )
-PROMPTS = ["The capital of France is", "List three colors:", "def fibonacci(n):",
-           STORY * 3 + "One evening the count"]  # fmt: skip
+PROMPTS = [
+    "The capital of France is",
+    "List three colors:",
+    "def fibonacci(n):",
+    STORY * 3 + "One evening the count",
+]
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    with running_cluster("--prefill", "2", "--decode", "2", "--dtype", "float32",
-                         "--num-pages", "512", "--local-prefill-tokens", "64") as c:  # fmt: skip
+    with running_cluster(
+        "--prefill",
+        "2",
+        "--decode",
+        "2",
+        "--dtype",
+        "float32",
+        "--num-pages",
+        "512",
+        "--local-prefill-tokens",
+        "64",
+    ) as c:
         yield c
     with pytest.raises(httpx.HTTPError):  # everything is down after Ctrl-C
         httpx.get(f"{c[0]}/health", timeout=2)
 
 
 def generate(url: str, text, n: int = 16, ids: bool = False) -> dict:
-    body = {"input_ids" if ids else "text": text,
-            "sampling_params": {"max_new_tokens": n, "temperature": 0}}  # fmt: skip
+    body = {
+        "input_ids" if ids else "text": text,
+        "sampling_params": {"max_new_tokens": n, "temperature": 0},
+    }
     resp = httpx.post(f"{url}/generate", json=body, timeout=120)
     assert resp.status_code == 200, resp.text
     return resp.json()
@@ -80,9 +96,11 @@ def test_requests_sharing_a_prefix_go_to_the_prefill_worker_that_holds_it(cluste
     for k in range(3):  # by chance alone all three would land right one time in eight
         shared = f"Shared context number {k}: " + "the quick brown fox jumps over it. " * 8
         one = generate(url, shared + "First question about the fox?", 4)
-        question = ("A different and much longer second question, about the dog, the fox, the "
-                    "old wooden bridge and the cold river they both crossed that grey morning "
-                    "before the farmer woke up and saw them? ")  # fmt: skip
+        question = (
+            "A different and much longer second question, about the dog, the fox, the "
+            "old wooden bridge and the cold river they both crossed that grey morning "
+            "before the farmer woke up and saw them? "
+        )
         two = generate(url, shared + question * 3, 4)
         assert one["meta_info"]["cached_tokens"] < 16
         # decode workers lack the new 100+ token suffix: a prefill worker computes it, and
@@ -93,16 +111,21 @@ def test_requests_sharing_a_prefix_go_to_the_prefill_worker_that_holds_it(cluste
 def test_conversations_stay_on_the_worker_that_holds_them(cluster):
     url = cluster[0]
     # three conversations over two workers: taking turns alone would move them around
-    systems = ["You are a pirate who answers in rhymes. " * 8,
-               "You are a librarian who answers formally. " * 8,
-               "You are a chef who answers with recipes. " * 8]  # fmt: skip
+    systems = [
+        "You are a pirate who answers in rhymes. " * 8,
+        "You are a librarian who answers formally. " * 8,
+        "You are a chef who answers with recipes. " * 8,
+    ]
     history = {i: [{"role": "system", "content": s}] for i, s in enumerate(systems)}
     prev: dict[int, int] = {}
     for turn in range(4):
         for i in history:  # interleaved, so load alone would alternate workers
             history[i].append({"role": "user", "content": f"Question {turn}: tell me more."})
-            resp = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
-                "messages": history[i], "max_tokens": 12, "temperature": 0}).json()  # fmt: skip
+            resp = httpx.post(
+                f"{url}/v1/chat/completions",
+                timeout=120,
+                json={"messages": history[i], "max_tokens": 12, "temperature": 0},
+            ).json()
             history[i].append(resp["choices"][0]["message"])
             cached = resp["usage"]["prompt_tokens_details"]["cached_tokens"]
             if turn > 0:
@@ -120,8 +143,11 @@ def test_mixed_requests_leave_pools_and_locks_at_baseline(cluster):
             body = {"text": "x", "sampling_params": {"regex": "[a-z", "max_new_tokens": 4}}
             assert httpx.post(f"{url}/generate", json=body, timeout=60).status_code == 400
         elif i % 5 == 1:  # cancelled mid-stream (some while a prefill worker has them)
-            body = {"text": f"Story {i}: " + "once upon a time, " * (i % 3 * 8), "stream": True,
-                    "sampling_params": {"max_new_tokens": 200, "ignore_eos": True}}  # fmt: skip
+            body = {
+                "text": f"Story {i}: " + "once upon a time, " * (i % 3 * 8),
+                "stream": True,
+                "sampling_params": {"max_new_tokens": 200, "ignore_eos": True},
+            }
             with httpx.stream("POST", f"{url}/generate", json=body, timeout=60) as resp:
                 for line in resp.iter_lines():
                     if line.startswith("data: {"):
@@ -145,9 +171,13 @@ def test_generated_grpc_client_streams_through_the_cluster(cluster):
     with grpc.insecure_channel(cluster[1]) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         req = gateway_pb2.GenerateRequest(
-            text=PROMPTS[0], sampling_params=common_pb2.SamplingParams(
-                max_new_tokens=16, temperature=0,
-                constraint=common_pb2.Constraint(regex="(Paris|Lyon)\\.")))  # fmt: skip
+            text=PROMPTS[0],
+            sampling_params=common_pb2.SamplingParams(
+                max_new_tokens=16,
+                temperature=0,
+                constraint=common_pb2.Constraint(regex="(Paris|Lyon)\\."),
+            ),
+        )
         chunks = list(stub.GenerateStream(req, timeout=120))
         assert "".join(c.chunk.text for c in chunks) in ("Paris.", "Lyon.")
         assert chunks[-1].chunk.finish_reason == common_pb2.FINISH_REASON_STOP
@@ -168,9 +198,18 @@ def test_dsl_select_and_constraints_through_the_cluster(cluster):
                 sl.select("city", choices=["Paris", "a village on the moon", "Berlin"]),
             ]
         )
-        s += sl.assistant(sl.gen("json", max_tokens=48, temperature=0, json_schema={
-            "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
-            "required": ["city"]}))  # fmt: skip
+        s += sl.assistant(
+            sl.gen(
+                "json",
+                max_tokens=48,
+                temperature=0,
+                json_schema={
+                    "type": "object",
+                    "properties": {"city": {"type": "string", "maxLength": 20}},
+                    "required": ["city"],
+                },
+            )
+        )
 
     state = capital.run(backend=sl.RuntimeEndpoint(cluster[0]))
     assert state["city"] == "Paris"
@@ -180,6 +219,11 @@ def test_dsl_select_and_constraints_through_the_cluster(cluster):
 
 @pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.py")), ids=lambda p: p.stem)
 def test_examples_run_on_the_cluster(cluster, example):
-    run = subprocess.run([sys.executable, str(example), "--url", cluster[0]], capture_output=True,
-                         text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, str(example), "--url", cluster[0]],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stdout + run.stderr

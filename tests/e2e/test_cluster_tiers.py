@@ -27,19 +27,33 @@ GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     store = str(tmp_path_factory.mktemp("l3"))
-    tiers = ["--enable-hierarchical-cache", "--hicache-storage-backend", "file",
-             "--hicache-storage-dir", store]  # fmt: skip
+    tiers = [
+        "--enable-hierarchical-cache",
+        "--hicache-storage-backend",
+        "file",
+        "--hicache-storage-dir",
+        store,
+    ]
     cache_port = free_port()
     with ExitStack() as stack:
         cache, proc = stack.enter_context(
             grpc_service("cache", "--hicache-storage-dir", store, port=cache_port)
         )
-        decode = [stack.enter_context(grpc_service("decode", "--cache-service", cache, *tiers))[0]
-                  for _ in range(2)]  # fmt: skip
+        decode = [
+            stack.enter_context(grpc_service("decode", "--cache-service", cache, *tiers))[0]
+            for _ in range(2)
+        ]
         gateway = ["--cache-service", cache, "--decode", ",".join(decode), "--prefill", ""]
         url = stack.enter_context(running_http("gateway", *gateway))
-        yield {"url": url, "cache": cache, "cache_proc": proc, "cache_port": cache_port,
-               "decode": decode, "store": store, "stack": stack}  # fmt: skip
+        yield {
+            "url": url,
+            "cache": cache,
+            "cache_proc": proc,
+            "cache_port": cache_port,
+            "decode": decode,
+            "store": store,
+            "stack": stack,
+        }
 
 
 def load(target: str) -> worker_pb2.LoadResponse:
@@ -50,16 +64,20 @@ def load(target: str) -> worker_pb2.LoadResponse:
 def generate_on(target: str, ids: list[int]) -> tuple[list[int], int]:
     with grpc.insecure_channel(target) as ch:
         req = worker_pb2.WorkerGenerateRequest(
-            request_id=f"r{time.monotonic_ns()}", prompt_ids=ids,
+            request_id=f"r{time.monotonic_ns()}",
+            prompt_ids=ids,
             sampling_params=params_to_proto(GREEDY),
-        )  # fmt: skip
+        )
         chunks = list(worker_pb2_grpc.DecodeStub(ch).Generate(req, timeout=120))
     return [t for c in chunks for t in c.token_ids], chunks[-1].usage.cached_tokens
 
 
 def generate(url: str, text: str) -> dict:
-    r = httpx.post(f"{url}/generate", timeout=120, json={
-        "text": text, "sampling_params": {"max_new_tokens": 12, "temperature": 0}})  # fmt: skip
+    r = httpx.post(
+        f"{url}/generate",
+        timeout=120,
+        json={"text": text, "sampling_params": {"max_new_tokens": 12, "temperature": 0}},
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -92,8 +110,10 @@ def test_next_turn_on_the_other_worker_loads_from_l3(cluster):
 
 
 def test_cache_service_kill_fails_no_request_and_its_index_is_rebuilt(cluster):
-    prompts = [f"Question {i}: name a color that starts with the letter {c}."
-               for i, c in enumerate("BGRYPOWS")]  # fmt: skip
+    prompts = [
+        f"Question {i}: name a color that starts with the letter {c}."
+        for i, c in enumerate("BGRYPOWS")
+    ]
     cluster["cache_proc"].send_signal(signal.SIGKILL)
     cluster["cache_proc"].wait(10)
     with ThreadPoolExecutor(8) as pool:  # every request completes without the service
@@ -101,8 +121,9 @@ def test_cache_service_kill_fails_no_request_and_its_index_is_rebuilt(cluster):
     assert all(r["meta_info"]["finish_reason"]["type"] in ("stop", "length") for r in replies)
     health = httpx.get(f"{cluster['url']}/health", timeout=30).json()
     assert health["cache_service"] == "unreachable" and health["status"] == "ok"
-    with grpc_service("cache", "--hicache-storage-dir", cluster["store"],
-                      port=cluster["cache_port"]) as (target, _):  # fmt: skip
+    with grpc_service(
+        "cache", "--hicache-storage-dir", cluster["store"], port=cluster["cache_port"]
+    ) as (target, _):
 
         def mirrors_match() -> bool:
             mirrors = cache_stats(target).workers

@@ -40,9 +40,12 @@ def hf_greedy(hf, ids: list[int], max_new_tokens: int, eos: int) -> list[int]:
     """transformers' greedy generate: the new tokens."""
     with torch.no_grad():
         out = hf.generate(
-            torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=eos, pad_token_id=eos,
-        )  # fmt: skip
+            torch.tensor([ids]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
     return out[0, len(ids) :].tolist()
 
 
@@ -146,9 +149,12 @@ def test_jump_forward_skips_steps_and_keeps_output_valid(runner):
             "the_age_of_the_person_in_years": {"type": "integer", "minimum": 0, "maximum": 99},
             "the_favourite_colour": {"enum": ["red", "green", "blue"]},
         },
-        "required": ["the_full_name_of_the_person", "the_age_of_the_person_in_years",
-                     "the_favourite_colour"],
-    }  # fmt: skip
+        "required": [
+            "the_full_name_of_the_person",
+            "the_age_of_the_person_in_years",
+            "the_favourite_colour",
+        ],
+    }
     ids = chat_prompt_ids(runner.tokenizer, [{"role": "user", "content": "A person as JSON."}])
     params = SamplingParams(
         max_new_tokens=128, temperature=0, constraint=Constraint.json_schema(schema)

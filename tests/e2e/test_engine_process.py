@@ -18,8 +18,18 @@ from launch.local import _wait_healthy, free_port
 
 def test_engine_death_ends_streams_with_an_error_and_stops_the_server():
     port = free_port()
-    cmd = [sys.executable, "-m", "launch.cli", "serve", "--port", str(port), "--grpc-port",
-           "-1", "--dtype", "float32"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--grpc-port",
+        "-1",
+        "--dtype",
+        "float32",
+    ]
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
         url = f"http://127.0.0.1:{port}"
@@ -33,8 +43,11 @@ def test_engine_death_ends_streams_with_an_error_and_stops_the_server():
                 environ = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
             assert b"glibc.malloc.hugetlb=1" in environ[b"GLIBC_TUNABLES"]
             assert environ[b"GOMP_SPINCOUNT"] == b"20000"
-            body = {"text": "Tell me a long story.", "stream": True,
-                    "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}}  # fmt: skip
+            body = {
+                "text": "Tell me a long story.",
+                "stream": True,
+                "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True},
+            }
             events = []
             with httpx.stream("POST", f"{url}/generate", json=body, timeout=60) as r:
                 assert r.status_code == 200

@@ -50,15 +50,20 @@ def test_streamed_generation_equals_rest(urls, stub):
     last = chunks[-1].chunk
     assert last.finish_reason in (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH)
     assert last.usage.completion_tokens == sum(len(c.chunk.token_ids) for c in chunks)
-    rest = httpx.post(f"{urls[0]}/v1/chat/completions", timeout=120, json={
-        "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 24,
-        "temperature": 0}).json()  # fmt: skip
+    rest = httpx.post(
+        f"{urls[0]}/v1/chat/completions",
+        timeout=120,
+        json={
+            "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": 24,
+            "temperature": 0,
+        },
+    ).json()
     assert text == rest["choices"][0]["message"]["content"]
     unary = stub.Generate(chat_request(), timeout=120)
     assert unary.text == text and unary.usage.cached_tokens > 0
     metrics = httpx.get(f"{urls[0]}/metrics", timeout=30).text  # gRPC requests count too
-    assert re.search(r'^strata_requests_total\{endpoint="grpc",status="ok"\} [2-9]', metrics,
-                     re.M)  # fmt: skip
+    assert re.search(r'^strata_requests_total\{endpoint="grpc",status="ok"\} [2-9]', metrics, re.M)
 
 
 def test_constraint_corpus_through_grpc(urls, stub):
@@ -66,15 +71,19 @@ def test_constraint_corpus_through_grpc(urls, stub):
         req = gateway_pb2.GenerateRequest(
             text=f"Write {what}: ",
             sampling_params=common_pb2.SamplingParams(
-                max_new_tokens=160, temperature=0, constraint=constraint),
-        )  # fmt: skip
+                max_new_tokens=160, temperature=0, constraint=constraint
+            ),
+        )
         return stub.Generate(req, timeout=300)
 
     with ThreadPoolExecutor(16) as pool:
-        schema_jobs = [(sc, pool.submit(run, common_pb2.Constraint(json_schema=json.dumps(sc)), w))
-                       for w, sc in SCHEMAS]  # fmt: skip
-        regex_jobs = [(rx, pool.submit(run, common_pb2.Constraint(regex=rx), w))
-                      for w, rx in REGEXES]  # fmt: skip
+        schema_jobs = [
+            (sc, pool.submit(run, common_pb2.Constraint(json_schema=json.dumps(sc)), w))
+            for w, sc in SCHEMAS
+        ]
+        regex_jobs = [
+            (rx, pool.submit(run, common_pb2.Constraint(regex=rx), w)) for w, rx in REGEXES
+        ]
         for schema, job in schema_jobs:
             out = job.result()
             assert out.finish_reason == common_pb2.FINISH_REASON_STOP, out.text
@@ -90,17 +99,34 @@ def test_constraint_corpus_through_grpc(urls, stub):
     "request_,needle",
     [
         (gateway_pb2.GenerateRequest(), "give text, token_ids or messages"),
-        (gateway_pb2.GenerateRequest(text="hi", sampling_params=common_pb2.SamplingParams(
-            constraint=common_pb2.Constraint(regex="[a-z"))), "invalid regex"),
-        (gateway_pb2.GenerateRequest(text="hi", sampling_params=common_pb2.SamplingParams(
-            temperature=-1)), "temperature"),
+        (
+            gateway_pb2.GenerateRequest(
+                text="hi",
+                sampling_params=common_pb2.SamplingParams(
+                    constraint=common_pb2.Constraint(regex="[a-z")
+                ),
+            ),
+            "invalid regex",
+        ),
+        (
+            gateway_pb2.GenerateRequest(
+                text="hi", sampling_params=common_pb2.SamplingParams(temperature=-1)
+            ),
+            "temperature",
+        ),
         (gateway_pb2.GenerateRequest(token_ids=gateway_pb2.TokenIds(ids=[10**6])), "token ids"),
         (gateway_pb2.GenerateRequest(text="word " * 9000), "context length"),
-        (gateway_pb2.GenerateRequest(messages=gateway_pb2.ChatMessages(messages=[
-            gateway_pb2.ChatMessage(role="robot", content="hi")])), "unknown role 'robot'"),
+        (
+            gateway_pb2.GenerateRequest(
+                messages=gateway_pb2.ChatMessages(
+                    messages=[gateway_pb2.ChatMessage(role="robot", content="hi")]
+                )
+            ),
+            "unknown role 'robot'",
+        ),
         (gateway_pb2.GenerateRequest(messages=gateway_pb2.ChatMessages()), "messages must not"),
     ],
-)  # fmt: skip
+)
 def test_bad_input_is_invalid_argument(urls, stub, request_, needle):
     for call in (stub.Generate, lambda r, timeout: list(stub.GenerateStream(r, timeout=timeout))):
         with pytest.raises(grpc.RpcError) as err:
@@ -113,8 +139,11 @@ def test_bad_input_is_invalid_argument(urls, stub, request_, needle):
 def test_rest_and_grpc_take_the_same_chat_roles(urls, stub):
     roles = ["system", "developer", "user", "assistant", "tool", "user"]
     msgs = [{"role": r, "content": f"A {r} line."} for r in roles]
-    rest = httpx.post(f"{urls[0]}/v1/chat/completions", timeout=120, json={
-        "messages": msgs, "max_tokens": 8, "temperature": 0}).json()  # fmt: skip
+    rest = httpx.post(
+        f"{urls[0]}/v1/chat/completions",
+        timeout=120,
+        json={"messages": msgs, "max_tokens": 8, "temperature": 0},
+    ).json()
     request_ = gateway_pb2.GenerateRequest(
         messages=gateway_pb2.ChatMessages(messages=[gateway_pb2.ChatMessage(**m) for m in msgs]),
         sampling_params=common_pb2.SamplingParams(max_new_tokens=8, temperature=0),

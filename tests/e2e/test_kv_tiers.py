@@ -16,8 +16,9 @@ pytestmark = pytest.mark.slow
 
 
 def passage(topic: str) -> str:
-    return " ".join(f"Note {i} about {topic}: the {topic} ledger lists item {i * 7}."
-                    for i in range(24))  # fmt: skip
+    return " ".join(
+        f"Note {i} about {topic}: the {topic} ledger lists item {i * 7}." for i in range(24)
+    )
 
 
 A, B, C = passage("river"), passage("mountain"), passage("harbor")
@@ -28,8 +29,11 @@ def tiers(url: str) -> dict:
 
 
 def ask(url: str, text: str) -> tuple[str, dict]:
-    r = httpx.post(f"{url}/generate", timeout=300, json={
-        "text": text, "sampling_params": {"max_new_tokens": 12, "temperature": 0}})  # fmt: skip
+    r = httpx.post(
+        f"{url}/generate",
+        timeout=300,
+        json={"text": text, "sampling_params": {"max_new_tokens": 12, "temperature": 0}},
+    )
     assert r.status_code == 200, r.text
     return r.json()["text"], r.json()["meta_info"]
 
@@ -54,8 +58,15 @@ def store_files(root: Path) -> list[Path]:
 
 def test_same_answer_from_every_tier_and_warm_restart(tmp_path):
     store = tmp_path / "l3"
-    flags = ("--num-pages", "48", "--enable-hierarchical-cache", "--hicache-storage-backend",
-             "file", "--hicache-storage-dir", str(store))  # fmt: skip
+    flags = (
+        "--num-pages",
+        "48",
+        "--enable-hierarchical-cache",
+        "--hicache-storage-backend",
+        "file",
+        "--hicache-storage-dir",
+        str(store),
+    )
     with running_server(*flags) as url:
         stats = tiers(url)
         assert stats["l2_hit_rate"] is not None and stats["l3_hit_rate"] is not None
@@ -80,8 +91,13 @@ def test_same_answer_from_every_tier_and_warm_restart(tmp_path):
 
 def test_corrupt_and_truncated_files_are_counted_and_recomputed(tmp_path):
     store = tmp_path / "l3"
-    flags = ("--enable-hierarchical-cache", "--hicache-storage-backend", "file",
-             "--hicache-storage-dir", str(store))  # fmt: skip
+    flags = (
+        "--enable-hierarchical-cache",
+        "--hicache-storage-backend",
+        "file",
+        "--hicache-storage-dir",
+        str(store),
+    )
     with running_server(*flags) as url:
         cold, _ = served(url, A)
         files = store_files(store)  # in page order: only A was ever stored here

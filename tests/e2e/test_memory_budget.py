@@ -53,14 +53,17 @@ def rss(pid: str) -> int:
 def test_make_run_cluster_stays_within_its_budget_under_a_memory_limit():
     group = make_cgroup(LIMIT)
     port = free_port()
-    cmd = (f"echo $$ > {group / 'cgroup.procs'} && exec {sys.executable} -m launch.cli up "
-           f"--host 127.0.0.1 --port {port} --grpc-port {free_port()}")  # fmt: skip
+    cmd = (
+        f"echo $$ > {group / 'cgroup.procs'} && exec {sys.executable} -m launch.cli up "
+        f"--host 127.0.0.1 --port {port} --grpc-port {free_port()}"
+    )
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
         # at the AVX2 level whatever this CPU has: the baseline every x86-64 user may have
         env = {**os.environ, "STRATA_CPU_ISA": "avx2" if detected_cpu_isa() != "none" else "none"}
-        proc = subprocess.Popen(["sh", "-c", cmd], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env=env)  # fmt: skip
+        proc = subprocess.Popen(
+            ["sh", "-c", cmd], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env
+        )
         try:
             deadline = time.monotonic() + 300
             while True:
@@ -72,9 +75,14 @@ def test_make_run_cluster_stays_within_its_budget_under_a_memory_limit():
                     pass
                 assert time.monotonic() < deadline, "strata up did not become healthy"
                 time.sleep(0.5)
-            reply = httpx.post(f"{url}/generate", timeout=120, json={
-                "text": "The capital of France is",
-                "sampling_params": {"max_new_tokens": 8, "temperature": 0}})  # fmt: skip
+            reply = httpx.post(
+                f"{url}/generate",
+                timeout=120,
+                json={
+                    "text": "The capital of France is",
+                    "sampling_params": {"max_new_tokens": 8, "temperature": 0},
+                },
+            )
             assert reply.status_code == 200 and reply.json()["output_ids"]
             health = httpx.get(f"{url}/health", timeout=10).json()
             plans = [w["memory"] for w in health["workers"]]

@@ -51,8 +51,11 @@ def wait_idle(url, timeout=30.0) -> dict:
     while True:
         h = health(url)
         # split mode: every worker idle, no prefill worker holding pages for a pull
-        busy = [w for w in h.get("workers", []) if w.get("running_requests")
-                or w.get("waiting_requests") or w.get("held_requests")]  # fmt: skip
+        busy = [
+            w
+            for w in h.get("workers", [])
+            if w.get("running_requests") or w.get("waiting_requests") or w.get("held_requests")
+        ]
         if h["running_requests"] == 0 and h["waiting_requests"] == 0 and not busy:
             return h
         assert time.monotonic() < deadline, h
@@ -62,18 +65,22 @@ def wait_idle(url, timeout=30.0) -> dict:
 def test_openai_client_completion_chat_and_streaming(client):
     models = client.models.list()
     assert models.data[0].id
-    comp = client.completions.create(model="strata", prompt="The capital of France is",
-                                     max_tokens=8, temperature=0)  # fmt: skip
+    comp = client.completions.create(
+        model="strata", prompt="The capital of France is", max_tokens=8, temperature=0
+    )
     assert "Paris" in comp.choices[0].text
     assert comp.usage.completion_tokens == 8 and comp.choices[0].finish_reason == "length"
     reply = chat(client)
     text = reply.choices[0].message.content
     assert text and reply.usage.prompt_tokens > 80
     stream = client.chat.completions.create(
-        model="strata", messages=[{"role": "system", "content": SYSTEM},
-                                  {"role": "user", "content": QUESTION}],
-        max_tokens=20, temperature=0, stream=True, stream_options={"include_usage": True},
-    )  # fmt: skip
+        model="strata",
+        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}],
+        max_tokens=20,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == text
@@ -101,34 +108,57 @@ def test_same_greedy_output_cold_warm_batched_and_without_cache(url, client):
 
 def test_curl_generate_both_forms_and_health(url):
     def curl(*args: str) -> dict:
-        out = subprocess.run(["curl", "-s", "--max-time", "60", *args], capture_output=True,
-                             text=True, check=True)  # fmt: skip
+        out = subprocess.run(
+            ["curl", "-s", "--max-time", "60", *args], capture_output=True, text=True, check=True
+        )
         return json.loads(out.stdout)
 
-    full = curl(f"{url}/generate", "-d", json.dumps(
-        {"text": "The capital of France is",
-         "sampling_params": {"max_new_tokens": 6, "temperature": 0}}))  # fmt: skip
-    short = curl(f"{url}/generate", "-d", json.dumps(
-        {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}))  # fmt: skip
+    full = curl(
+        f"{url}/generate",
+        "-d",
+        json.dumps(
+            {
+                "text": "The capital of France is",
+                "sampling_params": {"max_new_tokens": 6, "temperature": 0},
+            }
+        ),
+    )
+    short = curl(
+        f"{url}/generate",
+        "-d",
+        json.dumps({"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}),
+    )
     assert full["text"] == short["text"] and "Paris" in full["text"]
     assert full["meta_info"]["completion_tokens"] == 6
     for out in (full, short):  # the seeds' short form documents usage
         assert out["usage"]["completion_tokens"] == 6 and out["usage"]["prompt_tokens"] > 0
     h = curl(f"{url}/health")
     stats = h["radix_cache_stats"]
-    for key in ("total_nodes", "shared_prefix_count", "avg_sharing_depth", "hit_rate",
-                "l1_hit_rate", "l2_hit_rate"):  # fmt: skip
+    for key in (
+        "total_nodes",
+        "shared_prefix_count",
+        "avg_sharing_depth",
+        "hit_rate",
+        "l1_hit_rate",
+        "l2_hit_rate",
+    ):
         assert key in stats
     assert stats["total_nodes"] > 0 and 0 < stats["hit_rate"] <= 1
 
 
 def test_cancelled_stream_frees_its_pages(url):
     base = wait_idle(url)
-    body = {"messages": [{"role": "user", "content": "Tell me a very long story."}],
-            "max_tokens": 400, "temperature": 0, "stream": True, "ignore_eos": True}  # fmt: skip
+    body = {
+        "messages": [{"role": "user", "content": "Tell me a very long story."}],
+        "max_tokens": 400,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with httpx.Client(timeout=60) as http:
-        r = http.send(http.build_request("POST", f"{url}/v1/chat/completions", json=body),
-                      stream=True)  # fmt: skip
+        r = http.send(
+            http.build_request("POST", f"{url}/v1/chat/completions", json=body), stream=True
+        )
         assert r.status_code == 200
         lines = r.iter_lines()
         events = [next(lines) for _ in range(12)]
@@ -155,7 +185,7 @@ def test_cancelled_stream_frees_its_pages(url):
             "/v1/chat/completions",
             {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
             "max_tokens",
-        ),  # fmt: skip
+        ),
         ("/v1/completions", {"prompt": "hi", "n": 17}, "n"),
         ("/v1/completions", {"prompt": "hi", "temperature": -1}, "temperature"),
         ("/v1/completions", {"prompt": [999999999], "max_tokens": 2}, "token ids"),
@@ -166,8 +196,12 @@ def test_cancelled_stream_frees_its_pages(url):
 )
 def test_bad_input_gets_a_clear_400_and_leaks_nothing(url, path, body, needle):
     # NOTE: json.dumps escapes a lone surrogate (httpx's json= cannot encode it)
-    r = httpx.post(f"{url}{path}", content=json.dumps(body), timeout=30,
-                   headers={"Content-Type": "application/json"})  # fmt: skip
+    r = httpx.post(
+        f"{url}{path}",
+        content=json.dumps(body),
+        timeout=30,
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 400, r.text
     assert needle in r.json()["error"]["message"]
     after = wait_idle(url)
@@ -188,9 +222,13 @@ def test_metrics_and_flush_cache(url, client):
         assert name in text
     # per-request histograms under vLLM / SGLang dashboard names, and every metric the
     # Grafana dashboard in deploy/grafana queries exists
-    per_request = ("strata_e2e_request_latency_seconds", "strata_time_per_output_token_seconds",
-                   "strata_request_queue_time_seconds", "strata_request_prompt_tokens",
-                   "strata_request_generation_tokens")  # fmt: skip
+    per_request = (
+        "strata_e2e_request_latency_seconds",
+        "strata_time_per_output_token_seconds",
+        "strata_request_queue_time_seconds",
+        "strata_request_prompt_tokens",
+        "strata_request_generation_tokens",
+    )
     for name in per_request:
         assert re.search(rf"^{name}_count [1-9]", text, re.M), name
     samples = {re.split(r"[{ ]", line)[0] for line in text.splitlines() if line[:1] != "#"}
@@ -208,17 +246,24 @@ def test_metrics_and_flush_cache(url, client):
 def test_generate_batches_abort_by_rid_and_server_info(url):
     texts = ["The capital of France is", "Two plus two is"]
     sp = {"max_new_tokens": 5, "temperature": 0}
-    batch = httpx.post(f"{url}/generate", json={"text": texts, "sampling_params": sp},
-                       timeout=120).json()  # fmt: skip
-    singles = [httpx.post(f"{url}/generate", json={"text": t, "sampling_params": sp},
-                          timeout=120).json() for t in texts]  # fmt: skip
+    batch = httpx.post(
+        f"{url}/generate", json={"text": texts, "sampling_params": sp}, timeout=120
+    ).json()
+    singles = [
+        httpx.post(f"{url}/generate", json={"text": t, "sampling_params": sp}, timeout=120).json()
+        for t in texts
+    ]
     assert [b["text"] for b in batch] == [s["text"] for s in singles]
     assert all(b["usage"]["completion_tokens"] == 5 for b in batch)
     bad = httpx.post(f"{url}/generate", json={"text": texts, "stream": True}, timeout=30)
     assert bad.status_code == 400 and "batch" in bad.json()["error"]["message"]
 
-    body = {"text": "Count to a thousand:", "rid": "abort-me", "stream": True,
-            "sampling_params": {"max_new_tokens": 200, "ignore_eos": True}}  # fmt: skip
+    body = {
+        "text": "Count to a thousand:",
+        "rid": "abort-me",
+        "stream": True,
+        "sampling_params": {"max_new_tokens": 200, "ignore_eos": True},
+    }
     events = []
     with httpx.stream("POST", f"{url}/generate", json=body, timeout=120) as r:
         for line in r.iter_lines():
@@ -247,14 +292,23 @@ def test_openai_n_choices_streamed_and_not(url, client):
     single = chat(client, max_tokens=8)
     assert greedy.usage.prompt_tokens == single.usage.prompt_tokens
     assert greedy.usage.completion_tokens == 3 * single.usage.completion_tokens
-    sampled = [client.completions.create(model="strata", prompt="Once upon a time", n=4,
-                                         max_tokens=12, temperature=1.0, seed=7)
-               for _ in range(2)]  # fmt: skip
+    sampled = [
+        client.completions.create(
+            model="strata", prompt="Once upon a time", n=4, max_tokens=12, temperature=1.0, seed=7
+        )
+        for _ in range(2)
+    ]
     assert [c.text for c in sampled[0].choices] == [c.text for c in sampled[1].choices]
     assert len({c.text for c in sampled[0].choices}) > 1  # seed + i: different samples
     stream = client.chat.completions.create(
-        model="strata", messages=[{"role": "user", "content": QUESTION}], n=2, max_tokens=8,
-        temperature=0, stream=True, stream_options={"include_usage": True})  # fmt: skip
+        model="strata",
+        messages=[{"role": "user", "content": QUESTION}],
+        n=2,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     parts: dict[int, str] = {0: "", 1: ""}
     usage = None
     for chunk in stream:
@@ -267,64 +321,113 @@ def test_openai_n_choices_streamed_and_not(url, client):
 
 
 def test_logit_bias_through_the_openai_client(url, client):
-    zebra = httpx.post(f"{url}/tokenize", json={"text": " zebra", "add_special_tokens": False},
-                       timeout=30).json()["tokens"][0]  # fmt: skip
+    zebra = httpx.post(
+        f"{url}/tokenize", json={"text": " zebra", "add_special_tokens": False}, timeout=30
+    ).json()["tokens"][0]
     bias = {str(zebra): 100}
-    out = client.completions.create(model="strata", prompt="My favourite animal is the",
-                                    max_tokens=3, temperature=0, logit_bias=bias)  # fmt: skip
+    out = client.completions.create(
+        model="strata",
+        prompt="My favourite animal is the",
+        max_tokens=3,
+        temperature=0,
+        logit_bias=bias,
+    )
     assert out.choices[0].text == " zebra" * 3
     for bad in ({"not-a-token": 1}, {str(zebra): 500}, {"99999999": 1}):
-        r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "logit_bias": bad},
-                       timeout=30)  # fmt: skip
+        r = httpx.post(
+            f"{url}/v1/completions", json={"prompt": "hi", "logit_bias": bad}, timeout=30
+        )
         assert r.status_code == 400 and "logit_bias" in r.json()["error"]["message"], r.text
 
 
 def test_completion_echo_streamed_and_not(client):
     prompt = "The capital of France is"
     plain = client.completions.create(model="strata", prompt=prompt, max_tokens=4, temperature=0)
-    echoed = client.completions.create(model="strata", prompt=prompt, max_tokens=4,
-                                       temperature=0, echo=True)  # fmt: skip
+    echoed = client.completions.create(
+        model="strata", prompt=prompt, max_tokens=4, temperature=0, echo=True
+    )
     assert echoed.choices[0].text == prompt + plain.choices[0].text
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="strata", prompt=prompt, max_tokens=4, temperature=0, echo=True, stream=True)
-        if c.choices)  # fmt: skip
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="strata", prompt=prompt, max_tokens=4, temperature=0, echo=True, stream=True
+        )
+        if c.choices
+    )
     assert streamed == echoed.choices[0].text
 
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16}},
-                   "required": ["city"]}}}  # fmt: skip
-TIME = {"type": "function", "function": {
-    "name": "get_time", "description": "Current time in a time zone.",
-    "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 16}},
-                   "required": ["zone"]}}}  # fmt: skip
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 16}},
+            "required": ["city"],
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Current time in a time zone.",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "maxLength": 16}},
+            "required": ["zone"],
+        },
+    },
+}
 
 
 def test_tool_calls_follow_the_tool_schema(url, client):
     ask = [{"role": "user", "content": "What is the weather in Paris?"}]
     named = client.chat.completions.create(
-        model="strata", messages=ask, tools=[WEATHER, TIME], max_tokens=64, temperature=0,
+        model="strata",
+        messages=ask,
+        tools=[WEATHER, TIME],
+        max_tokens=64,
+        temperature=0,
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        parallel_tool_calls=False)  # fmt: skip
+        parallel_tool_calls=False,
+    )
     choice = named.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     call = choice.message.tool_calls[0]
     assert call.function.name == "get_weather" and call.id.startswith("call_")
     assert isinstance(json.loads(call.function.arguments)["city"], str)
     required = client.chat.completions.create(
-        model="strata", messages=ask, tools=[WEATHER, TIME], tool_choice="required",
-        max_tokens=64, temperature=0)  # fmt: skip
+        model="strata",
+        messages=ask,
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        max_tokens=64,
+        temperature=0,
+    )
     assert required.choices[0].message.tool_calls[0].function.name in ("get_weather", "get_time")
     plain = client.chat.completions.create(
-        model="strata", messages=ask, tools=[WEATHER], tool_choice="none", max_tokens=8,
-        temperature=0)  # fmt: skip
+        model="strata",
+        messages=ask,
+        tools=[WEATHER],
+        tool_choice="none",
+        max_tokens=8,
+        temperature=0,
+    )
     assert plain.choices[0].message.content and not plain.choices[0].message.tool_calls
-    bad = [{"tool_choice": {"type": "function", "function": {"name": "nope"}}},
-           {"tool_choice": "required", "tools": []}, {"tool_choice": "sometimes"}]  # fmt: skip
+    bad = [
+        {"tool_choice": {"type": "function", "function": {"name": "nope"}}},
+        {"tool_choice": "required", "tools": []},
+        {"tool_choice": "sometimes"},
+    ]
     for extra in bad:
-        r = httpx.post(f"{url}/v1/chat/completions", timeout=30,
-                       json={"messages": ask, "tools": [WEATHER], **extra})  # fmt: skip
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            timeout=30,
+            json={"messages": ask, "tools": [WEATHER], **extra},
+        )
         assert r.status_code == 400, r.text
     wait_idle(url)
 
@@ -367,13 +470,24 @@ def test_tool_calls_stream_and_run_in_parallel(url, client):
     assert isinstance(json.loads(calls[0]["arguments"])["city"], str)
     assert calls[0]["parts"] >= 3  # the arguments arrive as they are generated
     whole = client.chat.completions.create(
-        model="strata", messages=ask, tools=[WEATHER, TIME], max_tokens=64, temperature=0,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}})  # fmt: skip
+        model="strata",
+        messages=ask,
+        tools=[WEATHER, TIME],
+        max_tokens=64,
+        temperature=0,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
     got = whole.choices[0].message.tool_calls[0].function.arguments
     assert json.loads(calls[0]["arguments"]) == json.loads(got)
     both = client.chat.completions.create(
-        model="strata", messages=ask, tools=[WEATHER, TIME], max_tokens=96, temperature=0,
-        tool_choice="required", parallel_tool_calls=True)  # fmt: skip
+        model="strata",
+        messages=ask,
+        tools=[WEATHER, TIME],
+        max_tokens=96,
+        temperature=0,
+        tool_choice="required",
+        parallel_tool_calls=True,
+    )
     choice = both.choices[0]
     assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) >= 1
     for call in choice.message.tool_calls:

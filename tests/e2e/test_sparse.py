@@ -17,8 +17,10 @@ from strata.proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 pytestmark = pytest.mark.slow
 
-LONG = " ".join(f"Entry {i}: the {w} keeper logged {i * 13} crates on pier {i % 7}."
-                for i, w in enumerate(["harbor", "mill", "forge", "orchard"] * 12))  # fmt: skip
+LONG = " ".join(
+    f"Entry {i}: the {w} keeper logged {i * 13} crates on pier {i % 7}."
+    for i, w in enumerate(["harbor", "mill", "forge", "orchard"] * 12)
+)
 SPARSE = ("--sparse-min-context", "128")  # long enough here: the prompt is ~700 tokens
 
 
@@ -30,9 +32,14 @@ def urls():
 
 
 def generate(url: str, text: str) -> dict:
-    r = httpx.post(f"{url}/generate", timeout=300, json={
-        "text": text, "sampling_params": {"max_new_tokens": 16, "temperature": 0,
-                                          "ignore_eos": True}})  # fmt: skip
+    r = httpx.post(
+        f"{url}/generate",
+        timeout=300,
+        json={
+            "text": text,
+            "sampling_params": {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True},
+        },
+    )
     assert r.status_code == 200, r.text
     return r.json()["meta_info"]
 
@@ -43,21 +50,32 @@ def test_sparsity_is_reported_by_every_interface(urls):
     assert 0 < meta["attention_sparsity_ratio"] < 1, meta
     assert generate(url, "Say hi.")["attention_sparsity_ratio"] == 0  # short: dense
 
-    r = httpx.post(f"{url}/v1/chat/completions", timeout=300, json={
-        "messages": [{"role": "user", "content": LONG + "\nSummarise."}], "max_tokens": 8,
-        "temperature": 0, "ignore_eos": True})  # fmt: skip
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        timeout=300,
+        json={
+            "messages": [{"role": "user", "content": LONG + "\nSummarise."}],
+            "max_tokens": 8,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+    )
     assert 0 < r.json()["usage"]["attention_sparsity_ratio"] < 1
 
     with grpc.insecure_channel(grpc_addr) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         params = common_pb2.SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
-        reply = stub.Generate(gateway_pb2.GenerateRequest(text=LONG, sampling_params=params),
-                              timeout=300)  # fmt: skip
+        reply = stub.Generate(
+            gateway_pb2.GenerateRequest(text=LONG, sampling_params=params), timeout=300
+        )
     assert 0 < reply.usage.attention_sparsity_ratio < 1
 
     metrics = httpx.get(f"{url}/metrics", timeout=30).text
-    count = [line for line in metrics.splitlines()
-             if line.startswith("strata_attention_sparsity_ratio_count")]  # fmt: skip
+    count = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("strata_attention_sparsity_ratio_count")
+    ]
     assert count and float(count[0].split()[-1]) >= 4  # the REST and gRPC requests above
 
 
@@ -80,11 +98,16 @@ def test_dense_server_reports_zero():
         assert generate(url, LONG)["attention_sparsity_ratio"] == 0
 
 
-@pytest.mark.parametrize("flag,value", [("--attention-sparsity-threshold", "1.5"),
-                                        ("--sparse-budget", "2.5")])  # fmt: skip
+@pytest.mark.parametrize(
+    "flag,value", [("--attention-sparsity-threshold", "1.5"), ("--sparse-budget", "2.5")]
+)
 def test_bad_sparse_flags_are_refused(flag, value):
-    run = subprocess.run([sys.executable, "-m", "launch.cli", "serve", flag, value],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "serve", flag, value],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode != 0 and flag in run.stderr
 
 
@@ -93,12 +116,23 @@ def test_a_request_that_outgrows_l1_is_answered_with_tiers_on():
     100 new tokens: the request is answered ("length" where the pool ran out; it once waited
     forever to be readmitted), its pages end in the cache, and the fetch-on-select counters
     are on /health and /metrics."""
-    flags = (*SPARSE, "--enable-hierarchical-cache", "--num-pages", "64",
-             "--sparse-demote-after", "1")  # fmt: skip
+    flags = (
+        *SPARSE,
+        "--enable-hierarchical-cache",
+        "--num-pages",
+        "64",
+        "--sparse-demote-after",
+        "1",
+    )
     with running_server(*flags) as url:
-        r = httpx.post(f"{url}/generate", timeout=300, json={
-            "text": LONG + "\nList the piers.", "sampling_params": {
-                "max_new_tokens": 100, "temperature": 0, "ignore_eos": True}})  # fmt: skip
+        r = httpx.post(
+            f"{url}/generate",
+            timeout=300,
+            json={
+                "text": LONG + "\nList the piers.",
+                "sampling_params": {"max_new_tokens": 100, "temperature": 0, "ignore_eos": True},
+            },
+        )
         assert r.status_code == 200, r.text
         meta = r.json()["meta_info"]
         assert meta["finish_reason"]["type"] == "length"

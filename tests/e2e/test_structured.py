@@ -53,16 +53,20 @@ def test_corpus_through_openai_and_generate(url):
     def schema_case(case):
         what, schema = case
         out = client.chat.completions.create(
-            model="strata", temperature=0, max_tokens=MAX_TOKENS,
+            model="strata",
+            temperature=0,
+            max_tokens=MAX_TOKENS,
             messages=[{"role": "user", "content": f"Give me {what} as JSON."}],
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
-        )  # fmt: skip
+        )
         check_json(schema, out.choices[0].message.content, out.choices[0].finish_reason)
 
     def regex_case(case):
         what, pattern = case
-        body = {"text": f"Write {what}: ", "sampling_params": {
-            "regex": pattern, "max_new_tokens": MAX_TOKENS, "temperature": 0}}  # fmt: skip
+        body = {
+            "text": f"Write {what}: ",
+            "sampling_params": {"regex": pattern, "max_new_tokens": MAX_TOKENS, "temperature": 0},
+        }
         out = httpx.post(f"{url}/generate", json=body, timeout=300).json()
         check_regex(pattern, out["text"], out["meta_info"]["finish_reason"]["type"])
 
@@ -80,8 +84,9 @@ def test_corpus_through_the_dsl(url):
     @sl.function
     def constrained(s, what, schema=None, regex=None):
         s += sl.user(f"Give me {what}.")
-        s += sl.assistant(sl.gen("out", max_tokens=MAX_TOKENS, temperature=0.7, regex=regex,
-                                 json_schema=schema))  # fmt: skip
+        s += sl.assistant(
+            sl.gen("out", max_tokens=MAX_TOKENS, temperature=0.7, regex=regex, json_schema=schema)
+        )
 
     cases = [{"what": w, "schema": sc} for w, sc in SCHEMAS]
     cases += [{"what": w, "regex": rx} for w, rx in REGEXES]
@@ -123,8 +128,10 @@ def test_bad_constraints_are_rejected_and_harm_nothing(url, params, needle):
 def test_forced_text_ending_inside_a_character_is_generated(url):
     """Found by schemathesis: a regex forcing a 4-byte character made jump-forward decode
     half of it (xgrammar raised UnicodeDecodeError and the request ended with a 500)."""
-    body = {"text": "hi", "sampling_params": {"regex": "\u00d9\U00026ba9;", "temperature": 0,
-                                              "max_new_tokens": 12}}  # fmt: skip
+    body = {
+        "text": "hi",
+        "sampling_params": {"regex": "\u00d9\U00026ba9;", "temperature": 0, "max_new_tokens": 12},
+    }
     resp = httpx.post(f"{url}/generate", json=body, timeout=60)
     assert resp.status_code == 200, resp.text
     assert resp.json()["text"] == "\u00d9\U00026ba9;"
@@ -134,18 +141,28 @@ def test_forced_text_ending_inside_a_character_is_generated(url):
 def test_bad_response_format_and_stream_rejected_before_200(url):
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=60)
     msgs = [{"role": "user", "content": "hi"}]
-    for fmt in ({"type": "json_schema"}, {"type": "xml"},
-                {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}):  # fmt: skip
+    for fmt in (
+        {"type": "json_schema"},
+        {"type": "xml"},
+        {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}},
+    ):
         with pytest.raises(openai.BadRequestError):
-            client.chat.completions.create(model="strata", messages=msgs, response_format=fmt,
-                                           stream=True)  # fmt: skip
+            client.chat.completions.create(
+                model="strata", messages=msgs, response_format=fmt, stream=True
+            )
     no_pages_leaked(url)
 
 
 def test_constrained_request_hitting_the_budget_reports_length(url):
     schema = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}
-    body = {"text": "Tell a long story as JSON: ", "sampling_params": {
-        "json_schema": json.dumps(schema), "max_new_tokens": 6, "temperature": 0}}  # fmt: skip
+    body = {
+        "text": "Tell a long story as JSON: ",
+        "sampling_params": {
+            "json_schema": json.dumps(schema),
+            "max_new_tokens": 6,
+            "temperature": 0,
+        },
+    }
     out = httpx.post(f"{url}/generate", json=body, timeout=60).json()
     assert out["meta_info"]["finish_reason"]["type"] == "length"
     assert out["meta_info"]["completion_tokens"] == 6
@@ -156,10 +173,13 @@ def test_constrained_request_hitting_the_budget_reports_length(url):
 def test_json_object_and_streaming_constrained_chat(url):
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=120)
     stream = client.chat.completions.create(
-        model="strata", temperature=0, max_tokens=MAX_TOKENS, stream=True,
+        model="strata",
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        stream=True,
         messages=[{"role": "user", "content": "Describe a cat as a JSON object."}],
         response_format={"type": "json_object"},
-    )  # fmt: skip
+    )
     chunks = [c for c in stream]
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
@@ -214,8 +234,13 @@ def test_fork_gives_independent_branches(url):
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
 def test_examples_run_end_to_end(url, example):
-    run = subprocess.run([sys.executable, str(example), "--url", url], capture_output=True,
-                         text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, str(example), "--url", url],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.strip()
     no_pages_leaked(url)

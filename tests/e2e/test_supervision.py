@@ -25,8 +25,9 @@ def children(pid: int) -> list[int]:
     out = []
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
-            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines()
-                          if ":\t" in line)  # fmt: skip
+            fields = dict(
+                line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line
+            )
         except OSError:
             continue
         if int(fields.get("PPid", "0").strip()) == pid:
@@ -49,14 +50,30 @@ def alive(pid: int) -> bool:
 
 
 def ask(url: str) -> httpx.Response:
-    return httpx.post(f"{url}/generate", timeout=120, json={
-        "text": "Hello", "sampling_params": {"max_new_tokens": 2, "temperature": 0}})  # fmt: skip
+    return httpx.post(
+        f"{url}/generate",
+        timeout=120,
+        json={"text": "Hello", "sampling_params": {"max_new_tokens": 2, "temperature": 0}},
+    )
 
 
 def test_killed_worker_restarts_and_children_die_with_up():
     port = free_port()
-    cmd = [sys.executable, "-m", "launch.cli", "up", "--port", str(port), "--grpc-port", "-1",
-           "--prefill", "0", "--decode", "2", "--disable-hierarchical-cache"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.cli",
+        "up",
+        "--port",
+        str(port),
+        "--grpc-port",
+        "-1",
+        "--prefill",
+        "0",
+        "--decode",
+        "2",
+        "--disable-hierarchical-cache",
+    ]
     with tempfile.TemporaryFile() as log:
         up = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
         url = f"http://127.0.0.1:{port}"
@@ -73,8 +90,11 @@ def test_killed_worker_restarts_and_children_die_with_up():
             while True:  # the killed worker is restarted and reported ok again
                 now = sorted(p for p in children(up.pid) if " decode " in cmdline(p))
                 health = httpx.get(f"{url}/health", timeout=30).json()
-                if len(now) == 2 and now != decode and all(
-                        w["status"] == "ok" for w in health["workers"]):  # fmt: skip
+                if (
+                    len(now) == 2
+                    and now != decode
+                    and all(w["status"] == "ok" for w in health["workers"])
+                ):
                     break
                 assert time.monotonic() < deadline, "the decode worker did not come back"
                 time.sleep(1)
@@ -99,8 +119,21 @@ def test_a_worker_that_dies_while_the_cluster_starts_is_restarted():
     up` must not wait for a healthy cluster that cannot come (it supervises from the moment
     the gateway answers), restarts the worker, and stops at once on SIGINT."""
     port = free_port()
-    cmd = [sys.executable, "-m", "launch.cli", "up", "--port", str(port), "--grpc-port", "-1",
-           "--prefill", "0", "--decode", "1", "--disable-hierarchical-cache"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.cli",
+        "up",
+        "--port",
+        str(port),
+        "--grpc-port",
+        "-1",
+        "--prefill",
+        "0",
+        "--decode",
+        "1",
+        "--disable-hierarchical-cache",
+    ]
     with tempfile.TemporaryFile() as log:
         up = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
         try:

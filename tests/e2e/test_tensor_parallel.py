@@ -34,8 +34,16 @@ def tiny(tmp_path_factory) -> list[str]:
     folder = tmp_path_factory.mktemp("ckpt")
     tiny_hf_model("llama").save_pretrained(folder)
     load_tokenizer(resolve_checkpoint(None)).save_pretrained(folder)
-    return ["--model-path", str(folder), "--dtype", "float32", "--page-size", "4",
-            "--num-pages", "256"]  # fmt: skip
+    return [
+        "--model-path",
+        str(folder),
+        "--dtype",
+        "float32",
+        "--page-size",
+        "4",
+        "--num-pages",
+        "256",
+    ]
 
 
 def generate(url: str, ids: list[int]) -> list[int]:
@@ -56,8 +64,9 @@ def test_two_ranks_serve_the_greedy_output_of_one(tiny):
         assert [generate(url, p) for p in PROMPTS] == want
     # split: the prompts are prefilled on the prefill worker, each rank's KV heads sent
     # to the decode worker's rank of the same number
-    with running_cluster("--prefill", "1", "--decode", "1", *tiny, "--tp-size", "2",
-                         "--local-prefill-tokens", "8") as (url, _):  # fmt: skip
+    with running_cluster(
+        "--prefill", "1", "--decode", "1", *tiny, "--tp-size", "2", "--local-prefill-tokens", "8"
+    ) as (url, _):
         assert [generate(url, p) for p in PROMPTS] == want
         assert transfers(url) == len(PROMPTS)
 
@@ -79,8 +88,20 @@ def ranks_of(pid: int) -> list[int]:
 def test_a_rank_that_dies_ends_the_streams_with_an_error():
     """The embedded model over three ranks; one of them is killed mid-stream."""
     port = free_port()
-    cmd = [sys.executable, "-m", "launch.cli", "serve", "--port", str(port), "--grpc-port",
-           "-1", "--dtype", "float32", "--tp-size", "3"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--grpc-port",
+        "-1",
+        "--dtype",
+        "float32",
+        "--tp-size",
+        "3",
+    ]
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
         url = f"http://127.0.0.1:{port}"
@@ -89,8 +110,11 @@ def test_a_rank_that_dies_ends_the_streams_with_an_error():
             engine_pid = httpx.get(f"{url}/get_server_info", timeout=10).json()["engine_pid"]
             ranks = ranks_of(engine_pid)
             assert len(ranks) == 2
-            body = {"text": "Tell me a long story.", "stream": True,
-                    "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}}  # fmt: skip
+            body = {
+                "text": "Tell me a long story.",
+                "stream": True,
+                "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True},
+            }
             events = []
             with httpx.stream("POST", f"{url}/generate", json=body, timeout=60) as r:
                 assert r.status_code == 200

@@ -36,8 +36,14 @@ def certs(tmp_path_factory) -> dict[str, Path]:
 
 
 def tls_flags(certs: dict[str, Path]) -> list[str]:
-    return ["--tls-cert", str(certs["node.pem"]), "--tls-key", str(certs["node.key"]),
-            "--tls-ca", str(certs["ca.pem"])]  # fmt: skip
+    return [
+        "--tls-cert",
+        str(certs["node.pem"]),
+        "--tls-key",
+        str(certs["node.key"]),
+        "--tls-ca",
+        str(certs["ca.pem"]),
+    ]
 
 
 def check(channel: grpc.Channel) -> int:
@@ -70,8 +76,11 @@ def test_a_service_with_tls_accepts_only_clients_the_ca_signed(certs):
                         assert proc.poll() is None, log.read().decode(errors="replace")
                         assert time.monotonic() < deadline, "the cache service never answered"
                         time.sleep(0.3)
-            for refused in (grpc.insecure_channel(target), secure(target, certs, None),
-                            secure(target, certs, "rogue")):  # fmt: skip
+            for refused in (
+                grpc.insecure_channel(target),
+                secure(target, certs, None),
+                secure(target, certs, "rogue"),
+            ):
                 with refused, pytest.raises(grpc.RpcError) as err:
                     check(refused)
                 assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -82,18 +91,34 @@ def test_a_service_with_tls_accepts_only_clients_the_ca_signed(certs):
 
 def test_half_the_tls_flags_are_refused(certs):
     done = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "cache", "--port", str(free_port()),
-         "--tls-cert", str(certs["node.pem"])],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "launch.cli",
+            "cache",
+            "--port",
+            str(free_port()),
+            "--tls-cert",
+            str(certs["node.pem"]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode != 0 and "--tls-ca together" in done.stderr
 
 
 def test_a_cluster_over_mutual_tls_answers(certs):
     with running_cluster("--prefill", "1", "--decode", "1", *tls_flags(certs)) as (url, _):
-        r = httpx.post(f"{url}/v1/chat/completions", timeout=300, json={
-            "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4,
-            "temperature": 0})  # fmt: skip
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            timeout=300,
+            json={
+                "messages": [{"role": "user", "content": "Say hi."}],
+                "max_tokens": 4,
+                "temperature": 0,
+            },
+        )
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 4
         workers = httpx.get(f"{url}/health", timeout=30).json()["workers"]

@@ -57,8 +57,9 @@ def route(target: str, prompt: list[int]) -> cache_pb2.RouteResponse:
 @pytest.fixture
 def worker(tiny_checkpoint):
     folder, _ = tiny_checkpoint("llama")
-    runner = ModelRunner.from_config(ModelConfig(str(folder), dtype="float32"),
-                                     KVPoolConfig(page_size=4, num_pages=40))  # fmt: skip
+    runner = ModelRunner.from_config(
+        ModelConfig(str(folder), dtype="float32"), KVPoolConfig(page_size=4, num_pages=40)
+    )
     # a small L1 and an L2: the routes must show both tiers
     engine = Engine(runner, tiers=HiCacheConfig(enabled=True), cluster_worker=True)
     engine.start()
@@ -106,8 +107,9 @@ def test_out_of_sequence_batches_ask_for_a_snapshot():
         s = stub(target)
 
         def send(first_seq: int, snapshot: bool, keys: list[bytes]) -> bool:
-            batch = Batch("w", b"seed", 4, first_seq, snapshot, [KVEvent("stored", "l1", keys)],
-                          {}, 0)  # fmt: skip
+            batch = Batch(
+                "w", b"seed", 4, first_seq, snapshot, [KVEvent("stored", "l1", keys)], {}, 0
+            )
             return not s.Publish(batch_to_proto(batch), timeout=5).need_snapshot
 
         assert not send(0, False, [a]), "an unknown worker must start with a snapshot"
@@ -121,10 +123,13 @@ def test_batches_no_worker_sends_are_refused_and_routing_goes_on():
     """Found by the reliability suite's generated protobufs: a batch with page size 0 was
     taken, and every later Route failed (UNKNOWN) for every gateway."""
     key = bytes(16)
-    bad = [Batch("w", b"s", 0, 0, True, [], {}, 0), Batch("", b"s", 4, 0, True, [], {}, 0),
-           Batch("w", b"s", 4, 0, True, [KVEvent("stored", "l9", [key])], {}, 0),
-           Batch("w", b"s", 4, 0, True, [KVEvent("eaten", "l1", [key])], {}, 0),
-           Batch("w", b"s", 4, 0, True, [KVEvent("stored", "l1", [b"short"])], {}, 0)]  # fmt: skip
+    bad = [
+        Batch("w", b"s", 0, 0, True, [], {}, 0),
+        Batch("", b"s", 4, 0, True, [], {}, 0),
+        Batch("w", b"s", 4, 0, True, [KVEvent("stored", "l9", [key])], {}, 0),
+        Batch("w", b"s", 4, 0, True, [KVEvent("eaten", "l1", [key])], {}, 0),
+        Batch("w", b"s", 4, 0, True, [KVEvent("stored", "l1", [b"short"])], {}, 0),
+    ]
     with grpc_service("cache") as (target, _):
         s = stub(target)
         for batch in bad:

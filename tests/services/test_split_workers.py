@@ -29,8 +29,18 @@ def cluster(tmp_path_factory) -> Iterator[dict[str, str]]:
     folder = tmp_path_factory.mktemp("ckpt")
     tiny_hf_model("llama").save_pretrained(folder)
     load_tokenizer(resolve_checkpoint(None)).save_pretrained(folder)  # servers need one
-    model = ["--model-path", str(folder), "--dtype", "float32", "--page-size", "4",
-             "--num-pages", "128", "--log-level", "info"]  # fmt: skip
+    model = [
+        "--model-path",
+        str(folder),
+        "--dtype",
+        "float32",
+        "--page-size",
+        "4",
+        "--num-pages",
+        "128",
+        "--log-level",
+        "info",
+    ]
     with ExitStack() as stack:
         cache, _ = stack.enter_context(grpc_service("cache"))
         prefill, _ = stack.enter_context(grpc_service("prefill", "--cache-service", cache, *model))
@@ -42,9 +52,11 @@ def generate(target: str, prompt: list[int], prefill: str = "", params=GREEDY, r
     with grpc.insecure_channel(target) as channel:
         stub = worker_pb2_grpc.DecodeStub(channel)
         request = worker_pb2.WorkerGenerateRequest(
-            request_id=rid or f"r{time.monotonic_ns()}", prompt_ids=prompt,
-            sampling_params=params_to_proto(params), prefill_worker=prefill,
-        )  # fmt: skip
+            request_id=rid or f"r{time.monotonic_ns()}",
+            prompt_ids=prompt,
+            sampling_params=params_to_proto(params),
+            prefill_worker=prefill,
+        )
         return list(stub.Generate(request, timeout=60))
 
 
@@ -96,8 +108,9 @@ def test_remote_prefill_generates_what_a_local_prefill_does(cluster):
 
 
 def test_seeded_sampling_and_logprobs_cross_the_split(cluster):
-    params = SamplingParams(max_new_tokens=8, temperature=0.8, seed=11, logprobs=True,
-                            ignore_eos=True)  # fmt: skip
+    params = SamplingParams(
+        max_new_tokens=8, temperature=0.8, seed=11, logprobs=True, ignore_eos=True
+    )
     local = generate(cluster["decode"], PROMPTS[2], params=params)
     remote = generate(cluster["decode"], PROMPTS[2], cluster["prefill"], params=params)
     assert tokens(remote) == tokens(local)
@@ -124,8 +137,16 @@ def test_a_mismatched_prefill_worker_is_refused_clearly(cluster):
 
 
 def test_a_prefill_worker_of_another_tp_size_is_refused_at_the_handshake(cluster):
-    model = ["--model-path", str(cluster["model"]), "--dtype", "float32", "--page-size", "4",
-             "--tp-size", "2"]  # fmt: skip
+    model = [
+        "--model-path",
+        str(cluster["model"]),
+        "--dtype",
+        "float32",
+        "--page-size",
+        "4",
+        "--tp-size",
+        "2",
+    ]
     with grpc_service("prefill", "--cache-service", cluster["cache"], *model) as (other, _):
         start = time.monotonic()
         chunks = generate(cluster["decode"], PROMPTS[1], other)
@@ -140,13 +161,25 @@ def test_tensor_parallel_workers_move_each_ranks_kv_heads(cluster):
     """A prefill and a decode worker of two ranks each: every rank sends its own KV head
     over a channel of its own; the tokens are those of one rank's local prefill."""
     local = [tokens(generate(cluster["decode"], p)) for p in PROMPTS]
-    model = ["--model-path", str(cluster["model"]), "--dtype", "float32", "--page-size", "4",
-             "--num-pages", "128", "--tp-size", "2"]  # fmt: skip
+    model = [
+        "--model-path",
+        str(cluster["model"]),
+        "--dtype",
+        "float32",
+        "--page-size",
+        "4",
+        "--num-pages",
+        "128",
+        "--tp-size",
+        "2",
+    ]
     with ExitStack() as stack:
         prefill, _ = stack.enter_context(
-            grpc_service("prefill", "--cache-service", cluster["cache"], *model))  # fmt: skip
+            grpc_service("prefill", "--cache-service", cluster["cache"], *model)
+        )
         decode, _ = stack.enter_context(
-            grpc_service("decode", "--cache-service", cluster["cache"], *model))  # fmt: skip
+            grpc_service("decode", "--cache-service", cluster["cache"], *model)
+        )
         remote = [generate(decode, p, prefill) for p in PROMPTS]
         assert [tokens(c) for c in remote] == local
         after = load(decode)
@@ -162,8 +195,9 @@ def test_tensor_parallel_workers_move_each_ranks_kv_heads(cluster):
 def test_bad_input_to_the_prefill_worker_is_invalid_argument(cluster):
     with grpc.insecure_channel(cluster["prefill"]) as channel:
         stub = worker_pb2_grpc.PrefillStub(channel)
-        bad = worker_pb2.PrefillRequest(request_id="x", prompt_ids=[10**6], num_pages=1,
-                                        sampling_params=params_to_proto(GREEDY))  # fmt: skip
+        bad = worker_pb2.PrefillRequest(
+            request_id="x", prompt_ids=[10**6], num_pages=1, sampling_params=params_to_proto(GREEDY)
+        )
         with pytest.raises(grpc.RpcError) as err:
             stub.Prefill(bad, timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -179,14 +213,21 @@ def test_bad_input_to_the_prefill_worker_is_invalid_argument(cluster):
 
 def test_sigterm_lets_streams_in_flight_finish(cluster):
     model = ["--model-path", str(cluster["model"]), "--dtype", "float32", "--page-size", "4"]
-    with grpc_service("decode", "--cache-service", cluster["cache"], *model,
-                      "--worker-id", "draining") as (target, proc):  # fmt: skip
+    with grpc_service(
+        "decode", "--cache-service", cluster["cache"], *model, "--worker-id", "draining"
+    ) as (target, proc):
         long = SamplingParams(max_new_tokens=120, temperature=0, ignore_eos=True)
         with grpc.insecure_channel(target) as channel:
             stub = worker_pb2_grpc.DecodeStub(channel)
-            call = stub.Generate(worker_pb2.WorkerGenerateRequest(
-                request_id="long", prompt_ids=PROMPTS[0], sampling_params=params_to_proto(long),
-                prefill_worker=cluster["prefill"]), timeout=60)  # fmt: skip
+            call = stub.Generate(
+                worker_pb2.WorkerGenerateRequest(
+                    request_id="long",
+                    prompt_ids=PROMPTS[0],
+                    sampling_params=params_to_proto(long),
+                    prefill_worker=cluster["prefill"],
+                ),
+                timeout=60,
+            )
             first = next(call)
             proc.send_signal(signal.SIGTERM)
             rest = list(call)

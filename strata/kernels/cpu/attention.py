@@ -116,10 +116,26 @@ def _decode(
     width = table.shape[-1]
     out = torch.empty_like(q)
     rc = lib.paged_decode(
-        dtype, _ptr(q), _ptr(k_pages), _ptr(v_pages), _ptr(out), _i64(table), _i64(lens),
-        b, width, heads, kv_heads, d, page_size, k_pages.stride(0), scale,
-        _splits(b * groups, width), groups, shared, heads * d,
-    )  # fmt: skip
+        dtype,
+        _ptr(q),
+        _ptr(k_pages),
+        _ptr(v_pages),
+        _ptr(out),
+        _i64(table),
+        _i64(lens),
+        b,
+        width,
+        heads,
+        kv_heads,
+        d,
+        page_size,
+        k_pages.stride(0),
+        scale,
+        _splits(b * groups, width),
+        groups,
+        shared,
+        heads * d,
+    )
     return out if rc == 0 else None
 
 
@@ -141,9 +157,14 @@ def paged_decode(
 
 
 def paged_prefill(
-    q: torch.Tensor, layer: LayerKV, table: torch.Tensor, starts: torch.Tensor,
-    q_lens: torch.Tensor, prefix_lens: torch.Tensor, scale: float,
-) -> torch.Tensor | None:  # fmt: skip
+    q: torch.Tensor,
+    layer: LayerKV,
+    table: torch.Tensor,
+    starts: torch.Tensor,
+    q_lens: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor | None:
     """reference.paged_prefill for every prefilling sequence of a forward at once, read from
     the pages in place (their new K and V already written), on AMX tiles or AVX2: q [T,
     heads, D] (token rows may be strided); sequence i's q_lens[i] rows from starts[i], at
@@ -162,10 +183,25 @@ def paged_prefill(
     _, page_size, kv_heads, _ = kp.shape
     out = q.new_empty(t, heads, d)
     rc = lib.paged_prefill(
-        DTYPES[q.dtype], _ptr(q), q.stride(0), _ptr(kp), _ptr(vp), _ptr(out), _i64(starts),
-        _i64(q_lens), _i64(prefix_lens), _i64(table), len(starts), table.shape[1], heads,
-        kv_heads, d, page_size, kp.stride(0), scale,
-    )  # fmt: skip
+        DTYPES[q.dtype],
+        _ptr(q),
+        q.stride(0),
+        _ptr(kp),
+        _ptr(vp),
+        _ptr(out),
+        _i64(starts),
+        _i64(q_lens),
+        _i64(prefix_lens),
+        _i64(table),
+        len(starts),
+        table.shape[1],
+        heads,
+        kv_heads,
+        d,
+        page_size,
+        kp.stride(0),
+        scale,
+    )
     return out if rc == 0 else None
 
 
@@ -213,9 +249,11 @@ def shared_decode_available() -> bool:
 
 
 def decode_plan(
-    layer: LayerKV, where: tuple[torch.Tensor, torch.Tensor], table: torch.Tensor,
+    layer: LayerKV,
+    where: tuple[torch.Tensor, torch.Tensor],
+    table: torch.Tensor,
     lens: torch.Tensor,
-) -> DecodePlan | None:  # fmt: skip
+) -> DecodePlan | None:
     """A DecodePlan for the pool whose layers look like `layer`; None where write_decode
     does not apply (no library, or a pool layout the kernels do not read)."""
     kp = layer.k
@@ -226,14 +264,24 @@ def decode_plan(
     pages, offsets = (w.to(torch.int64).contiguous() for w in where)
     table, lens = table.to(torch.int64).contiguous(), lens.to(torch.int64).contiguous()
     ps = kp.shape[1]
-    return DecodePlan(pages, offsets, table, lens, _splits(table.shape[0], table.shape[1]),
-                      shared_pages(table, lens, ps))  # fmt: skip
+    return DecodePlan(
+        pages,
+        offsets,
+        table,
+        lens,
+        _splits(table.shape[0], table.shape[1]),
+        shared_pages(table, lens, ps),
+    )
 
 
 def write_decode(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerKV, plan: DecodePlan,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer: LayerKV,
+    plan: DecodePlan,
     scale: float,
-) -> torch.Tensor | None:  # fmt: skip
+) -> torch.Tensor | None:
     """write_kv then paged_decode for one layer of a decode-only batch, in one call; None
     where it does not apply (the caller then writes and decodes as usual: the write is
     idempotent)."""
@@ -246,11 +294,31 @@ def write_decode(
     _, ps, kv_heads, _ = kp.shape
     out = q.new_empty(b, heads, d)
     rc = lib.write_decode(
-        dtype, k.data_ptr(), v.data_ptr(), kp.data_ptr(), vp.data_ptr(), plan.pages.data_ptr(),
-        plan.offsets.data_ptr(), k.shape[0], q.data_ptr(), out.data_ptr(),
-        plan.table.data_ptr(), plan.lens.data_ptr(), b, plan.table.shape[1], heads, kv_heads,
-        d, ps, kp.stride(0), scale, plan.splits, plan.shared, q.stride(0), k.stride(0),
-    )  # fmt: skip
+        dtype,
+        k.data_ptr(),
+        v.data_ptr(),
+        kp.data_ptr(),
+        vp.data_ptr(),
+        plan.pages.data_ptr(),
+        plan.offsets.data_ptr(),
+        k.shape[0],
+        q.data_ptr(),
+        out.data_ptr(),
+        plan.table.data_ptr(),
+        plan.lens.data_ptr(),
+        b,
+        plan.table.shape[1],
+        heads,
+        kv_heads,
+        d,
+        ps,
+        kp.stride(0),
+        scale,
+        plan.splits,
+        plan.shared,
+        q.stride(0),
+        k.stride(0),
+    )
     return out if rc == 0 else None
 
 
@@ -268,8 +336,21 @@ def write_kv(
     _, ps, kv_heads, d = kp.shape
     pages, offsets = (w.to(torch.int64).contiguous() for w in where)
     k, v = _kv_rows(k, v)
-    lib.write_kv(dtype, _ptr(k), _ptr(v), _ptr(kp), _ptr(vp), _i64(pages), _i64(offsets),
-                 k.shape[0], kv_heads, d, ps, kp.stride(0), k.stride(0))  # fmt: skip
+    lib.write_kv(
+        dtype,
+        _ptr(k),
+        _ptr(v),
+        _ptr(kp),
+        _ptr(vp),
+        _i64(pages),
+        _i64(offsets),
+        k.shape[0],
+        kv_heads,
+        d,
+        ps,
+        kp.stride(0),
+        k.stride(0),
+    )
     return True
 
 
@@ -311,10 +392,32 @@ def select_pages(
     kept = torch.empty(b, kv_heads, dtype=torch.int64)
     count, fraction = (int(budget), 0.0) if budget >= 1 else (0, float(budget))
     rc = lib.select_pages(
-        dtype, _ptr(q), _ptr(kmin), _ptr(kmax), _i64(table), _i64(lens), _ptr(act), b, width,
-        heads, kv_heads, d, page_size, kmin.stride(0), scale, min_score, count, fraction, sink,
-        window, *segs, _i64(out), _i64(out_lens), _i64(kept), None,
-    )  # fmt: skip
+        dtype,
+        _ptr(q),
+        _ptr(kmin),
+        _ptr(kmax),
+        _i64(table),
+        _i64(lens),
+        _ptr(act),
+        b,
+        width,
+        heads,
+        kv_heads,
+        d,
+        page_size,
+        kmin.stride(0),
+        scale,
+        min_score,
+        count,
+        fraction,
+        sink,
+        window,
+        *segs,
+        _i64(out),
+        _i64(out_lens),
+        _i64(kept),
+        None,
+    )
     return (out, out_lens, kept) if rc == 0 else None
 
 
@@ -357,9 +460,32 @@ def sparse_decode(
     kept = torch.empty(b, kv_heads, dtype=torch.int64)
     count, fraction = (int(budget), 0.0) if budget >= 1 else (0, float(budget))
     rc = lib.sparse_decode(
-        dtype, _ptr(q), _ptr(k_pages), _ptr(v_pages), _ptr(out), _ptr(kmin), _ptr(kmax),
-        _i64(page_table), _i64(seq_lens), _ptr(active), b, width, heads, kv_heads, d,
-        page_size, k_pages.stride(0), scale, min_score, count, fraction, sink, window, *segs,
-        _splits(b * kv_heads, width), _i64(kept), _ptr(touched) if touched is not None else None,
-    )  # fmt: skip
+        dtype,
+        _ptr(q),
+        _ptr(k_pages),
+        _ptr(v_pages),
+        _ptr(out),
+        _ptr(kmin),
+        _ptr(kmax),
+        _i64(page_table),
+        _i64(seq_lens),
+        _ptr(active),
+        b,
+        width,
+        heads,
+        kv_heads,
+        d,
+        page_size,
+        k_pages.stride(0),
+        scale,
+        min_score,
+        count,
+        fraction,
+        sink,
+        window,
+        *segs,
+        _splits(b * kv_heads, width),
+        _i64(kept),
+        _ptr(touched) if touched is not None else None,
+    )
     return (out, kept) if rc == 0 else None

@@ -127,44 +127,39 @@ def reset() -> None:
             module.reset()
 
 
+# Every C entry point and its arguments, one letter each: i int, l int64, p a pointer (int64
+# arrays included), f float, d double. Each returns an int (0: done; else: use the reference).
+SIGNATURES = {
+    "paged_decode": "i p p p p p p i i i i i i l f i i i l",
+    "write_kv": "i p p p p p p l i i i l l",
+    "paged_prefill": "i p l p p p p p p p i i i i i i l f",
+    "shared_decode_available": "",
+    "select_pages": "i p p p p p p i i i i i i l f f l d i i p p p l l l p p p p",
+    "sparse_decode": "i p p p p p p p p p i i i i i i l f f l d i i p p p l l l i p p",
+    "add_rms_norm": "p p p p l i f",
+    "rope_bf16": "p l i i l p p",
+    "silu_mul_bf16": "p p l l",
+    "gemv_packed_bf16": "p p p p l l l",
+    "amx_linear_bf16": "p p p p l l l",
+    "linear_packed_bf16": "p p p p l l l",
+    "int4_linear_bf16": "p p p p l l l l",
+    "linear_avx2": "i p p i p p l l l",
+    "write_decode": "i p p p p p p l p p p p i i i i i i l f i i l l",
+}
+_CTYPES = {
+    "i": ctypes.c_int,
+    "l": ctypes.c_int64,
+    "p": ctypes.c_void_p,
+    "f": ctypes.c_float,
+    "d": ctypes.c_double,
+}
+
+
 def _declare(lib: ctypes.CDLL) -> None:
-    p, i = ctypes.c_void_p, ctypes.c_int
-    i64p = p  # int64 arrays, passed by address
-    i64 = ctypes.c_int64
-    lib.paged_decode.argtypes = [
-        i, p, p, p, p, i64p, i64p, i, i, i, i, i, i, i64, ctypes.c_float, i, i, i, i64
-    ]  # fmt: skip
-    lib.write_kv.argtypes = [i, p, p, p, p, i64p, i64p, i64, i, i, i, i64, i64]
-    lib.paged_prefill.argtypes = [
-        i, p, i64, p, p, p, i64p, i64p, i64p, i64p, i, i, i, i, i, i, i64, ctypes.c_float
-    ]  # fmt: skip
-    lib.shared_decode_available.argtypes = []
-    lib.select_pages.argtypes = [
-        i, p, p, p, i64p, i64p, p, i, i, i, i, i, i, i64, ctypes.c_float, ctypes.c_float, i64,
-        ctypes.c_double, i, i, i64p, i64p, p, i64, i64, i64, i64p, i64p, i64p, p,
-    ]  # fmt: skip
-    lib.sparse_decode.argtypes = [
-        i, p, p, p, p, p, p, i64p, i64p, p, i, i, i, i, i, i, i64, ctypes.c_float,
-        ctypes.c_float, i64, ctypes.c_double, i, i, i64p, i64p, p, i64, i64, i64, i, i64p, p,
-    ]  # fmt: skip
-    lib.add_rms_norm.argtypes = [p, p, p, p, i64, i, ctypes.c_float]
-    lib.rope_bf16.argtypes = [p, i64, i, i, i64, p, p]
-    lib.silu_mul_bf16.argtypes = [p, p, i64, i64]
-    lib.gemv_packed_bf16.argtypes = [p, p, p, p, i64, i64, i64]
-    lib.amx_linear_bf16.argtypes = [p, p, p, p, i64, i64, i64]
-    lib.linear_packed_bf16.argtypes = [p, p, p, p, i64, i64, i64]
-    lib.int4_linear_bf16.argtypes = [p, p, p, p, i64, i64, i64, i64]
-    lib.linear_avx2.argtypes = [i, p, p, i, p, p, i64, i64, i64]
-    lib.write_decode.argtypes = [
-        i, p, p, p, p, i64p, i64p, i64, p, p, i64p, i64p, i, i, i, i, i, i, i64,
-        ctypes.c_float, i, i, i64, i64,
-    ]  # fmt: skip
-    for fn in (lib.paged_decode, lib.paged_prefill, lib.write_kv, lib.select_pages,
-               lib.sparse_decode, lib.add_rms_norm, lib.rope_bf16, lib.silu_mul_bf16,
-               lib.write_decode, lib.gemv_packed_bf16, lib.amx_linear_bf16,
-               lib.linear_packed_bf16, lib.int4_linear_bf16,
-               lib.shared_decode_available, lib.linear_avx2):  # fmt: skip
-        fn.restype = i
+    for name, args in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes = [_CTYPES[a] for a in args.split()]
+        fn.restype = ctypes.c_int
 
 
 def main() -> int:

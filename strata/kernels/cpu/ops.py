@@ -35,8 +35,15 @@ def add_rms_norm(
             return None
         delta = delta.contiguous()
     out = torch.empty_like(x)
-    lib.add_rms_norm(_ptr(delta) if delta is not None else None, _ptr(x), _ptr(weight),
-                     _ptr(out), x.shape[0], x.shape[1], eps)  # fmt: skip
+    lib.add_rms_norm(
+        _ptr(delta) if delta is not None else None,
+        _ptr(x),
+        _ptr(weight),
+        _ptr(out),
+        x.shape[0],
+        x.shape[1],
+        eps,
+    )
     return out
 
 
@@ -71,8 +78,15 @@ def linear_packed(
     rows = x.shape[0]
     x = x.contiguous()
     y = x.new_empty(rows, out_features)
-    rc = lib.linear_packed_bf16(_ptr(x), address, _ptr(bias) if bias is not None else None,
-                                _ptr(y), rows, out_features, x.shape[1])  # fmt: skip
+    rc = lib.linear_packed_bf16(
+        _ptr(x),
+        address,
+        _ptr(bias) if bias is not None else None,
+        _ptr(y),
+        rows,
+        out_features,
+        x.shape[1],
+    )
     return y if rc == 0 else None
 
 
@@ -92,9 +106,12 @@ def int4_available(dtype: torch.dtype = torch.bfloat16) -> bool:
 
 
 def int4_linear(
-    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
     group: int,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """x [rows, k] times linear.pack_int4's weight, plus bias: bfloat16 rows rounded to
     bfloat16 once (cpu_ops.c: 1 row AVX512-BF16, 2-16 rows AMX tiles, more rows the weight
     unpacked to bfloat16 for AMX; below AVX-512, cpu_gemm.c's AVX2 kernel), float32 rows on
@@ -108,8 +125,16 @@ def int4_linear(
     y = x.new_empty(x.shape[0], out_features)
     if not len(x):
         return y
-    rc = lib.int4_linear_bf16(_ptr(x), _ptr(packed), _ptr(bias) if bias is not None else None,
-                              _ptr(y), x.shape[0], out_features, x.shape[1], group)  # fmt: skip
+    rc = lib.int4_linear_bf16(
+        _ptr(x),
+        _ptr(packed),
+        _ptr(bias) if bias is not None else None,
+        _ptr(y),
+        x.shape[0],
+        out_features,
+        x.shape[1],
+        group,
+    )
     if rc:
         raise RuntimeError(f"int4_linear failed ({rc})")
     return y
@@ -129,14 +154,21 @@ def avx2_linear_available(dtype: torch.dtype) -> bool:
     x = torch.zeros(1, 32, dtype=dtype)
     w = torch.zeros(16, 32, dtype=torch.bfloat16)
     y = torch.empty(1, 16, dtype=dtype)
-    return lib.linear_avx2(_LINEAR_DTYPES[dtype], _ptr(x), _ptr(w), W_PAIR_BF16, None, _ptr(y),
-                           1, 16, 32) == 0  # fmt: skip
+    return (
+        lib.linear_avx2(
+            _LINEAR_DTYPES[dtype], _ptr(x), _ptr(w), W_PAIR_BF16, None, _ptr(y), 1, 16, 32
+        )
+        == 0
+    )
 
 
 def linear_avx2(
-    x: torch.Tensor, packed: torch.Tensor, kind: int, bias: torch.Tensor | None,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    kind: int,
+    bias: torch.Tensor | None,
     out_features: int,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """x [rows, k] (float32 or bfloat16) times a weight in one of cpu_gemm.c's layouts (kind:
     W_PAIR_BF16, W_INT4, W_INT8), plus bias (x's dtype): float32 products and sums, rounded
     to x's dtype once. Only where avx2_linear_available(x.dtype)."""
@@ -147,9 +179,17 @@ def linear_avx2(
     y = x.new_empty(x.shape[0], out_features)
     if not len(x):
         return y
-    rc = lib.linear_avx2(_LINEAR_DTYPES[x.dtype], _ptr(x), _ptr(packed), kind,
-                         _ptr(bias) if bias is not None else None, _ptr(y), x.shape[0],
-                         out_features, x.shape[1])  # fmt: skip
+    rc = lib.linear_avx2(
+        _LINEAR_DTYPES[x.dtype],
+        _ptr(x),
+        _ptr(packed),
+        kind,
+        _ptr(bias) if bias is not None else None,
+        _ptr(y),
+        x.shape[0],
+        out_features,
+        x.shape[1],
+    )
     if rc:
         raise RuntimeError(f"linear_avx2 failed ({rc})")
     return y

@@ -26,10 +26,29 @@ def _pow2(n: int, least: int = 1) -> int:
 
 @triton.jit
 def _write_kv_kernel(
-    K, V, KPool, VPool, KMin, KMax, Pages, Offsets, num_tokens,
-    s_kt, s_kh, s_vt, s_vh, s_pp, s_pt, s_ph, s_sp, s_sh,
-    D: tl.constexpr, DP: tl.constexpr, PS: tl.constexpr, PSP: tl.constexpr,
-):  # fmt: skip
+    K,
+    V,
+    KPool,
+    VPool,
+    KMin,
+    KMax,
+    Pages,
+    Offsets,
+    num_tokens,
+    s_kt,
+    s_kh,
+    s_vt,
+    s_vh,
+    s_pp,
+    s_pt,
+    s_ph,
+    s_sp,
+    s_sh,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    PS: tl.constexpr,
+    PSP: tl.constexpr,
+):
     """Program (token t, KV head h): store t's key and value in its slot. The first token of
     each run of consecutive tokens in one page also folds the run's keys into the page's
     summary (min and max per channel), starting afresh when the run starts at offset 0."""
@@ -76,20 +95,60 @@ def write_kv(
     assert k.stride(-1) == 1 and v.stride(-1) == 1, "a key's channels must be adjacent"
     ps = layer.k.shape[1]
     _write_kv_kernel[(t, kv_heads)](
-        k, v, layer.k, layer.v, layer.kmin, layer.kmax, pages, offsets, t,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), *layer.k.stride()[:3],
+        k,
+        v,
+        layer.k,
+        layer.v,
+        layer.kmin,
+        layer.kmax,
+        pages,
+        offsets,
+        t,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        *layer.k.stride()[:3],
         *layer.kmin.stride()[:2],
-        D=d, DP=_pow2(d), PS=ps, PSP=_pow2(ps),
-    )  # fmt: skip
+        D=d,
+        DP=_pow2(d),
+        PS=ps,
+        PSP=_pow2(ps),
+    )
 
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, Out, PartOut, PartLse, Table, Lens,
-    s_qb, s_qh, s_ob, s_oh, s_kp, s_kt, s_kh, s_tb, s_th, s_lb, s_lh, scale, chunk,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-    PS: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    Out,
+    PartOut,
+    PartLse,
+    Table,
+    Lens,
+    s_qb,
+    s_qh,
+    s_ob,
+    s_oh,
+    s_kp,
+    s_kt,
+    s_kh,
+    s_tb,
+    s_th,
+    s_lb,
+    s_lh,
+    scale,
+    chunk,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    PS: tl.constexpr,
+    BN: tl.constexpr,
+    SPLIT: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """Program (sequence b, KV head h, split s): the G query heads of h over tokens s *
     chunk .. (s + 1) * chunk of the Lens[b, h] tokens of the pages Table[b, h, :] lists, BN
     keys at a time, with an online softmax. The group's heads, padded to GP >= 16 rows, meet
@@ -147,9 +206,17 @@ def _decode_kernel(
 
 @triton.jit
 def _combine_kernel(
-    Out, PartOut, PartLse, s_qb, s_qh, heads,
-    S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-):  # fmt: skip
+    Out,
+    PartOut,
+    PartLse,
+    s_qb,
+    s_qh,
+    heads,
+    S: tl.constexpr,
+    SP: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+):
     """Program (sequence b, query head): its S splits' parts, each weighed by its share of
     the softmax's sum (exp of its log-sum-exp; an empty split's is -inf, so 0)."""
     b = tl.program_id(0)
@@ -216,17 +283,47 @@ def _decode(
         part_out = torch.empty(b * heads * splits, dp, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(b * heads * splits, dtype=torch.float32, device=q.device)
     _decode_kernel[(b, kv_heads, splits)](
-        q, layer.k, layer.v, out, part_out, part_lse, table, lens,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *layer.k.stride()[:3],
-        s_tb, s_th, s_lb, s_lh, scale, chunk,
-        G=g, GP=_pow2(g, 16), D=d, DP=dp, PS=ps, BN=bn, SPLIT=splits > 1,
+        q,
+        layer.k,
+        layer.v,
+        out,
+        part_out,
+        part_lse,
+        table,
+        lens,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        *layer.k.stride()[:3],
+        s_tb,
+        s_th,
+        s_lb,
+        s_lh,
+        scale,
+        chunk,
+        G=g,
+        GP=_pow2(g, 16),
+        D=d,
+        DP=dp,
+        PS=ps,
+        BN=bn,
+        SPLIT=splits > 1,
         IEEE=q.dtype == torch.float32,
-    )  # fmt: skip
+    )
     if splits > 1:
         _combine_kernel[(b, heads)](
-            out, part_out, part_lse, out.stride(0), out.stride(1), heads,
-            S=splits, SP=_pow2(splits), D=d, DP=dp,
-        )  # fmt: skip
+            out,
+            part_out,
+            part_lse,
+            out.stride(0),
+            out.stride(1),
+            heads,
+            S=splits,
+            SP=_pow2(splits),
+            D=d,
+            DP=dp,
+        )
     return out
 
 
@@ -260,11 +357,29 @@ def paged_decode_selected(
 
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, Out, Table, Starts, QLens, Prefix,
-    s_qt, s_qh, s_kp, s_kt, s_kh, s_tb, scale,
-    G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, PS: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    Out,
+    Table,
+    Starts,
+    QLens,
+    Prefix,
+    s_qt,
+    s_qh,
+    s_kp,
+    s_kt,
+    s_kh,
+    s_tb,
+    scale,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    PS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """Program (sequence e, block of BM queries, query head h): causal attention of those
     queries (at positions Prefix[e] + row) over the sequence's keys, all already in its
     pages Table[e, :], BN keys at a time."""
@@ -348,9 +463,25 @@ def paged_prefill(
     bm, bn = blocks or (PREFILL_BLOCKS if q.device.type == "cuda" else (16, _pow2(ps, 16)))
     grid = (e, triton.cdiv(max_q_len, bm), heads)
     _prefill_kernel[grid](
-        q, layer.k, layer.v, out, table, starts, q_lens, prefix_lens,
-        q.stride(0), q.stride(1), *layer.k.stride()[:3], table.stride(0), scale,
-        G=heads // kv_heads, D=d, DP=_pow2(d, 16), PS=ps, BM=bm, BN=bn,
+        q,
+        layer.k,
+        layer.v,
+        out,
+        table,
+        starts,
+        q_lens,
+        prefix_lens,
+        q.stride(0),
+        q.stride(1),
+        *layer.k.stride()[:3],
+        table.stride(0),
+        scale,
+        G=heads // kv_heads,
+        D=d,
+        DP=_pow2(d, 16),
+        PS=ps,
+        BM=bm,
+        BN=bn,
         IEEE=q.dtype == torch.float32,
-    )  # fmt: skip
+    )
     return out

@@ -17,9 +17,17 @@ import triton.language as tl
 
 @triton.jit
 def _rope_kernel(
-    X, Cos, Sin, s_xt, s_xh, s_ct, heads,
-    HALF: tl.constexpr, HP: tl.constexpr, BH: tl.constexpr,
-):  # fmt: skip
+    X,
+    Cos,
+    Sin,
+    s_xt,
+    s_xh,
+    s_ct,
+    heads,
+    HALF: tl.constexpr,
+    HP: tl.constexpr,
+    BH: tl.constexpr,
+):
     """Program (token t): every head of t rotated in place, in the rotate-half layout."""
     t = tl.program_id(0)
     h = tl.arange(0, BH)
@@ -50,9 +58,17 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     assert x.stride(-1) == 1 and cos.stride(-1) == 1 and cos.stride(0) == sin.stride(0)
     half = d // 2
     _rope_kernel[(t,)](
-        x, cos, sin, x.stride(0), x.stride(1), cos.stride(0), heads,
-        HALF=half, HP=triton.next_power_of_2(half), BH=triton.next_power_of_2(heads),
-    )  # fmt: skip
+        x,
+        cos,
+        sin,
+        x.stride(0),
+        x.stride(1),
+        cos.stride(0),
+        heads,
+        HALF=half,
+        HP=triton.next_power_of_2(half),
+        BH=triton.next_power_of_2(heads),
+    )
 
 
 @triton.jit
@@ -88,9 +104,18 @@ def add_rms_norm(
     assert x.stride(-1) == 1 and (delta is None or delta.stride(-1) == 1)
     d = delta if delta is not None else x
     _add_rms_norm_kernel[(t,)](
-        x, d, weight, out, x.stride(0), d.stride(0), out.stride(0), n, eps,
-        ADD=delta is not None, BLOCK=triton.next_power_of_2(n),
-    )  # fmt: skip
+        x,
+        d,
+        weight,
+        out,
+        x.stride(0),
+        d.stride(0),
+        out.stride(0),
+        n,
+        eps,
+        ADD=delta is not None,
+        BLOCK=triton.next_power_of_2(n),
+    )
     return out
 
 
