@@ -67,6 +67,9 @@ class Metrics:
             buckets=TOKEN_COUNT_BUCKETS,
             registry=r,
         )
+        self._counters_and_gauges(r)
+
+    def _counters_and_gauges(self, r: CollectorRegistry) -> None:
         self.prompt_tokens = Counter("strata_prompt_tokens", "Prompt tokens", registry=r)
         self.generation_tokens = Counter("strata_generation_tokens", "Generated tokens", registry=r)
         self.cached_tokens = Counter(

@@ -260,57 +260,16 @@ class RemoteBackend(Backend):
 
     async def health(self) -> dict[str, Any]:
         cache, decode, prefill = self.stubs()
-
-        async def worker(target: str, role: str, stub: Any) -> tuple[dict[str, Any], Any]:
-            try:
-                load = await stub.Load(worker_pb2.LoadRequest(), timeout=RPC_TIMEOUT)
-            except grpc.aio.AioRpcError as exc:
-                return {
-                    "worker": target,
-                    "role": role,
-                    "status": "unreachable",
-                    "error": exc.details(),
-                }, None
-            stats = tree_stats_from_proto(load.cache) if load.HasField("cache") else None
-            tiers = tier_stats_from_proto(load.tiers) if load.HasField("tiers") else None
-            info = {
-                "worker": target,
-                "status": "ok",
-                "role": role,
-                **load_json(
-                    load.running, load.waiting, load.pages_total, load.pages_free, stats, tiers
-                ),
-                "kv_transfer": transfer_json(
-                    load.transfers, load.transfer_bytes, load.transfer_seconds
-                ),
-            }
-            if role == "prefill":
-                info["held_requests"] = load.held_requests
-            if load.HasField("memory"):
-                info["memory"] = {
-                    f.name: getattr(load.memory, f.name) for f in load.memory.DESCRIPTOR.fields
-                }
-            return info, (stats, tiers, load)
-
         replies = await asyncio.gather(
-            *(worker(t, "decode", decode[t]) for t in self.decode_targets),
-            *(worker(t, "prefill", prefill[t]) for t in self.prefill_targets),
+            *(_worker_health(t, "decode", decode[t]) for t in self.decode_targets),
+            *(_worker_health(t, "prefill", prefill[t]) for t in self.prefill_targets),
         )
         workers = [info for info, _ in replies]
         ok = [(info, got) for info, got in replies if got is not None]
         received = [load for info, (_, _, load) in ok if info["role"] == "decode"]
         trees = [stats for _, (stats, _, _) in ok if stats is not None]
         tiers = [t for _, (_, t, _) in ok if t is not None]
-        try:  # the cluster's L3 store, as the cache service indexes it
-            store = await cache.Stats(cache_pb2.StatsRequest(), timeout=RPC_TIMEOUT)
-            l3_store = {
-                "pages": store.l3_pages,
-                "bytes": store.l3_bytes,
-                "budget_bytes": store.l3_budget_bytes,
-                "evicted": store.l3_evicted,
-            }
-        except grpc.aio.AioRpcError:
-            l3_store = None
+        l3_store = await _l3_store(cache)
         return {
             "status": "ok" if len(ok) == len(workers) else "degraded",
             "model": self.model_name,
@@ -405,4 +364,46 @@ def sum_tiers(tiers: list[dict[str, Any]]) -> dict[str, Any]:
             k: sum(t["bytes_moved"].get(k, 0) for t in tiers) for k in tiers[0]["bytes_moved"]
         },
         "write_policy": tiers[0]["write_policy"],
+    }
+
+
+async def _worker_health(target: str, role: str, stub: Any) -> tuple[dict[str, Any], Any]:
+    """One worker's /health entry, and (its tree stats, tier stats, Load reply) if it answered."""
+    try:
+        load = await stub.Load(worker_pb2.LoadRequest(), timeout=RPC_TIMEOUT)
+    except grpc.aio.AioRpcError as exc:
+        return {
+            "worker": target,
+            "role": role,
+            "status": "unreachable",
+            "error": exc.details(),
+        }, None
+    stats = tree_stats_from_proto(load.cache) if load.HasField("cache") else None
+    tiers = tier_stats_from_proto(load.tiers) if load.HasField("tiers") else None
+    info = {
+        "worker": target,
+        "status": "ok",
+        "role": role,
+        **load_json(load.running, load.waiting, load.pages_total, load.pages_free, stats, tiers),
+        "kv_transfer": transfer_json(load.transfers, load.transfer_bytes, load.transfer_seconds),
+    }
+    if role == "prefill":
+        info["held_requests"] = load.held_requests
+    if load.HasField("memory"):
+        fields = load.memory.DESCRIPTOR.fields
+        info["memory"] = {f.name: getattr(load.memory, f.name) for f in fields}
+    return info, (stats, tiers, load)
+
+
+async def _l3_store(cache: Any) -> dict[str, int] | None:
+    """The cluster's L3 store as the cache service indexes it (None: unreachable)."""
+    try:
+        store = await cache.Stats(cache_pb2.StatsRequest(), timeout=RPC_TIMEOUT)
+    except grpc.aio.AioRpcError:
+        return None
+    return {
+        "pages": store.l3_pages,
+        "bytes": store.l3_bytes,
+        "budget_bytes": store.l3_budget_bytes,
+        "evicted": store.l3_evicted,
     }

@@ -150,70 +150,9 @@ def cmd_up(a: argparse.Namespace) -> int:
 
     if a.prefill < 0 or a.decode < 1:
         raise ValueError("--prefill must be >= 0 and --decode >= 1")
-    model_args = [
-        "--dtype",
-        a.dtype,
-        "--device",
-        a.device,
-        "--quantization",
-        a.quantization,
-        "--page-size",
-        str(a.page_size),
-        "--attention-backend",
-        a.attention_backend,
-        "--tp-size",
-        str(a.tp_size),
-        *sparse_argv(a),
-        "--cuda-graph-max-bs",
-        str(0 if a.disable_cuda_graph else a.cuda_graph_max_bs),
-    ]
-    if a.model_path:
-        model_args += ["--model-path", a.model_path]
-    if a.context_length:
-        model_args += ["--context-length", str(a.context_length)]
-    if a.num_pages is not None:
-        model_args += ["--num-pages", str(a.num_pages)]
-    else:  # one budget for this host, measured once, shared by the workers (engine.memory)
-        share = worker_share(
-            a.device, a.mem_fraction_static, a.memory_budget_gb, (a.prefill + a.decode) * a.tp_size
-        )
-        model_args += ["--memory-budget-gb", f"{share * a.tp_size / 1e9:.3f}"]
-    worker_args = [
-        "--max-running-requests",
-        str(a.max_running_requests),
-        "--chunked-prefill-size",
-        str(a.max_batch_tokens),
-        "--max-queued-requests",
-        str(a.max_queued_requests),
-        "--request-timeout",
-        str(a.request_timeout),
-        "--schedule-policy",
-        a.schedule_policy,
-        "--speculative-algorithm",
-        sched_config(a).speculative_algorithm,
-        "--speculative-num-draft-tokens",
-        str(a.speculative_num_draft_tokens),
-    ]
-    if a.random_seed is not None:
-        worker_args += ["--random-seed", str(a.random_seed)]
-    if a.disable_radix_cache:
-        worker_args.append("--disable-radix-cache")
-    cache_args = []
-    if a.tp_size > 1 and a.enable_hierarchical_cache and not a.disable_hierarchical_cache:
-        log.warning(
-            "--tp-size %d: the KV tiers below L1 are off (not yet sharded by rank)", a.tp_size
-        )
-        a.disable_hierarchical_cache = True
-    if a.disable_hierarchical_cache:
-        a.enable_hierarchical_cache, a.hicache_storage_backend = False, None
-    elif a.enable_hierarchical_cache and a.hicache_storage_backend == "file":
-        a.hicache_storage_dir = a.hicache_storage_dir or str(cache_dir() / "kv-store")
-        cache_args = [
-            "--hicache-storage-dir",
-            a.hicache_storage_dir,
-            "--hicache-storage-size",
-            str(a.hicache_storage_size),
-        ]
+    model_args = _up_model_argv(a)
+    worker_args = _up_worker_argv(a)
+    cache_args = _up_tiers(a)
     hicache_config(a)  # refuse bad flags here, before any process starts
     worker_args += hicache_argv(a)
     tls = use_tls(a)  # this process checks the services' health over it too
@@ -245,6 +184,83 @@ def cmd_up(a: argparse.Namespace) -> int:
     )
 
 
+def _up_model_argv(a: argparse.Namespace) -> list[str]:
+    """The model flags of every worker `strata up` starts, with each its memory share."""
+    out = [
+        "--dtype",
+        a.dtype,
+        "--device",
+        a.device,
+        "--quantization",
+        a.quantization,
+        "--page-size",
+        str(a.page_size),
+        "--attention-backend",
+        a.attention_backend,
+        "--tp-size",
+        str(a.tp_size),
+        *sparse_argv(a),
+        "--cuda-graph-max-bs",
+        str(0 if a.disable_cuda_graph else a.cuda_graph_max_bs),
+    ]
+    if a.model_path:
+        out += ["--model-path", a.model_path]
+    if a.context_length:
+        out += ["--context-length", str(a.context_length)]
+    if a.num_pages is not None:
+        return out + ["--num-pages", str(a.num_pages)]
+    # one budget for this host, measured once, shared by the workers (engine.memory)
+    ranks = (a.prefill + a.decode) * a.tp_size
+    share = worker_share(a.device, a.mem_fraction_static, a.memory_budget_gb, ranks)
+    return out + ["--memory-budget-gb", f"{share * a.tp_size / 1e9:.3f}"]
+
+
+def _up_worker_argv(a: argparse.Namespace) -> list[str]:
+    out = [
+        "--max-running-requests",
+        str(a.max_running_requests),
+        "--chunked-prefill-size",
+        str(a.max_batch_tokens),
+        "--max-queued-requests",
+        str(a.max_queued_requests),
+        "--request-timeout",
+        str(a.request_timeout),
+        "--schedule-policy",
+        a.schedule_policy,
+        "--speculative-algorithm",
+        sched_config(a).speculative_algorithm,
+        "--speculative-num-draft-tokens",
+        str(a.speculative_num_draft_tokens),
+    ]
+    if a.random_seed is not None:
+        out += ["--random-seed", str(a.random_seed)]
+    if a.disable_radix_cache:
+        out.append("--disable-radix-cache")
+    return out
+
+
+def _up_tiers(a: argparse.Namespace) -> list[str]:
+    """Settle the cluster's KV tiers in `a` (L1 + L2 + a shared L3 directory unless turned
+    off); returns the cache service's flags for L3."""
+    if a.tp_size > 1 and a.enable_hierarchical_cache and not a.disable_hierarchical_cache:
+        log.warning(
+            "--tp-size %d: the KV tiers below L1 are off (not yet sharded by rank)", a.tp_size
+        )
+        a.disable_hierarchical_cache = True
+    if a.disable_hierarchical_cache:
+        a.enable_hierarchical_cache, a.hicache_storage_backend = False, None
+        return []
+    if not (a.enable_hierarchical_cache and a.hicache_storage_backend == "file"):
+        return []
+    a.hicache_storage_dir = a.hicache_storage_dir or str(cache_dir() / "kv-store")
+    return [
+        "--hicache-storage-dir",
+        a.hicache_storage_dir,
+        "--hicache-storage-size",
+        str(a.hicache_storage_size),
+    ]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strata", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -260,6 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(s)
     add_hicache_args(s)
     s.set_defaults(func=cmd_serve)
+    _add_up_parser(sub)
+    for role, port in (("prefill", 30030), ("decode", 30020)):
+        _add_worker_parser(sub, role, port)
+    _add_gateway_parser(sub)
+    _add_cache_parser(sub)
+    b = sub.add_parser("bench", help="benchmark an OpenAI-compatible server with a workload")
+    add_bench_args(b)
+    b.add_argument("--log-level", default="warning", help="debug, info, warning or error")
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def _add_up_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     u = sub.add_parser("up", help="run the split cluster locally (cache, workers, gateway)")
     add_model_args(u)
     add_server_args(u)
@@ -280,25 +309,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_tls_args(u)
     u.set_defaults(func=cmd_up, enable_hierarchical_cache=True, hicache_storage_backend="file")
-    for role, port in (("prefill", 30030), ("decode", 30020)):
-        d = sub.add_parser(role, help=f"run one {role} worker (gRPC strata.v1.{role.title()})")
-        add_model_args(d)
-        add_server_args(d)
-        add_hicache_args(d)
-        add_cache_service_arg(d)
-        d.add_argument(
-            "--worker-id",
-            default=None,
-            help="name at the cache service (default host:port: the address the gateway dials)",
-        )
-        d.add_argument(
-            "--shutdown-grace",
-            type=float,
-            default=10.0,
-            help="seconds in-flight calls get to finish on SIGTERM",
-        )
-        add_tls_args(d)
-        d.set_defaults(func=cmd_worker, port=int(env(f"{role.upper()}_PORT") or port))
+
+
+def _add_worker_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], role: str, port: int
+) -> None:
+    d = sub.add_parser(role, help=f"run one {role} worker (gRPC strata.v1.{role.title()})")
+    add_model_args(d)
+    add_server_args(d)
+    add_hicache_args(d)
+    add_cache_service_arg(d)
+    d.add_argument(
+        "--worker-id",
+        default=None,
+        help="name at the cache service (default host:port: the address the gateway dials)",
+    )
+    d.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        help="seconds in-flight calls get to finish on SIGTERM",
+    )
+    add_tls_args(d)
+    d.set_defaults(func=cmd_worker, port=int(env(f"{role.upper()}_PORT") or port))
+
+
+def _add_gateway_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     w = sub.add_parser("gateway", help="run the gateway over the workers (REST + gRPC)")
     add_model_args(w)
     add_server_args(w)
@@ -316,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_tls_args(w)
     w.set_defaults(func=cmd_gateway)
+
+
+def _add_cache_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c = sub.add_parser("cache", help="run the cache service (the cluster's radix trees)")
     c.add_argument("--host", default=env("CACHE_HOST") or "127.0.0.1", help="address to listen on")
     c.add_argument("--port", type=int, default=int(env("CACHE_PORT") or 30010), help="gRPC port")
@@ -333,11 +372,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--log-level", default="info", help="debug, info, warning or error")
     add_tls_args(c)
     c.set_defaults(func=cmd_cache)
-    b = sub.add_parser("bench", help="benchmark an OpenAI-compatible server with a workload")
-    add_bench_args(b)
-    b.add_argument("--log-level", default="warning", help="debug, info, warning or error")
-    b.set_defaults(func=cmd_bench)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

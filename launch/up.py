@@ -194,6 +194,68 @@ def stop_all(children: Sequence[Child], grace: float = STOP_GRACE) -> None:
             p.wait()
 
 
+@dataclass
+class Launch:
+    """The children `up` starts, on free ports of host, and whether a signal asked it to stop."""
+
+    host: str
+    log_level: str
+    timeout: float
+    taken: set[int]
+    children: list[Child] = field(default_factory=list)
+    stopping: bool = False
+
+    def stop(self, *_: object) -> None:
+        self.stopping = True
+
+    def stopped(self) -> bool:
+        return self.stopping
+
+    def address(self) -> str:
+        return f"{self.host}:{free_port(self.host, self.taken)}"
+
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        cli = [sys.executable, "-m", "launch.cli"]
+        self.children.append(Child(name, [*cli, *args, "--log-level", self.log_level], env))
+        return self.children[-1].start()
+
+    def start_workers(
+        self, counts: dict[str, int], cache: str, args: Sequence[str]
+    ) -> dict[str, list[str]]:
+        """Start the prefill and decode workers side by side (they load the model at once);
+        returns their addresses once each serves."""
+        # Prefill workers work in bursts: on a shared CPU their OpenMP threads must sleep, not
+        # spin, between bursts, or they take cores from the decode workers (unless set already).
+        bursty = {**os.environ, "OMP_WAIT_POLICY": system_env("OMP_WAIT_POLICY") or "PASSIVE"}
+        workers: dict[str, list[str]] = {role: [] for role in counts}
+        started = []
+        for role, n in counts.items():
+            for _ in range(n):
+                target = self.address()
+                host, port = target.rsplit(":", 1)
+                flags = ["--host", host, "--port", port, "--cache-service", cache, *args]
+                env = bursty if role == "prefill" else None
+                started.append(
+                    (target, self.start(f"{role} worker {target}", role, *flags, env=env))
+                )
+                workers[role].append(target)
+        for target, proc in started:
+            wait_grpc(target, proc, self.timeout, self.stopped)
+        return workers
+
+    def supervise(self) -> int:
+        """Restart what exits until a signal stops us (0) or the gateway is given up on (1)."""
+        while not self.stopping:
+            now = time.monotonic()
+            for child in self.children:
+                child.supervise(now)
+            if all(c.given_up for c in self.children if c.name == "gateway"):
+                log("the gateway is gone; stopping")
+                return 1
+            time.sleep(0.5)
+        return 0
+
+
 def up(
     host: str,
     port: int,
@@ -210,93 +272,35 @@ def up(
     """Start the cluster and supervise it until SIGINT or SIGTERM: a service that exits is
     restarted on its own address (with backoff; a crash loop is given up on), so one
     worker's death is not an outage; every child dies with this process."""
-    cli = [sys.executable, "-m", "launch.cli"]
-    children: list[Child] = []
-    stopping = False
-
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    def start(name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        children.append(Child(name, [*cli, *args, "--log-level", log_level], env))
-        return children[-1].start()
-
-    # Prefill workers work in bursts: on a shared CPU their OpenMP threads must sleep, not
-    # spin, between bursts, or they take cores from the decode workers (unless set already).
-    bursty = {**os.environ, "OMP_WAIT_POLICY": system_env("OMP_WAIT_POLICY") or "PASSIVE"}
-
+    run = Launch(host, log_level, timeout, {port, grpc_port or port + 1})
     # explicit handlers: a shell that ignores SIGINT (no KeyboardInterrupt) still stops us
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, run.stop)
+    signal.signal(signal.SIGINT, run.stop)
     try:
-        taken = {port, grpc_port or port + 1}
-        cache = f"{host}:{free_port(host, taken)}"
-        port_arg = cache.rsplit(":", 1)[1]
-        wait_grpc(
-            cache,
-            start("cache service", "cache", "--host", host, "--port", port_arg, *cache_args),
-            timeout,
-            lambda: stopping,
-        )
-        workers: dict[str, list[str]] = {"prefill": [], "decode": []}
-        started = []
-        for role, n in (("prefill", num_prefill), ("decode", num_decode)):
-            for _ in range(n):
-                p = free_port(host, taken)
-                workers[role].append(f"{host}:{p}")
-                proc = start(
-                    f"{role} worker {host}:{p}",
-                    role,
-                    "--host",
-                    host,
-                    "--port",
-                    str(p),
-                    "--cache-service",
-                    cache,
-                    *model_args,
-                    *worker_args,
-                    env=bursty if role == "prefill" else None,
-                )
-                started.append((workers[role][-1], proc))
-        for target, proc in started:  # they load the model side by side
-            wait_grpc(target, proc, timeout, lambda: stopping)
-        gateway = start(
+        cache = run.address()
+        flags = ["--host", host, "--port", cache.rsplit(":", 1)[1], *cache_args]
+        wait_grpc(cache, run.start("cache service", "cache", *flags), timeout, run.stopped)
+        counts = {"prefill": num_prefill, "decode": num_decode}
+        workers = run.start_workers(counts, cache, [*model_args, *worker_args])
+        prefill, decode = ",".join(workers["prefill"]), ",".join(workers["decode"])
+        gateway = run.start(
             "gateway",
             "gateway",
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "--grpc-port",
-            str(grpc_port),
-            "--cache-service",
-            cache,
-            "--decode",
-            ",".join(workers["decode"]),
-            "--prefill",
-            ",".join(workers["prefill"]),
+            *("--host", host, "--port", str(port), "--grpc-port", str(grpc_port)),
+            *("--cache-service", cache, "--decode", decode, "--prefill", prefill),
             *model_args,
             *gateway_args,
         )
         url = f"http://{host}:{port}"
-        wait_http(url, gateway, timeout, lambda: stopping)
+        wait_http(url, gateway, timeout, run.stopped)
         print(
             f"strata up: gateway {url} (gRPC {host}:{grpc_port or port + 1}), cache {cache}, "
             f"prefill {', '.join(workers['prefill']) or '-'}, "
             f"decode {', '.join(workers['decode'])}",
             flush=True,
         )
-        while not stopping:
-            now = time.monotonic()
-            for child in children:
-                child.supervise(now)
-            if all(c.given_up for c in children if c.name == "gateway"):
-                log("the gateway is gone; stopping")
-                return 1
-            time.sleep(0.5)
-        return 0
+        return run.supervise()
     except (KeyboardInterrupt, Stopped):
         return 0
     finally:
-        stop_all(children)
+        stop_all(run.children)

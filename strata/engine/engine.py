@@ -78,8 +78,8 @@ class Engine(RequestIntake, RequestOutputs, SplitRoles):
         self.runner = runner
         self.tokenizer = runner.tokenizer
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self.prefix_cache: CacheIndex | None = None
         sparse = getattr(runner.model.backend, "sparse", None)
+        # sparse decode's unselected pages may move to L2, which the kernels then read
         fetch_on_select = (
             enable_cache
             and tiers is not None
@@ -88,21 +88,9 @@ class Engine(RequestIntake, RequestOutputs, SplitRoles):
             and sparse.demote_after > 0
             and runner.kv.data.device.type == "cpu"
         )
-        if fetch_on_select:  # L2 becomes the tail of the pool the kernels read
-            assert tiers is not None
-            n1 = runner.pool.num_pages
-            total = n1 + tiers.host_pages(n1, runner.kv.bytes_per_page)
-            runner.kv = runner.kv.like(total, "cpu", pin_memory=False)
-        if enable_cache:
-            self.prefix_cache = build_cache(
-                runner.kv,
-                runner.pool,
-                runner.identity,
-                tiers,
-                record_events=cluster_worker,
-                own_store_index=not cluster_worker,
-                on_loaded=lambda plan: self._inbox.put(("loaded", plan)),
-            )
+        self.prefix_cache = (
+            self._build_cache(tiers, cluster_worker, fetch_on_select) if enable_cache else None
+        )
         timeout = tiers.prefetch_timeout if tiers is not None else lambda n: float("inf")
         self.scheduler = Scheduler(
             runner.pool,
@@ -153,6 +141,28 @@ class Engine(RequestIntake, RequestOutputs, SplitRoles):
         self.jump_forward_tokens = 0
         self.draft_tokens = self.accepted_tokens = 0
         self._init_split_roles(hold_timeout)
+
+    def _build_cache(
+        self, tiers: HiCacheConfig | None, cluster_worker: bool, fetch_on_select: bool
+    ) -> CacheIndex:
+        """The prefix cache over the runner's pool and the tiers below it. cluster_worker: it
+        records KV events for the cluster's index, which owns the L3 budget. fetch_on_select:
+        L2 becomes the tail of the pool the kernels read."""
+        runner = self.runner
+        if fetch_on_select:
+            assert tiers is not None
+            n1 = runner.pool.num_pages
+            total = n1 + tiers.host_pages(n1, runner.kv.bytes_per_page)
+            runner.kv = runner.kv.like(total, "cpu", pin_memory=False)
+        return build_cache(
+            runner.kv,
+            runner.pool,
+            runner.identity,
+            tiers,
+            record_events=cluster_worker,
+            own_store_index=not cluster_worker,
+            on_loaded=lambda plan: self._inbox.put(("loaded", plan)),
+        )
 
     # ---- the public, thread-safe surface (requests: intake.py) ---------------------------
 

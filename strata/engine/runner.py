@@ -153,22 +153,10 @@ class ModelRunner:
         if num_pages is None:
             memory = cls._plan_memory(spec, pool_cfg, model_cfg, weights, budget, tiers)
             num_pages = memory.l1_pages
+        tp, links, threads = None, None, None
         followers: list[Any] = []
-        links = None
-        if size > 1 and rank == 0:
-            address, followers, links = start_followers(model_cfg, pool_cfg, num_pages)
-        tp = None
         if size > 1:
-            assert address is not None
-            if not device.startswith("cuda"):  # CPU ranks share the cores (until close)
-                threads = torch.get_num_threads()
-                torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-            try:
-                join(rank, size, address, device)
-            except Exception:
-                for p in followers:
-                    p.kill()
-                raise
+            followers, links, threads = cls._join(model_cfg, pool_cfg, rank, address, num_pages)
             tp = TPGroup(rank, size, spec.vocab_size)
             weights = shard_weights(spec, weights, rank, size)
         backend = make_backend(
@@ -184,7 +172,7 @@ class ModelRunner:
         runner = cls(model, tokenizer, num_pages, pool_cfg.page_size, folder)
         runner.memory = memory
         runner.followers, runner.links = followers, links
-        if size > 1 and not device.startswith("cuda"):
+        if threads is not None:
             runner.threads = threads
         runner.context_length = model_cfg.context_length
         if (
@@ -202,6 +190,35 @@ class ModelRunner:
                 model_cfg.cuda_graph_max_bs,
             )
         return runner
+
+    @staticmethod
+    def _join(
+        model_cfg: ModelConfig,
+        pool_cfg: KVPoolConfig,
+        rank: int,
+        address: str | None,
+        num_pages: int,
+    ) -> tuple[list[Any], Any, int | None]:
+        """Join the tensor-parallel group (rank 0 starts the other ranks first). Returns rank
+        0's follower processes and links, and the threads to restore at close (CPU ranks
+        share the cores)."""
+        size, device = model_cfg.tp_size, rank_device(model_cfg.device, rank)
+        followers: list[Any] = []
+        links = None
+        if rank == 0:
+            address, followers, links = start_followers(model_cfg, pool_cfg, num_pages)
+        assert address is not None
+        threads = None
+        if not device.startswith("cuda"):
+            threads = torch.get_num_threads()
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+        try:
+            join(rank, size, address, device)
+        except Exception:
+            for p in followers:
+                p.kill()
+            raise
+        return followers, links, threads
 
     @staticmethod
     def _plan_memory(
