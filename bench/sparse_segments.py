@@ -43,7 +43,7 @@ def measure(runner: ModelRunner, ids: list[int], length: int, steps: int, group:
     pages = prefill(runner, prompt)
     ends = tuple(range(group, length // PS, group)) + (length // PS,)
     stats = {"plain_s": 0.0, "two_level_s": 0.0, "spared": 0, "scored": 0}
-    inner = be._sparse_decode
+    inner = be.sparse_decode
 
     def spy(q, layer, meta, state, sp):
         n = int(meta.decode_lens[0] + PS - 1) // PS
@@ -88,14 +88,14 @@ def measure(runner: ModelRunner, ids: list[int], length: int, steps: int, group:
         mine = list(pages)
         n = len(prompt)
         if name == "two_level":
-            be._sparse_decode = spy
+            be.sparse_decode = spy
         for tok in cont:
             if runner.pages_for(n + 1) > len(mine):
                 mine += runner.pool.alloc(1)
             out = runner.forward([SequenceChunk([tok], n, mine, rid, segs)])
             logits[name].append(out[0])
             n += 1
-        be._sparse_decode = inner
+        be.sparse_decode = inner
         runner.pool.free(mine[len(pages) :])
     runner.pool.free(pages)
     same = all(torch.equal(a, b) for a, b in zip(logits["plain"], logits["two_level"]))

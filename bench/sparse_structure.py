@@ -38,7 +38,7 @@ def measure(runner: ModelRunner, ids: list[int], length: int, steps: int) -> dic
     kept: list[set[tuple[int, int, int]]] = []  # per step: (page index, layer, KV head)
     pruned = dict.fromkeys(GROUPS, 0)
     scored = [0]
-    inner = be._sparse_decode
+    inner = be.sparse_decode
 
     def spy(q, layer, meta, state, sparse):
         n = int(meta.decode_lens[0] + PS - 1) // PS
@@ -79,7 +79,7 @@ def measure(runner: ModelRunner, ids: list[int], length: int, steps: int) -> dic
                 pruned[g] += int(skip.sum()) * int(middle[s : s + g].sum())
         return inner(q, layer, meta, state, sparse)
 
-    be._sparse_decode = spy
+    be.sparse_decode = spy
     n = len(prompt)
     for tok in cont:
         if runner.pages_for(n + 1) > len(pages):
@@ -87,7 +87,7 @@ def measure(runner: ModelRunner, ids: list[int], length: int, steps: int) -> dic
         kept.append(set())
         runner.forward([SequenceChunk([tok], n, pages)])
         n += 1
-    be._sparse_decode = inner
+    be.sparse_decode = inner
     runner.pool.free(pages)
     npages = len(pages)
     layers = runner.spec.num_layers - sp.dense_layers

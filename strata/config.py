@@ -219,10 +219,17 @@ def default_sparse(device: str) -> SparseConfig:
     return SparseConfig(threshold=0) if device.startswith("cuda") else SparseConfig()
 
 
-# auto: triton on CUDA, cpu on CPU; torch: the reference ops (gather + SDPA) everywhere;
-# cpu: the C kernels (strata/kernels/cpu/cpu_decode.c) where they build, else torch; triton:
-# the Triton kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1, for tests)
-ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
+# The attention backends by name, each the class that implements it (strata.attention.base
+# says how to write one; strata.attention.registry imports it when asked). auto: triton on
+# CUDA, cpu on CPU; torch: the reference ops (gather + SDPA) everywhere; cpu: the C kernels
+# (strata/kernels/cpu) where they build, else torch's; triton: the Triton kernels (CUDA, or
+# CPU tensors under TRITON_INTERPRET=1, for tests)
+ATTENTION_BACKENDS = {
+    "auto": "",
+    "torch": "strata.attention.torch_backend:TorchAttention",
+    "cpu": "strata.attention.cpu_backend:CpuAttention",
+    "triton": "strata.attention.triton_backend:TritonAttention",
+}
 
 
 @dataclass(frozen=True)
@@ -253,7 +260,7 @@ class ModelConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"unknown attention backend {self.attention_backend!r}; "
-                f"choose one of {ATTENTION_BACKENDS}"
+                f"choose one of {tuple(ATTENTION_BACKENDS)}"
             )
         resolve_dtype(self.dtype, self.device)
 

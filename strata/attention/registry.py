@@ -1,44 +1,26 @@
-"""The attention backends by name (strata.config.ATTENTION_BACKENDS). A backend is a class
-with AttentionBackend's methods (strata.attention.backend); adding one is its module and a
-line in BACKENDS."""
+"""The attention backends by name: strata.config.ATTENTION_BACKENDS names each one's class.
+A backend is an AttentionBackend (strata.attention.base, whose docstring says how to write
+one); adding one is its module and a line in that table."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
+import importlib
 
-from strata.attention.backend import AttentionBackend, TorchAttention
-from strata.config import SparseConfig
-
-Factory = Callable[[str, float, int, SparseConfig | None], AttentionBackend]
+from strata.attention.base import AttentionBackend
+from strata.config import ATTENTION_BACKENDS, SparseConfig
 
 
-def _torch(
-    device: str, scale: float, page_size: int, sparse: SparseConfig | None
-) -> AttentionBackend:
-    return TorchAttention(scale, page_size, sparse, kernels=False)
-
-
-def _cpu(
-    device: str, scale: float, page_size: int, sparse: SparseConfig | None
-) -> AttentionBackend:
-    return TorchAttention(scale, page_size, sparse, kernels=True)
-
-
-def _triton(
-    device: str, scale: float, page_size: int, sparse: SparseConfig | None
-) -> AttentionBackend:
-    if not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+def backend_class(name: str) -> type[AttentionBackend]:
+    path = ATTENTION_BACKENDS.get(name) or ""
+    if ":" not in path:
         raise ValueError(
-            "--attention-backend triton needs a CUDA device (on CPU it runs only "
-            "under TRITON_INTERPRET=1, slowly: for tests)"
+            f"unknown attention backend {name!r}; choose one of {tuple(ATTENTION_BACKENDS)}"
         )
-    from strata.attention.triton_backend import TritonAttention  # imports triton
-
-    return TritonAttention(scale, page_size, sparse)
-
-
-BACKENDS: dict[str, Factory] = {"torch": _torch, "cpu": _cpu, "triton": _triton}
+    module, cls = path.split(":")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as e:  # e.g. triton, not installed here
+        raise ValueError(f"--attention-backend {name} cannot load here: {e}") from e
 
 
 def make_backend(
@@ -47,4 +29,6 @@ def make_backend(
     """The attention backend `name` on `device` ("auto": triton on CUDA, else cpu)."""
     if name == "auto":
         name = "triton" if device.startswith("cuda") else "cpu"
-    return BACKENDS[name](device, scale, page_size, sparse)
+    cls = backend_class(name)
+    cls.check_device(device)
+    return cls(scale, page_size, sparse)

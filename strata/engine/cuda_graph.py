@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from strata.attention.backend import TorchMeta
 from strata.batch import SequenceChunk
 from strata.kv.pool import KVCache, PagePool
 
@@ -56,25 +55,13 @@ class DecodeGraphs:
         self.table = torch.full((n, max_pages), self.scratch, dtype=torch.int64, device=dev)
         self.rows = torch.arange(n, device=dev)
         self.graphs: dict[int, tuple[Any, torch.Tensor]] = {}
-        self.sparse = getattr(model.backend, "sparse", None)
         if capture:
             self._capture_all()
 
-    def _meta(self, b: int) -> TorchMeta:
-        i = self.inputs
-        return TorchMeta(
-            write_at=(i[2, :b], i[3, :b]),
-            num_tokens=b,
-            num_seqs=b,
-            decode_rows=self.rows[:b],
-            decode_pages=self.table[:b],
-            decode_lens=i[4, :b],
-            batch_rows=list(range(b)),
-        )
-
     def _forward(self, b: int) -> torch.Tensor:
-        i = self.inputs
-        return self.model.compute(i[0, :b], i[1, :b], self.rows[:b], self.kv, self._meta(b))
+        i, rows = self.inputs, self.rows[:b]
+        meta = self.model.backend.graph_meta((i[2, :b], i[3, :b]), rows, self.table[:b], i[4, :b])
+        return self.model.compute(i[0, :b], i[1, :b], rows, self.kv, meta)
 
     def _capture_all(self) -> None:
         from tqdm import tqdm
@@ -102,7 +89,7 @@ class DecodeGraphs:
         longest = max(c.prefix_len for c in chunks) + 1
         if longest > self.table.shape[1] * self.page_size:
             return False
-        return self.sparse is None or longest < self.sparse.min_context
+        return self.model.backend.graph_replays(longest)
 
     def run(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
         """Logits [len(chunks), vocab] of a step that fits."""

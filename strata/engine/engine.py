@@ -78,7 +78,7 @@ class Engine(RequestIntake, RequestOutputs, SplitRoles):
         self.runner = runner
         self.tokenizer = runner.tokenizer
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        sparse = getattr(runner.model.backend, "sparse", None)
+        sparse = runner.model.backend.sparse
         # sparse decode's unselected pages may move to L2, which the kernels then read
         fetch_on_select = (
             enable_cache

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import torch
 import torch.utils.cpp_extension as cpp
 
+from strata.attention.base import AttentionBackend
 from strata.config import system_env
 from strata.kernels.cpu import attention as cpu_kernels
 from strata.kernels.cpu import build as cpu_build
@@ -40,7 +41,7 @@ class Fusable(Protocol):
     """What the fused layers read of a model (llama.LlamaForCausalLM has it)."""
 
     local: ModelSpec  # this rank's shape
-    backend: Any  # its attention backend (its `scale`)
+    backend: AttentionBackend  # its attention backend (its `scale`)
     layers: list[Any]  # decoder layers: attn.qkv / o_proj, mlp.gate_up / down, norm1 / 2
     embed_tokens: torch.Tensor  # [vocab, hidden]: its device and dtype
     tp: Any  # None on one rank

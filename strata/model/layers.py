@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from strata.attention.backend import AttentionBackend
+from strata.attention.base import AttentionBackend, AttentionMeta
 from strata.kernels.cpu import ops as cpu_ops
 from strata.kv.pool import LayerKV
 from strata.model.linear import Int4Linear, Int8Linear, Linear
@@ -74,7 +74,7 @@ class Attention:
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_layer: LayerKV,
-        meta: Any,
+        meta: AttentionMeta,
     ) -> torch.Tensor:
         t, qk_size = x.shape[0], self.q_size + self.kv_size
         qkv = self.qkv(x)  # [T, q_size + 2 * kv_size]
@@ -119,7 +119,7 @@ class DecoderLayer:
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_layer: LayerKV,
-        meta: Any,
+        meta: AttentionMeta,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the residual stream, delta: the previous layer's output still to add to it
         (None for the first layer). Returns (residual, this layer's MLP output): the add

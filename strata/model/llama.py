@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
-from strata.attention.backend import AttentionBackend
+from strata.attention.base import AttentionBackend, AttentionMeta
 from strata.batch import ForwardBatch
 from strata.kv.pool import KVCache
 from strata.model.cpu_layers import CpuLayers
@@ -72,7 +70,7 @@ class LlamaForCausalLM:
         self.cpu_layers = CpuLayers.of(self)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv: KVCache) -> tuple[torch.Tensor, Any]:
+    def forward(self, batch: ForwardBatch, kv: KVCache) -> tuple[torch.Tensor, AttentionMeta]:
         """Logits (float32) for the rows batch.logits_index: [len(logits_index), vocab], and
         the backend's metadata of the batch (backend.sparsity reads it)."""
         meta = self.backend.prepare(batch, kv)
@@ -85,7 +83,7 @@ class LlamaForCausalLM:
         positions: torch.Tensor,
         rows: torch.Tensor,
         kv: KVCache,
-        meta: Any,
+        meta: AttentionMeta,
     ) -> torch.Tensor:
         """The forward over the backend's metadata of the batch: every shape it takes is in
         its tensors' shapes, so a CUDA graph can capture it (strata.engine.cuda_graph)."""
@@ -95,7 +93,7 @@ class LlamaForCausalLM:
         else:
             x = F.embedding(input_ids, self.embed_tokens)
         delta = None
-        plan = getattr(meta, "plan", None)
+        plan = self.backend.fused_plan(meta)
         if self.cpu_layers is not None and plan is not None:
             delta = self.cpu_layers.run(x, cos, sin, plan, kv)
         if delta is None:

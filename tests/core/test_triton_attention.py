@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from strata.attention import reference as ref
-from strata.attention.backend import TorchAttention
+from strata.attention.cpu_backend import CpuAttention
 from strata.attention.registry import make_backend
+from strata.attention.torch_backend import TorchAttention
 from strata.config import KVPoolConfig, ModelConfig, SparseConfig
 from strata.engine.runner import ModelRunner
 from strata.kv.pool import KVCache
@@ -251,9 +252,9 @@ def test_triton_backend_batches_prefill_and_decode_in_one_forward(triton_runners
 
 
 def test_backend_choice(monkeypatch):
-    assert type(make_backend("auto", "cpu", 0.1, 4)) is TorchAttention
-    assert make_backend("cpu", "cpu", 0.1, 4).kernels
-    assert not make_backend("torch", "cpu", 0.1, 4).kernels
+    assert type(make_backend("auto", "cpu", 0.1, 4)) is CpuAttention
+    assert type(make_backend("cpu", "cpu", 0.1, 4)) is CpuAttention
+    assert type(make_backend("torch", "cpu", 0.1, 4)) is TorchAttention
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="CUDA"):
         make_backend("triton", "cpu", 0.1, 4)

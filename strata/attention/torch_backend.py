@@ -1,0 +1,56 @@
+"""TorchAttention: the reference backend. Each sequence's pages gathered and torch SDPA
+(reference.py, the oracle the other backends are tested against); cascade decode where every
+decode row starts with the same pages."""
+
+from __future__ import annotations
+
+import torch
+
+from strata.attention import reference
+from strata.attention.base import AttentionBackend, AttentionMeta
+from strata.kv.pool import LayerKV
+
+
+class TorchAttention(AttentionBackend):
+    def write_kv(
+        self,
+        layer: LayerKV,
+        where: tuple[torch.Tensor, torch.Tensor],
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> None:
+        reference.write_kv(layer, where, k, v)
+
+    def prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: LayerKV,
+        meta: AttentionMeta,
+    ) -> torch.Tensor:
+        out = torch.empty_like(q)
+        for e in meta.extends:
+            rows = slice(e.start, e.start + e.q_len)
+            out[rows] = reference.paged_prefill(
+                q[rows],
+                k[rows],
+                v[rows],
+                layer.k,
+                layer.v,
+                e.page_ids,
+                e.prefix_len,
+                self.scale,
+            )
+        return out
+
+    def decode(self, q: torch.Tensor, layer: LayerKV, meta: AttentionMeta) -> torch.Tensor:
+        pages, lens = meta.decode_pages, meta.decode_lens
+        assert pages is not None and lens is not None
+        mask = torch.arange(pages.shape[1] * self.page_size, device=q.device) < lens[:, None]
+        return reference.paged_decode(q, layer.k, layer.v, pages, mask, self.scale)
+
+    def decode_selected(
+        self, q: torch.Tensor, layer: LayerKV, table: torch.Tensor, lens: torch.Tensor
+    ) -> torch.Tensor:
+        return reference.paged_decode_selected(q, layer.k, layer.v, table, lens, self.scale)
