@@ -29,7 +29,7 @@ from strata.kv.mover import page_bytes
 from strata.kv.pool import KVCache, PagePool
 from strata.kv.store import FileStore, PageFormat, StoreIndex, key_path
 from strata.model.loader import read_config, resolve_checkpoint
-from strata.model.spec import ModelSpec
+from strata.model.registry import model_spec
 
 
 def quartiles(xs: list[float]) -> tuple[float, float, float]:
@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--pages", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=21)
     a = ap.parse_args()
-    spec = ModelSpec.from_hf(read_config(resolve_checkpoint(None)))
+    spec = model_spec(read_config(resolve_checkpoint(None)))
     dtype = resolve_dtype("auto", "cpu")
     n, ps = a.pages, 16
     kv = KVCache(spec.num_layers, 2 * n, ps, spec.num_kv_heads, spec.head_dim, dtype, "cpu")

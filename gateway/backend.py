@@ -8,6 +8,7 @@ from dataclasses import asdict
 from typing import Any
 
 from strata.config import SchedulerConfig
+from strata.engine.messages import AbortNow, FlushCache, Stats
 from strata.engine.process import EngineClient, EngineGone
 from strata.engine.request import Checked, RequestOutput
 from strata.sampling.params import SamplingParams
@@ -124,7 +125,7 @@ class LocalBackend(Backend):
     async def health(self) -> dict[str, Any]:
         if not self.engine.alive:
             raise EngineGone("the engine process is gone")
-        stats = await self.engine.call("stats")
+        stats = await self.engine.call(Stats())
         return {
             "status": "ok",
             "model": self.model_name,
@@ -146,10 +147,10 @@ class LocalBackend(Backend):
         }
 
     async def flush_cache(self) -> int:
-        return int(await self.engine.call("flush_cache"))
+        return int(await self.engine.call(FlushCache()))
 
     async def abort(self, rid: str) -> bool:
-        return bool(await self.engine.call("abort_now", rid))
+        return bool(await self.engine.call(AbortNow(rid)))
 
     async def server_info(self) -> dict[str, Any]:
         limits, sched = self.engine.limits, self.sched
@@ -162,5 +163,5 @@ class LocalBackend(Backend):
             "chunked_prefill_size": sched.max_batch_tokens,
             "radix_cache": sched.enable_radix_cache,
             "engine_pid": self.engine.process.pid,
-            "memory": (await self.engine.call("stats")).memory,
+            "memory": (await self.engine.call(Stats())).memory,
         }

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from strata.config import HiCacheConfig, KVPoolConfig, ModelConfig, SchedulerConfig, ServerConfig
 from strata.engine.process import EngineClient, EngineConfig, build_engine
 from strata.model.loader import load_tokenizer, read_config, resolve_checkpoint
-from strata.model.spec import ModelSpec
+from strata.model.registry import model_spec
 
 if TYPE_CHECKING:
     import uvicorn
@@ -74,7 +74,7 @@ def serve_gateway(
     from gateway.remote import RemoteBackend
 
     folder = resolve_checkpoint(model.model_path)
-    spec = ModelSpec.from_hf(read_config(folder))
+    spec = model_spec(read_config(folder))
     name = server.served_model_name or (model.model_path or "SmolLM2-135M-Instruct")
     backend = RemoteBackend(
         load_tokenizer(folder),

@@ -45,6 +45,6 @@ def test_a_core_module_that_imports_the_wiring_breaks_the_contract(tmp_path):
 
 
 def test_a_kernel_that_imports_the_model_breaks_the_inner_layers(tmp_path):
-    run = lint_with(tmp_path, "strata/kernels/upward.py", "from strata.model import llama\n")
+    run = lint_with(tmp_path, "strata/kernels/upward.py", "from strata.model import decoder\n")
     assert run.returncode != 0
-    assert "strata.kernels.upward -> strata.model.llama" in run.stdout
+    assert "strata.kernels.upward -> strata.model.decoder" in run.stdout

@@ -20,7 +20,7 @@ from strata.engine.engine import Engine
 from strata.engine.request import Overloaded, RemoteFill
 from strata.engine.tp_rank import RankLinks
 from strata.kv.pool import KVCache
-from strata.kv.transfer import KVChannel, RankedChannel, TransferError, kv_layout
+from strata.kv.transfer import Join, KVChannel, RankedChannel, TransferError, kv_layout
 from strata.proto.v1 import worker_pb2, worker_pb2_grpc
 from strata.sampling.params import SamplingParams
 
@@ -97,7 +97,7 @@ class PrefillPeers:
                 f"the prefill worker has {len(ports) + 1} tensor-parallel "
                 f"ranks, this decode worker {links.size + 1}"
             )
-        joins = links.call_each([("join", cid, host, p, self.timeout) for p in ports])
+        joins = links.call_each([Join(cid, host, p, self.timeout) for p in ports])
         own = KVChannel(self.kv, host, reply.port, rank=1, timeout=self.timeout)
         channel = RankedChannel(own, cid, links)
         try:

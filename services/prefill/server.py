@@ -24,6 +24,7 @@ from strata.engine.engine import Engine
 from strata.kv.pool import KVCache
 from strata.kv.transfer import (
     KVChannel,
+    Listen,
     RankedChannel,
     TransferError,
     TransferStats,
@@ -58,7 +59,7 @@ class PrefillService(EngineWorker, worker_pb2_grpc.PrefillServicer):
         if runner.links is not None:  # each other rank opens a store for its peer rank
             try:
                 rank_ports = await asyncio.to_thread(
-                    lambda: [f.result(timeout) for f in runner.links.call("listen", cid, timeout)]
+                    lambda: [f.result(timeout) for f in runner.links.call(Listen(cid, timeout))]
                 )
             except Exception as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"tensor-parallel rank: {exc}")

@@ -9,13 +9,13 @@ thread). So `strata serve` runs two processes, as SGLang does:
 `EngineClient` is the front's side: it validates each request once against the engine's
 `Limits`, counts what it holds (the overload bound), streams each request's events and
 forwards the few calls the fronts make (stats, flush, abort). `engine_main` is the engine's
-side. One message per boundary crossing, pickled over a multiprocessing pipe each way:
+side. One message per boundary crossing (strata.engine.messages), pickled over a
+multiprocessing pipe each way:
 
-    front -> engine   ("add", rid, prompt_ids, params) | ("abort", rid)
-                      | ("call", call_id, method, args) | ("stop",)
-    engine -> front   ("ready", Limits) | ("failed", message)
-                      | ("events", [RequestOutput, ...])   one per step, every request's
-                      | ("result", call_id, ok, value)
+    front -> engine   Add(rid, Checked) | Abort(rid) | Call(call_id, query) | Stop()
+    engine -> front   Ready(Limits) | Failed(message)
+                      | Events([RequestOutput, ...])   one per step, every request's
+                      | Result(call_id, ok, value)
 """
 
 from __future__ import annotations
@@ -46,14 +46,28 @@ from strata.config import (
     engine_environment,
 )
 from strata.engine.engine import Engine
+from strata.engine.messages import (
+    Abort,
+    AbortNow,
+    Add,
+    Call,
+    Events,
+    Failed,
+    FlushCache,
+    Query,
+    Ready,
+    Result,
+    Stats,
+    Stop,
+    ToEngine,
+    ToFront,
+)
 from strata.engine.request import Checked, Limits, Overloaded, RequestOutput
 from strata.engine.runner import ModelRunner
 from strata.grammar.compiler import LazyGrammarCompiler
 from strata.sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
-# the engine methods the front may call (with picklable arguments and results)
-CALLS = frozenset({"stats", "flush_cache", "abort_now"})
 ENGINE_LOG_FORMAT = "%(asctime)s %(levelname)s engine %(name)s: %(message)s"
 
 
@@ -109,11 +123,11 @@ def engine_main(from_front: Connection, to_front: Connection, cfg: EngineConfig)
         engine = build_engine(cfg.model, cfg.pool, cfg.sched, cfg.tiers, front_limits=False)
     except Exception as exc:
         log.exception("the engine failed to start")
-        to_front.send(("failed", f"{type(exc).__name__}: {exc}"))
+        to_front.send(Failed(f"{type(exc).__name__}: {exc}"))
         return
     send_lock = threading.Lock()
 
-    def send(msg: tuple) -> None:
+    def send(msg: ToFront) -> None:
         with send_lock:
             to_front.send(msg)
 
@@ -129,7 +143,7 @@ def engine_main(from_front: Connection, to_front: Connection, cfg: EngineConfig)
             batch = outbox[:]
             outbox.clear()
             try:
-                send(("events", batch))
+                send(Events(batch))
             except (BrokenPipeError, EOFError, OSError):  # the front went away
                 engine.stop()
 
@@ -141,7 +155,7 @@ def engine_main(from_front: Connection, to_front: Connection, cfg: EngineConfig)
         name="strata-engine-inbox",
         daemon=True,
     ).start()
-    send(("ready", engine.limits))
+    send(Ready(engine.limits))
     try:
         engine.run()  # its last after_step sends the last events (a broken runner's too)
     finally:
@@ -149,40 +163,46 @@ def engine_main(from_front: Connection, to_front: Connection, cfg: EngineConfig)
 
 
 def _read(
-    conn: Connection, engine: Engine, outbox: list[RequestOutput], send: Callable[[tuple], None]
+    conn: Connection, engine: Engine, outbox: list[RequestOutput], send: Callable[[ToFront], None]
 ) -> None:
     """The engine's inbox: turn the front's messages into engine calls until it stops."""
     try:
         while True:
-            msg = conn.recv()
-            kind = msg[0]
-            if kind == "add":
-                _, rid, request = msg
-                try:
-                    engine.queue(request, outbox.append, rid)
-                except Exception as exc:  # validated at the front: a race or a bug
-                    send(
-                        (
-                            "events",
-                            [RequestOutput(rid, [], "", finish_reason="error", error=str(exc))],
-                        )
-                    )
-            elif kind == "abort":
-                engine.abort(msg[1])
-            elif kind == "call":
-                _, call_id, method, args = msg
-                fut = engine.call(functools.partial(getattr(engine, method), *args))
-                fut.add_done_callback(functools.partial(_reply, send, call_id))
-            elif kind == "stop":
-                break
+            msg: ToEngine = conn.recv()
+            match msg:
+                case Add(rid, request):
+                    try:
+                        engine.queue(request, outbox.append, rid)
+                    except Exception as exc:  # validated at the front: a race or a bug
+                        failed = RequestOutput(rid, [], "", finish_reason="error", error=str(exc))
+                        send(Events([failed]))
+                case Abort(rid):
+                    engine.abort(rid)
+                case Call(call_id, query):
+                    fut = engine.call(functools.partial(_answer, engine, query))
+                    fut.add_done_callback(functools.partial(_reply, send, call_id))
+                case Stop():
+                    break
     except (EOFError, OSError):
         pass
     engine.stop()
 
 
-def _reply(send: Callable[[tuple], None], call_id: int, fut: Future) -> None:
+def _answer(engine: Engine, query: Query) -> Any:
+    """A query's answer, on the engine's thread between steps."""
+    match query:
+        case Stats():
+            return engine.stats()
+        case FlushCache():
+            return engine.flush_cache()
+        case AbortNow(rid):
+            return engine.abort_now(rid)
+    raise TypeError(f"unknown query {query!r}")
+
+
+def _reply(send: Callable[[ToFront], None], call_id: int, fut: Future) -> None:
     exc = fut.exception()
-    send(("result", call_id, exc is None, fut.result() if exc is None else repr(exc)))
+    send(Result(call_id, exc is None, fut.result() if exc is None else repr(exc)))
 
 
 def _take_frames(buffer: bytearray) -> list[Any]:
@@ -273,11 +293,14 @@ class EngineClient:
             if time.monotonic() > deadline:
                 self.process.kill()
                 raise EngineGone(f"the engine process did not start in {timeout:g} s")
-        msg = self._in.recv()
-        if msg[0] != "ready":
-            self.process.join(10)
-            raise EngineGone(f"the engine failed to start: {msg[1]}")
-        return msg[1]
+        match self._in.recv():
+            case Ready(limits):
+                return limits
+            case Failed(message):
+                self.process.join(10)
+                raise EngineGone(f"the engine failed to start: {message}")
+            case other:
+                raise EngineGone(f"the engine sent {other!r} before it was ready")
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -310,7 +333,7 @@ class EngineClient:
         self._streams[rid] = events
         finished = False
         try:
-            self._send(("add", rid, request))
+            self._send(Add(rid, request))
             while not finished:
                 event = await events.get()
                 finished = event.finish_reason is not None
@@ -318,18 +341,17 @@ class EngineClient:
         finally:
             self._streams.pop(rid, None)
             if not finished and self._gone is None:  # the caller went away
-                self._send(("abort", rid))
+                self._send(Abort(rid))
 
-    async def call(self, method: str, *args: Any) -> Any:
-        """Run an engine method (one of CALLS) between its steps; its result."""
-        assert method in CALLS, method
+    async def call(self, query: Query) -> Any:
+        """Run a query on the engine between its steps; its answer."""
         self._attach()
         if self._gone is not None:
             raise EngineGone(self._gone)
         call_id = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._calls[call_id] = fut
-        self._send(("call", call_id, method, args))
+        self._send(Call(call_id, query))
         try:
             return await fut
         finally:
@@ -337,7 +359,7 @@ class EngineClient:
 
     # ---- the pipe ------------------------------------------------------------------------
 
-    def _send(self, msg: tuple) -> None:
+    def _send(self, msg: ToEngine) -> None:
         with self._send_lock:
             self._out.send(msg)
 
@@ -362,20 +384,20 @@ class EngineClient:
         for msg in _take_frames(self._inbound):
             self._dispatch(msg)
 
-    def _dispatch(self, msg: tuple) -> None:
-        if msg[0] == "events":
-            for ev in msg[1]:
-                queue = self._streams.get(ev.rid)
-                if queue is not None:
-                    queue.put_nowait(ev)
-        elif msg[0] == "result":
-            _, call_id, ok, value = msg
-            fut = self._calls.get(call_id)
-            if fut is not None and not fut.done():
-                if ok:
-                    fut.set_result(value)
-                else:
-                    fut.set_exception(RuntimeError(value))
+    def _dispatch(self, msg: ToFront) -> None:
+        match msg:
+            case Events(outputs):
+                for ev in outputs:
+                    queue = self._streams.get(ev.rid)
+                    if queue is not None:
+                        queue.put_nowait(ev)
+            case Result(call_id, ok, value):
+                fut = self._calls.get(call_id)
+                if fut is not None and not fut.done():
+                    if ok:
+                        fut.set_result(value)
+                    else:
+                        fut.set_exception(RuntimeError(value))
 
     def _on_gone(self) -> None:
         """The engine process died: end every stream with an error event, fail every call."""
@@ -400,7 +422,7 @@ class EngineClient:
             self._loop.remove_reader(self._in.fileno())
         if self.process.is_alive():
             with contextlib.suppress(OSError):
-                self._send(("stop",))
+                self._send(Stop())
             self.process.join(timeout)
         if self.process.is_alive():
             self.process.kill()

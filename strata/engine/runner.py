@@ -25,22 +25,23 @@ from strata.engine.memory import (
     plan_pages,
     resident_bytes,
 )
+from strata.engine.messages import Forward, StopRanks
 from strata.engine.request import check_length
 from strata.engine.tp_rank import RankLinks, start_followers
 from strata.kernels.cpu import ops as cpu_ops
 from strata.kv.pool import KVCache, PagePool
+from strata.model.decoder import DecoderLM
 from strata.model.gguf_codes import read_codes
-from strata.model.llama import LlamaForCausalLM
 from strata.model.loader import (
-    fuse_weights,
     gguf_file,
     load_tokenizer,
     read_config,
     read_tensors,
     resolve_checkpoint,
 )
+from strata.model.registry import family_of
 from strata.model.spec import ModelSpec
-from strata.model.tp import TPGroup, check_tp, join, rank_device, shard_weights, step_message
+from strata.model.tp import TPGroup, check_tp, join, rank_device, shard_weights
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class RunnerBroken(RuntimeError):
     fails its requests and stops, and whoever supervises it starts a new one."""
 
 
-def model_identity(model: LlamaForCausalLM, name: str) -> str:
+def model_identity(model: DecoderLM, name: str) -> str:
     """Names the weights (not the path): the same checkpoint anywhere has the same identity,
     another one (or another quantization) a different one."""
     h = hashlib.sha256(repr(model.spec).encode() + model.quantization.encode())
@@ -84,7 +85,7 @@ def resolve_quantization(model_cfg: ModelConfig, spec: ModelSpec, weights: dict[
 class ModelRunner:
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: DecoderLM,
         tokenizer: Any,
         num_pages: int,
         page_size: int,
@@ -141,11 +142,13 @@ class ModelRunner:
                 // model_cfg.tp_size
             )
         folder = resolve_checkpoint(model_cfg.model_path)
-        spec = ModelSpec.from_hf(read_config(folder))
+        hf_config = read_config(folder)
+        family = family_of(hf_config)
+        spec = family.spec(hf_config)
         size = model_cfg.tp_size
         check_tp(spec, size)
         device = rank_device(model_cfg.device, rank)
-        weights: dict[str, Any] = fuse_weights(
+        weights: dict[str, Any] = family.fuse(
             spec, read_tensors(folder), model_cfg.torch_dtype, device
         )
         quantization = resolve_quantization(model_cfg, spec, weights)
@@ -166,7 +169,7 @@ class ModelRunner:
             pool_cfg.page_size,
             model_cfg.sparse_attention,
         )
-        model = LlamaForCausalLM(spec, weights, backend, quantization, tp)
+        model = family.model(spec, weights, backend, quantization, tp, family.fused_cpu_decode)
         tokenizer = load_tokenizer(folder) if rank == 0 else None
         log.info("loaded %s in %.1fs", folder, time.perf_counter() - start)
         runner = cls(model, tokenizer, num_pages, pool_cfg.page_size, folder)
@@ -281,7 +284,7 @@ class ModelRunner:
 
         if not failed:
             with contextlib.suppress(RuntimeError):
-                self.tp.send(("stop",))
+                self.tp.send(StopRanks())
         for p in self.followers:
             if failed:
                 p.kill()
@@ -321,7 +324,7 @@ class ModelRunner:
         if self.tp is None or self.tp.rank != 0:
             return self._forward(chunks, all_logits)
         try:
-            self.tp.send(step_message(chunks, all_logits))
+            self.tp.send(Forward(list(chunks), all_logits))
             return self._forward(chunks, all_logits)
         except RuntimeError as exc:  # gloo / NCCL: a rank died, or a collective timed out
             self.close(failed=True)

@@ -15,6 +15,7 @@ from multiprocessing.connection import Connection
 import torch.distributed as dist
 
 from strata.config import KVPoolConfig, ModelConfig
+from strata.engine.messages import Forward, StopRanks
 from strata.engine.runner import ModelRunner
 from strata.engine.tp_rank import RankCalls
 
@@ -48,11 +49,11 @@ def follow(
     calls = RankCalls(link, runner.kv)
     threading.Thread(target=calls.serve, name="strata-tp-calls", daemon=True).start()
     while True:
-        msg = runner.tp.receive()
-        if msg[0] == "stop":
-            break
-        _, chunks, all_logits = msg
-        runner.forward(chunks, all_logits)
+        match runner.tp.receive():
+            case Forward(chunks, all_logits):
+                runner.forward(chunks, all_logits)
+            case StopRanks():
+                break
     dist.destroy_process_group()
 
 

@@ -9,8 +9,8 @@ it (PR_SET_PDEATHSIG), and a rank 0 that goes away fails its next collective.
 Beside the forwards (collectives on the group), rank 0 reaches each rank over a socket of
 its own (`RankLinks`) for what runs beside them: a split worker's KV transfers, in which
 every rank moves its own KV heads over a channel of its own to the peer's rank of the same
-number (strata.kv.transfer.RankedChannel). Calls there are pickled (id, command) tuples,
-each run on a thread of the rank, answered by (id, ok, value).
+number (strata.kv.transfer.RankedChannel). Each call there is a LinkCall of a ChannelOp
+(strata.engine.messages), run on a thread of the rank and answered by a LinkReply.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from strata.config import KVPoolConfig, ModelConfig
+from strata.engine.messages import LinkCall, LinkReply
 from strata.kv.pool import KVCache
-from strata.kv.transfer import KVChannel, listen
+from strata.kv.transfer import ChannelOp, Drop, Join, KVChannel, Listen, Move, listen
 from strata.model.tp import free_port
 
 log = logging.getLogger(__name__)
@@ -57,20 +58,20 @@ class RankLinks:
     def size(self) -> int:
         return len(self._conns)
 
-    def call(self, *cmd: Any) -> list[Future[Any]]:
-        """The same command to every rank; a future of each one's answer."""
-        return self.call_each([cmd] * len(self._conns))
+    def call(self, op: ChannelOp) -> list[Future[Any]]:
+        """The same operation on every rank; a future of each one's answer."""
+        return self.call_each([op] * len(self._conns))
 
-    def call_each(self, cmds: list[tuple[Any, ...]]) -> list[Future[Any]]:
-        """cmds[i] to rank i + 1."""
+    def call_each(self, ops: list[ChannelOp]) -> list[Future[Any]]:
+        """ops[i] to rank i + 1."""
         futures: list[Future[Any]] = []
         with self._lock:
-            for i, (conn, cmd) in enumerate(zip(self._conns, cmds)):
+            for i, (conn, op) in enumerate(zip(self._conns, ops)):
                 call_id, fut = next(self._ids), Future[Any]()
                 futures.append(fut)
                 self._pending[i][call_id] = fut
                 try:
-                    conn.send((call_id, cmd))
+                    conn.send(LinkCall(call_id, op))
                 except OSError as exc:
                     self._pending[i].pop(call_id, None)
                     fut.set_exception(RankGone(f"rank {i + 1} is gone: {exc}"))
@@ -79,13 +80,13 @@ class RankLinks:
     def _read(self, i: int, conn: Connection) -> None:
         try:
             while True:
-                call_id, ok, value = conn.recv()
+                reply: LinkReply = conn.recv()
                 with self._lock:
-                    fut = self._pending[i].pop(call_id)
-                if ok:
-                    fut.set_result(value)
+                    fut = self._pending[i].pop(reply.call_id)
+                if reply.ok:
+                    fut.set_result(reply.value)
                 else:
-                    fut.set_exception(RuntimeError(f"rank {i + 1}: {value}"))
+                    fut.set_exception(RuntimeError(f"rank {i + 1}: {reply.value}"))
         except (EOFError, OSError):
             with self._lock:
                 waiting, self._pending[i] = self._pending[i], {}
@@ -110,43 +111,42 @@ class RankCalls:
         """Answer calls until rank 0 closes the link."""
         try:
             while True:
-                call_id, cmd = self.conn.recv()
-                self._threads.submit(self._answer, call_id, cmd)
+                call: LinkCall = self.conn.recv()
+                self._threads.submit(self._answer, call)
         except (EOFError, OSError):
             return
 
-    def _answer(self, call_id: int, cmd: tuple[Any, ...]) -> None:
+    def _answer(self, call: LinkCall) -> None:
         try:
-            reply = (call_id, True, self._run(*cmd))
+            reply = LinkReply(call.call_id, True, self._run(call.op))
         except Exception as exc:
-            reply = (call_id, False, f"{type(exc).__name__}: {exc}")
+            reply = LinkReply(call.call_id, False, f"{type(exc).__name__}: {exc}")
         with self._send_lock, contextlib.suppress(OSError):  # rank 0 went away
             self.conn.send(reply)
 
-    def _run(self, op: str, cid: str, *args: Any) -> Any:
-        if op == "listen":  # the sending side: a store for the peer's rank, joined later
-            (timeout,) = args
-            store = listen(timeout)
-            self.channels[cid] = self._threads.submit(
-                KVChannel, self.kv, "", 0, rank=0, timeout=timeout, store=store
-            )
-            return store.port
-        if op == "join":  # the receiving side
-            host, port, timeout = args
-            fut: Future[KVChannel] = Future()
-            fut.set_result(KVChannel(self.kv, host, port, rank=1, timeout=timeout))
-            self.channels[cid] = fut
-            return None
-        if op == "drop":
-            dropped = self.channels.pop(cid, None)
-            if dropped is not None and dropped.done() and dropped.exception() is None:
-                dropped.result().close()
-            return None
-        (pages,) = args
-        channel = self.channels[cid].result()
-        with channel.lock:
-            stats = channel.send(pages) if op == "send" else channel.recv(pages)
-        return stats.bytes
+    def _run(self, op: ChannelOp) -> Any:
+        match op:
+            case Listen(cid, timeout):  # a store for the peer's rank, joined later
+                store = listen(timeout)
+                self.channels[cid] = self._threads.submit(
+                    KVChannel, self.kv, "", 0, rank=0, timeout=timeout, store=store
+                )
+                return store.port
+            case Join(cid, host, port, timeout):
+                fut: Future[KVChannel] = Future()
+                fut.set_result(KVChannel(self.kv, host, port, rank=1, timeout=timeout))
+                self.channels[cid] = fut
+                return None
+            case Drop(cid):
+                dropped = self.channels.pop(cid, None)
+                if dropped is not None and dropped.done() and dropped.exception() is None:
+                    dropped.result().close()
+                return None
+            case Move(cid, direction, pages):
+                channel = self.channels[cid].result()
+                with channel.lock:
+                    stats = channel.send(pages) if direction == "send" else channel.recv(pages)
+                return stats.bytes
 
 
 def start_followers(

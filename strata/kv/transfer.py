@@ -163,11 +163,50 @@ class KVChannel:
             group.abort()
 
 
+# What rank 0 asks of each other rank of a tensor-parallel worker for a KV channel (each rank
+# moves its own KV heads over a channel of its own, to the peer's rank of that number).
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """The sending side: open a store for the peer's rank (joined later); answers its port."""
+
+    cid: str
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """The receiving side: join the peer rank's store at host:port."""
+
+    cid: str
+    host: str
+    port: int
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    cid: str
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """Send or receive these pages on the channel; answers the bytes moved."""
+
+    cid: str
+    direction: str  # "send" or "recv"
+    pages: list[int]
+
+
+ChannelOp = Listen | Join | Drop | Move
+
+
 class RankedChannel:
     """The KV channel of a pair of tensor-parallel workers: rank 0's own KVChannel (its KV
     heads), and the same transfer run by each other rank over a channel of its own to the
     peer's rank of that number. `ranks` reaches those ranks (strata.engine.tp_rank.RankLinks:
-    `call(op, channel id, *args)` returns a future of each rank's answer)."""
+    `call(op)` of a ChannelOp returns a future of each rank's answer)."""
 
     def __init__(self, own: KVChannel, cid: str, ranks: Any) -> None:
         self.own, self.cid, self.ranks = own, cid, ranks
@@ -181,7 +220,7 @@ class RankedChannel:
 
     def _everywhere(self, op: str, own: Any, pages: list[int]) -> TransferStats:
         start = time.perf_counter()
-        futures = self.ranks.call(op, self.cid, pages)
+        futures = self.ranks.call(Move(self.cid, op, pages))
         try:
             moved = own(pages).bytes + sum(f.result(timeout=self.timeout) for f in futures)
         except Exception as exc:  # any rank's failure fails the pair's transfer
@@ -193,4 +232,4 @@ class RankedChannel:
 
     def close(self) -> None:
         self.own.close()
-        self.ranks.call("drop", self.cid)
+        self.ranks.call(Drop(self.cid))

@@ -38,7 +38,7 @@ SOURCE = Path(__file__).with_name("cpu_layers.cpp")
 
 
 class Fusable(Protocol):
-    """What the fused layers read of a model (llama.LlamaForCausalLM has it)."""
+    """What the fused layers read of a model (decoder.DecoderLM has it)."""
 
     local: ModelSpec  # this rank's shape
     backend: AttentionBackend  # its attention backend (its `scale`)

@@ -135,7 +135,7 @@ def _cat(parts: list[Int4Codes]) -> Int4Codes:
 
 
 def read_codes(path: Path, spec: ModelSpec) -> dict[str, Int4Codes | Int8Codes]:
-    """The fused weights (loader.fuse_weights's names) that this GGUF file holds as Q4_1 (the
+    """The fused weights (Family.fuse's names) that this GGUF file holds as Q4_1 (the
     layers' products) or Q8_0 (the LM head), as codes; {} for a file of another
     architecture."""
     arch, tensors = read_tensors(path)

@@ -20,7 +20,6 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from strata.config import cache_dir
-from strata.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -155,39 +154,6 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
         except Exception as exc:
             raise ModelLoadError(f"could not read {f}: {exc}") from exc
     return tensors
-
-
-def fuse_weights(
-    spec: ModelSpec, raw: dict[str, torch.Tensor], dtype: torch.dtype, device: str
-) -> dict[str, torch.Tensor]:
-    """Map Hugging Face names to strata's fused layout (qkv, gate_up) in dtype on device."""
-
-    def take(name: str) -> torch.Tensor:
-        if name not in raw:
-            raise ModelLoadError(f"checkpoint lacks tensor {name!r}")
-        return raw[name]
-
-    def put(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=device, dtype=dtype).contiguous()
-
-    out = {"embed_tokens": put(take("embed_tokens.weight")), "norm": put(take("norm.weight"))}
-    if not spec.tie_word_embeddings:
-        out["lm_head"] = put(take("lm_head.weight"))
-    for i in range(spec.num_layers):
-        p = f"layers.{i}."
-        a, m = p + "self_attn.", p + "mlp."
-        qkv = [take(f"{a}{n}_proj.weight") for n in "qkv"]
-        out[p + "qkv"] = put(torch.cat(qkv))
-        if spec.qkv_bias:
-            out[p + "qkv_bias"] = put(torch.cat([take(f"{a}{n}_proj.bias") for n in "qkv"]))
-        out[p + "o_proj"] = put(take(a + "o_proj.weight"))
-        out[p + "gate_up"] = put(
-            torch.cat([take(m + "gate_proj.weight"), take(m + "up_proj.weight")])
-        )
-        out[p + "down"] = put(take(m + "down_proj.weight"))
-        out[p + "input_norm"] = put(take(p + "input_layernorm.weight"))
-        out[p + "post_norm"] = put(take(p + "post_attention_layernorm.weight"))
-    return out
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")

@@ -1,22 +1,10 @@
-"""ModelSpec: the few numbers of a Hugging Face config that the model runner needs."""
+"""ModelSpec: the few numbers of a Hugging Face config that the model runner needs (each
+family maps its config onto it: strata.model.models)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
-
-
-MODEL_TYPES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-}
 
 
 class UnsupportedModelError(ValueError):
@@ -50,16 +38,16 @@ class ModelSpec:
         return self.num_kv_heads * self.head_dim
 
     @classmethod
-    def from_hf(cls, cfg: dict[str, Any]) -> ModelSpec:
-        """Build from a parsed config.json; raises UnsupportedModelError naming the problem."""
-        archs = cfg.get("architectures") or [MODEL_TYPES.get(cfg.get("model_type", ""), "")]
-        known = [a for a in archs if a in SUPPORTED_ARCHITECTURES]
-        if not known:
-            raise UnsupportedModelError(
-                f"unsupported architecture {archs or cfg.get('model_type')!r}; "
-                f"strata supports {sorted(SUPPORTED_ARCHITECTURES)}"
-            )
-        arch = SUPPORTED_ARCHITECTURES[known[0]]
+    def from_hf(
+        cls,
+        cfg: dict[str, Any],
+        architecture: str,
+        qkv_bias: bool = False,
+        sliding_window: bool = False,
+    ) -> ModelSpec:
+        """The Llama-style fields of a parsed config.json (a family's file says which family
+        and what differs: strata.model.models). sliding_window: the config's window, if it
+        has one, caps the context."""
         heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
         # transformers >= 5 folds rope_theta and rope_scaling into rope_parameters.
@@ -69,14 +57,14 @@ class ModelSpec:
         rope["rope_type"] = rope_type
         max_position = cfg.get("max_position_embeddings", 2048)
         window = cfg.get("sliding_window")
-        if window and cfg.get("use_sliding_window", arch == "mistral"):
+        if window and sliding_window:
             # NOTE: we do not implement sliding-window masking; capping the context at the
             # window keeps every attention exact.
             max_position = min(max_position, int(window))
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return cls(
-            architecture=arch,
+            architecture=architecture,
             vocab_size=cfg["vocab_size"],
             hidden_size=hidden,
             intermediate_size=cfg["intermediate_size"],
@@ -87,7 +75,7 @@ class ModelSpec:
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             max_position=max_position,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qkv_bias=qkv_bias,
             rope_theta=theta,
             rope_scaling=rope,
             eos_token_ids=eos_ids,

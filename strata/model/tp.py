@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import socket
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from strata.model.spec import ModelSpec
 
 if TYPE_CHECKING:
-    from strata.batch import SequenceChunk
+    pass
 
 log = logging.getLogger(__name__)
 # a rank that waits longer than this in a collective (a peer died) fails instead of hanging
@@ -68,7 +67,7 @@ def vocab_rows(vocab: int, size: int) -> int:
 def shard_weights(
     spec: ModelSpec, weights: dict[str, torch.Tensor], rank: int, size: int
 ) -> dict[str, torch.Tensor]:
-    """Rank `rank`'s slices of fused weights (loader.fuse_weights' layout)."""
+    """Rank `rank`'s slices of fused weights (Family.fuse's layout)."""
     if size == 1:
         return weights
     local = local_spec(spec, size)
@@ -135,11 +134,11 @@ class TPGroup:
         dist.all_gather(parts, logits.contiguous())
         return torch.cat(parts, dim=-1)[:, : self.vocab_size]
 
-    def send(self, msg: tuple[Any, ...]) -> None:
-        """Rank 0: the next step for every other rank (see follow)."""
+    def send(self, msg: Any) -> None:
+        """Rank 0: the next step for every other rank (strata.engine.messages.Forward)."""
         dist.broadcast_object_list([msg], src=0)
 
-    def receive(self) -> tuple[Any, ...]:
+    def receive(self) -> Any:
         box: list[Any] = [None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -164,7 +163,3 @@ def join(rank: int, size: int, address: str, device: str) -> None:
 def rank_device(device: str, rank: int) -> str:
     """Rank r of a CUDA group runs on cuda:r; CPU ranks share the CPU."""
     return f"cuda:{rank}" if device.startswith("cuda") else device
-
-
-def step_message(chunks: Sequence[SequenceChunk], all_logits: bool) -> tuple[Any, ...]:
-    return ("forward", list(chunks), all_logits)

@@ -7,15 +7,16 @@ import multiprocessing as mp
 import os
 import threading
 
+from strata.engine.messages import Events, Result
 from strata.engine.process import _take_frames
 from strata.engine.request import RequestOutput
 
 
 def test_messages_come_whole_however_the_reads_split_them():
     reader, writer = mp.Pipe(duplex=False)
-    sent = [("events", [RequestOutput(f"r{i}", [i, i + 1], "x" * i)]) for i in range(50)]
-    sent.append(("result", 7, True, "y" * 200_000))  # past one pipe buffer
-    sent.append(("events", []))
+    sent = [Events([RequestOutput(f"r{i}", [i, i + 1], "x" * i)]) for i in range(50)]
+    sent.append(Result(7, True, "y" * 200_000))  # past one pipe buffer
+    sent.append(Events([]))
     sender = threading.Thread(target=lambda: [writer.send(m) for m in sent])
     sender.start()
     raw = bytearray()

@@ -12,7 +12,7 @@ from strata.batch import SequenceChunk
 from strata.config import HiCacheConfig, KVPoolConfig, ModelConfig, SparseConfig
 from strata.engine.engine import Engine
 from strata.engine.runner import ModelRunner, RunnerBroken
-from strata.model.spec import ModelSpec
+from strata.model.registry import model_spec
 from strata.model.tp import check_tp
 from tests.core.test_model_exact import TOL, hf_logits, prompts
 
@@ -80,7 +80,7 @@ def test_sparse_decode_over_two_ranks_equals_one(tiny_checkpoint):
 
 
 def test_a_size_that_does_not_split_the_model_is_refused(tiny_checkpoint):
-    spec = ModelSpec.from_hf(tiny_checkpoint("llama")[1].config.to_dict())
+    spec = model_spec(tiny_checkpoint("llama")[1].config.to_dict())
     check_tp(spec, 2)
     with pytest.raises(ValueError, match=r"--tp-size 3 must divide .*attention heads \(4\)"):
         check_tp(spec, 3)

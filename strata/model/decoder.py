@@ -1,4 +1,5 @@
-"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2): wiring of layers over paged KV."""
+"""DecoderLM: a pre-norm decoder over paged KV (Llama's layout: RMSNorm, rotary attention
+with fused QKV, SiLU-gated MLP), run by the families whose layer it is (strata.model.models)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from strata.model.spec import ModelSpec
 from strata.model.tp import TPGroup, local_spec
 
 
-class LlamaForCausalLM:
-    """Weights come as a dict of fused tensors (see loader.fuse_weights); with tensor
-    parallelism (tp), this rank's slices of them (tp.shard_weights)."""
+class DecoderLM:
+    """Weights come as a dict of fused tensors (Family.fuse); with tensor parallelism (tp),
+    this rank's slices of them (tp.shard_weights). fused_cpu_decode: the family's layer is
+    the one strata.model.cpu_layers computes, so dense decode may run it in one C++ call."""
 
     def __init__(
         self,
@@ -27,6 +29,7 @@ class LlamaForCausalLM:
         backend: AttentionBackend,
         quantization: str = "none",  # "int4" or "none" (resolved: runner.from_config)
         tp: TPGroup | None = None,
+        fused_cpu_decode: bool = False,
     ) -> None:
         self.spec, self.tp = spec, tp
         self.local = local_spec(spec, tp.size) if tp else spec  # the heads this rank runs
@@ -67,7 +70,7 @@ class LlamaForCausalLM:
         self.norm = RMSNorm(weights["norm"], spec.rms_norm_eps)
         self.lm_head = make_linear(weights.get("lm_head", embed), None, quantization, dt)
         # dense decode-only batches in bfloat16 on CPU: every layer in one C++ call
-        self.cpu_layers = CpuLayers.of(self)
+        self.cpu_layers = CpuLayers.of(self) if fused_cpu_decode else None
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: KVCache) -> tuple[torch.Tensor, AttentionMeta]:

@@ -1,0 +1,129 @@
+"""Every message that crosses a process or rank boundary of the engine, one frozen dataclass
+each, handled with `match`:
+
+    front -> engine process   Add | Abort | Call | Stop
+    engine process -> front   Ready | Failed | Events | Result
+    a Call's query            Stats | FlushCache | AbortNow   (answered by Result.value)
+    rank 0 -> ranks 1..N-1    Forward | StopRanks             (broadcast with each step)
+    rank 0 <-> a rank's link  LinkCall (a strata.kv.transfer ChannelOp) | LinkReply
+
+They are pickled (multiprocessing pipes, torch.distributed's object broadcast, sockets), so
+each holds plain values and the picklable types of strata.engine.request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from strata.batch import SequenceChunk
+from strata.engine.request import Checked, Limits, RequestOutput
+from strata.kv.transfer import ChannelOp
+
+# ---- the front and the engine process ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Add:
+    """Queue a request the front has checked."""
+
+    rid: str
+    request: Checked
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    rid: str
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """The engine's EngineStats."""
+
+
+@dataclass(frozen=True, slots=True)
+class FlushCache:
+    """Drop every unlocked cached page; the count."""
+
+
+@dataclass(frozen=True, slots=True)
+class AbortNow:
+    """Abort between steps; whether the request was there."""
+
+    rid: str
+
+
+Query = Stats | FlushCache | AbortNow
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A query run on the engine's thread between steps, answered by Result(call_id)."""
+
+    call_id: int
+    query: Query
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    limits: Limits
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The engine could not start."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Events:
+    """One step's events, of every request that had one."""
+
+    outputs: list[RequestOutput]
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    call_id: int
+    ok: bool
+    value: Any  # the answer, or the error's text
+
+
+ToEngine = Add | Abort | Call | Stop
+ToFront = Ready | Failed | Events | Result
+
+# ---- tensor-parallel ranks ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Run this step's forward (rank 0 runs the same one)."""
+
+    chunks: list[SequenceChunk]
+    all_logits: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StopRanks:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class LinkCall:
+    """A KV channel operation for one rank, answered by LinkReply(call_id)."""
+
+    call_id: int
+    op: ChannelOp
+
+
+@dataclass(frozen=True, slots=True)
+class LinkReply:
+    call_id: int
+    ok: bool
+    value: Any

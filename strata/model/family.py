@@ -1,0 +1,67 @@
+"""Family: what strata knows of one model family (its file in strata/model/models/): which
+checkpoints it takes, how their config maps onto a ModelSpec, how their tensors map onto
+strata's fused weights, and the model class that runs them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from strata.model.loader import ModelLoadError
+from strata.model.spec import ModelSpec
+
+# strata's fused name -> the checkpoint tensors concatenated (in this order) into it
+WeightMap = Mapping[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Family:
+    """name: strata's name for it (ModelSpec.architecture); architectures / model_type: the
+    config.json values that select it; spec: config.json -> ModelSpec; weights: the model's
+    own tensors (`embed_tokens`, `norm`, `lm_head`); layer_weights: each layer's, without the
+    `layers.{i}.` prefix (a name in `optional` is fused only when the spec asks for it);
+    model: the class run with the fused weights; fused_cpu_decode: the C++ decode layers
+    (strata.model.cpu_layers) compute this family's layer, so dense decode may use them."""
+
+    name: str
+    architectures: tuple[str, ...]
+    model_type: str
+    spec: Callable[[dict[str, Any]], ModelSpec]
+    weights: WeightMap
+    layer_weights: WeightMap
+    model: Callable[..., Any]
+    fused_cpu_decode: bool = False
+
+    def fuse(
+        self,
+        spec: ModelSpec,
+        raw: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: str,
+    ) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors in strata's fused layout (qkv, gate_up, ...), in dtype on
+        device. Raises ModelLoadError naming a tensor the checkpoint lacks."""
+
+        def fused(names: tuple[str, ...]) -> torch.Tensor:
+            for n in names:
+                if n not in raw:
+                    raise ModelLoadError(f"checkpoint lacks tensor {n!r}")
+            parts = [raw[n] for n in names]
+            t = parts[0] if len(parts) == 1 else torch.cat(parts)
+            return t.to(device=device, dtype=dtype).contiguous()
+
+        out = {}
+        for ours, theirs in self.weights.items():
+            if ours == "lm_head" and spec.tie_word_embeddings:
+                continue
+            out[ours] = fused(theirs)
+        for i in range(spec.num_layers):
+            p = f"layers.{i}."
+            for ours, theirs in self.layer_weights.items():
+                if ours == "qkv_bias" and not spec.qkv_bias:
+                    continue
+                out[p + ours] = fused(tuple(p + n for n in theirs))
+        return out
