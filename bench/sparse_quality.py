@@ -79,13 +79,14 @@ def decode(runner, shared, n, feeds, sparse, batch=1, greedy_steps=0):
             toks = feed if feed is not None else [greedy[-1]]
             chunks = [SequenceChunk(toks, pos, t) for t in tables]
             t0 = time.perf_counter()
-            out = runner.forward(chunks)
+            step = runner.run(chunks)
+            out = step.logits
             if len(toks) == 1 and i > 0:
                 seconds += time.perf_counter() - t0
             logits.append(out[0].float())
             if greedy_steps and i >= len(feeds) - 1:
                 greedy.append(int(out[0].argmax()))
-            for s, c in runner.last_sparsity or []:
+            for s, c in step.sparsity or []:
                 skipped, considered = skipped + s, considered + c
             pos += len(toks)
     finally:

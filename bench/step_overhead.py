@@ -24,7 +24,7 @@ def main() -> None:
     a = ap.parse_args()
     runner = ModelRunner.from_config(ModelConfig(dtype=a.dtype), KVPoolConfig(16, 2048))
     in_forward = [0.0]
-    forward = runner.forward
+    forward = runner.run
 
     def timed(*args: Any, **kw: Any) -> Any:
         start = time.perf_counter()
@@ -33,7 +33,7 @@ def main() -> None:
         finally:
             in_forward[0] += time.perf_counter() - start
 
-    runner.forward = timed  # type: ignore[method-assign]
+    runner.run = timed  # type: ignore[method-assign]
     engine = Engine(runner)
     params = SamplingParams(max_new_tokens=10**6, temperature=0, ignore_eos=True)
     for batch in (1, 8, 16):

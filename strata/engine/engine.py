@@ -296,20 +296,19 @@ class Engine(RequestIntake, RequestOutputs, SplitRoles):
 
     def step(self) -> bool:
         """One schedule / forward / process round; False when there was nothing to do."""
-        chunks = self.scheduler.schedule()
-        ended = self.scheduler.out_of_pages  # its context outgrew the KV pool
-        for req in ended:
+        plan = self.scheduler.schedule()
+        for req in plan.ended:
             self._finish(req, "length")
-        self.scheduler.out_of_pages = []
-        for req in self.scheduler.fetching:
+        for req in plan.to_fetch:
             self._start_fetch(req)
-        self.scheduler.fetching.clear()
+        chunks = plan.chunks
         if not chunks:
             self._publish_events()
-            return bool(ended)
+            return bool(plan.ended)
         prompt_logprobs = [c for c in chunks if wants_input_logprobs(c)]
         start = time.perf_counter()
-        logits = self.runner.forward([self._sequence(c) for c in chunks], bool(prompt_logprobs))
+        out = self.runner.run([self._sequence(c) for c in chunks], bool(prompt_logprobs))
+        logits = out.logits
         filled = sum(c.length for c in chunks if c.length > 1 and not c.draft)
         if self.prefix_cache is not None and filled >= OBSERVE_PREFILL_TOKENS:
             self.prefix_cache.observe_compute(filled, time.perf_counter() - start)
@@ -319,10 +318,9 @@ class Engine(RequestIntake, RequestOutputs, SplitRoles):
         offload = self.scheduler.offload
         if offload is not None:
             reqs = [c.req for c in chunks]
-            offload.after_forward(reqs, self.runner.last_selected, len(self.scheduler.running))
-        sparsity = self.runner.last_sparsity  # None unless sparse decode ran this step
-        if sparsity is not None:
-            for c, (skipped, considered) in zip(chunks, sparsity):
+            offload.after_forward(reqs, out.selected, len(self.scheduler.running))
+        if out.sparsity is not None:  # sparse decode ran this step
+            for c, (skipped, considered) in zip(chunks, out.sparsity):
                 c.req.sparse_skipped += skipped
                 c.req.sparse_considered += considered
         self._sample_chunks(chunks, logits)

@@ -9,6 +9,7 @@ import os
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,16 @@ def resolve_quantization(model_cfg: ModelConfig, spec: ModelSpec, weights: dict[
     return "int4" if chosen == "int4" or codes else "none"
 
 
+@dataclass(frozen=True)
+class StepOutput:
+    """What a forward produced: logits, and per chunk, where sparse decode ran (else None),
+    (pages skipped, pages considered) and the page indices it kept (uint8 rows)."""
+
+    logits: torch.Tensor
+    sparsity: list[tuple[int, int]] | None = None
+    selected: list[torch.Tensor | None] | None = None
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -112,10 +123,6 @@ class ModelRunner:
         )
         self.pool = PagePool(num_pages)
         self.context_length: int | None = None  # --context-length, below the model's own
-        # per chunk of the last forward: (pages skipped, pages considered) by sparse decode
-        self.last_sparsity: list[tuple[int, int]] | None = None
-        # per chunk of the last forward: the page indices sparse decode kept (uint8 rows)
-        self.last_selected: list[torch.Tensor | None] | None = None
         self.graphs: DecodeGraphs | None = None  # decode steps as CUDA graphs (cuda_graph)
         self.memory: MemoryPlan | None = None  # how the KV tiers were sized (from_config)
 
@@ -321,21 +328,25 @@ class ModelRunner:
         check_length(prompt_len, self.max_context, max_new_tokens)
 
     def forward(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> torch.Tensor:
+        """The logits of a forward over chunks (run's, for callers that need no more)."""
+        return self.run(chunks, all_logits).logits
+
+    def run(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> StepOutput:
+        """One forward over chunks: the logits of each chunk's logit rows (all_logits: of
+        every token) and what sparse decode did."""
         if self.tp is None or self.tp.rank != 0:
-            return self._forward(chunks, all_logits)
+            return self._run(chunks, all_logits)
         try:
             self.tp.send(Forward(list(chunks), all_logits))
-            return self._forward(chunks, all_logits)
+            return self._run(chunks, all_logits)
         except RuntimeError as exc:  # gloo / NCCL: a rank died, or a collective timed out
             self.close(failed=True)
             raise RunnerBroken(f"tensor-parallel forward failed (a rank died?): {exc}") from exc
 
-    def _forward(self, chunks: Sequence[SequenceChunk], all_logits: bool) -> torch.Tensor:
+    def _run(self, chunks: Sequence[SequenceChunk], all_logits: bool) -> StepOutput:
         if self.graphs is not None and self.graphs.fits(chunks):
-            self.last_sparsity = self.last_selected = None
-            return self.graphs.run(chunks)
+            return StepOutput(self.graphs.run(chunks))
         batch = ForwardBatch.build(chunks, self.page_size, self.device, all_logits)
         logits, meta = self.model.forward(batch, self.kv)
-        self.last_sparsity = self.model.backend.sparsity(meta)
-        self.last_selected = self.model.backend.selected(meta)
-        return logits
+        backend = self.model.backend
+        return StepOutput(logits, backend.sparsity(meta), backend.selected(meta))

@@ -48,6 +48,17 @@ class ScheduledChunk:
         return 1 + len(self.draft)
 
 
+@dataclass
+class Schedule:
+    """What one step does: the chunks to compute, the requests that ended for want of pages
+    (their context outgrew the pool: they finish with "length"), and the remote requests just
+    admitted whose KV the engine must start fetching."""
+
+    chunks: list[ScheduledChunk]
+    ended: list[Request]
+    to_fetch: list[Request]
+
+
 class Scheduler:
     def __init__(
         self,
@@ -74,11 +85,9 @@ class Scheduler:
         self.draft_rows = draft_rows
         self.waiting: list[Request] = []
         self.running: list[Request] = []  # admitted (holding pages), oldest first
-        self.fetching: list[Request] = []  # admitted remote requests the engine must start
         self.offload: Offload | None = None  # fetch on select (sparse decode over KV tiers)
         self.preemptions = 0  # requests sent back to the queue for want of pages
-        # running alone and still out of pages: the engine ends them ("length")
-        self.out_of_pages: list[Request] = []
+        self._plan = Schedule([], [], [])  # the step being scheduled
 
     def add(self, req: Request) -> None:
         req.status = Status.WAITING
@@ -106,8 +115,9 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> list[ScheduledChunk]:
-        chunks: list[ScheduledChunk] = []
+    def schedule(self) -> Schedule:
+        self._plan = plan = Schedule([], [], [])
+        chunks = plan.chunks
         # Decoding requests: the sampled token, plus any tokens jump-forward decoding forced.
         spare = self.draft_rows - len(self.running)  # rows for draft tokens
         # NOTE: shared out evenly (what one request leaves, the next may take): a draft's
@@ -135,7 +145,7 @@ class Scheduler:
                     if not self._reserve(req):
                         break
                     self._run(req)
-                    self.fetching.append(req)
+                    plan.to_fetch.append(req)
                     continue
                 if self._loading(req):
                     continue  # its prefix is on its way into L1
@@ -147,7 +157,7 @@ class Scheduler:
                 self._run(req)
                 budget -= self._take(req, budget, chunks)
                 prefilling.append(fill)
-        return chunks
+        return plan
 
     def cache_progress(self, req: Request) -> None:
         """Hand the whole pages a prefill just computed to the radix cache right away, so
@@ -291,7 +301,7 @@ class Scheduler:
                 continue
             victim = next(r for r in reversed(self.running) if not r.awaiting_kv)
             if victim is req and len(self.running) == 1:  # the pool cannot hold it alone
-                self.out_of_pages.append(req)
+                self._plan.ended.append(req)  # running alone and still out of pages
                 return False
             self._preempt(victim)
             if victim is req:

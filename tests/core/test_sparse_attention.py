@@ -313,10 +313,10 @@ def decode_logits(runner, prompt, steps, rid="", segments=()):
     chunk = SequenceChunk(list(prompt), 0, pages)
     out, sparsity = [], []
     for _ in range(steps):
-        logits = runner.forward([chunk])
-        out.append(logits[0])
-        sparsity.append(runner.last_sparsity)
-        token = int(logits[0].argmax())
+        step = runner.run([chunk])
+        out.append(step.logits[0])
+        sparsity.append(step.sparsity)
+        token = int(step.logits[0].argmax())
         at = chunk.prefix_len + len(chunk.token_ids)
         chunk = SequenceChunk([token], at, pages, rid, segments)
     runner.pool.free(pages)

@@ -106,13 +106,13 @@ def test_drafts_fill_a_step_up_to_its_row_budget(runner_factory):
     engine = Engine(runner, draft_tokens=4)
     engine.scheduler.draft_rows = 6  # four requests decoding leave two rows for drafts
     rows: list[int] = []
-    forward = runner.forward
+    forward = runner.run
 
     def counting(chunks, all_logits=False):
         rows.append(sum(c.logit_rows for c in chunks))
         return forward(chunks, all_logits)
 
-    runner.forward = counting  # type: ignore[method-assign]
+    runner.run = counting  # type: ignore[method-assign]
     prompt = second_turn(runner)
     assert run(engine, [prompt] * 4, PARAMS) == [list(generate(runner, prompt, 40))] * 4
     assert max(rows) == 6 and engine.accepted_tokens > 0
