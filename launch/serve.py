@@ -109,14 +109,13 @@ def serve_worker(
     from services.prefill.server import serve as serve_prefill
 
     worker_id = worker_id or f"{host}:{port}"
-    engine = build_engine(model, pool, sched, tiers, cluster_worker=True)
+    # a prefill worker samples one token: the decode worker jumps forward
+    engine = build_engine(model, pool, sched, tiers, True, jump_forward=role != "prefill")
     publisher = None
     if engine.prefix_cache is not None:
         publisher = KVEventPublisher(cache_service, worker_id, engine)
         engine.event_sink = publisher
         publisher.start()
-    if role == "prefill":
-        engine.jump_forward = False  # it samples one token; the decode worker jumps
     service = serve_prefill if role == "prefill" else serve_decode
     # NOTE: the step loop runs on this main thread (torch on a side thread cost 1.7x per
     # step on CPU); the gRPC service runs on its own event loop on a side thread.

@@ -264,9 +264,7 @@ def select_pages(
     pages' token count, the last page being the sequence's own partial one; kept [B,
     kv_heads]: the number of pages kept).
     """
-    b, heads, d = q.shape
-    w = page_table.shape[1]
-    kv_heads = kmin.shape[1]
+    (b, heads, d), w, kv_heads = q.shape, page_table.shape[1], kmin.shape[1]
     g = heads // kv_heads
     n = -(-seq_lens // page_size)  # [B]
     flat = page_table.reshape(-1)
@@ -286,21 +284,38 @@ def select_pages(
     everything = ~active | (n <= sink + window)
     cand = valid[:, :, None] & ~forced[:, :, None] & (score >= min_score)
     if budget > 0:
-        cap = torch.ceil(budget * n).long() if budget < 1 else torch.full_like(n, int(budget))
-        allowed = (cap - forced.logical_and(valid).sum(1)).clamp(min=0)  # [B]
-        ranked = score.masked_fill(~cand, float("-inf"))
-        order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(w, device=q.device)[None, :, None].expand_as(order))
-        cand &= rank < allowed[:, None, None]
+        cand &= _within_budget(score, cand, (forced & valid).sum(1), n, budget)
     keep = (forced & valid)[:, :, None] | cand
     keep |= (everything[:, None] & valid)[:, :, None]
+    return _kept_table(page_table, keep, seq_lens, n, page_size)
+
+
+def _kept_table(
+    page_table: torch.Tensor, keep: torch.Tensor, seq_lens: torch.Tensor, n: torch.Tensor, ps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """select_pages' (table, lens, kept) from its choice keep [B, W, kv_heads]."""
+    b, w, kv_heads = keep.shape
     order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices  # kept first
     table = page_table.gather(1, order.flatten(1)).view(b, w, kv_heads).transpose(1, 2)
     kept = keep.sum(1)  # [B, kv_heads]
-    last = seq_lens - (n - 1) * page_size
-    lens = (kept - 1) * page_size + last[:, None]
+    last = seq_lens - (n - 1) * ps
+    lens = (kept - 1) * ps + last[:, None]
     return table.contiguous(), lens, kept
+
+
+def _within_budget(
+    score: torch.Tensor, cand: torch.Tensor, forced: torch.Tensor, n: torch.Tensor, budget: float
+) -> torch.Tensor:
+    """The candidates [B, W, kv_heads] that fit the budget beside the forced pages (forced
+    [B]: their count): the best scores first, an earlier page first on ties."""
+    cap = torch.ceil(budget * n).long() if budget < 1 else torch.full_like(n, int(budget))
+    allowed = (cap - forced).clamp(min=0)  # [B]
+    ranked = score.masked_fill(~cand, float("-inf"))
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    w = score.shape[1]
+    rank.scatter_(1, order, torch.arange(w, device=score.device)[None, :, None].expand_as(order))
+    return rank < allowed[:, None, None]
 
 
 def kept_mask(page_table: torch.Tensor, table: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

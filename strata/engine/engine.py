@@ -3,31 +3,29 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from strata.cache.hierarchy import TieredCache, build_cache
 from strata.cache.index import CacheIndex
 from strata.cache.results import KVEvent
-from strata.config import HiCacheConfig
-from strata.engine.intake import RequestIntake
+from strata.config import HiCacheConfig, SchedulerConfig
+from strata.engine.intake import Inbox, Intake, RequestTable
 from strata.engine.logprobs import collect_input_logprobs, wants_input_logprobs
 from strata.engine.offload import Offload
-from strata.engine.outputs import RequestOutputs
-from strata.engine.request import (
-    Request,
-)
+from strata.engine.outputs import Outputs
+from strata.engine.request import Checked, KVSource, Limits, Request, RequestOutput
 from strata.engine.runner import ModelRunner, RunnerBroken
 from strata.engine.scheduler import Scheduler
 from strata.engine.split import SplitRoles
-from strata.grammar.compiler import LazyGrammarCompiler
+from strata.grammar.compiler import GrammarCompiler, LazyGrammarCompiler
+from strata.sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
 # a forward with at least this many prefill tokens measures the cost of computing a token
@@ -50,97 +48,141 @@ class EngineStats:
     memory: dict[str, Any] | None = None  # the runner's MemoryPlan (engine.memory)
 
 
-class Engine(RequestIntake, RequestOutputs, SplitRoles):
-    def __init__(
-        self,
-        runner: ModelRunner,
-        enable_cache: bool = True,
-        max_batch_tokens: int = 512,
-        max_running: int = 64,
-        tiers: HiCacheConfig | None = None,
+@dataclass(frozen=True)
+class EngineOptions:
+    """How an engine batches, caches and bounds its requests. tiers: the KV tiers below L1
+    (None: L1 only). cluster_worker: the cache records KV events for the cluster's index
+    (`event_sink`), which also owns the L3 budget. draft_tokens: n-gram speculation's tokens
+    per draft (0: off). max_queued: requests waiting beyond max_running (None: no bound;
+    where a front bounds them)."""
+
+    enable_cache: bool = True
+    max_batch_tokens: int = 512
+    max_running: int = 64
+    tiers: HiCacheConfig | None = None
+    cluster_worker: bool = False
+    jump_forward: bool = True
+    grammar_timeout: float = 10.0
+    hold_timeout: float = 60.0
+    max_queued: int | None = None
+    request_timeout: float | None = None
+    schedule_policy: str = "lpm"
+    draft_tokens: int = 0
+
+    @classmethod
+    def of(
+        cls,
+        sched: SchedulerConfig,
+        tiers: HiCacheConfig,
         cluster_worker: bool = False,
-        jump_forward: bool = True,
-        grammar_timeout: float = 10.0,
-        hold_timeout: float = 60.0,
-        max_queued: int | None = None,
-        request_timeout: float | None = None,
-        schedule_policy: str = "lpm",
-        draft_tokens: int = 0,
+        front_limits: bool = True,
+    ) -> EngineOptions:
+        """From the server's configs (front_limits: the engine bounds its own queue; False
+        where a front does)."""
+        return cls(
+            enable_cache=sched.enable_radix_cache,
+            max_batch_tokens=sched.max_batch_tokens,
+            max_running=sched.max_running_requests,
+            tiers=tiers,
+            cluster_worker=cluster_worker,
+            max_queued=sched.max_queued_requests if front_limits else None,
+            request_timeout=sched.request_timeout or None,
+            schedule_policy=sched.schedule_policy,
+            draft_tokens=sched.draft_tokens,
+        )
+
+
+class Engine:
+    """The step loop over its parts: a scheduler (what each step computes), a runner (the
+    forward), an intake (requests in, any thread), an output stage (sampling, stops, events)
+    and the split-mode roles (held pages, KV fetches)."""
+
+    def __init__(
+        self, runner: ModelRunner, options: EngineOptions | None = None, **overrides: Any
     ) -> None:
-        """tiers: the KV tiers below L1 (None: L1 only). cluster_worker: the cache records KV
-        events for the cluster's index (`event_sink`), which also owns the L3 budget.
-        draft_tokens: n-gram speculation's tokens per draft (0: off)."""
-        if runner.tp is not None and tiers is not None and tiers.enabled:
+        """options: EngineOptions (overrides: its fields by name, for tests and tools)."""
+        o = self.options = replace(options or EngineOptions(), **overrides)
+        if runner.tp is not None and o.tiers is not None and o.tiers.enabled:
             raise ValueError(
                 "--enable-hierarchical-cache does not work with --tp-size > 1 yet "
                 "(each rank's KV heads would need their own tiers)"
             )
         self.runner = runner
         self.tokenizer = runner.tokenizer
-        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        sparse = runner.model.backend.sparse
-        # sparse decode's unselected pages may move to L2, which the kernels then read
-        fetch_on_select = (
-            enable_cache
-            and tiers is not None
-            and tiers.enabled
-            and sparse is not None
-            and sparse.demote_after > 0
-            and runner.kv.data.device.type == "cpu"
-        )
-        self.prefix_cache = (
-            self._build_cache(tiers, cluster_worker, fetch_on_select) if enable_cache else None
-        )
-        timeout = tiers.prefetch_timeout if tiers is not None else lambda n: float("inf")
-        self.scheduler = Scheduler(
-            runner.pool,
-            self.prefix_cache,
-            runner.page_size,
-            max_batch_tokens,
-            max_running,
-            timeout,
-            schedule_policy,
-            draft_tokens,
-            # NOTE: sparse decode picks pages for single-token rows only: drafts stop where it
-            # starts, so a request's output does not depend on whether it drafted
-            min(runner.max_context, sparse.min_context if sparse is not None else 1 << 62),
-            runner.step_rows,
-        )
-        if fetch_on_select and isinstance(self.prefix_cache, TieredCache):
-            assert sparse is not None
-            self.scheduler.offload = Offload(
-                self.prefix_cache,
-                runner.pool,
-                sparse.demote_after,
-                sparse.sink_pages,
-                sparse.window_pages,
-            )
+        self._inbox: Inbox = queue.SimpleQueue()
+        self.prefix_cache, self.scheduler = self._build_scheduler()
         # cluster workers: called on the engine thread with each step's KV events
         self.event_sink: Callable[[list[KVEvent]], None] | None = None
         eos = set(runner.spec.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos)
-        self._requests: dict[str, Request] = {}
-        # submitted and not finished, counted across threads: the overload bound
-        self._capacity = None if max_queued is None else max_running + max_queued
-        self._outstanding = 0
-        self._count_lock = threading.Lock()
-        self.request_timeout = request_timeout  # seconds from submit; None: no limit
-        self._ids = itertools.count()
+        grammar = LazyGrammarCompiler(
+            self.tokenizer, runner.spec.vocab_size, sorted(self.eos_ids), o.grammar_timeout
+        )
+        capacity = None if o.max_queued is None else o.max_running + o.max_queued
+        self.table = RequestTable(capacity)
+        self.intake = Intake(
+            self.table,
+            self._inbox,
+            lambda: self.limits,
+            grammar.get,
+            self.tokenizer,
+            o.request_timeout,
+        )
+        self.outputs = Outputs(
+            runner, self.scheduler, self.table, grammar, self.eos_ids, o.jump_forward, self._hold
+        )
+        self.split = SplitRoles(
+            runner, self.scheduler, self.table, self._inbox, self.outputs, o.hold_timeout
+        )
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._looping = False  # run() has started: calls wait for the loop
-        self._grammar = LazyGrammarCompiler(
-            self.tokenizer, runner.spec.vocab_size, sorted(self.eos_ids), grammar_timeout
-        )
-        self.jump_forward = jump_forward
         # called on the loop's thread after each step (the engine process sends the events
         # its requests' sinks collected)
         self.after_step: Callable[[], None] = lambda: None
-        self.jump_forward_tokens = 0
-        self.draft_tokens = self.accepted_tokens = 0
-        self._init_split_roles(hold_timeout)
+
+    def _hold(self, req: Request) -> None:
+        self.split.hold(req)
+
+    def _build_scheduler(self) -> tuple[CacheIndex | None, Scheduler]:
+        """The prefix cache (None: off) and the scheduler over the runner's pool."""
+        runner, o = self.runner, self.options
+        tiers, sparse = o.tiers, runner.model.backend.sparse
+        # sparse decode's unselected pages may move to L2, which the kernels then read
+        fetch_on_select = (
+            o.enable_cache
+            and tiers is not None
+            and tiers.enabled
+            and sparse is not None
+            and sparse.demote_after > 0
+            and runner.kv.data.device.type == "cpu"
+        )
+        cache = (
+            self._build_cache(tiers, o.cluster_worker, fetch_on_select) if o.enable_cache else None
+        )
+        timeout = tiers.prefetch_timeout if tiers is not None else lambda n: float("inf")
+        scheduler = Scheduler(
+            runner.pool,
+            cache,
+            runner.page_size,
+            o.max_batch_tokens,
+            o.max_running,
+            timeout,
+            o.schedule_policy,
+            o.draft_tokens,
+            # NOTE: sparse decode picks pages for single-token rows only: drafts stop where it
+            # starts, so a request's output does not depend on whether it drafted
+            min(runner.max_context, sparse.min_context if sparse is not None else 1 << 62),
+            runner.step_rows,
+        )
+        if fetch_on_select and isinstance(cache, TieredCache):
+            assert sparse is not None
+            scheduler.offload = Offload(
+                cache, runner.pool, sparse.demote_after, sparse.sink_pages, sparse.window_pages
+            )
+        return cache, scheduler
 
     def _build_cache(
         self, tiers: HiCacheConfig | None, cluster_worker: bool, fetch_on_select: bool
@@ -164,7 +206,95 @@ class Engine(RequestIntake, RequestOutputs, SplitRoles):
             on_loaded=lambda plan: self._inbox.put(("loaded", plan)),
         )
 
-    # ---- the public, thread-safe surface (requests: intake.py) ---------------------------
+    # ---- the public, thread-safe surface: the intake's and the split roles' -------------
+
+    @property
+    def limits(self) -> Limits:
+        r = self.runner
+        return Limits(
+            r.max_context,
+            r.spec.vocab_size,
+            r.page_size,
+            r.pool.num_pages,
+            tuple(sorted(self.eos_ids)),
+            r.checkpoint,
+        )
+
+    @property
+    def grammar(self) -> GrammarCompiler:
+        """The xgrammar compiler for constrained requests (built on first use)."""
+        return self.outputs.grammar
+
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Checked:
+        return self.intake.validate(prompt_ids, params)
+
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        sink: Callable[[RequestOutput], object],
+        rid: str | None = None,
+        kv_source: KVSource | None = None,
+        hold: bool = False,
+    ) -> str:
+        return self.intake.submit(prompt_ids, params, sink, rid, kv_source, hold)
+
+    def queue(
+        self,
+        request: Checked,
+        sink: Callable[[RequestOutput], object],
+        rid: str | None = None,
+        kv_source: KVSource | None = None,
+        hold: bool = False,
+    ) -> str:
+        return self.intake.queue(request, sink, rid, kv_source, hold)
+
+    def stream(
+        self,
+        request: Checked,
+        rid: str | None = None,
+        kv_source: KVSource | None = None,
+        hold: bool = False,
+    ) -> AsyncGenerator[RequestOutput, None]:
+        return self.intake.stream(request, rid, kv_source, hold)
+
+    def abort(self, rid: str) -> None:
+        self.intake.abort(rid)
+
+    def abort_now(self, rid: str) -> bool:
+        """On the engine thread (through `call`): abort a request or release a held one."""
+        return self.split.abort_now(rid)
+
+    def held_pages(self, rid: str) -> list[int]:
+        return self.split.held_pages(rid)
+
+    def release_held(self, rid: str) -> bool:
+        return self.split.release_held(rid)
+
+    @property
+    def jump_forward_tokens(self) -> int:
+        return self.outputs.jump_forward_tokens
+
+    @property
+    def draft_tokens(self) -> int:
+        return self.outputs.draft_tokens
+
+    @property
+    def accepted_tokens(self) -> int:
+        return self.outputs.accepted_tokens
+
+    @property
+    def _requests(self) -> dict[str, Request]:
+        return self.table.by_id
+
+    def _finish(
+        self,
+        req: Request,
+        reason: str,
+        event: RequestOutput | None = None,
+        error: str | None = None,
+    ) -> None:
+        self.outputs.finish(req, reason, event, error)
 
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run fn on the engine thread between steps (safe access to engine state)."""
@@ -185,7 +315,7 @@ class Engine(RequestIntake, RequestOutputs, SplitRoles):
             jump_forward_tokens=self.jump_forward_tokens,
             draft_tokens=self.draft_tokens,
             accepted_tokens=self.accepted_tokens,
-            held=len(self._held),
+            held=len(self.split.held),
             tiers=self._tier_stats(),
             loop_thread=threading.current_thread().name,
             memory=self.runner.memory.as_dict() if self.runner.memory is not None else None,
@@ -223,8 +353,7 @@ class Engine(RequestIntake, RequestOutputs, SplitRoles):
 
     def close(self) -> None:
         """Stop the side threads and the tiers (after the loop has returned)."""
-        if self._fetchers is not None:
-            self._fetchers.shutdown(wait=False, cancel_futures=True)
+        self.split.close()
         if self.prefix_cache is not None:
             self.prefix_cache.close()
         self.runner.close()
@@ -242,7 +371,7 @@ class Engine(RequestIntake, RequestOutputs, SplitRoles):
         self.expect_loop()
         while not self._stopping.is_set():
             self._drain()
-            self._expire_held()
+            self.split.expire_held()
             self._expire_requests()
             try:
                 busy = self.step()
@@ -264,11 +393,12 @@ class Engine(RequestIntake, RequestOutputs, SplitRoles):
 
     def _expire_requests(self) -> None:
         """Abort the requests past their deadline (an event says why; pages are freed)."""
-        if self.request_timeout is None:
+        timeout = self.options.request_timeout
+        if timeout is None:
             return
         now = time.monotonic()
-        for req in [r for r in self._requests.values() if r.deadline < now]:
-            self._finish(req, "abort", error=f"request timed out after {self.request_timeout:g} s")
+        for req in [r for r in self.table.by_id.values() if r.deadline < now]:
+            self._finish(req, "abort", error=f"request timed out after {timeout:g} s")
 
     def _drain(self) -> None:
         while True:
@@ -279,12 +409,12 @@ class Engine(RequestIntake, RequestOutputs, SplitRoles):
 
     def _handle(self, kind: str, arg: Any) -> None:
         if kind == "add":
-            self._requests[arg.rid] = arg
+            self.table.by_id[arg.rid] = arg
             self.scheduler.add(arg)
         elif kind == "abort":
             self.abort_now(arg)
         elif kind == "fetched":
-            self._on_fetched(*arg)
+            self.split.on_fetched(*arg)
         elif kind == "loaded":
             self.scheduler.on_loaded(arg)
         elif kind == "call":
@@ -300,14 +430,14 @@ class Engine(RequestIntake, RequestOutputs, SplitRoles):
         for req in plan.ended:
             self._finish(req, "length")
         for req in plan.to_fetch:
-            self._start_fetch(req)
+            self.split.start_fetch(req)
         chunks = plan.chunks
         if not chunks:
             self._publish_events()
             return bool(plan.ended)
         prompt_logprobs = [c for c in chunks if wants_input_logprobs(c)]
         start = time.perf_counter()
-        out = self.runner.run([self._sequence(c) for c in chunks], bool(prompt_logprobs))
+        out = self.runner.run([self.outputs.sequence(c) for c in chunks], bool(prompt_logprobs))
         logits = out.logits
         filled = sum(c.length for c in chunks if c.length > 1 and not c.draft)
         if self.prefix_cache is not None and filled >= OBSERVE_PREFILL_TOKENS:
@@ -323,7 +453,7 @@ class Engine(RequestIntake, RequestOutputs, SplitRoles):
             for c, (skipped, considered) in zip(chunks, out.sparsity):
                 c.req.sparse_skipped += skipped
                 c.req.sparse_considered += considered
-        self._sample_chunks(chunks, logits)
+        self.outputs.sample(chunks, logits)
         self._publish_events()
         return True
 

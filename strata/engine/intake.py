@@ -1,6 +1,6 @@
-"""The engine's public intake, mixed into Engine: check a request, queue it for the step loop
-(any thread), stream its events to an asyncio caller, abort it. The loop takes what comes
-through the inbox between steps."""
+"""The engine's intake: check a request, queue it for the step loop (any thread), stream its
+events to an asyncio caller, abort it. The loop takes what comes through the inbox between
+steps. RequestTable counts what the engine holds (the overload bound) and names it by id."""
 
 from __future__ import annotations
 
@@ -19,49 +19,66 @@ from strata.engine.request import (
     Request,
     RequestOutput,
 )
-from strata.engine.runner import ModelRunner
 from strata.grammar.compiler import GrammarCompiler
 from strata.sampling.params import SamplingParams
 from strata.tokenizer import IncrementalDetokenizer
 
+Inbox = queue.SimpleQueue[tuple[str, Any]]
 
-class RequestIntake:
-    runner: ModelRunner
-    tokenizer: Any
-    eos_ids: frozenset[int]
-    request_timeout: float | None
-    _inbox: queue.SimpleQueue[tuple[str, Any]]
-    _requests: dict[str, Request]
-    _capacity: int | None  # submitted and not finished, at most (None: no bound)
-    _outstanding: int
-    _count_lock: threading.Lock
-    _ids: itertools.count
-    grammar: GrammarCompiler  # RequestOutputs'
 
-    @property
-    def limits(self) -> Limits:
-        r = self.runner
-        return Limits(
-            r.max_context,
-            r.spec.vocab_size,
-            r.page_size,
-            r.pool.num_pages,
-            tuple(sorted(self.eos_ids)),
-            r.checkpoint,
-        )
+class RequestTable:
+    """The requests submitted and not finished: counted across threads (at most capacity;
+    None: no bound) and, once the loop has taken them, by id."""
+
+    def __init__(self, capacity: int | None) -> None:
+        self.by_id: dict[str, Request] = {}
+        self.capacity = capacity
+        self.outstanding = 0
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+
+    def admit(self) -> None:
+        """Overloaded while the engine holds as many requests as it may."""
+        if self.capacity is not None and self.outstanding >= self.capacity:
+            raise Overloaded(
+                f"the server holds {self.outstanding} requests, its limit "
+                "(--max-running-requests + --max-queued-requests); retry later"
+            )
+
+    def new_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def taken(self) -> None:
+        with self._lock:
+            self.outstanding += 1
+
+    def done(self, req: Request) -> None:
+        with self._lock:
+            self.outstanding -= 1
+        self.by_id.pop(req.rid, None)
+
+
+class Intake:
+    """validate / submit / queue / abort / stream, safe from any thread."""
+
+    def __init__(
+        self,
+        table: RequestTable,
+        inbox: Inbox,
+        limits: Callable[[], Limits],
+        grammar: Callable[[], GrammarCompiler],
+        tokenizer: Any,
+        request_timeout: float | None,
+    ) -> None:
+        self.table, self.inbox = table, inbox
+        self.limits, self.grammar, self.tokenizer = limits, grammar, tokenizer
+        self.request_timeout = request_timeout  # seconds from submit; None: no limit
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Checked:
         """The request, checked (ValueError for one that can never run), or Overloaded
         while the engine holds as many requests as it may."""
-        self._admit()
-        return self.limits.check(prompt_ids, params, lambda c: self.grammar.compile(c))
-
-    def _admit(self) -> None:
-        if self._capacity is not None and self._outstanding >= self._capacity:
-            raise Overloaded(
-                f"the server holds {self._outstanding} requests, its limit "
-                "(--max-running-requests + --max-queued-requests); retry later"
-            )
+        self.table.admit()
+        return self.limits().check(prompt_ids, params, lambda c: self.grammar().compile(c))
 
     def submit(
         self,
@@ -87,10 +104,10 @@ class RequestIntake:
         """Queue a checked request. kv_source (split mode, decode role): the prompt's KV and
         first token come from a prefill worker once pages are reserved. hold (prefill role):
         keep the pages after the first token until `release_held`."""
-        self._admit()
-        if rid is not None and rid in self._requests:
+        self.table.admit()
+        if rid is not None and rid in self.table.by_id:
             raise ValueError(f"request id {rid!r} is already in use")
-        rid = rid or f"req-{next(self._ids)}"
+        rid = rid or self.table.new_id()
         params = request.params
         req = Request(rid, list(request.prompt_ids), params, sink, kv_source=kv_source, hold=hold)
         if self.request_timeout is not None:
@@ -98,14 +115,13 @@ class RequestIntake:
         if self.tokenizer is not None:
             req.detok = IncrementalDetokenizer(self.tokenizer)
         if params.constraint is not None:
-            req.matcher = self.grammar.matcher(params.constraint)
-        with self._count_lock:
-            self._outstanding += 1
-        self._inbox.put(("add", req))
+            req.matcher = self.grammar().matcher(params.constraint)
+        self.table.taken()
+        self.inbox.put(("add", req))
         return rid
 
     def abort(self, rid: str) -> None:
-        self._inbox.put(("abort", rid))
+        self.inbox.put(("abort", rid))
 
     async def stream(
         self,

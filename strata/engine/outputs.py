@@ -1,20 +1,18 @@
-"""The engine's per-request output, mixed into Engine: the tokens of a scheduled chunk, the
-step's sampling, each sampled token through the request's grammar (with jump-forward), stop
-checks and detokenized text into one event per step, and a request's end (its pages
-released or held)."""
+"""The engine's output stage: the tokens of a scheduled chunk, the step's sampling, each
+sampled token through the request's grammar (with jump-forward), stop checks and detokenized
+text into one event per step, and a request's end (its pages released or held)."""
 
 from __future__ import annotations
 
 import itertools
 import logging
-import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 
 from strata.batch import SequenceChunk
+from strata.engine.intake import RequestTable
 from strata.engine.request import Request, RequestOutput
 from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import ScheduledChunk, Scheduler
@@ -25,28 +23,34 @@ from strata.sampling.sampler import SampleInput, argmax_rows, sample
 log = logging.getLogger(__name__)
 
 
-class RequestOutputs:
-    runner: ModelRunner
-    scheduler: Scheduler
-    tokenizer: Any
-    jump_forward: bool
-    jump_forward_tokens: int
-    draft_tokens: int  # n-gram speculation: tokens proposed and verified
-    accepted_tokens: int  # ... and the model's own (kept)
-    eos_ids: frozenset[int]
-    _count_lock: threading.Lock
-    _outstanding: int
-    _requests: dict[str, Request]
-    _held: dict[str, tuple[Request, float]]
-    hold_timeout: float
-    _grammar: LazyGrammarCompiler
+class Outputs:
+    """on_hold: called with a request that ends holding its pages (prefill role)."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        scheduler: Scheduler,
+        table: RequestTable,
+        grammar: LazyGrammarCompiler,
+        eos_ids: frozenset[int],
+        jump_forward: bool,
+        on_hold: Callable[[Request], None],
+    ) -> None:
+        self.runner, self.scheduler, self.table = runner, scheduler, table
+        self.tokenizer = runner.tokenizer
+        self._grammar, self.eos_ids, self.jump_forward = grammar, eos_ids, jump_forward
+        self.on_hold = on_hold
+        self.jump_forward_tokens = 0  # appended by jump-forward decoding (no step sampled)
+        self.draft_tokens = 0  # n-gram speculation: tokens proposed and verified
+        self.accepted_tokens = 0  # ... and the model's own (kept)
 
     @property
     def grammar(self) -> GrammarCompiler:
         """The xgrammar compiler for constrained requests (built on first use)."""
         return self._grammar.get()
 
-    def _sequence(self, c: ScheduledChunk) -> SequenceChunk:
+    def sequence(self, c: ScheduledChunk) -> SequenceChunk:
+        """The tokens a scheduled chunk computes, as the runner takes them."""
         req, n_prompt = c.req, len(c.req.prompt_ids)
         end = c.start + c.length - len(c.draft)
         if c.start >= n_prompt:
@@ -57,9 +61,9 @@ class RequestOutputs:
             tokens = tokens + list(c.draft)
         return SequenceChunk(tokens, c.start, req.pages, req.rid, req.segment_ends, c.logit_rows)
 
-    def _sample_chunks(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> None:
+    def sample(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> None:
         """Sample the token of each chunk that ends with one (logits: each chunk's
-        logit_rows rows), through its grammar's mask, and hand each to _on_token; verify
+        logit_rows rows), through its grammar's mask, and hand each to on_token; verify
         the drafts."""
         if any(c.draft for c in chunks):
             chunks, logits = self._verify_drafts(chunks, logits)
@@ -79,7 +83,7 @@ class RequestOutputs:
                 n = req.params.top_logprobs
                 top = dict(zip(out.top_ids[j][:n], out.top_logprobs[j][:n]))
             lp = out.logprobs[j] if out.logprobs is not None else None
-            self._on_token(req, out.tokens[j], lp, top)
+            self.on_token(req, out.tokens[j], lp, top)
 
     def _verify_drafts(
         self, chunks: list[ScheduledChunk], logits: torch.Tensor
@@ -120,14 +124,14 @@ class RequestOutputs:
         self.jump_forward_tokens += len(ids) - 1
         return ids
 
-    def _on_token(
+    def on_token(
         self, req: Request, token: int, logprob: float | None, top: dict[int, float] | None
     ) -> None:
         tokens = [token]
         if req.matcher is not None:
             advanced = self._advance_grammar(req, token)
             if advanced is None:
-                self._finish(req, "error", error="internal error: the grammar rejected a token")
+                self.finish(req, "error", error="internal error: the grammar rejected a token")
                 return
             tokens = advanced
         self._emit(req, tokens, logprob, top)
@@ -181,29 +185,28 @@ class RequestOutputs:
                 req.input_logprobs.get(i) for i in range(p.logprob_start_len, len(req.prompt_ids))
             ]
         if reason is not None:
-            self._finish(req, reason, event)
+            self.finish(req, reason, event)
         else:
             req.sink(event)
 
-    def _finish(
+    def finish(
         self,
         req: Request,
         reason: str,
         event: RequestOutput | None = None,
         error: str | None = None,
     ) -> None:
+        """End a request: its pages released (or held), its last event sent."""
         if req.finished:
             return
-        with self._count_lock:
-            self._outstanding -= 1
         req.finish_reason = reason  # the scheduler marks it FINISHED
         hold = req.hold and reason in ("stop", "length")
         if req.awaiting_kv and req.cancel is not None:  # released when the transfer ends
             req.cancel.set()
         self.scheduler.finish(req, release=not (req.awaiting_kv or hold))
         if hold and req.pages:
-            self._held[req.rid] = (req, time.monotonic() + self.hold_timeout)
-        self._requests.pop(req.rid, None)
+            self.on_hold(req)
+        self.table.done(req)
         event = event or RequestOutput(req.rid, [], "")
         event.finish_reason, event.error, event.usage = reason, error, req.usage()
         try:

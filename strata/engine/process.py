@@ -45,7 +45,7 @@ from strata.config import (
     SchedulerConfig,
     engine_environment,
 )
-from strata.engine.engine import Engine
+from strata.engine.engine import Engine, EngineOptions
 from strata.engine.messages import (
     Abort,
     AbortNow,
@@ -78,23 +78,14 @@ def build_engine(
     tiers: HiCacheConfig,
     cluster_worker: bool = False,
     front_limits: bool = True,
+    jump_forward: bool = True,
 ) -> Engine:
     """front_limits: the engine bounds its own queue (False where a front does)."""
     runner = ModelRunner.from_config(model, pool, tiers=tiers)
     if runner.tokenizer is None:
         raise ValueError(f"no tokenizer in {runner.checkpoint}: the server needs one")
-    return Engine(
-        runner,
-        enable_cache=sched.enable_radix_cache,
-        max_batch_tokens=sched.max_batch_tokens,
-        max_running=sched.max_running_requests,
-        tiers=tiers,
-        cluster_worker=cluster_worker,
-        max_queued=sched.max_queued_requests if front_limits else None,
-        request_timeout=sched.request_timeout or None,
-        schedule_policy=sched.schedule_policy,
-        draft_tokens=sched.draft_tokens,
-    )
+    options = EngineOptions.of(sched, tiers, cluster_worker, front_limits)
+    return Engine(runner, options, jump_forward=jump_forward)
 
 
 @dataclass(frozen=True)

@@ -185,21 +185,27 @@ class ModelRunner:
         if threads is not None:
             runner.threads = threads
         runner.context_length = model_cfg.context_length
-        if (
-            device.startswith("cuda")
-            and size == 1
-            and model_cfg.cuda_graph_max_bs > 0
-            and backend.reads_in_place(torch.device(device))
-        ):
-            runner.graphs = DecodeGraphs(
-                model,
-                runner.kv,
-                runner.pool,
-                pool_cfg.page_size,
-                runner.pages_for(runner.max_context),
-                model_cfg.cuda_graph_max_bs,
-            )
+        runner._capture_graphs(model_cfg.cuda_graph_max_bs)
         return runner
+
+    def _capture_graphs(self, max_bs: int) -> None:
+        """CUDA, one rank, a backend that reads the pages in place: decode steps of up to
+        max_bs sequences replay graphs (0: never)."""
+        on_cuda = self.device.type == "cuda"
+        if (
+            on_cuda
+            and self.tp is None
+            and max_bs > 0
+            and self.model.backend.reads_in_place(self.device)
+        ):
+            self.graphs = DecodeGraphs(
+                self.model,
+                self.kv,
+                self.pool,
+                self.page_size,
+                self.pages_for(self.max_context),
+                max_bs,
+            )
 
     @staticmethod
     def _join(

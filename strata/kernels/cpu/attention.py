@@ -392,32 +392,11 @@ def select_pages(
     kept = torch.empty(b, kv_heads, dtype=torch.int64)
     count, fraction = (int(budget), 0.0) if budget >= 1 else (0, float(budget))
     rc = lib.select_pages(
-        dtype,
-        _ptr(q),
-        _ptr(kmin),
-        _ptr(kmax),
-        _i64(table),
-        _i64(lens),
-        _ptr(act),
-        b,
-        width,
-        heads,
-        kv_heads,
-        d,
-        page_size,
-        kmin.stride(0),
-        scale,
-        min_score,
-        count,
-        fraction,
-        sink,
-        window,
-        *segs,
-        _i64(out),
-        _i64(out_lens),
-        _i64(kept),
-        None,
-    )
+        dtype, _ptr(q), _ptr(kmin), _ptr(kmax), _i64(table), _i64(lens), _ptr(act),
+        b, width, heads, kv_heads, d, page_size, kmin.stride(0),
+        scale, min_score, count, fraction, sink, window, *segs,
+        _i64(out), _i64(out_lens), _i64(kept), None,
+    )  # fmt: skip
     return (out, out_lens, kept) if rc == 0 else None
 
 
@@ -460,32 +439,10 @@ def sparse_decode(
     kept = torch.empty(b, kv_heads, dtype=torch.int64)
     count, fraction = (int(budget), 0.0) if budget >= 1 else (0, float(budget))
     rc = lib.sparse_decode(
-        dtype,
-        _ptr(q),
-        _ptr(k_pages),
-        _ptr(v_pages),
-        _ptr(out),
-        _ptr(kmin),
-        _ptr(kmax),
-        _i64(page_table),
-        _i64(seq_lens),
-        _ptr(active),
-        b,
-        width,
-        heads,
-        kv_heads,
-        d,
-        page_size,
-        k_pages.stride(0),
-        scale,
-        min_score,
-        count,
-        fraction,
-        sink,
-        window,
-        *segs,
-        _splits(b * kv_heads, width),
-        _i64(kept),
-        _ptr(touched) if touched is not None else None,
-    )
+        dtype, _ptr(q), _ptr(k_pages), _ptr(v_pages), _ptr(out), _ptr(kmin), _ptr(kmax),
+        _i64(page_table), _i64(seq_lens), _ptr(active),
+        b, width, heads, kv_heads, d, page_size, k_pages.stride(0),
+        scale, min_score, count, fraction, sink, window, *segs,
+        _splits(b * kv_heads, width), _i64(kept), _ptr(touched) if touched is not None else None,
+    )  # fmt: skip
     return (out, kept) if rc == 0 else None

@@ -119,36 +119,12 @@ def write_kv(
 
 @triton.jit
 def _decode_kernel(
-    Q,
-    K,
-    V,
-    Out,
-    PartOut,
-    PartLse,
-    Table,
-    Lens,
-    s_qb,
-    s_qh,
-    s_ob,
-    s_oh,
-    s_kp,
-    s_kt,
-    s_kh,
-    s_tb,
-    s_th,
-    s_lb,
-    s_lh,
-    scale,
-    chunk,
-    G: tl.constexpr,
-    GP: tl.constexpr,
-    D: tl.constexpr,
-    DP: tl.constexpr,
-    PS: tl.constexpr,
-    BN: tl.constexpr,
-    SPLIT: tl.constexpr,
-    IEEE: tl.constexpr,
-):
+    Q, K, V, Out, PartOut, PartLse, Table, Lens,
+    s_qb, s_qh, s_ob, s_oh, s_kp, s_kt, s_kh, s_tb, s_th, s_lb, s_lh,
+    scale, chunk,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, PS: tl.constexpr,
+    BN: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
     """Program (sequence b, KV head h, split s): the G query heads of h over tokens s *
     chunk .. (s + 1) * chunk of the Lens[b, h] tokens of the pages Table[b, h, :] lists, BN
     keys at a time, with an online softmax. The group's heads, padded to GP >= 16 rows, meet
@@ -283,34 +259,13 @@ def _decode(
         part_out = torch.empty(b * heads * splits, dp, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(b * heads * splits, dtype=torch.float32, device=q.device)
     _decode_kernel[(b, kv_heads, splits)](
-        q,
-        layer.k,
-        layer.v,
-        out,
-        part_out,
-        part_lse,
-        table,
-        lens,
-        q.stride(0),
-        q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        *layer.k.stride()[:3],
-        s_tb,
-        s_th,
-        s_lb,
-        s_lh,
-        scale,
-        chunk,
-        G=g,
-        GP=_pow2(g, 16),
-        D=d,
-        DP=dp,
-        PS=ps,
-        BN=bn,
-        SPLIT=splits > 1,
+        q, layer.k, layer.v, out, part_out, part_lse, table, lens,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *layer.k.stride()[:3],
+        s_tb, s_th, s_lb, s_lh,
+        scale, chunk,
+        G=g, GP=_pow2(g, 16), D=d, DP=dp, PS=ps, BN=bn, SPLIT=splits > 1,
         IEEE=q.dtype == torch.float32,
-    )
+    )  # fmt: skip
     if splits > 1:
         _combine_kernel[(b, heads)](
             out,
@@ -357,29 +312,12 @@ def paged_decode_selected(
 
 @triton.jit
 def _prefill_kernel(
-    Q,
-    K,
-    V,
-    Out,
-    Table,
-    Starts,
-    QLens,
-    Prefix,
-    s_qt,
-    s_qh,
-    s_kp,
-    s_kt,
-    s_kh,
-    s_tb,
+    Q, K, V, Out, Table, Starts, QLens, Prefix,
+    s_qt, s_qh, s_kp, s_kt, s_kh, s_tb,
     scale,
-    G: tl.constexpr,
-    D: tl.constexpr,
-    DP: tl.constexpr,
-    PS: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    IEEE: tl.constexpr,
-):
+    G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, PS: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
     """Program (sequence e, block of BM queries, query head h): causal attention of those
     queries (at positions Prefix[e] + row) over the sequence's keys, all already in its
     pages Table[e, :], BN keys at a time."""
