@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+from serve_latency import served  # bench/, this script's folder
 
-from bench.serve_latency import served
 from launch.local import free_port
 from strata.bench.cli import add_bench_args, run_bench
 
