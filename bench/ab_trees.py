@@ -78,6 +78,9 @@ def main() -> None:
         b = statistics.median(figures[(base, workload)])
         c = statistics.median(figures[(changed, workload)])
         print(f"{workload:<30} {b:>10.1f} {c:>10.1f} {c / b:>6.2f}x")
+    print("\nevery sample (tok/s):")
+    for (tree, workload), values in figures.items():
+        print(f"  {tree}  {workload}: " + " ".join(f"{v:.1f}" for v in values))
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ class LocalBackend(Backend):
     async def health(self) -> dict[str, Any]:
         if not self.engine.alive:
             raise EngineGone("the engine process is gone")
-        stats = await self.engine.call(Stats())
+        stats = await self.engine.ask(Stats())
         return {
             "status": "ok",
             "model": self.model_name,
@@ -147,10 +147,10 @@ class LocalBackend(Backend):
         }
 
     async def flush_cache(self) -> int:
-        return int(await self.engine.call(FlushCache()))
+        return int(await self.engine.ask(FlushCache()))
 
     async def abort(self, rid: str) -> bool:
-        return bool(await self.engine.call(AbortNow(rid)))
+        return bool(await self.engine.ask(AbortNow(rid)))
 
     async def server_info(self) -> dict[str, Any]:
         limits, sched = self.engine.limits, self.sched
@@ -163,5 +163,5 @@ class LocalBackend(Backend):
             "chunked_prefill_size": sched.max_batch_tokens,
             "radix_cache": sched.enable_radix_cache,
             "engine_pid": self.engine.process.pid,
-            "memory": (await self.engine.call(Stats())).memory,
+            "memory": (await self.engine.ask(Stats())).memory,
         }

@@ -3,7 +3,6 @@ the Load, FlushCache and Abort calls over them."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import Callable
@@ -12,6 +11,7 @@ from typing import Any
 from services.convert import tier_stats_to_proto, tree_stats_to_proto
 from services.grpcio import run_until_signal, start_server
 from strata.engine.engine import Engine
+from strata.engine.messages import AbortNow, FlushCache, Stats
 from strata.proto.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class EngineWorker:
         self.transferred = TransferCounter()
 
     async def Load(self, request, context):  # noqa: N802 (gRPC method names)
-        s = await asyncio.wrap_future(self.engine.call(self.engine.stats))
+        s = await self.engine.ask(Stats())
         t = self.transferred
         reply = worker_pb2.LoadResponse(
             worker=self.worker_id,
@@ -59,13 +59,13 @@ class EngineWorker:
         return reply
 
     async def FlushCache(self, request, context):  # noqa: N802
-        n = await asyncio.wrap_future(self.engine.call(self.engine.flush_cache))
+        n = await self.engine.ask(FlushCache())
         return worker_pb2.FlushResponse(flushed_pages=n)
 
     async def Abort(self, request, context):  # noqa: N802
         """Abort a request that is running, or release one held for a pull (prefill)."""
         rid = request.request_id
-        found = await asyncio.wrap_future(self.engine.call(lambda: self.engine.abort_now(rid)))
+        found = await self.engine.ask(AbortNow(rid))
         return worker_pb2.AbortResponse(found=found)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -18,6 +20,7 @@ from strata.cache.results import KVEvent
 from strata.config import HiCacheConfig, SchedulerConfig
 from strata.engine.intake import Inbox, Intake, RequestTable
 from strata.engine.logprobs import collect_input_logprobs, wants_input_logprobs
+from strata.engine.messages import AbortNow, FlushCache, Query, Stats
 from strata.engine.offload import Offload
 from strata.engine.outputs import Outputs
 from strata.engine.request import Checked, KVSource, Limits, Request, RequestOutput
@@ -303,6 +306,21 @@ class Engine:
         if not self._looping:  # no step loop runs: run inline
             self._drain()
         return fut
+
+    def answer(self, query: Query) -> Any:
+        """A query's answer, on the engine's thread between steps (through `call`)."""
+        match query:
+            case Stats():
+                return self.stats()
+            case FlushCache():
+                return self.flush_cache()
+            case AbortNow(rid):
+                return self.abort_now(rid)
+        raise TypeError(f"unknown query {query!r}")
+
+    async def ask(self, query: Query) -> Any:
+        """EngineHandle's query, in process: answered on the engine's thread."""
+        return await asyncio.wrap_future(self.call(functools.partial(self.answer, query)))
 
     def stats(self) -> EngineStats:
         pool = self.runner.pool

@@ -1,6 +1,10 @@
 """The engine's intake: check a request, queue it for the step loop (any thread), stream its
 events to an asyncio caller, abort it. The loop takes what comes through the inbox between
-steps. RequestTable counts what the engine holds (the overload bound) and names it by id."""
+steps. RequestTable counts what the engine holds (the overload bound) and names it by id.
+
+EngineHandle is what a front holds of an engine: the Engine itself (in process: the split
+workers) or an EngineClient (an engine process: `strata serve`). Both admit with
+`check_capacity` and stream with `events_until_done`."""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ import itertools
 import queue
 import threading
 from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import Any
+from contextlib import aclosing
+from typing import Any, Protocol
 
 from strata.engine.request import (
     Checked,
@@ -26,6 +31,52 @@ from strata.tokenizer import IncrementalDetokenizer
 Inbox = queue.SimpleQueue[tuple[str, Any]]
 
 
+class EngineHandle(Protocol):
+    """An engine as a front uses it, in this process or in its own."""
+
+    @property
+    def limits(self) -> Limits: ...
+
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Checked:
+        """The request checked (ValueError), or Overloaded while the engine is full."""
+        ...
+
+    def stream(
+        self, request: Checked, rid: str | None = None
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """Its events until one finishes it; closing the generator aborts the request."""
+        ...
+
+    async def ask(self, query: Any) -> Any:
+        """A strata.engine.messages Query answered between steps."""
+        ...
+
+
+def check_capacity(held: int, capacity: int | None) -> None:
+    """Overloaded when `held` requests fill the capacity (None: no bound)."""
+    if capacity is not None and held >= capacity:
+        raise Overloaded(
+            f"the server holds {held} requests, its limit "
+            "(--max-running-requests + --max-queued-requests); retry later"
+        )
+
+
+async def events_until_done(
+    events: asyncio.Queue[RequestOutput], abandon: Callable[[], None]
+) -> AsyncGenerator[RequestOutput, None]:
+    """A request's events from its queue until one finishes it; closed before that (the
+    caller went away), abandon() (which aborts it)."""
+    finished = False
+    try:
+        while not finished:
+            event = await events.get()
+            finished = event.finish_reason is not None
+            yield event
+    finally:
+        if not finished:
+            abandon()
+
+
 class RequestTable:
     """The requests submitted and not finished: counted across threads (at most capacity;
     None: no bound) and, once the loop has taken them, by id."""
@@ -39,11 +90,7 @@ class RequestTable:
 
     def admit(self) -> None:
         """Overloaded while the engine holds as many requests as it may."""
-        if self.capacity is not None and self.outstanding >= self.capacity:
-            raise Overloaded(
-                f"the server holds {self.outstanding} requests, its limit "
-                "(--max-running-requests + --max-queued-requests); retry later"
-            )
+        check_capacity(self.outstanding, self.capacity)
 
     def new_id(self) -> str:
         return f"req-{next(self._ids)}"
@@ -141,12 +188,6 @@ class Intake:
             kv_source,
             hold,
         )
-        finished = False
-        try:
-            while not finished:
-                event = await events.get()
-                finished = event.finish_reason is not None
+        async with aclosing(events_until_done(events, lambda: self.abort(rid))) as stream:
+            async for event in stream:
                 yield event
-        finally:
-            if not finished:  # the caller went away
-                self.abort(rid)

@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import Future
+from contextlib import aclosing
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -46,23 +47,21 @@ from strata.config import (
     engine_environment,
 )
 from strata.engine.engine import Engine, EngineOptions
+from strata.engine.intake import check_capacity, events_until_done
 from strata.engine.messages import (
     Abort,
-    AbortNow,
     Add,
     Call,
     Events,
     Failed,
-    FlushCache,
     Query,
     Ready,
     Result,
-    Stats,
     Stop,
     ToEngine,
     ToFront,
 )
-from strata.engine.request import Checked, Limits, Overloaded, RequestOutput
+from strata.engine.request import Checked, Limits, RequestOutput
 from strata.engine.runner import ModelRunner
 from strata.grammar.compiler import LazyGrammarCompiler
 from strata.sampling.params import SamplingParams
@@ -170,25 +169,13 @@ def _read(
                 case Abort(rid):
                     engine.abort(rid)
                 case Call(call_id, query):
-                    fut = engine.call(functools.partial(_answer, engine, query))
+                    fut = engine.call(functools.partial(engine.answer, query))
                     fut.add_done_callback(functools.partial(_reply, send, call_id))
                 case Stop():
                     break
     except (EOFError, OSError):
         pass
     engine.stop()
-
-
-def _answer(engine: Engine, query: Query) -> Any:
-    """A query's answer, on the engine's thread between steps."""
-    match query:
-        case Stats():
-            return engine.stats()
-        case FlushCache():
-            return engine.flush_cache()
-        case AbortNow(rid):
-            return engine.abort_now(rid)
-    raise TypeError(f"unknown query {query!r}")
 
 
 def _reply(send: Callable[[ToFront], None], call_id: int, fut: Future) -> None:
@@ -233,8 +220,8 @@ def import_tokenizer_modules() -> None:
 
 
 class EngineClient:
-    """The front's handle on an engine process (the same surface the fronts used on an
-    in-process engine: validate, stream, and async stats / flush / abort)."""
+    """The front's handle on an engine process (an EngineHandle, as the in-process Engine
+    is: validate, stream, and ask its queries)."""
 
     def __init__(self, cfg: EngineConfig, start_timeout: float = 900.0) -> None:
         ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited threads or locks
@@ -304,11 +291,7 @@ class EngineClient:
     def _admit(self) -> None:
         if self._gone is not None:
             raise EngineGone(self._gone)
-        if len(self._streams) >= self.capacity:
-            raise Overloaded(
-                f"the server holds {len(self._streams)} requests, its limit "
-                "(--max-running-requests + --max-queued-requests); retry later"
-            )
+        check_capacity(len(self._streams), self.capacity)
 
     async def stream(
         self, request: Checked, rid: str | None = None
@@ -322,19 +305,21 @@ class EngineClient:
             raise ValueError(f"request id {rid!r} is already in use")
         events: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[rid] = events
-        finished = False
-        try:
-            self._send(Add(rid, request))
-            while not finished:
-                event = await events.get()
-                finished = event.finish_reason is not None
-                yield event
-        finally:
+
+        def abandon() -> None:
             self._streams.pop(rid, None)
-            if not finished and self._gone is None:  # the caller went away
+            if self._gone is None:
                 self._send(Abort(rid))
 
-    async def call(self, query: Query) -> Any:
+        try:
+            self._send(Add(rid, request))
+            async with aclosing(events_until_done(events, abandon)) as stream:
+                async for event in stream:
+                    yield event
+        finally:
+            self._streams.pop(rid, None)
+
+    async def ask(self, query: Query) -> Any:
         """Run a query on the engine between its steps; its answer."""
         self._attach()
         if self._gone is not None:

@@ -50,6 +50,10 @@ class DecoderLM:
         for i in range(spec.num_layers):
             w = lambda name: weights[f"layers.{i}.{name}"]  # noqa: B023
             qkv = make_linear(w("qkv"), weights.get(f"layers.{i}.qkv_bias"), quantization, dt)
+            qk_norm = None
+            if f"layers.{i}.q_norm" in weights:  # Qwen3
+                eps = spec.rms_norm_eps
+                qk_norm = (RMSNorm(w("q_norm"), eps), RMSNorm(w("k_norm"), eps))
             attn = Attention(
                 self.local,
                 qkv,
@@ -57,6 +61,7 @@ class DecoderLM:
                 self.rope,
                 backend,
                 tp,
+                qk_norm,
             )
             mlp = MLP(
                 make_linear(w("gate_up"), None, quantization, dt),

@@ -60,11 +60,13 @@ class Attention:
         rope: RotaryEmbedding,
         backend: AttentionBackend,
         tp: TPGroup | None = None,
+        qk_norm: tuple[RMSNorm, RMSNorm] | None = None,
     ) -> None:
         """spec: the heads this layer runs (with tp, this rank's share; o_proj's partial
-        sums are all-reduced over the ranks)."""
+        sums are all-reduced over the ranks). qk_norm: each query and key head normed
+        before rope (Qwen3)."""
         self.qkv, self.o_proj, self.rope, self.backend = qkv, o_proj, rope, backend
-        self.tp = tp
+        self.tp, self.qk_norm = tp, qk_norm
         self.heads, self.kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.q_size, self.kv_size = spec.q_size, spec.kv_size
 
@@ -81,6 +83,9 @@ class Attention:
         # NOTE: q and k heads are rotated in one call (in place in qkv where the CPU kernel
         # takes it): half the small ops of a decode step.
         qk = qkv[:, :qk_size].view(t, -1, self.head_dim)
+        if self.qk_norm is not None:
+            q_norm, k_norm = self.qk_norm
+            qk = torch.cat([q_norm(qk[:, : self.heads]), k_norm(qk[:, self.heads :])], dim=1)
         if qk.is_cuda:
             gpu_ops().rope_(qk, cos, sin)
         elif not cpu_ops.rope_(qk, cos, sin):

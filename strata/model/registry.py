@@ -10,7 +10,7 @@ from typing import Any
 from strata.model.family import Family
 from strata.model.spec import ModelSpec, UnsupportedModelError
 
-FAMILIES = tuple(f"strata.model.models.{name}" for name in ("llama", "mistral", "qwen2"))
+FAMILIES = tuple(f"strata.model.models.{name}" for name in ("llama", "mistral", "qwen2", "qwen3"))
 
 
 @functools.cache

@@ -24,6 +24,7 @@ FAMILIES = [
     ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
     ("qwen2", {}),
     ("mistral", {"sliding_window": None}),
+    ("qwen3", {"head_dim": 16}),  # head norms on q and k
 ]
 
 

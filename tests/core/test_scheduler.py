@@ -157,3 +157,29 @@ def test_a_request_that_outgrows_the_pool_alone_ends_with_length(runner_factory)
     assert sum(len(e.token_ids) for e in events) == 6 * 4 - 12 + 1  # up to the last page's end
     assert engine.scheduler.preemptions == 0
     assert_pool_back_to_cache_only(engine)
+
+
+def test_the_in_process_engine_is_an_engine_handle(runner_factory):
+    """validate, stream and ask, as a front uses an engine process, on the engine's own
+    thread: the stream runs to its end, and Stats, FlushCache and AbortNow are answered."""
+    import asyncio
+
+    from strata.engine.messages import AbortNow, FlushCache, Stats
+
+    engine = Engine(runner_factory(64))
+    engine.start()
+    params = SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)
+
+    async def use() -> tuple:
+        checked = engine.validate(prompts(1, length=12)[0], params)
+        events = [ev async for ev in engine.stream(checked)]
+        stats = await engine.ask(Stats())
+        return events, stats, await engine.ask(FlushCache()), await engine.ask(AbortNow("none"))
+
+    try:
+        events, stats, flushed, found = asyncio.run(use())
+    finally:
+        engine.shutdown()
+    assert sum(len(e.token_ids) for e in events) == 5 and events[-1].finish_reason == "length"
+    assert (stats.running, stats.waiting) == (0, 0) and stats.pages_free < stats.pages_total
+    assert flushed > 0 and found is False
