@@ -10,14 +10,20 @@ from typing import Any
 from strata.model.family import Family
 from strata.model.spec import ModelSpec, UnsupportedModelError
 
-FAMILIES = tuple(f"strata.model.models.{name}" for name in ("llama", "mistral", "qwen2", "qwen3"))
+FAMILIES = (  # the module of each, defining FAMILY
+    "strata.model.models.llama",
+    "strata.model.models.mistral",
+    "strata.model.models.qwen2",
+    "strata.model.models.qwen3",
+    "strata.model.models.phi3",
+)
 
 
 @functools.cache
 def families() -> dict[str, Family]:
     """Every family, by each config.json `architectures` entry it takes."""
     out = {}
-    for name in FAMILIES:  # module paths
+    for name in FAMILIES:
         family: Family = importlib.import_module(name).FAMILY
         out.update(dict.fromkeys(family.architectures, family))
     return out

@@ -12,6 +12,12 @@ from strata.model.spec import UnsupportedModelError
 
 def inv_frequencies(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch.Tensor:
     """Inverse frequencies [head_dim // 2] in float32, after rope scaling."""
+    partial = float(scaling.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise UnsupportedModelError(
+            f"rotary embeddings over part of each head (partial_rotary_factor {partial:g}) "
+            "are not supported yet"
+        )
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     kind = scaling.get("rope_type", "default")
     if kind == "default":

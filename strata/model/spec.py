@@ -55,6 +55,8 @@ class ModelSpec:
         theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         rope["rope_type"] = rope_type
+        if "partial_rotary_factor" in cfg:  # older configs keep it beside, not inside
+            rope.setdefault("partial_rotary_factor", cfg["partial_rotary_factor"])
         max_position = cfg.get("max_position_embeddings", 2048)
         window = cfg.get("sliding_window")
         if window and sliding_window:

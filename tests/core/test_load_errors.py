@@ -66,6 +66,21 @@ def test_unsupported_rope_scaling(tiny_checkpoint):
         load(folder)
 
 
+@pytest.mark.parametrize("where", ["rope_parameters", "top level"])
+def test_partial_rotary_embeddings_are_refused_by_name(tiny_checkpoint, where):
+    """Phi-4-mini rotates 3/4 of each head: refused, never run as if it rotated all."""
+    folder, _ = tiny_checkpoint("phi3", pad_token_id=0)
+    cfg = json.loads((folder / "config.json").read_text())
+    if where == "rope_parameters":
+        cfg["rope_parameters"]["partial_rotary_factor"] = 0.75
+    else:
+        cfg["rope_parameters"].pop("partial_rotary_factor", None)
+        cfg["partial_rotary_factor"] = 0.75
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="partial_rotary_factor 0.75"):
+        load(folder)
+
+
 def test_prompt_longer_than_context_is_rejected_and_frees_nothing(tiny_checkpoint):
     folder, _ = tiny_checkpoint("llama", max_position_embeddings=32)
     runner = load(folder)

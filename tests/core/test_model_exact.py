@@ -25,6 +25,7 @@ FAMILIES = [
     ("qwen2", {}),
     ("mistral", {"sliding_window": None}),
     ("qwen3", {"head_dim": 16}),  # head norms on q and k
+    ("phi3", {"pad_token_id": 0}),  # q, k, v and gate, up fused in the checkpoint
 ]
 
 
