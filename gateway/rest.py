@@ -37,11 +37,16 @@ def usage_json(*outs: RequestOutput) -> dict[str, Any]:
     us = [o.usage for o in outs if o.usage is not None]
     assert us
     completion = sum(u.completion_tokens for u in us)
+    warmest = max(us, key=lambda u: u.cached_tokens)  # n choices: the prompt counted once
     return {
         "prompt_tokens": us[0].prompt_tokens,
         "completion_tokens": completion,
         "total_tokens": us[0].prompt_tokens + completion,
-        "prompt_tokens_details": {"cached_tokens": max(u.cached_tokens for u in us)},
+        "prompt_tokens_details": {
+            "cached_tokens": warmest.cached_tokens,
+            # strata's extra field: where each prompt token came from (l1, l2, l3, computed)
+            "by_tier": warmest.by_tier(),
+        },
         # strata's extra field
         "attention_sparsity_ratio": sum(u.attention_sparsity_ratio for u in us) / len(us),
     }

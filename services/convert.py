@@ -98,6 +98,8 @@ def chunk_from_output(ev: RequestOutput) -> common_pb2.TokenChunk:
             cached_tokens=u.cached_tokens,
             attention_sparsity_ratio=u.attention_sparsity_ratio,
             queue_seconds=u.queue_seconds,
+            l2_tokens=u.l2_tokens,
+            l3_tokens=u.l3_tokens,
         )
     return common_pb2.TokenChunk(
         token_ids=ev.token_ids,
@@ -122,6 +124,8 @@ def output_from_chunk(rid: str, c: common_pb2.TokenChunk) -> RequestOutput:
             u.cached_tokens,
             u.attention_sparsity_ratio,
             u.queue_seconds,
+            u.l2_tokens,
+            u.l3_tokens,
         )
     return RequestOutput(
         rid,

@@ -70,6 +70,7 @@ def _meta(ev: RequestOutput, rid: str, start: float) -> dict[str, Any]:
             prompt_tokens=u.prompt_tokens,
             completion_tokens=u.completion_tokens,
             cached_tokens=u.cached_tokens,
+            cached_tokens_by_tier=u.by_tier(),
             attention_sparsity_ratio=u.attention_sparsity_ratio,
         )
     if ev.finish_reason:

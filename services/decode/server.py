@@ -155,6 +155,8 @@ class PrefillPeers:
             top_logprobs=dict(reply.top_logprobs) or None,
             transfer_bytes=stats.transfer_bytes,
             transfer_seconds=stats.transfer_seconds,
+            l2_tokens=reply.l2_tokens,
+            l3_tokens=reply.l3_tokens,
         )
 
     def _pull(

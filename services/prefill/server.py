@@ -98,10 +98,13 @@ class PrefillService(EngineWorker, worker_pb2_grpc.PrefillServicer):
                 last = ev
         if last is None or last.finish_reason not in ("stop", "length") or not last.token_ids:
             await context.abort(grpc.StatusCode.ABORTED, last.error or "prefill aborted")
+        u = last.usage
         reply = worker_pb2.PrefillResponse(
             first_token=last.token_ids[0],
-            cached_tokens=last.usage.cached_tokens if last.usage else 0,
+            cached_tokens=u.cached_tokens if u else 0,
             top_logprobs=(last.top_logprobs or [{}])[0],
+            l2_tokens=u.l2_tokens if u else 0,
+            l3_tokens=u.l3_tokens if u else 0,
         )
         if last.logprobs:
             reply.logprob = last.logprobs[0]

@@ -28,6 +28,16 @@ class Usage:
     # of the request's decode with at least --sparse-min-context tokens (0.0 when none)
     attention_sparsity_ratio: float = 0.0
     queue_seconds: float = 0.0  # from arrival to its first admission (pages given)
+    # of cached_tokens: loaded from the host tier (L2) and from the L3 store; the rest were in
+    # L1, and prompt_tokens - cached_tokens were computed
+    l2_tokens: int = 0
+    l3_tokens: int = 0
+
+    def by_tier(self) -> dict[str, int]:
+        """Where each prompt token came from: L1, L2, L3, or computed."""
+        l1 = self.cached_tokens - self.l2_tokens - self.l3_tokens
+        computed = self.prompt_tokens - self.cached_tokens
+        return {"l1": l1, "l2": self.l2_tokens, "l3": self.l3_tokens, "computed": computed}
 
 
 @dataclass
@@ -58,6 +68,8 @@ class RemoteFill:
     token: int
     cached_tokens: int  # prompt tokens the prefill worker found in its cache
     logprob: float | None = None
+    l2_tokens: int = 0  # of cached_tokens: loaded from its L2, and from L3
+    l3_tokens: int = 0
     top_logprobs: dict[int, float] | None = None
     transfer_bytes: int = 0
     transfer_seconds: float = 0.0
@@ -86,6 +98,7 @@ class Request:
     num_shared_pages: int = 0  # leading pages owned by the radix cache (locked by cache_node)
     cache_node: int | None = None
     num_cached: int = 0  # prompt tokens served from the cache at (last) admission
+    cached_by_tier: tuple[int, int] = (0, 0)  # of num_cached: loaded from L2, from L3
     num_computed: int = 0  # tokens of fill_ids whose KV is in pages (the scheduler's)
     segment_ends: tuple[int, ...] = ()  # where its radix segments of pages end (sparse decode)
     status: Status = Status.WAITING
@@ -156,7 +169,10 @@ class Request:
     def usage(self) -> Usage:
         ratio = self.sparse_skipped / self.sparse_considered if self.sparse_considered else 0.0
         queued = (self.admitted_at or time.monotonic()) - self.arrival
-        return Usage(len(self.prompt_ids), len(self.output_ids), self.num_cached, ratio, queued)
+        l2, l3 = self.cached_by_tier
+        return Usage(
+            len(self.prompt_ids), len(self.output_ids), self.num_cached, ratio, queued, l2, l3
+        )
 
 
 class ContextLengthError(ValueError):

@@ -106,9 +106,11 @@ class Scheduler:
         stands."""
         req.num_computed += n
 
-    def remote_filled(self, req: Request, cached_tokens: int) -> None:
-        """A remote request's prompt KV has landed in its pages (split mode, decode role)."""
+    def remote_filled(self, req: Request, cached_tokens: int, by_tier: tuple[int, int]) -> None:
+        """A remote request's prompt KV has landed in its pages (split mode, decode role);
+        the prefill worker had cached_tokens of it (by_tier: loaded from its L2, L3)."""
         req.num_computed, req.num_cached = len(req.prompt_ids), cached_tokens
+        req.cached_by_tier = by_tier
         self.cache_progress(req)
 
     @property
@@ -339,6 +341,7 @@ class Scheduler:
                 by_tier = dict.fromkeys(("l2", "l3"), 0)
                 for tier, start, end in req.loaded_spans:
                     by_tier[tier] += max(0, min(end, req.num_cached) - start)
+                req.cached_by_tier = (by_tier["l2"], by_tier["l3"])
                 self.prefix_cache.record_lookup(
                     len(req.prompt_ids), req.num_cached, by_tier["l2"], by_tier["l3"]
                 )

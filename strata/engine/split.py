@@ -105,7 +105,7 @@ class SplitRoles:
         except Exception as exc:
             self.outputs.finish(req, "error", error=str(exc) or repr(exc))
             return
-        self.scheduler.remote_filled(req, fill.cached_tokens)
+        self.scheduler.remote_filled(req, fill.cached_tokens, (fill.l2_tokens, fill.l3_tokens))
         if req.generator is not None and not req.params.greedy:
             skip_draw(req.generator)  # drawn by the prefill worker
         req.transfer = (fill.transfer_bytes, fill.transfer_seconds)

@@ -16,7 +16,7 @@ import pytest
 
 from launch.local import free_port, grpc_service, running_http
 from services.convert import params_to_proto
-from strata.proto.v1 import cache_pb2, cache_pb2_grpc, worker_pb2, worker_pb2_grpc
+from strata.proto.v1 import cache_pb2, cache_pb2_grpc, common_pb2, worker_pb2, worker_pb2_grpc
 from strata.sampling.params import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,7 @@ def load(target: str) -> worker_pb2.LoadResponse:
         return worker_pb2_grpc.DecodeStub(ch).Load(worker_pb2.LoadRequest(), timeout=10)
 
 
-def generate_on(target: str, ids: list[int]) -> tuple[list[int], int]:
+def generate_on(target: str, ids: list[int]) -> tuple[list[int], common_pb2.Usage]:
     with grpc.insecure_channel(target) as ch:
         req = worker_pb2.WorkerGenerateRequest(
             request_id=f"r{time.monotonic_ns()}",
@@ -69,7 +69,7 @@ def generate_on(target: str, ids: list[int]) -> tuple[list[int], int]:
             sampling_params=params_to_proto(GREEDY),
         )
         chunks = list(worker_pb2_grpc.DecodeStub(ch).Generate(req, timeout=120))
-    return [t for c in chunks for t in c.token_ids], chunks[-1].usage.cached_tokens
+    return [t for c in chunks for t in c.token_ids], chunks[-1].usage
 
 
 def generate(url: str, text: str) -> dict:
@@ -101,11 +101,12 @@ def test_next_turn_on_the_other_worker_loads_from_l3(cluster):
     owner, other = sorted(cluster["decode"], key=lambda t: -load(t).cache.prompt_tokens)
     assert load(other).cache.prompt_tokens == 0
     wait_for(lambda: cache_stats(cluster["cache"]).l3_pages >= len(ids) // 16 - 1)
-    here, cached_here = generate_on(owner, ids)
-    there, cached_there = generate_on(other, ids)
+    here, _ = generate_on(owner, ids)
+    there, usage = generate_on(other, ids)
     assert there == here
-    stats = load(other).cache
+    stats, cached_there = load(other).cache, usage.cached_tokens
     assert cached_there >= 16 * 16 and stats.l3_tokens == cached_there, (cached_there, stats)
+    assert usage.l3_tokens == cached_there and usage.l2_tokens == 0  # the request says so too
     assert load(other).tiers.bytes_moved["l3_to_l1"] > 0
 
 

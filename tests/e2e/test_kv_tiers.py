@@ -49,6 +49,9 @@ def served(url: str, text: str) -> tuple[str, dict]:
     after = tiers(url)
     by_tier = {t: after[f"{t}_tokens"] - before[f"{t}_tokens"] for t in ("l2", "l3")}
     by_tier["l1"] = meta["cached_tokens"] - by_tier["l2"] - by_tier["l3"]
+    own = meta["cached_tokens_by_tier"]  # the request's own account agrees with the server's
+    assert {t: own[t] for t in ("l1", "l2", "l3")} == by_tier, (own, by_tier)
+    assert own["computed"] == meta["prompt_tokens"] - meta["cached_tokens"]
     return out, by_tier
 
 

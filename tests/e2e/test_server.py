@@ -94,6 +94,10 @@ def test_same_greedy_output_cold_warm_batched_and_without_cache(url, client):
     warm = chat(client, question)
     assert cold.usage.prompt_tokens_details.cached_tokens == 0
     assert warm.usage.prompt_tokens_details.cached_tokens > 0
+    # strata's extra field: where the prompt's tokens came from (L1 only here: no tiers)
+    cached, prompt = warm.usage.prompt_tokens_details.cached_tokens, warm.usage.prompt_tokens
+    by_tier = warm.usage.prompt_tokens_details.model_extra["by_tier"]
+    assert by_tier == {"l1": cached, "l2": 0, "l3": 0, "computed": prompt - cached}
     others = [f"Give me a fact about the number {i}." for i in range(15)]
     with ThreadPoolExecutor(16) as pool:
         batch = list(pool.map(lambda q: chat(client, q), [question, *others]))

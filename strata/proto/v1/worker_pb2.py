@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from strata.proto.v1 import common_pb2 as strata_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16strata/v1/worker.proto\x12\tstrata.v1\x1a\x16strata/v1/common.proto\"M\n\x0e\x43onnectRequest\x12\x15\n\rdecode_worker\x18\x01 \x01(\t\x12\x11\n\tkv_layout\x18\x02 \x01(\t\x12\x11\n\ttimeout_s\x18\x03 \x01(\x02\"X\n\x0f\x43onnectResponse\x12\x12\n\nchannel_id\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x12\n\nrank_ports\x18\x04 \x03(\r\"\x8b\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\r\x12\x32\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x19.strata.v1.SamplingParams\x12\x16\n\x0eprefill_worker\x18\x04 \x01(\t\"\x7f\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\r\x12\x32\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x19.strata.v1.SamplingParams\x12\x11\n\tnum_pages\x18\x04 \x01(\r\"\xd6\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x41\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32+.strata.v1.PrefillResponse.TopLogprobsEntry\x1a\x32\n\x10TopLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\n\n\x08_logprob\"5\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nchannel_id\x18\x02 \x01(\t\"@\n\x0cPullResponse\x12\x16\n\x0etransfer_bytes\x18\x01 \x01(\x04\x12\x18\n\x10transfer_seconds\x18\x02 \x01(\x01\"\r\n\x0bLoadRequest\"\xff\x01\n\nCacheStats\x12\x13\n\x0btotal_nodes\x18\x01 \x01(\r\x12\x14\n\x0c\x63\x61\x63hed_pages\x18\x02 \x01(\r\x12\x14\n\x0clocked_pages\x18\x03 \x01(\r\x12\x1b\n\x13shared_prefix_count\x18\x04 \x01(\r\x12\x19\n\x11\x61vg_sharing_depth\x18\x05 \x01(\x01\x12\x10\n\x08hit_rate\x18\x06 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x04\x12\x15\n\rcached_tokens\x18\x08 \x01(\x04\x12\x12\n\nhost_pages\x18\t \x01(\r\x12\x11\n\tl2_tokens\x18\n \x01(\x04\x12\x11\n\tl3_tokens\x18\x0b \x01(\x04\"\x9b\x02\n\tTierStats\x12\x10\n\x08l2_pages\x18\x01 \x01(\x04\x12\x15\n\rl2_used_pages\x18\x02 \x01(\x04\x12\x10\n\x08l2_bytes\x18\x03 \x01(\x04\x12\n\n\x02l3\x18\x04 \x01(\x08\x12\x14\n\x0cl3_bad_files\x18\x05 \x01(\x04\x12\x19\n\x11l3_skipped_writes\x18\x06 \x01(\x04\x12\x39\n\x0b\x62ytes_moved\x18\x07 \x03(\x0b\x32$.strata.v1.TierStats.BytesMovedEntry\x12\x14\n\x0cwrite_policy\x18\x08 \x01(\t\x12\x12\n\npage_bytes\x18\t \x01(\x04\x1a\x31\n\x0f\x42ytesMovedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xb7\x02\n\x0cLoadResponse\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x0f\n\x07waiting\x18\x03 \x01(\r\x12\x13\n\x0bpages_total\x18\x04 \x01(\r\x12\x12\n\npages_free\x18\x05 \x01(\r\x12\x11\n\ttransfers\x18\x06 \x01(\x04\x12\x16\n\x0etransfer_bytes\x18\x07 \x01(\x04\x12\x18\n\x10transfer_seconds\x18\x08 \x01(\x01\x12\x15\n\rheld_requests\x18\t \x01(\r\x12$\n\x05\x63\x61\x63he\x18\n \x01(\x0b\x32\x15.strata.v1.CacheStats\x12#\n\x05tiers\x18\x0b \x01(\x0b\x32\x14.strata.v1.TierStats\x12%\n\x06memory\x18\x0c \x01(\x0b\x32\x15.strata.v1.MemoryPlan\"\x9a\x01\n\nMemoryPlan\x12\x14\n\x0c\x62udget_bytes\x18\x01 \x01(\x04\x12\x16\n\x0eresident_bytes\x18\x02 \x01(\x04\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x04\x12\x12\n\npage_bytes\x18\x04 \x01(\x04\x12\x10\n\x08l1_pages\x18\x05 \x01(\x04\x12\x10\n\x08l2_pages\x18\x06 \x01(\x04\x12\x10\n\x08sized_by\x18\x07 \x01(\t\"\x0e\n\x0c\x46lushRequest\"&\n\rFlushResponse\x12\x15\n\rflushed_pages\x18\x01 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xfe\x02\n\x07Prefill\x12@\n\x07\x43onnect\x12\x19.strata.v1.ConnectRequest\x1a\x1a.strata.v1.ConnectResponse\x12@\n\x07Prefill\x12\x19.strata.v1.PrefillRequest\x1a\x1a.strata.v1.PrefillResponse\x12\x39\n\x04Pull\x12\x16.strata.v1.PullRequest\x1a\x17.strata.v1.PullResponse0\x01\x12\x37\n\x04Load\x12\x16.strata.v1.LoadRequest\x1a\x17.strata.v1.LoadResponse\x12?\n\nFlushCache\x12\x17.strata.v1.FlushRequest\x1a\x18.strata.v1.FlushResponse\x12:\n\x05\x41\x62ort\x12\x17.strata.v1.AbortRequest\x1a\x18.strata.v1.AbortResponse2\x85\x02\n\x06\x44\x65\x63ode\x12\x45\n\x08Generate\x12 .strata.v1.WorkerGenerateRequest\x1a\x15.strata.v1.TokenChunk0\x01\x12\x37\n\x04Load\x12\x16.strata.v1.LoadRequest\x1a\x17.strata.v1.LoadResponse\x12?\n\nFlushCache\x12\x17.strata.v1.FlushRequest\x1a\x18.strata.v1.FlushResponse\x12:\n\x05\x41\x62ort\x12\x17.strata.v1.AbortRequest\x1a\x18.strata.v1.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16strata/v1/worker.proto\x12\tstrata.v1\x1a\x16strata/v1/common.proto\"M\n\x0e\x43onnectRequest\x12\x15\n\rdecode_worker\x18\x01 \x01(\t\x12\x11\n\tkv_layout\x18\x02 \x01(\t\x12\x11\n\ttimeout_s\x18\x03 \x01(\x02\"X\n\x0f\x43onnectResponse\x12\x12\n\nchannel_id\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x12\n\nrank_ports\x18\x04 \x03(\r\"\x8b\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\r\x12\x32\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x19.strata.v1.SamplingParams\x12\x16\n\x0eprefill_worker\x18\x04 \x01(\t\"\x7f\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\r\x12\x32\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x19.strata.v1.SamplingParams\x12\x11\n\tnum_pages\x18\x04 \x01(\r\"\xfc\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x41\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32+.strata.v1.PrefillResponse.TopLogprobsEntry\x12\x11\n\tl2_tokens\x18\x05 \x01(\r\x12\x11\n\tl3_tokens\x18\x06 \x01(\r\x1a\x32\n\x10TopLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\n\n\x08_logprob\"5\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nchannel_id\x18\x02 \x01(\t\"@\n\x0cPullResponse\x12\x16\n\x0etransfer_bytes\x18\x01 \x01(\x04\x12\x18\n\x10transfer_seconds\x18\x02 \x01(\x01\"\r\n\x0bLoadRequest\"\xff\x01\n\nCacheStats\x12\x13\n\x0btotal_nodes\x18\x01 \x01(\r\x12\x14\n\x0c\x63\x61\x63hed_pages\x18\x02 \x01(\r\x12\x14\n\x0clocked_pages\x18\x03 \x01(\r\x12\x1b\n\x13shared_prefix_count\x18\x04 \x01(\r\x12\x19\n\x11\x61vg_sharing_depth\x18\x05 \x01(\x01\x12\x10\n\x08hit_rate\x18\x06 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x04\x12\x15\n\rcached_tokens\x18\x08 \x01(\x04\x12\x12\n\nhost_pages\x18\t \x01(\r\x12\x11\n\tl2_tokens\x18\n \x01(\x04\x12\x11\n\tl3_tokens\x18\x0b \x01(\x04\"\x9b\x02\n\tTierStats\x12\x10\n\x08l2_pages\x18\x01 \x01(\x04\x12\x15\n\rl2_used_pages\x18\x02 \x01(\x04\x12\x10\n\x08l2_bytes\x18\x03 \x01(\x04\x12\n\n\x02l3\x18\x04 \x01(\x08\x12\x14\n\x0cl3_bad_files\x18\x05 \x01(\x04\x12\x19\n\x11l3_skipped_writes\x18\x06 \x01(\x04\x12\x39\n\x0b\x62ytes_moved\x18\x07 \x03(\x0b\x32$.strata.v1.TierStats.BytesMovedEntry\x12\x14\n\x0cwrite_policy\x18\x08 \x01(\t\x12\x12\n\npage_bytes\x18\t \x01(\x04\x1a\x31\n\x0f\x42ytesMovedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xb7\x02\n\x0cLoadResponse\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x0f\n\x07waiting\x18\x03 \x01(\r\x12\x13\n\x0bpages_total\x18\x04 \x01(\r\x12\x12\n\npages_free\x18\x05 \x01(\r\x12\x11\n\ttransfers\x18\x06 \x01(\x04\x12\x16\n\x0etransfer_bytes\x18\x07 \x01(\x04\x12\x18\n\x10transfer_seconds\x18\x08 \x01(\x01\x12\x15\n\rheld_requests\x18\t \x01(\r\x12$\n\x05\x63\x61\x63he\x18\n \x01(\x0b\x32\x15.strata.v1.CacheStats\x12#\n\x05tiers\x18\x0b \x01(\x0b\x32\x14.strata.v1.TierStats\x12%\n\x06memory\x18\x0c \x01(\x0b\x32\x15.strata.v1.MemoryPlan\"\x9a\x01\n\nMemoryPlan\x12\x14\n\x0c\x62udget_bytes\x18\x01 \x01(\x04\x12\x16\n\x0eresident_bytes\x18\x02 \x01(\x04\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x04\x12\x12\n\npage_bytes\x18\x04 \x01(\x04\x12\x10\n\x08l1_pages\x18\x05 \x01(\x04\x12\x10\n\x08l2_pages\x18\x06 \x01(\x04\x12\x10\n\x08sized_by\x18\x07 \x01(\t\"\x0e\n\x0c\x46lushRequest\"&\n\rFlushResponse\x12\x15\n\rflushed_pages\x18\x01 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xfe\x02\n\x07Prefill\x12@\n\x07\x43onnect\x12\x19.strata.v1.ConnectRequest\x1a\x1a.strata.v1.ConnectResponse\x12@\n\x07Prefill\x12\x19.strata.v1.PrefillRequest\x1a\x1a.strata.v1.PrefillResponse\x12\x39\n\x04Pull\x12\x16.strata.v1.PullRequest\x1a\x17.strata.v1.PullResponse0\x01\x12\x37\n\x04Load\x12\x16.strata.v1.LoadRequest\x1a\x17.strata.v1.LoadResponse\x12?\n\nFlushCache\x12\x17.strata.v1.FlushRequest\x1a\x18.strata.v1.FlushResponse\x12:\n\x05\x41\x62ort\x12\x17.strata.v1.AbortRequest\x1a\x18.strata.v1.AbortResponse2\x85\x02\n\x06\x44\x65\x63ode\x12\x45\n\x08Generate\x12 .strata.v1.WorkerGenerateRequest\x1a\x15.strata.v1.TokenChunk0\x01\x12\x37\n\x04Load\x12\x16.strata.v1.LoadRequest\x1a\x17.strata.v1.LoadResponse\x12?\n\nFlushCache\x12\x17.strata.v1.FlushRequest\x1a\x18.strata.v1.FlushResponse\x12:\n\x05\x41\x62ort\x12\x17.strata.v1.AbortRequest\x1a\x18.strata.v1.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,35 +45,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST']._serialized_start=372
   _globals['_PREFILLREQUEST']._serialized_end=499
   _globals['_PREFILLRESPONSE']._serialized_start=502
-  _globals['_PREFILLRESPONSE']._serialized_end=716
-  _globals['_PREFILLRESPONSE_TOPLOGPROBSENTRY']._serialized_start=654
-  _globals['_PREFILLRESPONSE_TOPLOGPROBSENTRY']._serialized_end=704
-  _globals['_PULLREQUEST']._serialized_start=718
-  _globals['_PULLREQUEST']._serialized_end=771
-  _globals['_PULLRESPONSE']._serialized_start=773
-  _globals['_PULLRESPONSE']._serialized_end=837
-  _globals['_LOADREQUEST']._serialized_start=839
-  _globals['_LOADREQUEST']._serialized_end=852
-  _globals['_CACHESTATS']._serialized_start=855
-  _globals['_CACHESTATS']._serialized_end=1110
-  _globals['_TIERSTATS']._serialized_start=1113
-  _globals['_TIERSTATS']._serialized_end=1396
-  _globals['_TIERSTATS_BYTESMOVEDENTRY']._serialized_start=1347
-  _globals['_TIERSTATS_BYTESMOVEDENTRY']._serialized_end=1396
-  _globals['_LOADRESPONSE']._serialized_start=1399
-  _globals['_LOADRESPONSE']._serialized_end=1710
-  _globals['_MEMORYPLAN']._serialized_start=1713
-  _globals['_MEMORYPLAN']._serialized_end=1867
-  _globals['_FLUSHREQUEST']._serialized_start=1869
-  _globals['_FLUSHREQUEST']._serialized_end=1883
-  _globals['_FLUSHRESPONSE']._serialized_start=1885
-  _globals['_FLUSHRESPONSE']._serialized_end=1923
-  _globals['_ABORTREQUEST']._serialized_start=1925
-  _globals['_ABORTREQUEST']._serialized_end=1959
-  _globals['_ABORTRESPONSE']._serialized_start=1961
-  _globals['_ABORTRESPONSE']._serialized_end=1991
-  _globals['_PREFILL']._serialized_start=1994
-  _globals['_PREFILL']._serialized_end=2376
-  _globals['_DECODE']._serialized_start=2379
-  _globals['_DECODE']._serialized_end=2640
+  _globals['_PREFILLRESPONSE']._serialized_end=754
+  _globals['_PREFILLRESPONSE_TOPLOGPROBSENTRY']._serialized_start=692
+  _globals['_PREFILLRESPONSE_TOPLOGPROBSENTRY']._serialized_end=742
+  _globals['_PULLREQUEST']._serialized_start=756
+  _globals['_PULLREQUEST']._serialized_end=809
+  _globals['_PULLRESPONSE']._serialized_start=811
+  _globals['_PULLRESPONSE']._serialized_end=875
+  _globals['_LOADREQUEST']._serialized_start=877
+  _globals['_LOADREQUEST']._serialized_end=890
+  _globals['_CACHESTATS']._serialized_start=893
+  _globals['_CACHESTATS']._serialized_end=1148
+  _globals['_TIERSTATS']._serialized_start=1151
+  _globals['_TIERSTATS']._serialized_end=1434
+  _globals['_TIERSTATS_BYTESMOVEDENTRY']._serialized_start=1385
+  _globals['_TIERSTATS_BYTESMOVEDENTRY']._serialized_end=1434
+  _globals['_LOADRESPONSE']._serialized_start=1437
+  _globals['_LOADRESPONSE']._serialized_end=1748
+  _globals['_MEMORYPLAN']._serialized_start=1751
+  _globals['_MEMORYPLAN']._serialized_end=1905
+  _globals['_FLUSHREQUEST']._serialized_start=1907
+  _globals['_FLUSHREQUEST']._serialized_end=1921
+  _globals['_FLUSHRESPONSE']._serialized_start=1923
+  _globals['_FLUSHRESPONSE']._serialized_end=1961
+  _globals['_ABORTREQUEST']._serialized_start=1963
+  _globals['_ABORTREQUEST']._serialized_end=1997
+  _globals['_ABORTRESPONSE']._serialized_start=1999
+  _globals['_ABORTRESPONSE']._serialized_end=2029
+  _globals['_PREFILL']._serialized_start=2032
+  _globals['_PREFILL']._serialized_end=2414
+  _globals['_DECODE']._serialized_start=2417
+  _globals['_DECODE']._serialized_end=2678
 # @@protoc_insertion_point(module_scope)

@@ -54,7 +54,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., num_pages: _Optional[int] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token", "cached_tokens", "logprob", "top_logprobs")
+    __slots__ = ("first_token", "cached_tokens", "logprob", "top_logprobs", "l2_tokens", "l3_tokens")
     class TopLogprobsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -66,11 +66,15 @@ class PrefillResponse(_message.Message):
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    L2_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    L3_TOKENS_FIELD_NUMBER: _ClassVar[int]
     first_token: int
     cached_tokens: int
     logprob: float
     top_logprobs: _containers.ScalarMap[int, float]
-    def __init__(self, first_token: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Mapping[int, float]] = ...) -> None: ...
+    l2_tokens: int
+    l3_tokens: int
+    def __init__(self, first_token: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Mapping[int, float]] = ..., l2_tokens: _Optional[int] = ..., l3_tokens: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("request_id", "channel_id")
