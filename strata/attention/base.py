@@ -109,7 +109,10 @@ class AttentionBackend(ABC):
     """Attention of a batch's queries over the paged KV of each sequence.
 
     scale: the softmax scale; page_size: tokens per page; sparse: sparse decode's settings
-    (None: dense)."""
+    (None: dense); softcap: the attention logits' tanh soft cap (Gemma 2; a backend takes it
+    only where supports_softcap says so, and then decodes densely)."""
+
+    supports_softcap = False
 
     def __init__(
         self,
@@ -117,11 +120,16 @@ class AttentionBackend(ABC):
         page_size: int,
         sparse: SparseConfig | None = None,
         cascade_min_pages: int = 2,
+        softcap: float | None = None,
     ) -> None:
+        if softcap is not None and not self.supports_softcap:
+            raise ValueError(f"{type(self).__name__} has no attention logit soft-capping")
         self.scale = scale
         self.page_size = page_size
-        self.sparse = sparse if sparse is not None and sparse.enabled else None
-        self.cascade_min_pages = cascade_min_pages
+        self.softcap = softcap
+        dense = softcap is not None  # page selection and cascade decode bound plain logits
+        self.sparse = sparse if sparse is not None and sparse.enabled and not dense else None
+        self.cascade_min_pages = 1 << 62 if dense else cascade_min_pages
         # rid -> (its segments' pages and ends, their summaries): computed once per request
         self._summaries: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
 

@@ -14,6 +14,8 @@ from strata.kv.pool import KVCache, LayerKV
 
 
 class CpuAttention(TorchAttention):
+    supports_softcap = False  # the C kernels have no soft cap: models with one run on torch
+
     def reads_in_place(self, device: torch.device) -> bool:
         return cpu_kernels.available(device)
 

@@ -46,8 +46,18 @@ def gather_pages(pages: torch.Tensor, page_ids: torch.Tensor) -> torch.Tensor:
     return pages.flatten(1).index_select(0, page_ids).view(-1, *pages.shape[2:])
 
 
+def softcap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(scores / cap): logits squashed into (-cap, cap) (Gemma 2); None: as given."""
+    return scores if cap is None else torch.tanh(scores / cap) * cap
+
+
 def decode_scores(
-    q: torch.Tensor, k: torch.Tensor, kv_head: torch.Tensor, mask: torch.Tensor | None, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    kv_head: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    cap: float | None = None,
 ) -> torch.Tensor:
     """Scaled float32 scores of a few query rows per batch entry over keys in the pool's own
     layout, with no copy of the keys.
@@ -65,7 +75,7 @@ def decode_scores(
     r = q.shape[1]
     scores = torch.bmm(q, k.reshape(b, l_len * kv_heads, d).transpose(1, 2))
     pick = kv_head.view(1, r, 1, 1).expand(b, r, l_len, 1)
-    s = scores.view(b, r, l_len, kv_heads).gather(3, pick).squeeze(3).float() * scale
+    s = softcap(scores.view(b, r, l_len, kv_heads).gather(3, pick).squeeze(3).float() * scale, cap)
     if mask is not None:
         s.masked_fill_(~mask[:, None, :], float("-inf"))
     return s
@@ -90,8 +100,9 @@ def paged_decode(
     page_table: torch.Tensor,
     kv_mask: torch.Tensor,
     scale: float,
+    cap: float | None = None,
 ) -> torch.Tensor:
-    """One query token per sequence over its pages.
+    """One query token per sequence over its pages (cap: the logits' soft cap).
 
     q [batch, heads, head_dim]; page_table [batch, max_pages] (padding may be any valid page);
     kv_mask [batch, max_pages * page_size] bool, True where the key belongs to the sequence.
@@ -102,7 +113,7 @@ def paged_decode(
     k = gather_pages(k_pages, flat).view(b, -1, *k_pages.shape[2:])
     v = gather_pages(v_pages, flat).view(b, -1, *v_pages.shape[2:])
     kv_head = _kv_heads_of(q.shape[1], k_pages.shape[2], q.device)
-    p = torch.softmax(decode_scores(q, k, kv_head, kv_mask, scale), -1)
+    p = torch.softmax(decode_scores(q, k, kv_head, kv_mask, scale, cap), -1)
     return decode_values(p, v, kv_head)
 
 
@@ -115,11 +126,15 @@ def paged_prefill(
     page_ids: torch.Tensor,
     prefix_len: int,
     scale: float,
+    cap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of q [q_len, heads, head_dim] at positions prefix_len.. over the
-    sequence's keys: its cached prefix (in pages page_ids) followed by k, v [q_len, ...]."""
+    sequence's keys: its cached prefix (in pages page_ids) followed by k, v [q_len, ...];
+    cap: the logits' soft cap."""
     q_len = q.shape[0]
     qh = q.transpose(0, 1).unsqueeze(0)
+    if cap is not None:
+        return _capped_prefill(q, k, v, k_pages, v_pages, page_ids, prefix_len, scale, cap)
     if prefix_len == 0:  # nothing cached: attend over the new keys directly
         kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
         out = F.scaled_dot_product_attention(
@@ -133,6 +148,34 @@ def paged_prefill(
     mask = torch.arange(kv_len, device=q.device)[None, :] <= rows[:, None]
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.squeeze(0).transpose(0, 1)
+
+
+def _capped_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    page_ids: torch.Tensor,
+    prefix_len: int,
+    scale: float,
+    cap: float,
+) -> torch.Tensor:
+    """paged_prefill with soft-capped logits, in plain ops (SDPA has no cap): float32
+    scores, capped, masked, softmax, then the values."""
+    q_len, heads, _ = q.shape
+    if prefix_len:
+        kv_len = prefix_len + q_len
+        k = gather_pages(k_pages, page_ids)[:kv_len]
+        v = gather_pages(v_pages, page_ids)[:kv_len]
+    group = heads // k.shape[1]
+    kh = k.transpose(0, 1).repeat_interleave(group, 0)  # [heads, L, D]
+    vh = v.transpose(0, 1).repeat_interleave(group, 0)
+    s = softcap(torch.bmm(q.transpose(0, 1), kh.transpose(1, 2)).float() * scale, cap)
+    rows = torch.arange(prefix_len, prefix_len + q_len, device=q.device)
+    mask = torch.arange(k.shape[0], device=q.device)[None, :] <= rows[:, None]
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1)
+    return torch.bmm(p.to(v.dtype), vh).transpose(0, 1)
 
 
 def paged_decode_cascade(

@@ -24,11 +24,24 @@ def backend_class(name: str) -> type[AttentionBackend]:
 
 
 def make_backend(
-    name: str, device: str, scale: float, page_size: int, sparse: SparseConfig | None = None
+    name: str,
+    device: str,
+    scale: float,
+    page_size: int,
+    sparse: SparseConfig | None = None,
+    softcap: float | None = None,
 ) -> AttentionBackend:
-    """The attention backend `name` on `device` ("auto": triton on CUDA, else cpu)."""
+    """The attention backend `name` on `device` ("auto": triton on CUDA, else cpu; torch for
+    a model whose attention logits are soft-capped, which only it computes)."""
     if name == "auto":
         name = "triton" if device.startswith("cuda") else "cpu"
+        if softcap is not None:
+            name = "torch"
     cls = backend_class(name)
     cls.check_device(device)
-    return cls(scale, page_size, sparse)
+    if softcap is not None and not cls.supports_softcap:
+        raise ValueError(
+            f"--attention-backend {name} has no attention logit soft-capping, which this "
+            "model uses: leave it to auto, or name torch"
+        )
+    return cls(scale, page_size, sparse, softcap=softcap)

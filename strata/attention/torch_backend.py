@@ -12,6 +12,8 @@ from strata.kv.pool import LayerKV
 
 
 class TorchAttention(AttentionBackend):
+    supports_softcap = True
+
     def write_kv(
         self,
         layer: LayerKV,
@@ -41,6 +43,7 @@ class TorchAttention(AttentionBackend):
                 e.page_ids,
                 e.prefix_len,
                 self.scale,
+                self.softcap,
             )
         return out
 
@@ -48,7 +51,7 @@ class TorchAttention(AttentionBackend):
         pages, lens = meta.decode_pages, meta.decode_lens
         assert pages is not None and lens is not None
         mask = torch.arange(pages.shape[1] * self.page_size, device=q.device) < lens[:, None]
-        return reference.paged_decode(q, layer.k, layer.v, pages, mask, self.scale)
+        return reference.paged_decode(q, layer.k, layer.v, pages, mask, self.scale, self.softcap)
 
     def decode_selected(
         self, q: torch.Tensor, layer: LayerKV, table: torch.Tensor, lens: torch.Tensor

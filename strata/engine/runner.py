@@ -172,9 +172,10 @@ class ModelRunner:
         backend = make_backend(
             model_cfg.attention_backend,
             device,
-            spec.head_dim**-0.5,
+            spec.softmax_scale,
             pool_cfg.page_size,
             model_cfg.sparse_attention,
+            spec.attn_softcap,
         )
         model = family.model(spec, weights, backend, quantization, tp, family.fused_cpu_decode)
         tokenizer = load_tokenizer(folder) if rank == 0 else None

@@ -3,6 +3,8 @@ with fused QKV, SiLU-gated MLP), run by the families whose layer it is (strata.m
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -10,7 +12,7 @@ from strata.attention.base import AttentionBackend, AttentionMeta
 from strata.batch import ForwardBatch
 from strata.kv.pool import KVCache
 from strata.model.cpu_layers import CpuLayers
-from strata.model.layers import MLP, Attention, DecoderLayer, RMSNorm
+from strata.model.layers import MLP, Attention, DecoderLayer, RMSNorm, SandwichLayer
 from strata.model.linear import make_linear
 from strata.model.rope import RotaryEmbedding
 from strata.model.spec import ModelSpec
@@ -46,7 +48,8 @@ class DecoderLM:
             embed.device,
         )
         self.embed_tokens = embed
-        self.layers = []
+        self._has_sandwich = "layers.0.pre_ff_norm" in weights
+        self.layers: list[DecoderLayer | SandwichLayer] = []
         for i in range(spec.num_layers):
             w = lambda name: weights[f"layers.{i}.{name}"]  # noqa: B023
             qkv = make_linear(w("qkv"), weights.get(f"layers.{i}.qkv_bias"), quantization, dt)
@@ -67,15 +70,23 @@ class DecoderLM:
                 make_linear(w("gate_up"), None, quantization, dt),
                 make_linear(w("down"), None, quantization, dt),
                 tp,
+                spec.hidden_act,
             )
-            eps = spec.rms_norm_eps
-            self.layers.append(
-                DecoderLayer(attn, mlp, RMSNorm(w("input_norm"), eps), RMSNorm(w("post_norm"), eps))
-            )
+            self.layers.append(self._layer(attn, mlp, w))
         self.norm = RMSNorm(weights["norm"], spec.rms_norm_eps)
         self.lm_head = make_linear(weights.get("lm_head", embed), None, quantization, dt)
         # dense decode-only batches in bfloat16 on CPU: every layer in one C++ call
         self.cpu_layers = CpuLayers.of(self) if fused_cpu_decode else None
+
+    def _layer(self, attn: Attention, mlp: MLP, w: Any) -> DecoderLayer | SandwichLayer:
+        """Llama's layer, or Gemma's (norms after attention and around the MLP) where the
+        family's weights have them."""
+        eps = self.spec.rms_norm_eps
+        if self._has_sandwich:
+            names = ("input_norm", "post_norm", "pre_ff_norm", "post_ff_norm")
+            n1, n2, n3, n4 = (RMSNorm(w(n), eps) for n in names)
+            return SandwichLayer(attn, mlp, (n1, n2, n3, n4))
+        return DecoderLayer(attn, mlp, RMSNorm(w("input_norm"), eps), RMSNorm(w("post_norm"), eps))
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: KVCache) -> tuple[torch.Tensor, AttentionMeta]:
@@ -100,6 +111,8 @@ class DecoderLM:
             x = self.tp.embed(input_ids, self.embed_tokens)
         else:
             x = F.embedding(input_ids, self.embed_tokens)
+        if self.spec.embed_scale != 1.0:  # Gemma: sqrt(hidden), rounded to the model's dtype
+            x = x * torch.tensor(self.spec.embed_scale, dtype=x.dtype)
         delta = None
         plan = self.backend.fused_plan(meta)
         if self.cpu_layers is not None and plan is not None:
@@ -111,5 +124,9 @@ class DecoderLM:
             x = self.norm.add_norm(x, delta)[1]  # one C call on CPU: add and norm
         else:
             x = self.norm((x[rows] + delta[rows]) if delta is not None else x[rows])
-        logits = self.lm_head(x).float()
+        logits = self.lm_head(x)
+        if self.spec.final_softcap is not None:
+            cap = self.spec.final_softcap
+            logits = torch.tanh(logits / cap) * cap
+        logits = logits.float()
         return self.tp.gather_logits(logits) if self.tp else logits

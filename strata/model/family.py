@@ -24,7 +24,9 @@ class Family:
     own tensors (`embed_tokens`, `norm`, `lm_head`); layer_weights: each layer's, without the
     `layers.{i}.` prefix (a name in `optional` is fused only when the spec asks for it);
     model: the class run with the fused weights; fused_cpu_decode: the C++ decode layers
-    (strata.model.cpu_layers) compute this family's layer, so dense decode may use them."""
+    (strata.model.cpu_layers) compute this family's layer, so dense decode may use them;
+    norm_offset: the checkpoint's RMSNorm weights apply as (norm_offset + w) (Gemma: 1),
+    added in float32 as they load."""
 
     name: str
     architectures: tuple[str, ...]
@@ -34,6 +36,7 @@ class Family:
     layer_weights: WeightMap
     model: Callable[..., Any]
     fused_cpu_decode: bool = False
+    norm_offset: float = 0.0
 
     def fuse(
         self,
@@ -51,6 +54,8 @@ class Family:
                     raise ModelLoadError(f"checkpoint lacks tensor {n!r}")
             parts = [raw[n] for n in names]
             t = parts[0] if len(parts) == 1 else torch.cat(parts)
+            if self.norm_offset and names[0].endswith("norm.weight"):
+                t = t.float() + self.norm_offset
             return t.to(device=device, dtype=dtype).contiguous()
 
         out = {}

@@ -98,11 +98,21 @@ class Attention:
 
 
 class MLP:
-    def __init__(self, gate_up: AnyLinear, down: AnyLinear, tp: TPGroup | None = None) -> None:
-        self.gate_up, self.down, self.tp = gate_up, down, tp
+    """down(act(gate) * up), gate and up one fused product; act: "silu" or "gelu_tanh"."""
+
+    def __init__(
+        self, gate_up: AnyLinear, down: AnyLinear, tp: TPGroup | None = None, act: str = "silu"
+    ) -> None:
+        if act not in ("silu", "gelu_tanh"):
+            raise ValueError(f"unsupported MLP activation {act!r}")
+        self.gate_up, self.down, self.tp, self.act = gate_up, down, tp, act
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up(x)
+        if self.act == "gelu_tanh":
+            gate, up = gate_up.chunk(2, dim=-1)
+            y = self.down(F.gelu(gate, approximate="tanh") * up)
+            return self.tp.all_reduce(y) if self.tp else y
         h = cpu_ops.silu_mul(gate_up)  # bfloat16 on CPU: one call, rounded as torch
         if h is None and gate_up.is_cuda:
             h = gpu_ops().silu_mul(gate_up)
@@ -132,3 +142,30 @@ class DecoderLayer:
         x, h = self.norm1.add_norm(x, delta)
         x, h = self.norm2.add_norm(x, self.attn(h, cos, sin, kv_layer, meta))
         return x, self.mlp(h)
+
+
+class SandwichLayer:
+    """A decoder layer whose attention and MLP outputs are normed before they join the
+    residual stream, and whose MLP has a norm of its own before it (Gemma 2 and 3)."""
+
+    def __init__(
+        self, attn: Attention, mlp: MLP, norms: tuple[RMSNorm, RMSNorm, RMSNorm, RMSNorm]
+    ) -> None:
+        """norms: before attention, after it, before the MLP, after it."""
+        self.attn, self.mlp = attn, mlp
+        self.input_norm, self.post_attn_norm, self.pre_ff_norm, self.post_ff_norm = norms
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        delta: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_layer: LayerKV,
+        meta: AttentionMeta,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """DecoderLayer's protocol: the residual, and this layer's output still to add."""
+        x, h = self.input_norm.add_norm(x, delta)
+        a = self.post_attn_norm(self.attn(h, cos, sin, kv_layer, meta))
+        x, h = self.pre_ff_norm.add_norm(x, a)
+        return x, self.post_ff_norm(self.mlp(h))

@@ -16,6 +16,7 @@ FAMILIES = (  # the module of each, defining FAMILY
     "strata.model.models.qwen2",
     "strata.model.models.qwen3",
     "strata.model.models.phi3",
+    "strata.model.models.gemma2",
 )
 
 

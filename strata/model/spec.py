@@ -28,6 +28,18 @@ class ModelSpec:
     rope_theta: float
     rope_scaling: dict[str, Any] = field(default_factory=dict)
     eos_token_ids: tuple[int, ...] = ()
+    # what some families change (Gemma): the MLP's activation ("silu" or "gelu_tanh"), the
+    # softmax scale (None: head_dim ** -0.5), tanh soft-capping of the attention logits and
+    # of the final logits (None: none), and the factor on the embeddings
+    hidden_act: str = "silu"
+    attn_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    embed_scale: float = 1.0
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.attn_scale if self.attn_scale is not None else self.head_dim**-0.5
 
     @property
     def q_size(self) -> int:
@@ -44,10 +56,11 @@ class ModelSpec:
         architecture: str,
         qkv_bias: bool = False,
         sliding_window: bool = False,
+        **changes: Any,
     ) -> ModelSpec:
         """The Llama-style fields of a parsed config.json (a family's file says which family
         and what differs: strata.model.models). sliding_window: the config's window, if it
-        has one, caps the context."""
+        has one, caps the context. changes: other fields, as the family sets them."""
         heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
         # transformers >= 5 folds rope_theta and rope_scaling into rope_parameters.
@@ -81,4 +94,5 @@ class ModelSpec:
             rope_theta=theta,
             rope_scaling=rope,
             eos_token_ids=eos_ids,
+            **changes,
         )

@@ -91,6 +91,17 @@ def test_a_registered_backend_runs_prefill_and_decode_in_one_forward(runners):
     assert torch.allclose(outs[1], outs[0], atol=1e-4, rtol=0)
 
 
+def test_soft_capped_attention_runs_on_the_backend_that_has_it():
+    """Gemma 2's soft cap: auto picks the torch backend, which decodes densely; a backend
+    without the cap is refused by name."""
+    from strata.attention.torch_backend import TorchAttention
+
+    backend = make_backend("auto", "cpu", 0.1, 4, SparseConfig(), softcap=50.0)
+    assert type(backend) is TorchAttention and backend.sparse is None
+    with pytest.raises(ValueError, match="soft-capping"):
+        make_backend("cpu", "cpu", 0.1, 4, softcap=50.0)
+
+
 def test_unknown_and_unloadable_backends_are_refused(monkeypatch):
     with pytest.raises(ValueError, match="unknown attention backend"):
         make_backend("flash", "cpu", 0.1, 4)

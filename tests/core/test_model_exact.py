@@ -18,6 +18,9 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 64,
 }
+# caps small enough to bend a tiny random model's logits (Gemma 2's own are 50 and 30): without
+# the attention cap the logits move by 2e-3, past the tolerance
+GEMMA_CAPS = {"attn_logit_softcapping": 0.05, "final_logit_softcapping": 1.5}
 FAMILIES = [
     ("llama", {}),
     ("llama", {"rope_scaling": LLAMA3_ROPE, "rope_theta": 500000.0, "tie_word_embeddings": True}),
@@ -26,6 +29,8 @@ FAMILIES = [
     ("mistral", {"sliding_window": None}),
     ("qwen3", {"head_dim": 16}),  # head norms on q and k
     ("phi3", {"pad_token_id": 0}),  # q, k, v and gate, up fused in the checkpoint
+    # sandwich norms, (1 + w) norms, tanh gelu, soft caps, a scale of its own
+    ("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 24, "pad_token_id": 0, **GEMMA_CAPS}),
 ]
 
 

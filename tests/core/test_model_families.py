@@ -113,6 +113,7 @@ def test_every_built_in_family_is_found_by_architecture_and_by_model_type():
         ("Qwen2ForCausalLM", "qwen2"),
         ("Qwen3ForCausalLM", "qwen3"),
         ("Phi3ForCausalLM", "phi3"),
+        ("Gemma2ForCausalLM", "gemma2"),
     ):
         assert registry.family_of({"architectures": [arch]}).name == kind
         assert registry.family_of({"model_type": kind}).name == kind

@@ -20,6 +20,7 @@ FAMILIES = {
     "qwen2": {},
     "qwen3": {"head_dim": 16},
     "phi3": {"pad_token_id": 0},
+    "gemma2": {"head_dim": 16, "pad_token_id": 0},
 }
 PROMPT = "The lighthouse keeper counted the waves"
 NEW_TOKENS = 12
