@@ -103,6 +103,7 @@ class AttentionMeta:
     prefills: Prefills | None = None  # for a kernel that reads the pages in place
     plan: Any = None  # the backend's own plan of the batch (plan_decode), if any
     shared: int = 0  # pages every decode row starts with, read once (a kernel's choice)
+    longest: int = 0  # the longest sequence's tokens (its KV after this forward)
 
 
 class AttentionBackend(ABC):
@@ -110,7 +111,10 @@ class AttentionBackend(ABC):
 
     scale: the softmax scale; page_size: tokens per page; sparse: sparse decode's settings
     (None: dense); softcap: the attention logits' tanh soft cap (Gemma 2; a backend takes it
-    only where supports_softcap says so, and then decodes densely)."""
+    only where supports_softcap says so, and then decodes densely); windows: per layer, its
+    sliding window in tokens (0: none; () for a model without). Where a window cuts (a
+    sequence longer than it), that layer runs the reference ops with the window masked, on
+    any backend: the kernels read whole contexts."""
 
     supports_softcap = False
 
@@ -121,12 +125,15 @@ class AttentionBackend(ABC):
         sparse: SparseConfig | None = None,
         cascade_min_pages: int = 2,
         softcap: float | None = None,
+        windows: tuple[int, ...] = (),
     ) -> None:
         if softcap is not None and not self.supports_softcap:
             raise ValueError(f"{type(self).__name__} has no attention logit soft-capping")
         self.scale = scale
         self.page_size = page_size
         self.softcap = softcap
+        self.windows = windows
+        self.min_window = min((w for w in windows if w), default=0)
         dense = softcap is not None  # page selection and cascade decode bound plain logits
         self.sparse = sparse if sparse is not None and sparse.enabled and not dense else None
         self.cascade_min_pages = 1 << 62 if dense else cascade_min_pages
@@ -188,6 +195,7 @@ class AttentionBackend(ABC):
         ps, table = batch.page_size, batch.page_table
         write_at = reference.split_slots(batch.slot_mapping, ps)
         meta = AttentionMeta(write_at, batch.input_ids.shape[0], len(batch.q_lens))
+        meta.longest = max(batch.kv_lens)
         summaries, self._summaries = self._summaries, {}  # _segments keeps this batch's
         starts = [0]
         for q in batch.q_lens:
@@ -234,6 +242,8 @@ class AttentionBackend(ABC):
             touched = torch.zeros(len(seqs), max_pages, dtype=torch.uint8, device=dev)
             meta.sparse = SparseState(active, active.to(torch.uint8), -(-lens // ps), touched)
             meta.sparse.segments = self._segments(batch, seqs, kv, summaries)
+        elif self._window_cuts(meta):
+            return  # windowed layers take the reference ops: no whole-model plan
         # NOTE: a backend that reads every sequence's pages in place reads a shared prompt's
         # pages from cache, not gathered: cascade decode only pays without it.
         elif not self.reads_in_place(dev):
@@ -251,11 +261,52 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:
         """Store k, v [T, kv_heads, D] in the layer's pages, return attention [T, heads, D]."""
         self.write_kv(kv_layer, meta.write_at, k, v)
+        window = self.windows[kv_layer.layer_id] if self.windows else 0
+        if window and meta.longest > window:
+            return self._windowed(q, k, v, kv_layer, meta, window)
         if meta.decode_rows is not None and not meta.extends:
             return self._decode_rows(q, kv_layer, meta)
         out = self.prefill(q, k, v, kv_layer, meta)
         if meta.decode_rows is not None:
             out[meta.decode_rows] = self._decode_rows(q[meta.decode_rows], kv_layer, meta)
+        return out
+
+    def _window_cuts(self, meta: AttentionMeta) -> bool:
+        return bool(self.min_window) and meta.longest > self.min_window
+
+    def _windowed(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: LayerKV,
+        meta: AttentionMeta,
+        window: int,
+    ) -> torch.Tensor:
+        """A sliding-window layer of a batch its window cuts, in the reference ops."""
+        out = torch.empty_like(q)
+        for e in meta.extends:
+            rows = slice(e.start, e.start + e.q_len)
+            out[rows] = reference.paged_prefill(
+                q[rows],
+                k[rows],
+                v[rows],
+                layer.k,
+                layer.v,
+                e.page_ids,
+                e.prefix_len,
+                self.scale,
+                self.softcap,
+                window,
+            )
+        if meta.decode_rows is not None:
+            pages, lens = meta.decode_pages, meta.decode_lens
+            assert pages is not None and lens is not None
+            pos = torch.arange(pages.shape[1] * self.page_size, device=q.device)[None, :]
+            mask = (pos < lens[:, None]) & (pos >= lens[:, None] - window)
+            out[meta.decode_rows] = reference.paged_decode(
+                q[meta.decode_rows], layer.k, layer.v, pages, mask, self.scale, self.softcap
+            )
         return out
 
     def _decode_rows(self, q: torch.Tensor, layer: LayerKV, meta: AttentionMeta) -> torch.Tensor:
@@ -415,6 +466,8 @@ class AttentionBackend(ABC):
     def graph_replays(self, longest: int) -> bool:
         """Whether a decode step whose longest context is `longest` may replay a graph (sparse
         decode picks its pages on the host, so it runs eagerly)."""
+        if self.min_window and longest > self.min_window:
+            return False  # a window cuts: those layers run the reference ops, eagerly
         return self.sparse is None or longest < self.sparse.min_context
 
 

@@ -127,14 +127,16 @@ def paged_prefill(
     prefix_len: int,
     scale: float,
     cap: float | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """Causal attention of q [q_len, heads, head_dim] at positions prefix_len.. over the
     sequence's keys: its cached prefix (in pages page_ids) followed by k, v [q_len, ...];
-    cap: the logits' soft cap."""
+    cap: the logits' soft cap; window: each query sees only the last `window` positions,
+    its own included (0: all)."""
     q_len = q.shape[0]
     qh = q.transpose(0, 1).unsqueeze(0)
-    if cap is not None:
-        return _capped_prefill(q, k, v, k_pages, v_pages, page_ids, prefix_len, scale, cap)
+    if cap is not None or window:
+        return _masked_prefill(q, k, v, k_pages, v_pages, page_ids, prefix_len, scale, cap, window)
     if prefix_len == 0:  # nothing cached: attend over the new keys directly
         kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
         out = F.scaled_dot_product_attention(
@@ -150,7 +152,15 @@ def paged_prefill(
     return out.squeeze(0).transpose(0, 1)
 
 
-def _capped_prefill(
+def window_mask(positions: torch.Tensor, kv_len: int, window: int = 0) -> torch.Tensor:
+    """bool [len(positions), kv_len]: the keys each query position sees (causal; with a
+    window, only the last `window` positions, its own included)."""
+    j = torch.arange(kv_len, device=positions.device)[None, :]
+    seen = j <= positions[:, None]
+    return seen & (j > positions[:, None] - window) if window else seen
+
+
+def _masked_prefill(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -159,9 +169,10 @@ def _capped_prefill(
     page_ids: torch.Tensor,
     prefix_len: int,
     scale: float,
-    cap: float,
+    cap: float | None,
+    window: int,
 ) -> torch.Tensor:
-    """paged_prefill with soft-capped logits, in plain ops (SDPA has no cap): float32
+    """paged_prefill with soft-capped logits or a sliding window, in plain ops: float32
     scores, capped, masked, softmax, then the values."""
     q_len, heads, _ = q.shape
     if prefix_len:
@@ -173,7 +184,7 @@ def _capped_prefill(
     vh = v.transpose(0, 1).repeat_interleave(group, 0)
     s = softcap(torch.bmm(q.transpose(0, 1), kh.transpose(1, 2)).float() * scale, cap)
     rows = torch.arange(prefix_len, prefix_len + q_len, device=q.device)
-    mask = torch.arange(k.shape[0], device=q.device)[None, :] <= rows[:, None]
+    mask = window_mask(rows, k.shape[0], window)
     p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1)
     return torch.bmm(p.to(v.dtype), vh).transpose(0, 1)
 

@@ -30,6 +30,7 @@ def make_backend(
     page_size: int,
     sparse: SparseConfig | None = None,
     softcap: float | None = None,
+    windows: tuple[int, ...] = (),
 ) -> AttentionBackend:
     """The attention backend `name` on `device` ("auto": triton on CUDA, else cpu; torch for
     a model whose attention logits are soft-capped, which only it computes)."""
@@ -44,4 +45,4 @@ def make_backend(
             f"--attention-backend {name} has no attention logit soft-capping, which this "
             "model uses: leave it to auto, or name torch"
         )
-    return cls(scale, page_size, sparse, softcap=softcap)
+    return cls(scale, page_size, sparse, softcap=softcap, windows=windows)

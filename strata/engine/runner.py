@@ -176,6 +176,7 @@ class ModelRunner:
             pool_cfg.page_size,
             model_cfg.sparse_attention,
             spec.attn_softcap,
+            spec.windows,
         )
         model = family.model(spec, weights, backend, quantization, tp, family.fused_cpu_decode)
         tokenizer = load_tokenizer(folder) if rank == 0 else None

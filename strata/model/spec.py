@@ -36,6 +36,9 @@ class ModelSpec:
     attn_softcap: float | None = None
     final_softcap: float | None = None
     embed_scale: float = 1.0
+    # per layer, the sliding window of its attention in tokens (0: the whole context); ()
+    # where no layer has one
+    windows: tuple[int, ...] = ()
 
     @property
     def softmax_scale(self) -> float:
@@ -60,7 +63,8 @@ class ModelSpec:
     ) -> ModelSpec:
         """The Llama-style fields of a parsed config.json (a family's file says which family
         and what differs: strata.model.models). sliding_window: the config's window, if it
-        has one, caps the context. changes: other fields, as the family sets them."""
+        has one, applies (to the layers its `layer_types` names, else to every layer).
+        changes: other fields, as the family sets them."""
         heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
         # transformers >= 5 folds rope_theta and rope_scaling into rope_parameters.
@@ -71,11 +75,11 @@ class ModelSpec:
         if "partial_rotary_factor" in cfg:  # older configs keep it beside, not inside
             rope.setdefault("partial_rotary_factor", cfg["partial_rotary_factor"])
         max_position = cfg.get("max_position_embeddings", 2048)
-        window = cfg.get("sliding_window")
+        window = int(cfg.get("sliding_window") or 0)
+        windows: tuple[int, ...] = ()
         if window and sliding_window:
-            # NOTE: we do not implement sliding-window masking; capping the context at the
-            # window keeps every attention exact.
-            max_position = min(max_position, int(window))
+            kinds = cfg.get("layer_types") or ["sliding_attention"] * cfg["num_hidden_layers"]
+            windows = tuple(window if k == "sliding_attention" else 0 for k in kinds)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return cls(
@@ -94,5 +98,5 @@ class ModelSpec:
             rope_theta=theta,
             rope_scaling=rope,
             eos_token_ids=eos_ids,
-            **changes,
+            **{"windows": windows if any(windows) else (), **changes},
         )

@@ -31,11 +31,18 @@ FAMILIES = [
     ("phi3", {"pad_token_id": 0}),  # q, k, v and gate, up fused in the checkpoint
     # sandwich norms, (1 + w) norms, tanh gelu, soft caps, a scale of its own
     ("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 24, "pad_token_id": 0, **GEMMA_CAPS}),
+    # sliding windows shorter than the prompts: on every layer, on the layers layer_types
+    # names (Qwen2 past max_window_layers; Gemma 2 every other one)
+    ("mistral", {"sliding_window": 8}),
+    ("phi3", {"pad_token_id": 0, "sliding_window": 6}),
+    ("qwen2", {"sliding_window": 8, "use_sliding_window": True, "max_window_layers": 1}),
+    ("gemma2", {"head_dim": 16, "pad_token_id": 0, "sliding_window": 8, **GEMMA_CAPS}),
 ]
 
 
 def _ids(arch):
-    return f"{arch[0]}-{arch[1].get('rope_scaling', {}).get('rope_type', 'default')}"
+    window = f"-window{arch[1]['sliding_window']}" if arch[1].get("sliding_window") else ""
+    return f"{arch[0]}-{arch[1].get('rope_scaling', {}).get('rope_type', 'default')}{window}"
 
 
 @pytest.fixture(params=FAMILIES, ids=_ids)

@@ -1,8 +1,8 @@
 """Gemma 2: the embeddings scaled by sqrt(hidden), RMSNorm as (1 + w), a GeGLU MLP (tanh
 gelu), norms after attention and around the MLP, a softmax scale of
 query_pre_attn_scalar ** -0.5, and tanh soft-capping of the attention logits and of the
-final logits. Every other layer attends within a sliding window: strata caps the context at
-the window, so no layer's window ever cuts (exact). Soft-capped attention runs on the torch
+final logits. Every other layer attends within a sliding window (`layer_types`), masked
+where it cuts (strata.attention.base). Soft-capped attention runs on the torch
 backend (the C and Triton kernels have no cap), and decodes densely."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Mistral: Llama's layer; its sliding window is on unless the config says otherwise (strata
-caps the context at the window, so every attention it computes is exact)."""
+"""Mistral: Llama's layer; its sliding window is on unless the config says otherwise (masked
+where it cuts: strata.attention.base)."""
 
 from __future__ import annotations
 

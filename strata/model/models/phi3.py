@@ -1,7 +1,7 @@
 """Phi-3 and Phi-4: Llama's layer, its checkpoints holding q, k and v as one qkv_proj and
 gate and up as one gate_up_proj, in the order strata fuses them. Longrope ("su") scaling and
 partial rotary embeddings (Phi-3 128k, Phi-4-mini) are refused by name (strata.model.rope).
-A sliding window, where the config has one, caps the context."""
+A sliding window, where the config has one, applies to every layer."""
 
 from __future__ import annotations
 
