@@ -455,7 +455,7 @@ class Engine:
             return bool(plan.ended)
         prompt_logprobs = [c for c in chunks if wants_input_logprobs(c)]
         start = time.perf_counter()
-        out = self.runner.run([self.outputs.sequence(c) for c in chunks], bool(prompt_logprobs))
+        out = self.runner.run([c.sequence() for c in chunks], bool(prompt_logprobs))
         logits = out.logits
         filled = sum(c.length for c in chunks if c.length > 1 and not c.draft)
         if self.prefix_cache is not None and filled >= OBSERVE_PREFILL_TOKENS:

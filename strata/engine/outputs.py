@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from strata.batch import SequenceChunk
 from strata.engine.intake import RequestTable
 from strata.engine.request import Request, RequestOutput
 from strata.engine.runner import ModelRunner
@@ -48,18 +47,6 @@ class Outputs:
     def grammar(self) -> GrammarCompiler:
         """The xgrammar compiler for constrained requests (built on first use)."""
         return self._grammar.get()
-
-    def sequence(self, c: ScheduledChunk) -> SequenceChunk:
-        """The tokens a scheduled chunk computes, as the runner takes them."""
-        req, n_prompt = c.req, len(c.req.prompt_ids)
-        end = c.start + c.length - len(c.draft)
-        if c.start >= n_prompt:
-            tokens = req.output_ids[c.start - n_prompt : end - n_prompt]
-        else:
-            tokens = (req.prompt_ids + req.output_ids)[c.start : end]
-        if c.draft:
-            tokens = tokens + list(c.draft)
-        return SequenceChunk(tokens, c.start, req.pages, req.rid, req.segment_ends, c.logit_rows)
 
     def sample(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> None:
         """Sample the token of each chunk that ends with one (logits: each chunk's

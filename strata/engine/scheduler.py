@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from strata.batch import SequenceChunk
 from strata.cache.index import CacheIndex
 from strata.cache.keys import common_prefix_len
 from strata.engine.ngram import NgramDrafter
@@ -46,6 +47,19 @@ class ScheduledChunk:
     def logit_rows(self) -> int:
         """Rows of logits the chunk needs: its last token's and each draft token's."""
         return 1 + len(self.draft)
+
+    def sequence(self) -> SequenceChunk:
+        """The tokens this chunk computes, as the runner takes them."""
+        req, n_prompt = self.req, len(self.req.prompt_ids)
+        end = self.start + self.length - len(self.draft)
+        if self.start >= n_prompt:
+            tokens = req.output_ids[self.start - n_prompt : end - n_prompt]
+        else:
+            tokens = (req.prompt_ids + req.output_ids)[self.start : end]
+        if self.draft:
+            tokens = tokens + list(self.draft)
+        pages, rows = req.pages, self.logit_rows
+        return SequenceChunk(tokens, self.start, pages, req.rid, req.segment_ends, rows)
 
 
 @dataclass
