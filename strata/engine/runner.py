@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from strata.attention.base import AttentionBackend
 from strata.attention.registry import make_backend
 from strata.batch import ForwardBatch, SequenceChunk
 from strata.config import HiCacheConfig, KVPoolConfig, ModelConfig
@@ -93,6 +94,21 @@ class StepOutput:
     selected: list[torch.Tensor | None] | None = None
 
 
+def _backend(
+    model_cfg: ModelConfig, pool_cfg: KVPoolConfig, spec: ModelSpec, device: str
+) -> AttentionBackend:
+    """The attention backend the config names, for this model's scale, caps and windows."""
+    return make_backend(
+        model_cfg.attention_backend,
+        device,
+        spec.softmax_scale,
+        pool_cfg.page_size,
+        model_cfg.sparse_attention,
+        spec.attn_softcap,
+        spec.windows,
+    )
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -169,15 +185,7 @@ class ModelRunner:
             followers, links, threads = cls._join(model_cfg, pool_cfg, rank, address, num_pages)
             tp = TPGroup(rank, size, spec.vocab_size)
             weights = shard_weights(spec, weights, rank, size)
-        backend = make_backend(
-            model_cfg.attention_backend,
-            device,
-            spec.softmax_scale,
-            pool_cfg.page_size,
-            model_cfg.sparse_attention,
-            spec.attn_softcap,
-            spec.windows,
-        )
+        backend = _backend(model_cfg, pool_cfg, spec, device)
         model = family.model(spec, weights, backend, quantization, tp, family.fused_cpu_decode)
         tokenizer = load_tokenizer(folder) if rank == 0 else None
         log.info("loaded %s in %.1fs", folder, time.perf_counter() - start)
