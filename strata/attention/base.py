@@ -300,14 +300,24 @@ class AttentionBackend(ABC):
                 window,
             )
         if meta.decode_rows is not None:
-            pages, lens = meta.decode_pages, meta.decode_lens
-            assert pages is not None and lens is not None
-            pos = torch.arange(pages.shape[1] * self.page_size, device=q.device)[None, :]
-            mask = (pos < lens[:, None]) & (pos >= lens[:, None] - window)
+            pages, mask = self._window_pages(meta, window)
             out[meta.decode_rows] = reference.paged_decode(
                 q[meta.decode_rows], layer.k, layer.v, pages, mask, self.scale, self.softcap
             )
         return out
+
+    def _window_pages(self, meta: AttentionMeta, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode rows' pages a window of `window` tokens reaches (the pages before it
+        are not read) and the mask of its keys among them."""
+        pages, lens, ps = meta.decode_pages, meta.decode_lens, self.page_size
+        assert pages is not None and lens is not None
+        first = (lens - window).clamp(min=0) // ps  # [Bd]: the window's first page
+        span = torch.arange(-(-window // ps) + 1, device=pages.device)  # pages it may touch
+        cols = first[:, None] + span[None, :]
+        table = pages.gather(1, cols.clamp(max=pages.shape[1] - 1))  # past the end: masked
+        pos = (cols * ps)[:, :, None] + torch.arange(ps, device=pages.device)
+        pos = pos.flatten(1)
+        return table, (pos < lens[:, None]) & (pos >= lens[:, None] - window)
 
     def _decode_rows(self, q: torch.Tensor, layer: LayerKV, meta: AttentionMeta) -> torch.Tensor:
         sp, state = self.sparse, meta.sparse

@@ -152,10 +152,12 @@ def paged_prefill(
     return out.squeeze(0).transpose(0, 1)
 
 
-def window_mask(positions: torch.Tensor, kv_len: int, window: int = 0) -> torch.Tensor:
-    """bool [len(positions), kv_len]: the keys each query position sees (causal; with a
-    window, only the last `window` positions, its own included)."""
-    j = torch.arange(kv_len, device=positions.device)[None, :]
+def window_mask(
+    positions: torch.Tensor, kv_len: int, window: int = 0, first: int = 0
+) -> torch.Tensor:
+    """bool [len(positions), kv_len - first]: which of the keys first.. each query position
+    sees (causal; with a window, only the last `window` positions, its own included)."""
+    j = torch.arange(first, kv_len, device=positions.device)[None, :]
     seen = j <= positions[:, None]
     return seen & (j > positions[:, None] - window) if window else seen
 
@@ -173,18 +175,22 @@ def _masked_prefill(
     window: int,
 ) -> torch.Tensor:
     """paged_prefill with soft-capped logits or a sliding window, in plain ops: float32
-    scores, capped, masked, softmax, then the values."""
+    scores, capped, masked, softmax, then the values. With a window, the cached pages wholly
+    before the first query's window are not read."""
     q_len, heads, _ = q.shape
+    kv_len, first = prefix_len + q_len, 0
     if prefix_len:
-        kv_len = prefix_len + q_len
-        k = gather_pages(k_pages, page_ids)[:kv_len]
-        v = gather_pages(v_pages, page_ids)[:kv_len]
+        ps = k_pages.shape[1]
+        if window:  # the first page any query's window reaches
+            first = max(0, prefix_len - window + 1) // ps * ps
+        k = gather_pages(k_pages, page_ids[first // ps :])[: kv_len - first]
+        v = gather_pages(v_pages, page_ids[first // ps :])[: kv_len - first]
     group = heads // k.shape[1]
     kh = k.transpose(0, 1).repeat_interleave(group, 0)  # [heads, L, D]
     vh = v.transpose(0, 1).repeat_interleave(group, 0)
     s = softcap(torch.bmm(q.transpose(0, 1), kh.transpose(1, 2)).float() * scale, cap)
-    rows = torch.arange(prefix_len, prefix_len + q_len, device=q.device)
-    mask = window_mask(rows, k.shape[0], window)
+    rows = torch.arange(prefix_len, kv_len, device=q.device)
+    mask = window_mask(rows, kv_len, window, first)
     p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1)
     return torch.bmm(p.to(v.dtype), vh).transpose(0, 1)
 

@@ -322,3 +322,32 @@ def test_cpu_rope_in_place_equals_rotary_embedding(rows, cpu_isa_level):
     assert cpu_ops.rope_(heads, cos, sin)
     assert torch.equal(heads, want)  # the same three roundings as torch's ops
     assert torch.equal(qkv[:, 12 * 64 :], v_before)
+
+
+@pytest.mark.parametrize("prefix_len,window", [(37, 8), (37, 5), (3, 8), (0, 4)])
+def test_windowed_prefill_reads_the_window_and_masks_it(prefix_len, window):
+    """A sliding-window prefill over cached pages (the pages before every query's window
+    left unread) equals dense attention under the window's mask."""
+    torch.manual_seed(0)
+    k_pages, v_pages = pool_layer(16, PS, KVH, D, torch.float32)
+    q_len = 6
+    n = prefix_len + q_len
+    page_ids = torch.randperm(16)[: -(-n // PS)]
+    keys, values = tokens(k_pages, page_ids, n), tokens(v_pages, page_ids, n)
+    q = torch.randn(q_len, KVH * G, D)
+    got = ref.paged_prefill(
+        q,
+        keys[prefix_len:],
+        values[prefix_len:],
+        k_pages,
+        v_pages,
+        page_ids,
+        prefix_len,
+        0.25,
+        window=window,
+    )
+    for r in range(q_len):
+        pos = prefix_len + r
+        lo = max(0, pos - window + 1)
+        want = dense(q[r], keys[lo : pos + 1], values[lo : pos + 1], 0.25)
+        assert torch.allclose(got[r], want, atol=1e-5), (r, (got[r] - want).abs().max())
