@@ -55,6 +55,7 @@ def steps(
         ("qwen3", {"head_dim": 16}),  # head norms: every rank has them whole
         ("phi3", {"pad_token_id": 0}),  # qkv and gate_up fused in the checkpoint
         ("gemma2", {"head_dim": 16, "pad_token_id": 0}),  # soft caps on each rank's slice
+        ("mistral", {"sliding_window": 8}),  # windows that cut, on each rank's heads
     ],
 )
 def test_two_ranks_give_the_logits_of_one(tiny_checkpoint, arch, overrides):
