@@ -31,21 +31,7 @@ class TorchAttention(AttentionBackend):
         layer: LayerKV,
         meta: AttentionMeta,
     ) -> torch.Tensor:
-        out = torch.empty_like(q)
-        for e in meta.extends:
-            rows = slice(e.start, e.start + e.q_len)
-            out[rows] = reference.paged_prefill(
-                q[rows],
-                k[rows],
-                v[rows],
-                layer.k,
-                layer.v,
-                e.page_ids,
-                e.prefix_len,
-                self.scale,
-                self.softcap,
-            )
-        return out
+        return self.reference_prefill(q, k, v, layer, meta)
 
     def decode(self, q: torch.Tensor, layer: LayerKV, meta: AttentionMeta) -> torch.Tensor:
         pages, lens = meta.decode_pages, meta.decode_lens
