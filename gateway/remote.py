@@ -49,12 +49,17 @@ ROUTE_TIMEOUT = 1.0  # a slow cache service must not hold up requests: route by 
 DEFAULT_LOAD_WEIGHTS = {"l2": 0.05, "l3": 0.2}
 
 
-class _Unreachable(Exception):
-    """A worker refused the connection before its call produced anything."""
+class _Cut(Exception):
+    """A worker's stream ended before its last event. transport: the call failed (the
+    worker died, or its stream broke), else the worker reported an error; unreachable: it
+    refused the connection before producing anything (not counted as a migration); final:
+    not to be tried again (the request's own deadline passed)."""
 
-    def __init__(self, target: str, details: str) -> None:
+    def __init__(
+        self, target: str, details: str, transport: bool = True, unreachable: bool = False
+    ) -> None:
         super().__init__(f"{target}: {details}")
-        self.target, self.details = target, details
+        self.transport, self.unreachable, self.final = transport, unreachable, False
 
 
 def channel(target: str) -> grpc.aio.Channel:
@@ -73,17 +78,24 @@ class RemoteBackend(Backend):
         local_prefill_tokens: int = 256,
         request_timeout: float = 600.0,
         max_outstanding: int | None = None,
+        migration_limit: int = 3,
     ) -> None:
         """max_outstanding: requests the gateway holds at most (running or queued on the
-        decode workers); past it, new ones are refused (Overloaded, HTTP 429)."""
+        decode workers); past it, new ones are refused (Overloaded, HTTP 429).
+        migration_limit: how many times a request whose stream was cut goes on on another
+        worker before the client gets an error (0: never)."""
         if not decode_targets:
             raise ValueError("the gateway needs at least one decode worker")
+        if migration_limit < 0:
+            raise ValueError(f"--migration-limit must be >= 0, not {migration_limit}")
         self.tokenizer, self.model_name, self.spec = tokenizer, model_name, spec
         self.cache_service, self.decode_targets = cache_service, list(decode_targets)
         self.prefill_targets = list(prefill_targets)
         self.local_prefill_tokens = local_prefill_tokens
         self.request_timeout = request_timeout
         self.max_outstanding = max_outstanding
+        self.migration_limit = migration_limit
+        self.migrated = 0  # streams that went on on another worker
         self.inflight = dict.fromkeys(self.decode_targets + self.prefill_targets, 0)
         self._turn = 0
         self._stubs: tuple[cache_pb2_grpc.CacheStub, dict[str, Any], dict[str, Any]] | None = None
@@ -145,10 +157,15 @@ class RemoteBackend(Backend):
         return Checked(list(prompt_ids), params)
 
     async def route(
-        self, prompt_ids: Sequence[int], params: SamplingParams, avoid: frozenset[str] = frozenset()
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        avoid: frozenset[str] = frozenset(),
+        resumed: bool = False,
     ) -> tuple[str, str]:
         """(decode worker, prefill worker or "" to prefill on the decode worker), among the
-        healthy workers not in avoid (among all, if none is)."""
+        healthy workers not in avoid (among all, if none is). A resumed (migrated) request
+        is prefilled on its decode worker."""
         cache = self.stubs()[0]
         try:
             reply = await cache.Route(
@@ -162,6 +179,7 @@ class RemoteBackend(Backend):
         # prompt logprobs are computed where the prompt is prefilled: on the decode worker
         if (
             not self.prefill_targets
+            or resumed
             or cost[decode] <= self.local_prefill_tokens
             or params.logprob_start_len >= 0
         ):
@@ -180,53 +198,64 @@ class RemoteBackend(Backend):
         self, request: Checked, rid: str | None = None
     ) -> AsyncGenerator[RequestOutput, None]:
         """Route and stream. A worker that cannot be reached before the first token is
-        marked down and the request goes to another one; a stream cut after that ends with
-        an error event naming the worker."""
+        marked down and the request goes to another one. A stream cut after that (the
+        worker died, its stream broke, or it reported an error) migrates: another worker
+        goes on after the tokens already streamed (they travel as resume_ids), so the
+        client's stream continues with no token lost or repeated, up to migration_limit
+        times; then, or when no other worker is left, an error event naming the worker."""
         rid = rid or uuid.uuid4().hex
-        prompt_ids, params = request.prompt_ids, request.params
+        sent: list[int] = []  # tokens streamed so far
         tried: set[str] = set()
+        migrations = 0
         while True:
-            target, prefill = await self.route(prompt_ids, params, frozenset(tried))
-            produced = False
+            target, prefill = await self.route(
+                [*request.prompt_ids, *sent], request.params, frozenset(tried), bool(sent)
+            )
+            resumed = bool(sent)
             try:
-                async for event in self._generate_on(target, prefill, prompt_ids, params, rid):
-                    produced = True
+                async for event in self._generate_on(target, prefill, request, sent, rid):
+                    if resumed:  # the client has the prompt's logprobs already
+                        event.input_logprobs = None
+                    sent.extend(event.token_ids)
                     yield event
                 return
-            except _Unreachable as exc:
-                self.healthy[target] = False
-                tried.add(target)
-                if produced or len(tried) >= len(self.decode_targets):
-                    yield RequestOutput(
-                        rid, [], "", finish_reason="error", error=f"{exc.target}: {exc.details}"
-                    )
+            except _Cut as cut:
+                if cut.transport:  # gone or broken: not this worker again for this request
+                    tried.add(target)
+                    self.healthy[target] = False  # until its health check answers again
+                if not cut.unreachable:
+                    migrations += 1
+                left = [t for t in self.decode_targets if t not in tried and self.healthy[t]]
+                if cut.final or migrations > self.migration_limit or not left:
+                    yield RequestOutput(rid, [], "", finish_reason="error", error=str(cut))
                     return
-                log.warning(
-                    "%s unreachable (%s): request %s goes to another worker",
-                    exc.target,
-                    exc.details,
-                    rid,
-                )
+                self.migrated += not cut.unreachable
+                log.warning("%s: request %s goes on elsewhere after %d tokens", cut, rid, len(sent))
 
     async def _generate_on(
         self,
         target: str,
         prefill: str,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
+        request: Checked,
+        resume: list[int],
         rid: str,
     ) -> AsyncGenerator[RequestOutput, None]:
+        """One worker's stream of the request, after the resume tokens; _Cut when it fails
+        before its last event."""
         decode = self.stubs()[1]
-        request = worker_pb2.WorkerGenerateRequest(
-            request_id=rid,
-            prompt_ids=list(prompt_ids),
-            sampling_params=params_to_proto(params),
-            prefill_worker=prefill,
+        call = decode[target].Generate(
+            worker_pb2.WorkerGenerateRequest(
+                request_id=rid,
+                prompt_ids=list(request.prompt_ids),
+                sampling_params=params_to_proto(request.params),
+                prefill_worker=prefill,
+                resume_ids=resume,
+            ),
+            timeout=self.request_timeout,
         )
         self.inflight[target] += 1
         if prefill:
             self.inflight[prefill] += 1  # until the first token: the prefill is done by then
-        call = decode[target].Generate(request, timeout=self.request_timeout)
         finished = got_any = False
         try:
             async for chunk in call:
@@ -236,21 +265,22 @@ class RemoteBackend(Backend):
                     prefill = ""
                 event = output_from_chunk(rid, chunk)
                 finished = event.finish_reason is not None
+                if event.finish_reason == "error":
+                    raise _Cut(f"decode worker {target}", event.error or "error", transport=False)
                 yield event
             if not finished:
                 raise grpc.aio.AioRpcError(grpc.StatusCode.UNKNOWN, None, None, "stream ended")
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise ValueError(exc.details()) from None
-            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise Overloaded(f"decode worker {target}: {exc.details()}") from None
-            if exc.code() == grpc.StatusCode.UNAVAILABLE and not got_any:
-                finished = True  # nothing ran there: the caller may retry elsewhere
-                raise _Unreachable(f"decode worker {target}", exc.details() or "") from None
             finished = True
-            yield RequestOutput(
-                rid, [], "", finish_reason="error", error=f"decode worker {target}: {exc.details()}"
-            )
+            code = exc.code()
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ValueError(exc.details()) from None
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise Overloaded(f"decode worker {target}: {exc.details()}") from None
+            cut = _Cut(f"decode worker {target}", exc.details() or code.name)
+            cut.unreachable = code == grpc.StatusCode.UNAVAILABLE and not got_any
+            cut.final = code == grpc.StatusCode.DEADLINE_EXCEEDED  # --request-timeout
+            raise cut from None
         finally:
             self.inflight[target] -= 1
             if prefill:
@@ -288,6 +318,7 @@ class RemoteBackend(Backend):
                 sum(r.transfer_seconds for r in received),
             ),
             "cache_service": "ok" if l3_store is not None else "unreachable",
+            "migrated_requests": self.migrated,
             "workers": workers,
         }
 

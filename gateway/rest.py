@@ -100,18 +100,33 @@ async def stream(
     render: Callable[[int, RequestOutput], list[Any]],
     usage_head: dict[str, Any] | None = None,
     rid: str | None = None,
+    openai: bool = True,
 ) -> AsyncIterator[str]:
     """SSE events of one generation per params (OpenAI `n`: choice i renders with index i,
     their events interleaved as they come); with usage_head, an OpenAI usage chunk follows
-    the last event. Closing the stream aborts every generation."""
+    the last event. Closing the stream aborts every generation.
+
+    A generation that fails ends the stream (and the others): on OpenAI's routes with an
+    OpenAI error event, `{"error": {...}}`, on which its SDK raises APIError (a chunk with
+    an unknown finish_reason would hand the user a truncated answer); elsewhere as render
+    shows it. Then [DONE], for clients that wait for it."""
     runs = requests if isinstance(requests, list) else [requests]
     lasts: list[RequestOutput] = []
     async with aclosing(front.interleaved(runs, endpoint, rid)) as events:
         async for i, ev in events:
+            if openai and ev.finish_reason == "error":
+                yield sse(stream_error(ev.error or "generation failed"))
+                yield "data: [DONE]\n\n"
+                return
             for chunk in render(i, ev):
                 yield sse(chunk)
             if ev.finish_reason is not None:
                 lasts.append(ev)
-    if usage_head is not None and lasts:
+    if usage_head is not None and any(last.usage is not None for last in lasts):
         yield sse({**usage_head, "choices": [], "usage": usage_json(*lasts)})
     yield "data: [DONE]\n\n"
+
+
+def stream_error(message: str) -> dict[str, Any]:
+    """An error inside a stream that has begun (its status, 200, was sent): OpenAI's shape."""
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": 500}}

@@ -416,6 +416,14 @@ def add_routing_args(p: argparse.ArgumentParser) -> None:
         "decode worker is at most this many tokens is prefilled there, with no "
         "KV transfer (-1: always use a prefill worker)",
     )
+    p.add_argument(
+        "--migration-limit",
+        type=int,
+        default=3,
+        help="a stream cut mid-generation (its decode worker died) goes on on another "
+        "decode worker after the tokens already sent, at most this many times per request; "
+        "then the client gets an error event (0: never migrate)",
+    )
 
 
 def sched_config(a: argparse.Namespace) -> SchedulerConfig:

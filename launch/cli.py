@@ -137,6 +137,7 @@ def cmd_gateway(a: argparse.Namespace) -> int:
         addresses(a.prefill),
         a.local_prefill_tokens,
         bound,
+        a.migration_limit,
     )
     return 0
 
@@ -161,6 +162,8 @@ def cmd_up(a: argparse.Namespace) -> int:
     gateway_args = [
         "--local-prefill-tokens",
         str(a.local_prefill_tokens),
+        "--migration-limit",
+        str(a.migration_limit),
         "--max-running-requests",
         str(a.max_running_requests),
         "--max-queued-requests",

@@ -67,6 +67,7 @@ def serve_gateway(
     prefill_targets: list[str],
     local_prefill_tokens: int,
     max_outstanding: int | None = None,
+    migration_limit: int = 3,
 ) -> None:
     """The split cluster's gateway: tokenizer and chat template here, prefill on the
     prefill workers and generation on the decode workers (routed by the cache service's
@@ -85,6 +86,7 @@ def serve_gateway(
         prefill_targets,
         local_prefill_tokens,
         max_outstanding=max_outstanding,
+        migration_limit=migration_limit,
     )
     run_loop(_serve_fronts(backend, name, server))
 

@@ -34,7 +34,9 @@ async def generate(request: Request) -> Any:
     start = time.monotonic()
     if body.stream:
         rid = body.rid or uuid.uuid4().hex
-        events = stream(front, checked[0], "generate", _stream_render(rid, start), rid=rid)
+        events = stream(
+            front, checked[0], "generate", _stream_render(rid, start), rid=rid, openai=False
+        )
         return StreamingResponse(events, media_type="text/event-stream")
     if not body.batched:
         return await _collect(front, checked[0], body.rid or uuid.uuid4().hex, params, start)

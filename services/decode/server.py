@@ -206,11 +206,16 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
         )
 
     async def Generate(self, request, context):  # noqa: N802 (gRPC method names)
-        ids = list(request.prompt_ids)
+        ids, resume = list(request.prompt_ids), list(request.resume_ids)
         try:
             params = params_from_proto(request.sampling_params)
-            # once, here (it may compile a grammar); the engine trusts the Checked request
-            checked = await asyncio.to_thread(self.engine.validate, ids, params)
+            if resume and request.prefill_worker:
+                raise ValueError("a resumed request is prefilled here: name no prefill worker")
+            # once, here (it may compile a grammar); the engine trusts the Checked request.
+            # Resumed tokens are checked with the prompt (ids, length), then split off.
+            checked = await asyncio.to_thread(self.engine.validate, ids + resume, params)
+            if resume:
+                checked = checked.resumed(len(ids))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Overloaded as exc:
@@ -224,9 +229,12 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
                 return self.peers.fetch(target, rid, ids, params, pages, cancel)
 
         # a cancelled call closes the stream, which aborts the request and frees its pages
-        async with aclosing(self.engine.stream(checked, rid, kv_source=source)) as evs:
-            async for ev in evs:
-                yield chunk_from_output(ev)
+        try:
+            async with aclosing(self.engine.stream(checked, rid, kv_source=source)) as evs:
+                async for ev in evs:
+                    yield chunk_from_output(ev)
+        except ValueError as exc:  # queued with resumed tokens its grammar refuses
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
 
 async def serve(

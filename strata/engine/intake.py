@@ -163,6 +163,8 @@ class Intake:
             req.detok = IncrementalDetokenizer(self.tokenizer)
         if params.constraint is not None:
             req.matcher = self.grammar().matcher(params.constraint)
+        if request.resume_ids:
+            req.resume(request.resume_ids)
         self.table.taken()
         self.inbox.put(("add", req))
         return rid

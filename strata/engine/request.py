@@ -15,6 +15,7 @@ from strata.engine.ngram import NgramDrafter
 from strata.grammar.constraint import Constraint
 from strata.kv.mover import LoadPlan
 from strata.sampling.params import SamplingParams
+from strata.sampling.sampler import skip_draw
 from strata.sampling.stop import StopMatcher
 from strata.tokenizer import IncrementalDetokenizer
 
@@ -166,13 +167,29 @@ class Request:
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
+    def resume(self, output_ids: Sequence[int]) -> None:
+        """Go on after output_ids, which another engine generated and streamed (request
+        migration). The request then stands as if preempted after them (its first fill
+        computes their KV too), its detokenizer, stop strings, grammar and seeded generator
+        advanced past them (one draw per token), so it emits what the other engine would
+        have emitted next. ValueError when the grammar refuses one of them."""
+        for t in output_ids:
+            if self.matcher is not None and not self.matcher.accept_token(t):
+                raise ValueError(f"resumed token {t} is not allowed by the request's grammar")
+            if self.detok is not None and self.stop is not None:
+                self.stop.feed(self.detok.push(t))
+            if self.generator is not None and not self.params.greedy:
+                skip_draw(self.generator)
+        self.output_ids = list(output_ids)
+
     def usage(self) -> Usage:
         ratio = self.sparse_skipped / self.sparse_considered if self.sparse_considered else 0.0
         queued = (self.admitted_at or time.monotonic()) - self.arrival
-        l2, l3 = self.cached_by_tier
-        return Usage(
-            len(self.prompt_ids), len(self.output_ids), self.num_cached, ratio, queued, l2, l3
-        )
+        # the cached prefix may reach into the output (preempted or resumed): count the prompt's
+        cached = min(self.num_cached, len(self.prompt_ids))
+        l3 = min(self.cached_by_tier[1], cached)
+        l2 = min(self.cached_by_tier[0], cached - l3)
+        return Usage(len(self.prompt_ids), len(self.output_ids), cached, ratio, queued, l2, l3)
 
 
 class ContextLengthError(ValueError):
@@ -198,6 +215,22 @@ class Checked:
 
     prompt_ids: list[int]
     params: SamplingParams
+    # request migration: tokens another engine already generated and streamed; this one
+    # goes on after them (Request.resume)
+    resume_ids: tuple[int, ...] = ()
+
+    def resumed(self, num_prompt: int) -> Checked:
+        """This request checked as one prompt, split: its first num_prompt tokens are the
+        prompt, the rest were generated elsewhere (so every id was checked, and the length)."""
+        if not 0 < num_prompt <= len(self.prompt_ids):
+            raise ValueError("the prompt must be a non-empty prefix of the checked ids")
+        resume = tuple(self.prompt_ids[num_prompt:])
+        if len(resume) >= self.params.max_new_tokens:
+            raise ValueError(
+                f"{len(resume)} resumed tokens leave none of max_new_tokens "
+                f"({self.params.max_new_tokens}) to generate"
+            )
+        return Checked(self.prompt_ids[:num_prompt], self.params, resume)
 
 
 @dataclass(frozen=True)

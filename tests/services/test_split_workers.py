@@ -235,3 +235,76 @@ def test_sigterm_lets_streams_in_flight_finish(cluster):
             assert rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
             assert proc.wait(30) == 0
     assert_baseline(cluster)
+
+
+def test_a_resumed_request_goes_on_after_the_tokens_it_was_given(cluster):
+    """A decode worker given resume_ids (tokens another worker streamed) emits the rest of
+    the uncut run; resumed tokens are checked like the prompt."""
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, seed=5, ignore_eos=True)
+    whole = tokens(generate(cluster["decode"], PROMPTS[1], params=params))
+    with grpc.insecure_channel(cluster["decode"]) as channel:
+        stub = worker_pb2_grpc.DecodeStub(channel)
+
+        def resume(ids: list[int], prefill: str = "") -> list:
+            request = worker_pb2.WorkerGenerateRequest(
+                request_id=f"r{time.monotonic_ns()}",
+                prompt_ids=PROMPTS[1],
+                sampling_params=params_to_proto(params),
+                resume_ids=ids,
+                prefill_worker=prefill,
+            )
+            return list(stub.Generate(request, timeout=60))
+
+        rest = resume(whole[:5])
+        assert tokens(rest) == whole[5:]
+        assert rest[-1].usage.prompt_tokens == len(PROMPTS[1])
+        assert rest[-1].usage.completion_tokens == len(whole)
+        for bad, prefill in (([10**6], ""), (whole[:12], ""), (whole[:3], cluster["prefill"])):
+            with pytest.raises(grpc.RpcError) as err:
+                resume(bad, prefill)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+    assert_baseline(cluster)
+
+
+def test_a_stream_cut_by_a_killed_worker_goes_on_on_another(cluster):
+    """The gateway's split backend streams 8 requests (greedy and seeded) over two decode
+    workers; one is SIGKILLed once every stream has its first event. Every stream goes on on
+    the other worker after the tokens it already has and ends with the uncut run's tokens."""
+    import asyncio
+
+    from gateway.remote import RemoteBackend
+    from strata.engine.request import Checked
+    from strata.model.loader import read_config
+    from strata.model.registry import model_spec
+
+    runs = [
+        (PROMPTS[i % 4], SamplingParams(max_new_tokens=200, ignore_eos=True, seed=i, **kind))
+        for i, kind in enumerate([{"temperature": 0}, {"temperature": 0.8}] * 4)
+    ]
+    uncut = [tokens(generate(cluster["decode"], p, params=s)) for p, s in runs]
+    flush(cluster["decode"])
+    folder = cluster["model"]
+    model = ["--model-path", str(folder), "--dtype", "float32", "--page-size", "4"]
+    with grpc_service("decode", "--cache-service", cluster["cache"], *model) as (doomed, proc):
+        backend = RemoteBackend(
+            load_tokenizer(folder),
+            "tiny",
+            model_spec(read_config(folder)),
+            cluster["cache"],
+            [doomed, cluster["decode"]],
+        )
+
+        async def stream_all() -> list[list[int]]:
+            streams = [backend.generate(Checked(p, s)) for p, s in runs]
+            got = [list((await anext(s)).token_ids) for s in streams]
+            proc.kill()
+            for ids, s in zip(got, streams, strict=True):
+                async for ev in s:
+                    assert ev.finish_reason != "error", ev.error
+                    ids += ev.token_ids
+            return got
+
+        got = asyncio.run(stream_all())
+    assert backend.migrated >= 1
+    assert got == uncut
+    assert_baseline(cluster)
