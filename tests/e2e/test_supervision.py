@@ -1,22 +1,29 @@
-"""`strata up` supervises its cluster: with a decode worker SIGKILLed, every request still
-gets its answer (the gateway retries one that produced nothing on the other worker, and
-stops routing to the dead one), the worker is restarted on its address and serves again;
-when `strata up` itself is SIGKILLed, its children die with it."""
+"""`strata up` supervises its cluster: with a decode worker SIGKILLed while 8 streams run on
+it (OpenAI chat with and without usage, /generate, gRPC), every stream goes on on the other
+worker and ends with the text of an uncut run; later requests are answered (the gateway
+retries one that produced nothing on the other worker, and stops routing to the dead one);
+the worker is restarted on its address and serves again; when `strata up` itself is
+SIGKILLed, its children die with it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import httpx
+import openai
 import pytest
 
 from launch.local import _wait_healthy, free_port
+from strata.proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 pytestmark = pytest.mark.slow
 
@@ -57,8 +64,85 @@ def ask(url: str) -> httpx.Response:
     )
 
 
+STORY = "Tell me a story about a lighthouse keeper."
+MAX_TOKENS = 40
+
+
+def chat_stream(url: str, usage: bool) -> str:
+    """An OpenAI chat stream through the official client (it raises on an error event)."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+    stream = client.chat.completions.create(
+        model="strata",
+        messages=[{"role": "user", "content": STORY}],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True} if usage else None,
+        extra_body={"ignore_eos": True},
+    )
+    text, got_usage = [], None
+    for chunk in stream:
+        if chunk.choices:
+            text.append(chunk.choices[0].delta.content or "")
+        got_usage = chunk.usage or got_usage
+    if usage:
+        assert got_usage is not None and got_usage.completion_tokens == MAX_TOKENS
+    return "".join(text)
+
+
+def generate_stream(url: str) -> str:
+    body = {
+        "text": STORY,
+        "stream": True,
+        "sampling_params": {"max_new_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True},
+    }
+    last = None
+    with httpx.stream("POST", f"{url}/generate", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data:") and line != "data: [DONE]":
+                last = json.loads(line[5:])
+    assert last is not None and last["meta_info"]["finish_reason"]["type"] == "length", last
+    return last["text"]
+
+
+def grpc_stream(target: str) -> str:
+    params = common_pb2.SamplingParams(max_new_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    with grpc.insecure_channel(target) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        request = gateway_pb2.GenerateRequest(text=STORY, sampling_params=params)
+        chunks = list(stub.GenerateStream(request, timeout=120))
+    assert chunks[-1].chunk.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    return "".join(c.chunk.text for c in chunks)
+
+
+def streams(url: str, target: str) -> list:
+    """The 8 streams: chat with usage (2) and without (2), /generate (2), gRPC (2)."""
+    return [
+        *(lambda u=u: chat_stream(url, u) for u in (True, True, False, False)),
+        *(lambda: generate_stream(url) for _ in range(2)),
+        *(lambda: grpc_stream(target) for _ in range(2)),
+    ]
+
+
+def kill_the_busiest_decode_worker(url: str, decode: list[int]) -> None:
+    """Once the 8 streams run: SIGKILL the decode worker running most of them."""
+    deadline = time.monotonic() + 60
+    while True:
+        workers = httpx.get(f"{url}/health", timeout=30).json()["workers"]
+        running = {w["worker"]: w.get("running_requests", 0) for w in workers}
+        if sum(running.values()) >= 8:
+            break
+        assert time.monotonic() < deadline, running
+        time.sleep(0.05)
+    busiest = max(running, key=lambda w: running[w])
+    port = busiest.rsplit(":", 1)[1]
+    victim = next(p for p in decode if f"--port {port} " in cmdline(p) + " ")
+    os.kill(victim, signal.SIGKILL)
+
+
 def test_killed_worker_restarts_and_children_die_with_up():
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     cmd = [
         sys.executable,
         "-m",
@@ -67,12 +151,14 @@ def test_killed_worker_restarts_and_children_die_with_up():
         "--port",
         str(port),
         "--grpc-port",
-        "-1",
+        str(grpc_port),
         "--prefill",
         "0",
         "--decode",
         "2",
         "--disable-hierarchical-cache",
+        "--dtype",
+        "float32",  # float32: a batch of 8 and a migrated prefill keep the greedy tokens
     ]
     with tempfile.TemporaryFile() as log:
         up = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
@@ -82,7 +168,13 @@ def test_killed_worker_restarts_and_children_die_with_up():
             assert ask(url).status_code == 200
             decode = sorted(p for p in children(up.pid) if " decode " in cmdline(p))
             assert len(decode) == 2
-            os.kill(decode[0], signal.SIGKILL)
+            runs = streams(url, f"127.0.0.1:{grpc_port}")
+            uncut = [run() for run in runs]  # one after another, each whole
+            with ThreadPoolExecutor(len(runs)) as pool:
+                cut = [pool.submit(run) for run in runs]
+                kill_the_busiest_decode_worker(url, decode)
+                assert [f.result() for f in cut] == uncut
+            assert httpx.get(f"{url}/health", timeout=30).json()["migrated_requests"] >= 1
             for _ in range(6):  # at once: each answered, by the other worker if need be
                 r = ask(url)
                 assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 2
