@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml constraints.txt
 	command -v docker-compose >/dev/null || { command -v apt-get >/dev/null && \
 	  $(SUDO) apt-get install -y -q docker-compose >/dev/null 2>&1; } || \
 	  echo "note: docker-compose not installed; the compose file check will be skipped"
+	command -v redis-server >/dev/null || { command -v apt-get >/dev/null && \
+	  { $(SUDO) apt-get install -y -q redis-server >/dev/null 2>&1 || \
+	    { $(SUDO) apt-get update -q >/dev/null 2>&1 && \
+	      $(SUDO) apt-get install -y -q redis-server >/dev/null 2>&1; }; }; } || \
+	  echo "note: redis-server not installed; the tests of L3 in Redis will fail"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -233,13 +233,20 @@ def add_hicache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--hicache-storage-backend",
         default=d.storage_backend or None,
-        choices=["file"],
-        help="L3: page files in --hicache-storage-dir",
+        choices=["file", "redis"],
+        help="L3: page files in --hicache-storage-dir, or keys in Redis/Valkey at "
+        "--hicache-storage-url",
     )
     p.add_argument(
         "--hicache-storage-dir",
         default=env("HICACHE_STORAGE_DIR"),
         help="the L3 directory (shared by every worker of a cluster)",
+    )
+    p.add_argument(
+        "--hicache-storage-url",
+        default=env("HICACHE_STORAGE_URL"),
+        help="the L3 Redis/Valkey: redis://[:password@]host:port/db (rediss:// for TLS); "
+        "its maxmemory and LRU policy are the L3 budget",
     )
     p.add_argument(
         "--hicache-storage-size",
@@ -264,6 +271,7 @@ def hicache_config(a: argparse.Namespace) -> HiCacheConfig:
         write_policy=a.hicache_write_policy,
         storage_backend=a.hicache_storage_backend or "",
         storage_dir=a.hicache_storage_dir,
+        storage_url=a.hicache_storage_url,
         storage_size_gb=a.hicache_storage_size,
         prefetch_policy=a.hicache_storage_prefetch_policy,
     )
@@ -286,12 +294,14 @@ def hicache_argv(a: argparse.Namespace) -> list[str]:
         "--hicache-storage-prefetch-policy",
         a.hicache_storage_prefetch_policy,
     ]
-    if a.hicache_storage_backend:
+    if a.hicache_storage_backend == "file":
+        out += ["--hicache-storage-backend", "file", "--hicache-storage-dir", a.hicache_storage_dir]
+    elif a.hicache_storage_backend == "redis":
         out += [
             "--hicache-storage-backend",
-            a.hicache_storage_backend,
-            "--hicache-storage-dir",
-            a.hicache_storage_dir,
+            "redis",
+            "--hicache-storage-url",
+            a.hicache_storage_url,
         ]
     return out
 

@@ -96,7 +96,8 @@ def cmd_cache(a: argparse.Namespace) -> int:
     from services.cache.server import serve
 
     use_tls(a)
-    asyncio.run(serve(a.host, a.port, a.hicache_storage_dir, a.hicache_storage_size))
+    store = a.hicache_storage_dir, a.hicache_storage_size, a.hicache_storage_url
+    asyncio.run(serve(a.host, a.port, *store))
     return 0
 
 
@@ -253,6 +254,8 @@ def _up_tiers(a: argparse.Namespace) -> list[str]:
     if a.disable_hierarchical_cache:
         a.enable_hierarchical_cache, a.hicache_storage_backend = False, None
         return []
+    if a.enable_hierarchical_cache and a.hicache_storage_backend == "redis":
+        return ["--hicache-storage-url", a.hicache_storage_url or ""]
     if not (a.enable_hierarchical_cache and a.hicache_storage_backend == "file"):
         return []
     a.hicache_storage_dir = a.hicache_storage_dir or str(cache_dir() / "kv-store")
@@ -365,6 +368,12 @@ def _add_cache_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--hicache-storage-dir",
         default=env("HICACHE_STORAGE_DIR"),
         help="the workers' shared L3 directory: indexed here, evicted LRU",
+    )
+    c.add_argument(
+        "--hicache-storage-url",
+        default=env("HICACHE_STORAGE_URL"),
+        help="the workers' shared L3 in Redis/Valkey (redis://host:port/db): asked for "
+        "routing; Redis evicts",
     )
     c.add_argument(
         "--hicache-storage-size",

@@ -308,8 +308,9 @@ class HiCacheConfig:
     ratio: float = 2.0  # L2 pages per L1 page
     size_gb: float = 0.0  # L2 size; overrides ratio when > 0
     write_policy: str = "write_through"
-    storage_backend: str = ""  # "" (no L3) or "file"
-    storage_dir: str | None = None
+    storage_backend: str = ""  # "" (no L3), "file" or "redis"
+    storage_dir: str | None = None  # file: the directory
+    storage_url: str | None = None  # redis: redis://[:password@]host:port/db (or rediss://)
     storage_size_gb: float = 16.0  # L3 budget: least recently used files are deleted past it
     prefetch_policy: str = "timeout"
     # timeout policy: wait for L3 pages at most base + per_k_tokens * prompt_k_tokens, capped
@@ -324,12 +325,19 @@ class HiCacheConfig:
             raise ValueError(
                 f"--hicache-storage-prefetch-policy must be one of {PREFETCH_POLICIES}"
             )
-        if self.storage_backend not in ("", "file"):
-            raise ValueError("--hicache-storage-backend must be 'file' (or unset)")
+        if self.storage_backend not in ("", "file", "redis"):
+            raise ValueError("--hicache-storage-backend must be 'file' or 'redis' (or unset)")
         if self.storage_backend and not self.enabled:
             raise ValueError("--hicache-storage-backend needs --enable-hierarchical-cache")
-        if self.storage_backend and not self.storage_dir:
+        if self.storage_backend == "file" and not self.storage_dir:
             raise ValueError("--hicache-storage-backend file needs --hicache-storage-dir")
+        if self.storage_backend == "redis" and not (self.storage_url or "").startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError(
+                "--hicache-storage-backend redis needs --hicache-storage-url "
+                "redis://[:password@]host:port/db (rediss:// for TLS)"
+            )
         if self.ratio <= 0 or self.size_gb < 0 or self.storage_size_gb <= 0:
             raise ValueError("--hicache-ratio and --hicache-storage-size must be positive")
 

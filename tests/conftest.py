@@ -95,3 +95,77 @@ def cpu_isa_level(request, monkeypatch):
     yield level
     monkeypatch.delenv("STRATA_CPU_ISA")
     cpu_build.reset()
+
+
+class RedisServer:
+    """A real redis-server (the distribution's package, which `make test` installs) on a
+    loopback port, with no persistence and an LRU budget; stop() and start() it again on
+    the same port to test what a Redis outage does."""
+
+    def __init__(self, maxmemory: str = "256mb") -> None:
+        import shutil
+
+        from launch.local import free_port
+
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            pytest.fail("redis-server is not installed (`make test` installs Debian's package)")
+        self.port, self.maxmemory = free_port(), maxmemory
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = None
+        self.start()
+
+    def start(self) -> None:
+        import subprocess
+        import time
+
+        import redis
+
+        flags = {
+            "bind": "127.0.0.1",
+            "port": str(self.port),
+            "save": "",
+            "appendonly": "no",
+            "maxmemory": self.maxmemory,
+            "maxmemory-policy": "allkeys-lru",
+        }
+        args = [self.binary, *(x for k, v in flags.items() for x in (f"--{k}", v))]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def client(self):
+        import redis
+
+        return redis.Redis.from_url(self.url)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """The session's Redis, emptied for this test (started again if a test stopped it)."""
+    if redis_server.proc is None:
+        redis_server.start()
+    with redis_server.client() as c:
+        c.flushdb()
+    return redis_server.url

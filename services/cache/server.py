@@ -15,7 +15,8 @@ import grpc
 from services.convert import batch_from_proto, costs_to_proto
 from services.grpcio import run_until_signal, start_server
 from strata.cache.mirror import ClusterIndex
-from strata.kv.store import StoreIndex
+from strata.kv.redis_store import RedisIndex
+from strata.kv.store import L3Index, StoreIndex
 from strata.proto.v1 import cache_pb2, cache_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,21 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         return reply
 
 
-async def serve(host: str, port: int, storage_dir: str | None, storage_size_gb: float) -> None:
-    store = StoreIndex(storage_dir, int(storage_size_gb * 1e9)) if storage_dir else None
+async def serve(
+    host: str,
+    port: int,
+    storage_dir: str | None,
+    storage_size_gb: float,
+    storage_url: str | None = None,
+) -> None:
+    store: L3Index | None = None
+    if storage_url:
+        store = RedisIndex(storage_url)
+    elif storage_dir:
+        store = StoreIndex(storage_dir, int(storage_size_gb * 1e9))
     name = cache_pb2.DESCRIPTOR.services_by_name["Cache"].full_name
     add = cache_pb2_grpc.add_CacheServicer_to_server
     server, bound = await start_server(host, port, [(add, CacheService(ClusterIndex(store)), name)])
-    log.info("cache service on %s:%d (L3 store: %s)", host, bound, storage_dir or "none")
+    where = store.link.safe_url if isinstance(store, RedisIndex) else storage_dir or "none"
+    log.info("cache service on %s:%d (L3 store: %s)", host, bound, where)
     await run_until_signal(server, grace=5)

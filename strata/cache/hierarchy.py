@@ -24,7 +24,7 @@ from strata.cache.tree import RadixTree
 from strata.config import WRITE_POLICIES, HiCacheConfig
 from strata.kv.mover import LoadPlan, TierMover
 from strata.kv.pool import KVCache, PagePool, alloc_evicting
-from strata.kv.store import HEADER_BYTES, FileStore, PageFormat, StoreIndex
+from strata.kv.store import HEADER_BYTES, FileStore, PageFormat, PageStore, StoreIndex
 
 SELECTIVE_HITS = 2  # write_through_selective: copy a prefix down once it is reused this often
 # NOTE: a load makes its request wait at least one engine step; below this many tokens an
@@ -41,7 +41,7 @@ class TieredCache(CacheIndex):
         host_pages: int,
         write_policy: str = "write_through",
         seed: bytes = b"",
-        store: FileStore | None = None,
+        store: PageStore | None = None,
         store_index: StoreIndex | None = None,
         on_loaded: Callable[[LoadPlan], None] = lambda plan: None,
         record_events: bool = False,
@@ -139,7 +139,7 @@ class TieredCache(CacheIndex):
             self.host_pool.free(plan.host[n:])
             assert self.store is not None
             self._l3_used(plan.keys[:n])
-            gone = [k for k in plan.keys[n : n + 1] if not self.store.path(k).exists()]
+            gone = [k for k in plan.keys[n : n + 1] if not self.store.has(k)]
             self._l3_gone(gone)
         self.tree.unlock(plan.lock_node)
 
@@ -325,12 +325,18 @@ def build_cache(
     seed = hashlib.blake2b(repr(fmt).encode(), digest_size=16).digest()
     if tiers is None or not tiers.enabled:
         return RadixCache(ps, seed, record_events)
-    store = index = None
+    store: PageStore | None = None
+    index: StoreIndex | None = None
     if tiers.storage_backend == "file":
         assert tiers.storage_dir is not None
         store = FileStore(tiers.storage_dir, fmt)
         if own_store_index:
             index = StoreIndex(tiers.storage_dir, int(tiers.storage_size_gb * 1e9))
+    elif tiers.storage_backend == "redis":  # Redis keeps its own budget (maxmemory, LRU)
+        from strata.kv.redis_store import RedisStore
+
+        assert tiers.storage_url is not None
+        store = RedisStore(tiers.storage_url, fmt)
     host_pages = tiers.host_pages(pool.num_pages, kv.bytes_per_page)
     l2 = None
     if kv.data.shape[0] > pool.num_pages:  # the pool's tail past L1 is L2 (KVCache.rows)

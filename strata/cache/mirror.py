@@ -4,7 +4,7 @@ Each worker's tree is authoritative; a mirror holds the page keys the worker has
 in L2, applies the worker's events in sequence order and asks for a snapshot when it cannot
 (it started after the worker, or an event batch went missing). Routing needs no tree here:
 a prompt's page keys form a chain, and a worker holds the prefix up to the first key it
-lacks. The shared L3 store is indexed once for the cluster (`StoreIndex`), from the
+lacks. The shared L3 store is indexed once for the cluster (an `L3Index`), from the
 directory at start and from the workers' l3 events after.
 """
 
@@ -20,7 +20,7 @@ from strata.cache.keys import page_keys
 from strata.cache.results import KVEvent
 
 if TYPE_CHECKING:
-    from strata.kv.store import StoreIndex
+    from strata.kv.store import L3Index
 
 # NOTE: a worker not heard from for this long (its publisher sends at least a heartbeat a
 # second) is left out of routing until it speaks again.
@@ -56,7 +56,7 @@ class Batch(NamedTuple):
 
 
 class ClusterIndex:
-    def __init__(self, store: StoreIndex | None = None) -> None:
+    def __init__(self, store: L3Index | None = None) -> None:
         self.mirrors: dict[str, Mirror] = {}
         self.store = store
         self._lock = threading.Lock()  # the gRPC server calls from several threads

@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -21,13 +20,12 @@ import numpy as np
 import torch
 
 from strata.kv.pool import KVCache
-from strata.kv.store import CorruptPage, FileStore
+from strata.kv.store import PageStore
 
 log = logging.getLogger(__name__)
 # NOTE: L3 writes queue cloned page bytes; past this many pending bytes new writes are
 # skipped (counted) rather than letting a slow disk grow the process without bound.
 MAX_PENDING_WRITE_BYTES = 512 << 20
-READERS = 2  # threads reading one load's page files
 
 
 @dataclass
@@ -58,7 +56,7 @@ class TierMover:
         self,
         l1: KVCache,
         l2: KVCache,
-        store: FileStore | None,
+        store: PageStore | None,
         on_loaded: Callable[[LoadPlan], None],
         on_written: Callable[[bytes, int], None],
     ) -> None:
@@ -72,7 +70,6 @@ class TierMover:
         self._writes = ThreadPoolExecutor(1, thread_name_prefix="strata-l3-write")
         self._lock = threading.Lock()
         self.pending_write_bytes = 0
-        self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="strata-l3-read")
         self.moved = dict.fromkeys(("l1_to_l2", "l2_to_l1", "l2_to_l3", "l3_to_l1"), 0)
         self.skipped_writes = 0
 
@@ -118,8 +115,9 @@ class TierMover:
 
     def shutdown(self) -> None:
         self._loads.shutdown(wait=False, cancel_futures=True)
-        self._readers.shutdown(wait=False, cancel_futures=True)
         self._writes.shutdown(wait=True)
+        if self.store is not None:
+            self.store.close()
 
     # ---- side threads --------------------------------------------------------------------
 
@@ -138,36 +136,14 @@ class TierMover:
         plan.seconds = time.perf_counter() - start
 
     def _read_files(self, plan: LoadPlan) -> int:
-        """Read the plan's files into its pages, READERS at a time (reads and checksums
-        release the GIL); returns how many leading pages landed."""
+        """Read the plan's pages from the store into its pages; how many leading ones landed."""
+        assert self.store is not None
         if plan.host:
             dests = [self._l2[h] for h in plan.host]
         else:
             assert self._l1 is not None
             dests = [self._l1[p] for p in plan.pages]
-        reads = [self._readers.submit(self._read_one, k, d) for k, d in zip(plan.keys, dests)]
-        landed = len(reads)
-        for i, read in enumerate(reads):
-            if not read.result():
-                landed = i
-                break
-        # NOTE: after a missing or bad file the pages from there on are recomputed into (or
-        # handed back): reads not started are cancelled and those running are waited for,
-        # so no late read writes into a page once this returns.
-        for read in reads[landed:]:
-            read.cancel()
-        futures.wait(reads)
-        return landed
-
-    def _read_one(self, key: bytes, dest: np.ndarray) -> bool:
-        assert self.store is not None
-        try:
-            return self.store.read_into(key, dest)
-        except CorruptPage as exc:
-            log.warning("L3 page not loaded (recomputed): %s", exc)
-        except OSError as exc:
-            log.warning("L3 read failed (recomputed): %s", exc)
-        return False
+        return self.store.read_many(plan.keys, dests)
 
     def _host_to_device(self, host: Sequence[int], pages: Sequence[int]) -> None:
         if self.cuda:
@@ -191,11 +167,8 @@ class TierMover:
     def _write(self, keys: list[bytes], data: np.ndarray, nbytes: int) -> None:
         assert self.store is not None
         try:
-            for key, page in zip(keys, data):
-                try:
-                    written = self.store.write(key, page)
-                except OSError as exc:  # full disk, or the directory was cleaned under us
-                    log.warning("L3 write of %s failed: %s", key.hex(), exc)
+            for key, written in zip(keys, self.store.write_many(keys, list(data)), strict=True):
+                if written is None:  # failed (logged by the store): the page stays unstored
                     continue
                 if written:
                     self._count("l2_to_l3", written)

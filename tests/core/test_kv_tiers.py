@@ -313,3 +313,101 @@ def test_no_read_lands_after_a_load_stops_at_a_missing_file(tmp_path):
         assert torch.equal(kv.data, before), "a read wrote into a page after the load ended"
     finally:
         mover.shutdown()
+
+
+def redis_store(url: str, kv: KVCache, model: str = "m"):
+    from strata.kv.redis_store import RedisStore
+
+    return RedisStore(url, fmt(kv, model))
+
+
+def test_page_bytes_survive_l1_l2_l3_in_redis_and_back(redis_url):
+    """The same round trip with L3 in a real Redis: written on eviction from L2 (pipelined),
+    found by another store of the same model, and loaded back byte for byte."""
+    kv, l1 = pool(8)
+    cache = TieredCache(kv, l1, 8, "write_back", b"seed", redis_store(redis_url, kv), None)
+    cache._l3_pays = lambda pages: True
+    tokens = list(range(12))
+    pages = l1.alloc(6)
+    kv.data[pages] = torch.randn(6, *kv.data.shape[1:])
+    original = kv.data[pages].clone()
+    cache.insert(tokens, pages)
+    l1.free(cache.evict(6))
+    cache.host_pool.free(cache._evict_host(6))  # dropped from L2: written to L3
+    cache.mover._writes.submit(lambda: None).result()
+    keys = cache.tree.keys_of(tokens)
+    assert redis_store(redis_url, kv).count_present(keys) == 6
+    kv.data.zero_()
+    plans = cache.plan_loads(tokens + [99])
+    assert [p.source for p in plans] == ["l3"]
+    wait_loads(cache, plans)
+    m = cache.match(tokens)
+    assert m.length == 12 and torch.equal(kv.data[m.pages], original)
+    assert cache.tier_stats()["bytes_moved"]["l3_to_l1"] == 6 * kv.bytes_per_page
+
+
+def test_redis_store_rejects_truncated_corrupt_and_foreign_values(redis_url, redis_server):
+    from strata.kv.redis_store import name
+
+    kv, _ = pool(2)
+    store, other = redis_store(redis_url, kv), redis_store(redis_url, kv, model="another")
+    page = np.arange(kv.bytes_per_page, dtype=np.uint8)
+    keys = [bytes([i]) * 16 for i in range(5)]
+    written = store.write_many(keys, [page] * 5)
+    assert all(w and w > kv.bytes_per_page for w in written)
+    assert store.write_many(keys[:1], [page]) == [0]  # there already: not rewritten
+    outs = [np.zeros_like(page) for _ in keys]
+    assert store.read_many(keys, outs) == 5 and all(np.array_equal(o, page) for o in outs)
+    raw = redis_server.client()
+    raw.setrange(name(keys[1]), raw.strlen(name(keys[1])) - 1, b"\xff")  # a flipped byte
+    raw.set(name(keys[2]), raw.get(name(keys[2]))[:-7])  # truncated
+    for key, at in ((keys[1], 1), (keys[2], 0)):
+        assert store.read_many([keys[0], key, keys[3]], outs[:3]) == at + (at == 0)
+        assert raw.exists(name(key)) == 0  # deleted: the page is recomputed and rewritten
+    assert store.read_many(keys[3:], outs[:2]) == 2
+    assert other.read_many(keys[3:4], outs[:1]) == 0  # another model's: not loaded...
+    assert raw.exists(name(keys[3])) == 1  # ...and not ours to delete
+    assert (store.errors, other.errors) == (2, 1)
+    assert store.count_present(keys) == 1 and store.count_present(keys[3:]) == 2
+    raw.close()
+
+
+def test_redis_evicts_by_its_own_budget_and_an_evicted_page_is_a_miss(redis_url, redis_server):
+    kv, _ = pool(2)
+    store = redis_store(redis_url, kv)
+    raw = redis_server.client()
+    raw.config_set("maxmemory", raw.info("memory")["used_memory"] + (1 << 20))
+    try:
+        keys = [i.to_bytes(16, "little") for i in range(4000)]  # ~3 MB of pages
+        page = np.ones(kv.bytes_per_page, dtype=np.uint8)
+        for start in range(0, len(keys), 50):
+            assert all(store.write_many(keys[start : start + 50], [page] * 50))
+        assert raw.info("stats")["evicted_keys"] > 0
+        present = store.count_present(keys)
+        assert present < len(keys)
+        outs = [np.zeros_like(page) for _ in keys]
+        assert store.read_many(keys, outs) == present  # up to the first evicted page
+    finally:
+        raw.config_set("maxmemory", redis_server.maxmemory)
+        raw.close()
+
+
+def test_a_redis_outage_is_a_miss_and_l3_comes_back(redis_url, redis_server, monkeypatch):
+    from strata.kv import redis_store as rs
+
+    monkeypatch.setattr(rs, "DOWN_SECONDS", 0.2)
+    kv, _ = pool(2)
+    store = redis_store(redis_url, kv)
+    page = np.ones(kv.bytes_per_page, dtype=np.uint8)
+    key = b"\x01" * 16
+    assert store.write_many([key], [page])[0]
+    redis_server.stop()
+    out = np.zeros_like(page)
+    start = time.monotonic()
+    assert store.count_present([key]) == 0 and store.read_many([key], [out]) == 0
+    assert store.write_many([key], [page]) == [None]
+    assert time.monotonic() - start < 2  # refused at once, then quiet: no request waits
+    assert store.link.failures == 1  # the calls after the first did not even try
+    redis_server.start()  # empty again (no persistence)
+    time.sleep(0.25)
+    assert store.write_many([key], [page])[0] and store.read_many([key], [out]) == 1
