@@ -4,8 +4,9 @@ the shared L3 weighted by their measured cost; from the cache service's index), 
 fewest requests in flight from this gateway, then in turn. When that worker would compute
 more than `local_prefill_tokens`, a prefill worker chosen the same way computes the prompt
 and sends the KV (conditional disaggregation); otherwise the decode worker prefills it.
-Without the cache service it routes by load alone. Streams the tokens back and aggregates
-every worker's health."""
+Without the cache service it routes by load alone. Streams the tokens back (migrating a
+stream whose worker fails), and aggregates every worker's health. Who the workers are, and
+whether they answer, is gateway.workers.WorkerSet's."""
 
 from __future__ import annotations
 
@@ -17,16 +18,15 @@ from dataclasses import fields
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.backend import Backend, load_json
+from gateway.workers import WorkerSet
 from services.convert import (
     output_from_chunk,
     params_to_proto,
     tier_stats_from_proto,
     tree_stats_from_proto,
 )
-from services.grpcio import open_aio_channel
 from strata.cache.results import TreeStats
 from strata.engine.request import (
     Checked,
@@ -37,13 +37,13 @@ from strata.engine.request import (
 )
 from strata.grammar.compiler import LazyGrammarCompiler
 from strata.model.spec import ModelSpec
-from strata.proto.v1 import cache_pb2, cache_pb2_grpc, worker_pb2, worker_pb2_grpc
+from strata.proto.v1 import cache_pb2, worker_pb2
 from strata.sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
 
 RPC_TIMEOUT = 10.0
-HEALTH_PERIOD = 1.0  # seconds between health checks of every worker (and their timeout)
+LOAD_TIMEOUT = 3.0  # a worker's figures for /health (answered between its engine's steps)
 ROUTE_TIMEOUT = 1.0  # a slow cache service must not hold up requests: route by load instead
 # loading a token vs computing it, until the workers have measured both
 DEFAULT_LOAD_WEIGHTS = {"l2": 0.05, "l3": 0.2}
@@ -62,10 +62,6 @@ class _Cut(Exception):
         self.transport, self.unreachable, self.final = transport, unreachable, False
 
 
-def channel(target: str) -> grpc.aio.Channel:
-    return open_aio_channel(target)
-
-
 class RemoteBackend(Backend):
     def __init__(
         self,
@@ -77,74 +73,35 @@ class RemoteBackend(Backend):
         prefill_targets: Sequence[str] = (),
         local_prefill_tokens: int = 256,
         request_timeout: float = 600.0,
-        max_outstanding: int | None = None,
+        max_per_worker: int | None = None,
         migration_limit: int = 3,
+        discovery: str = "static",
     ) -> None:
-        """max_outstanding: requests the gateway holds at most (running or queued on the
-        decode workers); past it, new ones are refused (Overloaded, HTTP 429).
+        """decode_targets, prefill_targets: host:port or dns:NAME:PORT entries; discovery
+        "registry": also the workers registered at the cache service (gateway.workers).
+        max_per_worker: requests the gateway holds at most per decode worker (running or
+        queued there); past it, new ones are refused (Overloaded, HTTP 429).
         migration_limit: how many times a request whose stream was cut goes on on another
         worker before the client gets an error (0: never)."""
-        if not decode_targets:
-            raise ValueError("the gateway needs at least one decode worker")
         if migration_limit < 0:
             raise ValueError(f"--migration-limit must be >= 0, not {migration_limit}")
         self.tokenizer, self.model_name, self.spec = tokenizer, model_name, spec
-        self.cache_service, self.decode_targets = cache_service, list(decode_targets)
-        self.prefill_targets = list(prefill_targets)
+        self.workers = WorkerSet(decode_targets, prefill_targets, cache_service, discovery)
         self.local_prefill_tokens = local_prefill_tokens
         self.request_timeout = request_timeout
-        self.max_outstanding = max_outstanding
+        self.max_per_worker = max_per_worker
         self.migration_limit = migration_limit
         self.migrated = 0  # streams that went on on another worker
-        self.inflight = dict.fromkeys(self.decode_targets + self.prefill_targets, 0)
         self._turn = 0
-        self._stubs: tuple[cache_pb2_grpc.CacheStub, dict[str, Any], dict[str, Any]] | None = None
-        # workers that answered their last health check (a failed call also marks one down)
-        self.healthy = dict.fromkeys(self.decode_targets + self.prefill_targets, True)
-        self._watcher: asyncio.Task | None = None
         eos = [tokenizer.eos_token_id, *spec.eos_token_ids]
         self.grammar = LazyGrammarCompiler(tokenizer, spec.vocab_size, eos)
 
-    # aio channels belong to the event loop that first uses them: made on first use
-    def stubs(
-        self,
-    ) -> tuple[
-        cache_pb2_grpc.CacheStub,
-        dict[str, worker_pb2_grpc.DecodeStub],
-        dict[str, worker_pb2_grpc.PrefillStub],
-    ]:
-        if self._stubs is None:
-            cache = cache_pb2_grpc.CacheStub(channel(self.cache_service))
-            decode = {t: worker_pb2_grpc.DecodeStub(channel(t)) for t in self.decode_targets}
-            prefill = {t: worker_pb2_grpc.PrefillStub(channel(t)) for t in self.prefill_targets}
-            self._stubs = (cache, decode, prefill)
-            self._watcher = asyncio.get_running_loop().create_task(self._watch())
-        return self._stubs
-
-    async def _watch(self) -> None:
-        """Health-check every worker each HEALTH_PERIOD: routing skips the ones that fail
-        (so a dead worker stops getting requests within about 2 s) and takes them back when
-        they answer again."""
-        stubs = {t: health_pb2_grpc.HealthStub(channel(t)) for t in self.healthy}
-        request = health_pb2.HealthCheckRequest()
-
-        async def check(target: str) -> None:
-            try:
-                reply = await stubs[target].Check(request, timeout=HEALTH_PERIOD)
-                up = reply.status == health_pb2.HealthCheckResponse.SERVING
-            except grpc.aio.AioRpcError:
-                up = False
-            if up != self.healthy[target]:
-                log.warning("worker %s is %s", target, "back" if up else "down")
-            self.healthy[target] = up
-
-        while True:
-            await asyncio.gather(*(check(t) for t in stubs))
-            await asyncio.sleep(HEALTH_PERIOD)
-
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Checked:
-        held = sum(self.inflight[t] for t in self.decode_targets)
-        if self.max_outstanding is not None and held >= self.max_outstanding:
+        w = self.workers
+        if not w.decode:
+            raise Overloaded("no decode worker has registered yet; retry later")
+        held = sum(w.inflight.get(t, 0) for t in w.decode)
+        if self.max_per_worker is not None and held >= self.max_per_worker * len(w.decode):
             raise Overloaded(
                 f"the gateway holds {held} requests, its limit "
                 "(workers x (--max-running-requests + --max-queued-requests)); "
@@ -166,33 +123,26 @@ class RemoteBackend(Backend):
         """(decode worker, prefill worker or "" to prefill on the decode worker), among the
         healthy workers not in avoid (among all, if none is). A resumed (migrated) request
         is prefilled on its decode worker."""
-        cache = self.stubs()[0]
+        w = self.workers
         try:
-            reply = await cache.Route(
+            reply = await w.cache().Route(
                 cache_pb2.RouteRequest(token_ids=list(prompt_ids)), timeout=ROUTE_TIMEOUT
             )
             held, l3 = dict(reply.workers), reply.l3_tokens
         except grpc.aio.AioRpcError:  # no routing hints: still serve, by load alone
             held, l3 = {}, 0
-        cost = {t: route_cost(len(prompt_ids), held.get(t), l3) for t in self.inflight}
-        decode = self._pick(self.decode_targets, cost, avoid)
+        cost = {t: route_cost(len(prompt_ids), held.get(t), l3) for t in w.decode + w.prefill}
+        self._turn += 1  # equals take turns, so new conversations spread over the workers
+        decode = w.pick(w.decode, cost, avoid, self._turn)
         # prompt logprobs are computed where the prompt is prefilled: on the decode worker
         if (
-            not self.prefill_targets
+            not w.prefill
             or resumed
             or cost[decode] <= self.local_prefill_tokens
             or params.logprob_start_len >= 0
         ):
             return decode, ""
-        return decode, self._pick(self.prefill_targets, cost, avoid)
-
-    def _pick(self, targets: list[str], cost: dict[str, float], avoid: frozenset[str]) -> str:
-        targets = [t for t in targets if self.healthy[t] and t not in avoid] or targets
-        score = {t: (cost[t], self.inflight[t]) for t in targets}
-        best = min(score.values())
-        ties = [t for t in targets if score[t] == best]
-        self._turn += 1  # equals take turns, so new conversations spread over the workers
-        return ties[self._turn % len(ties)]
+        return decode, w.pick(w.prefill, cost, avoid, self._turn)
 
     async def generate(
         self, request: Checked, rid: str | None = None
@@ -220,12 +170,13 @@ class RemoteBackend(Backend):
                     yield event
                 return
             except _Cut as cut:
+                w = self.workers
                 if cut.transport:  # gone or broken: not this worker again for this request
                     tried.add(target)
-                    self.healthy[target] = False  # until its health check answers again
+                    w.healthy[target] = False  # until its health check answers again
                 if not cut.unreachable:
                     migrations += 1
-                left = [t for t in self.decode_targets if t not in tried and self.healthy[t]]
+                left = [t for t in w.decode if t not in tried and w.healthy.get(t)]
                 if cut.final or migrations > self.migration_limit or not left:
                     yield RequestOutput(rid, [], "", finish_reason="error", error=str(cut))
                     return
@@ -242,8 +193,8 @@ class RemoteBackend(Backend):
     ) -> AsyncGenerator[RequestOutput, None]:
         """One worker's stream of the request, after the resume tokens; _Cut when it fails
         before its last event."""
-        decode = self.stubs()[1]
-        call = decode[target].Generate(
+        inflight = self.workers.inflight
+        call = self.workers.decode_stub(target).Generate(
             worker_pb2.WorkerGenerateRequest(
                 request_id=rid,
                 prompt_ids=list(request.prompt_ids),
@@ -253,15 +204,15 @@ class RemoteBackend(Backend):
             ),
             timeout=self.request_timeout,
         )
-        self.inflight[target] += 1
-        if prefill:
-            self.inflight[prefill] += 1  # until the first token: the prefill is done by then
+        inflight[target] = inflight.get(target, 0) + 1
+        if prefill:  # until the first token: the prefill is done by then
+            inflight[prefill] = inflight.get(prefill, 0) + 1
         finished = got_any = False
         try:
             async for chunk in call:
                 got_any = True
                 if prefill:
-                    self.inflight[prefill] -= 1
+                    inflight[prefill] -= 1
                     prefill = ""
                 event = output_from_chunk(rid, chunk)
                 finished = event.finish_reason is not None
@@ -282,24 +233,24 @@ class RemoteBackend(Backend):
             cut.final = code == grpc.StatusCode.DEADLINE_EXCEEDED  # --request-timeout
             raise cut from None
         finally:
-            self.inflight[target] -= 1
+            inflight[target] -= 1
             if prefill:
-                self.inflight[prefill] -= 1
+                inflight[prefill] -= 1
             if not finished:  # the client went away: cancelling aborts it on the worker
                 call.cancel()
 
     async def health(self) -> dict[str, Any]:
-        cache, decode, prefill = self.stubs()
+        w = self.workers
         replies = await asyncio.gather(
-            *(_worker_health(t, "decode", decode[t]) for t in self.decode_targets),
-            *(_worker_health(t, "prefill", prefill[t]) for t in self.prefill_targets),
+            *(_worker_health(t, "decode", w.decode_stub(t), w.healthy[t]) for t in w.decode),
+            *(_worker_health(t, "prefill", w.prefill_stub(t), w.healthy[t]) for t in w.prefill),
         )
         workers = [info for info, _ in replies]
         ok = [(info, got) for info, got in replies if got is not None]
         received = [load for info, (_, _, load) in ok if info["role"] == "decode"]
         trees = [stats for _, (stats, _, _) in ok if stats is not None]
         tiers = [t for _, (_, t, _) in ok if t is not None]
-        l3_store = await _l3_store(cache)
+        l3_store = await _l3_store(w.cache())
         return {
             "status": "ok" if len(ok) == len(workers) else "degraded",
             "model": self.model_name,
@@ -323,29 +274,31 @@ class RemoteBackend(Backend):
         }
 
     async def abort(self, rid: str) -> bool:
-        _, decode, prefill = self.stubs()
         request = worker_pb2.AbortRequest(request_id=rid)
-        replies = await asyncio.gather(
-            *(s.Abort(request, timeout=RPC_TIMEOUT) for s in [*decode.values(), *prefill.values()])
-        )
+        replies = await self._each_worker(lambda s: s.Abort(request, timeout=RPC_TIMEOUT))
         return any(r.found for r in replies)
 
     async def server_info(self) -> dict[str, Any]:
         health = await self.health()
         return {
             "model_path": self.model_name,
-            "decode_workers": self.decode_targets,
-            "prefill_workers": self.prefill_targets,
+            "decode_workers": self.workers.decode,
+            "prefill_workers": self.workers.prefill,
+            "discovery": self.workers.discovery,
             "memory": {w["worker"]: w.get("memory") for w in health["workers"]},
         }
 
     async def flush_cache(self) -> int:
-        _, decode, prefill = self.stubs()
-        stubs = [*decode.values(), *prefill.values()]
-        replies = await asyncio.gather(
-            *(d.FlushCache(worker_pb2.FlushRequest(), timeout=RPC_TIMEOUT) for d in stubs)
-        )
+        request = worker_pb2.FlushRequest()
+        replies = await self._each_worker(lambda s: s.FlushCache(request, timeout=RPC_TIMEOUT))
         return sum(r.flushed_pages for r in replies)
+
+    async def _each_worker(self, call: Any) -> list[Any]:
+        """call(stub) on every worker at once; the replies of those that answered."""
+        w = self.workers
+        stubs = [*map(w.decode_stub, w.decode), *map(w.prefill_stub, w.prefill)]
+        replies = await asyncio.gather(*(call(s) for s in stubs), return_exceptions=True)
+        return [r for r in replies if not isinstance(r, BaseException)]
 
 
 def transfer_json(transfers: int, nbytes: int, seconds: float) -> dict[str, Any]:
@@ -398,10 +351,17 @@ def sum_tiers(tiers: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-async def _worker_health(target: str, role: str, stub: Any) -> tuple[dict[str, Any], Any]:
-    """One worker's /health entry, and (its tree stats, tier stats, Load reply) if it answered."""
+async def _worker_health(
+    target: str, role: str, stub: Any, healthy: bool
+) -> tuple[dict[str, Any], Any]:
+    """One worker's /health entry, and (its tree stats, tier stats, Load reply) if it answered
+    (one that failed its last health check is not asked: a hung worker would hold /health)."""
     try:
-        load = await stub.Load(worker_pb2.LoadRequest(), timeout=RPC_TIMEOUT)
+        if not healthy:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, None, None, "failed its last health check"
+            )
+        load = await stub.Load(worker_pb2.LoadRequest(), timeout=LOAD_TIMEOUT)
     except grpc.aio.AioRpcError as exc:
         return {
             "worker": target,

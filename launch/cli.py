@@ -24,6 +24,7 @@ from launch.args import (
     sparse_argv,
     use_tls,
 )
+from launch.kube import add_kube_parser
 from strata.bench.cli import add_bench_args
 from strata.config import HiCacheConfig, ServerConfig, cache_dir, env
 from strata.engine.memory import worker_share
@@ -128,17 +129,16 @@ def cmd_gateway(a: argparse.Namespace) -> int:
         a.host, a.port, a.served_model_name, a.log_level, a.grpc_port, a.api_key, a.protect_health
     )
     use_tls(a)
-    decode = addresses(a.decode)
-    bound = len(decode) * (a.max_running_requests + a.max_queued_requests)
     serve_gateway(
         model_config(a),
         server,
         a.cache_service,
-        decode,
+        addresses(a.decode),
         addresses(a.prefill),
         a.local_prefill_tokens,
-        bound,
+        a.max_running_requests + a.max_queued_requests,
         a.migration_limit,
+        a.discovery,
     )
     return 0
 
@@ -287,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_worker_parser(sub, role, port)
     _add_gateway_parser(sub)
     _add_cache_parser(sub)
+    add_kube_parser(sub)
     b = sub.add_parser("bench", help="benchmark an OpenAI-compatible server with a workload")
     add_bench_args(b)
     b.add_argument("--log-level", default="warning", help="debug, info, warning or error")
@@ -348,13 +349,21 @@ def _add_gateway_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     add_cache_service_arg(w)
     w.add_argument(
         "--decode",
-        default=env("DECODE_ADDRS") or "127.0.0.1:30020",
-        help="comma-separated decode worker addresses",
+        default=env("DECODE_ADDRS") if env("DECODE_ADDRS") is not None else "127.0.0.1:30020",
+        help="comma-separated decode workers: host:port, or dns:NAME:PORT for every address "
+        "a DNS name has (a Kubernetes headless Service), followed as it changes",
     )
     w.add_argument(
         "--prefill",
         default=env("PREFILL_ADDRS") or "",
-        help="comma-separated prefill worker addresses (none: decode workers prefill)",
+        help="comma-separated prefill workers, as --decode (none: decode workers prefill)",
+    )
+    w.add_argument(
+        "--discovery",
+        default=env("DISCOVERY") or "static",
+        choices=["static", "registry"],
+        help="registry: also route to the workers registered at the cache service (each "
+        "renews its entry every second; one silent for 3 s leaves routing)",
     )
     add_tls_args(w)
     w.set_defaults(func=cmd_gateway)

@@ -175,3 +175,39 @@ def running_process(
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def start_redis(port: int, maxmemory: str = "256mb", timeout: float = 20.0) -> subprocess.Popen:
+    """A redis-server (Debian's package) on 127.0.0.1:port with no persistence and an LRU
+    budget, once it answers PING (for tests and benchmarks)."""
+    import shutil
+
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (`make test` installs Debian's package)")
+    flags = {
+        "bind": "127.0.0.1",
+        "port": str(port),
+        "save": "",
+        "appendonly": "no",
+        "maxmemory": maxmemory,
+        "maxmemory-policy": "allkeys-lru",
+    }
+    args = [binary, *(x for k, v in flags.items() for x in (f"--{k}", v))]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    client = redis.Redis(host="127.0.0.1", port=port)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                client.ping()
+                return proc
+            except redis.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+    finally:
+        client.close()

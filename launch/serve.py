@@ -66,8 +66,9 @@ def serve_gateway(
     decode_targets: list[str],
     prefill_targets: list[str],
     local_prefill_tokens: int,
-    max_outstanding: int | None = None,
+    max_per_worker: int | None = None,
     migration_limit: int = 3,
+    discovery: str = "static",
 ) -> None:
     """The split cluster's gateway: tokenizer and chat template here, prefill on the
     prefill workers and generation on the decode workers (routed by the cache service's
@@ -85,8 +86,9 @@ def serve_gateway(
         decode_targets,
         prefill_targets,
         local_prefill_tokens,
-        max_outstanding=max_outstanding,
+        max_per_worker=max_per_worker,
         migration_limit=migration_limit,
+        discovery=discovery,
     )
     run_loop(_serve_fronts(backend, name, server))
 
@@ -126,7 +128,7 @@ def serve_worker(
 
     def run_service() -> None:
         try:
-            asyncio.run(service(engine, worker_id, host, port, grace, stopping))
+            asyncio.run(service(engine, worker_id, host, port, grace, stopping, cache_service))
         except BaseException as exc:  # e.g. the port is taken: the worker must exit
             failure.append(exc)
             engine.stop()

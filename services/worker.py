@@ -3,18 +3,23 @@ the Load, FlushCache and Abort calls over them."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
+import grpc
+
 from services.convert import tier_stats_to_proto, tree_stats_to_proto
-from services.grpcio import run_until_signal, start_server
+from services.grpcio import open_aio_channel, run_until_signal, start_server
 from strata.engine.engine import Engine
 from strata.engine.messages import AbortNow, FlushCache, Stats
-from strata.proto.v1 import worker_pb2
+from strata.proto.v1 import cache_pb2, cache_pb2_grpc, worker_pb2
 
 log = logging.getLogger(__name__)
+HEARTBEAT_S = 1.0  # between a worker's registrations at the cache service
+REGISTRY_TTL_S = 3.0  # an entry not renewed within this leaves routing
 
 
 class TransferCounter:
@@ -77,14 +82,45 @@ async def run_worker_service(
     port: int,
     grace: float,
     stopping: threading.Event,
+    cache_service: str = "",
 ) -> None:
     """Run a worker's gRPC service (strata.v1.<role>) until `stopping` is set; streams in
-    flight get `grace` seconds to finish. The engine's step loop runs on the process's main
-    thread (launch.serve.serve_worker); this stops it when the service ends."""
+    flight get `grace` seconds to finish. While it serves, it registers at the cache service
+    (discovery). The engine's step loop runs on the process's main thread
+    (launch.serve.serve_worker); this stops it when the service ends."""
     name = worker_pb2.DESCRIPTOR.services_by_name[role].full_name
+    beats = None
     try:
         server, bound = await start_server(host, port, [(add, servicer, name)])
         log.info("%s worker %s on %s:%d", role.lower(), servicer.worker_id, host, bound)
+        if cache_service:
+            address = servicer.worker_id
+            beats = asyncio.create_task(register(cache_service, address, role.lower(), stopping))
         await run_until_signal(server, grace, stopping)
     finally:
+        if beats is not None:
+            beats.cancel()
         servicer.engine.stop()
+
+
+async def register(cache_service: str, address: str, role: str, stopping: threading.Event) -> None:
+    """Heartbeats to the cache service's registry every HEARTBEAT_S (its entry lives
+    REGISTRY_TTL_S), and a last one with TTL 0 as soon as the worker stops: the gateway
+    routes no new request to a worker that drains."""
+    stub = cache_pb2_grpc.CacheStub(open_aio_channel(cache_service))
+    reachable = True
+    while True:
+        leaving = stopping.is_set()
+        request = cache_pb2.RegisterRequest(
+            address=address, role=role, ttl_s=0.0 if leaving else REGISTRY_TTL_S
+        )
+        try:
+            await stub.Register(request, timeout=1.0)
+            reachable = True
+        except grpc.aio.AioRpcError as exc:
+            if reachable:
+                log.warning("cannot register at the cache service %s: %s", cache_service, exc)
+            reachable = False
+        if leaving:
+            return
+        await asyncio.to_thread(stopping.wait, HEARTBEAT_S)

@@ -107,8 +107,7 @@ class RedisServer:
 
         from launch.local import free_port
 
-        self.binary = shutil.which("redis-server")
-        if self.binary is None:
+        if shutil.which("redis-server") is None:
             pytest.fail("redis-server is not installed (`make test` installs Debian's package)")
         self.port, self.maxmemory = free_port(), maxmemory
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -116,31 +115,9 @@ class RedisServer:
         self.start()
 
     def start(self) -> None:
-        import subprocess
-        import time
+        from launch.local import start_redis
 
-        import redis
-
-        flags = {
-            "bind": "127.0.0.1",
-            "port": str(self.port),
-            "save": "",
-            "appendonly": "no",
-            "maxmemory": self.maxmemory,
-            "maxmemory-policy": "allkeys-lru",
-        }
-        args = [self.binary, *(x for k, v in flags.items() for x in (f"--{k}", v))]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-        client.close()
+        self.proc = start_redis(self.port, self.maxmemory)
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -1,5 +1,6 @@
 """The cache service: the cluster's prefix index (a mirror of every worker's radix tree, fed
-by the workers' KV events) for routing and stats, and the LRU of the shared L3 store.
+by the workers' KV events) for routing and stats, the LRU of the shared L3 store (a
+directory; Redis keeps its own), and the registry of live workers (discovery).
 
 It is never on a worker's hot path: workers publish asynchronously and keep serving while
 it is down, the gateway routes by load alone without it, and after a restart it rebuilds
@@ -15,6 +16,7 @@ import grpc
 from services.convert import batch_from_proto, costs_to_proto
 from services.grpcio import run_until_signal, start_server
 from strata.cache.mirror import ClusterIndex
+from strata.cache.registry import WorkerRegistry
 from strata.kv.redis_store import RedisIndex
 from strata.kv.store import L3Index, StoreIndex
 from strata.proto.v1 import cache_pb2, cache_pb2_grpc
@@ -23,8 +25,24 @@ log = logging.getLogger(__name__)
 
 
 class CacheService(cache_pb2_grpc.CacheServicer):
-    def __init__(self, index: ClusterIndex) -> None:
+    def __init__(self, index: ClusterIndex, registry: WorkerRegistry | None = None) -> None:
         self.index = index
+        self.registry = registry or WorkerRegistry()
+
+    async def Register(self, request, context):  # noqa: N802
+        try:
+            self.registry.beat(request.address, request.role, request.ttl_s)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return cache_pb2.RegisterResponse()
+
+    async def Workers(self, request, context):  # noqa: N802
+        return cache_pb2.WorkersResponse(
+            workers=[
+                cache_pb2.RegisteredWorker(address=w.address, role=w.role, age_s=w.age)
+                for w in self.registry.live()
+            ]
+        )
 
     async def Publish(self, request, context):  # noqa: N802 (gRPC method names)
         try:

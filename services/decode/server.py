@@ -238,9 +238,14 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
 
 
 async def serve(
-    engine: Engine, worker_id: str, host: str, port: int, grace: float, stopping: threading.Event
+    engine: Engine,
+    worker_id: str,
+    host: str,
+    port: int,
+    grace: float,
+    stopping: threading.Event,
+    cache_service: str = "",
 ) -> None:
     add = worker_pb2_grpc.add_DecodeServicer_to_server
-    await run_worker_service(
-        "Decode", DecodeService(engine, worker_id), add, host, port, grace, stopping
-    )
+    service = DecodeService(engine, worker_id)
+    await run_worker_service("Decode", service, add, host, port, grace, stopping, cache_service)

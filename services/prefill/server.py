@@ -141,8 +141,14 @@ class PrefillService(EngineWorker, worker_pb2_grpc.PrefillServicer):
 
 
 async def serve(
-    engine: Engine, worker_id: str, host: str, port: int, grace: float, stopping: threading.Event
+    engine: Engine,
+    worker_id: str,
+    host: str,
+    port: int,
+    grace: float,
+    stopping: threading.Event,
+    cache_service: str = "",
 ) -> None:
     add = worker_pb2_grpc.add_PrefillServicer_to_server
     service = PrefillService(engine, worker_id)
-    await run_worker_service("Prefill", service, add, host, port, grace, stopping)
+    await run_worker_service("Prefill", service, add, host, port, grace, stopping, cache_service)

@@ -121,3 +121,37 @@ class StatsResponse(_message.Message):
     l3_budget_bytes: int
     l3_evicted: int
     def __init__(self, workers: _Optional[_Mapping[str, WorkerMirror]] = ..., l3_pages: _Optional[int] = ..., l3_bytes: _Optional[int] = ..., l3_budget_bytes: _Optional[int] = ..., l3_evicted: _Optional[int] = ...) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("address", "role", "ttl_s")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    role: str
+    ttl_s: float
+    def __init__(self, address: _Optional[str] = ..., role: _Optional[str] = ..., ttl_s: _Optional[float] = ...) -> None: ...
+
+class RegisterResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RegisteredWorker(_message.Message):
+    __slots__ = ("address", "role", "age_s")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    AGE_S_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    role: str
+    age_s: float
+    def __init__(self, address: _Optional[str] = ..., role: _Optional[str] = ..., age_s: _Optional[float] = ...) -> None: ...
+
+class WorkersResponse(_message.Message):
+    __slots__ = ("workers",)
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.RepeatedCompositeFieldContainer[RegisteredWorker]
+    def __init__(self, workers: _Optional[_Iterable[_Union[RegisteredWorker, _Mapping]]] = ...) -> None: ...

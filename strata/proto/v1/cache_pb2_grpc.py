@@ -49,6 +49,16 @@ class CacheStub:
                 request_serializer=strata_dot_v1_dot_cache__pb2.StatsRequest.SerializeToString,
                 response_deserializer=strata_dot_v1_dot_cache__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Register = channel.unary_unary(
+                '/strata.v1.Cache/Register',
+                request_serializer=strata_dot_v1_dot_cache__pb2.RegisterRequest.SerializeToString,
+                response_deserializer=strata_dot_v1_dot_cache__pb2.RegisterResponse.FromString,
+                _registered_method=True)
+        self.Workers = channel.unary_unary(
+                '/strata.v1.Cache/Workers',
+                request_serializer=strata_dot_v1_dot_cache__pb2.WorkersRequest.SerializeToString,
+                response_deserializer=strata_dot_v1_dot_cache__pb2.WorkersResponse.FromString,
+                _registered_method=True)
 
 
 class CacheServicer:
@@ -72,6 +82,18 @@ class CacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Register(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Workers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +111,16 @@ def add_CacheServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=strata_dot_v1_dot_cache__pb2.StatsRequest.FromString,
                     response_serializer=strata_dot_v1_dot_cache__pb2.StatsResponse.SerializeToString,
+            ),
+            'Register': grpc.unary_unary_rpc_method_handler(
+                    servicer.Register,
+                    request_deserializer=strata_dot_v1_dot_cache__pb2.RegisterRequest.FromString,
+                    response_serializer=strata_dot_v1_dot_cache__pb2.RegisterResponse.SerializeToString,
+            ),
+            'Workers': grpc.unary_unary_rpc_method_handler(
+                    servicer.Workers,
+                    request_deserializer=strata_dot_v1_dot_cache__pb2.WorkersRequest.FromString,
+                    response_serializer=strata_dot_v1_dot_cache__pb2.WorkersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +204,60 @@ class Cache:
             '/strata.v1.Cache/Stats',
             strata_dot_v1_dot_cache__pb2.StatsRequest.SerializeToString,
             strata_dot_v1_dot_cache__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Register(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.Cache/Register',
+            strata_dot_v1_dot_cache__pb2.RegisterRequest.SerializeToString,
+            strata_dot_v1_dot_cache__pb2.RegisterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Workers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.Cache/Workers',
+            strata_dot_v1_dot_cache__pb2.WorkersRequest.SerializeToString,
+            strata_dot_v1_dot_cache__pb2.WorkersResponse.FromString,
             options,
             channel_credentials,
             insecure,
