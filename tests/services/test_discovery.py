@@ -70,7 +70,7 @@ def model(tmp_path_factory):
 
 def test_the_gateway_follows_the_registry_and_dns(model):
     with ExitStack() as stack:
-        cache, _ = stack.enter_context(grpc_service("cache"))
+        cache, cache_proc = stack.enter_context(grpc_service("cache"))
         follow = ["--cache-service", cache, "--decode", "", "--discovery", "registry"]
         url = stack.enter_context(running_http("gateway", *model, *follow))
         refused = generate(url)
@@ -92,6 +92,13 @@ def test_the_gateway_follows_the_registry_and_dns(model):
             )
         )
         assert generate(dns).status_code == 200 and f"127.0.0.1:{port}" in workers(dns)
+        cache_proc.kill()  # without the registry the gateway keeps the workers it knows
+        time.sleep(1.5)
+        assert generate(url).status_code == 200 and workers(url) == [target]
+        port = int(cache.rsplit(":", 1)[1])
+        stack.enter_context(grpc_service("cache", port=port))  # back: the worker re-registers
+        time.sleep(1.5)
+        assert workers(url) == [target]
         proc.terminate()  # a clean stop leaves the registry at once
         gone = until(lambda: workers(url) == [], 2.0)
         print(
