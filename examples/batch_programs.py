@@ -1,7 +1,7 @@
-"""A batch of 64 programs run concurrently with run_batch; they share one system prompt,
-which the server's radix cache computes once.
+"""A batch of programs (64 by default) run concurrently with run_batch; they share one
+system prompt, which the server's radix cache computes once.
 
-    python examples/batch_programs.py --url http://127.0.0.1:30000
+    python examples/batch_programs.py --url http://127.0.0.1:30000 [--programs 64]
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ SYSTEM = (
     "You are a terse classifier. For each item you are given, you answer with a single "
     "word naming its category, chosen from: fruit, animal, tool, color. " * 3
 )
-ITEMS = ["apple", "tiger", "hammer", "blue", "banana", "eagle", "wrench", "green"] * 8
+ITEMS = ["apple", "tiger", "hammer", "blue", "banana", "eagle", "wrench", "green"]
+CATEGORIES = ["fruit", "animal", "tool", "color"] * 2
 
 
 @sl.function
@@ -33,18 +34,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", default="http://127.0.0.1:30000")
     ap.add_argument("--threads", type=int, default=16)
+    ap.add_argument("--programs", type=int, default=64)
     args = ap.parse_args()
     sl.set_default_backend(sl.RuntimeEndpoint(args.url))
+    n = args.programs
+    items = [ITEMS[i % len(ITEMS)] for i in range(n)]
     start = time.perf_counter()
-    states = classify.run_batch([{"item": i} for i in ITEMS], num_threads=args.threads)
+    states = classify.run_batch([{"item": i} for i in items], num_threads=args.threads)
     elapsed = time.perf_counter() - start
-    assert len(states) == 64 and all(s["category"] for s in states)
-    correct = sum(
-        s["category"] == c
-        for s, c in zip(states, ["fruit", "animal", "tool", "color"] * 16, strict=True)
-    )
+    assert len(states) == n and all(s["category"] for s in states)
+    right = sum(s["category"] == CATEGORIES[i % len(ITEMS)] for i, s in enumerate(states))
     hit = httpx.get(f"{args.url}/health", timeout=10).json()["radix_cache_stats"]["hit_rate"]
-    print(f"64 programs in {elapsed:.1f}s; {correct}/64 categories right; cache hit rate {hit:.2f}")
+    print(f"{n} programs in {elapsed:.1f}s; {right}/{n} categories right; cache hit rate {hit:.2f}")
 
 
 if __name__ == "__main__":
