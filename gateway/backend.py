@@ -8,7 +8,14 @@ from dataclasses import asdict
 from typing import Any
 
 from strata.config import SchedulerConfig
-from strata.engine.messages import AbortNow, FlushCache, Stats
+from strata.engine.messages import (
+    AbortNow,
+    CloseSession,
+    FlushCache,
+    OpenSession,
+    SessionContext,
+    Stats,
+)
 from strata.engine.process import EngineClient, EngineGone
 from strata.engine.request import Checked, RequestOutput
 from strata.sampling.params import SamplingParams
@@ -47,6 +54,22 @@ class Backend(ABC):
 
     async def server_info(self) -> dict[str, Any]:
         return {"model_path": self.model_name}
+
+    async def open_session(self, ttl: float | None, capacity: int | None) -> str:
+        raise ValueError(NO_SESSIONS)
+
+    async def close_session(self, sid: str) -> bool:
+        raise ValueError(NO_SESSIONS)
+
+    async def session_context(
+        self, sid: str, rid: str | None, offset: int | None, new: int
+    ) -> list[int]:
+        """The tokens a request of the session continues (ValueError: no such session,
+        request or offset, or past its capacity with `new` more tokens)."""
+        raise ValueError(NO_SESSIONS)
+
+
+NO_SESSIONS = "sessions are served by `strata serve` (one engine); the split cluster has none yet"
 
 
 def radix_cache_stats(
@@ -144,10 +167,22 @@ class LocalBackend(Backend):
             },
             "engine": {"pid": self.engine.process.pid, "loop_thread": stats.loop_thread},
             "memory": stats.memory,
+            "sessions": stats.sessions,
         }
 
     async def flush_cache(self) -> int:
         return int(await self.engine.ask(FlushCache()))
+
+    async def open_session(self, ttl: float | None, capacity: int | None) -> str:
+        return str(await self.engine.ask(OpenSession(ttl, capacity)))
+
+    async def close_session(self, sid: str) -> bool:
+        return bool(await self.engine.ask(CloseSession(sid)))
+
+    async def session_context(
+        self, sid: str, rid: str | None, offset: int | None, new: int
+    ) -> list[int]:
+        return list(await self.engine.ask(SessionContext(sid, rid, offset, new)))
 
     async def abort(self, rid: str) -> bool:
         return bool(await self.engine.ask(AbortNow(rid)))

@@ -8,11 +8,12 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gateway.backend import Backend
 from gateway.metrics import Metrics
-from strata.engine.request import Checked, RequestOutput
+from gateway.protocol import SessionParams
+from strata.engine.request import Checked, RequestOutput, SessionRef
 from strata.sampling.params import SamplingParams
 from strata.tokenizer import chat_prompt_ids
 
@@ -55,11 +56,27 @@ class Front:
                 raise ValueError(f"unknown role {m['role']!r}: use one of {', '.join(CHAT_ROLES)}")
         return chat_prompt_ids(self.tokenizer, messages)
 
-    async def validate(self, prompt_ids: list[int], params: SamplingParams) -> Checked:
+    async def in_session(
+        self, sp: SessionParams | None, prompt_ids: list[int], whole: bool = False
+    ) -> tuple[list[int], SessionRef | None]:
+        """The prompt of a session's request: the session's tokens (its request `rid`, cut at
+        `offset`) then prompt_ids; whole: prompt_ids are the whole prompt (OpenAI routes),
+        only checked against the session. ValueError for no such session."""
+        if sp is None:
+            return prompt_ids, None
+        offset = 0 if whole else sp.offset
+        rid = None if whole else sp.rid
+        before = await self.backend.session_context(sp.id, rid, offset, len(prompt_ids))
+        return before + prompt_ids, SessionRef(sp.id, sp.replace)
+
+    async def validate(
+        self, prompt_ids: list[int], params: SamplingParams, session: SessionRef | None = None
+    ) -> Checked:
         """The request checked, once, by the backend (ValueError, Overloaded), off the event
         loop: a grammar may compile. Before a reply starts, so a bad request never gets a
         200; what serves it then trusts the Checked request."""
-        return await asyncio.to_thread(self.backend.validate, prompt_ids, params)
+        checked = await asyncio.to_thread(self.backend.validate, prompt_ids, params)
+        return checked if session is None else replace(checked, session=session)
 
     async def events(
         self, request: Checked, endpoint: str, rid: str | None = None

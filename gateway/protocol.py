@@ -76,8 +76,31 @@ class _SamplingFields(_Body):
         return ()
 
 
+class SessionParams(_Body):
+    """SGLang's session_params: the session, the request of it to continue (default its
+    newest), where in that request's tokens (negative: from the end), and whether the
+    session then forgets its other requests."""
+
+    id: str = Field(min_length=1)
+    rid: str | None = None
+    offset: int | None = None
+    replace: bool = False
+
+
+class OpenSessionRequest(_Body):
+    capacity_of_str_len: int | None = Field(default=None, ge=1)  # tokens, at most
+    timeout: float | None = Field(default=None, gt=0)  # seconds after its last request
+
+
+class CloseSessionRequest(_Body):
+    session_id: str = Field(min_length=1)
+
+
 class _OpenAISampling(_SamplingFields):
     model: str | None = None
+    # strata's extra field: pin the conversation's KV in this open session (the messages
+    # or prompt are sent whole, as usual; rid and offset do not apply)
+    session_params: SessionParams | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
@@ -264,6 +287,7 @@ class GenerateRequest(_Body):
     top_logprobs_num: int = Field(default=0, ge=0, le=20)
     logprob_start_len: int = Field(default=-1, ge=-1)
     rid: str | None = None
+    session_params: SessionParams | None = None  # the prompt continues the session's tokens
 
     @property
     def batched(self) -> bool:

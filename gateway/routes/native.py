@@ -1,4 +1,5 @@
-"""SGLang's native API: /generate, /tokenize, /get_model_info and /abort_request."""
+"""SGLang's native API: /generate, /open_session, /close_session, /tokenize, /get_model_info
+and /abort_request."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from gateway.front import Front
-from gateway.protocol import AbortRequest, GenerateRequest, TokenizeRequest
+from gateway.protocol import (
+    AbortRequest,
+    CloseSessionRequest,
+    GenerateRequest,
+    OpenSessionRequest,
+    TokenizeRequest,
+)
 from gateway.rest import BadRequest, backend_of, check_error, front_of, parse_body, stream
 from strata.engine.request import Checked, RequestOutput
 from strata.sampling.params import SamplingParams
@@ -30,7 +37,12 @@ async def generate(request: Request) -> Any:
     if body.batched and body.rid is not None:
         raise BadRequest("`rid` names one request; leave it out for a batch")
     params = body.params()
-    checked = [await front.validate(ids, params) for ids in prompts]
+    session = None
+    if body.session_params is not None:
+        if body.batched:
+            raise BadRequest("a batch cannot continue a session: send one prompt")
+        prompts[0], session = await front.in_session(body.session_params, prompts[0])
+    checked = [await front.validate(ids, params, session) for ids in prompts]
     start = time.monotonic()
     if body.stream:
         rid = body.rid or uuid.uuid4().hex
@@ -118,6 +130,21 @@ async def _collect(
             [lp, t, text(t)] for lp, t in zip(last.input_logprobs or [], prompt)
         ]
     return {"text": run.text, "output_ids": run.token_ids, "meta_info": info, "usage": _usage(last)}
+
+
+@router.post("/open_session")
+async def open_session(request: Request) -> str:
+    """A new session's id (SGLang's shape): its requests' KV stays pinned while it lives."""
+    body = await parse_body(request, OpenSessionRequest)
+    return await backend_of(request).open_session(body.timeout, body.capacity_of_str_len)
+
+
+@router.post("/close_session")
+async def close_session(request: Request) -> dict[str, Any]:
+    body = await parse_body(request, CloseSessionRequest)
+    if not await backend_of(request).close_session(body.session_id):
+        raise BadRequest(f"session {body.session_id!r} is not open")
+    return {"status": "ok"}
 
 
 @router.post("/tokenize")

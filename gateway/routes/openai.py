@@ -44,7 +44,8 @@ async def completions(request: Request) -> Any:
         prompt = prompt[0]
     ids = front.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     params = body.params()
-    runs = body.fan_out(await front.validate(ids, params))
+    ids, session = await front.in_session(body.session_params, ids, whole=True)
+    runs = body.fan_out(await front.validate(ids, params, session))
     head = {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",
@@ -95,7 +96,8 @@ async def chat_completions(request: Request) -> Any:
     body = await parse_body(request, ChatCompletionRequest)
     front = front_of(request)
     params = body.params()
-    runs = body.fan_out(await front.validate(front.chat_prompt(body.chat()), params))
+    ids, session = await front.in_session(body.session_params, front.chat_prompt(body.chat()), True)
+    runs = body.fan_out(await front.validate(ids, params, session))
     head = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "created": int(time.time()),

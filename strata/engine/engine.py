@@ -20,12 +20,21 @@ from strata.cache.results import KVEvent
 from strata.config import HiCacheConfig, SchedulerConfig
 from strata.engine.intake import Inbox, Intake, RequestTable
 from strata.engine.logprobs import collect_input_logprobs, wants_input_logprobs
-from strata.engine.messages import AbortNow, FlushCache, Query, Stats
+from strata.engine.messages import (
+    AbortNow,
+    CloseSession,
+    FlushCache,
+    OpenSession,
+    Query,
+    SessionContext,
+    Stats,
+)
 from strata.engine.offload import Offload
 from strata.engine.outputs import Outputs
 from strata.engine.request import Checked, KVSource, Limits, Request, RequestOutput
 from strata.engine.runner import ModelRunner, RunnerBroken
 from strata.engine.scheduler import Scheduler
+from strata.engine.sessions import Sessions
 from strata.engine.split import SplitRoles
 from strata.grammar.compiler import GrammarCompiler, LazyGrammarCompiler
 from strata.sampling.params import SamplingParams
@@ -49,6 +58,7 @@ class EngineStats:
     tiers: dict[str, Any] | None = None  # pages, bytes and traffic per KV tier (with tiers)
     loop_thread: str = ""  # the thread that runs the step loop (stats runs on it)
     memory: dict[str, Any] | None = None  # the runner's MemoryPlan (engine.memory)
+    sessions: dict[str, int] | None = None  # open sessions and the L1 pages they pin
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,7 @@ class EngineOptions:
     request_timeout: float | None = None
     schedule_policy: str = "lpm"
     draft_tokens: int = 0
+    session_pages: float = 0.5  # L1 pages sessions may pin together, a fraction of the pool
 
     @classmethod
     def of(
@@ -134,8 +145,17 @@ class Engine:
             o.request_timeout,
         )
         self.outputs = Outputs(
-            runner, self.scheduler, self.table, grammar, self.eos_ids, o.jump_forward, self._hold
+            runner,
+            self.scheduler,
+            self.table,
+            grammar,
+            self.eos_ids,
+            o.jump_forward,
+            self._hold,
+            self._done,
         )
+        budget = int(runner.pool.num_pages * o.session_pages)
+        self.sessions = Sessions(self.prefix_cache, self.scheduler.page_size, budget)
         self.split = SplitRoles(
             runner, self.scheduler, self.table, self._inbox, self.outputs, o.hold_timeout
         )
@@ -148,6 +168,12 @@ class Engine:
 
     def _hold(self, req: Request) -> None:
         self.split.hold(req)
+
+    def _done(self, req: Request) -> None:
+        if req.session is not None:
+            ok = req.finish_reason in ("stop", "length")
+            tokens = req.prompt_ids + req.output_ids
+            self.sessions.finished(req.session.id, req.rid, tokens, req.session.replace, ok)
 
     def _build_scheduler(self) -> tuple[CacheIndex | None, Scheduler]:
         """The prefix cache (None: off) and the scheduler over the runner's pool."""
@@ -316,6 +342,12 @@ class Engine:
                 return self.flush_cache()
             case AbortNow(rid):
                 return self.abort_now(rid)
+            case OpenSession(ttl, capacity):
+                return self.sessions.open(ttl, capacity)
+            case CloseSession(sid):
+                return self.sessions.close(sid)
+            case SessionContext(sid, rid, offset, new):
+                return self.sessions.context(sid, rid, offset, new)
         raise TypeError(f"unknown query {query!r}")
 
     async def ask(self, query: Query) -> Any:
@@ -337,6 +369,7 @@ class Engine:
             tiers=self._tier_stats(),
             loop_thread=threading.current_thread().name,
             memory=self.runner.memory.as_dict() if self.runner.memory is not None else None,
+            sessions=self.sessions.stats(),
         )
 
     def _tier_stats(self) -> dict[str, Any] | None:
@@ -391,6 +424,7 @@ class Engine:
             self._drain()
             self.split.expire_held()
             self._expire_requests()
+            self.sessions.expire()
             try:
                 busy = self.step()
             except Exception as exc:  # a failed step fails its requests, never the server

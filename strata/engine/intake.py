@@ -157,6 +157,7 @@ class Intake:
         rid = rid or self.table.new_id()
         params = request.params
         req = Request(rid, list(request.prompt_ids), params, sink, kv_source=kv_source, hold=hold)
+        req.session = request.session
         if self.request_timeout is not None:
             req.deadline = req.arrival + self.request_timeout
         if self.tokenizer is not None:

@@ -3,7 +3,8 @@ each, handled with `match`:
 
     front -> engine process   Add | Abort | Call | Stop
     engine process -> front   Ready | Failed | Events | Result
-    a Call's query            Stats | FlushCache | AbortNow   (answered by Result.value)
+    a Call's query            Stats | FlushCache | AbortNow | OpenSession | CloseSession
+                              | SessionContext   (answered by Result.value)
     rank 0 -> ranks 1..N-1    Forward | StopRanks             (broadcast with each step)
     rank 0 <-> a rank's link  LinkCall (a strata.kv.transfer ChannelOp) | LinkReply
 
@@ -53,7 +54,33 @@ class AbortNow:
     rid: str
 
 
-Query = Stats | FlushCache | AbortNow
+@dataclass(frozen=True, slots=True)
+class OpenSession:
+    """A session's id (strata.engine.sessions)."""
+
+    ttl: float | None = None
+    capacity: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CloseSession:
+    """Whether the session was open; its pin is released."""
+
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionContext:
+    """The tokens a request of the session continues (ValueError: no such session, rid or
+    offset, or past its capacity with `new` more tokens)."""
+
+    id: str
+    rid: str | None = None
+    offset: int | None = None
+    new: int = 0
+
+
+Query = Stats | FlushCache | AbortNow | OpenSession | CloseSession | SessionContext
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +119,7 @@ class Events:
 class Result:
     call_id: int
     ok: bool
-    value: Any  # the answer, or the error's text
+    value: Any  # the answer, or the error's (type name, text)
 
 
 ToEngine = Add | Abort | Call | Stop

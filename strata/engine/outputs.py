@@ -34,11 +34,12 @@ class Outputs:
         eos_ids: frozenset[int],
         jump_forward: bool,
         on_hold: Callable[[Request], None],
+        on_done: Callable[[Request], None] = lambda req: None,
     ) -> None:
         self.runner, self.scheduler, self.table = runner, scheduler, table
         self.tokenizer = runner.tokenizer
         self._grammar, self.eos_ids, self.jump_forward = grammar, eos_ids, jump_forward
-        self.on_hold = on_hold
+        self.on_hold, self.on_done = on_hold, on_done
         self.jump_forward_tokens = 0  # appended by jump-forward decoding (no step sampled)
         self.draft_tokens = 0  # n-gram speculation: tokens proposed and verified
         self.accepted_tokens = 0  # ... and the model's own (kept)
@@ -193,6 +194,7 @@ class Outputs:
         self.scheduler.finish(req, release=not (req.awaiting_kv or hold))
         if hold and req.pages:
             self.on_hold(req)
+        self.on_done(req)
         self.table.done(req)
         event = event or RequestOutput(req.rid, [], "")
         event.finish_reason, event.error, event.usage = reason, error, req.usage()

@@ -180,7 +180,11 @@ def _read(
 
 def _reply(send: Callable[[ToFront], None], call_id: int, fut: Future) -> None:
     exc = fut.exception()
-    send(Result(call_id, exc is None, fut.result() if exc is None else repr(exc)))
+    send(
+        Result(
+            call_id, exc is None, fut.result() if exc is None else (type(exc).__name__, str(exc))
+        )
+    )
 
 
 def _take_frames(buffer: bytearray) -> list[Any]:
@@ -372,8 +376,10 @@ class EngineClient:
                 if fut is not None and not fut.done():
                     if ok:
                         fut.set_result(value)
-                    else:
-                        fut.set_exception(RuntimeError(value))
+                    else:  # a ValueError is the asker's (a bad session, say): a 400
+                        kind, text = value
+                        bad = ValueError(text) if kind == "ValueError" else None
+                        fut.set_exception(bad or RuntimeError(f"{kind}: {text}"))
 
     def _on_gone(self) -> None:
         """The engine process died: end every stream with an error event, fail every call."""

@@ -133,6 +133,7 @@ class Request:
     selected_at: list[int] | None = None
     num_demoted: int = 0
     drafter: NgramDrafter | None = None  # n-gram speculation: its tokens' index
+    session: SessionRef | None = None  # strata.engine.sessions: pinned when it ends
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
@@ -208,6 +209,14 @@ def check_length(prompt_len: int, max_context: int, max_new_tokens: int = 0) -> 
 
 
 @dataclass(frozen=True)
+class SessionRef:
+    """The session a request belongs to; replace: forget the session's other sequences."""
+
+    id: str
+    replace: bool = False
+
+
+@dataclass(frozen=True)
 class Checked:
     """A request that passed its front's checks (Limits.check; check_request and
     check_length at the split gateway). Engines and backends take this type and do not check
@@ -218,6 +227,7 @@ class Checked:
     # request migration: tokens another engine already generated and streamed; this one
     # goes on after them (Request.resume)
     resume_ids: tuple[int, ...] = ()
+    session: SessionRef | None = None  # a session's request: pinned when it ends
 
     def resumed(self, num_prompt: int) -> Checked:
         """This request checked as one prompt, split: its first num_prompt tokens are the
@@ -230,7 +240,7 @@ class Checked:
                 f"{len(resume)} resumed tokens leave none of max_new_tokens "
                 f"({self.params.max_new_tokens}) to generate"
             )
-        return Checked(self.prompt_ids[:num_prompt], self.params, resume)
+        return Checked(self.prompt_ids[:num_prompt], self.params, resume, self.session)
 
 
 @dataclass(frozen=True)

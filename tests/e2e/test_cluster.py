@@ -228,3 +228,8 @@ def test_examples_run_on_the_cluster(cluster, example):
         cwd=ROOT,
     )
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_sessions_are_refused_clearly_by_the_cluster(cluster):
+    r = httpx.post(f"{cluster[0]}/open_session", json={}, timeout=30)
+    assert r.status_code == 400 and "strata serve" in r.json()["error"]["message"]

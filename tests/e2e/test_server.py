@@ -527,3 +527,46 @@ def test_tool_calls_stream_and_run_in_parallel(url, client):
     )
     assert not calls and content and finish == "length"
     wait_idle(url)
+
+
+def test_a_session_keeps_its_conversation_pinned_until_closed(url, client):
+    """SGLang's session API on the server: each turn continues the session's tokens and
+    answers what the whole prompt would; the newest prefix stays pinned (a flush leaves it)
+    until the session closes; the OpenAI routes pin in a session too; bad sessions are 400."""
+    sid = httpx.post(f"{url}/open_session", json={"timeout": 60}, timeout=30).json()
+    greedy = {"max_new_tokens": 8, "temperature": 0}
+    whole: list[int] = []
+    for turn in ("The lighthouse keeper", " wrote in his log that", " the storm"):
+        ids = httpx.post(f"{url}/tokenize", json={"text": turn}, timeout=30).json()["tokens"]
+        body = {"input_ids": ids, "sampling_params": greedy, "session_params": {"id": sid}}
+        out = httpx.post(f"{url}/generate", json=body, timeout=60).json()
+        alone = {"input_ids": whole + ids, "sampling_params": greedy}
+        assert (
+            out["output_ids"]
+            == httpx.post(f"{url}/generate", json=alone, timeout=60).json()["output_ids"]
+        )
+        assert out["meta_info"]["prompt_tokens"] == len(whole + ids)
+        whole += ids + out["output_ids"]
+        rid = out["meta_info"]["id"]
+    httpx.post(f"{url}/flush_cache", timeout=30)
+    sessions = health(url)["sessions"]
+    assert sessions["open"] >= 1 and sessions["pinned_pages"] > 0
+    assert health(url)["radix_cache_stats"]["locked_pages"] >= sessions["pinned_pages"]
+    branch = {"input_ids": [11], "sampling_params": greedy}
+    branch["session_params"] = {"id": sid, "rid": rid, "offset": -2}
+    assert httpx.post(f"{url}/generate", json=branch, timeout=60).status_code == 200
+    chat(client, "Hi", extra_body={"session_params": {"id": sid}})
+    assert httpx.post(f"{url}/close_session", json={"session_id": sid}, timeout=30).json() == {
+        "status": "ok"
+    }
+    assert health(url)["sessions"]["pinned_pages"] == 0
+    for bad in (
+        {"text": "x", "session_params": {"id": sid}},  # closed
+        {"text": "x", "session_params": {"id": "nope"}},
+        {"text": ["a", "b"], "session_params": {"id": sid}},  # a batch
+    ):
+        r = httpx.post(f"{url}/generate", json=bad, timeout=30)
+        assert r.status_code == 400, r.text
+    assert (
+        httpx.post(f"{url}/close_session", json={"session_id": sid}, timeout=30).status_code == 400
+    )
