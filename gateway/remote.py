@@ -14,7 +14,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 import grpc
@@ -157,19 +157,25 @@ class RemoteBackend(Backend):
         sent: list[int] = []  # tokens streamed so far
         tried: set[str] = set()
         migrations = 0
+        session = request.session
         while True:
-            target, prefill = await self.route(
-                [*request.prompt_ids, *sent], request.params, frozenset(tried), bool(sent)
-            )
+            if session is not None:  # on its worker, prefilled there (where it is pinned)
+                target, prefill = self._session_worker(session.id)[1], ""
+            else:
+                target, prefill = await self.route(
+                    [*request.prompt_ids, *sent], request.params, frozenset(tried), bool(sent)
+                )
             resumed = bool(sent)
             try:
-                async for event in self._generate_on(target, prefill, request, sent, rid):
+                on = replace(request, session=session)
+                async for event in self._generate_on(target, prefill, on, sent, rid):
                     if resumed:  # the client has the prompt's logprobs already
                         event.input_logprobs = None
                     sent.extend(event.token_ids)
                     yield event
                 return
             except _Cut as cut:
+                session = None  # it lived on that worker: the stream goes on without it
                 w = self.workers
                 if cut.transport:  # gone or broken: not this worker again for this request
                     tried.add(target)
@@ -201,6 +207,8 @@ class RemoteBackend(Backend):
                 sampling_params=params_to_proto(request.params),
                 prefill_worker=prefill,
                 resume_ids=resume,
+                session_id=self._session_worker(request.session.id)[0] if request.session else "",
+                session_replace=request.session.replace if request.session else False,
             ),
             timeout=self.request_timeout,
         )
@@ -272,6 +280,46 @@ class RemoteBackend(Backend):
             "migrated_requests": self.migrated,
             "workers": workers,
         }
+
+    # ---- sessions: each lives on one decode worker, named in its id ("ENGINE_ID@worker") ---
+
+    async def open_session(self, ttl: float | None, capacity: int | None) -> str:
+        w = self.workers
+        if not w.decode:
+            raise Overloaded("no decode worker has registered yet; retry later")
+        self._turn += 1
+        target = w.pick(w.decode, {}, frozenset(), self._turn)
+        request = worker_pb2.OpenSessionRequest(ttl_s=ttl or 0, capacity=capacity or 0)
+        reply = await self._session_rpc(target, "OpenSession", request)
+        return f"{reply.session_id}@{target}"
+
+    async def close_session(self, sid: str) -> bool:
+        engine_sid, target = self._session_worker(sid)
+        request = worker_pb2.CloseSessionRequest(session_id=engine_sid)
+        return bool((await self._session_rpc(target, "CloseSession", request)).closed)
+
+    async def session_context(
+        self, sid: str, rid: str | None, offset: int | None, new: int
+    ) -> list[int]:
+        engine_sid, target = self._session_worker(sid)
+        request = worker_pb2.SessionContextRequest(
+            session_id=engine_sid, rid=rid, offset=offset, new_tokens=new
+        )
+        return list((await self._session_rpc(target, "SessionContext", request)).token_ids)
+
+    def _session_worker(self, sid: str) -> tuple[str, str]:
+        """(the engine's session id, the decode worker that holds it)."""
+        engine_sid, _, target = sid.rpartition("@")
+        if not engine_sid or target not in self.workers.decode:
+            raise ValueError(f"session {sid!r} is not open (its worker is not serving)")
+        return engine_sid, target
+
+    async def _session_rpc(self, target: str, method: str, request: Any) -> Any:
+        try:
+            call = getattr(self.workers.decode_stub(target), method)
+            return await call(request, timeout=RPC_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            raise ValueError(f"decode worker {target}: {exc.details()}") from None
 
     async def abort(self, rid: str) -> bool:
         request = worker_pb2.AbortRequest(request_id=rid)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from contextlib import aclosing, suppress
+from dataclasses import replace
 
 import grpc
 
@@ -17,7 +18,8 @@ from services.convert import chunk_from_output, params_from_proto, params_to_pro
 from services.grpcio import open_channel
 from services.worker import EngineWorker, TransferCounter, run_worker_service
 from strata.engine.engine import Engine
-from strata.engine.request import Overloaded, RemoteFill
+from strata.engine.messages import CloseSession, OpenSession, SessionContext
+from strata.engine.request import Overloaded, RemoteFill, SessionRef
 from strata.engine.tp_rank import RankLinks
 from strata.kv.pool import KVCache
 from strata.kv.transfer import Join, KVChannel, RankedChannel, TransferError, kv_layout
@@ -216,6 +218,10 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
             checked = await asyncio.to_thread(self.engine.validate, ids + resume, params)
             if resume:
                 checked = checked.resumed(len(ids))
+            if request.session_id:
+                checked = replace(
+                    checked, session=SessionRef(request.session_id, request.session_replace)
+                )
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Overloaded as exc:
@@ -234,6 +240,28 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
                 async for ev in evs:
                     yield chunk_from_output(ev)
         except ValueError as exc:  # queued with resumed tokens its grammar refuses
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def OpenSession(self, request, context):  # noqa: N802
+        query = OpenSession(request.ttl_s or None, request.capacity or None)
+        sid = await self._session_call(query, context)
+        return worker_pb2.OpenSessionResponse(session_id=sid)
+
+    async def CloseSession(self, request, context):  # noqa: N802
+        closed = await self.engine.ask(CloseSession(request.session_id))
+        return worker_pb2.CloseSessionResponse(closed=closed)
+
+    async def SessionContext(self, request, context):  # noqa: N802
+        rid = request.rid if request.HasField("rid") else None
+        offset = request.offset if request.HasField("offset") else None
+        query = SessionContext(request.session_id, rid, offset, request.new_tokens)
+        ids = await self._session_call(query, context)
+        return worker_pb2.SessionContextResponse(token_ids=ids)
+
+    async def _session_call(self, query, context):
+        try:
+            return await self.engine.ask(query)
+        except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
 

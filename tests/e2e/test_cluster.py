@@ -230,6 +230,34 @@ def test_examples_run_on_the_cluster(cluster, example):
     assert run.returncode == 0, run.stdout + run.stderr
 
 
-def test_sessions_are_refused_clearly_by_the_cluster(cluster):
-    r = httpx.post(f"{cluster[0]}/open_session", json={}, timeout=30)
-    assert r.status_code == 400 and "strata serve" in r.json()["error"]["message"]
+def test_a_session_lives_on_one_decode_worker_of_the_cluster(cluster):
+    """A session opened at the gateway lives on one decode worker (named in its id): each
+    turn goes there, continues the session's tokens and answers what the whole prompt
+    would; closing it (or a bad id) is answered as on one server."""
+    url = cluster[0]
+    sid = httpx.post(f"{url}/open_session", json={"timeout": 60}, timeout=30).json()
+    assert "@127.0.0.1:" in sid
+    greedy = {"max_new_tokens": 6, "temperature": 0}
+    whole: list[int] = []
+    for turn in ("The keeper of the light", " wrote that night"):
+        ids = httpx.post(f"{url}/tokenize", json={"text": turn}, timeout=30).json()["tokens"]
+        body = {"input_ids": ids, "sampling_params": greedy, "session_params": {"id": sid}}
+        out = generate_body(url, body)
+        assert out["output_ids"] == generate(url, whole + ids, n=6, ids=True)["output_ids"]
+        whole += ids + out["output_ids"]
+        rid = out["meta_info"]["id"]
+    branch = {"input_ids": [11], "sampling_params": greedy}
+    branch["session_params"] = {"id": sid, "rid": rid, "offset": -2}
+    assert generate_body(url, branch)["meta_info"]["prompt_tokens"] == len(whole) - 2 + 1
+    close = {"session_id": sid}
+    assert httpx.post(f"{url}/close_session", json=close, timeout=30).status_code == 200
+    assert httpx.post(f"{url}/close_session", json=close, timeout=30).status_code == 400
+    for bad in (sid, "nope", "x@127.0.0.1:1"):
+        body = {"text": "x", "session_params": {"id": bad}}
+        assert httpx.post(f"{url}/generate", json=body, timeout=30).status_code == 400, bad
+
+
+def generate_body(url: str, body: dict) -> dict:
+    resp = httpx.post(f"{url}/generate", json=body, timeout=120)
+    assert resp.status_code == 200, resp.text
+    return resp.json()

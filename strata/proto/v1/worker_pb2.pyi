@@ -30,18 +30,66 @@ class ConnectResponse(_message.Message):
     def __init__(self, channel_id: _Optional[str] = ..., port: _Optional[int] = ..., backend: _Optional[str] = ..., rank_ports: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WorkerGenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_ids", "sampling_params", "prefill_worker", "resume_ids")
+    __slots__ = ("request_id", "prompt_ids", "sampling_params", "prefill_worker", "resume_ids", "session_id", "session_replace")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_WORKER_FIELD_NUMBER: _ClassVar[int]
     RESUME_IDS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_REPLACE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: _common_pb2.SamplingParams
     prefill_worker: str
     resume_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prefill_worker: _Optional[str] = ..., resume_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    session_id: str
+    session_replace: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prefill_worker: _Optional[str] = ..., resume_ids: _Optional[_Iterable[int]] = ..., session_id: _Optional[str] = ..., session_replace: _Optional[bool] = ...) -> None: ...
+
+class OpenSessionRequest(_message.Message):
+    __slots__ = ("ttl_s", "capacity")
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    ttl_s: float
+    capacity: int
+    def __init__(self, ttl_s: _Optional[float] = ..., capacity: _Optional[int] = ...) -> None: ...
+
+class OpenSessionResponse(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CloseSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CloseSessionResponse(_message.Message):
+    __slots__ = ("closed",)
+    CLOSED_FIELD_NUMBER: _ClassVar[int]
+    closed: bool
+    def __init__(self, closed: _Optional[bool] = ...) -> None: ...
+
+class SessionContextRequest(_message.Message):
+    __slots__ = ("session_id", "rid", "offset", "new_tokens")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    rid: str
+    offset: int
+    new_tokens: int
+    def __init__(self, session_id: _Optional[str] = ..., rid: _Optional[str] = ..., offset: _Optional[int] = ..., new_tokens: _Optional[int] = ...) -> None: ...
+
+class SessionContextResponse(_message.Message):
+    __slots__ = ("token_ids",)
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_ids", "sampling_params", "num_pages")

@@ -343,6 +343,21 @@ class DecodeStub:
                 request_serializer=strata_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
                 response_deserializer=strata_dot_v1_dot_worker__pb2.AbortResponse.FromString,
                 _registered_method=True)
+        self.OpenSession = channel.unary_unary(
+                '/strata.v1.Decode/OpenSession',
+                request_serializer=strata_dot_v1_dot_worker__pb2.OpenSessionRequest.SerializeToString,
+                response_deserializer=strata_dot_v1_dot_worker__pb2.OpenSessionResponse.FromString,
+                _registered_method=True)
+        self.CloseSession = channel.unary_unary(
+                '/strata.v1.Decode/CloseSession',
+                request_serializer=strata_dot_v1_dot_worker__pb2.CloseSessionRequest.SerializeToString,
+                response_deserializer=strata_dot_v1_dot_worker__pb2.CloseSessionResponse.FromString,
+                _registered_method=True)
+        self.SessionContext = channel.unary_unary(
+                '/strata.v1.Decode/SessionContext',
+                request_serializer=strata_dot_v1_dot_worker__pb2.SessionContextRequest.SerializeToString,
+                response_deserializer=strata_dot_v1_dot_worker__pb2.SessionContextResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeServicer:
@@ -372,6 +387,24 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SessionContext(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -394,6 +427,21 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=strata_dot_v1_dot_worker__pb2.AbortRequest.FromString,
                     response_serializer=strata_dot_v1_dot_worker__pb2.AbortResponse.SerializeToString,
+            ),
+            'OpenSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSession,
+                    request_deserializer=strata_dot_v1_dot_worker__pb2.OpenSessionRequest.FromString,
+                    response_serializer=strata_dot_v1_dot_worker__pb2.OpenSessionResponse.SerializeToString,
+            ),
+            'CloseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSession,
+                    request_deserializer=strata_dot_v1_dot_worker__pb2.CloseSessionRequest.FromString,
+                    response_serializer=strata_dot_v1_dot_worker__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'SessionContext': grpc.unary_unary_rpc_method_handler(
+                    servicer.SessionContext,
+                    request_deserializer=strata_dot_v1_dot_worker__pb2.SessionContextRequest.FromString,
+                    response_serializer=strata_dot_v1_dot_worker__pb2.SessionContextResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -504,6 +552,87 @@ class Decode:
             '/strata.v1.Decode/Abort',
             strata_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
             strata_dot_v1_dot_worker__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.Decode/OpenSession',
+            strata_dot_v1_dot_worker__pb2.OpenSessionRequest.SerializeToString,
+            strata_dot_v1_dot_worker__pb2.OpenSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.Decode/CloseSession',
+            strata_dot_v1_dot_worker__pb2.CloseSessionRequest.SerializeToString,
+            strata_dot_v1_dot_worker__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SessionContext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.Decode/SessionContext',
+            strata_dot_v1_dot_worker__pb2.SessionContextRequest.SerializeToString,
+            strata_dot_v1_dot_worker__pb2.SessionContextResponse.FromString,
             options,
             channel_credentials,
             insecure,
