@@ -39,6 +39,9 @@ class _SamplingFields(_Body):
     regex: str | None = None
     json_schema: str | dict[str, Any] | None = None
     ebnf: str | None = None
+    # strata's: the cached prefix outlasts lower priorities in eviction, for priority_ttl s
+    priority: int = Field(default=0, ge=0, le=100)
+    priority_ttl: float = Field(default=600.0, gt=0, le=86400)
 
     def constraint(self) -> Constraint | None:
         return constraint_from_fields(self.regex, self.json_schema, self.ebnf)
@@ -70,6 +73,8 @@ class _SamplingFields(_Body):
             logprob_start_len=logprob_start_len,
             constraint=constraint or self.constraint(),
             logit_bias=self.bias(),
+            priority=self.priority,
+            priority_ttl=self.priority_ttl,
         )
 
     def bias(self) -> tuple[tuple[int, float], ...]:

@@ -55,6 +55,10 @@ def params_from_proto(m: common_pb2.SamplingParams) -> SamplingParams:
         constraint=constraint,
         logprob_start_len=opt("logprob_start_len"),
         logit_bias=tuple(sorted(m.logit_bias.items())),
+        priority=m.priority,
+        priority_ttl=opt("priority_ttl_s")
+        if m.HasField("priority_ttl_s")
+        else DEFAULTS.priority_ttl,
     )
 
 
@@ -85,6 +89,8 @@ def params_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
         constraint=constraint,
         logprob_start_len=p.logprob_start_len,
         logit_bias=dict(p.logit_bias),
+        priority=p.priority,
+        priority_ttl_s=p.priority_ttl,
     )
 
 

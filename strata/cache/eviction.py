@@ -1,10 +1,12 @@
 """Eviction from the radix tree (a mixin of RadixTree, strata/cache/tree.py): least recently
-used unlocked leaves of each tier, a locked path handed back, everything flushed. The
+used unlocked leaves of each tier (lower retention priority first, while a priority holds),
+a locked path handed back, everything flushed. The
 invariant it keeps is in tree.py's docstring."""
 
 from __future__ import annotations
 
 import heapq
+import time
 from collections.abc import Callable
 
 from strata.cache.node import Node
@@ -57,12 +59,13 @@ class Eviction:
         one without asks `demote(pages)` for L2 pages holding a copy (None: no room), else it
         is dropped with its L2-only subtree. NOTE: demote may evict L2-only nodes (never an
         L1 node), so the walk stays valid."""
-        heap = [(n.last_access, n.id) for n in self._nodes.values() if self._l1_evictable(n)]
+        now = time.monotonic()
+        heap = [self._order(n, now) for n in self._nodes.values() if self._l1_evictable(n)]
         heapq.heapify(heap)
         freed: list[int] = []
         dropped: list[int] = []
         while heap and len(freed) < num_pages:
-            _, node_id = heapq.heappop(heap)
+            *_, node_id = heapq.heappop(heap)
             node = self._nodes[node_id]
             assert self._l1_evictable(node) and node.pages is not None
             if node.host is None and demote is not None:
@@ -75,19 +78,20 @@ class Eviction:
                 dropped.extend(self._drop(node))
             parent = node.parent
             if parent is not None and self._l1_evictable(parent):
-                heapq.heappush(heap, (parent.last_access, parent.id))
+                heapq.heappush(heap, self._order(parent, now))
         return Evicted(freed, dropped)
 
     def evict_host(self, num_pages: int) -> list[HostDrop]:
         """Release at least num_pages L2 pages (or all that can go), least recently used
         first: L2 copies of unlocked L1 nodes, and unlocked L2-only leaves (which leave the
         tree); returns them with their page keys."""
-        heap = [(n.last_access, n.id) for n in self._nodes.values() if self._l2_evictable(n)]
+        now = time.monotonic()
+        heap = [self._order(n, now) for n in self._nodes.values() if self._l2_evictable(n)]
         heapq.heapify(heap)
         drops: list[HostDrop] = []
         released = 0
         while heap and released < num_pages:
-            _, node_id = heapq.heappop(heap)
+            *_, node_id = heapq.heappop(heap)
             node = self._nodes.get(node_id)
             if node is None or not self._l2_evictable(node):  # pushed twice: an L1 parent
                 continue
@@ -101,7 +105,7 @@ class Eviction:
             self._remove(node)
             parent = node.parent
             if parent is not None and parent.pages is None and self._l2_evictable(parent):
-                heapq.heappush(heap, (parent.last_access, parent.id))
+                heapq.heappush(heap, self._order(parent, now))
         return drops
 
     def flush(self) -> Evicted:
@@ -110,6 +114,25 @@ class Eviction:
         for drop in self.evict_host(self.host_pages):
             host.extend(drop.host_pages)
         return Evicted(pages, host)
+
+    @staticmethod
+    def _order(node: Node, now: float) -> tuple[int, int, int]:
+        """Eviction order: lower retention priority first (while it holds), then LRU."""
+        priority = node.priority if node.priority_until > now else 0
+        return priority, node.last_access, node.id
+
+    def prioritize(self, node_id: int, priority: int, ttl: float) -> None:
+        """Hold the path from node to the root at priority for ttl seconds; a higher
+        priority that still holds on a node stays."""
+        now = time.monotonic()
+        node: Node | None = self._nodes[node_id]
+        while node is not None and node is not self.root:
+            held = node.priority if node.priority_until > now else 0
+            if priority > held:
+                node.priority, node.priority_until = priority, now + ttl
+            elif priority == held:
+                node.priority_until = max(node.priority_until, now + ttl)
+            node = node.parent
 
     def _l1_evictable(self, node: Node) -> bool:
         return (

@@ -47,6 +47,13 @@ class CacheIndex(ABC):
     def unlock(self, node: int) -> None:
         self.tree.unlock(node)
 
+    def prioritize(self, tokens: Sequence[int], priority: int, ttl: float) -> None:
+        """Hold the cached prefix of tokens (L1 and L2) at a retention priority for ttl s."""
+        m = self.tree.match_prefix(tokens)
+        node = m.host_node or m.node
+        if node:
+            self.tree.prioritize(node, priority, ttl)
+
     def segments(self, node: int) -> list[int]:
         """Page counts of the radix nodes of the prefix matched up to node, root first."""
         return self.tree.segments(node)

@@ -16,6 +16,8 @@ class Node:
         "last_access",
         "depth",
         "hits",
+        "priority",
+        "priority_until",
     )
 
     def __init__(self, node_id: int, key: tuple[int, ...], keys: list[bytes], parent: Node | None):
@@ -30,3 +32,5 @@ class Node:
         self.last_access = 0
         self.depth: int = (parent.depth + len(key)) if parent else 0  # tokens from the root
         self.hits = 0  # admissions that matched this node (write_through_selective)
+        self.priority = 0  # retention: evicted after lower priorities while it holds
+        self.priority_until = 0.0  # time.monotonic() when it stops holding

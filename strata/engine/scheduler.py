@@ -398,7 +398,10 @@ class Scheduler:
         ps, pages, shared = self.page_size, req.pages, req.num_shared_pages
         if self.prefix_cache is not None:
             full = req.num_computed // ps
-            existing = self.prefix_cache.insert(req.fill_ids[: full * ps], pages[:full]) // ps
+            tokens = req.fill_ids[: full * ps]
+            existing = self.prefix_cache.insert(tokens, pages[:full]) // ps
+            if req.params.priority and req.finished:
+                self.prefix_cache.prioritize(tokens, req.params.priority, req.params.priority_ttl)
             # pages the tree already held (besides our shared ones) are duplicates
             self.pool.free(pages[shared:existing] + pages[full:])
             if req.cache_node is not None:

@@ -28,6 +28,10 @@ class SamplingParams:
     logprob_start_len: int = -1  # >= 0: also return logprobs of prompt tokens from here on
     constraint: Constraint | None = None  # regex / JSON schema / EBNF the output must match
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), OpenAI's
+    # retention: the request's cached prefix outlasts lower priorities in L1 and L2 eviction
+    # for priority_ttl seconds after the request ends (0: plain LRU)
+    priority: int = 0
+    priority_ttl: float = 600.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -50,6 +54,8 @@ class SamplingParams:
                 "logit_bias values must be in [-100, 100]",
             ),
             (len(self.logit_bias) <= 300, "at most 300 logit_bias entries"),
+            (0 <= self.priority <= 100, "priority must be in [0, 100]"),
+            (0 < self.priority_ttl <= 86400, "priority_ttl must be in (0, 86400] seconds"),
         ]
         for ok, message in checks:
             if not ok:

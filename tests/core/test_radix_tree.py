@@ -163,3 +163,30 @@ def test_give_back_takes_only_the_pages_nobody_else_holds():
     assert taken == [1] and node == tree.match_prefix([1, 1]).node
     tree.unlock(node)
     assert sorted(tree.flush().pages) == [0, 9]
+
+
+def test_retention_priority_outlasts_lru_in_l1_and_l2_while_it_holds(monkeypatch):
+    """The least recently used prefix goes first unless it holds a higher retention
+    priority; once its TTL runs out it is plain LRU again. The same order rules L2."""
+    import time
+
+    from strata.cache.hierarchy import TieredCache
+    from tests.core.test_kv_tiers import pool
+
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    kv, l1 = pool(8)
+    cache = TieredCache(kv, l1, 8, "write_through", b"seed", None, None)
+    kept, other = list(range(8)), list(range(100, 108))  # 4 pages each (page size 2)
+    cache.insert(kept, l1.alloc(4))
+    cache.insert(other, l1.alloc(4))  # the more recently used
+    cache.prioritize(kept, priority=5, ttl=60)
+    cache.prioritize(kept, priority=1, ttl=600)  # a lower one does not override it
+    l1.free(cache.evict(4))
+    assert cache.match(kept).length == 8 and cache.match(other).length == 0
+    cache.host_pool.free(cache._evict_host(4))  # L2: the copies of the prioritized ones stay
+    assert cache.match(kept + [0]).length == 8 and cache.match(other + [0]).host_length == 0
+    cache.insert(other, l1.alloc(4))
+    now[0] += 61  # its priority ran out: LRU again, and `other` is the newer
+    l1.free(cache.evict(4))
+    assert cache.match(kept).length == 0 and cache.match(other).length == 8

@@ -130,3 +130,21 @@ def test_a_draw_never_lands_on_a_token_without_mass(monkeypatch, u):
     pick = sampler._draw(probs, [None, None]).tolist()
     assert probs[0, pick[0]] > 0 and pick[1] == 6
     assert pick[0] == (2 if u < 0.7 else 4)
+
+
+def test_retention_priority_travels_through_the_apis_and_is_checked():
+    from gateway.protocol import ChatCompletionRequest, GenerateRequest
+    from services.convert import params_from_proto, params_to_proto
+
+    held = SamplingParams(priority=7, priority_ttl=30.0)
+    assert params_from_proto(params_to_proto(held)) == held
+    assert params_from_proto(params_to_proto(SamplingParams())).priority_ttl == 600.0
+    chat = ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "hi"}], "priority": 7, "priority_ttl": 30}
+    )
+    assert (chat.params().priority, chat.params().priority_ttl) == (7, 30.0)
+    gen = GenerateRequest.model_validate({"text": "hi", "sampling_params": {"priority": 3}})
+    assert gen.params().priority == 3
+    for bad in ({"priority": 101}, {"priority_ttl": 0}):
+        with pytest.raises(ValueError, match="priority"):
+            SamplingParams(**bad)
