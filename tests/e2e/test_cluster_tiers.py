@@ -110,6 +110,24 @@ def test_next_turn_on_the_other_worker_loads_from_l3(cluster):
     assert load(other).tiers.bytes_moved["l3_to_l1"] > 0
 
 
+def test_a_restarted_gateway_sends_the_next_turn_to_the_worker_that_holds_it(cluster):
+    """Affinity with no key and no memory in the gateway: a gateway started afresh routes a
+    conversation's next turn by the cache service's index, to the worker whose L1 holds it."""
+    text = " ".join(f"Note {i}: the tide rose {i * 7} cm at the pier." for i in range(24))
+    before = {t: load(t).cache.prompt_tokens for t in cluster["decode"]}
+    first = generate(cluster["url"], text)
+    grew = [t for t in cluster["decode"] if load(t).cache.prompt_tokens > before[t]]
+    assert len(grew) == 1
+    owner = grew[0]
+    flags = ["--cache-service", cluster["cache"], "--decode", ",".join(cluster["decode"])]
+    with running_http("gateway", *flags, "--prefill", "") as fresh:
+        before = {t: load(t).cache.prompt_tokens for t in cluster["decode"]}
+        second = generate(fresh, text + first["text"] + " Note 24:")
+    after = {t: load(t).cache.prompt_tokens for t in cluster["decode"]}
+    assert [t for t in after if after[t] > before[t]] == [owner]
+    assert second["meta_info"]["cached_tokens"] >= first["meta_info"]["prompt_tokens"] - 16
+
+
 def test_cache_service_kill_fails_no_request_and_its_index_is_rebuilt(cluster):
     prompts = [
         f"Question {i}: name a color that starts with the letter {c}."
