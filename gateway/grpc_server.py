@@ -17,6 +17,7 @@ import grpc
 from gateway.backend import Backend
 from gateway.front import Front
 from gateway.metrics import Metrics
+from gateway.protocol import SessionParams
 from services.convert import FINISH, chunk_from_output, params_from_proto
 from services.grpcio import ApiKeyInterceptor, start_server
 from strata.engine.request import Checked, Overloaded, RequestOutput
@@ -43,9 +44,18 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         self, req: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> Checked:
         try:
-            return await self.front.validate(
-                self._prompt(req), params_from_proto(req.sampling_params)
-            )
+            ids, session = self._prompt(req), None
+            if req.HasField("session_params"):
+                sp = req.session_params
+                params = SessionParams(
+                    id=sp.id,
+                    rid=sp.rid if sp.HasField("rid") else None,
+                    offset=sp.offset if sp.HasField("offset") else None,
+                    replace=sp.replace,
+                )
+                whole = req.WhichOneof("input") == "messages"
+                ids, session = await self.front.in_session(params, ids, whole)
+            return await self.front.validate(ids, params_from_proto(req.sampling_params), session)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Overloaded as exc:
@@ -82,6 +92,28 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             async for ev in events:
                 chunk = chunk_from_output(ev)
                 yield gateway_pb2.GenerateStreamResponse(request_id=ev.rid, chunk=chunk)
+
+    async def OpenSession(self, request, context):  # noqa: N802
+        try:
+            sid = await self.backend.open_session(
+                request.timeout_s or None, request.capacity_of_str_len or None
+            )
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Overloaded as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        return gateway_pb2.OpenSessionResponse(session_id=sid)
+
+    async def CloseSession(self, request, context):  # noqa: N802
+        try:
+            closed = await self.backend.close_session(request.session_id)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if not closed:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"session {request.session_id!r} is not open"
+            )
+        return gateway_pb2.CloseSessionResponse()
 
     async def HealthStats(self, request, context):  # noqa: N802
         return gateway_pb2.HealthStatsResponse(json=json.dumps(await self.backend.health()))

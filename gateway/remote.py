@@ -289,13 +289,13 @@ class RemoteBackend(Backend):
             raise Overloaded("no decode worker has registered yet; retry later")
         self._turn += 1
         target = w.pick(w.decode, {}, frozenset(), self._turn)
-        request = worker_pb2.OpenSessionRequest(ttl_s=ttl or 0, capacity=capacity or 0)
+        request = worker_pb2.WorkerOpenSessionRequest(ttl_s=ttl or 0, capacity=capacity or 0)
         reply = await self._session_rpc(target, "OpenSession", request)
         return f"{reply.session_id}@{target}"
 
     async def close_session(self, sid: str) -> bool:
         engine_sid, target = self._session_worker(sid)
-        request = worker_pb2.CloseSessionRequest(session_id=engine_sid)
+        request = worker_pb2.WorkerCloseSessionRequest(session_id=engine_sid)
         return bool((await self._session_rpc(target, "CloseSession", request)).closed)
 
     async def session_context(

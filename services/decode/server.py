@@ -245,11 +245,11 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
     async def OpenSession(self, request, context):  # noqa: N802
         query = OpenSession(request.ttl_s or None, request.capacity or None)
         sid = await self._session_call(query, context)
-        return worker_pb2.OpenSessionResponse(session_id=sid)
+        return worker_pb2.WorkerOpenSessionResponse(session_id=sid)
 
     async def CloseSession(self, request, context):  # noqa: N802
         closed = await self.engine.ask(CloseSession(request.session_id))
-        return worker_pb2.CloseSessionResponse(closed=closed)
+        return worker_pb2.WorkerCloseSessionResponse(closed=closed)
 
     async def SessionContext(self, request, context):  # noqa: N802
         rid = request.rid if request.HasField("rid") else None

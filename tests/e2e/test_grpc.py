@@ -176,3 +176,31 @@ def test_health_checking_and_reflection(urls):
         )
         names = {s.name for a in answers for s in a.list_services_response.service}
         assert {"strata.v1.Gateway", "grpc.health.v1.Health"} <= names
+
+
+def test_a_session_over_grpc(stub):
+    """OpenSession, Generate with session_params (token ids continue the session), and
+    CloseSession over gRPC, as over REST; a closed session is INVALID_ARGUMENT."""
+    sid = stub.OpenSession(gateway_pb2.OpenSessionRequest(timeout_s=60)).session_id
+    greedy = common_pb2.SamplingParams(max_new_tokens=6, temperature=0)
+    whole: list[int] = []
+    for ids in ([504, 3356, 282, 260], [1067, 6056, 30]):
+        req = gateway_pb2.GenerateRequest(
+            token_ids=gateway_pb2.TokenIds(ids=ids),
+            sampling_params=greedy,
+            session_params=gateway_pb2.SessionParams(id=sid),
+        )
+        out = stub.Generate(req, timeout=120)
+        alone = gateway_pb2.GenerateRequest(
+            token_ids=gateway_pb2.TokenIds(ids=whole + ids), sampling_params=greedy
+        )
+        assert list(out.token_ids) == list(stub.Generate(alone, timeout=120).token_ids)
+        assert out.usage.prompt_tokens == len(whole + ids)
+        whole += ids + list(out.token_ids)
+    stub.CloseSession(gateway_pb2.CloseSessionRequest(session_id=sid))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CloseSession(gateway_pb2.CloseSessionRequest(session_id=sid))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(req, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

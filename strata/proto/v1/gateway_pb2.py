@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from strata.proto.v1 import common_pb2 as strata_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17strata/v1/gateway.proto\x12\tstrata.v1\x1a\x16strata/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc9\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.strata.v1.TokenIdsH\x00\x12+\n\x08messages\x18\x03 \x01(\x0b\x32\x17.strata.v1.ChatMessagesH\x00\x12\x32\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x19.strata.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.strata.v1.ChatMessage\"\xaa\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.strata.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.strata.v1.Usage\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\"R\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.strata.v1.TokenChunk\"\x14\n\x12HealthStatsRequest\"#\n\x13HealthStatsResponse\x12\x0c\n\x04json\x18\x01 \x01(\t2\xef\x01\n\x07Gateway\x12\x43\n\x08Generate\x12\x1a.strata.v1.GenerateRequest\x1a\x1b.strata.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1a.strata.v1.GenerateRequest\x1a!.strata.v1.GenerateStreamResponse0\x01\x12L\n\x0bHealthStats\x12\x1d.strata.v1.HealthStatsRequest\x1a\x1e.strata.v1.HealthStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17strata/v1/gateway.proto\x12\tstrata.v1\x1a\x16strata/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xfb\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.strata.v1.TokenIdsH\x00\x12+\n\x08messages\x18\x03 \x01(\x0b\x32\x17.strata.v1.ChatMessagesH\x00\x12\x32\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x19.strata.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x30\n\x0esession_params\x18\x06 \x01(\x0b\x32\x18.strata.v1.SessionParamsB\x07\n\x05input\"f\n\rSessionParams\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x03rid\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x06offset\x18\x03 \x01(\x11H\x01\x88\x01\x01\x12\x0f\n\x07replace\x18\x04 \x01(\x08\x42\x06\n\x04_ridB\t\n\x07_offset\"D\n\x12OpenSessionRequest\x12\x11\n\ttimeout_s\x18\x01 \x01(\x01\x12\x1b\n\x13\x63\x61pacity_of_str_len\x18\x02 \x01(\r\")\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.strata.v1.ChatMessage\"\xaa\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.strata.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.strata.v1.Usage\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\"R\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.strata.v1.TokenChunk\"\x14\n\x12HealthStatsRequest\"#\n\x13HealthStatsResponse\x12\x0c\n\x04json\x18\x01 \x01(\t2\x8e\x03\n\x07Gateway\x12\x43\n\x08Generate\x12\x1a.strata.v1.GenerateRequest\x1a\x1b.strata.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1a.strata.v1.GenerateRequest\x1a!.strata.v1.GenerateStreamResponse0\x01\x12L\n\x0bHealthStats\x12\x1d.strata.v1.HealthStatsRequest\x1a\x1e.strata.v1.HealthStatsResponse\x12L\n\x0bOpenSession\x12\x1d.strata.v1.OpenSessionRequest\x1a\x1e.strata.v1.OpenSessionResponse\x12O\n\x0c\x43loseSession\x12\x1e.strata.v1.CloseSessionRequest\x1a\x1f.strata.v1.CloseSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,19 +35,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=62
   _globals['_CHATMESSAGE']._serialized_end=106
   _globals['_GENERATEREQUEST']._serialized_start=109
-  _globals['_GENERATEREQUEST']._serialized_end=310
-  _globals['_TOKENIDS']._serialized_start=312
-  _globals['_TOKENIDS']._serialized_end=335
-  _globals['_CHATMESSAGES']._serialized_start=337
-  _globals['_CHATMESSAGES']._serialized_end=393
-  _globals['_GENERATERESPONSE']._serialized_start=396
-  _globals['_GENERATERESPONSE']._serialized_end=566
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=568
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=650
-  _globals['_HEALTHSTATSREQUEST']._serialized_start=652
-  _globals['_HEALTHSTATSREQUEST']._serialized_end=672
-  _globals['_HEALTHSTATSRESPONSE']._serialized_start=674
-  _globals['_HEALTHSTATSRESPONSE']._serialized_end=709
-  _globals['_GATEWAY']._serialized_start=712
-  _globals['_GATEWAY']._serialized_end=951
+  _globals['_GENERATEREQUEST']._serialized_end=360
+  _globals['_SESSIONPARAMS']._serialized_start=362
+  _globals['_SESSIONPARAMS']._serialized_end=464
+  _globals['_OPENSESSIONREQUEST']._serialized_start=466
+  _globals['_OPENSESSIONREQUEST']._serialized_end=534
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=536
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=577
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=579
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=620
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=622
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=644
+  _globals['_TOKENIDS']._serialized_start=646
+  _globals['_TOKENIDS']._serialized_end=669
+  _globals['_CHATMESSAGES']._serialized_start=671
+  _globals['_CHATMESSAGES']._serialized_end=727
+  _globals['_GENERATERESPONSE']._serialized_start=730
+  _globals['_GENERATERESPONSE']._serialized_end=900
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=902
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=984
+  _globals['_HEALTHSTATSREQUEST']._serialized_start=986
+  _globals['_HEALTHSTATSREQUEST']._serialized_end=1006
+  _globals['_HEALTHSTATSRESPONSE']._serialized_start=1008
+  _globals['_HEALTHSTATSRESPONSE']._serialized_end=1043
+  _globals['_GATEWAY']._serialized_start=1046
+  _globals['_GATEWAY']._serialized_end=1444
 # @@protoc_insertion_point(module_scope)

@@ -50,6 +50,16 @@ class GatewayStub:
                 request_serializer=strata_dot_v1_dot_gateway__pb2.HealthStatsRequest.SerializeToString,
                 response_deserializer=strata_dot_v1_dot_gateway__pb2.HealthStatsResponse.FromString,
                 _registered_method=True)
+        self.OpenSession = channel.unary_unary(
+                '/strata.v1.Gateway/OpenSession',
+                request_serializer=strata_dot_v1_dot_gateway__pb2.OpenSessionRequest.SerializeToString,
+                response_deserializer=strata_dot_v1_dot_gateway__pb2.OpenSessionResponse.FromString,
+                _registered_method=True)
+        self.CloseSession = channel.unary_unary(
+                '/strata.v1.Gateway/CloseSession',
+                request_serializer=strata_dot_v1_dot_gateway__pb2.CloseSessionRequest.SerializeToString,
+                response_deserializer=strata_dot_v1_dot_gateway__pb2.CloseSessionResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -74,6 +84,18 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +113,16 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.HealthStats,
                     request_deserializer=strata_dot_v1_dot_gateway__pb2.HealthStatsRequest.FromString,
                     response_serializer=strata_dot_v1_dot_gateway__pb2.HealthStatsResponse.SerializeToString,
+            ),
+            'OpenSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSession,
+                    request_deserializer=strata_dot_v1_dot_gateway__pb2.OpenSessionRequest.FromString,
+                    response_serializer=strata_dot_v1_dot_gateway__pb2.OpenSessionResponse.SerializeToString,
+            ),
+            'CloseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSession,
+                    request_deserializer=strata_dot_v1_dot_gateway__pb2.CloseSessionRequest.FromString,
+                    response_serializer=strata_dot_v1_dot_gateway__pb2.CloseSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +207,60 @@ class Gateway:
             '/strata.v1.Gateway/HealthStats',
             strata_dot_v1_dot_gateway__pb2.HealthStatsRequest.SerializeToString,
             strata_dot_v1_dot_gateway__pb2.HealthStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.Gateway/OpenSession',
+            strata_dot_v1_dot_gateway__pb2.OpenSessionRequest.SerializeToString,
+            strata_dot_v1_dot_gateway__pb2.OpenSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/strata.v1.Gateway/CloseSession',
+            strata_dot_v1_dot_gateway__pb2.CloseSessionRequest.SerializeToString,
+            strata_dot_v1_dot_gateway__pb2.CloseSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

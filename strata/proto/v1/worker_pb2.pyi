@@ -47,7 +47,7 @@ class WorkerGenerateRequest(_message.Message):
     session_replace: bool
     def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prefill_worker: _Optional[str] = ..., resume_ids: _Optional[_Iterable[int]] = ..., session_id: _Optional[str] = ..., session_replace: _Optional[bool] = ...) -> None: ...
 
-class OpenSessionRequest(_message.Message):
+class WorkerOpenSessionRequest(_message.Message):
     __slots__ = ("ttl_s", "capacity")
     TTL_S_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
@@ -55,19 +55,19 @@ class OpenSessionRequest(_message.Message):
     capacity: int
     def __init__(self, ttl_s: _Optional[float] = ..., capacity: _Optional[int] = ...) -> None: ...
 
-class OpenSessionResponse(_message.Message):
+class WorkerOpenSessionResponse(_message.Message):
     __slots__ = ("session_id",)
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
-class CloseSessionRequest(_message.Message):
+class WorkerCloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
-class CloseSessionResponse(_message.Message):
+class WorkerCloseSessionResponse(_message.Message):
     __slots__ = ("closed",)
     CLOSED_FIELD_NUMBER: _ClassVar[int]
     closed: bool

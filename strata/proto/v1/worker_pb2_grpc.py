@@ -345,13 +345,13 @@ class DecodeStub:
                 _registered_method=True)
         self.OpenSession = channel.unary_unary(
                 '/strata.v1.Decode/OpenSession',
-                request_serializer=strata_dot_v1_dot_worker__pb2.OpenSessionRequest.SerializeToString,
-                response_deserializer=strata_dot_v1_dot_worker__pb2.OpenSessionResponse.FromString,
+                request_serializer=strata_dot_v1_dot_worker__pb2.WorkerOpenSessionRequest.SerializeToString,
+                response_deserializer=strata_dot_v1_dot_worker__pb2.WorkerOpenSessionResponse.FromString,
                 _registered_method=True)
         self.CloseSession = channel.unary_unary(
                 '/strata.v1.Decode/CloseSession',
-                request_serializer=strata_dot_v1_dot_worker__pb2.CloseSessionRequest.SerializeToString,
-                response_deserializer=strata_dot_v1_dot_worker__pb2.CloseSessionResponse.FromString,
+                request_serializer=strata_dot_v1_dot_worker__pb2.WorkerCloseSessionRequest.SerializeToString,
+                response_deserializer=strata_dot_v1_dot_worker__pb2.WorkerCloseSessionResponse.FromString,
                 _registered_method=True)
         self.SessionContext = channel.unary_unary(
                 '/strata.v1.Decode/SessionContext',
@@ -430,13 +430,13 @@ def add_DecodeServicer_to_server(servicer, server):
             ),
             'OpenSession': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenSession,
-                    request_deserializer=strata_dot_v1_dot_worker__pb2.OpenSessionRequest.FromString,
-                    response_serializer=strata_dot_v1_dot_worker__pb2.OpenSessionResponse.SerializeToString,
+                    request_deserializer=strata_dot_v1_dot_worker__pb2.WorkerOpenSessionRequest.FromString,
+                    response_serializer=strata_dot_v1_dot_worker__pb2.WorkerOpenSessionResponse.SerializeToString,
             ),
             'CloseSession': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseSession,
-                    request_deserializer=strata_dot_v1_dot_worker__pb2.CloseSessionRequest.FromString,
-                    response_serializer=strata_dot_v1_dot_worker__pb2.CloseSessionResponse.SerializeToString,
+                    request_deserializer=strata_dot_v1_dot_worker__pb2.WorkerCloseSessionRequest.FromString,
+                    response_serializer=strata_dot_v1_dot_worker__pb2.WorkerCloseSessionResponse.SerializeToString,
             ),
             'SessionContext': grpc.unary_unary_rpc_method_handler(
                     servicer.SessionContext,
@@ -577,8 +577,8 @@ class Decode:
             request,
             target,
             '/strata.v1.Decode/OpenSession',
-            strata_dot_v1_dot_worker__pb2.OpenSessionRequest.SerializeToString,
-            strata_dot_v1_dot_worker__pb2.OpenSessionResponse.FromString,
+            strata_dot_v1_dot_worker__pb2.WorkerOpenSessionRequest.SerializeToString,
+            strata_dot_v1_dot_worker__pb2.WorkerOpenSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -604,8 +604,8 @@ class Decode:
             request,
             target,
             '/strata.v1.Decode/CloseSession',
-            strata_dot_v1_dot_worker__pb2.CloseSessionRequest.SerializeToString,
-            strata_dot_v1_dot_worker__pb2.CloseSessionResponse.FromString,
+            strata_dot_v1_dot_worker__pb2.WorkerCloseSessionRequest.SerializeToString,
+            strata_dot_v1_dot_worker__pb2.WorkerCloseSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
