@@ -27,7 +27,7 @@ def tool_text(agent: int, turn: int, tokens: int) -> str:
     """A tool-call-shaped turn: the call the agent made and the tool's JSON answer."""
     items = [
         f'{{"id": {turn * 100 + i}, "text": "{WORDS[(agent + i) % len(WORDS)]} {i}"}}'
-        for i in range(tokens // 12)
+        for i in range(tokens // 20)
     ]
     args = f'{{"q": "agent {agent} step {turn}"}}'
     call = f'<tool_call>{{"name": "search", "arguments": {args}}}</tool_call>'
@@ -75,10 +75,8 @@ def run(url: str, a: argparse.Namespace, sessions: bool) -> dict:
             got = (usage.get("prompt_tokens_details") or {}).get("by_tier") or {}
             for k in tiers:
                 tiers[k] += got.get(k, 0)
-        noise = " ".join(
-            f"{WORDS[(turn + j) % len(WORDS)]}{turn}-{j}" for j in range(a.noise_tokens // 3)
-        )
-        complete(url, f"Summarize: {noise}", {})
+        noise = " ".join(WORDS[(turn * 7 + j) % len(WORDS)] for j in range(a.noise_tokens))
+        complete(url, f"Round {turn}, another user. Summarize: {noise}", {})
     for sid in sids:
         if sid:
             httpx.post(f"{url}/close_session", json={"session_id": sid}, timeout=30)
@@ -114,18 +112,18 @@ def main() -> None:
     ap.add_argument("--tool-tokens", type=int, default=180)
     ap.add_argument("--noise-tokens", type=int, default=2400)
     a = ap.parse_args()
-    longest = a.turns * (a.tool_tokens + 60) + 64
+    longest = a.turns * (a.tool_tokens + 60) + 200
     # L1 holds every agent's conversation twice over (sessions pin at most half the pool),
     # but not the noise as well
     pages = 2 * a.agents * longest // 16 + 64
-    flags = ["--num-pages", str(pages), "--context-length", str(longest + 512)]
+    flags = ["--num-pages", str(pages), "--context-length", str(2 * longest)]
     results = {}
     for name, sessions in (("strata, sessions", True), ("strata, no sessions", False)):
         with running_server("--dtype", "auto", *flags) as url:
             results[name] = run(url, a, sessions)
         report(name, results[name], a.turns)
     if has_llama_cpp():
-        with llama_cpp_server(n_ctx=longest + 512) as url:
+        with llama_cpp_server(n_ctx=2 * longest) as url:
             results["llama-cpp-python (prompt cache)"] = run(url, a, False)
         report(
             "llama-cpp-python (prompt cache)", results["llama-cpp-python (prompt cache)"], a.turns
