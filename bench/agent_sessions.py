@@ -1,8 +1,8 @@
 """Long agent sessions under cache pressure, one run: A agents take T turns each (a tool
 result of about --tool-tokens tokens, then the model's reply), their prompts growing to
 A x T x tool-tokens; between rounds, one-off requests of --noise-tokens each (other users)
-push on the cache. strata serve with an L1 pool that holds the agents but not the noise
-too, with sessions (each agent pins its conversation) and without, then llama-cpp-python's
+push on the cache. strata serve with an L1 pool that holds the agents with little room to
+spare, with sessions (each agent pins its conversation) and without, then llama-cpp-python's
 server (its prompt cache) on the embedded model's Q4_1 GGUF. Reports TTFT p50/p99 per
 quarter of the turns and, for strata, where prompt tokens came from.
 
@@ -111,18 +111,21 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=20)
     ap.add_argument("--tool-tokens", type=int, default=180)
     ap.add_argument("--noise-tokens", type=int, default=2400)
+    ap.add_argument("--no-peer", action="store_true", help="strata only")
     a = ap.parse_args()
     longest = a.turns * (a.tool_tokens + 60) + 200
-    # L1 holds every agent's conversation twice over (sessions pin at most half the pool),
-    # but not the noise as well
-    pages = 2 * a.agents * longest // 16 + 64
+    # L1 holds the agents' conversations with a little room, less than a round's noise, so
+    # the noise pushes on them; sessions may pin nearly all of it
+    need = a.agents * longest // 16
+    pages = int(need * 1.15) + a.noise_tokens // 16
     flags = ["--num-pages", str(pages), "--context-length", str(2 * longest)]
+    flags += ["--session-pages-fraction", f"{min(0.95, need / pages + 0.02):.2f}"]
     results = {}
     for name, sessions in (("strata, sessions", True), ("strata, no sessions", False)):
         with running_server("--dtype", "auto", *flags) as url:
             results[name] = run(url, a, sessions)
         report(name, results[name], a.turns)
-    if has_llama_cpp():
+    if has_llama_cpp() and not a.no_peer:
         with llama_cpp_server(n_ctx=2 * longest) as url:
             results["llama-cpp-python (prompt cache)"] = run(url, a, False)
         report(

@@ -396,6 +396,13 @@ def add_scheduler_args(p: argparse.ArgumentParser) -> None:
         "--speculative-num-draft-tokens", type=int, default=4, help="tokens per n-gram draft"
     )
     p.add_argument(
+        "--session-pages-fraction",
+        type=float,
+        default=0.5,
+        help="of the L1 pool, what open sessions may pin together (past it the least "
+        "recently used session's pages may leave L1)",
+    )
+    p.add_argument(
         "--random-seed",
         type=int,
         default=None,
@@ -449,4 +456,5 @@ def sched_config(a: argparse.Namespace) -> SchedulerConfig:
         a.schedule_policy,
         spec,
         a.speculative_num_draft_tokens,
+        a.session_pages_fraction,
     )

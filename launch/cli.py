@@ -235,6 +235,8 @@ def _up_worker_argv(a: argparse.Namespace) -> list[str]:
         sched_config(a).speculative_algorithm,
         "--speculative-num-draft-tokens",
         str(a.speculative_num_draft_tokens),
+        "--session-pages-fraction",
+        str(a.session_pages_fraction),
     ]
     if a.random_seed is not None:
         out += ["--random-seed", str(a.random_seed)]

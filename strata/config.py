@@ -366,8 +366,11 @@ class SchedulerConfig:
     schedule_policy: str = "lpm"  # lpm: longest cached prefix first; fcfs: arrival order
     speculative_algorithm: str = "ngram"  # ngram: greedy requests verify n-gram drafts
     speculative_num_draft_tokens: int = 4  # tokens per draft
+    session_pages_fraction: float = 0.5  # of the L1 pool, what open sessions may pin
 
     def __post_init__(self) -> None:
+        if not 0 <= self.session_pages_fraction <= 0.95:
+            raise ValueError("--session-pages-fraction must be in [0, 0.95]")
         if self.speculative_algorithm not in ("none", "ngram"):
             raise ValueError("--speculative-algorithm must be none or ngram")
         if not 1 <= self.speculative_num_draft_tokens <= 16:

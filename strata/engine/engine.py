@@ -103,6 +103,7 @@ class EngineOptions:
             request_timeout=sched.request_timeout or None,
             schedule_policy=sched.schedule_policy,
             draft_tokens=sched.draft_tokens,
+            session_pages=sched.session_pages_fraction,
         )
 
 
