@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ class Session:
     ttl: float
     capacity: int | None  # tokens a request's whole sequence may reach (None: the context)
     expires: float
-    contexts: OrderedDict[str, list[int]] = field(default_factory=OrderedDict)
+    # rid -> its tokens, 4 bytes each (a list of ints would take 36)
+    contexts: OrderedDict[str, array] = field(default_factory=OrderedDict)
     node: int | None = None  # the pinned node: its path is locked in the radix cache
     pinned_pages: int = 0
 
@@ -84,7 +86,7 @@ class Sessions:
         the request's own tokens, checked with it against the session's capacity."""
         s = self.get(sid)
         if rid is None:
-            ids = next(reversed(s.contexts.values())) if s.contexts else []
+            ids = next(reversed(s.contexts.values())) if s.contexts else array("I")
         elif rid in s.contexts:
             ids = s.contexts[rid]
         else:
@@ -114,7 +116,7 @@ class Sessions:
             return
         if replace:
             s.contexts.clear()
-        s.contexts[rid] = list(tokens)
+        s.contexts[rid] = array("I", tokens)
         while len(s.contexts) > KEEP_CONTEXTS:
             s.contexts.popitem(last=False)
         self._pin(s, tokens)
