@@ -52,6 +52,7 @@ class Sessions:
         self.cache, self.page_size, self.budget_pages = cache, page_size, budget_pages
         self.clock = clock
         self._open: OrderedDict[str, Session] = OrderedDict()  # least recently used first
+        self._next_scan = 0.0  # expire() looks at every session at most once a second
 
     def open(self, ttl: float | None = None, capacity: int | None = None) -> str:
         ttl = DEFAULT_TTL if ttl is None else ttl
@@ -122,8 +123,12 @@ class Sessions:
         self._pin(s, tokens)
 
     def expire(self) -> int:
-        """Close the sessions whose TTL ran out; how many."""
+        """Close the sessions whose TTL ran out; how many. (A session past its TTL is refused
+        at once by `get`; its pin goes within a second.)"""
         now = self.clock()
+        if now < self._next_scan:
+            return 0
+        self._next_scan = now + 1.0
         gone = [sid for sid, s in self._open.items() if s.expires <= now]
         for sid in gone:
             self.close(sid)
