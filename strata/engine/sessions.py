@@ -150,10 +150,12 @@ class Sessions:
             return
         self.cache.lock(m.node)
         s.node, s.pinned_pages = m.node, m.length // self.page_size
+        over = sum(x.pinned_pages for x in self._open.values()) - self.budget_pages
         for other in list(self._open.values()):  # least recently used first
-            if sum(x.pinned_pages for x in self._open.values()) <= self.budget_pages:
+            if over <= 0:
                 break
             if other is not s:
+                over -= other.pinned_pages
                 self._unpin(other)  # its pages stay cached; they may now leave L1 (to L2, L3)
 
     def _unpin(self, s: Session) -> None:

@@ -96,12 +96,19 @@ def name(key: bytes) -> bytes:
     return PREFIX + key.hex().encode()
 
 
-def leading(flags: Sequence[Any]) -> int:
+def present(client: redis.Redis, keys: Sequence[bytes]) -> int:
+    """How many leading keys Redis holds: EXISTS pipelined, EXISTS_BATCH keys a round trip."""
     n = 0
-    for f in flags:
-        if not f:
+    for start in range(0, len(keys), EXISTS_BATCH):
+        batch = keys[start : start + EXISTS_BATCH]
+        pipe = client.pipeline(transaction=False)
+        for key in batch:
+            pipe.exists(name(key))
+        flags = pipe.execute()
+        got = next((i for i, f in enumerate(flags) if not f), len(flags))
+        n += got
+        if got < len(batch):
             break
-        n += 1
     return n
 
 
@@ -115,22 +122,7 @@ class RedisStore(PageStore):
         self._lock = threading.Lock()
 
     def count_present(self, keys: Sequence[bytes]) -> int:
-        if not keys:
-            return 0
-
-        def run(client: redis.Redis) -> int:
-            n = 0
-            for start in range(0, len(keys), EXISTS_BATCH):
-                pipe = client.pipeline(transaction=False)
-                for key in keys[start : start + EXISTS_BATCH]:
-                    pipe.exists(name(key))
-                got = leading(pipe.execute())
-                n += got
-                if got < len(keys[start : start + EXISTS_BATCH]):
-                    break
-            return n
-
-        return self.link.call(run, 0)
+        return self.link.call(lambda client: present(client, keys), 0) if keys else 0
 
     def write_many(self, keys: Sequence[bytes], pages: Sequence[np.ndarray]) -> list[int | None]:
         values = []
@@ -193,13 +185,7 @@ class RedisIndex:
         self.link = RedisLink(url, timeout)
 
     def count_present(self, keys: Sequence[bytes]) -> int:
-        def run(client: redis.Redis) -> int:
-            pipe = client.pipeline(transaction=False)
-            for key in keys:
-                pipe.exists(name(key))
-            return leading(pipe.execute())
-
-        return self.link.call(run, 0) if keys else 0
+        return self.link.call(lambda client: present(client, keys), 0) if keys else 0
 
     def add(self, key: bytes, nbytes: int) -> list[bytes]:
         return []
