@@ -157,6 +157,10 @@ class WorkerSet:
                 return  # the cache service is away: keep the workers as they are
             for w in reply.workers:
                 found[w.role].append(w.address)
+            if reply.settling:  # a restarted registry: keep whom it has not heard from yet
+                gone = set(reply.gone)
+                found["decode"] += [t for t in self.decode if t not in gone]
+                found["prefill"] += [t for t in self.prefill if t not in gone]
         self.set(found["decode"], found["prefill"])
 
     async def _check(self, target: str) -> None:

@@ -37,11 +37,14 @@ class CacheService(cache_pb2_grpc.CacheServicer):
         return cache_pb2.RegisterResponse()
 
     async def Workers(self, request, context):  # noqa: N802
+        seen = self.registry.snapshot()
         return cache_pb2.WorkersResponse(
             workers=[
                 cache_pb2.RegisteredWorker(address=w.address, role=w.role, age_s=w.age)
-                for w in self.registry.live()
-            ]
+                for w in seen.live
+            ],
+            settling=seen.settling,
+            gone=seen.gone,
         )
 
     async def Publish(self, request, context):  # noqa: N802 (gRPC method names)

@@ -10,12 +10,14 @@ import signal
 import time
 from contextlib import ExitStack
 
+import grpc
 import httpx
 import pytest
 
 from launch.local import free_port, grpc_service, running_http
-from strata.cache.registry import WorkerRegistry
+from strata.cache.registry import SETTLE_S, WorkerRegistry
 from strata.model.loader import load_tokenizer, resolve_checkpoint
+from strata.proto.v1 import cache_pb2, cache_pb2_grpc
 from tests.conftest import tiny_hf_model
 
 
@@ -38,6 +40,25 @@ def test_registry_entries_live_by_heartbeat_and_leave_on_ttl_or_at_once():
     ):
         with pytest.raises(ValueError):
             reg.beat(*bad)
+
+
+def test_a_young_registry_says_it_is_settling_and_names_who_left():
+    now = [0.0]
+    reg = WorkerRegistry(clock=lambda: now[0])  # a restarted cache service
+    reg.beat("10.0.0.1:30020", "decode", 3.0)
+    reg.beat("10.0.0.2:30020", "decode", 3.0)
+    reg.beat("10.0.0.2:30020", "decode", 0)  # left cleanly
+    now[0] = 1.0
+    seen = reg.snapshot()
+    assert seen.settling and [w.address for w in seen.live] == ["10.0.0.1:30020"]
+    assert seen.gone == ["10.0.0.2:30020"]
+    now[0] = 4.0  # 10.0.0.1 expired: gone too
+    assert reg.snapshot().gone == ["10.0.0.1:30020", "10.0.0.2:30020"]
+    reg.beat("10.0.0.1:30020", "decode", 3.0)  # back
+    assert reg.snapshot().gone == ["10.0.0.2:30020"]
+    now[0] = SETTLE_S
+    seen = reg.snapshot()
+    assert not seen.settling and seen.gone == [] and len(seen.live) == 1
 
 
 def generate(url: str) -> httpx.Response:
@@ -96,13 +117,22 @@ def test_the_gateway_follows_the_registry_and_dns(model):
         time.sleep(1.5)
         assert generate(url).status_code == 200 and workers(url) == [target]
         port = int(cache.rsplit(":", 1)[1])
-        stack.enter_context(grpc_service("cache", port=port))  # back: the worker re-registers
-        time.sleep(1.5)
-        assert workers(url) == [target]
+        # back, and settling: the gateway keeps its workers until they re-register
+        stack.enter_context(grpc_service("cache", port=port))
+        for _ in range(8):
+            assert workers(url) == [target]
+            time.sleep(0.25)
+        registry = cache_pb2_grpc.CacheStub(stack.enter_context(grpc.insecure_channel(cache)))
+
+        def listed() -> list[str]:
+            return [w.address for w in registry.Workers(cache_pb2.WorkersRequest()).workers]
+
+        rejoined = 2.0 + until(lambda: listed() == [target], 4.0)
         proc.terminate()  # a clean stop leaves the registry at once
         gone = until(lambda: workers(url) == [], 2.0)
         print(
             f"FIGURE discovery: traffic {joined:.2f} s after a worker serves; a silent worker "
             f"leaves routing after {left:.2f} s (TTL 3 s), back {back:.2f} s after it resumes; "
-            f"a stopping worker leaves after {gone:.2f} s"
+            f"a stopping worker leaves after {gone:.2f} s; it re-registered {rejoined:.2f} s "
+            "after the cache service restarted"
         )

@@ -151,7 +151,11 @@ class RegisteredWorker(_message.Message):
     def __init__(self, address: _Optional[str] = ..., role: _Optional[str] = ..., age_s: _Optional[float] = ...) -> None: ...
 
 class WorkersResponse(_message.Message):
-    __slots__ = ("workers",)
+    __slots__ = ("workers", "settling", "gone")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    SETTLING_FIELD_NUMBER: _ClassVar[int]
+    GONE_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[RegisteredWorker]
-    def __init__(self, workers: _Optional[_Iterable[_Union[RegisteredWorker, _Mapping]]] = ...) -> None: ...
+    settling: bool
+    gone: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, workers: _Optional[_Iterable[_Union[RegisteredWorker, _Mapping]]] = ..., settling: _Optional[bool] = ..., gone: _Optional[_Iterable[str]] = ...) -> None: ...
