@@ -40,6 +40,8 @@ FAMILIES = {
     "qwen3": {"head_dim": 64},
     "phi3": {"pad_token_id": 0},
     "gemma2": {"head_dim": 64, "pad_token_id": 0, "query_pre_attn_scalar": 64},
+    # Gemma 3's own window (512) is longer than the prompts: its layers run the kernels
+    "gemma3": {"head_dim": 64, "pad_token_id": 0, "query_pre_attn_scalar": 64},
 }
 
 

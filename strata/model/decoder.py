@@ -47,6 +47,11 @@ class DecoderLM:
             embed.dtype,
             embed.device,
         )
+        self.local_rope = None  # the window layers' own (Gemma 3)
+        if spec.local_rope_theta is not None:
+            self.local_rope = RotaryEmbedding(
+                spec.head_dim, spec.max_position, spec.local_rope_theta, {}, dt, embed.device
+            )
         self.embed_tokens = embed
         self._has_sandwich = "layers.0.pre_ff_norm" in weights
         self.layers: list[DecoderLayer | SandwichLayer] = []
@@ -107,6 +112,10 @@ class DecoderLM:
         """The forward over the backend's metadata of the batch: every shape it takes is in
         its tensors' shapes, so a CUDA graph can capture it (strata.engine.cuda_graph)."""
         cos, sin = self.rope.tables(positions)
+        tables = [(cos, sin)] * len(self.layers)
+        if self.local_rope is not None:
+            local = self.local_rope.tables(positions)
+            tables = [local if w else (cos, sin) for w in self.spec.windows]
         if self.tp:
             x = self.tp.embed(input_ids, self.embed_tokens)
         else:
@@ -118,8 +127,8 @@ class DecoderLM:
         if self.cpu_layers is not None and plan is not None:
             delta = self.cpu_layers.run(x, cos, sin, plan, kv)
         if delta is None:
-            for layer, kv_layer in zip(self.layers, kv.layers):
-                x, delta = layer(x, delta, cos, sin, kv_layer, meta)
+            for layer, kv_layer, (c, s) in zip(self.layers, kv.layers, tables):
+                x, delta = layer(x, delta, c, s, kv_layer, meta)
         if delta is not None and rows.shape[0] == x.shape[0]:  # every row (in order) gives logits
             x = self.norm.add_norm(x, delta)[1]  # one C call on CPU: add and norm
         else:

@@ -17,6 +17,7 @@ FAMILIES = (  # the module of each, defining FAMILY
     "strata.model.models.qwen3",
     "strata.model.models.phi3",
     "strata.model.models.gemma2",
+    "strata.model.models.gemma3",
 )
 
 

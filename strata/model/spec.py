@@ -39,6 +39,9 @@ class ModelSpec:
     # per layer, the sliding window of its attention in tokens (0: the whole context); ()
     # where no layer has one
     windows: tuple[int, ...] = ()
+    # the rope base of the sliding-window layers, unscaled, where it is not the others'
+    # (Gemma 3); None: every layer rotates alike
+    local_rope_theta: float | None = None
 
     @property
     def softmax_scale(self) -> float:

@@ -11,6 +11,7 @@ from strata.config import KVPoolConfig, ModelConfig, SparseConfig
 from strata.engine.runner import ModelRunner
 from tests.core.test_sparse_attention import PROMPT, decode_logits
 
+GEMMA3_LAYERS = ["sliding_attention"] * 3 + ["full_attention"]  # a global layer in 4
 FAMILIES = {
     "llama": {},
     "mistral": {"sliding_window": None},
@@ -18,6 +19,7 @@ FAMILIES = {
     "qwen3": {"head_dim": 16},
     "phi3": {"pad_token_id": 0},
     "gemma2": {"head_dim": 16, "pad_token_id": 0},
+    "gemma3": {"head_dim": 16, "pad_token_id": 0, "layer_types": GEMMA3_LAYERS},
 }
 PS = 16
 

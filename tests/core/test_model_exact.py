@@ -21,6 +21,16 @@ LLAMA3_ROPE = {
 # caps small enough to bend a tiny random model's logits (Gemma 2's own are 50 and 30): without
 # the attention cap the logits move by 2e-3, past the tolerance
 GEMMA_CAPS = {"attn_logit_softcapping": 0.05, "final_logit_softcapping": 1.5}
+# a window shorter than the prompts; rope bases far apart, so a layer rotated with the other's
+# table is off (Gemma 3's own: 10k and 1M, with 8x linear scaling for the global layers)
+GEMMA3 = {
+    "sliding_window": 8,
+    "query_pre_attn_scalar": 24,
+    "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+    },
+}
 FAMILIES = [
     ("llama", {}),
     ("llama", {"rope_scaling": LLAMA3_ROPE, "rope_theta": 500000.0, "tie_word_embeddings": True}),
@@ -37,6 +47,8 @@ FAMILIES = [
     ("phi3", {"pad_token_id": 0, "sliding_window": 6}),
     ("qwen2", {"sliding_window": 8, "use_sliding_window": True, "max_window_layers": 1}),
     ("gemma2", {"head_dim": 16, "pad_token_id": 0, "sliding_window": 8, **GEMMA_CAPS}),
+    # q and k head norms, 5 window layers : 1 global, the window layers' rope of their own
+    ("gemma3", {"head_dim": 16, "pad_token_id": 0, "num_hidden_layers": 6, **GEMMA3}),
 ]
 
 

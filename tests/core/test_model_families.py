@@ -107,13 +107,35 @@ def test_an_unregistered_family_is_refused_by_name(tiny_checkpoint, tmp_path):
 
 
 def test_every_built_in_family_is_found_by_architecture_and_by_model_type():
-    for arch, kind in (
-        ("LlamaForCausalLM", "llama"),
-        ("MistralForCausalLM", "mistral"),
-        ("Qwen2ForCausalLM", "qwen2"),
-        ("Qwen3ForCausalLM", "qwen3"),
-        ("Phi3ForCausalLM", "phi3"),
-        ("Gemma2ForCausalLM", "gemma2"),
+    for arch, kind, name in (
+        ("LlamaForCausalLM", "llama", "llama"),
+        ("MistralForCausalLM", "mistral", "mistral"),
+        ("Qwen2ForCausalLM", "qwen2", "qwen2"),
+        ("Qwen3ForCausalLM", "qwen3", "qwen3"),
+        ("Phi3ForCausalLM", "phi3", "phi3"),
+        ("Gemma2ForCausalLM", "gemma2", "gemma2"),
+        ("Gemma3ForCausalLM", "gemma3_text", "gemma3"),
     ):
-        assert registry.family_of({"architectures": [arch]}).name == kind
-        assert registry.family_of({"model_type": kind}).name == kind
+        assert registry.family_of({"architectures": [arch]}).name == name
+        assert registry.family_of({"model_type": kind}).name == name
+
+
+def test_gemma3_maps_its_two_ropes_and_refuses_what_it_cannot_run():
+    from transformers import Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(num_hidden_layers=6, sliding_window=8, head_dim=16).to_dict()
+    spec = registry.model_spec(cfg)
+    assert spec.windows == (8, 8, 8, 8, 8, 0)  # five window layers to one global
+    assert (spec.rope_theta, spec.local_rope_theta) == (1e6, 1e4)
+    old = {k: v for k, v in cfg.items() if k != "rope_parameters"}  # configs before v5
+    old.update(rope_theta=5e5, rope_local_base_freq=123.0, rope_scaling=None)
+    spec = registry.model_spec(old)
+    assert (spec.rope_theta, spec.local_rope_theta) == (5e5, 123.0)
+    scaled = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}
+    bad = {**cfg, "rope_parameters": {**cfg["rope_parameters"], "sliding_attention": scaled}}
+    with pytest.raises(UnsupportedModelError, match="window layers with rope_type 'linear'"):
+        registry.model_spec(bad)
+    with pytest.raises(UnsupportedModelError, match="without a sliding_window"):
+        registry.model_spec({**cfg, "sliding_window": None})
+    with pytest.raises(UnsupportedModelError, match="Gemma3ForConditionalGeneration"):
+        registry.model_spec({"architectures": ["Gemma3ForConditionalGeneration"]})

@@ -56,6 +56,8 @@ def steps(
         ("phi3", {"pad_token_id": 0}),  # qkv and gate_up fused in the checkpoint
         ("gemma2", {"head_dim": 16, "pad_token_id": 0}),  # soft caps on each rank's slice
         ("mistral", {"sliding_window": 8}),  # windows that cut, on each rank's heads
+        # head norms, windows that cut, two ropes
+        ("gemma3", {"head_dim": 16, "pad_token_id": 0, "sliding_window": 8}),
     ],
 )
 def test_two_ranks_give_the_logits_of_one(tiny_checkpoint, arch, overrides):

@@ -27,13 +27,14 @@ LAYER_WEIGHTS = {
 ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
-def spec(cfg: dict[str, Any]) -> ModelSpec:
+def spec(cfg: dict[str, Any], architecture: str = "gemma2", **changes: Any) -> ModelSpec:
+    """Also Gemma 3's, with its architecture and changes (strata.model.models.gemma3)."""
     act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ACTIVATIONS:
         raise ValueError(f"Gemma 2 with hidden_activation {act!r}: strata runs tanh gelu only")
     return ModelSpec.from_hf(
         cfg,
-        "gemma2",
+        architecture,
         qkv_bias=bool(cfg.get("attention_bias", False)),
         sliding_window=True,
         hidden_act=ACTIVATIONS[act],
@@ -41,6 +42,7 @@ def spec(cfg: dict[str, Any]) -> ModelSpec:
         attn_softcap=cfg.get("attn_logit_softcapping"),
         final_softcap=cfg.get("final_logit_softcapping"),
         embed_scale=float(cfg["hidden_size"]) ** 0.5,
+        **changes,
     )
 
 
