@@ -14,12 +14,14 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import xgrammar as xgr
 
 from strata.grammar.constraint import Constraint
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
 
 MAX_SOURCE_CHARS = 64 * 1024
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+?:\d+: (Check failed: \(.*?\) is false: )?")
@@ -43,6 +45,11 @@ class GrammarCompiler:
         cache_size: int = 256,
         max_threads: int = 2,
     ) -> None:
+        # NOTE: imported here, when the first constraint comes (LazyGrammarCompiler): 1 s of
+        # every process's start on a 2-core EPYC otherwise
+        import xgrammar as xgr
+
+        self.xgr = xgr
         self.info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids) or None
         )
@@ -91,7 +98,7 @@ class GrammarCompiler:
             raise GrammarError(f"invalid {name}: {_clean(str(exc))}") from None
 
     def matcher(self, c: Constraint) -> xgr.GrammarMatcher:
-        return xgr.GrammarMatcher(self.compile(c))
+        return self.xgr.GrammarMatcher(self.compile(c))
 
     def mask_logits(
         self, logits: torch.Tensor, matchers: Sequence[xgr.GrammarMatcher | None]
@@ -101,10 +108,10 @@ class GrammarCompiler:
         rows = [i for i, m in enumerate(matchers) if m is not None]
         if not rows:
             return
-        bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[-1])
+        bitmask = self.xgr.allocate_token_bitmask(len(matchers), logits.shape[-1])
         live = [m for m in matchers if m is not None]
         self._batch.batch_fill_next_token_bitmask(live, bitmask, indices=rows)
-        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+        self.xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
 
 
 class LazyGrammarCompiler:

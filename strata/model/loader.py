@@ -83,7 +83,7 @@ def gguf_file(model_path: str | None) -> Path | None:
 
 def convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF file into a cached checkpoint folder (once per file version)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, __version__
+    from transformers import __version__
 
     stat = gguf.stat()
     ident = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{__version__}"
@@ -92,6 +92,8 @@ def convert_gguf(gguf: Path) -> Path:
     if (out / "config.json").is_file():
         return out
     log.info("converting %s into %s (first start only)", gguf.name, out)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
