@@ -8,9 +8,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from typing import TypeVar
 
 import grpc
 import httpx
@@ -19,11 +22,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from launch import up
 
 _HANDED: set[int] = set()  # ports this process handed out, never handed again
+_HANDING = threading.Lock()  # processes started together draw ports from threads
+T = TypeVar("T")
 
 
 def free_port() -> int:
     """A loopback port free now (launch.up.free_port), not one handed out before."""
-    return up.free_port("127.0.0.1", _HANDED)
+    with _HANDING:
+        return up.free_port("127.0.0.1", _HANDED)
+
+
+def started_together(stack: ExitStack, starts: Sequence[AbstractContextManager[T]]) -> list[T]:
+    """Enter starts (running_server, running_cluster, ...) at once, on stack: their
+    processes start side by side and each is waited on, so a test that needs several pays
+    for the slowest, not the sum. Each is left by stack."""
+    with ThreadPoolExecutor(max(1, len(starts))) as pool:
+        return list(pool.map(stack.enter_context, starts))
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log, timeout: float) -> None:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import socket
 import threading
+from contextlib import ExitStack
 
 import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from launch.local import free_port, running_cluster, running_server
+from launch.local import free_port, running_cluster, running_server, started_together
 from strata.proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -22,20 +23,27 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def urls():
+def started():
+    """Started side by side: a keyed server that holds one request, a keyed one whose
+    /health is protected, and a split cluster that holds one request a worker."""
     port = free_port()
-    flags = (
-        "--api-key",
-        KEY,
-        "--grpc-port",
-        str(port),
-        "--max-running-requests",
-        "1",
-        "--max-queued-requests",
-        "0",
-    )
-    with running_server(*flags) as url:
-        yield url, f"127.0.0.1:{port}"
+    one = ("--max-running-requests", "1", "--max-queued-requests", "0")
+    split = ("--prefill", "0", "--decode", "1", "--disable-hierarchical-cache")
+    with ExitStack() as stack:
+        keyed, protected, (gateway, _) = started_together(
+            stack,
+            [
+                running_server("--api-key", KEY, "--grpc-port", str(port), *one),
+                running_server("--api-key", KEY, "--protect-health"),
+                running_cluster(*split, *one),
+            ],
+        )
+        yield {"keyed": (keyed, f"127.0.0.1:{port}"), "protected": protected, "split": gateway}
+
+
+@pytest.fixture(scope="module")
+def urls(started):
+    return started["keyed"]
 
 
 def chat(url: str, headers: dict | None = None, max_tokens: int = 4) -> httpx.Response:
@@ -122,11 +130,11 @@ def test_a_full_server_answers_429_and_recovers(urls):
     assert health["running_requests"] == health["waiting_requests"] == 0
 
 
-def test_protected_health_needs_the_key():
-    with running_server("--api-key", KEY, "--protect-health") as url:
-        for path in ("/health", "/metrics"):
-            assert httpx.get(f"{url}{path}", timeout=30).status_code == 401
-            assert httpx.get(f"{url}{path}", headers=AUTH, timeout=30).status_code == 200
+def test_protected_health_needs_the_key(started):
+    url = started["protected"]
+    for path in ("/health", "/metrics"):
+        assert httpx.get(f"{url}{path}", timeout=30).status_code == 401
+        assert httpx.get(f"{url}{path}", headers=AUTH, timeout=30).status_code == 200
 
 
 def test_oversized_bodies_and_messages_are_refused(urls):
@@ -158,40 +166,29 @@ def test_oversized_bodies_and_messages_are_refused(urls):
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_the_gateway_bounds_what_it_holds():
+def test_the_gateway_bounds_what_it_holds(started):
     """Split mode: the gateway refuses past workers x (running + queued) itself, before a
     worker is asked (its own message), and takes requests again once they finish."""
-    flags = (
-        "--prefill",
-        "0",
-        "--decode",
-        "1",
-        "--disable-hierarchical-cache",
-        "--max-running-requests",
-        "1",
-        "--max-queued-requests",
-        "0",
-    )
-    with running_cluster(*flags) as (url, _):
-        started = threading.Event()
-        done: list[int] = []
+    url = started["split"]
+    streaming = threading.Event()
+    done: list[int] = []
 
-        def long_request():
-            body = {
-                "text": "Count slowly.",
-                "stream": True,
-                "sampling_params": {"max_new_tokens": 48, "temperature": 0, "ignore_eos": True},
-            }
-            with httpx.stream("POST", f"{url}/generate", json=body, timeout=300) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data:"):
-                        started.set()
-                done.append(r.status_code)
+    def long_request():
+        body = {
+            "text": "Count slowly.",
+            "stream": True,
+            "sampling_params": {"max_new_tokens": 48, "temperature": 0, "ignore_eos": True},
+        }
+        with httpx.stream("POST", f"{url}/generate", json=body, timeout=300) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    streaming.set()
+            done.append(r.status_code)
 
-        runner = threading.Thread(target=long_request)
-        runner.start()
-        assert started.wait(120)
-        r = chat(url)
-        assert r.status_code == 429 and "the gateway holds" in r.json()["error"]["message"]
-        runner.join(300)
-        assert done == [200] and chat(url).status_code == 200
+    runner = threading.Thread(target=long_request)
+    runner.start()
+    assert streaming.wait(120)
+    r = chat(url)
+    assert r.status_code == 429 and "the gateway holds" in r.json()["error"]["message"]
+    runner.join(300)
+    assert done == [200] and chat(url).status_code == 200

@@ -9,13 +9,14 @@ import json
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
 
-from launch.local import running_cluster, running_server
+from launch.local import running_cluster, running_server, started_together
 from strata.proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.e2e.test_server import health, wait_idle
 
@@ -33,22 +34,25 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with running_cluster(
-        "--prefill",
-        "2",
-        "--decode",
-        "2",
-        "--dtype",
-        "float32",
-        "--num-pages",
-        "512",
-        "--local-prefill-tokens",
-        "64",
-    ) as c:
-        yield c
+def started():
+    """The cluster and, started beside it, a colocated server (the split's oracle)."""
+    flags = ("--dtype", "float32", "--num-pages", "512", "--local-prefill-tokens", "64")
+    with ExitStack() as stack:
+        c, colocated = started_together(
+            stack,
+            [
+                running_cluster("--prefill", "2", "--decode", "2", *flags),
+                running_server("--grpc-port", "-1"),
+            ],
+        )
+        yield c, colocated
     with pytest.raises(httpx.HTTPError):  # everything is down after Ctrl-C
         httpx.get(f"{c[0]}/health", timeout=2)
+
+
+@pytest.fixture(scope="module")
+def cluster(started):
+    return started[0]
 
 
 def generate(url: str, text, n: int = 16, ids: bool = False) -> dict:
@@ -65,12 +69,12 @@ def transfers(url: str) -> int:
     return health(url)["kv_transfer"]["transfers"]
 
 
-def test_greedy_output_equals_colocated_server(cluster):
+def test_greedy_output_equals_colocated_server(started):
+    cluster, colocated = started
     before = transfers(cluster[0])
     split = [generate(cluster[0], p)["output_ids"] for p in PROMPTS]
     assert transfers(cluster[0]) - before == 1  # the long prompt's KV came from a prefill worker
-    with running_server("--grpc-port", "-1") as colocated:
-        assert [generate(colocated, p)["output_ids"] for p in PROMPTS] == split
+    assert [generate(colocated, p)["output_ids"] for p in PROMPTS] == split
 
 
 def test_prefill_workers_take_long_prompts_and_decode_workers_short_suffixes(cluster):

@@ -6,14 +6,13 @@ start side by side (one each, started at once)."""
 from __future__ import annotations
 
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
 import httpx
 import pytest
 import torch
 
-from launch.local import running_server
+from launch.local import running_server, started_together
 from strata.model.loader import TOKENIZER_FILES, resolve_checkpoint
 from tests.conftest import tiny_hf_model
 
@@ -64,8 +63,7 @@ def served(tmp_path_factory):
             arch: running_server("--model-path", str(f), "--num-pages", "64")
             for arch, f in folders.items()
         }
-        with ThreadPoolExecutor(len(starts)) as pool:
-            urls = dict(zip(starts, pool.map(stack.enter_context, starts.values())))
+        urls = dict(zip(starts, started_together(stack, list(starts.values()))))
         yield {arch: (folders[arch], urls[arch], wants[arch], ids) for arch in FAMILIES}
 
 

@@ -6,13 +6,12 @@ killed, requests are served (L3 misses) and L3 comes back with Redis."""
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
 import httpx
 import pytest
 
-from launch.local import running_cluster
+from launch.local import running_cluster, started_together
 
 pytestmark = pytest.mark.slow
 LOG = " ".join(f"Entry {i}: the keeper logged wave {i * 17} at dawn." for i in range(40))
@@ -25,9 +24,9 @@ def clusters(redis_server):
     with redis_server.client() as c:
         c.flushdb()
     tiers = ["--hicache-storage-backend", "redis", "--hicache-storage-url", redis_server.url]
-    with ExitStack() as stack, ThreadPoolExecutor(2) as pool:  # both start at once
+    with ExitStack() as stack:
         starts = [running_cluster("--prefill", "0", "--decode", "1", *tiers) for _ in range(2)]
-        yield [url for url, _ in pool.map(stack.enter_context, starts)]
+        yield [url for url, _ in started_together(stack, starts)]
 
 
 def generate(url: str, text: str) -> dict:

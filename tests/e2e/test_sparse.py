@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from contextlib import ExitStack
 
 import grpc
 import httpx
 import pytest
 
 import strata.lang as sl
-from launch.local import free_port, running_server
+from launch.local import free_port, running_server, started_together
 from strata.proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -24,11 +25,30 @@ LONG = " ".join(
 SPARSE = ("--sparse-min-context", "128")  # long enough here: the prompt is ~700 tokens
 
 
+DENSE = ("--attention-sparsity-threshold", "0", "--sparse-min-context", "128")
+# KV tiers with fetch on select, an L1 of 64 pages
+TIERED = (*SPARSE, "--enable-hierarchical-cache", "--num-pages", "64", "--sparse-demote-after", "1")
+
+
 @pytest.fixture(scope="module")
-def urls():
+def servers():
+    """The sparse (with its gRPC port), dense and tiered servers, started side by side."""
     port = free_port()
-    with running_server(*SPARSE, "--grpc-port", str(port)) as url:
-        yield url, f"127.0.0.1:{port}"
+    with ExitStack() as stack:
+        sparse, dense, tiered = started_together(
+            stack,
+            [
+                running_server(*SPARSE, "--grpc-port", str(port)),
+                running_server(*DENSE),
+                running_server(*TIERED),
+            ],
+        )
+        yield {"sparse": (sparse, f"127.0.0.1:{port}"), "dense": dense, "tiered": tiered}
+
+
+@pytest.fixture(scope="module")
+def urls(servers):
+    return servers["sparse"]
 
 
 def generate(url: str, text: str) -> dict:
@@ -92,10 +112,8 @@ def test_sparsity_in_strata_lang(urls):
     assert state.get_metric("attention_sparsity_ratio") == pytest.approx(ratio)
 
 
-def test_dense_server_reports_zero():
-    dense = ("--attention-sparsity-threshold", "0", "--sparse-min-context", "128")
-    with running_server(*dense) as url:
-        assert generate(url, LONG)["attention_sparsity_ratio"] == 0
+def test_dense_server_reports_zero(servers):
+    assert generate(servers["dense"], LONG)["attention_sparsity_ratio"] == 0
 
 
 @pytest.mark.parametrize(
@@ -111,35 +129,27 @@ def test_bad_sparse_flags_are_refused(flag, value):
     assert run.returncode != 0 and flag in run.stderr
 
 
-def test_a_request_that_outgrows_l1_is_answered_with_tiers_on():
+def test_a_request_that_outgrows_l1_is_answered_with_tiers_on(servers):
     """KV tiers with fetch on select, an L1 of 64 pages, a ~950-token prompt (60 pages) and
     100 new tokens: the request is answered ("length" where the pool ran out; it once waited
     forever to be readmitted), its pages end in the cache, and the fetch-on-select counters
     are on /health and /metrics."""
-    flags = (
-        *SPARSE,
-        "--enable-hierarchical-cache",
-        "--num-pages",
-        "64",
-        "--sparse-demote-after",
-        "1",
+    url = servers["tiered"]
+    r = httpx.post(
+        f"{url}/generate",
+        timeout=300,
+        json={
+            "text": LONG + "\nList the piers.",
+            "sampling_params": {"max_new_tokens": 100, "temperature": 0, "ignore_eos": True},
+        },
     )
-    with running_server(*flags) as url:
-        r = httpx.post(
-            f"{url}/generate",
-            timeout=300,
-            json={
-                "text": LONG + "\nList the piers.",
-                "sampling_params": {"max_new_tokens": 100, "temperature": 0, "ignore_eos": True},
-            },
-        )
-        assert r.status_code == 200, r.text
-        meta = r.json()["meta_info"]
-        assert meta["finish_reason"]["type"] == "length"
-        assert 64 * 16 - meta["prompt_tokens"] - 8 <= meta["completion_tokens"] <= 100
-        health = httpx.get(f"{url}/health", timeout=30).json()
-        stats = health["radix_cache_stats"]
-        assert set(stats["tiers"]["fetch_on_select"]) == {"demoted_pages", "fetched_pages"}
-        assert stats["locked_pages"] == 0
-        metrics = httpx.get(f"{url}/metrics", timeout=30).text
-        assert 'strata_kv_fetch_on_select_pages_total{kind="demoted"}' in metrics
+    assert r.status_code == 200, r.text
+    meta = r.json()["meta_info"]
+    assert meta["finish_reason"]["type"] == "length"
+    assert 64 * 16 - meta["prompt_tokens"] - 8 <= meta["completion_tokens"] <= 100
+    health = httpx.get(f"{url}/health", timeout=30).json()
+    stats = health["radix_cache_stats"]
+    assert set(stats["tiers"]["fetch_on_select"]) == {"demoted_pages", "fetched_pages"}
+    assert stats["locked_pages"] == 0
+    metrics = httpx.get(f"{url}/metrics", timeout=30).text
+    assert 'strata_kv_fetch_on_select_pages_total{kind="demoted"}' in metrics

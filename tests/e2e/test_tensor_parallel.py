@@ -11,12 +11,19 @@ import signal
 import subprocess
 import sys
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 import pytest
 
-from launch.local import _wait_healthy, free_port, running_cluster, running_server
+from launch.local import (
+    _wait_healthy,
+    free_port,
+    running_cluster,
+    running_server,
+    started_together,
+)
 from strata.config import KVPoolConfig, ModelConfig, SparseConfig
 from strata.engine.generate import generate_greedy_batch
 from strata.engine.runner import ModelRunner
@@ -60,15 +67,20 @@ def test_two_ranks_serve_the_greedy_output_of_one(tiny):
     model = ModelConfig(tiny[1], dtype="float32", sparse=SparseConfig(threshold=0))
     runner = ModelRunner.from_config(model, KVPoolConfig(4, 64))
     want = generate_greedy_batch(runner, PROMPTS, TOKENS)
-    with running_server("--grpc-port", "-1", *tiny, "--tp-size", "2") as url:
+    split = ("--prefill", "1", "--decode", "1", "--local-prefill-tokens", "8")
+    with ExitStack() as stack:
+        url, (cluster, _) = started_together(
+            stack,
+            [
+                running_server("--grpc-port", "-1", *tiny, "--tp-size", "2"),
+                running_cluster(*split, *tiny, "--tp-size", "2"),
+            ],
+        )
         assert [generate(url, p) for p in PROMPTS] == want
-    # split: the prompts are prefilled on the prefill worker, each rank's KV heads sent
-    # to the decode worker's rank of the same number
-    with running_cluster(
-        "--prefill", "1", "--decode", "1", *tiny, "--tp-size", "2", "--local-prefill-tokens", "8"
-    ) as (url, _):
-        assert [generate(url, p) for p in PROMPTS] == want
-        assert transfers(url) == len(PROMPTS)
+        # split: the prompts are prefilled on the prefill worker, each rank's KV heads sent
+        # to the decode worker's rank of the same number
+        assert [generate(cluster, p) for p in PROMPTS] == want
+        assert transfers(cluster) == len(PROMPTS)
 
 
 def ranks_of(pid: int) -> list[int]:
@@ -85,6 +97,7 @@ def ranks_of(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.faults
 def test_a_rank_that_dies_ends_the_streams_with_an_error():
     """The embedded model over three ranks; one of them is killed mid-stream."""
     port = free_port()
