@@ -73,9 +73,11 @@ def test_a_peer_that_never_sends_times_out():
     port = free_port()
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()
-    proc = ctx.Process(target=sender, args=(port, torch.float32, 0, out))  # connects, no send
-    proc.start()
+    started = ctx.Event()  # its start (imports) is not what the 2 s timeout is about
+    proc = ctx.Process(target=sender, args=(port, torch.float32, 0, out, 0, started))
+    proc.start()  # connects, never sends
     try:
+        assert started.wait(60)
         channel = KVChannel(
             KVCache(**SHAPE, dtype=torch.float32, device="cpu"),
             "127.0.0.1",
