@@ -16,6 +16,7 @@ from gateway.metrics import Metrics
 from gateway.protocol import document_bodies
 from gateway.rest import validation_message
 from gateway.routes import admin, native, openai
+from gateway.tool_formats import tool_format
 
 
 def create_app(
@@ -23,8 +24,10 @@ def create_app(
     api_key: str | None = None,
     protect_health: bool = False,
     metrics: Metrics | None = None,
+    tool_call_parser: str = "json",
 ) -> FastAPI:
-    """The REST front; metrics: shared with the gRPC front when both serve one backend."""
+    """The REST front; metrics: shared with the gRPC front when both serve one backend;
+    tool_call_parser: the chat API's tool format (gateway.tool_formats)."""
     app = FastAPI(title="strata", version="0.1.0")
     plain_openapi = app.openapi
 
@@ -36,7 +39,7 @@ def create_app(
     app.openapi = openapi  # type: ignore[method-assign]
     metrics = metrics or Metrics()
     app.state.backend, app.state.metrics = backend, metrics
-    app.state.front = Front(backend, metrics)
+    app.state.front = Front(backend, metrics, tool_format(tool_call_parser))
     install_access(app, api_key, protect_health)
     app.exception_handler(RequestValidationError)(_invalid)
     app.exception_handler(ValueError)(_bad_value)

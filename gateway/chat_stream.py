@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 from gateway.protocol import ChatCompletionRequest
+from gateway.tool_formats import FORMATS, ToolFormat
 from strata.engine.request import RequestOutput
 
 # the head of a forced call, as its grammar lays it out: {"name": "<tool>", "arguments":
@@ -56,12 +57,16 @@ class CallStream:
 class ChatStream:
     """The chunks of one streamed chat completion, choice by choice (`render`, called with
     each event of choice i). Without tools: the text as it comes. With tools: a reply that
-    may be a call (it starts with { or [) is held until it is known, and sent as tool_calls
-    deltas if it is one; a forced single call (its grammar guarantees it) streams its name
-    and then its arguments as they are generated."""
+    may be calls (it begins as the tool format's calls do: fmt.may_call) is held until it
+    is known, and sent as tool_calls deltas (and any content before them) if it is; one
+    that begins otherwise streams as content (calls after content are not looked for in a
+    stream). A forced single call (its grammar guarantees it) streams its name and then
+    its arguments as they are generated."""
 
-    def __init__(self, body: ChatCompletionRequest, head: dict[str, Any]) -> None:
-        self.body, self.head = body, head
+    def __init__(
+        self, body: ChatCompletionRequest, head: dict[str, Any], fmt: ToolFormat = FORMATS["json"]
+    ) -> None:
+        self.body, self.head, self.fmt = body, head, fmt
         self.started: set[int] = set()
         self.held: dict[int, str] = {}
         self.settled: set[int] = set()
@@ -81,14 +86,16 @@ class ChatStream:
             return out + self._forced_call(i, text, finish)
         if self.body.tools_on and i not in self.settled:
             self.held[i] = self.held.get(i, "") + text
-            lead = self.held[i].lstrip()
-            if not (lead and lead[0] not in "{[") and finish is None:
-                return out  # may still be a call
+            if self.fmt.may_call(self.held[i]) and finish is None:
+                return out  # may still be calls
             text = self.held.pop(i)
             self.settled.add(i)
-            calls = self.body.tool_calls(text) if finish == "stop" else None
-            if calls is not None:
+            found = self.body.tool_calls(text, self.fmt) if finish == "stop" else None
+            if found is not None:
+                content, calls = found
                 deltas = [{"index": k, **call} for k, call in enumerate(calls)]
+                if content:
+                    out.append(self.chunk(i, {"content": content}))
                 return [
                     *out,
                     self.chunk(i, {"tool_calls": deltas}),

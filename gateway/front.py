@@ -9,10 +9,12 @@ import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from gateway.backend import Backend
 from gateway.metrics import Metrics
 from gateway.protocol import SessionParams
+from gateway.tool_formats import FORMATS, ToolFormat
 from strata.engine.request import Checked, RequestOutput, SessionRef
 from strata.sampling.params import SamplingParams
 from strata.tokenizer import chat_prompt_ids
@@ -40,21 +42,27 @@ class Collected:
 
 
 class Front:
-    def __init__(self, backend: Backend, metrics: Metrics) -> None:
+    def __init__(self, backend: Backend, metrics: Metrics, tools: ToolFormat = FORMATS["json"]):
+        """tools: how chat requests' tools reach the prompt and their calls are read
+        (--tool-call-parser)."""
         self.backend, self.metrics = backend, metrics
         self.tokenizer = backend.tokenizer
+        self.tools = tools
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=True))
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        """The chat template's prompt ids; ValueError for no messages or an unknown role."""
+    def chat_prompt(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """The chat template's prompt ids (tools: rendered by the template); ValueError for
+        no messages or an unknown role."""
         if not messages:
             raise ValueError("messages must not be empty")
         for m in messages:
             if m["role"] not in CHAT_ROLES:
                 raise ValueError(f"unknown role {m['role']!r}: use one of {', '.join(CHAT_ROLES)}")
-        return chat_prompt_ids(self.tokenizer, messages)
+        return chat_prompt_ids(self.tokenizer, messages, tools)
 
     async def in_session(
         self, sp: SessionParams | None, prompt_ids: list[int], whole: bool = False

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.tool_formats import FORMATS, ToolFormat, openai_calls
 from strata.engine.request import Checked
 from strata.grammar.constraint import (
     Constraint,
@@ -155,6 +155,29 @@ class CompletionRequest(_OpenAISampling):
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = ""
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+    name: str | None = None
+
+    def templated(self) -> dict[str, Any]:
+        """The message as chat templates with tools take it (a call's arguments as an
+        object, not OpenAI's JSON string)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            calls = []
+            for c in self.tool_calls:
+                f = dict(c.get("function") or {})
+                if isinstance(f.get("arguments"), str):
+                    try:
+                        f["arguments"] = json.loads(f["arguments"])
+                    except json.JSONDecodeError:
+                        raise ValueError("a tool call's arguments must be JSON") from None
+                calls.append({**c, "function": f})
+            out["tool_calls"] = calls
+        for key in ("tool_call_id", "name"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
+        return out
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -228,8 +251,15 @@ class ChatCompletionRequest(_OpenAISampling):
             return named
         raise ValueError("tool_choice must be none, auto, required or {type: function, ...}")
 
-    def chat(self) -> list[dict[str, str]]:
-        messages = [{"role": m.role, "content": m.text()} for m in self.messages]
+    def chat(self, fmt: ToolFormat = FORMATS["json"]) -> list[dict[str, Any]]:
+        """The messages for the chat template: with a template tool format, as the template
+        takes them (the tools go beside: template_tools); with json, the tools listed in a
+        system note."""
+        if fmt.template:
+            return [m.templated() for m in self.messages]
+        messages: list[dict[str, Any]] = [
+            {"role": m.role, "content": m.text()} for m in self.messages
+        ]
         if self.tools_on:
             listing = "\n".join(
                 f"- {t.function.name}: {t.function.description} Parameters (JSON schema): "
@@ -249,27 +279,26 @@ class ChatCompletionRequest(_OpenAISampling):
                 messages.insert(0, {"role": "system", "content": note})
         return messages
 
-    def tool_calls(self, text: str) -> list[dict[str, Any]] | None:
-        """The reply as OpenAI tool calls, when it is a call (or, with parallel_tool_calls, a
-        list of them); a forced call always is. None: the reply is plain content."""
+    def template_tools(self, fmt: ToolFormat) -> list[dict[str, Any]] | None:
+        """The tools for a template tool format's chat template (None: none to render)."""
+        if not (fmt.template and self.tools_on):
+            return None
+        return [t.model_dump(exclude_unset=True) for t in self.tools or []]  # as sent
+
+    def tool_calls(
+        self, text: str, fmt: ToolFormat = FORMATS["json"]
+    ) -> tuple[str | None, list[dict[str, Any]]] | None:
+        """(content, OpenAI tool calls) when the reply calls tools in fmt (a forced call, as
+        its grammar writes it, always does); None: the reply is plain content."""
         if not self.tools_on:
             return None
-        try:
-            got = json.loads(text)
-        except json.JSONDecodeError:
-            return None
-        calls = got if isinstance(got, list) and self.parallel_tool_calls else [got]
         names = {t.function.name for t in self.tools or []}
-        if not calls or any(not isinstance(c, dict) or c.get("name") not in names for c in calls):
+        many = bool(self.parallel_tool_calls)
+        found = (FORMATS["json"] if self.forced_tools() else fmt).calls(text, names, many)
+        if found is None:
             return None
-        return [
-            {
-                "id": f"call_{uuid.uuid4().hex[:24]}",
-                "type": "function",
-                "function": {"name": c["name"], "arguments": json.dumps(c.get("arguments", {}))},
-            }
-            for c in calls
-        ]
+        content, calls = found
+        return content or None, openai_calls(calls)
 
 
 class GenerateSampling(_SamplingFields):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from gateway.tool_formats import FORMATS
 from strata.config import (
     ATTENTION_BACKENDS,
     PREFETCH_POLICIES,
@@ -355,6 +356,14 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         "--protect-health",
         action="store_true",
         help="with --api-key, /health, /metrics and gRPC health need the key too",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        choices=sorted(FORMATS),
+        default="json",
+        help="the chat API's tools: json (listed in a system note, called with a bare JSON "
+        "object; any model) or the model's own format through its chat template: hermes / "
+        "qwen25 (<tool_call> blocks), llama3, mistral ([TOOL_CALLS])",
     )
 
 

@@ -84,6 +84,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             a.grpc_port,
             a.api_key,
             a.protect_health,
+            a.tool_call_parser,
         ),
         hicache_config(a),
         a.random_seed,
@@ -126,7 +127,14 @@ def cmd_gateway(a: argparse.Namespace) -> int:
     from launch.serve import serve_gateway
 
     server = ServerConfig(
-        a.host, a.port, a.served_model_name, a.log_level, a.grpc_port, a.api_key, a.protect_health
+        a.host,
+        a.port,
+        a.served_model_name,
+        a.log_level,
+        a.grpc_port,
+        a.api_key,
+        a.protect_health,
+        a.tool_call_parser,
     )
     use_tls(a)
     serve_gateway(
@@ -169,6 +177,8 @@ def cmd_up(a: argparse.Namespace) -> int:
         str(a.max_running_requests),
         "--max-queued-requests",
         str(a.max_queued_requests),
+        "--tool-call-parser",
+        a.tool_call_parser,
         *tls,
     ]
     if a.api_key:  # to the gateway through the environment, not its command line (ps)

@@ -171,7 +171,9 @@ async def _serve_fronts(
         )
         log.info("gRPC strata.v1.Gateway on %s:%d", server.host, bound)
     config = uvicorn.Config(
-        create_app(backend, server.api_key, server.protect_health, metrics),
+        create_app(
+            backend, server.api_key, server.protect_health, metrics, server.tool_call_parser
+        ),
         host=server.host,
         port=server.port,
         log_level=server.log_level.lower(),

@@ -6,13 +6,18 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def chat_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
-    """Token ids of messages under the model's chat template, ready for the assistant turn."""
+def chat_prompt_ids(
+    tokenizer: Any, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> list[int]:
+    """Token ids of messages under the model's chat template, ready for the assistant turn
+    (tools: rendered by the template, as the model was trained to see them)."""
     if not getattr(tokenizer, "chat_template", None):
+        if tools:
+            raise ValueError("this model has no chat template to render tools with")
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
     else:
         text = tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=False
+            list(messages), tools=tools, add_generation_prompt=True, tokenize=False
         )
     return list(tokenizer.encode(text, add_special_tokens=False))
 

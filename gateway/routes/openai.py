@@ -21,6 +21,7 @@ from gateway.rest import (
     stream,
     usage_json,
 )
+from gateway.tool_formats import ToolFormat
 from strata.engine.request import RequestOutput
 
 router = APIRouter()
@@ -96,7 +97,8 @@ async def chat_completions(request: Request) -> Any:
     body = await parse_body(request, ChatCompletionRequest)
     front = front_of(request)
     params = body.params()
-    ids, session = await front.in_session(body.session_params, front.chat_prompt(body.chat()), True)
+    prompt = front.chat_prompt(body.chat(front.tools), body.template_tools(front.tools))
+    ids, session = await front.in_session(body.session_params, prompt, True)
     runs = body.fan_out(await front.validate(ids, params, session))
     head = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -106,25 +108,29 @@ async def chat_completions(request: Request) -> Any:
     if body.stream:
         chunk_head = {**head, "object": "chat.completion.chunk"}
         usage = chunk_head if body.include_usage else None
-        events = stream(front, runs, "chat", ChatStream(body, chunk_head).render, usage)
+        render = ChatStream(body, chunk_head, front.tools).render
+        events = stream(front, runs, "chat", render, usage)
         return StreamingResponse(events, media_type="text/event-stream")
     done = await collect_choices(front, runs, "chat")
     choices = [
-        _chat_choice(i, run, body, front.tokenizer if params.logprobs else None)
+        _chat_choice(i, run, body, front.tools, front.tokenizer if params.logprobs else None)
         for i, run in enumerate(done)
     ]
     usage = usage_json(*(r.last for r in done))
     return {**head, "object": "chat.completion", "choices": choices, "usage": usage}
 
 
-def _chat_choice(i: int, run: Collected, body: ChatCompletionRequest, tok: Any) -> dict:
-    """One choice of a chat completion; a forced tool call's text becomes tool_calls; tok:
-    with the choice's logprobs."""
+def _chat_choice(
+    i: int, run: Collected, body: ChatCompletionRequest, fmt: ToolFormat, tok: Any
+) -> dict:
+    """One choice of a chat completion; a reply that calls tools (in fmt) becomes
+    tool_calls; tok: with the choice's logprobs."""
     message: dict[str, Any] = {"role": "assistant", "content": run.text}
     finish_reason = run.last.finish_reason
-    calls = body.tool_calls(run.text) if finish_reason == "stop" else None
-    if calls is not None:
-        message = {"role": "assistant", "content": None, "tool_calls": calls}
+    found = body.tool_calls(run.text, fmt) if finish_reason == "stop" else None
+    if found is not None:
+        content, calls = found
+        message = {"role": "assistant", "content": content, "tool_calls": calls}
         finish_reason = "tool_calls"
     return {
         "index": i,
