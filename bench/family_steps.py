@@ -42,6 +42,13 @@ FAMILIES = {
     "gemma2": {"head_dim": 64, "pad_token_id": 0, "query_pre_attn_scalar": 64},
     # Gemma 3's own window (512) is longer than the prompts: its layers run the kernels
     "gemma3": {"head_dim": 64, "pad_token_id": 0, "query_pre_attn_scalar": 64},
+    # 8 experts of 768, 2 a token: as many active MLP weights as the others' 1536
+    "qwen3_moe": {
+        "head_dim": 64,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 768,
+    },
 }
 
 

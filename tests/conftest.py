@@ -39,6 +39,7 @@ def tiny_hf_model(arch: str, **overrides):
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
         "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
         "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
     }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**common)).eval()
@@ -46,6 +47,8 @@ def tiny_hf_model(arch: str, **overrides):
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+            if name.endswith("mlp.gate.weight"):  # a MoE router: clear choices, not near-ties
+                p.mul_(50)
     return model
 
 

@@ -199,12 +199,14 @@ class ModelRunner:
         return runner
 
     def _capture_graphs(self, max_bs: int) -> None:
-        """CUDA, one rank, a backend that reads the pages in place: decode steps of up to
-        max_bs sequences replay graphs (0: never)."""
+        """CUDA, one rank, a backend that reads the pages in place, no experts (their
+        grouping is decided on the host each step): decode steps of up to max_bs sequences
+        replay graphs (0: never)."""
         on_cuda = self.device.type == "cuda"
         if (
             on_cuda
             and self.tp is None
+            and not self.model.spec.num_experts
             and max_bs > 0
             and self.model.backend.reads_in_place(self.device)
         ):

@@ -12,7 +12,7 @@ from strata.attention.base import AttentionBackend, AttentionMeta
 from strata.batch import ForwardBatch
 from strata.kv.pool import KVCache
 from strata.model.cpu_layers import CpuLayers
-from strata.model.layers import MLP, Attention, DecoderLayer, RMSNorm, SandwichLayer
+from strata.model.layers import MLP, Attention, DecoderLayer, RMSNorm, SandwichLayer, SparseMoE
 from strata.model.linear import make_linear
 from strata.model.rope import RotaryEmbedding
 from strata.model.spec import ModelSpec
@@ -71,19 +71,34 @@ class DecoderLM:
                 tp,
                 qk_norm,
             )
-            mlp = MLP(
-                make_linear(w("gate_up"), None, quantization, dt),
-                make_linear(w("down"), None, quantization, dt),
-                tp,
-                spec.hidden_act,
-            )
+            mlp = self._mlp(i, w, quantization, dt, tp)
             self.layers.append(self._layer(attn, mlp, w))
         self.norm = RMSNorm(weights["norm"], spec.rms_norm_eps)
         self.lm_head = make_linear(weights.get("lm_head", embed), None, quantization, dt)
         # dense decode-only batches in bfloat16 on CPU: every layer in one C++ call
         self.cpu_layers = CpuLayers.of(self) if fused_cpu_decode else None
 
-    def _layer(self, attn: Attention, mlp: MLP, w: Any) -> DecoderLayer | SandwichLayer:
+    def _mlp(
+        self, i: int, w: Any, quantization: str, dt: torch.dtype, tp: TPGroup | None
+    ) -> MLP | SparseMoE:
+        """Layer i's MLP, or its mixture of experts (the router kept in dt, unquantized)."""
+        spec = self.spec
+
+        def mlp(prefix: str, group: TPGroup | None) -> MLP:
+            return MLP(
+                make_linear(w(f"{prefix}gate_up"), None, quantization, dt),
+                make_linear(w(f"{prefix}down"), None, quantization, dt),
+                group,
+                spec.hidden_act,
+            )
+
+        if i not in spec.moe_layers:
+            return mlp("", tp)
+        experts = [mlp(f"experts.{e}.", None) for e in range(spec.num_experts)]
+        router = make_linear(w("router"), None, "none", dt)
+        return SparseMoE(router, experts, spec.experts_per_token, spec.norm_topk_prob)
+
+    def _layer(self, attn: Attention, mlp: MLP | SparseMoE, w: Any) -> DecoderLayer | SandwichLayer:
         """Llama's layer, or Gemma's (norms after attention and around the MLP) where the
         family's weights have them."""
         eps = self.spec.rms_norm_eps

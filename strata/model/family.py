@@ -22,7 +22,8 @@ class Family:
     """name: strata's name for it (ModelSpec.architecture); architectures / model_type: the
     config.json values that select it; spec: config.json -> ModelSpec; weights: the model's
     own tensors (`embed_tokens`, `norm`, `lm_head`); layer_weights: each layer's, without the
-    `layers.{i}.` prefix (a name in `optional` is fused only when the spec asks for it);
+    `layers.{i}.` prefix (a QKV bias, a router and experts only where the spec has them; a
+    name with `{e}` once per expert);
     model: the class run with the fused weights; fused_cpu_decode: the C++ decode layers
     (strata.model.cpu_layers) compute this family's layer, so dense decode may use them;
     norm_offset: the checkpoint's RMSNorm weights apply as (norm_offset + w) (Gemma: 1),
@@ -66,7 +67,23 @@ class Family:
         for i in range(spec.num_layers):
             p = f"layers.{i}."
             for ours, theirs in self.layer_weights.items():
-                if ours == "qkv_bias" and not spec.qkv_bias:
+                if not _wanted(spec, i, ours):
                     continue
-                out[p + ours] = fused(tuple(p + n for n in theirs))
+                experts = range(spec.num_experts) if "{e}" in ours else (0,)
+                for e in experts:  # "{e}": one tensor of each expert
+                    name = p + ours.format(e=e)
+                    out[name] = fused(tuple(p + n.format(e=e) for n in theirs))
         return out
+
+
+def _wanted(spec: ModelSpec, layer: int, ours: str) -> bool:
+    """Whether layer has the fused weight ours: QKV biases where the spec has them; the
+    router and experts in MoE layers, a dense MLP in the others."""
+    if ours == "qkv_bias":
+        return spec.qkv_bias
+    moe = layer in spec.moe_layers
+    if ours == "router" or ours.startswith("experts."):
+        return moe
+    if ours in ("gate_up", "down"):
+        return not moe
+    return True

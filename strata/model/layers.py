@@ -123,8 +123,40 @@ class MLP:
         return self.tp.all_reduce(y) if self.tp else y
 
 
+class SparseMoE:
+    """A mixture of experts in place of the MLP (Qwen3-MoE): a router picks each token's top
+    k experts by softmax probability (renormalised over the k with norm_topk_prob), and the
+    tokens run grouped by expert, each group one batched MLP call, its rows weighted and
+    added back. Each expert is an MLP of strata's linear layers, so int4 packs them as any."""
+
+    def __init__(self, router: AnyLinear, experts: list[MLP], top_k: int, norm: bool) -> None:
+        self.router, self.experts, self.top_k, self.norm = router, experts, top_k, norm
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(self.router(x).float(), dim=-1)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
+        if self.norm:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        flat = chosen.flatten()
+        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        rows, slot_weights = order // self.top_k, weights.flatten()[order]
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, n in zip(self.experts, counts):
+            if n:
+                group = rows[start : start + n]
+                y = expert(x[group]) * slot_weights[start : start + n, None]
+                out.index_add_(0, group, y)
+                start += n
+        return out
+
+
 class DecoderLayer:
-    def __init__(self, attn: Attention, mlp: MLP, norm1: RMSNorm, norm2: RMSNorm) -> None:
+    def __init__(
+        self, attn: Attention, mlp: MLP | SparseMoE, norm1: RMSNorm, norm2: RMSNorm
+    ) -> None:
         self.attn, self.mlp, self.norm1, self.norm2 = attn, mlp, norm1, norm2
 
     def __call__(
@@ -149,7 +181,10 @@ class SandwichLayer:
     residual stream, and whose MLP has a norm of its own before it (Gemma 2 and 3)."""
 
     def __init__(
-        self, attn: Attention, mlp: MLP, norms: tuple[RMSNorm, RMSNorm, RMSNorm, RMSNorm]
+        self,
+        attn: Attention,
+        mlp: MLP | SparseMoE,
+        norms: tuple[RMSNorm, RMSNorm, RMSNorm, RMSNorm],
     ) -> None:
         """norms: before attention, after it, before the MLP, after it."""
         self.attn, self.mlp = attn, mlp

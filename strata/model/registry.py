@@ -18,6 +18,7 @@ FAMILIES = (  # the module of each, defining FAMILY
     "strata.model.models.phi3",
     "strata.model.models.gemma2",
     "strata.model.models.gemma3",
+    "strata.model.models.qwen3_moe",
 )
 
 

@@ -42,6 +42,14 @@ class ModelSpec:
     # the rope base of the sliding-window layers, unscaled, where it is not the others'
     # (Gemma 3); None: every layer rotates alike
     local_rope_theta: float | None = None
+    # mixture of experts (Qwen3-MoE): experts per MoE layer, how many each token takes, each
+    # expert's MLP width, whether the chosen experts' weights are renormalised to sum to 1,
+    # and which layers are MoE (the others keep a dense MLP of intermediate_size)
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    moe_layers: tuple[int, ...] = ()
 
     @property
     def softmax_scale(self) -> float:

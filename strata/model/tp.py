@@ -39,6 +39,11 @@ def check_tp(spec: ModelSpec, size: int) -> None:
     """Raise ValueError unless the model's heads, KV heads and MLP width split over size."""
     if size < 1:
         raise ValueError("--tp-size must be at least 1")
+    if spec.num_experts and size > 1:
+        raise ValueError(
+            f"{spec.architecture}: mixture-of-experts models do not run under tensor "
+            "parallelism yet (--tp-size 1)"
+        )
     parts = {
         "attention heads": spec.num_heads,
         "KV heads": spec.num_kv_heads,

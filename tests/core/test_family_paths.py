@@ -20,6 +20,13 @@ FAMILIES = {
     "phi3": {"pad_token_id": 0},
     "gemma2": {"head_dim": 16, "pad_token_id": 0},
     "gemma3": {"head_dim": 16, "pad_token_id": 0, "layer_types": GEMMA3_LAYERS},
+    "qwen3_moe": {
+        "head_dim": 16,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "norm_topk_prob": True,
+    },
 }
 PS = 16
 

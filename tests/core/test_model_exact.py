@@ -31,6 +31,7 @@ GEMMA3 = {
         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
     },
 }
+MOE = {"head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
 FAMILIES = [
     ("llama", {}),
     ("llama", {"rope_scaling": LLAMA3_ROPE, "rope_theta": 500000.0, "tie_word_embeddings": True}),
@@ -49,11 +50,17 @@ FAMILIES = [
     ("gemma2", {"head_dim": 16, "pad_token_id": 0, "sliding_window": 8, **GEMMA_CAPS}),
     # q and k head norms, 5 window layers : 1 global, the window layers' rope of their own
     ("gemma3", {"head_dim": 16, "pad_token_id": 0, "num_hidden_layers": 6, **GEMMA3}),
+    # a mixture of experts: top 2 of 8 renormalised, a dense layer after it; then top 3 of
+    # 4 as softmax gives them, every layer
+    ("qwen3_moe", {**MOE, "mlp_only_layers": [1], "norm_topk_prob": True}),
+    ("qwen3_moe", {**MOE, "num_experts": 4, "num_experts_per_tok": 3}),
 ]
 
 
 def _ids(arch):
     window = f"-window{arch[1]['sliding_window']}" if arch[1].get("sliding_window") else ""
+    if arch[1].get("num_experts"):
+        window += f"-top{arch[1]['num_experts_per_tok']}of{arch[1]['num_experts']}"
     return f"{arch[0]}-{arch[1].get('rope_scaling', {}).get('rope_type', 'default')}{window}"
 
 

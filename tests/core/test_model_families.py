@@ -115,6 +115,7 @@ def test_every_built_in_family_is_found_by_architecture_and_by_model_type():
         ("Phi3ForCausalLM", "phi3", "phi3"),
         ("Gemma2ForCausalLM", "gemma2", "gemma2"),
         ("Gemma3ForCausalLM", "gemma3_text", "gemma3"),
+        ("Qwen3MoeForCausalLM", "qwen3_moe", "qwen3_moe"),
     ):
         assert registry.family_of({"architectures": [arch]}).name == name
         assert registry.family_of({"model_type": kind}).name == name
@@ -139,3 +140,20 @@ def test_gemma3_maps_its_two_ropes_and_refuses_what_it_cannot_run():
         registry.model_spec({**cfg, "sliding_window": None})
     with pytest.raises(UnsupportedModelError, match="Gemma3ForConditionalGeneration"):
         registry.model_spec({"architectures": ["Gemma3ForConditionalGeneration"]})
+
+
+def test_qwen3_moe_maps_its_experts_and_refuses_tensor_parallelism():
+    from transformers import Qwen3MoeConfig
+
+    from strata.model.tp import check_tp
+
+    cfg = Qwen3MoeConfig(
+        num_hidden_layers=4, num_experts=8, decoder_sparse_step=2, mlp_only_layers=[3]
+    ).to_dict()
+    spec = registry.model_spec(cfg)
+    assert spec.moe_layers == (1,)  # every 2nd layer, less the dense-only ones
+    assert (spec.num_experts, spec.experts_per_token) == (8, cfg["num_experts_per_tok"])
+    hub = {k: v for k, v in cfg.items() if k != "num_local_experts"} | {"num_experts": 8}
+    assert registry.model_spec(hub).num_experts == 8  # the hub's key, before transformers 5
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        check_tp(spec, 2)

@@ -34,6 +34,13 @@ FAMILIES = {
         "sliding_window": 6,
         "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
     },
+    "qwen3_moe": {
+        "head_dim": 16,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "norm_topk_prob": True,
+    },
 }
 # Qwen3's server reads tool calls in its own format, through a Qwen 2.5-style chat template
 TOOLS_TEMPLATE = Path(__file__).parents[1] / "data" / "qwen_tools.jinja"
