@@ -161,7 +161,7 @@ def test_mixed_requests_leave_pools_and_locks_at_baseline(cluster):
             generate(url, text * (1 + i % 3 * 4), 8)
 
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(one, range(40)))
+        list(pool.map(one, range(25)))
     h = wait_idle(url)
     assert h["kv_transfer"]["transfers"] > 0
     for w in h["workers"]:

@@ -9,11 +9,12 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from typing import Any
 
 import grpc
 import pytest
 
-from launch.local import free_port, grpc_service
+from launch.local import free_port, grpc_service, started_together
 from services.convert import params_to_proto
 from strata.model.loader import load_tokenizer, resolve_checkpoint
 from strata.proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -25,27 +26,37 @@ PROMPTS = [[(7 * i + 3 * j) % 300 + 5 for j in range(9 + 11 * i)] for i in range
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> Iterator[dict[str, str]]:
+def cluster(tmp_path_factory) -> Iterator[dict[str, Any]]:
+    """A prefill and a decode worker, and beside them (all started at once) the workers
+    the tests below pair with them or stop: a prefill worker of another page size, a prefill
+    and a decode worker of two TP ranks each, a decode worker to SIGTERM, one to SIGKILL."""
     folder = tmp_path_factory.mktemp("ckpt")
     tiny_hf_model("llama").save_pretrained(folder)
     load_tokenizer(resolve_checkpoint(None)).save_pretrained(folder)  # servers need one
-    model = [
-        "--model-path",
-        str(folder),
-        "--dtype",
-        "float32",
-        "--page-size",
-        "4",
-        "--num-pages",
-        "128",
-        "--log-level",
-        "info",
-    ]
+    model = ["--model-path", str(folder), "--dtype", "float32", "--log-level", "info"]
+    pool = [*model, "--page-size", "4", "--num-pages", "128"]
     with ExitStack() as stack:
         cache, _ = stack.enter_context(grpc_service("cache"))
-        prefill, _ = stack.enter_context(grpc_service("prefill", "--cache-service", cache, *model))
-        decode, _ = stack.enter_context(grpc_service("decode", "--cache-service", cache, *model))
-        yield {"cache": cache, "prefill": prefill, "decode": decode, "model": folder}
+        workers = {
+            "prefill": ("prefill", *pool),
+            "decode": ("decode", *pool),
+            "mismatched": ("prefill", *model, "--page-size", "8"),
+            "tp_prefill": ("prefill", *pool, "--tp-size", "2"),
+            "tp_decode": ("decode", *pool, "--tp-size", "2"),
+            "draining": ("decode", *model, "--page-size", "4", "--worker-id", "draining"),
+            "doomed": ("decode", *model, "--page-size", "4"),
+        }
+        starts = [
+            grpc_service(role, "--cache-service", cache, *flags)
+            for role, *flags in workers.values()
+        ]
+        started = dict(zip(workers, started_together(stack, starts)))
+        yield {
+            "cache": cache,
+            "model": folder,
+            **{name: target for name, (target, _) in started.items()},
+            "procs": {name: proc for name, (_, proc) in started.items()},
+        }
 
 
 def generate(target: str, prompt: list[int], prefill: str = "", params=GREEDY, rid: str = ""):
@@ -128,29 +139,16 @@ def test_an_unreachable_prefill_worker_is_a_clear_error(cluster):
 
 
 def test_a_mismatched_prefill_worker_is_refused_clearly(cluster):
-    model = ["--model-path", str(cluster["model"]), "--dtype", "float32", "--page-size", "8"]
-    with grpc_service("prefill", "--cache-service", cluster["cache"], *model) as (other, _):
-        chunks = generate(cluster["decode"], PROMPTS[1], other)
+    chunks = generate(cluster["decode"], PROMPTS[1], cluster["mismatched"])
     assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_ERROR
     assert "pages reserved" in chunks[-1].error or "KV layout" in chunks[-1].error
     assert_baseline(cluster)
 
 
 def test_a_prefill_worker_of_another_tp_size_is_refused_at_the_handshake(cluster):
-    model = [
-        "--model-path",
-        str(cluster["model"]),
-        "--dtype",
-        "float32",
-        "--page-size",
-        "4",
-        "--tp-size",
-        "2",
-    ]
-    with grpc_service("prefill", "--cache-service", cluster["cache"], *model) as (other, _):
-        start = time.monotonic()
-        chunks = generate(cluster["decode"], PROMPTS[1], other)
-        assert time.monotonic() - start < 10  # refused, not a hang until some timeout
+    start = time.monotonic()
+    chunks = generate(cluster["decode"], PROMPTS[1], cluster["tp_prefill"])
+    assert time.monotonic() - start < 10  # refused, not a hang until some timeout
     assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_ERROR
     assert "KV layout" in chunks[-1].error and "tp2" in chunks[-1].error
     assert "--tp-size" in chunks[-1].error
@@ -161,35 +159,17 @@ def test_tensor_parallel_workers_move_each_ranks_kv_heads(cluster):
     """A prefill and a decode worker of two ranks each: every rank sends its own KV head
     over a channel of its own; the tokens are those of one rank's local prefill."""
     local = [tokens(generate(cluster["decode"], p)) for p in PROMPTS]
-    model = [
-        "--model-path",
-        str(cluster["model"]),
-        "--dtype",
-        "float32",
-        "--page-size",
-        "4",
-        "--num-pages",
-        "128",
-        "--tp-size",
-        "2",
-    ]
-    with ExitStack() as stack:
-        prefill, _ = stack.enter_context(
-            grpc_service("prefill", "--cache-service", cluster["cache"], *model)
-        )
-        decode, _ = stack.enter_context(
-            grpc_service("decode", "--cache-service", cluster["cache"], *model)
-        )
-        remote = [generate(decode, p, prefill) for p in PROMPTS]
-        assert [tokens(c) for c in remote] == local
-        after = load(decode)
-        assert after.transfers == len(PROMPTS)
-        pages = sum(-(-len(p) // 4) for p in PROMPTS)
-        # both ranks' halves: layers, K+V, page size + summary row, 2 x 1 KV head, dim, fp32
-        assert after.transfer_bytes == pages * 2 * 2 * (4 + 1) * 2 * 16 * 4
-        again = [generate(decode, p, prefill) for p in PROMPTS]  # pages from its cache now
-        assert [tokens(c) for c in again] == local
-        assert_baseline({"decode": decode, "prefill": prefill})
+    prefill, decode = cluster["tp_prefill"], cluster["tp_decode"]
+    remote = [generate(decode, p, prefill) for p in PROMPTS]
+    assert [tokens(c) for c in remote] == local
+    after = load(decode)
+    assert after.transfers == len(PROMPTS)
+    pages = sum(-(-len(p) // 4) for p in PROMPTS)
+    # both ranks' halves: layers, K+V, page size + summary row, 2 x 1 KV head, dim, fp32
+    assert after.transfer_bytes == pages * 2 * 2 * (4 + 1) * 2 * 16 * 4
+    again = [generate(decode, p, prefill) for p in PROMPTS]  # pages from its cache now
+    assert [tokens(c) for c in again] == local
+    assert_baseline({"decode": decode, "prefill": prefill})
 
 
 def test_bad_input_to_the_prefill_worker_is_invalid_argument(cluster):
@@ -212,28 +192,25 @@ def test_bad_input_to_the_prefill_worker_is_invalid_argument(cluster):
 
 
 def test_sigterm_lets_streams_in_flight_finish(cluster):
-    model = ["--model-path", str(cluster["model"]), "--dtype", "float32", "--page-size", "4"]
-    with grpc_service(
-        "decode", "--cache-service", cluster["cache"], *model, "--worker-id", "draining"
-    ) as (target, proc):
-        long = SamplingParams(max_new_tokens=120, temperature=0, ignore_eos=True)
-        with grpc.insecure_channel(target) as channel:
-            stub = worker_pb2_grpc.DecodeStub(channel)
-            call = stub.Generate(
-                worker_pb2.WorkerGenerateRequest(
-                    request_id="long",
-                    prompt_ids=PROMPTS[0],
-                    sampling_params=params_to_proto(long),
-                    prefill_worker=cluster["prefill"],
-                ),
-                timeout=60,
-            )
-            first = next(call)
-            proc.send_signal(signal.SIGTERM)
-            rest = list(call)
-            assert len(first.token_ids) + len(tokens(rest)) == 120
-            assert rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
-            assert proc.wait(30) == 0
+    target, proc = cluster["draining"], cluster["procs"]["draining"]
+    long = SamplingParams(max_new_tokens=120, temperature=0, ignore_eos=True)
+    with grpc.insecure_channel(target) as channel:
+        stub = worker_pb2_grpc.DecodeStub(channel)
+        call = stub.Generate(
+            worker_pb2.WorkerGenerateRequest(
+                request_id="long",
+                prompt_ids=PROMPTS[0],
+                sampling_params=params_to_proto(long),
+                prefill_worker=cluster["prefill"],
+            ),
+            timeout=60,
+        )
+        first = next(call)
+        proc.send_signal(signal.SIGTERM)
+        rest = list(call)
+        assert len(first.token_ids) + len(tokens(rest)) == 120
+        assert rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert proc.wait(30) == 0
     assert_baseline(cluster)
 
 
@@ -284,27 +261,26 @@ def test_a_stream_cut_by_a_killed_worker_goes_on_on_another(cluster):
     uncut = [tokens(generate(cluster["decode"], p, params=s)) for p, s in runs]
     flush(cluster["decode"])
     folder = cluster["model"]
-    model = ["--model-path", str(folder), "--dtype", "float32", "--page-size", "4"]
-    with grpc_service("decode", "--cache-service", cluster["cache"], *model) as (doomed, proc):
-        backend = RemoteBackend(
-            load_tokenizer(folder),
-            "tiny",
-            model_spec(read_config(folder)),
-            cluster["cache"],
-            [doomed, cluster["decode"]],
-        )
+    doomed, proc = cluster["doomed"], cluster["procs"]["doomed"]
+    backend = RemoteBackend(
+        load_tokenizer(folder),
+        "tiny",
+        model_spec(read_config(folder)),
+        cluster["cache"],
+        [doomed, cluster["decode"]],
+    )
 
-        async def stream_all() -> list[list[int]]:
-            streams = [backend.generate(Checked(p, s)) for p, s in runs]
-            got = [list((await anext(s)).token_ids) for s in streams]
-            proc.kill()
-            for ids, s in zip(got, streams, strict=True):
-                async for ev in s:
-                    assert ev.finish_reason != "error", ev.error
-                    ids += ev.token_ids
-            return got
+    async def stream_all() -> list[list[int]]:
+        streams = [backend.generate(Checked(p, s)) for p, s in runs]
+        got = [list((await anext(s)).token_ids) for s in streams]
+        proc.kill()
+        for ids, s in zip(got, streams, strict=True):
+            async for ev in s:
+                assert ev.finish_reason != "error", ev.error
+                ids += ev.token_ids
+        return got
 
-        got = asyncio.run(stream_all())
+    got = asyncio.run(stream_all())
     assert backend.migrated >= 1
     assert got == uncut
     assert_baseline(cluster)
