@@ -14,7 +14,7 @@ import grpc
 import httpx
 import pytest
 
-from launch.local import free_port, grpc_service, running_http
+from launch.local import free_port, grpc_service, running_http, started_together
 from strata.cache.registry import SETTLE_S, WorkerRegistry
 from strata.model.loader import load_tokenizer, resolve_checkpoint
 from strata.proto.v1 import cache_pb2, cache_pb2_grpc
@@ -93,10 +93,14 @@ def test_the_gateway_follows_the_registry_and_dns(model):
     with ExitStack() as stack:
         cache, cache_proc = stack.enter_context(grpc_service("cache"))
         follow = ["--cache-service", cache, "--decode", "", "--discovery", "registry"]
-        url = stack.enter_context(running_http("gateway", *model, *follow))
+        port = free_port()  # the worker's, to come: a DNS name resolves to it meanwhile
+        named = ["--cache-service", cache, "--decode", f"dns:localhost:{port}"]
+        url, dns = started_together(
+            stack,
+            [running_http("gateway", *model, *follow), running_http("gateway", *model, *named)],
+        )
         refused = generate(url)
         assert refused.status_code == 429 and "registered" in refused.text
-        port = free_port()
         worker = ["decode", "--cache-service", cache, *model, "--num-pages", "64"]
         target, proc = stack.enter_context(grpc_service(*worker, port=port))
         joined = until(lambda: generate(url).status_code == 200, 2.0)  # serving -> traffic
@@ -107,11 +111,6 @@ def test_the_gateway_follows_the_registry_and_dns(model):
         finally:
             os.kill(proc.pid, signal.SIGCONT)
         back = until(lambda: workers(url) == [target], 3.0)
-        dns = stack.enter_context(
-            running_http(
-                "gateway", *model, "--cache-service", cache, "--decode", f"dns:localhost:{port}"
-            )
-        )
         assert generate(dns).status_code == 200 and f"127.0.0.1:{port}" in workers(dns)
         cache_proc.kill()  # without the registry the gateway keeps the workers it knows
         time.sleep(1.5)
@@ -133,6 +132,6 @@ def test_the_gateway_follows_the_registry_and_dns(model):
         print(
             f"FIGURE discovery: traffic {joined:.2f} s after a worker serves; a silent worker "
             f"leaves routing after {left:.2f} s (TTL 3 s), back {back:.2f} s after it resumes; "
-            f"a stopping worker leaves after {gone:.2f} s; it re-registered {rejoined:.2f} s "
+            f"a stopping worker leaves after {gone:.2f} s; it re-registered by {rejoined:.2f} s "
             "after the cache service restarted"
         )
