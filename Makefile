@@ -42,7 +42,8 @@ test: lint
 # killed while the cluster starts, a tensor-parallel rank killed mid-stream). FIGURE lines:
 # the table in docs/reliability.md.
 reliability: $(STAMP)
-	$(BIN)/python -m pytest -q -s -p no:cacheprovider reliability tests/e2e/test_supervision.py
+	$(BIN)/python -m pytest -q -s -p no:cacheprovider -m "not faults" reliability \
+	  tests/e2e/test_supervision.py
 	$(BIN)/python -m pytest -q -s -p no:cacheprovider -m faults tests
 
 # Peers for the benchmarks only (never needed by make test): llama-cpp-python, built without
