@@ -16,9 +16,14 @@ def chat_prompt_ids(
             raise ValueError("this model has no chat template to render tools with")
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
     else:
-        text = tokenizer.apply_chat_template(
-            list(messages), tools=tools, add_generation_prompt=True, tokenize=False
-        )
+        from jinja2 import TemplateError
+
+        try:
+            text = tokenizer.apply_chat_template(
+                list(messages), tools=tools, add_generation_prompt=True, tokenize=False
+            )
+        except TemplateError as exc:  # the template's own raise_exception: a bad request
+            raise ValueError(f"the model's chat template refused the messages: {exc}") from None
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 

@@ -131,3 +131,14 @@ def test_a_streamed_reply_with_calls_ends_as_tool_calls():
     assert calls[0]["function"] == {"name": "get_weather", "arguments": json.dumps(ARGS)}
     assert deltas[-1]["finish_reason"] == "tool_calls"
     assert not any(d["delta"].get("content") for d in deltas)  # nothing leaked as text
+
+
+def test_a_template_that_refuses_the_messages_is_a_bad_request(tokenizer):
+    strict = tokenizer.__class__.from_pretrained(resolve_checkpoint(None))
+    strict.chat_template = "{% if tools %}{{ raise_exception('no tools here') }}{% endif %}x"
+    tools = [WEATHER]
+    with pytest.raises(ValueError, match="chat template refused the messages: no tools here"):
+        chat_prompt_ids(strict, [{"role": "user", "content": "hi"}], tools)
+    assert chat_prompt_ids(strict, [{"role": "user", "content": "hi"}]) == strict.encode(
+        "x", add_special_tokens=False
+    )
