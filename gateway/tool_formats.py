@@ -56,9 +56,8 @@ class ToolFormat:
         return ("", found) if found and _named(found, names) else None
 
     def _tagged(self, text: str, names: set[str]) -> tuple[str, list[dict]] | None:
-        if self.start not in text:
-            bare = _json_calls(text.strip(), "")  # a forced call's grammar writes it bare
-            return ("", bare) if bare and _named(bare, names) else None
+        if self.start not in text:  # (a forced call is read as json: protocol.tool_calls)
+            return None
         content, _, rest = text.partition(self.start)
         found: list[dict] = []
         for block in rest.split(self.start):

@@ -16,6 +16,7 @@ from strata.config import (
     KVPoolConfig,
     ModelConfig,
     SchedulerConfig,
+    ServerConfig,
     SparseConfig,
     default_sparse,
     env,
@@ -328,6 +329,19 @@ def pool_config(a: argparse.Namespace) -> KVPoolConfig:
         num_pages=a.num_pages,
         mem_fraction=a.mem_fraction_static,
         memory_budget_gb=a.memory_budget_gb,
+    )
+
+
+def server_config(a: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        a.host,
+        a.port,
+        a.served_model_name,
+        a.log_level,
+        a.grpc_port,
+        a.api_key,
+        a.protect_health,
+        a.tool_call_parser,
     )
 
 

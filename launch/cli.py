@@ -21,12 +21,13 @@ from launch.args import (
     model_config,
     pool_config,
     sched_config,
+    server_config,
     sparse_argv,
     use_tls,
 )
 from launch.kube import add_kube_parser
 from strata.bench.cli import add_bench_args
-from strata.config import HiCacheConfig, ServerConfig, cache_dir, env
+from strata.config import HiCacheConfig, cache_dir, env
 from strata.engine.memory import worker_share
 
 log = logging.getLogger("strata")
@@ -76,16 +77,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         model_config(a),
         pool_config(a),
         sched_config(a),
-        ServerConfig(
-            a.host,
-            a.port,
-            a.served_model_name,
-            a.log_level,
-            a.grpc_port,
-            a.api_key,
-            a.protect_health,
-            a.tool_call_parser,
-        ),
+        server_config(a),
         hicache_config(a),
         a.random_seed,
     )
@@ -126,16 +118,7 @@ def cmd_worker(a: argparse.Namespace) -> int:
 def cmd_gateway(a: argparse.Namespace) -> int:
     from launch.serve import serve_gateway
 
-    server = ServerConfig(
-        a.host,
-        a.port,
-        a.served_model_name,
-        a.log_level,
-        a.grpc_port,
-        a.api_key,
-        a.protect_health,
-        a.tool_call_parser,
-    )
+    server = server_config(a)
     use_tls(a)
     serve_gateway(
         model_config(a),

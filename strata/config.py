@@ -397,6 +397,4 @@ class ServerConfig:
     grpc_port: int = 0  # the gRPC Gateway: 0 = port + 1, -1 = off
     api_key: str | None = None  # REST and gRPC callers must present it (Bearer)
     protect_health: bool = False  # /health, /metrics and gRPC health need the key too
-    # the chat API's tool format: json (strata's note), or the model's own through its
-    # chat template (hermes / qwen25, llama3, mistral): gateway/tool_formats.py
-    tool_call_parser: str = "json"
+    tool_call_parser: str = "json"  # the chat API's tool format (gateway/tool_formats.py)

@@ -18,29 +18,12 @@ import torch
 from launch.local import running_server, started_together
 from strata.model.loader import TOKENIZER_FILES, resolve_checkpoint
 from tests.conftest import tiny_hf_model
+from tests.core import test_family_paths as family_paths
 
-FAMILIES = {
-    "llama": {},
-    "mistral": {"sliding_window": None},
-    "qwen2": {},
-    "qwen3": {"head_dim": 16},
-    "phi3": {"pad_token_id": 0},
-    "gemma2": {"head_dim": 16, "pad_token_id": 0},
-    # a window shorter than prompt + output on the window layers, a global one in 4
-    "gemma3": {
-        "head_dim": 16,
-        "pad_token_id": 0,
-        "num_hidden_layers": 4,
-        "sliding_window": 6,
-        "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
-    },
-    "qwen3_moe": {
-        "head_dim": 16,
-        "num_experts": 8,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 32,
-        "norm_topk_prob": True,
-    },
+FAMILIES = {  # the tiny checkpoints of the core family tests, with Gemma 3's window shorter
+    # than prompt + output on its window layers (a global one in 4)
+    **family_paths.FAMILIES,
+    "gemma3": {**family_paths.FAMILIES["gemma3"], "num_hidden_layers": 4, "sliding_window": 6},
 }
 # Qwen3's server reads tool calls in its own format, through a Qwen 2.5-style chat template
 TOOLS_TEMPLATE = Path(__file__).parents[1] / "data" / "qwen_tools.jinja"
