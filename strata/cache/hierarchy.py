@@ -31,6 +31,7 @@ SELECTIVE_HITS = 2  # write_through_selective: copy a prefix down once it is reu
 # L3 hit is recomputed instead.
 MIN_L3_TOKENS = 64
 EMA = 0.2  # weight of the newest measurement in the cost averages
+CALIBRATION_PAGES = 8  # L1 -> L2 -> L1 page copies timed at start (see TieredCache.costs)
 
 
 class TieredCache(CacheIndex):
@@ -72,6 +73,11 @@ class TieredCache(CacheIndex):
             "l2_page": None,
             "l3_page": None,
         }
+        # NOTE: L2 is priced before its first load, so that routing never prefers another
+        # worker's L3 (a store read plus a host copy) over this worker's L2 for want of a figure
+        calibrate = range(min(CALIBRATION_PAGES, pool.num_pages, self.host_pool.num_pages))
+        if len(calibrate):
+            self.costs["l2_page"] = self.mover.time_load(list(calibrate))
 
     # ---- the CacheIndex surface ----------------------------------------------------------
 

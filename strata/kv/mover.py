@@ -77,6 +77,22 @@ class TierMover:
 
     def to_host(self, pages: Sequence[int], host: Sequence[int]) -> None:
         """Copy L1 pages into L2 pages; done when it returns."""
+        self._device_to_host(pages, host)
+        self._count("l1_to_l2", len(pages) * self.l1.bytes_per_page)
+
+    def time_load(self, pages: Sequence[int]) -> float:
+        """Seconds an L2 -> L1 page copy takes, timed at start on L1 pages nobody holds yet
+        (copied down to the same L2 page ids and back, so nothing changes): the second of two
+        tries, the first touching fresh memory."""
+        seconds = 0.0
+        for _ in range(2):
+            self._device_to_host(pages, pages)
+            start = time.perf_counter()
+            self._host_to_device(pages, pages)
+            seconds = time.perf_counter() - start
+        return seconds / max(1, len(pages))
+
+    def _device_to_host(self, pages: Sequence[int], host: Sequence[int]) -> None:
         if self.cuda:
             assert self._stream is not None
             self._stream.wait_stream(torch.cuda.current_stream())
@@ -88,7 +104,6 @@ class TierMover:
             assert self._l1 is not None
             for p, h in zip(pages, host):
                 np.copyto(self._l2[h], self._l1[p])
-        self._count("l1_to_l2", len(pages) * self.l1.bytes_per_page)
 
     def from_host(self, host: Sequence[int], pages: Sequence[int]) -> None:
         """Copy L2 pages into L1 pages; done when it returns."""

@@ -87,6 +87,17 @@ def test_page_bytes_survive_l1_l2_l3_and_back(tmp_path):
     assert l1.num_free + cache.tree.cached_pages == 8
 
 
+def test_l2_is_priced_at_start_without_changing_a_page():
+    kv, l1 = pool(8)
+    kv.data.copy_(torch.randn(kv.data.shape))
+    before = kv.data.clone()
+    cache = TieredCache(kv, l1, 4, "write_through", b"seed")
+    assert cache.costs["l2_page"] is not None and cache.costs["l2_page"] > 0
+    assert cache.costs["l3_page"] is None and cache.costs["compute_token"] is None
+    assert torch.equal(kv.data, before)
+    assert not any(cache.tier_stats()["bytes_moved"].values())  # no traffic counted
+
+
 def test_l2_hit_is_loaded_back_and_counted(tmp_path):
     kv, l1, cache = make(4, 8)
     a, b = list(range(8)), list(range(100, 108))

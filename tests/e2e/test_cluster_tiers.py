@@ -1,6 +1,7 @@
 """KV tiers in the split cluster (cache service, two decode workers with a shared L3 store,
 gateway; embedded model) as real processes: a conversation's next turn on the other decode
-worker loads the first turn's pages from L3; a SIGKILLed cache service fails no request and,
+worker loads the first turn's pages from L3; a turn whose pages other traffic pushed down to
+its worker's L2 is still routed there; a SIGKILLed cache service fails no request and,
 restarted, rebuilds the workers' trees from their snapshots."""
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from strata.sampling.params import SamplingParams
 
 pytestmark = pytest.mark.slow
 TURN1 = " ".join(f"Entry {i}: the lighthouse log records wave {i * 13}." for i in range(30))
+L1_PAGES = 160  # small enough that a few other prompts push a conversation down to L2
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
 
 
@@ -33,6 +35,8 @@ def cluster(tmp_path_factory):
         "file",
         "--hicache-storage-dir",
         store,
+        "--num-pages",
+        str(L1_PAGES),
     ]
     cache_port = free_port()
     with ExitStack() as stack:
@@ -126,6 +130,36 @@ def test_a_restarted_gateway_sends_the_next_turn_to_the_worker_that_holds_it(clu
     after = {t: load(t).cache.prompt_tokens for t in cluster["decode"]}
     assert [t for t in after if after[t] > before[t]] == [owner]
     assert second["meta_info"]["cached_tokens"] >= first["meta_info"]["prompt_tokens"] - 16
+
+
+def test_a_turn_whose_pages_moved_to_l2_goes_back_to_their_worker(cluster):
+    """Other users' prompts push a conversation out of its worker's L1 into its L2; the next
+    turn is still routed there and loads those pages from L2, not from the shared L3 on the
+    other worker (by the cache service's mirror of each worker's tiers, no key)."""
+    text = " ".join(f"Log {i}: the keeper trimmed wick number {i * 3}." for i in range(24))
+    before = {t: load(t).cache.prompt_tokens for t in cluster["decode"]}
+    first = generate(cluster["url"], text)
+    owner = next(t for t in cluster["decode"] if load(t).cache.prompt_tokens > before[t])
+    ids = httpx.post(f"{cluster['url']}/tokenize", json={"text": text}, timeout=30).json()
+    ids = ids["tokens"]
+    for i in range(5):  # 5 x 600 tokens of other traffic: more than the owner's L1 holds
+        generate_on(owner, [1000 + (i * 611 + j * 7) % 30000 for j in range(600)])
+
+    def moved_to_l2() -> bool:
+        with grpc.insecure_channel(cluster["cache"]) as ch:
+            reply = cache_pb2_grpc.CacheStub(ch).Route(
+                cache_pb2.RouteRequest(token_ids=ids), timeout=5
+            )
+        held = reply.workers[owner]
+        return held.l1_tokens < 16 and held.l2_tokens >= len(ids) - 16
+
+    wait_for(moved_to_l2)
+    before = {t: load(t).cache.prompt_tokens for t in cluster["decode"]}
+    second = generate(cluster["url"], text + first["text"] + " Log 24:")
+    after = {t: load(t).cache.prompt_tokens for t in cluster["decode"]}
+    assert [t for t in after if after[t] > before[t]] == [owner]
+    tiers = second["meta_info"]["cached_tokens_by_tier"]
+    assert tiers["l2"] >= len(ids) - 16 and tiers["l3"] == 0, tiers
 
 
 def test_cache_service_kill_fails_no_request_and_its_index_is_rebuilt(cluster):
