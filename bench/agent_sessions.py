@@ -159,7 +159,7 @@ def main() -> None:
     ap.add_argument("--noise-tokens", type=int, default=400, help="one other user a round")
     ap.add_argument("--burst-every", type=int, default=10, help="rounds between bursts")
     ap.add_argument("--burst-tokens", type=int, default=1500, help="each burst prompt")
-    ap.add_argument("--session-ttl", type=float, default=90.0)
+    ap.add_argument("--session-ttl", type=float, default=300.0, help="longer than a burst")
     ap.add_argument("--only", nargs="*", help="run only these configurations (by name)")
     ap.add_argument("--no-peer", action="store_true", help="strata only")
     a = ap.parse_args()

@@ -43,8 +43,8 @@ class AttentionBackend(ABC):
     (None: dense); softcap: the attention logits' tanh soft cap (Gemma 2; a backend takes it
     only where supports_softcap says so, and then decodes densely); windows: per layer, its
     sliding window in tokens (0: none; () for a model without). Where a window cuts (a
-    sequence longer than it), that layer runs the reference ops with the window masked, on
-    any backend: the kernels read whole contexts."""
+    sequence longer than it), that layer's prefills run the reference ops with the window
+    masked, and its decode rows `decode_window` (a backend's kernel where it has one)."""
 
     supports_softcap = False
 
@@ -213,14 +213,21 @@ class AttentionBackend(ABC):
         meta: AttentionMeta,
         window: int,
     ) -> torch.Tensor:
-        """A sliding-window layer of a batch its window cuts, in the reference ops."""
+        """A sliding-window layer of a batch its window cuts: the prefills in the reference
+        ops, the decode rows by decode_window."""
         out = self.reference_prefill(q, k, v, layer, meta, window)
         if meta.decode_rows is not None:
-            pages, mask = self._window_pages(meta, window)
-            out[meta.decode_rows] = reference.paged_decode(
-                q[meta.decode_rows], layer.k, layer.v, pages, mask, self.scale, self.softcap
-            )
+            out[meta.decode_rows] = self.decode_window(q[meta.decode_rows], layer, meta, window)
         return out
+
+    def decode_window(
+        self, q: torch.Tensor, layer: LayerKV, meta: AttentionMeta, window: int
+    ) -> torch.Tensor:
+        """Dense attention of the decode rows q [Bd, heads, D] over each sequence's last
+        `window` keys, the pages before them unread; by default the reference ops over the
+        pages the window reaches."""
+        pages, mask = self._window_pages(meta, window)
+        return reference.paged_decode(q, layer.k, layer.v, pages, mask, self.scale, self.softcap)
 
     def reference_prefill(
         self,

@@ -14,14 +14,14 @@ from strata.kv.pool import KVCache, LayerKV
 
 
 class CpuAttention(TorchAttention):
-    supports_softcap = False  # the C kernels have no soft cap: models with one run on torch
+    supports_softcap = True  # in decode; prefill with a soft cap runs the reference ops
 
     def reads_in_place(self, device: torch.device) -> bool:
         return cpu_kernels.available(device)
 
     def plan_decode(self, meta: AttentionMeta, kv: KVCache | None, decode_only: bool) -> None:
         assert meta.decode_pages is not None and meta.decode_lens is not None
-        if kv is not None and decode_only:
+        if kv is not None and decode_only and self.softcap is None:
             # every layer writes and decodes in one C call, its arguments made once here
             meta.plan = cpu_kernels.decode_plan(
                 kv.layers[0], meta.write_at, meta.decode_pages, meta.decode_lens
@@ -67,7 +67,7 @@ class CpuAttention(TorchAttention):
         meta: AttentionMeta,
     ) -> torch.Tensor:
         p = meta.prefills
-        if p is not None:
+        if p is not None and self.softcap is None:
             got = cpu_kernels.paged_prefill(
                 q, layer, p.table, p.starts, p.q_lens, p.prefix_lens, self.scale
             )
@@ -78,8 +78,20 @@ class CpuAttention(TorchAttention):
     def decode(self, q: torch.Tensor, layer: LayerKV, meta: AttentionMeta) -> torch.Tensor:
         pages, lens = meta.decode_pages, meta.decode_lens
         assert pages is not None and lens is not None
-        out = cpu_kernels.paged_decode(q, layer.k, layer.v, pages, lens, self.scale, meta.shared)
+        out = cpu_kernels.paged_decode(
+            q, layer.k, layer.v, pages, lens, self.scale, meta.shared, self.softcap
+        )
         return out if out is not None else super().decode(q, layer, meta)
+
+    def decode_window(
+        self, q: torch.Tensor, layer: LayerKV, meta: AttentionMeta, window: int
+    ) -> torch.Tensor:
+        pages, lens = meta.decode_pages, meta.decode_lens
+        assert pages is not None and lens is not None
+        out = cpu_kernels.paged_decode(
+            q, layer.k, layer.v, pages, lens, self.scale, 0, self.softcap, window
+        )
+        return out if out is not None else super().decode_window(q, layer, meta, window)
 
     def sparse_decode(
         self,

@@ -32,11 +32,11 @@ def make_backend(
     softcap: float | None = None,
     windows: tuple[int, ...] = (),
 ) -> AttentionBackend:
-    """The attention backend `name` on `device` ("auto": triton on CUDA, else cpu; torch for
-    a model whose attention logits are soft-capped, which only it computes)."""
+    """The attention backend `name` on `device` ("auto": triton on CUDA, else cpu; torch
+    for a model whose attention logits are soft-capped where that one has no soft cap)."""
     if name == "auto":
         name = "triton" if device.startswith("cuda") else "cpu"
-        if softcap is not None:
+        if softcap is not None and not backend_class(name).supports_softcap:
             name = "torch"
     cls = backend_class(name)
     cls.check_device(device)

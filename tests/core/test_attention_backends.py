@@ -91,15 +91,16 @@ def test_a_registered_backend_runs_prefill_and_decode_in_one_forward(runners):
     assert torch.allclose(outs[1], outs[0], atol=1e-4, rtol=0)
 
 
-def test_soft_capped_attention_runs_on_the_backend_that_has_it():
-    """Gemma 2's soft cap: auto picks the torch backend, which decodes densely; a backend
-    without the cap is refused by name."""
-    from strata.attention.torch_backend import TorchAttention
+def test_soft_capped_attention_runs_on_a_backend_that_has_it(monkeypatch):
+    """Gemma 2's soft cap: auto keeps the cpu backend (its decode kernel caps the logits),
+    which then decodes densely; a backend without the cap is refused by name."""
+    from strata.attention.cpu_backend import CpuAttention
 
     backend = make_backend("auto", "cpu", 0.1, 4, SparseConfig(), softcap=50.0)
-    assert type(backend) is TorchAttention and backend.sparse is None
+    assert type(backend) is CpuAttention and backend.sparse is None
+    monkeypatch.setitem(config.ATTENTION_BACKENDS, "smallest", f"{__name__}:Smallest")
     with pytest.raises(ValueError, match="soft-capping"):
-        make_backend("cpu", "cpu", 0.1, 4, softcap=50.0)
+        make_backend("smallest", "cpu", 0.1, 4, softcap=50.0)
 
 
 def test_unknown_and_unloadable_backends_are_refused(monkeypatch):

@@ -106,6 +106,44 @@ def test_cpu_decode_kernel_equals_dense_attention(
         assert (out[i].double() - expect.squeeze(1)).abs().max() <= tol
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize(
+    "cap,window,lens",
+    [
+        (5.0, 0, [1, 37, 300]),  # Gemma 2's soft cap (small: it bites), whole contexts
+        (None, 20, [5, 20, 21, 37, 300]),  # windows shorter, equal and longer; mid-page starts
+        (5.0, 32, [33, 200]),  # both; a window starting on a page boundary
+    ],
+)
+def test_cpu_decode_with_a_soft_cap_and_a_window(cap, window, lens, dtype, tol, cpu_isa_level):
+    """The kernel caps the scaled logits (cap * tanh(s / cap)) and sees each sequence's last
+    `window` keys only; the pages wholly before a window are not read (they hold NaN)."""
+    torch.manual_seed(len(lens))
+    heads, kv_heads, dim, page = 8, 2, 64, 16
+    k_pages, v_pages = pool_layer(128, page, kv_heads, dim, dtype)
+    width = max(-(-n // page) for n in lens)
+    table = torch.randperm(128)[: len(lens) * width].view(len(lens), width)
+    for i, n in enumerate(lens):
+        if window and n > window:
+            unread = table[i, : (n - window) // page]
+            k_pages[unread], v_pages[unread] = float("nan"), float("nan")
+    q = (3 * torch.randn(len(lens), heads, dim)).to(dtype)  # large logits: the cap matters
+    scale = dim**-0.5
+    out = cpu_kernels.paged_decode(
+        q, k_pages, v_pages, table, torch.tensor(lens), scale, cap=cap, window=window
+    )
+    assert out is not None and out.dtype == dtype
+    g = heads // kv_heads
+    for i, n in enumerate(lens):
+        lo = max(0, n - window) if window else 0
+        kk = tokens(k_pages, table[i], n)[lo:].double().repeat_interleave(g, 1).transpose(0, 1)
+        vv = tokens(v_pages, table[i], n)[lo:].double().repeat_interleave(g, 1).transpose(0, 1)
+        s = torch.einsum("hd,hld->hl", q[i].double(), kk) * scale
+        s = cap * torch.tanh(s / cap) if cap else s
+        expect = torch.einsum("hl,hld->hd", s.softmax(-1), vv)
+        assert (out[i].double() - expect).abs().max() <= tol, i
+
+
 @pytest.mark.parametrize(
     "batch,shared,own",
     [

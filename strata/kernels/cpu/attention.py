@@ -100,6 +100,8 @@ def _decode(
     scale: float,
     groups: int,
     shared: int = 0,
+    cap: float | None = None,
+    window: int = 0,
 ) -> torch.Tensor | None:
     lib = library()
     dtype = DTYPES.get(q.dtype)
@@ -115,7 +117,7 @@ def _decode(
     lens = lens.to(torch.int64).contiguous()
     width = table.shape[-1]
     out = torch.empty_like(q)
-    rc = lib.paged_decode(
+    rc = lib.paged_decode_capped(
         dtype,
         _ptr(q),
         _ptr(k_pages),
@@ -135,6 +137,8 @@ def _decode(
         groups,
         shared,
         heads * d,
+        cap or 0.0,
+        window,
     )
     return out if rc == 0 else None
 
@@ -147,13 +151,18 @@ def paged_decode(
     seq_lens: torch.Tensor,
     scale: float,
     shared: int = 0,
+    cap: float | None = None,
+    window: int = 0,
 ) -> torch.Tensor | None:
     """reference.paged_decode's contract, with lengths instead of a mask: q [batch, heads, D];
     k_pages, v_pages [pages, page_size, kv_heads, D]; page_table [batch, width]; seq_lens
     [batch]. shared: the first columns of page_table, equal in every row, that the kernel
-    may read once for every sequence (shared_pages). None where the kernel does not apply
-    (no library, dtype, device or shape)."""
-    return _decode(q, k_pages, v_pages, page_table, seq_lens, scale, groups=1, shared=shared)
+    may read once for every sequence (shared_pages). cap: the logits' tanh soft cap; window:
+    each sequence sees its last `window` keys only (0: all), the pages before them unread.
+    None where the kernel does not apply (no library, dtype, device or shape)."""
+    return _decode(
+        q, k_pages, v_pages, page_table, seq_lens, scale, 1, shared, cap=cap, window=window
+    )
 
 
 def paged_prefill(

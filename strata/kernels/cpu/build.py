@@ -131,6 +131,7 @@ def reset() -> None:
 # arrays included), f float, d double. Each returns an int (0: done; else: use the reference).
 SIGNATURES = {
     "paged_decode": "i p p p p p p i i i i i i l f i i i l",
+    "paged_decode_capped": "i p p p p p p i i i i i i l f i i i l f l",
     "write_kv": "i p p p p p p l i i i l l",
     "paged_prefill": "i p l p p p p p p p i i i i i i l f",
     "shared_decode_available": "",

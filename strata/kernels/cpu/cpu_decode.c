@@ -31,7 +31,8 @@
 #define DEFINE_PARTIAL(NAME, T, LOAD, DIM)                                                    \
     static void NAME(const float *qf, const T *k, const T *v, const int64_t *pages,           \
                      int64_t p0, int64_t p1, int64_t len, int64_t pstride, int ps, int kvh,   \
-                     int64_t row, int d, int g, float *acc, float *m, float *l) {             \
+                     int64_t row, int d, int g, float *acc, float *m, float *l, float cap,    \
+                     int64_t lo) {                                                            \
         const int heads = kvh * g;                                                            \
         float kf[MAX_DIM], vf[MAX_DIM], s[MAX_HEADS][MAX_PAGE];                               \
         for (int i = 0; i < heads; i++) { m[i] = -INFINITY; l[i] = 0.f; }                     \
@@ -60,6 +61,12 @@
                     }                                                                         \
                 }                                                                             \
             }                                                                                 \
+            if (cap > 0.f || p * ps < lo) /* Gemma 2's soft cap; a sliding window's start */  \
+                for (int i = 0; i < heads; i++)                                               \
+                    for (int t = 0; t < n; t++)                                               \
+                        s[i][t] = p * ps + t < lo ? -INFINITY                                 \
+                                  : cap > 0.f     ? cap * tanhf(s[i][t] / cap)                \
+                                                  : s[i][t];                                  \
             for (int i = 0; i < heads; i++) {                                                 \
                 float *si = s[i], mx = m[i], sum = 0.f;                                       \
                 _Pragma("omp simd reduction(max : mx)") for (int t = 0; t < n; t++)           \
@@ -135,9 +142,9 @@ static inline __m512 sum16(const __m512 *a) {
     static void NAME(const float *qf, const uint16_t *k, const uint16_t *v,                   \
                      const int64_t *pages, int64_t p0, int64_t p1, int64_t len,              \
                      int64_t pstride, int ps, int kvh, int64_t row, int d, int g, float *acc, \
-                     float *m, float *l) {                                                    \
+                     float *m, float *l, float cap, int64_t lo) {                             \
         enum { C = (D) / 16 };                                                                \
-        (void)d;                                                                              \
+        (void)d, (void)cap, (void)lo; /* picked only without a cap or a window */             \
         const int heads = kvh * g;                                                            \
         for (int i = 0; i < heads; i++) { m[i] = -INFINITY; l[i] = 0.f; }                     \
         memset(acc, 0, sizeof(float) * heads * (D));                                          \
@@ -652,14 +659,17 @@ int shared_decode_available(void) { return attend_kind(1, 64, 16) != 0; }
 
 typedef void (*partial_fn)(const float *, const void *, const void *, const int64_t *, int64_t,
                            int64_t, int64_t, int64_t, int, int, int64_t, int, int, float *,
-                           float *, float *);
+                           float *, float *, float, int64_t);
 
-static partial_fn pick(int dtype, int d, int page_size) {
+/* plain: no soft cap and no window (the AVX-512 kernels take neither) */
+static partial_fn pick(int dtype, int d, int page_size, int plain) {
 #ifdef HAVE_PARTIAL512
-    if (dtype && page_size <= 16 && d == 64) return (partial_fn)(void *)partial_bf16_64_avx512;
-    if (dtype && page_size <= 16 && d == 128) return (partial_fn)(void *)partial_bf16_128_avx512;
+    if (plain && dtype && page_size <= 16 && d == 64)
+        return (partial_fn)(void *)partial_bf16_64_avx512;
+    if (plain && dtype && page_size <= 16 && d == 128)
+        return (partial_fn)(void *)partial_bf16_128_avx512;
 #else
-    (void)page_size;
+    (void)page_size, (void)plain;
 #endif
     if (d == 64) return (partial_fn)(dtype ? (void *)partial_bf16_64 : (void *)partial_f32_64);
     if (d == 128) return (partial_fn)(dtype ? (void *)partial_bf16_128 : (void *)partial_f32_128);
@@ -672,16 +682,22 @@ static partial_fn pick(int dtype, int d, int page_size) {
  * groups: 1 for dense decode (page_table [batch, 1, width], seq_lens [batch, 1]: every head
  * reads the same pages), kv_heads for sparse decode (page_table [batch, kv_heads, width] and
  * seq_lens [batch, kv_heads]: each KV head's group of query heads reads its own selected
- * pages, and its "length" is that of the selected pages laid end to end). */
-int paged_decode(int dtype, const void *q, const void *k, const void *v, void *out,
-                 const int64_t *page_table, const int64_t *seq_lens, int batch, int table_width,
-                 int heads, int kv_heads, int head_dim, int page_size, int64_t page_stride,
-                 float scale, int splits, int groups, int shared, int64_t qrow) {
+ * pages, and its "length" is that of the selected pages laid end to end).
+ * cap: the scaled logits' tanh soft cap (Gemma 2; 0 none); window: a sliding window of that
+ * many tokens, the newest one included (0 none): the pages wholly before it are not read,
+ * and the keys before it in its first page are masked (dense decode only, groups 1). */
+int paged_decode_capped(int dtype, const void *q, const void *k, const void *v, void *out,
+                        const int64_t *page_table, const int64_t *seq_lens, int batch,
+                        int table_width, int heads, int kv_heads, int head_dim, int page_size,
+                        int64_t page_stride, float scale, int splits, int groups, int shared,
+                        int64_t qrow, float cap, int64_t window) {
     const int g = heads / kv_heads, d = head_dim;
     if (heads > MAX_HEADS || d > MAX_DIM || page_size > MAX_PAGE || heads % kv_heads) return -1;
-    if (groups < 1 || kv_heads % groups) return -1;
+    if (groups < 1 || kv_heads % groups || (window > 0 && groups != 1)) return -1;
     if (splits < 1) splits = 1;
-    const partial_fn partial = pick(dtype, d, page_size);
+    const int plain = !(cap > 0.f) && window <= 0;
+    if (!plain) shared = 0; /* the shared pages' kernel takes neither */
+    const partial_fn partial = pick(dtype, d, page_size, plain);
     const int gkv = kv_heads / groups, gheads = gkv * g; /* KV and query heads of one group */
     const int64_t row = (int64_t)kv_heads * d, esize = dtype ? 2 : 4;
     const int64_t items = (int64_t)batch * groups * splits;
@@ -711,8 +727,10 @@ int paged_decode(int dtype, const void *q, const void *k, const void *v, void *o
         const int64_t seq = it / splits; /* (sequence, group) */
         const int b = (int)(seq / groups), grp = (int)(seq % groups), sp = (int)(it % splits);
         const int64_t len = seq_lens[seq], npages = (len + page_size - 1) / page_size;
-        const int64_t per = (npages - shared + splits - 1) / splits;
-        const int64_t p0 = shared + sp * per, p1 = (p0 + per) < npages ? (p0 + per) : npages;
+        const int64_t lo = window > 0 && len > window ? len - window : 0; /* first key seen */
+        const int64_t first = shared > lo / page_size ? shared : lo / page_size;
+        const int64_t per = (npages - first + splits - 1) / splits;
+        const int64_t p0 = first + sp * per, p1 = (p0 + per) < npages ? (p0 + per) : npages;
         float *acc = work + it * stride, *m = acc + (int64_t)gheads * d, *l = m + gheads;
         float qf[MAX_HEADS * MAX_DIM];
         const int64_t qoff = (int64_t)b * qrow + (int64_t)grp * gheads * d;
@@ -726,7 +744,7 @@ int paged_decode(int dtype, const void *q, const void *k, const void *v, void *o
             const int64_t hoff = (int64_t)grp * gkv * d * esize; /* bytes to the group's head */
             partial(qf, (const char *)k + hoff, (const char *)v + hoff,
                     page_table + seq * table_width, p0, p1, len, page_stride, page_size, gkv,
-                    row, d, g, acc, m, l);
+                    row, d, g, acc, m, l, cap, lo);
         }
     }
     /* merge the splits of every (sequence, head) and write out */
@@ -773,6 +791,15 @@ int paged_decode(int dtype, const void *q, const void *k, const void *v, void *o
     }
     free(work);
     return 0;
+}
+
+int paged_decode(int dtype, const void *q, const void *k, const void *v, void *out,
+                 const int64_t *page_table, const int64_t *seq_lens, int batch, int table_width,
+                 int heads, int kv_heads, int head_dim, int page_size, int64_t page_stride,
+                 float scale, int splits, int groups, int shared, int64_t qrow) {
+    return paged_decode_capped(dtype, q, k, v, out, page_table, seq_lens, batch, table_width,
+                               heads, kv_heads, head_dim, page_size, page_stride, scale, splits,
+                               groups, shared, qrow, 0.f, 0);
 }
 
 /* Prefill attention read from the pages in place: each prefilling sequence's new tokens
