@@ -44,7 +44,8 @@ class AttentionBackend(ABC):
     only where supports_softcap says so, and then decodes densely); windows: per layer, its
     sliding window in tokens (0: none; () for a model without). Where a window cuts (a
     sequence longer than it), that layer's prefills run the reference ops with the window
-    masked, and its decode rows `decode_window` (a backend's kernel where it has one)."""
+    masked (`prefill_window`), and its decode rows `decode_window` (each a backend's kernel
+    where it has one)."""
 
     supports_softcap = False
 
@@ -213,12 +214,29 @@ class AttentionBackend(ABC):
         meta: AttentionMeta,
         window: int,
     ) -> torch.Tensor:
-        """A sliding-window layer of a batch its window cuts: the prefills in the reference
-        ops, the decode rows by decode_window."""
-        out = self.reference_prefill(q, k, v, layer, meta, window)
+        """A sliding-window layer of a batch its window cuts: the prefills by
+        prefill_window, the decode rows by decode_window."""
+        out = (
+            self.prefill_window(q, k, v, layer, meta, window)
+            if meta.extends
+            else q.new_empty(q.shape)
+        )
         if meta.decode_rows is not None:
             out[meta.decode_rows] = self.decode_window(q[meta.decode_rows], layer, meta, window)
         return out
+
+    def prefill_window(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: LayerKV,
+        meta: AttentionMeta,
+        window: int,
+    ) -> torch.Tensor:
+        """prefill, each query seeing its last `window` positions only; by default the
+        reference ops."""
+        return self.reference_prefill(q, k, v, layer, meta, window)
 
     def decode_window(
         self, q: torch.Tensor, layer: LayerKV, meta: AttentionMeta, window: int

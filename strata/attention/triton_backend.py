@@ -15,6 +15,8 @@ from strata.kv.pool import LayerKV
 
 
 class TritonAttention(AttentionBackend):
+    supports_softcap = True
+
     @classmethod
     def check_device(cls, device: str) -> None:
         if not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
@@ -45,14 +47,47 @@ class TritonAttention(AttentionBackend):
     ) -> torch.Tensor:
         p = meta.prefills
         assert p is not None, "prepare plans the prefills of a backend that reads in place"
+        return self.prefill_window(q, k, v, layer, meta, 0)
+
+    def prefill_window(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: LayerKV,
+        meta: AttentionMeta,
+        window: int,
+    ) -> torch.Tensor:
+        p = meta.prefills
+        assert p is not None, "prepare plans the prefills of a backend that reads in place"
         return triton_kernels.paged_prefill(
-            q, layer, p.table, p.starts, p.q_lens, p.prefix_lens, p.max_q_len, self.scale
+            q,
+            layer,
+            p.table,
+            p.starts,
+            p.q_lens,
+            p.prefix_lens,
+            p.max_q_len,
+            self.scale,
+            cap=self.softcap,
+            window=window,
         )
 
     def decode(self, q: torch.Tensor, layer: LayerKV, meta: AttentionMeta) -> torch.Tensor:
+        return self.decode_window(q, layer, meta, 0)
+
+    def decode_window(
+        self, q: torch.Tensor, layer: LayerKV, meta: AttentionMeta, window: int
+    ) -> torch.Tensor:
         assert meta.decode_pages is not None and meta.decode_lens is not None
         return triton_kernels.paged_decode(
-            q, layer, meta.decode_pages, meta.decode_lens, self.scale
+            q,
+            layer,
+            meta.decode_pages,
+            meta.decode_lens,
+            self.scale,
+            cap=self.softcap,
+            window=window,
         )
 
     def decode_selected(

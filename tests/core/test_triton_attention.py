@@ -191,6 +191,59 @@ def test_prefill_over_cached_prefix_equals_reference(dtype, heads, kv_heads, pag
         assert (got[r].float() - want.float()).abs().max() <= TOL[dtype], i
 
 
+@pytest.mark.parametrize("cap,window", [(2.0, 0), (None, 7), (2.0, 9)])
+def test_soft_cap_and_window_equal_reference(cap, window):
+    """Gemma's soft cap and a sliding window, in decode (split in three parts, so some parts
+    lie wholly before the window) and in prefill over a cached prefix; the pages wholly
+    before every window hold NaN in the kernels' pool, so a read of one would show."""
+    ps, d, heads, kv_heads, dtype = 4, 32, 6, 2, torch.float32
+    a, b = pools(96, ps, kv_heads, d, dtype)
+    lens = [3, 8, 30, 45]
+    table, rows = tables(lens, 96, ps, seed=8)
+    if window:
+        for i, n in enumerate(lens):
+            if n > window + 8:  # the prefill below reads from n - 8 - window + 1 on
+                unread = torch.tensor(rows[i][: (n - 8 - window + 1) // ps])
+                b.layers[1].k[unread] = float("nan")
+                b.layers[1].v[unread] = float("nan")
+    torch.manual_seed(9)
+    q = 4 * torch.randn(len(lens), heads, d, dtype=dtype)  # large logits: the cap bites
+    pos = torch.arange(table.shape[1] * ps)[None, :]
+    n = torch.tensor(lens)[:, None]
+    mask = (pos < n) & (pos >= n - window) if window else pos < n
+    la, lb = a.layers[1], b.layers[1]
+    want = ref.paged_decode(q, la.k, la.v, table, mask, d**-0.5, cap)
+    got = tk.paged_decode(q, lb, table, torch.tensor(lens), d**-0.5, 3, None, cap, window)
+    assert torch.isfinite(got).all() and (got - want).abs().max() <= TOL[dtype]
+    # prefill: the last 8 tokens of each of the two long sequences over the rest, cached
+    long = [2, 3]
+    prefix = [lens[i] - 8 for i in long]
+    qp = 4 * torch.randn(16, heads, d, dtype=dtype)
+    kp, vp = torch.randn(16, kv_heads, d, dtype=dtype), torch.randn(16, kv_heads, d, dtype=dtype)
+    where = slots([rows[i] for i in long], ps, prefix, [8, 8])
+    ref.write_kv(la, where, kp, vp)
+    tk.write_kv(lb, where, kp, vp)
+    got = tk.paged_prefill(
+        qp,
+        lb,
+        table[long],
+        torch.tensor([0, 8]),
+        torch.tensor([8, 8]),
+        torch.tensor(prefix),
+        8,
+        d**-0.5,
+        cap=cap,
+        window=window,
+    )
+    for j, i in enumerate(long):
+        r = slice(8 * j, 8 * j + 8)
+        pages = torch.tensor(rows[i])
+        want = ref.paged_prefill(
+            qp[r], kp[r], vp[r], la.k, la.v, pages, prefix[j], d**-0.5, cap, window
+        )
+        assert torch.isfinite(got[r]).all() and (got[r] - want).abs().max() <= TOL[dtype], i
+
+
 @pytest.fixture
 def triton_runners(tiny_checkpoint):
     """Factory: a runner on one tiny four-layer GQA model with a given attention backend."""
@@ -230,6 +283,25 @@ def test_triton_backend_decodes_as_the_reference(triton_runners):
     got, same = decode_logits(triton_runners("triton", sparse), PROMPT, 5)
     assert skipped == same and any(s is not None and s[0][0] > 0 for s in same)
     assert torch.allclose(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_triton_backend_runs_soft_caps_and_windows_as_the_reference(tiny_checkpoint, arch):
+    """Gemma 2 (soft caps, a window on every other layer) and Gemma 3 (5 window layers to
+    a global one) with windows shorter than the prompt: the Triton backend's prefill and
+    decode logits equal the torch reference backend's."""
+    from tests.core.test_model_exact import GEMMA3, GEMMA_CAPS
+
+    caps = GEMMA_CAPS if arch == "gemma2" else {}
+    more = {**GEMMA_CAPS, "sliding_window": 8} if arch == "gemma2" else GEMMA3
+    folder, _ = tiny_checkpoint(arch, num_hidden_layers=6, head_dim=16, pad_token_id=0, **more)
+    logits = []
+    for backend in ("torch", "triton"):
+        model = ModelConfig(str(folder), dtype="float32", attention_backend=backend, device=DEVICE)
+        runner = ModelRunner.from_config(model, KVPoolConfig(page_size=4, num_pages=128))
+        assert runner.model.backend.softcap == caps.get("attn_logit_softcapping")
+        logits.append(decode_logits(runner, PROMPT[:30], 4)[0])
+    assert torch.allclose(logits[1], logits[0], atol=1e-4, rtol=0)
 
 
 def test_triton_backend_batches_prefill_and_decode_in_one_forward(triton_runners):

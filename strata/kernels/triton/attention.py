@@ -118,18 +118,26 @@ def write_kv(
 
 
 @triton.jit
+def _soft_cap(s, cap):
+    """cap * tanh(s / cap), tanh from one exp (1 - 2 / (e^2x + 1): +-1 where it overflows)."""
+    return cap * (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0))
+
+
+@triton.jit
 def _decode_kernel(
     Q, K, V, Out, PartOut, PartLse, Table, Lens,
     s_qb, s_qh, s_ob, s_oh, s_kp, s_kt, s_kh, s_tb, s_th, s_lb, s_lh,
-    scale, chunk,
+    scale, chunk, cap, window,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, PS: tl.constexpr,
-    BN: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    BN: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, CAP: tl.constexpr,
 ):  # fmt: skip
     """Program (sequence b, KV head h, split s): the G query heads of h over tokens s *
     chunk .. (s + 1) * chunk of the Lens[b, h] tokens of the pages Table[b, h, :] lists, BN
     keys at a time, with an online softmax. The group's heads, padded to GP >= 16 rows, meet
     the keys in matrix products (tensor cores on a GPU). One split writes Out; several
-    (SPLIT) write their normalized part and its log-sum-exp for _combine_kernel."""
+    (SPLIT) write their normalized part and its log-sum-exp for _combine_kernel. CAP: the
+    scaled logits go through cap * tanh(s / cap); window > 0: only the last `window` keys
+    are read."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     s_id = tl.program_id(2)
@@ -142,6 +150,8 @@ def _decode_kernel(
     n = tl.load(Lens + b * s_lb + h * s_lh)
     first = s_id * chunk
     last = tl.minimum(n, first + chunk)
+    if window > 0:
+        first = tl.maximum(first, n - window)
     m = tl.full([GP], float("-inf"), tl.float32)
     total = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DP], tl.float32)
@@ -157,7 +167,10 @@ def _decode_kernel(
             s = tl.dot(q, tl.trans(key), input_precision="ieee")  # [GP, BN]
         else:
             s = tl.dot(q, tl.trans(key))
-        s = tl.where(jm[None, :], s * scale, float("-inf"))
+        s = s * scale
+        if CAP:
+            s = _soft_cap(s, cap)
+        s = tl.where(jm[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -236,6 +249,8 @@ def _decode(
     per_head: bool,
     splits: int | None = None,
     block: int | None = None,
+    cap: float | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     b, heads, d = q.shape
     kv_heads = layer.k.shape[2]
@@ -262,9 +277,9 @@ def _decode(
         q, layer.k, layer.v, out, part_out, part_lse, table, lens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *layer.k.stride()[:3],
         s_tb, s_th, s_lb, s_lh,
-        scale, chunk,
+        scale, chunk, cap or 1.0, window,
         G=g, GP=_pow2(g, 16), D=d, DP=dp, PS=ps, BN=bn, SPLIT=splits > 1,
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, CAP=cap is not None,
     )  # fmt: skip
     if splits > 1:
         _combine_kernel[(b, heads)](
@@ -290,11 +305,14 @@ def paged_decode(
     scale: float,
     splits: int | None = None,
     block: int | None = None,
+    cap: float | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """reference.paged_decode: q [B, heads, D], page_table [B, max_pages], lens [B] tokens.
     splits: parts each sequence's keys are cut into (default: decode_splits); block: keys
-    a program reads at a time (default: DECODE_BLOCK on a GPU)."""
-    return _decode(q, layer, page_table, lens, scale, False, splits, block)
+    a program reads at a time (default: DECODE_BLOCK on a GPU); cap: the logits' tanh soft
+    cap; window: each sequence's last `window` keys only (0: all), the others unread."""
+    return _decode(q, layer, page_table, lens, scale, False, splits, block, cap, window)
 
 
 def paged_decode_selected(
@@ -314,13 +332,15 @@ def paged_decode_selected(
 def _prefill_kernel(
     Q, K, V, Out, Table, Starts, QLens, Prefix,
     s_qt, s_qh, s_kp, s_kt, s_kh, s_tb,
-    scale,
+    scale, cap, window,
     G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, PS: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, IEEE: tl.constexpr,
+    BN: tl.constexpr, IEEE: tl.constexpr, CAP: tl.constexpr,
 ):  # fmt: skip
     """Program (sequence e, block of BM queries, query head h): causal attention of those
     queries (at positions Prefix[e] + row) over the sequence's keys, all already in its
-    pages Table[e, :], BN keys at a time."""
+    pages Table[e, :], BN keys at a time. CAP: soft-capped logits (as _decode_kernel);
+    window > 0: a query sees its last `window` positions, its own included, and the keys
+    before the block's first window are not read."""
     e = tl.program_id(0)
     blk = tl.program_id(1)
     h = tl.program_id(2)
@@ -340,7 +360,10 @@ def _prefill_kernel(
         total = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, DP], tl.float32)
         end = prefix + tl.minimum((blk + 1) * BM, q_len)
-        for kstart in range(0, end, BN):
+        begin = 0
+        if window > 0:
+            begin = tl.maximum(0, prefix + blk * BM - window + 1)
+        for kstart in range(begin, end, BN):
             j = kstart + tl.arange(0, BN)
             jm = j < end
             page = tl.load(Table + e * s_tb + j // PS, mask=jm, other=0).to(tl.int64)
@@ -353,7 +376,12 @@ def _prefill_kernel(
             else:
                 s = tl.dot(q, tl.trans(key))
             s = s * scale
-            s = tl.where((j[None, :] <= pos[:, None]) & jm[None, :], s, float("-inf"))
+            if CAP:
+                s = _soft_cap(s, cap)
+            seen = (j[None, :] <= pos[:, None]) & jm[None, :]
+            if window > 0:
+                seen = seen & (j[None, :] > pos[:, None] - window)
+            s = tl.where(seen, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(s - m_new[:, None])
@@ -384,12 +412,15 @@ def paged_prefill(
     max_q_len: int,
     scale: float,
     blocks: tuple[int, int] | None = None,
+    cap: float | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """reference.paged_prefill for every prefilling sequence of a batch at once, after their
     new keys are written to their pages. q [T, heads, D] (rows of sequence e: starts[e] ..
     starts[e] + q_lens[e]); table [E, max_pages]: each sequence's pages; prefix_lens [E]:
     its tokens cached before these. Rows of no sequence are left as they are in the result.
-    blocks: (queries, keys) a program takes at a time (default: PREFILL_BLOCKS on a GPU)."""
+    blocks: (queries, keys) a program takes at a time (default: PREFILL_BLOCKS on a GPU);
+    cap: the logits' tanh soft cap; window: each query's last `window` positions only."""
     t, heads, d = q.shape
     kv_heads = layer.k.shape[2]
     q = q.contiguous()
@@ -414,6 +445,8 @@ def paged_prefill(
         *layer.k.stride()[:3],
         table.stride(0),
         scale,
+        cap or 1.0,
+        window,
         G=heads // kv_heads,
         D=d,
         DP=_pow2(d, 16),
@@ -421,5 +454,6 @@ def paged_prefill(
         BM=bm,
         BN=bn,
         IEEE=q.dtype == torch.float32,
+        CAP=cap is not None,
     )
     return out
