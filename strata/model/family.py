@@ -27,7 +27,8 @@ class Family:
     model: the class run with the fused weights; fused_cpu_decode: the C++ decode layers
     (strata.model.cpu_layers) compute this family's layer, so dense decode may use them;
     norm_offset: the checkpoint's RMSNorm weights apply as (norm_offset + w) (Gemma: 1),
-    added in float32 as they load."""
+    added in float32 as they load; layout: brings a checkpoint laid out otherwise to the
+    hub's tensor names first (e.g. split_fused_experts)."""
 
     name: str
     architectures: tuple[str, ...]
@@ -38,6 +39,7 @@ class Family:
     model: Callable[..., Any]
     fused_cpu_decode: bool = False
     norm_offset: float = 0.0
+    layout: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
     def fuse(
         self,
@@ -48,6 +50,8 @@ class Family:
     ) -> dict[str, torch.Tensor]:
         """The checkpoint's tensors in strata's fused layout (qkv, gate_up, ...), in dtype on
         device. Raises ModelLoadError naming a tensor the checkpoint lacks."""
+        if self.layout is not None:
+            raw = self.layout(raw)
 
         def fused(names: tuple[str, ...]) -> torch.Tensor:
             for n in names:
@@ -87,3 +91,20 @@ def _wanted(spec: ModelSpec, layer: int, ours: str) -> bool:
     if ours in ("gate_up", "down"):
         return not moe
     return True
+
+
+def split_fused_experts(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers >= 5 keeps a MoE layer's experts as two stacked tensors (what it saves a
+    GGUF file's model as): `mlp.experts.gate_up_proj` [experts, 2 x inter, hidden], gate
+    rows first, and `mlp.experts.down_proj` [experts, hidden, inter]; the hub's checkpoints
+    name each expert's projections. This renames the former into the latter (views)."""
+    out = dict(raw)
+    for name in [n for n in raw if n.endswith("mlp.experts.gate_up_proj")]:
+        base = name[: -len("gate_up_proj")]
+        gate_up, down = out.pop(name), out.pop(base + "down_proj")
+        inter = gate_up.shape[1] // 2
+        for e in range(gate_up.shape[0]):
+            out[f"{base}{e}.gate_proj.weight"] = gate_up[e, :inter]
+            out[f"{base}{e}.up_proj.weight"] = gate_up[e, inter:]
+            out[f"{base}{e}.down_proj.weight"] = down[e]
+    return out

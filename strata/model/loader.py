@@ -119,17 +119,15 @@ def convert_gguf(gguf: Path) -> Path:
 
 
 def _save_plain_checkpoint(model: Any, folder: Path) -> None:
-    """Write a dequantized model as safetensors + config.json (no GGUF marker)."""
-    from safetensors.torch import save_file
-
-    cfg = model.config.to_dict()
+    """Write a dequantized model as the hub lays it out (transformers' save_pretrained:
+    one tensor per expert, say, where the loaded model fuses them), safetensors +
+    config.json, without the GGUF marker."""
+    model.hf_quantizer = None  # the weights are plain float32 by now
+    model.config.quantization_config = None
+    model.save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
     cfg.pop("quantization_config", None)
     cfg["architectures"] = [type(model).__name__]
-    state = model.state_dict()
-    if cfg.get("tie_word_embeddings"):
-        state.pop("lm_head.weight", None)
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
 
 

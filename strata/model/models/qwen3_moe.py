@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from strata.model.decoder import DecoderLM
-from strata.model.family import Family
+from strata.model.family import Family, split_fused_experts
 from strata.model.models import llama, qwen3
 from strata.model.spec import ModelSpec
 
@@ -49,4 +49,5 @@ FAMILY = Family(
     llama.WEIGHTS,
     LAYER_WEIGHTS,
     DecoderLM,
+    layout=split_fused_experts,  # a converted GGUF file's experts, as transformers saves them
 )
