@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from strata.attention.base import AttentionBackend, AttentionMeta
 from strata.batch import ForwardBatch
+from strata.config import env
 from strata.kv.pool import KVCache
 from strata.model.cpu_layers import CpuLayers
 from strata.model.layers import MLP, Attention, DecoderLayer, RMSNorm, SandwichLayer, SparseMoE
@@ -94,9 +95,14 @@ class DecoderLM:
 
         if i not in spec.moe_layers:
             return mlp("", tp)
-        experts = [mlp(f"experts.{e}.", None) for e in range(spec.num_experts)]
         router = make_linear(w("router"), None, "none", dt)
-        return SparseMoE(router, experts, spec.experts_per_token, spec.norm_topk_prob)
+        k, norm = spec.experts_per_token, spec.norm_topk_prob
+        if quantization == "none" and moe_kernels(w("router").device) == "triton":
+            ups = [w(f"experts.{e}.gate_up") for e in range(spec.num_experts)]
+            downs = [w(f"experts.{e}.down") for e in range(spec.num_experts)]
+            return SparseMoE(router, [], k, norm, (torch.stack(ups), torch.stack(downs)))
+        experts = [mlp(f"experts.{e}.", None) for e in range(spec.num_experts)]
+        return SparseMoE(router, experts, k, norm)
 
     def _layer(self, attn: Attention, mlp: MLP | SparseMoE, w: Any) -> DecoderLayer | SandwichLayer:
         """Llama's layer, or Gemma's (norms after attention and around the MLP) where the
@@ -154,3 +160,16 @@ class DecoderLM:
             logits = torch.tanh(logits / cap) * cap
         logits = logits.float()
         return self.tp.gather_logits(logits) if self.tp else logits
+
+
+def moe_kernels(device: torch.device) -> str:
+    """How a mixture of experts runs: "triton" (strata.kernels.triton.moe: the experts'
+    weights stacked, two kernels a layer) on CUDA, "grouped" (each expert an MLP of strata's
+    linear layers, so int4 packs them) elsewhere; STRATA_MOE=triton|grouped forces one (the
+    Triton kernels run on CPU under TRITON_INTERPRET=1, for tests)."""
+    forced = env("MOE")
+    if forced is not None:
+        if forced not in ("triton", "grouped"):
+            raise ValueError(f"STRATA_MOE must be triton or grouped, not {forced!r}")
+        return forced
+    return "triton" if device.type == "cuda" else "grouped"

@@ -127,16 +127,30 @@ class SparseMoE:
     """A mixture of experts in place of the MLP (Qwen3-MoE): a router picks each token's top
     k experts by softmax probability (renormalised over the k with norm_topk_prob), and the
     tokens run grouped by expert, each group one batched MLP call, its rows weighted and
-    added back. Each expert is an MLP of strata's linear layers, so int4 packs them as any."""
+    added back. Each expert is an MLP of strata's linear layers, so int4 packs them as any.
+    stacked: the experts' weights stacked instead ([E, 2 I, H] gate and up, [E, H, I] down),
+    run by the Triton kernels (strata.kernels.triton.moe)."""
 
-    def __init__(self, router: AnyLinear, experts: list[MLP], top_k: int, norm: bool) -> None:
+    def __init__(
+        self,
+        router: AnyLinear,
+        experts: list[MLP],
+        top_k: int,
+        norm: bool,
+        stacked: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         self.router, self.experts, self.top_k, self.norm = router, experts, top_k, norm
+        self.stacked = stacked
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(self.router(x).float(), dim=-1)
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
         if self.norm:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.stacked is not None:
+            from strata.kernels.triton.moe import fused_experts
+
+            return fused_experts(x, chosen, weights, *self.stacked)
         weights = weights.to(x.dtype)
         flat = chosen.flatten()
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
