@@ -33,7 +33,7 @@ from strata.engine.offload import Offload
 from strata.engine.outputs import Outputs
 from strata.engine.request import Checked, KVSource, Limits, Request, RequestOutput
 from strata.engine.runner import ModelRunner, RunnerBroken
-from strata.engine.scheduler import Scheduler
+from strata.engine.scheduler import Scheduler, window_span
 from strata.engine.sessions import Sessions
 from strata.engine.split import SplitRoles
 from strata.grammar.compiler import GrammarCompiler, LazyGrammarCompiler
@@ -206,6 +206,7 @@ class Engine:
             # starts, so a request's output does not depend on whether it drafted
             min(runner.max_context, sparse.min_context if sparse is not None else 1 << 62),
             runner.step_rows,
+            window_span(runner.model.spec.windows),
         )
         if fetch_on_select and isinstance(cache, TieredCache):
             assert sparse is not None

@@ -97,6 +97,9 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)  # page table: cached pages, then own pages
     num_shared_pages: int = 0  # leading pages owned by the radix cache (locked by cache_node)
+    # pages[num_shared_pages:behind_window] went back to the pool: every layer's window has
+    # passed them (their ids stay in the table, never read again)
+    behind_window: int = 0
     cache_node: int | None = None
     num_cached: int = 0  # prompt tokens served from the cache at (last) admission
     cached_by_tier: tuple[int, int] = (0, 0)  # of num_cached: loaded from L2, from L3

@@ -73,6 +73,13 @@ class Schedule:
     to_fetch: list[Request]
 
 
+def window_span(windows: tuple[int, ...]) -> int:
+    """The most keys any layer reads back from a token where every layer has a sliding
+    window (Mistral v0.1, Phi-3: the pages behind it are never read again); 0 where a layer
+    reads the whole context (Gemma's global layers, or no windows)."""
+    return max(windows) if windows and all(windows) else 0
+
+
 class Scheduler:
     def __init__(
         self,
@@ -86,8 +93,13 @@ class Scheduler:
         draft_tokens: int = 0,
         draft_context: int = 1 << 62,
         draft_rows: int = 32,
+        window: int = 0,
     ) -> None:
+        """window: the most keys any layer reads back from a token, where every layer has a
+        sliding window (0: some layer reads the whole context); a running request's own
+        pages behind it go back to the pool as it advances."""
         self.pool, self.prefix_cache, self.page_size = pool, prefix_cache, page_size
+        self.window = window
         self.max_batch_tokens, self.max_running = max_batch_tokens, max_running
         self.prefetch_timeout = prefetch_timeout  # seconds to wait for L3 loads, per prompt
         self.policy = policy  # "lpm": longest cached prefix first; "fcfs": arrival order
@@ -114,6 +126,22 @@ class Scheduler:
             c.req.num_computed += c.length - len(c.draft)  # accept_draft counts the rest
             if c.length > 1 and not c.draft:
                 self.cache_progress(c.req)
+            if self.window:
+                self._drop_behind_window(c.req)
+
+    def _drop_behind_window(self, req: Request) -> None:
+        """Free the request's own pages that every layer's window has passed: its next token
+        (at position num_computed) reads keys from num_computed - window + 1 on. Pages the
+        radix cache owns stay (it may serve the prefix again), and so do the pages of a
+        request another party still reads (a prefill held for a transfer, KV arriving from a
+        prefill worker, sparse decode's pages in L2)."""
+        if req.hold or req.kv_source is not None or self.offload is not None or req.finished:
+            return
+        behind = (req.num_computed - self.window + 1) // self.page_size
+        start = max(req.num_shared_pages, req.behind_window)
+        if behind > start:
+            self.pool.free(req.pages[start:behind])
+            req.behind_window = behind
 
     def accept_draft(self, req: Request, n: int) -> None:
         """The first n draft tokens of req's last chunk were the model's own: their KV
@@ -180,6 +208,8 @@ class Scheduler:
         requests that share the prefix can reuse them before this one finishes."""
         if self.prefix_cache is None or req.finished or req.num_demoted:
             return
+        if req.behind_window > req.num_shared_pages:
+            return  # some of its own pages are gone: the tree takes no more of them
         ps = self.page_size
         full = min(req.num_computed, len(req.prompt_ids)) // ps
         if full <= req.num_shared_pages:
@@ -396,17 +426,20 @@ class Scheduler:
         if self.offload is not None:
             self.offload.restore(req, self.page_size)
         ps, pages, shared = self.page_size, req.pages, req.num_shared_pages
+        # pages behind every window are back in the pool already: the tree keeps the prefix
+        # it owns, and the rest is freed from where the request's own pages still are
+        live = max(shared, req.behind_window)
         if self.prefix_cache is not None:
-            full = req.num_computed // ps
+            full = req.num_computed // ps if live == shared else shared
             tokens = req.fill_ids[: full * ps]
             existing = self.prefix_cache.insert(tokens, pages[:full]) // ps
             if req.params.priority and req.finished:
                 self.prefix_cache.prioritize(tokens, req.params.priority, req.params.priority_ttl)
             # pages the tree already held (besides our shared ones) are duplicates
-            self.pool.free(pages[shared:existing] + pages[full:])
+            self.pool.free(pages[shared:existing] + pages[max(full, live) :])
             if req.cache_node is not None:
                 self.prefix_cache.unlock(req.cache_node)
         else:
-            self.pool.free(pages[shared:])
+            self.pool.free(pages[live:])
         req.pages, req.num_shared_pages, req.cache_node, req.num_computed = [], 0, None, 0
-        req.segment_ends = ()
+        req.segment_ends, req.behind_window = (), 0

@@ -183,3 +183,27 @@ def test_the_in_process_engine_is_an_engine_handle(runner_factory):
     assert sum(len(e.token_ids) for e in events) == 5 and events[-1].finish_reason == "length"
     assert (stats.running, stats.waiting) == (0, 0) and stats.pages_free < stats.pages_total
     assert flushed > 0 and found is False
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_pages_behind_every_layers_window_go_back_to_the_pool(tiny_checkpoint, cache):
+    """Mistral with a window of 8 on every layer, pages of 4: three requests of 10 + 40
+    tokens would need 39 pages, the pool has 20; the pages every window has passed go back
+    to the pool as the requests decode, so nothing is preempted, and the freed pages other
+    requests then fill are never read: the tokens equal one-at-a-time generation."""
+    from strata.config import KVPoolConfig, ModelConfig
+
+    folder, _ = tiny_checkpoint("mistral", sliding_window=8)
+    model = ModelConfig(str(folder), dtype="float32")
+    ps = prompts(3)
+    params = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+    big = ModelRunner.from_config(model, KVPoolConfig(page_size=4, num_pages=256))
+    expected = [list(generate(big, p, 40)) for p in ps]
+    runner = ModelRunner.from_config(model, KVPoolConfig(page_size=4, num_pages=20))
+    engine = Engine(runner, max_batch_tokens=16, enable_cache=cache)
+    assert engine.scheduler.window == 8
+    assert run(engine, ps, params) == expected
+    assert engine.scheduler.preemptions == 0
+    assert_pool_back_to_cache_only(engine)
+    if cache:  # the tree kept the prompts' pages, not the dropped output's
+        assert engine.prefix_cache.stats().cached_tokens <= 3 * 8
