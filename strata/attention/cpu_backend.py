@@ -14,7 +14,7 @@ from strata.kv.pool import KVCache, LayerKV
 
 
 class CpuAttention(TorchAttention):
-    supports_softcap = True  # in decode; prefill with a soft cap runs the reference ops
+    supports_softcap = True
 
     def reads_in_place(self, device: torch.device) -> bool:
         return cpu_kernels.available(device)
@@ -66,13 +66,34 @@ class CpuAttention(TorchAttention):
         layer: LayerKV,
         meta: AttentionMeta,
     ) -> torch.Tensor:
+        return self.prefill_window(q, k, v, layer, meta, 0)
+
+    def prefill_window(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: LayerKV,
+        meta: AttentionMeta,
+        window: int,
+    ) -> torch.Tensor:
         p = meta.prefills
-        if p is not None and self.softcap is None:
+        if p is not None:
             got = cpu_kernels.paged_prefill(
-                q, layer, p.table, p.starts, p.q_lens, p.prefix_lens, self.scale
+                q,
+                layer,
+                p.table,
+                p.starts,
+                p.q_lens,
+                p.prefix_lens,
+                self.scale,
+                self.softcap,
+                window,
             )
             if got is not None:
                 return got
+        if window:
+            return super().prefill_window(q, k, v, layer, meta, window)
         return super().prefill(q, k, v, layer, meta)
 
     def decode(self, q: torch.Tensor, layer: LayerKV, meta: AttentionMeta) -> torch.Tensor:

@@ -109,3 +109,24 @@ def test_unknown_and_unloadable_backends_are_refused(monkeypatch):
     monkeypatch.setitem(config.ATTENTION_BACKENDS, "gone", "strata.attention.no_such:Backend")
     with pytest.raises(ValueError, match="cannot load here"):
         make_backend("gone", "cpu", 0.1, 4)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_cpu_kernels_run_soft_caps_and_windows_as_the_reference(tiny_checkpoint, arch):
+    """Gemma 2 (soft caps, every other layer windowed) and Gemma 3 (5 window layers to 1
+    global) on pages of 16 (the C prefill kernel's), windows cutting the prompt: the cpu
+    backend's prefill and decode logits equal the torch reference backend's."""
+    from tests.core.test_model_exact import GEMMA3, GEMMA_CAPS
+
+    more = (
+        {**GEMMA_CAPS, "sliding_window": 20}
+        if arch == "gemma2"
+        else {**GEMMA3, "sliding_window": 20}
+    )
+    folder, _ = tiny_checkpoint(arch, num_hidden_layers=6, head_dim=16, pad_token_id=0, **more)
+    logits = []
+    for backend in ("torch", "cpu"):
+        model = ModelConfig(str(folder), dtype="float32", attention_backend=backend)
+        runner = ModelRunner.from_config(model, KVPoolConfig(page_size=16, num_pages=64))
+        logits.append(decode_logits(runner, PROMPT, 4)[0])
+    assert torch.allclose(logits[1], logits[0], atol=1e-4, rtol=0)

@@ -253,6 +253,60 @@ def test_cpu_prefill_reads_pages_in_place(prefixes, q_lens, dtype, dim, cpu_isa_
         assert (got - expect).abs().max() <= (1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
+@pytest.mark.parametrize(
+    "cap,window,prefixes,q_lens",
+    [
+        (5.0, 0, [0, 37], [50, 130]),  # a soft cap that bites, fresh and over a prefix
+        (None, 20, [0, 300, 37], [70, 40, 130]),  # windows starting mid-page and mid-chunk
+        (5.0, 64, [200], [100]),  # both; a window of whole chunks
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cpu_prefill_with_a_soft_cap_and_a_window(
+    cap, window, prefixes, q_lens, dtype, cpu_isa_level
+):
+    """The prefill kernel caps the scaled logits and masks each query to its last `window`
+    positions; the pages behind the window of a sequence's first new token hold NaN and are
+    not read."""
+    torch.manual_seed(len(q_lens) + window)
+    heads, kv_heads, dim, page = 8, 2, 64, 16
+    layer = pool_kv(300, page, kv_heads, dim, dtype)
+    perm, at, rows = torch.randperm(300).tolist(), 0, []
+    for p, n in zip(prefixes, q_lens):
+        used = -(-(p + n) // page)
+        rows.append(perm[at : at + used])
+        at += used
+        if window and p - window + 1 > 0:  # wholly behind every new token's window
+            unread = rows[-1][: (p - window + 1) // page]
+            layer.k[unread], layer.v[unread] = float("nan"), float("nan")
+    table = torch.tensor([r + [0] * (max(map(len, rows)) - len(r)) for r in rows])
+    q = (3 * torch.randn(sum(q_lens), heads, dim)).to(dtype)
+    starts = torch.tensor([sum(q_lens[:i]) for i in range(len(q_lens))])
+    scale = dim**-0.5
+    out = cpu_kernels.paged_prefill(
+        q, layer, table, starts, torch.tensor(q_lens), torch.tensor(prefixes), scale, cap, window
+    )
+    if cpu_isa_level == "none":  # no kernel below AVX2: the reference runs
+        assert out is None
+        return
+    assert out is not None and torch.isfinite(out).all()
+    g = heads // kv_heads
+    for i, (p, n) in enumerate(zip(prefixes, q_lens)):
+        kk = tokens(layer.k, table[i], p + n).double().repeat_interleave(g, 1).transpose(0, 1)
+        vv = tokens(layer.v, table[i], p + n).double().repeat_interleave(g, 1).transpose(0, 1)
+        kk, vv = kk.nan_to_num(), vv.nan_to_num()  # masked below: any finite value does
+        qq = q[starts[i] : starts[i] + n].double().transpose(0, 1)
+        s = qq @ kk.transpose(1, 2) * scale
+        s = cap * torch.tanh(s / cap) if cap else s
+        pos, key = torch.arange(p, p + n)[:, None], torch.arange(p + n)[None, :]
+        seen = (key <= pos) & ((key > pos - window) if window else True)
+        expect = s.masked_fill(~seen, float("-inf")).softmax(-1) @ vv
+        got = out[starts[i] : starts[i] + n].double().transpose(0, 1)
+        # bfloat16 output: within its rounding, relative past 1 (large logits, large outputs)
+        tol = 1e-2 * expect.abs().clamp(min=1) if dtype == torch.bfloat16 else 1e-5
+        assert ((got - expect).abs() <= tol).all(), i
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_write_decode_reads_the_fused_projection_in_place(dtype, cpu_isa_level):
     """One layer of a decode batch in one call (write_decode), its q, k and v strided views of

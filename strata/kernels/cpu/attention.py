@@ -173,6 +173,8 @@ def paged_prefill(
     q_lens: torch.Tensor,
     prefix_lens: torch.Tensor,
     scale: float,
+    cap: float | None = None,
+    window: int = 0,
 ) -> torch.Tensor | None:
     """reference.paged_prefill for every prefilling sequence of a forward at once, read from
     the pages in place (their new K and V already written), on AMX tiles or AVX2: q [T,
@@ -180,7 +182,9 @@ def paged_prefill(
     positions prefix_lens[i].., its pages in row i of table (int64). Returns out [T, heads,
     D] with those rows set; None where the kernel does not apply (float32 or bfloat16,
     pages of 16 tokens, head_dim a multiple of 8 up to 128; AMX tiles take bfloat16 at
-    head_dim 64; below AVX2 none)."""
+    head_dim 64, without a cap or a window; below AVX2 none). cap: the logits' tanh soft cap;
+    window: each query sees its last `window` positions only, the pages behind its block's
+    first query's window unread."""
     lib = library()
     kp, vp = layer.k, layer.v
     if lib is None or q.dtype not in DTYPES or kp.dtype != q.dtype or q.device.type != "cpu":
@@ -191,7 +195,7 @@ def paged_prefill(
     t, heads, d = q.shape
     _, page_size, kv_heads, _ = kp.shape
     out = q.new_empty(t, heads, d)
-    rc = lib.paged_prefill(
+    rc = lib.paged_prefill_capped(
         DTYPES[q.dtype],
         _ptr(q),
         q.stride(0),
@@ -210,6 +214,8 @@ def paged_prefill(
         page_size,
         kp.stride(0),
         scale,
+        cap or 0.0,
+        window,
     )
     return out if rc == 0 else None
 

@@ -134,6 +134,7 @@ SIGNATURES = {
     "paged_decode_capped": "i p p p p p p i i i i i i l f i i i l f l",
     "write_kv": "i p p p p p p l i i i l l",
     "paged_prefill": "i p l p p p p p p p i i i i i i l f",
+    "paged_prefill_capped": "i p l p p p p p p p i i i i i i l f f l",
     "shared_decode_available": "",
     "select_pages": "i p p p p p p i i i i i i l f f l d i i p p p l l l p p p p",
     "sparse_decode": "i p p p p p p p p p i i i i i i l f f l d i i p p p l l l i p p",

@@ -485,11 +485,20 @@ ALWAYS_INLINE float hsum8(__m256 x) {
 
 /* The item, for head_dim D: inlined into avx2_attend with D a constant for the common sizes,
  * so every loop over D unrolls and the accumulators stay in registers */
+/* cap * tanh(s / cap) on 8 lanes: tanh(|x|) = (1 - e) / (1 + e), e = exp(-2 |x|) */
+ALWAYS_INLINE __m256 soft_cap8(__m256 s, float cap) {
+    const __m256 c = _mm256_set1_ps(cap), one = _mm256_set1_ps(1.f), neg = _mm256_set1_ps(-0.f);
+    const __m256 x = _mm256_div_ps(s, c);
+    const __m256 e = exp_neg8(_mm256_mul_ps(_mm256_set1_ps(-2.f), _mm256_andnot_ps(neg, x)));
+    const __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+    return _mm256_mul_ps(c, _mm256_or_ps(t, _mm256_and_ps(x, neg)));
+}
+
 ALWAYS_INLINE void attend_d(int dtype, const void *q, int64_t qrow, const void *k,
                             const void *v, const int64_t *pages, int64_t c0, int64_t c1,
                             int64_t pstride, int64_t row, const int D, int g, int h, int m,
                             int64_t first, float scale, float *o, float *mx, float *l,
-                            float *qf) {
+                            float *qf, float cap, int64_t window) {
     const int C = D / 8, rows = (m + ATTEND_ROWS - 1) / ATTEND_ROWS * ATTEND_ROWS;
     const int64_t last = first + (m - 1) / g; /* causal: the item's last position */
     if (first >= 0 && c1 > last / 16 + 1) c1 = last / 16 + 1;
@@ -554,15 +563,25 @@ ALWAYS_INLINE void attend_d(int dtype, const void *q, int64_t qrow, const void *
             }
             for (int r = 0; r < rb; r++) {
                 const int j = r0 + r;
-                /* keys of the chunk this row sees */
+                /* keys of the chunk this row sees: [lo, n) (a sliding window: from lo) */
                 int64_t sees = first < 0 ? T : first + j / g - pg0 * 16 + 1;
                 if (sees <= 0) continue;
                 const int n = sees < 16 * np ? (int)sees : 16 * np;
+                int lo = 0;
+                if (window > 0 && first >= 0) {
+                    const int64_t from = first + j / g - window + 1 - pg0 * 16;
+                    if (from >= n) continue; /* the whole chunk is behind this row's window */
+                    lo = from > 0 ? (int)from : 0;
+                }
                 __m256 top = ninf;
-                for (int c8 = 0; c8 < T / 8; c8++) { /* scores past n: -inf */
-                    const __m256 keep = _mm256_castsi256_ps(
-                        _mm256_cmpgt_epi32(_mm256_set1_epi32(n - 8 * c8), lane));
-                    const __m256 x = _mm256_blendv_ps(ninf, _mm256_load_ps(&sc[r][8 * c8]), keep);
+                for (int c8 = 0; c8 < T / 8; c8++) { /* scores outside [lo, n): -inf */
+                    const __m256i at = _mm256_add_epi32(lane, _mm256_set1_epi32(8 * c8));
+                    const __m256 keep = _mm256_castsi256_ps(_mm256_andnot_si256(
+                        _mm256_cmpgt_epi32(_mm256_set1_epi32(lo), at),
+                        _mm256_cmpgt_epi32(_mm256_set1_epi32(n), at)));
+                    __m256 x = _mm256_load_ps(&sc[r][8 * c8]);
+                    if (cap > 0.f) x = soft_cap8(x, cap);
+                    x = _mm256_blendv_ps(ninf, x, keep);
                     _mm256_store_ps(&sc[r][8 * c8], x);
                     top = _mm256_max_ps(top, x);
                 }
@@ -582,7 +601,7 @@ ALWAYS_INLINE void attend_d(int dtype, const void *q, int64_t qrow, const void *
                     __m256 acc[8];
                     for (int cc = 0; cc < 8 && half + cc < C; cc++)
                         acc[cc] = _mm256_mul_ps(_mm256_set1_ps(corr), _mm256_loadu_ps(oj + 8 * (half + cc)));
-                    for (int tk = 0; tk < n; tk++) {
+                    for (int tk = lo; tk < n; tk++) {
                         const __m256 w = _mm256_broadcast_ss(&sc[r][tk]);
                         for (int cc = 0; cc < 8 && half + cc < C; cc++)
                             acc[cc] = _mm256_fmadd_ps(w, _mm256_load_ps(&vf[tk][8 * (half + cc)]), acc[cc]);
@@ -598,27 +617,29 @@ ALWAYS_INLINE void attend_d(int dtype, const void *q, int64_t qrow, const void *
 static void avx2_attend(int dtype, const void *q, int64_t qrow, const void *k, const void *v,
                         const int64_t *pages, int64_t c0, int64_t c1, int64_t pstride,
                         int64_t row, int d, int g, int h, int m, int64_t first, float scale,
-                        float *o, float *mx, float *l, float *qf) {
+                        float *o, float *mx, float *l, float *qf, float cap, int64_t window) {
     if (d == 64)
         attend_d(dtype, q, qrow, k, v, pages, c0, c1, pstride, row, 64, g, h, m, first, scale,
-                 o, mx, l, qf);
+                 o, mx, l, qf, cap, window);
     else if (d == 128)
         attend_d(dtype, q, qrow, k, v, pages, c0, c1, pstride, row, 128, g, h, m, first, scale,
-                 o, mx, l, qf);
+                 o, mx, l, qf, cap, window);
     else
         attend_d(dtype, q, qrow, k, v, pages, c0, c1, pstride, row, d, g, h, m, first, scale,
-                 o, mx, l, qf);
+                 o, mx, l, qf, cap, window);
 }
 #define HAVE_ATTEND_AVX2 1
 #endif
 
 /* Which kernel attends many query rows over the same pages (shared-prefix decode, paged
- * prefill): 2 amx_attend, 1 avx2_attend, 0 none (the caller falls back) */
-static int attend_kind(int dtype, int d, int page_size) {
+ * prefill): 2 amx_attend, 1 avx2_attend, 0 none (the caller falls back). plain: no soft cap
+ * and no window (amx_attend takes neither) */
+static int attend_kind(int dtype, int d, int page_size, int plain) {
     if (page_size != 16) return 0;
 #ifdef HAVE_SHARED_AMX
-    if (dtype == 1 && d == SHARED_DIM && amx_allowed()) return 2;
+    if (plain && dtype == 1 && d == SHARED_DIM && amx_allowed()) return 2;
 #endif
+    (void)plain;
 #ifdef HAVE_ATTEND_AVX2
     if (d % 8 == 0 && d <= ATTEND_DIM) return 1;
 #endif
@@ -634,7 +655,7 @@ static int64_t attend_scratch(int rows, int d) { return (int64_t)rows * (2 * d +
 static void attend(int kind, int dtype, const void *q, int64_t qrow, const void *k,
                    const void *v, const int64_t *pages, int64_t c0, int64_t c1, int64_t pstride,
                    int64_t row, int d, int g, int h, int m, int64_t first, float scale,
-                   float *o, int rows) {
+                   float *o, int rows, float cap, int64_t window) {
     float *mx = o + (int64_t)rows * d, *l = mx + rows, *qs = l + rows;
 #ifdef HAVE_SHARED_AMX
     if (kind == 2) {
@@ -645,17 +666,17 @@ static void attend(int kind, int dtype, const void *q, int64_t qrow, const void 
 #endif
 #ifdef HAVE_ATTEND_AVX2
     avx2_attend(dtype, q, qrow, k, v, pages, c0, c1, pstride, row, d, g, h, m, first, scale, o,
-                mx, l, qs);
+                mx, l, qs, cap, window);
 #else /* no kernel at this level: attend_kind said 0, so this is never called */
     (void)kind, (void)dtype, (void)q, (void)qrow, (void)k, (void)v, (void)pages, (void)c0;
     (void)c1, (void)pstride, (void)row, (void)d, (void)g, (void)h, (void)m, (void)first;
-    (void)scale, (void)o, (void)mx, (void)l, (void)qs;
+    (void)scale, (void)o, (void)mx, (void)l, (void)qs, (void)cap, (void)window;
 #endif
 }
 
 /* 1 where paged_decode reads shared pages once for the batch (bfloat16 pages of 16 tokens,
  * head_dim 64), else 0 */
-int shared_decode_available(void) { return attend_kind(1, 64, 16) != 0; }
+int shared_decode_available(void) { return attend_kind(1, 64, 16, 1) != 0; }
 
 typedef void (*partial_fn)(const float *, const void *, const void *, const int64_t *, int64_t,
                            int64_t, int64_t, int64_t, int, int, int64_t, int, int, float *,
@@ -705,7 +726,7 @@ int paged_decode_capped(int dtype, const void *q, const void *k, const void *v, 
     const int64_t stride = (int64_t)gheads * d + 2 * gheads;
     /* shared: pages every sequence starts with (page_table's first `shared` columns agree),
      * read once for all of them per KV head (attend), in `chunks` parts per head */
-    const int kind = attend_kind(dtype, d, page_size);
+    const int kind = attend_kind(dtype, d, page_size, 1);
     if (shared < 0 || !(kind && groups == 1 && batch * g <= MAX_HEADS * 8)) shared = 0;
     const int chunks = shared == 0 ? 0 : shared < 8 ? 1 : 2;
     const int mrows = (batch * g + 15) / 16 * 16;
@@ -720,7 +741,7 @@ int paged_decode_capped(int dtype, const void *q, const void *k, const void *v, 
             const int64_t per = (shared + chunks - 1) / chunks;
             const int64_t c0 = c * per, c1 = c0 + per < shared ? c0 + per : shared;
             attend(kind, dtype, q, qrow, k, v, page_table, c0, c1, page_stride, row, d, g, h,
-                   batch * g, -1, scale, swork + it2 * sstride, mrows);
+                   batch * g, -1, scale, swork + it2 * sstride, mrows, 0.f, 0);
             continue;
         }
         const int64_t it = it2 - sitems;
@@ -810,11 +831,13 @@ int paged_decode(int dtype, const void *q, const void *k, const void *v, void *o
  * of table [n, width]. Items are (sequence, KV head, block of tokens), blocks small enough
  * that every thread gets work. Returns -1 where no attend kernel applies (attend_kind). */
 #define PREFILL_ROWS 128 /* the most query rows of an item */
-int paged_prefill(int dtype, const void *q, int64_t qrow, const void *k, const void *v,
-                  void *out, const int64_t *starts, const int64_t *qlens, const int64_t *prefix,
-                  const int64_t *table, int n, int width, int heads, int kv_heads, int head_dim,
-                  int page_size, int64_t page_stride, float scale) {
-    const int kind = attend_kind(dtype, head_dim, page_size), d = head_dim;
+int paged_prefill_capped(int dtype, const void *q, int64_t qrow, const void *k, const void *v,
+                         void *out, const int64_t *starts, const int64_t *qlens,
+                         const int64_t *prefix, const int64_t *table, int n, int width,
+                         int heads, int kv_heads, int head_dim, int page_size,
+                         int64_t page_stride, float scale, float cap, int64_t window) {
+    const int plain = !(cap > 0.f) && window <= 0;
+    const int kind = attend_kind(dtype, head_dim, page_size, plain), d = head_dim;
     if (!kind || heads % kv_heads) return -1;
     const int g = heads / kv_heads, threads = omp_get_max_threads();
     const int64_t row = (int64_t)kv_heads * d;
@@ -850,9 +873,11 @@ int paged_prefill(int dtype, const void *q, int64_t qrow, const void *k, const v
             const int m = (int)((t1 - t0) * g);
             const int64_t kv_len = prefix[i] + t1;
             const void *qi = (const char *)q + (starts[i] + t0) * qrow * (dtype ? 2 : 4);
-            attend(kind, dtype, qi, qrow, k, v, table + (int64_t)i * width, 0,
-                   (kv_len + 15) / 16, page_stride, row, d, g, h, m, prefix[i] + t0, scale, o,
-                   mrows);
+            /* a window: the pages behind the block's first row's window are not read */
+            const int64_t lo = window > 0 ? prefix[i] + t0 - window + 1 : 0;
+            attend(kind, dtype, qi, qrow, k, v, table + (int64_t)i * width,
+                   lo > 0 ? lo / 16 : 0, (kv_len + 15) / 16, page_stride, row, d, g, h, m,
+                   prefix[i] + t0, scale, o, mrows, cap, window);
             for (int j = 0; j < m; j++) {
                 const int64_t at = ((starts[i] + t0 + j / g) * heads + (int64_t)h * g + j % g) * d;
                 const float inv = 1.f / l[j], *oj = o + (int64_t)j * d;
@@ -865,6 +890,15 @@ int paged_prefill(int dtype, const void *q, int64_t qrow, const void *k, const v
     }
     free(work);
     return 0;
+}
+
+int paged_prefill(int dtype, const void *q, int64_t qrow, const void *k, const void *v,
+                  void *out, const int64_t *starts, const int64_t *qlens, const int64_t *prefix,
+                  const int64_t *table, int n, int width, int heads, int kv_heads, int head_dim,
+                  int page_size, int64_t page_stride, float scale) {
+    return paged_prefill_capped(dtype, q, qrow, k, v, out, starts, qlens, prefix, table, n,
+                                width, heads, kv_heads, head_dim, page_size, page_stride, scale,
+                                0.f, 0);
 }
 
 /* Store new tokens' K and V in their pages and keep each page's key summary: row page_size
