@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from strata.attention.base import AttentionBackend, AttentionMeta
+from strata.config import cpu_isa
 from strata.kernels.cpu import ops as cpu_ops
 from strata.kv.pool import LayerKV
 from strata.model.linear import Int4Linear, Int8Linear, Linear
@@ -141,6 +142,7 @@ class SparseMoE:
     ) -> None:
         self.router, self.experts, self.top_k, self.norm = router, experts, top_k, norm
         self.stacked = stacked
+        self.fused = fused_cpu_experts(experts)  # the experts in one C call, where it runs
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(self.router(x).float(), dim=-1)
@@ -151,11 +153,17 @@ class SparseMoE:
             from strata.kernels.triton.moe import fused_experts
 
             return fused_experts(x, chosen, weights, *self.stacked)
-        weights = weights.to(x.dtype)
         flat = chosen.flatten()
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+        rows = order // self.top_k
+        if self.fused is not None and x.dtype == self.fused[4] and x.dim() == 2:
+            counts_t = torch.bincount(flat, minlength=len(self.experts))
+            y = cpu_ops.moe_avx2(x, rows, weights.flatten()[order], counts_t, self.fused[:4])
+            if y is not None:
+                return y
+        weights = weights.to(x.dtype)
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
-        rows, slot_weights = order // self.top_k, weights.flatten()[order]
+        slot_weights = weights.flatten()[order]
         out = torch.zeros_like(x)
         start = 0
         for expert, n in zip(self.experts, counts):
@@ -165,6 +173,48 @@ class SparseMoE:
                 out.index_add_(0, group, y)
                 start += n
         return out
+
+
+def fused_cpu_experts(
+    experts: list[MLP],
+) -> tuple[torch.Tensor, torch.Tensor, int, int, torch.dtype] | None:
+    """What cpu_ops.moe_avx2 needs of a layer's experts (their gate/up and down weights'
+    addresses, their layout, the intermediate size, the rows' dtype), where every expert's
+    products run on cpu_gemm.c's AVX2 kernel in one layout (bfloat16 pairs, or strata's int4
+    at the avx2 level) with no bias and SiLU; None elsewhere (they run one by one)."""
+    if not experts or any(e.act != "silu" or e.tp is not None for e in experts):
+        return None
+    layouts = {_avx2_layout(lin) for e in experts for lin in (e.gate_up, e.down)}
+    layout = layouts.pop() if len(layouts) == 1 else None
+    if layout is None:
+        return None
+    kind, dtype = layout
+    ups = torch.tensor([_avx2_weight(e.gate_up).data_ptr() for e in experts], dtype=torch.int64)
+    downs = torch.tensor([_avx2_weight(e.down).data_ptr() for e in experts], dtype=torch.int64)
+    down = experts[0].down
+    inter = down.weight.shape[1] if isinstance(down, Linear) else down.in_features
+    return ups, downs, kind, inter, dtype
+
+
+def _avx2_layout(lin: Any) -> tuple[int, torch.dtype] | None:
+    """(cpu_gemm.c's layout, the rows' dtype) of a linear layer that runs on linear_avx2."""
+    if getattr(lin, "bias", None) is not None:
+        return None
+    if isinstance(lin, Linear) and lin.pairs is not None:
+        return cpu_ops.W_PAIR_BF16, lin.weight.dtype
+    if (
+        isinstance(lin, Int4Linear)
+        and lin.strata
+        and (cpu_isa() == "avx2" or lin.dtype == torch.float32)
+    ):
+        return cpu_ops.W_INT4, lin.dtype
+    return None
+
+
+def _avx2_weight(lin: Any) -> torch.Tensor:
+    weight = lin.pairs if isinstance(lin, Linear) else lin.packed
+    assert isinstance(weight, torch.Tensor)
+    return weight
 
 
 class DecoderLayer:

@@ -225,7 +225,7 @@ class Int4Linear:
             codes = q.codes.to(torch.int32)
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         self.group_size = INT4_GROUP
-        self.out_features, self.in_features = out_f, in_f
+        self.out_features, self.in_features, self.dtype = out_f, in_f, dtype
         self.bias = bias
         if self.strata and cpu_isa() == "avx2":
             self.STEP_ROWS = AVX2_STEP_ROWS

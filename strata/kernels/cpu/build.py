@@ -147,6 +147,7 @@ SIGNATURES = {
     "int4_linear_bf16": "p p p p l l l l",
     "linear_avx2": "i p p i p p l l l",
     "write_decode": "i p p p p p p l p p p p i i i i i i l f i i l l",
+    "moe_avx2": "i p l l p p p i p p i p",
 }
 _CTYPES = {
     "i": ctypes.c_int,

@@ -195,6 +195,44 @@ def linear_avx2(
     return y
 
 
+def moe_avx2(
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    weights: torch.Tensor,
+    counts: torch.Tensor,
+    experts: tuple[torch.Tensor, torch.Tensor, int, int],
+) -> torch.Tensor | None:
+    """A mixture of experts' layer in one call (cpu_gemm.c's moe_avx2): x [tokens, hidden]
+    (float32 or bfloat16); rows, weights: the (token, expert) pairs sorted by expert, each
+    pair's token and routing weight; counts [experts]: pairs per expert; experts: (the
+    addresses of each expert's gate/up and down weights as int64 tensors, their layout,
+    the intermediate size). Sums in float32, rounded to x's dtype once; None where the
+    kernel does not run."""
+    lib = library()
+    if lib is None or x.dtype not in _LINEAR_DTYPES or x.dim() != 2:
+        return None
+    ups, downs, kind, inter = experts
+    x = x.contiguous()
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    rows, counts = rows.to(torch.int64).contiguous(), counts.to(torch.int64).contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    rc = lib.moe_avx2(
+        _LINEAR_DTYPES[x.dtype],
+        _ptr(x),
+        x.shape[1],
+        inter,
+        _ptr(rows),
+        _ptr(weights),
+        _ptr(counts),
+        len(ups),
+        _ptr(ups),
+        _ptr(downs),
+        kind,
+        _ptr(out),
+    )
+    return out.to(x.dtype) if rc == 0 else None
+
+
 def reset() -> None:
     """Forget what was probed of the kernels (cpu_build.reset; a test may have patched one
     of them over)."""
