@@ -87,6 +87,15 @@ class TieredCache(CacheIndex):
             self._backup(self.tree.match_prefix(tokens).node)
         return existing
 
+    def prioritize(self, tokens: Sequence[int], priority: int, ttl: float) -> None:
+        """Hold the cached prefix of tokens at a retention priority for ttl seconds, in L1
+        and L2 (the tree) and in the file L3 store (its index; Redis evicts by its own
+        policy)."""
+        super().prioritize(tokens, priority, ttl)
+        if self.index is not None:
+            whole = len(tokens) // self.page_size * self.page_size
+            self.index.hold(self.tree.keys_of(tokens[:whole]), priority, ttl)
+
     def record_hit(self, node: int) -> None:
         self.tree.record_hit(node)
         if self.policy == "write_through_selective":

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -250,12 +251,15 @@ class L3Index(Protocol):
 
 
 class StoreIndex:
-    """LRU of the page files in a directory under a byte budget. Thread-safe."""
+    """LRU of the page files in a directory under a byte budget, retention priorities first:
+    over the budget, the least recently used file that holds no priority goes, and only
+    when every file holds one, the lowest priority's least recently used. Thread-safe."""
 
     def __init__(self, root: Path | str, budget_bytes: int) -> None:
         self.root = Path(root)
         self.budget = budget_bytes
         self._files: OrderedDict[bytes, int] = OrderedDict()  # key -> bytes, oldest first
+        self._held: dict[bytes, tuple[int, float]] = {}  # key -> (priority, monotonic until)
         self._lock = threading.Lock()
         self.total_bytes = 0
         self.evicted = 0
@@ -294,11 +298,34 @@ class StoreIndex:
         with self._lock:
             for key in keys:
                 self.total_bytes -= self._files.pop(key, 0)
+                self._held.pop(key, None)
+
+    def hold(self, keys: Iterable[bytes], priority: int, ttl: float) -> None:
+        """Hold these pages' files (present or still to be written) at a retention priority
+        for ttl seconds; a higher priority that still holds stays (as in the radix tree)."""
+        now = time.monotonic()
+        with self._lock:
+            for key in keys:
+                held, until = self._held.get(key, (0, 0.0))
+                held = held if until > now else 0
+                if priority > held:
+                    self._held[key] = (priority, now + ttl)
+                elif priority == held:
+                    self._held[key] = (held, max(until, now + ttl))
+
+    def _level(self, key: bytes, now: float) -> int:
+        priority, until = self._held.get(key, (0, 0.0))
+        return priority if until > now else 0
 
     def _evict_over_budget(self) -> list[bytes]:
         gone = []
+        now = time.monotonic()
         while self.total_bytes > self.budget and self._files:
-            key, nbytes = self._files.popitem(last=False)
+            key = next((k for k in self._files if not self._level(k, now)), None)
+            if key is None:  # every file holds a priority: the lowest, least recently used
+                key = min(self._files, key=lambda k: self._level(k, now))
+            nbytes = self._files.pop(key)
+            self._held.pop(key, None)
             self.total_bytes -= nbytes
             key_path(self.root, key).unlink(missing_ok=True)
             gone.append(key)

@@ -302,6 +302,36 @@ class SlowStore(FileStore):
         return super().read_into(key, out)
 
 
+def test_l3_evicts_files_without_a_priority_first_until_the_ttl_runs_out(tmp_path, monkeypatch):
+    """The file store's budget evicts the least recently used file that holds no retention
+    priority; a held one goes only once its TTL has run out, or when every file is held (the
+    lowest priority first). TieredCache.prioritize holds a prefix's page files there too."""
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    idx = StoreIndex(tmp_path / "idx", 300)
+    a, b, c, d, e, f = (bytes([i]) * 16 for i in range(6))
+    for key in (a, b, c):
+        idx.add(key, 100)
+    idx.hold([a], 5, 60)
+    idx.hold([a], 1, 600)  # a lower priority does not replace a higher one that holds
+    assert idx.add(d, 100) == [b]  # a is the oldest, but held
+    now[0] += 61
+    assert idx.add(e, 100) == [a]  # its priority ran out: plain LRU again
+    idx.hold([c], 2, 60)
+    idx.hold([d], 9, 60)
+    idx.hold([e], 3, 60)
+    assert idx.add(f, 100) == [f]  # below every held file, the newcomer is the one to go
+    g = bytes([6]) * 16
+    idx.hold([g], 4, 60)  # held before its file is written
+    assert idx.add(g, 100) == [c]  # all held: the lowest priority goes
+    kv, l1, cache = make(8, 8, tmp_path / "store")
+    assert cache.index is not None
+    tokens = list(range(12))
+    cache.insert(tokens, l1.alloc(6))
+    cache.prioritize(tokens + [7], priority=4, ttl=30)
+    assert all(cache.index._level(k, now[0]) == 4 for k in cache.tree.keys_of(tokens))
+
+
 def test_no_read_lands_after_a_load_stops_at_a_missing_file(tmp_path):
     kv, _ = pool(8)
     l2 = KVCache(num_pages=8, dtype=torch.float32, device="cpu", **SHAPE)
