@@ -14,7 +14,7 @@ after a burst; for strata, where prompt tokens came from; with sessions, the pag
 sessions pinned, and what was left after half of them were closed and after the other half's
 TTL ran out.
 
-Usage: python bench/agent_sessions.py [--agents 4 --turns 40 --tool-tokens 165]
+Usage: python bench/agent_sessions.py [--agents 4 --turns 40 --tool-tokens 150]
 """
 
 from __future__ import annotations
@@ -155,12 +155,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--agents", type=int, default=4)
     ap.add_argument("--turns", type=int, default=40)
-    # NOTE: 40 turns of ~200 tokens reach ~8.0k, within the embedded model's 8192 positions
-    ap.add_argument("--tool-tokens", type=int, default=165)
+    # NOTE: 40 turns of ~190 tokens (173 + a 16-token reply) reach ~7.6k, within the embedded
+    # model's 8192 positions
+    ap.add_argument("--tool-tokens", type=int, default=150)
     ap.add_argument("--noise-tokens", type=int, default=400, help="one other user a round")
     ap.add_argument("--burst-every", type=int, default=10, help="rounds between bursts")
     ap.add_argument("--burst-tokens", type=int, default=1500, help="each burst prompt")
-    ap.add_argument("--session-ttl", type=float, default=300.0, help="longer than a burst")
+    ap.add_argument("--session-ttl", type=float, default=150.0, help="longer than a burst")
     ap.add_argument("--only", nargs="*", help="run only these configurations (by name)")
     ap.add_argument("--no-peer", action="store_true", help="strata only")
     a = ap.parse_args()
