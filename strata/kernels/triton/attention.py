@@ -124,6 +124,19 @@ def _soft_cap(s, cap):
 
 
 @triton.jit
+def _logits(q, key, scale, cap, CAP: tl.constexpr, IEEE: tl.constexpr):
+    """q key^T times the scale ([rows, keys]), soft-capped where CAP."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(key), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(key))
+    s = s * scale
+    if CAP:
+        s = _soft_cap(s, cap)
+    return s
+
+
+@triton.jit
 def _decode_kernel(
     Q, K, V, Out, PartOut, PartLse, Table, Lens,
     s_qb, s_qh, s_ob, s_oh, s_kp, s_kt, s_kh, s_tb, s_th, s_lb, s_lh,
@@ -163,14 +176,7 @@ def _decode_kernel(
         both = jm[:, None] & dm[None, :]
         key = tl.load(K + at, mask=both, other=0.0)  # [BN, DP]
         val = tl.load(V + at, mask=both, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(key), input_precision="ieee")  # [GP, BN]
-        else:
-            s = tl.dot(q, tl.trans(key))
-        s = s * scale
-        if CAP:
-            s = _soft_cap(s, cap)
-        s = tl.where(jm[None, :], s, float("-inf"))
+        s = tl.where(jm[None, :], _logits(q, key, scale, cap, CAP, IEEE), float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -371,13 +377,7 @@ def _prefill_kernel(
             both = jm[:, None] & dm[None, :]
             key = tl.load(K + at, mask=both, other=0.0)
             val = tl.load(V + at, mask=both, other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(key), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(key))
-            s = s * scale
-            if CAP:
-                s = _soft_cap(s, cap)
+            s = _logits(q, key, scale, cap, CAP, IEEE)  # [BM, BN]
             seen = (j[None, :] <= pos[:, None]) & jm[None, :]
             if window > 0:
                 seen = seen & (j[None, :] > pos[:, None] - window)
