@@ -156,13 +156,13 @@ class SparseMoE:
         flat = chosen.flatten()
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
         rows = order // self.top_k
-        if self.fused is not None and x.dtype == self.fused[4] and x.dim() == 2:
-            counts_t = torch.bincount(flat, minlength=len(self.experts))
-            y = cpu_ops.moe_avx2(x, rows, weights.flatten()[order], counts_t, self.fused[:4])
+        counted = torch.bincount(flat, minlength=len(self.experts))
+        if self.fused is not None:
+            y = cpu_ops.moe_avx2(x, rows, weights.flatten()[order], counted, self.fused)
             if y is not None:
                 return y
         weights = weights.to(x.dtype)
-        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        counts = counted.tolist()
         slot_weights = weights.flatten()[order]
         out = torch.zeros_like(x)
         start = 0
@@ -175,9 +175,7 @@ class SparseMoE:
         return out
 
 
-def fused_cpu_experts(
-    experts: list[MLP],
-) -> tuple[torch.Tensor, torch.Tensor, int, int, torch.dtype] | None:
+def fused_cpu_experts(experts: list[MLP]) -> cpu_ops.CpuExperts | None:
     """What cpu_ops.moe_avx2 needs of a layer's experts (their gate/up and down weights'
     addresses, their layout, the intermediate size, the rows' dtype), where every expert's
     products run on cpu_gemm.c's AVX2 kernel in one layout (bfloat16 pairs, or strata's int4
@@ -193,7 +191,7 @@ def fused_cpu_experts(
     downs = torch.tensor([_avx2_weight(e.down).data_ptr() for e in experts], dtype=torch.int64)
     down = experts[0].down
     inter = down.weight.shape[1] if isinstance(down, Linear) else down.in_features
-    return ups, downs, kind, inter, dtype
+    return cpu_ops.CpuExperts(ups, downs, kind, inter, dtype)
 
 
 def _avx2_layout(lin: Any) -> tuple[int, torch.dtype] | None:

@@ -9,6 +9,7 @@ is the same on GPUs.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -195,23 +196,31 @@ def linear_avx2(
     return y
 
 
+class CpuExperts(NamedTuple):
+    """What moe_avx2 needs of a layer's experts, gathered once at load."""
+
+    ups: torch.Tensor  # [experts] int64: each expert's gate/up weight's address
+    downs: torch.Tensor  # [experts] int64: its down weight's address
+    kind: int  # their layout: W_PAIR_BF16 or W_INT4
+    inter: int  # the intermediate size
+    dtype: torch.dtype  # the rows they take
+
+
 def moe_avx2(
     x: torch.Tensor,
     rows: torch.Tensor,
     weights: torch.Tensor,
     counts: torch.Tensor,
-    experts: tuple[torch.Tensor, torch.Tensor, int, int],
+    experts: CpuExperts,
 ) -> torch.Tensor | None:
     """A mixture of experts' layer in one call (cpu_gemm.c's moe_avx2): x [tokens, hidden]
-    (float32 or bfloat16); rows, weights: the (token, expert) pairs sorted by expert, each
-    pair's token and routing weight; counts [experts]: pairs per expert; experts: (the
-    addresses of each expert's gate/up and down weights as int64 tensors, their layout,
-    the intermediate size). Sums in float32, rounded to x's dtype once; None where the
-    kernel does not run."""
+    (experts.dtype); rows, weights: the (token, expert) pairs sorted by expert, each pair's
+    token and routing weight; counts [experts]: pairs per expert. Sums in float32, rounded
+    to x's dtype once; None where the kernel does not run."""
     lib = library()
-    if lib is None or x.dtype not in _LINEAR_DTYPES or x.dim() != 2:
+    if lib is None or x.dtype != experts.dtype or x.dim() != 2:
         return None
-    ups, downs, kind, inter = experts
+    ups, downs, kind, inter = experts.ups, experts.downs, experts.kind, experts.inter
     x = x.contiguous()
     out = torch.zeros(x.shape, dtype=torch.float32)
     rows, counts = rows.to(torch.int64).contiguous(), counts.to(torch.int64).contiguous()
