@@ -2,14 +2,14 @@
 sets (image, replicas, memory budget, Redis budget, secrets, discovery). The defaults are
 rendered in deploy/kubernetes/strata.yaml (a test keeps it fresh); `kubectl apply -f` it.
 
-Objects: a Namespace; Redis (the shared L3, its budget its maxmemory with allkeys-lru); the
-cache service; prefill and decode Deployments whose pods register at the cache service
-under their pod IP (or, with `--discovery dns`, sit behind headless Services the gateway
-resolves); the gateway Deployment and Service, scraped by Prometheus (annotations, and a
-ServiceMonitor on request); the Grafana dashboard as a ConfigMap. Probes: gRPC health on
-the workers and the cache service (TCP under mTLS, which the kubelet's gRPC probe cannot
-speak), /health on the gateway. The API key and the mTLS files come from Secrets the user
-creates (named by --api-key-secret and --tls-secret).
+Objects: a Namespace; Redis (the shared L3, its budget its maxmemory with volatile-lru: the
+least recently used pages go, never one a retention priority holds); the cache service; prefill
+and decode Deployments whose pods register at the cache service under their pod IP (or, with
+`--discovery dns`, sit behind headless Services the gateway resolves); the gateway Deployment
+and Service, scraped by Prometheus (annotations, and a ServiceMonitor on request); the Grafana
+dashboard as a ConfigMap. Probes: gRPC health on the workers and the cache service (TCP under
+mTLS, which the kubelet's gRPC probe cannot speak), /health on the gateway. The API key and the
+mTLS files come from Secrets the user creates (named by --api-key-secret and --tls-secret).
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def tls_volumes(v: Values) -> dict[str, Any]:
 
 def redis(v: Values) -> list[Manifest]:
     maxmemory = f"{int(v.redis_maxmemory_gb * 1024)}mb"
-    args = ["--maxmemory", maxmemory, "--maxmemory-policy", "allkeys-lru", "--save", ""]
+    args = ["--maxmemory", maxmemory, "--maxmemory-policy", "volatile-lru", "--save", ""]
     memory = f"{math.ceil(v.redis_maxmemory_gb * 1.25 * 1024)}Mi"  # room past maxmemory
     container = {
         "name": "redis",

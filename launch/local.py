@@ -192,8 +192,9 @@ def running_process(
 
 
 def start_redis(port: int, maxmemory: str = "256mb", timeout: float = 20.0) -> subprocess.Popen:
-    """A redis-server (Debian's package) on 127.0.0.1:port with no persistence and an LRU
-    budget, once it answers PING (for tests and benchmarks)."""
+    """A redis-server (Debian's package) on 127.0.0.1:port with no persistence and a
+    volatile-lru budget (the pages no retention priority holds go, least recently used
+    first), once it answers PING (for tests and benchmarks)."""
     import shutil
 
     import redis
@@ -207,7 +208,7 @@ def start_redis(port: int, maxmemory: str = "256mb", timeout: float = 20.0) -> s
         "save": "",
         "appendonly": "no",
         "maxmemory": maxmemory,
-        "maxmemory-policy": "allkeys-lru",
+        "maxmemory-policy": "volatile-lru",
     }
     args = [binary, *(x for k, v in flags.items() for x in (f"--{k}", v))]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)

@@ -44,6 +44,11 @@ def llama_cpp_server(n_ctx: int = 8192, timeout: float = 120.0) -> Iterator[str]
         threads,
         "--cache",
         "true",
+        # NOTE: its server keeps every prompt position's logits by default (n_ctx x vocab
+        # float32, 3.4 GB at 17k positions) and copies them into each prompt-cache entry,
+        # which the cache's byte budget does not count: 40-turn sessions grew it past 21 GB
+        "--logits_all",
+        "false",
         # its default lets each new request cut off the one in flight
         "--interrupt_requests",
         "false",

@@ -201,11 +201,16 @@ def batch_to_proto(b: Batch) -> cache_pb2.EventBatch:
         snapshot=b.snapshot,
         costs=costs_to_proto(b.costs),
         page_file_bytes=b.page_file_bytes,
-        events=[cache_pb2.KVEvent(kind=e.kind, tier=e.tier, keys=e.keys) for e in b.events],
+        events=[
+            cache_pb2.KVEvent(
+                kind=e.kind, tier=e.tier, keys=e.keys, priority=e.priority, ttl_s=e.ttl
+            )
+            for e in b.events
+        ],
     )
 
 
-EVENT_KINDS, EVENT_TIERS = ("stored", "removed", "hit"), ("l1", "l2", "l3")
+EVENT_KINDS, EVENT_TIERS = ("stored", "removed", "hit", "held"), ("l1", "l2", "l3")
 MAX_PAGE_SIZE = 1 << 16
 
 
@@ -221,13 +226,15 @@ def batch_from_proto(m: cache_pb2.EventBatch) -> Batch:
             raise ValueError(f"unknown KV event {e.kind!r} in tier {e.tier!r}")
         if any(len(k) != KEY_BYTES for k in e.keys):
             raise ValueError(f"a page key is {KEY_BYTES} bytes")
+        if e.kind == "held" and not (e.tier == "l3" and e.priority <= 100 and 0 < e.ttl_s <= 86400):
+            raise ValueError("a held event is l3, with priority <= 100 and ttl_s in (0, 86400]")
     return Batch(
         m.worker,
         m.seed,
         m.page_size,
         m.first_seq,
         m.snapshot,
-        [KVEvent(e.kind, e.tier, list(e.keys)) for e in m.events],
+        [KVEvent(e.kind, e.tier, list(e.keys), e.priority, e.ttl_s) for e in m.events],
         costs_from_proto(m.costs),
         m.page_file_bytes,
     )

@@ -103,8 +103,8 @@ def cpu_isa_level(request, monkeypatch):
 
 class RedisServer:
     """A real redis-server (the distribution's package, which `make test` installs) on a
-    loopback port, with no persistence and an LRU budget; stop() and start() it again on
-    the same port to test what a Redis outage does."""
+    loopback port, with no persistence and a volatile-lru budget (launch.local.start_redis);
+    stop() and start() it again on the same port to test what a Redis outage does."""
 
     def __init__(self, maxmemory: str = "256mb") -> None:
         import shutil

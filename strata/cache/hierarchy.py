@@ -88,13 +88,19 @@ class TieredCache(CacheIndex):
         return existing
 
     def prioritize(self, tokens: Sequence[int], priority: int, ttl: float) -> None:
-        """Hold the cached prefix of tokens at a retention priority for ttl seconds, in L1
-        and L2 (the tree) and in the file L3 store (its index; Redis evicts by its own
-        policy)."""
+        """Hold the cached prefix of tokens at a retention priority for ttl seconds: in L1
+        and L2 (the tree) and in L3, the store's pages whether written yet or not (a file
+        store's index, here or in the cache service through a "held" event; Redis itself)."""
         super().prioritize(tokens, priority, ttl)
+        if self.store is None:
+            return
+        keys = self.tree.keys_of(tokens[: len(tokens) // self.page_size * self.page_size])
+        self.mover.hold(keys, priority, ttl)
         if self.index is not None:
-            whole = len(tokens) // self.page_size * self.page_size
-            self.index.hold(self.tree.keys_of(tokens[:whole]), priority, ttl)
+            self.index.hold(keys, priority, ttl)
+        if self.record_events and keys:
+            with self._lock:
+                self._l3_events.append(KVEvent("held", "l3", keys, priority, ttl))
 
     def record_hit(self, node: int) -> None:
         self.tree.record_hit(node)

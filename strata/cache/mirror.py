@@ -125,6 +125,8 @@ class ClusterIndex:
                 self.store.touch(ev.keys)
             elif ev.kind == "removed":
                 self.store.remove(ev.keys)
+            elif ev.kind == "held":
+                self.store.hold(ev.keys, ev.priority, ev.ttl)
 
 
 def _leading(chain: list[bytes], *tiers: set[bytes]) -> int:

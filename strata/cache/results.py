@@ -32,9 +32,11 @@ class Attached(NamedTuple):
 
 
 class KVEvent(NamedTuple):
-    kind: str  # "stored" | "removed"
-    tier: str  # "l1" | "l2"
+    kind: str  # "stored" | "removed" | "hit" (l3: a read) | "held" (l3: a retention priority)
+    tier: str  # "l1" | "l2" | "l3"
     keys: list[bytes]
+    priority: int = 0  # "held": the priority, held for ttl seconds
+    ttl: float = 0.0
 
 
 @dataclass(frozen=True)

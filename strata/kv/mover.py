@@ -128,6 +128,11 @@ class TierMover:
         data = self._l2[list(host)]  # fancy indexing copies
         self._writes.submit(self._write, list(keys), data, nbytes)
 
+    def hold(self, keys: Sequence[bytes], priority: int, ttl: float) -> None:
+        """Queue a retention hold on the store's pages (after the writes queued before it)."""
+        if self.store is not None and keys:
+            self._writes.submit(self.store.hold, list(keys), priority, ttl)
+
     def shutdown(self) -> None:
         self._loads.shutdown(wait=False, cancel_futures=True)
         self._writes.shutdown(wait=True)

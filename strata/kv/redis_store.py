@@ -5,14 +5,20 @@ the model's identity and KV layout (dtype, page size, layers, KV heads, head dim
 another model or layout never share a name. Its value is the file store's record (header with
 an XXH3-64 checksum, then the page's bytes), so a truncated, corrupt or foreign value is
 never loaded: it is deleted and the page recomputed. Reads and writes go BATCH pages per
-round trip (MGET, a pipeline of SET NX) and existence checks EXISTS_BATCH keys per round
+round trip (MGET, a script of SET NX) and existence checks EXISTS_BATCH keys per round
 trip: one for any prompt under 8k tokens. (One round trip for a 64-page read was measured
 2x slower than eight of 8 pages: large replies cost more than round trips on loopback.)
 
-The budget is Redis's own: `maxmemory` with an LRU policy (`allkeys-lru`) evicts the least
-recently read pages; strata neither counts nor deletes them (a page evicted between a lookup
-and its read is recomputed). Give strata a database of its own (the URL's /db): `len` counts
-the database's keys.
+The budget is Redis's own: `maxmemory` with `maxmemory-policy volatile-lru` evicts the least
+recently read pages among those that carry an expiry; strata neither counts nor deletes them
+(a page evicted between a lookup and its read is recomputed). Retention priority rides on
+that policy: a page is written with an expiry of PLAIN_TTL_S (so it may be evicted), and a
+held page (TieredCache.prioritize) has none until its hold ends. The holds live in Redis, a
+sorted set HELD of page name -> end time (Redis's clock, so hosts' clocks do not matter), and
+every write or hold first gives the pages whose hold ended their expiry back. When only held
+pages are left, Redis refuses new pages (they are recomputed when needed) until a hold ends.
+Under `allkeys-lru` Redis evicts held pages too (a warning at start says so). Give strata a
+database of its own (the URL's /db): `len` counts the database's keys.
 
 Redis down or slow (timeouts of `timeout` seconds) never fails a request: a failed call
 counts as a miss (pages recomputed, writes dropped) and the store stays quiet for DOWN_SECONDS
@@ -35,10 +41,59 @@ from strata.kv.store import HEADER_BYTES, PageFormat, PageStore, flat, page_head
 log = logging.getLogger(__name__)
 
 PREFIX = b"strata:kv:"
+HELD = b"strata:held"  # sorted set: held page name -> when its hold ends (Redis's clock, s)
+PLAIN_TTL_S = 30 * 86400  # the expiry of a page not held (volatile-lru evicts only these)
 BATCH = 8  # pages per MGET or SET pipeline (~3 MB of the embedded model's bf16 pages)
 EXISTS_BATCH = 512  # keys per pipeline of EXISTS
 DOWN_SECONDS = 1.0  # after a failed call, treat Redis as down this long
 T = TypeVar("T")
+
+# Lua run by Redis (one round trip, atomic). Each first gives the pages whose hold ended
+# (at most 1024 a call) their expiry back; KEYS[1] is HELD, ARGV[1] the plain expiry in ms.
+_RELEASE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+for _, page in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1024)) do
+  redis.call('PEXPIRE', page, ARGV[1])
+  redis.call('ZREM', KEYS[1], page)
+end
+"""
+# KEYS[2..]: pages, ARGV[2..]: their values. Per page 1: written, 0: there already,
+# -1: refused (Redis is full of pages it may not evict).
+_WRITE = (
+    _RELEASE
+    + """
+local out = {}
+for i = 2, #KEYS do
+  local held = redis.call('ZSCORE', KEYS[1], KEYS[i])
+  local ok
+  if held and tonumber(held) > now then
+    ok = redis.pcall('SET', KEYS[i], ARGV[i], 'NX')
+  else
+    ok = redis.pcall('SET', KEYS[i], ARGV[i], 'NX', 'PX', ARGV[1])
+  end
+  if type(ok) == 'table' and ok.err then out[i - 1] = -1
+  elseif ok then out[i - 1] = 1 else out[i - 1] = 0 end
+end
+return out
+"""
+)
+# KEYS[2..]: pages to hold, ARGV[2]: for how many seconds (a later end wins). Returns how
+# many are held; a page is never made unevictable unless HELD records when to release it.
+_HOLD = (
+    _RELEASE
+    + """
+local held = 0
+for i = 2, #KEYS do
+  local ok = redis.pcall('ZADD', KEYS[1], 'GT', now + tonumber(ARGV[2]), KEYS[i])
+  if not (type(ok) == 'table' and ok.err) then
+    redis.call('PERSIST', KEYS[i])
+    held = held + 1
+  end
+end
+return held
+"""
+)
 
 
 def check_url(url: str | None) -> str:
@@ -119,7 +174,27 @@ class RedisStore(PageStore):
         self.link = RedisLink(url, timeout)
         self.fmt = fmt
         self.errors = 0
+        self.refused = 0  # pages Redis had no room for (only held pages were left)
         self._lock = threading.Lock()
+        self._write_script = self.link.client.register_script(_WRITE)
+        self._hold_script = self.link.client.register_script(_HOLD)
+        self._warn_policy()
+
+    def _warn_policy(self) -> None:
+        def policy(client: redis.Redis) -> str:
+            return str(client.config_get("maxmemory-policy").get("maxmemory-policy", ""))
+
+        try:  # NOTE: a managed Redis may forbid CONFIG; then nothing is said
+            found = policy(self.link.client)
+        except (redis.RedisError, OSError):
+            return
+        if found != "volatile-lru":
+            log.warning(
+                "L3 at %s runs maxmemory-policy %s: retention priorities hold in L3 only under "
+                "volatile-lru",
+                self.link.safe_url,
+                found,
+            )
 
     def count_present(self, keys: Sequence[bytes]) -> int:
         return self.link.call(lambda client: present(client, keys), 0) if keys else 0
@@ -133,14 +208,40 @@ class RedisStore(PageStore):
         def run(client: redis.Redis) -> list[int | None]:
             out: list[int | None] = []
             for start in range(0, len(keys), BATCH):
-                pipe = client.pipeline(transaction=False)
-                for key, value in zip(keys[start : start + BATCH], values[start : start + BATCH]):
-                    pipe.set(name(key), value, nx=True)  # a page is written once
-                done = pipe.execute()
-                out += [len(v) if ok else 0 for ok, v in zip(done, values[start:], strict=False)]
+                batch = [name(k) for k in keys[start : start + BATCH]]
+                done = self._write_script(
+                    [HELD, *batch], [PLAIN_TTL_S * 1000, *values[start : start + BATCH]], client
+                )  # a page is written once (SET NX)
+                out += [
+                    len(v) if ok == 1 else 0 if ok == 0 else None
+                    for ok, v in zip(done, values[start:], strict=False)
+                ]
+            self._count_refused(out.count(None))
             return out
 
         return self.link.call(run, [None] * len(keys))
+
+    def _count_refused(self, n: int) -> None:
+        if not n:
+            return
+        with self._lock:
+            first, self.refused = self.refused == 0, self.refused + n
+        if first:
+            log.warning(
+                "L3 at %s is full of held pages: new pages are not stored until a hold ends",
+                self.link.safe_url,
+            )
+
+    def hold(self, keys: Sequence[bytes], priority: int, ttl: float) -> None:
+        def run(client: redis.Redis) -> int:
+            held = 0
+            for start in range(0, len(keys), EXISTS_BATCH):
+                batch = [name(k) for k in keys[start : start + EXISTS_BATCH]]
+                held += int(self._hold_script([HELD, *batch], [PLAIN_TTL_S * 1000, ttl], client))
+            return held
+
+        if keys and priority > 0:
+            self.link.call(run, 0)
 
     def read_many(self, keys: Sequence[bytes], dests: Sequence[np.ndarray]) -> int:
         def run(client: redis.Redis) -> int:
@@ -179,7 +280,8 @@ class RedisStore(PageStore):
 
 class RedisIndex:
     """The cache service's view of a Redis L3 for routing and stats (the StoreIndex calls it
-    uses). Redis keeps the LRU and the budget itself, so add/touch/remove do nothing."""
+    uses). Redis keeps the LRU, the budget and the holds itself, so add/touch/remove/hold do
+    nothing."""
 
     def __init__(self, url: str, timeout: float = 1.0) -> None:
         self.link = RedisLink(url, timeout)
@@ -195,6 +297,9 @@ class RedisIndex:
 
     def remove(self, keys: Sequence[bytes]) -> None:
         pass
+
+    def hold(self, keys: Sequence[bytes], priority: int, ttl: float) -> None:
+        pass  # the workers hold their pages in Redis themselves (RedisStore.hold)
 
     def __len__(self) -> int:
         return int(self.link.call(lambda c: c.dbsize(), 0))

@@ -125,6 +125,11 @@ class PageStore(ABC):
         many leading pages landed (it stops at a missing or bad one; no later write lands
         in a dest once it returns)."""
 
+    def hold(self, keys: Sequence[bytes], priority: int, ttl: float) -> None:  # noqa: B027
+        """Keep these pages (present or still to be written) at a retention priority for ttl
+        seconds, where the store evicts by itself (Redis); a directory's pages are held by
+        its StoreIndex, whoever owns it."""
+
     def close(self) -> None:  # noqa: B027 (optional: a store with nothing to release)
         """Release the store's threads and connections."""
 
@@ -248,6 +253,7 @@ class L3Index(Protocol):
     def add(self, key: bytes, nbytes: int) -> list[bytes]: ...
     def touch(self, keys: Sequence[bytes]) -> None: ...
     def remove(self, keys: Sequence[bytes]) -> None: ...
+    def hold(self, keys: Sequence[bytes], priority: int, ttl: float) -> None: ...
 
 
 class StoreIndex:

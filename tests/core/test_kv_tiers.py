@@ -15,6 +15,7 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from strata.cache.hierarchy import TieredCache
+from strata.cache.results import KVEvent
 from strata.kv.mover import LoadPlan, TierMover
 from strata.kv.pool import KVCache, PagePool, alloc_evicting
 from strata.kv.store import CorruptPage, FileStore, PageFormat, StoreIndex, key_path
@@ -330,6 +331,28 @@ def test_l3_evicts_files_without_a_priority_first_until_the_ttl_runs_out(tmp_pat
     cache.insert(tokens, l1.alloc(6))
     cache.prioritize(tokens + [7], priority=4, ttl=30)
     assert all(cache.index._level(k, now[0]) == 4 for k in cache.tree.keys_of(tokens))
+    # a cluster worker's pages are held by the cache service's index: a "held" event carries
+    # the hold there, over the wire, before or after the pages' "stored" events
+    from services.convert import batch_from_proto, batch_to_proto
+    from strata.cache.mirror import Batch, ClusterIndex
+
+    kv2, l1_2 = pool(8)
+    worker = TieredCache(kv2, l1_2, 8, "write_back", b"seed", cache.store, None, record_events=True)
+    worker.insert(tokens, l1_2.alloc(6))
+    worker.take_events()
+    worker.prioritize(tokens, priority=7, ttl=30)
+    events = [ev for ev in worker.take_events() if ev.tier == "l3"]
+    assert events == [KVEvent("held", "l3", worker.tree.keys_of(tokens), 7, 30)]
+    service = ClusterIndex(StoreIndex(tmp_path / "service", 800))
+    for snapshot, batch_events in ((True, []), (False, events)):  # first_seq 0 both times
+        batch = Batch("w", b"seed", PS, 0, snapshot, batch_events, {}, 100)
+        assert service.apply(batch_from_proto(batch_to_proto(batch)))
+    assert service.store is not None
+    held = worker.tree.keys_of(tokens)
+    stored = [KVEvent("stored", "l3", [k]) for k in [*held, a, b]]
+    assert service.apply(Batch("w", b"seed", PS, 1, False, stored, {}, 100))
+    # 8 pages of 100 bytes fill its 800: the least recently used plain page goes, never a held one
+    assert [service.store.add(k, 100) for k in (d, e, f)] == [[a], [b], [d]]
 
 
 def test_no_read_lands_after_a_load_stops_at_a_missing_file(tmp_path):
@@ -428,6 +451,51 @@ def test_redis_evicts_by_its_own_budget_and_an_evicted_page_is_a_miss(redis_url,
         assert present < len(keys)
         outs = [np.zeros_like(page) for _ in keys]
         assert store.read_many(keys, outs) == present  # up to the first evicted page
+    finally:
+        raw.config_set("maxmemory", redis_server.maxmemory)
+        raw.close()
+
+
+def test_redis_keeps_held_pages_from_its_own_eviction_until_the_hold_ends(redis_url, redis_server):
+    """Under volatile-lru, Redis evicts only pages that carry an expiry: a held page (held
+    before or after it is written) has none until its hold ends; when only held pages are
+    left, new pages are refused (not an outage), and an ended hold gives the expiry back."""
+    from strata.kv.redis_store import HELD, name
+
+    kv, _ = pool(2)
+    store = redis_store(redis_url, kv)
+    raw = redis_server.client()
+    page = np.ones(kv.bytes_per_page, dtype=np.uint8)
+    held = [bytes([1, i]) * 8 for i in range(20)]
+    assert all(store.write_many(held[:10], [page] * 10))
+    store.hold(held, priority=5, ttl=60)  # ten written, ten still to be written
+    assert all(store.write_many(held[10:], [page] * 10))
+    assert all(raw.ttl(name(k)) == -1 for k in held)  # no expiry: never evicted
+    plain = [bytes([3]) + i.to_bytes(15, "little") for i in range(4000)]  # ~3 MB of pages
+    assert store.write_many(plain[:1], [page])[0] and raw.ttl(name(plain[0])) > 86400
+    raw.config_set("maxmemory", raw.info("memory")["used_memory"] + (1 << 20))
+    try:
+        for start in range(0, len(plain), 50):
+            assert None not in store.write_many(plain[start : start + 50], [page] * 50)
+        assert raw.info("stats")["evicted_keys"] > 0
+        assert store.count_present(held) == 20  # plain pages made room; held ones stayed
+        # only held pages left: new ones are refused, which is not an outage
+        raw.flushdb()
+        more = [bytes([2, i % 256, i // 256]) + bytes(13) for i in range(2000)]
+        store.hold(more, priority=1, ttl=1.5)
+        raw.config_set("maxmemory", raw.info("memory")["used_memory"] + (256 << 10))
+        written: list[int | None] = []
+        for start in range(0, len(more), 50):
+            written += store.write_many(more[start : start + 50], [page] * 50)
+        assert None in written and store.refused == written.count(None)
+        assert store.link.failures == 0 and store.count_present(more) > 0
+        # the hold ends: the next writes give the pages their expiry back (1024 a call),
+        # and from then on Redis evicts them for new pages
+        time.sleep(1.6)
+        for start in range(0, 150, 50):
+            store.write_many(plain[start : start + 50], [page] * 50)
+        assert raw.zcard(HELD) == 0 and raw.pttl(name(more[0])) > 0
+        assert None not in store.write_many(plain[150:200], [page] * 50)
     finally:
         raw.config_set("maxmemory", redis_server.maxmemory)
         raw.close()

@@ -1,7 +1,8 @@
 """L3 in a real Redis shared by two `strata up` clusters (two "hosts": separate processes,
 ports and caches; embedded model): a prompt prefilled on one is served from L3 on the other
 with the same tokens; corrupt and deleted pages are recomputed, never loaded; with Redis
-killed, requests are served (L3 misses) and L3 comes back with Redis."""
+killed, requests are served (L3 misses) and L3 comes back with Redis; a request's retention
+priority keeps its pages from Redis's eviction."""
 
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ def clusters(redis_server):
         yield [url for url, _ in started_together(stack, starts)]
 
 
-def generate(url: str, text: str) -> dict:
-    body = {"text": text, "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
+def generate(url: str, text: str, **params) -> dict:
+    body = {"text": text, "sampling_params": {"max_new_tokens": 8, "temperature": 0, **params}}
     r = httpx.post(f"{url}/generate", json=body, timeout=120)
     assert r.status_code == 200, r.text
     return r.json()
@@ -101,3 +102,23 @@ def test_with_redis_down_requests_are_served_and_l3_comes_back(clusters, redis_s
     first, second = warm_on_first_then_second(clusters, redis_server, text)
     assert second["meta_info"]["cached_tokens_by_tier"]["l3"] > 0
     assert second["output_ids"] == first["output_ids"]
+
+
+def test_a_prefix_held_by_a_priority_carries_no_expiry_in_redis(clusters, redis_server):
+    """Plain pages carry an expiry (volatile-lru may evict them); the pages of a request
+    with a retention priority carry none while the hold lasts (strata:held says until when)."""
+    with redis_server.client() as c:
+        c.flushdb()
+        plain = generate(clusters[0], LOG.replace("wave", "tide"))
+        stored_pages(redis_server, plain["meta_info"]["prompt_tokens"] // 16 - 1)
+        before = set(c.keys("strata:kv:*"))
+        assert before and all(c.ttl(k) > 86400 for k in before)
+        held = generate(clusters[0], LOG.replace("wave", "swell"), priority=9, priority_ttl=60)
+        stored_pages(redis_server, len(before) + held["meta_info"]["prompt_tokens"] // 16 - 2)
+        new = set(c.keys("strata:kv:*")) - before
+        deadline = time.monotonic() + 10  # the hold follows the writes on the writer thread
+        while any(c.ttl(k) != -1 for k in new):
+            assert time.monotonic() < deadline, [c.ttl(k) for k in new]
+            time.sleep(0.2)
+        assert len(new) >= held["meta_info"]["prompt_tokens"] // 16 - 4
+        assert c.zcard("strata:held") >= len(new)

@@ -7,14 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KVEvent(_message.Message):
-    __slots__ = ("kind", "tier", "keys")
+    __slots__ = ("kind", "tier", "keys", "priority", "ttl_s")
     KIND_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
     kind: str
     tier: str
     keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, kind: _Optional[str] = ..., tier: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    priority: int
+    ttl_s: float
+    def __init__(self, kind: _Optional[str] = ..., tier: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., priority: _Optional[int] = ..., ttl_s: _Optional[float] = ...) -> None: ...
 
 class LoadCosts(_message.Message):
     __slots__ = ("compute_token", "l2_page", "l3_page")
