@@ -138,7 +138,7 @@ def report(name: str, r: dict, a: argparse.Namespace) -> None:
     after = [x for t in range(a.burst_every, turns, a.burst_every) for x in r["ttft"][t]]
     print(f"{name}\n  TTFT p50 / p99 ms  " + "  ".join(cells))
     print(f"  turn {turns}: {cell(r['ttft'][-1])}   turns right after a burst: {cell(after)}")
-    print(f"  longest prompt: {r['longest']} tokens")
+    print(f"  longest prompt: {r['longest'] or 'not reported'} tokens")
     total = sum(r["tiers"].values())
     if total:
         share = ", ".join(f"{k} {v / total:.3f}" for k, v in r["tiers"].items())

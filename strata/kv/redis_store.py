@@ -18,7 +18,7 @@ sorted set HELD of page name -> end time (Redis's clock, so hosts' clocks do not
 every write or hold first gives the pages whose hold ended their expiry back. When only held
 pages are left, Redis refuses new pages (they are recomputed when needed) until a hold ends.
 Under `allkeys-lru` Redis evicts held pages too (a warning at start says so). Give strata a
-database of its own (the URL's /db): `len` counts the database's keys.
+database of its own (the URL's /db): `len` counts the database's keys but HELD.
 
 Redis down or slow (timeouts of `timeout` seconds) never fails a request: a failed call
 counts as a miss (pages recomputed, writes dropped) and the store stays quiet for DOWN_SECONDS
@@ -302,7 +302,8 @@ class RedisIndex:
         pass  # the workers hold their pages in Redis themselves (RedisStore.hold)
 
     def __len__(self) -> int:
-        return int(self.link.call(lambda c: c.dbsize(), 0))
+        """The database's keys but HELD: the pages."""
+        return int(self.link.call(lambda c: c.dbsize() - c.exists(HELD), 0))
 
     @property
     def total_bytes(self) -> int:

@@ -460,7 +460,7 @@ def test_redis_keeps_held_pages_from_its_own_eviction_until_the_hold_ends(redis_
     """Under volatile-lru, Redis evicts only pages that carry an expiry: a held page (held
     before or after it is written) has none until its hold ends; when only held pages are
     left, new pages are refused (not an outage), and an ended hold gives the expiry back."""
-    from strata.kv.redis_store import HELD, name
+    from strata.kv.redis_store import HELD, RedisIndex, name
 
     kv, _ = pool(2)
     store = redis_store(redis_url, kv)
@@ -471,6 +471,7 @@ def test_redis_keeps_held_pages_from_its_own_eviction_until_the_hold_ends(redis_
     store.hold(held, priority=5, ttl=60)  # ten written, ten still to be written
     assert all(store.write_many(held[10:], [page] * 10))
     assert all(raw.ttl(name(k)) == -1 for k in held)  # no expiry: never evicted
+    assert len(RedisIndex(redis_url)) == 20  # pages only, not the set of holds
     plain = [bytes([3]) + i.to_bytes(15, "little") for i in range(4000)]  # ~3 MB of pages
     assert store.write_many(plain[:1], [page])[0] and raw.ttl(name(plain[0])) > 86400
     raw.config_set("maxmemory", raw.info("memory")["used_memory"] + (1 << 20))
