@@ -13,12 +13,15 @@ The budget is Redis's own: `maxmemory` with `maxmemory-policy volatile-lru` evic
 recently read pages among those that carry an expiry; strata neither counts nor deletes them
 (a page evicted between a lookup and its read is recomputed). Retention priority rides on
 that policy: a page is written with an expiry of PLAIN_TTL_S (so it may be evicted), and a
-held page (TieredCache.prioritize) has none until its hold ends. The holds live in Redis, a
-sorted set HELD of page name -> end time (Redis's clock, so hosts' clocks do not matter), and
-every write or hold first gives the pages whose hold ended their expiry back. When only held
-pages are left, Redis refuses new pages (they are recomputed when needed) until a hold ends.
-Under `allkeys-lru` Redis evicts held pages too (a warning at start says so). Give strata a
-database of its own (the URL's /db): `len` counts the database's keys but HELD.
+held page (TieredCache.prioritize) has none until its hold ends. The holds live in Redis, two
+sorted sets of page name -> when its hold ends (HELD; Redis's clock, so hosts' clocks do not
+matter) and -> its priority (LEVEL); every write or hold first gives the pages whose hold
+ended their expiry back. When only held pages are left, a page held at priority p that finds
+no room takes it from the pages held lowest below p (their holds end, Redis evicts them), as
+the file store's index does; a plain page, or one held no higher than all, is refused (and
+recomputed when needed) until a hold ends. Under `allkeys-lru` Redis evicts held pages too
+(a warning at start says so). Give strata a database of its own (the URL's /db): `len`
+counts the database's keys but HELD and LEVEL.
 
 Redis down or slow (timeouts of `timeout` seconds) never fails a request: a failed call
 counts as a miss (pages recomputed, writes dropped) and the store stays quiet for DOWN_SECONDS
@@ -42,56 +45,96 @@ log = logging.getLogger(__name__)
 
 PREFIX = b"strata:kv:"
 HELD = b"strata:held"  # sorted set: held page name -> when its hold ends (Redis's clock, s)
+LEVEL = b"strata:held:priority"  # sorted set: held page name -> its retention priority
 PLAIN_TTL_S = 30 * 86400  # the expiry of a page not held (volatile-lru evicts only these)
 BATCH = 8  # pages per MGET or SET pipeline (~3 MB of the embedded model's bf16 pages)
 EXISTS_BATCH = 512  # keys per pipeline of EXISTS
+TRIES = 4  # script calls for a write or hold that lower holds make room for (8 pages a call)
 DOWN_SECONDS = 1.0  # after a failed call, treat Redis as down this long
 T = TypeVar("T")
 
-# Lua run by Redis (one round trip, atomic). Each first gives the pages whose hold ended
-# (at most 1024 a call) their expiry back; KEYS[1] is HELD, ARGV[1] the plain expiry in ms.
+# Lua run by Redis (one round trip, atomic). KEYS[1] is HELD, KEYS[2] LEVEL, the pages
+# follow; ARGV[1] is the plain expiry in ms. Each first gives the pages whose hold ended (at
+# most 1024 a call) their expiry back.
 _RELEASE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-for _, page in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1024)) do
+local function unhold(page)
   redis.call('PEXPIRE', page, ARGV[1])
   redis.call('ZREM', KEYS[1], page)
+  redis.call('ZREM', KEYS[2], page)
+end
+for _, page in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1024)) do
+  unhold(page)
+end
+local function level(page)  -- the priority that holds the page now (0: none)
+  local ends = redis.call('ZSCORE', KEYS[1], page)
+  if ends and tonumber(ends) > now then
+    return tonumber(redis.call('ZSCORE', KEYS[2], page) or 0)
+  end
+  return 0
+end
+local function failed(reply) return type(reply) == 'table' and reply.err ~= nil end
+local function yield_below(p)  -- drop holds below p, lowest first, until 8 stored pages lost theirs
+  local freed = 0
+  for _, low in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. p, 'LIMIT', 0, 256)) do
+    freed = freed + redis.call('EXISTS', low)
+    unhold(low)
+    if freed >= 8 then break end
+  end
+  return freed
 end
 """
-# KEYS[2..]: pages, ARGV[2..]: their values. Per page 1: written, 0: there already,
-# -1: refused (Redis is full of pages it may not evict).
+# ARGV[2..]: the pages' values. Per page 1: written, 0: there already, -1: refused (only
+# pages Redis may not evict are left), -2: refused, but pages held lower than this one lost
+# their hold (lowest first, up to 8 stored ones), so a second try finds room. (Redis refuses
+# a script's first write only: once the script has written, the writes after it land.)
 _WRITE = (
     _RELEASE
     + """
 local out = {}
-for i = 2, #KEYS do
-  local held = redis.call('ZSCORE', KEYS[1], KEYS[i])
+for i = 3, #KEYS do
+  local p = level(KEYS[i])
   local ok
-  if held and tonumber(held) > now then
-    ok = redis.pcall('SET', KEYS[i], ARGV[i], 'NX')
+  if p > 0 then
+    ok = redis.pcall('SET', KEYS[i], ARGV[i - 1], 'NX')
   else
-    ok = redis.pcall('SET', KEYS[i], ARGV[i], 'NX', 'PX', ARGV[1])
+    ok = redis.pcall('SET', KEYS[i], ARGV[i - 1], 'NX', 'PX', ARGV[1])
   end
-  if type(ok) == 'table' and ok.err then out[i - 1] = -1
-  elseif ok then out[i - 1] = 1 else out[i - 1] = 0 end
+  if failed(ok) then
+    out[i - 2] = (p > 0 and yield_below(p) > 0) and -2 or -1
+  elseif ok then out[i - 2] = 1 else out[i - 2] = 0 end
 end
 return out
 """
 )
-# KEYS[2..]: pages to hold, ARGV[2]: for how many seconds (a later end wins). Returns how
-# many are held; a page is never made unevictable unless HELD records when to release it.
+# ARGV[2]: the priority, ARGV[3]: for how many seconds. As in the radix tree, a higher
+# priority that still holds a page stays, and the same one extends its end. Per page 1: held,
+# -1: not held (no room to record the hold), -2: not held, but pages held lower lost their
+# hold (once a call, up to 8 stored ones), so another try finds room. A page is never made
+# unevictable unless HELD records when it is released.
 _HOLD = (
     _RELEASE
     + """
-local held = 0
-for i = 2, #KEYS do
-  local ok = redis.pcall('ZADD', KEYS[1], 'GT', now + tonumber(ARGV[2]), KEYS[i])
-  if not (type(ok) == 'table' and ok.err) then
-    redis.call('PERSIST', KEYS[i])
-    held = held + 1
+local p, ends, out, yielded = tonumber(ARGV[2]), now + tonumber(ARGV[3]), {}, false
+for i = 3, #KEYS do
+  local page, ok = KEYS[i], true
+  local current = level(page)
+  if p > current then
+    ok = redis.pcall('ZADD', KEYS[1], ends, page)
+    if not failed(ok) then ok = redis.pcall('ZADD', KEYS[2], p, page) end
+  elseif p == current then
+    ok = redis.pcall('ZADD', KEYS[1], 'GT', ends, page)
+  end
+  if not failed(ok) or redis.call('ZSCORE', KEYS[1], page) then
+    redis.call('PERSIST', page)
+    out[i - 2] = 1
+  else
+    yielded = yielded or yield_below(p) > 0
+    out[i - 2] = yielded and -2 or -1
   end
 end
-return held
+return out
 """
 )
 
@@ -208,18 +251,30 @@ class RedisStore(PageStore):
         def run(client: redis.Redis) -> list[int | None]:
             out: list[int | None] = []
             for start in range(0, len(keys), BATCH):
-                batch = [name(k) for k in keys[start : start + BATCH]]
-                done = self._write_script(
-                    [HELD, *batch], [PLAIN_TTL_S * 1000, *values[start : start + BATCH]], client
-                )  # a page is written once (SET NX)
+                batch = range(start, min(start + BATCH, len(keys)))
+                done = self._write(client, keys, values, batch)  # SET NX: written once
+                for _ in range(TRIES - 1):  # again, where lower holds made room
+                    again = [i for i in batch if done[i] == -2]
+                    if not again:
+                        break
+                    done.update(self._write(client, keys, values, again))
                 out += [
-                    len(v) if ok == 1 else 0 if ok == 0 else None
-                    for ok, v in zip(done, values[start:], strict=False)
+                    len(values[i]) if done[i] == 1 else 0 if done[i] == 0 else None for i in batch
                 ]
             self._count_refused(out.count(None))
             return out
 
         return self.link.call(run, [None] * len(keys))
+
+    def _write(
+        self, client: redis.Redis, keys: Sequence[bytes], values: list[bytes], which: Sequence[int]
+    ) -> dict[int, int]:
+        """Page i -> the write script's answer for it (see _WRITE)."""
+        if not which:
+            return {}
+        names, data = [name(keys[i]) for i in which], [values[i] for i in which]
+        codes = self._write_script([HELD, LEVEL, *names], [PLAIN_TTL_S * 1000, *data], client)
+        return dict(zip(which, (int(c) for c in codes), strict=True))
 
     def _count_refused(self, n: int) -> None:
         if not n:
@@ -233,15 +288,18 @@ class RedisStore(PageStore):
             )
 
     def hold(self, keys: Sequence[bytes], priority: int, ttl: float) -> None:
-        def run(client: redis.Redis) -> int:
-            held = 0
+        def run(client: redis.Redis) -> None:
             for start in range(0, len(keys), EXISTS_BATCH):
                 batch = [name(k) for k in keys[start : start + EXISTS_BATCH]]
-                held += int(self._hold_script([HELD, *batch], [PLAIN_TTL_S * 1000, ttl], client))
-            return held
+                for _ in range(TRIES):  # again, where lower holds made room
+                    args = [PLAIN_TTL_S * 1000, priority, ttl]
+                    codes = self._hold_script([HELD, LEVEL, *batch], args, client)
+                    batch = [n for n, c in zip(batch, codes, strict=True) if int(c) == -2]
+                    if not batch:
+                        break
 
         if keys and priority > 0:
-            self.link.call(run, 0)
+            self.link.call(run, None)
 
     def read_many(self, keys: Sequence[bytes], dests: Sequence[np.ndarray]) -> int:
         def run(client: redis.Redis) -> int:
@@ -302,8 +360,8 @@ class RedisIndex:
         pass  # the workers hold their pages in Redis themselves (RedisStore.hold)
 
     def __len__(self) -> int:
-        """The database's keys but HELD: the pages."""
-        return int(self.link.call(lambda c: c.dbsize() - c.exists(HELD), 0))
+        """The database's keys but HELD and LEVEL: the pages."""
+        return int(self.link.call(lambda c: c.dbsize() - c.exists(HELD, LEVEL), 0))
 
     @property
     def total_bytes(self) -> int:

@@ -459,7 +459,8 @@ def test_redis_evicts_by_its_own_budget_and_an_evicted_page_is_a_miss(redis_url,
 def test_redis_keeps_held_pages_from_its_own_eviction_until_the_hold_ends(redis_url, redis_server):
     """Under volatile-lru, Redis evicts only pages that carry an expiry: a held page (held
     before or after it is written) has none until its hold ends; when only held pages are
-    left, new pages are refused (not an outage), and an ended hold gives the expiry back."""
+    left, a plain page is refused (not an outage) and a page held higher takes the room of
+    the lowest held ones; an ended hold gives the expiry back."""
     from strata.kv.redis_store import HELD, RedisIndex, name
 
     kv, _ = pool(2)
@@ -480,26 +481,35 @@ def test_redis_keeps_held_pages_from_its_own_eviction_until_the_hold_ends(redis_
             assert None not in store.write_many(plain[start : start + 50], [page] * 50)
         assert raw.info("stats")["evicted_keys"] > 0
         assert store.count_present(held) == 20  # plain pages made room; held ones stayed
-        # only held pages left: new ones are refused, which is not an outage
+        # only held pages left: new plain ones are refused (which is not an outage), and a
+        # page held higher takes the room of the lowest held ones
         raw.flushdb()
         more = [bytes([2, i % 256, i // 256]) + bytes(13) for i in range(2000)]
-        store.hold(more, priority=1, ttl=1.5)
+        store.hold(more, priority=1, ttl=60)
         raw.config_set("maxmemory", raw.info("memory")["used_memory"] + (256 << 10))
         written: list[int | None] = []
         for start in range(0, len(more), 50):
             written += store.write_many(more[start : start + 50], [page] * 50)
         assert None in written and store.refused == written.count(None)
-        assert store.link.failures == 0 and store.count_present(more) > 0
-        # the hold ends: the next writes give the pages their expiry back (1024 a call),
-        # and from then on Redis evicts them for new pages
-        time.sleep(1.6)
-        for start in range(0, 150, 50):
-            store.write_many(plain[start : start + 50], [page] * 50)
-        assert raw.zcard(HELD) == 0 and raw.pttl(name(more[0])) > 0
-        assert None not in store.write_many(plain[150:200], [page] * 50)
+        assert store.link.failures == 0
+        kept = sum(raw.exists(name(k)) for k in more)
+        assert kept > 0 and store.write_many(plain[:8], [page] * 8) == [None] * 8
+        top = [bytes([4, i]) + bytes(14) for i in range(40)]
+        store.hold(top, priority=5, ttl=60)
+        assert None not in store.write_many(top, [page] * 40)
+        assert all(raw.ttl(name(k)) == -1 for k in top)
+        assert sum(raw.exists(name(k)) for k in more) < kept
     finally:
         raw.config_set("maxmemory", redis_server.maxmemory)
-        raw.close()
+    # a hold that ends gives its pages their expiry back at the next write
+    short = [bytes([5, i]) + bytes(14) for i in range(4)]
+    store.hold(short, priority=3, ttl=0.5)
+    assert all(store.write_many(short, [page] * 4))
+    assert all(raw.ttl(name(k)) == -1 for k in short)
+    time.sleep(0.6)
+    store.write_many(plain[8:9], [page])
+    assert all(raw.pttl(name(k)) > 0 and raw.zscore(HELD, name(k)) is None for k in short)
+    raw.close()
 
 
 def test_a_redis_outage_is_a_miss_and_l3_comes_back(redis_url, redis_server, monkeypatch):
