@@ -461,7 +461,7 @@ def test_redis_keeps_held_pages_from_its_own_eviction_until_the_hold_ends(redis_
     before or after it is written) has none until its hold ends; when only held pages are
     left, a plain page is refused (not an outage) and a page held higher takes the room of
     the lowest held ones; an ended hold gives the expiry back."""
-    from strata.kv.redis_store import HELD, RedisIndex, name
+    from strata.kv.redis_store import HELD, LEVEL, RedisIndex, name
 
     kv, _ = pool(2)
     store = redis_store(redis_url, kv)
@@ -472,7 +472,10 @@ def test_redis_keeps_held_pages_from_its_own_eviction_until_the_hold_ends(redis_
     store.hold(held, priority=5, ttl=60)  # ten written, ten still to be written
     assert all(store.write_many(held[10:], [page] * 10))
     assert all(raw.ttl(name(k)) == -1 for k in held)  # no expiry: never evicted
-    assert len(RedisIndex(redis_url)) == 20  # pages only, not the set of holds
+    assert len(RedisIndex(redis_url)) == 20  # pages only, not the sets of holds
+    store.hold(held[:1], priority=1, ttl=600)  # a lower priority does not replace a higher one
+    assert raw.zscore(LEVEL, name(held[0])) == 5
+    assert raw.zscore(HELD, name(held[0])) < time.time() + 100  # nor extends it
     plain = [bytes([3]) + i.to_bytes(15, "little") for i in range(4000)]  # ~3 MB of pages
     assert store.write_many(plain[:1], [page])[0] and raw.ttl(name(plain[0])) > 86400
     raw.config_set("maxmemory", raw.info("memory")["used_memory"] + (1 << 20))
