@@ -139,6 +139,20 @@ return out
 )
 
 
+def _making_room(
+    script: Callable[[list[bytes]], list[Any]], names: list[bytes]
+) -> dict[bytes, int]:
+    """Page name -> script's answer for it, calling script again (up to TRIES calls in all)
+    on the pages it answered -2 for: lower holds were dropped to make room for them."""
+    done: dict[bytes, int] = {}
+    for _ in range(TRIES):
+        done.update(zip(names, (int(c) for c in script(names)), strict=True))
+        names = [n for n in names if done[n] == -2]
+        if not names:
+            break
+    return done
+
+
 def check_url(url: str | None) -> str:
     """The URL, or ValueError naming what a Redis URL looks like."""
     if not url or not url.startswith(("redis://", "rediss://", "unix://")):
@@ -224,11 +238,8 @@ class RedisStore(PageStore):
         self._warn_policy()
 
     def _warn_policy(self) -> None:
-        def policy(client: redis.Redis) -> str:
-            return str(client.config_get("maxmemory-policy").get("maxmemory-policy", ""))
-
         try:  # NOTE: a managed Redis may forbid CONFIG; then nothing is said
-            found = policy(self.link.client)
+            found = self.link.client.config_get("maxmemory-policy").get("maxmemory-policy")
         except (redis.RedisError, OSError):
             return
         if found != "volatile-lru":
@@ -243,38 +254,27 @@ class RedisStore(PageStore):
         return self.link.call(lambda client: present(client, keys), 0) if keys else 0
 
     def write_many(self, keys: Sequence[bytes], pages: Sequence[np.ndarray]) -> list[int | None]:
-        values = []
+        data: dict[bytes, bytes] = {}  # page name -> its value
         for key, page in zip(keys, pages, strict=True):
-            data = flat(page)
-            values.append(page_header(self.fmt, key, data) + data.tobytes())
+            view = flat(page)
+            data[name(key)] = page_header(self.fmt, key, view) + view.tobytes()
 
         def run(client: redis.Redis) -> list[int | None]:
+            def write(names: list[bytes]) -> list[int]:  # SET NX: a page is written once
+                args: list[bytes | int] = [PLAIN_TTL_S * 1000, *(data[n] for n in names)]
+                return self._write_script([HELD, LEVEL, *names], args, client)
+
             out: list[int | None] = []
             for start in range(0, len(keys), BATCH):
-                batch = range(start, min(start + BATCH, len(keys)))
-                done = self._write(client, keys, values, batch)  # SET NX: written once
-                for _ in range(TRIES - 1):  # again, where lower holds made room
-                    again = [i for i in batch if done[i] == -2]
-                    if not again:
-                        break
-                    done.update(self._write(client, keys, values, again))
+                batch = [name(k) for k in keys[start : start + BATCH]]
+                done = _making_room(write, batch)
                 out += [
-                    len(values[i]) if done[i] == 1 else 0 if done[i] == 0 else None for i in batch
+                    len(data[n]) if done[n] == 1 else 0 if done[n] == 0 else None for n in batch
                 ]
             self._count_refused(out.count(None))
             return out
 
         return self.link.call(run, [None] * len(keys))
-
-    def _write(
-        self, client: redis.Redis, keys: Sequence[bytes], values: list[bytes], which: Sequence[int]
-    ) -> dict[int, int]:
-        """Page i -> the write script's answer for it (see _WRITE)."""
-        if not which:
-            return {}
-        names, data = [name(keys[i]) for i in which], [values[i] for i in which]
-        codes = self._write_script([HELD, LEVEL, *names], [PLAIN_TTL_S * 1000, *data], client)
-        return dict(zip(which, (int(c) for c in codes), strict=True))
 
     def _count_refused(self, n: int) -> None:
         if not n:
@@ -289,14 +289,12 @@ class RedisStore(PageStore):
 
     def hold(self, keys: Sequence[bytes], priority: int, ttl: float) -> None:
         def run(client: redis.Redis) -> None:
+            def hold(names: list[bytes]) -> list[int]:
+                args = [PLAIN_TTL_S * 1000, priority, ttl]
+                return self._hold_script([HELD, LEVEL, *names], args, client)
+
             for start in range(0, len(keys), EXISTS_BATCH):
-                batch = [name(k) for k in keys[start : start + EXISTS_BATCH]]
-                for _ in range(TRIES):  # again, where lower holds made room
-                    args = [PLAIN_TTL_S * 1000, priority, ttl]
-                    codes = self._hold_script([HELD, LEVEL, *batch], args, client)
-                    batch = [n for n, c in zip(batch, codes, strict=True) if int(c) == -2]
-                    if not batch:
-                        break
+                _making_room(hold, [name(k) for k in keys[start : start + EXISTS_BATCH]])
 
         if keys and priority > 0:
             self.link.call(run, None)
