@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 from strata.config import HiCacheConfig, KVPoolConfig, ModelConfig, SchedulerConfig, ServerConfig
 from strata.engine.process import EngineClient, EngineConfig, build_engine
 from strata.model.loader import load_tokenizer, read_config, resolve_checkpoint
-from strata.model.registry import model_spec
 
 if TYPE_CHECKING:
     import uvicorn
@@ -74,6 +73,7 @@ def serve_gateway(
     prefill workers and generation on the decode workers (routed by the cache service's
     prefix index)."""
     from gateway.remote import RemoteBackend
+    from strata.model.registry import model_spec
 
     folder = resolve_checkpoint(model.model_path)
     spec = model_spec(read_config(folder))

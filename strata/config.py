@@ -14,10 +14,12 @@ import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a dtype is resolved: the gateway, the cache
+    import torch  # service and the launcher never import it (2 s a process)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("auto", "none", "int4")
 
 
@@ -142,17 +144,22 @@ def cpu_isa() -> str:
     return forced
 
 
-def resolve_dtype(name: str, device: str) -> torch.dtype:
+def dtype_name(name: str, device: str) -> str:
     """``auto`` is bfloat16 on CUDA and on CPUs whose kernels run bfloat16 (AVX2 and up: the
     kernels widen it to float32 and accumulate in float32, which the oracle test allows), and
     float32 on the portable level, where bfloat16 would run on torch's slower paths."""
     if name == "auto":
-        if device.startswith("cuda") or cpu_isa() != "none":
-            return torch.bfloat16
-        return torch.float32
+        return "bfloat16" if device.startswith("cuda") or cpu_isa() != "none" else "float32"
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose auto or one of {sorted(DTYPES)}")
-    return DTYPES[name]
+    return name
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """The torch dtype of dtype_name(name, device)."""
+    import torch
+
+    return getattr(torch, dtype_name(name, device))
 
 
 # NOTE: measured on the embedded model over English text (bench/sparse_quality.py): a cutoff
@@ -262,7 +269,7 @@ class ModelConfig:
                 f"unknown attention backend {self.attention_backend!r}; "
                 f"choose one of {tuple(ATTENTION_BACKENDS)}"
             )
-        resolve_dtype(self.dtype, self.device)
+        dtype_name(self.dtype, self.device)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -48,3 +48,27 @@ def test_a_kernel_that_imports_the_model_breaks_the_inner_layers(tmp_path):
     run = lint_with(tmp_path, "strata/kernels/upward.py", "from strata.model import decoder\n")
     assert run.returncode != 0
     assert "strata.kernels.upward -> strata.model.decoder" in run.stdout
+
+
+# What the fronts run at start: `strata up`, the cache service, the gateway and `strata
+# serve`'s front read the checkpoint's config and tokenizer, never the model.
+FRONTS = """
+import sys
+import gateway.app, gateway.remote, launch.cli, launch.serve, launch.up, services.cache.server
+from strata.engine.messages import EngineStats  # what a front unpickles from its engine
+from strata.model.loader import load_tokenizer, read_config, resolve_checkpoint
+from strata.model.registry import model_spec
+folder = resolve_checkpoint(None)
+model_spec(read_config(folder)), load_tokenizer(folder)
+print(",".join(m for m in ("torch", "xgrammar", "transformers.models.auto") if m in sys.modules))
+"""
+
+
+def test_the_fronts_import_neither_torch_nor_transformers_auto_classes():
+    """Each would cost every front process 2-3.4 s of its start (2-core EPYC), on the cores
+    its workers load their models on."""
+    run = subprocess.run(
+        [sys.executable, "-c", FRONTS], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == ""

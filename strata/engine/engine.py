@@ -23,6 +23,7 @@ from strata.engine.logprobs import collect_input_logprobs, wants_input_logprobs
 from strata.engine.messages import (
     AbortNow,
     CloseSession,
+    EngineStats,
     FlushCache,
     OpenSession,
     Query,
@@ -42,23 +43,6 @@ from strata.sampling.params import SamplingParams
 log = logging.getLogger(__name__)
 # a forward with at least this many prefill tokens measures the cost of computing a token
 OBSERVE_PREFILL_TOKENS = 64
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    running: int
-    waiting: int
-    pages_total: int
-    pages_free: int
-    cache: Any  # TreeStats | None
-    jump_forward_tokens: int  # tokens appended by jump-forward decoding (no step sampled)
-    draft_tokens: int = 0  # n-gram speculation: draft tokens verified
-    accepted_tokens: int = 0  # ... and kept (the model's argmax agreed)
-    held: int = 0  # prefill role: finished prompts whose pages wait to be pulled
-    tiers: dict[str, Any] | None = None  # pages, bytes and traffic per KV tier (with tiers)
-    loop_thread: str = ""  # the thread that runs the step loop (stats runs on it)
-    memory: dict[str, Any] | None = None  # the runner's MemoryPlan (engine.memory)
-    sessions: dict[str, int] | None = None  # open sessions and the L1 pages they pin
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 GB = 1e9
 # NOTE: the share of host memory a CPU worker takes by default: the rest is left to the OS,
 # the front processes (gateway, cache service) and whatever else the machine runs.
@@ -188,6 +186,8 @@ def device_budget(device: str, fraction: float | None, explicit_gb: float | None
     if explicit_gb:
         return int(explicit_gb * GB)
     if device.startswith("cuda"):
+        import torch  # here only: `strata up` sizes its workers without it
+
         total = int(torch.cuda.mem_get_info(torch.device(device))[1])
         return int((fraction or CUDA_MEM_FRACTION) * total)
     return int((fraction or CPU_MEM_FRACTION) * available_memory())

@@ -15,13 +15,34 @@ each holds plain values and the picklable types of strata.engine.request.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from strata.batch import SequenceChunk
 from strata.engine.request import Checked, Limits, RequestOutput
-from strata.kv.transfer import ChannelOp
+
+if TYPE_CHECKING:  # fronts import the messages, never torch
+    from strata.batch import SequenceChunk
+    from strata.kv.transfer import ChannelOp
 
 # ---- the front and the engine process ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What the engine holds and did (the answer to a stats query); a front reads it."""
+
+    running: int
+    waiting: int
+    pages_total: int
+    pages_free: int
+    cache: Any  # TreeStats | None
+    jump_forward_tokens: int  # tokens appended by jump-forward decoding (no step sampled)
+    draft_tokens: int = 0  # n-gram speculation: draft tokens verified
+    accepted_tokens: int = 0  # ... and kept (the model's argmax agreed)
+    held: int = 0  # prefill role: finished prompts whose pages wait to be pulled
+    tiers: dict[str, Any] | None = None  # pages, bytes and traffic per KV tier (with tiers)
+    loop_thread: str = ""  # the thread that runs the step loop (stats runs on it)
+    memory: dict[str, Any] | None = None  # the runner's MemoryPlan (engine.memory)
+    sessions: dict[str, int] | None = None  # open sessions and the L1 pages they pin
 
 
 @dataclass(frozen=True, slots=True)

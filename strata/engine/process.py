@@ -37,7 +37,7 @@ from concurrent.futures import Future
 from contextlib import aclosing
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from strata.config import (
     HiCacheConfig,
@@ -46,7 +46,6 @@ from strata.config import (
     SchedulerConfig,
     engine_environment,
 )
-from strata.engine.engine import Engine, EngineOptions
 from strata.engine.intake import check_capacity, events_until_done
 from strata.engine.messages import (
     Abort,
@@ -62,9 +61,11 @@ from strata.engine.messages import (
     ToFront,
 )
 from strata.engine.request import Checked, Limits, RequestOutput
-from strata.engine.runner import ModelRunner
 from strata.grammar.compiler import LazyGrammarCompiler
 from strata.sampling.params import SamplingParams
+
+if TYPE_CHECKING:  # the engine's side only: a front never imports the model (nor torch)
+    from strata.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 ENGINE_LOG_FORMAT = "%(asctime)s %(levelname)s engine %(name)s: %(message)s"
@@ -80,6 +81,9 @@ def build_engine(
     jump_forward: bool = True,
 ) -> Engine:
     """front_limits: the engine bounds its own queue (False where a front does)."""
+    from strata.engine.engine import Engine, EngineOptions
+    from strata.engine.runner import ModelRunner
+
     runner = ModelRunner.from_config(model, pool, tiers=tiers)
     if runner.tokenizer is None:
         raise ValueError(f"no tokenizer in {runner.checkpoint}: the server needs one")
@@ -215,12 +219,10 @@ class EngineGone(RuntimeError):
 
 
 def import_tokenizer_modules() -> None:
-    """Import what load_tokenizer will (transformers' auto classes and the Llama family's
-    config, the embedded model's: 3.2 s on a 2-core EPYC), so a front does it while its
-    engine process loads the model, on the other core."""
-    import transformers.models.auto.configuration_auto  # noqa: F401
-    import transformers.models.auto.tokenization_auto  # noqa: F401
-    import transformers.models.llama.configuration_llama  # noqa: F401
+    """Import what load_tokenizer will for the embedded model (transformers' tokenizers
+    backend: 1 s on a 2-core EPYC), so a front does it while its engine process loads the
+    model, on the other core."""
+    import transformers.tokenization_utils_tokenizers  # noqa: F401
 
 
 class EngineClient:

@@ -7,17 +7,18 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from strata.engine.ngram import NgramDrafter
 from strata.grammar.constraint import Constraint
-from strata.kv.mover import LoadPlan
 from strata.sampling.params import SamplingParams
-from strata.sampling.sampler import skip_draw
 from strata.sampling.stop import StopMatcher
 from strata.tokenizer import IncrementalDetokenizer
+
+if TYPE_CHECKING:  # fronts (gateway, cache service) import this module, never torch
+    import torch
+
+    from strata.kv.mover import LoadPlan
 
 
 @dataclass
@@ -140,6 +141,8 @@ class Request:
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
+            import torch
+
             self.generator = torch.Generator().manual_seed(self.params.seed)
         self.stop = StopMatcher(self.params.stop)
 
@@ -183,6 +186,8 @@ class Request:
             if self.detok is not None and self.stop is not None:
                 self.stop.feed(self.detok.push(t))
             if self.generator is not None and not self.params.greedy:
+                from strata.sampling.sampler import skip_draw
+
                 skip_draw(self.generator)
         self.output_ids = list(output_ids)
 

@@ -186,7 +186,8 @@ class ModelRunner:
             tp = TPGroup(rank, size, spec.vocab_size)
             weights = shard_weights(spec, weights, rank, size)
         backend = _backend(model_cfg, pool_cfg, spec, device)
-        model = family.model(spec, weights, backend, quantization, tp, family.fused_cpu_decode)
+        model_class = family.model_class()
+        model = model_class(spec, weights, backend, quantization, tp, family.fused_cpu_decode)
         tokenizer = load_tokenizer(folder) if rank == 0 else None
         log.info("loaded %s in %.1fs", folder, time.perf_counter() - start)
         runner = cls(model, tokenizer, num_pages, pool_cfg.page_size, folder)

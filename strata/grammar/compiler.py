@@ -16,11 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from strata.grammar.constraint import Constraint
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # a front compiles grammars, and imports neither until the first comes
+    import torch
     import xgrammar as xgr
 
 MAX_SOURCE_CHARS = 64 * 1024

@@ -4,14 +4,16 @@ strata's fused weights, and the model class that runs them."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from strata.model.loader import ModelLoadError
 from strata.model.spec import ModelSpec
+
+if TYPE_CHECKING:  # a gateway reads specs here without torch (2 s a process); a worker
+    import torch  # imports the model class (model_class) and torch with it
 
 # strata's fused name -> the checkpoint tensors concatenated (in this order) into it
 WeightMap = Mapping[str, tuple[str, ...]]
@@ -24,7 +26,8 @@ class Family:
     own tensors (`embed_tokens`, `norm`, `lm_head`); layer_weights: each layer's, without the
     `layers.{i}.` prefix (a QKV bias, a router and experts only where the spec has them; a
     name with `{e}` once per expert);
-    model: the class run with the fused weights; fused_cpu_decode: the C++ decode layers
+    model: the class run with the fused weights, as "module:Class" (imported where a model
+    loads: model_class); fused_cpu_decode: the C++ decode layers
     (strata.model.cpu_layers) compute this family's layer, so dense decode may use them;
     norm_offset: the checkpoint's RMSNorm weights apply as (norm_offset + w) (Gemma: 1),
     added in float32 as they load; layout: brings a checkpoint laid out otherwise to the
@@ -36,10 +39,14 @@ class Family:
     spec: Callable[[dict[str, Any]], ModelSpec]
     weights: WeightMap
     layer_weights: WeightMap
-    model: Callable[..., Any]
+    model: str = "strata.model.decoder:DecoderLM"
     fused_cpu_decode: bool = False
     norm_offset: float = 0.0
     layout: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+
+    def model_class(self) -> Callable[..., Any]:
+        module, name = self.model.split(":")
+        return getattr(importlib.import_module(module), name)
 
     def fuse(
         self,
@@ -50,6 +57,8 @@ class Family:
     ) -> dict[str, torch.Tensor]:
         """The checkpoint's tensors in strata's fused layout (qkv, gate_up, ...), in dtype on
         device. Raises ModelLoadError naming a tensor the checkpoint lacks."""
+        import torch
+
         if self.layout is not None:
             raw = self.layout(raw)
 

@@ -12,14 +12,17 @@ import json
 import logging
 import os
 import shutil
+from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
 from strata.config import cache_dir
+
+if TYPE_CHECKING:  # fronts find checkpoints and tokenizers here without torch (2 s)
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +86,14 @@ def gguf_file(model_path: str | None) -> Path | None:
 
 def convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF file into a cached checkpoint folder (once per file version)."""
-    from transformers import __version__
-
-    stat = gguf.stat()
-    ident = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{__version__}"
+    stat = gguf.stat()  # transformers' version from its metadata: importing it takes 1.3 s
+    ident = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{version('transformers')}"
     key = hashlib.sha256(ident.encode()).hexdigest()[:12]
     out = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file():
         return out
     log.info("converting %s into %s (first start only)", gguf.name, out)
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
@@ -159,14 +161,46 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def load_tokenizer(folder: Path) -> Any:
-    """The checkpoint's tokenizer, or None when the folder has none (bare test checkpoints)."""
-    from transformers import AutoTokenizer
+# tokenizer_config.json's classes that are transformers' generic tokenizers.json backend
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
+
+def load_tokenizer(folder: Path) -> Any:
+    """The checkpoint's tokenizer, or None when the folder has none (bare test checkpoints).
+    A Llama checkpoint whose tokenizer.json is read by transformers' generic backend (the
+    embedded model's) gets that class directly: the class AutoTokenizer picks for it, without
+    its auto classes and the family's config class, whose imports (torch among them) are 3.4 s
+    of every process that starts (2-core EPYC). Every other checkpoint goes through
+    AutoTokenizer, which picks a family's own class by its model type."""
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         return None
-
     try:
+        if _generic_llama_tokenizer(folder):
+            from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+            return TokenizersBackend.from_pretrained(folder)
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(folder)
     except Exception as exc:
         raise ModelLoadError(f"could not load a tokenizer from {folder}: {exc}") from exc
+
+
+def _generic_llama_tokenizer(folder: Path) -> bool:
+    """Whether AutoTokenizer would load folder's tokenizer as TokenizersBackend with nothing
+    of the model's config: a Llama model (transformers registers no tokenizer class of its
+    own for it), a tokenizer.json, a generic class named and no custom code (auto_map)."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        tok = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(cfg, dict)
+        and isinstance(tok, dict)
+        and cfg.get("model_type") == "llama"
+        and "auto_map" not in cfg
+        and "auto_map" not in tok
+        and tok.get("tokenizer_class") in GENERIC_TOKENIZERS
+        and (folder / "tokenizer.json").is_file()
+    )

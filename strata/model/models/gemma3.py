@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from strata.model.decoder import DecoderLM
 from strata.model.family import Family
 from strata.model.models import gemma2, llama
 from strata.model.spec import ModelSpec, UnsupportedModelError
@@ -47,6 +46,5 @@ FAMILY = Family(
     spec,
     llama.WEIGHTS,
     LAYER_WEIGHTS,
-    DecoderLM,
     norm_offset=1.0,
 )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from strata.model.decoder import DecoderLM
 from strata.model.family import Family
 from strata.model.spec import ModelSpec
 
@@ -36,6 +35,5 @@ FAMILY = Family(
     spec,
     WEIGHTS,
     LAYER_WEIGHTS,
-    DecoderLM,
     fused_cpu_decode=True,
 )

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from strata.model.decoder import DecoderLM
 from strata.model.family import Family
 from strata.model.models import llama
 from strata.model.spec import ModelSpec
@@ -35,6 +34,5 @@ FAMILY = Family(
     spec,
     llama.WEIGHTS,
     LAYER_WEIGHTS,
-    DecoderLM,
     fused_cpu_decode=True,
 )

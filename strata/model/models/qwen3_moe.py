@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from strata.model.decoder import DecoderLM
 from strata.model.family import Family, split_fused_experts
 from strata.model.models import llama, qwen3
 from strata.model.spec import ModelSpec
@@ -48,6 +47,5 @@ FAMILY = Family(
     spec,
     llama.WEIGHTS,
     LAYER_WEIGHTS,
-    DecoderLM,
     layout=split_fused_experts,  # a converted GGUF file's experts, as transformers saves them
 )
