@@ -26,8 +26,9 @@ class Family:
     own tensors (`embed_tokens`, `norm`, `lm_head`); layer_weights: each layer's, without the
     `layers.{i}.` prefix (a QKV bias, a router and experts only where the spec has them; a
     name with `{e}` once per expert);
-    model: the class run with the fused weights, as "module:Class" (imported where a model
-    loads: model_class); fused_cpu_decode: the C++ decode layers
+    model: the class run with the fused weights, or "module:Class" to import it only where a
+    model loads (model_class; the built-in families, so a gateway reads their specs without
+    torch); fused_cpu_decode: the C++ decode layers
     (strata.model.cpu_layers) compute this family's layer, so dense decode may use them;
     norm_offset: the checkpoint's RMSNorm weights apply as (norm_offset + w) (Gemma: 1),
     added in float32 as they load; layout: brings a checkpoint laid out otherwise to the
@@ -39,12 +40,14 @@ class Family:
     spec: Callable[[dict[str, Any]], ModelSpec]
     weights: WeightMap
     layer_weights: WeightMap
-    model: str = "strata.model.decoder:DecoderLM"
+    model: Callable[..., Any] | str = "strata.model.decoder:DecoderLM"
     fused_cpu_decode: bool = False
     norm_offset: float = 0.0
     layout: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
     def model_class(self) -> Callable[..., Any]:
+        if not isinstance(self.model, str):
+            return self.model
         module, name = self.model.split(":")
         return getattr(importlib.import_module(module), name)
 
