@@ -161,21 +161,33 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-# tokenizer_config.json's classes that are transformers' generic tokenizers.json backend
+# tokenizer_config.json's classes that are transformers' generic tokenizer.json backend
 GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+# the built-in families' model types whose checkpoints AutoTokenizer (transformers as pinned)
+# loads as the generic class their tokenizer_config.json names; not qwen2, which it gives
+# Qwen2's own class (tests/core/test_tokenizer_load.py holds the list to it, family by family)
+GENERIC_TOKENIZER_MODELS = (
+    "llama",
+    "mistral",
+    "phi3",
+    "qwen3",
+    "qwen3_moe",
+    "gemma2",
+    "gemma3_text",
+)
 
 
 def load_tokenizer(folder: Path) -> Any:
     """The checkpoint's tokenizer, or None when the folder has none (bare test checkpoints).
-    A Llama checkpoint whose tokenizer.json is read by transformers' generic backend (the
-    embedded model's) gets that class directly: the class AutoTokenizer picks for it, without
-    its auto classes and the family's config class, whose imports (torch among them) are 3.4 s
-    of every process that starts (2-core EPYC). Every other checkpoint goes through
-    AutoTokenizer, which picks a family's own class by its model type."""
+    Where AutoTokenizer would load the generic backend (_generic_tokenizer: the embedded
+    model's case), that class directly: the same tokenizer without the auto classes and the
+    family's config class, whose imports (torch among them) are 3.4 s of every process that
+    starts (2-core EPYC). Every other checkpoint goes through AutoTokenizer, which picks a
+    family's own class by its model type."""
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         return None
     try:
-        if _generic_llama_tokenizer(folder):
+        if _generic_tokenizer(folder):
             from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
             return TokenizersBackend.from_pretrained(folder)
@@ -186,10 +198,10 @@ def load_tokenizer(folder: Path) -> Any:
         raise ModelLoadError(f"could not load a tokenizer from {folder}: {exc}") from exc
 
 
-def _generic_llama_tokenizer(folder: Path) -> bool:
+def _generic_tokenizer(folder: Path) -> bool:
     """Whether AutoTokenizer would load folder's tokenizer as TokenizersBackend with nothing
-    of the model's config: a Llama model (transformers registers no tokenizer class of its
-    own for it), a tokenizer.json, a generic class named and no custom code (auto_map)."""
+    of the model's config: a model type of GENERIC_TOKENIZER_MODELS, a tokenizer.json, a
+    generic class named and no custom code (auto_map)."""
     try:
         cfg = json.loads((folder / "config.json").read_text())
         tok = json.loads((folder / "tokenizer_config.json").read_text())
@@ -198,7 +210,7 @@ def _generic_llama_tokenizer(folder: Path) -> bool:
     return (
         isinstance(cfg, dict)
         and isinstance(tok, dict)
-        and cfg.get("model_type") == "llama"
+        and cfg.get("model_type") in GENERIC_TOKENIZER_MODELS
         and "auto_map" not in cfg
         and "auto_map" not in tok
         and tok.get("tokenizer_class") in GENERIC_TOKENIZERS

@@ -4,12 +4,20 @@ AutoTokenizer gives, and every other checkpoint still goes through AutoTokenizer
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 
+import pytest
 from transformers import AutoTokenizer
 
-from strata.model.loader import TOKENIZER_FILES, load_tokenizer, resolve_checkpoint
+from strata.model import registry
+from strata.model.loader import (
+    GENERIC_TOKENIZER_MODELS,
+    TOKENIZER_FILES,
+    load_tokenizer,
+    resolve_checkpoint,
+)
 
 TEXTS = [
     "The lighthouse keeper counted the waves",
@@ -57,16 +65,20 @@ def test_a_tokenizer_saved_into_a_llama_checkpoint_loads_as_autotokenizer_loads_
     same_tokenizer(load_tokenizer(folder), AutoTokenizer.from_pretrained(folder))
 
 
-def test_other_families_go_through_autotokenizer(tmp_path):
-    """A Qwen2 config with the same tokenizer files: transformers gives it Qwen2's own
-    tokenizer class, and so must load_tokenizer."""
+@pytest.mark.parametrize("family", sorted(registry.FAMILIES))
+def test_every_familys_checkpoint_loads_the_tokenizer_autotokenizer_does(tmp_path, family):
+    """The embedded model's tokenizer files under each family's config.json: transformers
+    gives some families a class of their own (Qwen2's, Gemma's), and so must load_tokenizer;
+    the others the generic one, which load_tokenizer then loads without AutoTokenizer."""
     source = resolve_checkpoint(None)
     for name in (*TOKENIZER_FILES, "config.json", "chat_template.jinja"):
         if (source / name).is_file():
             shutil.copy(source / name, tmp_path / name)
+    fam = importlib.import_module(family).FAMILY
     cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"])
+    cfg.update(model_type=fam.model_type, architectures=[fam.architectures[0]])
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     ours, theirs = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
-    assert type(theirs).__name__ != "TokenizersBackend"  # else this test tests nothing
+    generic = type(theirs).__name__ == "TokenizersBackend"
+    assert generic == (fam.model_type in GENERIC_TOKENIZER_MODELS)
     same_tokenizer(ours, theirs)
