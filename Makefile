@@ -33,10 +33,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check strata gateway services launch tests bench scripts examples reliability
 	$(BIN)/mypy strata gateway services launch
 
-# Two processes (pytest-xdist), each test file in one of them: alone, the suite kept about one
-# of CI's 2 cores busy (servers starting, waits on sockets and timeouts).
 test: lint
-	$(BIN)/python -m pytest -q -x -n 2 --dist loadfile -m "not faults" tests
+	$(BIN)/python -m pytest -q -x -m "not faults" tests
 
 # Fuzzing, load and faults (~11 min; not in make test, which it would push past CI's budget):
 # schemathesis on the REST API, generated protobufs on every gRPC service, 64 streams for 60 s

@@ -12,10 +12,7 @@ os.environ.setdefault(
 )
 # Triton kernels run on CPU tensors in its interpreter (read when a kernel is defined).
 os.environ.setdefault("TRITON_INTERPRET", "1")
-# `make test` runs the tests in 2 processes (pytest-xdist): alone, one kept ~1 of 2 cores busy
-# (servers starting, waits); each takes its share of the cores, at most 2 threads
-WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def tiny_hf_model(arch: str, **overrides):
