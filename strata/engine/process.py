@@ -218,13 +218,6 @@ class EngineGone(RuntimeError):
     pass
 
 
-def import_tokenizer_modules() -> None:
-    """Import what load_tokenizer will for the embedded model (transformers' tokenizers
-    backend: 1 s on a 2-core EPYC), so a front does it while its engine process loads the
-    model, on the other core."""
-    import transformers.tokenization_utils_tokenizers  # noqa: F401
-
-
 class EngineClient:
     """The front's handle on an engine process (an EngineHandle, as the in-process Engine
     is: validate, stream, and ask its queries)."""
@@ -248,9 +241,12 @@ class EngineClient:
         self.process.start()
         engine_in.close()
         engine_out.close()
+        # what load_tokenizer imports for the embedded model (1 s on a 2-core EPYC), here
+        # while the engine process loads the model on the other core
+        import transformers.tokenization_utils_tokenizers  # noqa: F401
+
         from strata.model.loader import load_tokenizer
 
-        import_tokenizer_modules()  # while the engine process loads, on another core
         self.limits = self._wait_ready(start_timeout)
 
         self.tokenizer = load_tokenizer(self.limits.checkpoint)
