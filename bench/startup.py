@@ -18,9 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
-from launch.local import free_port
+from launch.local import _wait_healthy, free_port
 
 COMMANDS = {
     "strata serve": ["serve", "--grpc-port", "-1", "--num-pages", "64"],
@@ -38,18 +36,8 @@ def time_to_healthy(tree: Path, args: list[str], timeout: float = 240.0) -> floa
         start = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=tree, stdout=log, stderr=subprocess.STDOUT)
         try:
-            while time.monotonic() - start < timeout:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(f"{cmd} exited:\n{log.read().decode(errors='replace')}")
-                try:
-                    url = f"http://127.0.0.1:{port}/health"
-                    if httpx.get(url, timeout=2).json().get("status") == "ok":
-                        return time.monotonic() - start
-                except (httpx.HTTPError, ValueError):
-                    pass
-                time.sleep(0.05)
-            raise RuntimeError(f"{cmd} not healthy in {timeout} s")
+            _wait_healthy(f"http://127.0.0.1:{port}", proc, log, timeout, poll=0.05)
+            return time.monotonic() - start
         finally:
             proc.send_signal(signal.SIGINT)  # Ctrl-C: `strata up` stops its children first
             proc.wait(60)

@@ -40,7 +40,7 @@ def started_together(stack: ExitStack, starts: Sequence[AbstractContextManager[T
         return list(pool.map(stack.enter_context, starts))
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log, timeout: float) -> None:
+def _wait_healthy(url: str, proc: subprocess.Popen, log, timeout: float, poll: float = 0.3) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -52,7 +52,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log, timeout: float) -> None
             log.seek(0)
             out = log.read().decode(errors="replace")
             raise RuntimeError(f"{proc.args!r} did not become healthy:\n{out}")
-        time.sleep(0.3)
+        time.sleep(poll)
 
 
 @contextmanager

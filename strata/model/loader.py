@@ -203,13 +203,12 @@ def _generic_tokenizer(folder: Path) -> bool:
     of the model's config: a model type of GENERIC_TOKENIZER_MODELS, a tokenizer.json, a
     generic class named and no custom code (auto_map)."""
     try:
-        cfg = json.loads((folder / "config.json").read_text())
+        cfg = read_config(folder)
         tok = json.loads((folder / "tokenizer_config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # ModelLoadError is a ValueError
         return False
     return (
-        isinstance(cfg, dict)
-        and isinstance(tok, dict)
+        isinstance(tok, dict)
         and cfg.get("model_type") in GENERIC_TOKENIZER_MODELS
         and "auto_map" not in cfg
         and "auto_map" not in tok

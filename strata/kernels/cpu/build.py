@@ -92,14 +92,12 @@ def build(
         if len(sources) > 1:  # each source on its own core, then one link
             compile_flags = [f for f in flags if f != "-shared"]
             objects = [Path(tmp) / f"{i}-{src.stem}.o" for i, src in enumerate(sources)]
-            with ThreadPoolExecutor(min(len(sources), os.cpu_count() or 1)) as pool:
-                list(
-                    pool.map(
-                        lambda src, obj: _run([cc, *compile_flags, "-c", str(src), "-o", str(obj)]),
-                        sources,
-                        objects,
-                    )
-                )
+            cmds = [
+                [cc, *compile_flags, "-c", str(src), "-o", str(obj)]
+                for src, obj in zip(sources, objects, strict=True)
+            ]
+            with ThreadPoolExecutor(min(len(cmds), os.cpu_count() or 1)) as pool:
+                list(pool.map(_run, cmds))  # list: the first failure raises here
         _run([cc, *flags, *map(str, objects), "-o", str(built), *libs])
         os.replace(built, out)  # atomic: processes building at once all end with one file
     return out
